@@ -1,0 +1,272 @@
+//! The audit store: SQLite (WAL) written by one dedicated thread with group commit.
+//!
+//! Checks hand their [`Record`] to the writer over a bounded channel and wait for the
+//! commit. The writer takes everything queued (up to `max_batch`), chains and inserts it,
+//! appends one signed checkpoint, and commits the lot in one transaction; then it answers
+//! every waiting Check. A failed transaction rolls back whole and every Check in it gets
+//! the error (and fails closed); the chain head only moves on a successful commit, so the
+//! next batch continues from the last row that is really stored.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{GENESIS, Hash, Record, checkpoint_message, row_hash};
+use crate::keys::Signer;
+
+/// File name of the audit database in the data directory.
+pub const AUDIT_DB_FILE: &str = "audit.db";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    http_status INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    decision_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    session TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    action TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    policy_revision TEXT NOT NULL,
+    trust_level TEXT NOT NULL,
+    approval_id TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    id INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    head_hash BLOB NOT NULL,
+    time_ns INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    signature BLOB NOT NULL
+);
+";
+
+const INSERT_ROW: &str = "INSERT INTO audit_log (seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, actor, trace_id, span_id, key_id, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
+
+/// A failure of the audit log. Every one fails the Check closed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit database {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("audit log tail is not covered by a signed checkpoint ({0}); run `aegis audit verify`")]
+    UncoveredTail(String),
+    #[error("audit write failed: {0}")]
+    Write(String),
+    #[error("audit queue is full ({0} rows waiting)")]
+    Overloaded(usize),
+    #[error("audit writer has stopped")]
+    Closed,
+}
+
+/// SQLite's `synchronous` setting for the audit database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit: a row whose Check was answered survives power loss.
+    Full,
+    /// WAL without fsync per commit: survives a process crash (SIGKILL), not power loss.
+    Normal,
+}
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Rows waiting for the writer before Checks are refused (fail closed, RESOURCE_EXHAUSTED).
+    pub queue_capacity: usize,
+    /// Most rows in one transaction.
+    pub max_batch: usize,
+    pub durability: Durability,
+}
+
+struct Job {
+    record: Record,
+    reply: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// Handle to the audit log: append rows; cloneable.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: SyncSender<Job>,
+    healthy: Arc<AtomicBool>,
+    capacity: usize,
+}
+
+/// Joins the writer thread after every [`AuditLog`] handle is dropped.
+#[derive(Debug)]
+pub struct WriterThread(Option<JoinHandle<()>>);
+
+// === impl AuditLog ===
+
+impl AuditLog {
+    /// Opens (creating if needed) the audit database and starts the writer thread.
+    pub fn open(path: &Path, signer: Signer, opts: &StoreOptions) -> Result<(Self, WriterThread), AuditError> {
+        let conn = open_connection(path, opts.durability)?;
+        let (head_seq, head_hash) = read_head(&conn).map_err(|e| open_err(path, e))?;
+        let (tx, rx) = sync_channel(opts.queue_capacity);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer { conn, signer, head_seq, head_hash, max_batch: opts.max_batch.max(1), healthy: healthy.clone() };
+        let handle = std::thread::Builder::new()
+            .name("aegis-audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| open_err(path, e.to_string()))?;
+        Ok((Self { tx, healthy, capacity: opts.queue_capacity }, WriterThread(Some(handle))))
+    }
+
+    /// Appends `record` and waits until its transaction has committed; returns its sequence
+    /// number. If the caller stops waiting, the row is still written.
+    pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send(Job { record, reply }).map_err(|e| match e {
+            TrySendError::Full(_) => AuditError::Overloaded(self.capacity),
+            TrySendError::Disconnected(_) => AuditError::Closed,
+        })?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// False after a failed commit, true again after the next successful one.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+impl WriterThread {
+    /// Waits for the writer to drain its queue and stop (all handles must be dropped).
+    pub fn join(mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn open_err(path: &Path, e: impl ToString) -> AuditError {
+    AuditError::Open { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// Opens the database with the audit schema and pragmas.
+pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, AuditError> {
+    // Create the file 0600 before SQLite does: its WAL and shm files copy the database
+    // file's mode, so they start private too.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| open_err(path, e))?;
+    }
+    let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!("PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=1000;"))
+        .and_then(|()| conn.execute_batch(SCHEMA))
+        .map_err(|e| open_err(path, e))?;
+    Ok(conn)
+}
+
+/// The last row's sequence and hash, after checking the last checkpoint covers it.
+fn read_head(conn: &Connection) -> Result<(u64, Hash), AuditError> {
+    let last: Option<(i64, Vec<u8>)> = conn
+        .query_row("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(|e| AuditError::Write(e.to_string()))?;
+    let Some((seq, hash)) = last else { return Ok((0, GENESIS)) };
+    let cp: Option<(i64, Vec<u8>)> = conn
+        .query_row("SELECT last_seq, head_hash FROM audit_checkpoint ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(|e| AuditError::Write(e.to_string()))?;
+    match cp {
+        Some((cp_seq, cp_hash)) if cp_seq == seq && cp_hash == hash => {}
+        Some((cp_seq, _)) => return Err(AuditError::UncoveredTail(format!("last row {seq}, last checkpoint at {cp_seq}"))),
+        None => return Err(AuditError::UncoveredTail(format!("last row {seq}, no checkpoint"))),
+    }
+    let hash = Hash::try_from(hash.as_slice()).map_err(|_| AuditError::UncoveredTail(format!("row {seq} hash is not 32 bytes")))?;
+    Ok((u64::try_from(seq).unwrap_or(0), hash))
+}
+
+struct Writer {
+    conn: Connection,
+    signer: Signer,
+    head_seq: u64,
+    head_hash: Hash,
+    max_batch: usize,
+    healthy: Arc<AtomicBool>,
+}
+
+// === impl Writer ===
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Job>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        // recv() fails only once every sender is gone and the queue is empty: a drained stop.
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&batch) {
+                Ok(first_seq) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    for (i, job) in batch.drain(..).enumerate() {
+                        let _ = job.reply.send(Ok(first_seq + i as u64));
+                    }
+                }
+                Err(e) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    crate::log!(error, "audit commit of {} rows failed: {e}", batch.len());
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(AuditError::Write(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts the batch and its checkpoint in one transaction; returns the first seq.
+    fn commit(&mut self, batch: &[Job]) -> rusqlite::Result<u64> {
+        let kid = self.signer.kid().to_owned();
+        let tx = self.conn.transaction()?;
+        let mut seq = self.head_seq;
+        let mut prev = self.head_hash;
+        {
+            let mut insert = tx.prepare_cached(INSERT_ROW)?;
+            for job in batch {
+                seq += 1;
+                let r = &job.record;
+                let hash = row_hash(seq, r, &kid, &prev);
+                insert.execute(params![
+                    seq as i64, r.time_ns, r.http_status, r.kind, r.decision_id, r.tenant, r.agent, r.session,
+                    r.run_id, r.tool, r.action, r.resource, r.decision, r.reason, r.policy_revision,
+                    r.trust_level, r.approval_id, r.actor, r.trace_id, r.span_id, kid, &prev[..], &hash[..],
+                ])?;
+                prev = hash;
+            }
+            let now = crate::unix_nanos();
+            let sig = self.signer.sign(&checkpoint_message(seq, &prev, now, &kid));
+            tx.prepare_cached("INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![seq as i64, &prev[..], now, kid, &sig[..]])?;
+        }
+        tx.commit()?;
+        let first = self.head_seq + 1;
+        self.head_seq = seq;
+        self.head_hash = prev;
+        Ok(first)
+    }
+}

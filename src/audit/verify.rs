@@ -1,0 +1,266 @@
+//! `aegis audit verify`: walks the chain and the signed checkpoints and reports the first
+//! row where either breaks, and how: modified, deleted, inserted or reordered.
+//!
+//! How each is told apart (rows read in `seq` order):
+//! - **modified**: a row in its place (expected `seq`, `prev_hash` links) whose contents
+//!   no longer hash to its stored hash; or, if the attacker recomputed the hashes, a
+//!   signed checkpoint whose head hash no longer matches (reported as the first row of
+//!   that checkpoint's range);
+//! - **deleted**: a gap in `seq`, a row whose `prev_hash` is no stored row's hash, or a
+//!   checkpoint past the last row (truncated tail);
+//! - **inserted**: a row after which the chain continues from the row *before* it, or
+//!   rows past the last signed checkpoint;
+//! - **reordered**: a row whose `prev_hash` is the hash of a row stored *after* it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use rusqlite::Connection;
+
+use super::{GENESIS, Hash, Record, checkpoint_message, row_hash};
+
+/// How the log was tampered with, at the first bad row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    Modified,
+    Deleted,
+    Inserted,
+    Reordered,
+    /// A checkpoint's signature does not verify (or its key is unknown).
+    BadSignature,
+}
+
+impl fmt::Display for Tamper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tamper::Modified => "modified",
+            Tamper::Deleted => "deleted",
+            Tamper::Inserted => "inserted",
+            Tamper::Reordered => "reordered",
+            Tamper::BadSignature => "bad signature",
+        })
+    }
+}
+
+/// The first bad row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Sequence number of the first bad row.
+    pub seq: u64,
+    pub kind: Tamper,
+    pub detail: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "row {}: {} ({})", self.seq, self.kind, self.detail)
+    }
+}
+
+/// An intact log's summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub rows: u64,
+    pub checkpoints: u64,
+    pub head: Hash,
+}
+
+/// The verifier could not read the log at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read audit database {path}: {message}")]
+    Read { path: String, message: String },
+}
+
+struct Row {
+    seq: u64,
+    record: Record,
+    key_id: String,
+    prev: Hash,
+    hash: Hash,
+}
+
+struct Checkpoint {
+    last_seq: u64,
+    head: Hash,
+    time_ns: i64,
+    key_id: String,
+    signature: Vec<u8>,
+}
+
+/// Verifies the audit database at `path` against the trusted `keys`.
+pub fn verify_file(path: &Path, keys: &[VerifyingKey]) -> Result<Result<Summary, Finding>, VerifyError> {
+    let read_err = |e: rusqlite::Error| VerifyError::Read { path: path.display().to_string(), message: e.to_string() };
+    if !path.exists() {
+        return Err(VerifyError::Read { path: path.display().to_string(), message: "no such file".into() });
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(read_err)?;
+    let rows = read_rows(&conn).map_err(read_err)?;
+    let checkpoints = read_checkpoints(&conn).map_err(read_err)?;
+    Ok(verify(&rows, &checkpoints, keys))
+}
+
+fn blob32(v: Vec<u8>) -> Hash {
+    // A wrong-sized blob is itself tampering: it can never equal a real hash.
+    Hash::try_from(v.as_slice()).unwrap_or([0xff; 32])
+}
+
+fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, actor, trace_id, span_id, key_id, prev_hash, hash FROM audit_log ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Row {
+            seq: r.get::<_, i64>(0)? as u64,
+            record: Record {
+                time_ns: r.get(1)?,
+                http_status: r.get(2)?,
+                kind: r.get(3)?,
+                decision_id: r.get(4)?,
+                tenant: r.get(5)?,
+                agent: r.get(6)?,
+                session: r.get(7)?,
+                run_id: r.get(8)?,
+                tool: r.get(9)?,
+                action: r.get(10)?,
+                resource: r.get(11)?,
+                decision: r.get(12)?,
+                reason: r.get(13)?,
+                policy_revision: r.get(14)?,
+                trust_level: r.get(15)?,
+                approval_id: r.get(16)?,
+                actor: r.get(17)?,
+                trace_id: r.get(18)?,
+                span_id: r.get(19)?,
+            },
+            key_id: r.get(20)?,
+            prev: blob32(r.get(21)?),
+            hash: blob32(r.get(22)?),
+        })
+    })?;
+    rows.collect()
+}
+
+fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
+    let mut stmt = conn.prepare("SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id")?;
+    let cps = stmt.query_map([], |r| {
+        Ok(Checkpoint {
+            last_seq: r.get::<_, i64>(0)? as u64,
+            head: blob32(r.get(1)?),
+            time_ns: r.get(2)?,
+            key_id: r.get(3)?,
+            signature: r.get(4)?,
+        })
+    })?;
+    cps.collect()
+}
+
+fn verify(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<Summary, Finding> {
+    let chain = walk_chain(rows).err();
+    let signed = check_checkpoints(rows, checkpoints, keys).err();
+    // Report whichever finding comes first in the log; on a tie the chain's is more precise.
+    match (chain, signed) {
+        (Some(c), Some(s)) => Err(if s.seq < c.seq { s } else { c }),
+        (Some(f), None) | (None, Some(f)) => Err(f),
+        (None, None) => Ok(Summary {
+            rows: rows.len() as u64,
+            checkpoints: checkpoints.len() as u64,
+            head: rows.last().map_or(GENESIS, |r| r.hash),
+        }),
+    }
+}
+
+fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
+    let position: HashMap<Hash, usize> = rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
+    let mut expected_seq = 1u64;
+    let mut expected_prev = GENESIS;
+    for (i, r) in rows.iter().enumerate() {
+        let content_ok = row_hash(r.seq, &r.record, &r.key_id, &r.prev) == r.hash;
+        let link_ok = r.prev == expected_prev;
+        if r.seq == expected_seq && link_ok && content_ok {
+            expected_seq += 1;
+            expected_prev = r.hash;
+            continue;
+        }
+        let finding = |seq, kind, detail: String| Err(Finding { seq, kind, detail });
+        if r.seq > expected_seq {
+            let n = r.seq - expected_seq;
+            return finding(expected_seq, Tamper::Deleted, format!("{n} row(s) missing before seq {}", r.seq));
+        }
+        if r.seq < expected_seq {
+            return finding(r.seq, Tamper::Reordered, format!("seq {} appears after seq {}", r.seq, expected_seq - 1));
+        }
+        if link_ok {
+            // In its place and linked, but its contents do not hash to its stored hash.
+            if let Some(next) = rows.get(i + 1) {
+                if next.prev == expected_prev {
+                    return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
+                }
+            }
+            return finding(r.seq, Tamper::Modified, "contents do not match the stored hash".into());
+        }
+        // The link is broken: where does this row's predecessor live?
+        return match position.get(&r.prev) {
+            Some(&j) if j > i => finding(r.seq, Tamper::Reordered, format!("its predecessor is stored later, at seq {}", rows[j].seq)),
+            Some(&j) if j + 1 < i => {
+                let first = rows[j + 1].seq;
+                finding(first, Tamper::Inserted, format!("seq {} links to seq {}; the rows between do not belong", r.seq, rows[j].seq))
+            }
+            _ if rows.get(i + 1).is_some_and(|n| n.prev == expected_prev) => {
+                finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into())
+            }
+            _ if content_ok => finding(r.seq, Tamper::Deleted, "its predecessor is no longer in the log".into()),
+            _ => finding(r.seq, Tamper::Modified, "neither its contents nor its link to the previous row match".into()),
+        };
+    }
+    Ok(())
+}
+
+fn check_checkpoints(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<(), Finding> {
+    let by_kid: HashMap<String, &VerifyingKey> = keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
+    let hash_at: HashMap<u64, Hash> = rows.iter().map(|r| (r.seq, r.hash)).collect();
+    let last_row = rows.last().map_or(0, |r| r.seq);
+    let mut covered = 0u64;
+    for cp in checkpoints {
+        let first = covered + 1;
+        let sig_ok = by_kid.get(&cp.key_id).is_some_and(|k| {
+            <[u8; 64]>::try_from(cp.signature.as_slice())
+                .is_ok_and(|s| k.verify_strict(&checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id), &Signature::from_bytes(&s)).is_ok())
+        });
+        if !sig_ok {
+            let why = if by_kid.contains_key(&cp.key_id) { "signature does not verify" } else { "signed by an untrusted key" };
+            return Err(Finding { seq: first, kind: Tamper::BadSignature, detail: format!("checkpoint at seq {}: {why}", cp.last_seq) });
+        }
+        match hash_at.get(&cp.last_seq) {
+            Some(h) if *h == cp.head => {}
+            Some(_) => {
+                return Err(Finding {
+                    seq: first,
+                    kind: Tamper::Modified,
+                    detail: format!("rows {first}..={} were rewritten: the checkpoint signed at seq {} does not match", cp.last_seq, cp.last_seq),
+                });
+            }
+            None if cp.last_seq > last_row => {
+                return Err(Finding {
+                    seq: last_row + 1,
+                    kind: Tamper::Deleted,
+                    detail: format!("log ends at seq {last_row} but a checkpoint covers up to seq {}", cp.last_seq),
+                });
+            }
+            None => {
+                return Err(Finding { seq: cp.last_seq, kind: Tamper::Deleted, detail: "the row a checkpoint signs is gone".into() });
+            }
+        }
+        covered = covered.max(cp.last_seq);
+    }
+    if last_row > covered {
+        return Err(Finding {
+            seq: covered + 1,
+            kind: Tamper::Inserted,
+            detail: format!("rows {}..={last_row} are not covered by any signed checkpoint", covered + 1),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,522 @@
+//! `aegis bench`: Check throughput and latency of the full pipeline beside a no-op
+//! ext_authz server built from the same stack, in the same run.
+//!
+//! Both servers run as child processes of this one (`aegis serve` with a fresh data
+//! directory, and the hidden `aegis noop-server`), so resident memory is the server's own
+//! and both pay the same loopback and client costs. Aegis runs its full pipeline: token
+//! verification (cached), Rego, a durable signed audit row per Check (group commit, the
+//! configured durability), and a span exported over OTLP to a sink in this process.
+//!
+//! Phases, each against the no-op server and then Aegis:
+//! 1. saturated: `concurrency` closed-loop callers for `duration_secs`;
+//! 2. fixed rate: `rate` Checks/s for `rate_secs`, open loop; latency is measured from
+//!    each request's scheduled send time, so a stall is not hidden (no coordinated
+//!    omission). Aegis's resident memory is sampled during this phase.
+//!
+//! Every loop is bounded in time and count, and only talks to 127.0.0.1.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use envoy_types::ext_authz::v3::pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use tonic::transport::Channel;
+
+use crate::identity::{Audience, Claims};
+use crate::keys::Signer;
+
+/// Benchmark settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Seconds of the saturated phase, per server.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Closed-loop callers in the saturated phase.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the callers share (Envoy opens a few per worker).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Offered rate of the fixed-rate phase, Checks per second.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// Seconds of the fixed-rate phase, per server.
+    #[arg(long, default_value_t = 10)]
+    pub rate_secs: u64,
+    /// Distinct agents in the workload.
+    #[arg(long, default_value_t = 50)]
+    pub agents: usize,
+    /// Audit durability passed to `aegis serve` (full or normal).
+    #[arg(long, default_value = "full")]
+    pub durability: String,
+}
+
+/// Results of one phase against one server.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+impl PhaseResult {
+    pub fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs the whole benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("aegis-bench-").tempdir()?;
+    let data_dir = dir.path().join("data");
+    let signer = Signer::load_or_create(&data_dir)?;
+    let workload = Arc::new(workload(&signer, args.agents)?);
+
+    let sink = SpanSink::start().await?;
+    let mut noop = ChildServer::spawn(&["noop-server", "--listen", "127.0.0.1:0"], "noop ext_authz listening on ")?;
+    let mut aegis = ChildServer::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir.to_string_lossy(),
+            "--otlp-endpoint",
+            &format!("http://{}", sink.addr),
+            "--audit-durability",
+            &args.durability,
+        ],
+        "aegis serving ext_authz on ",
+    )?;
+
+    println!("aegis bench: {} agents, {} request shapes, durability {}", args.agents, workload.len(), args.durability);
+    println!("servers: no-op at {}, aegis at {} (pid {})", noop.addr, aegis.addr, aegis.child.id());
+    let noop_clients = clients(noop.addr, args.connections).await?;
+    let aegis_clients = clients(aegis.addr, args.connections).await?;
+
+    // Warm-up: connections, caches, the engine pool.
+    saturate(&noop_clients, &workload, args.concurrency, Duration::from_secs(1)).await;
+    saturate(&aegis_clients, &workload, args.concurrency, Duration::from_secs(1)).await;
+
+    let sat = Duration::from_secs(args.duration_secs);
+    let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
+    let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
+
+    let rated = Duration::from_secs(args.rate_secs);
+    let noop_rate = fixed_rate(&noop_clients, &workload, args.rate, rated, None).await;
+    let rss = Arc::new(AtomicU64::new(0));
+    let aegis_rate = fixed_rate(&aegis_clients, &workload, args.rate, rated, Some((aegis.child.id(), rss.clone()))).await;
+
+    println!();
+    println!("{:<7} {:<13} {:>9} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}", "server", "phase", "checks", "checks/s", "p50 µs", "p99 µs", "max µs", "errors", "allowed", "denied");
+    let sat_name = format!("saturated c{}", args.concurrency);
+    let rate_name = format!("{}/s fixed", args.rate);
+    for (server, phase, r) in [
+        ("no-op", &sat_name, &noop_sat),
+        ("aegis", &sat_name, &aegis_sat),
+        ("no-op", &rate_name, &noop_rate),
+        ("aegis", &rate_name, &aegis_rate),
+    ] {
+        println!(
+            "{server:<7} {phase:<13} {:>9} {:>12.0} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}",
+            r.requests, r.throughput(), r.p50_us, r.p99_us, r.max_us, r.errors, r.allowed, r.denied
+        );
+    }
+    println!();
+    println!("saturated throughput ratio aegis/no-op: {:.2}", aegis_sat.throughput() / noop_sat.throughput().max(1e-9));
+    println!("p99 ratio aegis/no-op at {}/s: {:.2}", args.rate, aegis_rate.p99_us as f64 / noop_rate.p99_us.max(1) as f64);
+    println!("aegis resident memory, max during the fixed-rate phase: {:.1} MiB", rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0);
+
+    drop(aegis_clients);
+    drop(noop_clients);
+    aegis.stop()?;
+    noop.stop()?;
+    let spans = sink.spans.load(Ordering::Relaxed);
+    let keys = [signer.verifying_key()];
+    let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
+    let verdict = match crate::audit::verify::verify_file(&db, &keys)? {
+        Ok(s) => format!("intact, {} rows, {} signed checkpoints ({:.1} rows per commit)", s.rows, s.checkpoints, s.rows as f64 / s.checkpoints.max(1) as f64),
+        Err(f) => format!("BROKEN at {f}"),
+    };
+    println!("audit log after shutdown: {verdict}");
+    println!("spans received by the OTLP sink: {spans}");
+    Ok(())
+}
+
+/// Varied requests: agents with different scopes calling five tools through MCP bodies
+/// and `x-aegis-*` headers; roughly a third are denied (missing scope, unknown tool,
+/// egress, approval needed), some are sanitized.
+fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>> {
+    let now = crate::unix_nanos() / 1_000_000_000;
+    let scope_sets: [&[&str]; 4] = [
+        &["invoices:read", "payments:create"],
+        &["invoices:read", "invoices:write", "github:read"],
+        &["web:fetch", "github:read", "slack:post"],
+        &["payments:read"],
+    ];
+    let calls: [(&str, &str, &str); 10] = [
+        ("invoices", "read", r#"{"id":"inv-1"}"#),
+        ("invoices", "create", r#"{"amount":10}"#),
+        ("payments", "create", r#"{"amount":250}"#),
+        ("payments", "create", r#"{"amount":5000}"#),
+        ("github", "read_issue", r#"{"repo":"acme/app","number":7}"#),
+        ("web_fetch", "get", r#"{"url":"https://api.github.com/repos/acme/app"}"#),
+        ("web_fetch", "get", r#"{"url":"https://evil.example.net/x"}"#),
+        ("slack", "post_message", r##"{"channel":"#ops","text":"hi"}"##),
+        ("shell", "exec", r#"{"cmd":"ls"}"#),
+        ("invoices", "list", r#"{}"#),
+    ];
+    let mut out = Vec::new();
+    for a in 0..agents.max(1) {
+        let claims = Claims {
+            iss: "aegis".into(),
+            aud: Audience::One("aegis-sidecar".into()),
+            sub: format!("agent-{a}"),
+            tenant: format!("tenant-{}", a % 5),
+            scopes: scope_sets[a % scope_sets.len()].iter().map(|s| (*s).to_owned()).collect(),
+            sid: format!("sess-{a}"),
+            jti: format!("jti-{a}"),
+            iat: now,
+            nbf: now,
+            exp: now + 3600,
+        };
+        let token = crate::identity::mint(signer, &claims)?;
+        for (i, (tool, action, args)) in calls.iter().enumerate() {
+            let mcp = (a + i) % 2 == 0;
+            out.push(request(&token, tool, action, args, mcp, i % 3 == 0));
+        }
+    }
+    Ok(out)
+}
+
+/// One CheckRequest as Envoy sends it.
+pub fn request(token: &str, tool: &str, action: &str, args: &str, mcp: bool, with_credentials: bool) -> CheckRequest {
+    let mut headers = std::collections::HashMap::new();
+    headers.insert(":authority".to_owned(), "tools.internal".to_owned());
+    headers.insert("x-aegis-token".to_owned(), token.to_owned());
+    headers.insert("x-aegis-run-id".to_owned(), "run-42".to_owned());
+    headers.insert("x-aegis-trust-level".to_owned(), "internal".to_owned());
+    headers.insert("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+    if with_credentials {
+        headers.insert("authorization".to_owned(), "Bearer upstream-secret".to_owned());
+    }
+    let (path, body) = if mcp {
+        headers.insert("content-type".to_owned(), "application/json".to_owned());
+        let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}.{action}","arguments":{args}}}}}"#);
+        ("/mcp".to_owned(), body)
+    } else {
+        headers.insert("x-aegis-tool".to_owned(), tool.to_owned());
+        headers.insert("x-aegis-action".to_owned(), action.to_owned());
+        (format!("/{tool}/{action}?page=1"), String::new())
+    };
+    let http = attribute_context::HttpRequest {
+        id: "req-1".into(),
+        method: if mcp { "POST".into() } else { "GET".into() },
+        headers,
+        path,
+        host: "tools.internal".into(),
+        scheme: "http".into(),
+        protocol: "HTTP/1.1".into(),
+        size: body.len() as i64,
+        body,
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request { time: None, http: Some(http) }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn clients(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<AuthorizationClient<Channel>>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        let ch = Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+        out.push(AuthorizationClient::new(ch));
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    allowed: u64,
+    denied: u64,
+}
+
+impl Tally {
+    fn add(&mut self, started: Instant, result: Result<tonic::Response<CheckResponse>, tonic::Status>) {
+        self.latencies_us.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+        match result {
+            Ok(r) if r.get_ref().status.as_ref().is_none_or(|s| s.code == 0) => self.allowed += 1,
+            Ok(_) => self.denied += 1,
+            Err(_) => self.errors += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+    }
+
+    fn finish(mut self, elapsed: Duration) -> PhaseResult {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if self.latencies_us.is_empty() {
+                return 0;
+            }
+            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+            u64::from(self.latencies_us.get(i).copied().unwrap_or(0))
+        };
+        PhaseResult {
+            requests: self.latencies_us.len() as u64,
+            errors: self.errors,
+            elapsed,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            max_us: u64::from(self.latencies_us.last().copied().unwrap_or(0)),
+            allowed: self.allowed,
+            denied: self.denied,
+        }
+    }
+}
+
+/// `concurrency` callers, each sending its next request when the last is answered.
+async fn saturate(clients: &[AuthorizationClient<Channel>], work: &Arc<Vec<CheckRequest>>, concurrency: usize, dur: Duration) -> PhaseResult {
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for c in 0..concurrency.max(1) {
+        let mut client = clients[c % clients.len()].clone();
+        let work = work.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut i = c * 7919;
+            while Instant::now() < deadline {
+                let req = work[i % work.len()].clone();
+                i += 1;
+                let t = Instant::now();
+                let r = client.check(req).await;
+                tally.add(t, r);
+            }
+            tally
+        }));
+    }
+    let mut total = Tally::default();
+    for t in tasks {
+        if let Ok(tally) = t.await {
+            total.merge(tally);
+        }
+    }
+    total.finish(start.elapsed())
+}
+
+/// Open loop at `rate`/s; latency from each request's scheduled time. Samples RSS of `pid`.
+async fn fixed_rate(
+    clients: &[AuthorizationClient<Channel>],
+    work: &Arc<Vec<CheckRequest>>,
+    rate: u64,
+    dur: Duration,
+    rss: Option<(u32, Arc<AtomicU64>)>,
+) -> PhaseResult {
+    let total = rate.max(1) * dur.as_secs().max(1);
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let start = Instant::now();
+    let sampler = rss.map(|(pid, max)| {
+        tokio::spawn(async move {
+            while start.elapsed() < dur + Duration::from_millis(500) {
+                if let Some(bytes) = resident_bytes(pid) {
+                    max.fetch_max(bytes, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for n in 0..total {
+        let scheduled = start + interval * u32::try_from(n).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let mut client = clients[(n as usize) % clients.len()].clone();
+        let req = work[(n as usize * 31) % work.len()].clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(5), client.check(req)).await;
+            let r = r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("bench timeout")));
+            let _ = tx.send((scheduled, r));
+        });
+    }
+    drop(tx);
+    let mut tally = Tally::default();
+    while let Some((scheduled, r)) = rx.recv().await {
+        tally.add(scheduled, r);
+    }
+    if let Some(s) = sampler {
+        let _ = s.await;
+    }
+    tally.finish(start.elapsed())
+}
+
+/// VmRSS of a process, in bytes.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A server started as a child process of this binary.
+struct ChildServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ChildServer {
+    /// Spawns `aegis <args>` and waits for the line announcing its address.
+    fn spawn(args: &[&str], marker: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let Some(line) = lines.next() else { bail!("{args:?} exited before listening") };
+            let line = line?;
+            if let Some(rest) = line.split(marker).nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or("");
+                break addr.trim_end_matches(':').parse::<SocketAddr>().with_context(|| format!("address in {line:?}"))?;
+            }
+            if Instant::now() > deadline {
+                bail!("{args:?} did not announce its address");
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Ok(Self { child, addr })
+    }
+
+    /// SIGTERM, then wait (the server drains and flushes).
+    fn stop(&mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill()?;
+        bail!("server did not stop within 30 s of SIGTERM")
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The no-op ext_authz server: answers OK to every Check, nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct NoopAuthz;
+
+#[tonic::async_trait]
+impl Authorization for NoopAuthz {
+    async fn check(&self, _request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse::default()))
+    }
+}
+
+/// `aegis noop-server`: serves [`NoopAuthz`] until SIGTERM.
+pub async fn noop_server_main(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("noop ext_authz listening on {}", listener.local_addr()?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(AuthorizationServer::new(NoopAuthz))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            term.recv().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// An OTLP/gRPC trace receiver on loopback that counts (and keeps) what it receives.
+#[derive(Debug)]
+pub struct SpanSink {
+    pub addr: SocketAddr,
+    pub spans: Arc<AtomicU64>,
+    pub received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
+    keep: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SinkService {
+    spans: Arc<AtomicU64>,
+    received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
+    keep: bool,
+}
+
+#[tonic::async_trait]
+impl TraceService for SinkService {
+    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        if self.keep {
+            if let Ok(mut v) = self.received.lock() {
+                v.push(req);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl SpanSink {
+    /// Starts a counting receiver on 127.0.0.1 (the benchmark's).
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts a receiver that also keeps every request (tests).
+    pub async fn start_keeping() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(keep: bool) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let spans = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let svc = SinkService { spans: spans.clone(), received: received.clone(), keep };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Ok(Self { addr, spans, received, keep })
+    }
+
+    /// Whether requests are kept.
+    pub fn keeps(&self) -> bool {
+        self.keep
+    }
+}

@@ -1,0 +1,313 @@
+//! The hot path: one Check.
+//!
+//! ```text
+//! decode → identify → build input → evaluate → record → respond
+//! ```
+//! Each step is its own function (and file); only `record` does I/O (the audit commit,
+//! shared with concurrent Checks by group commit). No lock is held across an await.
+//!
+//! Outcomes:
+//! - a decision the agent sees: the policy's, or Aegis's own deny for a refused token
+//!   (401) or a request it cannot parse (400/413/431). Recorded, then answered.
+//! - a failure of Aegis itself (policy evaluation error or timeout, audit write failure):
+//!   recorded as `error` when the log can still be written, and answered with a gRPC
+//!   error, never a non-OK CheckResponse, so Envoy's `failure_mode_allow` /
+//!   `status_on_error` decide. Nothing is answered before its audit row is durable.
+
+pub mod input;
+pub mod protojson;
+pub mod respond;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
+use opentelemetry::KeyValue;
+use tonic::{Code, Request, Response, Status};
+
+use crate::audit::Record;
+use crate::audit::store::{AuditError, AuditLog};
+use crate::identity::{Claims, Identifier, TokenError};
+use crate::policy::{Decision, Policy, Verdict};
+use crate::telemetry::Telemetry;
+use input::{Decoded, InputError, Limits};
+
+/// Where the agent token is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A header holding the bare token (default `x-aegis-token`).
+    Header(String),
+    /// `authorization: Bearer <token>`.
+    Bearer,
+}
+
+impl TokenSource {
+    /// The header that carries the token (removed before the request goes on).
+    pub fn header(&self) -> &str {
+        match self {
+            TokenSource::Header(h) => h,
+            TokenSource::Bearer => "authorization",
+        }
+    }
+}
+
+/// Everything one Check needs, shared by all of them.
+#[derive(Debug)]
+pub struct Checker {
+    pub identifier: Arc<Identifier>,
+    pub policy: Arc<Policy>,
+    pub audit: AuditLog,
+    pub telemetry: Telemetry,
+    pub limits: Limits,
+    pub token_source: TokenSource,
+    ids: DecisionIds,
+}
+
+/// How a Check ended, before it is recorded.
+#[derive(Debug)]
+enum Outcome {
+    /// A decision the agent sees: gRPC code of the response and default HTTP status.
+    Decided { decision: Decision, code: Code, default_status: u32 },
+    /// Aegis could not decide.
+    Failed { reason: &'static str, status: Status },
+}
+
+/// Who called which tool, as far as the Check got.
+#[derive(Debug, Default)]
+struct Call {
+    claims: Option<Arc<Claims>>,
+    tool: String,
+    action: String,
+    resource: String,
+    run_id: String,
+    trust_level: String,
+    policy_revision: String,
+}
+
+/// gRPC service wrapper (a newtype: `impl Authorization for Arc<_>` would break the orphan rule).
+#[derive(Debug, Clone)]
+pub struct AuthorizationService(pub Arc<Checker>);
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        self.0.check(request.into_inner()).await.map(Response::new)
+    }
+}
+
+// === impl Checker ===
+
+impl Checker {
+    pub fn new(
+        identifier: Arc<Identifier>,
+        policy: Arc<Policy>,
+        audit: AuditLog,
+        telemetry: Telemetry,
+        limits: Limits,
+        token_source: TokenSource,
+    ) -> Self {
+        Self { identifier, policy, audit, telemetry, limits, token_source, ids: DecisionIds::new() }
+    }
+
+    /// Decides one Check, records it durably, and builds the response.
+    pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+        let now_ns = crate::unix_nanos();
+        let decision_id = self.ids.next();
+        let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let header = |k: &str| http.and_then(|h| h.headers.get(k)).map(String::as_str);
+        let span = self.telemetry.start_check(header("traceparent"), header("tracestate"));
+
+        let (outcome, call) = self.decide(&req, now_ns);
+
+        let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
+        let seq = match self.audit.append(record).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                let status = audit_failure(&e);
+                span.finish(span_attributes(&outcome, &call, &decision_id, None), Some(status.message().to_owned()));
+                return Err(status);
+            }
+        };
+        let error = match &outcome {
+            Outcome::Failed { status, .. } => Some(status.message().to_owned()),
+            Outcome::Decided { .. } => None,
+        };
+        span.finish(span_attributes(&outcome, &call, &decision_id, Some(seq)), error);
+        self.respond(outcome, &call, &decision_id)
+    }
+
+    /// decode → identify → build input → evaluate. Pure computation, no I/O.
+    fn decide(&self, req: &CheckRequest, now_ns: i64) -> (Outcome, Call) {
+        let mut call = Call::default();
+        let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let Some(http) = http else { return (bad_input(InputError::NoHttp), call) };
+        let headers = match input::decode_headers(http, &self.limits) {
+            Ok(h) => h,
+            Err(e) => return (bad_input(e), call),
+        };
+        let identity = self.token(&headers).and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
+        let decoded = input::decode_with_headers(http, headers, &self.limits);
+        if let Ok(d) = &decoded {
+            call.set_tool(d);
+        }
+        let claims = match identity {
+            Ok(c) => c,
+            Err(e) => return (unauthenticated(&e), call),
+        };
+        call.claims = Some(claims.clone());
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => return (bad_input(e), call),
+        };
+        let bundle = self.policy.current();
+        call.policy_revision = bundle.revision().to_owned();
+        let attributes = req.attributes.as_ref().map(protojson::attributes).unwrap_or_default();
+        let doc = input::build(attributes, &decoded, &claims);
+        let outcome = match bundle.evaluate(regorus::Value::from(doc)) {
+            Ok(decision) => Outcome::Decided { decision, code: Code::PermissionDenied, default_status: 403 },
+            Err(e) => {
+                crate::log!(error, "policy evaluation failed: {e}");
+                Outcome::Failed { reason: "policy_error", status: Status::internal(format!("aegis: {e}")) }
+            }
+        };
+        (outcome, call)
+    }
+
+    /// The agent token from the configured header.
+    fn token<'h>(&self, headers: &'h std::collections::HashMap<String, String>) -> Result<&'h str, TokenError> {
+        let value = headers.get(self.token_source.header()).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let value = value.ok_or(TokenError::Missing)?;
+        match self.token_source {
+            TokenSource::Header(_) => Ok(value),
+            TokenSource::Bearer => match value.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+                _ => Err(TokenError::Malformed("authorization header is not a Bearer token".into())),
+            },
+        }
+    }
+
+    /// The audit row of this Check.
+    fn record(&self, outcome: &Outcome, call: &Call, decision_id: &str, now_ns: i64, span: &crate::telemetry::CheckSpan) -> Record {
+        let (decision, reason, http_status) = match outcome {
+            Outcome::Decided { decision, default_status, .. } => {
+                let status = if decision.verdict.allows() { 200 } else { decision.http_status.unwrap_or(*default_status) };
+                (decision.verdict.as_str(), decision.reason.clone(), i64::from(status))
+            }
+            Outcome::Failed { reason, status } => ("error", format!("{reason}: {}", status.message()), 0),
+        };
+        let claims = call.claims.as_deref();
+        Record {
+            time_ns: now_ns,
+            kind: "check".into(),
+            decision_id: decision_id.to_owned(),
+            tenant: claims.map(|c| c.tenant.clone()).unwrap_or_default(),
+            agent: claims.map(|c| c.sub.clone()).unwrap_or_default(),
+            session: claims.map(|c| c.sid.clone()).unwrap_or_default(),
+            run_id: call.run_id.clone(),
+            tool: call.tool.clone(),
+            action: call.action.clone(),
+            resource: call.resource.clone(),
+            decision: decision.to_owned(),
+            reason,
+            http_status,
+            policy_revision: call.policy_revision.clone(),
+            trust_level: call.trust_level.clone(),
+            approval_id: String::new(),
+            actor: String::new(),
+            trace_id: span.trace_id(),
+            span_id: span.span_id(),
+        }
+    }
+
+    fn respond(&self, outcome: Outcome, call: &Call, decision_id: &str) -> Result<CheckResponse, Status> {
+        let meta = respond::Meta { decision_id, policy_version: &call.policy_revision };
+        match outcome {
+            Outcome::Decided { decision, .. } if decision.verdict.allows() => {
+                Ok(respond::allowed(&decision, &meta, self.token_source.header()))
+            }
+            Outcome::Decided { decision, code, default_status } => Ok(respond::denied(&decision, &meta, code, default_status)),
+            Outcome::Failed { status, .. } => Err(status),
+        }
+    }
+}
+
+// === impl Call ===
+
+impl Call {
+    fn set_tool(&mut self, d: &Decoded<'_>) {
+        self.tool = d.tool.name.clone();
+        self.action = d.tool.action.clone();
+        self.resource = d.tool.resource.clone();
+        self.run_id = d.context.run_id.clone();
+        self.trust_level = d.context.trust_level.clone();
+    }
+}
+
+fn bad_input(e: InputError) -> Outcome {
+    let (status, reason) = e.status_and_reason();
+    let mut decision = Decision::simple(Verdict::Deny, reason);
+    decision.http_status = Some(status);
+    Outcome::Decided { decision, code: Code::InvalidArgument, default_status: status }
+}
+
+fn unauthenticated(e: &TokenError) -> Outcome {
+    let mut decision = Decision::simple(Verdict::Deny, e.reason());
+    decision.http_status = Some(401);
+    decision.headers.push(("www-authenticate".into(), format!("Bearer error=\"invalid_token\", error_description=\"{e}\"")));
+    Outcome::Decided { decision, code: Code::Unauthenticated, default_status: 401 }
+}
+
+/// An audit failure, as the gRPC error Envoy sees.
+fn audit_failure(e: &AuditError) -> Status {
+    crate::log!(error, "check failed closed: {e}");
+    match e {
+        AuditError::Overloaded(_) => Status::resource_exhausted(format!("aegis: {e}")),
+        _ => Status::unavailable(format!("aegis: {e}")),
+    }
+}
+
+fn span_attributes(outcome: &Outcome, call: &Call, decision_id: &str, seq: Option<u64>) -> Vec<KeyValue> {
+    let (decision, reason) = match outcome {
+        Outcome::Decided { decision, .. } => (decision.verdict.as_str(), decision.reason.clone()),
+        Outcome::Failed { reason, .. } => ("error", (*reason).to_owned()),
+    };
+    let claims = call.claims.as_deref();
+    let mut attrs = vec![
+        KeyValue::new("aegis.decision", decision),
+        KeyValue::new("aegis.reason", reason),
+        KeyValue::new("aegis.policy_version", call.policy_revision.clone()),
+        KeyValue::new("aegis.agent", claims.map(|c| c.sub.clone()).unwrap_or_default()),
+        KeyValue::new("aegis.tenant", claims.map(|c| c.tenant.clone()).unwrap_or_default()),
+        KeyValue::new("aegis.tool", call.tool.clone()),
+        KeyValue::new("aegis.action", call.action.clone()),
+        KeyValue::new("aegis.decision_id", decision_id.to_owned()),
+    ];
+    if let Some(seq) = seq {
+        attrs.push(KeyValue::new("aegis.audit_seq", i64::try_from(seq).unwrap_or(i64::MAX)));
+    }
+    attrs
+}
+
+/// Decision ids: a random 64-bit prefix per process and a counter; unique, cheap, and
+/// not guessable across restarts.
+#[derive(Debug)]
+struct DecisionIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl DecisionIds {
+    fn new() -> Self {
+        let mut b = [0u8; 8];
+        // Without OS randomness, fall back to the clock: ids stay unique per process.
+        let prefix = match getrandom::fill(&mut b) {
+            Ok(()) => u64::from_be_bytes(b),
+            Err(_) => crate::unix_nanos() as u64,
+        };
+        Self { prefix, next: AtomicU64::new(1) }
+    }
+
+    fn next(&self) -> String {
+        format!("{:016x}{:016x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,98 @@
+//! Respond: the CheckResponse Envoy acts on.
+//!
+//! - allow / sanitize → `OK` with the policy's header and query mutations, the agent token
+//!   header removed (tools never see agent credentials), and dynamic metadata;
+//! - deny → `PERMISSION_DENIED` (`UNAUTHENTICATED` for token refusals) with a denied
+//!   response: status (default 403), `x-aegis-reason`, `x-aegis-decision-id`, and a JSON
+//!   body with decision, reason and decision id;
+//! - approval_needed → a 403 deny that also carries `x-aegis-approval-required: true`.
+//!
+//! Aegis's own failures never come here: they are gRPC errors (see `check`).
+
+use envoy_types::ext_authz::v3::pb::{CheckResponse, HeaderAppendAction, HttpStatus};
+use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use serde_json::{Map, Value, json};
+use tonic::{Code, Status};
+
+use super::protojson::json_to_struct;
+use crate::policy::{Decision, Verdict};
+
+/// What every response carries about the decision.
+#[derive(Debug)]
+pub struct Meta<'a> {
+    pub decision_id: &'a str,
+    pub policy_version: &'a str,
+}
+
+/// An allow (or sanitize): the request goes on, mutated as the policy asks.
+pub fn allowed(d: &Decision, meta: &Meta<'_>, token_header: &str) -> CheckResponse {
+    let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+    let mut ok = OkHttpResponseBuilder::new();
+    for (k, v) in &d.headers {
+        ok.add_header(k.clone(), v.clone(), overwrite, false);
+    }
+    ok.remove_header(token_header);
+    for h in &d.request_headers_to_remove {
+        if !h.eq_ignore_ascii_case(token_header) {
+            ok.remove_header(h.clone());
+        }
+    }
+    for (k, v) in &d.response_headers_to_add {
+        ok.add_response_header(k.clone(), v.clone(), overwrite, false);
+    }
+    for (k, v) in &d.query_parameters_to_set {
+        ok.set_query_parameter(k.clone(), v.clone());
+    }
+    for q in &d.query_parameters_to_remove {
+        ok.remove_query_parameter(q.clone());
+    }
+    let mut resp = CheckResponse::with_status(Status::ok(""));
+    resp.set_http_response(ok);
+    resp.set_dynamic_metadata(Some(json_to_struct(&metadata(d, meta))));
+    resp
+}
+
+/// A deny: the agent gets `http_status` with the reason in a header and a JSON body.
+pub fn denied(d: &Decision, meta: &Meta<'_>, code: Code, default_status: u32) -> CheckResponse {
+    let status = d.http_status.unwrap_or(default_status);
+    let mut denied = DeniedHttpResponseBuilder::new();
+    let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+    for (k, v) in &d.headers {
+        denied.add_header(k.clone(), v.clone(), overwrite, false);
+    }
+    denied.add_header("x-aegis-reason", d.reason.clone(), overwrite, false);
+    denied.add_header("x-aegis-decision-id", meta.decision_id, overwrite, false);
+    if d.verdict == Verdict::ApprovalNeeded {
+        denied.add_header("x-aegis-approval-required", "true", overwrite, false);
+    }
+    let body = match &d.body {
+        Some(b) => b.clone(),
+        None => {
+            denied.add_header("content-type", "application/json", overwrite, false);
+            json!({
+                "decision": d.verdict.as_str(),
+                "reason": d.reason,
+                "decision_id": meta.decision_id,
+                "policy_version": meta.policy_version,
+            })
+            .to_string()
+        }
+    };
+    denied.set_body(body);
+    // Any status the policy names, not only those the builder's enum lists.
+    let mut denied = denied.build();
+    denied.status = Some(HttpStatus { code: i32::try_from(status).unwrap_or(403) });
+    let mut resp = CheckResponse::with_status(Status::new(code, d.reason.clone()));
+    resp.set_http_response(denied);
+    resp.set_dynamic_metadata(Some(json_to_struct(&metadata(d, meta))));
+    resp
+}
+
+/// The policy's `dynamic_metadata`, with Aegis's own keys on top (a policy cannot forge them).
+fn metadata(d: &Decision, meta: &Meta<'_>) -> Map<String, Value> {
+    let mut m = d.dynamic_metadata.clone().unwrap_or_default();
+    m.insert("decision_id".into(), Value::String(meta.decision_id.to_owned()));
+    m.insert("policy_version".into(), Value::String(meta.policy_version.to_owned()));
+    m.insert("decision".into(), Value::String(d.verdict.as_str().to_owned()));
+    m
+}

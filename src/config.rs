@@ -1,0 +1,364 @@
+//! Configuration: one struct, filled from defaults, then a TOML file (`--config` /
+//! `AEGIS_CONFIG`), then `AEGIS_*` environment variables, then flags: later wins.
+//! Every option has all three forms; the README lists them.
+//!
+//! ```toml
+//! listen = "127.0.0.1:9191"
+//! data_dir = "./aegis-data"
+//! [policy]
+//! bundle = "policies/"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::store::Durability;
+
+/// A configuration problem, naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid { setting: &'static str, message: String },
+}
+
+/// All of Aegis's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// ext_authz gRPC listen address (also serves health and reflection).
+    pub listen: SocketAddr,
+    /// Directory for the signing key and the audit database (created 0700).
+    pub data_dir: PathBuf,
+    /// Seconds to wait for in-flight Checks on SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+    pub policy: PolicyConfig,
+    pub token: TokenConfig,
+    pub audit: AuditConfig,
+    pub otlp: OtlpConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Bundle directory or `.tar.gz`; unset: the default bundle built into the binary.
+    pub bundle: Option<PathBuf>,
+    /// The rule whose value is the decision.
+    pub query: String,
+    /// Time limit of one evaluation, in milliseconds.
+    pub eval_timeout_ms: u64,
+    /// How often the bundle's files are checked for changes, in milliseconds.
+    pub watch_interval_ms: u64,
+}
+
+/// `[token]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Required `iss` of agent tokens.
+    pub issuer: String,
+    /// Required member of `aud`.
+    pub audience: String,
+    /// Header carrying the token; `authorization` means `Authorization: Bearer <token>`.
+    pub header: String,
+    /// Lifetime of tokens minted by `aegis token issue`, in seconds.
+    pub lifetime_secs: u64,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Verified tokens kept in the cache.
+    pub cache_entries: usize,
+    /// Largest token accepted, in bytes.
+    pub max_bytes: usize,
+    /// Extra trusted public keys (files of 64 hex digits), e.g. the control plane's.
+    pub trusted_keys: Vec<PathBuf>,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `full` (fsync per commit; survives power loss) or `normal` (survives a crash).
+    pub durability: Durability,
+    /// Rows waiting for the writer before Checks fail closed with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Most rows in one group commit.
+    pub max_batch: usize,
+}
+
+/// `[otlp]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; unset: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// else no export.
+    pub endpoint: Option<String>,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Spans waiting for export before new ones are dropped.
+    pub queue_size: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body inspected; larger is denied 413.
+    pub max_body_bytes: usize,
+    /// Most request headers; more is denied 431.
+    pub max_headers: usize,
+    /// Most header bytes (names and values); more is denied 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9191)),
+            data_dir: PathBuf::from("./aegis-data"),
+            shutdown_grace_secs: 10,
+            policy: PolicyConfig::default(),
+            token: TokenConfig::default(),
+            audit: AuditConfig::default(),
+            otlp: OtlpConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { bundle: None, query: "data.aegis.authz.decision".into(), eval_timeout_ms: 50, watch_interval_ms: 1000 }
+    }
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "aegis".into(),
+            audience: "aegis-sidecar".into(),
+            header: "x-aegis-token".into(),
+            lifetime_secs: 900,
+            leeway_secs: 5,
+            cache_entries: 10_000,
+            max_bytes: 8192,
+            trusted_keys: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { durability: Durability::Full, queue_capacity: 8192, max_batch: 512 }
+    }
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self { endpoint: None, service_name: "aegis".into(), queue_size: 8192 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 1024 * 1024, max_headers: 128, max_header_bytes: 64 * 1024 }
+    }
+}
+
+/// Flags and `AEGIS_*` variables (clap gives flags precedence over the environment).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, env = "AEGIS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// ext_authz listen address [default: 127.0.0.1:9191].
+    #[arg(long, env = "AEGIS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [default: ./aegis-data].
+    #[arg(long, env = "AEGIS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds to wait for in-flight Checks at shutdown [default: 10].
+    #[arg(long, env = "AEGIS_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Policy bundle directory or .tar.gz [default: the built-in bundle].
+    #[arg(long, env = "AEGIS_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// Decision rule [default: data.aegis.authz.decision].
+    #[arg(long, env = "AEGIS_POLICY_QUERY")]
+    pub policy_query: Option<String>,
+    /// Evaluation time limit in ms [default: 50].
+    #[arg(long, env = "AEGIS_EVAL_TIMEOUT_MS")]
+    pub eval_timeout_ms: Option<u64>,
+    /// Bundle change polling interval in ms [default: 1000].
+    #[arg(long, env = "AEGIS_WATCH_INTERVAL_MS")]
+    pub watch_interval_ms: Option<u64>,
+    /// Required token issuer [default: aegis].
+    #[arg(long, env = "AEGIS_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// Required token audience [default: aegis-sidecar].
+    #[arg(long, env = "AEGIS_TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
+    /// Token header; `authorization` means Bearer [default: x-aegis-token].
+    #[arg(long, env = "AEGIS_TOKEN_HEADER")]
+    pub token_header: Option<String>,
+    /// Lifetime of minted tokens in seconds [default: 900].
+    #[arg(long, env = "AEGIS_TOKEN_LIFETIME_SECS")]
+    pub token_lifetime_secs: Option<u64>,
+    /// Clock skew tolerated in seconds [default: 5].
+    #[arg(long, env = "AEGIS_TOKEN_LEEWAY_SECS")]
+    pub token_leeway_secs: Option<u64>,
+    /// Verified-token cache entries [default: 10000].
+    #[arg(long, env = "AEGIS_TOKEN_CACHE_ENTRIES")]
+    pub token_cache_entries: Option<usize>,
+    /// Largest token in bytes [default: 8192].
+    #[arg(long, env = "AEGIS_TOKEN_MAX_BYTES")]
+    pub token_max_bytes: Option<usize>,
+    /// Extra trusted public key file (repeatable; env: comma-separated).
+    #[arg(long = "trusted-key", env = "AEGIS_TRUSTED_KEYS", value_delimiter = ',')]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Audit durability: full or normal [default: full].
+    #[arg(long, env = "AEGIS_AUDIT_DURABILITY")]
+    pub audit_durability: Option<Durability>,
+    /// Audit queue capacity [default: 8192].
+    #[arg(long, env = "AEGIS_AUDIT_QUEUE_CAPACITY")]
+    pub audit_queue_capacity: Option<usize>,
+    /// Most rows per audit commit [default: 512].
+    #[arg(long, env = "AEGIS_AUDIT_MAX_BATCH")]
+    pub audit_max_batch: Option<usize>,
+    /// OTLP/gRPC endpoint [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
+    #[arg(long, env = "AEGIS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// service.name of spans [default: aegis].
+    #[arg(long, env = "AEGIS_OTLP_SERVICE_NAME")]
+    pub otlp_service_name: Option<String>,
+    /// Span export queue size [default: 8192].
+    #[arg(long, env = "AEGIS_OTLP_QUEUE_SIZE")]
+    pub otlp_queue_size: Option<usize>,
+    /// Largest body inspected in bytes [default: 1048576].
+    #[arg(long, env = "AEGIS_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Most request headers [default: 128].
+    #[arg(long, env = "AEGIS_MAX_HEADERS")]
+    pub max_headers: Option<usize>,
+    /// Most header bytes [default: 65536].
+    #[arg(long, env = "AEGIS_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Defaults, then the file, then the overrides; validated.
+    pub fn load(o: &Overrides) -> Result<Self, ConfigError> {
+        let mut c = match &o.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        o.apply(&mut c);
+        if c.otlp.endpoint.is_none() {
+            c.otlp.endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parses a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |setting: &'static str, v: u64| {
+            if v == 0 { Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }) } else { Ok(()) }
+        };
+        positive("policy.eval_timeout_ms", self.policy.eval_timeout_ms)?;
+        positive("token.lifetime_secs", self.token.lifetime_secs)?;
+        positive("token.cache_entries", self.token.cache_entries as u64)?;
+        positive("token.max_bytes", self.token.max_bytes as u64)?;
+        positive("audit.queue_capacity", self.audit.queue_capacity as u64)?;
+        positive("audit.max_batch", self.audit.max_batch as u64)?;
+        positive("otlp.queue_size", self.otlp.queue_size as u64)?;
+        if self.policy.query.split('.').next() != Some("data") {
+            return Err(ConfigError::Invalid { setting: "policy.query", message: format!("{:?} must start with data.", self.policy.query) });
+        }
+        if self.token.header.is_empty() || self.token.header.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace()) {
+            return Err(ConfigError::Invalid { setting: "token.header", message: "must be a lower-case header name".into() });
+        }
+        Ok(())
+    }
+
+    /// The evaluation time limit.
+    pub fn eval_timeout(&self) -> Duration {
+        Duration::from_millis(self.policy.eval_timeout_ms)
+    }
+}
+
+// === impl Overrides ===
+
+impl Overrides {
+    fn apply(&self, c: &mut Config) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut c.listen, &self.listen);
+        set(&mut c.data_dir, &self.data_dir);
+        set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);
+        if self.bundle.is_some() {
+            c.policy.bundle = self.bundle.clone();
+        }
+        set(&mut c.policy.query, &self.policy_query);
+        set(&mut c.policy.eval_timeout_ms, &self.eval_timeout_ms);
+        set(&mut c.policy.watch_interval_ms, &self.watch_interval_ms);
+        set(&mut c.token.issuer, &self.token_issuer);
+        set(&mut c.token.audience, &self.token_audience);
+        set(&mut c.token.header, &self.token_header);
+        set(&mut c.token.lifetime_secs, &self.token_lifetime_secs);
+        set(&mut c.token.leeway_secs, &self.token_leeway_secs);
+        set(&mut c.token.cache_entries, &self.token_cache_entries);
+        set(&mut c.token.max_bytes, &self.token_max_bytes);
+        if !self.trusted_keys.is_empty() {
+            c.token.trusted_keys = self.trusted_keys.clone();
+        }
+        set(&mut c.audit.durability, &self.audit_durability);
+        set(&mut c.audit.queue_capacity, &self.audit_queue_capacity);
+        set(&mut c.audit.max_batch, &self.audit_max_batch);
+        if self.otlp_endpoint.is_some() {
+            c.otlp.endpoint = self.otlp_endpoint.clone();
+        }
+        set(&mut c.otlp.service_name, &self.otlp_service_name);
+        set(&mut c.otlp.queue_size, &self.otlp_queue_size);
+        set(&mut c.limits.max_body_bytes, &self.max_body_bytes);
+        set(&mut c.limits.max_headers, &self.max_headers);
+        set(&mut c.limits.max_header_bytes, &self.max_header_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("aegis.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[policy]\neval_timeout_ms = 20\n[audit]\ndurability = \"normal\"\n").expect("write");
+        let o = Overrides { config: Some(path.clone()), eval_timeout_ms: Some(30), ..Default::default() };
+        let c = Config::load(&o).expect("loads");
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.policy.eval_timeout_ms, 30);
+        assert_eq!(c.audit.durability, Durability::Normal);
+
+        std::fs::write(&path, "[policy]\nbundel = \"x\"\n").expect("write");
+        let err = Config::load(&o).expect_err("unknown key refused").to_string();
+        assert!(err.contains("bundel"), "{err}");
+    }
+}

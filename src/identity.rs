@@ -1,0 +1,211 @@
+//! Agent identity: EdDSA JWTs minted by the control plane (or `aegis token issue`).
+//!
+//! [`Identifier::identify`] runs on every Check: a verified-token cache keyed by the whole
+//! token string spares the Ed25519 verification for a token seen before, but the time
+//! claims and the revocation set are checked on every call, cached or not.
+
+mod jwt;
+mod revocation;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+pub use jwt::{mint, parse_and_verify};
+pub use revocation::{RevokedBy, Revocations};
+
+/// The claims of an agent token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    /// Issuer; must equal the configured issuer.
+    pub iss: String,
+    /// Audience; must contain the configured audience.
+    pub aud: Audience,
+    /// The agent id.
+    pub sub: String,
+    /// The agent's tenant.
+    pub tenant: String,
+    /// Granted scopes, e.g. `invoices:read`.
+    pub scopes: Vec<String>,
+    /// Session id.
+    pub sid: String,
+    /// Token id (revocable).
+    pub jti: String,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// Not before, Unix seconds.
+    pub nbf: i64,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+}
+
+/// `aud` as a single string or a list, as RFC 7519 allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn contains(&self, aud: &str) -> bool {
+        match self {
+            Audience::One(a) => a == aud,
+            Audience::Many(list) => list.iter().any(|a| a == aud),
+        }
+    }
+}
+
+/// Why a token was refused. Each maps to a stable, machine-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("no agent token in the request")]
+    Missing,
+    #[error("agent token is {0} bytes, over the {1}-byte limit")]
+    TooLarge(usize, usize),
+    #[error("agent token is malformed: {0}")]
+    Malformed(String),
+    #[error("agent token algorithm {0:?} is not accepted (only EdDSA)")]
+    Algorithm(String),
+    #[error("agent token key id {0:?} is not trusted")]
+    UnknownKey(String),
+    #[error("agent token signature does not verify")]
+    BadSignature,
+    #[error("agent token expired at {0}")]
+    Expired(i64),
+    #[error("agent token not valid before {0}")]
+    NotYetValid(i64),
+    #[error("agent token audience does not include {0:?}")]
+    WrongAudience(String),
+    #[error("agent token issuer {0:?} is not {1:?}")]
+    WrongIssuer(String, String),
+    #[error("agent token revoked ({0})")]
+    Revoked(RevokedBy),
+}
+
+impl TokenError {
+    /// The reason code returned in `x-aegis-reason` and recorded in the audit row.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "token_missing",
+            TokenError::TooLarge(..) => "token_too_large",
+            TokenError::Malformed(_) => "token_malformed",
+            TokenError::Algorithm(_) => "token_bad_algorithm",
+            TokenError::UnknownKey(_) => "token_unknown_key",
+            TokenError::BadSignature => "token_bad_signature",
+            TokenError::Expired(_) => "token_expired",
+            TokenError::NotYetValid(_) => "token_not_yet_valid",
+            TokenError::WrongAudience(_) => "token_wrong_audience",
+            TokenError::WrongIssuer(..) => "token_wrong_issuer",
+            TokenError::Revoked(_) => "token_revoked",
+        }
+    }
+}
+
+/// What token verification checks against.
+#[derive(Debug, Clone)]
+pub struct TokenPolicy {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required member of `aud`.
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: i64,
+    /// Largest token accepted, in bytes.
+    pub max_bytes: usize,
+}
+
+/// Trusted verification keys by key id.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: HashMap<String, VerifyingKey>,
+}
+
+impl KeyRing {
+    /// Adds a key under its derived key id.
+    pub fn insert(&mut self, key: VerifyingKey) {
+        self.keys.insert(crate::keys::key_id(&key), key);
+    }
+
+    fn get(&self, kid: &str) -> Option<&VerifyingKey> {
+        self.keys.get(kid)
+    }
+}
+
+/// Verifies agent tokens, with a bounded verified-token cache and the revocation set.
+#[derive(Debug)]
+pub struct Identifier {
+    keys: KeyRing,
+    policy: TokenPolicy,
+    revocations: Arc<Revocations>,
+    cache: Mutex<HashMap<Box<str>, Arc<Claims>>>,
+    cache_capacity: usize,
+}
+
+// === impl Identifier ===
+
+impl Identifier {
+    pub fn new(keys: KeyRing, policy: TokenPolicy, revocations: Arc<Revocations>, cache_capacity: usize) -> Self {
+        Self { keys, policy, revocations, cache: Mutex::new(HashMap::new()), cache_capacity }
+    }
+
+    /// The revocation set this identifier consults.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// Verifies `token` at Unix time `now` and returns its claims.
+    pub fn identify(&self, token: &str, now: i64) -> Result<Arc<Claims>, TokenError> {
+        if token.len() > self.policy.max_bytes {
+            return Err(TokenError::TooLarge(token.len(), self.policy.max_bytes));
+        }
+        let claims = match self.cached(token) {
+            Some(claims) => claims,
+            None => {
+                let claims = Arc::new(parse_and_verify(token, &self.keys)?);
+                self.remember(token, &claims);
+                claims
+            }
+        };
+        self.check_claims(&claims, now)?;
+        if let Some(by) = self.revocations.check(&claims) {
+            return Err(TokenError::Revoked(by));
+        }
+        Ok(claims)
+    }
+
+    fn check_claims(&self, c: &Claims, now: i64) -> Result<(), TokenError> {
+        let p = &self.policy;
+        if c.iss != p.issuer {
+            return Err(TokenError::WrongIssuer(c.iss.clone(), p.issuer.clone()));
+        }
+        if !c.aud.contains(&p.audience) {
+            return Err(TokenError::WrongAudience(p.audience.clone()));
+        }
+        if now >= c.exp.saturating_add(p.leeway_secs) {
+            return Err(TokenError::Expired(c.exp));
+        }
+        if now.saturating_add(p.leeway_secs) < c.nbf {
+            return Err(TokenError::NotYetValid(c.nbf));
+        }
+        Ok(())
+    }
+
+    fn cached(&self, token: &str) -> Option<Arc<Claims>> {
+        self.cache.lock().ok()?.get(token).cloned()
+    }
+
+    fn remember(&self, token: &str, claims: &Arc<Claims>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= self.cache_capacity {
+                // Bounded without bookkeeping: a full cache starts over. Tokens live minutes,
+                // so the set of live tokens refills it at the cost of one verification each.
+                cache.clear();
+            }
+            cache.insert(token.into(), claims.clone());
+        }
+    }
+}

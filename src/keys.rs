@@ -1,0 +1,150 @@
+//! The Ed25519 signing key in the data directory.
+//!
+//! `aegis serve` creates `signing.key` (the 32-byte seed, hex, mode 0600) and `signing.pub`
+//! (the public key, hex) on first start, in a data directory created 0700. The same key
+//! signs agent tokens and audit checkpoints; the two message formats carry distinct
+//! prefixes, so a signature made for one can never be replayed as the other.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+/// File name of the signing key seed inside the data directory.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+/// File name of the public key inside the data directory.
+pub const PUBLIC_KEY_FILE: &str = "signing.pub";
+
+/// A failure to load or create the signing key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("signing key {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("signing key {path} is not a 64-digit hex Ed25519 seed")]
+    Malformed { path: PathBuf },
+    #[error("public key {path} is not a 64-digit hex Ed25519 public key")]
+    MalformedPublic { path: PathBuf },
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
+}
+
+/// The process's signing key and its key id.
+#[derive(Clone)]
+pub struct Signer {
+    key: SigningKey,
+    kid: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+// === impl Signer ===
+
+impl Signer {
+    /// Wraps a key; the key id is derived from the public key.
+    pub fn new(key: SigningKey) -> Self {
+        let kid = key_id(&key.verifying_key());
+        Self { key, kid }
+    }
+
+    /// A fresh random key (tests and benchmarks).
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self::new(SigningKey::from_bytes(&seed)))
+    }
+
+    /// Loads `signing.key` from `data_dir`, creating the directory and the key on first use.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, KeyError> {
+        ensure_data_dir(data_dir)?;
+        let path = data_dir.join(SIGNING_KEY_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let seed = crate::unhex(text.trim())
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| KeyError::Malformed { path: path.clone() })?;
+                Ok(Self::new(SigningKey::from_bytes(&seed)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let signer = Self::generate()?;
+                write_private(&path, &crate::hex(signer.key.as_bytes()))?;
+                let pub_path = data_dir.join(PUBLIC_KEY_FILE);
+                fs::write(&pub_path, crate::hex(signer.verifying_key().as_bytes()) + "\n")
+                    .map_err(|source| KeyError::Io { path: pub_path, source })?;
+                Ok(signer)
+            }
+            Err(source) => Err(KeyError::Io { path, source }),
+        }
+    }
+
+    /// Loads an existing key without creating anything (CLI commands that only read).
+    pub fn load(data_dir: &Path) -> Result<Self, KeyError> {
+        let path = data_dir.join(SIGNING_KEY_FILE);
+        let text = fs::read_to_string(&path).map_err(|source| KeyError::Io { path: path.clone(), source })?;
+        let seed = crate::unhex(text.trim())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or(KeyError::Malformed { path })?;
+        Ok(Self::new(SigningKey::from_bytes(&seed)))
+    }
+
+    /// The key id written into token headers and audit rows.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public half.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Signs `msg` (the caller prefixes it with its own domain tag).
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.key.sign(msg).to_bytes()
+    }
+}
+
+/// The key id of a public key: `ed25519:` and the first 16 hex digits of its SHA-256.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    format!("ed25519:{}", crate::hex(&digest[..8]))
+}
+
+/// Reads a public key file (64 hex digits).
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
+    let text = fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_path_buf(), source })?;
+    crate::unhex(text.trim())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| KeyError::MalformedPublic { path: path.to_path_buf() })
+}
+
+/// Creates the data directory (0700) if it does not exist.
+pub fn ensure_data_dir(dir: &Path) -> Result<(), KeyError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| KeyError::DataDir { path: dir.to_path_buf(), source })
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io { path: path.to_path_buf(), source };
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.write_all(b"\n").map_err(io)?;
+    f.sync_all().map_err(io)?;
+    // The umask may have narrowed the mode further, never widened it; make it exact.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)
+}

@@ -1,0 +1,74 @@
+//! Aegis: a runtime security gateway for AI agents.
+//!
+//! Envoy's ext_authz filter asks Aegis, over `envoy.service.auth.v3.Authorization/Check`,
+//! whether an agent's call to a tool may go on. Aegis identifies the agent (EdDSA JWT),
+//! evaluates a Rego bundle in-process (regorus), records a signed, hash-chained audit row
+//! that is durable before the answer leaves, emits one OpenTelemetry span, and answers.
+//!
+//! # Layout
+//! - [`check`]: the hot path, one short function per step:
+//!   decode → identify → build input → evaluate → enforce → record → respond.
+//! - [`identity`]: agent tokens (EdDSA JWTs): minting, verification, the verified-token
+//!   cache and the revocation set checked on every call.
+//! - [`policy`]: bundles (directory or `.tar.gz`), compilation, the engine pool, hot reload,
+//!   the decision document and `aegis policy test`.
+//! - [`audit`]: the audit log: canonical row encoding, the group-commit writer, signed
+//!   checkpoints and the verifier.
+//! - [`telemetry`]: the OTLP exporter and the per-Check span.
+//! - [`keys`]: the Ed25519 signing key kept in the data directory.
+//! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags).
+//! - [`server`]: `aegis serve`: listeners, health, reflection, reload, shutdown.
+//! - [`bench`]: `aegis bench`, the benchmark beside a no-op ext_authz server.
+//! - [`cli`]: the command line.
+
+pub mod audit;
+pub mod bench;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod keys;
+pub mod policy;
+pub mod server;
+pub mod telemetry;
+
+/// The ext_authz file descriptor set, for gRPC reflection (compiled by `build.rs`).
+pub const EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ext_authz_descriptor.bin"));
+
+/// Current time as Unix nanoseconds (saturating; the clock never runs before 1970 here).
+pub fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Decodes lower- or upper-case hex; `None` on odd length or a non-hex digit.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()))
+        .collect()
+}
+
+/// Writes one log line to stderr: `<unix-ms> <level> <message>`.
+#[macro_export]
+macro_rules! log {
+    ($level:ident, $($arg:tt)*) => {
+        eprintln!("{} {} {}", $crate::unix_nanos() / 1_000_000, stringify!($level), format_args!($($arg)*))
+    };
+}

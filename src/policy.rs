@@ -1,0 +1,205 @@
+//! Policy: bundles compiled once, evaluated per Check without re-parsing.
+//!
+//! A [`CompiledBundle`] holds a prepared regorus engine (modules parsed, data merged, one
+//! warm-up evaluation done) and a pool of its clones: regorus evaluates through `&mut self`,
+//! so each concurrent evaluation takes an engine from the pool and puts it back. Every
+//! evaluation runs under regorus's cooperative execution timer.
+//!
+//! [`Policy`] is the live slot: a reload compiles the new bundle off to the side and swaps
+//! it in atomically; a broken bundle is refused and the last good one keeps serving.
+
+mod bundle;
+mod decision;
+pub mod testing;
+pub mod watch;
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use regorus::Engine;
+
+pub use bundle::{BundleError, BundleFiles, BundleSource, ParsedBundle};
+pub use decision::{Decision, DecisionError, Verdict};
+
+/// A failure to evaluate the policy for one request. Aegis's own failure: answered as a
+/// gRPC error so Envoy's `failure_mode_allow`/`status_on_error` decide.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("policy evaluation of {query} failed: {message}")]
+    Failed { query: String, message: String },
+    #[error("policy evaluation exceeded its {0:?} time limit")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Decision(#[from] DecisionError),
+}
+
+/// How bundles are compiled and evaluated.
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
+    /// The rule that yields the decision, e.g. `data.aegis.authz.decision`.
+    pub query: String,
+    /// Wall-clock limit of one evaluation.
+    pub eval_timeout: Duration,
+}
+
+/// A compiled bundle and its engine pool.
+pub struct CompiledBundle {
+    revision: String,
+    digest: String,
+    query: String,
+    eval_timeout: Duration,
+    template: Engine,
+    pool: Mutex<Vec<Engine>>,
+}
+
+impl std::fmt::Debug for CompiledBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledBundle").field("revision", &self.revision).field("digest", &self.digest).finish_non_exhaustive()
+    }
+}
+
+// === impl CompiledBundle ===
+
+impl CompiledBundle {
+    /// Reads and compiles the bundle at `source`.
+    pub fn load(source: &BundleSource, opts: &PolicyOptions) -> Result<Self, BundleError> {
+        Self::compile(BundleFiles::read(source)?.parse()?, opts)
+    }
+
+    /// Compiles a parsed bundle: modules, data, the execution timer, one warm-up evaluation.
+    pub fn compile(parsed: ParsedBundle, opts: &PolicyOptions) -> Result<Self, BundleError> {
+        let mut engine = Engine::new();
+        engine.set_rego_v0(parsed.rego_v0);
+        engine.set_strict_builtin_errors(false);
+        for (path, text) in parsed.modules {
+            engine.add_policy(path, text).map_err(|e| BundleError::Compile(e.to_string()))?;
+        }
+        for (dir, value) in parsed.data {
+            let mut nested = value;
+            for key in dir.iter().rev() {
+                let mut map = std::collections::BTreeMap::new();
+                map.insert(regorus::Value::from(key.as_str()), nested);
+                nested = regorus::Value::from(map);
+            }
+            let at = if dir.is_empty() { "data.json".to_owned() } else { format!("{}/data.json", dir.join("/")) };
+            engine.add_data(nested).map_err(|e| BundleError::Invalid { path: at, message: e.to_string() })?;
+        }
+        let check_interval = NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN);
+        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+            limit: opts.eval_timeout,
+            check_interval,
+        });
+        // Warm up: the first evaluation prepares the engine (rule indexes, scheduling); the
+        // clones made from it then start prepared. It also proves the query names a rule.
+        engine.set_input(regorus::Value::new_object());
+        engine
+            .eval_rule(opts.query.clone())
+            .map_err(|e| BundleError::Compile(format!("query {}: {e}", opts.query)))?;
+        Ok(Self {
+            revision: parsed.revision,
+            digest: parsed.digest,
+            query: opts.query.clone(),
+            eval_timeout: opts.eval_timeout,
+            template: engine,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The bundle revision: the `policy_version` of every decision.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// `sha256:` digest of the bundle's files.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Evaluates the decision rule for `input`.
+    pub fn evaluate(&self, input: regorus::Value) -> Result<Decision, EvalError> {
+        let value = self.evaluate_raw(input)?;
+        Ok(Decision::from_value(&value)?)
+    }
+
+    /// Evaluates the decision rule and returns its raw value.
+    pub fn evaluate_raw(&self, input: regorus::Value) -> Result<regorus::Value, EvalError> {
+        let mut engine = self.checkout();
+        engine.set_input(input);
+        let started = std::time::Instant::now();
+        let result = engine.eval_rule(self.query.clone());
+        self.checkin(engine);
+        result.map_err(|e| {
+            let message = e.to_string();
+            if started.elapsed() >= self.eval_timeout || message.contains("time limit") {
+                EvalError::Timeout(self.eval_timeout)
+            } else {
+                EvalError::Failed { query: self.query.clone(), message }
+            }
+        })
+    }
+
+    /// Evaluates any rule path against `input` (used by `aegis policy test`).
+    pub fn eval_rule(&self, rule: &str, input: regorus::Value) -> Result<regorus::Value, String> {
+        let mut engine = self.checkout();
+        engine.set_input(input);
+        let result = engine.eval_rule(rule.to_owned()).map_err(|e| e.to_string());
+        self.checkin(engine);
+        result
+    }
+
+    fn checkout(&self) -> Engine {
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        pooled.unwrap_or_else(|| self.template.clone())
+    }
+
+    fn checkin(&self, engine: Engine) {
+        if let Ok(mut pool) = self.pool.lock() {
+            // More engines than concurrent evaluations are never needed; keep a few spare.
+            if pool.len() < 64 {
+                pool.push(engine);
+            }
+        }
+    }
+}
+
+/// The live policy: the current compiled bundle, swapped atomically on reload.
+#[derive(Debug)]
+pub struct Policy {
+    source: BundleSource,
+    opts: PolicyOptions,
+    current: RwLock<Arc<CompiledBundle>>,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Loads and compiles the bundle; an error here means the process must not start.
+    pub fn load(source: BundleSource, opts: PolicyOptions) -> Result<Self, BundleError> {
+        let compiled = CompiledBundle::load(&source, &opts)?;
+        Ok(Self { source, opts, current: RwLock::new(Arc::new(compiled)) })
+    }
+
+    /// The bundle now serving.
+    pub fn current(&self) -> Arc<CompiledBundle> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Where the bundle is loaded from.
+    pub fn source(&self) -> &BundleSource {
+        &self.source
+    }
+
+    /// Recompiles from the source. On success the new bundle serves from the next Check on
+    /// and its revision is returned; on failure the last good bundle keeps serving.
+    pub fn reload(&self) -> Result<String, BundleError> {
+        let compiled = Arc::new(CompiledBundle::load(&self.source, &self.opts)?);
+        let revision = compiled.revision().to_owned();
+        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *slot = compiled;
+        Ok(revision)
+    }
+}

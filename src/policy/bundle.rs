@@ -1,0 +1,253 @@
+//! Policy bundles: a directory, an OPA bundle `.tar.gz`, or the default bundle embedded
+//! from `policies/`.
+//!
+//! Layout as OPA's: `.manifest` (JSON: `revision`, `roots`, optional `rego_version`),
+//! `*.rego` modules, and `data.json` / `data.yaml` files whose directory is their path in
+//! `data` (`a/b/data.json` is `data.a.b`). Without a manifest revision the revision is
+//! `sha256:` and the first 12 hex digits of the bundle digest.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Bundles larger than this, uncompressed, are refused.
+pub const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Where a bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleSource {
+    /// The default bundle built into the binary from `policies/`.
+    Embedded,
+    /// A directory on disk.
+    Dir(PathBuf),
+    /// An OPA bundle archive (`.tar.gz`).
+    Archive(PathBuf),
+}
+
+impl BundleSource {
+    /// A path: a directory, or an archive by its `.tar.gz`/`.tgz` name.
+    pub fn from_path(path: &Path) -> Self {
+        let name = path.to_string_lossy();
+        if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+            BundleSource::Archive(path.to_path_buf())
+        } else {
+            BundleSource::Dir(path.to_path_buf())
+        }
+    }
+
+    /// The file or directory to watch for changes, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            BundleSource::Embedded => None,
+            BundleSource::Dir(p) | BundleSource::Archive(p) => Some(p),
+        }
+    }
+}
+
+impl std::fmt::Display for BundleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BundleSource::Embedded => f.write_str("embedded default bundle"),
+            BundleSource::Dir(p) | BundleSource::Archive(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A failure to read or make sense of a bundle. Names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("bundle is over {MAX_BUNDLE_BYTES} bytes uncompressed")]
+    TooLarge,
+    #[error("{0}")]
+    Compile(String),
+    #[error("bundle has no .rego module")]
+    Empty,
+}
+
+/// The files of a bundle, by normalized relative path, sorted.
+#[derive(Debug, Clone)]
+pub struct BundleFiles {
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// A bundle's parsed parts, ready for the engine.
+#[derive(Debug)]
+pub struct ParsedBundle {
+    /// The revision (manifest, else digest-derived).
+    pub revision: String,
+    /// `sha256:<hex>` over every file's path and contents.
+    pub digest: String,
+    /// Whether the manifest asks for Rego v0 syntax.
+    pub rego_v0: bool,
+    /// `(path, source)` of every module.
+    pub modules: Vec<(String, String)>,
+    /// `(path in data, value)` of every data file.
+    pub data: Vec<(Vec<String>, regorus::Value)>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // roots are accepted for OPA compatibility; every path is loaded.
+    roots: Option<Vec<String>>,
+    #[serde(default)]
+    rego_version: Option<u8>,
+    #[serde(flatten)]
+    _other: serde_json::Map<String, serde_json::Value>,
+}
+
+// === impl BundleFiles ===
+
+impl BundleFiles {
+    /// Reads the bundle from its source.
+    pub fn read(source: &BundleSource) -> Result<Self, BundleError> {
+        let mut files = match source {
+            BundleSource::Embedded => embedded(),
+            BundleSource::Dir(dir) => read_dir(dir)?,
+            BundleSource::Archive(path) => read_archive(path)?,
+        };
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { files })
+    }
+
+    /// Parses manifest, modules and data.
+    pub fn parse(&self) -> Result<ParsedBundle, BundleError> {
+        let mut hasher = Sha256::new();
+        let mut manifest = None;
+        let mut modules = Vec::new();
+        let mut data = Vec::new();
+        for (path, bytes) in &self.files {
+            hasher.update((path.len() as u64).to_be_bytes());
+            hasher.update(path.as_bytes());
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+            let invalid = |message: String| BundleError::Invalid { path: path.clone(), message };
+            let name = path.rsplit('/').next().unwrap_or(path);
+            if path == ".manifest" {
+                let m: Manifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+                manifest = Some(m);
+            } else if name.ends_with(".rego") {
+                let text = String::from_utf8(bytes.clone()).map_err(|_| invalid("not UTF-8".into()))?;
+                modules.push((path.clone(), text));
+            } else if name == "data.json" || name == "data.yaml" || name == "data.yml" {
+                let text = std::str::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))?;
+                let value = if name == "data.json" {
+                    regorus::Value::from_json_str(text)
+                } else {
+                    regorus::Value::from_yaml_str(text)
+                }
+                .map_err(|e| invalid(e.to_string()))?;
+                if !matches!(value, regorus::Value::Object(_)) {
+                    return Err(invalid("data must be an object".into()));
+                }
+                let mut dir: Vec<String> = path.split('/').map(String::from).collect();
+                dir.pop();
+                data.push((dir, value));
+            }
+        }
+        if modules.is_empty() {
+            return Err(BundleError::Empty);
+        }
+        let digest = format!("sha256:{}", crate::hex(&hasher.finalize()));
+        let (revision, rego_v0) = match manifest {
+            Some(m) => (m.revision.filter(|r| !r.is_empty()), m.rego_version == Some(0)),
+            None => (None, false),
+        };
+        let revision = revision.unwrap_or_else(|| digest.get(..19).unwrap_or(&digest).to_owned());
+        Ok(ParsedBundle { revision, digest, rego_v0, modules, data })
+    }
+}
+
+fn embedded() -> Vec<(String, Vec<u8>)> {
+    const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/default_bundle.rs"));
+    FILES.iter().map(|(p, b)| ((*p).to_owned(), b.to_vec())).collect()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io { path: path.display().to_string(), source }
+}
+
+fn read_dir(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            if !is_bundle_file(&rel) {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            total += bytes.len() as u64;
+            if total > MAX_BUNDLE_BYTES {
+                return Err(BundleError::TooLarge);
+            }
+            out.push((rel, bytes));
+        }
+    }
+    Ok(out)
+}
+
+fn read_archive(path: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let gz = flate2::read::GzDecoder::new(file);
+    let mut archive = tar::Archive::new(gz);
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let entries = archive.entries().map_err(io_err(path))?;
+    for entry in entries {
+        let mut entry = entry.map_err(io_err(path))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let raw = entry.path().map_err(io_err(path))?.into_owned();
+        let rel = normalize(&raw).ok_or_else(|| BundleError::Invalid {
+            path: format!("{}!{}", path.display(), raw.display()),
+            message: "entry path leaves the bundle".into(),
+        })?;
+        if !is_bundle_file(&rel) {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        let limit = MAX_BUNDLE_BYTES.saturating_sub(total) + 1;
+        entry.by_ref().take(limit).read_to_end(&mut bytes).map_err(io_err(path))?;
+        total += bytes.len() as u64;
+        if total > MAX_BUNDLE_BYTES {
+            return Err(BundleError::TooLarge);
+        }
+        out.push((rel, bytes));
+    }
+    Ok(out)
+}
+
+/// `./a/b` → `a/b`; `None` for absolute paths or `..`.
+fn normalize(path: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_str()?.to_owned()),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+fn is_bundle_file(rel: &str) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    rel == ".manifest"
+        || name.ends_with(".rego")
+        || matches!(name, "data.json" | "data.yaml" | "data.yml" | ".signatures.json")
+}

@@ -1,0 +1,205 @@
+//! The decision document: what the policy's rule returned, made typed.
+//!
+//! A boolean (OPA-Envoy's `allow` style), or an object with OPA-Envoy's keys (`allowed`,
+//! `headers`, `body`, `http_status`, `request_headers_to_remove`, `response_headers_to_add`,
+//! `query_parameters_to_set`, `query_parameters_to_remove`, `dynamic_metadata`) plus Aegis's
+//! `decision` and `reason`. An undefined result (no rule matched, no default) is a deny with
+//! reason `no_decision`: policies decide, and silence is not consent.
+
+use regorus::Value;
+
+/// The four outcomes a policy can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Sanitize,
+    ApprovalNeeded,
+}
+
+impl Verdict {
+    /// The name used in policies, audit rows and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Sanitize => "sanitize",
+            Verdict::ApprovalNeeded => "approval_needed",
+        }
+    }
+
+    /// Whether the request goes on to the tool.
+    pub fn allows(self) -> bool {
+        matches!(self, Verdict::Allow | Verdict::Sanitize)
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "allow" => Verdict::Allow,
+            "deny" => Verdict::Deny,
+            "sanitize" => Verdict::Sanitize,
+            "approval_needed" => Verdict::ApprovalNeeded,
+            _ => return None,
+        })
+    }
+}
+
+/// A decision document that does not have the expected shape.
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionError {
+    #[error("decision must be a boolean or an object, got {0}")]
+    WrongType(&'static str),
+    #[error("decision key {key:?}: {message}")]
+    BadKey { key: &'static str, message: String },
+    #[error("decision {decision:?} contradicts allowed = {allowed}")]
+    Contradiction { decision: &'static str, allowed: bool },
+}
+
+/// A typed decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: String,
+    /// On allow: headers added to the upstream request; on deny: to the response.
+    pub headers: Vec<(String, String)>,
+    pub body: Option<String>,
+    pub http_status: Option<u32>,
+    pub request_headers_to_remove: Vec<String>,
+    pub response_headers_to_add: Vec<(String, String)>,
+    pub query_parameters_to_set: Vec<(String, String)>,
+    pub query_parameters_to_remove: Vec<String>,
+    /// As JSON, for Envoy's dynamic metadata.
+    pub dynamic_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+// === impl Decision ===
+
+impl Decision {
+    /// A decision with only a verdict and a reason.
+    pub fn simple(verdict: Verdict, reason: impl Into<String>) -> Self {
+        Self {
+            verdict,
+            reason: reason.into(),
+            headers: Vec::new(),
+            body: None,
+            http_status: None,
+            request_headers_to_remove: Vec::new(),
+            response_headers_to_add: Vec::new(),
+            query_parameters_to_set: Vec::new(),
+            query_parameters_to_remove: Vec::new(),
+            dynamic_metadata: None,
+        }
+    }
+
+    /// Reads the value the decision rule produced.
+    pub fn from_value(v: &Value) -> Result<Self, DecisionError> {
+        let obj = match v {
+            Value::Undefined => return Ok(Self::simple(Verdict::Deny, "no_decision")),
+            Value::Bool(true) => return Ok(Self::simple(Verdict::Allow, "allowed")),
+            Value::Bool(false) => return Ok(Self::simple(Verdict::Deny, "denied")),
+            Value::Object(obj) => obj,
+            other => return Err(DecisionError::WrongType(type_name(other))),
+        };
+        let get = |k: &str| obj.get(&Value::from(k)).filter(|v| !matches!(v, Value::Undefined | Value::Null));
+        let allowed = get("allowed").map(|v| as_bool(v, "allowed")).transpose()?;
+        let verdict = match get("decision") {
+            Some(d) => {
+                let s = as_str(d, "decision")?;
+                Verdict::parse(s).ok_or_else(|| DecisionError::BadKey {
+                    key: "decision",
+                    message: format!("{s:?} is not one of allow, deny, sanitize, approval_needed"),
+                })?
+            }
+            None if allowed == Some(true) => Verdict::Allow,
+            None => Verdict::Deny,
+        };
+        if let Some(allowed) = allowed {
+            if allowed != verdict.allows() {
+                return Err(DecisionError::Contradiction { decision: verdict.as_str(), allowed });
+            }
+        }
+        let reason = match get("reason") {
+            Some(r) => as_str(r, "reason")?.to_owned(),
+            None => verdict.as_str().to_owned(),
+        };
+        let http_status = get("http_status")
+            .map(|v| {
+                let n = v.as_u64().map_err(|_| bad("http_status", "must be an integer"))?;
+                u32::try_from(n).ok().filter(|n| (100..=599).contains(n)).ok_or_else(|| bad("http_status", "must be 100..=599"))
+            })
+            .transpose()?;
+        Ok(Self {
+            verdict,
+            reason,
+            headers: get("headers").map(|v| string_pairs(v, "headers")).transpose()?.unwrap_or_default(),
+            body: get("body").map(|v| as_str(v, "body").map(str::to_owned)).transpose()?,
+            http_status,
+            request_headers_to_remove: get("request_headers_to_remove").map(|v| strings(v, "request_headers_to_remove")).transpose()?.unwrap_or_default(),
+            response_headers_to_add: get("response_headers_to_add").map(|v| string_pairs(v, "response_headers_to_add")).transpose()?.unwrap_or_default(),
+            query_parameters_to_set: get("query_parameters_to_set").map(|v| string_pairs(v, "query_parameters_to_set")).transpose()?.unwrap_or_default(),
+            query_parameters_to_remove: get("query_parameters_to_remove").map(|v| strings(v, "query_parameters_to_remove")).transpose()?.unwrap_or_default(),
+            dynamic_metadata: get("dynamic_metadata").map(dynamic_metadata).transpose()?,
+        })
+    }
+}
+
+fn bad(key: &'static str, message: &str) -> DecisionError {
+    DecisionError::BadKey { key, message: message.to_owned() }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Set(_) => "set",
+        Value::Object(_) => "object",
+        Value::Undefined => "undefined",
+    }
+}
+
+fn as_bool(v: &Value, key: &'static str) -> Result<bool, DecisionError> {
+    v.as_bool().copied().map_err(|_| bad(key, "must be a boolean"))
+}
+
+fn as_str<'a>(v: &'a Value, key: &'static str) -> Result<&'a str, DecisionError> {
+    v.as_string().map(|s| s.as_ref()).map_err(|_| bad(key, "must be a string"))
+}
+
+/// An array or set of strings.
+fn strings(v: &Value, key: &'static str) -> Result<Vec<String>, DecisionError> {
+    let items: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Set(s) => s.iter().collect(),
+        _ => return Err(bad(key, "must be an array of strings")),
+    };
+    items.into_iter().map(|i| as_str(i, key).map(str::to_owned)).collect()
+}
+
+/// An object whose values are strings or arrays of strings (one pair per element).
+fn string_pairs(v: &Value, key: &'static str) -> Result<Vec<(String, String)>, DecisionError> {
+    let obj = v.as_object().map_err(|_| bad(key, "must be an object"))?;
+    let mut out = Vec::new();
+    for (k, val) in obj.iter() {
+        let name = as_str(k, key)?.to_owned();
+        match val {
+            Value::String(s) => out.push((name, s.to_string())),
+            Value::Array(_) | Value::Set(_) => {
+                for s in strings(val, key)? {
+                    out.push((name.clone(), s));
+                }
+            }
+            _ => return Err(bad(key, "values must be strings or arrays of strings")),
+        }
+    }
+    Ok(out)
+}
+
+fn dynamic_metadata(v: &Value) -> Result<serde_json::Map<String, serde_json::Value>, DecisionError> {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        _ => Err(bad("dynamic_metadata", "must be an object")),
+    }
+}
