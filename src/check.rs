@@ -27,7 +27,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::Record;
 use crate::audit::store::{AuditError, AuditLog};
-use crate::identity::{Claims, Identifier, TokenError};
+use crate::identity::{Claims, Identifier, Refusal, TokenError};
 use crate::policy::{Decision, Policy, Verdict};
 use crate::telemetry::Telemetry;
 use input::{Decoded, InputError, Limits};
@@ -145,14 +145,17 @@ impl Checker {
             Ok(h) => h,
             Err(e) => return (bad_input(e), call),
         };
-        let identity = self.token(&headers).and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
+        let identity = self.token(&headers).map_err(Refusal::from).and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
         let decoded = input::decode_with_headers(http, headers, &self.limits);
         if let Ok(d) = &decoded {
             call.set_tool(d);
         }
         let claims = match identity {
             Ok(c) => c,
-            Err(e) => return (unauthenticated(&e), call),
+            Err(refusal) => {
+                call.claims = refusal.verified;
+                return (unauthenticated(&refusal.error), call);
+            }
         };
         call.claims = Some(claims.clone());
         let decoded = match decoded {

@@ -105,6 +105,20 @@ impl TokenError {
     }
 }
 
+/// A refused token, with its claims when its signature did verify (an expired, revoked or
+/// misaddressed token still names a real agent, and the audit row should say which).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub error: TokenError,
+    pub verified: Option<Arc<Claims>>,
+}
+
+impl From<TokenError> for Refusal {
+    fn from(error: TokenError) -> Self {
+        Self { error, verified: None }
+    }
+}
+
 /// What token verification checks against.
 #[derive(Debug, Clone)]
 pub struct TokenPolicy {
@@ -158,9 +172,9 @@ impl Identifier {
     }
 
     /// Verifies `token` at Unix time `now` and returns its claims.
-    pub fn identify(&self, token: &str, now: i64) -> Result<Arc<Claims>, TokenError> {
+    pub fn identify(&self, token: &str, now: i64) -> Result<Arc<Claims>, Refusal> {
         if token.len() > self.policy.max_bytes {
-            return Err(TokenError::TooLarge(token.len(), self.policy.max_bytes));
+            return Err(TokenError::TooLarge(token.len(), self.policy.max_bytes).into());
         }
         let claims = match self.cached(token) {
             Some(claims) => claims,
@@ -170,9 +184,10 @@ impl Identifier {
                 claims
             }
         };
-        self.check_claims(&claims, now)?;
+        let refused = |error| Refusal { error, verified: Some(claims.clone()) };
+        self.check_claims(&claims, now).map_err(refused)?;
         if let Some(by) = self.revocations.check(&claims) {
-            return Err(TokenError::Revoked(by));
+            return Err(refused(TokenError::Revoked(by)));
         }
         Ok(claims)
     }

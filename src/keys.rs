@@ -76,9 +76,7 @@ impl Signer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
                 write_private(&path, &crate::hex(signer.key.as_bytes()))?;
-                let pub_path = data_dir.join(PUBLIC_KEY_FILE);
-                fs::write(&pub_path, crate::hex(signer.verifying_key().as_bytes()) + "\n")
-                    .map_err(|source| KeyError::Io { path: pub_path, source })?;
+                write_private(&data_dir.join(PUBLIC_KEY_FILE), &crate::hex(signer.verifying_key().as_bytes()))?;
                 Ok(signer)
             }
             Err(source) => Err(KeyError::Io { path, source }),

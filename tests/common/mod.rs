@@ -1,0 +1,205 @@
+//! Shared test helpers: a real `aegis` server on 127.0.0.1:0 with a temp data directory,
+//! a real tonic ext_authz client, agent tokens signed with the server's own key.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aegis::config::Config;
+use aegis::identity::{Audience, Claims};
+use aegis::keys::Signer;
+use aegis::server::Running;
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+use tonic::transport::Channel;
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub signer: Signer,
+    pub client: AuthorizationClient<Channel>,
+}
+
+/// A config on 127.0.0.1:0 with its data directory under `dir`.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    c.data_dir = dir.join("data");
+    c.policy.watch_interval_ms = 100;
+    c
+}
+
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    f(&mut c);
+    let running = aegis::server::start(c.clone()).await.expect("server starts");
+    let signer = Signer::load(&c.data_dir).expect("key created by server");
+    let addr = running.local_addr;
+    let client = client(addr).await;
+    TestServer { running: Some(running), addr, dir, signer, client }
+}
+
+pub async fn client(addr: std::net::SocketAddr) -> AuthorizationClient<Channel> {
+    let ch = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connects");
+    AuthorizationClient::new(ch)
+}
+
+impl TestServer {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.data_dir().join("audit.db")
+    }
+
+    pub fn token(&self, tenant: &str, agent: &str, scopes: &[&str]) -> String {
+        mint(&self.signer, claims(tenant, agent, scopes))
+    }
+
+    pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+        self.client.clone().check(req).await.map(|r| r.into_inner())
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Audit rows as (decision, reason, agent, tool, action) in seq order.
+    pub fn rows(&self) -> Vec<(String, String, String, String, String)> {
+        let conn = rusqlite::Connection::open(self.db()).expect("open db");
+        let mut stmt = conn.prepare("SELECT decision, reason, agent, tool, action FROM audit_log ORDER BY seq").expect("prepare");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+}
+
+pub fn now() -> i64 {
+    aegis::unix_nanos() / 1_000_000_000
+}
+
+pub fn claims(tenant: &str, agent: &str, scopes: &[&str]) -> Claims {
+    Claims {
+        iss: "aegis".into(),
+        aud: Audience::One("aegis-sidecar".into()),
+        sub: agent.into(),
+        tenant: tenant.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        sid: format!("sess-{agent}"),
+        jti: format!("jti-{agent}-{}", aegis::unix_nanos()),
+        iat: now(),
+        nbf: now(),
+        exp: now() + 900,
+    }
+}
+
+pub fn mint(signer: &Signer, c: Claims) -> String {
+    aegis::identity::mint(signer, &c).expect("mint")
+}
+
+/// A request as Envoy sends it.
+pub struct Req {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Req {
+    pub fn get(path: &str) -> Self {
+        Self { method: "GET".into(), path: path.into(), headers: HashMap::new(), body: String::new() }
+    }
+
+    /// An MCP `tools/call` POST.
+    pub fn mcp(tool: &str, arguments: serde_json::Value) -> Self {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
+        Self::post("/mcp", "application/json", &body.to_string())
+    }
+
+    pub fn post(path: &str, content_type: &str, body: &str) -> Self {
+        let mut r = Self { method: "POST".into(), path: path.into(), headers: HashMap::new(), body: body.into() };
+        r.headers.insert("content-type".into(), content_type.into());
+        r
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn token(self, t: &str) -> Self {
+        self.header("x-aegis-token", t)
+    }
+
+    pub fn tool(self, tool: &str, action: &str) -> Self {
+        self.header("x-aegis-tool", tool).header("x-aegis-action", action)
+    }
+
+    pub fn build(self) -> CheckRequest {
+        let http = attribute_context::HttpRequest {
+            id: "r1".into(),
+            method: self.method,
+            headers: self.headers,
+            path: self.path,
+            host: "tools.internal".into(),
+            scheme: "http".into(),
+            protocol: "HTTP/1.1".into(),
+            size: self.body.len() as i64,
+            body: self.body,
+            ..Default::default()
+        };
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request { time: None, http: Some(http) }),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// The response's gRPC status code (0 = OK).
+pub fn code(r: &CheckResponse) -> i32 {
+    r.status.as_ref().map_or(0, |s| s.code)
+}
+
+pub fn denied(r: &CheckResponse) -> &envoy_types::ext_authz::v3::pb::DeniedHttpResponse {
+    match &r.http_response {
+        Some(envoy_types::ext_authz::v3::pb::HttpResponse::DeniedResponse(d)) => d,
+        other => panic!("expected a denied response, got {other:?}"),
+    }
+}
+
+pub fn ok(r: &CheckResponse) -> &envoy_types::ext_authz::v3::pb::OkHttpResponse {
+    match &r.http_response {
+        Some(envoy_types::ext_authz::v3::pb::HttpResponse::OkResponse(o)) => o,
+        other => panic!("expected an OK response, got {other:?}"),
+    }
+}
+
+pub fn header<'a>(headers: &'a [envoy_types::ext_authz::v3::pb::HeaderValueOption], name: &str) -> Option<&'a str> {
+    headers.iter().filter_map(|h| h.header.as_ref()).find(|h| h.key == name).map(|h| h.value.as_str())
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    f()
+}
