@@ -160,9 +160,11 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
 fn verify(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<Summary, Finding> {
     let chain = walk_chain(rows).err();
     let signed = check_checkpoints(rows, checkpoints, keys).err();
-    // Report whichever finding comes first in the log; on a tie the chain's is more precise.
+    // Report whichever finding comes first in the log. On a tie the chain's is more precise,
+    // except for rows past the last checkpoint: Aegis checkpoints every commit, so such
+    // rows were never written by it.
     match (chain, signed) {
-        (Some(c), Some(s)) => Err(if s.seq < c.seq { s } else { c }),
+        (Some(c), Some(s)) => Err(if s.seq < c.seq || (s.seq == c.seq && s.kind == Tamper::Inserted) { s } else { c }),
         (Some(f), None) | (None, Some(f)) => Err(f),
         (None, None) => Ok(Summary {
             rows: rows.len() as u64,
@@ -184,38 +186,57 @@ fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
             expected_prev = r.hash;
             continue;
         }
-        let finding = |seq, kind, detail: String| Err(Finding { seq, kind, detail });
-        if r.seq > expected_seq {
-            let n = r.seq - expected_seq;
-            return finding(expected_seq, Tamper::Deleted, format!("{n} row(s) missing before seq {}", r.seq));
-        }
-        if r.seq < expected_seq {
-            return finding(r.seq, Tamper::Reordered, format!("seq {} appears after seq {}", r.seq, expected_seq - 1));
-        }
-        if link_ok {
-            // In its place and linked, but its contents do not hash to its stored hash.
-            if let Some(next) = rows.get(i + 1) {
-                if next.prev == expected_prev {
-                    return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
-                }
-            }
-            return finding(r.seq, Tamper::Modified, "contents do not match the stored hash".into());
-        }
-        // The link is broken: where does this row's predecessor live?
-        return match position.get(&r.prev) {
-            Some(&j) if j > i => finding(r.seq, Tamper::Reordered, format!("its predecessor is stored later, at seq {}", rows[j].seq)),
-            Some(&j) if j + 1 < i => {
-                let first = rows[j + 1].seq;
-                finding(first, Tamper::Inserted, format!("seq {} links to seq {}; the rows between do not belong", r.seq, rows[j].seq))
-            }
-            _ if rows.get(i + 1).is_some_and(|n| n.prev == expected_prev) => {
-                finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into())
-            }
-            _ if content_ok => finding(r.seq, Tamper::Deleted, "its predecessor is no longer in the log".into()),
-            _ => finding(r.seq, Tamper::Modified, "neither its contents nor its link to the previous row match".into()),
-        };
+        return Err(classify(rows, i, expected_seq, &expected_prev, content_ok, &position));
     }
     Ok(())
+}
+
+/// Names what happened at the first row where the chain breaks (see the module docs).
+fn classify(rows: &[Row], i: usize, expected_seq: u64, expected_prev: &Hash, content_ok: bool, position: &HashMap<Hash, usize>) -> Finding {
+    let r = &rows[i];
+    let finding = |seq, kind, detail: String| Finding { seq, kind, detail };
+    let next_skips_this = rows.get(i + 1).is_some_and(|n| n.prev == *expected_prev);
+    if r.seq > expected_seq {
+        let n = r.seq - expected_seq;
+        return finding(expected_seq, Tamper::Deleted, format!("{n} row(s) missing before seq {}", r.seq));
+    }
+    if r.prev == *expected_prev {
+        // In its place and linked, but its contents do not hash to its stored hash.
+        if next_skips_this {
+            return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
+        }
+        return finding(r.seq, Tamper::Modified, "contents do not match the stored hash".into());
+    }
+    // The link is broken: where does this row's predecessor live?
+    match position.get(&r.prev) {
+        Some(&j) if j > i => {
+            return finding(r.seq, Tamper::Reordered, format!("its predecessor is stored later, at seq {}", rows[j].seq));
+        }
+        _ if next_skips_this => {
+            return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
+        }
+        Some(&j) if j + 1 < i => {
+            let first = rows[j + 1].seq;
+            return finding(first, Tamper::Inserted, format!("seq {} links to seq {}; the rows between do not belong", r.seq, rows[j].seq));
+        }
+        _ => {}
+    }
+    match original_seq(r) {
+        Some(orig) if orig > r.seq => {
+            finding(r.seq, Tamper::Deleted, format!("this row was seq {orig}: {} row(s) before it deleted and the rest renumbered", orig - r.seq))
+        }
+        Some(orig) if orig < r.seq => finding(r.seq, Tamper::Inserted, format!("this row was seq {orig}: rows were inserted before it")),
+        _ if content_ok => finding(r.seq, Tamper::Deleted, "its predecessor is no longer in the log".into()),
+        _ => finding(r.seq, Tamper::Modified, "neither its contents nor its link to the previous row match".into()),
+    }
+}
+
+/// The seq a renumbered but otherwise intact row was written with (searched nearby).
+fn original_seq(r: &Row) -> Option<u64> {
+    (1..=64u64)
+        .flat_map(|d| [r.seq.checked_add(d), r.seq.checked_sub(d)])
+        .flatten()
+        .find(|&s| s > 0 && row_hash(s, &r.record, &r.key_id, &r.prev) == r.hash)
 }
 
 fn check_checkpoints(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<(), Finding> {
