@@ -1,0 +1,194 @@
+//! The audit log under failure: a Check is never answered without its durable row.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn health(addr: std::net::SocketAddr) -> i32 {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() })
+        .await
+        .expect("health answers");
+    r.into_inner().status
+}
+
+#[tokio::test]
+async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
+    let mut s = start().await;
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let req = || Req::get("/invoices").token(&t).tool("invoices", "read").build();
+    assert_eq!(code(&s.check(req()).await.expect("decided")), 0);
+
+    // Every insert now fails, as on a full disk: the Check must fail closed with a gRPC
+    // error (so Envoy's failure_mode_allow/status_on_error decide), never an allow.
+    let conn = rusqlite::Connection::open(s.db()).expect("open");
+    conn.execute_batch("CREATE TRIGGER fail BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;")
+        .expect("trigger");
+    let err = s.check(req()).await.expect_err("fails closed");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("audit") && err.message().contains("disk is full"), "{}", err.message());
+    assert!(health_becomes(s.addr, ServingStatus::NotServing).await, "health reports NOT_SERVING while writes fail");
+
+    // The fault clears: service resumes by itself and the chain is intact across the gap.
+    conn.execute_batch("DROP TRIGGER fail;").expect("drop trigger");
+    assert_eq!(code(&s.check(req()).await.expect("decided")), 0);
+    assert!(health_becomes(s.addr, ServingStatus::Serving).await, "health back to SERVING");
+    s.stop().await;
+    assert_eq!(s.rows().len(), 2, "the failed Check has no row, the others do");
+    let keys = [s.signer.verifying_key()];
+    assert!(aegis::audit::verify::verify_file(&s.db(), &keys).expect("read").is_ok());
+}
+
+/// Polls the health service for up to 3 s until it reports `want`.
+async fn health_becomes(addr: std::net::SocketAddr, want: ServingStatus) -> bool {
+    for _ in 0..60 {
+        if health(addr).await == want as i32 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_locked_database_fails_closed() {
+    let mut s = start().await;
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let conn = rusqlite::Connection::open(s.db()).expect("open");
+    conn.execute_batch("BEGIN EXCLUSIVE; INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) VALUES (0, x'', 0, '', x'');")
+        .expect("lock");
+    let err = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect_err("fails closed");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("locked") || err.message().contains("busy"), "{}", err.message());
+    conn.execute_batch("ROLLBACK;").expect("unlock");
+    let r = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect("decided");
+    assert_eq!(code(&r), 0);
+    s.stop().await;
+}
+
+/// A child `aegis serve` process; its address read from its log.
+struct Child {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+fn spawn_serve(data_dir: &std::path::Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--audit-durability", "normal", "--data-dir"])
+        .arg(data_dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn aegis serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("aegis serve exited early").expect("line");
+        if let Some(rest) = line.split("serving ext_authz on ").nth(1) {
+            break rest.split_whitespace().next().expect("addr").trim_end_matches(':').parse().expect("socket addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    Child { child, addr }
+}
+
+fn decision_ids(db: &std::path::Path) -> HashSet<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let mut stmt = conn.prepare("SELECT decision_id FROM audit_log").expect("prepare");
+    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("ids")
+}
+
+/// Drives `n` concurrent callers until `stop`; returns the decision ids of every response.
+async fn load(addr: std::net::SocketAddr, token: String, stop: tokio::sync::watch::Receiver<bool>) -> Vec<String> {
+    let client = client(addr).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut c = client.clone();
+        let t = token.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..100_000 {
+                if *stop.borrow() {
+                    break;
+                }
+                let req = Req::get("/invoices").token(&t).tool("invoices", "read").build();
+                match c.check(req).await {
+                    Ok(r) => {
+                        let md = r.into_inner().dynamic_metadata.expect("metadata");
+                        if let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(id)) =
+                            md.fields.get("decision_id").and_then(|v| v.kind.clone())
+                        {
+                            ids.push(id);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_answered_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut answered = 0;
+    for round in 0..3 {
+        let mut child = spawn_serve(&data);
+        let signer = aegis::keys::Signer::load(&data).expect("key");
+        let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let driver = tokio::spawn(load(child.addr, token, stop_rx));
+        tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
+        child.child.kill().expect("SIGKILL");
+        let _ = child.child.wait();
+        let _ = stop_tx.send(true);
+        let ids = driver.await.expect("driver");
+        assert!(!ids.is_empty(), "round {round}: the load got answers before the kill");
+        answered += ids.len();
+        let stored = decision_ids(&data.join("audit.db"));
+        eprintln!("round {round}: {} answered, {} rows stored", ids.len(), stored.len());
+        let lost: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
+        assert!(lost.is_empty(), "round {round}: {} answered Checks have no row, e.g. {:?}", lost.len(), lost.first());
+        let keys = [signer.verifying_key()];
+        let verdict = aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
+        assert!(verdict.is_ok(), "round {round}: {verdict:?}");
+    }
+    assert!(answered > 100, "only {answered} Checks answered in three rounds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = spawn_serve(&data);
+    let signer = aegis::keys::Signer::load(&data).expect("key");
+    let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let driver = tokio::spawn(load(child.addr, token, stop_rx));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let status = tokio::task::spawn_blocking(move || child.child.wait()).await.expect("join").expect("wait");
+    assert_eq!(status.code(), Some(0), "aegis serve exits 0 on SIGTERM");
+    let _ = stop_tx.send(true);
+    let ids = driver.await.expect("driver");
+    let stored = decision_ids(&data.join("audit.db"));
+    assert!(!ids.is_empty());
+    assert!(ids.iter().all(|id| stored.contains(id)), "every answered Check has its row after SIGTERM");
+}
