@@ -28,7 +28,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::audit::Record;
 use crate::audit::store::{AuditError, AuditLog};
 use crate::identity::{Claims, Identifier, Refusal, TokenError};
-use crate::policy::{Decision, Policy, Verdict};
+use crate::policy::{Decision, EvalError, Policy, Verdict};
 use crate::telemetry::Telemetry;
 use input::{Decoded, InputError, Limits};
 
@@ -170,7 +170,11 @@ impl Checker {
             Ok(decision) => Outcome::Decided { decision, code: Code::PermissionDenied, default_status: 403 },
             Err(e) => {
                 crate::log!(error, "policy evaluation failed: {e}");
-                Outcome::Failed { reason: "policy_error", status: Status::internal(format!("aegis: {e}")) }
+                let status = match e {
+                    EvalError::Timeout(_) => Status::deadline_exceeded(format!("aegis: {e}")),
+                    _ => Status::internal(format!("aegis: {e}")),
+                };
+                Outcome::Failed { reason: "policy_error", status }
             }
         };
         (outcome, call)

@@ -3,8 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -75,29 +74,9 @@ async fn a_locked_database_fails_closed() {
     s.stop().await;
 }
 
-/// A child `aegis serve` process; its address read from its log.
-struct Child {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-fn spawn_serve(data_dir: &std::path::Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--audit-durability", "normal", "--data-dir"])
-        .arg(data_dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn aegis serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("aegis serve exited early").expect("line");
-        if let Some(rest) = line.split("serving ext_authz on ").nth(1) {
-            break rest.split_whitespace().next().expect("addr").trim_end_matches(':').parse().expect("socket addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    Child { child, addr }
+fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServe {
+    let data = data_dir.to_string_lossy().into_owned();
+    common::spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
 }
 
 fn decision_ids(db: &std::path::Path) -> HashSet<String> {
@@ -149,7 +128,7 @@ async fn sigkill_under_load_loses_no_answered_row() {
     let data = dir.path().join("data");
     let mut answered = 0;
     for round in 0..3 {
-        let mut child = spawn_serve(&data);
+        let mut child = spawn_serve_at(&data);
         let signer = aegis::keys::Signer::load(&data).expect("key");
         let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -176,7 +155,7 @@ async fn sigkill_under_load_loses_no_answered_row() {
 async fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut child = spawn_serve(&data);
+    let mut child = spawn_serve_at(&data);
     let signer = aegis::keys::Signer::load(&data).expect("key");
     let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -203,3 +203,58 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
     f()
 }
+
+/// A child `aegis serve` process; its address read from its log.
+pub struct ChildServe {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Drop for ChildServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `aegis serve --listen 127.0.0.1:0 <args>` and waits for its address.
+pub fn spawn_serve(args: &[&str]) -> ChildServe {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn aegis serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("aegis serve exited early").expect("line");
+        if let Some(rest) = line.split("serving ext_authz on ").nth(1) {
+            break rest.split_whitespace().next().expect("addr").trim_end_matches(':').parse().expect("socket addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    ChildServe { child, addr }
+}
+
+/// Copies the default bundle (`policies/`) to `dest`.
+pub fn copy_default_bundle(dest: &Path) {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).expect("mkdir");
+        for e in std::fs::read_dir(src).expect("read_dir") {
+            let p = e.expect("entry").path();
+            let target = dst.join(p.file_name().expect("name"));
+            if p.is_dir() { copy(&p, &target) } else { std::fs::copy(&p, &target).expect("copy"); }
+        }
+    }
+    copy(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"), dest);
+}
+
+/// The `policy_version` in a response's dynamic metadata.
+pub fn policy_version(r: &CheckResponse) -> String {
+    match r.dynamic_metadata.as_ref().and_then(|m| m.fields.get("policy_version")).and_then(|v| v.kind.as_ref()) {
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.clone(),
+        other => panic!("no policy_version: {other:?}"),
+    }
+}
