@@ -13,7 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=policies");
 
-    let fds = protox::compile(["envoy/service/auth/v3/external_auth.proto"], ["proto/vendor"])?;
+    let fds = protox::compile(
+        ["envoy/service/auth/v3/external_auth.proto"],
+        ["proto/vendor"],
+    )?;
     fs::write(out.join("ext_authz_descriptor.bin"), fds.encode_to_vec())?;
 
     write_default_bundle(Path::new("policies"), &out.join("default_bundle.rs"))?;
@@ -28,7 +31,9 @@ fn write_default_bundle(root: &Path, dest: &Path) -> io::Result<()> {
     files.sort();
     let mut code = String::from("&[\n");
     for (rel, abs) in files {
-        code.push_str(&format!("    ({rel:?}, include_bytes!({abs:?}) as &[u8]),\n"));
+        code.push_str(&format!(
+            "    ({rel:?}, include_bytes!({abs:?}) as &[u8]),\n"
+        ));
     }
     code.push(']');
     fs::write(dest, code)
@@ -42,7 +47,10 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<(String, String)>) -> io::Re
         } else {
             let rel = path.strip_prefix(root).map_err(io::Error::other)?;
             let abs = fs::canonicalize(&path)?;
-            files.push((rel.to_string_lossy().replace('\\', "/"), abs.to_string_lossy().into_owned()));
+            files.push((
+                rel.to_string_lossy().replace('\\', "/"),
+                abs.to_string_lossy().into_owned(),
+            ));
         }
     }
     Ok(())

@@ -23,11 +23,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use envoy_types::ext_authz::v3::pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse};
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, AuthorizationServer, CheckRequest, CheckResponse,
+};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tonic::transport::Channel;
 
 use crate::identity::{Audience, Claims};
@@ -86,7 +92,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let workload = Arc::new(workload(&signer, args.agents)?);
 
     let sink = SpanSink::start().await?;
-    let mut noop = ChildServer::spawn(&["noop-server", "--listen", "127.0.0.1:0"], "noop ext_authz listening on ")?;
+    let mut noop = ChildServer::spawn(
+        &["noop-server", "--listen", "127.0.0.1:0"],
+        "noop ext_authz listening on ",
+    )?;
     let mut aegis = ChildServer::spawn(
         &[
             "serve",
@@ -102,14 +111,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "aegis serving ext_authz on ",
     )?;
 
-    println!("aegis bench: {} agents, {} request shapes, durability {}", args.agents, workload.len(), args.durability);
-    println!("servers: no-op at {}, aegis at {} (pid {})", noop.addr, aegis.addr, aegis.child.id());
+    println!(
+        "aegis bench: {} agents, {} request shapes, durability {}",
+        args.agents,
+        workload.len(),
+        args.durability
+    );
+    println!(
+        "servers: no-op at {}, aegis at {} (pid {})",
+        noop.addr,
+        aegis.addr,
+        aegis.child.id()
+    );
     let noop_clients = clients(noop.addr, args.connections).await?;
     let aegis_clients = clients(aegis.addr, args.connections).await?;
 
     // Warm-up: connections, caches, the engine pool.
-    saturate(&noop_clients, &workload, args.concurrency, Duration::from_secs(1)).await;
-    saturate(&aegis_clients, &workload, args.concurrency, Duration::from_secs(1)).await;
+    saturate(
+        &noop_clients,
+        &workload,
+        args.concurrency,
+        Duration::from_secs(1),
+    )
+    .await;
+    saturate(
+        &aegis_clients,
+        &workload,
+        args.concurrency,
+        Duration::from_secs(1),
+    )
+    .await;
 
     let sat = Duration::from_secs(args.duration_secs);
     let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
@@ -118,10 +149,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let rated = Duration::from_secs(args.rate_secs);
     let noop_rate = fixed_rate(&noop_clients, &workload, args.rate, rated, None).await;
     let rss = Arc::new(AtomicU64::new(0));
-    let aegis_rate = fixed_rate(&aegis_clients, &workload, args.rate, rated, Some((aegis.child.id(), rss.clone()))).await;
+    let aegis_rate = fixed_rate(
+        &aegis_clients,
+        &workload,
+        args.rate,
+        rated,
+        Some((aegis.child.id(), rss.clone())),
+    )
+    .await;
 
     println!();
-    println!("{:<7} {:<13} {:>9} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}", "server", "phase", "checks", "checks/s", "p50 µs", "p99 µs", "max µs", "errors", "allowed", "denied");
+    println!(
+        "{:<7} {:<13} {:>9} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}",
+        "server",
+        "phase",
+        "checks",
+        "checks/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "errors",
+        "allowed",
+        "denied"
+    );
     let sat_name = format!("saturated c{}", args.concurrency);
     let rate_name = format!("{}/s fixed", args.rate);
     for (server, phase, r) in [
@@ -132,13 +182,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     ] {
         println!(
             "{server:<7} {phase:<13} {:>9} {:>12.0} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}",
-            r.requests, r.throughput(), r.p50_us, r.p99_us, r.max_us, r.errors, r.allowed, r.denied
+            r.requests,
+            r.throughput(),
+            r.p50_us,
+            r.p99_us,
+            r.max_us,
+            r.errors,
+            r.allowed,
+            r.denied
         );
     }
     println!();
-    println!("saturated throughput ratio aegis/no-op: {:.2}", aegis_sat.throughput() / noop_sat.throughput().max(1e-9));
-    println!("p99 ratio aegis/no-op at {}/s: {:.2}", args.rate, aegis_rate.p99_us as f64 / noop_rate.p99_us.max(1) as f64);
-    println!("aegis resident memory, max during the fixed-rate phase: {:.1} MiB", rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0);
+    println!(
+        "saturated throughput ratio aegis/no-op: {:.2}",
+        aegis_sat.throughput() / noop_sat.throughput().max(1e-9)
+    );
+    println!(
+        "p99 ratio aegis/no-op at {}/s: {:.2}",
+        args.rate,
+        aegis_rate.p99_us as f64 / noop_rate.p99_us.max(1) as f64
+    );
+    println!(
+        "aegis resident memory, max during the fixed-rate phase: {:.1} MiB",
+        rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0
+    );
 
     drop(aegis_clients);
     drop(noop_clients);
@@ -148,7 +215,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let keys = [signer.verifying_key()];
     let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
     let verdict = match crate::audit::verify::verify_file(&db, &keys)? {
-        Ok(s) => format!("intact, {} rows, {} signed checkpoints ({:.1} rows per commit)", s.rows, s.checkpoints, s.rows as f64 / s.checkpoints.max(1) as f64),
+        Ok(s) => format!(
+            "intact, {} rows, {} signed checkpoints ({:.1} rows per commit)",
+            s.rows,
+            s.checkpoints,
+            s.rows as f64 / s.checkpoints.max(1) as f64
+        ),
         Err(f) => format!("BROKEN at {f}"),
     };
     println!("audit log after shutdown: {verdict}");
@@ -173,9 +245,21 @@ fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>>
         ("payments", "create", r#"{"amount":250}"#),
         ("payments", "create", r#"{"amount":5000}"#),
         ("github", "read_issue", r#"{"repo":"acme/app","number":7}"#),
-        ("web_fetch", "get", r#"{"url":"https://api.github.com/repos/acme/app"}"#),
-        ("web_fetch", "get", r#"{"url":"https://evil.example.net/x"}"#),
-        ("slack", "post_message", r##"{"channel":"#ops","text":"hi"}"##),
+        (
+            "web_fetch",
+            "get",
+            r#"{"url":"https://api.github.com/repos/acme/app"}"#,
+        ),
+        (
+            "web_fetch",
+            "get",
+            r#"{"url":"https://evil.example.net/x"}"#,
+        ),
+        (
+            "slack",
+            "post_message",
+            r##"{"channel":"#ops","text":"hi"}"##,
+        ),
         ("shell", "exec", r#"{"cmd":"ls"}"#),
         ("invoices", "list", r#"{}"#),
     ];
@@ -186,7 +270,10 @@ fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>>
             aud: Audience::One("aegis-sidecar".into()),
             sub: format!("agent-{a}"),
             tenant: format!("tenant-{}", a % 5),
-            scopes: scope_sets[a % scope_sets.len()].iter().map(|s| (*s).to_owned()).collect(),
+            scopes: scope_sets[a % scope_sets.len()]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             sid: format!("sess-{a}"),
             jti: format!("jti-{a}"),
             iat: now,
@@ -203,19 +290,34 @@ fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>>
 }
 
 /// One CheckRequest as Envoy sends it.
-pub fn request(token: &str, tool: &str, action: &str, args: &str, mcp: bool, with_credentials: bool) -> CheckRequest {
+pub fn request(
+    token: &str,
+    tool: &str,
+    action: &str,
+    args: &str,
+    mcp: bool,
+    with_credentials: bool,
+) -> CheckRequest {
     let mut headers = std::collections::HashMap::new();
     headers.insert(":authority".to_owned(), "tools.internal".to_owned());
     headers.insert("x-aegis-token".to_owned(), token.to_owned());
     headers.insert("x-aegis-run-id".to_owned(), "run-42".to_owned());
     headers.insert("x-aegis-trust-level".to_owned(), "internal".to_owned());
-    headers.insert("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+    headers.insert(
+        "traceparent".to_owned(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+    );
     if with_credentials {
-        headers.insert("authorization".to_owned(), "Bearer upstream-secret".to_owned());
+        headers.insert(
+            "authorization".to_owned(),
+            "Bearer upstream-secret".to_owned(),
+        );
     }
     let (path, body) = if mcp {
         headers.insert("content-type".to_owned(), "application/json".to_owned());
-        let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}.{action}","arguments":{args}}}}}"#);
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}.{action}","arguments":{args}}}}}"#
+        );
         ("/mcp".to_owned(), body)
     } else {
         headers.insert("x-aegis-tool".to_owned(), tool.to_owned());
@@ -236,7 +338,10 @@ pub fn request(token: &str, tool: &str, action: &str, args: &str, mcp: bool, wit
     };
     CheckRequest {
         attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request { time: None, http: Some(http) }),
+            request: Some(attribute_context::Request {
+                time: None,
+                http: Some(http),
+            }),
             ..Default::default()
         }),
     }
@@ -245,7 +350,10 @@ pub fn request(token: &str, tool: &str, action: &str, args: &str, mcp: bool, wit
 async fn clients(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<AuthorizationClient<Channel>>> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        let ch = Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+        let ch = Channel::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
         out.push(AuthorizationClient::new(ch));
     }
     Ok(out)
@@ -260,8 +368,13 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, started: Instant, result: Result<tonic::Response<CheckResponse>, tonic::Status>) {
-        self.latencies_us.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+    fn add(
+        &mut self,
+        started: Instant,
+        result: Result<tonic::Response<CheckResponse>, tonic::Status>,
+    ) {
+        self.latencies_us
+            .push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
         match result {
             Ok(r) if r.get_ref().status.as_ref().is_none_or(|s| s.code == 0) => self.allowed += 1,
             Ok(_) => self.denied += 1,
@@ -299,7 +412,12 @@ impl Tally {
 }
 
 /// `concurrency` callers, each sending its next request when the last is answered.
-async fn saturate(clients: &[AuthorizationClient<Channel>], work: &Arc<Vec<CheckRequest>>, concurrency: usize, dur: Duration) -> PhaseResult {
+async fn saturate(
+    clients: &[AuthorizationClient<Channel>],
+    work: &Arc<Vec<CheckRequest>>,
+    concurrency: usize,
+    dur: Duration,
+) -> PhaseResult {
     let start = Instant::now();
     let deadline = start + dur;
     let mut tasks = Vec::new();
@@ -391,16 +509,26 @@ impl ChildServer {
     /// Spawns `aegis <args>` and waits for the line announcing its address.
     fn spawn(args: &[&str], marker: &str) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let mut lines = std::io::BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
-            let Some(line) = lines.next() else { bail!("{args:?} exited before listening") };
+            let Some(line) = lines.next() else {
+                bail!("{args:?} exited before listening")
+            };
             let line = line?;
             if let Some(rest) = line.split(marker).nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or("");
-                break addr.trim_end_matches(':').parse::<SocketAddr>().with_context(|| format!("address in {line:?}"))?;
+                break addr
+                    .trim_end_matches(':')
+                    .parse::<SocketAddr>()
+                    .with_context(|| format!("address in {line:?}"))?;
             }
             if Instant::now() > deadline {
                 bail!("{args:?} did not announce its address");
@@ -413,7 +541,9 @@ impl ChildServer {
 
     /// SIGTERM, then wait (the server drains and flushes).
     fn stop(&mut self) -> anyhow::Result<()> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {
@@ -439,7 +569,10 @@ pub struct NoopAuthz;
 
 #[tonic::async_trait]
 impl Authorization for NoopAuthz {
-    async fn check(&self, _request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        _request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         Ok(tonic::Response::new(CheckResponse::default()))
     }
 }
@@ -452,9 +585,12 @@ pub async fn noop_server_main(listen: SocketAddr) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(AuthorizationServer::new(NoopAuthz))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            term.recv().await;
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                term.recv().await;
+            },
+        )
         .await?;
     Ok(())
 }
@@ -477,16 +613,26 @@ struct SinkService {
 
 #[tonic::async_trait]
 impl TraceService for SinkService {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let req = request.into_inner();
-        let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
         self.spans.fetch_add(n as u64, Ordering::Relaxed);
         if self.keep {
             if let Ok(mut v) = self.received.lock() {
                 v.push(req);
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -506,13 +652,22 @@ impl SpanSink {
         let addr = listener.local_addr()?;
         let spans = Arc::new(AtomicU64::new(0));
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let svc = SinkService { spans: spans.clone(), received: received.clone(), keep };
+        let svc = SinkService {
+            spans: spans.clone(),
+            received: received.clone(),
+            keep,
+        };
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(svc))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        Ok(Self { addr, spans, received, keep })
+        Ok(Self {
+            addr,
+            spans,
+            received,
+            keep,
+        })
     }
 
     /// Whether requests are kept.

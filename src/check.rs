@@ -67,9 +67,16 @@ pub struct Checker {
 #[derive(Debug)]
 enum Outcome {
     /// A decision the agent sees: gRPC code of the response and default HTTP status.
-    Decided { decision: Decision, code: Code, default_status: u32 },
+    Decided {
+        decision: Decision,
+        code: Code,
+        default_status: u32,
+    },
     /// Aegis could not decide.
-    Failed { reason: &'static str, status: Status },
+    Failed {
+        reason: &'static str,
+        status: Status,
+    },
 }
 
 /// Who called which tool, as far as the Check got.
@@ -90,7 +97,10 @@ pub struct AuthorizationService(pub Arc<Checker>);
 
 #[tonic::async_trait]
 impl Authorization for AuthorizationService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         self.0.check(request.into_inner()).await.map(Response::new)
     }
 }
@@ -106,16 +116,30 @@ impl Checker {
         limits: Limits,
         token_source: TokenSource,
     ) -> Self {
-        Self { identifier, policy, audit, telemetry, limits, token_source, ids: DecisionIds::new() }
+        Self {
+            identifier,
+            policy,
+            audit,
+            telemetry,
+            limits,
+            token_source,
+            ids: DecisionIds::new(),
+        }
     }
 
     /// Decides one Check, records it durably, and builds the response.
     pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
-        let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
         let header = |k: &str| http.and_then(|h| h.headers.get(k)).map(String::as_str);
-        let span = self.telemetry.start_check(header("traceparent"), header("tracestate"));
+        let span = self
+            .telemetry
+            .start_check(header("traceparent"), header("tracestate"));
 
         let (outcome, call) = self.decide(&req, now_ns);
 
@@ -124,7 +148,10 @@ impl Checker {
             Ok(seq) => seq,
             Err(e) => {
                 let status = audit_failure(&e);
-                span.finish(span_attributes(&outcome, &call, &decision_id, None), Some(status.message().to_owned()));
+                span.finish(
+                    span_attributes(&outcome, &call, &decision_id, None),
+                    Some(status.message().to_owned()),
+                );
                 return Err(status);
             }
         };
@@ -132,20 +159,32 @@ impl Checker {
             Outcome::Failed { status, .. } => Some(status.message().to_owned()),
             Outcome::Decided { .. } => None,
         };
-        span.finish(span_attributes(&outcome, &call, &decision_id, Some(seq)), error);
+        span.finish(
+            span_attributes(&outcome, &call, &decision_id, Some(seq)),
+            error,
+        );
         self.respond(outcome, &call, &decision_id)
     }
 
     /// decode → identify → build input → evaluate. Pure computation, no I/O.
     fn decide(&self, req: &CheckRequest, now_ns: i64) -> (Outcome, Call) {
         let mut call = Call::default();
-        let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
-        let Some(http) = http else { return (bad_input(InputError::NoHttp), call) };
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let Some(http) = http else {
+            return (bad_input(InputError::NoHttp), call);
+        };
         let headers = match input::decode_headers(http, &self.limits) {
             Ok(h) => h,
             Err(e) => return (bad_input(e), call),
         };
-        let identity = self.token(&headers).map_err(Refusal::from).and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
+        let identity = self
+            .token(&headers)
+            .map_err(Refusal::from)
+            .and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
         let decoded = input::decode_with_headers(http, headers, &self.limits);
         if let Ok(d) = &decoded {
             call.set_tool(d);
@@ -164,43 +203,83 @@ impl Checker {
         };
         let bundle = self.policy.current();
         call.policy_revision = bundle.revision().to_owned();
-        let attributes = req.attributes.as_ref().map(protojson::attributes).unwrap_or_default();
+        let attributes = req
+            .attributes
+            .as_ref()
+            .map(protojson::attributes)
+            .unwrap_or_default();
         let doc = input::build(attributes, &decoded, &claims);
         let outcome = match bundle.evaluate(regorus::Value::from(doc)) {
-            Ok(decision) => Outcome::Decided { decision, code: Code::PermissionDenied, default_status: 403 },
+            Ok(decision) => Outcome::Decided {
+                decision,
+                code: Code::PermissionDenied,
+                default_status: 403,
+            },
             Err(e) => {
                 crate::log!(error, "policy evaluation failed: {e}");
                 let status = match e {
                     EvalError::Timeout(_) => Status::deadline_exceeded(format!("aegis: {e}")),
                     _ => Status::internal(format!("aegis: {e}")),
                 };
-                Outcome::Failed { reason: "policy_error", status }
+                Outcome::Failed {
+                    reason: "policy_error",
+                    status,
+                }
             }
         };
         (outcome, call)
     }
 
     /// The agent token from the configured header.
-    fn token<'h>(&self, headers: &'h std::collections::HashMap<String, String>) -> Result<&'h str, TokenError> {
-        let value = headers.get(self.token_source.header()).map(|v| v.trim()).filter(|v| !v.is_empty());
+    fn token<'h>(
+        &self,
+        headers: &'h std::collections::HashMap<String, String>,
+    ) -> Result<&'h str, TokenError> {
+        let value = headers
+            .get(self.token_source.header())
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty());
         let value = value.ok_or(TokenError::Missing)?;
         match self.token_source {
             TokenSource::Header(_) => Ok(value),
             TokenSource::Bearer => match value.split_once(' ') {
                 Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-                _ => Err(TokenError::Malformed("authorization header is not a Bearer token".into())),
+                _ => Err(TokenError::Malformed(
+                    "authorization header is not a Bearer token".into(),
+                )),
             },
         }
     }
 
     /// The audit row of this Check.
-    fn record(&self, outcome: &Outcome, call: &Call, decision_id: &str, now_ns: i64, span: &crate::telemetry::CheckSpan) -> Record {
+    fn record(
+        &self,
+        outcome: &Outcome,
+        call: &Call,
+        decision_id: &str,
+        now_ns: i64,
+        span: &crate::telemetry::CheckSpan,
+    ) -> Record {
         let (decision, reason, http_status) = match outcome {
-            Outcome::Decided { decision, default_status, .. } => {
-                let status = if decision.verdict.allows() { 200 } else { decision.http_status.unwrap_or(*default_status) };
-                (decision.verdict.as_str(), decision.reason.clone(), i64::from(status))
+            Outcome::Decided {
+                decision,
+                default_status,
+                ..
+            } => {
+                let status = if decision.verdict.allows() {
+                    200
+                } else {
+                    decision.http_status.unwrap_or(*default_status)
+                };
+                (
+                    decision.verdict.as_str(),
+                    decision.reason.clone(),
+                    i64::from(status),
+                )
             }
-            Outcome::Failed { reason, status } => ("error", format!("{reason}: {}", status.message()), 0),
+            Outcome::Failed { reason, status } => {
+                ("error", format!("{reason}: {}", status.message()), 0)
+            }
         };
         let claims = call.claims.as_deref();
         Record {
@@ -226,13 +305,27 @@ impl Checker {
         }
     }
 
-    fn respond(&self, outcome: Outcome, call: &Call, decision_id: &str) -> Result<CheckResponse, Status> {
-        let meta = respond::Meta { decision_id, policy_version: &call.policy_revision };
+    fn respond(
+        &self,
+        outcome: Outcome,
+        call: &Call,
+        decision_id: &str,
+    ) -> Result<CheckResponse, Status> {
+        let meta = respond::Meta {
+            decision_id,
+            policy_version: &call.policy_revision,
+        };
         match outcome {
-            Outcome::Decided { decision, .. } if decision.verdict.allows() => {
-                Ok(respond::allowed(&decision, &meta, self.token_source.header()))
-            }
-            Outcome::Decided { decision, code, default_status } => Ok(respond::denied(&decision, &meta, code, default_status)),
+            Outcome::Decided { decision, .. } if decision.verdict.allows() => Ok(respond::allowed(
+                &decision,
+                &meta,
+                self.token_source.header(),
+            )),
+            Outcome::Decided {
+                decision,
+                code,
+                default_status,
+            } => Ok(respond::denied(&decision, &meta, code, default_status)),
             Outcome::Failed { status, .. } => Err(status),
         }
     }
@@ -254,14 +347,25 @@ fn bad_input(e: InputError) -> Outcome {
     let (status, reason) = e.status_and_reason();
     let mut decision = Decision::simple(Verdict::Deny, reason);
     decision.http_status = Some(status);
-    Outcome::Decided { decision, code: Code::InvalidArgument, default_status: status }
+    Outcome::Decided {
+        decision,
+        code: Code::InvalidArgument,
+        default_status: status,
+    }
 }
 
 fn unauthenticated(e: &TokenError) -> Outcome {
     let mut decision = Decision::simple(Verdict::Deny, e.reason());
     decision.http_status = Some(401);
-    decision.headers.push(("www-authenticate".into(), format!("Bearer error=\"invalid_token\", error_description=\"{e}\"")));
-    Outcome::Decided { decision, code: Code::Unauthenticated, default_status: 401 }
+    decision.headers.push((
+        "www-authenticate".into(),
+        format!("Bearer error=\"invalid_token\", error_description=\"{e}\""),
+    ));
+    Outcome::Decided {
+        decision,
+        code: Code::Unauthenticated,
+        default_status: 401,
+    }
 }
 
 /// An audit failure, as the gRPC error Envoy sees.
@@ -273,7 +377,12 @@ fn audit_failure(e: &AuditError) -> Status {
     }
 }
 
-fn span_attributes(outcome: &Outcome, call: &Call, decision_id: &str, seq: Option<u64>) -> Vec<KeyValue> {
+fn span_attributes(
+    outcome: &Outcome,
+    call: &Call,
+    decision_id: &str,
+    seq: Option<u64>,
+) -> Vec<KeyValue> {
     let (decision, reason) = match outcome {
         Outcome::Decided { decision, .. } => (decision.verdict.as_str(), decision.reason.clone()),
         Outcome::Failed { reason, .. } => ("error", (*reason).to_owned()),
@@ -283,14 +392,23 @@ fn span_attributes(outcome: &Outcome, call: &Call, decision_id: &str, seq: Optio
         KeyValue::new("aegis.decision", decision),
         KeyValue::new("aegis.reason", reason),
         KeyValue::new("aegis.policy_version", call.policy_revision.clone()),
-        KeyValue::new("aegis.agent", claims.map(|c| c.sub.clone()).unwrap_or_default()),
-        KeyValue::new("aegis.tenant", claims.map(|c| c.tenant.clone()).unwrap_or_default()),
+        KeyValue::new(
+            "aegis.agent",
+            claims.map(|c| c.sub.clone()).unwrap_or_default(),
+        ),
+        KeyValue::new(
+            "aegis.tenant",
+            claims.map(|c| c.tenant.clone()).unwrap_or_default(),
+        ),
         KeyValue::new("aegis.tool", call.tool.clone()),
         KeyValue::new("aegis.action", call.action.clone()),
         KeyValue::new("aegis.decision_id", decision_id.to_owned()),
     ];
     if let Some(seq) = seq {
-        attrs.push(KeyValue::new("aegis.audit_seq", i64::try_from(seq).unwrap_or(i64::MAX)));
+        attrs.push(KeyValue::new(
+            "aegis.audit_seq",
+            i64::try_from(seq).unwrap_or(i64::MAX),
+        ));
     }
     attrs
 }
@@ -311,10 +429,17 @@ impl DecisionIds {
             Ok(()) => u64::from_be_bytes(b),
             Err(_) => crate::unix_nanos() as u64,
         };
-        Self { prefix, next: AtomicU64::new(1) }
+        Self {
+            prefix,
+            next: AtomicU64::new(1),
+        }
     }
 
     fn next(&self) -> String {
-        format!("{:016x}{:016x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{:016x}{:016x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }

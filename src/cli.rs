@@ -15,7 +15,11 @@ use crate::keys::Signer;
 use crate::policy::{BundleSource, CompiledBundle, PolicyOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "aegis", version, about = "Runtime security gateway for AI agents (Envoy ext_authz)")]
+#[command(
+    name = "aegis",
+    version,
+    about = "Runtime security gateway for AI agents (Envoy ext_authz)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,17 +120,27 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(o) => serve(Config::load(&o)?),
-        Command::Token(TokenCommand::Issue { tenant, agent, scopes, session, ttl_secs, overrides }) => {
+        Command::Token(TokenCommand::Issue {
+            tenant,
+            agent,
+            scopes,
+            session,
+            ttl_secs,
+            overrides,
+        }) => {
             let config = Config::load(&overrides)?;
             let signer = Signer::load_or_create(&config.data_dir)?;
             let now = crate::unix_nanos() / 1_000_000_000;
-            let ttl = i64::try_from(ttl_secs.unwrap_or(config.token.lifetime_secs)).unwrap_or(i64::MAX);
+            let ttl =
+                i64::try_from(ttl_secs.unwrap_or(config.token.lifetime_secs)).unwrap_or(i64::MAX);
             let claims = Claims {
                 iss: config.token.issuer.clone(),
                 aud: Audience::One(config.token.audience.clone()),
@@ -142,14 +156,29 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", crate::identity::mint(&signer, &claims)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::Verify { data_dir, public_keys }) => audit_verify(&data_dir, &public_keys),
+        Command::Audit(AuditCommand::Verify {
+            data_dir,
+            public_keys,
+        }) => audit_verify(&data_dir, &public_keys),
         Command::Policy(PolicyCommand::Test { bundle, verbose }) => policy_test(bundle, verbose),
-        Command::Policy(PolicyCommand::Eval { input, bundle, query }) => {
-            let source = bundle.as_deref().map_or(BundleSource::Embedded, BundleSource::from_path);
-            let opts = PolicyOptions { query, eval_timeout: std::time::Duration::from_secs(5) };
-            let compiled = CompiledBundle::load(&source, &opts).map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;
-            let text = std::fs::read_to_string(&input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-            let doc = regorus::Value::from_json_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+        Command::Policy(PolicyCommand::Eval {
+            input,
+            bundle,
+            query,
+        }) => {
+            let source = bundle
+                .as_deref()
+                .map_or(BundleSource::Embedded, BundleSource::from_path);
+            let opts = PolicyOptions {
+                query,
+                eval_timeout: std::time::Duration::from_secs(5),
+            };
+            let compiled = CompiledBundle::load(&source, &opts)
+                .map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;
+            let text = std::fs::read_to_string(&input)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let doc = regorus::Value::from_json_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let raw = compiled.evaluate_raw(doc)?;
             let decision = crate::policy::Decision::from_value(&raw)?;
             let out = serde_json::json!({
@@ -188,7 +217,10 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -206,7 +238,10 @@ fn audit_verify(data_dir: &std::path::Path, public_keys: &[PathBuf]) -> anyhow::
         let path = data_dir.join(crate::keys::PUBLIC_KEY_FILE);
         vec![crate::keys::read_public_key(&path)?]
     } else {
-        public_keys.iter().map(|p| crate::keys::read_public_key(p)).collect::<Result<Vec<_>, _>>()?
+        public_keys
+            .iter()
+            .map(|p| crate::keys::read_public_key(p))
+            .collect::<Result<Vec<_>, _>>()?
     };
     let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
     match crate::audit::verify::verify_file(&db, &keys)? {
@@ -228,9 +263,15 @@ fn audit_verify(data_dir: &std::path::Path, public_keys: &[PathBuf]) -> anyhow::
 
 fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCode> {
     use crate::policy::testing::{self, Outcome};
-    let source = bundle.as_deref().map_or(BundleSource::Embedded, BundleSource::from_path);
-    let opts = PolicyOptions { query: "data.aegis.authz.decision".into(), eval_timeout: std::time::Duration::from_secs(5) };
-    let results = testing::run(&source, &opts).map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;
+    let source = bundle
+        .as_deref()
+        .map_or(BundleSource::Embedded, BundleSource::from_path);
+    let opts = PolicyOptions {
+        query: "data.aegis.authz.decision".into(),
+        eval_timeout: std::time::Duration::from_secs(5),
+    };
+    let results =
+        testing::run(&source, &opts).map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;
     let mut failed = 0;
     for r in &results {
         match &r.outcome {
@@ -252,13 +293,21 @@ fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCod
         return Ok(ExitCode::from(1));
     }
     println!("PASS: {}/{}", results.len() - failed, results.len());
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn random_id() -> String {
     let mut b = [0u8; 16];
     if getrandom::fill(&mut b).is_err() {
-        b = crate::unix_nanos().to_be_bytes().repeat(2).try_into().unwrap_or([0; 16]);
+        b = crate::unix_nanos()
+            .to_be_bytes()
+            .repeat(2)
+            .try_into()
+            .unwrap_or([0; 16]);
     }
     crate::hex(&b)
 }

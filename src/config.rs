@@ -23,7 +23,10 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{setting}: {message}")]
-    Invalid { setting: &'static str, message: String },
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
 }
 
 /// All of Aegis's settings.
@@ -133,7 +136,12 @@ impl Default for Config {
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        Self { bundle: None, query: "data.aegis.authz.decision".into(), eval_timeout_ms: 50, watch_interval_ms: 1000 }
+        Self {
+            bundle: None,
+            query: "data.aegis.authz.decision".into(),
+            eval_timeout_ms: 50,
+            watch_interval_ms: 1000,
+        }
     }
 }
 
@@ -154,19 +162,31 @@ impl Default for TokenConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { durability: Durability::Full, queue_capacity: 8192, max_batch: 512 }
+        Self {
+            durability: Durability::Full,
+            queue_capacity: 8192,
+            max_batch: 512,
+        }
     }
 }
 
 impl Default for OtlpConfig {
     fn default() -> Self {
-        Self { endpoint: None, service_name: "aegis".into(), queue_size: 8192 }
+        Self {
+            endpoint: None,
+            service_name: "aegis".into(),
+            queue_size: 8192,
+        }
     }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1024 * 1024, max_headers: 128, max_header_bytes: 64 * 1024 }
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_headers: 128,
+            max_header_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -219,7 +239,11 @@ pub struct Overrides {
     #[arg(long, env = "AEGIS_TOKEN_MAX_BYTES")]
     pub token_max_bytes: Option<usize>,
     /// Extra trusted public key file (repeatable; env: comma-separated).
-    #[arg(long = "trusted-key", env = "AEGIS_TRUSTED_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-key",
+        env = "AEGIS_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
     pub trusted_keys: Vec<PathBuf>,
     /// Audit durability: full or normal [default: full].
     #[arg(long, env = "AEGIS_AUDIT_DURABILITY")]
@@ -261,7 +285,9 @@ impl Config {
         };
         o.apply(&mut c);
         if c.otlp.endpoint.is_none() {
-            c.otlp.endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+            c.otlp.endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .ok()
+                .filter(|e| !e.is_empty());
         }
         c.validate()?;
         Ok(c)
@@ -269,14 +295,24 @@ impl Config {
 
     /// Parses a TOML file; unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+        let err = |message: String| ConfigError::File {
+            path: path.to_path_buf(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let positive = |setting: &'static str, v: u64| {
-            if v == 0 { Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }) } else { Ok(()) }
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    setting,
+                    message: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
         };
         positive("policy.eval_timeout_ms", self.policy.eval_timeout_ms)?;
         positive("token.lifetime_secs", self.token.lifetime_secs)?;
@@ -286,10 +322,22 @@ impl Config {
         positive("audit.max_batch", self.audit.max_batch as u64)?;
         positive("otlp.queue_size", self.otlp.queue_size as u64)?;
         if self.policy.query.split('.').next() != Some("data") {
-            return Err(ConfigError::Invalid { setting: "policy.query", message: format!("{:?} must start with data.", self.policy.query) });
+            return Err(ConfigError::Invalid {
+                setting: "policy.query",
+                message: format!("{:?} must start with data.", self.policy.query),
+            });
         }
-        if self.token.header.is_empty() || self.token.header.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace()) {
-            return Err(ConfigError::Invalid { setting: "token.header", message: "must be a lower-case header name".into() });
+        if self.token.header.is_empty()
+            || self
+                .token
+                .header
+                .chars()
+                .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
+        {
+            return Err(ConfigError::Invalid {
+                setting: "token.header",
+                message: "must be a lower-case header name".into(),
+            });
         }
         Ok(())
     }
@@ -351,14 +399,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("aegis.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[policy]\neval_timeout_ms = 20\n[audit]\ndurability = \"normal\"\n").expect("write");
-        let o = Overrides { config: Some(path.clone()), eval_timeout_ms: Some(30), ..Default::default() };
+        let o = Overrides {
+            config: Some(path.clone()),
+            eval_timeout_ms: Some(30),
+            ..Default::default()
+        };
         let c = Config::load(&o).expect("loads");
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.policy.eval_timeout_ms, 30);
         assert_eq!(c.audit.durability, Durability::Normal);
 
         std::fs::write(&path, "[policy]\nbundel = \"x\"\n").expect("write");
-        let err = Config::load(&o).expect_err("unknown key refused").to_string();
+        let err = Config::load(&o)
+            .expect_err("unknown key refused")
+            .to_string();
         assert!(err.contains("bundel"), "{err}");
     }
 }

@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 pub use jwt::{mint, parse_and_verify};
-pub use revocation::{RevokedBy, Revocations};
+pub use revocation::{Revocations, RevokedBy};
 
 /// The claims of an agent token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +115,10 @@ pub struct Refusal {
 
 impl From<TokenError> for Refusal {
     fn from(error: TokenError) -> Self {
-        Self { error, verified: None }
+        Self {
+            error,
+            verified: None,
+        }
     }
 }
 
@@ -162,8 +165,19 @@ pub struct Identifier {
 // === impl Identifier ===
 
 impl Identifier {
-    pub fn new(keys: KeyRing, policy: TokenPolicy, revocations: Arc<Revocations>, cache_capacity: usize) -> Self {
-        Self { keys, policy, revocations, cache: Mutex::new(HashMap::new()), cache_capacity }
+    pub fn new(
+        keys: KeyRing,
+        policy: TokenPolicy,
+        revocations: Arc<Revocations>,
+        cache_capacity: usize,
+    ) -> Self {
+        Self {
+            keys,
+            policy,
+            revocations,
+            cache: Mutex::new(HashMap::new()),
+            cache_capacity,
+        }
     }
 
     /// The revocation set this identifier consults.
@@ -184,7 +198,10 @@ impl Identifier {
                 claims
             }
         };
-        let refused = |error| Refusal { error, verified: Some(claims.clone()) };
+        let refused = |error| Refusal {
+            error,
+            verified: Some(claims.clone()),
+        };
         self.check_claims(&claims, now).map_err(refused)?;
         if let Some(by) = self.revocations.check(&claims) {
             return Err(refused(TokenError::Revoked(by)));

@@ -22,9 +22,15 @@ pub const PUBLIC_KEY_FILE: &str = "signing.pub";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("signing key {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("signing key {path} is not a 64-digit hex Ed25519 seed")]
     Malformed { path: PathBuf },
     #[error("public key {path} is not a 64-digit hex Ed25519 public key")]
@@ -42,7 +48,9 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +84,10 @@ impl Signer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
                 write_private(&path, &crate::hex(signer.key.as_bytes()))?;
-                write_private(&data_dir.join(PUBLIC_KEY_FILE), &crate::hex(signer.verifying_key().as_bytes()))?;
+                write_private(
+                    &data_dir.join(PUBLIC_KEY_FILE),
+                    &crate::hex(signer.verifying_key().as_bytes()),
+                )?;
                 Ok(signer)
             }
             Err(source) => Err(KeyError::Io { path, source }),
@@ -86,7 +97,10 @@ impl Signer {
     /// Loads an existing key without creating anything (CLI commands that only read).
     pub fn load(data_dir: &Path) -> Result<Self, KeyError> {
         let path = data_dir.join(SIGNING_KEY_FILE);
-        let text = fs::read_to_string(&path).map_err(|source| KeyError::Io { path: path.clone(), source })?;
+        let text = fs::read_to_string(&path).map_err(|source| KeyError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let seed = crate::unhex(text.trim())
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or(KeyError::Malformed { path })?;
@@ -118,11 +132,16 @@ pub fn key_id(key: &VerifyingKey) -> String {
 
 /// Reads a public key file (64 hex digits).
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
-    let text = fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_path_buf(), source })?;
+    let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     crate::unhex(text.trim())
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-        .ok_or_else(|| KeyError::MalformedPublic { path: path.to_path_buf() })
+        .ok_or_else(|| KeyError::MalformedPublic {
+            path: path.to_path_buf(),
+        })
 }
 
 /// Creates the data directory (0700) if it does not exist.
@@ -134,12 +153,23 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), KeyError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| KeyError::DataDir { path: dir.to_path_buf(), source })
+        .map_err(|source| KeyError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io { path: path.to_path_buf(), source };
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+    let io = |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
     f.write_all(b"\n").map_err(io)?;
     f.sync_all().map_err(io)?;

@@ -55,7 +55,10 @@ pub struct CompiledBundle {
 
 impl std::fmt::Debug for CompiledBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompiledBundle").field("revision", &self.revision).field("digest", &self.digest).finish_non_exhaustive()
+        f.debug_struct("CompiledBundle")
+            .field("revision", &self.revision)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,7 +76,9 @@ impl CompiledBundle {
         engine.set_rego_v0(parsed.rego_v0);
         engine.set_strict_builtin_errors(false);
         for (path, text) in parsed.modules {
-            engine.add_policy(path, text).map_err(|e| BundleError::Compile(e.to_string()))?;
+            engine
+                .add_policy(path, text)
+                .map_err(|e| BundleError::Compile(e.to_string()))?;
         }
         for (dir, value) in parsed.data {
             let mut nested = value;
@@ -82,8 +87,15 @@ impl CompiledBundle {
                 map.insert(regorus::Value::from(key.as_str()), nested);
                 nested = regorus::Value::from(map);
             }
-            let at = if dir.is_empty() { "data.json".to_owned() } else { format!("{}/data.json", dir.join("/")) };
-            engine.add_data(nested).map_err(|e| BundleError::Invalid { path: at, message: e.to_string() })?;
+            let at = if dir.is_empty() {
+                "data.json".to_owned()
+            } else {
+                format!("{}/data.json", dir.join("/"))
+            };
+            engine.add_data(nested).map_err(|e| BundleError::Invalid {
+                path: at,
+                message: e.to_string(),
+            })?;
         }
         let check_interval = NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN);
         engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
@@ -134,7 +146,10 @@ impl CompiledBundle {
             if started.elapsed() >= self.eval_timeout || message.contains("time limit") {
                 EvalError::Timeout(self.eval_timeout)
             } else {
-                EvalError::Failed { query: self.query.clone(), message }
+                EvalError::Failed {
+                    query: self.query.clone(),
+                    message,
+                }
             }
         })
     }
@@ -177,7 +192,11 @@ impl Policy {
     /// Loads and compiles the bundle; an error here means the process must not start.
     pub fn load(source: BundleSource, opts: PolicyOptions) -> Result<Self, BundleError> {
         let compiled = CompiledBundle::load(&source, &opts)?;
-        Ok(Self { source, opts, current: RwLock::new(Arc::new(compiled)) })
+        Ok(Self {
+            source,
+            opts,
+            current: RwLock::new(Arc::new(compiled)),
+        })
     }
 
     /// The bundle now serving.

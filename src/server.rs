@@ -33,13 +33,19 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("policy bundle {source_name}: {error}")]
-    Policy { source_name: String, error: BundleError },
+    Policy {
+        source_name: String,
+        error: BundleError,
+    },
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     #[error("listen on {addr}: {error}")]
-    Listen { addr: std::net::SocketAddr, error: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// A running server.
@@ -75,28 +81,49 @@ impl Running {
 
 /// Binds `config.listen` and starts serving in the background.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|error| StartError::Listen { addr: config.listen, error })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| StartError::Listen {
+            addr: config.listen,
+            error,
+        })?;
     start_on(config, listener).await
 }
 
 /// Starts serving on an already bound listener.
 pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, StartError> {
-    let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
+    let local_addr = listener.local_addr().map_err(|error| StartError::Listen {
+        addr: config.listen,
+        error,
+    })?;
     let signer = Signer::load_or_create(&config.data_dir)?;
     let revocations = Arc::new(Revocations::default());
     let identifier = Arc::new(identifier(&config, &signer, revocations.clone())?);
 
-    let source = config.policy.bundle.as_deref().map_or(BundleSource::Embedded, BundleSource::from_path);
-    let opts = PolicyOptions { query: config.policy.query.clone(), eval_timeout: config.eval_timeout() };
+    let source = config
+        .policy
+        .bundle
+        .as_deref()
+        .map_or(BundleSource::Embedded, BundleSource::from_path);
+    let opts = PolicyOptions {
+        query: config.policy.query.clone(),
+        eval_timeout: config.eval_timeout(),
+    };
     let source_name = source.to_string();
-    let policy = Arc::new(Policy::load(source, opts).map_err(|error| StartError::Policy { source_name, error })?);
+    let policy = Arc::new(
+        Policy::load(source, opts).map_err(|error| StartError::Policy { source_name, error })?,
+    );
 
     let store_opts = StoreOptions {
         queue_capacity: config.audit.queue_capacity,
         max_batch: config.audit.max_batch,
         durability: config.audit.durability,
     };
-    let (audit, writer) = AuditLog::open(&config.data_dir.join(AUDIT_DB_FILE), signer.clone(), &store_opts)?;
+    let (audit, writer) = AuditLog::open(
+        &config.data_dir.join(AUDIT_DB_FILE),
+        signer.clone(),
+        &store_opts,
+    )?;
     let telemetry = Telemetry::init(&TelemetryOptions {
         endpoint: config.otlp.endpoint.clone(),
         service_name: config.otlp.service_name.clone(),
@@ -113,7 +140,14 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         "authorization" => TokenSource::Bearer,
         h => TokenSource::Header(h.to_owned()),
     };
-    let checker = Arc::new(Checker::new(identifier, policy.clone(), audit.clone(), telemetry.clone(), limits, token_source));
+    let checker = Arc::new(Checker::new(
+        identifier,
+        policy.clone(),
+        audit.clone(),
+        telemetry.clone(),
+        limits,
+        token_source,
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     crate::log!(
@@ -127,11 +161,31 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     );
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let watch_interval = Duration::from_millis(config.policy.watch_interval_ms);
-    let task = tokio::spawn(serve(listener, checker, audit, writer, telemetry, policy.clone(), watch_interval, grace, shutdown_rx));
-    Ok(Running { local_addr, revocations, policy, shutdown: shutdown_tx, task })
+    let task = tokio::spawn(serve(
+        listener,
+        checker,
+        audit,
+        writer,
+        telemetry,
+        policy.clone(),
+        watch_interval,
+        grace,
+        shutdown_rx,
+    ));
+    Ok(Running {
+        local_addr,
+        revocations,
+        policy,
+        shutdown: shutdown_tx,
+        task,
+    })
 }
 
-fn identifier(config: &Config, signer: &Signer, revocations: Arc<Revocations>) -> Result<Identifier, KeyError> {
+fn identifier(
+    config: &Config,
+    signer: &Signer,
+    revocations: Arc<Revocations>,
+) -> Result<Identifier, KeyError> {
     let mut keys = KeyRing::default();
     keys.insert(signer.verifying_key());
     for path in &config.token.trusted_keys {
@@ -143,7 +197,12 @@ fn identifier(config: &Config, signer: &Signer, revocations: Arc<Revocations>) -
         leeway_secs: i64::try_from(config.token.leeway_secs).unwrap_or(i64::MAX),
         max_bytes: config.token.max_bytes,
     };
-    Ok(Identifier::new(keys, policy, revocations, config.token.cache_entries))
+    Ok(Identifier::new(
+        keys,
+        policy,
+        revocations,
+        config.token.cache_entries,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -170,7 +229,11 @@ async fn serve(
             None
         }
     };
-    let watcher = tokio::spawn(crate::policy::watch::run(policy, watch_interval, shutdown.clone()));
+    let watcher = tokio::spawn(crate::policy::watch::run(
+        policy,
+        watch_interval,
+        shutdown.clone(),
+    ));
     let health = tokio::spawn(report_health(health_reporter, audit, shutdown.clone()));
 
     let router = tonic::transport::Server::builder()
@@ -206,11 +269,19 @@ async fn serve(
 }
 
 /// Keeps the health service truthful: NOT_SERVING while the audit log cannot be written.
-async fn report_health(reporter: tonic_health::server::HealthReporter, audit: AuditLog, mut shutdown: watch::Receiver<bool>) {
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    audit: AuditLog,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let status = if audit.is_healthy() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if audit.is_healthy() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         if last != Some(status) {
             reporter.set_service_status("", status).await;
             reporter.set_service_status(AUTHZ_SERVICE, status).await;

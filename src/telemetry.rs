@@ -8,12 +8,14 @@
 use std::time::Duration;
 
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
-    TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
+};
 
 /// Telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -52,23 +54,36 @@ impl Telemetry {
     /// Builds the provider; with an endpoint, an OTLP/gRPC exporter behind a batch processor.
     /// Must run inside the Tokio runtime (the tonic exporter needs it).
     pub fn init(opts: &TelemetryOptions) -> Result<Self, TelemetryError> {
-        let resource = Resource::builder().with_service_name(opts.service_name.clone()).build();
+        let resource = Resource::builder()
+            .with_service_name(opts.service_name.clone())
+            .build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
         if let Some(endpoint) = &opts.endpoint {
             use opentelemetry_otlp::WithExportConfig;
-            let endpoint = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
+            let endpoint = if endpoint.contains("://") {
+                endpoint.clone()
+            } else {
+                format!("http://{endpoint}")
+            };
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
                 .with_timeout(opts.export_timeout)
                 .build()
-                .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.clone(), message: e.to_string() })?;
+                .map_err(|e| TelemetryError::Exporter {
+                    endpoint: endpoint.clone(),
+                    message: e.to_string(),
+                })?;
             let batch = BatchConfigBuilder::default()
                 .with_max_queue_size(opts.queue_size.max(1))
                 .with_max_export_batch_size(opts.queue_size.clamp(1, 512))
                 .with_scheduled_delay(Duration::from_millis(500))
                 .build();
-            builder = builder.with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batch).build());
+            builder = builder.with_span_processor(
+                BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batch)
+                    .build(),
+            );
         }
         let provider = builder.build();
         let tracer = provider.tracer("aegis");
@@ -77,9 +92,11 @@ impl Telemetry {
 
     /// Starts the span of a Check, as a child of `traceparent` when it parses.
     pub fn start_check(&self, traceparent: Option<&str>, tracestate: Option<&str>) -> CheckSpan {
-        let parent = traceparent.and_then(|tp| parse_traceparent(tp, tracestate)).map_or_else(Context::new, |sc| {
-            Context::new().with_remote_span_context(sc)
-        });
+        let parent = traceparent
+            .and_then(|tp| parse_traceparent(tp, tracestate))
+            .map_or_else(Context::new, |sc| {
+                Context::new().with_remote_span_context(sc)
+            });
         let span = self
             .tracer
             .span_builder("ext_authz.check")
@@ -121,16 +138,34 @@ impl CheckSpan {
 /// Parses a W3C `traceparent` (`00-<trace-id>-<span-id>-<flags>`); `None` if invalid.
 pub fn parse_traceparent(tp: &str, tracestate: Option<&str>) -> Option<SpanContext> {
     let mut parts = tp.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || span.len() != 16
+        || flags.len() != 2
+    {
         return None;
     }
     if version == "00" && parts.next().is_some() {
         return None;
     }
-    let trace_id = TraceId::from_hex(trace).ok().filter(|t| *t != TraceId::INVALID)?;
-    let span_id = SpanId::from_hex(span).ok().filter(|s| *s != SpanId::INVALID)?;
+    let trace_id = TraceId::from_hex(trace)
+        .ok()
+        .filter(|t| *t != TraceId::INVALID)?;
+    let span_id = SpanId::from_hex(span)
+        .ok()
+        .filter(|s| *s != SpanId::INVALID)?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    let state = tracestate.and_then(|s| s.parse::<TraceState>().ok()).unwrap_or_default();
-    Some(SpanContext::new(trace_id, span_id, TraceFlags::new(flags & 1), true, state))
+    let state = tracestate
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags & 1),
+        true,
+        state,
+    ))
 }

@@ -14,9 +14,23 @@ use aegis::keys::Signer;
 /// Writes six rows, each in its own commit, with the data dir's key.
 async fn base_log(dir: &Path) -> Signer {
     let signer = Signer::load_or_create(dir).expect("key");
-    let opts = StoreOptions { queue_capacity: 16, max_batch: 16, durability: Durability::Normal };
+    let opts = StoreOptions {
+        queue_capacity: 16,
+        max_batch: 16,
+        durability: Durability::Normal,
+    };
     let (log, writer) = AuditLog::open(&dir.join("audit.db"), signer.clone(), &opts).expect("open");
-    for (i, decision) in ["allow", "deny", "deny", "allow", "sanitize", "approval_needed"].iter().enumerate() {
+    for (i, decision) in [
+        "allow",
+        "deny",
+        "deny",
+        "allow",
+        "sanitize",
+        "approval_needed",
+    ]
+    .iter()
+    .enumerate()
+    {
         let record = Record {
             time_ns: aegis::unix_nanos(),
             kind: "check".into(),
@@ -33,20 +47,26 @@ async fn base_log(dir: &Path) -> Signer {
         assert_eq!(log.append(record).await.expect("append"), i as u64 + 1);
     }
     drop(log);
-    tokio::task::spawn_blocking(move || writer.join()).await.expect("join");
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .expect("join");
     signer
 }
 
 fn vectors() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/audit");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).expect("vectors").filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("vectors")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     v.retain(|p| p.extension().is_some_and(|e| e == "sql"));
     v.sort();
     v
 }
 
 fn directive<'a>(sql: &'a str, name: &str) -> Option<&'a str> {
-    sql.lines().find_map(|l| l.strip_prefix(&format!("-- {name}:")).map(str::trim))
+    sql.lines()
+        .find_map(|l| l.strip_prefix(&format!("-- {name}:")).map(str::trim))
 }
 
 #[tokio::test]
@@ -57,22 +77,36 @@ async fn every_tamper_vector_is_named() {
     let vectors = vectors();
     assert!(vectors.len() >= 10, "vectors missing: {vectors:?}");
     for path in vectors {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         let sql = std::fs::read_to_string(&path).expect("read vector");
         let expect = directive(&sql, "expect").unwrap_or_else(|| panic!("{name}: no expect line"));
         let work = tempfile::tempdir().expect("tempdir");
         let db = work.path().join("audit.db");
         let src = rusqlite::Connection::open(base.path().join("audit.db")).expect("open base");
-        src.execute("VACUUM INTO ?1", [db.to_string_lossy()]).expect("copy");
-        rusqlite::Connection::open(&db).expect("open copy").execute_batch(&sql).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let key = if directive(&sql, "key") == Some("foreign") { foreign.verifying_key() } else { signer.verifying_key() };
+        src.execute("VACUUM INTO ?1", [db.to_string_lossy()])
+            .expect("copy");
+        rusqlite::Connection::open(&db)
+            .expect("open copy")
+            .execute_batch(&sql)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let key = if directive(&sql, "key") == Some("foreign") {
+            foreign.verifying_key()
+        } else {
+            signer.verifying_key()
+        };
         let result = verify_file(&db, &[key]).expect("readable");
         match (expect, result) {
             ("intact", Ok(summary)) => assert_eq!(summary.rows, 6, "{name}"),
             ("intact", Err(f)) => panic!("{name}: expected intact, got {f}"),
             (_, Ok(_)) => panic!("{name}: expected {expect}, verifier found nothing"),
             (_, Err(f)) => {
-                let (kind, seq) = expect.split_once(' ').unwrap_or_else(|| panic!("{name}: bad expect {expect:?}"));
+                let (kind, seq) = expect
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("{name}: bad expect {expect:?}"));
                 let kind = match kind {
                     "modified" => Tamper::Modified,
                     "deleted" => Tamper::Deleted,
@@ -81,7 +115,11 @@ async fn every_tamper_vector_is_named() {
                     "bad_signature" => Tamper::BadSignature,
                     other => panic!("{name}: unknown kind {other}"),
                 };
-                assert_eq!((f.kind, f.seq), (kind, seq.parse::<u64>().expect("seq")), "{name}: got {f}");
+                assert_eq!(
+                    (f.kind, f.seq),
+                    (kind, seq.parse::<u64>().expect("seq")),
+                    "{name}: got {f}"
+                );
             }
         }
     }
@@ -100,7 +138,10 @@ async fn aegis_audit_verify_exit_codes_and_message() {
     };
     let out = verify();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 6 rows"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("intact: 6 rows"),
+        "{out:?}"
+    );
 
     rusqlite::Connection::open(dir.path().join("audit.db"))
         .expect("open")
@@ -126,7 +167,14 @@ async fn writer_refuses_to_continue_from_an_uncovered_tail() {
         .expect("open")
         .execute("DELETE FROM audit_checkpoint WHERE last_seq = 6", [])
         .expect("tamper");
-    let opts = StoreOptions { queue_capacity: 4, max_batch: 4, durability: Durability::Normal };
+    let opts = StoreOptions {
+        queue_capacity: 4,
+        max_batch: 4,
+        durability: Durability::Normal,
+    };
     let err = AuditLog::open(&dir.path().join("audit.db"), signer, &opts).expect_err("refused");
-    assert!(err.to_string().contains("last row 6, last checkpoint at 5"), "{err}");
+    assert!(
+        err.to_string().contains("last row 6, last checkpoint at 5"),
+        "{err}"
+    );
 }

@@ -12,10 +12,21 @@ use serde_json::json;
 async fn allow_removes_the_agent_token_and_carries_metadata() {
     let mut s = start().await;
     let t = s.token("acme", "billing-bot", &["invoices:read"]);
-    let r = s.check(Req::get("/invoices/inv-1").token(&t).tool("invoices", "read").build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::get("/invoices/inv-1")
+                .token(&t)
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), 0, "{r:?}");
     let okr = ok(&r);
-    assert!(okr.headers_to_remove.contains(&"x-aegis-token".to_owned()), "{okr:?}");
+    assert!(
+        okr.headers_to_remove.contains(&"x-aegis-token".to_owned()),
+        "{okr:?}"
+    );
     let md = r.dynamic_metadata.as_ref().expect("dynamic metadata");
     let field = |k: &str| match md.fields.get(k).and_then(|v| v.kind.as_ref()) {
         Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.clone(),
@@ -25,19 +36,38 @@ async fn allow_removes_the_agent_token_and_carries_metadata() {
     assert_eq!(field("policy_version"), "default-2026.11.1");
     assert_eq!(field("decision_id").len(), 32);
     s.stop().await;
-    assert_eq!(s.rows(), vec![("allow".into(), "scope_granted".into(), "billing-bot".into(), "invoices".into(), "read".into())]);
+    assert_eq!(
+        s.rows(),
+        vec![(
+            "allow".into(),
+            "scope_granted".into(),
+            "billing-bot".into(),
+            "invoices".into(),
+            "read".into()
+        )]
+    );
 }
 
 #[tokio::test]
 async fn deny_is_permission_denied_403_with_reason_and_json_body() {
     let mut s = start().await;
     let t = s.token("acme", "billing-bot", &["invoices:read"]);
-    let r = s.check(Req::get("/invoices").token(&t).tool("invoices", "create").build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .token(&t)
+                .tool("invoices", "create")
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), tonic::Code::PermissionDenied as i32);
     let d = denied(&r);
     assert_eq!(d.status.as_ref().map(|s| s.code), Some(403));
     assert_eq!(header(&d.headers, "x-aegis-reason"), Some("missing_scope"));
-    let id = header(&d.headers, "x-aegis-decision-id").expect("decision id").to_owned();
+    let id = header(&d.headers, "x-aegis-decision-id")
+        .expect("decision id")
+        .to_owned();
     let body: serde_json::Value = serde_json::from_str(&d.body).expect("json body");
     assert_eq!(body["decision"], "deny");
     assert_eq!(body["reason"], "missing_scope");
@@ -51,8 +81,18 @@ async fn deny_is_permission_denied_403_with_reason_and_json_body() {
 async fn unknown_tool_is_denied() {
     let mut s = start().await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let r = s.check(Req::mcp("shell.exec", json!({"cmd": "rm -rf /"})).token(&t).build()).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("unknown_tool"));
+    let r = s
+        .check(
+            Req::mcp("shell.exec", json!({"cmd": "rm -rf /"}))
+                .token(&t)
+                .build(),
+        )
+        .await
+        .expect("decided");
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("unknown_tool")
+    );
     s.stop().await;
 }
 
@@ -80,17 +120,40 @@ async fn sanitize_strips_credentials_on_external_tools() {
 async fn large_payment_needs_approval() {
     let mut s = start().await;
     let t = s.token("acme", "billing-bot", &["payments:create"]);
-    let r = s.check(Req::mcp("payments.create", json!({"amount": 5000, "to": "acct-9"})).token(&t).build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::mcp("payments.create", json!({"amount": 5000, "to": "acct-9"}))
+                .token(&t)
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), tonic::Code::PermissionDenied as i32);
     let d = denied(&r);
     assert_eq!(d.status.as_ref().map(|s| s.code), Some(403));
-    assert_eq!(header(&d.headers, "x-aegis-approval-required"), Some("true"));
-    assert_eq!(header(&d.headers, "x-aegis-reason"), Some("payment_above_threshold"));
-    let small = s.check(Req::mcp("payments.create", json!({"amount": 50})).token(&t).build()).await.expect("decided");
+    assert_eq!(
+        header(&d.headers, "x-aegis-approval-required"),
+        Some("true")
+    );
+    assert_eq!(
+        header(&d.headers, "x-aegis-reason"),
+        Some("payment_above_threshold")
+    );
+    let small = s
+        .check(
+            Req::mcp("payments.create", json!({"amount": 50}))
+                .token(&t)
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&small), 0);
     s.stop().await;
     let rows = s.rows();
-    assert_eq!((rows[0].0.as_str(), rows[0].3.as_str(), rows[0].4.as_str()), ("approval_needed", "payments", "create"));
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].3.as_str(), rows[0].4.as_str()),
+        ("approval_needed", "payments", "create")
+    );
     assert_eq!(rows[1].0, "allow");
 }
 
@@ -99,14 +162,45 @@ async fn untrusted_content_cannot_trigger_mutation_but_egress_is_allowlisted() {
     let mut s = start().await;
     let t = s.token("acme", "bot", &["github:write", "web:fetch"]);
     let r = s
-        .check(Req::mcp("github.create_comment", json!({"body": "x"})).token(&t).header("x-aegis-trust-level", "untrusted_external").build())
+        .check(
+            Req::mcp("github.create_comment", json!({"body": "x"}))
+                .token(&t)
+                .header("x-aegis-trust-level", "untrusted_external")
+                .build(),
+        )
         .await
         .expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("untrusted_content_mutation"));
-    let ok_fetch = s.check(Req::mcp("web_fetch.get", json!({"url": "https://docs.example.com/a"})).token(&t).build()).await.expect("decided");
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("untrusted_content_mutation")
+    );
+    let ok_fetch = s
+        .check(
+            Req::mcp(
+                "web_fetch.get",
+                json!({"url": "https://docs.example.com/a"}),
+            )
+            .token(&t)
+            .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&ok_fetch), 0);
-    let bad_fetch = s.check(Req::mcp("web_fetch.get", json!({"url": "https://attacker.example.net/a"})).token(&t).build()).await.expect("decided");
-    assert_eq!(header(&denied(&bad_fetch).headers, "x-aegis-reason"), Some("egress_not_allowed"));
+    let bad_fetch = s
+        .check(
+            Req::mcp(
+                "web_fetch.get",
+                json!({"url": "https://attacker.example.net/a"}),
+            )
+            .token(&t)
+            .build(),
+        )
+        .await
+        .expect("decided");
+    assert_eq!(
+        header(&denied(&bad_fetch).headers, "x-aegis-reason"),
+        Some("egress_not_allowed")
+    );
     s.stop().await;
 }
 
@@ -117,7 +211,11 @@ async fn expect_401(s: &TestServer, token: Option<&str>, reason: &str) {
         req = req.token(t);
     }
     let r = s.check(req.build()).await.expect("decided, not an error");
-    assert_eq!(code(&r), tonic::Code::Unauthenticated as i32, "{reason}: {r:?}");
+    assert_eq!(
+        code(&r),
+        tonic::Code::Unauthenticated as i32,
+        "{reason}: {r:?}"
+    );
     let d = denied(&r);
     assert_eq!(d.status.as_ref().map(|s| s.code), Some(401), "{reason}");
     assert_eq!(header(&d.headers, "x-aegis-reason"), Some(reason));
@@ -139,13 +237,30 @@ async fn every_bad_token_is_refused_with_401_and_audited() {
     expect_401(&s, None, "token_missing").await;
     expect_401(&s, Some("not-a-jwt"), "token_malformed").await;
 
-    let expired = aegis::identity::Claims { exp: now() - 60, ..good.clone() };
+    let expired = aegis::identity::Claims {
+        exp: now() - 60,
+        ..good.clone()
+    };
     expect_401(&s, Some(&mint(&s.signer, expired)), "token_expired").await;
-    let future = aegis::identity::Claims { nbf: now() + 600, ..good.clone() };
+    let future = aegis::identity::Claims {
+        nbf: now() + 600,
+        ..good.clone()
+    };
     expect_401(&s, Some(&mint(&s.signer, future)), "token_not_yet_valid").await;
-    let wrong_aud = aegis::identity::Claims { aud: aegis::identity::Audience::One("someone-else".into()), ..good.clone() };
-    expect_401(&s, Some(&mint(&s.signer, wrong_aud)), "token_wrong_audience").await;
-    let wrong_iss = aegis::identity::Claims { iss: "evil".into(), ..good.clone() };
+    let wrong_aud = aegis::identity::Claims {
+        aud: aegis::identity::Audience::One("someone-else".into()),
+        ..good.clone()
+    };
+    expect_401(
+        &s,
+        Some(&mint(&s.signer, wrong_aud)),
+        "token_wrong_audience",
+    )
+    .await;
+    let wrong_iss = aegis::identity::Claims {
+        iss: "evil".into(),
+        ..good.clone()
+    };
     expect_401(&s, Some(&mint(&s.signer, wrong_iss)), "token_wrong_issuer").await;
 
     let other = aegis::keys::Signer::generate().expect("key");
@@ -154,17 +269,50 @@ async fn every_bad_token_is_refused_with_401_and_audited() {
     let forged_sig = mint(&other, good.clone());
     let (_, rest) = forged_sig.split_once('.').expect("jwt");
     let header_with_our_kid = b64(&json!({"alg": "EdDSA", "typ": "JWT", "kid": kid}));
-    expect_401(&s, Some(&format!("{header_with_our_kid}.{rest}")), "token_bad_signature").await;
+    expect_401(
+        &s,
+        Some(&format!("{header_with_our_kid}.{rest}")),
+        "token_bad_signature",
+    )
+    .await;
 
     // alg none, and HS256 "keyed" with the public key.
-    expect_401(&s, Some(&format!("{}.{payload}.", b64(&json!({"alg": "none", "kid": kid})))), "token_bad_algorithm").await;
-    expect_401(&s, Some(&format!("{}.{payload}.AAAA", b64(&json!({"alg": "HS256", "kid": kid})))), "token_bad_algorithm").await;
+    expect_401(
+        &s,
+        Some(&format!(
+            "{}.{payload}.",
+            b64(&json!({"alg": "none", "kid": kid}))
+        )),
+        "token_bad_algorithm",
+    )
+    .await;
+    expect_401(
+        &s,
+        Some(&format!(
+            "{}.{payload}.AAAA",
+            b64(&json!({"alg": "HS256", "kid": kid}))
+        )),
+        "token_bad_algorithm",
+    )
+    .await;
 
     // Revocation by jti is checked on every call, even for a cached token.
     let t = mint(&s.signer, good.clone());
-    let r = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .token(&t)
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), 0);
-    s.running.as_ref().expect("running").revocations.revoke_token(&good.jti);
+    s.running
+        .as_ref()
+        .expect("running")
+        .revocations
+        .revoke_token(&good.jti);
     expect_401(&s, Some(&t), "token_revoked").await;
 
     s.stop().await;
@@ -173,13 +321,27 @@ async fn every_bad_token_is_refused_with_401_and_audited() {
     assert_eq!(
         reasons,
         vec![
-            "token_missing", "token_malformed", "token_expired", "token_not_yet_valid", "token_wrong_audience",
-            "token_wrong_issuer", "token_unknown_key", "token_bad_signature", "token_bad_algorithm",
-            "token_bad_algorithm", "scope_granted", "token_revoked",
+            "token_missing",
+            "token_malformed",
+            "token_expired",
+            "token_not_yet_valid",
+            "token_wrong_audience",
+            "token_wrong_issuer",
+            "token_unknown_key",
+            "token_bad_signature",
+            "token_bad_algorithm",
+            "token_bad_algorithm",
+            "scope_granted",
+            "token_revoked",
         ]
     );
     // A token whose signature verified names its agent even when refused; a forged one does not.
-    let agent_of = |reason: &str| rows.iter().find(|r| r.1 == reason).map(|r| r.2.clone()).unwrap_or_default();
+    let agent_of = |reason: &str| {
+        rows.iter()
+            .find(|r| r.1 == reason)
+            .map(|r| r.2.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(agent_of("token_expired"), "bot");
     assert_eq!(agent_of("token_revoked"), "bot");
     assert_eq!(agent_of("token_bad_signature"), "");
@@ -190,11 +352,34 @@ async fn every_bad_token_is_refused_with_401_and_audited() {
 async fn bearer_tokens_when_configured() {
     let mut s = start_with(|c| c.token.header = "authorization".into()).await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let r = s.check(Req::get("/invoices").header("authorization", &format!("Bearer {t}")).tool("invoices", "read").build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .header("authorization", &format!("Bearer {t}"))
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), 0);
-    assert!(ok(&r).headers_to_remove.contains(&"authorization".to_owned()));
-    let r = s.check(Req::get("/invoices").header("authorization", &format!("Basic {t}")).tool("invoices", "read").build()).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("token_malformed"));
+    assert!(
+        ok(&r)
+            .headers_to_remove
+            .contains(&"authorization".to_owned())
+    );
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .header("authorization", &format!("Basic {t}"))
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect("decided");
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("token_malformed")
+    );
     s.stop().await;
 }
 
@@ -203,34 +388,71 @@ async fn bodies_json_form_malformed_and_oversized() {
     let mut s = start_with(|c| c.limits.max_body_bytes = 4096).await;
     let t = s.token("acme", "bot", &["invoices:write"]);
     // Form body: parsed, and the tool from headers.
-    let form = Req::post("/invoices", "application/x-www-form-urlencoded", "amount=10&memo=a+b").token(&t).tool("invoices", "create");
+    let form = Req::post(
+        "/invoices",
+        "application/x-www-form-urlencoded",
+        "amount=10&memo=a+b",
+    )
+    .token(&t)
+    .tool("invoices", "create");
     assert_eq!(code(&s.check(form.build()).await.expect("decided")), 0);
     // Malformed JSON: a client error, 400 with a reason, never a gRPC error.
     let bad = Req::post("/mcp", "application/json", "{\"jsonrpc\": \"2.0\", ").token(&t);
-    let r = s.check(bad.build()).await.expect("decided, not an internal error");
+    let r = s
+        .check(bad.build())
+        .await
+        .expect("decided, not an internal error");
     assert_eq!(code(&r), tonic::Code::InvalidArgument as i32);
     assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(400));
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("malformed_body"));
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("malformed_body")
+    );
     // MCP request without a tool name.
-    let no_name = Req::post("/mcp", "application/json", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#).token(&t);
+    let no_name = Req::post(
+        "/mcp",
+        "application/json",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#,
+    )
+    .token(&t);
     let r = s.check(no_name.build()).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("malformed_mcp_request"));
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("malformed_mcp_request")
+    );
     // Too deep JSON.
     let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-    let r = s.check(Req::post("/x", "application/json", &deep).token(&t).build()).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("malformed_body"));
+    let r = s
+        .check(Req::post("/x", "application/json", &deep).token(&t).build())
+        .await
+        .expect("decided");
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("malformed_body")
+    );
     // Oversized body: 413.
     let big = format!("{{\"a\":\"{}\"}}", "x".repeat(5000));
-    let r = s.check(Req::post("/x", "application/json", &big).token(&t).build()).await.expect("decided");
+    let r = s
+        .check(Req::post("/x", "application/json", &big).token(&t).build())
+        .await
+        .expect("decided");
     assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(413));
     // Truncated body (Envoy's allow_partial_message): the default policy refuses to guess.
-    let cut = Req::post("/mcp", "application/json", "{\"jsonrpc\":\"2.0\",\"meth").token(&t).header("x-envoy-auth-partial-body", "true");
+    let cut = Req::post("/mcp", "application/json", "{\"jsonrpc\":\"2.0\",\"meth")
+        .token(&t)
+        .header("x-envoy-auth-partial-body", "true");
     let r = s.check(cut.build()).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("body_truncated"));
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("body_truncated")
+    );
     // No HTTP attributes at all.
     let empty = envoy_types::ext_authz::v3::pb::CheckRequest::default();
     let r = s.check(empty).await.expect("decided");
-    assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("malformed_request"));
+    assert_eq!(
+        header(&denied(&r).headers, "x-aegis-reason"),
+        Some("malformed_request")
+    );
     s.stop().await;
     let rows = s.rows();
     assert_eq!(rows.len(), 7);
@@ -244,7 +466,14 @@ async fn mcp_session_plumbing_is_allowed_without_scopes() {
     let mut s = start().await;
     let t = s.token("acme", "bot", &[]);
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
-    let r = s.check(Req::post("/mcp", "application/json", body).token(&t).build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::post("/mcp", "application/json", body)
+                .token(&t)
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), 0);
     s.stop().await;
     assert_eq!(s.rows()[0].3, "mcp");

@@ -7,14 +7,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 async fn health(addr: std::net::SocketAddr) -> i32 {
-    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let r = HealthClient::new(ch)
-        .check(HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() })
+        .check(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
         .await
         .expect("health answers");
     r.into_inner().status
@@ -24,7 +30,12 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
 async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
     let mut s = start().await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let req = || Req::get("/invoices").token(&t).tool("invoices", "read").build();
+    let req = || {
+        Req::get("/invoices")
+            .token(&t)
+            .tool("invoices", "read")
+            .build()
+    };
     assert_eq!(code(&s.check(req()).await.expect("decided")), 0);
 
     // Every insert now fails, as on a full disk: the Check must fail closed with a gRPC
@@ -34,17 +45,36 @@ async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
         .expect("trigger");
     let err = s.check(req()).await.expect_err("fails closed");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("audit") && err.message().contains("disk is full"), "{}", err.message());
-    assert!(health_becomes(s.addr, ServingStatus::NotServing).await, "health reports NOT_SERVING while writes fail");
+    assert!(
+        err.message().contains("audit") && err.message().contains("disk is full"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "health reports NOT_SERVING while writes fail"
+    );
 
     // The fault clears: service resumes by itself and the chain is intact across the gap.
-    conn.execute_batch("DROP TRIGGER fail;").expect("drop trigger");
+    conn.execute_batch("DROP TRIGGER fail;")
+        .expect("drop trigger");
     assert_eq!(code(&s.check(req()).await.expect("decided")), 0);
-    assert!(health_becomes(s.addr, ServingStatus::Serving).await, "health back to SERVING");
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "health back to SERVING"
+    );
     s.stop().await;
-    assert_eq!(s.rows().len(), 2, "the failed Check has no row, the others do");
+    assert_eq!(
+        s.rows().len(),
+        2,
+        "the failed Check has no row, the others do"
+    );
     let keys = [s.signer.verifying_key()];
-    assert!(aegis::audit::verify::verify_file(&s.db(), &keys).expect("read").is_ok());
+    assert!(
+        aegis::audit::verify::verify_file(&s.db(), &keys)
+            .expect("read")
+            .is_ok()
+    );
 }
 
 /// Polls the health service for up to 3 s until it reports `want`.
@@ -65,11 +95,31 @@ async fn a_locked_database_fails_closed() {
     let conn = rusqlite::Connection::open(s.db()).expect("open");
     conn.execute_batch("BEGIN EXCLUSIVE; INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) VALUES (0, x'', 0, '', x'');")
         .expect("lock");
-    let err = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect_err("fails closed");
+    let err = s
+        .check(
+            Req::get("/invoices")
+                .token(&t)
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect_err("fails closed");
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(err.message().contains("locked") || err.message().contains("busy"), "{}", err.message());
+    assert!(
+        err.message().contains("locked") || err.message().contains("busy"),
+        "{}",
+        err.message()
+    );
     conn.execute_batch("ROLLBACK;").expect("unlock");
-    let r = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect("decided");
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .token(&t)
+                .tool("invoices", "read")
+                .build(),
+        )
+        .await
+        .expect("decided");
     assert_eq!(code(&r), 0);
     s.stop().await;
 }
@@ -81,12 +131,21 @@ fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServe {
 
 fn decision_ids(db: &std::path::Path) -> HashSet<String> {
     let conn = rusqlite::Connection::open(db).expect("open");
-    let mut stmt = conn.prepare("SELECT decision_id FROM audit_log").expect("prepare");
-    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("ids")
+    let mut stmt = conn
+        .prepare("SELECT decision_id FROM audit_log")
+        .expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("ids")
 }
 
 /// Drives `n` concurrent callers until `stop`; returns the decision ids of every response.
-async fn load(addr: std::net::SocketAddr, token: String, stop: tokio::sync::watch::Receiver<bool>) -> Vec<String> {
+async fn load(
+    addr: std::net::SocketAddr,
+    token: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<String> {
     let client = client(addr).await;
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -99,12 +158,16 @@ async fn load(addr: std::net::SocketAddr, token: String, stop: tokio::sync::watc
                 if *stop.borrow() {
                     break;
                 }
-                let req = Req::get("/invoices").token(&t).tool("invoices", "read").build();
+                let req = Req::get("/invoices")
+                    .token(&t)
+                    .tool("invoices", "read")
+                    .build();
                 match c.check(req).await {
                     Ok(r) => {
                         let md = r.into_inner().dynamic_metadata.expect("metadata");
-                        if let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(id)) =
-                            md.fields.get("decision_id").and_then(|v| v.kind.clone())
+                        if let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                            id,
+                        )) = md.fields.get("decision_id").and_then(|v| v.kind.clone())
                         {
                             ids.push(id);
                         }
@@ -138,17 +201,33 @@ async fn sigkill_under_load_loses_no_answered_row() {
         let _ = child.child.wait();
         let _ = stop_tx.send(true);
         let ids = driver.await.expect("driver");
-        assert!(!ids.is_empty(), "round {round}: the load got answers before the kill");
+        assert!(
+            !ids.is_empty(),
+            "round {round}: the load got answers before the kill"
+        );
         answered += ids.len();
         let stored = decision_ids(&data.join("audit.db"));
-        eprintln!("round {round}: {} answered, {} rows stored", ids.len(), stored.len());
+        eprintln!(
+            "round {round}: {} answered, {} rows stored",
+            ids.len(),
+            stored.len()
+        );
         let lost: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
-        assert!(lost.is_empty(), "round {round}: {} answered Checks have no row, e.g. {:?}", lost.len(), lost.first());
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} answered Checks have no row, e.g. {:?}",
+            lost.len(),
+            lost.first()
+        );
         let keys = [signer.verifying_key()];
-        let verdict = aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
+        let verdict =
+            aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
         assert!(verdict.is_ok(), "round {round}: {verdict:?}");
     }
-    assert!(answered > 100, "only {answered} Checks answered in three rounds");
+    assert!(
+        answered > 100,
+        "only {answered} Checks answered in three rounds"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,12 +241,24 @@ async fn sigterm_drains_and_exits_zero() {
     let driver = tokio::spawn(load(child.addr, token, stop_rx));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = child.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
-    let status = tokio::task::spawn_blocking(move || child.child.wait()).await.expect("join").expect("wait");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
     assert_eq!(status.code(), Some(0), "aegis serve exits 0 on SIGTERM");
     let _ = stop_tx.send(true);
     let ids = driver.await.expect("driver");
     let stored = decision_ids(&data.join("audit.db"));
     assert!(!ids.is_empty());
-    assert!(ids.iter().all(|id| stored.contains(id)), "every answered Check has its row after SIGTERM");
+    assert!(
+        ids.iter().all(|id| stored.contains(id)),
+        "every answered Check has its row after SIGTERM"
+    );
 }

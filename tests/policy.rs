@@ -11,19 +11,34 @@ use std::time::Duration;
 use common::*;
 
 fn set_revision(dir: &Path, rev: &str) {
-    std::fs::write(dir.join(".manifest"), format!("{{\"revision\": \"{rev}\", \"roots\": [\"aegis\"]}}")).expect("manifest");
+    std::fs::write(
+        dir.join(".manifest"),
+        format!("{{\"revision\": \"{rev}\", \"roots\": [\"aegis\"]}}"),
+    )
+    .expect("manifest");
 }
 
 /// Rewrites the scope `invoices.read` requires.
 fn set_read_scope(dir: &Path, scope: &str) {
     let path = dir.join("aegis/data.json");
-    let mut data: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let mut data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
     data["tools"]["invoices"]["actions"]["read"]["scope"] = serde_json::json!(scope);
     std::fs::write(&path, data.to_string()).expect("write");
 }
 
-async fn read_invoices(s: &TestServer, token: &str) -> envoy_types::ext_authz::v3::pb::CheckResponse {
-    s.check(Req::get("/invoices").token(token).tool("invoices", "read").build()).await.expect("decided")
+async fn read_invoices(
+    s: &TestServer,
+    token: &str,
+) -> envoy_types::ext_authz::v3::pb::CheckResponse {
+    s.check(
+        Req::get("/invoices")
+            .token(token)
+            .tool("invoices", "read")
+            .build(),
+    )
+    .await
+    .expect("decided")
 }
 
 #[tokio::test]
@@ -43,7 +58,10 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     for _ in 0..100 {
         let r = read_invoices(&s, &t).await;
         if policy_version(&r) == "v2" {
-            assert_eq!(header(&denied(&r).headers, "x-aegis-reason"), Some("missing_scope"));
+            assert_eq!(
+                header(&denied(&r).headers, "x-aegis-reason"),
+                Some("missing_scope")
+            );
             reloaded = true;
             break;
         }
@@ -52,17 +70,31 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     assert!(reloaded, "the changed bundle is served within 5 s");
 
     // A broken module: refused, v2 keeps serving.
-    std::fs::write(bundle.path().join("aegis/broken.rego"), "package aegis.authz\nimport rego.v1\nx := if {\n").expect("write");
+    std::fs::write(
+        bundle.path().join("aegis/broken.rego"),
+        "package aegis.authz\nimport rego.v1\nx := if {\n",
+    )
+    .expect("write");
     set_revision(bundle.path(), "v3-broken");
     tokio::time::sleep(Duration::from_millis(600)).await;
     let r = read_invoices(&s, &t).await;
-    assert_eq!(policy_version(&r), "v2", "a broken bundle never replaces the good one");
+    assert_eq!(
+        policy_version(&r),
+        "v2",
+        "a broken bundle never replaces the good one"
+    );
     let err = aegis::policy::CompiledBundle::load(
         &aegis::policy::BundleSource::Dir(bundle.path().to_path_buf()),
-        &aegis::policy::PolicyOptions { query: "data.aegis.authz.decision".into(), eval_timeout: Duration::from_secs(1) },
+        &aegis::policy::PolicyOptions {
+            query: "data.aegis.authz.decision".into(),
+            eval_timeout: Duration::from_secs(1),
+        },
     )
     .expect_err("broken");
-    assert!(err.to_string().contains("aegis/broken.rego:3"), "error names file and line: {err}");
+    assert!(
+        err.to_string().contains("aegis/broken.rego:3"),
+        "error names file and line: {err}"
+    );
 
     // Fixed: served again.
     std::fs::remove_file(bundle.path().join("aegis/broken.rego")).expect("rm");
@@ -85,7 +117,11 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    assert_eq!(revisions, vec!["v1", "v2", "v4"], "each row records the revision that decided it");
+    assert_eq!(
+        revisions,
+        vec!["v1", "v2", "v4"],
+        "each row records the revision that decided it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,18 +131,46 @@ async fn sighup_reloads() {
     copy_default_bundle(&bundle);
     set_revision(&bundle, "before-hup");
     let data = tmp.path().join("data");
-    let (b, d) = (bundle.to_string_lossy().into_owned(), data.to_string_lossy().into_owned());
+    let (b, d) = (
+        bundle.to_string_lossy().into_owned(),
+        data.to_string_lossy().into_owned(),
+    );
     // Polling effectively off: only SIGHUP can make it reload.
-    let child = spawn_serve(&["--bundle", &b, "--data-dir", &d, "--watch-interval-ms", "3600000"]);
+    let child = spawn_serve(&[
+        "--bundle",
+        &b,
+        "--data-dir",
+        &d,
+        "--watch-interval-ms",
+        "3600000",
+    ]);
     let signer = aegis::keys::Signer::load(&data).expect("key");
     let t = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let mut c = client(child.addr).await;
-    let req = || Req::get("/invoices").token(&t).tool("invoices", "read").build();
-    assert_eq!(policy_version(&c.check(req()).await.expect("ok").into_inner()), "before-hup");
+    let req = || {
+        Req::get("/invoices")
+            .token(&t)
+            .tool("invoices", "read")
+            .build()
+    };
+    assert_eq!(
+        policy_version(&c.check(req()).await.expect("ok").into_inner()),
+        "before-hup"
+    );
     set_revision(&bundle, "after-hup");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(policy_version(&c.check(req()).await.expect("ok").into_inner()), "before-hup", "no reload without SIGHUP");
-    assert!(Command::new("kill").args(["-HUP", &child.child.id().to_string()]).status().expect("kill").success());
+    assert_eq!(
+        policy_version(&c.check(req()).await.expect("ok").into_inner()),
+        "before-hup",
+        "no reload without SIGHUP"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
     let mut seen = false;
     for _ in 0..100 {
         if policy_version(&c.check(req()).await.expect("ok").into_inner()) == "after-hup" {
@@ -123,7 +187,11 @@ fn a_broken_bundle_at_start_up_exits_non_zero_naming_the_file_and_line() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bundle = tmp.path().join("bundle");
     copy_default_bundle(&bundle);
-    std::fs::write(bundle.join("aegis/authz.rego"), "package aegis.authz\n\nimport rego.v1\n\ndecision := {\n").expect("write");
+    std::fs::write(
+        bundle.join("aegis/authz.rego"),
+        "package aegis.authz\n\nimport rego.v1\n\ndecision := {\n",
+    )
+    .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
         .args(["serve", "--listen", "127.0.0.1:0", "--bundle"])
         .arg(&bundle)
@@ -133,7 +201,10 @@ fn a_broken_bundle_at_start_up_exits_non_zero_naming_the_file_and_line() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("aegis/authz.rego:") && stderr.contains("policy bundle"), "{stderr}");
+    assert!(
+        stderr.contains("aegis/authz.rego:") && stderr.contains("policy bundle"),
+        "{stderr}"
+    );
 }
 
 fn tar_gz(dir: &Path, out: &Path, extra: Option<(&str, &[u8])>) {
@@ -152,7 +223,12 @@ fn tar_gz(dir: &Path, out: &Path, extra: Option<(&str, &[u8])>) {
         h.set_cksum();
         tar.append(&h, bytes).expect("append raw");
     }
-    tar.into_inner().expect("finish").finish().expect("gz").flush().expect("flush");
+    tar.into_inner()
+        .expect("finish")
+        .finish()
+        .expect("gz")
+        .flush()
+        .expect("flush");
 }
 
 #[tokio::test]
@@ -174,7 +250,10 @@ async fn opa_bundle_archives_load_and_hostile_paths_are_refused() {
     tar_gz(&src, &evil, Some(("../escape.rego", b"package x\n")));
     let err = aegis::policy::CompiledBundle::load(
         &aegis::policy::BundleSource::Archive(evil),
-        &aegis::policy::PolicyOptions { query: "data.aegis.authz.decision".into(), eval_timeout: Duration::from_secs(1) },
+        &aegis::policy::PolicyOptions {
+            query: "data.aegis.authz.decision".into(),
+            eval_timeout: Duration::from_secs(1),
+        },
     )
     .expect_err("refused");
     assert!(err.to_string().contains("leaves the bundle"), "{err}");
@@ -187,7 +266,11 @@ async fn opa_envoy_policies_run_unchanged() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let b = tmp.path().join("bundle");
     std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(b.join(".manifest"), r#"{"revision": "opa-envoy-1", "roots": ["envoy"], "rego_version": 0}"#).expect("manifest");
+    std::fs::write(
+        b.join(".manifest"),
+        r#"{"revision": "opa-envoy-1", "roots": ["envoy"], "rego_version": 0}"#,
+    )
+    .expect("manifest");
     std::fs::write(
         b.join("policy.rego"),
         r#"package envoy.authz
@@ -227,8 +310,18 @@ allow {
         });
         req
     };
-    assert_eq!(code(&s.check(with_source("/public/readme")).await.expect("decided")), 0);
-    let r = s.check(with_source("/private/keys")).await.expect("decided");
+    assert_eq!(
+        code(
+            &s.check(with_source("/public/readme"))
+                .await
+                .expect("decided")
+        ),
+        0
+    );
+    let r = s
+        .check(with_source("/private/keys"))
+        .await
+        .expect("decided");
     assert_eq!(code(&r), tonic::Code::PermissionDenied as i32);
     assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(403));
     s.stop().await;
@@ -256,30 +349,49 @@ decision := {"decision": "allow", "allowed": false} if input.tool.name == "contr
     let dir = b.clone();
     let mut s = start_with(|c| c.policy.bundle = Some(dir)).await;
     let t = s.token("acme", "bot", &[]);
-    let r = s.check(Req::get("/ok").token(&t).build()).await.expect("decided");
+    let r = s
+        .check(Req::get("/ok").token(&t).build())
+        .await
+        .expect("decided");
     let okr = ok(&r);
     assert_eq!(header(&okr.headers, "x-tenant"), Some("acme"));
     assert_eq!(header(&okr.response_headers_to_add, "x-seen"), Some("1"));
-    assert_eq!(okr.query_parameters_to_set.first().map(|q| (q.key.as_str(), q.value.as_str())), Some(("limit", "10")));
+    assert_eq!(
+        okr.query_parameters_to_set
+            .first()
+            .map(|q| (q.key.as_str(), q.value.as_str())),
+        Some(("limit", "10"))
+    );
     let md = r.dynamic_metadata.as_ref().expect("metadata");
     assert!(md.fields.contains_key("risk"));
     // Aegis's own keys cannot be forged by a policy.
-    assert!(matches!(md.fields.get("decision").and_then(|v| v.kind.as_ref()),
-        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(d)) if d == "allow"));
+    assert!(
+        matches!(md.fields.get("decision").and_then(|v| v.kind.as_ref()),
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(d)) if d == "allow")
+    );
 
-    let r = s.check(Req::get("/slow").token(&t).build()).await.expect("decided");
+    let r = s
+        .check(Req::get("/slow").token(&t).build())
+        .await
+        .expect("decided");
     let d = denied(&r);
     assert_eq!(d.status.as_ref().map(|s| s.code), Some(429));
     assert_eq!(d.body, "slow down");
     assert_eq!(header(&d.headers, "retry-after"), Some("5"));
 
     // A contradictory decision is a policy bug: Aegis fails closed with a gRPC error.
-    let err = s.check(Req::get("/contradiction").token(&t).build()).await.expect_err("error");
+    let err = s
+        .check(Req::get("/contradiction").token(&t).build())
+        .await
+        .expect_err("error");
     assert_eq!(err.code(), tonic::Code::Internal);
     assert!(err.message().contains("contradicts"), "{}", err.message());
     s.stop().await;
     let rows = s.rows();
-    assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), vec!["allow", "deny", "error"]);
+    assert_eq!(
+        rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        vec!["allow", "deny", "error"]
+    );
 }
 
 #[tokio::test]
@@ -307,31 +419,62 @@ decision := {"allowed": true} if input.tool.name == "fast"
     .await;
     let t = s.token("acme", "bot", &[]);
     let started = std::time::Instant::now();
-    let err = s.check(Req::get("/spin").token(&t).build()).await.expect_err("times out");
+    let err = s
+        .check(Req::get("/spin").token(&t).build())
+        .await
+        .expect_err("times out");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "stopped near its limit: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "stopped near its limit: {:?}",
+        started.elapsed()
+    );
     // The engine that timed out is reusable: the next Check is decided normally.
-    assert_eq!(code(&s.check(Req::get("/fast").token(&t).build()).await.expect("decided")), 0);
+    assert_eq!(
+        code(
+            &s.check(Req::get("/fast").token(&t).build())
+                .await
+                .expect("decided")
+        ),
+        0
+    );
     s.stop().await;
     assert_eq!(s.rows()[0].0, "error");
 }
 
 #[test]
 fn policy_test_and_eval_commands() {
-    let out = Command::new(env!("CARGO_BIN_EXE_aegis")).args(["policy", "test"]).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["policy", "test"])
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS: 18/18"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("PASS: 18/18"),
+        "{out:?}"
+    );
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let b = tmp.path().join("bundle");
     copy_default_bundle(&b);
     // Break one expectation: the test must now fail and the command exit 1.
     let data = b.join("aegis/data.json");
-    let text = std::fs::read_to_string(&data).expect("read").replace("\"approval_threshold\": 1000", "\"approval_threshold\": 100000");
+    let text = std::fs::read_to_string(&data).expect("read").replace(
+        "\"approval_threshold\": 1000",
+        "\"approval_threshold\": 100000",
+    );
     std::fs::write(&data, text).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_aegis")).args(["policy", "test"]).arg(&b).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["policy", "test"])
+        .arg(&b)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL data.aegis.authz_test.test_large_payment_needs_approval"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("FAIL data.aegis.authz_test.test_large_payment_needs_approval"),
+        "{out:?}"
+    );
 
     let input = tmp.path().join("input.json");
     std::fs::write(
@@ -339,7 +482,11 @@ fn policy_test_and_eval_commands() {
         r#"{"agent": {"scopes": ["payments:create"]}, "tool": {"name": "payments", "action": "create", "arguments": {"amount": 5000}}, "context": {}}"#,
     )
     .expect("input");
-    let out = Command::new(env!("CARGO_BIN_EXE_aegis")).args(["policy", "eval", "--input"]).arg(&input).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["policy", "eval", "--input"])
+        .arg(&input)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["decision"], "approval_needed");

@@ -10,36 +10,71 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 #[tokio::test]
 async fn health_and_reflection_describe_ext_authz() {
     let mut s = start().await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.addr)).expect("uri").connect().await.expect("connect");
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     for service in ["", "envoy.service.auth.v3.Authorization"] {
         let r = tonic_health::pb::health_client::HealthClient::new(ch.clone())
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health");
-        assert_eq!(r.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            r.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let ask = |m: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
     let mut client = ServerReflectionClient::new(ch);
-    let reqs = vec![ask(MessageRequest::ListServices(String::new())), ask(MessageRequest::FileContainingSymbol("envoy.service.auth.v3.Authorization".into()))];
-    let mut stream = client.server_reflection_info(tokio_stream::iter(reqs)).await.expect("reflection").into_inner();
+    let reqs = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "envoy.service.auth.v3.Authorization".into(),
+        )),
+    ];
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(reqs))
+        .await
+        .expect("reflection")
+        .into_inner();
     let first = stream.message().await.expect("answer").expect("some");
-    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("{first:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("{first:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"envoy.service.auth.v3.Authorization".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"envoy.service.auth.v3.Authorization".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
     let second = stream.message().await.expect("answer").expect("some");
-    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else { panic!("{second:?}") };
+    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+        panic!("{second:?}")
+    };
     assert!(!files.file_descriptor_proto.is_empty());
     s.stop().await;
 }
 
 fn attr(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<AnyValue> {
-    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()).and_then(|v| v.value.clone())
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,38 +85,109 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
     let t = s.token("acme", "billing-bot", &["invoices:read"]);
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let req = Req::get("/invoices").token(&t).tool("invoices", "read").header("traceparent", &format!("00-{trace}-{parent}-01"));
+    let req = Req::get("/invoices")
+        .token(&t)
+        .tool("invoices", "read")
+        .header("traceparent", &format!("00-{trace}-{parent}-01"));
     assert_eq!(code(&s.check(req.build()).await.expect("decided")), 0);
     let deny = Req::get("/invoices").token(&t).tool("invoices", "create");
-    assert_eq!(code(&s.check(deny.build()).await.expect("decided")), tonic::Code::PermissionDenied as i32);
+    assert_eq!(
+        code(&s.check(deny.build()).await.expect("decided")),
+        tonic::Code::PermissionDenied as i32
+    );
 
-    let spans_arrived = eventually(Duration::from_secs(10), || sink.spans.load(std::sync::atomic::Ordering::Relaxed) >= 2).await;
+    let spans_arrived = eventually(Duration::from_secs(10), || {
+        sink.spans.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    })
+    .await;
     assert!(spans_arrived, "two spans exported");
     let received = sink.received.lock().expect("lock").clone();
     let rs = &received[0].resource_spans[0];
-    let service = rs.resource.as_ref().expect("resource").attributes.iter().find(|kv| kv.key == "service.name").and_then(|kv| kv.value.clone());
-    assert_eq!(service.and_then(|v| v.value), Some(AnyValue::StringValue("aegis".into())));
-    let spans: Vec<_> = received.iter().flat_map(|r| &r.resource_spans).flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).cloned().collect();
+    let service = rs
+        .resource
+        .as_ref()
+        .expect("resource")
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.clone());
+    assert_eq!(
+        service.and_then(|v| v.value),
+        Some(AnyValue::StringValue("aegis".into()))
+    );
+    let spans: Vec<_> = received
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .cloned()
+        .collect();
     assert_eq!(spans.len(), 2, "one span per Check");
-    let allowed = spans.iter().find(|sp| attr(sp, "aegis.decision") == Some(AnyValue::StringValue("allow".into()))).expect("allow span");
+    let allowed = spans
+        .iter()
+        .find(|sp| attr(sp, "aegis.decision") == Some(AnyValue::StringValue("allow".into())))
+        .expect("allow span");
     assert_eq!(allowed.name, "ext_authz.check");
-    assert_eq!(aegis::hex(&allowed.trace_id), trace, "joins the agent's trace");
-    assert_eq!(aegis::hex(&allowed.parent_span_id), parent, "child of the caller's span");
-    assert_eq!(attr(allowed, "aegis.tenant"), Some(AnyValue::StringValue("acme".into())));
-    assert_eq!(attr(allowed, "aegis.agent"), Some(AnyValue::StringValue("billing-bot".into())));
-    assert_eq!(attr(allowed, "aegis.tool"), Some(AnyValue::StringValue("invoices".into())));
-    assert_eq!(attr(allowed, "aegis.action"), Some(AnyValue::StringValue("read".into())));
-    assert_eq!(attr(allowed, "aegis.policy_version"), Some(AnyValue::StringValue("default-2026.11.1".into())));
-    assert_eq!(attr(allowed, "aegis.audit_seq"), Some(AnyValue::IntValue(1)));
-    assert!(matches!(attr(allowed, "aegis.decision_id"), Some(AnyValue::StringValue(id)) if id.len() == 32));
-    let denied_span = spans.iter().find(|sp| attr(sp, "aegis.decision") == Some(AnyValue::StringValue("deny".into()))).expect("deny span");
-    assert_eq!(attr(denied_span, "aegis.reason"), Some(AnyValue::StringValue("missing_scope".into())));
-    assert!(denied_span.parent_span_id.is_empty(), "no traceparent: a root span");
+    assert_eq!(
+        aegis::hex(&allowed.trace_id),
+        trace,
+        "joins the agent's trace"
+    );
+    assert_eq!(
+        aegis::hex(&allowed.parent_span_id),
+        parent,
+        "child of the caller's span"
+    );
+    assert_eq!(
+        attr(allowed, "aegis.tenant"),
+        Some(AnyValue::StringValue("acme".into()))
+    );
+    assert_eq!(
+        attr(allowed, "aegis.agent"),
+        Some(AnyValue::StringValue("billing-bot".into()))
+    );
+    assert_eq!(
+        attr(allowed, "aegis.tool"),
+        Some(AnyValue::StringValue("invoices".into()))
+    );
+    assert_eq!(
+        attr(allowed, "aegis.action"),
+        Some(AnyValue::StringValue("read".into()))
+    );
+    assert_eq!(
+        attr(allowed, "aegis.policy_version"),
+        Some(AnyValue::StringValue("default-2026.11.1".into()))
+    );
+    assert_eq!(
+        attr(allowed, "aegis.audit_seq"),
+        Some(AnyValue::IntValue(1))
+    );
+    assert!(
+        matches!(attr(allowed, "aegis.decision_id"), Some(AnyValue::StringValue(id)) if id.len() == 32)
+    );
+    let denied_span = spans
+        .iter()
+        .find(|sp| attr(sp, "aegis.decision") == Some(AnyValue::StringValue("deny".into())))
+        .expect("deny span");
+    assert_eq!(
+        attr(denied_span, "aegis.reason"),
+        Some(AnyValue::StringValue("missing_scope".into()))
+    );
+    assert!(
+        denied_span.parent_span_id.is_empty(),
+        "no traceparent: a root span"
+    );
     s.stop().await;
 
     // The audit row carries the same trace and span ids.
     let conn = rusqlite::Connection::open(s.db()).expect("db");
-    let (tid, sid): (String, String) = conn.query_row("SELECT trace_id, span_id FROM audit_log WHERE seq = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).expect("row");
+    let (tid, sid): (String, String) = conn
+        .query_row(
+            "SELECT trace_id, span_id FROM audit_log WHERE seq = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("row");
     assert_eq!(tid, trace);
     assert_eq!(sid, aegis::hex(&allowed.span_id));
 }
@@ -89,7 +195,11 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_never_fails_a_check() {
     // Nothing listens on this port: bind it, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut s = start_with(|c| {
         c.otlp.endpoint = Some(endpoint);
@@ -99,11 +209,23 @@ async fn a_collector_that_is_down_never_fails_a_check() {
     let t = s.token("acme", "bot", &["invoices:read"]);
     let started = std::time::Instant::now();
     for _ in 0..300 {
-        let r = s.check(Req::get("/invoices").token(&t).tool("invoices", "read").build()).await.expect("decided");
+        let r = s
+            .check(
+                Req::get("/invoices")
+                    .token(&t)
+                    .tool("invoices", "read")
+                    .build(),
+            )
+            .await
+            .expect("decided");
         assert_eq!(code(&r), 0);
     }
     // Export retries happen on the exporter's own thread; 300 Checks never wait on them.
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     s.stop().await;
     assert_eq!(s.rows().len(), 300);
 }

@@ -76,7 +76,9 @@ pub enum AuditError {
 }
 
 /// SQLite's `synchronous` setting for the audit database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// fsync on every commit: a row whose Check was answered survives power loss.
@@ -116,27 +118,47 @@ pub struct WriterThread(Option<JoinHandle<()>>);
 
 impl AuditLog {
     /// Opens (creating if needed) the audit database and starts the writer thread.
-    pub fn open(path: &Path, signer: Signer, opts: &StoreOptions) -> Result<(Self, WriterThread), AuditError> {
+    pub fn open(
+        path: &Path,
+        signer: Signer,
+        opts: &StoreOptions,
+    ) -> Result<(Self, WriterThread), AuditError> {
         let conn = open_connection(path, opts.durability)?;
         let (head_seq, head_hash) = read_head(&conn).map_err(|e| open_err(path, e))?;
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
-        let mut writer = Writer { conn, signer, head_seq, head_hash, max_batch: opts.max_batch.max(1), healthy: healthy.clone() };
+        let mut writer = Writer {
+            conn,
+            signer,
+            head_seq,
+            head_hash,
+            max_batch: opts.max_batch.max(1),
+            healthy: healthy.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("aegis-audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| open_err(path, e.to_string()))?;
-        Ok((Self { tx, healthy, capacity: opts.queue_capacity }, WriterThread(Some(handle))))
+        Ok((
+            Self {
+                tx,
+                healthy,
+                capacity: opts.queue_capacity,
+            },
+            WriterThread(Some(handle)),
+        ))
     }
 
     /// Appends `record` and waits until its transaction has committed; returns its sequence
     /// number. If the caller stops waiting, the row is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Job { record, reply }).map_err(|e| match e {
-            TrySendError::Full(_) => AuditError::Overloaded(self.capacity),
-            TrySendError::Disconnected(_) => AuditError::Closed,
-        })?;
+        self.tx
+            .try_send(Job { record, reply })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => AuditError::Overloaded(self.capacity),
+                TrySendError::Disconnected(_) => AuditError::Closed,
+            })?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -156,7 +178,10 @@ impl WriterThread {
 }
 
 fn open_err(path: &Path, e: impl ToString) -> AuditError {
-    AuditError::Open { path: path.to_path_buf(), message: e.to_string() }
+    AuditError::Open {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Opens the database with the audit schema and pragmas.
@@ -165,36 +190,62 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
     // file's mode, so they start private too.
     {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| open_err(path, e))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(path, e))?;
     }
     let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
     let sync = match durability {
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
-    conn.execute_batch(&format!("PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=1000;"))
-        .and_then(|()| conn.execute_batch(SCHEMA))
-        .map_err(|e| open_err(path, e))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA busy_timeout=1000;"
+    ))
+    .and_then(|()| conn.execute_batch(SCHEMA))
+    .map_err(|e| open_err(path, e))?;
     Ok(conn)
 }
 
 /// The last row's sequence and hash, after checking the last checkpoint covers it.
 fn read_head(conn: &Connection) -> Result<(u64, Hash), AuditError> {
     let last: Option<(i64, Vec<u8>)> = conn
-        .query_row("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(|e| AuditError::Write(e.to_string()))?;
-    let Some((seq, hash)) = last else { return Ok((0, GENESIS)) };
+    let Some((seq, hash)) = last else {
+        return Ok((0, GENESIS));
+    };
     let cp: Option<(i64, Vec<u8>)> = conn
-        .query_row("SELECT last_seq, head_hash FROM audit_checkpoint ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT last_seq, head_hash FROM audit_checkpoint ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(|e| AuditError::Write(e.to_string()))?;
     match cp {
         Some((cp_seq, cp_hash)) if cp_seq == seq && cp_hash == hash => {}
-        Some((cp_seq, _)) => return Err(AuditError::UncoveredTail(format!("last row {seq}, last checkpoint at {cp_seq}"))),
-        None => return Err(AuditError::UncoveredTail(format!("last row {seq}, no checkpoint"))),
+        Some((cp_seq, _)) => {
+            return Err(AuditError::UncoveredTail(format!(
+                "last row {seq}, last checkpoint at {cp_seq}"
+            )));
+        }
+        None => {
+            return Err(AuditError::UncoveredTail(format!(
+                "last row {seq}, no checkpoint"
+            )));
+        }
     }
-    let hash = Hash::try_from(hash.as_slice()).map_err(|_| AuditError::UncoveredTail(format!("row {seq} hash is not 32 bytes")))?;
+    let hash = Hash::try_from(hash.as_slice())
+        .map_err(|_| AuditError::UncoveredTail(format!("row {seq} hash is not 32 bytes")))?;
     Ok((u64::try_from(seq).unwrap_or(0), hash))
 }
 
@@ -252,9 +303,29 @@ impl Writer {
                 let r = &job.record;
                 let hash = row_hash(seq, r, &kid, &prev);
                 insert.execute(params![
-                    seq as i64, r.time_ns, r.http_status, r.kind, r.decision_id, r.tenant, r.agent, r.session,
-                    r.run_id, r.tool, r.action, r.resource, r.decision, r.reason, r.policy_revision,
-                    r.trust_level, r.approval_id, r.actor, r.trace_id, r.span_id, kid, &prev[..], &hash[..],
+                    seq as i64,
+                    r.time_ns,
+                    r.http_status,
+                    r.kind,
+                    r.decision_id,
+                    r.tenant,
+                    r.agent,
+                    r.session,
+                    r.run_id,
+                    r.tool,
+                    r.action,
+                    r.resource,
+                    r.decision,
+                    r.reason,
+                    r.policy_revision,
+                    r.trust_level,
+                    r.approval_id,
+                    r.actor,
+                    r.trace_id,
+                    r.span_id,
+                    kid,
+                    &prev[..],
+                    &hash[..],
                 ])?;
                 prev = hash;
             }

@@ -91,12 +91,22 @@ struct Checkpoint {
 }
 
 /// Verifies the audit database at `path` against the trusted `keys`.
-pub fn verify_file(path: &Path, keys: &[VerifyingKey]) -> Result<Result<Summary, Finding>, VerifyError> {
-    let read_err = |e: rusqlite::Error| VerifyError::Read { path: path.display().to_string(), message: e.to_string() };
+pub fn verify_file(
+    path: &Path,
+    keys: &[VerifyingKey],
+) -> Result<Result<Summary, Finding>, VerifyError> {
+    let read_err = |e: rusqlite::Error| VerifyError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     if !path.exists() {
-        return Err(VerifyError::Read { path: path.display().to_string(), message: "no such file".into() });
+        return Err(VerifyError::Read {
+            path: path.display().to_string(),
+            message: "no such file".into(),
+        });
     }
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(read_err)?;
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(read_err)?;
     let rows = read_rows(&conn).map_err(read_err)?;
     let checkpoints = read_checkpoints(&conn).map_err(read_err)?;
     Ok(verify(&rows, &checkpoints, keys))
@@ -144,7 +154,9 @@ fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
 }
 
 fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
-    let mut stmt = conn.prepare("SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id")?;
+    let mut stmt = conn.prepare(
+        "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id",
+    )?;
     let cps = stmt.query_map([], |r| {
         Ok(Checkpoint {
             last_seq: r.get::<_, i64>(0)? as u64,
@@ -157,14 +169,24 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
     cps.collect()
 }
 
-fn verify(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<Summary, Finding> {
+fn verify(
+    rows: &[Row],
+    checkpoints: &[Checkpoint],
+    keys: &[VerifyingKey],
+) -> Result<Summary, Finding> {
     let chain = walk_chain(rows).err();
     let signed = check_checkpoints(rows, checkpoints, keys).err();
     // Report whichever finding comes first in the log. On a tie the chain's is more precise,
     // except for rows past the last checkpoint: Aegis checkpoints every commit, so such
     // rows were never written by it.
     match (chain, signed) {
-        (Some(c), Some(s)) => Err(if s.seq < c.seq || (s.seq == c.seq && s.kind == Tamper::Inserted) { s } else { c }),
+        (Some(c), Some(s)) => Err(
+            if s.seq < c.seq || (s.seq == c.seq && s.kind == Tamper::Inserted) {
+                s
+            } else {
+                c
+            },
+        ),
         (Some(f), None) | (None, Some(f)) => Err(f),
         (None, None) => Ok(Summary {
             rows: rows.len() as u64,
@@ -175,7 +197,8 @@ fn verify(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Re
 }
 
 fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
-    let position: HashMap<Hash, usize> = rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
+    let position: HashMap<Hash, usize> =
+        rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
     let mut expected_seq = 1u64;
     let mut expected_prev = GENESIS;
     for (i, r) in rows.iter().enumerate() {
@@ -186,48 +209,106 @@ fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
             expected_prev = r.hash;
             continue;
         }
-        return Err(classify(rows, i, expected_seq, &expected_prev, content_ok, &position));
+        return Err(classify(
+            rows,
+            i,
+            expected_seq,
+            &expected_prev,
+            content_ok,
+            &position,
+        ));
     }
     Ok(())
 }
 
 /// Names what happened at the first row where the chain breaks (see the module docs).
-fn classify(rows: &[Row], i: usize, expected_seq: u64, expected_prev: &Hash, content_ok: bool, position: &HashMap<Hash, usize>) -> Finding {
+fn classify(
+    rows: &[Row],
+    i: usize,
+    expected_seq: u64,
+    expected_prev: &Hash,
+    content_ok: bool,
+    position: &HashMap<Hash, usize>,
+) -> Finding {
     let r = &rows[i];
     let finding = |seq, kind, detail: String| Finding { seq, kind, detail };
     let next_skips_this = rows.get(i + 1).is_some_and(|n| n.prev == *expected_prev);
     if r.seq > expected_seq {
         let n = r.seq - expected_seq;
-        return finding(expected_seq, Tamper::Deleted, format!("{n} row(s) missing before seq {}", r.seq));
+        return finding(
+            expected_seq,
+            Tamper::Deleted,
+            format!("{n} row(s) missing before seq {}", r.seq),
+        );
     }
     if r.prev == *expected_prev {
         // In its place and linked, but its contents do not hash to its stored hash.
         if next_skips_this {
-            return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
+            return finding(
+                r.seq,
+                Tamper::Inserted,
+                "the next row links to the row before this one".into(),
+            );
         }
-        return finding(r.seq, Tamper::Modified, "contents do not match the stored hash".into());
+        return finding(
+            r.seq,
+            Tamper::Modified,
+            "contents do not match the stored hash".into(),
+        );
     }
     // The link is broken: where does this row's predecessor live?
     match position.get(&r.prev) {
         Some(&j) if j > i => {
-            return finding(r.seq, Tamper::Reordered, format!("its predecessor is stored later, at seq {}", rows[j].seq));
+            return finding(
+                r.seq,
+                Tamper::Reordered,
+                format!("its predecessor is stored later, at seq {}", rows[j].seq),
+            );
         }
         _ if next_skips_this => {
-            return finding(r.seq, Tamper::Inserted, "the next row links to the row before this one".into());
+            return finding(
+                r.seq,
+                Tamper::Inserted,
+                "the next row links to the row before this one".into(),
+            );
         }
         Some(&j) if j + 1 < i => {
             let first = rows[j + 1].seq;
-            return finding(first, Tamper::Inserted, format!("seq {} links to seq {}; the rows between do not belong", r.seq, rows[j].seq));
+            return finding(
+                first,
+                Tamper::Inserted,
+                format!(
+                    "seq {} links to seq {}; the rows between do not belong",
+                    r.seq, rows[j].seq
+                ),
+            );
         }
         _ => {}
     }
     match original_seq(r) {
-        Some(orig) if orig > r.seq => {
-            finding(r.seq, Tamper::Deleted, format!("this row was seq {orig}: {} row(s) before it deleted and the rest renumbered", orig - r.seq))
-        }
-        Some(orig) if orig < r.seq => finding(r.seq, Tamper::Inserted, format!("this row was seq {orig}: rows were inserted before it")),
-        _ if content_ok => finding(r.seq, Tamper::Deleted, "its predecessor is no longer in the log".into()),
-        _ => finding(r.seq, Tamper::Modified, "neither its contents nor its link to the previous row match".into()),
+        Some(orig) if orig > r.seq => finding(
+            r.seq,
+            Tamper::Deleted,
+            format!(
+                "this row was seq {orig}: {} row(s) before it deleted and the rest renumbered",
+                orig - r.seq
+            ),
+        ),
+        Some(orig) if orig < r.seq => finding(
+            r.seq,
+            Tamper::Inserted,
+            format!("this row was seq {orig}: rows were inserted before it"),
+        ),
+        _ if content_ok => finding(
+            r.seq,
+            Tamper::Deleted,
+            "its predecessor is no longer in the log".into(),
+        ),
+        _ => finding(
+            r.seq,
+            Tamper::Modified,
+            "neither its contents nor its link to the previous row match".into(),
+        ),
     }
 }
 
@@ -239,20 +320,38 @@ fn original_seq(r: &Row) -> Option<u64> {
         .find(|&s| s > 0 && row_hash(s, &r.record, &r.key_id, &r.prev) == r.hash)
 }
 
-fn check_checkpoints(rows: &[Row], checkpoints: &[Checkpoint], keys: &[VerifyingKey]) -> Result<(), Finding> {
-    let by_kid: HashMap<String, &VerifyingKey> = keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
+fn check_checkpoints(
+    rows: &[Row],
+    checkpoints: &[Checkpoint],
+    keys: &[VerifyingKey],
+) -> Result<(), Finding> {
+    let by_kid: HashMap<String, &VerifyingKey> =
+        keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
     let hash_at: HashMap<u64, Hash> = rows.iter().map(|r| (r.seq, r.hash)).collect();
     let last_row = rows.last().map_or(0, |r| r.seq);
     let mut covered = 0u64;
     for cp in checkpoints {
         let first = covered + 1;
         let sig_ok = by_kid.get(&cp.key_id).is_some_and(|k| {
-            <[u8; 64]>::try_from(cp.signature.as_slice())
-                .is_ok_and(|s| k.verify_strict(&checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id), &Signature::from_bytes(&s)).is_ok())
+            <[u8; 64]>::try_from(cp.signature.as_slice()).is_ok_and(|s| {
+                k.verify_strict(
+                    &checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id),
+                    &Signature::from_bytes(&s),
+                )
+                .is_ok()
+            })
         });
         if !sig_ok {
-            let why = if by_kid.contains_key(&cp.key_id) { "signature does not verify" } else { "signed by an untrusted key" };
-            return Err(Finding { seq: first, kind: Tamper::BadSignature, detail: format!("checkpoint at seq {}: {why}", cp.last_seq) });
+            let why = if by_kid.contains_key(&cp.key_id) {
+                "signature does not verify"
+            } else {
+                "signed by an untrusted key"
+            };
+            return Err(Finding {
+                seq: first,
+                kind: Tamper::BadSignature,
+                detail: format!("checkpoint at seq {}: {why}", cp.last_seq),
+            });
         }
         match hash_at.get(&cp.last_seq) {
             Some(h) if *h == cp.head => {}
@@ -260,18 +359,28 @@ fn check_checkpoints(rows: &[Row], checkpoints: &[Checkpoint], keys: &[Verifying
                 return Err(Finding {
                     seq: first,
                     kind: Tamper::Modified,
-                    detail: format!("rows {first}..={} were rewritten: the checkpoint signed at seq {} does not match", cp.last_seq, cp.last_seq),
+                    detail: format!(
+                        "rows {first}..={} were rewritten: the checkpoint signed at seq {} does not match",
+                        cp.last_seq, cp.last_seq
+                    ),
                 });
             }
             None if cp.last_seq > last_row => {
                 return Err(Finding {
                     seq: last_row + 1,
                     kind: Tamper::Deleted,
-                    detail: format!("log ends at seq {last_row} but a checkpoint covers up to seq {}", cp.last_seq),
+                    detail: format!(
+                        "log ends at seq {last_row} but a checkpoint covers up to seq {}",
+                        cp.last_seq
+                    ),
                 });
             }
             None => {
-                return Err(Finding { seq: cp.last_seq, kind: Tamper::Deleted, detail: "the row a checkpoint signs is gone".into() });
+                return Err(Finding {
+                    seq: cp.last_seq,
+                    kind: Tamper::Deleted,
+                    detail: "the row a checkpoint signs is gone".into(),
+                });
             }
         }
         covered = covered.max(cp.last_seq);
@@ -280,7 +389,10 @@ fn check_checkpoints(rows: &[Row], checkpoints: &[Checkpoint], keys: &[Verifying
         return Err(Finding {
             seq: covered + 1,
             kind: Tamper::Inserted,
-            detail: format!("rows {}..={last_row} are not covered by any signed checkpoint", covered + 1),
+            detail: format!(
+                "rows {}..={last_row} are not covered by any signed checkpoint",
+                covered + 1
+            ),
         });
     }
     Ok(())

@@ -59,7 +59,9 @@ impl InputError {
         match self {
             InputError::NoHttp => (400, "malformed_request"),
             InputError::BodyTooLarge(..) => (413, "body_too_large"),
-            InputError::TooManyHeaders(..) | InputError::HeadersTooLarge(..) => (431, "headers_too_large"),
+            InputError::TooManyHeaders(..) | InputError::HeadersTooLarge(..) => {
+                (431, "headers_too_large")
+            }
             InputError::MalformedPath => (400, "malformed_path"),
             InputError::MalformedJson(_) => (400, "malformed_body"),
             InputError::MalformedMcp(_) => (400, "malformed_mcp_request"),
@@ -105,7 +107,10 @@ impl Decoded<'_> {
 }
 
 /// Decodes the HTTP request: limits, path, query, body, tool and context.
-pub fn decode<'a>(http: Option<&'a HttpRequest>, limits: &Limits) -> Result<Decoded<'a>, InputError> {
+pub fn decode<'a>(
+    http: Option<&'a HttpRequest>,
+    limits: &Limits,
+) -> Result<Decoded<'a>, InputError> {
     let http = http.ok_or(InputError::NoHttp)?;
     let headers = decode_headers(http, limits)?;
     decode_with_headers(http, headers, limits)
@@ -117,7 +122,11 @@ pub fn decode_with_headers<'a>(
     headers: Cow<'a, HashMap<String, String>>,
     limits: &Limits,
 ) -> Result<Decoded<'a>, InputError> {
-    let body: &[u8] = if http.body.is_empty() { &http.raw_body } else { http.body.as_bytes() };
+    let body: &[u8] = if http.body.is_empty() {
+        &http.raw_body
+    } else {
+        http.body.as_bytes()
+    };
     if body.len() > limits.max_body_bytes {
         return Err(InputError::BodyTooLarge(body.len(), limits.max_body_bytes));
     }
@@ -128,11 +137,23 @@ pub fn decode_with_headers<'a>(
     let tool = tool(&headers, &parsed_body, &http.method, path)?;
     let get = |k: &str| headers.get(k).cloned().unwrap_or_default();
     let context = CallContext {
-        trust_level: headers.get("x-aegis-trust-level").cloned().unwrap_or_else(|| "unspecified".into()),
+        trust_level: headers
+            .get("x-aegis-trust-level")
+            .cloned()
+            .unwrap_or_else(|| "unspecified".into()),
         run_id: get("x-aegis-run-id"),
         parent_agent: get("x-aegis-parent-agent"),
     };
-    Ok(Decoded { http, headers, parsed_path, parsed_query, parsed_body, truncated_body, tool, context })
+    Ok(Decoded {
+        http,
+        headers,
+        parsed_path,
+        parsed_query,
+        parsed_body,
+        truncated_body,
+        tool,
+        context,
+    })
 }
 
 /// The whole input document for an identified agent.
@@ -167,16 +188,25 @@ pub fn build(attributes: Value, d: &Decoded<'_>, claims: &Claims) -> Value {
 
 /// `headers`, or (with Envoy's `encode_raw_headers`) `header_map` joined like Envoy joins
 /// repeated headers; checked against the limits.
-pub fn decode_headers<'a>(http: &'a HttpRequest, limits: &Limits) -> Result<Cow<'a, HashMap<String, String>>, InputError> {
+pub fn decode_headers<'a>(
+    http: &'a HttpRequest,
+    limits: &Limits,
+) -> Result<Cow<'a, HashMap<String, String>>, InputError> {
     let map: Cow<'a, HashMap<String, String>> = match &http.header_map {
         Some(hm) if http.headers.is_empty() => {
             let mut m: HashMap<String, String> = HashMap::with_capacity(hm.headers.len());
             for h in &hm.headers {
-                let v = if h.raw_value.is_empty() { h.value.clone() } else { String::from_utf8_lossy(&h.raw_value).into_owned() };
-                m.entry(h.key.to_ascii_lowercase()).and_modify(|e| {
-                    e.push(',');
-                    e.push_str(&v);
-                }).or_insert(v);
+                let v = if h.raw_value.is_empty() {
+                    h.value.clone()
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                m.entry(h.key.to_ascii_lowercase())
+                    .and_modify(|e| {
+                        e.push(',');
+                        e.push_str(&v);
+                    })
+                    .or_insert(v);
             }
             Cow::Owned(m)
         }
@@ -199,14 +229,23 @@ fn split_path(raw: &str) -> (&str, &str) {
 }
 
 fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8().map_err(|_| InputError::MalformedPath)?;
-    Ok(decoded.trim_start_matches('/').split('/').map(str::to_owned).collect())
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| InputError::MalformedPath)?;
+    Ok(decoded
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect())
 }
 
 fn parse_query(query: &str) -> Map<String, Value> {
     let mut out: Map<String, Value> = Map::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if let Value::Array(list) = out.entry(k.into_owned()).or_insert_with(|| Value::Array(Vec::new())) {
+        if let Value::Array(list) = out
+            .entry(k.into_owned())
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
             list.push(Value::String(v.into_owned()));
         }
     }
@@ -216,25 +255,41 @@ fn parse_query(query: &str) -> Map<String, Value> {
 /// `(parsed_body, truncated_body)` following OPA-Envoy: by content type, and a body shorter
 /// than its `content-length` (or Envoy's partial-body marker) is truncated and not parsed.
 fn parse_body(headers: &HashMap<String, String>, body: &[u8]) -> Result<(Value, bool), InputError> {
-    let ctype = headers.get("content-type").map(String::as_str).unwrap_or("");
+    let ctype = headers
+        .get("content-type")
+        .map(String::as_str)
+        .unwrap_or("");
     let is_json = ctype.contains("application/json");
     let is_form = ctype.contains("application/x-www-form-urlencoded");
     if body.is_empty() || !(is_json || is_form) {
         return Ok((Value::Null, false));
     }
-    let declared = headers.get("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-    let partial = headers.get("x-envoy-auth-partial-body").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let partial = headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     if partial || declared.is_some_and(|n| n > body.len()) {
         return Ok((Value::Null, true));
     }
     if is_json {
-        let v = serde_json::from_slice(body).map_err(|e| InputError::MalformedJson(e.to_string()))?;
+        let v =
+            serde_json::from_slice(body).map_err(|e| InputError::MalformedJson(e.to_string()))?;
         return Ok((v, false));
     }
-    Ok((Value::Object(parse_query(&String::from_utf8_lossy(body))), false))
+    Ok((
+        Value::Object(parse_query(&String::from_utf8_lossy(body))),
+        false,
+    ))
 }
 
-fn tool(headers: &HashMap<String, String>, body: &Value, method: &str, path: &str) -> Result<Tool, InputError> {
+fn tool(
+    headers: &HashMap<String, String>,
+    body: &Value,
+    method: &str,
+    path: &str,
+) -> Result<Tool, InputError> {
     let header = |k: &str| headers.get(k).filter(|v| !v.is_empty()).cloned();
     if let Some(mut t) = mcp_tool(body, header("x-aegis-action"))? {
         if let Some(r) = header("x-aegis-resource") {
@@ -271,32 +326,63 @@ fn http_verb(method: &str) -> &'static str {
 
 /// The tool of an MCP JSON-RPC request, if the body is one.
 fn mcp_tool(body: &Value, action_header: Option<String>) -> Result<Option<Tool>, InputError> {
-    let Some(obj) = body.as_object() else { return Ok(None) };
+    let Some(obj) = body.as_object() else {
+        return Ok(None);
+    };
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Ok(None);
     }
-    let method = obj.get("method").and_then(Value::as_str).ok_or(InputError::MalformedMcp("JSON-RPC request without a method"))?;
+    let method = obj
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or(InputError::MalformedMcp(
+            "JSON-RPC request without a method",
+        ))?;
     if method != "tools/call" {
         // Session plumbing (initialize, tools/list, ping, …): the tool is `mcp`.
-        return Ok(Some(Tool { name: "mcp".into(), action: method.to_owned(), arguments: Value::Object(Map::new()), resource: String::new() }));
+        return Ok(Some(Tool {
+            name: "mcp".into(),
+            action: method.to_owned(),
+            arguments: Value::Object(Map::new()),
+            resource: String::new(),
+        }));
     }
-    let params = obj.get("params").and_then(Value::as_object).ok_or(InputError::MalformedMcp("tools/call without params"))?;
-    let full = params.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or(InputError::MalformedMcp("tools/call without params.name"))?;
+    let params = obj
+        .get("params")
+        .and_then(Value::as_object)
+        .ok_or(InputError::MalformedMcp("tools/call without params"))?;
+    let full = params
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or(InputError::MalformedMcp("tools/call without params.name"))?;
     let arguments = match params.get("arguments") {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(a @ Value::Object(_)) => a.clone(),
-        Some(_) => return Err(InputError::MalformedMcp("params.arguments is not an object")),
+        Some(_) => {
+            return Err(InputError::MalformedMcp(
+                "params.arguments is not an object",
+            ));
+        }
     };
     let (name, action) = match full.split_once(['.', '/']) {
         Some((n, a)) if !n.is_empty() && !a.is_empty() => (n.to_owned(), a.to_owned()),
-        _ => (full.to_owned(), action_header.unwrap_or_else(|| "call".into())),
+        _ => (
+            full.to_owned(),
+            action_header.unwrap_or_else(|| "call".into()),
+        ),
     };
     let resource = ["resource", "url", "uri", "path"]
         .iter()
         .find_map(|k| arguments.get(*k).and_then(Value::as_str))
         .unwrap_or("")
         .to_owned();
-    Ok(Some(Tool { name, action, arguments, resource }))
+    Ok(Some(Tool {
+        name,
+        action,
+        arguments,
+        resource,
+    }))
 }
 
 #[cfg(test)]
@@ -304,11 +390,20 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_body_bytes: 1024, max_headers: 16, max_header_bytes: 4096 }
+        Limits {
+            max_body_bytes: 1024,
+            max_headers: 16,
+            max_header_bytes: 4096,
+        }
     }
 
     fn req(method: &str, path: &str, ctype: &str, body: &str) -> HttpRequest {
-        let mut h = HttpRequest { method: method.into(), path: path.into(), body: body.into(), ..Default::default() };
+        let mut h = HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            body: body.into(),
+            ..Default::default()
+        };
         if !ctype.is_empty() {
             h.headers.insert("content-type".into(), ctype.into());
         }
@@ -320,10 +415,24 @@ mod tests {
         let r = req("GET", "/invoices/a%20b?x=1&x=2&y=%2F#frag", "", "");
         let d = decode(Some(&r), &limits()).expect("decodes");
         assert_eq!(d.parsed_path, vec!["invoices", "a b"]);
-        assert_eq!(Value::Object(d.parsed_query), json!({"x": ["1", "2"], "y": ["/"]}));
-        assert_eq!(d.tool, Tool { name: "invoices".into(), action: "read".into(), arguments: json!({}), resource: "/invoices/a%20b".into() });
+        assert_eq!(
+            Value::Object(d.parsed_query),
+            json!({"x": ["1", "2"], "y": ["/"]})
+        );
+        assert_eq!(
+            d.tool,
+            Tool {
+                name: "invoices".into(),
+                action: "read".into(),
+                arguments: json!({}),
+                resource: "/invoices/a%20b".into()
+            }
+        );
         let root = req("GET", "/", "", "");
-        assert_eq!(decode(Some(&root), &limits()).expect("decodes").parsed_path, vec![""]);
+        assert_eq!(
+            decode(Some(&root), &limits()).expect("decodes").parsed_path,
+            vec![""]
+        );
     }
 
     #[test]
@@ -335,22 +444,44 @@ mod tests {
         assert_eq!(d.tool.action, "create");
         assert_eq!(d.tool.resource, "acct-1");
         assert_eq!(d.tool.arguments, json!({"amount": 5, "resource": "acct-1"}));
-        let bad = req("POST", "/mcp", "application/json", r#"{"jsonrpc":"2.0","method":"tools/call","params":{}}"#);
-        assert_eq!(decode(Some(&bad), &limits()).err(), Some(InputError::MalformedMcp("tools/call without params.name")));
+        let bad = req(
+            "POST",
+            "/mcp",
+            "application/json",
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{}}"#,
+        );
+        assert_eq!(
+            decode(Some(&bad), &limits()).err(),
+            Some(InputError::MalformedMcp("tools/call without params.name"))
+        );
     }
 
     #[test]
     fn bodies_json_form_malformed_truncated() {
-        let form = req("POST", "/x", "application/x-www-form-urlencoded", "a=1&b=two+words");
-        assert_eq!(decode(Some(&form), &limits()).expect("form").parsed_body, json!({"a": ["1"], "b": ["two words"]}));
+        let form = req(
+            "POST",
+            "/x",
+            "application/x-www-form-urlencoded",
+            "a=1&b=two+words",
+        );
+        assert_eq!(
+            decode(Some(&form), &limits()).expect("form").parsed_body,
+            json!({"a": ["1"], "b": ["two words"]})
+        );
         let bad = req("POST", "/x", "application/json", "{\"a\":");
-        assert!(matches!(decode(Some(&bad), &limits()), Err(InputError::MalformedJson(_))));
+        assert!(matches!(
+            decode(Some(&bad), &limits()),
+            Err(InputError::MalformedJson(_))
+        ));
         let mut cut = req("POST", "/x", "application/json", "{\"a\":");
         cut.headers.insert("content-length".into(), "100".into());
         let d = decode(Some(&cut), &limits()).expect("truncated is not an error");
         assert!(d.truncated_body);
         assert_eq!(d.parsed_body, Value::Null);
         let big = req("POST", "/x", "application/json", &"1".repeat(2000));
-        assert_eq!(decode(Some(&big), &limits()).err(), Some(InputError::BodyTooLarge(2000, 1024)));
+        assert_eq!(
+            decode(Some(&big), &limits()).err(),
+            Some(InputError::BodyTooLarge(2000, 1024))
+        );
     }
 }

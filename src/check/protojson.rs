@@ -7,7 +7,9 @@ use base64::Engine as _;
 use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, address, socket_address};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
-use envoy_types::pb::google::protobuf::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
+use envoy_types::pb::google::protobuf::{
+    ListValue, Struct, Timestamp, Value as PbValue, value::Kind,
+};
 use serde_json::{Map, Value, json};
 
 /// `input.attributes`.
@@ -75,7 +77,9 @@ fn address_json(a: &Address) -> Value {
                 Some(socket_address::PortSpecifier::PortValue(p)) if *p != 0 => {
                     m.insert("portValue".into(), json!(p));
                 }
-                Some(socket_address::PortSpecifier::NamedPort(n)) => put_str(&mut m, "namedPort", n),
+                Some(socket_address::PortSpecifier::NamedPort(n)) => {
+                    put_str(&mut m, "namedPort", n)
+                }
                 _ => {}
             }
             json!({ "socketAddress": m })
@@ -102,7 +106,12 @@ fn http(h: &HttpRequest) -> Value {
                 put_str(&mut e, "key", &hv.key);
                 put_str(&mut e, "value", &hv.value);
                 if !hv.raw_value.is_empty() {
-                    e.insert("rawValue".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(&hv.raw_value)));
+                    e.insert(
+                        "rawValue".into(),
+                        Value::String(
+                            base64::engine::general_purpose::STANDARD.encode(&hv.raw_value),
+                        ),
+                    );
                 }
                 Value::Object(e)
             })
@@ -120,25 +129,43 @@ fn http(h: &HttpRequest) -> Value {
     put_str(&mut m, "protocol", &h.protocol);
     put_str(&mut m, "body", &h.body);
     if !h.raw_body.is_empty() {
-        m.insert("rawBody".into(), Value::String(base64::engine::general_purpose::STANDARD.encode(&h.raw_body)));
+        m.insert(
+            "rawBody".into(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&h.raw_body)),
+        );
     }
     Value::Object(m)
 }
 
 fn metadata(md: &Metadata) -> Value {
-    let fm: Map<String, Value> = md.filter_metadata.iter().map(|(k, s)| (k.clone(), struct_to_json(s))).collect();
-    if fm.is_empty() { json!({}) } else { json!({ "filterMetadata": fm }) }
+    let fm: Map<String, Value> = md
+        .filter_metadata
+        .iter()
+        .map(|(k, s)| (k.clone(), struct_to_json(s)))
+        .collect();
+    if fm.is_empty() {
+        json!({})
+    } else {
+        json!({ "filterMetadata": fm })
+    }
 }
 
 /// `google.protobuf.Struct` → JSON object.
 pub fn struct_to_json(s: &Struct) -> Value {
-    Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), pb_value_to_json(v))).collect())
+    Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), pb_value_to_json(v)))
+            .collect(),
+    )
 }
 
 fn pb_value_to_json(v: &PbValue) -> Value {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number),
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+        }
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
         Some(Kind::StructValue(s)) => struct_to_json(s),
@@ -148,7 +175,12 @@ fn pb_value_to_json(v: &PbValue) -> Value {
 
 /// JSON object → `google.protobuf.Struct`.
 pub fn json_to_struct(m: &Map<String, Value>) -> Struct {
-    Struct { fields: m.iter().map(|(k, v)| (k.clone(), json_to_pb_value(v))).collect() }
+    Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_pb_value(v)))
+            .collect(),
+    }
 }
 
 fn json_to_pb_value(v: &Value) -> PbValue {
@@ -157,7 +189,9 @@ fn json_to_pb_value(v: &Value) -> PbValue {
         Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
         Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(ListValue { values: a.iter().map(json_to_pb_value).collect() }),
+        Value::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(json_to_pb_value).collect(),
+        }),
         Value::Object(o) => Kind::StructValue(json_to_struct(o)),
     };
     PbValue { kind: Some(kind) }
@@ -202,8 +236,26 @@ mod tests {
 
     #[test]
     fn timestamps_format_like_protojson() {
-        assert_eq!(rfc3339(&Timestamp { seconds: 0, nanos: 0 }), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(&Timestamp { seconds: 1_763_779_200, nanos: 5_000_000 }), "2025-11-22T02:40:00.005Z");
-        assert_eq!(rfc3339(&Timestamp { seconds: 951_782_400, nanos: 1 }), "2000-02-29T00:00:00.000000001Z");
+        assert_eq!(
+            rfc3339(&Timestamp {
+                seconds: 0,
+                nanos: 0
+            }),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(&Timestamp {
+                seconds: 1_763_779_200,
+                nanos: 5_000_000
+            }),
+            "2025-11-22T02:40:00.005Z"
+        );
+        assert_eq!(
+            rfc3339(&Timestamp {
+                seconds: 951_782_400,
+                nanos: 1
+            }),
+            "2000-02-29T00:00:00.000000001Z"
+        );
     }
 }

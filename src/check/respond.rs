@@ -10,7 +10,9 @@
 //! Aegis's own failures never come here: they are gRPC errors (see `check`).
 
 use envoy_types::ext_authz::v3::pb::{CheckResponse, HeaderAppendAction, HttpStatus};
-use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use envoy_types::ext_authz::v3::{
+    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+};
 use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
 
@@ -81,7 +83,9 @@ pub fn denied(d: &Decision, meta: &Meta<'_>, code: Code, default_status: u32) ->
     denied.set_body(body);
     // Any status the policy names, not only those the builder's enum lists.
     let mut denied = denied.build();
-    denied.status = Some(HttpStatus { code: i32::try_from(status).unwrap_or(403) });
+    denied.status = Some(HttpStatus {
+        code: i32::try_from(status).unwrap_or(403),
+    });
     let mut resp = CheckResponse::with_status(Status::new(code, d.reason.clone()));
     resp.set_http_response(denied);
     resp.set_dynamic_metadata(Some(json_to_struct(&metadata(d, meta))));
@@ -91,8 +95,17 @@ pub fn denied(d: &Decision, meta: &Meta<'_>, code: Code, default_status: u32) ->
 /// The policy's `dynamic_metadata`, with Aegis's own keys on top (a policy cannot forge them).
 fn metadata(d: &Decision, meta: &Meta<'_>) -> Map<String, Value> {
     let mut m = d.dynamic_metadata.clone().unwrap_or_default();
-    m.insert("decision_id".into(), Value::String(meta.decision_id.to_owned()));
-    m.insert("policy_version".into(), Value::String(meta.policy_version.to_owned()));
-    m.insert("decision".into(), Value::String(d.verdict.as_str().to_owned()));
+    m.insert(
+        "decision_id".into(),
+        Value::String(meta.decision_id.to_owned()),
+    );
+    m.insert(
+        "policy_version".into(),
+        Value::String(meta.policy_version.to_owned()),
+    );
+    m.insert(
+        "decision".into(),
+        Value::String(d.verdict.as_str().to_owned()),
+    );
     m
 }

@@ -23,7 +23,11 @@ struct Header {
 
 /// Signs `claims` into a compact JWT with the signer's key id.
 pub fn mint(signer: &Signer, claims: &Claims) -> Result<String, serde_json::Error> {
-    let header = Header { alg: "EdDSA".into(), typ: Some("JWT".into()), kid: Some(signer.kid().into()) };
+    let header = Header {
+        alg: "EdDSA".into(),
+        typ: Some("JWT".into()),
+        kid: Some(signer.kid().into()),
+    };
     let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
     token.push('.');
     token.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?));
@@ -38,10 +42,14 @@ pub fn mint(signer: &Signer, claims: &Claims) -> Result<String, serde_json::Erro
 pub fn parse_and_verify(token: &str, keys: &KeyRing) -> Result<Claims, TokenError> {
     let malformed = |what: &str| TokenError::Malformed(what.to_owned());
     let mut parts = token.split('.');
-    let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h64), Some(p64), Some(s64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(malformed("expected three dot-separated parts"));
     };
-    let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| malformed("header is not base64url"))?;
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(h64)
+        .map_err(|_| malformed("header is not base64url"))?;
     let header: Header = serde_json::from_slice(&header_bytes)
         .map_err(|e| TokenError::Malformed(format!("header: {e}")))?;
     if header.alg != "EdDSA" {
@@ -49,13 +57,20 @@ pub fn parse_and_verify(token: &str, keys: &KeyRing) -> Result<Claims, TokenErro
     }
     let kid = header.kid.ok_or_else(|| malformed("header has no kid"))?;
     let key = keys.get(&kid).ok_or(TokenError::UnknownKey(kid))?;
-    let sig_bytes = URL_SAFE_NO_PAD.decode(s64).map_err(|_| malformed("signature is not base64url"))?;
-    let sig = <[u8; 64]>::try_from(sig_bytes.as_slice()).map_err(|_| malformed("signature is not 64 bytes"))?;
+    let sig_bytes = URL_SAFE_NO_PAD
+        .decode(s64)
+        .map_err(|_| malformed("signature is not base64url"))?;
+    let sig = <[u8; 64]>::try_from(sig_bytes.as_slice())
+        .map_err(|_| malformed("signature is not 64 bytes"))?;
     let signed_len = h64.len() + 1 + p64.len();
-    let signed = token.get(..signed_len).ok_or_else(|| malformed("truncated"))?;
+    let signed = token
+        .get(..signed_len)
+        .ok_or_else(|| malformed("truncated"))?;
     key.verify_strict(signed.as_bytes(), &Signature::from_bytes(&sig))
         .map_err(|_| TokenError::BadSignature)?;
-    let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| malformed("payload is not base64url"))?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(p64)
+        .map_err(|_| malformed("payload is not base64url"))?;
     serde_json::from_slice(&payload).map_err(|e| TokenError::Malformed(format!("claims: {e}")))
 }
 
@@ -100,6 +115,9 @@ mod tests {
         // Another key's token.
         let other = Signer::generate().expect("rng");
         let foreign = mint(&other, &claims()).expect("mint");
-        assert!(matches!(parse_and_verify(&foreign, &ring), Err(TokenError::UnknownKey(_))));
+        assert!(matches!(
+            parse_and_verify(&foreign, &ring),
+            Err(TokenError::UnknownKey(_))
+        ));
     }
 }

@@ -68,14 +68,19 @@ impl Revocations {
     /// The first entry that revokes `claims`, if any.
     pub fn check(&self, claims: &Claims) -> Option<RevokedBy> {
         // A poisoned lock means a writer panicked mid-update: refuse rather than guess.
-        let Ok(s) = self.sets.read() else { return Some(RevokedBy::Tenant) };
+        let Ok(s) = self.sets.read() else {
+            return Some(RevokedBy::Tenant);
+        };
         if s.jtis.contains(&claims.jti) {
             Some(RevokedBy::Token)
         } else if s.sessions.contains(&claims.sid) {
             Some(RevokedBy::Session)
         } else if s.tenants.contains(&claims.tenant) {
             Some(RevokedBy::Tenant)
-        } else if !s.agents.is_empty() && s.agents.contains(&format!("{}/{}", claims.tenant, claims.sub)) {
+        } else if !s.agents.is_empty()
+            && s.agents
+                .contains(&format!("{}/{}", claims.tenant, claims.sub))
+        {
             Some(RevokedBy::Agent)
         } else {
             None

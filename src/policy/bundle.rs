@@ -58,7 +58,10 @@ impl std::fmt::Display for BundleSource {
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
     #[error("bundle is over {MAX_BUNDLE_BYTES} bytes uncompressed")]
@@ -128,13 +131,18 @@ impl BundleFiles {
             hasher.update(path.as_bytes());
             hasher.update((bytes.len() as u64).to_be_bytes());
             hasher.update(bytes);
-            let invalid = |message: String| BundleError::Invalid { path: path.clone(), message };
+            let invalid = |message: String| BundleError::Invalid {
+                path: path.clone(),
+                message,
+            };
             let name = path.rsplit('/').next().unwrap_or(path);
             if path == ".manifest" {
-                let m: Manifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+                let m: Manifest =
+                    serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
                 manifest = Some(m);
             } else if name.ends_with(".rego") {
-                let text = String::from_utf8(bytes.clone()).map_err(|_| invalid("not UTF-8".into()))?;
+                let text =
+                    String::from_utf8(bytes.clone()).map_err(|_| invalid("not UTF-8".into()))?;
                 modules.push((path.clone(), text));
             } else if name == "data.json" || name == "data.yaml" || name == "data.yml" {
                 let text = std::str::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))?;
@@ -157,21 +165,36 @@ impl BundleFiles {
         }
         let digest = format!("sha256:{}", crate::hex(&hasher.finalize()));
         let (revision, rego_v0) = match manifest {
-            Some(m) => (m.revision.filter(|r| !r.is_empty()), m.rego_version == Some(0)),
+            Some(m) => (
+                m.revision.filter(|r| !r.is_empty()),
+                m.rego_version == Some(0),
+            ),
             None => (None, false),
         };
         let revision = revision.unwrap_or_else(|| digest.get(..19).unwrap_or(&digest).to_owned());
-        Ok(ParsedBundle { revision, digest, rego_v0, modules, data })
+        Ok(ParsedBundle {
+            revision,
+            digest,
+            rego_v0,
+            modules,
+            data,
+        })
     }
 }
 
 fn embedded() -> Vec<(String, Vec<u8>)> {
     const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/default_bundle.rs"));
-    FILES.iter().map(|(p, b)| ((*p).to_owned(), b.to_vec())).collect()
+    FILES
+        .iter()
+        .map(|(p, b)| ((*p).to_owned(), b.to_vec()))
+        .collect()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io { path: path.display().to_string(), source }
+    move |source| BundleError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn read_dir(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
@@ -185,7 +208,11 @@ fn read_dir(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
                 stack.push(path);
                 continue;
             }
-            let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
             if !is_bundle_file(&rel) {
                 continue;
             }
@@ -222,7 +249,11 @@ fn read_archive(path: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
         }
         let mut bytes = Vec::new();
         let limit = MAX_BUNDLE_BYTES.saturating_sub(total) + 1;
-        entry.by_ref().take(limit).read_to_end(&mut bytes).map_err(io_err(path))?;
+        entry
+            .by_ref()
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(path))?;
         total += bytes.len() as u64;
         if total > MAX_BUNDLE_BYTES {
             return Err(BundleError::TooLarge);
@@ -249,5 +280,8 @@ fn is_bundle_file(rel: &str) -> bool {
     let name = rel.rsplit('/').next().unwrap_or(rel);
     rel == ".manifest"
         || name.ends_with(".rego")
-        || matches!(name, "data.json" | "data.yaml" | "data.yml" | ".signatures.json")
+        || matches!(
+            name,
+            "data.json" | "data.yaml" | "data.yml" | ".signatures.json"
+        )
 }

@@ -52,7 +52,10 @@ pub enum DecisionError {
     #[error("decision key {key:?}: {message}")]
     BadKey { key: &'static str, message: String },
     #[error("decision {decision:?} contradicts allowed = {allowed}")]
-    Contradiction { decision: &'static str, allowed: bool },
+    Contradiction {
+        decision: &'static str,
+        allowed: bool,
+    },
 }
 
 /// A typed decision.
@@ -100,7 +103,10 @@ impl Decision {
             Value::Object(obj) => obj,
             other => return Err(DecisionError::WrongType(type_name(other))),
         };
-        let get = |k: &str| obj.get(&Value::from(k)).filter(|v| !matches!(v, Value::Undefined | Value::Null));
+        let get = |k: &str| {
+            obj.get(&Value::from(k))
+                .filter(|v| !matches!(v, Value::Undefined | Value::Null))
+        };
         let allowed = get("allowed").map(|v| as_bool(v, "allowed")).transpose()?;
         let verdict = match get("decision") {
             Some(d) => {
@@ -115,7 +121,10 @@ impl Decision {
         };
         if let Some(allowed) = allowed {
             if allowed != verdict.allows() {
-                return Err(DecisionError::Contradiction { decision: verdict.as_str(), allowed });
+                return Err(DecisionError::Contradiction {
+                    decision: verdict.as_str(),
+                    allowed,
+                });
             }
         }
         let reason = match get("reason") {
@@ -124,27 +133,52 @@ impl Decision {
         };
         let http_status = get("http_status")
             .map(|v| {
-                let n = v.as_u64().map_err(|_| bad("http_status", "must be an integer"))?;
-                u32::try_from(n).ok().filter(|n| (100..=599).contains(n)).ok_or_else(|| bad("http_status", "must be 100..=599"))
+                let n = v
+                    .as_u64()
+                    .map_err(|_| bad("http_status", "must be an integer"))?;
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| (100..=599).contains(n))
+                    .ok_or_else(|| bad("http_status", "must be 100..=599"))
             })
             .transpose()?;
         Ok(Self {
             verdict,
             reason,
-            headers: get("headers").map(|v| string_pairs(v, "headers")).transpose()?.unwrap_or_default(),
-            body: get("body").map(|v| as_str(v, "body").map(str::to_owned)).transpose()?,
+            headers: get("headers")
+                .map(|v| string_pairs(v, "headers"))
+                .transpose()?
+                .unwrap_or_default(),
+            body: get("body")
+                .map(|v| as_str(v, "body").map(str::to_owned))
+                .transpose()?,
             http_status,
-            request_headers_to_remove: get("request_headers_to_remove").map(|v| strings(v, "request_headers_to_remove")).transpose()?.unwrap_or_default(),
-            response_headers_to_add: get("response_headers_to_add").map(|v| string_pairs(v, "response_headers_to_add")).transpose()?.unwrap_or_default(),
-            query_parameters_to_set: get("query_parameters_to_set").map(|v| string_pairs(v, "query_parameters_to_set")).transpose()?.unwrap_or_default(),
-            query_parameters_to_remove: get("query_parameters_to_remove").map(|v| strings(v, "query_parameters_to_remove")).transpose()?.unwrap_or_default(),
+            request_headers_to_remove: get("request_headers_to_remove")
+                .map(|v| strings(v, "request_headers_to_remove"))
+                .transpose()?
+                .unwrap_or_default(),
+            response_headers_to_add: get("response_headers_to_add")
+                .map(|v| string_pairs(v, "response_headers_to_add"))
+                .transpose()?
+                .unwrap_or_default(),
+            query_parameters_to_set: get("query_parameters_to_set")
+                .map(|v| string_pairs(v, "query_parameters_to_set"))
+                .transpose()?
+                .unwrap_or_default(),
+            query_parameters_to_remove: get("query_parameters_to_remove")
+                .map(|v| strings(v, "query_parameters_to_remove"))
+                .transpose()?
+                .unwrap_or_default(),
             dynamic_metadata: get("dynamic_metadata").map(dynamic_metadata).transpose()?,
         })
     }
 }
 
 fn bad(key: &'static str, message: &str) -> DecisionError {
-    DecisionError::BadKey { key, message: message.to_owned() }
+    DecisionError::BadKey {
+        key,
+        message: message.to_owned(),
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -161,11 +195,15 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 fn as_bool(v: &Value, key: &'static str) -> Result<bool, DecisionError> {
-    v.as_bool().copied().map_err(|_| bad(key, "must be a boolean"))
+    v.as_bool()
+        .copied()
+        .map_err(|_| bad(key, "must be a boolean"))
 }
 
 fn as_str<'a>(v: &'a Value, key: &'static str) -> Result<&'a str, DecisionError> {
-    v.as_string().map(|s| s.as_ref()).map_err(|_| bad(key, "must be a string"))
+    v.as_string()
+        .map(|s| s.as_ref())
+        .map_err(|_| bad(key, "must be a string"))
 }
 
 /// An array or set of strings.
@@ -175,7 +213,10 @@ fn strings(v: &Value, key: &'static str) -> Result<Vec<String>, DecisionError> {
         Value::Set(s) => s.iter().collect(),
         _ => return Err(bad(key, "must be an array of strings")),
     };
-    items.into_iter().map(|i| as_str(i, key).map(str::to_owned)).collect()
+    items
+        .into_iter()
+        .map(|i| as_str(i, key).map(str::to_owned))
+        .collect()
 }
 
 /// An object whose values are strings or arrays of strings (one pair per element).
@@ -197,7 +238,9 @@ fn string_pairs(v: &Value, key: &'static str) -> Result<Vec<(String, String)>, D
     Ok(out)
 }
 
-fn dynamic_metadata(v: &Value) -> Result<serde_json::Map<String, serde_json::Value>, DecisionError> {
+fn dynamic_metadata(
+    v: &Value,
+) -> Result<serde_json::Map<String, serde_json::Value>, DecisionError> {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         _ => Err(bad("dynamic_metadata", "must be an object")),

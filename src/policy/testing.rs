@@ -29,10 +29,19 @@ pub fn run(source: &BundleSource, opts: &PolicyOptions) -> Result<Vec<TestResult
     let tests: Vec<(String, String)> = parsed
         .modules
         .iter()
-        .flat_map(|(file, text)| test_rules(text).into_iter().map(move |rule| (file.clone(), rule)))
+        .flat_map(|(file, text)| {
+            test_rules(text)
+                .into_iter()
+                .map(move |rule| (file.clone(), rule))
+        })
         .collect();
     // Compile against the first test rule: a test bundle need not define the decision rule.
-    let opts = PolicyOptions { query: tests.first().map_or_else(|| opts.query.clone(), |t| t.1.clone()), ..opts.clone() };
+    let opts = PolicyOptions {
+        query: tests
+            .first()
+            .map_or_else(|| opts.query.clone(), |t| t.1.clone()),
+        ..opts.clone()
+    };
     let compiled = CompiledBundle::compile(parsed, &opts)?;
     Ok(tests
         .into_iter()
@@ -42,7 +51,11 @@ pub fn run(source: &BundleSource, opts: &PolicyOptions) -> Result<Vec<TestResult
                 Ok(_) => Outcome::Fail,
                 Err(e) => Outcome::Error(e),
             };
-            TestResult { rule, file, outcome }
+            TestResult {
+                rule,
+                file,
+                outcome,
+            }
         })
         .collect())
 }
@@ -50,14 +63,22 @@ pub fn run(source: &BundleSource, opts: &PolicyOptions) -> Result<Vec<TestResult
 /// `data.<package>.test_*` for every top-level test rule of a module, in source order.
 /// Rules start at column 0 in formatted Rego (`opa fmt`), which is what this relies on.
 fn test_rules(text: &str) -> Vec<String> {
-    let package = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("package ").map(|p| p.trim().to_owned()));
-    let Some(package) = package else { return Vec::new() };
+    let package = text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("package ")
+            .map(|p| p.trim().to_owned())
+    });
+    let Some(package) = package else {
+        return Vec::new();
+    };
     let mut seen = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("test_") else { continue };
-        let name_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+        let Some(rest) = line.strip_prefix("test_") else {
+            continue;
+        };
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
         let rule = format!("data.{package}.test_{}", &rest[..name_len]);
         if !seen.contains(&rule) {
             seen.push(rule);
@@ -71,6 +92,9 @@ mod tests {
     #[test]
     fn finds_test_rules() {
         let text = "package a.b\nimport rego.v1\n\ntest_one if { true }\ntest_two if {\n}\nnot_a_test if true\n  test_nested := 1\ntest_one if { false }\n";
-        assert_eq!(super::test_rules(text), vec!["data.a.b.test_one", "data.a.b.test_two"]);
+        assert_eq!(
+            super::test_rules(text),
+            vec!["data.a.b.test_one", "data.a.b.test_two"]
+        );
     }
 }

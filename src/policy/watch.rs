@@ -32,7 +32,11 @@ pub fn fingerprint(path: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
 
 /// Runs until `shutdown` fires: reloads on a change seen by polling every `interval`, and
 /// on SIGHUP.
-pub async fn run(policy: Arc<Policy>, interval: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    policy: Arc<Policy>,
+    interval: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -60,8 +64,15 @@ pub async fn run(policy: Arc<Policy>, interval: Duration, mut shutdown: tokio::s
         }
         let p = policy.clone();
         match tokio::task::spawn_blocking(move || p.reload()).await {
-            Ok(Ok(revision)) => crate::log!(info, "policy bundle reloaded from {}: revision {revision}", policy.source()),
-            Ok(Err(e)) => crate::log!(error, "policy bundle reload refused, last good bundle keeps serving: {e}"),
+            Ok(Ok(revision)) => crate::log!(
+                info,
+                "policy bundle reloaded from {}: revision {revision}",
+                policy.source()
+            ),
+            Ok(Err(e)) => crate::log!(
+                error,
+                "policy bundle reload refused, last good bundle keeps serving: {e}"
+            ),
             Err(e) => crate::log!(error, "policy bundle reload task failed: {e}"),
         }
     }

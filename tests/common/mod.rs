@@ -40,15 +40,27 @@ pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = config(dir.path());
     f(&mut c);
-    let running = aegis::server::start(c.clone()).await.expect("server starts");
+    let running = aegis::server::start(c.clone())
+        .await
+        .expect("server starts");
     let signer = Signer::load(&c.data_dir).expect("key created by server");
     let addr = running.local_addr;
     let client = client(addr).await;
-    TestServer { running: Some(running), addr, dir, signer, client }
+    TestServer {
+        running: Some(running),
+        addr,
+        dir,
+        signer,
+        client,
+    }
 }
 
 pub async fn client(addr: std::net::SocketAddr) -> AuthorizationClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connects");
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects");
     AuthorizationClient::new(ch)
 }
 
@@ -78,11 +90,15 @@ impl TestServer {
     /// Audit rows as (decision, reason, agent, tool, action) in seq order.
     pub fn rows(&self) -> Vec<(String, String, String, String, String)> {
         let conn = rusqlite::Connection::open(self.db()).expect("open db");
-        let mut stmt = conn.prepare("SELECT decision, reason, agent, tool, action FROM audit_log ORDER BY seq").expect("prepare");
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows")
+        let mut stmt = conn
+            .prepare("SELECT decision, reason, agent, tool, action FROM audit_log ORDER BY seq")
+            .expect("prepare");
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
     }
 }
 
@@ -119,7 +135,12 @@ pub struct Req {
 
 impl Req {
     pub fn get(path: &str) -> Self {
-        Self { method: "GET".into(), path: path.into(), headers: HashMap::new(), body: String::new() }
+        Self {
+            method: "GET".into(),
+            path: path.into(),
+            headers: HashMap::new(),
+            body: String::new(),
+        }
     }
 
     /// An MCP `tools/call` POST.
@@ -129,7 +150,12 @@ impl Req {
     }
 
     pub fn post(path: &str, content_type: &str, body: &str) -> Self {
-        let mut r = Self { method: "POST".into(), path: path.into(), headers: HashMap::new(), body: body.into() };
+        let mut r = Self {
+            method: "POST".into(),
+            path: path.into(),
+            headers: HashMap::new(),
+            body: body.into(),
+        };
         r.headers.insert("content-type".into(), content_type.into());
         r
     }
@@ -144,7 +170,8 @@ impl Req {
     }
 
     pub fn tool(self, tool: &str, action: &str) -> Self {
-        self.header("x-aegis-tool", tool).header("x-aegis-action", action)
+        self.header("x-aegis-tool", tool)
+            .header("x-aegis-action", action)
     }
 
     pub fn build(self) -> CheckRequest {
@@ -162,7 +189,10 @@ impl Req {
         };
         CheckRequest {
             attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request { time: None, http: Some(http) }),
+                request: Some(attribute_context::Request {
+                    time: None,
+                    http: Some(http),
+                }),
                 ..Default::default()
             }),
         }
@@ -188,8 +218,15 @@ pub fn ok(r: &CheckResponse) -> &envoy_types::ext_authz::v3::pb::OkHttpResponse 
     }
 }
 
-pub fn header<'a>(headers: &'a [envoy_types::ext_authz::v3::pb::HeaderValueOption], name: &str) -> Option<&'a str> {
-    headers.iter().filter_map(|h| h.header.as_ref()).find(|h| h.key == name).map(|h| h.value.as_str())
+pub fn header<'a>(
+    headers: &'a [envoy_types::ext_authz::v3::pb::HeaderValueOption],
+    name: &str,
+) -> Option<&'a str> {
+    headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
 }
 
 /// Polls `f` until it is true or `timeout` passes.
@@ -229,9 +266,18 @@ pub fn spawn_serve(args: &[&str]) -> ChildServe {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = std::io::BufReader::new(stderr).lines();
     let addr = loop {
-        let line = lines.next().expect("aegis serve exited early").expect("line");
+        let line = lines
+            .next()
+            .expect("aegis serve exited early")
+            .expect("line");
         if let Some(rest) = line.split("serving ext_authz on ").nth(1) {
-            break rest.split_whitespace().next().expect("addr").trim_end_matches(':').parse().expect("socket addr");
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("addr")
+                .trim_end_matches(':')
+                .parse()
+                .expect("socket addr");
         }
     };
     std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
@@ -245,15 +291,27 @@ pub fn copy_default_bundle(dest: &Path) {
         for e in std::fs::read_dir(src).expect("read_dir") {
             let p = e.expect("entry").path();
             let target = dst.join(p.file_name().expect("name"));
-            if p.is_dir() { copy(&p, &target) } else { std::fs::copy(&p, &target).expect("copy"); }
+            if p.is_dir() {
+                copy(&p, &target)
+            } else {
+                std::fs::copy(&p, &target).expect("copy");
+            }
         }
     }
-    copy(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"), dest);
+    copy(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+        dest,
+    );
 }
 
 /// The `policy_version` in a response's dynamic metadata.
 pub fn policy_version(r: &CheckResponse) -> String {
-    match r.dynamic_metadata.as_ref().and_then(|m| m.fields.get("policy_version")).and_then(|v| v.kind.as_ref()) {
+    match r
+        .dynamic_metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("policy_version"))
+        .and_then(|v| v.kind.as_ref())
+    {
         Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.clone(),
         other => panic!("no policy_version: {other:?}"),
     }
