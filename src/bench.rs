@@ -370,11 +370,11 @@ struct Tally {
 impl Tally {
     fn add(
         &mut self,
-        started: Instant,
+        latency: Duration,
         result: Result<tonic::Response<CheckResponse>, tonic::Status>,
     ) {
         self.latencies_us
-            .push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+            .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
         match result {
             Ok(r) if r.get_ref().status.as_ref().is_none_or(|s| s.code == 0) => self.allowed += 1,
             Ok(_) => self.denied += 1,
@@ -432,7 +432,7 @@ async fn saturate(
                 i += 1;
                 let t = Instant::now();
                 let r = client.check(req).await;
-                tally.add(t, r);
+                tally.add(t.elapsed(), r);
             }
             tally
         }));
@@ -468,27 +468,39 @@ async fn fixed_rate(
         })
     });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for n in 0..total {
-        let scheduled = start + interval * u32::try_from(n).unwrap_or(u32::MAX);
-        tokio::time::sleep_until(scheduled.into()).await;
-        let mut client = clients[(n as usize) % clients.len()].clone();
-        let req = work[(n as usize * 31) % work.len()].clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(5), client.check(req)).await;
-            let r = r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("bench timeout")));
-            let _ = tx.send((scheduled, r));
-        });
-    }
-    drop(tx);
+    // Pace from a plain thread: tokio's timer has 1 ms granularity, which would add up to a
+    // millisecond of the harness's own lag to every request; thread sleeps are precise.
+    let runtime = tokio::runtime::Handle::current();
+    let clients = clients.to_vec();
+    let work = work.clone();
+    let pacer = std::thread::spawn(move || {
+        for n in 0..total {
+            let scheduled = start + interval * u32::try_from(n).unwrap_or(u32::MAX);
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let mut client = clients[(n as usize) % clients.len()].clone();
+            let req = work[(n as usize * 31) % work.len()].clone();
+            let tx = tx.clone();
+            runtime.spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(5), client.check(req)).await;
+                let r =
+                    r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("bench timeout")));
+                // Latency from the scheduled send time, taken when the answer arrives.
+                let _ = tx.send((scheduled.elapsed(), r));
+            });
+        }
+    });
     let mut tally = Tally::default();
-    while let Some((scheduled, r)) = rx.recv().await {
-        tally.add(scheduled, r);
+    while let Some((latency, r)) = rx.recv().await {
+        tally.add(latency, r);
     }
+    let elapsed = start.elapsed();
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
     if let Some(s) = sampler {
         let _ = s.await;
     }
-    tally.finish(start.elapsed())
+    tally.finish(elapsed)
 }
 
 /// VmRSS of a process, in bytes.
@@ -585,12 +597,9 @@ pub async fn noop_server_main(listen: SocketAddr) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(AuthorizationServer::new(NoopAuthz))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                term.recv().await;
-            },
-        )
+        .serve_with_incoming_shutdown(crate::server::incoming(listener), async move {
+            term.recv().await;
+        })
         .await?;
     Ok(())
 }
@@ -660,7 +669,7 @@ impl SpanSink {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(svc))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(crate::server::incoming(listener)),
         );
         Ok(Self {
             addr,

@@ -1,9 +1,13 @@
 //! Policy: bundles compiled once, evaluated per Check without re-parsing.
 //!
 //! A [`CompiledBundle`] holds a prepared regorus engine (modules parsed, data merged, one
-//! warm-up evaluation done) and a pool of its clones: regorus evaluates through `&mut self`,
-//! so each concurrent evaluation takes an engine from the pool and puts it back. Every
-//! evaluation runs under regorus's cooperative execution timer.
+//! warm-up evaluation done). Checks are evaluated by regorus's RVM: the decision rule
+//! compiled once to a program, run by a pool of VMs (evaluation takes `&mut self`, so each
+//! concurrent evaluation takes a VM from the pool and puts it back). Measured on the default
+//! bundle, the RVM takes ~18 µs where the interpreter takes ~64 µs. A bundle the RVM cannot
+//! compile (it has no `walk`, for one) is served by the interpreter instead, with a log
+//! line saying so; the interpreter also runs `aegis policy test`, and a differential test
+//! holds the two to the same decisions. Both run under regorus's execution timer.
 //!
 //! [`Policy`] is the live slot: a reload compiles the new bundle off to the side and swaps
 //! it in atomically; a broken bundle is refused and the last good one keeps serving.
@@ -18,6 +22,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use regorus::Engine;
+use regorus::rvm::program::Program;
+use regorus::rvm::vm::RegoVM;
+use regorus::utils::limits::ExecutionTimerConfig;
 
 pub use bundle::{BundleError, BundleFiles, BundleSource, ParsedBundle};
 pub use decision::{Decision, DecisionError, Verdict};
@@ -43,14 +50,33 @@ pub struct PolicyOptions {
     pub eval_timeout: Duration,
 }
 
-/// A compiled bundle and its engine pool.
+/// A compiled bundle and its evaluator pool.
 pub struct CompiledBundle {
     revision: String,
     digest: String,
     query: String,
     eval_timeout: Duration,
+    /// The prepared interpreter: the fallback evaluator and the test runner.
     template: Engine,
     pool: Mutex<Vec<Engine>>,
+    /// The RVM program of the decision rule, when the RVM can compile the bundle.
+    vm: Option<VmParts>,
+}
+
+/// What a new RVM is made of, and the pool of ready ones.
+struct VmParts {
+    compiled: regorus::CompiledPolicy,
+    program: Arc<Program>,
+    data: regorus::Value,
+    timer: ExecutionTimerConfig,
+    pool: Mutex<Vec<RegoVM>>,
+}
+
+/// Which evaluator serves Checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evaluator {
+    Rvm,
+    Interpreter,
 }
 
 impl std::fmt::Debug for CompiledBundle {
@@ -98,16 +124,27 @@ impl CompiledBundle {
             })?;
         }
         let check_interval = NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN);
-        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        let timer = ExecutionTimerConfig {
             limit: opts.eval_timeout,
             check_interval,
-        });
+        };
+        engine.set_execution_timer_config(timer);
         // Warm up: the first evaluation prepares the engine (rule indexes, scheduling); the
         // clones made from it then start prepared. It also proves the query names a rule.
         engine.set_input(regorus::Value::new_object());
         engine
             .eval_rule(opts.query.clone())
             .map_err(|e| BundleError::Compile(format!("query {}: {e}", opts.query)))?;
+        let vm = match compile_vm(&engine, &opts.query, timer) {
+            Ok(parts) => Some(parts),
+            Err(e) => {
+                crate::log!(
+                    warn,
+                    "the RVM cannot compile this bundle ({e}); evaluating with the interpreter"
+                );
+                None
+            }
+        };
         Ok(Self {
             revision: parsed.revision,
             digest: parsed.digest,
@@ -115,7 +152,17 @@ impl CompiledBundle {
             eval_timeout: opts.eval_timeout,
             template: engine,
             pool: Mutex::new(Vec::new()),
+            vm,
         })
+    }
+
+    /// The evaluator serving Checks for this bundle.
+    pub fn evaluator(&self) -> Evaluator {
+        if self.vm.is_some() {
+            Evaluator::Rvm
+        } else {
+            Evaluator::Interpreter
+        }
     }
 
     /// The bundle revision: the `policy_version` of every decision.
@@ -136,11 +183,11 @@ impl CompiledBundle {
 
     /// Evaluates the decision rule and returns its raw value.
     pub fn evaluate_raw(&self, input: regorus::Value) -> Result<regorus::Value, EvalError> {
-        let mut engine = self.checkout();
-        engine.set_input(input);
         let started = std::time::Instant::now();
-        let result = engine.eval_rule(self.query.clone());
-        self.checkin(engine);
+        let result = match &self.vm {
+            Some(vm) => vm.evaluate(&self.query, input),
+            None => self.interpret(input),
+        };
         result.map_err(|e| {
             let message = e.to_string();
             if started.elapsed() >= self.eval_timeout || message.contains("time limit") {
@@ -152,6 +199,15 @@ impl CompiledBundle {
                 }
             }
         })
+    }
+
+    /// Evaluates the decision rule with the interpreter (the reference semantics).
+    pub fn interpret(&self, input: regorus::Value) -> anyhow::Result<regorus::Value> {
+        let mut engine = self.checkout();
+        engine.set_input(input);
+        let result = engine.eval_rule(self.query.clone());
+        self.checkin(engine);
+        result
     }
 
     /// Evaluates any rule path against `input` (used by `aegis policy test`).
@@ -173,6 +229,64 @@ impl CompiledBundle {
             // More engines than concurrent evaluations are never needed; keep a few spare.
             if pool.len() < 64 {
                 pool.push(engine);
+            }
+        }
+    }
+}
+
+fn compile_vm(
+    engine: &Engine,
+    query: &str,
+    timer: ExecutionTimerConfig,
+) -> anyhow::Result<VmParts> {
+    let compiled = engine.clone().compile_with_entrypoint(&Arc::from(query))?;
+    let program =
+        regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[query])?;
+    let parts = VmParts {
+        compiled,
+        program,
+        data: engine.get_data(),
+        timer,
+        pool: Mutex::new(Vec::new()),
+    };
+    // Prove a VM can be made and run before this bundle is accepted.
+    let mut vm = parts.new_vm()?;
+    vm.set_input(regorus::Value::new_object());
+    vm.execute_entry_point_by_name(query)?;
+    parts.checkin(vm);
+    Ok(parts)
+}
+
+// === impl VmParts ===
+
+impl VmParts {
+    fn new_vm(&self) -> anyhow::Result<RegoVM> {
+        let mut vm = RegoVM::new_with_policy(self.compiled.clone());
+        vm.load_program(self.program.clone());
+        vm.set_data(self.data.clone())?;
+        vm.set_execution_timer_config(Some(self.timer));
+        Ok(vm)
+    }
+
+    fn evaluate(&self, query: &str, input: regorus::Value) -> anyhow::Result<regorus::Value> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let mut vm = match pooled {
+            Some(vm) => vm,
+            None => self.new_vm()?,
+        };
+        vm.set_input(input);
+        let result = vm.execute_entry_point_by_name(query);
+        // A VM whose run failed is dropped, not reused: no state of a failed run lingers.
+        if result.is_ok() {
+            self.checkin(vm);
+        }
+        Ok(result?)
+    }
+
+    fn checkin(&self, vm: RegoVM) {
+        if let Ok(mut pool) = self.pool.lock() {
+            if pool.len() < 64 {
+                pool.push(vm);
             }
         }
     }

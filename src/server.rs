@@ -12,7 +12,6 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::audit::store::{AUDIT_DB_FILE, AuditError, AuditLog, StoreOptions};
@@ -246,7 +245,7 @@ async fn serve(
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let serving = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped);
+    let serving = router.serve_with_incoming_shutdown(incoming(listener), stopped);
     let mut stop = shutdown.clone();
     let deadline = async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -266,6 +265,12 @@ async fn serve(
     })
     .await;
     crate::log!(info, "aegis stopped: audit log flushed");
+}
+
+/// Accepted connections with TCP_NODELAY: gRPC answers are small frames, and Nagle's
+/// algorithm against the peer's delayed ACK would hold each one back ~40 ms.
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Keeps the health service truthful: NOT_SERVING while the audit log cannot be written.

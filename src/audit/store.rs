@@ -6,6 +6,11 @@
 //! every waiting Check. A failed transaction rolls back whole and every Check in it gets
 //! the error (and fails closed); the chain head only moves on a successful commit, so the
 //! next batch continues from the last row that is really stored.
+//!
+//! WAL checkpoints (copying the WAL back into the database file, with an fsync) run on a
+//! second thread with its own connection, never inside a Check's commit: SQLite's
+//! automatic checkpoint would otherwise stall whichever commit crosses the threshold for
+//! milliseconds. A PASSIVE checkpoint runs beside the writer without blocking it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,9 +115,12 @@ pub struct AuditLog {
     capacity: usize,
 }
 
-/// Joins the writer thread after every [`AuditLog`] handle is dropped.
+/// Joins the writer (and checkpointer) threads after every [`AuditLog`] handle is dropped.
 #[derive(Debug)]
-pub struct WriterThread(Option<JoinHandle<()>>);
+pub struct WriterThread(Option<JoinHandle<()>>, Option<JoinHandle<()>>);
+
+/// How often the checkpointer copies the WAL into the database.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 // === impl AuditLog ===
 
@@ -124,7 +132,11 @@ impl AuditLog {
         opts: &StoreOptions,
     ) -> Result<(Self, WriterThread), AuditError> {
         let conn = open_connection(path, opts.durability)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+            .map_err(|e| open_err(path, e))?;
         let (head_seq, head_hash) = read_head(&conn).map_err(|e| open_err(path, e))?;
+        let checkpoint_conn = open_connection(path, opts.durability)?;
+        let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
@@ -135,9 +147,16 @@ impl AuditLog {
             max_batch: opts.max_batch.max(1),
             healthy: healthy.clone(),
         };
+        let checkpointer = std::thread::Builder::new()
+            .name("aegis-audit-ckpt".into())
+            .spawn(move || run_checkpoints(&checkpoint_conn, &checkpoint_rx))
+            .map_err(|e| open_err(path, e.to_string()))?;
         let handle = std::thread::Builder::new()
             .name("aegis-audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                drop(stop_checkpoints);
+            })
             .map_err(|e| open_err(path, e.to_string()))?;
         Ok((
             Self {
@@ -145,7 +164,7 @@ impl AuditLog {
                 healthy,
                 capacity: opts.queue_capacity,
             },
-            WriterThread(Some(handle)),
+            WriterThread(Some(handle), Some(checkpointer)),
         ))
     }
 
@@ -171,10 +190,22 @@ impl AuditLog {
 impl WriterThread {
     /// Waits for the writer to drain its queue and stop (all handles must be dropped).
     pub fn join(mut self) {
-        if let Some(h) = self.0.take() {
+        for h in [self.0.take(), self.1.take()].into_iter().flatten() {
             let _ = h.join();
         }
     }
+}
+
+/// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until the writer stops, then once
+/// more, truncating the WAL.
+fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            crate::log!(warn, "audit WAL checkpoint failed (will retry): {e}");
+        }
+    }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn open_err(path: &Path, e: impl ToString) -> AuditError {
