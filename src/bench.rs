@@ -634,10 +634,10 @@ impl TraceService for SinkService {
             .map(|s| s.spans.len())
             .sum();
         self.spans.fetch_add(n as u64, Ordering::Relaxed);
-        if self.keep {
-            if let Ok(mut v) = self.received.lock() {
-                v.push(req);
-            }
+        if self.keep
+            && let Ok(mut v) = self.received.lock()
+        {
+            v.push(req);
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,

@@ -284,10 +284,10 @@ impl VmParts {
     }
 
     fn checkin(&self, vm: RegoVM) {
-        if let Ok(mut pool) = self.pool.lock() {
-            if pool.len() < 64 {
-                pool.push(vm);
-            }
+        if let Ok(mut pool) = self.pool.lock()
+            && pool.len() < 64
+        {
+            pool.push(vm);
         }
     }
 }

@@ -8,7 +8,10 @@ use aegis::policy::{BundleSource, CompiledBundle, Evaluator, PolicyOptions};
 use serde_json::json;
 
 fn opts() -> PolicyOptions {
-    PolicyOptions { query: "data.aegis.authz.decision".into(), eval_timeout: Duration::from_secs(2) }
+    PolicyOptions {
+        query: "data.aegis.authz.decision".into(),
+        eval_timeout: Duration::from_secs(2),
+    }
 }
 
 #[test]
@@ -16,12 +19,21 @@ fn rvm_and_interpreter_agree_on_the_default_bundle() {
     let bundle = CompiledBundle::load(&BundleSource::Embedded, &opts()).expect("default bundle");
     assert_eq!(bundle.evaluator(), Evaluator::Rvm);
     let tools = [
-        ("invoices", vec!["read", "list", "create", "update", "delete_all"]),
+        (
+            "invoices",
+            vec!["read", "list", "create", "update", "delete_all"],
+        ),
         ("payments", vec!["read", "create", "refund"]),
-        ("github", vec!["read_issue", "read_repo", "create_comment", "push"]),
+        (
+            "github",
+            vec!["read_issue", "read_repo", "create_comment", "push"],
+        ),
         ("web_fetch", vec!["get"]),
         ("slack", vec!["post_message"]),
-        ("mcp", vec!["initialize", "tools/list", "sampling/createMessage"]),
+        (
+            "mcp",
+            vec!["initialize", "tools/list", "sampling/createMessage"],
+        ),
         ("shell", vec!["exec"]),
         ("", vec![""]),
     ];
@@ -45,7 +57,11 @@ fn rvm_and_interpreter_agree_on_the_default_bundle() {
         json!({"url": 42}),
     ];
     let trust = ["internal", "untrusted_external", "unspecified"];
-    let headers = [json!({}), json!({"authorization": "Bearer x", "accept": "*/*"}), json!({"cookie": "a=b", "x-api-key": "k"})];
+    let headers = [
+        json!({}),
+        json!({"authorization": "Bearer x", "accept": "*/*"}),
+        json!({"cookie": "a=b", "x-api-key": "k"}),
+    ];
     let queries = [json!({}), json!({"access_token": ["t"], "page": ["1"]})];
     let mut checked = 0;
     for (tool, actions) in &tools {
@@ -85,10 +101,15 @@ fn a_bundle_the_rvm_cannot_compile_is_served_by_the_interpreter() {
         "package aegis.authz\nimport rego.v1\n\nclean if not input.a.b == \"s3cret\"\n\n# `with` is not supported by the RVM compiler.\nstill_clean if clean with input.extra as 1\n\ndecision := {\"allowed\": true} if still_clean\n\ndecision := {\"allowed\": false} if not still_clean\n",
     )
     .expect("write");
-    let bundle = CompiledBundle::load(&BundleSource::Dir(dir.path().to_path_buf()), &opts()).expect("loads");
+    let bundle =
+        CompiledBundle::load(&BundleSource::Dir(dir.path().to_path_buf()), &opts()).expect("loads");
     assert_eq!(bundle.evaluator(), Evaluator::Interpreter);
-    let leak = bundle.evaluate(regorus::Value::from(json!({"a": {"b": "s3cret"}}))).expect("decides");
+    let leak = bundle
+        .evaluate(regorus::Value::from(json!({"a": {"b": "s3cret"}})))
+        .expect("decides");
     assert!(!leak.verdict.allows());
-    let clean = bundle.evaluate(regorus::Value::from(json!({"a": {"b": "fine"}}))).expect("decides");
+    let clean = bundle
+        .evaluate(regorus::Value::from(json!({"a": {"b": "fine"}})))
+        .expect("decides");
     assert!(clean.verdict.allows());
 }

@@ -40,10 +40,10 @@ pub fn attributes(a: &AttributeContext) -> Value {
     if let Some(md) = &a.route_metadata_context {
         m.insert("routeMetadataContext".into(), metadata(md));
     }
-    if let Some(tls) = &a.tls_session {
-        if !tls.sni.is_empty() {
-            m.insert("tlsSession".into(), json!({ "sni": tls.sni }));
-        }
+    if let Some(tls) = &a.tls_session
+        && !tls.sni.is_empty()
+    {
+        m.insert("tlsSession".into(), json!({ "sni": tls.sni }));
     }
     Value::Object(m)
 }

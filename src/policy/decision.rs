@@ -119,13 +119,13 @@ impl Decision {
             None if allowed == Some(true) => Verdict::Allow,
             None => Verdict::Deny,
         };
-        if let Some(allowed) = allowed {
-            if allowed != verdict.allows() {
-                return Err(DecisionError::Contradiction {
-                    decision: verdict.as_str(),
-                    allowed,
-                });
-            }
+        if let Some(allowed) = allowed
+            && allowed != verdict.allows()
+        {
+            return Err(DecisionError::Contradiction {
+                decision: verdict.as_str(),
+                allowed,
+            });
         }
         let reason = match get("reason") {
             Some(r) => as_str(r, "reason")?.to_owned(),

@@ -25,9 +25,11 @@ pub struct TestServer {
 
 /// A config on 127.0.0.1:0 with its data directory under `dir`.
 pub fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().expect("addr");
-    c.data_dir = dir.join("data");
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.join("data"),
+        ..Default::default()
+    };
     c.policy.watch_interval_ms = 100;
     c
 }
