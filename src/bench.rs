@@ -60,9 +60,12 @@ pub struct BenchArgs {
     /// Distinct agents in the workload.
     #[arg(long, default_value_t = 50)]
     pub agents: usize,
-    /// Audit durability passed to `aegis serve` (full or normal).
-    #[arg(long, default_value = "full")]
+    /// Audit durability passed to `aegis serve` (normal or full).
+    #[arg(long, default_value = "normal")]
     pub durability: String,
+    /// Do not export spans (they are still created); isolates the export's cost.
+    #[arg(long)]
+    pub no_otlp: bool,
 }
 
 /// Results of one phase against one server.
@@ -96,20 +99,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         &["noop-server", "--listen", "127.0.0.1:0"],
         "noop ext_authz listening on ",
     )?;
-    let mut aegis = ChildServer::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data_dir.to_string_lossy(),
-            "--otlp-endpoint",
-            &format!("http://{}", sink.addr),
-            "--audit-durability",
-            &args.durability,
-        ],
-        "aegis serving ext_authz on ",
-    )?;
+    let data = data_dir.to_string_lossy().into_owned();
+    let endpoint = format!("http://{}", sink.addr);
+    let mut serve_args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--audit-durability",
+        &args.durability,
+    ];
+    if !args.no_otlp {
+        serve_args.extend(["--otlp-endpoint", &endpoint]);
+    }
+    let mut aegis = ChildServer::spawn(&serve_args, "aegis serving ext_authz on ")?;
 
     println!(
         "aegis bench: {} agents, {} request shapes, durability {}",
@@ -657,7 +661,8 @@ impl SpanSink {
     }
 
     async fn start_with(keep: bool) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let spans = Arc::new(AtomicU64::new(0));
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -666,11 +671,24 @@ impl SpanSink {
             received: received.clone(),
             keep,
         };
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(svc))
-                .serve_with_incoming(crate::server::incoming(listener)),
-        );
+        // A runtime of its own, as a remote collector would be: decoding span batches must
+        // not delay the benchmark client's own handling of Check responses.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("otlp-sink".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(TraceServiceServer::new(svc))
+                        .serve_with_incoming(crate::server::incoming(listener))
+                        .await;
+                });
+            })?;
         Ok(Self {
             addr,
             spans,

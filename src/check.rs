@@ -206,10 +206,9 @@ impl Checker {
         let attributes = req
             .attributes
             .as_ref()
-            .map(protojson::attributes)
-            .unwrap_or_default();
+            .map_or_else(regorus::Value::new_object, protojson::attributes);
         let doc = input::build(attributes, &decoded, &claims);
-        let outcome = match bundle.evaluate(regorus::Value::from(doc)) {
+        let outcome = match bundle.evaluate(doc) {
             Ok(decision) => Outcome::Decided {
                 decision,
                 code: Code::PermissionDenied,

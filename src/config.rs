@@ -86,7 +86,9 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
-    /// `full` (fsync per commit; survives power loss) or `normal` (survives a crash).
+    /// `normal` (default: each row is in the WAL before its Check is answered, which survives
+    /// a crash or SIGKILL of the process) or `full` (also fsync per commit: survives power
+    /// loss, at ~0.4 ms median and several ms p99 per commit on the disks measured).
     pub durability: Durability,
     /// Rows waiting for the writer before Checks fail closed with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
@@ -163,7 +165,7 @@ impl Default for TokenConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
-            durability: Durability::Full,
+            durability: Durability::Normal,
             queue_capacity: 8192,
             max_batch: 512,
         }
@@ -245,7 +247,7 @@ pub struct Overrides {
         value_delimiter = ','
     )]
     pub trusted_keys: Vec<PathBuf>,
-    /// Audit durability: full or normal [default: full].
+    /// Audit durability: normal or full [default: normal].
     #[arg(long, env = "AEGIS_AUDIT_DURABILITY")]
     pub audit_durability: Option<Durability>,
     /// Audit queue capacity [default: 8192].

@@ -265,6 +265,10 @@ impl VmParts {
         vm.load_program(self.program.clone());
         vm.set_data(self.data.clone())?;
         vm.set_execution_timer_config(Some(self.timer));
+        // The RVM's own default budget (25,000 VM instructions) would fail large but sound
+        // policies; the wall-clock limit (`policy.eval_timeout_ms`) is the bound Aegis
+        // documents, so the instruction cap is set far out of its way.
+        vm.set_max_instructions(usize::MAX / 2);
         Ok(vm)
     }
 

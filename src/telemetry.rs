@@ -3,7 +3,10 @@
 //! The span is a child of the request's W3C `traceparent` (the agent's own trace, or
 //! Envoy's span) so SIEMs see the decision inside the agent's trace. Export runs on the
 //! SDK's batch processor thread with a bounded queue: a collector that is down costs
-//! dropped spans, never a slower or failed Check.
+//! dropped spans, never a slower or failed Check. The exporter's gRPC channel lives on a
+//! small runtime of its own: built on the Check runtime, its connection task would encode
+//! each batch on a Check worker, which showed as a 2–3 ms p99 at 2,000 Checks/s (~1 ms
+//! without export).
 
 use std::time::Duration;
 
@@ -40,6 +43,20 @@ pub struct TelemetryOptions {
 pub struct Telemetry {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    _export_runtime: Option<std::sync::Arc<ExportRuntime>>,
+}
+
+/// The exporter's own runtime; shut down without blocking when the last handle goes (it
+/// may be dropped inside an async context, where a blocking shutdown would panic).
+#[derive(Debug)]
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The span of one Check.
@@ -58,6 +75,7 @@ impl Telemetry {
             .with_service_name(opts.service_name.clone())
             .build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
+        let mut export_runtime = None;
         if let Some(endpoint) = &opts.endpoint {
             use opentelemetry_otlp::WithExportConfig;
             let endpoint = if endpoint.contains("://") {
@@ -65,29 +83,45 @@ impl Telemetry {
             } else {
                 format!("http://{endpoint}")
             };
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(opts.export_timeout)
+            let err = |message: String| TelemetryError::Exporter {
+                endpoint: endpoint.clone(),
+                message,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("aegis-otlp")
+                .enable_all()
                 .build()
-                .map_err(|e| TelemetryError::Exporter {
-                    endpoint: endpoint.clone(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| err(e.to_string()))?;
+            // The channel's background tasks are spawned on the runtime entered here.
+            let exporter = {
+                let _entered = runtime.enter();
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint.clone())
+                    .with_timeout(opts.export_timeout)
+                    .build()
+                    .map_err(|e| err(e.to_string()))?
+            };
             let batch = BatchConfigBuilder::default()
                 .with_max_queue_size(opts.queue_size.max(1))
                 .with_max_export_batch_size(opts.queue_size.clamp(1, 512))
-                .with_scheduled_delay(Duration::from_millis(500))
+                .with_scheduled_delay(Duration::from_millis(200))
                 .build();
             builder = builder.with_span_processor(
                 BatchSpanProcessor::builder(exporter)
                     .with_batch_config(batch)
                     .build(),
             );
+            export_runtime = Some(std::sync::Arc::new(ExportRuntime(Some(runtime))));
         }
         let provider = builder.build();
         let tracer = provider.tracer("aegis");
-        Ok(Self { provider, tracer })
+        Ok(Self {
+            provider,
+            tracer,
+            _export_runtime: export_runtime,
+        })
     }
 
     /// Starts the span of a Check, as a child of `traceparent` when it parses.

@@ -88,7 +88,8 @@ pub enum AuditError {
 pub enum Durability {
     /// fsync on every commit: a row whose Check was answered survives power loss.
     Full,
-    /// WAL without fsync per commit: survives a process crash (SIGKILL), not power loss.
+    /// WAL without fsync per commit: a committed row is in the OS's hands before its Check
+    /// is answered, so it survives a crash or SIGKILL of the process, not a power loss.
     Normal,
 }
 

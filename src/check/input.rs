@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::identity::Claims;
 
@@ -157,33 +157,42 @@ pub fn decode_with_headers<'a>(
 }
 
 /// The whole input document for an identified agent.
-pub fn build(attributes: Value, d: &Decoded<'_>, claims: &Claims) -> Value {
-    json!({
-        "attributes": attributes,
-        "parsed_path": d.parsed_path,
-        "parsed_query": d.parsed_query,
-        "parsed_body": d.parsed_body,
-        "truncated_body": d.truncated_body,
-        "version": {"encoding": "protojson", "ext_authz": "v3"},
-        "agent": {
-            "id": claims.sub,
-            "tenant": claims.tenant,
-            "scopes": claims.scopes,
-            "session": claims.sid,
-            "status": "active",
-        },
-        "tool": {
-            "name": d.tool.name,
-            "action": d.tool.action,
-            "arguments": d.tool.arguments,
-            "resource": d.tool.resource,
-        },
-        "context": {
-            "trust_level": d.context.trust_level,
-            "run_id": d.context.run_id,
-            "parent_agent": d.context.parent_agent,
-        },
-    })
+pub fn build(attributes: regorus::Value, d: &Decoded<'_>, claims: &Claims) -> regorus::Value {
+    use super::protojson::{Obj, json_to_rego, map_to_rego};
+    use regorus::Value as R;
+    let strings = |v: &[String]| R::from(v.iter().map(|s| R::from(s.as_str())).collect::<Vec<_>>());
+    let mut version = Obj::default();
+    version
+        .put_str("encoding", "protojson")
+        .put_str("ext_authz", "v3");
+    let mut agent = Obj::default();
+    agent
+        .put("id", R::from(claims.sub.as_str()))
+        .put("tenant", R::from(claims.tenant.as_str()))
+        .put("scopes", strings(&claims.scopes))
+        .put("session", R::from(claims.sid.as_str()))
+        .put("status", R::from("active"));
+    let mut tool = Obj::default();
+    tool.put("name", R::from(d.tool.name.as_str()))
+        .put("action", R::from(d.tool.action.as_str()))
+        .put("arguments", json_to_rego(&d.tool.arguments))
+        .put("resource", R::from(d.tool.resource.as_str()));
+    let mut context = Obj::default();
+    context
+        .put("trust_level", R::from(d.context.trust_level.as_str()))
+        .put("run_id", R::from(d.context.run_id.as_str()))
+        .put("parent_agent", R::from(d.context.parent_agent.as_str()));
+    let mut doc = Obj::default();
+    doc.put("attributes", attributes)
+        .put("parsed_path", strings(&d.parsed_path))
+        .put("parsed_query", map_to_rego(&d.parsed_query))
+        .put("parsed_body", json_to_rego(&d.parsed_body))
+        .put("truncated_body", R::from(d.truncated_body))
+        .put("version", version.build())
+        .put("agent", agent.build())
+        .put("tool", tool.build())
+        .put("context", context.build());
+    doc.build()
 }
 
 /// `headers`, or (with Envoy's `encode_raw_headers`) `header_map` joined like Envoy joins
@@ -388,6 +397,7 @@ fn mcp_tool(body: &Value, action_header: Option<String>) -> Result<Option<Tool>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn limits() -> Limits {
         Limits {

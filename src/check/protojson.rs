@@ -3,6 +3,8 @@
 //! timestamps as RFC 3339), so `input.attributes…` paths in OPA-Envoy policies resolve the
 //! same here. Also the JSON ↔ `google.protobuf.Struct` conversions for dynamic metadata.
 
+use std::collections::{BTreeMap, HashMap};
+
 use base64::Engine as _;
 use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, address, socket_address};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
@@ -10,144 +12,201 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::google::protobuf::{
     ListValue, Struct, Timestamp, Value as PbValue, value::Kind,
 };
-use serde_json::{Map, Value, json};
+use regorus::Value as RValue;
+use serde_json::{Map, Value};
+
+/// A regorus object under construction; empty strings are omitted, as protojson omits
+/// default values.
+#[derive(Default)]
+pub(crate) struct Obj(BTreeMap<RValue, RValue>);
+
+impl Obj {
+    pub(crate) fn put(&mut self, key: &str, value: RValue) -> &mut Self {
+        self.0.insert(RValue::from(key), value);
+        self
+    }
+
+    pub(crate) fn put_str(&mut self, key: &str, value: &str) -> &mut Self {
+        if !value.is_empty() {
+            self.put(key, RValue::from(value));
+        }
+        self
+    }
+
+    pub(crate) fn build(self) -> RValue {
+        RValue::from(self.0)
+    }
+}
+
+/// A string map as a regorus object.
+pub(crate) fn string_map(m: &HashMap<String, String>) -> RValue {
+    RValue::from(
+        m.iter()
+            .map(|(k, v)| (RValue::from(k.as_str()), RValue::from(v.as_str())))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
 
 /// `input.attributes`.
-pub fn attributes(a: &AttributeContext) -> Value {
-    let mut m = Map::new();
+pub fn attributes(a: &AttributeContext) -> RValue {
+    let mut m = Obj::default();
     if let Some(p) = &a.source {
-        m.insert("source".into(), peer(p));
+        m.put("source", peer(p));
     }
     if let Some(p) = &a.destination {
-        m.insert("destination".into(), peer(p));
+        m.put("destination", peer(p));
     }
     if let Some(r) = &a.request {
-        let mut req = Map::new();
+        let mut req = Obj::default();
         if let Some(t) = &r.time {
-            req.insert("time".into(), Value::String(rfc3339(t)));
+            req.put("time", RValue::from(rfc3339(t)));
         }
         if let Some(h) = &r.http {
-            req.insert("http".into(), http(h));
+            req.put("http", http(h));
         }
-        m.insert("request".into(), Value::Object(req));
+        m.put("request", req.build());
     }
     if !a.context_extensions.is_empty() {
-        m.insert("contextExtensions".into(), json!(a.context_extensions));
+        m.put("contextExtensions", string_map(&a.context_extensions));
     }
     if let Some(md) = &a.metadata_context {
-        m.insert("metadataContext".into(), metadata(md));
+        m.put("metadataContext", metadata(md));
     }
     if let Some(md) = &a.route_metadata_context {
-        m.insert("routeMetadataContext".into(), metadata(md));
+        m.put("routeMetadataContext", metadata(md));
     }
-    if let Some(tls) = &a.tls_session
-        && !tls.sni.is_empty()
-    {
-        m.insert("tlsSession".into(), json!({ "sni": tls.sni }));
+    if let Some(tls) = a.tls_session.as_ref().filter(|t| !t.sni.is_empty()) {
+        let mut t = Obj::default();
+        t.put_str("sni", &tls.sni);
+        m.put("tlsSession", t.build());
     }
-    Value::Object(m)
+    m.build()
 }
 
-fn put_str(m: &mut Map<String, Value>, k: &str, v: &str) {
-    if !v.is_empty() {
-        m.insert(k.into(), Value::String(v.to_owned()));
-    }
-}
-
-fn peer(p: &Peer) -> Value {
-    let mut m = Map::new();
+fn peer(p: &Peer) -> RValue {
+    let mut m = Obj::default();
     if let Some(a) = &p.address {
-        m.insert("address".into(), address_json(a));
+        m.put("address", address(a));
     }
-    put_str(&mut m, "service", &p.service);
+    m.put_str("service", &p.service);
     if !p.labels.is_empty() {
-        m.insert("labels".into(), json!(p.labels));
+        m.put("labels", string_map(&p.labels));
     }
-    put_str(&mut m, "principal", &p.principal);
-    put_str(&mut m, "certificate", &p.certificate);
-    Value::Object(m)
+    m.put_str("principal", &p.principal)
+        .put_str("certificate", &p.certificate);
+    m.build()
 }
 
-fn address_json(a: &Address) -> Value {
+fn address(a: &Address) -> RValue {
+    let mut outer = Obj::default();
     match &a.address {
         Some(address::Address::SocketAddress(s)) => {
-            let mut m = Map::new();
-            put_str(&mut m, "address", &s.address);
+            let mut m = Obj::default();
+            m.put_str("address", &s.address);
             match &s.port_specifier {
                 Some(socket_address::PortSpecifier::PortValue(p)) if *p != 0 => {
-                    m.insert("portValue".into(), json!(p));
+                    m.put("portValue", RValue::from(*p));
                 }
                 Some(socket_address::PortSpecifier::NamedPort(n)) => {
-                    put_str(&mut m, "namedPort", n)
+                    m.put_str("namedPort", n);
                 }
                 _ => {}
             }
-            json!({ "socketAddress": m })
+            outer.put("socketAddress", m.build());
         }
-        Some(address::Address::Pipe(p)) => json!({ "pipe": { "path": p.path } }),
-        Some(address::Address::EnvoyInternalAddress(_)) => json!({ "envoyInternalAddress": {} }),
-        None => json!({}),
+        Some(address::Address::Pipe(p)) => {
+            let mut m = Obj::default();
+            m.put_str("path", &p.path);
+            outer.put("pipe", m.build());
+        }
+        Some(address::Address::EnvoyInternalAddress(_)) => {
+            outer.put("envoyInternalAddress", Obj::default().build());
+        }
+        None => {}
     }
+    outer.build()
 }
 
-fn http(h: &HttpRequest) -> Value {
-    let mut m = Map::new();
-    put_str(&mut m, "id", &h.id);
-    put_str(&mut m, "method", &h.method);
+fn http(h: &HttpRequest) -> RValue {
+    let b64 = |bytes: &[u8]| RValue::from(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let mut m = Obj::default();
+    m.put_str("id", &h.id).put_str("method", &h.method);
     if !h.headers.is_empty() {
-        m.insert("headers".into(), json!(h.headers));
+        m.put("headers", string_map(&h.headers));
     }
     if let Some(map) = &h.header_map {
-        let list: Vec<Value> = map
+        let list: Vec<RValue> = map
             .headers
             .iter()
             .map(|hv| {
-                let mut e = Map::new();
-                put_str(&mut e, "key", &hv.key);
-                put_str(&mut e, "value", &hv.value);
+                let mut e = Obj::default();
+                e.put_str("key", &hv.key).put_str("value", &hv.value);
                 if !hv.raw_value.is_empty() {
-                    e.insert(
-                        "rawValue".into(),
-                        Value::String(
-                            base64::engine::general_purpose::STANDARD.encode(&hv.raw_value),
-                        ),
-                    );
+                    e.put("rawValue", b64(&hv.raw_value));
                 }
-                Value::Object(e)
+                e.build()
             })
             .collect();
-        m.insert("headerMap".into(), json!({ "headers": list }));
+        let mut hm = Obj::default();
+        hm.put("headers", RValue::from(list));
+        m.put("headerMap", hm.build());
     }
-    put_str(&mut m, "path", &h.path);
-    put_str(&mut m, "host", &h.host);
-    put_str(&mut m, "scheme", &h.scheme);
-    put_str(&mut m, "query", &h.query);
-    put_str(&mut m, "fragment", &h.fragment);
+    m.put_str("path", &h.path)
+        .put_str("host", &h.host)
+        .put_str("scheme", &h.scheme)
+        .put_str("query", &h.query)
+        .put_str("fragment", &h.fragment);
     if h.size != 0 {
-        m.insert("size".into(), Value::String(h.size.to_string()));
+        m.put("size", RValue::from(h.size.to_string()));
     }
-    put_str(&mut m, "protocol", &h.protocol);
-    put_str(&mut m, "body", &h.body);
+    m.put_str("protocol", &h.protocol).put_str("body", &h.body);
     if !h.raw_body.is_empty() {
-        m.insert(
-            "rawBody".into(),
-            Value::String(base64::engine::general_purpose::STANDARD.encode(&h.raw_body)),
-        );
+        m.put("rawBody", b64(&h.raw_body));
     }
-    Value::Object(m)
+    m.build()
 }
 
-fn metadata(md: &Metadata) -> Value {
-    let fm: Map<String, Value> = md
-        .filter_metadata
-        .iter()
-        .map(|(k, s)| (k.clone(), struct_to_json(s)))
-        .collect();
-    if fm.is_empty() {
-        json!({})
-    } else {
-        json!({ "filterMetadata": fm })
+fn metadata(md: &Metadata) -> RValue {
+    let mut m = Obj::default();
+    if !md.filter_metadata.is_empty() {
+        let fm: BTreeMap<RValue, RValue> = md
+            .filter_metadata
+            .iter()
+            .map(|(k, s)| (RValue::from(k.as_str()), json_to_rego(&struct_to_json(s))))
+            .collect();
+        m.put("filterMetadata", RValue::from(fm));
     }
+    m.build()
+}
+
+/// JSON → regorus value by direct recursion (several times cheaper than going through
+/// serde's deserializer). Depth is bounded by serde_json's parser (128 levels).
+pub fn json_to_rego(v: &Value) -> RValue {
+    match v {
+        Value::Null => RValue::Null,
+        Value::Bool(b) => RValue::from(*b),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                RValue::from(i)
+            } else if let Some(u) = n.as_u64() {
+                RValue::from(u)
+            } else {
+                RValue::from(n.as_f64().unwrap_or(0.0))
+            }
+        }
+        Value::String(s) => RValue::from(s.as_str()),
+        Value::Array(a) => RValue::from(a.iter().map(json_to_rego).collect::<Vec<_>>()),
+        Value::Object(o) => map_to_rego(o),
+    }
+}
+
+/// A JSON object → regorus object.
+pub fn map_to_rego(o: &Map<String, Value>) -> RValue {
+    RValue::from(
+        o.iter()
+            .map(|(k, v)| (RValue::from(k.as_str()), json_to_rego(v)))
+            .collect::<BTreeMap<_, _>>(),
+    )
 }
 
 /// `google.protobuf.Struct` → JSON object.
