@@ -492,3 +492,43 @@ fn policy_test_and_eval_commands() {
     assert_eq!(v["decision"], "approval_needed");
     assert_eq!(v["reason"], "payment_above_threshold");
 }
+
+#[tokio::test]
+async fn yaml_data_files_are_loaded_at_their_directory_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = tmp.path().join("bundle");
+    std::fs::create_dir_all(b.join("limits/tenants")).expect("mkdir");
+    std::fs::write(
+        b.join("limits/tenants/data.yaml"),
+        "acme:\n  allowed_tools: [invoices]\n",
+    )
+    .expect("yaml");
+    std::fs::write(
+        b.join("policy.rego"),
+        "package aegis.authz\nimport rego.v1\n\ndecision := {\"allowed\": input.tool.name in data.limits.tenants[input.agent.tenant].allowed_tools}\n",
+    )
+    .expect("policy");
+    let dir = b.clone();
+    let mut s = start_with(|c| c.policy.bundle = Some(dir)).await;
+    let t = s.token("acme", "bot", &[]);
+    assert_eq!(
+        code(
+            &s.check(Req::get("/invoices").token(&t).build())
+                .await
+                .expect("decided")
+        ),
+        0
+    );
+    let r = s
+        .check(Req::get("/payments").token(&t).build())
+        .await
+        .expect("decided");
+    assert_eq!(code(&r), tonic::Code::PermissionDenied as i32);
+    // No manifest: the revision is derived from the bundle's digest.
+    assert!(
+        policy_version(&r).starts_with("sha256:"),
+        "{}",
+        policy_version(&r)
+    );
+    s.stop().await;
+}
