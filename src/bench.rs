@@ -90,77 +90,61 @@ impl PhaseResult {
 /// Runs the whole benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("aegis-bench-").tempdir()?;
-    let data_dir = dir.path().join("data");
-    let signer = Signer::load_or_create(&data_dir)?;
+    let key_dir = dir.path().join("key");
+    let signer = Signer::load_or_create(&key_dir)?;
     let workload = Arc::new(workload(&signer, args.agents)?);
-
     let sink = SpanSink::start().await?;
     let mut noop = ChildServer::spawn(
         &["noop-server", "--listen", "127.0.0.1:0"],
         "noop ext_authz listening on ",
     )?;
-    let data = data_dir.to_string_lossy().into_owned();
-    let endpoint = format!("http://{}", sink.addr);
-    let mut serve_args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data,
-        "--audit-durability",
-        &args.durability,
-    ];
-    if !args.no_otlp {
-        serve_args.extend(["--otlp-endpoint", &endpoint]);
-    }
-    let mut aegis = ChildServer::spawn(&serve_args, "aegis serving ext_authz on ")?;
-
+    let noop_clients = clients(noop.addr, args.connections).await?;
     println!(
-        "aegis bench: {} agents, {} request shapes, durability {}",
+        "aegis bench: {} agents, {} request shapes, audit durability {}, spans {}",
         args.agents,
         workload.len(),
-        args.durability
+        args.durability,
+        if args.no_otlp {
+            "not exported"
+        } else {
+            "exported over OTLP to a sink on loopback"
+        }
     );
-    println!(
-        "servers: no-op at {}, aegis at {} (pid {})",
-        noop.addr,
-        aegis.addr,
-        aegis.child.id()
-    );
-    let noop_clients = clients(noop.addr, args.connections).await?;
-    let aegis_clients = clients(aegis.addr, args.connections).await?;
 
-    // Warm-up: connections, caches, the engine pool.
-    saturate(
-        &noop_clients,
-        &workload,
-        args.concurrency,
-        Duration::from_secs(1),
-    )
-    .await;
-    saturate(
-        &aegis_clients,
-        &workload,
-        args.concurrency,
-        Duration::from_secs(1),
-    )
-    .await;
-
+    // Phase 1, saturated: each server gets a one-second warm-up (connections, caches, pools).
     let sat = Duration::from_secs(args.duration_secs);
+    let warm = Duration::from_secs(1);
+    saturate(&noop_clients, &workload, args.concurrency, warm).await;
     let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
+    let mut aegis = AegisServer::spawn(dir.path(), "saturated", &key_dir, &args, sink.addr)?;
+    let aegis_clients = clients(aegis.child.addr, args.connections).await?;
+    saturate(&aegis_clients, &workload, args.concurrency, warm).await;
     let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
+    drop(aegis_clients);
+    let sat_log = aegis.stop_and_verify(&signer)?;
 
+    // Phase 2, fixed rate, against a fresh Aegis: steady state at the offered rate, not the
+    // aftermath of phase 1 (a large WAL being checkpointed, dirty pages being written back).
     let rated = Duration::from_secs(args.rate_secs);
+    fixed_rate(&noop_clients, &workload, args.rate, warm, None).await;
     let noop_rate = fixed_rate(&noop_clients, &workload, args.rate, rated, None).await;
+    let mut aegis = AegisServer::spawn(dir.path(), "fixed-rate", &key_dir, &args, sink.addr)?;
+    let aegis_clients = clients(aegis.child.addr, args.connections).await?;
+    fixed_rate(&aegis_clients, &workload, args.rate, warm, None).await;
     let rss = Arc::new(AtomicU64::new(0));
+    let pid = aegis.child.child.id();
     let aegis_rate = fixed_rate(
         &aegis_clients,
         &workload,
         args.rate,
         rated,
-        Some((aegis.child.id(), rss.clone())),
+        Some((pid, rss.clone())),
     )
     .await;
+    drop(aegis_clients);
+    let rate_log = aegis.stop_and_verify(&signer)?;
+    drop(noop_clients);
+    noop.stop()?;
 
     println!();
     println!(
@@ -202,34 +186,77 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         aegis_sat.throughput() / noop_sat.throughput().max(1e-9)
     );
     println!(
-        "p99 ratio aegis/no-op at {}/s: {:.2}",
+        "p99 at {}/s: aegis {:.2} ms, no-op {:.2} ms",
         args.rate,
-        aegis_rate.p99_us as f64 / noop_rate.p99_us.max(1) as f64
+        aegis_rate.p99_us as f64 / 1000.0,
+        noop_rate.p99_us as f64 / 1000.0
     );
     println!(
         "aegis resident memory, max during the fixed-rate phase: {:.1} MiB",
         rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0
     );
-
-    drop(aegis_clients);
-    drop(noop_clients);
-    aegis.stop()?;
-    noop.stop()?;
-    let spans = sink.spans.load(Ordering::Relaxed);
-    let keys = [signer.verifying_key()];
-    let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
-    let verdict = match crate::audit::verify::verify_file(&db, &keys)? {
-        Ok(s) => format!(
-            "intact, {} rows, {} signed checkpoints ({:.1} rows per commit)",
-            s.rows,
-            s.checkpoints,
-            s.rows as f64 / s.checkpoints.max(1) as f64
-        ),
-        Err(f) => format!("BROKEN at {f}"),
-    };
-    println!("audit log after shutdown: {verdict}");
-    println!("spans received by the OTLP sink: {spans}");
+    println!("audit log after the saturated phase: {sat_log}");
+    println!("audit log after the fixed-rate phase: {rate_log}");
+    println!(
+        "spans received by the OTLP sink: {}",
+        sink.spans.load(Ordering::Relaxed)
+    );
     Ok(())
+}
+
+/// An `aegis serve` child with its own data directory (and the benchmark's signing key).
+struct AegisServer {
+    child: ChildServer,
+    data_dir: std::path::PathBuf,
+}
+
+impl AegisServer {
+    fn spawn(
+        root: &std::path::Path,
+        name: &str,
+        key_dir: &std::path::Path,
+        args: &BenchArgs,
+        sink: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let data_dir = root.join(name);
+        crate::keys::ensure_data_dir(&data_dir)?;
+        for f in [crate::keys::SIGNING_KEY_FILE, crate::keys::PUBLIC_KEY_FILE] {
+            std::fs::copy(key_dir.join(f), data_dir.join(f))?;
+        }
+        let data = data_dir.to_string_lossy().into_owned();
+        let endpoint = format!("http://{sink}");
+        let mut serve_args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--audit-durability",
+            &args.durability,
+        ];
+        if !args.no_otlp {
+            serve_args.extend(["--otlp-endpoint", &endpoint]);
+        }
+        let child = ChildServer::spawn(&serve_args, "aegis serving ext_authz on ")?;
+        Ok(Self { child, data_dir })
+    }
+
+    /// SIGTERM, wait, then verify its audit log.
+    fn stop_and_verify(&mut self, signer: &Signer) -> anyhow::Result<String> {
+        self.child.stop()?;
+        let db = self.data_dir.join(crate::audit::store::AUDIT_DB_FILE);
+        Ok(
+            match crate::audit::verify::verify_file(&db, &[signer.verifying_key()])? {
+                Ok(s) => format!(
+                    "intact, {} rows, {} signed checkpoints ({:.1} rows per commit)",
+                    s.rows,
+                    s.checkpoints,
+                    s.rows as f64 / s.checkpoints.max(1) as f64
+                ),
+                Err(f) => format!("BROKEN at {f}"),
+            },
+        )
+    }
 }
 
 /// Varied requests: agents with different scopes calling five tools through MCP bodies
