@@ -367,6 +367,11 @@ pub fn request(
         body,
         ..Default::default()
     };
+    check_request(http)
+}
+
+/// Wraps an HTTP request into the CheckRequest Envoy sends.
+pub fn check_request(http: attribute_context::HttpRequest) -> CheckRequest {
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(attribute_context::Request {

@@ -96,8 +96,26 @@ impl CompiledBundle {
         Self::compile(BundleFiles::read(source)?.parse()?, opts)
     }
 
-    /// Compiles a parsed bundle: modules, data, the execution timer, one warm-up evaluation.
+    /// Compiles a parsed bundle: modules, data, the execution timer, one warm-up evaluation,
+    /// and the RVM program of the decision rule.
     pub fn compile(parsed: ParsedBundle, opts: &PolicyOptions) -> Result<Self, BundleError> {
+        Self::compile_with(parsed, opts, true)
+    }
+
+    /// [`Self::compile`] for the interpreter only (`aegis policy test`: test rules use
+    /// `with`, which the RVM does not compile, and the interpreter is the reference).
+    pub fn compile_interpreter(
+        parsed: ParsedBundle,
+        opts: &PolicyOptions,
+    ) -> Result<Self, BundleError> {
+        Self::compile_with(parsed, opts, false)
+    }
+
+    fn compile_with(
+        parsed: ParsedBundle,
+        opts: &PolicyOptions,
+        with_vm: bool,
+    ) -> Result<Self, BundleError> {
         let mut engine = Engine::new();
         engine.set_rego_v0(parsed.rego_v0);
         engine.set_strict_builtin_errors(false);
@@ -135,9 +153,10 @@ impl CompiledBundle {
         engine
             .eval_rule(opts.query.clone())
             .map_err(|e| BundleError::Compile(format!("query {}: {e}", opts.query)))?;
-        let vm = match compile_vm(&engine, &opts.query, timer) {
-            Ok(parts) => Some(parts),
-            Err(e) => {
+        let vm = match with_vm.then(|| compile_vm(&engine, &opts.query, timer)) {
+            None => None,
+            Some(Ok(parts)) => Some(parts),
+            Some(Err(e)) => {
                 crate::log!(
                     warn,
                     "the RVM cannot compile this bundle ({e}); evaluating with the interpreter"

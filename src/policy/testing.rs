@@ -42,7 +42,7 @@ pub fn run(source: &BundleSource, opts: &PolicyOptions) -> Result<Vec<TestResult
             .map_or_else(|| opts.query.clone(), |t| t.1.clone()),
         ..opts.clone()
     };
-    let compiled = CompiledBundle::compile(parsed, &opts)?;
+    let compiled = CompiledBundle::compile_interpreter(parsed, &opts)?;
     Ok(tests
         .into_iter()
         .map(|(file, rule)| {

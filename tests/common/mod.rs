@@ -11,8 +11,8 @@ use aegis::identity::{Audience, Claims};
 use aegis::keys::Signer;
 use aegis::server::Running;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
 use tonic::transport::Channel;
 
 pub struct TestServer {
@@ -189,15 +189,7 @@ impl Req {
             body: self.body,
             ..Default::default()
         };
-        CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    time: None,
-                    http: Some(http),
-                }),
-                ..Default::default()
-            }),
-        }
+        aegis::bench::check_request(http)
     }
 }
 
@@ -218,6 +210,11 @@ pub fn ok(r: &CheckResponse) -> &envoy_types::ext_authz::v3::pb::OkHttpResponse 
         Some(envoy_types::ext_authz::v3::pb::HttpResponse::OkResponse(o)) => o,
         other => panic!("expected an OK response, got {other:?}"),
     }
+}
+
+/// The `x-aegis-reason` of a denied response.
+pub fn reason(r: &CheckResponse) -> Option<&str> {
+    header(&denied(r).headers, "x-aegis-reason")
 }
 
 pub fn header<'a>(
