@@ -111,20 +111,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     );
 
-    // Phase 1, saturated: each server gets a one-second warm-up (connections, caches, pools).
-    let sat = Duration::from_secs(args.duration_secs);
+    // Phase 1, fixed rate, first and against a fresh Aegis: steady state at the offered
+    // rate. Run after the saturated phase it measured that phase's aftermath instead (tens
+    // of MB of WAL being checkpointed and written back by the kernel).
     let warm = Duration::from_secs(1);
-    saturate(&noop_clients, &workload, args.concurrency, warm).await;
-    let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
-    let mut aegis = AegisServer::spawn(dir.path(), "saturated", &key_dir, &args, sink.addr)?;
-    let aegis_clients = clients(aegis.child.addr, args.connections).await?;
-    saturate(&aegis_clients, &workload, args.concurrency, warm).await;
-    let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
-    drop(aegis_clients);
-    let sat_log = aegis.stop_and_verify(&signer)?;
-
-    // Phase 2, fixed rate, against a fresh Aegis: steady state at the offered rate, not the
-    // aftermath of phase 1 (a large WAL being checkpointed, dirty pages being written back).
     let rated = Duration::from_secs(args.rate_secs);
     fixed_rate(&noop_clients, &workload, args.rate, warm, None).await;
     let noop_rate = fixed_rate(&noop_clients, &workload, args.rate, rated, None).await;
@@ -143,6 +133,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await;
     drop(aegis_clients);
     let rate_log = aegis.stop_and_verify(&signer)?;
+    // Phase 2, saturated, against another fresh Aegis. One-second warm-ups (connections,
+    // caches, pools).
+    let sat = Duration::from_secs(args.duration_secs);
+    saturate(&noop_clients, &workload, args.concurrency, warm).await;
+    let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
+    let mut aegis = AegisServer::spawn(dir.path(), "saturated", &key_dir, &args, sink.addr)?;
+    let aegis_clients = clients(aegis.child.addr, args.connections).await?;
+    saturate(&aegis_clients, &workload, args.concurrency, warm).await;
+    let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
+    drop(aegis_clients);
+    let sat_log = aegis.stop_and_verify(&signer)?;
+
     drop(noop_clients);
     noop.stop()?;
 
