@@ -30,12 +30,7 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
 async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
     let mut s = start().await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let req = || {
-        Req::get("/invoices")
-            .token(&t)
-            .tool("invoices", "read")
-            .build()
-    };
+    let req = || Req::read_invoices(&t);
     assert_eq!(code(&s.check(req()).await.expect("decided")), 0);
 
     // Every insert now fails, as on a full disk: the Check must fail closed with a gRPC
@@ -96,12 +91,7 @@ async fn a_locked_database_fails_closed() {
     conn.execute_batch("BEGIN EXCLUSIVE; INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) VALUES (0, x'', 0, '', x'');")
         .expect("lock");
     let err = s
-        .check(
-            Req::get("/invoices")
-                .token(&t)
-                .tool("invoices", "read")
-                .build(),
-        )
+        .check(Req::read_invoices(&t))
         .await
         .expect_err("fails closed");
     assert_eq!(err.code(), tonic::Code::Unavailable);
@@ -111,15 +101,7 @@ async fn a_locked_database_fails_closed() {
         err.message()
     );
     conn.execute_batch("ROLLBACK;").expect("unlock");
-    let r = s
-        .check(
-            Req::get("/invoices")
-                .token(&t)
-                .tool("invoices", "read")
-                .build(),
-        )
-        .await
-        .expect("decided");
+    let r = s.read_invoices(&t).await;
     assert_eq!(code(&r), 0);
     s.stop().await;
 }
@@ -158,10 +140,7 @@ async fn load(
                 if *stop.borrow() {
                     break;
                 }
-                let req = Req::get("/invoices")
-                    .token(&t)
-                    .tool("invoices", "read")
-                    .build();
+                let req = Req::read_invoices(&t);
                 match c.check(req).await {
                     Ok(r) => {
                         let md = r.into_inner().dynamic_metadata.expect("metadata");

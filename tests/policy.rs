@@ -10,6 +10,18 @@ use std::time::Duration;
 
 use common::*;
 
+/// A bundle directory holding `files` (path, contents) under a fresh temp dir.
+fn bundle(files: &[(&str, &str)]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = tmp.path().join("bundle");
+    for (path, text) in files {
+        let p = b.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+    (tmp, b)
+}
+
 fn set_revision(dir: &Path, rev: &str) {
     std::fs::write(
         dir.join(".manifest"),
@@ -27,20 +39,6 @@ fn set_read_scope(dir: &Path, scope: &str) {
     std::fs::write(&path, data.to_string()).expect("write");
 }
 
-async fn read_invoices(
-    s: &TestServer,
-    token: &str,
-) -> envoy_types::ext_authz::v3::pb::CheckResponse {
-    s.check(
-        Req::get("/invoices")
-            .token(token)
-            .tool("invoices", "read")
-            .build(),
-    )
-    .await
-    .expect("decided")
-}
-
 #[tokio::test]
 async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     let bundle = tempfile::tempdir().expect("tempdir");
@@ -49,14 +47,14 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     let dir = bundle.path().to_path_buf();
     let mut s = start_with(|c| c.policy.bundle = Some(dir.clone())).await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let r = read_invoices(&s, &t).await;
+    let r = s.read_invoices(&t).await;
     assert_eq!((code(&r), policy_version(&r)), (0, "v1".to_owned()));
 
     set_read_scope(bundle.path(), "invoices:admin");
     set_revision(bundle.path(), "v2");
     let mut reloaded = false;
     for _ in 0..100 {
-        let r = read_invoices(&s, &t).await;
+        let r = s.read_invoices(&t).await;
         if policy_version(&r) == "v2" {
             assert_eq!(reason(&r), Some("missing_scope"));
             reloaded = true;
@@ -74,7 +72,7 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     .expect("write");
     set_revision(bundle.path(), "v3-broken");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let r = read_invoices(&s, &t).await;
+    let r = s.read_invoices(&t).await;
     assert_eq!(
         policy_version(&r),
         "v2",
@@ -98,7 +96,7 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     set_revision(bundle.path(), "v4");
     let mut fixed = false;
     for _ in 0..100 {
-        if policy_version(&read_invoices(&s, &t).await) == "v4" {
+        if policy_version(&s.read_invoices(&t).await) == "v4" {
             fixed = true;
             break;
         }
@@ -144,12 +142,7 @@ async fn sighup_reloads() {
     let signer = aegis::keys::Signer::load(&data).expect("key");
     let t = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let mut c = client(child.addr).await;
-    let req = || {
-        Req::get("/invoices")
-            .token(&t)
-            .tool("invoices", "read")
-            .build()
-    };
+    let req = || Req::read_invoices(&t);
     assert_eq!(
         policy_version(&c.check(req()).await.expect("ok").into_inner()),
         "before-hup"
@@ -239,7 +232,7 @@ async fn opa_bundle_archives_load_and_hostile_paths_are_refused() {
     let a = archive.clone();
     let mut s = start_with(|c| c.policy.bundle = Some(a)).await;
     let t = s.token("acme", "bot", &["invoices:read"]);
-    let r = read_invoices(&s, &t).await;
+    let r = s.read_invoices(&t).await;
     assert_eq!((code(&r), policy_version(&r)), (0, "archive-7".to_owned()));
     s.stop().await;
 
@@ -260,17 +253,14 @@ async fn opa_bundle_archives_load_and_hostile_paths_are_refused() {
 async fn opa_envoy_policies_run_unchanged() {
     // A policy as written for OPA-Envoy: boolean `allow`, v0 syntax (OPA 0.x), reading
     // input.attributes with protojson names and parsed_path.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(
-        b.join(".manifest"),
-        r#"{"revision": "opa-envoy-1", "roots": ["envoy"], "rego_version": 0}"#,
-    )
-    .expect("manifest");
-    std::fs::write(
-        b.join("policy.rego"),
-        r#"package envoy.authz
+    let (_tmp, b) = bundle(&[
+        (
+            ".manifest",
+            r#"{"revision": "opa-envoy-1", "roots": ["envoy"], "rego_version": 0}"#,
+        ),
+        (
+            "policy.rego",
+            r#"package envoy.authz
 
 default allow = false
 
@@ -281,8 +271,8 @@ allow {
     input.version.ext_authz == "v3"
 }
 "#,
-    )
-    .expect("policy");
+        ),
+    ]);
     let dir = b.clone();
     let mut s = start_with(|c| {
         c.policy.bundle = Some(dir);
@@ -326,11 +316,8 @@ allow {
 
 #[tokio::test]
 async fn policy_object_results_drive_headers_status_and_metadata() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(
-        b.join("policy.rego"),
+    let (_tmp, b) = bundle(&[(
+        "policy.rego",
         r#"package aegis.authz
 import rego.v1
 
@@ -341,8 +328,7 @@ decision := {"allowed": false, "http_status": 429, "body": "slow down", "headers
 
 decision := {"decision": "allow", "allowed": false} if input.tool.name == "contradiction"
 "#,
-    )
-    .expect("policy");
+    )]);
     let dir = b.clone();
     let mut s = start_with(|c| c.policy.bundle = Some(dir)).await;
     let t = s.token("acme", "bot", &[]);
@@ -393,11 +379,8 @@ decision := {"decision": "allow", "allowed": false} if input.tool.name == "contr
 
 #[tokio::test]
 async fn evaluation_is_bounded_in_time() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(
-        b.join("policy.rego"),
+    let (_tmp, b) = bundle(&[(
+        "policy.rego",
         r#"package aegis.authz
 import rego.v1
 
@@ -406,8 +389,7 @@ spin := count([1 | some i in numbers.range(1, 4000); some j in numbers.range(1, 
 decision := {"allowed": spin == 0} if input.tool.name == "spin"
 decision := {"allowed": true} if input.tool.name == "fast"
 "#,
-    )
-    .expect("policy");
+    )]);
     let dir = b.clone();
     let mut s = start_with(|c| {
         c.policy.bundle = Some(dir);
@@ -492,19 +474,16 @@ fn policy_test_and_eval_commands() {
 
 #[tokio::test]
 async fn yaml_data_files_are_loaded_at_their_directory_path() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(b.join("limits/tenants")).expect("mkdir");
-    std::fs::write(
-        b.join("limits/tenants/data.yaml"),
-        "acme:\n  allowed_tools: [invoices]\n",
-    )
-    .expect("yaml");
-    std::fs::write(
-        b.join("policy.rego"),
-        "package aegis.authz\nimport rego.v1\n\ndecision := {\"allowed\": input.tool.name in data.limits.tenants[input.agent.tenant].allowed_tools}\n",
-    )
-    .expect("policy");
+    let (_tmp, b) = bundle(&[
+        (
+            "limits/tenants/data.yaml",
+            "acme:\n  allowed_tools: [invoices]\n",
+        ),
+        (
+            "policy.rego",
+            "package aegis.authz\nimport rego.v1\n\ndecision := {\"allowed\": input.tool.name in data.limits.tenants[input.agent.tenant].allowed_tools}\n",
+        ),
+    ]);
     let dir = b.clone();
     let mut s = start_with(|c| c.policy.bundle = Some(dir)).await;
     let t = s.token("acme", "bot", &[]);

@@ -83,6 +83,13 @@ impl TestServer {
         self.client.clone().check(req).await.map(|r| r.into_inner())
     }
 
+    /// `invoices.read` with `token`: the simplest call an agent makes. Must be decided.
+    pub async fn read_invoices(&self, token: &str) -> CheckResponse {
+        self.check(Req::read_invoices(token))
+            .await
+            .expect("decided")
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
@@ -136,6 +143,14 @@ pub struct Req {
 }
 
 impl Req {
+    /// `GET /invoices` calling `invoices.read` with `token`.
+    pub fn read_invoices(token: &str) -> CheckRequest {
+        Self::get("/invoices")
+            .token(token)
+            .tool("invoices", "read")
+            .build()
+    }
+
     pub fn get(path: &str) -> Self {
         Self {
             method: "GET".into(),
