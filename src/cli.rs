@@ -38,6 +38,8 @@ enum Command {
     /// Policy bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Send one Check to a running sidecar, as Envoy would, and print the decision.
+    Check(CheckArgs),
     /// Benchmark Check against a no-op ext_authz server in the same run.
     Bench(crate::bench::BenchArgs),
     /// (internal) Run the no-op ext_authz server the benchmark compares against.
@@ -46,6 +48,42 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+}
+
+/// `aegis check`: exit 0 if allowed (or sanitized), 1 if denied, 2 if the Check failed.
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Sidecar address.
+    #[arg(long, default_value = "127.0.0.1:9191")]
+    addr: std::net::SocketAddr,
+    /// Agent token (sent in x-aegis-token).
+    #[arg(long, env = "AEGIS_TOKEN")]
+    token: Option<String>,
+    /// Tool and action (sent as x-aegis-tool / x-aegis-action).
+    #[arg(long)]
+    tool: Option<String>,
+    #[arg(long)]
+    action: Option<String>,
+    /// HTTP method and path of the tool call.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Request body, with its content type.
+    #[arg(long)]
+    body: Option<String>,
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// Extra request header `name=value` (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("header {s:?} is not name=value"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +228,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check(args) => runtime()?.block_on(check(args)),
         Command::Bench(args) => {
             runtime()?.block_on(crate::bench::run(args))?;
             Ok(ExitCode::SUCCESS)
@@ -199,6 +238,102 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let mut headers: std::collections::HashMap<String, String> = args.headers.into_iter().collect();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            headers.insert(k.to_owned(), v);
+        }
+    };
+    put("x-aegis-token", args.token);
+    put("x-aegis-tool", args.tool);
+    put("x-aegis-action", args.action);
+    put(
+        "content-type",
+        args.body.as_ref().map(|_| args.content_type.clone()),
+    );
+    let http = HttpRequest {
+        method: args.method,
+        path: args.path,
+        headers,
+        body: args.body.unwrap_or_default(),
+        protocol: "HTTP/1.1".into(),
+        ..Default::default()
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", args.addr))?
+        .connect()
+        .await?;
+    let response = match AuthorizationClient::new(channel)
+        .check(crate::bench::check_request(http))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            println!(
+                "{}",
+                serde_json::json!({"error": status.code().to_string(), "message": status.message()})
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let metadata = response
+        .dynamic_metadata
+        .as_ref()
+        .map(crate::check::protojson::struct_to_json);
+    let field = |k: &str| {
+        metadata
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let header = |hs: &[envoy_types::ext_authz::v3::pb::HeaderValueOption], k: &str| {
+        hs.iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == k)
+            .map(|h| h.value.clone())
+    };
+    let (allowed, out) = match &response.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => (
+            false,
+            serde_json::json!({
+                "decision": field("decision"),
+                "http_status": d.status.as_ref().map(|s| s.code),
+                "reason": header(&d.headers, "x-aegis-reason"),
+                "decision_id": field("decision_id"),
+                "policy_version": field("policy_version"),
+                "body": d.body,
+            }),
+        ),
+        Some(HttpResponse::OkResponse(o)) => (
+            true,
+            serde_json::json!({
+                "decision": field("decision"),
+                "decision_id": field("decision_id"),
+                "policy_version": field("policy_version"),
+                "headers_to_remove": o.headers_to_remove,
+                "query_parameters_to_remove": o.query_parameters_to_remove,
+            }),
+        ),
+        Some(HttpResponse::ErrorResponse(e)) => {
+            (false, serde_json::json!({"error_response": e.body}))
+        }
+        None => (
+            response.status.as_ref().is_none_or(|s| s.code == 0),
+            serde_json::json!({"status": response.status.as_ref().map(|s| s.code)}),
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn serve(config: Config) -> anyhow::Result<ExitCode> {
