@@ -4,7 +4,7 @@
 //! warm-up evaluation done). Checks are evaluated by regorus's RVM: the decision rule
 //! compiled once to a program, run by a pool of VMs (evaluation takes `&mut self`, so each
 //! concurrent evaluation takes a VM from the pool and puts it back). Measured on the default
-//! bundle, the RVM takes ~18 µs where the interpreter takes ~64 µs. A bundle the RVM cannot
+//! bundle and the same input, the RVM took ~18 µs where the interpreter took ~64 µs. A bundle the RVM cannot
 //! compile (it has no `walk`, for one) is served by the interpreter instead, with a log
 //! line saying so; the interpreter also runs `aegis policy test`, and a differential test
 //! holds the two to the same decisions. Both run under regorus's execution timer.
