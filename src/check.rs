@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use opentelemetry::KeyValue;
 use tonic::{Code, Request, Response, Status};
 
@@ -141,7 +142,7 @@ impl Checker {
             .telemetry
             .start_check(header("traceparent"), header("tracestate"));
 
-        let (outcome, call) = self.decide(&req, now_ns);
+        let (outcome, call) = self.decide(&req, http, now_ns);
 
         let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
         let seq = match self.audit.append(record).await {
@@ -167,13 +168,13 @@ impl Checker {
     }
 
     /// decode → identify → build input → evaluate. Pure computation, no I/O.
-    fn decide(&self, req: &CheckRequest, now_ns: i64) -> (Outcome, Call) {
+    fn decide(
+        &self,
+        req: &CheckRequest,
+        http: Option<&HttpRequest>,
+        now_ns: i64,
+    ) -> (Outcome, Call) {
         let mut call = Call::default();
-        let http = req
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
         let Some(http) = http else {
             return (bad_input(InputError::NoHttp), call);
         };
