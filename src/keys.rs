@@ -73,24 +73,20 @@ impl Signer {
     /// Loads `signing.key` from `data_dir`, creating the directory and the key on first use.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, KeyError> {
         ensure_data_dir(data_dir)?;
-        let path = data_dir.join(SIGNING_KEY_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                let seed = crate::unhex(text.trim())
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| KeyError::Malformed { path: path.clone() })?;
-                Ok(Self::new(SigningKey::from_bytes(&seed)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match Self::load(data_dir) {
+            Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
-                write_private(&path, &crate::hex(signer.key.as_bytes()))?;
+                write_private(
+                    &data_dir.join(SIGNING_KEY_FILE),
+                    &crate::hex(signer.key.as_bytes()),
+                )?;
                 write_private(
                     &data_dir.join(PUBLIC_KEY_FILE),
                     &crate::hex(signer.verifying_key().as_bytes()),
                 )?;
                 Ok(signer)
             }
-            Err(source) => Err(KeyError::Io { path, source }),
+            other => other,
         }
     }
 
