@@ -19,6 +19,15 @@ pub mod verify;
 
 use sha2::{Digest, Sha256};
 
+/// The `audit_log` columns in the order the writer inserts them and the verifier reads
+/// them (one list, so the two can never disagree).
+macro_rules! audit_columns {
+    () => {
+        "seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, actor, trace_id, span_id, key_id, prev_hash, hash"
+    };
+}
+pub(crate) use audit_columns;
+
 /// A row's hash: SHA-256 over its canonical encoding.
 pub type Hash = [u8; 32];
 

@@ -63,7 +63,11 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 );
 ";
 
-const INSERT_ROW: &str = "INSERT INTO audit_log (seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, actor, trace_id, span_id, key_id, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
+const INSERT_ROW: &str = concat!(
+    "INSERT INTO audit_log (",
+    super::audit_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+);
 
 /// A failure of the audit log. Every one fails the Check closed.
 #[derive(Debug, Clone, thiserror::Error)]

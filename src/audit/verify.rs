@@ -118,9 +118,11 @@ fn blob32(v: Vec<u8>) -> Hash {
 }
 
 fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, actor, trace_id, span_id, key_id, prev_hash, hash FROM audit_log ORDER BY seq",
-    )?;
+    let mut stmt = conn.prepare(concat!(
+        "SELECT ",
+        super::audit_columns!(),
+        " FROM audit_log ORDER BY seq"
+    ))?;
     let rows = stmt.query_map([], |r| {
         Ok(Row {
             seq: r.get::<_, i64>(0)? as u64,
