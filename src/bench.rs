@@ -239,7 +239,7 @@ impl AegisServer {
         if !args.no_otlp {
             serve_args.extend(["--otlp-endpoint", &endpoint]);
         }
-        let child = ChildServer::spawn(&serve_args, "aegis serving ext_authz on ")?;
+        let child = ChildServer::spawn(&serve_args, crate::server::ANNOUNCE)?;
         Ok(Self { child, data_dir })
     }
 
@@ -549,16 +549,22 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A server started as a child process of this binary.
-struct ChildServer {
-    child: Child,
-    addr: SocketAddr,
+/// A server started as a child process (the benchmark's servers, and the tests' `aegis
+/// serve` processes); killed when dropped.
+#[derive(Debug)]
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: SocketAddr,
 }
 
 impl ChildServer {
-    /// Spawns `aegis <args>` and waits for the line announcing its address.
+    /// Spawns this binary with `args` and waits for the line announcing its address.
     fn spawn(args: &[&str], marker: &str) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
+        Self::spawn_exe(&std::env::current_exe()?, args, marker)
+    }
+
+    /// Spawns `exe <args>` and waits for a stderr line `…<marker><address>…`.
+    pub fn spawn_exe(exe: &std::path::Path, args: &[&str], marker: &str) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
@@ -590,7 +596,7 @@ impl ChildServer {
     }
 
     /// SIGTERM, then wait (the server drains and flushes).
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub fn stop(&mut self) -> anyhow::Result<()> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

@@ -23,6 +23,10 @@ use crate::keys::{KeyError, Signer};
 use crate::policy::{BundleError, BundleSource, Policy, PolicyOptions};
 use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
 
+/// How `aegis serve` announces its bound address on stderr (`<ANNOUNCE><addr>: …`); the
+/// benchmark and the tests read it to find a server started on port 0.
+pub const ANNOUNCE: &str = "aegis serving ext_authz on ";
+
 /// The gRPC service name health is reported under (besides the server-wide "").
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
@@ -151,7 +155,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     crate::log!(
         info,
-        "aegis serving ext_authz on {local_addr}: policy {} revision {}, data dir {}, key {}, otlp {}",
+        "{ANNOUNCE}{local_addr}: policy {} revision {}, data dir {}, key {}, otlp {}",
         policy.source(),
         policy.current().revision(),
         config.data_dir.display(),

@@ -106,7 +106,7 @@ async fn a_locked_database_fails_closed() {
     s.stop().await;
 }
 
-fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServe {
+fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServer {
     let data = data_dir.to_string_lossy().into_owned();
     common::spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
 }

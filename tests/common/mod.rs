@@ -255,47 +255,18 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
-/// A child `aegis serve` process; its address read from its log.
-pub struct ChildServe {
-    pub child: std::process::Child,
-    pub addr: std::net::SocketAddr,
-}
-
-impl Drop for ChildServe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use aegis::bench::ChildServer;
 
 /// Runs `aegis serve --listen 127.0.0.1:0 <args>` and waits for its address.
-pub fn spawn_serve(args: &[&str]) -> ChildServe {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn aegis serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("aegis serve exited early")
-            .expect("line");
-        if let Some(rest) = line.split("serving ext_authz on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("addr")
-                .trim_end_matches(':')
-                .parse()
-                .expect("socket addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    ChildServe { child, addr }
+pub fn spawn_serve(args: &[&str]) -> ChildServer {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    ChildServer::spawn_exe(
+        Path::new(env!("CARGO_BIN_EXE_aegis")),
+        &all,
+        aegis::server::ANNOUNCE,
+    )
+    .expect("aegis serve starts and announces its address")
 }
 
 /// Copies the default bundle (`policies/`) to `dest`.
