@@ -654,7 +654,6 @@ pub struct SpanSink {
     pub addr: SocketAddr,
     pub spans: Arc<AtomicU64>,
     pub received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
-    keep: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -733,12 +732,6 @@ impl SpanSink {
             addr,
             spans,
             received,
-            keep,
         })
-    }
-
-    /// Whether requests are kept.
-    pub fn keeps(&self) -> bool {
-        self.keep
     }
 }

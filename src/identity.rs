@@ -180,11 +180,6 @@ impl Identifier {
         }
     }
 
-    /// The revocation set this identifier consults.
-    pub fn revocations(&self) -> &Arc<Revocations> {
-        &self.revocations
-    }
-
     /// Verifies `token` at Unix time `now` and returns its claims.
     pub fn identify(&self, token: &str, now: i64) -> Result<Arc<Claims>, Refusal> {
         if token.len() > self.policy.max_bytes {
