@@ -137,11 +137,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // caches, pools).
     let sat = Duration::from_secs(args.duration_secs);
     saturate(&noop_clients, &workload, args.concurrency, warm).await;
+    let noop_cpu = CpuSample::take(&[("no-op", noop.child.id()), ("bench", std::process::id())]);
     let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
+    let noop_cpu = noop_cpu.since();
     let mut aegis = AegisServer::spawn(dir.path(), "saturated", &key_dir, &args, sink.addr)?;
     let aegis_clients = clients(aegis.child.addr, args.connections).await?;
     saturate(&aegis_clients, &workload, args.concurrency, warm).await;
+    let aegis_cpu = CpuSample::take(&[
+        ("aegis", aegis.child.child.id()),
+        ("bench", std::process::id()),
+    ]);
     let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
+    let aegis_cpu = aegis_cpu.since();
     drop(aegis_clients);
     let sat_log = aegis.stop_and_verify(&signer)?;
 
@@ -197,6 +204,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "aegis resident memory, max during the fixed-rate phase: {:.1} MiB",
         rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0
     );
+    println!();
+    println!("CPU per Check in the saturated phase, by process and thread (µs):");
+    for (name, cpu, r) in [
+        ("no-op", &noop_cpu, &noop_sat),
+        ("aegis", &aegis_cpu, &aegis_sat),
+    ] {
+        println!("  {name} phase:");
+        for (thread, us) in cpu.per_check(r.requests) {
+            println!("    {thread:<40} {us:>7.1}");
+        }
+    }
     println!("audit log after the saturated phase: {sat_log}");
     println!("audit log after the fixed-rate phase: {rate_log}");
     println!(
@@ -539,6 +557,91 @@ async fn fixed_rate(
         let _ = s.await;
     }
     tally.finish(elapsed)
+}
+
+/// CPU time of every thread of some processes, to tell where a phase's CPU went.
+struct CpuSample {
+    pids: Vec<(&'static str, u32)>,
+    ticks: std::collections::BTreeMap<(String, String), u64>,
+}
+
+impl CpuSample {
+    fn take(pids: &[(&'static str, u32)]) -> Self {
+        let mut ticks = std::collections::BTreeMap::new();
+        for (name, pid) in pids {
+            for (thread, t) in thread_ticks(*pid) {
+                *ticks.entry(((*name).to_owned(), thread)).or_insert(0) += t;
+            }
+        }
+        Self {
+            pids: pids.to_vec(),
+            ticks,
+        }
+    }
+
+    /// CPU ticks spent since this sample, by (process, thread name).
+    fn since(self) -> std::collections::BTreeMap<(String, String), u64> {
+        let now = Self::take(&self.pids);
+        now.ticks
+            .into_iter()
+            .map(|(k, t)| {
+                let before = self.ticks.get(&k).copied().unwrap_or(0);
+                (k, t.saturating_sub(before))
+            })
+            .filter(|(_, t)| *t > 0)
+            .collect()
+    }
+}
+
+trait PerCheck {
+    fn per_check(&self, checks: u64) -> Vec<(String, f64)>;
+}
+
+impl PerCheck for std::collections::BTreeMap<(String, String), u64> {
+    /// µs of CPU per Check by `process/thread`, with per-process totals.
+    fn per_check(&self, checks: u64) -> Vec<(String, f64)> {
+        // /proc reports CPU time in clock ticks of 10 ms (USER_HZ = 100 on Linux).
+        let us = |t: u64| t as f64 * 10_000.0 / checks.max(1) as f64;
+        let mut out = Vec::new();
+        let mut totals = std::collections::BTreeMap::<&str, u64>::new();
+        for ((process, thread), t) in self {
+            out.push((format!("{process}/{thread}"), us(*t)));
+            *totals.entry(process).or_insert(0) += t;
+        }
+        for (process, t) in totals {
+            out.push((format!("{process} total"), us(t)));
+        }
+        out
+    }
+}
+
+/// (thread name, utime + stime ticks) of every thread of `pid`; threads with the same
+/// name are summed by the caller.
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("?", |(_, c)| c).to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the comm: state is field 3 of stat(5); utime and stime are fields 14, 15.
+        let t = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.push((comm, t(11) + t(12)));
+    }
+    out
 }
 
 /// VmRSS of a process, in bytes.
