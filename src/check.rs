@@ -19,7 +19,7 @@ pub mod protojson;
 pub mod respond;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
@@ -61,8 +61,27 @@ pub struct Checker {
     pub telemetry: Telemetry,
     pub limits: Limits,
     pub token_source: TokenSource,
+    /// Admission control: Checks past `limits.max_inflight` are shed before any work.
+    pub admission: Arc<Admission>,
     ids: DecisionIds,
 }
+
+/// Bounds the Checks in flight. A Check over the bound is refused at once with
+/// `RESOURCE_EXHAUSTED`: it gets no decision and leaves no row, and Envoy's
+/// `failure_mode_allow`/`status_on_error` decide. Shedding at the door keeps the Checks
+/// already admitted inside Envoy's timeout instead of letting every one of them be late.
+#[derive(Debug)]
+pub struct Admission {
+    max: usize,
+    inflight: AtomicUsize,
+    /// Shed at the door (over `max`).
+    shed: AtomicU64,
+    /// Admitted, then refused because the audit queue was full.
+    queue_full: AtomicU64,
+}
+
+/// One admitted Check; leaving (answered, failed or cancelled) frees its place.
+struct Admitted<'a>(&'a Admission);
 
 /// How a Check ended, before it is recorded.
 #[derive(Debug)]
@@ -102,8 +121,59 @@ impl Authorization for AuthorizationService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let Some(_admitted) = self.0.admission.admit() else {
+            return Err(overloaded(&self.0.admission));
+        };
         self.0.check(request.into_inner()).await.map(Response::new)
     }
+}
+
+// === impl Admission ===
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            inflight: AtomicUsize::new(0),
+            shed: AtomicU64::new(0),
+            queue_full: AtomicU64::new(0),
+        }
+    }
+
+    fn admit(&self) -> Option<Admitted<'_>> {
+        if self.inflight.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Admitted(self))
+    }
+
+    /// Checks in flight now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Checks shed since start: (over `max_inflight`, audit queue full).
+    pub fn shed(&self) -> (u64, u64) {
+        (
+            self.shed.load(Ordering::Relaxed),
+            self.queue_full.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn overloaded(a: &Admission) -> Status {
+    Status::resource_exhausted(format!(
+        "aegis: overloaded: {} Checks in flight (limits.max_inflight); shed without a decision",
+        a.max
+    ))
 }
 
 // === impl Checker ===
@@ -116,6 +186,7 @@ impl Checker {
         telemetry: Telemetry,
         limits: Limits,
         token_source: TokenSource,
+        max_inflight: usize,
     ) -> Self {
         Self {
             identifier,
@@ -124,6 +195,7 @@ impl Checker {
             telemetry,
             limits,
             token_source,
+            admission: Arc::new(Admission::new(max_inflight)),
             ids: DecisionIds::new(),
         }
     }
@@ -148,6 +220,9 @@ impl Checker {
         let seq = match self.audit.append(record).await {
             Ok(seq) => seq,
             Err(e) => {
+                if matches!(e, AuditError::Overloaded(_)) {
+                    self.admission.queue_full.fetch_add(1, Ordering::Relaxed);
+                }
                 let status = audit_failure(&e);
                 span.finish(
                     span_attributes(&outcome, &call, &decision_id, None),
@@ -369,11 +444,15 @@ fn unauthenticated(e: &TokenError) -> Outcome {
 }
 
 /// An audit failure, as the gRPC error Envoy sees.
+/// Overload is counted and summarised by the server's health loop rather than logged per
+/// Check: a line per shed Check would add to the overload it reports.
 fn audit_failure(e: &AuditError) -> Status {
-    crate::log!(error, "check failed closed: {e}");
     match e {
         AuditError::Overloaded(_) => Status::resource_exhausted(format!("aegis: {e}")),
-        _ => Status::unavailable(format!("aegis: {e}")),
+        _ => {
+            crate::log!(error, "check failed closed: {e}");
+            Status::unavailable(format!("aegis: {e}"))
+        }
     }
 }
 

@@ -119,6 +119,9 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Most header bytes (names and values); more is denied 431.
     pub max_header_bytes: usize,
+    /// Most Checks in flight at once; past that a Check is shed at once with
+    /// RESOURCE_EXHAUSTED (Envoy's `failure_mode_allow`/`status_on_error` decide).
+    pub max_inflight: usize,
 }
 
 impl Default for Config {
@@ -188,6 +191,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 1024 * 1024,
             max_headers: 128,
             max_header_bytes: 64 * 1024,
+            max_inflight: 1024,
         }
     }
 }
@@ -274,6 +278,9 @@ pub struct Overrides {
     /// Most header bytes [default: 65536].
     #[arg(long, env = "AEGIS_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// Most Checks in flight before new ones are shed [default: 1024].
+    #[arg(long, env = "AEGIS_MAX_INFLIGHT")]
+    pub max_inflight: Option<usize>,
 }
 
 // === impl Config ===
@@ -323,6 +330,7 @@ impl Config {
         positive("audit.queue_capacity", self.audit.queue_capacity as u64)?;
         positive("audit.max_batch", self.audit.max_batch as u64)?;
         positive("otlp.queue_size", self.otlp.queue_size as u64)?;
+        positive("limits.max_inflight", self.limits.max_inflight as u64)?;
         if self.policy.query.split('.').next() != Some("data") {
             return Err(ConfigError::Invalid {
                 setting: "policy.query",
@@ -389,6 +397,7 @@ impl Overrides {
         set(&mut c.limits.max_body_bytes, &self.max_body_bytes);
         set(&mut c.limits.max_headers, &self.max_headers);
         set(&mut c.limits.max_header_bytes, &self.max_header_bytes);
+        set(&mut c.limits.max_inflight, &self.max_inflight);
     }
 }
 

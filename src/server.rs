@@ -60,6 +60,8 @@ pub struct Running {
     pub revocations: Arc<Revocations>,
     /// The live policy.
     pub policy: Arc<Policy>,
+    /// Checks in flight and shed (admission control).
+    pub admission: Arc<crate::check::Admission>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -150,8 +152,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         telemetry.clone(),
         limits,
         token_source,
+        config.limits.max_inflight,
     ));
 
+    let admission = checker.admission.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     crate::log!(
         info,
@@ -179,6 +183,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         local_addr,
         revocations,
         policy,
+        admission,
         shutdown: shutdown_tx,
         task,
     })
@@ -237,7 +242,12 @@ async fn serve(
         watch_interval,
         shutdown.clone(),
     ));
-    let health = tokio::spawn(report_health(health_reporter, audit, shutdown.clone()));
+    let health = tokio::spawn(report_health(
+        health_reporter,
+        audit,
+        checker.clone(),
+        shutdown.clone(),
+    ));
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -281,9 +291,11 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     audit: AuditLog,
+    checker: Arc<Checker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last = None;
+    let mut shed_before = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         let status = if audit.is_healthy() {
@@ -295,6 +307,18 @@ async fn report_health(
             reporter.set_service_status("", status).await;
             reporter.set_service_status(AUTHZ_SERVICE, status).await;
             last = Some(status);
+        }
+        let shed = checker.admission.shed();
+        if shed != shed_before {
+            crate::log!(
+                warn,
+                "overloaded: shed {} Checks over limits.max_inflight and {} on a full audit queue \
+                 since the last report ({} in flight)",
+                shed.0 - shed_before.0,
+                shed.1 - shed_before.1,
+                checker.admission.inflight()
+            );
+            shed_before = shed;
         }
         tokio::select! {
             _ = tick.tick() => {}

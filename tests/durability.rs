@@ -142,15 +142,7 @@ async fn load(
                 }
                 let req = Req::read_invoices(&t);
                 match c.check(req).await {
-                    Ok(r) => {
-                        let md = r.into_inner().dynamic_metadata.expect("metadata");
-                        if let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
-                            id,
-                        )) = md.fields.get("decision_id").and_then(|v| v.kind.clone())
-                        {
-                            ids.push(id);
-                        }
-                    }
+                    Ok(r) => ids.extend(decision_id(r.get_ref())),
                     Err(_) => break,
                 }
             }

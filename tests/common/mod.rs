@@ -208,6 +208,28 @@ impl Req {
     }
 }
 
+/// The decision id Aegis put in the response's dynamic metadata.
+pub fn decision_id(r: &CheckResponse) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let md = r.dynamic_metadata.as_ref()?;
+    match md.fields.get("decision_id")?.kind.as_ref()? {
+        Kind::StringValue(id) => Some(id.clone()),
+        _ => None,
+    }
+}
+
+/// (decision_id, decision) of every audit row, in seq order.
+pub fn decisions(db: &Path) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open(db).expect("open db");
+    let mut stmt = conn
+        .prepare("SELECT decision_id, decision FROM audit_log ORDER BY seq")
+        .expect("prepare");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 /// The response's gRPC status code (0 = OK).
 pub fn code(r: &CheckResponse) -> i32 {
     r.status.as_ref().map_or(0, |s| s.code)
