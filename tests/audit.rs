@@ -160,21 +160,79 @@ async fn aegis_audit_verify_exit_codes_and_message() {
 }
 
 #[tokio::test]
-async fn writer_refuses_to_continue_from_an_uncovered_tail() {
+async fn writer_refuses_to_continue_from_a_bad_tail() {
+    // (what happened to the end of the log, SQL that does it, what start-up must say)
+    let cases = [
+        (
+            "last commit's checkpoint lost",
+            "DELETE FROM audit_checkpoint WHERE last_seq = 6",
+            "row 6: inserted",
+        ),
+        (
+            "last row torn or garbled",
+            "UPDATE audit_log SET reason = 'garbled' WHERE seq = 6",
+            "row 6: modified",
+        ),
+        (
+            "last checkpoint forged",
+            "UPDATE audit_checkpoint SET signature = zeroblob(64) WHERE last_seq = 6",
+            "bad signature",
+        ),
+        (
+            "last row deleted",
+            "DELETE FROM audit_log WHERE seq = 6",
+            "deleted",
+        ),
+    ];
+    for (what, sql, expected) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = base_log(dir.path()).await;
+        let db = dir.path().join("audit.db");
+        rusqlite::Connection::open(&db)
+            .expect("open")
+            .execute_batch(sql)
+            .expect("tamper");
+        let opts = StoreOptions {
+            queue_capacity: 4,
+            max_batch: 4,
+            durability: Durability::Normal,
+        };
+        let err = AuditLog::open(&db, signer, &opts).expect_err(what);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(expected) && msg.contains("refusing to continue"),
+            "{what}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_truncated_database_file_stops_start_up_with_a_message_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let signer = base_log(dir.path()).await;
-    rusqlite::Connection::open(dir.path().join("audit.db"))
+    let data = dir.path().join("data");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let _ = base_log(&data).await;
+    });
+    // A torn write at the end of the database file: its last page cut in half.
+    let db = data.join("audit.db");
+    let len = std::fs::metadata(&db).expect("db").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
         .expect("open")
-        .execute("DELETE FROM audit_checkpoint WHERE last_seq = 6", [])
-        .expect("tamper");
-    let opts = StoreOptions {
-        queue_capacity: 4,
-        max_batch: 4,
-        durability: Durability::Normal,
-    };
-    let err = AuditLog::open(&dir.path().join("audit.db"), signer, &opts).expect_err("refused");
+        .set_len(len - 2048)
+        .expect("truncate");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        err.to_string().contains("last row 6, last checkpoint at 5"),
-        "{err}"
+        stderr.contains("audit.db")
+            && (stderr.contains("torn or corrupt") || stderr.contains("does not verify")),
+        "{stderr}"
     );
 }

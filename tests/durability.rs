@@ -156,30 +156,36 @@ async fn load(
     all
 }
 
+/// SIGKILL at a random moment under load, 20 rounds on one data directory. After each
+/// kill: every Check that got an answer has its row, and the whole log verifies; each
+/// restart also re-verifies the tail before writing (a torn tail would stop it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_load_loses_no_answered_row() {
+async fn sigkill_at_random_moments_loses_no_answered_row() {
+    const ROUNDS: u64 = 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
+    // Seeded so that a failing run can be replayed; printed with every round.
+    let mut seed: u64 = 0x00ae_915e_ed00_0001;
     let mut answered = 0;
-    for round in 0..3 {
+    for round in 0..ROUNDS {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let wait = Duration::from_millis(50 + (seed >> 33) % 700);
         let mut child = spawn_serve_at(&data);
         let signer = aegis::keys::Signer::load(&data).expect("key");
         let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let driver = tokio::spawn(load(child.addr, token, stop_rx));
-        tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
+        tokio::time::sleep(wait).await;
         child.child.kill().expect("SIGKILL");
         let _ = child.child.wait();
         let _ = stop_tx.send(true);
         let ids = driver.await.expect("driver");
-        assert!(
-            !ids.is_empty(),
-            "round {round}: the load got answers before the kill"
-        );
         answered += ids.len();
         let stored = decision_ids(&data.join("audit.db"));
         eprintln!(
-            "round {round}: {} answered, {} rows stored",
+            "round {round}: killed after {wait:?}, {} answered, {} rows stored",
             ids.len(),
             stored.len()
         );
@@ -196,8 +202,8 @@ async fn sigkill_under_load_loses_no_answered_row() {
         assert!(verdict.is_ok(), "round {round}: {verdict:?}");
     }
     assert!(
-        answered > 100,
-        "only {answered} Checks answered in three rounds"
+        answered > 1000,
+        "only {answered} Checks answered in {ROUNDS} rounds"
     );
 }
 

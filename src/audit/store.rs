@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::{GENESIS, Hash, Record, checkpoint_message, row_hash};
+use super::{Hash, Record, checkpoint_message, row_hash};
 use crate::keys::Signer;
 
 /// File name of the audit database in the data directory.
@@ -74,7 +74,9 @@ const INSERT_ROW: &str = concat!(
 pub enum AuditError {
     #[error("audit database {path}: {message}")]
     Open { path: PathBuf, message: String },
-    #[error("audit log tail is not covered by a signed checkpoint ({0}); run `aegis audit verify`")]
+    #[error(
+        "audit log tail does not verify, refusing to continue it: {0}; run `aegis audit verify`"
+    )]
     UncoveredTail(String),
     #[error("audit write failed: {0}")]
     Write(String),
@@ -143,7 +145,7 @@ impl AuditLog {
         let conn = open_connection(path, opts.durability)?;
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(|e| open_err(path, e))?;
-        let (head_seq, head_hash) = read_head(&conn).map_err(|e| open_err(path, e))?;
+        let (head_seq, head_hash) = read_head(&conn, &signer, path)?;
         let checkpoint_conn = open_connection(path, opts.durability)?;
         let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = sync_channel(opts.queue_capacity);
@@ -250,43 +252,24 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
     Ok(conn)
 }
 
-/// The last row's sequence and hash, after checking the last checkpoint covers it.
-fn read_head(conn: &Connection) -> Result<(u64, Hash), AuditError> {
-    let last: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+/// The last row's sequence and hash, after [`verify_tail`](super::verify::verify_tail)
+/// has checked the end of the log: a writer never continues a torn, garbled or unsigned
+/// tail.
+fn read_head(conn: &Connection, signer: &Signer, path: &Path) -> Result<(u64, Hash), AuditError> {
+    // A file SQLite cannot read back (a torn page, garbage where rows were) names the file.
+    let tail = super::verify::verify_tail(conn, &[signer.verifying_key()]).map_err(|e| {
+        open_err(
+            path,
+            format!(
+                "the end of the log cannot be read (torn or corrupt file?): {e}; \
+                 run `aegis audit verify`"
+            ),
         )
-        .optional()
-        .map_err(|e| AuditError::Write(e.to_string()))?;
-    let Some((seq, hash)) = last else {
-        return Ok((0, GENESIS));
-    };
-    let cp: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT last_seq, head_hash FROM audit_checkpoint ORDER BY id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(|e| AuditError::Write(e.to_string()))?;
-    match cp {
-        Some((cp_seq, cp_hash)) if cp_seq == seq && cp_hash == hash => {}
-        Some((cp_seq, _)) => {
-            return Err(AuditError::UncoveredTail(format!(
-                "last row {seq}, last checkpoint at {cp_seq}"
-            )));
-        }
-        None => {
-            return Err(AuditError::UncoveredTail(format!(
-                "last row {seq}, no checkpoint"
-            )));
-        }
+    })?;
+    match tail {
+        Ok(t) => Ok((t.seq, t.hash)),
+        Err(finding) => Err(AuditError::UncoveredTail(finding.to_string())),
     }
-    let hash = Hash::try_from(hash.as_slice())
-        .map_err(|_| AuditError::UncoveredTail(format!("row {seq} hash is not 32 bytes")))?;
-    Ok((u64::try_from(seq).unwrap_or(0), hash))
 }
 
 struct Writer {

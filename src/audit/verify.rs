@@ -118,12 +118,18 @@ fn blob32(v: Vec<u8>) -> Hash {
 }
 
 fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
+    read_rows_from(conn, 0)
+}
+
+/// Rows with `seq >= from`, in `seq` order.
+fn read_rows_from(conn: &Connection, from: u64) -> rusqlite::Result<Vec<Row>> {
     let mut stmt = conn.prepare(concat!(
         "SELECT ",
         super::audit_columns!(),
-        " FROM audit_log ORDER BY seq"
+        " FROM audit_log WHERE seq >= ?1 ORDER BY seq"
     ))?;
-    let rows = stmt.query_map([], |r| {
+    let from = i64::try_from(from).unwrap_or(i64::MAX);
+    let rows = stmt.query_map([from], |r| {
         Ok(Row {
             seq: r.get::<_, i64>(0)? as u64,
             record: Record {
@@ -169,6 +175,155 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
         })
     })?;
     cps.collect()
+}
+
+/// What [`verify_tail`] found: the head to continue the chain from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tail {
+    pub seq: u64,
+    pub hash: Hash,
+}
+
+/// Checks the end of the log before a writer continues it: the last two checkpoints'
+/// signatures, and every row after the second-to-last checkpoint re-hashed and re-linked
+/// up to the last checkpoint's head, with nothing after it. The work is one commit's rows,
+/// whatever the log's size, so it runs at every start-up; a torn or garbled tail, rows
+/// no checkpoint covers, or a forged checkpoint is a [`Finding`], never continued from.
+pub fn verify_tail(
+    conn: &Connection,
+    keys: &[VerifyingKey],
+) -> Result<Result<Tail, Finding>, rusqlite::Error> {
+    let mut stmt = conn.prepare(
+        "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id DESC LIMIT 2",
+    )?;
+    let mut cps: Vec<Checkpoint> = stmt
+        .query_map([], |r| {
+            Ok(Checkpoint {
+                last_seq: r.get::<_, i64>(0)? as u64,
+                head: blob32(r.get(1)?),
+                time_ns: r.get(2)?,
+                key_id: r.get(3)?,
+                signature: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    cps.reverse();
+    // The previous checkpoint's row anchors the tail's chain; with one checkpoint or
+    // none, the chain starts at genesis.
+    let start = match cps.as_slice() {
+        [prev, _] => prev.last_seq,
+        _ => 0,
+    };
+    let mut rows = read_rows_from(conn, start)?;
+    let anchor = if start == 0 {
+        GENESIS
+    } else {
+        match rows.first() {
+            Some(r) if r.seq == start && r.hash == cps[0].head => rows.remove(0).hash,
+            Some(r) if r.seq == start => {
+                return Ok(Err(Finding {
+                    seq: start,
+                    kind: Tamper::Modified,
+                    detail: format!("row {start} no longer matches the checkpoint that signs it"),
+                }));
+            }
+            _ => {
+                return Ok(Err(Finding {
+                    seq: start,
+                    kind: Tamper::Deleted,
+                    detail: format!("the row checkpoint {start} signs is gone"),
+                }));
+            }
+        }
+    };
+    if cps.is_empty() && !rows.is_empty() {
+        return Ok(Err(Finding {
+            seq: rows[0].seq,
+            kind: Tamper::Inserted,
+            detail: "rows exist but no signed checkpoint covers them".into(),
+        }));
+    }
+    Ok(check_tail(&rows, start, anchor, &cps, keys))
+}
+
+/// The chain from (`start`, `anchor`) through `rows` must end exactly at the last of
+/// `cps`, and every one of `cps` must be signed by a trusted key.
+fn check_tail(
+    rows: &[Row],
+    start: u64,
+    anchor: Hash,
+    cps: &[Checkpoint],
+    keys: &[VerifyingKey],
+) -> Result<Tail, Finding> {
+    let by_kid: HashMap<String, &VerifyingKey> =
+        keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
+    for cp in cps {
+        if !signature_ok(cp, &by_kid) {
+            return Err(Finding {
+                seq: start + 1,
+                kind: Tamper::BadSignature,
+                detail: format!(
+                    "checkpoint at seq {}: signature does not verify with a trusted key",
+                    cp.last_seq
+                ),
+            });
+        }
+    }
+    let (mut seq, mut prev) = (start, anchor);
+    for r in rows {
+        if r.seq != seq + 1 {
+            return Err(Finding {
+                seq: seq + 1,
+                kind: Tamper::Deleted,
+                detail: format!("row {} follows row {seq}", r.seq),
+            });
+        }
+        if r.prev != prev || row_hash(r.seq, &r.record, &r.key_id, &r.prev) != r.hash {
+            return Err(Finding {
+                seq: r.seq,
+                kind: Tamper::Modified,
+                detail: "a torn or altered row: its contents or link do not match its hash".into(),
+            });
+        }
+        seq = r.seq;
+        prev = r.hash;
+    }
+    let Some(last) = cps.last() else {
+        return Ok(Tail { seq, hash: prev });
+    };
+    if seq > last.last_seq {
+        return Err(Finding {
+            seq: last.last_seq + 1,
+            kind: Tamper::Inserted,
+            detail: format!(
+                "rows {}..={seq} are not covered by any signed checkpoint",
+                last.last_seq + 1
+            ),
+        });
+    }
+    if seq < last.last_seq || prev != last.head {
+        return Err(Finding {
+            seq: seq + 1,
+            kind: Tamper::Deleted,
+            detail: format!(
+                "log ends at seq {seq} but the last checkpoint signs seq {}",
+                last.last_seq
+            ),
+        });
+    }
+    Ok(Tail { seq, hash: prev })
+}
+
+fn signature_ok(cp: &Checkpoint, by_kid: &HashMap<String, &VerifyingKey>) -> bool {
+    by_kid.get(&cp.key_id).is_some_and(|k| {
+        <[u8; 64]>::try_from(cp.signature.as_slice()).is_ok_and(|s| {
+            k.verify_strict(
+                &checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id),
+                &Signature::from_bytes(&s),
+            )
+            .is_ok()
+        })
+    })
 }
 
 fn verify(
@@ -334,16 +489,7 @@ fn check_checkpoints(
     let mut covered = 0u64;
     for cp in checkpoints {
         let first = covered + 1;
-        let sig_ok = by_kid.get(&cp.key_id).is_some_and(|k| {
-            <[u8; 64]>::try_from(cp.signature.as_slice()).is_ok_and(|s| {
-                k.verify_strict(
-                    &checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id),
-                    &Signature::from_bytes(&s),
-                )
-                .is_ok()
-            })
-        });
-        if !sig_ok {
+        if !signature_ok(cp, &by_kid) {
             let why = if by_kid.contains_key(&cp.key_id) {
                 "signature does not verify"
             } else {
