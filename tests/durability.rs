@@ -239,3 +239,63 @@ async fn sigterm_drains_and_exits_zero() {
         "every answered Check has its row after SIGTERM"
     );
 }
+
+#[tokio::test]
+async fn a_deleted_or_replaced_database_fails_closed_until_the_original_is_back() {
+    let mut s = start().await;
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let db = s.db();
+    let aside = s.data_dir().join("audit.db.aside");
+    assert_eq!(code(&s.read_invoices(&t).await), 0);
+
+    // (what happens to the file, how to undo it, what the Check's error must say)
+    type Fault = fn(&std::path::Path, &std::path::Path);
+    let faults: [(&str, Fault, &str); 2] = [
+        (
+            "deleted",
+            |db, aside| std::fs::rename(db, aside).expect("move away"),
+            "was deleted",
+        ),
+        (
+            "replaced",
+            |db, aside| {
+                std::fs::rename(db, aside).expect("move away");
+                std::fs::write(db, b"not the audit log").expect("write impostor");
+            },
+            "was replaced by another file",
+        ),
+    ];
+    for (what, fault, expected) in faults {
+        fault(&db, &aside);
+        let err = s
+            .check(Req::read_invoices(&t))
+            .await
+            .expect_err("a Check must fail closed while its row cannot be kept");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{what}: {err:?}");
+        assert!(
+            err.message().contains(expected),
+            "{what}: {}",
+            err.message()
+        );
+        assert!(
+            health_becomes(s.addr, ServingStatus::NotServing).await,
+            "{what}: health reports NOT_SERVING"
+        );
+        // The original comes back: service resumes by itself.
+        std::fs::rename(&aside, &db).expect("put back");
+        assert_eq!(code(&s.read_invoices(&t).await), 0, "{what}: resumes");
+        assert!(
+            health_becomes(s.addr, ServingStatus::Serving).await,
+            "{what}: health back to SERVING"
+        );
+    }
+    s.stop().await;
+    assert_eq!(
+        s.rows().len(),
+        3,
+        "one row per answered Check, none for the refused"
+    );
+    let keys = [s.signer.verifying_key()];
+    let verdict = aegis::audit::verify::verify_file(&db, &keys).expect("read");
+    assert!(verdict.is_ok(), "{verdict:?}");
+}

@@ -152,6 +152,8 @@ impl AuditLog {
         let healthy = Arc::new(AtomicBool::new(true));
         let mut writer = Writer {
             conn,
+            path: path.to_path_buf(),
+            file: file_id(path).map_err(|e| open_err(path, e))?,
             signer,
             head_seq,
             head_hash,
@@ -219,6 +221,15 @@ fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
+/// (device, inode) of the file at `path`.
+type FileId = (u64, u64);
+
+fn file_id(path: &Path) -> std::io::Result<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 fn open_err(path: &Path, e: impl ToString) -> AuditError {
     AuditError::Open {
         path: path.to_path_buf(),
@@ -274,6 +285,9 @@ fn read_head(conn: &Connection, signer: &Signer, path: &Path) -> Result<(u64, Ha
 
 struct Writer {
     conn: Connection,
+    /// The database path, and the identity of the file `conn` writes to.
+    path: PathBuf,
+    file: FileId,
     signer: Signer,
     head_seq: u64,
     head_hash: Hash,
@@ -306,15 +320,43 @@ impl Writer {
                     self.healthy.store(false, Ordering::Relaxed);
                     crate::log!(error, "audit commit of {} rows failed: {e}", batch.len());
                     for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(AuditError::Write(e.to_string())));
+                        let _ = job.reply.send(Err(AuditError::Write(e.clone())));
                     }
                 }
             }
         }
     }
 
+    /// Commits the batch to the file it belongs in; returns the first seq.
+    fn commit(&mut self, batch: &[Job]) -> Result<u64, String> {
+        self.check_file()?;
+        self.insert(batch).map_err(|e| e.to_string())
+    }
+
+    /// The file at the path must still be the one being written: SQLite writes through
+    /// its open handle, so rows committed after the file was deleted or replaced would be
+    /// lost with the handle, though their Checks were answered. While it differs every
+    /// commit fails (closed), and service resumes once the original file is back. A
+    /// restored copy is never adopted while running: the `-wal` and `-shm` files at the
+    /// path belong to the original, and SQLite would read their pages into the copy. A
+    /// restart adopts it, after start-up has verified its tail.
+    fn check_file(&self) -> Result<(), String> {
+        let shown = self.path.display();
+        match file_id(&self.path) {
+            Ok(id) if id == self.file => Ok(()),
+            Ok(_) => Err(format!(
+                "audit database {shown} was replaced by another file; put the original back \
+                 to resume, or restart aegis to adopt a restored copy (its tail is verified)"
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+                "audit database {shown} was deleted; put it back to resume"
+            )),
+            Err(e) => Err(format!("audit database {shown}: {e}")),
+        }
+    }
+
     /// Inserts the batch and its checkpoint in one transaction; returns the first seq.
-    fn commit(&mut self, batch: &[Job]) -> rusqlite::Result<u64> {
+    fn insert(&mut self, batch: &[Job]) -> rusqlite::Result<u64> {
         let kid = self.signer.kid().to_owned();
         let tx = self.conn.transaction()?;
         let mut seq = self.head_seq;
