@@ -299,3 +299,143 @@ async fn a_deleted_or_replaced_database_fails_closed_until_the_original_is_back(
     let verdict = aegis::audit::verify::verify_file(&db, &keys).expect("read");
     assert!(verdict.is_ok(), "{verdict:?}");
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped. Needs root (as the test
+/// command runs in CI and on the development machines); anything else fails the test
+/// with that reason rather than skipping it.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs failed: the storage-fault tests need root to make a \
+             small file system"
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn remount(&self, opts: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(self.dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {opts}");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file; returns its path.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_closed_and_service_resumes_when_space_returns() {
+    let fs = SmallFs::mount("4m");
+    let data = fs.path().join("data");
+    let mut s = start_with(|c| c.data_dir = data.clone()).await;
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let r = s.read_invoices(&t).await;
+        answered.insert(decision_id(&r).expect("id"));
+    }
+    let filler = fill(fs.path());
+    // SQLite may still reuse space its WAL already holds; keep calling until a commit
+    // needs a page the disk no longer has. Every Check either fails closed or was
+    // recorded (checked below).
+    let mut failure = None;
+    for _ in 0..5_000 {
+        match s.check(Req::read_invoices(&t)).await {
+            Ok(r) => {
+                answered.insert(decision_id(&r).expect("id"));
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failure.expect("a full disk must make a commit fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("full"),
+        "the error names the fault: {}",
+        err.message()
+    );
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "NOT_SERVING while the disk is full"
+    );
+    std::fs::remove_file(&filler).expect("free space");
+    let r = s.read_invoices(&t).await;
+    assert_eq!(code(&r), 0, "resumes by itself once space returns");
+    answered.insert(decision_id(&r).expect("id"));
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "SERVING again"
+    );
+    s.stop().await;
+    let stored: std::collections::HashSet<String> = decisions(&data.join("audit.db"))
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(stored, answered, "exactly the answered Checks have rows");
+    let keys = [s.signer.verifying_key()];
+    let verdict = aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
+    assert!(verdict.is_ok(), "chain intact across the gap: {verdict:?}");
+}
+
+#[test]
+fn a_read_only_file_system_stops_start_up_with_a_message_naming_it() {
+    // The kernel refuses to remount a file system read-only while a process holds a
+    // file on it open for writing, so a running Aegis cannot meet this fault; it meets
+    // it at start-up and must say so, not serve.
+    let fs = SmallFs::mount("4m");
+    let data = fs.path().join("data");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut s = start_with(|c| c.data_dir = data.clone()).await;
+        s.stop().await;
+    });
+    fs.remount("ro");
+    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("audit.db") && stderr.to_lowercase().contains("read-only"),
+        "names the file and the fault: {stderr}"
+    );
+}
