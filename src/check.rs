@@ -284,7 +284,9 @@ impl Checker {
             .as_ref()
             .map_or_else(regorus::Value::new_object, protojson::attributes);
         let doc = input::build(attributes, &decoded, &claims);
-        let outcome = match bundle.evaluate(doc) {
+        let result = bundle.evaluate(doc);
+        self.policy.note_evaluation(result.is_ok());
+        let outcome = match result {
             Ok(decision) => Outcome::Decided {
                 decision,
                 code: Code::PermissionDenied,

@@ -20,12 +20,15 @@
 //! - [`server`]: `aegis serve`: listeners, health, reflection, reload, shutdown.
 //! - [`bench`]: `aegis bench`, the benchmark beside a no-op ext_authz server.
 //! - [`cli`]: the command line.
+//! - `fuzzing`: the fuzz harnesses behind `fuzz/` (hidden from the docs).
 
 pub mod audit;
 pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod keys;
 pub mod policy;

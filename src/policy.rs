@@ -321,7 +321,13 @@ pub struct Policy {
     source: BundleSource,
     opts: PolicyOptions,
     current: RwLock<Arc<CompiledBundle>>,
+    /// Evaluations that failed in a row (error or timeout); reset by a success or a swap.
+    failures_in_a_row: std::sync::atomic::AtomicU64,
 }
+
+/// Failed evaluations in a row after which the policy counts as unusable for readiness:
+/// one bad input must not flip health, a bundle that fails on everything must.
+pub const UNUSABLE_AFTER_FAILURES: u64 = 20;
 
 // === impl Policy ===
 
@@ -333,6 +339,7 @@ impl Policy {
             source,
             opts,
             current: RwLock::new(Arc::new(compiled)),
+            failures_in_a_row: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -341,6 +348,32 @@ impl Policy {
         match self.current.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Records how an evaluation went, for [`Self::health`].
+    pub fn note_evaluation(&self, ok: bool) {
+        use std::sync::atomic::Ordering;
+        if ok {
+            // Most calls succeed: only write when there is something to reset.
+            if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+                self.failures_in_a_row.store(0, Ordering::Relaxed);
+            }
+        } else {
+            self.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Err` naming the problem while the last [`UNUSABLE_AFTER_FAILURES`] evaluations
+    /// have all failed.
+    pub fn health(&self) -> Result<(), String> {
+        let n = self
+            .failures_in_a_row
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if n >= UNUSABLE_AFTER_FAILURES {
+            Err(format!("policy: the last {n} evaluations failed"))
+        } else {
+            Ok(())
         }
     }
 
@@ -356,6 +389,8 @@ impl Policy {
         let revision = compiled.revision().to_owned();
         let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
         *slot = compiled;
+        self.failures_in_a_row
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(revision)
     }
 }

@@ -168,10 +168,16 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     );
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let watch_interval = Duration::from_millis(config.policy.watch_interval_ms);
+    let readiness = Readiness {
+        audit,
+        policy: policy.clone(),
+        data_dir: config.data_dir.clone(),
+        kid: signer.kid().to_owned(),
+    };
     let task = tokio::spawn(serve(
         listener,
         checker,
-        audit,
+        readiness,
         writer,
         telemetry,
         policy.clone(),
@@ -217,7 +223,7 @@ fn identifier(
 async fn serve(
     listener: TcpListener,
     checker: Arc<Checker>,
-    audit: AuditLog,
+    readiness: Readiness,
     writer: crate::audit::store::WriterThread,
     telemetry: Telemetry,
     policy: Arc<Policy>,
@@ -244,7 +250,7 @@ async fn serve(
     ));
     let health = tokio::spawn(report_health(
         health_reporter,
-        audit,
+        readiness,
         checker.clone(),
         shutdown.clone(),
     ));
@@ -287,10 +293,43 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Keeps the health service truthful: NOT_SERVING while the audit log cannot be written.
+/// What readiness is judged on.
+struct Readiness {
+    audit: AuditLog,
+    policy: Arc<Policy>,
+    /// The data directory and the key id being signed with.
+    data_dir: std::path::PathBuf,
+    kid: String,
+}
+
+impl Readiness {
+    /// `Err` naming the first unusable part: the audit log (its last commit failed), the
+    /// policy (every recent evaluation failed), or the signing key (its file in the data
+    /// directory is missing, unreadable or another key: a restart would sign with
+    /// something else, or not start).
+    fn check(&self) -> Result<(), String> {
+        if !self.audit.is_healthy() {
+            return Err("audit log: the last commit failed".into());
+        }
+        self.policy.health()?;
+        match Signer::load(&self.data_dir) {
+            Ok(s) if s.kid() == self.kid => Ok(()),
+            Ok(s) => Err(format!(
+                "signing key: the file now holds key {}, not {} in use",
+                s.kid(),
+                self.kid
+            )),
+            Err(e) => Err(format!("signing key: {e}")),
+        }
+    }
+}
+
+/// Keeps the health service truthful: NOT_SERVING while the audit log, the policy or the
+/// signing key is unusable, SERVING again once it recovers; each change is logged with its
+/// reason. Also summarises shed Checks (overload) since the last tick.
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
-    audit: AuditLog,
+    readiness: Readiness,
     checker: Arc<Checker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -298,12 +337,18 @@ async fn report_health(
     let mut shed_before = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let status = if audit.is_healthy() {
+        let verdict = readiness.check();
+        let status = if verdict.is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
         if last != Some(status) {
+            match &verdict {
+                Ok(()) if last.is_some() => crate::log!(info, "health: SERVING again"),
+                Ok(()) => {}
+                Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
+            }
             reporter.set_service_status("", status).await;
             reporter.set_service_status(AUTHZ_SERVICE, status).await;
             last = Some(status);

@@ -439,3 +439,78 @@ fn a_read_only_file_system_stops_start_up_with_a_message_naming_it() {
         "names the file and the fault: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn readiness_tells_the_truth_about_the_policy_and_the_signing_key() {
+    let bundle = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(bundle.path().join("aegis")).expect("mkdir");
+    std::fs::write(
+        bundle.path().join("aegis/authz.rego"),
+        r#"package aegis.authz
+
+import rego.v1
+
+spin := count([1 | some i in numbers.range(1, 4000); some j in numbers.range(1, 4000); i == j + 100000])
+
+decision := {"allowed": spin == 0} if input.tool.name == "spin"
+decision := {"allowed": true} if input.tool.name == "fast"
+"#,
+    )
+    .expect("policy");
+    let dir = bundle.path().to_path_buf();
+    let mut s = start_with(|c| {
+        c.policy.bundle = Some(dir);
+        c.policy.eval_timeout_ms = 20;
+    })
+    .await;
+    let t = s.token("acme", "bot", &[]);
+    assert_eq!(health(s.addr).await, ServingStatus::Serving as i32);
+
+    // Policy: one failed evaluation is a bad input; every one failing is a bad policy.
+    let spin = || Req::get("/spin").token(&t).build();
+    s.check(spin()).await.expect_err("times out");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        health(s.addr).await,
+        ServingStatus::Serving as i32,
+        "one failure"
+    );
+    for _ in 1..aegis::policy::UNUSABLE_AFTER_FAILURES {
+        s.check(spin()).await.expect_err("times out");
+    }
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "NOT_SERVING after every recent evaluation failed"
+    );
+    let fast = s
+        .check(Req::get("/fast").token(&t).build())
+        .await
+        .expect("decided");
+    assert_eq!(code(&fast), 0);
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "SERVING once evaluations succeed again"
+    );
+
+    // Signing key: its file gone, or another key in its place.
+    let key = s.data_dir().join(aegis::keys::SIGNING_KEY_FILE);
+    let aside = s.data_dir().join("signing.key.aside");
+    std::fs::rename(&key, &aside).expect("move key");
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "NOT_SERVING without the key file"
+    );
+    std::fs::write(&key, "00".repeat(32)).expect("another key");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        health(s.addr).await,
+        ServingStatus::NotServing as i32,
+        "another key in the file is not the key in use"
+    );
+    std::fs::rename(&aside, &key).expect("restore key");
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "SERVING once the key file is back"
+    );
+    s.stop().await;
+}

@@ -120,6 +120,20 @@ impl BundleFiles {
         Ok(Self { files })
     }
 
+    /// Reads an OPA bundle archive (`.tar.gz`) from `reader`; `label` names it in errors.
+    pub fn from_archive(label: &Path, reader: impl Read) -> Result<Self, BundleError> {
+        let mut files = read_archive_from(label, reader)?;
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { files })
+    }
+
+    /// A bundle of the given (path, contents) files, as if read from a directory.
+    pub fn from_files(mut files: Vec<(String, Vec<u8>)>) -> Self {
+        files.retain(|(p, _)| is_bundle_file(p));
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { files }
+    }
+
     /// Parses manifest, modules and data.
     pub fn parse(&self) -> Result<ParsedBundle, BundleError> {
         let mut hasher = Sha256::new();
@@ -229,7 +243,14 @@ fn read_dir(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
 
 fn read_archive(path: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let gz = flate2::read::GzDecoder::new(file);
+    read_archive_from(path, file)
+}
+
+fn read_archive_from(
+    path: &Path,
+    reader: impl Read,
+) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
+    let gz = flate2::read::GzDecoder::new(reader);
     let mut archive = tar::Archive::new(gz);
     let mut out = Vec::new();
     let mut total = 0u64;
