@@ -136,7 +136,8 @@ fn the_corpus_replays_through_every_harness() {
             f.write_all(&bytes).expect("write");
         }
     }
-    let harnesses: [(&str, fn(&[u8])); 3] = [
+    type Harness = fn(&[u8]);
+    let harnesses: [(&str, Harness); 3] = [
         ("check_input", fuzzing::check_input),
         ("token", fuzzing::token),
         ("bundle", fuzzing::bundle),
