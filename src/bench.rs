@@ -66,6 +66,16 @@ pub struct BenchArgs {
     /// Do not export spans (they are still created); isolates the export's cost.
     #[arg(long)]
     pub no_otlp: bool,
+    /// Soak instead: this many seconds at a fixed fraction of saturation, against one
+    /// Aegis, reporting every `--soak-interval-secs` (see `aegis bench --help`).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Seconds per soak report line.
+    #[arg(long, default_value_t = 30)]
+    pub soak_interval_secs: u64,
+    /// Soak rate as a fraction of the saturated throughput measured first.
+    #[arg(long, default_value_t = 0.5)]
+    pub soak_fraction: f64,
 }
 
 /// Results of one phase against one server.
@@ -89,6 +99,9 @@ impl PhaseResult {
 
 /// Runs the whole benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(secs) = args.soak_secs {
+        return soak(&args, secs).await;
+    }
     let dir = tempfile::Builder::new().prefix("aegis-bench-").tempdir()?;
     let key_dir = dir.path().join("key");
     let signer = Signer::load_or_create(&key_dir)?;
@@ -222,6 +235,104 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sink.spans.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// The soak: saturation measured for a few seconds, then `soak_fraction` of it offered at
+/// a fixed rate for `secs` to one Aegis, one report line per interval. Fails on any error,
+/// a broken audit log, or resident memory that keeps growing after the first interval
+/// (least-squares slope over the run above 1 MiB per 10 minutes, or 5% of the start).
+async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("aegis-soak-").tempdir()?;
+    let key_dir = dir.path().join("key");
+    let signer = Signer::load_or_create(&key_dir)?;
+    let workload = Arc::new(workload(&signer, args.agents)?);
+    let sink = SpanSink::start().await?;
+    let mut aegis = AegisServer::spawn(dir.path(), "soak", &key_dir, args, sink.addr)?;
+    let clients = clients(aegis.child.addr, args.connections).await?;
+    let probe = saturate(
+        &clients,
+        &workload,
+        args.concurrency,
+        Duration::from_secs(5),
+    )
+    .await;
+    let rate = ((probe.throughput() * args.soak_fraction) as u64).max(1);
+    println!(
+        "aegis soak: saturated at {:.0} Checks/s over 5 s; offering {rate}/s ({:.0}%) for {secs} s",
+        probe.throughput(),
+        args.soak_fraction * 100.0
+    );
+    println!(
+        "{:>6} {:>9} {:>10} {:>8} {:>8} {:>7} {:>9}",
+        "t s", "checks", "checks/s", "p50 µs", "p99 µs", "errors", "RSS MiB"
+    );
+    let pid = aegis.child.child.id();
+    let step = args.soak_interval_secs.clamp(1, secs.max(1));
+    let (mut t, mut errors, mut points) = (0, 0, Vec::new());
+    while t < secs {
+        let len = step.min(secs - t);
+        let rss = Arc::new(AtomicU64::new(0));
+        let r = fixed_rate(
+            &clients,
+            &workload,
+            rate,
+            Duration::from_secs(len),
+            Some((pid, rss.clone())),
+        )
+        .await;
+        t += len;
+        errors += r.errors;
+        let mib = rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0;
+        points.push((t as f64, mib));
+        println!(
+            "{t:>6} {:>9} {:>10.0} {:>8} {:>8} {:>7} {mib:>9.1}",
+            r.requests,
+            r.throughput(),
+            r.p50_us,
+            r.p99_us,
+            r.errors
+        );
+    }
+    drop(clients);
+    let log = aegis.stop_and_verify(&signer)?;
+    println!("audit log: {log}");
+    // Memory trend after warm-up (the first interval): least-squares slope.
+    let after: Vec<(f64, f64)> = points.iter().skip(1).copied().collect();
+    let slope = slope(&after);
+    let start = after.first().map_or(0.0, |p| p.1);
+    let grown = slope * (after.last().map_or(0.0, |p| p.0) - after.first().map_or(0.0, |p| p.0));
+    println!(
+        "resident memory after warm-up: {start:.1} MiB, trend {:+.3} MiB/min ({grown:+.2} MiB over the run)",
+        slope * 60.0
+    );
+    if errors > 0 {
+        bail!("{errors} Checks failed during the soak");
+    }
+    if log.starts_with("BROKEN") {
+        bail!("the audit log does not verify after the soak");
+    }
+    let limit = (start * 0.05).max(secs as f64 / 600.0);
+    if after.len() >= 3 && grown > limit {
+        bail!("resident memory grew {grown:.2} MiB over the soak (limit {limit:.2} MiB)");
+    }
+    println!("soak passed: no errors, log intact, memory flat");
+    Ok(())
+}
+
+/// Least-squares slope of y over x (0 with fewer than two points).
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), p| (a + p.0, b + p.1));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), p| {
+        (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx) * (p.0 - mx))
+    });
+    if den == 0.0 { 0.0 } else { num / den }
 }
 
 /// An `aegis serve` child with its own data directory (and the benchmark's signing key).
