@@ -34,6 +34,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
+/// Deepest JSON body parsed: serde_json's own recursion limit, which bounds the stack
+/// used by parsing and by every later walk of the value.
+pub const MAX_JSON_DEPTH: usize = 128;
+
 /// A request Aegis cannot make sense of: answered with a 4xx deny, never an internal error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
@@ -49,6 +53,8 @@ pub enum InputError {
     MalformedPath,
     #[error("malformed JSON body: {0}")]
     MalformedJson(String),
+    #[error("JSON body nests deeper than {MAX_JSON_DEPTH} levels")]
+    BodyTooDeep,
     #[error("malformed MCP request: {0}")]
     MalformedMcp(&'static str),
 }
@@ -64,6 +70,7 @@ impl InputError {
             }
             InputError::MalformedPath => (400, "malformed_path"),
             InputError::MalformedJson(_) => (400, "malformed_body"),
+            InputError::BodyTooDeep => (400, "body_too_deep"),
             InputError::MalformedMcp(_) => (400, "malformed_mcp_request"),
         }
     }
@@ -283,8 +290,14 @@ fn parse_body(headers: &HashMap<String, String>, body: &[u8]) -> Result<(Value, 
         return Ok((Value::Null, true));
     }
     if is_json {
-        let v =
-            serde_json::from_slice(body).map_err(|e| InputError::MalformedJson(e.to_string()))?;
+        let v = serde_json::from_slice(body).map_err(|e| {
+            // serde_json stops at its recursion limit; say so rather than "malformed".
+            if e.to_string().starts_with("recursion limit exceeded") {
+                InputError::BodyTooDeep
+            } else {
+                InputError::MalformedJson(e.to_string())
+            }
+        })?;
         return Ok((v, false));
     }
     Ok((
@@ -464,6 +477,29 @@ mod tests {
             decode(Some(&bad), &limits()).err(),
             Some(InputError::MalformedMcp("tools/call without params.name"))
         );
+    }
+
+    #[test]
+    fn a_body_past_the_depth_limit_is_refused_as_too_deep() {
+        let limits = Limits {
+            max_body_bytes: 1 << 20,
+            ..limits()
+        };
+        let deep = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH + 1),
+            "]".repeat(MAX_JSON_DEPTH + 1)
+        );
+        let r = req("POST", "/x", "application/json", &deep);
+        let err = decode(Some(&r), &limits).err();
+        assert_eq!(err, Some(InputError::BodyTooDeep));
+        let ok = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH - 1),
+            "]".repeat(MAX_JSON_DEPTH - 1)
+        );
+        let r = req("POST", "/x", "application/json", &ok);
+        assert!(decode(Some(&r), &limits).is_ok());
     }
 
     #[test]
