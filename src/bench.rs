@@ -360,6 +360,8 @@ impl AegisServer {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--data-dir",
             &data,
             "--audit-durability",

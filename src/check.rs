@@ -63,6 +63,8 @@ pub struct Checker {
     pub token_source: TokenSource,
     /// Admission control: Checks past `limits.max_inflight` are shed before any work.
     pub admission: Arc<Admission>,
+    /// Checks answered, by decision (for metrics).
+    pub counters: Counters,
     ids: DecisionIds,
 }
 
@@ -78,6 +80,33 @@ pub struct Admission {
     shed: AtomicU64,
     /// Admitted, then refused because the audit queue was full.
     queue_full: AtomicU64,
+}
+
+/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, error.
+#[derive(Debug, Default)]
+pub struct Counters {
+    by_decision: [AtomicU64; 5],
+}
+
+const DECISIONS: [&str; 5] = ["allow", "deny", "sanitize", "approval_needed", "error"];
+
+impl Counters {
+    fn count(&self, decision: &str) {
+        if let Some(i) = DECISIONS.iter().position(|d| *d == decision)
+            && let Some(c) = self.by_decision.get(i)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (decision, Checks recorded with it) since start.
+    pub fn decisions(&self) -> Vec<(&'static str, u64)> {
+        DECISIONS
+            .iter()
+            .zip(&self.by_decision)
+            .map(|(d, n)| (*d, n.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 /// One admitted Check; leaving (answered, failed or cancelled) frees its place.
@@ -149,6 +178,11 @@ impl Admission {
         Some(Admitted(self))
     }
 
+    /// The most Checks admitted at once (`limits.max_inflight`).
+    pub fn limit(&self) -> usize {
+        self.max
+    }
+
     /// Checks in flight now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
@@ -196,6 +230,7 @@ impl Checker {
             limits,
             token_source,
             admission: Arc::new(Admission::new(max_inflight)),
+            counters: Counters::default(),
             ids: DecisionIds::new(),
         }
     }
@@ -217,6 +252,7 @@ impl Checker {
         let (outcome, call) = self.decide(&req, http, now_ns);
 
         let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
+        let decision = record.decision.clone();
         let seq = match self.audit.append(record).await {
             Ok(seq) => seq,
             Err(e) => {
@@ -231,6 +267,7 @@ impl Checker {
                 return Err(status);
             }
         };
+        self.counters.count(&decision);
         let error = match &outcome {
             Outcome::Failed { status, .. } => Some(status.message().to_owned()),
             Outcome::Decided { .. } => None,

@@ -35,6 +35,8 @@ pub enum ConfigError {
 pub struct Config {
     /// ext_authz gRPC listen address (also serves health and reflection).
     pub listen: SocketAddr,
+    /// Admin HTTP address: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
     /// Directory for the signing key and the audit database (created 0700).
     pub data_dir: PathBuf,
     /// Seconds to wait for in-flight Checks on SIGTERM/SIGINT.
@@ -128,6 +130,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9191)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
             data_dir: PathBuf::from("./aegis-data"),
             shutdown_grace_secs: 10,
             policy: PolicyConfig::default(),
@@ -205,6 +208,9 @@ pub struct Overrides {
     /// ext_authz listen address [default: 127.0.0.1:9191].
     #[arg(long, env = "AEGIS_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9192].
+    #[arg(long, env = "AEGIS_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Data directory [default: ./aegis-data].
     #[arg(long, env = "AEGIS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -368,6 +374,7 @@ impl Overrides {
             }
         }
         set(&mut c.listen, &self.listen);
+        set(&mut c.admin_listen, &self.admin_listen);
         set(&mut c.data_dir, &self.data_dir);
         set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);
         if self.bundle.is_some() {

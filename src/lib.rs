@@ -18,10 +18,12 @@
 //! - [`keys`]: the Ed25519 signing key kept in the data directory.
 //! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags).
 //! - [`server`]: `aegis serve`: listeners, health, reflection, reload, shutdown.
+//! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`bench`]: `aegis bench`, the benchmark beside a no-op ext_authz server.
 //! - [`cli`]: the command line.
 //! - `fuzzing`: the fuzz harnesses behind `fuzz/` (hidden from the docs).
 
+pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod check;

@@ -62,6 +62,8 @@ pub struct Running {
     pub policy: Arc<Policy>,
     /// Checks in flight and shed (admission control).
     pub admission: Arc<crate::check::Admission>,
+    /// The bound admin address (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -157,23 +159,50 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
 
     let admission = checker.admission.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let watch_interval = Duration::from_millis(config.policy.watch_interval_ms);
+    let readiness = Arc::new(Readiness {
+        audit: audit.clone(),
+        policy: policy.clone(),
+        data_dir: config.data_dir.clone(),
+        kid: signer.kid().to_owned(),
+    });
+    // The admin listener binds last: every start-up error above is reported first.
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|error| StartError::Listen {
+            addr: config.admin_listen,
+            error,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|error| StartError::Listen {
+            addr: config.admin_listen,
+            error,
+        })?;
+    let admin_state = Arc::new(crate::admin::AdminState {
+        checker: checker.clone(),
+        audit,
+        span_queue_capacity: config.otlp.queue_size,
+        ready: {
+            let r = readiness.clone();
+            Box::new(move || r.check())
+        },
+    });
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin_state,
+        shutdown_rx.clone(),
+    ));
     crate::log!(
         info,
-        "{ANNOUNCE}{local_addr}: policy {} revision {}, data dir {}, key {}, otlp {}",
+        "{ANNOUNCE}{local_addr}: admin {admin_addr}, policy {} revision {}, data dir {}, key {}, otlp {}",
         policy.source(),
         policy.current().revision(),
         config.data_dir.display(),
         signer.kid(),
         config.otlp.endpoint.as_deref().unwrap_or("off"),
     );
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let watch_interval = Duration::from_millis(config.policy.watch_interval_ms);
-    let readiness = Readiness {
-        audit,
-        policy: policy.clone(),
-        data_dir: config.data_dir.clone(),
-        kid: signer.kid().to_owned(),
-    };
     let task = tokio::spawn(serve(
         listener,
         checker,
@@ -190,6 +219,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         revocations,
         policy,
         admission,
+        admin_addr,
         shutdown: shutdown_tx,
         task,
     })
@@ -223,7 +253,7 @@ fn identifier(
 async fn serve(
     listener: TcpListener,
     checker: Arc<Checker>,
-    readiness: Readiness,
+    readiness: Arc<Readiness>,
     writer: crate::audit::store::WriterThread,
     telemetry: Telemetry,
     policy: Arc<Policy>,
@@ -329,7 +359,7 @@ impl Readiness {
 /// reason. Also summarises shed Checks (overload) since the last tick.
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
-    readiness: Readiness,
+    readiness: Arc<Readiness>,
     checker: Arc<Checker>,
     mut shutdown: watch::Receiver<bool>,
 ) {

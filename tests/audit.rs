@@ -224,7 +224,14 @@ fn a_truncated_database_file_stops_start_up_with_a_message_naming_it() {
         .set_len(len - 2048)
         .expect("truncate");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .output()
         .expect("runs");

@@ -402,7 +402,8 @@ async fn bodies_json_form_malformed_and_oversized() {
         .check(Req::post("/x", "application/json", &deep).token(&t).build())
         .await
         .expect("decided");
-    assert_eq!(reason(&r), Some("malformed_body"));
+    assert_eq!(reason(&r), Some("body_too_deep"));
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(400));
     // Oversized body: 413.
     let big = format!("{{\"a\":\"{}\"}}", "x".repeat(5000));
     let r = s

@@ -428,7 +428,14 @@ fn a_read_only_file_system_stops_start_up_with_a_message_naming_it() {
     });
     fs.remount("ro");
     let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .output()
         .expect("runs");

@@ -183,7 +183,14 @@ fn a_broken_bundle_at_start_up_exits_non_zero_naming_the_file_and_line() {
     )
     .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--bundle"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--bundle",
+        ])
         .arg(&bundle)
         .arg("--data-dir")
         .arg(tmp.path().join("data"))

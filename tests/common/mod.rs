@@ -27,6 +27,7 @@ pub struct TestServer {
 pub fn config(dir: &Path) -> Config {
     let mut c = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.join("data"),
         ..Default::default()
     };
@@ -281,7 +282,13 @@ pub use aegis::bench::ChildServer;
 
 /// Runs `aegis serve --listen 127.0.0.1:0 <args>` and waits for its address.
 pub fn spawn_serve(args: &[&str]) -> ChildServer {
-    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    let mut all = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
     all.extend_from_slice(args);
     ChildServer::spawn_exe(
         Path::new(env!("CARGO_BIN_EXE_aegis")),

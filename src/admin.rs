@@ -1,0 +1,213 @@
+//! The admin listener: Prometheus metrics and plain HTTP health probes, for platforms
+//! that scrape and probe over HTTP rather than gRPC.
+//!
+//! - `GET /metrics`: Prometheus text format (0.0.4): Checks by decision, Checks in flight
+//!   and the admission limit, Checks shed by cause, the audit queue's depth and
+//!   capacity, the span queue's capacity, and readiness.
+//! - `GET /healthz`: 200 while the process serves (liveness).
+//! - `GET /readyz`: 200 while Aegis can decide and record, else 503 with the reason (the
+//!   same verdict as the gRPC health service).
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, its head read up
+//! to 8 KiB within 5 s, GET only, `Connection: close`. It binds loopback by default.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::audit::store::AuditLog;
+use crate::check::Checker;
+
+/// Largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    pub checker: Arc<Checker>,
+    pub audit: AuditLog,
+    /// `otlp.queue_size`, reported as the span queue's capacity.
+    pub span_queue_capacity: usize,
+    /// The readiness verdict: `Err` names what is unusable.
+    pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut stopped = std::pin::pin!(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, &state).await {
+                            crate::log!(debug, "admin request: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    crate::log!(warn, "admin listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut stopped => return,
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return respond(&mut stream, 408, "text/plain", "request head timeout\n").await,
+    };
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/metrics" => {
+            let body = metrics(state);
+            respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+        }
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+        "/readyz" => match (state.ready)() {
+            Ok(()) => respond(&mut stream, 200, "text/plain", "ready\n").await,
+            Err(why) => {
+                respond(
+                    &mut stream,
+                    503,
+                    "text/plain",
+                    &format!("not ready: {why}\n"),
+                )
+                .await
+            }
+        },
+        _ => respond(&mut stream, 404, "text/plain", "not found\n").await,
+    }
+}
+
+/// Reads until the end of the request head (a blank line), at most [`MAX_HEAD`] bytes;
+/// returns the request line.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        if buf.len() > MAX_HEAD {
+            return Err(std::io::Error::other("request head over 8 KiB"));
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or("").to_owned())
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The Prometheus text exposition.
+fn metrics(state: &AdminState) -> String {
+    let c = &state.checker;
+    let mut out = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let by_decision = c.counters.decisions();
+    let decisions: Vec<(String, u64)> = by_decision
+        .iter()
+        .map(|(d, n)| (format!("{{decision=\"{d}\"}}"), *n))
+        .collect();
+    let decisions: Vec<(&str, u64)> = decisions.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        "aegis_checks_total",
+        "counter",
+        "Checks answered with a decision (error: Aegis failed and answered a gRPC error after recording it).",
+        &decisions,
+    );
+    let (door, queue) = c.admission.shed();
+    metric(
+        "aegis_checks_shed_total",
+        "counter",
+        "Checks refused with RESOURCE_EXHAUSTED before a decision, by cause.",
+        &[
+            ("{cause=\"max_inflight\"}", door),
+            ("{cause=\"audit_queue_full\"}", queue),
+        ],
+    );
+    metric(
+        "aegis_checks_inflight",
+        "gauge",
+        "Checks being decided now.",
+        &[("", c.admission.inflight() as u64)],
+    );
+    metric(
+        "aegis_checks_inflight_limit",
+        "gauge",
+        "limits.max_inflight: Checks past it are shed.",
+        &[("", c.admission.limit() as u64)],
+    );
+    metric(
+        "aegis_audit_queue_depth",
+        "gauge",
+        "Audit rows waiting for the writer.",
+        &[("", state.audit.queued() as u64)],
+    );
+    metric(
+        "aegis_audit_queue_capacity",
+        "gauge",
+        "audit.queue_capacity: rows past it make Checks fail with RESOURCE_EXHAUSTED.",
+        &[("", state.audit.capacity() as u64)],
+    );
+    metric(
+        "aegis_span_queue_capacity",
+        "gauge",
+        "otlp.queue_size: spans past it are dropped, never Checks delayed.",
+        &[("", state.span_queue_capacity as u64)],
+    );
+    metric(
+        "aegis_ready",
+        "gauge",
+        "1 while the audit log, the policy and the signing key are usable (gRPC health SERVING).",
+        &[("", u64::from((state.ready)().is_ok()))],
+    );
+    out
+}
