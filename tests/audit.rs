@@ -223,20 +223,7 @@ fn a_truncated_database_file_stops_start_up_with_a_message_naming_it() {
         .expect("open")
         .set_len(len - 2048)
         .expect("truncate");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = common::serve_refuses(&["--data-dir".as_ref(), data.as_os_str()]);
     assert!(
         stderr.contains("audit.db")
             && (stderr.contains("torn or corrupt") || stderr.contains("does not verify")),

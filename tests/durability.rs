@@ -427,20 +427,7 @@ fn a_read_only_file_system_stops_start_up_with_a_message_naming_it() {
         s.stop().await;
     });
     fs.remount("ro");
-    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = serve_refuses(&["--data-dir".as_ref(), data.as_os_str()]);
     assert!(
         stderr.contains("audit.db") && stderr.to_lowercase().contains("read-only"),
         "names the file and the fault: {stderr}"

@@ -10,21 +10,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use sha2::{Digest, Sha256};
 
-const NOW: i64 = 1_800_000_000;
+/// The corpus's verification time and claims are the fuzz corpus's (`aegis::fuzzing`).
+const NOW: i64 = aegis::fuzzing::TOKEN_NOW;
 
 fn claims() -> Claims {
-    Claims {
-        iss: "aegis".into(),
-        aud: Audience::One("aegis-sidecar".into()),
-        sub: "billing-bot".into(),
-        tenant: "acme".into(),
-        scopes: vec!["invoices:read".into()],
-        sid: "s1".into(),
-        jti: "j1".into(),
-        iat: NOW - 10,
-        nbf: NOW - 10,
-        exp: NOW + 600,
-    }
+    aegis::fuzzing::corpus_claims()
 }
 
 fn identifier(signer: &Signer) -> Identifier {

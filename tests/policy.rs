@@ -182,22 +182,13 @@ fn a_broken_bundle_at_start_up_exits_non_zero_naming_the_file_and_line() {
         "package aegis.authz\n\nimport rego.v1\n\ndecision := {\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--bundle",
-        ])
-        .arg(&bundle)
-        .arg("--data-dir")
-        .arg(tmp.path().join("data"))
-        .output()
-        .expect("runs");
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let data = tmp.path().join("data");
+    let stderr = serve_refuses(&[
+        "--bundle".as_ref(),
+        bundle.as_os_str(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+    ]);
     assert!(
         stderr.contains("aegis/authz.rego:") && stderr.contains("policy bundle"),
         "{stderr}"

@@ -165,16 +165,19 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
     let mut stmt = conn.prepare(
         "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id",
     )?;
-    let cps = stmt.query_map([], |r| {
-        Ok(Checkpoint {
-            last_seq: r.get::<_, i64>(0)? as u64,
-            head: blob32(r.get(1)?),
-            time_ns: r.get(2)?,
-            key_id: r.get(3)?,
-            signature: r.get(4)?,
-        })
-    })?;
+    let cps = stmt.query_map([], checkpoint_from_row)?;
     cps.collect()
+}
+
+/// A checkpoint from a row of `SELECT last_seq, head_hash, time_ns, key_id, signature`.
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    Ok(Checkpoint {
+        last_seq: r.get::<_, i64>(0)? as u64,
+        head: blob32(r.get(1)?),
+        time_ns: r.get(2)?,
+        key_id: r.get(3)?,
+        signature: r.get(4)?,
+    })
 }
 
 /// What [`verify_tail`] found: the head to continue the chain from.
@@ -197,15 +200,7 @@ pub fn verify_tail(
         "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id DESC LIMIT 2",
     )?;
     let mut cps: Vec<Checkpoint> = stmt
-        .query_map([], |r| {
-            Ok(Checkpoint {
-                last_seq: r.get::<_, i64>(0)? as u64,
-                head: blob32(r.get(1)?),
-                time_ns: r.get(2)?,
-                key_id: r.get(3)?,
-                signature: r.get(4)?,
-            })
-        })?
+        .query_map([], checkpoint_from_row)?
         .collect::<rusqlite::Result<_>>()?;
     cps.reverse();
     // The previous checkpoint's row anchors the tail's chain; with one checkpoint or

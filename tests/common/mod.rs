@@ -298,6 +298,25 @@ pub fn spawn_serve(args: &[&str]) -> ChildServer {
     .expect("aegis serve starts and announces its address")
 }
 
+/// Runs `aegis serve` on loopback ports 0 with `args`, which must make it refuse to
+/// start: asserts exit code 2 and returns what it printed on stderr.
+pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
 /// Copies the default bundle (`policies/`) to `dest`.
 pub fn copy_default_bundle(dest: &Path) {
     fn copy(src: &Path, dst: &Path) {
