@@ -100,10 +100,21 @@ async fn a_locked_database_fails_closed() {
         "{}",
         err.message()
     );
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "NOT_SERVING while the database is locked"
+    );
     conn.execute_batch("ROLLBACK;").expect("unlock");
     let r = s.read_invoices(&t).await;
     assert_eq!(code(&r), 0);
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "SERVING once the lock is gone"
+    );
     s.stop().await;
+    let keys = [s.signer.verifying_key()];
+    let verdict = aegis::audit::verify::verify_file(&s.db(), &keys).expect("read");
+    assert!(verdict.is_ok(), "chain intact across the gap: {verdict:?}");
 }
 
 fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServer {
