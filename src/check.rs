@@ -252,7 +252,6 @@ impl Checker {
         let (outcome, call) = self.decide(&req, http, now_ns);
 
         let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
-        let decision = record.decision.clone();
         let seq = match self.audit.append(record).await {
             Ok(seq) => seq,
             Err(e) => {
@@ -267,7 +266,7 @@ impl Checker {
                 return Err(status);
             }
         };
-        self.counters.count(&decision);
+        self.counters.count(outcome.decision());
         let error = match &outcome {
             Outcome::Failed { status, .. } => Some(status.message().to_owned()),
             Outcome::Decided { .. } => None,
@@ -374,7 +373,7 @@ impl Checker {
         now_ns: i64,
         span: &crate::telemetry::CheckSpan,
     ) -> Record {
-        let (decision, reason, http_status) = match outcome {
+        let (reason, http_status) = match outcome {
             Outcome::Decided {
                 decision,
                 default_status,
@@ -385,15 +384,9 @@ impl Checker {
                 } else {
                     decision.http_status.unwrap_or(*default_status)
                 };
-                (
-                    decision.verdict.as_str(),
-                    decision.reason.clone(),
-                    i64::from(status),
-                )
+                (decision.reason.clone(), i64::from(status))
             }
-            Outcome::Failed { reason, status } => {
-                ("error", format!("{reason}: {}", status.message()), 0)
-            }
+            Outcome::Failed { reason, status } => (format!("{reason}: {}", status.message()), 0),
         };
         let claims = call.claims.as_deref();
         Record {
@@ -407,7 +400,7 @@ impl Checker {
             tool: call.tool.clone(),
             action: call.action.clone(),
             resource: call.resource.clone(),
-            decision: decision.to_owned(),
+            decision: outcome.decision().to_owned(),
             reason,
             http_status,
             policy_revision: call.policy_revision.clone(),
@@ -441,6 +434,18 @@ impl Checker {
                 default_status,
             } => Ok(respond::denied(&decision, &meta, code, default_status)),
             Outcome::Failed { status, .. } => Err(status),
+        }
+    }
+}
+
+// === impl Outcome ===
+
+impl Outcome {
+    /// The decision as recorded, traced and counted: the verdict, or `error`.
+    fn decision(&self) -> &'static str {
+        match self {
+            Outcome::Decided { decision, .. } => decision.verdict.as_str(),
+            Outcome::Failed { .. } => "error",
         }
     }
 }
@@ -501,9 +506,10 @@ fn span_attributes(
     decision_id: &str,
     seq: Option<u64>,
 ) -> Vec<KeyValue> {
-    let (decision, reason) = match outcome {
-        Outcome::Decided { decision, .. } => (decision.verdict.as_str(), decision.reason.clone()),
-        Outcome::Failed { reason, .. } => ("error", (*reason).to_owned()),
+    let decision = outcome.decision();
+    let reason = match outcome {
+        Outcome::Decided { decision, .. } => decision.reason.clone(),
+        Outcome::Failed { reason, .. } => (*reason).to_owned(),
     };
     let claims = call.claims.as_deref();
     let mut attrs = vec![
