@@ -145,68 +145,73 @@ async fn respond(
 fn metrics(state: &AdminState) -> String {
     let c = &state.checker;
     let mut out = String::with_capacity(2048);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+    // One sample per (label value, count) under `label`; an empty `label` is one
+    // unlabelled sample.
+    let mut metric = |name: &str, kind: &str, help: &str, label: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
+        for (value, n) in samples {
+            if label.is_empty() {
+                let _ = writeln!(out, "{name} {n}");
+            } else {
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+            }
         }
     };
-    let by_decision = c.counters.decisions();
-    let decisions: Vec<(String, u64)> = by_decision
-        .iter()
-        .map(|(d, n)| (format!("{{decision=\"{d}\"}}"), *n))
-        .collect();
-    let decisions: Vec<(&str, u64)> = decisions.iter().map(|(l, n)| (l.as_str(), *n)).collect();
     metric(
         "aegis_checks_total",
         "counter",
         "Checks answered with a decision (error: Aegis failed and answered a gRPC error after recording it).",
-        &decisions,
+        "decision",
+        &c.counters.decisions(),
     );
     let (door, queue) = c.admission.shed();
     metric(
         "aegis_checks_shed_total",
         "counter",
         "Checks refused with RESOURCE_EXHAUSTED before a decision, by cause.",
-        &[
-            ("{cause=\"max_inflight\"}", door),
-            ("{cause=\"audit_queue_full\"}", queue),
-        ],
+        "cause",
+        &[("max_inflight", door), ("audit_queue_full", queue)],
     );
     metric(
         "aegis_checks_inflight",
         "gauge",
         "Checks being decided now.",
+        "",
         &[("", c.admission.inflight() as u64)],
     );
     metric(
         "aegis_checks_inflight_limit",
         "gauge",
         "limits.max_inflight: Checks past it are shed.",
+        "",
         &[("", c.admission.limit() as u64)],
     );
     metric(
         "aegis_audit_queue_depth",
         "gauge",
         "Audit rows waiting for the writer.",
+        "",
         &[("", state.audit.queued() as u64)],
     );
     metric(
         "aegis_audit_queue_capacity",
         "gauge",
         "audit.queue_capacity: rows past it make Checks fail with RESOURCE_EXHAUSTED.",
+        "",
         &[("", state.audit.capacity() as u64)],
     );
     metric(
         "aegis_span_queue_capacity",
         "gauge",
         "otlp.queue_size: spans past it are dropped, never Checks delayed.",
+        "",
         &[("", state.span_queue_capacity as u64)],
     );
     metric(
         "aegis_ready",
         "gauge",
         "1 while the audit log, the policy and the signing key are usable (gRPC health SERVING).",
+        "",
         &[("", u64::from((state.ready)().is_ok()))],
     );
     out
