@@ -102,11 +102,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
     }
-    let dir = tempfile::Builder::new().prefix("aegis-bench-").tempdir()?;
-    let key_dir = dir.path().join("key");
-    let signer = Signer::load_or_create(&key_dir)?;
-    let workload = Arc::new(workload(&signer, args.agents)?);
-    let sink = SpanSink::start().await?;
+    let setup = Setup::new("aegis-bench-", args.agents).await?;
+    let (signer, workload, sink) = (&setup.signer, &setup.workload, &setup.sink);
     let mut noop = ChildServer::spawn(
         &["noop-server", "--listen", "127.0.0.1:0"],
         "noop ext_authz listening on ",
@@ -129,41 +126,41 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // of MB of WAL being checkpointed and written back by the kernel).
     let warm = Duration::from_secs(1);
     let rated = Duration::from_secs(args.rate_secs);
-    fixed_rate(&noop_clients, &workload, args.rate, warm, None).await;
-    let noop_rate = fixed_rate(&noop_clients, &workload, args.rate, rated, None).await;
-    let mut aegis = AegisServer::spawn(dir.path(), "fixed-rate", &key_dir, &args, sink.addr)?;
+    fixed_rate(&noop_clients, workload, args.rate, warm, None).await;
+    let noop_rate = fixed_rate(&noop_clients, workload, args.rate, rated, None).await;
+    let mut aegis = setup.aegis("fixed-rate", &args)?;
     let aegis_clients = clients(aegis.child.addr, args.connections).await?;
-    fixed_rate(&aegis_clients, &workload, args.rate, warm, None).await;
+    fixed_rate(&aegis_clients, workload, args.rate, warm, None).await;
     let rss = Arc::new(AtomicU64::new(0));
     let pid = aegis.child.child.id();
     let aegis_rate = fixed_rate(
         &aegis_clients,
-        &workload,
+        workload,
         args.rate,
         rated,
         Some((pid, rss.clone())),
     )
     .await;
     drop(aegis_clients);
-    let rate_log = aegis.stop_and_verify(&signer)?;
+    let rate_log = aegis.stop_and_verify(signer)?;
     // Phase 2, saturated, against another fresh Aegis. One-second warm-ups (connections,
     // caches, pools).
     let sat = Duration::from_secs(args.duration_secs);
-    saturate(&noop_clients, &workload, args.concurrency, warm).await;
+    saturate(&noop_clients, workload, args.concurrency, warm).await;
     let noop_cpu = CpuSample::take(&[("no-op", noop.child.id()), ("bench", std::process::id())]);
-    let noop_sat = saturate(&noop_clients, &workload, args.concurrency, sat).await;
+    let noop_sat = saturate(&noop_clients, workload, args.concurrency, sat).await;
     let noop_cpu = noop_cpu.since();
-    let mut aegis = AegisServer::spawn(dir.path(), "saturated", &key_dir, &args, sink.addr)?;
+    let mut aegis = setup.aegis("saturated", &args)?;
     let aegis_clients = clients(aegis.child.addr, args.connections).await?;
-    saturate(&aegis_clients, &workload, args.concurrency, warm).await;
+    saturate(&aegis_clients, workload, args.concurrency, warm).await;
     let aegis_cpu = CpuSample::take(&[
         ("aegis", aegis.child.child.id()),
         ("bench", std::process::id()),
     ]);
-    let aegis_sat = saturate(&aegis_clients, &workload, args.concurrency, sat).await;
+    let aegis_sat = saturate(&aegis_clients, workload, args.concurrency, sat).await;
     let aegis_cpu = aegis_cpu.since();
     drop(aegis_clients);
-    let sat_log = aegis.stop_and_verify(&signer)?;
+    let sat_log = aegis.stop_and_verify(signer)?;
 
     drop(noop_clients);
     noop.stop()?;
@@ -242,20 +239,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// a broken audit log, or resident memory that keeps growing after the first interval
 /// (least-squares slope over the run above 1 MiB per 10 minutes, or 5% of the start).
 async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("aegis-soak-").tempdir()?;
-    let key_dir = dir.path().join("key");
-    let signer = Signer::load_or_create(&key_dir)?;
-    let workload = Arc::new(workload(&signer, args.agents)?);
-    let sink = SpanSink::start().await?;
-    let mut aegis = AegisServer::spawn(dir.path(), "soak", &key_dir, args, sink.addr)?;
+    let setup = Setup::new("aegis-soak-", args.agents).await?;
+    let (signer, workload) = (&setup.signer, &setup.workload);
+    let mut aegis = setup.aegis("soak", args)?;
     let clients = clients(aegis.child.addr, args.connections).await?;
-    let probe = saturate(
-        &clients,
-        &workload,
-        args.concurrency,
-        Duration::from_secs(5),
-    )
-    .await;
+    let probe = saturate(&clients, workload, args.concurrency, Duration::from_secs(5)).await;
     let rate = ((probe.throughput() * args.soak_fraction) as u64).max(1);
     println!(
         "aegis soak: saturated at {:.0} Checks/s over 5 s; offering {rate}/s ({:.0}%) for {secs} s",
@@ -274,7 +262,7 @@ async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
         let rss = Arc::new(AtomicU64::new(0));
         let r = fixed_rate(
             &clients,
-            &workload,
+            workload,
             rate,
             Duration::from_secs(len),
             Some((pid, rss.clone())),
@@ -294,7 +282,7 @@ async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
         );
     }
     drop(clients);
-    let log = aegis.stop_and_verify(&signer)?;
+    let log = aegis.stop_and_verify(signer)?;
     println!("audit log: {log}");
     // Memory trend after warm-up (the first interval): least-squares slope.
     let after: Vec<(f64, f64)> = points.iter().skip(1).copied().collect();
@@ -333,6 +321,38 @@ fn slope(points: &[(f64, f64)]) -> f64 {
         (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx) * (p.0 - mx))
     });
     if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// What every benchmark run starts from: a throwaway directory, the benchmark's signing
+/// key in it, the workload signed with that key, and the OTLP sink Aegis exports to.
+struct Setup {
+    dir: tempfile::TempDir,
+    key_dir: std::path::PathBuf,
+    signer: Signer,
+    workload: Arc<Vec<CheckRequest>>,
+    sink: SpanSink,
+}
+
+impl Setup {
+    async fn new(prefix: &str, agents: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let key_dir = dir.path().join("key");
+        let signer = Signer::load_or_create(&key_dir)?;
+        let workload = Arc::new(workload(&signer, agents)?);
+        let sink = SpanSink::start().await?;
+        Ok(Self {
+            dir,
+            key_dir,
+            signer,
+            workload,
+            sink,
+        })
+    }
+
+    /// A fresh `aegis serve` child named `name`, with the benchmark's key and sink.
+    fn aegis(&self, name: &str, args: &BenchArgs) -> anyhow::Result<AegisServer> {
+        AegisServer::spawn(self.dir.path(), name, &self.key_dir, args, self.sink.addr)
+    }
 }
 
 /// An `aegis serve` child with its own data directory (and the benchmark's signing key).
