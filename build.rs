@@ -2,6 +2,9 @@
 //! - the ext_authz file descriptor set, compiled by protox from the vendored Envoy protos in
 //!   `proto/vendor/` (copied from envoy-types, which ships no descriptor set), so gRPC
 //!   reflection can describe `envoy.service.auth.v3.Authorization`;
+//! - the control-plane service (`proto/aegis/control/v1/control.proto`): protox compiles it to
+//!   a descriptor set, tonic-prost-build generates the messages, server and client from that
+//!   set, and the same set feeds reflection;
 //! - the list of files of the default policy bundle (`policies/`), embedded in the binary.
 
 use std::{env, fs, io, path::Path, path::PathBuf};
@@ -18,6 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["proto/vendor"],
     )?;
     fs::write(out.join("ext_authz_descriptor.bin"), fds.encode_to_vec())?;
+
+    let control = protox::compile(["aegis/control/v1/control.proto"], ["proto"])?;
+    fs::write(out.join("control_descriptor.bin"), control.encode_to_vec())?;
+    tonic_prost_build::configure()
+        // `aegis ctl --json` prints the messages as they are.
+        .type_attribute(".aegis.control.v1", "#[derive(serde::Serialize)]")
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(control)?;
 
     write_default_bundle(Path::new("policies"), &out.join("default_bundle.rs"))?;
     Ok(())

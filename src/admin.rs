@@ -29,7 +29,13 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin endpoints report on.
 pub struct AdminState {
-    pub checker: Arc<Checker>,
+    /// The data plane (absent on a control-plane-only server).
+    pub checker: Option<Arc<Checker>>,
+    /// The control state a data plane enforces, its follower (fleet sidecar), and the
+    /// control plane (all-in-one and control-plane modes).
+    pub control_state: Option<Arc<crate::control::state::State>>,
+    pub follow: Option<Arc<crate::control::follow::FollowStatus>>,
+    pub control_core: Option<Arc<crate::control::core::ControlCore>>,
     pub audit: AuditLog,
     /// `otlp.queue_size`, reported as the span queue's capacity.
     pub span_queue_capacity: usize,
@@ -143,7 +149,6 @@ async fn respond(
 
 /// The Prometheus text exposition.
 fn metrics(state: &AdminState) -> String {
-    let c = &state.checker;
     let mut out = String::with_capacity(2048);
     // One sample per (label value, count) under `label`; an empty `label` is one
     // unlabelled sample.
@@ -157,35 +162,86 @@ fn metrics(state: &AdminState) -> String {
             }
         }
     };
-    metric(
-        "aegis_checks_total",
-        "counter",
-        "Checks answered with a decision (error: Aegis failed and answered a gRPC error after recording it).",
-        "decision",
-        &c.counters.decisions(),
-    );
-    let (door, queue) = c.admission.shed();
-    metric(
-        "aegis_checks_shed_total",
-        "counter",
-        "Checks refused with RESOURCE_EXHAUSTED before a decision, by cause.",
-        "cause",
-        &[("max_inflight", door), ("audit_queue_full", queue)],
-    );
-    metric(
-        "aegis_checks_inflight",
-        "gauge",
-        "Checks being decided now.",
-        "",
-        &[("", c.admission.inflight() as u64)],
-    );
-    metric(
-        "aegis_checks_inflight_limit",
-        "gauge",
-        "limits.max_inflight: Checks past it are shed.",
-        "",
-        &[("", c.admission.limit() as u64)],
-    );
+    if let Some(c) = &state.checker {
+        metric(
+            "aegis_checks_total",
+            "counter",
+            "Checks answered with a decision (error: Aegis failed and answered a gRPC error after recording it).",
+            "decision",
+            &c.counters.decisions(),
+        );
+        let (door, queue) = c.admission.shed();
+        metric(
+            "aegis_checks_shed_total",
+            "counter",
+            "Checks refused with RESOURCE_EXHAUSTED before a decision, by cause.",
+            "cause",
+            &[("max_inflight", door), ("audit_queue_full", queue)],
+        );
+        metric(
+            "aegis_checks_inflight",
+            "gauge",
+            "Checks being decided now.",
+            "",
+            &[("", c.admission.inflight() as u64)],
+        );
+        metric(
+            "aegis_checks_inflight_limit",
+            "gauge",
+            "limits.max_inflight: Checks past it are shed.",
+            "",
+            &[("", c.admission.limit() as u64)],
+        );
+    }
+    if let Some(s) = &state.control_state {
+        metric(
+            "aegis_control_state_version",
+            "gauge",
+            "Version of the control-plane state this data plane enforces.",
+            "",
+            &[("", s.version())],
+        );
+        metric(
+            "aegis_control_revoked_tokens",
+            "gauge",
+            "Revoked token ids held (until the tokens expire).",
+            "",
+            &[("", s.revocations.revoked_tokens() as u64)],
+        );
+    }
+    if let Some(f) = &state.follow {
+        use std::sync::atomic::Ordering::Relaxed;
+        metric(
+            "aegis_control_connected",
+            "gauge",
+            "1 while this sidecar follows the control plane's watch stream.",
+            "",
+            &[("", u64::from(f.connected.load(Relaxed)))],
+        );
+        metric(
+            "aegis_control_connects_total",
+            "counter",
+            "Watch streams opened (the first and every reconnect).",
+            "",
+            &[("", f.connects.load(Relaxed))],
+        );
+        metric(
+            "aegis_control_events_total",
+            "counter",
+            "Control-plane snapshots and deltas applied.",
+            "",
+            &[("", f.events.load(Relaxed))],
+        );
+    }
+    if let Some(core) = &state.control_core {
+        metric(
+            "aegis_control_watchers",
+            "gauge",
+            "Sidecars following this control plane now.",
+            "",
+            &[("", core.watchers() as u64)],
+        );
+    }
     metric(
         "aegis_audit_queue_depth",
         "gauge",

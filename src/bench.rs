@@ -382,6 +382,8 @@ impl AegisServer {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
             "--data-dir",
             &data,
             "--audit-durability",
@@ -791,6 +793,8 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
 pub struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The stderr lines up to and including the announcing one.
+    pub lines: Vec<String>,
 }
 
 impl ChildServer {
@@ -810,11 +814,13 @@ impl ChildServer {
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let mut lines = std::io::BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
         let addr = loop {
             let Some(line) = lines.next() else {
-                bail!("{args:?} exited before listening")
+                bail!("{args:?} exited before listening: {}", seen.join("\n"))
             };
             let line = line?;
+            seen.push(line.clone());
             if let Some(rest) = line.split(marker).nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or("");
                 break addr
@@ -828,7 +834,23 @@ impl ChildServer {
         };
         // Keep draining stderr so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            addr,
+            lines: seen,
+        })
+    }
+
+    /// The address a line `…<marker><address>…` printed before the announcement names.
+    pub fn announced(&self, marker: &str) -> Option<SocketAddr> {
+        self.lines.iter().find_map(|l| {
+            let rest = l.split(marker).nth(1)?;
+            rest.split_whitespace()
+                .next()?
+                .trim_end_matches(':')
+                .parse()
+                .ok()
+        })
     }
 
     /// SIGTERM, then wait (the server drains and flushes).

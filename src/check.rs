@@ -1,10 +1,12 @@
 //! The hot path: one Check.
 //!
 //! ```text
-//! decode → identify → build input → evaluate → record → respond
+//! decode → identify → build input → evaluate → enforce → record → respond
 //! ```
 //! Each step is its own function (and file); only `record` does I/O (the audit commit,
-//! shared with concurrent Checks by group commit). No lock is held across an await.
+//! shared with concurrent Checks by group commit), besides `enforce` reaching the control
+//! plane for `approval_needed` decisions (see [`enforce`]). No lock is held across an
+//! await.
 //!
 //! Outcomes:
 //! - a decision the agent sees: the policy's, or Aegis's own deny for a refused token
@@ -14,6 +16,7 @@
 //!   error, never a non-OK CheckResponse, so Envoy's `failure_mode_allow` /
 //!   `status_on_error` decide. Nothing is answered before its audit row is durable.
 
+mod enforce;
 pub mod input;
 pub mod protojson;
 pub mod respond;
@@ -28,6 +31,9 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::Record;
 use crate::audit::store::{AuditError, AuditLog};
+use crate::control::budget::Meter;
+use crate::control::link::ControlLink;
+use crate::control::state::{AgentContext, State};
 use crate::identity::{Claims, Identifier, Refusal, TokenError};
 use crate::policy::{Decision, EvalError, Policy, Verdict};
 use crate::telemetry::Telemetry;
@@ -65,7 +71,17 @@ pub struct Checker {
     pub admission: Arc<Admission>,
     /// Checks answered, by decision (for metrics).
     pub counters: Counters,
+    /// The control state enforced on every Check, budgets, and the way to the control plane.
+    pub control: ControlView,
     ids: DecisionIds,
+}
+
+/// What the data plane knows of and needs from the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlView {
+    pub state: Arc<State>,
+    pub meter: Arc<Meter>,
+    pub link: ControlLink,
 }
 
 /// Bounds the Checks in flight. A Check over the bound is refused at once with
@@ -82,13 +98,20 @@ pub struct Admission {
     queue_full: AtomicU64,
 }
 
-/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, error.
+/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, would_deny, error.
 #[derive(Debug, Default)]
 pub struct Counters {
-    by_decision: [AtomicU64; 5],
+    by_decision: [AtomicU64; 6],
 }
 
-const DECISIONS: [&str; 5] = ["allow", "deny", "sanitize", "approval_needed", "error"];
+const DECISIONS: [&str; 6] = [
+    "allow",
+    "deny",
+    "sanitize",
+    "approval_needed",
+    "would_deny",
+    "error",
+];
 
 impl Counters {
     fn count(&self, decision: &str) {
@@ -138,6 +161,16 @@ struct Call {
     run_id: String,
     trust_level: String,
     policy_revision: String,
+    /// The agent's control state, while the policy's decision awaits `enforce`.
+    policy_agent: Option<AgentContext>,
+    /// The call's cost (budgets).
+    cost: f64,
+    /// An `approval_needed` call, for `enforce`.
+    pending: Option<enforce::PendingCall>,
+    /// The approval raised or redeemed.
+    approval_id: String,
+    /// Remove the override token header from the request that goes on.
+    strip_override: bool,
 }
 
 /// gRPC service wrapper (a newtype: `impl Authorization for Arc<_>` would break the orphan rule).
@@ -213,6 +246,7 @@ fn overloaded(a: &Admission) -> Status {
 // === impl Checker ===
 
 impl Checker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         identifier: Arc<Identifier>,
         policy: Arc<Policy>,
@@ -221,6 +255,7 @@ impl Checker {
         limits: Limits,
         token_source: TokenSource,
         max_inflight: usize,
+        control: ControlView,
     ) -> Self {
         Self {
             identifier,
@@ -231,6 +266,7 @@ impl Checker {
             token_source,
             admission: Arc::new(Admission::new(max_inflight)),
             counters: Counters::default(),
+            control,
             ids: DecisionIds::new(),
         }
     }
@@ -249,7 +285,15 @@ impl Checker {
             .telemetry
             .start_check(header("traceparent"), header("tracestate"));
 
-        let (outcome, call) = self.decide(&req, http, now_ns);
+        let (outcome, mut call) = self.decide(&req, http, now_ns);
+        let outcome = enforce::apply(
+            self,
+            outcome,
+            &mut call,
+            &decision_id,
+            now_ns / 1_000_000_000,
+        )
+        .await;
 
         let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
         let seq = match self.audit.append(record).await {
@@ -286,6 +330,19 @@ impl Checker {
         now_ns: i64,
     ) -> (Outcome, Call) {
         let mut call = Call::default();
+        if !self.control.state.synced() {
+            // A fleet sidecar that has never had the control plane's state cannot know
+            // which tokens are revoked or agents frozen: it fails closed.
+            return (
+                Outcome::Failed {
+                    reason: "control_unsynced",
+                    status: Status::unavailable(
+                        "aegis: no control-plane state yet (waiting for the first snapshot)",
+                    ),
+                },
+                call,
+            );
+        }
         let Some(http) = http else {
             return (bad_input(InputError::NoHttp), call);
         };
@@ -304,11 +361,26 @@ impl Checker {
         let claims = match identity {
             Ok(c) => c,
             Err(refusal) => {
+                // A revoked token of a frozen or revoked agent: the agent's status is the
+                // more telling reason (an agent's revocation also kills its tokens).
+                let contained = match (&refusal.error, &refusal.verified) {
+                    (TokenError::Revoked(_), Some(c)) => {
+                        enforce::contained(&self.control.state.agent(c))
+                    }
+                    _ => None,
+                };
                 call.claims = refusal.verified;
-                return (unauthenticated(&refusal.error), call);
+                return (
+                    contained.unwrap_or_else(|| unauthenticated(&refusal.error)),
+                    call,
+                );
             }
         };
         call.claims = Some(claims.clone());
+        let agent = self.control.state.agent(&claims);
+        if let Some(outcome) = enforce::contained(&agent) {
+            return (outcome, call);
+        }
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => return (bad_input(e), call),
@@ -319,15 +391,22 @@ impl Checker {
             .attributes
             .as_ref()
             .map_or_else(regorus::Value::new_object, protojson::attributes);
-        let doc = input::build(attributes, &decoded, &claims);
+        let doc = input::build(attributes, &decoded, &claims, &agent);
         let result = bundle.evaluate(doc);
         self.policy.note_evaluation(result.is_ok());
         let outcome = match result {
-            Ok(decision) => Outcome::Decided {
-                decision,
-                code: Code::PermissionDenied,
-                default_status: 403,
-            },
+            Ok(decision) => {
+                if decision.verdict == Verdict::ApprovalNeeded {
+                    call.pending = Some(enforce::pending_call(&decoded, &claims, &decision.reason));
+                }
+                call.cost = decoded.cost;
+                call.policy_agent = Some(agent);
+                Outcome::Decided {
+                    decision,
+                    code: Code::PermissionDenied,
+                    default_status: 403,
+                }
+            }
             Err(e) => {
                 crate::log!(error, "policy evaluation failed: {e}");
                 let status = match e {
@@ -405,7 +484,7 @@ impl Checker {
             http_status,
             policy_revision: call.policy_revision.clone(),
             trust_level: call.trust_level.clone(),
-            approval_id: String::new(),
+            approval_id: call.approval_id.clone(),
             actor: String::new(),
             trace_id: span.trace_id(),
             span_id: span.span_id(),
@@ -421,6 +500,8 @@ impl Checker {
         let meta = respond::Meta {
             decision_id,
             policy_version: &call.policy_revision,
+            approval_id: &call.approval_id,
+            strip_override: call.strip_override,
         };
         match outcome {
             Outcome::Decided { decision, .. } if decision.verdict.allows() => Ok(respond::allowed(
@@ -528,6 +609,12 @@ fn span_attributes(
         KeyValue::new("aegis.action", call.action.clone()),
         KeyValue::new("aegis.decision_id", decision_id.to_owned()),
     ];
+    if !call.approval_id.is_empty() {
+        attrs.push(KeyValue::new("aegis.approval_id", call.approval_id.clone()));
+    }
+    if decision == "would_deny" {
+        attrs.push(KeyValue::new("aegis.shadow", true));
+    }
     if let Some(seq) = seq {
         attrs.push(KeyValue::new(
             "aegis.audit_seq",

@@ -40,6 +40,11 @@ enum Command {
     Policy(PolicyCommand),
     /// Send one Check to a running sidecar, as Envoy would, and print the decision.
     Check(CheckArgs),
+    /// The control plane: agents, tokens, kills, approvals, tenants, budgets, policy.
+    Ctl(crate::ctl::CtlArgs),
+    /// Operator credentials for the control plane.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Benchmark Check against a no-op ext_authz server in the same run.
     Bench(crate::bench::BenchArgs),
     /// (internal) Run the no-op ext_authz server the benchmark compares against.
@@ -101,6 +106,28 @@ enum TokenCommand {
         #[arg(long)]
         session: Option<String>,
         /// Lifetime in seconds [default: token.lifetime_secs, 900].
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Mint an operator credential signed with the data directory's key (run it where the
+    /// control plane's data directory is).
+    Issue {
+        /// The operator's name, recorded as the actor of each action.
+        #[arg(long)]
+        name: String,
+        /// admin, operator, approver, viewer, or sidecar (a fleet sidecar's credential).
+        #[arg(long, value_enum)]
+        role: crate::control::auth::Role,
+        /// The tenant, or '*' for every tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Lifetime in seconds [default: control.operator_ttl_secs, 8 h].
         #[arg(long)]
         ttl_secs: Option<u64>,
         #[command(flatten)]
@@ -229,6 +256,27 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => runtime()?.block_on(check(args)),
+        Command::Ctl(args) => Ok(crate::ctl::main(args)),
+        Command::Operator(OperatorCommand::Issue {
+            name,
+            role,
+            tenant,
+            ttl_secs,
+            overrides,
+        }) => {
+            let config = Config::load(&overrides)?;
+            let signer = Signer::load_or_create(&config.data_dir)?;
+            let token = crate::control::auth::mint_operator(
+                &signer,
+                &config.token.issuer,
+                &name,
+                role,
+                &tenant,
+                ttl_secs.unwrap_or(config.control.operator_ttl_secs),
+            )?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             runtime()?.block_on(crate::bench::run(args))?;
             Ok(ExitCode::SUCCESS)
@@ -305,6 +353,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 "decision": field("decision"),
                 "http_status": d.status.as_ref().map(|s| s.code),
                 "reason": header(&d.headers, "x-aegis-reason"),
+                "approval_id": header(&d.headers, "x-aegis-approval-id"),
                 "decision_id": field("decision_id"),
                 "policy_version": field("policy_version"),
                 "body": d.body,

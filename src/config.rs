@@ -29,12 +29,29 @@ pub enum ConfigError {
     },
 }
 
+/// What `aegis serve` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Data plane and control plane in one process (the default).
+    #[default]
+    AllInOne,
+    /// The control plane only, for a fleet of sidecars.
+    ControlPlane,
+    /// A data plane following a remote control plane (`control.url`).
+    Sidecar,
+}
+
 /// All of Aegis's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `all-in-one`, `control-plane` or `sidecar` (implied by `control.url`).
+    pub mode: Mode,
     /// ext_authz gRPC listen address (also serves health and reflection).
     pub listen: SocketAddr,
+    /// Control-plane gRPC address (all-in-one and control-plane modes).
+    pub control_listen: SocketAddr,
     /// Admin HTTP address: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
     /// Directory for the signing key and the audit database (created 0700).
@@ -46,6 +63,35 @@ pub struct Config {
     pub audit: AuditConfig,
     pub otlp: OtlpConfig,
     pub limits: LimitsConfig,
+    pub control: ControlConfig,
+}
+
+/// `[control]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Sidecar mode: the control plane to follow, e.g. `http://aegis-control:9193`.
+    pub url: Option<String>,
+    /// Sidecar mode: file holding the sidecar credential (`aegis operator issue --role
+    /// sidecar`); or the credential itself in `AEGIS_CONTROL_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Sidecar mode: the name the control plane logs this sidecar under.
+    pub sidecar_name: String,
+    /// Sidecar mode: time limit of a call to the control plane from a Check (raising an
+    /// approval, redeeming an override), in milliseconds.
+    pub request_timeout_ms: u64,
+    /// A tenant's SOC autonomy level (1-4) until one is set over the API.
+    pub soc_autonomy_level: u32,
+    /// How long a pending approval waits for an answer before it expires, in seconds.
+    pub approval_ttl_secs: u64,
+    /// Lifetime of an override token minted by an approval, in seconds.
+    pub override_ttl_secs: u64,
+    /// Most pending approvals per agent.
+    pub max_pending_approvals: u32,
+    /// Longest lifetime of an agent token the control plane mints, in seconds.
+    pub max_token_ttl_secs: u64,
+    /// Lifetime of operator credentials minted by `aegis operator issue`, in seconds.
+    pub operator_ttl_secs: u64,
 }
 
 /// `[policy]`
@@ -129,7 +175,9 @@ pub struct LimitsConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            mode: Mode::AllInOne,
             listen: SocketAddr::from(([127, 0, 0, 1], 9191)),
+            control_listen: SocketAddr::from(([127, 0, 0, 1], 9193)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
             data_dir: PathBuf::from("./aegis-data"),
             shutdown_grace_secs: 10,
@@ -138,6 +186,24 @@ impl Default for Config {
             audit: AuditConfig::default(),
             otlp: OtlpConfig::default(),
             limits: LimitsConfig::default(),
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            token_file: None,
+            sidecar_name: String::new(),
+            request_timeout_ms: 1000,
+            soc_autonomy_level: 1,
+            approval_ttl_secs: 900,
+            override_ttl_secs: 300,
+            max_pending_approvals: 5,
+            max_token_ttl_secs: 86_400,
+            operator_ttl_secs: 8 * 3600,
         }
     }
 }
@@ -205,9 +271,45 @@ pub struct Overrides {
     /// TOML configuration file.
     #[arg(long, env = "AEGIS_CONFIG")]
     pub config: Option<PathBuf>,
+    /// all-in-one, control-plane or sidecar [default: all-in-one; sidecar with --control-plane].
+    #[arg(long, env = "AEGIS_MODE")]
+    pub mode: Option<Mode>,
     /// ext_authz listen address [default: 127.0.0.1:9191].
     #[arg(long, env = "AEGIS_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Control-plane gRPC address [default: 127.0.0.1:9193].
+    #[arg(long, env = "AEGIS_CONTROL_LISTEN")]
+    pub control_listen: Option<SocketAddr>,
+    /// Follow this control plane (sidecar mode), e.g. http://aegis-control:9193.
+    #[arg(long = "control-plane", env = "AEGIS_CONTROL_PLANE")]
+    pub control_url: Option<String>,
+    /// File holding the sidecar credential for --control-plane.
+    #[arg(long = "control-plane-token-file", env = "AEGIS_CONTROL_TOKEN_FILE")]
+    pub control_token_file: Option<PathBuf>,
+    /// Name this sidecar reports to the control plane [default: the host name].
+    #[arg(long, env = "AEGIS_SIDECAR_NAME")]
+    pub sidecar_name: Option<String>,
+    /// Time limit of a Check's call to the control plane in ms [default: 1000].
+    #[arg(long, env = "AEGIS_CONTROL_REQUEST_TIMEOUT_MS")]
+    pub control_request_timeout_ms: Option<u64>,
+    /// Default SOC autonomy level of tenants, 1-4 [default: 1].
+    #[arg(long, env = "AEGIS_SOC_AUTONOMY_LEVEL")]
+    pub soc_autonomy_level: Option<u32>,
+    /// Seconds a pending approval waits for an answer [default: 900].
+    #[arg(long, env = "AEGIS_APPROVAL_TTL_SECS")]
+    pub approval_ttl_secs: Option<u64>,
+    /// Lifetime of override tokens in seconds [default: 300].
+    #[arg(long, env = "AEGIS_OVERRIDE_TTL_SECS")]
+    pub override_ttl_secs: Option<u64>,
+    /// Most pending approvals per agent [default: 5].
+    #[arg(long, env = "AEGIS_MAX_PENDING_APPROVALS")]
+    pub max_pending_approvals: Option<u32>,
+    /// Longest agent token lifetime the control plane mints, in seconds [default: 86400].
+    #[arg(long, env = "AEGIS_MAX_TOKEN_TTL_SECS")]
+    pub max_token_ttl_secs: Option<u64>,
+    /// Lifetime of operator credentials in seconds [default: 28800].
+    #[arg(long, env = "AEGIS_OPERATOR_TTL_SECS")]
+    pub operator_ttl_secs: Option<u64>,
     /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9192].
     #[arg(long, env = "AEGIS_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -299,6 +401,15 @@ impl Config {
             None => Self::default(),
         };
         o.apply(&mut c);
+        // A control-plane URL means following it, unless a mode was chosen explicitly.
+        if c.control.url.is_some() && c.mode == Mode::AllInOne && o.mode.is_none() {
+            c.mode = Mode::Sidecar;
+        }
+        if c.control.sidecar_name.is_empty() {
+            c.control.sidecar_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "sidecar".into());
+        }
         if c.otlp.endpoint.is_none() {
             c.otlp.endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .ok()
@@ -337,6 +448,55 @@ impl Config {
         positive("audit.max_batch", self.audit.max_batch as u64)?;
         positive("otlp.queue_size", self.otlp.queue_size as u64)?;
         positive("limits.max_inflight", self.limits.max_inflight as u64)?;
+        positive(
+            "control.request_timeout_ms",
+            self.control.request_timeout_ms,
+        )?;
+        positive("control.approval_ttl_secs", self.control.approval_ttl_secs)?;
+        positive("control.override_ttl_secs", self.control.override_ttl_secs)?;
+        positive(
+            "control.max_pending_approvals",
+            u64::from(self.control.max_pending_approvals),
+        )?;
+        positive(
+            "control.max_token_ttl_secs",
+            self.control.max_token_ttl_secs,
+        )?;
+        positive("control.operator_ttl_secs", self.control.operator_ttl_secs)?;
+        if !(1..=4).contains(&self.control.soc_autonomy_level) {
+            return Err(ConfigError::Invalid {
+                setting: "control.soc_autonomy_level",
+                message: format!("{} is not 1-4", self.control.soc_autonomy_level),
+            });
+        }
+        match (self.mode, &self.control.url) {
+            (Mode::Sidecar, None) => {
+                return Err(ConfigError::Invalid {
+                    setting: "control.url",
+                    message: "sidecar mode follows a control plane: set --control-plane URL".into(),
+                });
+            }
+            (Mode::Sidecar, Some(url))
+                if !url.starts_with("http://") && !url.starts_with("https://") =>
+            {
+                return Err(ConfigError::Invalid {
+                    setting: "control.url",
+                    message: format!("{url:?} must start with http:// or https://"),
+                });
+            }
+            (Mode::Sidecar, _)
+                if self.control.token_file.is_none()
+                    && std::env::var("AEGIS_CONTROL_TOKEN").map_or(true, |t| t.is_empty()) =>
+            {
+                return Err(ConfigError::Invalid {
+                    setting: "control.token_file",
+                    message: "a sidecar needs its credential: --control-plane-token-file FILE \
+                              or AEGIS_CONTROL_TOKEN (aegis operator issue --role sidecar --tenant '*')"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
         if self.policy.query.split('.').next() != Some("data") {
             return Err(ConfigError::Invalid {
                 setting: "policy.query",
@@ -373,7 +533,29 @@ impl Overrides {
                 *dst = v.clone();
             }
         }
+        set(&mut c.mode, &self.mode);
         set(&mut c.listen, &self.listen);
+        set(&mut c.control_listen, &self.control_listen);
+        if self.control_url.is_some() {
+            c.control.url = self.control_url.clone();
+        }
+        if self.control_token_file.is_some() {
+            c.control.token_file = self.control_token_file.clone();
+        }
+        set(&mut c.control.sidecar_name, &self.sidecar_name);
+        set(
+            &mut c.control.request_timeout_ms,
+            &self.control_request_timeout_ms,
+        );
+        set(&mut c.control.soc_autonomy_level, &self.soc_autonomy_level);
+        set(&mut c.control.approval_ttl_secs, &self.approval_ttl_secs);
+        set(&mut c.control.override_ttl_secs, &self.override_ttl_secs);
+        set(
+            &mut c.control.max_pending_approvals,
+            &self.max_pending_approvals,
+        );
+        set(&mut c.control.max_token_ttl_secs, &self.max_token_ttl_secs);
+        set(&mut c.control.operator_ttl_secs, &self.operator_ttl_secs);
         set(&mut c.admin_listen, &self.admin_listen);
         set(&mut c.data_dir, &self.data_dir);
         set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);

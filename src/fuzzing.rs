@@ -90,7 +90,12 @@ fn build(req: &CheckRequest) {
             .attributes
             .as_ref()
             .map_or_else(regorus::Value::new_object, protojson::attributes);
-        let _ = input::build(attributes, &decoded, &corpus_claims());
+        let _ = input::build(
+            attributes,
+            &decoded,
+            &corpus_claims(),
+            &crate::control::state::AgentContext::unregistered(),
+        );
     }
 }
 

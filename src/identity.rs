@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 pub use jwt::{mint, parse_and_verify};
-pub use revocation::{Revocations, RevokedBy};
+pub use revocation::{KillTarget, Revocations, RevokedBy};
 
 /// The claims of an agent token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,7 +188,7 @@ impl Identifier {
         let claims = match self.cached(token) {
             Some(claims) => claims,
             None => {
-                let claims = Arc::new(parse_and_verify(token, &self.keys)?);
+                let claims = Arc::new(parse_and_verify::<Claims>(token, &self.keys)?);
                 self.remember(token, &claims);
                 claims
             }

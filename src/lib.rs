@@ -17,7 +17,11 @@
 //! - [`telemetry`]: the OTLP exporter and the per-Check span.
 //! - [`keys`]: the Ed25519 signing key kept in the data directory.
 //! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags).
-//! - [`server`]: `aegis serve`: listeners, health, reflection, reload, shutdown.
+//! - [`control`]: the control plane: operator credentials, the control store, the
+//!   actions (freeze, revoke, kill, approvals, shadow mode, budgets, policy rollback),
+//!   the gRPC service, and the data plane's view of its state (snapshot + deltas).
+//! - [`ctl`]: `aegis ctl`, the control-plane client.
+//! - [`server`]: `aegis serve`: listeners, modes, health, reflection, reload, shutdown.
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`bench`]: `aegis bench`, the benchmark beside a no-op ext_authz server.
 //! - [`cli`]: the command line.
@@ -29,6 +33,8 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

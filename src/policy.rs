@@ -334,13 +334,23 @@ pub const UNUSABLE_AFTER_FAILURES: u64 = 20;
 impl Policy {
     /// Loads and compiles the bundle; an error here means the process must not start.
     pub fn load(source: BundleSource, opts: PolicyOptions) -> Result<Self, BundleError> {
-        let compiled = CompiledBundle::load(&source, &opts)?;
-        Ok(Self {
+        Self::load_with_files(source, opts).map(|(p, _)| p)
+    }
+
+    /// [`Self::load`], also returning the bundle's files (the control plane stores them).
+    pub fn load_with_files(
+        source: BundleSource,
+        opts: PolicyOptions,
+    ) -> Result<(Self, BundleFiles), BundleError> {
+        let files = BundleFiles::read(&source)?;
+        let compiled = CompiledBundle::compile(files.parse()?, &opts)?;
+        let policy = Self {
             source,
             opts,
             current: RwLock::new(Arc::new(compiled)),
             failures_in_a_row: std::sync::atomic::AtomicU64::new(0),
-        })
+        };
+        Ok((policy, files))
     }
 
     /// The bundle now serving.
@@ -383,14 +393,25 @@ impl Policy {
     }
 
     /// Recompiles from the source. On success the new bundle serves from the next Check on
-    /// and its revision is returned; on failure the last good bundle keeps serving.
-    pub fn reload(&self) -> Result<String, BundleError> {
-        let compiled = Arc::new(CompiledBundle::load(&self.source, &self.opts)?);
-        let revision = compiled.revision().to_owned();
+    /// and is returned with its files; on failure the last good bundle keeps serving.
+    pub fn reload(&self) -> Result<(Arc<CompiledBundle>, BundleFiles), BundleError> {
+        let files = BundleFiles::read(&self.source)?;
+        let compiled = Arc::new(CompiledBundle::compile(files.parse()?, &self.opts)?);
+        self.install(compiled.clone());
+        Ok((compiled, files))
+    }
+
+    /// Makes `compiled` the bundle serving from the next Check on (a control-plane
+    /// activation or rollback).
+    pub fn install(&self, compiled: Arc<CompiledBundle>) {
         let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
         *slot = compiled;
         self.failures_in_a_row
             .store(0, std::sync::atomic::Ordering::Relaxed);
-        Ok(revision)
+    }
+
+    /// How bundles are compiled for this policy.
+    pub fn options(&self) -> &PolicyOptions {
+        &self.opts
     }
 }

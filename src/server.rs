@@ -1,5 +1,11 @@
-//! `aegis serve`: the ext_authz gRPC server with `grpc.health.v1` and reflection, the
-//! policy watcher, and an orderly shutdown.
+//! `aegis serve`: the ext_authz gRPC server and the control-plane gRPC server (each with
+//! `grpc.health.v1` and reflection), the policy watcher, a fleet sidecar's follower, and
+//! an orderly shutdown.
+//!
+//! Modes (`mode`): `all-in-one` (default) runs both servers in one process, the data plane
+//! applying every control action before it returns; `control-plane` runs only the control
+//! plane; `sidecar` runs only the data plane and follows a remote control plane
+//! (`control.url`).
 //!
 //! Shutdown (SIGTERM/SIGINT, or [`Running::shutdown`]): stop accepting, let in-flight
 //! Checks finish (bounded by `shutdown_grace_secs`), then drain the audit writer (every
@@ -16,8 +22,18 @@ use tonic_health::ServingStatus;
 
 use crate::audit::store::{AUDIT_DB_FILE, AuditError, AuditLog, StoreOptions};
 use crate::check::input::Limits;
-use crate::check::{AuthorizationService, Checker, TokenSource};
-use crate::config::Config;
+use crate::check::{AuthorizationService, Checker, ControlView, TokenSource};
+use crate::config::{Config, Mode};
+use crate::control::ControlError;
+use crate::control::auth::Authenticator;
+use crate::control::budget::Meter;
+use crate::control::core::{ControlCore, Local, Settings};
+use crate::control::follow::{Follow, FollowStatus};
+use crate::control::link::ControlLink;
+use crate::control::pb::control_plane_server::ControlPlaneServer;
+use crate::control::service::ControlService;
+use crate::control::state::State;
+use crate::control::store::{CONTROL_DB_FILE, SqliteStore};
 use crate::identity::{Identifier, KeyRing, Revocations, TokenPolicy};
 use crate::keys::{KeyError, Signer};
 use crate::policy::{BundleError, BundleSource, Policy, PolicyOptions};
@@ -44,6 +60,10 @@ pub enum StartError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error("control plane: {0}")]
+    Control(#[from] ControlError),
+    #[error("{0}")]
+    Config(String),
     #[error("listen on {addr}: {error}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -51,19 +71,30 @@ pub enum StartError {
     },
 }
 
+/// How a control-plane-only server announces its address on stderr; the all-in-one
+/// server prints this line too, before [`ANNOUNCE`], for its control listener.
+pub const CONTROL_ANNOUNCE: &str = "aegis serving control plane on ";
+
 /// A running server.
 #[derive(Debug)]
 pub struct Running {
-    /// The bound address (useful with port 0).
+    /// The main bound address: ext_authz (all-in-one, sidecar) or the control plane
+    /// (control-plane mode). Useful with port 0.
     pub local_addr: std::net::SocketAddr,
+    /// The control-plane address (all-in-one and control-plane modes).
+    pub control_addr: Option<std::net::SocketAddr>,
     /// The revocation set the server checks on every call.
     pub revocations: Arc<Revocations>,
+    /// The control state the data plane enforces.
+    pub state: Arc<State>,
     /// The live policy.
     pub policy: Arc<Policy>,
-    /// Checks in flight and shed (admission control).
-    pub admission: Arc<crate::check::Admission>,
+    /// Checks in flight and shed (admission control); absent without a data plane.
+    pub admission: Option<Arc<crate::check::Admission>>,
     /// The bound admin address (`/metrics`, `/healthz`, `/readyz`).
     pub admin_addr: std::net::SocketAddr,
+    /// A sidecar's connection to its control plane.
+    pub follow: Option<Arc<FollowStatus>>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -86,25 +117,61 @@ impl Running {
     }
 }
 
-/// Binds `config.listen` and starts serving in the background.
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    let listener = TcpListener::bind(config.listen)
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|error| StartError::Listen {
-            addr: config.listen,
-            error,
-        })?;
+        .map_err(|error| StartError::Listen { addr, error })
+}
+
+fn bound(
+    listener: &TcpListener,
+    addr: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|error| StartError::Listen { addr, error })
+}
+
+/// Binds the main listener (`listen`, or `control_listen` in control-plane mode) and
+/// starts serving in the background.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let addr = match config.mode {
+        Mode::ControlPlane => config.control_listen,
+        Mode::AllInOne | Mode::Sidecar => config.listen,
+    };
+    let listener = bind(addr).await?;
     start_on(config, listener).await
 }
 
-/// Starts serving on an already bound listener.
+/// What the serving tasks share.
+struct Parts {
+    checker: Option<Arc<Checker>>,
+    core: Option<Arc<ControlCore>>,
+    auth: Option<Authenticator>,
+    follow: Option<Follow>,
+    readiness: Arc<Readiness>,
+    writer: crate::audit::store::WriterThread,
+    telemetry: Telemetry,
+    policy: Arc<Policy>,
+    /// The data-plane listener and the control-plane listener, as the mode has them.
+    authz_listener: Option<TcpListener>,
+    control_listener: Option<TcpListener>,
+    /// Bundles the file watcher installs, for the control plane to record.
+    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<crate::policy::watch::Reloaded>>,
+    watch_files: bool,
+    watch_interval: Duration,
+    grace: Duration,
+}
+
+/// Starts serving on an already bound main listener.
 pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, StartError> {
-    let local_addr = listener.local_addr().map_err(|error| StartError::Listen {
-        addr: config.listen,
-        error,
-    })?;
+    let mode = config.mode;
+    let local_addr = bound(&listener, config.listen)?;
     let signer = Signer::load_or_create(&config.data_dir)?;
     let revocations = Arc::new(Revocations::default());
+    // A sidecar decides nothing until it has the control plane's state.
+    let state = Arc::new(State::new(revocations.clone(), mode != Mode::Sidecar));
+    let meter = Arc::new(Meter::default());
     let identifier = Arc::new(identifier(&config, &signer, revocations.clone())?);
 
     let source = config
@@ -117,9 +184,9 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         eval_timeout: config.eval_timeout(),
     };
     let source_name = source.to_string();
-    let policy = Arc::new(
-        Policy::load(source, opts).map_err(|error| StartError::Policy { source_name, error })?,
-    );
+    let (policy, files) = Policy::load_with_files(source, opts.clone())
+        .map_err(|error| StartError::Policy { source_name, error })?;
+    let policy = Arc::new(policy);
 
     let store_opts = StoreOptions {
         queue_capacity: config.audit.queue_capacity,
@@ -138,50 +205,103 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         export_timeout: Duration::from_secs(5),
     })?;
 
-    let limits = Limits {
-        max_body_bytes: config.limits.max_body_bytes,
-        max_headers: config.limits.max_headers,
-        max_header_bytes: config.limits.max_header_bytes,
+    // The control plane (all-in-one, control-plane).
+    let core = match mode {
+        Mode::Sidecar => None,
+        Mode::AllInOne | Mode::ControlPlane => {
+            let store = SqliteStore::open(&config.data_dir.join(CONTROL_DB_FILE))?;
+            let local = (mode == Mode::AllInOne).then(|| Local {
+                state: state.clone(),
+                policy: policy.clone(),
+                meter: meter.clone(),
+            });
+            let core = Arc::new(ControlCore::new(
+                Arc::new(store),
+                audit.clone(),
+                signer.clone(),
+                control_settings(&config),
+                local,
+                opts.clone(),
+            ));
+            core.reconcile_policy(policy.current(), &files).await?;
+            core.load_local().await?;
+            Some(core)
+        }
     };
-    let token_source = match config.token.header.as_str() {
-        "authorization" => TokenSource::Bearer,
-        h => TokenSource::Header(h.to_owned()),
+    let (link, follow) = match &core {
+        Some(core) => (ControlLink::local(core.clone()), None),
+        None => {
+            let url = config.control.url.clone().unwrap_or_default();
+            let timeout = Duration::from_millis(config.control.request_timeout_ms);
+            let channel =
+                crate::control::follow::channel(&url, timeout).map_err(StartError::Config)?;
+            let credential = sidecar_credential(&config)?;
+            let link = ControlLink::remote(channel.clone(), &credential, timeout)?;
+            let follow = Follow {
+                channel,
+                credential,
+                name: config.control.sidecar_name.clone(),
+                state: state.clone(),
+                policy: policy.clone(),
+                status: Arc::new(FollowStatus::default()),
+            };
+            (link, Some(follow))
+        }
     };
-    let checker = Arc::new(Checker::new(
-        identifier,
-        policy.clone(),
-        audit.clone(),
-        telemetry.clone(),
-        limits,
-        token_source,
-        config.limits.max_inflight,
-    ));
 
-    let admission = checker.admission.clone();
+    let checker = (mode != Mode::ControlPlane).then(|| {
+        let limits = Limits {
+            max_body_bytes: config.limits.max_body_bytes,
+            max_headers: config.limits.max_headers,
+            max_header_bytes: config.limits.max_header_bytes,
+        };
+        let token_source = match config.token.header.as_str() {
+            "authorization" => TokenSource::Bearer,
+            h => TokenSource::Header(h.to_owned()),
+        };
+        Arc::new(Checker::new(
+            identifier,
+            policy.clone(),
+            audit.clone(),
+            telemetry.clone(),
+            limits,
+            token_source,
+            config.limits.max_inflight,
+            ControlView {
+                state: state.clone(),
+                meter,
+                link,
+            },
+        ))
+    });
+
+    let (authz_listener, control_listener) = match mode {
+        Mode::ControlPlane => (None, Some(listener)),
+        Mode::Sidecar => (Some(listener), None),
+        Mode::AllInOne => (Some(listener), Some(bind(config.control_listen).await?)),
+    };
+    let control_addr = match &control_listener {
+        Some(l) => Some(bound(l, config.control_listen)?),
+        None => None,
+    };
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let watch_interval = Duration::from_millis(config.policy.watch_interval_ms);
     let readiness = Arc::new(Readiness {
         audit: audit.clone(),
-        policy: policy.clone(),
+        policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
+        state: state.clone(),
         data_dir: config.data_dir.clone(),
         kid: signer.kid().to_owned(),
     });
     // The admin listener binds last: every start-up error above is reported first.
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|error| StartError::Listen {
-            addr: config.admin_listen,
-            error,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|error| StartError::Listen {
-            addr: config.admin_listen,
-            error,
-        })?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let admin_addr = bound(&admin_listener, config.admin_listen)?;
+    let follow_status = follow.as_ref().map(|f| f.status.clone());
     let admin_state = Arc::new(crate::admin::AdminState {
         checker: checker.clone(),
+        control_state: (mode != Mode::ControlPlane).then(|| state.clone()),
+        follow: follow_status.clone(),
+        control_core: core.clone(),
         audit,
         span_queue_capacity: config.otlp.queue_size,
         ready: {
@@ -194,35 +314,107 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         admin_state,
         shutdown_rx.clone(),
     ));
-    crate::log!(
-        info,
-        "{ANNOUNCE}{local_addr}: admin {admin_addr}, policy {} revision {}, data dir {}, key {}, otlp {}",
-        policy.source(),
-        policy.current().revision(),
-        config.data_dir.display(),
-        signer.kid(),
-        config.otlp.endpoint.as_deref().unwrap_or("off"),
-    );
-    let task = tokio::spawn(serve(
-        listener,
+    let (reload_tx, reloads) = match &core {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    if let Some(addr) = control_addr {
+        crate::log!(
+            info,
+            "{CONTROL_ANNOUNCE}{addr}: mode {mode:?}, admin {admin_addr}, data dir {}, key {}",
+            config.data_dir.display(),
+            signer.kid()
+        );
+    }
+    if mode != Mode::ControlPlane {
+        crate::log!(
+            info,
+            "{ANNOUNCE}{local_addr}: mode {mode:?}, admin {admin_addr}, control {}, policy {} revision {}, data dir {}, key {}, otlp {}",
+            control_addr.map_or_else(
+                || config.control.url.clone().unwrap_or_default(),
+                |a| a.to_string()
+            ),
+            policy.source(),
+            policy.current().revision(),
+            config.data_dir.display(),
+            signer.kid(),
+            config.otlp.endpoint.as_deref().unwrap_or("off"),
+        );
+    }
+    let auth = core.as_ref().map(|_| {
+        let mut keys = KeyRing::default();
+        keys.insert(signer.verifying_key());
+        Authenticator::new(
+            keys,
+            config.token.issuer.clone(),
+            i64::try_from(config.token.leeway_secs).unwrap_or(0),
+        )
+    });
+    let admission = checker.as_ref().map(|c| c.admission.clone());
+    let parts = Parts {
         checker,
+        core,
+        auth,
+        follow,
         readiness,
         writer,
         telemetry,
-        policy.clone(),
-        watch_interval,
-        grace,
-        shutdown_rx,
-    ));
+        policy: policy.clone(),
+        authz_listener,
+        control_listener,
+        reloads,
+        watch_files: mode != Mode::Sidecar,
+        watch_interval: Duration::from_millis(config.policy.watch_interval_ms),
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+    };
+    let task = tokio::spawn(serve(parts, reload_tx, shutdown_rx));
     Ok(Running {
-        local_addr,
+        local_addr: control_addr
+            .filter(|_| mode == Mode::ControlPlane)
+            .unwrap_or(local_addr),
+        control_addr,
         revocations,
+        state,
         policy,
         admission,
         admin_addr,
+        follow: follow_status,
         shutdown: shutdown_tx,
         task,
     })
+}
+
+fn control_settings(config: &Config) -> Settings {
+    Settings {
+        issuer: config.token.issuer.clone(),
+        audience: config.token.audience.clone(),
+        token_ttl_secs: config.token.lifetime_secs,
+        max_token_ttl_secs: config.control.max_token_ttl_secs,
+        approval_ttl_secs: config.control.approval_ttl_secs,
+        override_ttl_secs: config.control.override_ttl_secs,
+        max_pending_approvals: config.control.max_pending_approvals,
+        default_autonomy: config.control.soc_autonomy_level,
+    }
+}
+
+/// The sidecar's credential: the token file, else `AEGIS_CONTROL_TOKEN`.
+fn sidecar_credential(config: &Config) -> Result<String, StartError> {
+    let token = match &config.control.token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            StartError::Config(format!("control.token_file {}: {e}", path.display()))
+        })?,
+        None => std::env::var("AEGIS_CONTROL_TOKEN").unwrap_or_default(),
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(StartError::Config(
+            "control.token_file: the sidecar credential is empty".into(),
+        ));
+    }
+    Ok(token)
 }
 
 fn identifier(
@@ -249,72 +441,161 @@ fn identifier(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve(
-    listener: TcpListener,
-    checker: Arc<Checker>,
-    readiness: Arc<Readiness>,
-    writer: crate::audit::store::WriterThread,
-    telemetry: Telemetry,
-    policy: Arc<Policy>,
-    watch_interval: Duration,
-    grace: Duration,
+    parts: Parts,
+    reload_tx: Option<tokio::sync::mpsc::UnboundedSender<crate::policy::watch::Reloaded>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::EXT_AUTHZ_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection = match reflection {
-        Ok(r) => Some(r),
-        Err(e) => {
-            crate::log!(error, "gRPC reflection unavailable: {e}");
-            None
-        }
-    };
-    let watcher = tokio::spawn(crate::policy::watch::run(
+    let Parts {
+        checker,
+        core,
+        auth,
+        follow,
+        readiness,
+        writer,
+        telemetry,
         policy,
+        authz_listener,
+        control_listener,
+        reloads,
+        watch_files,
         watch_interval,
-        shutdown.clone(),
-    ));
+        grace,
+    } = parts;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let watcher = watch_files.then(|| {
+        tokio::spawn(crate::policy::watch::run(
+            policy,
+            watch_interval,
+            reload_tx,
+            shutdown.clone(),
+        ))
+    });
+    let recorder = match (&core, reloads) {
+        (Some(core), Some(rx)) => Some(tokio::spawn(record_reloads(core.clone(), rx))),
+        _ => None,
+    };
+    let follower = follow.map(|f| tokio::spawn(crate::control::follow::run(f, shutdown.clone())));
     let health = tokio::spawn(report_health(
         health_reporter,
         readiness,
         checker.clone(),
+        core.is_some(),
         shutdown.clone(),
     ));
 
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AuthorizationServer::new(AuthorizationService(checker)))
-        .add_service(health_service)
-        .add_optional_service(reflection);
-    let mut stop = shutdown.clone();
-    let stopped = async move {
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let serving = router.serve_with_incoming_shutdown(incoming(listener), stopped);
+    let authz = match (authz_listener, &checker) {
+        (Some(listener), Some(checker)) => {
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(AuthorizationServer::new(AuthorizationService(
+                    checker.clone(),
+                )))
+                .add_service(health_service.clone())
+                .add_optional_service(reflection(&[crate::EXT_AUTHZ_DESCRIPTOR_SET]));
+            Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                incoming(listener),
+                stopped(shutdown.clone()),
+            )))
+        }
+        _ => None,
+    };
+    let control = match (control_listener, &core, auth) {
+        (Some(listener), Some(core), Some(auth)) => {
+            let service = ControlService::new(core.clone(), auth, shutdown.clone());
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(ControlPlaneServer::new(service))
+                .add_service(health_service)
+                .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
+            Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                incoming(listener),
+                stopped(shutdown.clone()),
+            )))
+        }
+        _ => None,
+    };
+    let servers = async move {
+        for (name, task) in [("ext_authz", authz), ("control plane", control)] {
+            if let Some(task) = task {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => crate::log!(error, "{name} server failed: {e}"),
+                    Err(e) => crate::log!(error, "{name} server task failed: {e}"),
+                }
+            }
+        }
+    };
     let mut stop = shutdown.clone();
     let deadline = async move {
         let _ = stop.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = serving => if let Err(e) = r { crate::log!(error, "ext_authz server failed: {e}") },
-        () = deadline => crate::log!(warn, "in-flight Checks still running after {grace:?}; stopping anyway"),
+        () = servers => {}
+        () = deadline => crate::log!(warn, "in-flight calls still running after {grace:?}; stopping anyway"),
     }
-    let _ = watcher.await;
+    for task in [watcher, follower].into_iter().flatten() {
+        let _ = task.await;
+    }
+    if let Some(r) = recorder {
+        let _ = r.await;
+    }
     let _ = health.await;
-    // Every Checker (and with it every AuditLog sender) is gone once the server future is:
-    // the writer drains what is queued and stops.
+    // Every holder of an AuditLog sender (Checker, control core) is gone once the servers
+    // and tasks are: the writer drains what is queued and stops.
+    drop(checker);
+    drop(core);
     let _ = tokio::task::spawn_blocking(move || {
         writer.join();
         telemetry.shutdown();
     })
     .await;
     crate::log!(info, "aegis stopped: audit log flushed");
+}
+
+/// Records every bundle the file watcher installs as a policy activation.
+async fn record_reloads(
+    core: Arc<ControlCore>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::policy::watch::Reloaded>,
+) {
+    while let Some((compiled, files)) = rx.recv().await {
+        if let Err(e) = core
+            .record_activation(compiled, &files, "file", "system:file-watch")
+            .await
+        {
+            crate::log!(
+                error,
+                "policy activation from the bundle files not recorded: {e}"
+            );
+        }
+    }
+}
+
+fn reflection(
+    sets: &[&'static [u8]],
+) -> Option<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for set in sets {
+        builder = builder.register_encoded_file_descriptor_set(set);
+    }
+    match builder.build_v1() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            crate::log!(error, "gRPC reflection unavailable: {e}");
+            None
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY: gRPC answers are small frames, and Nagle's
@@ -326,7 +607,9 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
 /// What readiness is judged on.
 struct Readiness {
     audit: AuditLog,
-    policy: Arc<Policy>,
+    /// The data plane's policy and control state (absent on a control-plane-only server).
+    policy: Option<Arc<Policy>>,
+    state: Arc<State>,
     /// The data directory and the key id being signed with.
     data_dir: std::path::PathBuf,
     kid: String,
@@ -341,7 +624,12 @@ impl Readiness {
         if !self.audit.is_healthy() {
             return Err("audit log: the last commit failed".into());
         }
-        self.policy.health()?;
+        if let Some(policy) = &self.policy {
+            policy.health()?;
+            if !self.state.synced() {
+                return Err("control plane: no state received yet (a sidecar fails closed until its first snapshot)".into());
+            }
+        }
         match Signer::load(&self.data_dir) {
             Ok(s) if s.kid() == self.kid => Ok(()),
             Ok(s) => Err(format!(
@@ -360,9 +648,17 @@ impl Readiness {
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     readiness: Arc<Readiness>,
-    checker: Arc<Checker>,
+    checker: Option<Arc<Checker>>,
+    control: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut services = vec![""];
+    if checker.is_some() {
+        services.push(AUTHZ_SERVICE);
+    }
+    if control {
+        services.push(crate::control::CONTROL_SERVICE);
+    }
     let mut last = None;
     let mut shed_before = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -379,10 +675,23 @@ async fn report_health(
                 Ok(()) => {}
                 Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
             }
-            reporter.set_service_status("", status).await;
-            reporter.set_service_status(AUTHZ_SERVICE, status).await;
+            for service in &services {
+                reporter.set_service_status(*service, status).await;
+            }
             last = Some(status);
         }
+        let Some(checker) = &checker else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {
+                    for service in &services {
+                        reporter.set_service_status(*service, ServingStatus::NotServing).await;
+                    }
+                    return;
+                }
+            }
+            continue;
+        };
         let shed = checker.admission.shed();
         if shed != shed_before {
             crate::log!(
@@ -398,8 +707,9 @@ async fn report_health(
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => {
-                reporter.set_service_status("", ServingStatus::NotServing).await;
-                reporter.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+                for service in &services {
+                    reporter.set_service_status(*service, ServingStatus::NotServing).await;
+                }
                 return;
             }
         }

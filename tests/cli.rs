@@ -56,12 +56,20 @@ fn walkthrough_serve_issue_check_verify() {
         (v["decision"].as_str(), v["http_status"].as_i64()),
         (Some("approval_needed"), Some(403))
     );
+    assert!(
+        v["approval_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("apr-")),
+        "{v}"
+    );
 
     drop(server);
     let verify = aegis(&["audit", "verify", "--data-dir", &data]);
     assert_eq!(verify.status.code(), Some(0), "{verify:?}");
     assert!(
-        String::from_utf8_lossy(&verify.stdout).contains("intact: 2 rows"),
+        // The two Checks, the pending approval the second raised, and the start-up
+        // activation of the default policy.
+        String::from_utf8_lossy(&verify.stdout).contains("intact: 4 rows"),
         "{verify:?}"
     );
 

@@ -125,7 +125,7 @@ fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServer {
 fn decision_ids(db: &std::path::Path) -> HashSet<String> {
     let conn = rusqlite::Connection::open(db).expect("open");
     let mut stmt = conn
-        .prepare("SELECT decision_id FROM audit_log")
+        .prepare("SELECT decision_id FROM audit_log WHERE kind = 'check'")
         .expect("prepare");
     stmt.query_map([], |r| r.get(0))
         .expect("query")

@@ -106,7 +106,7 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
     s.stop().await;
     let conn = rusqlite::Connection::open(s.db()).expect("db");
     let revisions: Vec<String> = conn
-        .prepare("SELECT DISTINCT policy_revision FROM audit_log ORDER BY seq")
+        .prepare("SELECT DISTINCT policy_revision FROM audit_log WHERE kind = 'check' ORDER BY seq")
         .expect("prepare")
         .query_map([], |r| r.get(0))
         .expect("query")

@@ -158,10 +158,6 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
         attr(allowed, "aegis.policy_version"),
         Some(AnyValue::StringValue("default-2026.11.1".into()))
     );
-    assert_eq!(
-        attr(allowed, "aegis.audit_seq"),
-        Some(AnyValue::IntValue(1))
-    );
     assert!(
         matches!(attr(allowed, "aegis.decision_id"), Some(AnyValue::StringValue(id)) if id.len() == 32)
     );
@@ -181,15 +177,19 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
 
     // The audit row carries the same trace and span ids.
     let conn = rusqlite::Connection::open(s.db()).expect("db");
-    let (tid, sid): (String, String) = conn
+    let (seq, tid, sid): (i64, String, String) = conn
         .query_row(
-            "SELECT trace_id, span_id FROM audit_log WHERE seq = 1",
+            "SELECT seq, trace_id, span_id FROM audit_log WHERE kind = 'check' ORDER BY seq LIMIT 1",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .expect("row");
     assert_eq!(tid, trace);
     assert_eq!(sid, aegis::hex(&allowed.span_id));
+    assert_eq!(
+        attr(allowed, "aegis.audit_seq"),
+        Some(AnyValue::IntValue(seq))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

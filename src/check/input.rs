@@ -7,7 +7,7 @@
 //! input.parsed_body       JSON or form body (null when absent, unparsed type or truncated)
 //! input.truncated_body    the body Envoy sent is partial
 //! input.version           {"encoding": "protojson", "ext_authz": "v3"}
-//! input.agent             {id, tenant, scopes, session, status}
+//! input.agent             {id, tenant, scopes, session, status, risk_tier}
 //! input.tool              {name, action, arguments, resource}
 //! input.context           {trust_level, run_id, parent_agent}
 //! ```
@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use serde_json::{Map, Value};
 
+use crate::control::state::AgentContext;
 use crate::identity::Claims;
 
 /// Limits on what a request may carry.
@@ -57,6 +58,8 @@ pub enum InputError {
     BodyTooDeep,
     #[error("malformed MCP request: {0}")]
     MalformedMcp(&'static str),
+    #[error("x-aegis-cost {0:?} is not a finite number ≥ 0")]
+    MalformedCost(String),
 }
 
 impl InputError {
@@ -72,6 +75,7 @@ impl InputError {
             InputError::MalformedJson(_) => (400, "malformed_body"),
             InputError::BodyTooDeep => (400, "body_too_deep"),
             InputError::MalformedMcp(_) => (400, "malformed_mcp_request"),
+            InputError::MalformedCost(_) => (400, "malformed_cost"),
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Decoded<'a> {
     pub truncated_body: bool,
     pub tool: Tool,
     pub context: CallContext,
+    /// The call's cost for budgets (`x-aegis-cost`; 0 without it).
+    pub cost: f64,
 }
 
 impl Decoded<'_> {
@@ -151,6 +157,14 @@ pub fn decode_with_headers<'a>(
         run_id: get("x-aegis-run-id"),
         parent_agent: get("x-aegis-parent-agent"),
     };
+    let cost = match headers.get("x-aegis-cost").map(|v| v.trim()) {
+        None | Some("") => 0.0,
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|c| c.is_finite() && *c >= 0.0)
+            .ok_or_else(|| InputError::MalformedCost(v.to_owned()))?,
+    };
     Ok(Decoded {
         http,
         headers,
@@ -160,11 +174,18 @@ pub fn decode_with_headers<'a>(
         truncated_body,
         tool,
         context,
+        cost,
     })
 }
 
-/// The whole input document for an identified agent.
-pub fn build(attributes: regorus::Value, d: &Decoded<'_>, claims: &Claims) -> regorus::Value {
+/// The whole input document for an identified agent, with its status and risk tier as the
+/// control plane has them.
+pub fn build(
+    attributes: regorus::Value,
+    d: &Decoded<'_>,
+    claims: &Claims,
+    known: &AgentContext,
+) -> regorus::Value {
     use super::protojson::{Obj, json_to_rego, map_to_rego};
     use regorus::Value as R;
     let strings = |v: &[String]| R::from(v.iter().map(|s| R::from(s.as_str())).collect::<Vec<_>>());
@@ -178,7 +199,8 @@ pub fn build(attributes: regorus::Value, d: &Decoded<'_>, claims: &Claims) -> re
         .put("tenant", R::from(claims.tenant.as_str()))
         .put("scopes", strings(&claims.scopes))
         .put("session", R::from(claims.sid.as_str()))
-        .put("status", R::from("active"));
+        .put("status", R::from(known.status.as_str()))
+        .put("risk_tier", R::from(&*known.risk_tier));
     let mut tool = Obj::default();
     tool.put("name", R::from(d.tool.name.as_str()))
         .put("action", R::from(d.tool.action.as_str()))

@@ -5,7 +5,10 @@
 //! - deny → `PERMISSION_DENIED` (`UNAUTHENTICATED` for token refusals) with a denied
 //!   response: status (default 403), `x-aegis-reason`, `x-aegis-decision-id`, and a JSON
 //!   body with decision, reason and decision id;
-//! - approval_needed → a 403 deny that also carries `x-aegis-approval-required: true`.
+//! - approval_needed → a 403 deny that also carries `x-aegis-approval-required: true` and
+//!   the pending approval's id in `x-aegis-approval-id` (and `approval_id` in the body);
+//! - would_deny (shadow mode) → `OK`, like an allow, with `decision: would_deny` in the
+//!   dynamic metadata.
 //!
 //! Aegis's own failures never come here: they are gRPC errors (see `check`).
 
@@ -24,6 +27,10 @@ use crate::policy::{Decision, Verdict};
 pub struct Meta<'a> {
     pub decision_id: &'a str,
     pub policy_version: &'a str,
+    /// The approval raised (approval_needed) or redeemed (an override allowed); may be empty.
+    pub approval_id: &'a str,
+    /// The request carried an override token: remove it before the request goes on.
+    pub strip_override: bool,
 }
 
 /// An allow (or sanitize): the request goes on, mutated as the policy asks.
@@ -34,6 +41,9 @@ pub fn allowed(d: &Decision, meta: &Meta<'_>, token_header: &str) -> CheckRespon
         ok.add_header(k.clone(), v.clone(), overwrite, false);
     }
     ok.remove_header(token_header);
+    if meta.strip_override {
+        ok.remove_header(crate::control::approvals::OVERRIDE_HEADER);
+    }
     for h in &d.request_headers_to_remove {
         if !h.eq_ignore_ascii_case(token_header) {
             ok.remove_header(h.clone());
@@ -67,17 +77,23 @@ pub fn denied(d: &Decision, meta: &Meta<'_>, code: Code, default_status: u32) ->
     if d.verdict == Verdict::ApprovalNeeded {
         denied.add_header("x-aegis-approval-required", "true", overwrite, false);
     }
+    if !meta.approval_id.is_empty() {
+        denied.add_header("x-aegis-approval-id", meta.approval_id, overwrite, false);
+    }
     let body = match &d.body {
         Some(b) => b.clone(),
         None => {
             denied.add_header("content-type", "application/json", overwrite, false);
-            json!({
+            let mut body = json!({
                 "decision": d.verdict.as_str(),
                 "reason": d.reason,
                 "decision_id": meta.decision_id,
                 "policy_version": meta.policy_version,
-            })
-            .to_string()
+            });
+            if !meta.approval_id.is_empty() {
+                body["approval_id"] = Value::String(meta.approval_id.to_owned());
+            }
+            body.to_string()
         }
     };
     denied.set_body(body);

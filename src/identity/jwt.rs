@@ -6,9 +6,10 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::Signature;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Claims, KeyRing, TokenError};
+use super::{KeyRing, TokenError};
 use crate::keys::Signer;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -21,8 +22,10 @@ struct Header {
     kid: Option<String>,
 }
 
-/// Signs `claims` into a compact JWT with the signer's key id.
-pub fn mint(signer: &Signer, claims: &Claims) -> Result<String, serde_json::Error> {
+/// Signs `claims` into a compact JWT with the signer's key id. Agent tokens, operator
+/// credentials and approval override tokens are all minted here; each claim set has its own
+/// audience and refuses unknown fields, so one kind never passes for another.
+pub fn mint<C: Serialize>(signer: &Signer, claims: &C) -> Result<String, serde_json::Error> {
     let header = Header {
         alg: "EdDSA".into(),
         typ: Some("JWT".into()),
@@ -39,7 +42,7 @@ pub fn mint(signer: &Signer, claims: &Claims) -> Result<String, serde_json::Erro
 
 /// Checks the structure, algorithm, key and signature of `token` and returns its claims.
 /// Time, issuer, audience and revocation are the caller's ([`super::Identifier`]).
-pub fn parse_and_verify(token: &str, keys: &KeyRing) -> Result<Claims, TokenError> {
+pub fn parse_and_verify<C: DeserializeOwned>(token: &str, keys: &KeyRing) -> Result<C, TokenError> {
     let malformed = |what: &str| TokenError::Malformed(what.to_owned());
     let mut parts = token.split('.');
     let (Some(h64), Some(p64), Some(s64), None) =
@@ -77,7 +80,7 @@ pub fn parse_and_verify(token: &str, keys: &KeyRing) -> Result<Claims, TokenErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Audience;
+    use crate::identity::{Audience, Claims};
 
     fn claims() -> Claims {
         Claims {
@@ -100,7 +103,7 @@ mod tests {
         let mut ring = KeyRing::default();
         ring.insert(signer.verifying_key());
         let token = mint(&signer, &claims()).expect("mint");
-        assert_eq!(parse_and_verify(&token, &ring), Ok(claims()));
+        assert_eq!(parse_and_verify::<Claims>(&token, &ring), Ok(claims()));
 
         // Flip one bit of the signature.
         let mut bytes = token.clone().into_bytes();
@@ -108,7 +111,7 @@ mod tests {
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
         let flipped = String::from_utf8(bytes).expect("ascii");
         assert!(matches!(
-            parse_and_verify(&flipped, &ring),
+            parse_and_verify::<Claims>(&flipped, &ring),
             Err(TokenError::BadSignature | TokenError::Malformed(_))
         ));
 
@@ -116,7 +119,7 @@ mod tests {
         let other = Signer::generate().expect("rng");
         let foreign = mint(&other, &claims()).expect("mint");
         assert!(matches!(
-            parse_and_verify(&foreign, &ring),
+            parse_and_verify::<Claims>(&foreign, &ring),
             Err(TokenError::UnknownKey(_))
         ));
     }

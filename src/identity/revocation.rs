@@ -1,9 +1,12 @@
 //! The in-memory revocation set, checked on every Check.
 //!
-//! Filled by the control plane (token revocation, session/agent/tenant kills); a lookup is
-//! four hash probes under one read lock.
+//! Filled from the control plane's state: revoked token ids, and kill marks. A kill of a
+//! session, an agent, a tenant or everything is a mark "every token of this scope issued at
+//! or before `before` is refused": tokens issued later (a rotation after the kill, say) are
+//! not affected, tokens the control plane never saw (minted offline) are caught all the
+//! same. A lookup is a few hash probes under one read lock.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::RwLock;
 
@@ -16,78 +19,154 @@ pub enum RevokedBy {
     Session,
     Agent,
     Tenant,
+    All,
 }
 
 impl fmt::Display for RevokedBy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             RevokedBy::Token => "token",
-            RevokedBy::Session => "session",
-            RevokedBy::Agent => "agent",
-            RevokedBy::Tenant => "tenant",
+            RevokedBy::Session => "session killed",
+            RevokedBy::Agent => "agent killed",
+            RevokedBy::Tenant => "tenant killed",
+            RevokedBy::All => "every token killed",
         })
     }
 }
 
-#[derive(Debug, Default)]
-struct Sets {
-    jtis: HashSet<String>,
-    sessions: HashSet<String>,
-    /// `tenant/agent`, since agent ids are only unique within a tenant.
-    agents: HashSet<String>,
-    tenants: HashSet<String>,
+/// A kill's scope, as kept in the set. Sessions and agents are keyed by tenant too: ids
+/// are only unique within a tenant, and one tenant's kill must never reach another's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KillTarget {
+    Session { tenant: String, session: String },
+    Agent { tenant: String, agent: String },
+    Tenant(String),
+    All,
 }
 
-/// Revoked token ids, sessions, agents and tenants.
+#[derive(Debug, Default)]
+struct Sets {
+    /// Revoked token ids and their expiry (an entry is useless once the token has expired).
+    jtis: HashMap<String, i64>,
+    /// Kill marks (tokens of the scope with `iat <= mark` are refused), nested by tenant so
+    /// a lookup borrows the claims' strings instead of building keys.
+    all: Option<i64>,
+    tenants: HashMap<String, i64>,
+    agents: HashMap<String, HashMap<String, i64>>,
+    sessions: HashMap<String, HashMap<String, i64>>,
+}
+
+impl Sets {
+    fn mark(&mut self, target: KillTarget, before: i64) {
+        let slot = match target {
+            KillTarget::All => self.all.get_or_insert(before),
+            KillTarget::Tenant(t) => self.tenants.entry(t).or_insert(before),
+            KillTarget::Agent { tenant, agent } => self
+                .agents
+                .entry(tenant)
+                .or_default()
+                .entry(agent)
+                .or_insert(before),
+            KillTarget::Session { tenant, session } => self
+                .sessions
+                .entry(tenant)
+                .or_default()
+                .entry(session)
+                .or_insert(before),
+        };
+        *slot = (*slot).max(before);
+    }
+
+    fn has_kills(&self) -> bool {
+        self.all.is_some()
+            || !self.tenants.is_empty()
+            || !self.agents.is_empty()
+            || !self.sessions.is_empty()
+    }
+}
+
+/// Revoked token ids and kill marks.
 #[derive(Debug, Default)]
 pub struct Revocations {
     sets: RwLock<Sets>,
 }
 
 impl Revocations {
-    /// Revokes one token by `jti`.
+    /// Revokes one token by `jti` (`exp`: its expiry, when known; 0 keeps it forever).
     pub fn revoke_token(&self, jti: &str) {
-        self.write(|s| s.jtis.insert(jti.to_owned()));
+        self.revoke_token_until(jti, i64::MAX);
     }
 
-    /// Revokes every token of a session.
-    pub fn revoke_session(&self, sid: &str) {
-        self.write(|s| s.sessions.insert(sid.to_owned()));
+    /// Revokes one token by `jti`, remembered until `exp`.
+    pub fn revoke_token_until(&self, jti: &str, exp: i64) {
+        self.write(|s| {
+            s.jtis.insert(jti.to_owned(), exp);
+        });
     }
 
-    /// Revokes every token of an agent.
-    pub fn revoke_agent(&self, tenant: &str, agent: &str) {
-        self.write(|s| s.agents.insert(format!("{tenant}/{agent}")));
+    /// Refuses every token of `target` issued at or before `before` (Unix seconds). A later
+    /// mark for the same target only ever moves it forward.
+    pub fn kill(&self, target: KillTarget, before: i64) {
+        self.write(|s| s.mark(target, before));
     }
 
-    /// Revokes every token of a tenant.
-    pub fn revoke_tenant(&self, tenant: &str) {
-        self.write(|s| s.tenants.insert(tenant.to_owned()));
+    /// Replaces the whole set (a control-plane snapshot).
+    pub fn replace(&self, jtis: HashMap<String, i64>, kills: Vec<(KillTarget, i64)>) {
+        let mut fresh = Sets {
+            jtis,
+            ..Sets::default()
+        };
+        for (target, before) in kills {
+            fresh.mark(target, before);
+        }
+        self.write(|s| *s = fresh);
+    }
+
+    /// Drops revoked token ids whose token expired before `now - leeway`.
+    pub fn prune(&self, now: i64, leeway: i64) {
+        self.write(|s| s.jtis.retain(|_, exp| exp.saturating_add(leeway) > now));
+    }
+
+    /// Revoked token ids held now.
+    pub fn revoked_tokens(&self) -> usize {
+        self.sets.read().map_or(0, |s| s.jtis.len())
     }
 
     /// The first entry that revokes `claims`, if any.
     pub fn check(&self, claims: &Claims) -> Option<RevokedBy> {
         // A poisoned lock means a writer panicked mid-update: refuse rather than guess.
         let Ok(s) = self.sets.read() else {
-            return Some(RevokedBy::Tenant);
+            return Some(RevokedBy::All);
         };
-        if s.jtis.contains(&claims.jti) {
-            Some(RevokedBy::Token)
-        } else if s.sessions.contains(&claims.sid) {
-            Some(RevokedBy::Session)
-        } else if s.tenants.contains(&claims.tenant) {
+        if s.jtis.contains_key(&claims.jti) {
+            return Some(RevokedBy::Token);
+        }
+        if !s.has_kills() {
+            return None;
+        }
+        let killed = |mark: Option<&i64>| mark.is_some_and(|b| claims.iat <= *b);
+        if killed(s.all.as_ref()) {
+            Some(RevokedBy::All)
+        } else if killed(s.tenants.get(&claims.tenant)) {
             Some(RevokedBy::Tenant)
-        } else if !s.agents.is_empty()
-            && s.agents
-                .contains(&format!("{}/{}", claims.tenant, claims.sub))
-        {
+        } else if killed(
+            s.agents
+                .get(&claims.tenant)
+                .and_then(|m| m.get(&claims.sub)),
+        ) {
             Some(RevokedBy::Agent)
+        } else if killed(
+            s.sessions
+                .get(&claims.tenant)
+                .and_then(|m| m.get(&claims.sid)),
+        ) {
+            Some(RevokedBy::Session)
         } else {
             None
         }
     }
 
-    fn write(&self, f: impl FnOnce(&mut Sets) -> bool) {
+    fn write(&self, f: impl FnOnce(&mut Sets)) {
         let mut guard = self.sets.write().unwrap_or_else(|p| p.into_inner());
         f(&mut guard);
     }

@@ -15,6 +15,9 @@ pub enum Verdict {
     Deny,
     Sanitize,
     ApprovalNeeded,
+    /// Shadow mode: the policy (or a budget) denied, the request goes on, and the decision
+    /// is recorded as `would_deny`. Never a policy's own answer.
+    WouldDeny,
 }
 
 impl Verdict {
@@ -25,12 +28,16 @@ impl Verdict {
             Verdict::Deny => "deny",
             Verdict::Sanitize => "sanitize",
             Verdict::ApprovalNeeded => "approval_needed",
+            Verdict::WouldDeny => "would_deny",
         }
     }
 
     /// Whether the request goes on to the tool.
     pub fn allows(self) -> bool {
-        matches!(self, Verdict::Allow | Verdict::Sanitize)
+        matches!(
+            self,
+            Verdict::Allow | Verdict::Sanitize | Verdict::WouldDeny
+        )
     }
 
     fn parse(s: &str) -> Option<Self> {

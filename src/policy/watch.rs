@@ -30,11 +30,16 @@ pub fn fingerprint(path: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
     out
 }
 
+/// A bundle the watcher has just installed.
+pub type Reloaded = (Arc<super::CompiledBundle>, super::BundleFiles);
+
 /// Runs until `shutdown` fires: reloads on a change seen by polling every `interval`, and
-/// on SIGHUP.
+/// on SIGHUP. Each bundle installed is also sent to `installed` (the control plane records
+/// it as an activation).
 pub async fn run(
     policy: Arc<Policy>,
     interval: Duration,
+    installed: Option<tokio::sync::mpsc::UnboundedSender<Reloaded>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -64,11 +69,17 @@ pub async fn run(
         }
         let p = policy.clone();
         match tokio::task::spawn_blocking(move || p.reload()).await {
-            Ok(Ok(revision)) => crate::log!(
-                info,
-                "policy bundle reloaded from {}: revision {revision}",
-                policy.source()
-            ),
+            Ok(Ok((compiled, files))) => {
+                crate::log!(
+                    info,
+                    "policy bundle reloaded from {}: revision {}",
+                    policy.source(),
+                    compiled.revision()
+                );
+                if let Some(tx) = &installed {
+                    let _ = tx.send((compiled, files));
+                }
+            }
             Ok(Err(e)) => crate::log!(
                 error,
                 "policy bundle reload refused, last good bundle keeps serving: {e}"

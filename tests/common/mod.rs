@@ -28,6 +28,7 @@ pub fn config(dir: &Path) -> Config {
     let mut c = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        control_listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.join("data"),
         ..Default::default()
     };
@@ -76,6 +77,49 @@ impl TestServer {
         self.data_dir().join("audit.db")
     }
 
+    /// The control-plane address (all-in-one).
+    pub fn control_addr(&self) -> std::net::SocketAddr {
+        self.running
+            .as_ref()
+            .and_then(|r| r.control_addr)
+            .expect("a control plane")
+    }
+
+    /// A control-plane client with `credential`.
+    pub async fn control(&self, credential: &str) -> Ctl {
+        Ctl::connect(self.control_addr(), credential).await
+    }
+
+    /// An operator credential signed with the server's key.
+    pub fn operator(&self, name: &str, role: Role, tenant: &str) -> String {
+        aegis::control::auth::mint_operator(&self.signer, "aegis", name, role, tenant, 3600)
+            .expect("mint operator")
+    }
+
+    /// Audit rows of control actions: (action, actor, tenant, resource, decision, reason).
+    pub fn control_rows(&self) -> Vec<(String, String, String, String, String, String)> {
+        let conn = rusqlite::Connection::open(self.db()).expect("open db");
+        let mut stmt = conn
+            .prepare(
+                "SELECT action, actor, tenant, resource, decision, reason FROM audit_log \
+                 WHERE kind = 'control' ORDER BY seq",
+            )
+            .expect("prepare");
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+    }
+
     pub fn token(&self, tenant: &str, agent: &str, scopes: &[&str]) -> String {
         mint(&self.signer, claims(tenant, agent, scopes))
     }
@@ -101,7 +145,7 @@ impl TestServer {
     pub fn rows(&self) -> Vec<(String, String, String, String, String)> {
         let conn = rusqlite::Connection::open(self.db()).expect("open db");
         let mut stmt = conn
-            .prepare("SELECT decision, reason, agent, tool, action FROM audit_log ORDER BY seq")
+            .prepare("SELECT decision, reason, agent, tool, action FROM audit_log WHERE kind = 'check' ORDER BY seq")
             .expect("prepare");
         stmt.query_map([], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -109,6 +153,134 @@ impl TestServer {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows")
+    }
+}
+
+pub use aegis::control::auth::Role;
+pub use aegis::control::pb;
+
+/// A control-plane client that sends `credential` on every call.
+#[derive(Clone)]
+pub struct Ctl {
+    pub client: pb::control_plane_client::ControlPlaneClient<Channel>,
+    credential: String,
+}
+
+impl Ctl {
+    pub async fn connect(addr: std::net::SocketAddr, credential: &str) -> Self {
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects");
+        Self {
+            client: pb::control_plane_client::ControlPlaneClient::new(ch),
+            credential: credential.to_owned(),
+        }
+    }
+
+    /// `body` with the credential.
+    pub fn req<T>(&self, body: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(body);
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.credential)
+                .parse()
+                .expect("ascii"),
+        );
+        r
+    }
+
+    pub fn api(&self) -> pb::control_plane_client::ControlPlaneClient<Channel> {
+        self.client.clone()
+    }
+
+    pub async fn register(&self, tenant: &str, id: &str) -> pb::Agent {
+        self.api()
+            .register_agent(self.req(pb::RegisterAgentRequest {
+                tenant: tenant.into(),
+                id: id.into(),
+                risk_tier: String::new(),
+            }))
+            .await
+            .expect("registered")
+            .into_inner()
+    }
+
+    /// Issues a token; returns (token, jti).
+    pub async fn issue(
+        &self,
+        tenant: &str,
+        agent: &str,
+        scopes: &[&str],
+        session: &str,
+    ) -> (String, String) {
+        let t = self
+            .api()
+            .issue_token(self.req(pb::IssueTokenRequest {
+                tenant: tenant.into(),
+                agent: agent.into(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                ttl_secs: 0,
+                session: session.into(),
+            }))
+            .await
+            .expect("issued")
+            .into_inner();
+        let jti = t.info.expect("info").jti;
+        (t.token, jti)
+    }
+
+    pub async fn freeze(
+        &self,
+        tenant: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<pb::Agent, tonic::Status> {
+        self.api()
+            .freeze_agent(self.req(pb::AgentActionRequest {
+                tenant: tenant.into(),
+                id: id.into(),
+                reason: reason.into(),
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn kill(
+        &self,
+        scope: pb::KillScope,
+        tenant: &str,
+        target: &str,
+        confirm_all: bool,
+    ) -> Result<pb::KillResponse, tonic::Status> {
+        self.api()
+            .kill(self.req(pb::KillRequest {
+                scope: scope as i32,
+                tenant: tenant.into(),
+                target: target.into(),
+                reason: "test".into(),
+                confirm_all,
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn set_tenant(
+        &self,
+        tenant: &str,
+        mode: Option<&str>,
+        level: Option<u32>,
+    ) -> Result<pb::Tenant, tonic::Status> {
+        self.api()
+            .update_tenant(self.req(pb::UpdateTenantRequest {
+                tenant: tenant.into(),
+                mode: mode.map(str::to_owned),
+                autonomy_level: level,
+                reason: "test".into(),
+            }))
+            .await
+            .map(|r| r.into_inner())
     }
 }
 
@@ -223,7 +395,7 @@ pub fn decision_id(r: &CheckResponse) -> Option<String> {
 pub fn decisions(db: &Path) -> Vec<(String, String)> {
     let conn = rusqlite::Connection::open(db).expect("open db");
     let mut stmt = conn
-        .prepare("SELECT decision_id, decision FROM audit_log ORDER BY seq")
+        .prepare("SELECT decision_id, decision FROM audit_log WHERE kind = 'check' ORDER BY seq")
         .expect("prepare");
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .expect("query")
@@ -288,6 +460,8 @@ pub fn spawn_serve(args: &[&str]) -> ChildServer {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
     ];
     all.extend_from_slice(args);
     ChildServer::spawn_exe(
@@ -307,6 +481,8 @@ pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
             "127.0.0.1:0",
         ])
         .args(args)

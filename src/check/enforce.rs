@@ -1,0 +1,215 @@
+//! Enforce: what the control plane adds to the policy's decision, in a fixed order.
+//!
+//! 1. Before policy (in `decide`): a frozen or revoked agent is denied (`agent_frozen`,
+//!    `agent_revoked`); these are containment, not policy, and shadow mode does not soften
+//!    them.
+//! 2. Shadow mode: in a tenant set to `shadow`, a policy deny or `approval_needed` is
+//!    recorded as `would_deny` and the request goes on.
+//! 3. Approvals: an `approval_needed` call carrying an override token is allowed once if
+//!    the control plane redeems the token for this exact call, else denied with the
+//!    reason; without a token, a pending approval is raised (or found) for the call and
+//!    its id answered in `x-aegis-approval-id`, or the call is denied 429
+//!    `approval_cap_reached` when the agent has its cap of pending approvals.
+//! 4. Budgets: a call about to go on is charged to the agent's budget; one that would
+//!    pass a limit is denied 429 `budget_exhausted` (`would_deny` in shadow mode).
+//!
+//! Only step 3 leaves the process (to the control plane, bounded by its timeout), and only
+//! for `approval_needed` decisions; a failure there is Aegis's own failure: a gRPC error.
+
+use tonic::{Code, Status};
+
+use super::{Call, Checker, Outcome};
+use crate::control::approvals::call_hash;
+use crate::control::pb;
+use crate::control::state::AgentContext;
+use crate::policy::{Decision, Verdict};
+
+/// What an `approval_needed` call carries into step 3.
+#[derive(Debug, Clone)]
+pub(super) struct PendingCall {
+    pub hash: String,
+    pub arguments: String,
+    pub override_token: Option<String>,
+    pub policy_reason: String,
+}
+
+/// Step 1: containment by agent status, before policy.
+pub(super) fn contained(agent: &AgentContext) -> Option<Outcome> {
+    use crate::control::state::AgentStatus;
+    let reason = match agent.status {
+        AgentStatus::Frozen => "agent_frozen",
+        AgentStatus::Revoked => "agent_revoked",
+        AgentStatus::Active | AgentStatus::Unregistered => return None,
+    };
+    Some(deny(reason, 403))
+}
+
+/// The fields of a call an approval is bound to, taken while the decoded request is at hand.
+pub(super) fn pending_call(
+    d: &super::input::Decoded<'_>,
+    claims: &crate::identity::Claims,
+    policy_reason: &str,
+) -> PendingCall {
+    PendingCall {
+        hash: call_hash(
+            &claims.tenant,
+            &claims.sub,
+            &d.tool.name,
+            &d.tool.action,
+            &d.tool.resource,
+            &d.tool.arguments,
+        ),
+        arguments: d.tool.arguments.to_string(),
+        override_token: d
+            .header(crate::control::approvals::OVERRIDE_HEADER)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
+        policy_reason: policy_reason.to_owned(),
+    }
+}
+
+fn deny(reason: &str, status: u32) -> Outcome {
+    let mut decision = Decision::simple(Verdict::Deny, reason);
+    decision.http_status = Some(status);
+    Outcome::Decided {
+        decision,
+        code: Code::PermissionDenied,
+        default_status: status,
+    }
+}
+
+fn would_deny(reason: String) -> Outcome {
+    Outcome::Decided {
+        decision: Decision::simple(Verdict::WouldDeny, reason),
+        code: Code::Ok,
+        default_status: 200,
+    }
+}
+
+/// Steps 2-4 for a decision the policy made.
+pub(super) async fn apply(
+    checker: &Checker,
+    outcome: Outcome,
+    call: &mut Call,
+    decision_id: &str,
+    now: i64,
+) -> Outcome {
+    let Some(agent) = call.policy_agent.take() else {
+        return outcome;
+    };
+    let Outcome::Decided {
+        decision,
+        code,
+        default_status,
+    } = outcome
+    else {
+        return outcome;
+    };
+    let outcome = match decision.verdict {
+        Verdict::Deny | Verdict::ApprovalNeeded if agent.shadow => would_deny(decision.reason),
+        verdict => {
+            let outcome = Outcome::Decided {
+                decision,
+                code,
+                default_status,
+            };
+            if verdict == Verdict::ApprovalNeeded {
+                approvals(checker, outcome, call, decision_id).await
+            } else {
+                outcome
+            }
+        }
+    };
+    match (&outcome, agent.budget) {
+        (Outcome::Decided { decision, .. }, Some(limit)) if decision.verdict.allows() => {
+            let Some(claims) = call.claims.as_deref() else {
+                return outcome;
+            };
+            let charged =
+                checker
+                    .control
+                    .meter
+                    .charge(&claims.tenant, &claims.sub, &limit, call.cost, now);
+            match charged {
+                Ok(()) => outcome,
+                Err(_) if agent.shadow => would_deny("budget_exhausted".into()),
+                Err(_) => deny("budget_exhausted", 429),
+            }
+        }
+        _ => outcome,
+    }
+}
+
+/// Step 3: redeem an override token, or raise an approval.
+async fn approvals(
+    checker: &Checker,
+    outcome: Outcome,
+    call: &mut Call,
+    decision_id: &str,
+) -> Outcome {
+    let (Some(pending), Some(claims)) = (call.pending.take(), call.claims.clone()) else {
+        return outcome;
+    };
+    let link = &checker.control.link;
+    if let Some(token) = pending.override_token {
+        let req = pb::RedeemOverrideRequest {
+            override_token: token,
+            tenant: claims.tenant.clone(),
+            agent: claims.sub.clone(),
+            call_hash: pending.hash,
+            decision_id: decision_id.to_owned(),
+        };
+        return match link.redeem_override(req).await {
+            Ok(r) => {
+                call.approval_id = r.approval_id;
+                call.strip_override = true;
+                if r.accepted {
+                    Outcome::Decided {
+                        decision: Decision::simple(Verdict::Allow, "approved_override"),
+                        code: Code::Ok,
+                        default_status: 200,
+                    }
+                } else {
+                    deny(&r.reason, 403)
+                }
+            }
+            Err(e) => failed(
+                "override_unverified",
+                format!("aegis: cannot redeem the override token: {e}"),
+            ),
+        };
+    }
+    let req = pb::RequestApprovalRequest {
+        tenant: claims.tenant.clone(),
+        agent: claims.sub.clone(),
+        session: claims.sid.clone(),
+        run_id: call.run_id.clone(),
+        tool: call.tool.clone(),
+        action: call.action.clone(),
+        resource: call.resource.clone(),
+        arguments: pending.arguments,
+        call_hash: pending.hash,
+        policy_reason: pending.policy_reason,
+        decision_id: decision_id.to_owned(),
+    };
+    match link.request_approval(req).await {
+        Ok(r) if r.cap_reached => deny("approval_cap_reached", 429),
+        Ok(r) => {
+            call.approval_id = r.approval_id;
+            outcome
+        }
+        Err(e) => failed(
+            "approval_unavailable",
+            format!("aegis: cannot raise the approval: {e}"),
+        ),
+    }
+}
+
+fn failed(reason: &'static str, message: String) -> Outcome {
+    crate::log!(error, "{message}");
+    Outcome::Failed {
+        reason,
+        status: Status::unavailable(message),
+    }
+}

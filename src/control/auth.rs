@@ -1,0 +1,365 @@
+//! Operator credentials and what each role may do.
+//!
+//! An operator credential is an EdDSA JWT signed by the control plane's key (minted by
+//! `aegis operator issue`), with its own audience (`aegis-control`) so an agent token can
+//! never pass for one and the other way round. It names the operator, a role and a tenant
+//! (`*`: all tenants).
+//!
+//! | role | may |
+//! |---|---|
+//! | viewer | read everything of its tenant |
+//! | approver | + approve and deny approvals |
+//! | operator | + agents, tokens, kills, budgets |
+//! | admin | + tenant settings; with `*`: policy activation and rollback, kill of everything |
+//! | sidecar | only the fleet calls (watch, bundles, approvals raised, overrides redeemed); `*` |
+
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataMap;
+
+use super::ControlError;
+use crate::identity::{KeyRing, TokenError, mint, parse_and_verify};
+use crate::keys::Signer;
+
+/// The audience of operator credentials.
+pub const OPERATOR_AUDIENCE: &str = "aegis-control";
+
+/// The tenant value that means every tenant.
+pub const ALL_TENANTS: &str = "*";
+
+/// An operator's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    Viewer,
+    Approver,
+    Operator,
+    Admin,
+    /// A fleet sidecar: not an operator rank, only the fleet calls.
+    Sidecar,
+}
+
+/// What a call needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Read the tenant's state.
+    Read,
+    /// Approve or deny approvals.
+    Approve,
+    /// Change agents, tokens, kills and budgets.
+    Operate,
+    /// Change tenant settings.
+    Administer,
+    /// Change what every tenant shares (policy, kill of everything): admin of `*`.
+    Global,
+    /// The fleet calls: sidecar credentials only.
+    Fleet,
+}
+
+/// The claims of an operator credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The operator's name.
+    pub sub: String,
+    pub role: String,
+    /// A tenant, or `*`.
+    pub tenant: String,
+    pub jti: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+    pub tenant: String,
+    pub expires_at: i64,
+}
+
+/// Verifies operator credentials.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    keys: KeyRing,
+    issuer: String,
+    leeway_secs: i64,
+}
+
+// === impl Role ===
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Approver => "approver",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Sidecar => "sidecar",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "viewer" => Role::Viewer,
+            "approver" => Role::Approver,
+            "operator" => Role::Operator,
+            "admin" => Role::Admin,
+            "sidecar" => Role::Sidecar,
+            _ => return None,
+        })
+    }
+
+    fn allows(self, need: Need) -> bool {
+        match (self, need) {
+            (Role::Sidecar, Need::Fleet) => true,
+            (Role::Sidecar, _) | (_, Need::Fleet) => false,
+            (_, Need::Read) => true,
+            (r, Need::Approve) => r >= Role::Approver,
+            (r, Need::Operate) => r >= Role::Operator,
+            (r, Need::Administer | Need::Global) => r == Role::Admin,
+        }
+    }
+}
+
+// === impl Operator ===
+
+impl Operator {
+    /// `role:name`, as audit rows record the actor.
+    pub fn actor(&self) -> String {
+        format!("{}:{}", self.role.as_str(), self.name)
+    }
+
+    /// Whether this operator may see `tenant` at all.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.tenant == ALL_TENANTS || self.tenant == tenant
+    }
+
+    /// The tenant a list call covers: the one asked for, else the operator's own (`None`:
+    /// every tenant).
+    pub fn list_scope(&self, asked: &str) -> Result<Option<String>, ControlError> {
+        if asked.is_empty() {
+            return Ok((self.tenant != ALL_TENANTS).then(|| self.tenant.clone()));
+        }
+        self.require(Need::Read, asked)?;
+        Ok(Some(asked.to_owned()))
+    }
+
+    /// The tenant an action on one tenant's object applies to: the one asked for, else the
+    /// operator's own; an all-tenant operator must name one.
+    pub fn tenant_for(&self, asked: &str) -> Result<String, ControlError> {
+        match (asked.is_empty(), self.tenant == ALL_TENANTS) {
+            (false, _) => Ok(asked.to_owned()),
+            (true, false) => Ok(self.tenant.clone()),
+            (true, true) => Err(ControlError::invalid(
+                "name a tenant: this credential covers every tenant",
+            )),
+        }
+    }
+
+    /// Refuses unless the role allows `need` on `tenant` (`""` for calls on no tenant).
+    pub fn require(&self, need: Need, tenant: &str) -> Result<(), ControlError> {
+        if !self.role.allows(need) {
+            let what = match need {
+                Need::Read => "read control-plane state",
+                Need::Approve => "approve or deny approvals",
+                Need::Operate => "change agents, tokens, kills or budgets",
+                Need::Administer => "change tenant settings",
+                Need::Global => "change what every tenant shares",
+                Need::Fleet => "make the fleet calls",
+            };
+            return Err(ControlError::permission_denied(format!(
+                "{} ({}) may not {what}",
+                self.name,
+                self.role.as_str()
+            )));
+        }
+        if need == Need::Global && self.tenant != ALL_TENANTS {
+            return Err(ControlError::permission_denied(format!(
+                "{} is scoped to tenant {}: this needs an admin of every tenant",
+                self.name, self.tenant
+            )));
+        }
+        if !tenant.is_empty() && !self.sees(tenant) {
+            return Err(ControlError::permission_denied(format!(
+                "{} is scoped to tenant {}, not {tenant}",
+                self.name, self.tenant
+            )));
+        }
+        Ok(())
+    }
+}
+
+// === impl Authenticator ===
+
+impl Authenticator {
+    pub fn new(keys: KeyRing, issuer: String, leeway_secs: i64) -> Self {
+        Self {
+            keys,
+            issuer,
+            leeway_secs,
+        }
+    }
+
+    /// The operator behind `authorization: Bearer <credential>`.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Operator, ControlError> {
+        let value = metadata
+            .get("authorization")
+            .ok_or_else(|| {
+                ControlError::unauthenticated(
+                    "no operator credential: send authorization: Bearer <token> \
+                     (aegis operator issue mints one)",
+                )
+            })?
+            .to_str()
+            .map_err(|_| ControlError::unauthenticated("authorization header is not ASCII"))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+            _ => {
+                return Err(ControlError::unauthenticated(
+                    "authorization header is not a Bearer credential",
+                ));
+            }
+        };
+        self.verify(token, super::now_secs())
+    }
+
+    /// Verifies an operator credential at `now`.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Operator, ControlError> {
+        let bad = |e: TokenError| {
+            ControlError::unauthenticated(format!(
+                "operator credential refused: {}",
+                e.to_string().replace("agent token", "credential")
+            ))
+        };
+        if token.len() > 8192 {
+            return Err(ControlError::unauthenticated(
+                "operator credential refused: over 8192 bytes",
+            ));
+        }
+        let c: OperatorClaims = parse_and_verify(token, &self.keys).map_err(bad)?;
+        if c.aud != OPERATOR_AUDIENCE {
+            return Err(ControlError::unauthenticated(format!(
+                "operator credential refused: audience {:?} is not {OPERATOR_AUDIENCE:?} \
+                 (an agent token is not an operator credential)",
+                c.aud
+            )));
+        }
+        if c.iss != self.issuer {
+            return Err(ControlError::unauthenticated(format!(
+                "operator credential refused: issuer {:?} is not {:?}",
+                c.iss, self.issuer
+            )));
+        }
+        if now >= c.exp.saturating_add(self.leeway_secs) {
+            return Err(ControlError::unauthenticated(format!(
+                "operator credential refused: expired at {}",
+                c.exp
+            )));
+        }
+        let role = Role::parse(&c.role).ok_or_else(|| {
+            ControlError::unauthenticated(format!(
+                "operator credential refused: unknown role {:?}",
+                c.role
+            ))
+        })?;
+        Ok(Operator {
+            name: c.sub,
+            role,
+            tenant: c.tenant,
+            expires_at: c.exp,
+        })
+    }
+}
+
+/// Mints an operator credential.
+pub fn mint_operator(
+    signer: &Signer,
+    issuer: &str,
+    name: &str,
+    role: Role,
+    tenant: &str,
+    ttl_secs: u64,
+) -> Result<String, ControlError> {
+    super::valid_id("operator name", name)?;
+    if tenant != ALL_TENANTS {
+        super::valid_id("tenant", tenant)?;
+    }
+    if role == Role::Sidecar && tenant != ALL_TENANTS {
+        return Err(ControlError::invalid(
+            "a sidecar credential covers every tenant: use --tenant '*'",
+        ));
+    }
+    let now = super::now_secs();
+    let claims = OperatorClaims {
+        iss: issuer.to_owned(),
+        aud: OPERATOR_AUDIENCE.to_owned(),
+        sub: name.to_owned(),
+        role: role.as_str().to_owned(),
+        tenant: tenant.to_owned(),
+        jti: super::random_id("op-"),
+        iat: now,
+        exp: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX)),
+    };
+    mint(signer, &claims).map_err(|e| ControlError::invalid(format!("mint: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(role: Role, tenant: &str) -> Operator {
+        Operator {
+            name: "alice".into(),
+            role,
+            tenant: tenant.into(),
+            expires_at: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn roles_and_tenants() {
+        let viewer = op(Role::Viewer, "acme");
+        assert!(viewer.require(Need::Read, "acme").is_ok());
+        assert!(viewer.require(Need::Operate, "acme").is_err());
+        assert!(viewer.require(Need::Read, "globex").is_err());
+        let approver = op(Role::Approver, "acme");
+        assert!(approver.require(Need::Approve, "acme").is_ok());
+        assert!(approver.require(Need::Operate, "acme").is_err());
+        let operator = op(Role::Operator, "acme");
+        assert!(operator.require(Need::Operate, "acme").is_ok());
+        assert!(operator.require(Need::Administer, "acme").is_err());
+        let admin = op(Role::Admin, "acme");
+        assert!(admin.require(Need::Administer, "acme").is_ok());
+        assert!(admin.require(Need::Global, "").is_err());
+        assert!(admin.require(Need::Fleet, "").is_err());
+        let root = op(Role::Admin, ALL_TENANTS);
+        assert!(root.require(Need::Global, "").is_ok());
+        assert!(root.require(Need::Operate, "globex").is_ok());
+        let sidecar = op(Role::Sidecar, ALL_TENANTS);
+        assert!(sidecar.require(Need::Fleet, "").is_ok());
+        assert!(sidecar.require(Need::Read, "acme").is_err());
+    }
+
+    #[test]
+    fn credentials_verify_and_refuse() {
+        let signer = Signer::generate().expect("rng");
+        let mut keys = KeyRing::default();
+        keys.insert(signer.verifying_key());
+        let auth = Authenticator::new(keys, "aegis".into(), 0);
+        let t = mint_operator(&signer, "aegis", "alice", Role::Operator, "acme", 60).expect("mint");
+        let o = auth.verify(&t, super::super::now_secs()).expect("valid");
+        assert_eq!(
+            (o.name.as_str(), o.role, o.tenant.as_str()),
+            ("alice", Role::Operator, "acme")
+        );
+        assert!(auth.verify(&t, i64::MAX - 1).is_err(), "expired");
+        let other = Signer::generate().expect("rng");
+        let forged = mint_operator(&other, "aegis", "mallory", Role::Admin, "*", 60).expect("mint");
+        assert!(matches!(
+            auth.verify(&forged, 0),
+            Err(ControlError::Unauthenticated(_))
+        ));
+    }
+}

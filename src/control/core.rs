@@ -1,0 +1,1319 @@
+//! The control actions: validate, store, publish, audit.
+//!
+//! Every action that changes what data planes enforce runs under one publish lock:
+//! the store commits it at the next version, the local data plane (all-in-one) applies
+//! it, every watcher is handed it, and only then is it audited and answered. So when
+//! `aegis ctl agents freeze` returns, the all-in-one server already denies the agent, and
+//! fleet sidecars have it in flight. A change that took effect but could not be audited
+//! is answered with an error saying exactly that (and readiness reports the audit log).
+
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::broadcast;
+
+use super::approvals::{OVERRIDE_AUDIENCE, OverrideClaims};
+use super::auth::{Need, Operator, Role};
+use super::budget::{Limit, Meter};
+use super::pb;
+use super::state::State;
+use super::store::{Change, ControlStore};
+use super::{ControlError, now_secs, random_id, valid_id};
+use crate::audit::Record;
+use crate::audit::store::AuditLog;
+use crate::identity::{Audience, Claims, KeyRing, mint, parse_and_verify};
+use crate::keys::Signer;
+use crate::policy::{BundleFiles, CompiledBundle, Policy, PolicyOptions};
+
+/// How many events a slow watcher may fall behind before it is resynced from a snapshot.
+const WATCH_BUFFER: usize = 4096;
+
+/// Settings of the control actions.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `iss` and `aud` of agent tokens (as the data planes verify them).
+    pub issuer: String,
+    pub audience: String,
+    /// Default and largest lifetime of agent tokens.
+    pub token_ttl_secs: u64,
+    pub max_token_ttl_secs: u64,
+    /// How long a pending approval waits for an answer before it expires (deny).
+    pub approval_ttl_secs: u64,
+    /// Default lifetime of an override token.
+    pub override_ttl_secs: u64,
+    /// Most pending approvals per agent; past that, `approval_cap_reached`.
+    pub max_pending_approvals: u32,
+    /// A tenant's SOC autonomy level until one is set (`AEGIS_SOC_AUTONOMY_LEVEL`).
+    pub default_autonomy: u32,
+}
+
+/// The data plane in the same process (all-in-one): changes apply to it synchronously.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub state: Arc<State>,
+    pub policy: Arc<Policy>,
+    pub meter: Arc<Meter>,
+}
+
+/// The control plane's actions.
+#[derive(Debug)]
+pub struct ControlCore {
+    store: Arc<dyn ControlStore>,
+    audit: AuditLog,
+    signer: Signer,
+    /// The control plane's own key, for override tokens it minted.
+    own_key: KeyRing,
+    settings: Settings,
+    local: Option<Local>,
+    policy_opts: PolicyOptions,
+    events: broadcast::Sender<Arc<pb::WatchEvent>>,
+    publish: tokio::sync::Mutex<()>,
+}
+
+/// One audited control action.
+struct Act<'a> {
+    actor: &'a str,
+    action: &'static str,
+    tenant: &'a str,
+    agent: &'a str,
+    session: &'a str,
+    target: String,
+    reason: &'a str,
+    approval_id: &'a str,
+    revision: &'a str,
+}
+
+impl<'a> Act<'a> {
+    fn new(actor: &'a str, action: &'static str, tenant: &'a str) -> Self {
+        Self {
+            actor,
+            action,
+            tenant,
+            agent: "",
+            session: "",
+            target: String::new(),
+            reason: "",
+            approval_id: "",
+            revision: "",
+        }
+    }
+}
+
+/// The identity the in-process data plane acts under.
+pub fn data_plane_operator() -> Operator {
+    Operator {
+        name: "data-plane".into(),
+        role: Role::Sidecar,
+        tenant: super::auth::ALL_TENANTS.into(),
+        expires_at: i64::MAX,
+    }
+}
+
+fn required_reason(reason: &str, what: &str) -> Result<(), ControlError> {
+    if reason.trim().is_empty() {
+        Err(ControlError::invalid(format!(
+            "{what} needs a reason (--reason): it is recorded in the audit log"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> ControlError {
+    ControlError::Store(format!("store task failed: {e}"))
+}
+
+// === impl ControlCore ===
+
+impl ControlCore {
+    pub fn new(
+        store: Arc<dyn ControlStore>,
+        audit: AuditLog,
+        signer: Signer,
+        settings: Settings,
+        local: Option<Local>,
+        policy_opts: PolicyOptions,
+    ) -> Self {
+        let mut own_key = KeyRing::default();
+        own_key.insert(signer.verifying_key());
+        Self {
+            store,
+            audit,
+            signer,
+            own_key,
+            settings,
+            local,
+            policy_opts,
+            events: broadcast::channel(WATCH_BUFFER).0,
+            publish: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Loads the stored state into the local data plane (all-in-one start-up).
+    pub async fn load_local(&self) -> Result<(), ControlError> {
+        let (event, _rx) = self.subscribe().await?;
+        if let Some(local) = &self.local {
+            local.state.apply(&event);
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the whole state and a receiver for every change after it.
+    pub async fn subscribe(
+        &self,
+    ) -> Result<(pb::WatchEvent, broadcast::Receiver<Arc<pb::WatchEvent>>), ControlError> {
+        // Under the publish lock: no change can slip between the snapshot and the receiver.
+        let _guard = self.publish.lock().await;
+        let rx = self.events.subscribe();
+        let now = now_secs();
+        let (version, items) = self.blocking(move |s| s.snapshot(now)).await?;
+        Ok((
+            pb::WatchEvent {
+                version,
+                snapshot: true,
+                items,
+            },
+            rx,
+        ))
+    }
+
+    /// Watchers connected now.
+    pub fn watchers(&self) -> usize {
+        self.events.receiver_count()
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ControlStore) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(join_err)?
+    }
+
+    /// Stores a change and publishes it (local data plane, then watchers).
+    async fn publish<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ControlStore) -> Result<Change<T>, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let _guard = self.publish.lock().await;
+        let change = self.blocking(f).await?;
+        self.deliver(change.version, change.items);
+        Ok(change.value)
+    }
+
+    fn deliver(&self, version: u64, items: Vec<pb::StateItem>) {
+        if items.is_empty() {
+            return;
+        }
+        let event = pb::WatchEvent {
+            version,
+            snapshot: false,
+            items,
+        };
+        if let Some(local) = &self.local {
+            local.state.apply(&event);
+        }
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Writes the audit row of a control action; `refused` carries the refusal, if any.
+    async fn record(&self, act: Act<'_>, refused: Option<&str>) -> Result<(), ControlError> {
+        let record = Record {
+            time_ns: crate::unix_nanos(),
+            kind: "control".into(),
+            decision_id: random_id("ctl-"),
+            tenant: act.tenant.to_owned(),
+            agent: act.agent.to_owned(),
+            session: act.session.to_owned(),
+            action: act.action.to_owned(),
+            resource: act.target,
+            decision: if refused.is_some() { "refused" } else { "ok" }.into(),
+            reason: refused.unwrap_or(act.reason).to_owned(),
+            policy_revision: act.revision.to_owned(),
+            approval_id: act.approval_id.to_owned(),
+            actor: act.actor.to_owned(),
+            ..Record::default()
+        };
+        self.audit.append(record).await.map(|_| ()).map_err(|e| {
+            ControlError::Audit(format!(
+                "{} took effect but its audit row could not be written: {e}",
+                act.action
+            ))
+        })
+    }
+
+    /// Audits a refused call (authentication or permission): who tried what.
+    pub async fn record_refusal(
+        &self,
+        actor: &str,
+        action: &'static str,
+        tenant: &str,
+        error: &ControlError,
+    ) {
+        let act = Act::new(actor, action, tenant);
+        if let Err(e) = self.record(act, Some(&error.to_string())).await {
+            crate::log!(error, "{e}");
+        }
+    }
+
+    // --- agents ---
+
+    pub async fn register_agent(
+        &self,
+        op: &Operator,
+        req: pb::RegisterAgentRequest,
+    ) -> Result<pb::Agent, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        valid_id("tenant", &tenant)?;
+        valid_id("agent id", &req.id)?;
+        let risk_tier = if req.risk_tier.is_empty() {
+            "medium".to_owned()
+        } else {
+            req.risk_tier
+        };
+        if !["low", "medium", "high", "critical"].contains(&risk_tier.as_str()) {
+            return Err(ControlError::invalid(format!(
+                "risk tier {risk_tier:?} is not one of low, medium, high, critical"
+            )));
+        }
+        let now = now_secs();
+        let actor = op.actor();
+        let agent = pb::Agent {
+            tenant: tenant.clone(),
+            id: req.id.clone(),
+            status: super::ACTIVE.into(),
+            risk_tier,
+            reason: "registered".into(),
+            created_at: now,
+            updated_at: now,
+            updated_by: actor.clone(),
+            live_tokens: 0,
+        };
+        let a = agent.clone();
+        let agent = self.publish(move |s| s.register_agent(&a)).await?;
+        let mut act = Act::new(&actor, "agent.register", &tenant);
+        act.agent = &agent.id;
+        act.target = format!("agent:{tenant}/{}", agent.id);
+        act.reason = &agent.risk_tier;
+        self.record(act, None).await?;
+        Ok(agent)
+    }
+
+    pub async fn get_agent(
+        &self,
+        op: &Operator,
+        req: pb::AgentRef,
+    ) -> Result<pb::Agent, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        let now = now_secs();
+        let id = req.id.clone();
+        let t = tenant.clone();
+        self.blocking(move |s| s.agent(&t, &id, now))
+            .await?
+            .ok_or_else(|| {
+                ControlError::not_found(format!("no agent {} in tenant {tenant}", req.id))
+            })
+    }
+
+    pub async fn list_agents(
+        &self,
+        op: &Operator,
+        req: pb::ListAgentsRequest,
+    ) -> Result<Vec<pb::Agent>, ControlError> {
+        let scope = op.list_scope(&req.tenant)?;
+        op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
+        let status = (!req.status.is_empty()).then_some(req.status);
+        let now = now_secs();
+        self.blocking(move |s| s.agents(scope.as_deref(), status.as_deref(), now))
+            .await
+    }
+
+    /// Freeze (`frozen`), unfreeze (`active`) or revoke (`revoked`) an agent.
+    pub async fn set_agent_status(
+        &self,
+        op: &Operator,
+        req: pb::AgentActionRequest,
+        status: &'static str,
+    ) -> Result<pb::Agent, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        let action = match status {
+            super::FROZEN => "agent.freeze",
+            super::REVOKED => "agent.revoke",
+            _ => "agent.unfreeze",
+        };
+        required_reason(&req.reason, action)?;
+        let now = now_secs();
+        let actor = op.actor();
+        let (t, id, reason, who) = (
+            tenant.clone(),
+            req.id.clone(),
+            req.reason.clone(),
+            actor.clone(),
+        );
+        let agent = self
+            .publish(move |s| s.set_agent_status(&t, &id, status, &reason, &who, now))
+            .await?;
+        if status == super::REVOKED {
+            // Revocation is final: its tokens are killed too, so lists show them dead.
+            let mark = pb::KillMark {
+                scope: pb::KillScope::Agent as i32,
+                tenant: tenant.clone(),
+                target: req.id.clone(),
+                before: now,
+            };
+            let (reason, who) = (req.reason.clone(), actor.clone());
+            self.publish(move |s| s.kill(&mark, &reason, &who, now))
+                .await?;
+        }
+        let mut act = Act::new(&actor, action, &tenant);
+        act.agent = &agent.id;
+        act.target = format!("agent:{tenant}/{}", agent.id);
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(agent)
+    }
+
+    // --- tokens ---
+
+    pub async fn issue_token(
+        &self,
+        op: &Operator,
+        req: pb::IssueTokenRequest,
+    ) -> Result<pb::IssuedToken, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        let agent = self.active_agent(&tenant, &req.agent).await?;
+        let session = if req.session.is_empty() {
+            random_id("sess-")
+        } else {
+            valid_id("session", &req.session)?;
+            req.session
+        };
+        let (token, info) = self
+            .mint_agent_token(&agent, &session, req.scopes, req.ttl_secs)
+            .await?;
+        let i = info.clone();
+        self.blocking(move |s| s.insert_token(&i)).await?;
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "token.issue", &tenant);
+        act.agent = &info.agent;
+        act.session = &info.session;
+        act.target = format!("token:{}", info.jti);
+        self.record(act, None).await?;
+        Ok(pb::IssuedToken {
+            token,
+            info: Some(info),
+        })
+    }
+
+    pub async fn rotate_token(
+        &self,
+        op: &Operator,
+        req: pb::RotateTokenRequest,
+    ) -> Result<pb::IssuedToken, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        required_reason(&req.reason, "token.rotate")?;
+        let old = self.token_in(&tenant, &req.jti).await?;
+        let agent = self.active_agent(&tenant, &old.agent).await?;
+        let (token, info) = self
+            .mint_agent_token(&agent, &old.session, old.scopes.clone(), req.ttl_secs)
+            .await?;
+        let (jti, new, reason) = (
+            req.jti.clone(),
+            info.clone(),
+            format!("rotated: {}", req.reason),
+        );
+        let now = now_secs();
+        self.publish(move |s| s.rotate_token(&jti, &new, &reason, now))
+            .await?;
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "token.rotate", &tenant);
+        act.agent = &info.agent;
+        act.session = &info.session;
+        act.target = format!("token:{} -> token:{}", req.jti, info.jti);
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(pb::IssuedToken {
+            token,
+            info: Some(info),
+        })
+    }
+
+    pub async fn revoke_token(
+        &self,
+        op: &Operator,
+        req: pb::RevokeTokenRequest,
+    ) -> Result<pb::TokenInfo, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        required_reason(&req.reason, "token.revoke")?;
+        self.token_in(&tenant, &req.jti).await?;
+        let (jti, reason) = (req.jti.clone(), req.reason.clone());
+        let now = now_secs();
+        let info = self
+            .publish(move |s| s.revoke_token(&jti, &reason, now))
+            .await?;
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "token.revoke", &tenant);
+        act.agent = &info.agent;
+        act.session = &info.session;
+        act.target = format!("token:{}", info.jti);
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(info)
+    }
+
+    pub async fn list_tokens(
+        &self,
+        op: &Operator,
+        req: pb::ListTokensRequest,
+    ) -> Result<Vec<pb::TokenInfo>, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        let agent = (!req.agent.is_empty()).then_some(req.agent);
+        let now = now_secs();
+        self.blocking(move |s| s.tokens(&tenant, agent.as_deref(), req.all, now))
+            .await
+    }
+
+    /// A token of `tenant` by jti; NOT_FOUND for another tenant's, as for none.
+    async fn token_in(&self, tenant: &str, jti: &str) -> Result<pb::TokenInfo, ControlError> {
+        let now = now_secs();
+        let j = jti.to_owned();
+        match self.blocking(move |s| s.token(&j, now)).await? {
+            Some(t) if t.tenant == tenant => Ok(t),
+            _ => Err(ControlError::not_found(format!(
+                "no token {jti} in tenant {tenant} was issued by this control plane"
+            ))),
+        }
+    }
+
+    async fn active_agent(&self, tenant: &str, id: &str) -> Result<pb::Agent, ControlError> {
+        let now = now_secs();
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        let agent = self
+            .blocking(move |s| s.agent(&t, &i, now))
+            .await?
+            .ok_or_else(|| {
+                ControlError::not_found(format!(
+                    "no agent {id} in tenant {tenant} (register it first: aegis ctl agents register)"
+                ))
+            })?;
+        if agent.status != super::ACTIVE {
+            return Err(ControlError::precondition(format!(
+                "agent {tenant}/{id} is {}: no token can be issued",
+                agent.status
+            )));
+        }
+        Ok(agent)
+    }
+
+    /// Mints an agent token. Its `iat` is after every kill mark covering it, so a kill in
+    /// this same second does not catch a token minted after it.
+    async fn mint_agent_token(
+        &self,
+        agent: &pb::Agent,
+        session: &str,
+        scopes: Vec<String>,
+        ttl_secs: u64,
+    ) -> Result<(String, pb::TokenInfo), ControlError> {
+        let ttl = if ttl_secs == 0 {
+            self.settings.token_ttl_secs
+        } else {
+            ttl_secs
+        };
+        if ttl > self.settings.max_token_ttl_secs {
+            return Err(ControlError::invalid(format!(
+                "ttl {ttl} s is over the {} s limit (control.max_token_ttl_secs)",
+                self.settings.max_token_ttl_secs
+            )));
+        }
+        for s in &scopes {
+            if s.is_empty() || s.len() > 128 || s.chars().any(char::is_whitespace) {
+                return Err(ControlError::invalid(format!(
+                    "scope {s:?} is not a scope name"
+                )));
+            }
+        }
+        let (t, a, sid) = (agent.tenant.clone(), agent.id.clone(), session.to_owned());
+        let floor = self.blocking(move |s| s.kill_floor(&t, &a, &sid)).await?;
+        let now = now_secs();
+        let iat = now.max(floor.saturating_add(1));
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            aud: Audience::One(self.settings.audience.clone()),
+            sub: agent.id.clone(),
+            tenant: agent.tenant.clone(),
+            scopes: scopes.clone(),
+            sid: session.to_owned(),
+            jti: random_id("tok-"),
+            iat,
+            nbf: now,
+            exp: now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)),
+        };
+        let token =
+            mint(&self.signer, &claims).map_err(|e| ControlError::invalid(format!("mint: {e}")))?;
+        let info = pb::TokenInfo {
+            jti: claims.jti,
+            tenant: claims.tenant,
+            agent: claims.sub,
+            session: claims.sid,
+            scopes,
+            issued_at: claims.iat,
+            expires_at: claims.exp,
+            status: "live".into(),
+            revoked_at: 0,
+            revoked_reason: String::new(),
+        };
+        Ok((token, info))
+    }
+
+    // --- kills ---
+
+    pub async fn kill(
+        &self,
+        op: &Operator,
+        req: pb::KillRequest,
+    ) -> Result<pb::KillResponse, ControlError> {
+        use pb::KillScope;
+        let scope = KillScope::try_from(req.scope).unwrap_or(KillScope::Unspecified);
+        required_reason(&req.reason, "a kill")?;
+        let tenant = match scope {
+            KillScope::All => {
+                op.require(Need::Global, "")?;
+                if !req.confirm_all {
+                    return Err(ControlError::precondition(
+                        "a kill of every token of every tenant needs confirm_all \
+                         (--all --confirm-kill-all); it is never the default",
+                    ));
+                }
+                String::new()
+            }
+            KillScope::Unspecified => {
+                return Err(ControlError::invalid(
+                    "name what to kill: a token, session, agent, tenant, or all",
+                ));
+            }
+            _ => {
+                let tenant = op.tenant_for(&req.tenant)?;
+                op.require(Need::Operate, &tenant)?;
+                tenant
+            }
+        };
+        if matches!(
+            scope,
+            KillScope::Token | KillScope::Session | KillScope::Agent
+        ) && req.target.is_empty()
+        {
+            return Err(ControlError::invalid(
+                "name the token, session or agent to kill",
+            ));
+        }
+        let actor = op.actor();
+        let response = if scope == KillScope::Token {
+            let info = self
+                .revoke_token(
+                    op,
+                    pb::RevokeTokenRequest {
+                        tenant: tenant.clone(),
+                        jti: req.target.clone(),
+                        reason: format!("killed: {}", req.reason),
+                    },
+                )
+                .await?;
+            pb::KillResponse {
+                scope: req.scope,
+                tenant: tenant.clone(),
+                target: req.target.clone(),
+                before: info.revoked_at,
+                tokens: 1,
+                sessions: 1,
+                agents: 1,
+                tenants: 1,
+            }
+        } else {
+            let now = now_secs();
+            let target = match scope {
+                KillScope::Session | KillScope::Agent => req.target.clone(),
+                _ => String::new(),
+            };
+            let mark = pb::KillMark {
+                scope: req.scope,
+                tenant: tenant.clone(),
+                target,
+                before: now,
+            };
+            let (reason, who) = (req.reason.clone(), actor.clone());
+            self.publish(move |s| s.kill(&mark, &reason, &who, now))
+                .await?
+        };
+        let action = match scope {
+            KillScope::Token => "kill.token",
+            KillScope::Session => "kill.session",
+            KillScope::Agent => "kill.agent",
+            KillScope::Tenant => "kill.tenant",
+            _ => "kill.all",
+        };
+        let mut act = Act::new(&actor, action, &tenant);
+        if scope == KillScope::Agent {
+            act.agent = &req.target;
+        }
+        if scope == KillScope::Session {
+            act.session = &req.target;
+        }
+        act.target = format!(
+            "{action}:{}{} ({} tokens, {} sessions, {} agents, {} tenants)",
+            if tenant.is_empty() { "*" } else { &tenant },
+            if req.target.is_empty() {
+                String::new()
+            } else {
+                format!("/{}", req.target)
+            },
+            response.tokens,
+            response.sessions,
+            response.agents,
+            response.tenants
+        );
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(response)
+    }
+
+    // --- approvals ---
+
+    pub async fn list_approvals(
+        &self,
+        op: &Operator,
+        req: pb::ListApprovalsRequest,
+    ) -> Result<Vec<pb::Approval>, ControlError> {
+        let scope = op.list_scope(&req.tenant)?;
+        op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
+        let status = match req.status.as_str() {
+            "" => Some("pending".to_owned()),
+            "all" => None,
+            s => Some(s.to_owned()),
+        };
+        let agent = (!req.agent.is_empty()).then_some(req.agent);
+        let now = now_secs();
+        self.blocking(move |s| {
+            s.approvals(scope.as_deref(), status.as_deref(), agent.as_deref(), now)
+        })
+        .await
+    }
+
+    pub async fn get_approval(
+        &self,
+        op: &Operator,
+        req: pb::ApprovalRef,
+    ) -> Result<pb::Approval, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        self.approval_in(&tenant, &req.id).await
+    }
+
+    async fn approval_in(&self, tenant: &str, id: &str) -> Result<pb::Approval, ControlError> {
+        let now = now_secs();
+        let (t, i) = (tenant.to_owned(), id.to_owned());
+        self.blocking(move |s| s.approval(&t, &i, now))
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("no approval {id} in tenant {tenant}")))
+    }
+
+    /// Approves (minting the override token) or denies a pending approval.
+    pub async fn decide_approval(
+        &self,
+        op: &Operator,
+        req: pb::DecideApprovalRequest,
+        approve: bool,
+    ) -> Result<pb::ApprovalDecision, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Approve, &tenant)?;
+        let action = if approve {
+            "approval.approve"
+        } else {
+            "approval.deny"
+        };
+        required_reason(&req.reason, action)?;
+        let before = self.approval_in(&tenant, &req.id).await?;
+        if before.status != "pending" {
+            return Err(ControlError::precondition(format!(
+                "approval {} is {}, not pending",
+                req.id, before.status
+            )));
+        }
+        let ttl = if req.override_ttl_secs == 0 {
+            self.settings.override_ttl_secs
+        } else {
+            req.override_ttl_secs.min(
+                self.settings
+                    .approval_ttl_secs
+                    .max(self.settings.override_ttl_secs),
+            )
+        };
+        let now = now_secs();
+        let override_exp = if approve {
+            now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        } else {
+            0
+        };
+        let actor = op.actor();
+        let (t, i, who, reason) = (
+            tenant.clone(),
+            req.id.clone(),
+            actor.clone(),
+            req.reason.clone(),
+        );
+        let approval = self
+            .blocking(move |s| s.decide_approval(&t, &i, approve, &who, &reason, override_exp, now))
+            .await?
+            .ok_or_else(|| {
+                ControlError::precondition(format!("approval {} is no longer pending", req.id))
+            })?;
+        let override_token = if approve {
+            let claims = OverrideClaims {
+                iss: self.settings.issuer.clone(),
+                aud: OVERRIDE_AUDIENCE.into(),
+                sub: approval.agent.clone(),
+                tenant: approval.tenant.clone(),
+                apr: approval.id.clone(),
+                call: approval.call_hash.clone(),
+                jti: random_id("ovr-"),
+                iat: now,
+                exp: override_exp,
+            };
+            mint(&self.signer, &claims).map_err(|e| ControlError::invalid(format!("mint: {e}")))?
+        } else {
+            String::new()
+        };
+        let mut act = Act::new(&actor, action, &tenant);
+        act.agent = &approval.agent;
+        act.session = &approval.session;
+        act.target = format!(
+            "approval:{} ({}.{})",
+            approval.id, approval.tool, approval.action
+        );
+        act.reason = &req.reason;
+        act.approval_id = &approval.id;
+        self.record(act, None).await?;
+        Ok(pb::ApprovalDecision {
+            approval: Some(approval),
+            override_token,
+        })
+    }
+
+    /// Raises (or finds) the pending approval for a call (a data plane's request).
+    pub async fn request_approval(
+        &self,
+        op: &Operator,
+        req: pb::RequestApprovalRequest,
+    ) -> Result<pb::RequestApprovalResponse, ControlError> {
+        op.require(Need::Fleet, "")?;
+        if req.tenant.is_empty() || req.agent.is_empty() || req.call_hash.len() != 64 {
+            return Err(ControlError::invalid(
+                "an approval needs a tenant, an agent and a 64-digit call hash",
+            ));
+        }
+        let now = now_secs();
+        let approval = pb::Approval {
+            id: random_id("apr-"),
+            tenant: req.tenant.clone(),
+            agent: req.agent.clone(),
+            session: req.session,
+            run_id: req.run_id,
+            tool: req.tool,
+            action: req.action,
+            resource: req.resource,
+            arguments: req.arguments,
+            call_hash: req.call_hash,
+            policy_reason: req.policy_reason,
+            decision_id: req.decision_id,
+            status: "pending".into(),
+            created_at: now,
+            expires_at: now
+                .saturating_add(i64::try_from(self.settings.approval_ttl_secs).unwrap_or(i64::MAX)),
+            ..Default::default()
+        };
+        let cap = self.settings.max_pending_approvals;
+        let a = approval.clone();
+        let response = self
+            .blocking(move |s| s.request_approval(&a, cap, now))
+            .await?;
+        if response.created {
+            let actor = op.actor();
+            let mut act = Act::new(&actor, "approval.request", &approval.tenant);
+            act.agent = &approval.agent;
+            act.session = &approval.session;
+            act.target = format!(
+                "approval:{} ({}.{})",
+                approval.id, approval.tool, approval.action
+            );
+            act.reason = &approval.policy_reason;
+            act.approval_id = &approval.id;
+            self.record(act, None).await?;
+        }
+        Ok(response)
+    }
+
+    /// Redeems an override token for a call (a data plane's request): accepted once.
+    pub async fn redeem_override(
+        &self,
+        op: &Operator,
+        req: pb::RedeemOverrideRequest,
+    ) -> Result<pb::RedeemOverrideResponse, ControlError> {
+        op.require(Need::Fleet, "")?;
+        let refuse = |reason: &str, approval_id: &str| pb::RedeemOverrideResponse {
+            accepted: false,
+            reason: reason.into(),
+            approval_id: approval_id.into(),
+        };
+        let Ok(claims) = parse_and_verify::<OverrideClaims>(&req.override_token, &self.own_key)
+        else {
+            return Ok(refuse("override_invalid", ""));
+        };
+        if claims.aud != OVERRIDE_AUDIENCE || claims.iss != self.settings.issuer {
+            return Ok(refuse("override_invalid", ""));
+        }
+        let now = now_secs();
+        if now >= claims.exp {
+            return Ok(refuse("override_expired", &claims.apr));
+        }
+        if claims.tenant != req.tenant || claims.sub != req.agent || claims.call != req.call_hash {
+            return Ok(refuse("override_mismatch", &claims.apr));
+        }
+        let (t, i, d) = (
+            claims.tenant.clone(),
+            claims.apr.clone(),
+            req.decision_id.clone(),
+        );
+        let used = self
+            .blocking(move |s| s.use_approval(&t, &i, &d, now))
+            .await?;
+        if !used {
+            let current = self.approval_in(&claims.tenant, &claims.apr).await?;
+            let reason = match current.status.as_str() {
+                "expired" => "override_expired",
+                "used" => "override_used",
+                _ => "override_invalid",
+            };
+            return Ok(refuse(reason, &claims.apr));
+        }
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "approval.redeem", &claims.tenant);
+        act.agent = &claims.sub;
+        act.target = format!("approval:{} by decision {}", claims.apr, req.decision_id);
+        act.approval_id = &claims.apr;
+        self.record(act, None).await?;
+        Ok(pb::RedeemOverrideResponse {
+            accepted: true,
+            reason: "approved_override".into(),
+            approval_id: claims.apr,
+        })
+    }
+
+    // --- tenants ---
+
+    pub async fn get_tenant(
+        &self,
+        op: &Operator,
+        req: pb::TenantRef,
+    ) -> Result<pb::Tenant, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        let t = tenant.clone();
+        let stored = self.blocking(move |s| s.tenant(&t)).await?;
+        Ok(stored.unwrap_or(pb::Tenant {
+            name: tenant,
+            mode: super::ENFORCE.into(),
+            autonomy_level: self.settings.default_autonomy,
+            updated_at: 0,
+            updated_by: String::new(),
+        }))
+    }
+
+    pub async fn update_tenant(
+        &self,
+        op: &Operator,
+        req: pb::UpdateTenantRequest,
+    ) -> Result<pb::Tenant, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Administer, &tenant)?;
+        valid_id("tenant", &tenant)?;
+        required_reason(&req.reason, "tenant.update")?;
+        let mut t = self
+            .get_tenant(
+                op,
+                pb::TenantRef {
+                    tenant: tenant.clone(),
+                },
+            )
+            .await?;
+        if let Some(mode) = req.mode {
+            if mode != super::ENFORCE && mode != super::SHADOW {
+                return Err(ControlError::invalid(format!(
+                    "mode {mode:?} is not enforce or shadow"
+                )));
+            }
+            t.mode = mode;
+        }
+        if let Some(level) = req.autonomy_level {
+            if !(1..=4).contains(&level) {
+                return Err(ControlError::invalid(format!(
+                    "autonomy level {level} is not 1-4 (L1 notify only ... L4 contain automatically)"
+                )));
+            }
+            t.autonomy_level = level;
+        }
+        t.updated_at = now_secs();
+        t.updated_by = op.actor();
+        let stored = t.clone();
+        let t = self.publish(move |s| s.put_tenant(&stored)).await?;
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "tenant.update", &tenant);
+        act.target = format!(
+            "tenant:{tenant} mode={} autonomy=L{}",
+            t.mode, t.autonomy_level
+        );
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(t)
+    }
+
+    // --- budgets ---
+
+    pub async fn set_budget(
+        &self,
+        op: &Operator,
+        req: pb::SetBudgetRequest,
+    ) -> Result<pb::Budget, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        valid_id("agent id", &req.agent)?;
+        required_reason(&req.reason, "budget.set")?;
+        if !req.max_cost.is_finite() || req.max_cost < 0.0 {
+            return Err(ControlError::invalid(
+                "max cost must be a finite number ≥ 0",
+            ));
+        }
+        let removing = req.max_calls == 0 && req.max_cost == 0.0;
+        if !removing && req.window_secs == 0 {
+            return Err(ControlError::invalid(
+                "a budget needs a window (window_secs > 0)",
+            ));
+        }
+        let budget = pb::Budget {
+            tenant: tenant.clone(),
+            agent: req.agent.clone(),
+            max_calls: req.max_calls,
+            max_cost: req.max_cost,
+            window_secs: req.window_secs,
+            updated_at: now_secs(),
+            updated_by: op.actor(),
+            ..Default::default()
+        };
+        let b = budget.clone();
+        let budget = self.publish(move |s| s.put_budget(&b)).await?;
+        let actor = op.actor();
+        let mut act = Act::new(
+            &actor,
+            if removing {
+                "budget.remove"
+            } else {
+                "budget.set"
+            },
+            &tenant,
+        );
+        act.agent = &budget.agent;
+        act.target = format!(
+            "budget:{tenant}/{} calls={} cost={} window={}s",
+            budget.agent, budget.max_calls, budget.max_cost, budget.window_secs
+        );
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(self.with_usage(budget))
+    }
+
+    pub async fn list_budgets(
+        &self,
+        op: &Operator,
+        req: pb::ListBudgetsRequest,
+    ) -> Result<Vec<pb::Budget>, ControlError> {
+        let scope = op.list_scope(&req.tenant)?;
+        op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
+        let agent = (!req.agent.is_empty()).then_some(req.agent);
+        let budgets = self
+            .blocking(move |s| s.budgets(scope.as_deref(), agent.as_deref()))
+            .await?;
+        Ok(budgets.into_iter().map(|b| self.with_usage(b)).collect())
+    }
+
+    fn with_usage(&self, mut b: pb::Budget) -> pb::Budget {
+        if let Some(local) = &self.local {
+            let limit = Limit {
+                max_calls: b.max_calls,
+                max_cost: b.max_cost,
+                window_secs: b.window_secs,
+            };
+            let u = local.meter.usage(&b.tenant, &b.agent, &limit, now_secs());
+            b.usage_known = true;
+            b.used_calls = u.calls;
+            b.used_cost = u.cost;
+        }
+        b
+    }
+
+    // --- policy ---
+
+    /// Compiles and activates a bundle pushed by an operator.
+    pub async fn activate_policy(
+        &self,
+        op: &Operator,
+        req: pb::ActivatePolicyRequest,
+    ) -> Result<pb::PolicyRevision, ControlError> {
+        op.require(Need::Global, "")?;
+        required_reason(&req.reason, "policy.activate")?;
+        let bundle = req
+            .bundle
+            .ok_or_else(|| ControlError::invalid("no bundle in the request"))?;
+        let files = BundleFiles::from_files(
+            bundle
+                .files
+                .into_iter()
+                .map(|f| (f.path, f.content))
+                .collect(),
+        );
+        let compiled = self.compile(files.clone()).await?;
+        self.install(compiled, &files, "push", &op.actor(), &req.reason)
+            .await
+    }
+
+    pub async fn list_policy_revisions(
+        &self,
+        op: &Operator,
+        req: pb::ListPolicyRevisionsRequest,
+    ) -> Result<Vec<pb::PolicyRevision>, ControlError> {
+        op.require(Need::Read, "")?;
+        let limit = if req.limit == 0 { 50 } else { req.limit };
+        self.blocking(move |s| s.policy_history(limit)).await
+    }
+
+    /// Reactivates an earlier revision.
+    pub async fn rollback_policy(
+        &self,
+        op: &Operator,
+        req: pb::RollbackPolicyRequest,
+    ) -> Result<pb::PolicyRevision, ControlError> {
+        op.require(Need::Global, "")?;
+        required_reason(&req.reason, "policy.rollback")?;
+        let history = self.blocking(|s| s.policy_history(10_000)).await?;
+        let current = history
+            .first()
+            .ok_or_else(|| ControlError::precondition("no policy revision has been activated"))?;
+        let target = if req.to.is_empty() {
+            history.iter().find(|r| r.digest != current.digest)
+        } else {
+            history
+                .iter()
+                .find(|r| r.id.to_string() == req.to)
+                .or_else(|| {
+                    history
+                        .iter()
+                        .find(|r| r.revision == req.to || r.digest == req.to)
+                })
+        };
+        let target = target.ok_or_else(|| {
+            if req.to.is_empty() {
+                ControlError::precondition("no earlier revision to roll back to")
+            } else {
+                ControlError::not_found(format!("no policy revision {:?} in the history", req.to))
+            }
+        })?;
+        if target.digest == current.digest {
+            return Err(ControlError::precondition(format!(
+                "revision {} ({}) is already active",
+                target.revision, target.digest
+            )));
+        }
+        let files = self.stored_bundle(&target.digest).await?;
+        let compiled = self.compile(files.clone()).await?;
+        self.install(compiled, &files, "rollback", &op.actor(), &req.reason)
+            .await
+    }
+
+    /// A stored bundle by digest (a data plane's fetch).
+    pub async fn bundle(&self, op: &Operator, digest: &str) -> Result<pb::Bundle, ControlError> {
+        op.require(Need::Fleet, "")?;
+        let files = self.stored_bundle(digest).await?;
+        Ok(to_pb(&files))
+    }
+
+    async fn stored_bundle(&self, digest: &str) -> Result<BundleFiles, ControlError> {
+        let d = digest.to_owned();
+        let bytes = self
+            .blocking(move |s| s.bundle(&d))
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("no stored bundle {digest}")))?;
+        let bundle = pb::Bundle::decode(bytes.as_slice()).map_err(|e| {
+            ControlError::Store(format!("stored bundle {digest} is unreadable: {e}"))
+        })?;
+        Ok(BundleFiles::from_files(
+            bundle
+                .files
+                .into_iter()
+                .map(|f| (f.path, f.content))
+                .collect(),
+        ))
+    }
+
+    async fn compile(&self, files: BundleFiles) -> Result<CompiledBundle, ControlError> {
+        let opts = self.policy_opts.clone();
+        tokio::task::spawn_blocking(move || {
+            files
+                .parse()
+                .and_then(|parsed| CompiledBundle::compile(parsed, &opts))
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| ControlError::invalid(format!("policy bundle refused: {e}")))
+    }
+
+    /// Records the activation, installs it locally (all-in-one) and publishes it.
+    async fn install(
+        &self,
+        compiled: CompiledBundle,
+        files: &BundleFiles,
+        action: &'static str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<pb::PolicyRevision, ControlError> {
+        let rev = pb::PolicyRevision {
+            id: 0,
+            revision: compiled.revision().to_owned(),
+            digest: compiled.digest().to_owned(),
+            action: action.into(),
+            actor: actor.to_owned(),
+            reason: reason.to_owned(),
+            activated_at: now_secs(),
+            active: true,
+        };
+        let bytes = to_pb(files).encode_to_vec();
+        let revision = {
+            let _guard = self.publish.lock().await;
+            let r = rev.clone();
+            let change = self
+                .blocking(move |s| s.activate_policy(&r, &bytes))
+                .await?;
+            if let Some(local) = &self.local
+                && local.policy.current().digest() != compiled.digest()
+            {
+                local.policy.install(Arc::new(compiled));
+            }
+            self.deliver(change.version, change.items);
+            change.value
+        };
+        let mut act = Act::new(actor, "policy.activate", "");
+        act.target = format!(
+            "policy:{} {} ({action})",
+            revision.revision, revision.digest
+        );
+        act.reason = reason;
+        act.revision = &revision.revision;
+        self.record(act, None).await?;
+        crate::log!(
+            info,
+            "policy revision {} ({}) activated by {actor} ({action})",
+            revision.revision,
+            revision.digest
+        );
+        Ok(revision)
+    }
+
+    /// Start-up: reconciles the configured bundle with the stored history. A bundle that
+    /// changed since it was last activated from configuration is activated (`startup`); an
+    /// unchanged one yields to a later push or rollback, which is restored.
+    pub async fn reconcile_policy(
+        &self,
+        configured: Arc<CompiledBundle>,
+        files: &BundleFiles,
+    ) -> Result<(), ControlError> {
+        let history = self.blocking(|s| s.policy_history(10_000)).await?;
+        let active = history.first();
+        let last_from_config = history
+            .iter()
+            .find(|r| r.action == "startup" || r.action == "file");
+        match (active, last_from_config) {
+            (Some(a), _) if a.digest == configured.digest() => Ok(()),
+            (Some(a), Some(c)) if c.digest == configured.digest() => {
+                let stored = self.stored_bundle(&a.digest).await?;
+                let compiled = self.compile(stored).await?;
+                crate::log!(
+                    info,
+                    "policy: restoring revision {} ({}), activated by {} ({}) after the configured bundle",
+                    a.revision,
+                    a.digest,
+                    a.actor,
+                    a.action
+                );
+                if let Some(local) = &self.local {
+                    local.policy.install(Arc::new(compiled));
+                }
+                Ok(())
+            }
+            _ => self
+                .record_activation(configured, files, "startup", "system:startup")
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Records a bundle the data plane has already installed (start-up, file watch).
+    pub async fn record_activation(
+        &self,
+        compiled: Arc<CompiledBundle>,
+        files: &BundleFiles,
+        action: &'static str,
+        actor: &str,
+    ) -> Result<pb::PolicyRevision, ControlError> {
+        let bytes = to_pb(files).encode_to_vec();
+        let rev = pb::PolicyRevision {
+            id: 0,
+            revision: compiled.revision().to_owned(),
+            digest: compiled.digest().to_owned(),
+            action: action.into(),
+            actor: actor.to_owned(),
+            reason: format!("{action}: configured bundle"),
+            activated_at: now_secs(),
+            active: true,
+        };
+        let revision = self
+            .publish(move |s| s.activate_policy(&rev, &bytes))
+            .await?;
+        let mut act = Act::new(actor, "policy.activate", "");
+        act.target = format!(
+            "policy:{} {} ({action})",
+            revision.revision, revision.digest
+        );
+        act.reason = &revision.reason;
+        act.revision = &revision.revision;
+        self.record(act, None).await?;
+        Ok(revision)
+    }
+}
+
+fn to_pb(files: &BundleFiles) -> pb::Bundle {
+    pb::Bundle {
+        files: files
+            .files
+            .iter()
+            .map(|(path, content)| pb::BundleFile {
+                path: path.clone(),
+                content: content.clone(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,502 @@
+//! The `aegis.control.v1.ControlPlane` gRPC service: authenticate the caller, hand the
+//! call to the core, map its error. Refused calls (no or bad credential, a role or tenant
+//! that does not allow the call) are audited too: who tried what.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::ControlError;
+use super::auth::{Authenticator, Operator};
+use super::core::ControlCore;
+use super::pb::{self, control_plane_server::ControlPlane};
+
+/// The service: the core plus the credential check.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    core: Arc<ControlCore>,
+    auth: Arc<Authenticator>,
+    /// Ends open watch streams when the server stops (they would otherwise hold the
+    /// server's graceful shutdown open forever).
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+impl ControlService {
+    pub fn new(
+        core: Arc<ControlCore>,
+        auth: Authenticator,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            core,
+            auth: Arc::new(auth),
+            shutdown,
+        }
+    }
+
+    /// The caller, or UNAUTHENTICATED (audited).
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        action: &'static str,
+        tenant: &str,
+    ) -> Result<Operator, Status> {
+        match self.auth.authenticate(req.metadata()) {
+            Ok(op) => Ok(op),
+            Err(e) => {
+                self.core
+                    .record_refusal("unauthenticated", action, tenant, &e)
+                    .await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Maps the core's answer; a permission refusal is audited with the caller's identity.
+    async fn answer<T>(
+        &self,
+        op: &Operator,
+        action: &'static str,
+        tenant: &str,
+        result: Result<T, ControlError>,
+    ) -> Answer<T> {
+        match result {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                if matches!(e, ControlError::PermissionDenied(_)) {
+                    self.core
+                        .record_refusal(&op.actor(), action, tenant, &e)
+                        .await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Runs one call: authenticate, act, answer.
+macro_rules! call {
+    ($self:ident, $req:ident, $action:literal, $tenant:expr, |$op:ident, $body:ident| $act:expr) => {{
+        let tenant: String = ($tenant)(&$req);
+        let $op = $self.caller(&$req, $action, &tenant).await?;
+        let $body = $req.into_inner();
+        let result = $act;
+        $self.answer(&$op, $action, &tenant, result).await
+    }};
+}
+
+fn none<T>(_: &Request<T>) -> String {
+    String::new()
+}
+
+#[tonic::async_trait]
+impl ControlPlane for ControlService {
+    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Answer<pb::Operator> {
+        let op = self.caller(&req, "whoami", "").await?;
+        Ok(Response::new(pb::Operator {
+            name: op.name.clone(),
+            role: op.role.as_str().into(),
+            tenant: op.tenant.clone(),
+            expires_at: op.expires_at,
+        }))
+    }
+
+    async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.register",
+            |r: &Request<pb::RegisterAgentRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.register_agent(&op, b).await }
+        )
+    }
+
+    async fn get_agent(&self, req: Request<pb::AgentRef>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.get",
+            |r: &Request<pb::AgentRef>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.get_agent(&op, b).await }
+        )
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Answer<pb::ListAgentsResponse> {
+        call!(
+            self,
+            req,
+            "agent.list",
+            |r: &Request<pb::ListAgentsRequest>| r.get_ref().tenant.clone(),
+            |op, b| {
+                self.core
+                    .list_agents(&op, b)
+                    .await
+                    .map(|agents| pb::ListAgentsResponse { agents })
+            }
+        )
+    }
+
+    async fn freeze_agent(&self, req: Request<pb::AgentActionRequest>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.freeze",
+            |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_agent_status(&op, b, super::FROZEN).await }
+        )
+    }
+
+    async fn unfreeze_agent(&self, req: Request<pb::AgentActionRequest>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.unfreeze",
+            |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_agent_status(&op, b, super::ACTIVE).await }
+        )
+    }
+
+    async fn revoke_agent(&self, req: Request<pb::AgentActionRequest>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.revoke",
+            |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_agent_status(&op, b, super::REVOKED).await }
+        )
+    }
+
+    async fn issue_token(&self, req: Request<pb::IssueTokenRequest>) -> Answer<pb::IssuedToken> {
+        call!(
+            self,
+            req,
+            "token.issue",
+            |r: &Request<pb::IssueTokenRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.issue_token(&op, b).await }
+        )
+    }
+
+    async fn rotate_token(&self, req: Request<pb::RotateTokenRequest>) -> Answer<pb::IssuedToken> {
+        call!(
+            self,
+            req,
+            "token.rotate",
+            |r: &Request<pb::RotateTokenRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.rotate_token(&op, b).await }
+        )
+    }
+
+    async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> Answer<pb::TokenInfo> {
+        call!(
+            self,
+            req,
+            "token.revoke",
+            |r: &Request<pb::RevokeTokenRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.revoke_token(&op, b).await }
+        )
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Answer<pb::ListTokensResponse> {
+        call!(
+            self,
+            req,
+            "token.list",
+            |r: &Request<pb::ListTokensRequest>| r.get_ref().tenant.clone(),
+            |op, b| {
+                self.core
+                    .list_tokens(&op, b)
+                    .await
+                    .map(|tokens| pb::ListTokensResponse { tokens })
+            }
+        )
+    }
+
+    async fn kill(&self, req: Request<pb::KillRequest>) -> Answer<pb::KillResponse> {
+        call!(
+            self,
+            req,
+            "kill",
+            |r: &Request<pb::KillRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.kill(&op, b).await }
+        )
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Answer<pb::ListApprovalsResponse> {
+        call!(
+            self,
+            req,
+            "approval.list",
+            |r: &Request<pb::ListApprovalsRequest>| r.get_ref().tenant.clone(),
+            |op, b| {
+                self.core
+                    .list_approvals(&op, b)
+                    .await
+                    .map(|approvals| pb::ListApprovalsResponse { approvals })
+            }
+        )
+    }
+
+    async fn get_approval(&self, req: Request<pb::ApprovalRef>) -> Answer<pb::Approval> {
+        call!(
+            self,
+            req,
+            "approval.get",
+            |r: &Request<pb::ApprovalRef>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.get_approval(&op, b).await }
+        )
+    }
+
+    async fn approve_approval(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Answer<pb::ApprovalDecision> {
+        call!(
+            self,
+            req,
+            "approval.approve",
+            |r: &Request<pb::DecideApprovalRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.decide_approval(&op, b, true).await }
+        )
+    }
+
+    async fn deny_approval(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Answer<pb::ApprovalDecision> {
+        call!(
+            self,
+            req,
+            "approval.deny",
+            |r: &Request<pb::DecideApprovalRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.decide_approval(&op, b, false).await }
+        )
+    }
+
+    async fn get_tenant(&self, req: Request<pb::TenantRef>) -> Answer<pb::Tenant> {
+        call!(
+            self,
+            req,
+            "tenant.get",
+            |r: &Request<pb::TenantRef>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.get_tenant(&op, b).await }
+        )
+    }
+
+    async fn update_tenant(&self, req: Request<pb::UpdateTenantRequest>) -> Answer<pb::Tenant> {
+        call!(
+            self,
+            req,
+            "tenant.update",
+            |r: &Request<pb::UpdateTenantRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.update_tenant(&op, b).await }
+        )
+    }
+
+    async fn set_budget(&self, req: Request<pb::SetBudgetRequest>) -> Answer<pb::Budget> {
+        call!(
+            self,
+            req,
+            "budget.set",
+            |r: &Request<pb::SetBudgetRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_budget(&op, b).await }
+        )
+    }
+
+    async fn list_budgets(
+        &self,
+        req: Request<pb::ListBudgetsRequest>,
+    ) -> Answer<pb::ListBudgetsResponse> {
+        call!(
+            self,
+            req,
+            "budget.list",
+            |r: &Request<pb::ListBudgetsRequest>| r.get_ref().tenant.clone(),
+            |op, b| {
+                self.core
+                    .list_budgets(&op, b)
+                    .await
+                    .map(|budgets| pb::ListBudgetsResponse { budgets })
+            }
+        )
+    }
+
+    async fn activate_policy(
+        &self,
+        req: Request<pb::ActivatePolicyRequest>,
+    ) -> Answer<pb::PolicyRevision> {
+        call!(self, req, "policy.activate", none, |op, b| {
+            self.core.activate_policy(&op, b).await
+        })
+    }
+
+    async fn list_policy_revisions(
+        &self,
+        req: Request<pb::ListPolicyRevisionsRequest>,
+    ) -> Answer<pb::ListPolicyRevisionsResponse> {
+        call!(self, req, "policy.history", none, |op, b| {
+            self.core
+                .list_policy_revisions(&op, b)
+                .await
+                .map(|revisions| pb::ListPolicyRevisionsResponse { revisions })
+        })
+    }
+
+    async fn rollback_policy(
+        &self,
+        req: Request<pb::RollbackPolicyRequest>,
+    ) -> Answer<pb::PolicyRevision> {
+        call!(self, req, "policy.rollback", none, |op, b| {
+            self.core.rollback_policy(&op, b).await
+        })
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Answer<Self::WatchStream> {
+        let op = self.caller(&req, "watch", "").await?;
+        if let Err(e) = op.require(super::auth::Need::Fleet, "") {
+            return self.answer(&op, "watch", "", Err(e)).await;
+        }
+        let sidecar = req.into_inner().sidecar;
+        let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
+        crate::log!(
+            info,
+            "control plane: sidecar {sidecar:?} ({}) watching from version {}",
+            op.name,
+            snapshot.version
+        );
+        Ok(Response::new(Box::pin(watch_stream(
+            Arc::downgrade(&self.core),
+            snapshot,
+            rx,
+            self.shutdown.clone(),
+        ))))
+    }
+
+    async fn get_bundle(&self, req: Request<pb::GetBundleRequest>) -> Answer<pb::Bundle> {
+        call!(self, req, "policy.fetch", none, |op, b| {
+            self.core.bundle(&op, &b.digest).await
+        })
+    }
+
+    async fn request_approval(
+        &self,
+        req: Request<pb::RequestApprovalRequest>,
+    ) -> Answer<pb::RequestApprovalResponse> {
+        call!(
+            self,
+            req,
+            "approval.request",
+            |r: &Request<pb::RequestApprovalRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.request_approval(&op, b).await }
+        )
+    }
+
+    async fn redeem_override(
+        &self,
+        req: Request<pb::RedeemOverrideRequest>,
+    ) -> Answer<pb::RedeemOverrideResponse> {
+        call!(
+            self,
+            req,
+            "approval.redeem",
+            |r: &Request<pb::RedeemOverrideRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.redeem_override(&op, b).await }
+        )
+    }
+}
+
+/// The snapshot, then every delta after its version. A watcher that falls more than the
+/// buffer behind gets a fresh snapshot instead of the deltas it missed. The stream holds
+/// the core weakly and ends when the server stops.
+fn watch_stream(
+    core: std::sync::Weak<ControlCore>,
+    snapshot: pb::WatchEvent,
+    rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
+    use tokio::sync::broadcast::error::RecvError;
+    struct S {
+        core: std::sync::Weak<ControlCore>,
+        rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
+        first: Option<pb::WatchEvent>,
+        version: u64,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    }
+    let state = S {
+        version: snapshot.version,
+        core,
+        rx,
+        first: Some(snapshot),
+        shutdown,
+    };
+    futures_stream(state, |mut s| async move {
+        if let Some(first) = s.first.take() {
+            return Some((Ok(first), s));
+        }
+        loop {
+            let received = tokio::select! {
+                r = s.rx.recv() => r,
+                _ = s.shutdown.wait_for(|stop| *stop) => return None,
+            };
+            match received {
+                Ok(ev) if ev.version <= s.version => continue,
+                Ok(ev) => {
+                    s.version = ev.version;
+                    return Some((Ok((*ev).clone()), s));
+                }
+                Err(RecvError::Lagged(_)) => {
+                    let core = s.core.upgrade()?;
+                    match core.subscribe().await {
+                        Ok((snap, rx)) => {
+                            s.rx = rx;
+                            s.version = snap.version;
+                            return Some((Ok(snap), s));
+                        }
+                        Err(e) => return Some((Err(e.into()), s)),
+                    }
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+/// `futures::stream::unfold` without the `futures` dependency.
+fn futures_stream<S, F, Fut, T>(init: S, f: F) -> impl Stream<Item = T> + Send
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<(T, S)>> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut state = init;
+        loop {
+            match f(state).await {
+                Some((item, next)) => {
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                    state = next;
+                }
+                None => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

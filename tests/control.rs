@@ -1,0 +1,983 @@
+//! The control plane of the all-in-one server, through a real tonic client against the
+//! real server on loopback, each action checked where an agent sees it (its next Check)
+//! and where an auditor does (the signed log).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tonic::Code;
+
+/// The server, an admin of every tenant, and an operator of acme.
+async fn setup() -> (TestServer, Ctl, Ctl) {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(f: impl FnOnce(&mut aegis::config::Config)) -> (TestServer, Ctl, Ctl) {
+    let s = start_with(f).await;
+    let root = s.control(&s.operator("root", Role::Admin, "*")).await;
+    let alice = s
+        .control(&s.operator("alice", Role::Operator, "acme"))
+        .await;
+    (s, root, alice)
+}
+
+fn agent_req(tenant: &str, id: &str, reason: &str) -> pb::AgentActionRequest {
+    pb::AgentActionRequest {
+        tenant: tenant.into(),
+        id: id.into(),
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn freeze_denies_the_very_next_check_and_unfreeze_restores_it() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "billing-bot").await;
+    let (token, _) = alice
+        .issue("acme", "billing-bot", &["invoices:read"], "")
+        .await;
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+
+    let frozen = alice
+        .freeze("acme", "billing-bot", "deny storm - investigating")
+        .await
+        .expect("frozen");
+    assert_eq!(frozen.status, "frozen");
+    assert_eq!(frozen.updated_by, "operator:alice");
+    // No wait: the all-in-one data plane applied it before the call returned.
+    let r = s.read_invoices(&token).await;
+    assert_eq!(reason(&r), Some("agent_frozen"));
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(403));
+
+    let got = alice
+        .api()
+        .get_agent(alice.req(pb::AgentRef {
+            tenant: "acme".into(),
+            id: "billing-bot".into(),
+        }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        (got.status.as_str(), got.reason.as_str()),
+        ("frozen", "deny storm - investigating")
+    );
+    assert_eq!(got.live_tokens, 1);
+
+    // Freezing twice is refused, not silently "done".
+    let again = alice
+        .freeze("acme", "billing-bot", "again")
+        .await
+        .expect_err("already frozen");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    // No token while frozen.
+    let refused = alice
+        .api()
+        .issue_token(alice.req(pb::IssueTokenRequest {
+            tenant: "acme".into(),
+            agent: "billing-bot".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("frozen agents get no token");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    alice
+        .api()
+        .unfreeze_agent(alice.req(agent_req("acme", "billing-bot", "false positive")))
+        .await
+        .expect("unfrozen");
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+
+    s.stop().await;
+    let control = s.control_rows();
+    let freeze = control
+        .iter()
+        .find(|r| r.0 == "agent.freeze" && r.4 == "ok")
+        .expect("freeze audited");
+    assert_eq!(freeze.1, "operator:alice");
+    assert_eq!(freeze.2, "acme");
+    assert_eq!(freeze.3, "agent:acme/billing-bot");
+    assert_eq!(freeze.5, "deny storm - investigating");
+    assert!(
+        control
+            .iter()
+            .any(|r| r.0 == "agent.unfreeze" && r.5 == "false positive")
+    );
+    let reasons: Vec<String> = s
+        .rows()
+        .into_iter()
+        .filter(|r| r.3 == "invoices")
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        reasons,
+        vec!["scope_granted", "agent_frozen", "scope_granted"]
+    );
+    // The control rows are in the same signed chain, and it verifies.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(s.data_dir())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn revoked_agents_stay_revoked() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "bot").await;
+    let (token, _) = alice.issue("acme", "bot", &["invoices:read"], "").await;
+    alice
+        .api()
+        .revoke_agent(alice.req(agent_req("acme", "bot", "compromised")))
+        .await
+        .expect("revoked");
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("agent_revoked")
+    );
+    for e in [
+        alice
+            .api()
+            .unfreeze_agent(alice.req(agent_req("acme", "bot", "undo")))
+            .await
+            .expect_err("final"),
+        alice
+            .api()
+            .register_agent(alice.req(pb::RegisterAgentRequest {
+                tenant: "acme".into(),
+                id: "bot".into(),
+                risk_tier: String::new(),
+            }))
+            .await
+            .expect_err("no re-registration"),
+    ] {
+        assert!(
+            matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists),
+            "{e:?}"
+        );
+    }
+    let live = alice
+        .api()
+        .list_tokens(alice.req(pb::ListTokensRequest {
+            tenant: "acme".into(),
+            agent: "bot".into(),
+            all: false,
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        live.tokens.is_empty(),
+        "revocation kills its tokens: {live:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_refuses_the_old_token_at_once() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "bot").await;
+    let (old, old_jti) = alice.issue("acme", "bot", &["invoices:read"], "").await;
+    assert_eq!(code(&s.read_invoices(&old).await), 0);
+    let rotated = alice
+        .api()
+        .rotate_token(alice.req(pb::RotateTokenRequest {
+            tenant: "acme".into(),
+            jti: old_jti.clone(),
+            reason: "credential exposure".into(),
+            ttl_secs: 0,
+        }))
+        .await
+        .expect("rotated")
+        .into_inner();
+    let new_info = rotated.info.expect("info");
+    assert_ne!(new_info.jti, old_jti);
+    assert_eq!(new_info.scopes, vec!["invoices:read"]);
+
+    let r = s.read_invoices(&old).await;
+    assert_eq!(code(&r), Code::Unauthenticated as i32);
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(401));
+    assert_eq!(reason(&r), Some("token_revoked"));
+    assert_eq!(code(&s.read_invoices(&rotated.token).await), 0);
+
+    let live = alice
+        .api()
+        .list_tokens(alice.req(pb::ListTokensRequest {
+            tenant: "acme".into(),
+            agent: "bot".into(),
+            all: false,
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    let jtis: Vec<&str> = live.tokens.iter().map(|t| t.jti.as_str()).collect();
+    assert_eq!(jtis, vec![new_info.jti.as_str()]);
+    // Rotating the rotated-out token again is refused.
+    let again = alice
+        .api()
+        .rotate_token(alice.req(pb::RotateTokenRequest {
+            tenant: "acme".into(),
+            jti: old_jti,
+            reason: "again".into(),
+            ttl_secs: 0,
+        }))
+        .await
+        .expect_err("already revoked");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn kills_are_scoped_and_say_what_they_killed() {
+    let (mut s, root, alice) = setup().await;
+    for agent in ["a", "b"] {
+        alice.register("acme", agent).await;
+    }
+    root.register("globex", "c").await;
+    let scopes = ["invoices:read"];
+    let (a1, a1_jti) = alice.issue("acme", "a", &scopes, "s1").await;
+    let (a2, _) = alice.issue("acme", "a", &scopes, "s2").await;
+    let (b, _) = alice.issue("acme", "b", &scopes, "").await;
+    let (c, _) = root.issue("globex", "c", &scopes, "").await;
+    let ok = |r: &envoy_types::ext_authz::v3::pb::CheckResponse| code(r) == 0;
+
+    // Token: by jti.
+    let k = alice
+        .kill(pb::KillScope::Token, "acme", &a1_jti, false)
+        .await
+        .expect("killed");
+    assert_eq!(k.tokens, 1);
+    assert_eq!(reason(&s.read_invoices(&a1).await), Some("token_revoked"));
+    assert!(ok(&s.read_invoices(&a2).await));
+
+    // Session: only that session's tokens.
+    let (a1b, _) = alice.issue("acme", "a", &scopes, "s1").await;
+    assert!(ok(&s.read_invoices(&a1b).await));
+    let k = alice
+        .kill(pb::KillScope::Session, "acme", "s1", false)
+        .await
+        .expect("killed");
+    assert_eq!((k.tokens, k.sessions, k.agents, k.tenants), (1, 1, 1, 1));
+    assert_eq!(reason(&s.read_invoices(&a1b).await), Some("token_revoked"));
+    assert!(ok(&s.read_invoices(&a2).await));
+
+    // Agent: every token of a, none of b.
+    let k = alice
+        .kill(pb::KillScope::Agent, "acme", "a", false)
+        .await
+        .expect("killed");
+    assert_eq!((k.tokens, k.sessions, k.agents), (1, 1, 1));
+    assert_eq!(reason(&s.read_invoices(&a2).await), Some("token_revoked"));
+    assert!(ok(&s.read_invoices(&b).await));
+
+    // A token issued after a kill works (the kill covers tokens issued up to it).
+    let (a3, _) = alice.issue("acme", "a", &scopes, "s3").await;
+    assert!(ok(&s.read_invoices(&a3).await));
+
+    // Tenant: all of acme, nothing of globex.
+    let k = alice
+        .kill(pb::KillScope::Tenant, "acme", "", false)
+        .await
+        .expect("killed");
+    assert_eq!((k.tokens, k.agents, k.tenants), (2, 2, 1));
+    assert_eq!(reason(&s.read_invoices(&b).await), Some("token_revoked"));
+    assert_eq!(reason(&s.read_invoices(&a3).await), Some("token_revoked"));
+    assert!(ok(&s.read_invoices(&c).await));
+
+    // Nothing to kill is an error, never success for nothing.
+    let none = alice
+        .kill(pb::KillScope::Session, "acme", "no-such-session", false)
+        .await;
+    assert_eq!(none.expect_err("nothing").code(), Code::NotFound);
+    let none = alice
+        .kill(pb::KillScope::Agent, "acme", "nobody", false)
+        .await;
+    assert_eq!(none.expect_err("nothing").code(), Code::NotFound);
+    // Another tenant's scope is out of reach.
+    let other = alice.kill(pb::KillScope::Tenant, "globex", "", false).await;
+    assert_eq!(other.expect_err("not hers").code(), Code::PermissionDenied);
+
+    // Everything: never by default, never by a tenant's operator.
+    let e = root
+        .kill(pb::KillScope::All, "", "", false)
+        .await
+        .expect_err("needs confirmation");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("confirm"), "{e:?}");
+    let e = alice
+        .kill(pb::KillScope::All, "", "", true)
+        .await
+        .expect_err("not a global admin");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(ok(&s.read_invoices(&c).await));
+    let k = root
+        .kill(pb::KillScope::All, "", "", true)
+        .await
+        .expect("killed");
+    assert_eq!((k.tokens, k.tenants), (1, 1));
+    assert_eq!(reason(&s.read_invoices(&c).await), Some("token_revoked"));
+    s.stop().await;
+    let kills: Vec<String> = s
+        .control_rows()
+        .into_iter()
+        .filter(|r| r.0.starts_with("kill.") && r.4 == "ok")
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        kills,
+        vec![
+            "kill.token",
+            "kill.session",
+            "kill.agent",
+            "kill.tenant",
+            "kill.all"
+        ]
+    );
+}
+
+/// A payment over the default bundle's approval threshold.
+fn payment(token: &str, amount: u64) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    Req::mcp("payments.create", json!({"amount": amount, "to": "acct-9"}))
+        .token(token)
+        .build()
+}
+
+fn approval_id(r: &envoy_types::ext_authz::v3::pb::CheckResponse) -> String {
+    header(&denied(r).headers, "x-aegis-approval-id")
+        .expect("an approval id")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn approval_flow_allows_the_approved_call_exactly_once() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "payments-bot").await;
+    let (token, _) = alice
+        .issue("acme", "payments-bot", &["payments:create"], "")
+        .await;
+    let approver = s.control(&s.operator("bob", Role::Approver, "acme")).await;
+
+    let r = s.check(payment(&token, 5000)).await.expect("decided");
+    assert_eq!(reason(&r), Some("payment_above_threshold"));
+    let id = approval_id(&r);
+    let body: serde_json::Value = serde_json::from_str(&denied(&r).body).expect("json");
+    assert_eq!(body["approval_id"], id.as_str());
+    // The same call again finds the same pending approval.
+    assert_eq!(
+        approval_id(&s.check(payment(&token, 5000)).await.expect("decided")),
+        id
+    );
+
+    let pending = approver
+        .api()
+        .list_approvals(approver.req(pb::ListApprovalsRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].tool.as_str(), pending[0].action.as_str()),
+        ("payments", "create")
+    );
+    assert_eq!(pending[0].arguments, r#"{"amount":5000,"to":"acct-9"}"#);
+
+    // A viewer cannot approve.
+    let viewer = s.control(&s.operator("val", Role::Viewer, "acme")).await;
+    let decide = |c: &Ctl, id: &str| {
+        c.req(pb::DecideApprovalRequest {
+            tenant: "acme".into(),
+            id: id.into(),
+            reason: "invoice 118 confirmed by phone".into(),
+            override_ttl_secs: 0,
+        })
+    };
+    let e = viewer
+        .api()
+        .approve_approval(decide(&viewer, &id))
+        .await
+        .expect_err("viewer");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let d = approver
+        .api()
+        .approve_approval(decide(&approver, &id))
+        .await
+        .expect("approved")
+        .into_inner();
+    assert_eq!(
+        d.approval.as_ref().map(|a| a.decided_by.as_str()),
+        Some("approver:bob")
+    );
+    let ovr = d.override_token;
+
+    // The retry with the override token goes through, once, with the token stripped.
+    let retry = |amount| {
+        Req::mcp("payments.create", json!({"amount": amount, "to": "acct-9"}))
+            .token(&token)
+            .header("x-aegis-override", &ovr)
+            .build()
+    };
+    let r = s.check(retry(5000)).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    assert!(
+        ok(&r)
+            .headers_to_remove
+            .contains(&"x-aegis-override".to_owned())
+    );
+    let r = s.check(retry(5000)).await.expect("decided");
+    assert_eq!(reason(&r), Some("override_used"));
+    // Another call (another amount) with a valid token for a different call.
+    let r = s.check(retry(9000)).await.expect("decided");
+    assert_eq!(reason(&r), Some("override_mismatch"));
+    // A forged override token.
+    let forged = Req::mcp("payments.create", json!({"amount": 5000, "to": "acct-9"}))
+        .token(&token)
+        .header("x-aegis-override", "e30.e30.AAAA")
+        .build();
+    assert_eq!(
+        reason(&s.check(forged).await.expect("decided")),
+        Some("override_invalid")
+    );
+
+    let used = approver
+        .api()
+        .get_approval(approver.req(pb::ApprovalRef {
+            tenant: "acme".into(),
+            id: id.clone(),
+        }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(used.status, "used");
+    assert!(!used.used_by_decision.is_empty());
+
+    // Deny: the approval is closed; the agent's next try raises a new one.
+    let r = s.check(payment(&token, 7000)).await.expect("decided");
+    let second = approval_id(&r);
+    approver
+        .api()
+        .deny_approval(decide(&approver, &second))
+        .await
+        .expect("denied");
+    let e = approver
+        .api()
+        .approve_approval(decide(&approver, &second))
+        .await
+        .expect_err("closed");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    s.stop().await;
+
+    let rows = s.control_rows();
+    let approve = rows
+        .iter()
+        .find(|r| r.0 == "approval.approve" && r.4 == "ok")
+        .expect("audited");
+    assert_eq!(
+        (approve.1.as_str(), approve.5.as_str()),
+        ("approver:bob", "invoice 118 confirmed by phone")
+    );
+    assert!(rows.iter().any(|r| r.0 == "approval.redeem"));
+    assert!(
+        rows.iter()
+            .any(|r| r.0 == "approval.approve" && r.4 == "refused" && r.1 == "viewer:val")
+    );
+    // The Check rows carry the approval id.
+    let conn = rusqlite::Connection::open(s.db()).expect("db");
+    let n: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE kind = 'check' AND approval_id = ?1 AND reason = 'approved_override'",
+            [&id],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn approvals_expire_and_are_capped() {
+    let (mut s, _root, alice) = setup_with(|c| {
+        c.control.approval_ttl_secs = 1;
+        c.control.override_ttl_secs = 1;
+        c.control.max_pending_approvals = 2;
+    })
+    .await;
+    alice.register("acme", "bot").await;
+    let (token, _) = alice.issue("acme", "bot", &["payments:create"], "").await;
+    let first = approval_id(&s.check(payment(&token, 2000)).await.expect("decided"));
+    approval_id(&s.check(payment(&token, 3000)).await.expect("decided"));
+    let r = s.check(payment(&token, 4000)).await.expect("decided");
+    assert_eq!(reason(&r), Some("approval_cap_reached"));
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(429));
+
+    // Nobody answers: they expire, to deny, and the cap frees up.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let decide = alice.req(pb::DecideApprovalRequest {
+        tenant: "acme".into(),
+        id: first.clone(),
+        reason: "too late".into(),
+        override_ttl_secs: 0,
+    });
+    let e = alice
+        .api()
+        .approve_approval(decide)
+        .await
+        .expect_err("expired");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("expired"), "{e:?}");
+    let third = approval_id(&s.check(payment(&token, 4000)).await.expect("decided"));
+
+    // An override nobody uses in time expires too.
+    let d = alice
+        .api()
+        .approve_approval(alice.req(pb::DecideApprovalRequest {
+            tenant: "acme".into(),
+            id: third,
+            reason: "ok".into(),
+            override_ttl_secs: 0,
+        }))
+        .await
+        .expect("approved")
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let late = Req::mcp("payments.create", json!({"amount": 4000, "to": "acct-9"}))
+        .token(&token)
+        .header("x-aegis-override", &d.override_token)
+        .build();
+    assert_eq!(
+        reason(&s.check(late).await.expect("decided")),
+        Some("override_expired")
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shadow_mode_records_would_deny_and_lets_the_call_through() {
+    let (mut s, root, alice) = setup().await;
+    alice.register("acme", "bot").await;
+    let (token, _) = alice.issue("acme", "bot", &["invoices:read"], "").await;
+    let write = || {
+        Req::get("/invoices")
+            .token(&token)
+            .tool("invoices", "create")
+            .build()
+    };
+    assert_eq!(
+        reason(&s.check(write()).await.expect("decided")),
+        Some("missing_scope")
+    );
+
+    // A tenant's operator cannot switch enforcement off; its admin can.
+    let e = alice
+        .set_tenant("acme", Some("shadow"), None)
+        .await
+        .expect_err("operator");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let t = root
+        .set_tenant("acme", Some("shadow"), None)
+        .await
+        .expect("shadow");
+    assert_eq!(t.mode, "shadow");
+
+    let r = s.check(write()).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    let md = r.dynamic_metadata.as_ref().expect("metadata");
+    assert_eq!(
+        md.fields.get("decision").and_then(|v| v.kind.clone()),
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+            "would_deny".into()
+        ))
+    );
+    // Containment is not policy: a frozen agent stays denied in shadow mode.
+    alice
+        .freeze("acme", "bot", "contain")
+        .await
+        .expect("frozen");
+    assert_eq!(
+        reason(&s.check(write()).await.expect("decided")),
+        Some("agent_frozen")
+    );
+    alice
+        .api()
+        .unfreeze_agent(alice.req(agent_req("acme", "bot", "done")))
+        .await
+        .expect("unfrozen");
+    root.set_tenant("acme", Some("enforce"), None)
+        .await
+        .expect("enforce");
+    assert_eq!(
+        reason(&s.check(write()).await.expect("decided")),
+        Some("missing_scope")
+    );
+
+    let metrics = http_get(s.running.as_ref().expect("running").admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_checks_total{decision=\"would_deny\"} 1"),
+        "{metrics}"
+    );
+    s.stop().await;
+    let decisions: Vec<(String, String)> = s
+        .rows()
+        .into_iter()
+        .filter(|r| r.4 == "create")
+        .map(|r| (r.0, r.1))
+        .collect();
+    let expect = |d: &str, r: &str| (d.to_owned(), r.to_owned());
+    assert_eq!(
+        decisions,
+        vec![
+            expect("deny", "missing_scope"),
+            expect("would_deny", "missing_scope"),
+            expect("deny", "agent_frozen"),
+            expect("deny", "missing_scope"),
+        ]
+    );
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn budgets_deny_past_their_limit() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "bot").await;
+    let (token, _) = alice.issue("acme", "bot", &["invoices:read"], "").await;
+    let set = |calls: u64, cost: f64| {
+        alice.req(pb::SetBudgetRequest {
+            tenant: "acme".into(),
+            agent: "bot".into(),
+            max_calls: calls,
+            max_cost: cost,
+            window_secs: 3600,
+            reason: "test".into(),
+        })
+    };
+    alice.api().set_budget(set(2, 0.0)).await.expect("set");
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+    let r = s.read_invoices(&token).await;
+    assert_eq!(reason(&r), Some("budget_exhausted"));
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(429));
+    let listed = alice
+        .api()
+        .list_budgets(alice.req(pb::ListBudgetsRequest {
+            tenant: "acme".into(),
+            agent: String::new(),
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .budgets;
+    assert_eq!((listed[0].used_calls, listed[0].usage_known), (2, true));
+
+    // Cost: from x-aegis-cost; a call that would pass the limit costs nothing.
+    alice.api().set_budget(set(0, 10.0)).await.expect("set");
+    let costly = |c: &str| {
+        Req::get("/invoices")
+            .token(&token)
+            .tool("invoices", "read")
+            .header("x-aegis-cost", c)
+            .build()
+    };
+    assert_eq!(code(&s.check(costly("7.5")).await.expect("decided")), 0);
+    assert_eq!(
+        reason(&s.check(costly("3")).await.expect("decided")),
+        Some("budget_exhausted")
+    );
+    assert_eq!(code(&s.check(costly("2.5")).await.expect("decided")), 0);
+    assert_eq!(
+        reason(&s.check(costly("lots")).await.expect("decided")),
+        Some("malformed_cost")
+    );
+    // Removing the budget lifts it.
+    alice.api().set_budget(set(0, 0.0)).await.expect("removed");
+    assert_eq!(code(&s.check(costly("100")).await.expect("decided")), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_and_roles_enforced() {
+    let (mut s, root, alice) = setup().await;
+    alice.register("acme", "a").await;
+    root.register("globex", "g").await;
+
+    let listed = alice
+        .api()
+        .list_agents(alice.req(pb::ListAgentsRequest::default()))
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert_eq!(
+        listed.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    let all = root
+        .api()
+        .list_agents(root.req(pb::ListAgentsRequest::default()))
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert_eq!(all.len(), 2);
+
+    let get = alice
+        .api()
+        .get_agent(alice.req(pb::AgentRef {
+            tenant: "globex".into(),
+            id: "g".into(),
+        }))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(get.code(), Code::PermissionDenied);
+    assert!(get.message().contains("scoped to tenant acme"), "{get:?}");
+    let e = alice
+        .freeze("globex", "g", "x")
+        .await
+        .expect_err("other tenant");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = alice
+        .api()
+        .list_approvals(alice.req(pb::ListApprovalsRequest {
+            tenant: "globex".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let viewer = s.control(&s.operator("val", Role::Viewer, "acme")).await;
+    let e = viewer.freeze("acme", "a", "x").await.expect_err("viewer");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // An agent token is no operator credential, and no credential is no call.
+    let agent_token = s.token("acme", "a", &["invoices:read"]);
+    let e = s
+        .control(&agent_token)
+        .await
+        .freeze("acme", "a", "x")
+        .await
+        .expect_err("agent token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut bare = s.control("x").await.api();
+    let e = bare
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .expect_err("no credential");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // A credential from another control plane's key.
+    let other = aegis::keys::Signer::generate().expect("rng");
+    let forged =
+        aegis::control::auth::mint_operator(&other, "aegis", "mallory", Role::Admin, "*", 60)
+            .expect("mint");
+    let e = s
+        .control(&forged)
+        .await
+        .freeze("acme", "a", "x")
+        .await
+        .expect_err("forged");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // A sidecar credential does the fleet calls only.
+    let sidecar = s.control(&s.operator("sc", Role::Sidecar, "*")).await;
+    let e = sidecar
+        .api()
+        .list_agents(sidecar.req(pb::ListAgentsRequest::default()))
+        .await
+        .expect_err("sidecar");
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    s.stop().await;
+    let refused: Vec<(String, String)> = s
+        .control_rows()
+        .into_iter()
+        .filter(|r| r.4 == "refused")
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert!(
+        refused.contains(&("agent.freeze".into(), "operator:alice".into())),
+        "{refused:?}"
+    );
+    assert!(
+        refused.contains(&("agent.freeze".into(), "viewer:val".into())),
+        "{refused:?}"
+    );
+    assert!(
+        refused.contains(&("agent.freeze".into(), "unauthenticated".into())),
+        "{refused:?}"
+    );
+}
+
+/// A copy of the default bundle with another revision and a rule that denies invoices.
+fn variant_bundle(dir: &std::path::Path, revision: &str) -> pb::Bundle {
+    copy_default_bundle(dir);
+    std::fs::write(
+        dir.join(".manifest"),
+        format!(r#"{{"revision": "{revision}", "roots": ["aegis"]}}"#),
+    )
+    .expect("manifest");
+    let data = dir.join("aegis/data.json");
+    let text = std::fs::read_to_string(&data).expect("data");
+    std::fs::write(
+        &data,
+        text.replace(
+            "\"scope\": \"invoices:read\"",
+            "\"scope\": \"invoices:audit\"",
+        ),
+    )
+    .expect("data");
+    let files =
+        aegis::policy::BundleFiles::read(&aegis::policy::BundleSource::Dir(dir.to_path_buf()))
+            .expect("bundle");
+    pb::Bundle {
+        files: files
+            .files
+            .into_iter()
+            .map(|(path, content)| pb::BundleFile { path, content })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn policy_push_history_and_rollback() {
+    let (mut s, root, alice) = setup().await;
+    let (token, _) = (s.token("acme", "bot", &["invoices:read"]), ());
+    let before = s.read_invoices(&token).await;
+    assert_eq!(policy_version(&before), "default-2026.11.1");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = variant_bundle(dir.path(), "tightened-1");
+    let push = |c: &Ctl, b: pb::Bundle| {
+        c.req(pb::ActivatePolicyRequest {
+            bundle: Some(b),
+            reason: "tighten invoices".into(),
+        })
+    };
+    // Only an admin of every tenant changes what every tenant shares.
+    let e = alice
+        .api()
+        .activate_policy(push(&alice, bundle.clone()))
+        .await
+        .expect_err("operator");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let rev = root
+        .api()
+        .activate_policy(push(&root, bundle))
+        .await
+        .expect("pushed")
+        .into_inner();
+    assert_eq!(rev.revision, "tightened-1");
+    let r = s.read_invoices(&token).await;
+    assert_eq!(policy_version(&r), "tightened-1");
+    assert_eq!(reason(&r), Some("missing_scope"));
+
+    // A broken bundle is refused and the active one keeps serving.
+    let broken = pb::Bundle {
+        files: vec![pb::BundleFile {
+            path: "x.rego".into(),
+            content: b"package x\nallow if {".to_vec(),
+        }],
+    };
+    let e = root
+        .api()
+        .activate_policy(push(&root, broken))
+        .await
+        .expect_err("broken");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("x.rego"), "{e:?}");
+    assert_eq!(
+        policy_version(&s.read_invoices(&token).await),
+        "tightened-1"
+    );
+
+    let rolled = root
+        .api()
+        .rollback_policy(root.req(pb::RollbackPolicyRequest {
+            to: String::new(),
+            reason: "tightening broke billing".into(),
+        }))
+        .await
+        .expect("rolled back")
+        .into_inner();
+    assert_eq!(
+        (rolled.revision.as_str(), rolled.action.as_str()),
+        ("default-2026.11.1", "rollback")
+    );
+    let r = s.read_invoices(&token).await;
+    assert_eq!(
+        (policy_version(&r), code(&r)),
+        ("default-2026.11.1".to_owned(), 0)
+    );
+
+    let history = root
+        .api()
+        .list_policy_revisions(root.req(pb::ListPolicyRevisionsRequest { limit: 10 }))
+        .await
+        .expect("history")
+        .into_inner()
+        .revisions;
+    let rows: Vec<(&str, &str, &str, bool)> = history
+        .iter()
+        .map(|r| {
+            (
+                r.revision.as_str(),
+                r.action.as_str(),
+                r.actor.as_str(),
+                r.active,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("default-2026.11.1", "rollback", "admin:root", true),
+            ("tightened-1", "push", "admin:root", false),
+            ("default-2026.11.1", "startup", "system:startup", false),
+        ]
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_rollback_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.policy.watch_interval_ms = 100;
+    let running = aegis::server::start(c.clone()).await.expect("starts");
+    let signer = aegis::keys::Signer::load(&c.data_dir).expect("key");
+    let root_token =
+        aegis::control::auth::mint_operator(&signer, "aegis", "root", Role::Admin, "*", 600)
+            .expect("mint");
+    let root = Ctl::connect(running.control_addr.expect("control"), &root_token).await;
+    let bdir = tempfile::tempdir().expect("tempdir");
+    root.api()
+        .activate_policy(root.req(pb::ActivatePolicyRequest {
+            bundle: Some(variant_bundle(bdir.path(), "pushed-1")),
+            reason: "test".into(),
+        }))
+        .await
+        .expect("pushed");
+    running.shutdown().await;
+    // Same configuration (the embedded bundle, unchanged): the pushed revision is restored.
+    let running = aegis::server::start(c).await.expect("restarts");
+    assert_eq!(running.policy.current().revision(), "pushed-1");
+    running.shutdown().await;
+}
