@@ -454,6 +454,11 @@ pub use aegis::bench::ChildServer;
 
 /// Runs `aegis serve --listen 127.0.0.1:0 <args>` and waits for its address.
 pub fn spawn_serve(args: &[&str]) -> ChildServer {
+    spawn_serve_until(args, aegis::server::ANNOUNCE)
+}
+
+/// [`spawn_serve`], waiting for the line with `marker` (e.g. the control plane's).
+pub fn spawn_serve_until(args: &[&str], marker: &str) -> ChildServer {
     let mut all = vec![
         "serve",
         "--listen",
@@ -464,12 +469,8 @@ pub fn spawn_serve(args: &[&str]) -> ChildServer {
         "127.0.0.1:0",
     ];
     all.extend_from_slice(args);
-    ChildServer::spawn_exe(
-        Path::new(env!("CARGO_BIN_EXE_aegis")),
-        &all,
-        aegis::server::ANNOUNCE,
-    )
-    .expect("aegis serve starts and announces its address")
+    ChildServer::spawn_exe(Path::new(env!("CARGO_BIN_EXE_aegis")), &all, marker)
+        .expect("aegis serve starts and announces its address")
 }
 
 /// Runs `aegis serve` on loopback ports 0 with `args`, which must make it refuse to
@@ -523,5 +524,66 @@ pub fn policy_version(r: &CheckResponse) -> String {
     {
         Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.clone(),
         other => panic!("no policy_version: {other:?}"),
+    }
+}
+
+/// Runs the `aegis` binary with `args`.
+pub fn aegis_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+/// `aegis ctl --server http://<addr> --token <credential> <args>`: (exit code, stdout, stderr).
+pub fn ctl(addr: std::net::SocketAddr, credential: &str, args: &[&str]) -> (i32, String, String) {
+    let server = format!("http://{addr}");
+    let mut all = vec!["ctl", "--server", &server, "--token", credential];
+    all.extend_from_slice(args);
+    let out = aegis_cmd(&all);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `aegis operator issue` against `data_dir`: the credential.
+pub fn operator_cmd(data_dir: &Path, name: &str, role: &str, tenant: &str) -> String {
+    let data = data_dir.to_string_lossy().into_owned();
+    let out = aegis_cmd(&[
+        "operator",
+        "issue",
+        "--data-dir",
+        &data,
+        "--name",
+        name,
+        "--role",
+        role,
+        "--tenant",
+        tenant,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// Polls the async `f` until it is true or `timeout` passes.
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

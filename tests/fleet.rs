@@ -1,0 +1,556 @@
+//! A fleet across real processes on loopback: one `aegis serve --mode control-plane`,
+//! sidecars started with `--control-plane URL`, every action taken through `aegis ctl`,
+//! every effect observed as the Checks a sidecar answers.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    cp_data: PathBuf,
+    cp: ChildServer,
+    root: String,
+    sidecar_token: PathBuf,
+    sidecars: Vec<(ChildServer, AuthorizationClient<Channel>)>,
+}
+
+fn spawn_cp(data: &Path, control: &str) -> ChildServer {
+    let data = data.to_string_lossy().into_owned();
+    let args = [
+        "serve",
+        "--mode",
+        "control-plane",
+        "--data-dir",
+        &data,
+        "--control-listen",
+        control,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    ChildServer::spawn_exe(
+        Path::new(env!("CARGO_BIN_EXE_aegis")),
+        &args,
+        aegis::server::CONTROL_ANNOUNCE,
+    )
+    .expect("the control plane starts")
+}
+
+impl Fleet {
+    async fn start(sidecars: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp_data = dir.path().join("cp");
+        let cp = spawn_cp(&cp_data, "127.0.0.1:0");
+        let root = operator_cmd(&cp_data, "root", "admin", "*");
+        let sidecar_token = dir.path().join("sidecar.token");
+        std::fs::write(
+            &sidecar_token,
+            operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+        )
+        .expect("write");
+        let mut fleet = Self {
+            _dir: dir,
+            cp_data,
+            cp,
+            root,
+            sidecar_token,
+            sidecars: Vec::new(),
+        };
+        for i in 0..sidecars {
+            fleet.add_sidecar(i).await;
+        }
+        fleet
+    }
+
+    async fn add_sidecar(&mut self, i: usize) {
+        let data = self.cp_data.with_file_name(format!("sidecar-{i}"));
+        let url = format!("http://{}", self.cp.addr);
+        let args = [
+            "--data-dir".to_owned(),
+            data.to_string_lossy().into_owned(),
+            "--control-plane".into(),
+            url,
+            "--control-plane-token-file".into(),
+            self.sidecar_token.to_string_lossy().into_owned(),
+            "--trusted-key".into(),
+            self.cp_data
+                .join("signing.pub")
+                .to_string_lossy()
+                .into_owned(),
+            "--sidecar-name".into(),
+            format!("sidecar-{i}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn_serve(&args);
+        let client = client(child.addr).await;
+        self.sidecars.push((child, client));
+    }
+
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        ctl(self.cp.addr, &self.root, args)
+    }
+
+    /// `aegis ctl` that must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctl(args);
+        assert_eq!(code, 0, "aegis ctl {args:?}: {err}");
+        out
+    }
+}
+
+/// What an agent sees: "allow", the deny reason, or the gRPC error.
+async fn seen(client: &AuthorizationClient<Channel>, req: CheckRequest) -> String {
+    match client.clone().check(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            if code(&r) == 0 {
+                "allow".into()
+            } else {
+                reason(&r).unwrap_or("?").to_owned()
+            }
+        }
+        Err(s) => format!("error:{:?}", s.code()),
+    }
+}
+
+async fn all_see(fleet: &Fleet, req: impl Fn() -> CheckRequest, want: &str) -> bool {
+    eventually_async(Duration::from_secs(10), || async {
+        for (_, c) in &fleet.sidecars {
+            if seen(c, req()).await != want {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+fn payment(token: &str, amount: u64, ovr: Option<&str>) -> CheckRequest {
+    let r = Req::mcp("payments.create", json!({"amount": amount, "to": "acct-9"})).token(token);
+    match ovr {
+        Some(o) => r.header("x-aegis-override", o),
+        None => r,
+    }
+    .build()
+}
+
+#[tokio::test]
+async fn sidecars_follow_freezes_rotations_approvals_and_rollbacks() {
+    let fleet = Fleet::start(2).await;
+    fleet.ok(&["agents", "register", "billing-bot", "--tenant", "acme"]);
+    let token = fleet
+        .ok(&[
+            "tokens",
+            "issue",
+            "--agent",
+            "billing-bot",
+            "--tenant",
+            "acme",
+            "--scopes",
+            "invoices:read,payments:create",
+        ])
+        .trim()
+        .to_owned();
+    let read = || Req::read_invoices(&token);
+    assert!(all_see(&fleet, read, "allow").await, "every sidecar allows");
+
+    // Freeze: denied at every sidecar.
+    fleet.ok(&[
+        "agents",
+        "freeze",
+        "billing-bot",
+        "--tenant",
+        "acme",
+        "--reason",
+        "deny storm - investigating",
+    ]);
+    for (_, c) in &fleet.sidecars {
+        // Pushed, not polled: by the time ctl has printed, the sidecars have it or are
+        // about to; allow a moment for the stream.
+        assert!(
+            eventually_async(Duration::from_secs(2), || async {
+                seen(c, read()).await == "agent_frozen"
+            })
+            .await
+        );
+    }
+    let got: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "agents",
+        "get",
+        "billing-bot",
+        "--tenant",
+        "acme",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(
+        (got["status"].as_str(), got["updated_by"].as_str()),
+        (Some("frozen"), Some("admin:root"))
+    );
+    fleet.ok(&[
+        "agents",
+        "unfreeze",
+        "billing-bot",
+        "--tenant",
+        "acme",
+        "--reason",
+        "cleared",
+    ]);
+    assert!(all_see(&fleet, read, "allow").await);
+
+    // Approval raised at one sidecar, redeemed at another, refused on replay anywhere.
+    let (_, first) = &fleet.sidecars[0];
+    let r = first
+        .clone()
+        .check(payment(&token, 5000, None))
+        .await
+        .expect("decided")
+        .into_inner();
+    assert_eq!(reason(&r), Some("payment_above_threshold"));
+    let id = header(&denied(&r).headers, "x-aegis-approval-id")
+        .expect("approval id")
+        .to_owned();
+    let pending = fleet.ok(&["approvals", "list", "--tenant", "acme"]);
+    assert!(
+        pending.contains(&id) && pending.contains("payments.create"),
+        "{pending}"
+    );
+    let ovr = fleet
+        .ok(&[
+            "approvals",
+            "approve",
+            &id,
+            "--tenant",
+            "acme",
+            "--reason",
+            "confirmed by phone",
+        ])
+        .trim()
+        .to_owned();
+    let (_, second) = &fleet.sidecars[1];
+    assert_eq!(
+        seen(second, payment(&token, 5000, Some(&ovr))).await,
+        "allow"
+    );
+    assert_eq!(
+        seen(first, payment(&token, 5000, Some(&ovr))).await,
+        "override_used"
+    );
+
+    // Rotation: the old token is refused everywhere, the new one accepted.
+    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "tokens",
+        "list",
+        "--agent",
+        "billing-bot",
+        "--tenant",
+        "acme",
+        "--json",
+    ]))
+    .expect("json");
+    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+    let fresh = fleet
+        .ok(&[
+            "tokens",
+            "rotate",
+            &jti,
+            "--tenant",
+            "acme",
+            "--reason",
+            "exposed in a log",
+        ])
+        .trim()
+        .to_owned();
+    assert!(all_see(&fleet, read, "token_revoked").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
+
+    // Policy: a pushed revision reaches every sidecar, and a rollback brings the old one back.
+    let bundle = fleet.cp_data.with_file_name("bundle");
+    copy_default_bundle(&bundle);
+    std::fs::write(
+        bundle.join(".manifest"),
+        r#"{"revision": "fleet-2", "roots": ["aegis"]}"#,
+    )
+    .expect("manifest");
+    fleet.ok(&[
+        "policy",
+        "push",
+        &bundle.to_string_lossy(),
+        "--reason",
+        "new revision",
+    ]);
+    let version = |c: AuthorizationClient<Channel>, t: String| async move {
+        let mut c = c;
+        policy_version(
+            &c.check(Req::read_invoices(&t))
+                .await
+                .expect("decided")
+                .into_inner(),
+        )
+    };
+    for (_, c) in &fleet.sidecars {
+        assert!(
+            eventually_async(Duration::from_secs(10), || version(
+                c.clone(),
+                fresh.clone()
+            )
+            .then_eq("fleet-2"))
+            .await
+        );
+    }
+    fleet.ok(&["policy", "rollback", "--reason", "back out"]);
+    for (_, c) in &fleet.sidecars {
+        assert!(
+            eventually_async(Duration::from_secs(10), || version(
+                c.clone(),
+                fresh.clone()
+            )
+            .then_eq("default-2026.11.1"))
+            .await
+        );
+    }
+    let history = fleet.ok(&["policy", "history"]);
+    assert!(
+        history.contains("rollback") && history.contains("fleet-2"),
+        "{history}"
+    );
+}
+
+/// `fut.then_eq(x)`: whether the future's output equals `x`.
+trait ThenEq: std::future::Future<Output = String> + Sized {
+    async fn then_eq(self, want: &str) -> bool {
+        self.await == want
+    }
+}
+impl<F: std::future::Future<Output = String>> ThenEq for F {}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test]
+async fn a_sidecar_keeps_deciding_without_its_control_plane_and_resyncs() {
+    let mut fleet = Fleet::start(1).await;
+    for a in ["alpha", "beta"] {
+        fleet.ok(&["agents", "register", a, "--tenant", "acme"]);
+    }
+    let issue = |a: &str| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                a,
+                "--tenant",
+                "acme",
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let (alpha, beta) = (issue("alpha"), issue("beta"));
+    fleet.ok(&[
+        "agents", "freeze", "beta", "--tenant", "acme", "--reason", "contain",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "agent_frozen").await);
+    let control = fleet.cp.addr;
+    let admin = fleet.sidecars[0]
+        .0
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.split("admin ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<SocketAddr>()
+                .ok()
+        })
+        .expect("sidecar admin address");
+
+    // The control plane dies: the sidecar goes on deciding from its last state.
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            scrape(admin).await.contains("aegis_control_connected 0")
+        })
+        .await,
+        "the sidecar notices"
+    );
+    let (_, sc) = &fleet.sidecars[0];
+    for _ in 0..20 {
+        assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "allow");
+        assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
+    }
+
+    // It comes back on the same address with the same state; the sidecar reconnects and
+    // follows what happens next.
+    fleet.cp = spawn_cp(&fleet.cp_data, &control.to_string());
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            scrape(admin).await.contains("aegis_control_connected 1")
+        })
+        .await,
+        "the sidecar reconnects"
+    );
+    fleet.ok(&[
+        "agents", "unfreeze", "beta", "--tenant", "acme", "--reason", "cleared",
+    ]);
+    fleet.ok(&[
+        "agents",
+        "freeze",
+        "alpha",
+        "--tenant",
+        "acme",
+        "--reason",
+        "next incident",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "allow").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "agent_frozen").await);
+    let metrics = scrape(admin).await;
+    assert!(
+        metrics.contains("aegis_control_connects_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_sidecar_that_never_reached_its_control_plane_fails_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let token = dir.path().join("t");
+    std::fs::write(&token, "not-even-a-credential").expect("write");
+    let data = dir.path().join("data");
+    let sidecar = spawn_serve(&[
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--control-plane",
+        &format!("http://127.0.0.1:{port}"),
+        "--control-plane-token-file",
+        &token.to_string_lossy(),
+    ]);
+    let signer = aegis::keys::Signer::load(&data).expect("key");
+    let t = mint(&signer, claims("acme", "bot", &["invoices:read"]));
+    let e = client(sidecar.addr)
+        .await
+        .check(Req::read_invoices(&t))
+        .await
+        .expect_err("no state, no decision");
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("no control-plane state"), "{e:?}");
+
+    // Without a credential it does not even start.
+    let err = serve_refuses(&[
+        std::ffi::OsStr::new("--data-dir"),
+        data.as_os_str(),
+        std::ffi::OsStr::new("--control-plane"),
+        std::ffi::OsStr::new("http://127.0.0.1:1"),
+    ]);
+    assert!(err.contains("control.token_file"), "{err}");
+}
+
+#[tokio::test]
+async fn ctl_exit_codes_and_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = spawn_serve(&["--data-dir", &data.to_string_lossy()]);
+    let addr = server
+        .announced(aegis::server::CONTROL_ANNOUNCE)
+        .expect("control address");
+    let root = operator_cmd(&data, "root", "admin", "*");
+    let viewer = operator_cmd(&data, "val", "viewer", "acme");
+
+    let (code, out, err) = ctl(
+        addr,
+        &root,
+        &["agents", "register", "bot", "--tenant", "acme"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("acme/bot") && out.contains("active"), "{out}");
+    let (code, out, _) = ctl(addr, &viewer, &["agents", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("TENANT") && out.contains("bot"), "{out}");
+    let (code, out, _) = ctl(addr, &viewer, &["whoami", "--json"]);
+    assert_eq!(code, 0);
+    let who: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (who["role"].as_str(), who["tenant"].as_str()),
+        (Some("viewer"), Some("acme"))
+    );
+
+    let cases: &[(&str, &[&str], i32, &str)] = &[
+        (
+            "viewer changes",
+            &["agents", "freeze", "bot", "--reason", "x"],
+            3,
+            "PermissionDenied",
+        ),
+        (
+            "unknown agent",
+            &["agents", "get", "nobody", "--tenant", "acme"],
+            4,
+            "NotFound",
+        ),
+        (
+            "no reason",
+            &[
+                "agents", "freeze", "bot", "--tenant", "acme", "--reason", "",
+            ],
+            5,
+            "reason",
+        ),
+        (
+            "kill all unconfirmed",
+            &["kill", "all", "--reason", "x"],
+            5,
+            "confirm",
+        ),
+    ];
+    for (name, args, want, text) in cases {
+        let who = if *name == "viewer changes" {
+            &viewer
+        } else {
+            &root
+        };
+        let (code, _, err) = ctl(addr, who, args);
+        assert_eq!(code, *want, "{name}: {err}");
+        assert!(err.contains(text), "{name}: {err}");
+    }
+    let (code, _, err) = ctl(addr, "garbage", &["agents", "list"]);
+    assert_eq!(code, 3, "{err}");
+    let out = aegis_cmd(&[
+        "ctl",
+        "--server",
+        &format!("http://{addr}"),
+        "agents",
+        "list",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "no credential: {out:?}");
+    drop(server);
+    let (code, _, err) = ctl(addr, &root, &["agents", "list"]);
+    assert_eq!(code, 6, "unreachable: {err}");
+}
