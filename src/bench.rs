@@ -13,6 +13,9 @@
 //!    each request's scheduled send time, so a stall is not hidden (no coordinated
 //!    omission). Aegis's resident memory is sampled during this phase.
 //!
+//! `--propagation` measures something else: how fast a kill reaches a fleet of sidecar
+//! processes (see [`propagation`]).
+//!
 //! Every loop is bounded in time and count, and only talks to 127.0.0.1.
 
 use std::io::BufRead;
@@ -38,6 +41,17 @@ use tonic::transport::Channel;
 
 use crate::identity::{Audience, Claims};
 use crate::keys::Signer;
+
+mod propagation;
+
+/// The `p` quantile (0..=1) of sorted values (nearest rank); 0 when empty.
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(0)
+}
 
 /// Benchmark settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -76,6 +90,19 @@ pub struct BenchArgs {
     /// Soak rate as a fraction of the saturated throughput measured first.
     #[arg(long, default_value_t = 0.5)]
     pub soak_fraction: f64,
+    /// Measure kill propagation instead: a control plane and `--sidecars` sidecar
+    /// processes, the time from a kill call's return to a denied Check at every sidecar.
+    #[arg(long)]
+    pub propagation: bool,
+    /// Sidecar processes of the propagation benchmark.
+    #[arg(long, default_value_t = 10)]
+    pub sidecars: usize,
+    /// Kills measured by the propagation benchmark.
+    #[arg(long, default_value_t = 50)]
+    pub rounds: usize,
+    /// How often each sidecar is sent a Check while a kill propagates, in µs.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_us: u64,
 }
 
 /// Results of one phase against one server.
@@ -101,6 +128,14 @@ impl PhaseResult {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
+    }
+    if args.propagation {
+        return propagation::run(&propagation::Propagation {
+            sidecars: args.sidecars.max(1),
+            rounds: args.rounds.max(1),
+            poll_interval: Duration::from_micros(args.poll_interval_us.max(100)),
+        })
+        .await;
     }
     let setup = Setup::new("aegis-bench-", args.agents).await?;
     let (signer, workload, sink) = (&setup.signer, &setup.workload, &setup.sink);
