@@ -840,8 +840,19 @@ impl ChildServer {
 
     /// Spawns `exe <args>` and waits for a stderr line `…<marker><address>…`.
     pub fn spawn_exe(exe: &std::path::Path, args: &[&str], marker: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(exe)
+        Self::spawn_cmd(Command::new(exe), args, &[], marker)
+    }
+
+    /// [`Self::spawn_exe`] with a prepared command (environment) and extra OS-string args.
+    pub fn spawn_cmd(
+        mut cmd: Command,
+        args: &[&str],
+        more: &[&std::ffi::OsStr],
+        marker: &str,
+    ) -> anyhow::Result<Self> {
+        let mut child = cmd
             .args(args)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -60,7 +60,7 @@ pub enum StartError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
-    #[error("control plane: {0}")]
+    #[error(transparent)]
     Control(#[from] ControlError),
     #[error("{0}")]
     Config(String),

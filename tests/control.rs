@@ -981,3 +981,243 @@ async fn a_rollback_survives_a_restart() {
     assert_eq!(running.policy.current().revision(), "pushed-1");
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_control_plane_has_health_and_reflection() {
+    let mut s = start().await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.control_addr()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let r = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "aegis.control.v1.ControlPlane".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let reqs = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "aegis.control.v1.ControlPlane".into(),
+        )),
+    ];
+    let mut stream = ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(reqs))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let first = stream.message().await.expect("answer").expect("some");
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("{first:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"aegis.control.v1.ControlPlane".to_owned()),
+        "{names:?}"
+    );
+    let second = stream.message().await.expect("answer").expect("some");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+        panic!("{second:?}")
+    };
+    use prost::Message as _;
+    let file = prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice())
+        .expect("descriptor");
+    let methods: Vec<String> = file.service[0]
+        .method
+        .iter()
+        .filter_map(|m| m.name.clone())
+        .collect();
+    for m in [
+        "FreezeAgent",
+        "Kill",
+        "ApproveApproval",
+        "RollbackPolicy",
+        "Watch",
+    ] {
+        assert!(methods.contains(&m.to_owned()), "{methods:?}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_would_deny_is_marked_on_its_span() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let endpoint = format!("http://{}", sink.addr);
+    let (mut s, root, _alice) = setup_with(|c| c.otlp.endpoint = Some(endpoint)).await;
+    root.set_tenant("acme", Some("shadow"), None)
+        .await
+        .expect("shadow");
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let r = s
+        .check(
+            Req::get("/invoices")
+                .token(&t)
+                .tool("invoices", "create")
+                .build(),
+        )
+        .await
+        .expect("decided");
+    assert_eq!(code(&r), 0);
+    assert!(
+        eventually(Duration::from_secs(10), || sink
+            .spans
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1)
+        .await,
+        "span exported"
+    );
+    let received = sink.received.lock().expect("lock").clone();
+    let span = received
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .next()
+        .expect("a span")
+        .clone();
+    let attr = |k: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.clone())
+    };
+    assert_eq!(
+        attr("aegis.decision"),
+        Some(AnyValue::StringValue("would_deny".into()))
+    );
+    assert_eq!(
+        attr("aegis.reason"),
+        Some(AnyValue::StringValue("missing_scope".into()))
+    );
+    assert_eq!(attr("aegis.shadow"), Some(AnyValue::BoolValue(true)));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_default_autonomy_level_comes_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = {
+        // The variable reaches only the child process.
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"));
+        cmd.env("AEGIS_SOC_AUTONOMY_LEVEL", "3");
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ];
+        ChildServer::spawn_cmd(cmd, &args, &[data.as_os_str()], aegis::server::ANNOUNCE)
+            .expect("starts")
+    };
+    let addr = server
+        .announced(aegis::server::CONTROL_ANNOUNCE)
+        .expect("control");
+    let root = operator_cmd(&data, "root", "admin", "*");
+    let (code, out, err) = ctl(addr, &root, &["tenants", "get", "acme", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (t["mode"].as_str(), t["autonomy_level"].as_u64()),
+        (Some("enforce"), Some(3))
+    );
+    let (code, out, err) = ctl(
+        addr,
+        &root,
+        &[
+            "tenants",
+            "set",
+            "acme",
+            "--autonomy",
+            "L4",
+            "--reason",
+            "24/7 SOC",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("autonomy: L4"), "{out}");
+    let (code, _, err) = ctl(
+        addr,
+        &root,
+        &[
+            "tenants",
+            "set",
+            "acme",
+            "--autonomy",
+            "L5",
+            "--reason",
+            "x",
+        ],
+    );
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("1-4"), "{err}");
+}
+
+#[tokio::test]
+async fn a_changed_bundle_file_is_recorded_as_an_activation() {
+    let bundle = tempfile::tempdir().expect("tempdir");
+    copy_default_bundle(bundle.path());
+    let dir = bundle.path().to_path_buf();
+    let (mut s, root, _alice) = setup_with(move |c| c.policy.bundle = Some(dir)).await;
+    std::fs::write(
+        bundle.path().join(".manifest"),
+        r#"{"revision": "edited-on-disk", "roots": ["aegis"]}"#,
+    )
+    .expect("write");
+    let history = || async {
+        root.api()
+            .list_policy_revisions(root.req(pb::ListPolicyRevisionsRequest { limit: 5 }))
+            .await
+            .expect("history")
+            .into_inner()
+            .revisions
+    };
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            history()
+                .await
+                .first()
+                .map(|r| (r.revision.clone(), r.action.clone()))
+                == Some(("edited-on-disk".into(), "file".into()))
+        })
+        .await,
+        "{:?}",
+        history().await
+    );
+    s.stop().await;
+}
+
+#[test]
+fn a_corrupt_control_database_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("control.db"), vec![0x5a; 8192]).expect("garbage");
+    let err = serve_refuses(&[std::ffi::OsStr::new("--data-dir"), data.as_os_str()]);
+    assert!(err.contains("control.db"), "{err}");
+    // Nothing was overwritten: the file is as it was, for whoever investigates.
+    assert_eq!(
+        std::fs::read(data.join("control.db")).expect("read"),
+        vec![0x5a; 8192]
+    );
+}
