@@ -85,12 +85,46 @@ async fn freeze_denies_the_very_next_check_and_unfreeze_restores_it() {
         .expect_err("frozen agents get no token");
     assert_eq!(refused.code(), Code::FailedPrecondition);
 
+    // The runbook: rotate the frozen agent's token, then unfreeze it.
+    let jti = alice
+        .api()
+        .list_tokens(alice.req(pb::ListTokensRequest {
+            tenant: "acme".into(),
+            agent: "billing-bot".into(),
+            all: false,
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .tokens[0]
+        .jti
+        .clone();
+    let rotated = alice
+        .api()
+        .rotate_token(alice.req(pb::RotateTokenRequest {
+            tenant: "acme".into(),
+            jti,
+            reason: "exposed in a log".into(),
+            ttl_secs: 0,
+        }))
+        .await
+        .expect("a frozen agent's token can be rotated")
+        .into_inner()
+        .token;
+    assert_eq!(
+        reason(&s.read_invoices(&rotated).await),
+        Some("agent_frozen")
+    );
     alice
         .api()
         .unfreeze_agent(alice.req(agent_req("acme", "billing-bot", "false positive")))
         .await
         .expect("unfrozen");
-    assert_eq!(code(&s.read_invoices(&token).await), 0);
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked")
+    );
+    assert_eq!(code(&s.read_invoices(&rotated).await), 0);
 
     s.stop().await;
     let control = s.control_rows();
@@ -115,7 +149,13 @@ async fn freeze_denies_the_very_next_check_and_unfreeze_restores_it() {
         .collect();
     assert_eq!(
         reasons,
-        vec!["scope_granted", "agent_frozen", "scope_granted"]
+        vec![
+            "scope_granted",
+            "agent_frozen",
+            "agent_frozen",
+            "token_revoked",
+            "scope_granted"
+        ]
     );
     // The control rows are in the same signed chain, and it verifies.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))

@@ -387,7 +387,7 @@ impl ControlCore {
     ) -> Result<pb::IssuedToken, ControlError> {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Operate, &tenant)?;
-        let agent = self.active_agent(&tenant, &req.agent).await?;
+        let agent = self.agent_for_token(&tenant, &req.agent, false).await?;
         let session = if req.session.is_empty() {
             random_id("sess-")
         } else {
@@ -420,7 +420,9 @@ impl ControlCore {
         op.require(Need::Operate, &tenant)?;
         required_reason(&req.reason, "token.rotate")?;
         let old = self.token_in(&tenant, &req.jti).await?;
-        let agent = self.active_agent(&tenant, &old.agent).await?;
+        // A frozen agent's token may be rotated (an exposed credential is replaced while
+        // the agent is contained); the new token works once the agent is unfrozen.
+        let agent = self.agent_for_token(&tenant, &old.agent, true).await?;
         let (token, info) = self
             .mint_agent_token(&agent, &old.session, old.scopes.clone(), req.ttl_secs)
             .await?;
@@ -494,7 +496,14 @@ impl ControlCore {
         }
     }
 
-    async fn active_agent(&self, tenant: &str, id: &str) -> Result<pb::Agent, ControlError> {
+    /// The agent a token is minted for: registered, and active (or frozen, when
+    /// `frozen_ok`); never revoked.
+    async fn agent_for_token(
+        &self,
+        tenant: &str,
+        id: &str,
+        frozen_ok: bool,
+    ) -> Result<pb::Agent, ControlError> {
         let now = now_secs();
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let agent = self
@@ -505,7 +514,7 @@ impl ControlCore {
                     "no agent {id} in tenant {tenant} (register it first: aegis ctl agents register)"
                 ))
             })?;
-        if agent.status != super::ACTIVE {
+        if agent.status != super::ACTIVE && !(frozen_ok && agent.status == super::FROZEN) {
             return Err(ControlError::precondition(format!(
                 "agent {tenant}/{id} is {}: no token can be issued",
                 agent.status
