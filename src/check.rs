@@ -401,6 +401,10 @@ impl Checker {
                 }
                 call.cost = decoded.cost;
                 call.policy_agent = Some(agent);
+                // An override token never reaches the tool, whatever becomes of the call.
+                call.strip_override = decoded
+                    .header(crate::control::approvals::OVERRIDE_HEADER)
+                    .is_some();
                 Outcome::Decided {
                     decision,
                     code: Code::PermissionDenied,

@@ -290,6 +290,9 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         audit: audit.clone(),
         policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
         state: state.clone(),
+        revocation_slack: i64::try_from(config.token.leeway_secs)
+            .unwrap_or(i64::MAX / 2)
+            .saturating_add(60),
         data_dir: config.data_dir.clone(),
         kid: signer.kid().to_owned(),
     });
@@ -610,6 +613,9 @@ struct Readiness {
     /// The data plane's policy and control state (absent on a control-plane-only server).
     policy: Option<Arc<Policy>>,
     state: Arc<State>,
+    /// Seconds a revoked token id is kept past its token's expiry (over the verifier's
+    /// clock-skew leeway, which still accepts a token that long after `exp`).
+    revocation_slack: i64,
     /// The data directory and the key id being signed with.
     data_dir: std::path::PathBuf,
     kid: String,
@@ -660,6 +666,7 @@ async fn report_health(
         services.push(crate::control::CONTROL_SERVICE);
     }
     let mut last = None;
+    let mut ticks: u64 = 0;
     let mut shed_before = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -692,6 +699,15 @@ async fn report_health(
             }
             continue;
         };
+        // Revoked token ids are useless once their tokens have expired: drop them now and
+        // then (every minute) so the set holds only what can still be presented.
+        ticks += 1;
+        if ticks % 240 == 0 {
+            readiness
+                .state
+                .revocations
+                .prune(crate::control::now_secs(), readiness.revocation_slack);
+        }
         let shed = checker.admission.shed();
         if shed != shed_before {
             crate::log!(

@@ -361,7 +361,7 @@ async fn a_sidecar_keeps_deciding_without_its_control_plane_and_resyncs() {
                 "--tenant",
                 "acme",
                 "--scopes",
-                "invoices:read",
+                "invoices:read,payments:create",
             ])
             .trim()
             .to_owned()
@@ -401,6 +401,12 @@ async fn a_sidecar_keeps_deciding_without_its_control_plane_and_resyncs() {
         assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "allow");
         assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
     }
+    // What needs the control plane itself (raising an approval) fails as Aegis's own
+    // error, for Envoy's failure settings to decide; it is never decided without it.
+    assert_eq!(
+        seen(sc, payment(&alpha, 5000, None)).await,
+        "error:Unavailable"
+    );
 
     // It comes back on the same address with the same state; the sidecar reconnects and
     // follows what happens next.

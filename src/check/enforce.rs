@@ -163,7 +163,6 @@ async fn approvals(
         return match link.redeem_override(req).await {
             Ok(r) => {
                 call.approval_id = r.approval_id;
-                call.strip_override = true;
                 if r.accepted {
                     Outcome::Decided {
                         decision: Decision::simple(Verdict::Allow, "approved_override"),
