@@ -702,7 +702,7 @@ async fn report_health(
         // Revoked token ids are useless once their tokens have expired: drop them now and
         // then (every minute) so the set holds only what can still be presented.
         ticks += 1;
-        if ticks % 240 == 0 {
+        if ticks.is_multiple_of(240) {
             readiness
                 .state
                 .revocations
