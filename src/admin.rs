@@ -241,6 +241,13 @@ fn metrics(state: &AdminState) -> String {
             "",
             &[("", core.watchers() as u64)],
         );
+        metric(
+            "aegis_control_refusals_unrecorded_total",
+            "counter",
+            "Control calls without a valid credential refused past the audit rate (20/s): counted, not recorded.",
+            "",
+            &[("", core.unrecorded_refusals())],
+        );
     }
     metric(
         "aegis_audit_queue_depth",

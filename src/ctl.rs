@@ -10,7 +10,8 @@
 //! | 3 | refused: no, bad or expired credential, or the role or tenant does not allow it |
 //! | 4 | not found |
 //! | 5 | refused as asked: invalid argument, wrong state (already frozen, not pending, …) |
-//! | 6 | the control plane is unreachable or failed |
+//! | 6 | the control plane is unreachable or failed (nothing was done) |
+//! | 7 | the action took effect but its audit row could not be written: do not retry |
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -353,6 +354,7 @@ impl From<Status> for CtlError {
             Code::Unauthenticated | Code::PermissionDenied => 3,
             Code::NotFound => 4,
             Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => 5,
+            Code::Internal => 7,
             _ => 6,
         };
         Self {

@@ -523,14 +523,17 @@ async fn serve(
         }
         _ => None,
     };
-    let servers = async move {
-        for (name, task) in [("ext_authz", authz), ("control plane", control)] {
-            if let Some(task) = task {
-                match task.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => crate::log!(error, "{name} server failed: {e}"),
-                    Err(e) => crate::log!(error, "{name} server task failed: {e}"),
-                }
+    let mut servers: Vec<_> = [("ext_authz", authz), ("control plane", control)]
+        .into_iter()
+        .filter_map(|(name, task)| task.map(|t| (name, t)))
+        .collect();
+    let all_done = async {
+        for (name, task) in servers.iter_mut() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => crate::log!(error, "{name} server failed: {e}"),
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => crate::log!(error, "{name} server task failed: {e}"),
             }
         }
     };
@@ -539,9 +542,18 @@ async fn serve(
         let _ = stop.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        () = servers => {}
-        () = deadline => crate::log!(warn, "in-flight calls still running after {grace:?}; stopping anyway"),
+    let late = tokio::select! {
+        () = all_done => false,
+        () = deadline => true,
+    };
+    if late {
+        crate::log!(
+            warn,
+            "in-flight calls still running after {grace:?}; stopping anyway"
+        );
+        for (_, task) in &servers {
+            task.abort();
+        }
     }
     for task in [watcher, follower].into_iter().flatten() {
         let _ = task.await;

@@ -548,7 +548,8 @@ async fn approval_flow_allows_the_approved_call_exactly_once() {
 #[tokio::test]
 async fn approvals_expire_and_are_capped() {
     let (mut s, _root, alice) = setup_with(|c| {
-        c.control.approval_ttl_secs = 1;
+        // Whole seconds: a 2 s approval lives at least 1 s, time enough to approve it.
+        c.control.approval_ttl_secs = 2;
         c.control.override_ttl_secs = 1;
         c.control.max_pending_approvals = 2;
     })
@@ -562,7 +563,7 @@ async fn approvals_expire_and_are_capped() {
     assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(429));
 
     // Nobody answers: they expire, to deny, and the cap frees up.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let decide = alice.req(pb::DecideApprovalRequest {
         tenant: "acme".into(),
         id: first.clone(),

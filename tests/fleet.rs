@@ -401,12 +401,17 @@ async fn a_sidecar_keeps_deciding_without_its_control_plane_and_resyncs() {
         assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "allow");
         assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
     }
-    // What needs the control plane itself (raising an approval) fails as Aegis's own
-    // error, for Envoy's failure settings to decide; it is never decided without it.
-    assert_eq!(
-        seen(sc, payment(&alpha, 5000, None)).await,
-        "error:Unavailable"
-    );
+    // What needs the control plane itself (raising an approval) cannot happen: the
+    // policy's answer stands, a deny (503), never an error Envoy could fail open on.
+    let (_, c) = &fleet.sidecars[0];
+    let r = c
+        .clone()
+        .check(payment(&alpha, 5000, None))
+        .await
+        .expect("decided")
+        .into_inner();
+    assert_eq!(reason(&r), Some("approval_unavailable"));
+    assert_eq!(denied(&r).status.as_ref().map(|s| s.code), Some(503));
 
     // It comes back on the same address with the same state; the sidecar reconnects and
     // follows what happens next.

@@ -14,12 +14,14 @@
 //!    pass a limit is denied 429 `budget_exhausted` (`would_deny` in shadow mode).
 //!
 //! Only step 3 leaves the process (to the control plane, bounded by its timeout), and only
-//! for `approval_needed` decisions; a failure there is Aegis's own failure: a gRPC error.
+//! for `approval_needed` decisions. If the control plane cannot be asked, the policy's
+//! answer stands: a deny, 503 `approval_unavailable` (or `override_unverified`), not a
+//! gRPC error that Envoy's `failure_mode_allow` could turn into an allow.
 
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::{Call, Checker, Outcome};
-use crate::control::approvals::call_hash;
+use crate::control::approvals::{Call as BoundCall, call_hash};
 use crate::control::pb;
 use crate::control::state::AgentContext;
 use crate::policy::{Decision, Verdict};
@@ -50,15 +52,27 @@ pub(super) fn pending_call(
     claims: &crate::identity::Claims,
     policy_reason: &str,
 ) -> PendingCall {
+    let http = d.http;
+    let body: &[u8] = if is_mcp(&d.parsed_body) {
+        b""
+    } else if http.body.is_empty() {
+        &http.raw_body
+    } else {
+        http.body.as_bytes()
+    };
     PendingCall {
-        hash: call_hash(
-            &claims.tenant,
-            &claims.sub,
-            &d.tool.name,
-            &d.tool.action,
-            &d.tool.resource,
-            &d.tool.arguments,
-        ),
+        hash: call_hash(&BoundCall {
+            tenant: &claims.tenant,
+            agent: &claims.sub,
+            tool: &d.tool.name,
+            action: &d.tool.action,
+            resource: &d.tool.resource,
+            arguments: &d.tool.arguments,
+            method: &http.method,
+            host: &http.host,
+            path: &http.path,
+            body,
+        }),
         arguments: d.tool.arguments.to_string(),
         override_token: d
             .header(crate::control::approvals::OVERRIDE_HEADER)
@@ -67,6 +81,11 @@ pub(super) fn pending_call(
             .map(str::to_owned),
         policy_reason: policy_reason.to_owned(),
     }
+}
+
+/// A JSON-RPC (MCP) request body.
+fn is_mcp(body: &serde_json::Value) -> bool {
+    body.get("jsonrpc").and_then(serde_json::Value::as_str) == Some("2.0")
 }
 
 fn deny(reason: &str, status: u32) -> Outcome {
@@ -115,7 +134,7 @@ pub(super) async fn apply(
                 default_status,
             };
             if verdict == Verdict::ApprovalNeeded {
-                approvals(checker, outcome, call, decision_id).await
+                approvals(checker, outcome, call, decision_id, &agent, now).await
             } else {
                 outcome
             }
@@ -147,12 +166,24 @@ async fn approvals(
     outcome: Outcome,
     call: &mut Call,
     decision_id: &str,
+    agent: &AgentContext,
+    now: i64,
 ) -> Outcome {
     let (Some(pending), Some(claims)) = (call.pending.take(), call.claims.clone()) else {
         return outcome;
     };
     let link = &checker.control.link;
     if let Some(token) = pending.override_token {
+        // A call its budget would refuse anyway must not use up the approval.
+        if let Some(limit) = agent.budget
+            && checker
+                .control
+                .meter
+                .check(&claims.tenant, &claims.sub, &limit, call.cost, now)
+                .is_err()
+        {
+            return deny("budget_exhausted", 429);
+        }
         let req = pb::RedeemOverrideRequest {
             override_token: token,
             tenant: claims.tenant.clone(),
@@ -173,9 +204,9 @@ async fn approvals(
                     deny(&r.reason, 403)
                 }
             }
-            Err(e) => failed(
+            Err(e) => unavailable(
                 "override_unverified",
-                format!("aegis: cannot redeem the override token: {e}"),
+                &format!("cannot redeem the override token: {e}"),
             ),
         };
     }
@@ -198,17 +229,17 @@ async fn approvals(
             call.approval_id = r.approval_id;
             outcome
         }
-        Err(e) => failed(
+        Err(e) => unavailable(
             "approval_unavailable",
-            format!("aegis: cannot raise the approval: {e}"),
+            &format!("cannot raise the approval: {e}"),
         ),
     }
 }
 
-fn failed(reason: &'static str, message: String) -> Outcome {
-    crate::log!(error, "{message}");
-    Outcome::Failed {
-        reason,
-        status: Status::unavailable(message),
-    }
+/// The policy asked for an approval and the control plane cannot be asked: the policy's
+/// answer stands (not without approval), so this is a deny, 503, never a gRPC error that
+/// `failure_mode_allow` could turn into an allow.
+fn unavailable(reason: &str, message: &str) -> Outcome {
+    crate::log!(error, "{reason}: {message}");
+    deny(reason, 503)
 }

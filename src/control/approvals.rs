@@ -35,27 +35,47 @@ pub struct OverrideClaims {
     pub exp: i64,
 }
 
-/// Hex SHA-256 of a call: tenant, agent, tool, action and resource (each length-prefixed)
-/// and the arguments as canonical JSON (serde_json's map keeps keys sorted: the crate is
-/// built without `preserve_order`, and a test holds that). Two calls hash alike only if
-/// every one of these is equal.
-pub fn call_hash(
-    tenant: &str,
-    agent: &str,
-    tool: &str,
-    action: &str,
-    resource: &str,
-    arguments: &serde_json::Value,
-) -> String {
+/// What an approval is bound to: the tool call, and the HTTP request that carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub tenant: &'a str,
+    pub agent: &'a str,
+    pub tool: &'a str,
+    pub action: &'a str,
+    pub resource: &'a str,
+    pub arguments: &'a serde_json::Value,
+    /// The HTTP method, host, and path with its query string.
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    /// The request body, except for an MCP `tools/call`, whose arguments are the call (its
+    /// JSON-RPC `id` changes from one try to the next).
+    pub body: &'a [u8],
+}
+
+/// Hex SHA-256 of a call: every part of [`Call`], each length-prefixed, the arguments as
+/// canonical JSON (serde_json's map keeps keys sorted: the crate is built without
+/// `preserve_order`, and a test holds that). Two calls hash alike only if every part is
+/// equal: another amount, query string, path, host, method or body is another call.
+pub fn call_hash(c: &Call<'_>) -> String {
     let mut h = Sha256::new();
-    h.update(b"aegis-call/v1\n");
-    for part in [tenant, agent, tool, action, resource] {
+    h.update(b"aegis-call/v2\n");
+    let args = c.arguments.to_string();
+    for part in [
+        c.tenant.as_bytes(),
+        c.agent.as_bytes(),
+        c.tool.as_bytes(),
+        c.action.as_bytes(),
+        c.resource.as_bytes(),
+        args.as_bytes(),
+        c.method.as_bytes(),
+        c.host.as_bytes(),
+        c.path.as_bytes(),
+        c.body,
+    ] {
         h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
+        h.update(part);
     }
-    let args = arguments.to_string();
-    h.update((args.len() as u64).to_be_bytes());
-    h.update(args.as_bytes());
     crate::hex(&h.finalize())
 }
 
@@ -64,23 +84,72 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn call<'a>(args: &'a serde_json::Value) -> Call<'a> {
+        Call {
+            tenant: "acme",
+            agent: "bot",
+            tool: "payments",
+            action: "create",
+            resource: "",
+            arguments: args,
+            method: "POST",
+            host: "tools.internal",
+            path: "/mcp",
+            body: b"",
+        }
+    }
+
     #[test]
     fn the_hash_binds_every_part_and_ignores_key_order() {
         let a: serde_json::Value =
             serde_json::from_str(r#"{"amount": 5000, "to": "acct-9"}"#).expect("json");
         let b: serde_json::Value =
             serde_json::from_str(r#"{"to": "acct-9", "amount": 5000}"#).expect("json");
-        let h = |args: &serde_json::Value| call_hash("acme", "bot", "payments", "create", "", args);
-        assert_eq!(h(&a), h(&b));
-        assert_ne!(h(&a), h(&json!({"amount": 5001, "to": "acct-9"})));
-        assert_ne!(
-            call_hash("acme", "bot", "payments", "create", "", &a),
-            call_hash("acme", "bot", "payments", "refund", "", &a)
-        );
+        assert_eq!(call_hash(&call(&a)), call_hash(&call(&b)));
+        let other = json!({"amount": 5001, "to": "acct-9"});
+        assert_ne!(call_hash(&call(&a)), call_hash(&call(&other)));
+        let base = call_hash(&call(&a));
+        let changed = [
+            Call {
+                action: "refund",
+                ..call(&a)
+            },
+            Call {
+                path: "/mcp?to=attacker",
+                ..call(&a)
+            },
+            Call {
+                host: "evil.example",
+                ..call(&a)
+            },
+            Call {
+                method: "PUT",
+                ..call(&a)
+            },
+            Call {
+                body: b"{\"amount\":500000}",
+                ..call(&a)
+            },
+            Call {
+                resource: "acct-1",
+                ..call(&a)
+            },
+        ];
+        for c in &changed {
+            assert_ne!(call_hash(c), base, "{c:?}");
+        }
         // Length prefixes: moving a character between parts changes the hash.
         assert_ne!(
-            call_hash("acme", "bot", "ab", "c", "", &a),
-            call_hash("acme", "bot", "a", "bc", "", &a)
+            call_hash(&Call {
+                tool: "ab",
+                action: "c",
+                ..call(&a)
+            }),
+            call_hash(&Call {
+                tool: "a",
+                action: "bc",
+                ..call(&a)
+            })
         );
     }
 }

@@ -76,6 +76,25 @@ impl Meter {
         Ok(())
     }
 
+    /// Whether a call of `cost` would be charged now, without charging it.
+    pub fn check(
+        &self,
+        tenant: &str,
+        agent: &str,
+        limit: &Limit,
+        cost: f64,
+        now: i64,
+    ) -> Result<(), Exhausted> {
+        let used = self.usage(tenant, agent, limit, now);
+        if limit.max_calls > 0 && used.calls + 1 > limit.max_calls {
+            return Err(Exhausted::Calls);
+        }
+        if limit.max_cost > 0.0 && used.cost + cost > limit.max_cost {
+            return Err(Exhausted::Cost);
+        }
+        Ok(())
+    }
+
     /// The agent's use in the window containing `now`.
     pub fn usage(&self, tenant: &str, agent: &str, limit: &Limit, now: i64) -> Usage {
         let window = window_of(limit, now);

@@ -68,6 +68,35 @@ pub struct ControlCore {
     policy_opts: PolicyOptions,
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
     publish: tokio::sync::Mutex<()>,
+    /// Rows for calls without a valid credential, per second, so that anyone who can reach
+    /// the port cannot flood the signed log; the rest are only counted.
+    anonymous: RateWindow,
+}
+
+/// Unauthenticated refusals recorded per second; past it they are only counted.
+const ANONYMOUS_ROWS_PER_SEC: u64 = 20;
+
+#[derive(Debug, Default)]
+struct RateWindow {
+    second: std::sync::atomic::AtomicI64,
+    used: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl RateWindow {
+    /// Whether one more row fits in the current second.
+    fn admit(&self, now: i64, per_sec: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.second.swap(now, Relaxed) != now {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < per_sec {
+            true
+        } else {
+            self.dropped.fetch_add(1, Relaxed);
+            false
+        }
+    }
 }
 
 /// One audited control action.
@@ -146,6 +175,7 @@ impl ControlCore {
             policy_opts,
             events: broadcast::channel(WATCH_BUFFER).0,
             publish: tokio::sync::Mutex::new(()),
+            anonymous: RateWindow::default(),
         }
     }
 
@@ -180,6 +210,13 @@ impl ControlCore {
     /// Watchers connected now.
     pub fn watchers(&self) -> usize {
         self.events.receiver_count()
+    }
+
+    /// Unauthenticated calls refused but not recorded (over the per-second rate).
+    pub fn unrecorded_refusals(&self) -> u64 {
+        self.anonymous
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -244,7 +281,9 @@ impl ControlCore {
         })
     }
 
-    /// Audits a refused call (authentication or permission): who tried what.
+    /// Audits a refused call (authentication or permission): who tried what. Calls without
+    /// a valid credential are recorded up to a rate, and the tenant they name only if it
+    /// is a valid id.
     pub async fn record_refusal(
         &self,
         actor: &str,
@@ -252,6 +291,15 @@ impl ControlCore {
         tenant: &str,
         error: &ControlError,
     ) {
+        let anonymous = matches!(error, ControlError::Unauthenticated(_));
+        if anonymous && !self.anonymous.admit(now_secs(), ANONYMOUS_ROWS_PER_SEC) {
+            return;
+        }
+        let tenant = if valid_id("tenant", tenant).is_ok() {
+            tenant
+        } else {
+            ""
+        };
         let act = Act::new(actor, action, tenant);
         if let Err(e) = self.record(act, Some(&error.to_string())).await {
             crate::log!(error, "{e}");
@@ -358,23 +406,26 @@ impl ControlCore {
         let agent = self
             .publish(move |s| s.set_agent_status(&t, &id, status, &reason, &who, now))
             .await?;
-        if status == super::REVOKED {
-            // Revocation is final: its tokens are killed too, so lists show them dead.
-            let mark = pb::KillMark {
-                scope: pb::KillScope::Agent as i32,
-                tenant: tenant.clone(),
-                target: req.id.clone(),
-                before: now,
-            };
-            let (reason, who) = (req.reason.clone(), actor.clone());
-            self.publish(move |s| s.kill(&mark, &reason, &who, now))
-                .await?;
-        }
         let mut act = Act::new(&actor, action, &tenant);
         act.agent = &agent.id;
         act.target = format!("agent:{tenant}/{}", agent.id);
         act.reason = &req.reason;
         self.record(act, None).await?;
+        if status == super::REVOKED {
+            // Revocation is final: its tokens are killed too, so lists show them dead (the
+            // status alone already denies every call; the kill is audited as its own row).
+            self.kill(
+                op,
+                pb::KillRequest {
+                    scope: pb::KillScope::Agent as i32,
+                    tenant: tenant.clone(),
+                    target: req.id.clone(),
+                    reason: format!("agent revoked: {}", req.reason),
+                    confirm_all: false,
+                },
+            )
+            .await?;
+        }
         Ok(agent)
     }
 

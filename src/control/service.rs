@@ -436,6 +436,7 @@ fn watch_stream(
         version: u64,
         shutdown: tokio::sync::watch::Receiver<bool>,
     }
+    let stop = shutdown.clone();
     let state = S {
         version: snapshot.version,
         core,
@@ -443,7 +444,7 @@ fn watch_stream(
         first: Some(snapshot),
         shutdown,
     };
-    futures_stream(state, |mut s| async move {
+    futures_stream(state, stop, |mut s| async move {
         if let Some(first) = s.first.take() {
             return Some((Ok(first), s));
         }
@@ -475,8 +476,13 @@ fn watch_stream(
     })
 }
 
-/// `futures::stream::unfold` without the `futures` dependency.
-fn futures_stream<S, F, Fut, T>(init: S, f: F) -> impl Stream<Item = T> + Send
+/// `futures::stream::unfold` without the `futures` dependency; ends when the consumer is
+/// gone or the server stops (a stalled consumer never holds shutdown).
+fn futures_stream<S, F, Fut, T>(
+    init: S,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    f: F,
+) -> impl Stream<Item = T> + Send
 where
     S: Send + 'static,
     F: Fn(S) -> Fut + Send + 'static,
@@ -489,8 +495,9 @@ where
         loop {
             match f(state).await {
                 Some((item, next)) => {
-                    if tx.send(item).await.is_err() {
-                        return;
+                    tokio::select! {
+                        sent = tx.send(item) => if sent.is_err() { return },
+                        _ = shutdown.wait_for(|stop| *stop) => return,
                     }
                     state = next;
                 }

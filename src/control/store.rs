@@ -22,6 +22,12 @@ use super::pb::{self, KillScope, state_item::Item};
 /// File name of the control database in the data directory.
 pub const CONTROL_DB_FILE: &str = "control.db";
 
+/// How long past its expiry a token still counts for revocation. Data planes accept a
+/// token up to `token.leeway_secs` after `exp` (clock skew), so a revoked token must stay
+/// in every snapshot, and stay revocable, a while after it expired: an hour is far above
+/// any leeway a deployment would set.
+pub const EXPIRED_SLACK_SECS: i64 = 3600;
+
 /// A change to the watched state: the action's result, the version it was stored at and
 /// the items data planes must apply (empty: nothing they see changed).
 #[derive(Debug, Clone)]
@@ -445,7 +451,7 @@ impl ControlStore for SqliteStore {
                     .prepare("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?1")
                     .map_err(db_err)?;
                 let revoked = s
-                    .query_map([now], |r| {
+                    .query_map([now - EXPIRED_SLACK_SECS], |r| {
                         Ok(item(Item::RevokedToken(pb::RevokedToken {
                             jti: r.get(0)?,
                             expires_at: r.get(1)?,
@@ -769,15 +775,16 @@ impl ControlStore for SqliteStore {
                 return Err(ControlError::not_found(format!("nothing to kill: {what}")));
             }
             let live = format!("{cond} AND revoked_at IS NULL AND expires_at > ?3");
-            // The live tokens it covers are also revoked by id: a token minted in the kill's
-            // own second after an earlier kill carries a later `iat` than the mark.
+            // The tokens it covers are also revoked by id (live ones, and expired ones still
+            // inside the data planes' leeway): a token minted in the kill's own second after
+            // an earlier kill carries a later `iat` than the mark.
             let mut items = vec![item(Item::Kill(mark.clone()))];
             {
                 let mut s = tx
                     .prepare(&format!("SELECT jti, expires_at FROM tokens WHERE {live}"))
                     .map_err(db_err)?;
                 let revoked = s
-                    .query_map(params![mark.tenant, mark.target, now], |r| {
+                    .query_map(params![mark.tenant, mark.target, now - EXPIRED_SLACK_SECS], |r| {
                         Ok(item(Item::RevokedToken(pb::RevokedToken {
                             jti: r.get(0)?,
                             expires_at: r.get(1)?,
@@ -799,7 +806,13 @@ impl ControlStore for SqliteStore {
                 .map_err(db_err)?;
             tx.execute(
                 &format!("UPDATE tokens SET revoked_at = ?4, revoked_reason = ?5 WHERE {live}"),
-                params![mark.tenant, mark.target, now, now, format!("killed: {reason}")],
+                params![
+                    mark.tenant,
+                    mark.target,
+                    now - EXPIRED_SLACK_SECS,
+                    now,
+                    format!("killed: {reason}")
+                ],
             )
             .map_err(db_err)?;
             tx.execute(
@@ -1224,7 +1237,11 @@ fn revoke_live(
                 "no token {jti} was issued by this control plane (kill its session or agent instead)"
             ))
         })?;
-    if token.status != "live" {
+    // An expired token is still revocable inside the slack: data planes accept it up to
+    // their leeway past `exp`.
+    let revocable = token.status == "live"
+        || (token.status == "expired" && token.expires_at > now - EXPIRED_SLACK_SECS);
+    if !revocable {
         return Err(ControlError::precondition(format!(
             "token {jti} is already {}",
             token.status
