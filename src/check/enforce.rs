@@ -134,7 +134,9 @@ pub(super) async fn apply(
                 default_status,
             };
             if verdict == Verdict::ApprovalNeeded {
-                approvals(checker, outcome, call, decision_id, &agent, now).await
+                // Boxed: the rare path's future (a gRPC call to the control plane) must not
+                // grow every Check's future.
+                Box::pin(approvals(checker, outcome, call, decision_id, &agent, now)).await
             } else {
                 outcome
             }
