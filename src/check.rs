@@ -82,6 +82,8 @@ pub struct ControlView {
     pub state: Arc<State>,
     pub meter: Arc<Meter>,
     pub link: ControlLink,
+    /// The correlation engine's queue: every recorded decision is offered to it.
+    pub correlation: Option<Arc<crate::correlate::Correlator>>,
 }
 
 /// Bounds the Checks in flight. A Check over the bound is refused at once with
@@ -311,6 +313,23 @@ impl Checker {
             }
         };
         self.counters.count(outcome.decision());
+        if let (Some(c), Outcome::Decided { decision, .. }, Some(claims)) =
+            (&self.control.correlation, &outcome, call.claims.as_deref())
+        {
+            c.offer(crate::correlate::Decision {
+                time_ns: now_ns,
+                tenant: claims.tenant.clone(),
+                agent: claims.sub.clone(),
+                session: claims.sid.clone(),
+                run_id: call.run_id.clone(),
+                tool: call.tool.clone(),
+                action: call.action.clone(),
+                decision: decision.verdict.as_str().to_owned(),
+                reason: decision.reason.clone(),
+                decision_id: decision_id.clone(),
+                trust_level: call.trust_level.clone(),
+            });
+        }
         let error = match &outcome {
             Outcome::Failed { status, .. } => Some(status.message().to_owned()),
             Outcome::Decided { .. } => None,

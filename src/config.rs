@@ -64,6 +64,21 @@ pub struct Config {
     pub otlp: OtlpConfig,
     pub limits: LimitsConfig,
     pub control: ControlConfig,
+    pub correlation: CorrelationConfig,
+}
+
+/// `[correlation]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorrelationConfig {
+    /// Run the correlation engine on this data plane's decisions.
+    pub enabled: bool,
+}
+
+impl Default for CorrelationConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// `[control]`
@@ -187,6 +202,7 @@ impl Default for Config {
             otlp: OtlpConfig::default(),
             limits: LimitsConfig::default(),
             control: ControlConfig::default(),
+            correlation: CorrelationConfig::default(),
         }
     }
 }
@@ -310,6 +326,9 @@ pub struct Overrides {
     /// Lifetime of operator credentials in seconds [default: 28800].
     #[arg(long, env = "AEGIS_OPERATOR_TTL_SECS")]
     pub operator_ttl_secs: Option<u64>,
+    /// Run the correlation engine on this data plane's decisions [default: true].
+    #[arg(long, env = "AEGIS_CORRELATION")]
+    pub correlation: Option<bool>,
     /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9192].
     #[arg(long, env = "AEGIS_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -556,6 +575,7 @@ impl Overrides {
         );
         set(&mut c.control.max_token_ttl_secs, &self.max_token_ttl_secs);
         set(&mut c.control.operator_ttl_secs, &self.operator_ttl_secs);
+        set(&mut c.correlation.enabled, &self.correlation);
         set(&mut c.admin_listen, &self.admin_listen);
         set(&mut c.data_dir, &self.data_dir);
         set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);

@@ -77,6 +77,50 @@ enum CtlCommand {
     /// Policy revisions: push, history, rollback.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Incidents raised by the correlation engine.
+    #[command(subcommand)]
+    Incidents(IncidentsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IncidentsCommand {
+    List {
+        /// open, acknowledged or closed [default: all].
+        #[arg(long, default_value = "")]
+        status: String,
+        #[arg(long, default_value = "")]
+        agent: String,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    Ack {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    Close {
+        id: String,
+        #[command(flatten)]
+        r: Reason,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    /// What the response engine would do for the incident at a level (default: the tenant's).
+    DryRun {
+        id: String,
+        /// 1-4 (or L1-L4).
+        #[arg(long)]
+        level: Option<String>,
+        #[command(flatten)]
+        t: TenantArg,
+    },
 }
 
 /// The tenant a command applies to (default: the credential's own).
@@ -469,6 +513,7 @@ async fn run(args: CtlArgs) -> Result<(), CtlError> {
         CtlCommand::Tenants(cmd) => tenants(&c, cmd).await,
         CtlCommand::Budgets(cmd) => budgets(&c, cmd).await,
         CtlCommand::Policy(cmd) => policy(&c, cmd).await,
+        CtlCommand::Incidents(cmd) => incidents(&c, cmd).await,
     }
 }
 
@@ -843,6 +888,124 @@ async fn policy(c: &Client, cmd: PolicyCommand) -> Result<(), CtlError> {
     c.show(&rev.into_inner(), |r| {
         revision_table(std::slice::from_ref(r))
     })
+}
+
+async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
+    let mut api = c.inner.clone();
+    let incident = match cmd {
+        IncidentsCommand::List { status, agent, t } => {
+            let r = api
+                .list_incidents(c.req(pb::ListIncidentsRequest {
+                    tenant: t.tenant,
+                    status,
+                    agent,
+                }))
+                .await?
+                .into_inner();
+            return c.show(&r, |r| incident_table(&r.incidents));
+        }
+        IncidentsCommand::DryRun { id, level, t } => {
+            let autonomy_level = match level {
+                None => 0,
+                Some(l) => l
+                    .trim_start_matches(['L', 'l'])
+                    .parse::<u32>()
+                    .map_err(|_| CtlError {
+                        code: 5,
+                        message: format!("--level {l:?} is not 1-4 or L1-L4"),
+                    })?,
+            };
+            let p = api
+                .plan_response(c.req(pb::PlanResponseRequest {
+                    tenant: t.tenant,
+                    id,
+                    autonomy_level,
+                }))
+                .await?
+                .into_inner();
+            return c.show(&p, |p| {
+                format!("at L{}: {}\n", p.autonomy_level, p.actions.join(", "))
+            });
+        }
+        IncidentsCommand::Show { id, t } => {
+            api.get_incident(c.req(pb::IncidentRef {
+                tenant: t.tenant,
+                id,
+            }))
+            .await?
+        }
+        IncidentsCommand::Ack { id, reason, t } => {
+            api.acknowledge_incident(c.req(pb::IncidentActionRequest {
+                tenant: t.tenant,
+                id,
+                reason,
+            }))
+            .await?
+        }
+        IncidentsCommand::Close { id, r, t } => {
+            api.close_incident(c.req(pb::IncidentActionRequest {
+                tenant: t.tenant,
+                id,
+                reason: r.reason,
+            }))
+            .await?
+        }
+    };
+    c.show(&incident.into_inner(), incident_text)
+}
+
+fn incident_text(i: &pb::Incident) -> String {
+    format!(
+        "incident:  {}\nkind:      {} ({})\nagent:     {}/{} (session {}, run {})\nsummary:   {}\nevidence:  {}\nstatus:    {}{}{}\nraised:    {} at L{} by {} (policy {})\nactions:   {}\n",
+        i.id,
+        i.kind,
+        i.severity,
+        i.tenant,
+        i.agent,
+        i.session,
+        i.run_id,
+        i.summary,
+        i.evidence.join(", "),
+        i.status,
+        if i.acknowledged_by.is_empty() {
+            String::new()
+        } else {
+            format!(", acknowledged by {}", i.acknowledged_by)
+        },
+        if i.closed_by.is_empty() {
+            String::new()
+        } else {
+            format!(", closed by {}: {}", i.closed_by, i.close_reason)
+        },
+        time(i.created_at_ns / 1_000_000_000),
+        i.autonomy_level,
+        i.reported_by,
+        i.policy_revision,
+        i.actions.join("; ")
+    )
+}
+
+fn incident_table(incidents: &[pb::Incident]) -> String {
+    table(
+        &[
+            "ID", "KIND", "SEVERITY", "AGENT", "STATUS", "RAISED", "ACTIONS", "SUMMARY",
+        ],
+        incidents
+            .iter()
+            .map(|i| {
+                vec![
+                    i.id.clone(),
+                    i.kind.clone(),
+                    i.severity.clone(),
+                    format!("{}/{}", i.tenant, i.agent),
+                    i.status.clone(),
+                    time(i.created_at_ns / 1_000_000_000),
+                    i.actions.join("; "),
+                    i.summary.clone(),
+                ]
+            })
+            .collect(),
+    )
 }
 
 // === tables ===

@@ -20,6 +20,8 @@
 //! - [`control`]: the control plane: operator credentials, the control store, the
 //!   actions (freeze, revoke, kill, approvals, shadow mode, budgets, policy rollback),
 //!   the gRPC service, and the data plane's view of its state (snapshot + deltas).
+//! - [`correlate`]: the correlation engine: attack patterns in the decision stream,
+//!   reported to the control plane as incidents.
 //! - [`ctl`]: `aegis ctl`, the control-plane client.
 //! - [`server`]: `aegis serve`: listeners, modes, health, reflection, reload, shutdown.
 //! - [`admin`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
@@ -34,6 +36,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod correlate;
 pub mod ctl;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -194,6 +194,11 @@ impl CompiledBundle {
         &self.digest
     }
 
+    /// The bundle's data document (a copy).
+    pub fn data(&self) -> regorus::Value {
+        self.template.get_data()
+    }
+
     /// Evaluates the decision rule for `input`.
     pub fn evaluate(&self, input: regorus::Value) -> Result<Decision, EvalError> {
         let value = self.evaluate_raw(input)?;

@@ -153,6 +153,8 @@ struct Parts {
     writer: crate::audit::store::WriterThread,
     telemetry: Telemetry,
     policy: Arc<Policy>,
+    /// The correlation task (holds the control link: joined before the audit writer).
+    correlator: Option<tokio::task::JoinHandle<()>>,
     /// The data-plane listener and the control-plane listener, as the mode has them.
     authz_listener: Option<TcpListener>,
     control_listener: Option<TcpListener>,
@@ -249,6 +251,19 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         }
     };
 
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (correlation, correlator_task) =
+        if mode == Mode::ControlPlane || !config.correlation.enabled {
+            (None, None)
+        } else {
+            let (c, task) = crate::correlate::Correlator::start(
+                policy.clone(),
+                link.clone(),
+                crate::correlate::Thresholds::default(),
+                shutdown_rx.clone(),
+            );
+            (Some(c), Some(task))
+        };
     let checker = (mode != Mode::ControlPlane).then(|| {
         let limits = Limits {
             max_body_bytes: config.limits.max_body_bytes,
@@ -271,6 +286,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                 state: state.clone(),
                 meter,
                 link,
+                correlation,
             },
         ))
     });
@@ -285,7 +301,6 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         None => None,
     };
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let readiness = Arc::new(Readiness {
         audit: audit.clone(),
         policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
@@ -366,6 +381,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         writer,
         telemetry,
         policy: policy.clone(),
+        correlator: correlator_task,
         authz_listener,
         control_listener,
         reloads,
@@ -458,6 +474,7 @@ async fn serve(
         writer,
         telemetry,
         policy,
+        correlator,
         authz_listener,
         control_listener,
         reloads,
@@ -555,7 +572,7 @@ async fn serve(
             task.abort();
         }
     }
-    for task in [watcher, follower].into_iter().flatten() {
+    for task in [watcher, follower, correlator].into_iter().flatten() {
         let _ = task.await;
     }
     if let Some(r) = recorder {

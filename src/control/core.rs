@@ -1365,6 +1365,337 @@ impl ControlCore {
     }
 }
 
+/// The kinds of incident the correlation engine raises.
+pub const INCIDENT_KINDS: &[&str] = &[
+    "deny_storm",
+    "data_exfil_pattern",
+    "approval_flood",
+    "runaway",
+    "budget_exhausted",
+    "trust_escalation",
+    "untrusted_mutation",
+];
+
+/// What the response engine does for an incident of `severity` at autonomy `level`:
+/// L1 notify only; L2 notify (requiring approval for the agent's mutating calls is not
+/// built yet, and the plan says so); L3 also freeze the agent on high and critical
+/// incidents; L4 also revoke its tokens and kill its session.
+pub fn plan(level: u32, severity: &str) -> Vec<&'static str> {
+    let serious = matches!(severity, "high" | "critical");
+    let mut actions = vec!["notify"];
+    if level >= 3 && serious {
+        actions.push("freeze_agent");
+    }
+    if level >= 4 && serious {
+        actions.push("kill_agent_tokens");
+        actions.push("kill_session");
+    }
+    actions
+}
+
+impl ControlCore {
+    /// The identity the response engine acts under.
+    fn response_engine() -> Operator {
+        Operator {
+            name: "response-engine".into(),
+            role: Role::Admin,
+            tenant: super::auth::ALL_TENANTS.into(),
+            expires_at: i64::MAX,
+        }
+    }
+
+    /// A data plane's finding: stored, audited, and contained as the tenant's autonomy
+    /// level says; every automatic action is audited with the incident id and listed in
+    /// the incident.
+    pub async fn report_incident(
+        &self,
+        op: &Operator,
+        req: pb::ReportIncidentRequest,
+    ) -> Result<pb::Incident, ControlError> {
+        op.require(Need::Fleet, "")?;
+        valid_id("tenant", &req.tenant)?;
+        valid_id("agent id", &req.agent)?;
+        if !INCIDENT_KINDS.contains(&req.kind.as_str()) {
+            return Err(ControlError::invalid(format!(
+                "unknown incident kind {:?}",
+                req.kind
+            )));
+        }
+        if !["low", "medium", "high", "critical"].contains(&req.severity.as_str()) {
+            return Err(ControlError::invalid(format!(
+                "unknown severity {:?}",
+                req.severity
+            )));
+        }
+        if req.decided_at_ns <= 0 {
+            return Err(ControlError::invalid(
+                "an incident needs the time of its decision",
+            ));
+        }
+        let level = self
+            .get_tenant(
+                &Self::response_engine(),
+                pb::TenantRef {
+                    tenant: req.tenant.clone(),
+                },
+            )
+            .await?
+            .autonomy_level;
+        let now_ns = crate::unix_nanos();
+        let incident = pb::Incident {
+            id: random_id("INC-"),
+            tenant: req.tenant,
+            agent: req.agent,
+            session: req.session,
+            run_id: req.run_id,
+            kind: req.kind,
+            severity: req.severity,
+            summary: req.summary,
+            evidence: req.evidence,
+            trigger_decision: req.trigger_decision,
+            decided_at_ns: req.decided_at_ns,
+            status: "open".into(),
+            created_at_ns: now_ns,
+            updated_at: now_ns / 1_000_000_000,
+            autonomy_level: level,
+            reported_by: op.actor(),
+            policy_revision: req.policy_revision,
+            ..Default::default()
+        };
+        let i = incident.clone();
+        self.blocking(move |s| s.insert_incident(&i)).await?;
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "incident.raise", &incident.tenant);
+        act.agent = &incident.agent;
+        act.session = &incident.session;
+        act.target = format!(
+            "incident:{} {} {}",
+            incident.id, incident.kind, incident.severity
+        );
+        act.reason = &incident.summary;
+        act.revision = &incident.policy_revision;
+        self.record(act, None).await?;
+        let done = self.contain(&incident).await;
+        let (t, id, d) = (incident.tenant.clone(), incident.id.clone(), done.clone());
+        self.blocking(move |s| s.add_incident_actions(&t, &id, &d))
+            .await?;
+        crate::log!(
+            warn,
+            "incident {} {} ({}) for {}/{} at L{level}: {}; actions: {}",
+            incident.id,
+            incident.kind,
+            incident.severity,
+            incident.tenant,
+            incident.agent,
+            incident.summary,
+            done.join(", ")
+        );
+        Ok(pb::Incident {
+            actions: done,
+            ..incident
+        })
+    }
+
+    /// Carries out the plan for `incident`; returns what was done, one line per action.
+    async fn contain(&self, incident: &pb::Incident) -> Vec<String> {
+        let engine = Self::response_engine();
+        let reason = format!("incident {} ({})", incident.id, incident.kind);
+        let mut done = Vec::new();
+        for action in plan(incident.autonomy_level, &incident.severity) {
+            let outcome = match action {
+                "notify" => Ok("logged".to_owned()),
+                "freeze_agent" => self.freeze_for(&engine, incident, &reason).await,
+                "kill_agent_tokens" => self
+                    .kill(
+                        &engine,
+                        pb::KillRequest {
+                            scope: pb::KillScope::Agent as i32,
+                            tenant: incident.tenant.clone(),
+                            target: incident.agent.clone(),
+                            reason: reason.clone(),
+                            confirm_all: false,
+                        },
+                    )
+                    .await
+                    .map(|k| format!("{} tokens", k.tokens)),
+                "kill_session" if incident.session.is_empty() => Ok("no session".into()),
+                _ => self
+                    .kill(
+                        &engine,
+                        pb::KillRequest {
+                            scope: pb::KillScope::Session as i32,
+                            tenant: incident.tenant.clone(),
+                            target: incident.session.clone(),
+                            reason: reason.clone(),
+                            confirm_all: false,
+                        },
+                    )
+                    .await
+                    .map(|k| format!("session {}: {} tokens", incident.session, k.tokens)),
+            };
+            done.push(match outcome {
+                Ok(detail) => format!("{action}: {detail}"),
+                Err(e) => format!("{action}: failed: {e}"),
+            });
+        }
+        done
+    }
+
+    /// Freezes the incident's agent, registering it (frozen) if the control plane did not
+    /// know it (a token minted offline).
+    async fn freeze_for(
+        &self,
+        engine: &Operator,
+        incident: &pb::Incident,
+        reason: &str,
+    ) -> Result<String, ControlError> {
+        let req = pb::AgentActionRequest {
+            tenant: incident.tenant.clone(),
+            id: incident.agent.clone(),
+            reason: reason.to_owned(),
+        };
+        match self
+            .set_agent_status(engine, req.clone(), super::FROZEN)
+            .await
+        {
+            Ok(_) => Ok("frozen".into()),
+            Err(ControlError::Precondition(m)) => Ok(format!("unchanged ({m})")),
+            Err(ControlError::NotFound(_)) => {
+                self.register_agent(
+                    engine,
+                    pb::RegisterAgentRequest {
+                        tenant: incident.tenant.clone(),
+                        id: incident.agent.clone(),
+                        risk_tier: "high".into(),
+                    },
+                )
+                .await?;
+                self.set_agent_status(engine, req, super::FROZEN).await?;
+                Ok("registered and frozen".into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_incidents(
+        &self,
+        op: &Operator,
+        req: pb::ListIncidentsRequest,
+    ) -> Result<Vec<pb::Incident>, ControlError> {
+        let scope = op.list_scope(&req.tenant)?;
+        op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
+        let status = (!req.status.is_empty()).then_some(req.status);
+        let agent = (!req.agent.is_empty()).then_some(req.agent);
+        self.blocking(move |s| s.incidents(scope.as_deref(), status.as_deref(), agent.as_deref()))
+            .await
+    }
+
+    pub async fn get_incident(
+        &self,
+        op: &Operator,
+        req: pb::IncidentRef,
+    ) -> Result<pb::Incident, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        let (t, i) = (tenant.clone(), req.id.clone());
+        self.blocking(move |s| s.incident(&t, &i))
+            .await?
+            .ok_or_else(|| {
+                ControlError::not_found(format!("no incident {} in tenant {tenant}", req.id))
+            })
+    }
+
+    /// Acknowledges (`acknowledged`) or closes (`closed`, with a reason) an incident.
+    pub async fn set_incident_status(
+        &self,
+        op: &Operator,
+        req: pb::IncidentActionRequest,
+        status: &'static str,
+    ) -> Result<pb::Incident, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        let action = if status == "closed" {
+            "incident.close"
+        } else {
+            "incident.acknowledge"
+        };
+        if status == "closed" {
+            required_reason(&req.reason, action)?;
+        }
+        let current = self
+            .get_incident(
+                op,
+                pb::IncidentRef {
+                    tenant: tenant.clone(),
+                    id: req.id.clone(),
+                },
+            )
+            .await?;
+        let actor = op.actor();
+        let (t, i, who, why) = (
+            tenant.clone(),
+            req.id.clone(),
+            actor.clone(),
+            req.reason.clone(),
+        );
+        let now = now_secs();
+        let updated = self
+            .blocking(move |s| s.set_incident_status(&t, &i, status, &who, &why, now))
+            .await?
+            .ok_or_else(|| {
+                ControlError::precondition(format!("incident {} is {}", req.id, current.status))
+            })?;
+        let mut act = Act::new(&actor, action, &tenant);
+        act.agent = &updated.agent;
+        act.target = format!("incident:{}", updated.id);
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        Ok(updated)
+    }
+
+    /// The dry run: what the response engine would do at `level` (0: the tenant's).
+    pub async fn plan_response(
+        &self,
+        op: &Operator,
+        req: pb::PlanResponseRequest,
+    ) -> Result<pb::ResponsePlan, ControlError> {
+        let incident = self
+            .get_incident(
+                op,
+                pb::IncidentRef {
+                    tenant: req.tenant.clone(),
+                    id: req.id.clone(),
+                },
+            )
+            .await?;
+        let level = match req.autonomy_level {
+            0 => {
+                self.get_tenant(
+                    op,
+                    pb::TenantRef {
+                        tenant: incident.tenant.clone(),
+                    },
+                )
+                .await?
+                .autonomy_level
+            }
+            l @ 1..=4 => l,
+            l => {
+                return Err(ControlError::invalid(format!(
+                    "autonomy level {l} is not 1-4"
+                )));
+            }
+        };
+        Ok(pb::ResponsePlan {
+            autonomy_level: level,
+            actions: plan(level, &incident.severity)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
 fn to_pb(files: &BundleFiles) -> pb::Bundle {
     pb::Bundle {
         files: files

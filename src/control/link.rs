@@ -66,6 +66,20 @@ impl ControlLink {
         }
     }
 
+    pub async fn report_incident(
+        &self,
+        req: pb::ReportIncidentRequest,
+    ) -> Result<pb::Incident, ControlError> {
+        match self {
+            ControlLink::Local(core, op) => core.report_incident(op, req).await,
+            ControlLink::Remote(r) => {
+                let mut client = r.client.clone();
+                r.call(req, |req| async move { client.report_incident(req).await })
+                    .await
+            }
+        }
+    }
+
     pub async fn redeem_override(
         &self,
         req: pb::RedeemOverrideRequest,

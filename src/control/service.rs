@@ -405,6 +405,86 @@ impl ControlPlane for ControlService {
         )
     }
 
+    async fn report_incident(
+        &self,
+        req: Request<pb::ReportIncidentRequest>,
+    ) -> Answer<pb::Incident> {
+        call!(
+            self,
+            req,
+            "incident.raise",
+            |r: &Request<pb::ReportIncidentRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.report_incident(&op, b).await }
+        )
+    }
+
+    async fn list_incidents(
+        &self,
+        req: Request<pb::ListIncidentsRequest>,
+    ) -> Answer<pb::ListIncidentsResponse> {
+        call!(
+            self,
+            req,
+            "incident.list",
+            |r: &Request<pb::ListIncidentsRequest>| r.get_ref().tenant.clone(),
+            |op, b| {
+                self.core
+                    .list_incidents(&op, b)
+                    .await
+                    .map(|incidents| pb::ListIncidentsResponse { incidents })
+            }
+        )
+    }
+
+    async fn get_incident(&self, req: Request<pb::IncidentRef>) -> Answer<pb::Incident> {
+        call!(
+            self,
+            req,
+            "incident.get",
+            |r: &Request<pb::IncidentRef>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.get_incident(&op, b).await }
+        )
+    }
+
+    async fn acknowledge_incident(
+        &self,
+        req: Request<pb::IncidentActionRequest>,
+    ) -> Answer<pb::Incident> {
+        call!(
+            self,
+            req,
+            "incident.acknowledge",
+            |r: &Request<pb::IncidentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_incident_status(&op, b, "acknowledged").await }
+        )
+    }
+
+    async fn close_incident(
+        &self,
+        req: Request<pb::IncidentActionRequest>,
+    ) -> Answer<pb::Incident> {
+        call!(
+            self,
+            req,
+            "incident.close",
+            |r: &Request<pb::IncidentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_incident_status(&op, b, "closed").await }
+        )
+    }
+
+    async fn plan_response(
+        &self,
+        req: Request<pb::PlanResponseRequest>,
+    ) -> Answer<pb::ResponsePlan> {
+        call!(
+            self,
+            req,
+            "incident.plan",
+            |r: &Request<pb::PlanResponseRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.plan_response(&op, b).await }
+        )
+    }
+
     async fn redeem_override(
         &self,
         req: Request<pb::RedeemOverrideRequest>,

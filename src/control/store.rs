@@ -159,6 +159,33 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
     /// Newest first.
     fn policy_history(&self, limit: u32) -> Result<Vec<pb::PolicyRevision>, ControlError>;
     fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, ControlError>;
+
+    fn insert_incident(&self, incident: &pb::Incident) -> Result<(), ControlError>;
+    fn incidents(
+        &self,
+        tenant: Option<&str>,
+        status: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Vec<pb::Incident>, ControlError>;
+    fn incident(&self, tenant: &str, id: &str) -> Result<Option<pb::Incident>, ControlError>;
+    /// Acknowledges (from open) or closes (from open or acknowledged) an incident; `None`
+    /// if it is not in a state that allows it.
+    fn set_incident_status(
+        &self,
+        tenant: &str,
+        id: &str,
+        status: &str,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<pb::Incident>, ControlError>;
+    /// Appends what the response engine did.
+    fn add_incident_actions(
+        &self,
+        tenant: &str,
+        id: &str,
+        actions: &[String],
+    ) -> Result<(), ControlError>;
 }
 
 const SCHEMA: &str = "
@@ -197,6 +224,15 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE INDEX IF NOT EXISTS approvals_by_agent ON approvals (tenant, agent, status);
 CREATE TABLE IF NOT EXISTS policy_bundles (
     digest TEXT PRIMARY KEY, revision TEXT NOT NULL, files BLOB NOT NULL, stored_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, agent TEXT NOT NULL, session TEXT NOT NULL,
+    run_id TEXT NOT NULL, kind TEXT NOT NULL, severity TEXT NOT NULL, summary TEXT NOT NULL,
+    evidence TEXT NOT NULL, trigger_decision TEXT NOT NULL, decided_at_ns INTEGER NOT NULL,
+    status TEXT NOT NULL, created_at_ns INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+    acknowledged_by TEXT NOT NULL DEFAULT '', closed_by TEXT NOT NULL DEFAULT '',
+    close_reason TEXT NOT NULL DEFAULT '', actions TEXT NOT NULL DEFAULT '[]',
+    autonomy_level INTEGER NOT NULL, reported_by TEXT NOT NULL, policy_revision TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS incidents_by_tenant ON incidents (tenant, status);
 CREATE TABLE IF NOT EXISTS policy_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, revision TEXT NOT NULL, digest TEXT NOT NULL,
     action TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
@@ -1160,6 +1196,174 @@ impl ControlStore for SqliteStore {
             .map_err(db_err)
         })
     }
+
+    fn insert_incident(&self, i: &pb::Incident) -> Result<(), ControlError> {
+        let evidence = serde_json::to_string(&i.evidence).map_err(db_err)?;
+        let actions = serde_json::to_string(&i.actions).map_err(db_err)?;
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                     ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                ),
+                params![
+                    i.id,
+                    i.tenant,
+                    i.agent,
+                    i.session,
+                    i.run_id,
+                    i.kind,
+                    i.severity,
+                    i.summary,
+                    evidence,
+                    i.trigger_decision,
+                    i.decided_at_ns,
+                    i.status,
+                    i.created_at_ns,
+                    i.updated_at,
+                    i.acknowledged_by,
+                    i.closed_by,
+                    i.close_reason,
+                    actions,
+                    i.autonomy_level,
+                    i.reported_by,
+                    i.policy_revision
+                ],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    fn incidents(
+        &self,
+        tenant: Option<&str>,
+        status: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Vec<pb::Incident>, ControlError> {
+        self.with(|c| {
+            let (cond, values) =
+                filters(1, &[("tenant", tenant), ("status", status), ("agent", agent)]);
+            let mut s = c
+                .prepare(&format!(
+                    "SELECT {INCIDENT_COLUMNS} FROM incidents WHERE 1 = 1{cond} ORDER BY created_at_ns, id"
+                ))
+                .map_err(db_err)?;
+            let bound: Vec<&dyn rusqlite::ToSql> =
+                values.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+            collect(s.query_map(bound.as_slice(), incident_row).map_err(db_err)?)
+        })
+    }
+
+    fn incident(&self, tenant: &str, id: &str) -> Result<Option<pb::Incident>, ControlError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE tenant = ?1 AND id = ?2"),
+                params![tenant, id],
+                incident_row,
+            )
+            .optional()
+            .map_err(db_err)
+        })
+    }
+
+    fn set_incident_status(
+        &self,
+        tenant: &str,
+        id: &str,
+        status: &str,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<pb::Incident>, ControlError> {
+        self.with(|c| {
+            let changed = if status == "acknowledged" {
+                c.execute(
+                    "UPDATE incidents SET status = 'acknowledged', acknowledged_by = ?3, updated_at = ?4 \
+                     WHERE tenant = ?1 AND id = ?2 AND status = 'open'",
+                    params![tenant, id, actor, now],
+                )
+            } else {
+                c.execute(
+                    "UPDATE incidents SET status = 'closed', closed_by = ?3, close_reason = ?4, \
+                     updated_at = ?5 WHERE tenant = ?1 AND id = ?2 AND status != 'closed'",
+                    params![tenant, id, actor, reason, now],
+                )
+            }
+            .map_err(db_err)?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            c.query_row(
+                &format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE tenant = ?1 AND id = ?2"),
+                params![tenant, id],
+                incident_row,
+            )
+            .optional()
+            .map_err(db_err)
+        })
+    }
+
+    fn add_incident_actions(
+        &self,
+        tenant: &str,
+        id: &str,
+        actions: &[String],
+    ) -> Result<(), ControlError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let current: String = tx
+                .query_row(
+                    "SELECT actions FROM incidents WHERE tenant = ?1 AND id = ?2",
+                    params![tenant, id],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            let mut list: Vec<String> = serde_json::from_str(&current).unwrap_or_default();
+            list.extend(actions.iter().cloned());
+            let text = serde_json::to_string(&list).map_err(db_err)?;
+            tx.execute(
+                "UPDATE incidents SET actions = ?3 WHERE tenant = ?1 AND id = ?2",
+                params![tenant, id, text],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)
+        })
+    }
+}
+
+const INCIDENT_COLUMNS: &str = "id, tenant, agent, session, run_id, kind, severity, summary, evidence, \
+     trigger_decision, decided_at_ns, status, created_at_ns, updated_at, acknowledged_by, closed_by, \
+     close_reason, actions, autonomy_level, reported_by, policy_revision";
+
+fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
+    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
+        let text: String = r.get(i)?;
+        Ok(serde_json::from_str(&text).unwrap_or_default())
+    };
+    Ok(pb::Incident {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        agent: r.get(2)?,
+        session: r.get(3)?,
+        run_id: r.get(4)?,
+        kind: r.get(5)?,
+        severity: r.get(6)?,
+        summary: r.get(7)?,
+        evidence: list(8)?,
+        trigger_decision: r.get(9)?,
+        decided_at_ns: r.get(10)?,
+        status: r.get(11)?,
+        created_at_ns: r.get(12)?,
+        updated_at: r.get(13)?,
+        acknowledged_by: r.get(14)?,
+        closed_by: r.get(15)?,
+        close_reason: r.get(16)?,
+        actions: list(17)?,
+        autonomy_level: r.get(18)?,
+        reported_by: r.get(19)?,
+        policy_revision: r.get(20)?,
+    })
 }
 
 const BUDGET_COLUMNS: &str =

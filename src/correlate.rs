@@ -1,0 +1,584 @@
+//! The correlation engine: attack patterns in the decision stream.
+//!
+//! Every decided Check becomes a [`Decision`] event; the engine keeps a little state per
+//! tenant and agent and raises an [`Finding`] when a pattern completes:
+//!
+//! | kind | when (defaults) | severity |
+//! |---|---|---|
+//! | `deny_storm` | an agent reaches 5 denies within 60 s | high |
+//! | `data_exfil_pattern` | a source action, then a sink action of the same agent within 120 s | critical (high if the sink was refused) |
+//! | `approval_flood` | 10 approval requests within 300 s | medium |
+//! | `runaway` | 20 calls within 10 s | high |
+//! | `budget_exhausted` | a call denied `budget_exhausted` | medium |
+//! | `trust_escalation` | a deny, then an allow of the same tool and action within 120 s | high |
+//! | `untrusted_mutation` | a state-mutating call triggered by `untrusted_external` content | high (critical if it went through) |
+//!
+//! Threshold rules fire **once per episode**: not again for the events that follow, nor
+//! because the window slid back to the threshold; they re-arm only after a whole window in
+//! which the count stayed below it. Times are the decisions' own (events may arrive out of
+//! order; each rule reasons on decision time, not arrival); an event without a valid time
+//! is refused, never treated as epoch 0.
+//!
+//! Source, sink and mutating actions are matched **by word**: tool and action names are
+//! split at separators and camelCase (`postgres_query` → `postgres`, `query`;
+//! `sendEmail` → `send`, `email`), so `location` holds no `cat` and `postgres_query` is not
+//! a `post`. The word lists come from the policy bundle's data
+//! (`data.aegis.correlation.{source_words,sink_words,mutating_words}`), with the defaults
+//! below when a bundle has none.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// Default source words (reading data).
+pub const SOURCE_WORDS: &[&str] = &[
+    "read", "get", "fetch", "list", "download", "query", "select", "export", "dump", "cat",
+];
+/// Default sink words (sending data out).
+pub const SINK_WORDS: &[&str] = &[
+    "send",
+    "post",
+    "upload",
+    "email",
+    "webhook",
+    "push",
+    "publish",
+    "write_external",
+    "share",
+    "transfer",
+    "exfil",
+];
+/// Default words of state-mutating actions.
+pub const MUTATING_WORDS: &[&str] = &[
+    "create", "update", "delete", "write", "put", "patch", "post", "send", "push", "publish",
+    "transfer", "refund", "pay", "execute", "exec", "run", "deploy", "merge", "remove", "drop",
+    "insert", "upload", "share", "email",
+];
+
+/// Thresholds and windows.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    pub deny_storm: (usize, Duration),
+    pub exfil_window: Duration,
+    pub approval_flood: (usize, Duration),
+    pub runaway: (usize, Duration),
+    pub trust_escalation_window: Duration,
+    /// How long a once-per-agent finding (budget exhaustion, an untrusted mutation of one
+    /// tool and action) stays quiet before it may fire again.
+    pub quiet: Duration,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            deny_storm: (5, Duration::from_secs(60)),
+            exfil_window: Duration::from_secs(120),
+            approval_flood: (10, Duration::from_secs(300)),
+            runaway: (20, Duration::from_secs(10)),
+            trust_escalation_window: Duration::from_secs(120),
+            quiet: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Word lists for matching actions.
+#[derive(Debug, Clone)]
+pub struct Words {
+    pub source: Vec<String>,
+    pub sink: Vec<String>,
+    pub mutating: Vec<String>,
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        let own = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            source: own(SOURCE_WORDS),
+            sink: own(SINK_WORDS),
+            mutating: own(MUTATING_WORDS),
+        }
+    }
+}
+
+/// One decided Check, as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Decision time, Unix nanoseconds (from the decision itself).
+    pub time_ns: i64,
+    pub tenant: String,
+    pub agent: String,
+    pub session: String,
+    pub run_id: String,
+    pub tool: String,
+    pub action: String,
+    /// allow, deny, sanitize, approval_needed, would_deny.
+    pub decision: String,
+    pub reason: String,
+    pub decision_id: String,
+    pub trust_level: String,
+}
+
+/// A pattern the engine found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub kind: &'static str,
+    pub severity: &'static str,
+    pub tenant: String,
+    pub agent: String,
+    pub session: String,
+    pub run_id: String,
+    pub summary: String,
+    /// The decisions behind it, oldest first.
+    pub evidence: Vec<String>,
+    /// The decision that completed the pattern, and its time.
+    pub trigger: String,
+    pub time_ns: i64,
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("decision {0} has no valid time ({1}): refused, not treated as epoch 0")]
+    BadTime(String, i64),
+    #[error("decision {0} names no tenant or agent")]
+    NoAgent(String),
+}
+
+/// A count of events in a sliding window that fires once per episode.
+#[derive(Debug, Default)]
+struct Episode {
+    times: VecDeque<(i64, String)>,
+    /// Set while an episode is on: the last time the count was at or over the threshold.
+    on_since_last: Option<i64>,
+}
+
+impl Episode {
+    /// Adds an event at `t`; returns the evidence when this event starts an episode.
+    fn add(&mut self, t: i64, id: &str, threshold: usize, window: i64) -> Option<Vec<String>> {
+        let at = self.times.partition_point(|(x, _)| *x <= t);
+        self.times.insert(at, (t, id.to_owned()));
+        let newest = self.times.back().map_or(t, |(x, _)| *x);
+        // The window that ends at the newest event.
+        while self
+            .times
+            .front()
+            .is_some_and(|(x, _)| *x <= newest - window)
+        {
+            self.times.pop_front();
+        }
+        // Re-arm only after a whole window below the threshold.
+        if let Some(last) = self.on_since_last
+            && newest - last >= window
+            && self.times.len() < threshold
+        {
+            self.on_since_last = None;
+        }
+        if self.times.len() >= threshold {
+            let was_on = self.on_since_last.is_some();
+            self.on_since_last = Some(newest);
+            if !was_on {
+                return Some(self.times.iter().map(|(_, id)| id.clone()).collect());
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Default)]
+struct AgentState {
+    denies: Episode,
+    approvals: Episode,
+    calls: Episode,
+    /// Source and sink events in the exfiltration window: (time, decision id, allowed,
+    /// tool.action), sorted by time; a source is consumed by the incident it starts.
+    sources: VecDeque<(i64, String, String)>,
+    sinks: VecDeque<(i64, String, bool, String)>,
+    /// Recent denies by tool.action: (time, decision id).
+    denied: HashMap<String, Vec<(i64, String)>>,
+    /// Last time a quiet-limited finding fired, by key.
+    quiet: HashMap<String, i64>,
+}
+
+/// The engine: state per (tenant, agent).
+#[derive(Debug)]
+pub struct Engine {
+    thresholds: Thresholds,
+    words: Words,
+    agents: HashMap<(String, String), AgentState>,
+}
+
+/// Splits a tool or action name into lower-case words: at any non-alphanumeric character
+/// and at camelCase boundaries.
+pub fn words(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut prev_lower = false;
+    for ch in name.chars() {
+        if !ch.is_alphanumeric() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if ch.is_uppercase() && prev_lower && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        prev_lower = ch.is_lowercase() || ch.is_ascii_digit();
+        cur.extend(ch.to_lowercase());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Whether `tool` or `action` matches one of `list` by word. A list entry of several words
+/// (`write_external`) matches those words in sequence.
+fn matches(list: &[String], tool: &str, action: &str) -> bool {
+    let names = [words(tool), words(action)];
+    list.iter().any(|entry| {
+        let want = words(entry);
+        !want.is_empty()
+            && names
+                .iter()
+                .any(|w| w.windows(want.len()).any(|win| win == want.as_slice()))
+    })
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Earliest and latest decision times accepted (2001 to 2286 in nanoseconds): anything
+/// outside is a broken clock or a broken event.
+const MIN_TIME_NS: i64 = 1_000_000_000 * 1_000_000_000;
+
+// === impl Engine ===
+
+impl Engine {
+    pub fn new(thresholds: Thresholds, words: Words) -> Self {
+        Self {
+            thresholds,
+            words,
+            agents: HashMap::new(),
+        }
+    }
+
+    /// The word lists in use.
+    pub fn set_words(&mut self, words: Words) {
+        self.words = words;
+    }
+
+    /// Feeds one decision; returns what it completes.
+    pub fn observe(&mut self, d: &Decision) -> Result<Vec<Finding>, EventError> {
+        if d.time_ns < MIN_TIME_NS {
+            return Err(EventError::BadTime(d.decision_id.clone(), d.time_ns));
+        }
+        if d.tenant.is_empty() || d.agent.is_empty() {
+            return Err(EventError::NoAgent(d.decision_id.clone()));
+        }
+        let th = self.thresholds.clone();
+        let is_source = matches(&self.words.source, &d.tool, &d.action);
+        let is_sink = matches(&self.words.sink, &d.tool, &d.action);
+        let is_mutating = matches(&self.words.mutating, &d.tool, &d.action);
+        let st = self
+            .agents
+            .entry((d.tenant.clone(), d.agent.clone()))
+            .or_default();
+        let t = d.time_ns;
+        let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
+        let call = format!("{}.{}", d.tool, d.action);
+        let mut found = Vec::new();
+        let mut finding =
+            |kind: &'static str, severity: &'static str, summary: String, evidence: Vec<String>| {
+                found.push(Finding {
+                    kind,
+                    severity,
+                    tenant: d.tenant.clone(),
+                    agent: d.agent.clone(),
+                    session: d.session.clone(),
+                    run_id: d.run_id.clone(),
+                    summary,
+                    evidence,
+                    trigger: d.decision_id.clone(),
+                    time_ns: t,
+                });
+            };
+
+        // deny_storm
+        if d.decision == "deny" {
+            let (n, w) = th.deny_storm;
+            if let Some(ev) = st.denies.add(t, &d.decision_id, n, secs(w)) {
+                finding(
+                    "deny_storm",
+                    "high",
+                    format!(
+                        "{} reached {} denies within {} s (last: {call}, {})",
+                        d.agent,
+                        ev.len(),
+                        w.as_secs(),
+                        d.reason
+                    ),
+                    ev,
+                );
+            }
+        }
+        // approval_flood
+        if d.decision == "approval_needed" {
+            let (n, w) = th.approval_flood;
+            if let Some(ev) = st.approvals.add(t, &d.decision_id, n, secs(w)) {
+                finding(
+                    "approval_flood",
+                    "medium",
+                    format!(
+                        "{} raised {} approval requests within {} s",
+                        d.agent,
+                        ev.len(),
+                        w.as_secs()
+                    ),
+                    ev,
+                );
+            }
+        }
+        // runaway
+        {
+            let (n, w) = th.runaway;
+            if let Some(ev) = st.calls.add(t, &d.decision_id, n, secs(w)) {
+                finding(
+                    "runaway",
+                    "high",
+                    format!(
+                        "{} made {} calls within {} s",
+                        d.agent,
+                        ev.len(),
+                        w.as_secs()
+                    ),
+                    ev,
+                );
+            }
+        }
+        // budget_exhausted
+        if d.reason == "budget_exhausted" && quiet_ok(&mut st.quiet, "budget", t, secs(th.quiet)) {
+            finding(
+                "budget_exhausted",
+                "medium",
+                format!("{} exhausted its budget ({call})", d.agent),
+                vec![d.decision_id.clone()],
+            );
+        }
+        // trust_escalation: a deny, then an allow of the same tool and action.
+        let tw = secs(th.trust_escalation_window);
+        if d.decision == "deny" {
+            st.denied
+                .entry(call.clone())
+                .or_default()
+                .push((t, d.decision_id.clone()));
+        } else if allowed && let Some(list) = st.denied.get_mut(&call) {
+            list.retain(|(x, _)| t - *x < tw);
+            if let Some(pos) = list.iter().position(|(x, _)| *x < t) {
+                let (_, deny_id) = list.remove(pos);
+                finding(
+                    "trust_escalation",
+                    "high",
+                    format!(
+                        "{call} was denied, then allowed for {} within {} s",
+                        d.agent,
+                        tw / 1_000_000_000
+                    ),
+                    vec![deny_id, d.decision_id.clone()],
+                );
+            }
+        }
+        // untrusted_mutation
+        if d.trust_level == "untrusted_external"
+            && is_mutating
+            && quiet_ok(
+                &mut st.quiet,
+                &format!("mutation:{call}"),
+                t,
+                secs(th.quiet),
+            )
+        {
+            finding(
+                "untrusted_mutation",
+                if allowed { "critical" } else { "high" },
+                format!(
+                    "{} attempted {call} triggered by untrusted external content ({})",
+                    d.agent, d.decision
+                ),
+                vec![d.decision_id.clone()],
+            );
+        }
+        // data_exfil_pattern: a source, then a sink, within the window, in decision time.
+        let xw = secs(th.exfil_window);
+        st.sources.retain(|(x, _, _)| (t - *x).abs() < xw);
+        st.sinks.retain(|(x, _, _, _)| (t - *x).abs() < xw);
+        if is_sink {
+            if let Some(pos) = st.sources.iter().position(|(x, _, _)| *x < t) {
+                let (_, src_id, src_call) = st.sources.remove(pos).unwrap_or_default();
+                finding(
+                    "data_exfil_pattern",
+                    if allowed { "critical" } else { "high" },
+                    format!(
+                        "{} read with {src_call}, then sent with {call} ({}) within {} s",
+                        d.agent,
+                        d.decision,
+                        xw / 1_000_000_000
+                    ),
+                    vec![src_id, d.decision_id.clone()],
+                );
+            } else {
+                st.sinks
+                    .push_back((t, d.decision_id.clone(), allowed, call.clone()));
+            }
+        }
+        if is_source && !is_sink {
+            // A sink already seen with a later time (events out of order) completes it now.
+            if let Some(pos) = st.sinks.iter().position(|(x, _, _, _)| *x > t) {
+                let (_, sink_id, sink_allowed, sink_call) =
+                    st.sinks.remove(pos).unwrap_or_default();
+                finding(
+                    "data_exfil_pattern",
+                    if sink_allowed { "critical" } else { "high" },
+                    format!(
+                        "{} read with {call}, then sent with {sink_call} within {} s",
+                        d.agent,
+                        xw / 1_000_000_000
+                    ),
+                    vec![d.decision_id.clone(), sink_id],
+                );
+            } else {
+                let at = st.sources.partition_point(|(x, _, _)| *x <= t);
+                st.sources
+                    .insert(at, (t, d.decision_id.clone(), call.clone()));
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether a quiet-limited finding under `key` may fire at `t` (and note that it does).
+fn quiet_ok(last: &mut HashMap<String, i64>, key: &str, t: i64, quiet: i64) -> bool {
+    match last.get(key) {
+        Some(prev) if (t - *prev).abs() < quiet => false,
+        _ => {
+            last.insert(key.to_owned(), t);
+            true
+        }
+    }
+}
+
+/// The data plane's correlation task: decisions in over a bounded queue (a full queue drops
+/// the event and counts it, never delays a Check), findings out to the control plane.
+#[derive(Debug)]
+pub struct Correlator {
+    tx: tokio::sync::mpsc::Sender<Decision>,
+    /// Events dropped on a full queue, refused (no valid time), and incidents reported.
+    pub dropped: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    pub reported: std::sync::atomic::AtomicU64,
+}
+
+/// Events waiting for the correlation task before new ones are dropped.
+pub const QUEUE: usize = 8192;
+
+impl Correlator {
+    /// Starts the task; it ends when `shutdown` turns true.
+    pub fn start(
+        policy: std::sync::Arc<crate::policy::Policy>,
+        link: crate::control::link::ControlLink,
+        thresholds: Thresholds,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (std::sync::Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let me = std::sync::Arc::new(Self {
+            tx,
+            dropped: Default::default(),
+            refused: Default::default(),
+            reported: Default::default(),
+        });
+        let task = tokio::spawn(run(me.clone(), rx, policy, link, thresholds, shutdown));
+        (me, task)
+    }
+
+    /// Hands a decision to the engine without waiting.
+    pub fn offer(&self, d: Decision) {
+        if self.tx.try_send(d).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+async fn run(
+    me: std::sync::Arc<Correlator>,
+    mut rx: tokio::sync::mpsc::Receiver<Decision>,
+    policy: std::sync::Arc<crate::policy::Policy>,
+    link: crate::control::link::ControlLink,
+    thresholds: Thresholds,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut engine = Engine::new(thresholds, Words::default());
+    let mut digest = String::new();
+    loop {
+        let d = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let bundle = policy.current();
+        if bundle.digest() != digest {
+            digest = bundle.digest().to_owned();
+            engine.set_words(words_from(&bundle));
+        }
+        let findings = match engine.observe(&d) {
+            Ok(f) => f,
+            Err(e) => {
+                me.refused.fetch_add(1, Relaxed);
+                crate::log!(warn, "correlation: {e}");
+                continue;
+            }
+        };
+        for f in findings {
+            let req = crate::control::pb::ReportIncidentRequest {
+                tenant: f.tenant,
+                agent: f.agent,
+                session: f.session,
+                run_id: f.run_id,
+                kind: f.kind.to_owned(),
+                severity: f.severity.to_owned(),
+                summary: f.summary,
+                evidence: f.evidence,
+                trigger_decision: f.trigger,
+                decided_at_ns: f.time_ns,
+                policy_revision: bundle.revision().to_owned(),
+            };
+            match link.report_incident(req).await {
+                Ok(_) => {
+                    me.reported.fetch_add(1, Relaxed);
+                }
+                Err(e) => crate::log!(error, "correlation: incident {} not reported: {e}", f.kind),
+            }
+        }
+    }
+}
+
+/// The word lists of a bundle (`data.aegis.correlation`), else the defaults.
+pub fn words_from(bundle: &crate::policy::CompiledBundle) -> Words {
+    let data = bundle.data();
+    let list = |key: &str, default: &[&str]| -> Vec<String> {
+        let v = &data["aegis"]["correlation"][key];
+        match v.as_array() {
+            Ok(items) => items
+                .iter()
+                .filter_map(|i| i.as_string().ok().map(|s| s.to_string()))
+                .collect(),
+            Err(_) => default.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    };
+    Words {
+        source: list("source_words", SOURCE_WORDS),
+        sink: list("sink_words", SINK_WORDS),
+        mutating: list("mutating_words", MUTATING_WORDS),
+    }
+}
