@@ -42,6 +42,7 @@ use tonic::transport::Channel;
 use crate::identity::{Audience, Claims};
 use crate::keys::Signer;
 
+mod detection;
 mod propagation;
 
 /// The `p` quantile (0..=1) of sorted values (nearest rank); 0 when empty.
@@ -103,6 +104,13 @@ pub struct BenchArgs {
     /// How often each sidecar is sent a Check while a kill propagates, in µs.
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_us: u64,
+    /// Measure detection and containment instead: exfiltration patterns through a sidecar
+    /// of a tenant at L3, the time to the incident and to the agent being denied.
+    #[arg(long)]
+    pub detection: bool,
+    /// Run Aegis with its correlation engine off (to compare Check latency with it on).
+    #[arg(long)]
+    pub no_correlation: bool,
 }
 
 /// Results of one phase against one server.
@@ -128,6 +136,13 @@ impl PhaseResult {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
+    }
+    if args.detection {
+        return detection::run(
+            args.rounds.max(1),
+            Duration::from_micros(args.poll_interval_us.max(100)),
+        )
+        .await;
     }
     if args.propagation {
         return propagation::run(&propagation::Propagation {
@@ -426,6 +441,9 @@ impl AegisServer {
         ];
         if !args.no_otlp {
             serve_args.extend(["--otlp-endpoint", &endpoint]);
+        }
+        if args.no_correlation {
+            serve_args.extend(["--correlation", "false"]);
         }
         let child = ChildServer::spawn(&serve_args, crate::server::ANNOUNCE)?;
         Ok(Self { child, data_dir })

@@ -88,6 +88,30 @@ pub struct Words {
     pub mutating: Vec<String>,
 }
 
+/// The lists split into words once.
+#[derive(Debug, Clone, Default)]
+struct Split {
+    source: Vec<Vec<String>>,
+    sink: Vec<Vec<String>>,
+    mutating: Vec<Vec<String>>,
+}
+
+impl Split {
+    fn of(w: &Words) -> Self {
+        let split = |l: &[String]| {
+            l.iter()
+                .map(|e| words(e))
+                .filter(|w| !w.is_empty())
+                .collect()
+        };
+        Self {
+            source: split(&w.source),
+            sink: split(&w.sink),
+            mutating: split(&w.mutating),
+        }
+    }
+}
+
 impl Default for Words {
     fn default() -> Self {
         let own = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect();
@@ -156,6 +180,11 @@ impl Episode {
     fn add(&mut self, t: i64, id: &str, threshold: usize, window: i64) -> Option<Vec<String>> {
         let at = self.times.partition_point(|(x, _)| *x <= t);
         self.times.insert(at, (t, id.to_owned()));
+        // Only the newest `threshold` events can make the count: older ones are dropped, so
+        // the state per agent stays small however busy the agent is.
+        while self.times.len() > threshold.max(1) {
+            self.times.pop_front();
+        }
         let newest = self.times.back().map_or(t, |(x, _)| *x);
         // The window that ends at the newest event.
         while self
@@ -202,8 +231,9 @@ struct AgentState {
 #[derive(Debug)]
 pub struct Engine {
     thresholds: Thresholds,
-    words: Words,
-    agents: HashMap<(String, String), AgentState>,
+    words: Split,
+    /// tenant → agent → state.
+    agents: HashMap<String, HashMap<String, AgentState>>,
 }
 
 /// Splits a tool or action name into lower-case words: at any non-alphanumeric character
@@ -232,22 +262,22 @@ pub fn words(name: &str) -> Vec<String> {
     out
 }
 
-/// Whether `tool` or `action` matches one of `list` by word. A list entry of several words
-/// (`write_external`) matches those words in sequence.
-fn matches(list: &[String], tool: &str, action: &str) -> bool {
-    let names = [words(tool), words(action)];
-    list.iter().any(|entry| {
-        let want = words(entry);
-        !want.is_empty()
-            && names
-                .iter()
-                .any(|w| w.windows(want.len()).any(|win| win == want.as_slice()))
+/// Whether the tool's or the action's words match an entry of `list`. An entry of several
+/// words (`write_external`) matches those words in sequence.
+fn matches(list: &[Vec<String>], names: &[Vec<String>; 2]) -> bool {
+    list.iter().any(|want| {
+        names
+            .iter()
+            .any(|w| w.windows(want.len()).any(|win| win == want.as_slice()))
     })
 }
 
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
+
+/// Most source, sink and recent-deny events kept per agent (the newest).
+const MAX_KEPT: usize = 32;
 
 /// Earliest and latest decision times accepted (2001 to 2286 in nanoseconds): anything
 /// outside is a broken clock or a broken event.
@@ -259,14 +289,14 @@ impl Engine {
     pub fn new(thresholds: Thresholds, words: Words) -> Self {
         Self {
             thresholds,
-            words,
+            words: Split::of(&words),
             agents: HashMap::new(),
         }
     }
 
     /// The word lists in use.
     pub fn set_words(&mut self, words: Words) {
-        self.words = words;
+        self.words = Split::of(&words);
     }
 
     /// Feeds one decision; returns what it completes.
@@ -277,14 +307,19 @@ impl Engine {
         if d.tenant.is_empty() || d.agent.is_empty() {
             return Err(EventError::NoAgent(d.decision_id.clone()));
         }
-        let th = self.thresholds.clone();
-        let is_source = matches(&self.words.source, &d.tool, &d.action);
-        let is_sink = matches(&self.words.sink, &d.tool, &d.action);
-        let is_mutating = matches(&self.words.mutating, &d.tool, &d.action);
-        let st = self
-            .agents
-            .entry((d.tenant.clone(), d.agent.clone()))
-            .or_default();
+        let th = &self.thresholds;
+        let names = [words(&d.tool), words(&d.action)];
+        let is_source = matches(&self.words.source, &names);
+        let is_sink = matches(&self.words.sink, &names);
+        let is_mutating = matches(&self.words.mutating, &names);
+        let per_tenant = match self.agents.get_mut(&d.tenant) {
+            Some(m) => m,
+            None => self.agents.entry(d.tenant.clone()).or_default(),
+        };
+        let st = match per_tenant.get_mut(&d.agent) {
+            Some(s) => s,
+            None => per_tenant.entry(d.agent.clone()).or_default(),
+        };
         let t = d.time_ns;
         let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
         let call = format!("{}.{}", d.tool, d.action);
@@ -369,10 +404,12 @@ impl Engine {
         // trust_escalation: a deny, then an allow of the same tool and action.
         let tw = secs(th.trust_escalation_window);
         if d.decision == "deny" {
-            st.denied
-                .entry(call.clone())
-                .or_default()
-                .push((t, d.decision_id.clone()));
+            let list = st.denied.entry(call.clone()).or_default();
+            list.retain(|(x, _)| (t - *x).abs() < tw);
+            if list.len() >= MAX_KEPT {
+                list.remove(0);
+            }
+            list.push((t, d.decision_id.clone()));
         } else if allowed && let Some(list) = st.denied.get_mut(&call) {
             list.retain(|(x, _)| t - *x < tw);
             if let Some(pos) = list.iter().position(|(x, _)| *x < t) {
@@ -410,11 +447,22 @@ impl Engine {
             );
         }
         // data_exfil_pattern: a source, then a sink, within the window, in decision time.
+        // Sorted by time, what fell out of the window is at the front; at most MAX_KEPT of
+        // each are kept (the newest): a busy reader has thousands of sources a minute.
         let xw = secs(th.exfil_window);
-        st.sources.retain(|(x, _, _)| (t - *x).abs() < xw);
-        st.sinks.retain(|(x, _, _, _)| (t - *x).abs() < xw);
+        while st.sources.front().is_some_and(|(x, _, _)| t - *x >= xw) {
+            st.sources.pop_front();
+        }
+        while st.sinks.front().is_some_and(|(x, _, _, _)| t - *x >= xw) {
+            st.sinks.pop_front();
+        }
         if is_sink {
-            if let Some(pos) = st.sources.iter().position(|(x, _, _)| *x < t) {
+            // The newest source before the sink, inside the window.
+            let before = st
+                .sources
+                .iter()
+                .rposition(|(x, _, _)| *x < t && t - *x < xw);
+            if let Some(pos) = before {
                 let (_, src_id, src_call) = st.sources.remove(pos).unwrap_or_default();
                 finding(
                     "data_exfil_pattern",
@@ -428,13 +476,21 @@ impl Engine {
                     vec![src_id, d.decision_id.clone()],
                 );
             } else {
+                let at = st.sinks.partition_point(|(x, _, _, _)| *x <= t);
                 st.sinks
-                    .push_back((t, d.decision_id.clone(), allowed, call.clone()));
+                    .insert(at, (t, d.decision_id.clone(), allowed, call.clone()));
+                if st.sinks.len() > MAX_KEPT {
+                    st.sinks.pop_front();
+                }
             }
         }
         if is_source && !is_sink {
             // A sink already seen with a later time (events out of order) completes it now.
-            if let Some(pos) = st.sinks.iter().position(|(x, _, _, _)| *x > t) {
+            let after = st
+                .sinks
+                .iter()
+                .position(|(x, _, _, _)| *x > t && *x - t < xw);
+            if let Some(pos) = after {
                 let (_, sink_id, sink_allowed, sink_call) =
                     st.sinks.remove(pos).unwrap_or_default();
                 finding(
@@ -451,6 +507,9 @@ impl Engine {
                 let at = st.sources.partition_point(|(x, _, _)| *x <= t);
                 st.sources
                     .insert(at, (t, d.decision_id.clone(), call.clone()));
+                if st.sources.len() > MAX_KEPT {
+                    st.sources.pop_front();
+                }
             }
         }
         Ok(found)

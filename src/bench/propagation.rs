@@ -38,13 +38,13 @@ pub struct Propagation {
 /// The longest any one wait of the benchmark may take.
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Api {
-    client: ControlPlaneClient<Channel>,
-    credential: String,
+pub(super) struct Api {
+    pub(super) client: ControlPlaneClient<Channel>,
+    pub(super) credential: String,
 }
 
 impl Api {
-    fn req<T>(&self, body: T) -> tonic::Request<T> {
+    pub(super) fn req<T>(&self, body: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(body);
         if let Ok(v) = format!("Bearer {}", self.credential).parse() {
             r.metadata_mut().insert("authorization", v);
@@ -169,7 +169,7 @@ pub async fn run(p: &Propagation) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_sidecar(
+pub(super) fn spawn_sidecar(
     root: &Path,
     i: usize,
     cp: std::net::SocketAddr,
@@ -292,7 +292,7 @@ async fn one_round(
     })
 }
 
-async fn allowed(
+pub(super) async fn allowed(
     client: &AuthorizationClient<Channel>,
     req: &CheckRequest,
 ) -> anyhow::Result<bool> {
@@ -302,7 +302,7 @@ async fn allowed(
 
 /// Sends the Check every `poll` until one is denied; returns when that answer arrived and
 /// the round trips seen.
-async fn poll_until_denied(
+pub(super) async fn poll_until_denied(
     client: AuthorizationClient<Channel>,
     req: Arc<CheckRequest>,
     poll: Duration,
