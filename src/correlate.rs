@@ -15,7 +15,9 @@
 //!
 //! Threshold rules fire **once per episode**: not again for the events that follow, nor
 //! because the window slid back to the threshold; they re-arm only after a whole window in
-//! which the count stayed below it. Times are the decisions' own (events may arrive out of
+//! which the count stayed below it. The other rules are quiet for `quiet` (5 min) after
+//! they fire for the same agent and call (the same sink, tool and action): an agent that
+//! reads and posts in a loop raises one incident, not one per post. Times are the decisions' own (events may arrive out of
 //! order; each rule reasons on decision time, not arrival); an event without a valid time
 //! is refused, never treated as epoch 0.
 //!
@@ -62,8 +64,9 @@ pub struct Thresholds {
     pub approval_flood: (usize, Duration),
     pub runaway: (usize, Duration),
     pub trust_escalation_window: Duration,
-    /// How long a once-per-agent finding (budget exhaustion, an untrusted mutation of one
-    /// tool and action) stays quiet before it may fire again.
+    /// How long a non-threshold finding (exfiltration to one sink, trust escalation or an
+    /// untrusted mutation of one tool and action, budget exhaustion) stays quiet for the
+    /// agent before it may fire again.
     pub quiet: Duration,
 }
 
@@ -412,7 +415,10 @@ impl Engine {
             list.push((t, d.decision_id.clone()));
         } else if allowed && let Some(list) = st.denied.get_mut(&call) {
             list.retain(|(x, _)| t - *x < tw);
-            if let Some(pos) = list.iter().position(|(x, _)| *x < t) {
+            let quiet = secs(th.quiet);
+            if let Some(pos) = list.iter().position(|(x, _)| *x < t)
+                && quiet_ok(&mut st.quiet, &format!("escalation:{call}"), t, quiet)
+            {
                 let (_, deny_id) = list.remove(pos);
                 finding(
                     "trust_escalation",
@@ -462,7 +468,10 @@ impl Engine {
                 .sources
                 .iter()
                 .rposition(|(x, _, _)| *x < t && t - *x < xw);
-            if let Some(pos) = before {
+            let quiet = secs(th.quiet);
+            if let Some(pos) = before
+                && quiet_ok(&mut st.quiet, &format!("exfil:{call}"), t, quiet)
+            {
                 let (_, src_id, src_call) = st.sources.remove(pos).unwrap_or_default();
                 finding(
                     "data_exfil_pattern",
@@ -490,7 +499,11 @@ impl Engine {
                 .sinks
                 .iter()
                 .position(|(x, _, _, _)| *x > t && *x - t < xw);
-            if let Some(pos) = after {
+            let quiet = secs(th.quiet);
+            let sink_call = after.and_then(|p| st.sinks.get(p)).map(|s| s.3.clone());
+            if let (Some(pos), Some(key)) = (after, sink_call)
+                && quiet_ok(&mut st.quiet, &format!("exfil:{key}"), t, quiet)
+            {
                 let (_, sink_id, sink_allowed, sink_call) =
                     st.sinks.remove(pos).unwrap_or_default();
                 finding(

@@ -186,6 +186,32 @@ fn exfiltration_window_edges_and_order() {
         ],
     );
     assert_eq!(kinds(&found, "data_exfil_pattern"), vec![1]);
+    // An agent that reads and posts in a loop raises one incident per quiet period (5 min)
+    // for that sink, not one per post.
+    let mut e = engine();
+    let mut events = Vec::new();
+    for i in 0..10 {
+        events.push(ev(
+            i as f64 * 10.0,
+            "github",
+            "read_repo",
+            "allow",
+            &format!("s{i}"),
+        ));
+        events.push(ev(
+            i as f64 * 10.0 + 1.0,
+            "webhook",
+            "post",
+            "allow",
+            &format!("k{i}"),
+        ));
+    }
+    events.push(ev(400.0, "github", "read_repo", "allow", "s-late"));
+    events.push(ev(401.0, "webhook", "post", "allow", "k-late"));
+    assert_eq!(
+        kinds(&run(&mut e, &events), "data_exfil_pattern"),
+        vec![1, 21]
+    );
 }
 
 #[test]
@@ -253,6 +279,15 @@ fn trust_escalation_and_untrusted_mutation() {
         ],
     );
     assert_eq!(kinds(&found, "trust_escalation"), vec![2]);
+    // Again and again within the quiet period: once.
+    let found = run(
+        &mut e,
+        &[
+            ev(40.0, "payments", "refund", "deny", "d2"),
+            ev(41.0, "payments", "refund", "allow", "a2"),
+        ],
+    );
+    assert!(kinds(&found, "trust_escalation").is_empty());
     let mut e = engine();
     let found = run(
         &mut e,
