@@ -308,6 +308,27 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Runs `f` in one transaction that also bumps the watched-state version: `f` returns
+    /// the action's result and the items data planes must apply.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Vec<pb::StateItem>), ControlError>,
+    ) -> Result<Change<T>, ControlError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let (value, items) = f(&tx)?;
+            let version = bump(&tx)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Change {
+                value,
+                version,
+                items,
+            })
+        })
+    }
+}
+
 /// Bumps and returns the watched-state version (inside the caller's transaction).
 fn bump(tx: &Connection) -> Result<u64, ControlError> {
     let v: i64 = tx
@@ -539,8 +560,7 @@ impl ControlStore for SqliteStore {
     }
 
     fn register_agent(&self, agent: &pb::Agent) -> Result<Change<pb::Agent>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             let existing: Option<String> = tx
                 .query_row(
                     "SELECT status FROM agents WHERE tenant = ?1 AND id = ?2",
@@ -561,13 +581,7 @@ impl ControlStore for SqliteStore {
                 params![agent.tenant, agent.id, agent.status, agent.risk_tier, agent.reason, agent.created_at, agent.updated_by],
             )
             .map_err(db_err)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                value: agent.clone(),
-                version,
-                items: vec![agent_item(agent)],
-            })
+            Ok((agent.clone(), vec![agent_item(agent)]))
         })
     }
 
@@ -611,8 +625,7 @@ impl ControlStore for SqliteStore {
         actor: &str,
         now: i64,
     ) -> Result<Change<pb::Agent>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             let current: Option<String> = tx
                 .query_row(
                     "SELECT status FROM agents WHERE tenant = ?1 AND id = ?2",
@@ -647,13 +660,8 @@ impl ControlStore for SqliteStore {
                     agent_row,
                 )
                 .map_err(db_err)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                items: vec![agent_item(&agent)],
-                value: agent,
-                version,
-            })
+            let items = vec![agent_item(&agent)];
+            Ok((agent, items))
         })
     }
 
@@ -730,16 +738,10 @@ impl ControlStore for SqliteStore {
         reason: &str,
         now: i64,
     ) -> Result<Change<pb::TokenInfo>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let token = revoke_live(&tx, jti, reason, now)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                items: vec![revoked_item(&token)],
-                value: token,
-                version,
-            })
+        self.change(|tx| {
+            let token = revoke_live(tx, jti, reason, now)?;
+            let items = vec![revoked_item(&token)];
+            Ok((token, items))
         })
     }
 
@@ -750,17 +752,11 @@ impl ControlStore for SqliteStore {
         reason: &str,
         now: i64,
     ) -> Result<Change<pb::TokenInfo>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let old = revoke_live(&tx, old_jti, reason, now)?;
-            insert_token(&tx, new)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                items: vec![revoked_item(&old)],
-                value: old,
-                version,
-            })
+        self.change(|tx| {
+            let old = revoke_live(tx, old_jti, reason, now)?;
+            insert_token(tx, new)?;
+            let items = vec![revoked_item(&old)];
+            Ok((old, items))
         })
     }
 
@@ -773,8 +769,7 @@ impl ControlStore for SqliteStore {
     ) -> Result<Change<pb::KillResponse>, ControlError> {
         let scope = KillScope::try_from(mark.scope)
             .map_err(|_| ControlError::invalid("unknown kill scope"))?;
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             // Which live tokens the kill covers, and whether its target exists at all.
             let (cond, known): (&str, &str) = match scope {
                 KillScope::Session => (
@@ -860,11 +855,8 @@ impl ControlStore for SqliteStore {
                 params![mark.scope, mark.tenant, mark.target, mark.before, reason, actor, now],
             )
             .map_err(db_err)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
             let n = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-            Ok(Change {
-                value: pb::KillResponse {
+            let value = pb::KillResponse {
                     scope: mark.scope,
                     tenant: mark.tenant.clone(),
                     target: mark.target.clone(),
@@ -872,11 +864,9 @@ impl ControlStore for SqliteStore {
                     tokens: n(tokens),
                     sessions: n(sessions),
                     agents: n(agents),
-                    tenants: n(tenants),
-                },
-                version,
-                items,
-            })
+                tenants: n(tenants),
+            };
+            Ok((value, items))
         })
     }
 
@@ -893,8 +883,7 @@ impl ControlStore for SqliteStore {
     }
 
     fn put_tenant(&self, t: &pb::Tenant) -> Result<Change<pb::Tenant>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             tx.execute(
                 "INSERT INTO tenants (name, mode, autonomy_level, updated_at, updated_by) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, \
@@ -903,19 +892,12 @@ impl ControlStore for SqliteStore {
                 params![t.name, t.mode, t.autonomy_level, t.updated_at, t.updated_by],
             )
             .map_err(db_err)?;
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                items: vec![tenant_item(t)],
-                value: t.clone(),
-                version,
-            })
+            Ok((t.clone(), vec![tenant_item(t)]))
         })
     }
 
     fn put_budget(&self, b: &pb::Budget) -> Result<Change<pb::Budget>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             if b.max_calls == 0 && b.max_cost <= 0.0 {
                 tx.execute(
                     "DELETE FROM budgets WHERE tenant = ?1 AND agent = ?2",
@@ -941,13 +923,7 @@ impl ControlStore for SqliteStore {
                 )
                 .map_err(db_err)?;
             }
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Change {
-                items: vec![budget_item(b)],
-                value: b.clone(),
-                version,
-            })
+            Ok((b.clone(), vec![budget_item(b)]))
         })
     }
 
@@ -1139,8 +1115,7 @@ impl ControlStore for SqliteStore {
         rev: &pb::PolicyRevision,
         bundle: &[u8],
     ) -> Result<Change<pb::PolicyRevision>, ControlError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.change(|tx| {
             tx.execute(
                 "INSERT OR IGNORE INTO policy_bundles (digest, revision, files, stored_at) VALUES (?1, ?2, ?3, ?4)",
                 params![rev.digest, rev.revision, bundle, rev.activated_at],
@@ -1152,19 +1127,14 @@ impl ControlStore for SqliteStore {
             )
             .map_err(db_err)?;
             let id = tx.last_insert_rowid();
-            let version = bump(&tx)?;
-            tx.commit().map_err(db_err)?;
             let mut value = rev.clone();
             value.id = u64::try_from(id).unwrap_or(0);
             value.active = true;
-            Ok(Change {
-                items: vec![item(Item::Policy(pb::PolicyRef {
-                    revision: rev.revision.clone(),
-                    digest: rev.digest.clone(),
-                }))],
-                value,
-                version,
-            })
+            let items = vec![item(Item::Policy(pb::PolicyRef {
+                revision: rev.revision.clone(),
+                digest: rev.digest.clone(),
+            }))];
+            Ok((value, items))
         })
     }
 
