@@ -146,6 +146,34 @@ impl From<Status> for ControlError {
     }
 }
 
+/// A bundle's files as the control protocol carries them (push, storage, fetch).
+impl From<&crate::policy::BundleFiles> for pb::Bundle {
+    fn from(files: &crate::policy::BundleFiles) -> Self {
+        Self {
+            files: files
+                .files
+                .iter()
+                .map(|(path, content)| pb::BundleFile {
+                    path: path.clone(),
+                    content: content.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::Bundle> for crate::policy::BundleFiles {
+    fn from(bundle: pb::Bundle) -> Self {
+        Self::from_files(
+            bundle
+                .files
+                .into_iter()
+                .map(|f| (f.path, f.content))
+                .collect(),
+        )
+    }
+}
+
 /// Checks an id (tenant, agent, session): 1-128 characters of `[A-Za-z0-9._:@-]`, so it
 /// shows in tables, logs and audit rows as itself.
 pub fn valid_id(what: &str, id: &str) -> Result<(), ControlError> {

@@ -864,13 +864,7 @@ async fn policy(c: &Client, cmd: PolicyCommand) -> Result<(), CtlError> {
             let source = crate::policy::BundleSource::from_path(&bundle);
             let files = crate::policy::BundleFiles::read(&source)
                 .map_err(|e| CtlError::local(format!("bundle {}: {e}", bundle.display())))?;
-            let bundle = pb::Bundle {
-                files: files
-                    .files
-                    .into_iter()
-                    .map(|(path, content)| pb::BundleFile { path, content })
-                    .collect(),
-            };
+            let bundle = pb::Bundle::from(&files);
             api.activate_policy(c.req(pb::ActivatePolicyRequest {
                 bundle: Some(bundle),
                 reason: r.reason,

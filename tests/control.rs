@@ -888,13 +888,7 @@ fn variant_bundle(dir: &std::path::Path, revision: &str) -> pb::Bundle {
     let files =
         aegis::policy::BundleFiles::read(&aegis::policy::BundleSource::Dir(dir.to_path_buf()))
             .expect("bundle");
-    pb::Bundle {
-        files: files
-            .files
-            .into_iter()
-            .map(|(path, content)| pb::BundleFile { path, content })
-            .collect(),
-    }
+    pb::Bundle::from(&files)
 }
 
 #[tokio::test]

@@ -1140,13 +1140,7 @@ impl ControlCore {
         let bundle = req
             .bundle
             .ok_or_else(|| ControlError::invalid("no bundle in the request"))?;
-        let files = BundleFiles::from_files(
-            bundle
-                .files
-                .into_iter()
-                .map(|f| (f.path, f.content))
-                .collect(),
-        );
+        let files = BundleFiles::from(bundle);
         let compiled = self.compile(files.clone()).await?;
         self.install(compiled, &files, "push", &op.actor(), &req.reason)
             .await
@@ -1209,7 +1203,7 @@ impl ControlCore {
     pub async fn bundle(&self, op: &Operator, digest: &str) -> Result<pb::Bundle, ControlError> {
         op.require(Need::Fleet, "")?;
         let files = self.stored_bundle(digest).await?;
-        Ok(to_pb(&files))
+        Ok(pb::Bundle::from(&files))
     }
 
     async fn stored_bundle(&self, digest: &str) -> Result<BundleFiles, ControlError> {
@@ -1221,13 +1215,7 @@ impl ControlCore {
         let bundle = pb::Bundle::decode(bytes.as_slice()).map_err(|e| {
             ControlError::Store(format!("stored bundle {digest} is unreadable: {e}"))
         })?;
-        Ok(BundleFiles::from_files(
-            bundle
-                .files
-                .into_iter()
-                .map(|f| (f.path, f.content))
-                .collect(),
-        ))
+        Ok(BundleFiles::from(bundle))
     }
 
     async fn compile(&self, files: BundleFiles) -> Result<CompiledBundle, ControlError> {
@@ -1261,7 +1249,7 @@ impl ControlCore {
             activated_at: now_secs(),
             active: true,
         };
-        let bytes = to_pb(files).encode_to_vec();
+        let bytes = pb::Bundle::from(files).encode_to_vec();
         let revision = {
             let _guard = self.publish.lock().await;
             let r = rev.clone();
@@ -1339,7 +1327,7 @@ impl ControlCore {
         action: &'static str,
         actor: &str,
     ) -> Result<pb::PolicyRevision, ControlError> {
-        let bytes = to_pb(files).encode_to_vec();
+        let bytes = pb::Bundle::from(files).encode_to_vec();
         let rev = pb::PolicyRevision {
             id: 0,
             revision: compiled.revision().to_owned(),
@@ -1693,18 +1681,5 @@ impl ControlCore {
                 .map(str::to_owned)
                 .collect(),
         })
-    }
-}
-
-fn to_pb(files: &BundleFiles) -> pb::Bundle {
-    pb::Bundle {
-        files: files
-            .files
-            .iter()
-            .map(|(path, content)| pb::BundleFile {
-                path: path.clone(),
-                content: content.clone(),
-            })
-            .collect(),
     }
 }

@@ -201,13 +201,7 @@ async fn fetch_and_compile(
         .await
         .map_err(|s| format!("fetch: {:?}: {}", s.code(), s.message()))?
         .into_inner();
-    let files = BundleFiles::from_files(
-        bundle
-            .files
-            .into_iter()
-            .map(|b| (b.path, b.content))
-            .collect(),
-    );
+    let files = BundleFiles::from(bundle);
     let opts = f.policy.options().clone();
     let digest = target.digest.clone();
     tokio::task::spawn_blocking(move || {
