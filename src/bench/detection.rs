@@ -15,57 +15,17 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use tonic::transport::Channel;
 
-use super::propagation::{Api, allowed, poll_until_denied, spawn_sidecar};
-use super::{ChildServer, percentile};
-use crate::control::auth::{Role, mint_operator};
-use crate::control::pb::{self, control_plane_client::ControlPlaneClient};
-use crate::keys::Signer;
+use super::percentile;
+use super::propagation::{BenchFleet, allowed, poll_until_denied};
+use crate::control::pb;
 
 /// Runs the benchmark and prints the report.
 pub async fn run(rounds: usize, poll: Duration) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("aegis-detection-")
-        .tempdir()?;
-    let cp_data = dir.path().join("cp");
-    let cp_data_s = cp_data.to_string_lossy().into_owned();
-    let cp = ChildServer::spawn(
-        &[
-            "serve",
-            "--mode",
-            "control-plane",
-            "--data-dir",
-            &cp_data_s,
-            "--control-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        crate::server::CONTROL_ANNOUNCE,
-    )?;
-    let signer = Signer::load(&cp_data)?;
-    let credential = dir.path().join("sidecar.token");
-    std::fs::write(
-        &credential,
-        mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
-    )?;
-    let sidecar = spawn_sidecar(dir.path(), 0, cp.addr, &cp_data, &credential)?;
-    let client = AuthorizationClient::new(
-        Channel::from_shared(format!("http://{}", sidecar.addr))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    );
-    let api = Api {
-        client: ControlPlaneClient::new(
-            Channel::from_shared(format!("http://{}", cp.addr))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        ),
-        credential: mint_operator(&signer, "aegis", "bench", Role::Admin, "*", 3600)?,
+    let fleet = BenchFleet::start("aegis-detection-", 1).await?;
+    let api = &fleet.api;
+    let Some(client) = fleet.clients.first() else {
+        bail!("no sidecar");
     };
     let mut c = api.client.clone();
     c.update_tenant(api.req(pb::UpdateTenantRequest {
@@ -108,16 +68,16 @@ pub async fn run(rounds: usize, poll: Duration) -> anyhow::Result<()> {
         let check =
             |tool: &str, action: &str| super::request(&token, tool, action, "{}", false, false);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !allowed(&client, &check("invoices", "read")).await? {
+        while !allowed(client, &check("invoices", "read")).await? {
             if Instant::now() > deadline {
                 bail!("round {round}: the sidecar never allowed the new agent");
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if !allowed(&client, &check("github", "read_repo")).await? {
+        if !allowed(client, &check("github", "read_repo")).await? {
             bail!("round {round}: github.read_repo was not allowed");
         }
-        if !allowed(&client, &check("slack", "post_message")).await? {
+        if !allowed(client, &check("slack", "post_message")).await? {
             bail!("round {round}: slack.post_message was not allowed");
         }
         let completed = Instant::now();
@@ -170,7 +130,6 @@ pub async fn run(rounds: usize, poll: Duration) -> anyhow::Result<()> {
         "  target: p99 <= 250 ms for both: {p99:.2} ms {}",
         if p99 <= 250.0 { "MET" } else { "NOT MET" }
     );
-    drop(sidecar);
-    drop(cp);
+    drop(fleet);
     Ok(())
 }

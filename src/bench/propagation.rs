@@ -53,61 +53,75 @@ impl Api {
     }
 }
 
-/// Runs the benchmark and prints the report.
-pub async fn run(p: &Propagation) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("aegis-propagation-")
-        .tempdir()?;
-    let cp_data = dir.path().join("cp");
-    let cp_data_s = cp_data.to_string_lossy().into_owned();
-    let cp = ChildServer::spawn(
-        &[
-            "serve",
-            "--mode",
-            "control-plane",
-            "--data-dir",
-            &cp_data_s,
-            "--control-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        crate::server::CONTROL_ANNOUNCE,
-    )?;
-    let signer = Signer::load(&cp_data)?;
-    let root = mint_operator(&signer, "aegis", "bench", Role::Admin, "*", 3600)?;
-    let sidecar_credential = dir.path().join("sidecar.token");
-    std::fs::write(
-        &sidecar_credential,
-        mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
-    )?;
-    let mut sidecars = Vec::new();
-    for i in 0..p.sidecars {
-        sidecars.push(spawn_sidecar(
-            dir.path(),
-            i,
-            cp.addr,
-            &cp_data,
+/// A control plane and sidecar processes in a temporary directory, an admin client of
+/// the control plane and an ext_authz client per sidecar. Dropping it stops the sidecars,
+/// then the control plane, then removes the directory.
+pub(super) struct BenchFleet {
+    pub(super) api: Api,
+    pub(super) clients: Vec<AuthorizationClient<Channel>>,
+    _sidecars: Vec<ChildServer>,
+    _cp: ChildServer,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchFleet {
+    /// Starts `--mode control-plane` and `sidecars` sidecars following it.
+    pub(super) async fn start(prefix: &str, sidecars: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let cp_data = dir.path().join("cp");
+        let cp_data_s = cp_data.to_string_lossy().into_owned();
+        let cp = ChildServer::spawn(
+            &[
+                "serve",
+                "--mode",
+                "control-plane",
+                "--data-dir",
+                &cp_data_s,
+                "--control-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            crate::server::CONTROL_ANNOUNCE,
+        )?;
+        let signer = Signer::load(&cp_data)?;
+        let sidecar_credential = dir.path().join("sidecar.token");
+        std::fs::write(
             &sidecar_credential,
-        )?);
+            mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
+        )?;
+        let mut children = Vec::new();
+        let mut clients = Vec::new();
+        for i in 0..sidecars {
+            let s = spawn_sidecar(dir.path(), i, cp.addr, &cp_data, &sidecar_credential)?;
+            clients.push(AuthorizationClient::new(connect(s.addr).await?));
+            children.push(s);
+        }
+        let api = Api {
+            client: ControlPlaneClient::new(connect(cp.addr).await?),
+            credential: mint_operator(&signer, "aegis", "bench", Role::Admin, "*", 3600)?,
+        };
+        Ok(Self {
+            api,
+            clients,
+            _sidecars: children,
+            _cp: cp,
+            _dir: dir,
+        })
     }
-    let mut clients = Vec::new();
-    for s in &sidecars {
-        let ch = Channel::from_shared(format!("http://{}", s.addr))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        clients.push(AuthorizationClient::new(ch));
-    }
-    let ch = Channel::from_shared(format!("http://{}", cp.addr))?
+}
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
-        .await?;
-    let api = Api {
-        client: ControlPlaneClient::new(ch),
-        credential: root,
-    };
+        .await?)
+}
 
+/// Runs the benchmark and prints the report.
+pub async fn run(p: &Propagation) -> anyhow::Result<()> {
+    let fleet = BenchFleet::start("aegis-propagation-", p.sidecars).await?;
+    let (api, clients) = (&fleet.api, &fleet.clients);
     println!(
         "propagation: 1 control plane + {} sidecars (processes on 127.0.0.1), {} kills (agent scope), \
          each sidecar polled every {} µs",
@@ -121,7 +135,7 @@ pub async fn run(p: &Propagation) -> anyhow::Result<()> {
     let mut rtt_us = Vec::new();
     let mut early = 0usize;
     for round in 0..p.rounds {
-        let r = one_round(&api, &clients, round, p.poll_interval).await?;
+        let r = one_round(api, clients, round, p.poll_interval).await?;
         kill_call_us.push(r.kill_call_us);
         early += r.after_return_us.iter().filter(|v| v.is_none()).count();
         let lat: Vec<u64> = r.after_return_us.iter().map(|v| v.unwrap_or(0)).collect();
@@ -164,12 +178,11 @@ pub async fn run(p: &Propagation) -> anyhow::Result<()> {
         "  target: p99 kill return -> denied at every sidecar <= 100 ms: {p99:.2} ms {}",
         if p99 <= 100.0 { "MET" } else { "NOT MET" }
     );
-    drop(sidecars);
-    drop(cp);
+    drop(fleet);
     Ok(())
 }
 
-pub(super) fn spawn_sidecar(
+fn spawn_sidecar(
     root: &Path,
     i: usize,
     cp: std::net::SocketAddr,
