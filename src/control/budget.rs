@@ -65,12 +65,7 @@ impl Meter {
                 ..Usage::default()
             };
         }
-        if limit.max_calls > 0 && usage.calls + 1 > limit.max_calls {
-            return Err(Exhausted::Calls);
-        }
-        if limit.max_cost > 0.0 && usage.cost + cost > limit.max_cost {
-            return Err(Exhausted::Cost);
-        }
+        usage.admits(limit, cost)?;
         usage.calls += 1;
         usage.cost += cost;
         Ok(())
@@ -85,14 +80,7 @@ impl Meter {
         cost: f64,
         now: i64,
     ) -> Result<(), Exhausted> {
-        let used = self.usage(tenant, agent, limit, now);
-        if limit.max_calls > 0 && used.calls + 1 > limit.max_calls {
-            return Err(Exhausted::Calls);
-        }
-        if limit.max_cost > 0.0 && used.cost + cost > limit.max_cost {
-            return Err(Exhausted::Cost);
-        }
-        Ok(())
+        self.usage(tenant, agent, limit, now).admits(limit, cost)
     }
 
     /// The agent's use in the window containing `now`.
@@ -104,6 +92,19 @@ impl Meter {
             .filter(|u| u.window == window)
             .copied()
             .unwrap_or_default()
+    }
+}
+
+impl Usage {
+    /// Whether one more call of `cost` stays within `limit`.
+    fn admits(&self, limit: &Limit, cost: f64) -> Result<(), Exhausted> {
+        if limit.max_calls > 0 && self.calls + 1 > limit.max_calls {
+            return Err(Exhausted::Calls);
+        }
+        if limit.max_cost > 0.0 && self.cost + cost > limit.max_cost {
+            return Err(Exhausted::Cost);
+        }
+        Ok(())
     }
 }
 
