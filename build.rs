@@ -27,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // `aegis ctl --json` prints the messages as they are.
         .type_attribute(".aegis.control.v1", "#[derive(serde::Serialize)]")
+        // Stored in the incidents table as JSON.
+        .type_attribute(
+            ".aegis.control.v1.EvidenceDecision",
+            "#[derive(serde::Deserialize)] #[serde(default)]",
+        )
         .build_server(true)
         .build_client(true)
         .compile_fds(control)?;

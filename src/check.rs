@@ -415,6 +415,13 @@ impl Checker {
         self.policy.note_evaluation(result.is_ok());
         let outcome = match result {
             Ok(decision) => {
+                let decision = enforce::restrict(
+                    &agent,
+                    decision,
+                    &bundle,
+                    &decoded.tool.name,
+                    &decoded.tool.action,
+                );
                 if decision.verdict == Verdict::ApprovalNeeded {
                     call.pending = Some(enforce::pending_call(&decoded, &claims, &decision.reason));
                 }

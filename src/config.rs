@@ -65,19 +65,128 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub control: ControlConfig,
     pub correlation: CorrelationConfig,
+    pub notify: NotifyConfig,
 }
 
+/// `[notify]`: incident webhooks, delivered by the control plane through a durable outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where incidents go, per tenant.
+    pub webhooks: Vec<WebhookConfig>,
+    /// First retry delay after a failed delivery; doubled per attempt (with jitter) ...
+    pub retry_initial_ms: u64,
+    /// ... up to this.
+    pub retry_max_ms: u64,
+    /// Attempts before a notification is given up (kept in the outbox as `failed`).
+    pub max_attempts: u32,
+    /// Time limit of one delivery.
+    pub timeout_ms: u64,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            retry_initial_ms: 1_000,
+            retry_max_ms: 300_000,
+            max_attempts: 20,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+/// One `[[notify.webhooks]]` endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The tenant whose incidents go here, or `*` for every tenant.
+    pub tenant: String,
+    /// `http://` URL of the receiver (a Slack incoming webhook, a SOAR or a relay).
+    pub url: String,
+    /// Least severity sent: low, medium, high or critical [default: low].
+    #[serde(default = "default_min_severity")]
+    pub min_severity: String,
+    /// `slack` (Slack-compatible `text` and `blocks`) or `json` (the incident as JSON)
+    /// [default: slack].
+    #[serde(default = "default_webhook_format")]
+    pub format: String,
+}
+
+fn default_min_severity() -> String {
+    "low".into()
+}
+
+fn default_webhook_format() -> String {
+    "slack".into()
+}
 /// `[correlation]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorrelationConfig {
     /// Run the correlation engine on this data plane's decisions.
     pub enabled: bool,
+    /// `deny_storm`: this many denies of one agent ...
+    pub deny_storm_count: u32,
+    /// ... within this many seconds.
+    pub deny_storm_window_secs: u64,
+    /// `data_exfil_pattern`: longest time from the source action to the sink action.
+    pub exfil_window_secs: u64,
+    /// `approval_flood`: this many approval requests of one agent ...
+    pub approval_flood_count: u32,
+    /// ... within this many seconds.
+    pub approval_flood_window_secs: u64,
+    /// `runaway`: this many calls of one agent ...
+    pub runaway_count: u32,
+    /// ... within this many seconds.
+    pub runaway_window_secs: u64,
+    /// `trust_escalation`: longest time from the deny to the allow.
+    pub trust_escalation_window_secs: u64,
+    /// How long a non-threshold rule stays quiet for the same agent and call after it fires.
+    pub quiet_secs: u64,
 }
 
 impl Default for CorrelationConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        let t = crate::correlate::Thresholds::default();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            enabled: true,
+            deny_storm_count: count(t.deny_storm.0),
+            deny_storm_window_secs: t.deny_storm.1.as_secs(),
+            exfil_window_secs: t.exfil_window.as_secs(),
+            approval_flood_count: count(t.approval_flood.0),
+            approval_flood_window_secs: t.approval_flood.1.as_secs(),
+            runaway_count: count(t.runaway.0),
+            runaway_window_secs: t.runaway.1.as_secs(),
+            trust_escalation_window_secs: t.trust_escalation_window.as_secs(),
+            quiet_secs: t.quiet.as_secs(),
+        }
+    }
+}
+
+impl CorrelationConfig {
+    /// The engine's thresholds.
+    pub fn thresholds(&self) -> crate::correlate::Thresholds {
+        use std::time::Duration;
+        let n = |c: u32| usize::try_from(c).unwrap_or(usize::MAX);
+        crate::correlate::Thresholds {
+            deny_storm: (
+                n(self.deny_storm_count),
+                Duration::from_secs(self.deny_storm_window_secs),
+            ),
+            exfil_window: Duration::from_secs(self.exfil_window_secs),
+            approval_flood: (
+                n(self.approval_flood_count),
+                Duration::from_secs(self.approval_flood_window_secs),
+            ),
+            runaway: (
+                n(self.runaway_count),
+                Duration::from_secs(self.runaway_window_secs),
+            ),
+            trust_escalation_window: Duration::from_secs(self.trust_escalation_window_secs),
+            quiet: Duration::from_secs(self.quiet_secs),
+        }
     }
 }
 
@@ -203,6 +312,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             control: ControlConfig::default(),
             correlation: CorrelationConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -482,6 +592,87 @@ impl Config {
             self.control.max_token_ttl_secs,
         )?;
         positive("control.operator_ttl_secs", self.control.operator_ttl_secs)?;
+        positive("notify.retry_initial_ms", self.notify.retry_initial_ms)?;
+        positive("notify.retry_max_ms", self.notify.retry_max_ms)?;
+        positive("notify.max_attempts", u64::from(self.notify.max_attempts))?;
+        positive("notify.timeout_ms", self.notify.timeout_ms)?;
+        for w in &self.notify.webhooks {
+            let invalid = |message: String| ConfigError::Invalid {
+                setting: "notify.webhooks",
+                message,
+            };
+            if w.tenant != "*" {
+                crate::control::valid_id("tenant", &w.tenant)
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
+            crate::control::notify::Endpoint::parse(&w.url).map_err(invalid)?;
+            if crate::control::notify::severity_rank(&w.min_severity).is_none() {
+                return Err(invalid(format!(
+                    "min_severity {:?} is not low, medium, high or critical",
+                    w.min_severity
+                )));
+            }
+            if !matches!(w.format.as_str(), "slack" | "json") {
+                return Err(invalid(format!(
+                    "format {:?} is not slack or json",
+                    w.format
+                )));
+            }
+        }
+        let c = &self.correlation;
+        for (setting, v) in [
+            (
+                "correlation.deny_storm_count",
+                u64::from(c.deny_storm_count),
+            ),
+            (
+                "correlation.deny_storm_window_secs",
+                c.deny_storm_window_secs,
+            ),
+            ("correlation.exfil_window_secs", c.exfil_window_secs),
+            (
+                "correlation.approval_flood_count",
+                u64::from(c.approval_flood_count),
+            ),
+            (
+                "correlation.approval_flood_window_secs",
+                c.approval_flood_window_secs,
+            ),
+            ("correlation.runaway_count", u64::from(c.runaway_count)),
+            ("correlation.runaway_window_secs", c.runaway_window_secs),
+            (
+                "correlation.trust_escalation_window_secs",
+                c.trust_escalation_window_secs,
+            ),
+        ] {
+            positive(setting, v)?;
+        }
+        // Windows are nanoseconds inside the engine: a century is plenty.
+        const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400;
+        for (setting, v) in [
+            (
+                "correlation.deny_storm_window_secs",
+                c.deny_storm_window_secs,
+            ),
+            ("correlation.exfil_window_secs", c.exfil_window_secs),
+            (
+                "correlation.approval_flood_window_secs",
+                c.approval_flood_window_secs,
+            ),
+            ("correlation.runaway_window_secs", c.runaway_window_secs),
+            (
+                "correlation.trust_escalation_window_secs",
+                c.trust_escalation_window_secs,
+            ),
+            ("correlation.quiet_secs", c.quiet_secs),
+        ] {
+            if v > MAX_WINDOW_SECS {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    message: format!("{v} s is more than a century"),
+                });
+            }
+        }
         if !(1..=4).contains(&self.control.soc_autonomy_level) {
             return Err(ConfigError::Invalid {
                 setting: "control.soc_autonomy_level",

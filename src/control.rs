@@ -33,7 +33,9 @@ pub mod auth;
 pub mod budget;
 pub mod core;
 pub mod follow;
+pub mod graph;
 pub mod link;
+pub mod notify;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -57,6 +59,8 @@ pub const CONTROL_SERVICE: &str = "aegis.control.v1.ControlPlane";
 pub const ACTIVE: &str = "active";
 pub const FROZEN: &str = "frozen";
 pub const REVOKED: &str = "revoked";
+/// State-mutating calls need an approval (autonomy L2's containment).
+pub const RESTRICTED: &str = "restricted";
 
 /// Tenant enforcement modes.
 pub const ENFORCE: &str = "enforce";

@@ -29,6 +29,7 @@
 //! below when a bundle has none.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default source words (reading data).
@@ -154,8 +155,10 @@ pub struct Finding {
     pub session: String,
     pub run_id: String,
     pub summary: String,
-    /// The decisions behind it, oldest first.
+    /// The decisions behind it (ids), oldest first.
     pub evidence: Vec<String>,
+    /// The same decisions, whole.
+    pub decisions: Vec<Arc<Decision>>,
     /// The decision that completed the pattern, and its time.
     pub trigger: String,
     pub time_ns: i64,
@@ -173,16 +176,22 @@ pub enum EventError {
 /// A count of events in a sliding window that fires once per episode.
 #[derive(Debug, Default)]
 struct Episode {
-    times: VecDeque<(i64, String)>,
+    times: VecDeque<(i64, Arc<Decision>)>,
     /// Set while an episode is on: the last time the count was at or over the threshold.
     on_since_last: Option<i64>,
 }
 
 impl Episode {
     /// Adds an event at `t`; returns the evidence when this event starts an episode.
-    fn add(&mut self, t: i64, id: &str, threshold: usize, window: i64) -> Option<Vec<String>> {
+    fn add(
+        &mut self,
+        t: i64,
+        d: &Arc<Decision>,
+        threshold: usize,
+        window: i64,
+    ) -> Option<Vec<Arc<Decision>>> {
         let at = self.times.partition_point(|(x, _)| *x <= t);
-        self.times.insert(at, (t, id.to_owned()));
+        self.times.insert(at, (t, d.clone()));
         // Only the newest `threshold` events can make the count: older ones are dropped, so
         // the state per agent stays small however busy the agent is.
         while self.times.len() > threshold.max(1) {
@@ -208,7 +217,7 @@ impl Episode {
             let was_on = self.on_since_last.is_some();
             self.on_since_last = Some(newest);
             if !was_on {
-                return Some(self.times.iter().map(|(_, id)| id.clone()).collect());
+                return Some(self.times.iter().map(|(_, d)| d.clone()).collect());
             }
         }
         None
@@ -220,12 +229,12 @@ struct AgentState {
     denies: Episode,
     approvals: Episode,
     calls: Episode,
-    /// Source and sink events in the exfiltration window: (time, decision id, allowed,
+    /// Source and sink events in the exfiltration window: (time, decision, allowed,
     /// tool.action), sorted by time; a source is consumed by the incident it starts.
-    sources: VecDeque<(i64, String, String)>,
-    sinks: VecDeque<(i64, String, bool, String)>,
-    /// Recent denies by tool.action: (time, decision id).
-    denied: HashMap<String, Vec<(i64, String)>>,
+    sources: VecDeque<(i64, Arc<Decision>, String)>,
+    sinks: VecDeque<(i64, Arc<Decision>, bool, String)>,
+    /// Recent denies by tool.action: (time, decision).
+    denied: HashMap<String, Vec<(i64, Arc<Decision>)>>,
     /// Last time a quiet-limited finding fired, by key.
     quiet: HashMap<String, i64>,
 }
@@ -324,29 +333,33 @@ impl Engine {
             None => per_tenant.entry(d.agent.clone()).or_default(),
         };
         let t = d.time_ns;
+        let event = Arc::new(d.clone());
         let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
         let call = format!("{}.{}", d.tool, d.action);
         let mut found = Vec::new();
-        let mut finding =
-            |kind: &'static str, severity: &'static str, summary: String, evidence: Vec<String>| {
-                found.push(Finding {
-                    kind,
-                    severity,
-                    tenant: d.tenant.clone(),
-                    agent: d.agent.clone(),
-                    session: d.session.clone(),
-                    run_id: d.run_id.clone(),
-                    summary,
-                    evidence,
-                    trigger: d.decision_id.clone(),
-                    time_ns: t,
-                });
-            };
+        let mut finding = |kind: &'static str,
+                           severity: &'static str,
+                           summary: String,
+                           decisions: Vec<Arc<Decision>>| {
+            found.push(Finding {
+                evidence: decisions.iter().map(|e| e.decision_id.clone()).collect(),
+                decisions,
+                kind,
+                severity,
+                tenant: d.tenant.clone(),
+                agent: d.agent.clone(),
+                session: d.session.clone(),
+                run_id: d.run_id.clone(),
+                summary,
+                trigger: d.decision_id.clone(),
+                time_ns: t,
+            });
+        };
 
         // deny_storm
         if d.decision == "deny" {
             let (n, w) = th.deny_storm;
-            if let Some(ev) = st.denies.add(t, &d.decision_id, n, secs(w)) {
+            if let Some(ev) = st.denies.add(t, &event, n, secs(w)) {
                 finding(
                     "deny_storm",
                     "high",
@@ -364,7 +377,7 @@ impl Engine {
         // approval_flood
         if d.decision == "approval_needed" {
             let (n, w) = th.approval_flood;
-            if let Some(ev) = st.approvals.add(t, &d.decision_id, n, secs(w)) {
+            if let Some(ev) = st.approvals.add(t, &event, n, secs(w)) {
                 finding(
                     "approval_flood",
                     "medium",
@@ -381,7 +394,7 @@ impl Engine {
         // runaway
         {
             let (n, w) = th.runaway;
-            if let Some(ev) = st.calls.add(t, &d.decision_id, n, secs(w)) {
+            if let Some(ev) = st.calls.add(t, &event, n, secs(w)) {
                 finding(
                     "runaway",
                     "high",
@@ -401,7 +414,7 @@ impl Engine {
                 "budget_exhausted",
                 "medium",
                 format!("{} exhausted its budget ({call})", d.agent),
-                vec![d.decision_id.clone()],
+                vec![event.clone()],
             );
         }
         // trust_escalation: a deny, then an allow of the same tool and action.
@@ -412,14 +425,14 @@ impl Engine {
             if list.len() >= MAX_KEPT {
                 list.remove(0);
             }
-            list.push((t, d.decision_id.clone()));
+            list.push((t, event.clone()));
         } else if allowed && let Some(list) = st.denied.get_mut(&call) {
             list.retain(|(x, _)| t - *x < tw);
             let quiet = secs(th.quiet);
             if let Some(pos) = list.iter().position(|(x, _)| *x < t)
                 && quiet_ok(&mut st.quiet, &format!("escalation:{call}"), t, quiet)
             {
-                let (_, deny_id) = list.remove(pos);
+                let (_, denied) = list.remove(pos);
                 finding(
                     "trust_escalation",
                     "high",
@@ -428,7 +441,7 @@ impl Engine {
                         d.agent,
                         tw / 1_000_000_000
                     ),
-                    vec![deny_id, d.decision_id.clone()],
+                    vec![denied, event.clone()],
                 );
             }
         }
@@ -449,7 +462,7 @@ impl Engine {
                     "{} attempted {call} triggered by untrusted external content ({})",
                     d.agent, d.decision
                 ),
-                vec![d.decision_id.clone()],
+                vec![event.clone()],
             );
         }
         // data_exfil_pattern: a source, then a sink, within the window, in decision time.
@@ -472,7 +485,9 @@ impl Engine {
             if let Some(pos) = before
                 && quiet_ok(&mut st.quiet, &format!("exfil:{call}"), t, quiet)
             {
-                let (_, src_id, src_call) = st.sources.remove(pos).unwrap_or_default();
+                let Some((_, source, src_call)) = st.sources.remove(pos) else {
+                    return Ok(found);
+                };
                 finding(
                     "data_exfil_pattern",
                     if allowed { "critical" } else { "high" },
@@ -482,12 +497,12 @@ impl Engine {
                         d.decision,
                         xw / 1_000_000_000
                     ),
-                    vec![src_id, d.decision_id.clone()],
+                    vec![source, event.clone()],
                 );
             } else {
                 let at = st.sinks.partition_point(|(x, _, _, _)| *x <= t);
                 st.sinks
-                    .insert(at, (t, d.decision_id.clone(), allowed, call.clone()));
+                    .insert(at, (t, event.clone(), allowed, call.clone()));
                 if st.sinks.len() > MAX_KEPT {
                     st.sinks.pop_front();
                 }
@@ -504,8 +519,9 @@ impl Engine {
             if let (Some(pos), Some(key)) = (after, sink_call)
                 && quiet_ok(&mut st.quiet, &format!("exfil:{key}"), t, quiet)
             {
-                let (_, sink_id, sink_allowed, sink_call) =
-                    st.sinks.remove(pos).unwrap_or_default();
+                let Some((_, sink, sink_allowed, sink_call)) = st.sinks.remove(pos) else {
+                    return Ok(found);
+                };
                 finding(
                     "data_exfil_pattern",
                     if sink_allowed { "critical" } else { "high" },
@@ -514,12 +530,11 @@ impl Engine {
                         d.agent,
                         xw / 1_000_000_000
                     ),
-                    vec![d.decision_id.clone(), sink_id],
+                    vec![event.clone(), sink],
                 );
             } else {
                 let at = st.sources.partition_point(|(x, _, _)| *x <= t);
-                st.sources
-                    .insert(at, (t, d.decision_id.clone(), call.clone()));
+                st.sources.insert(at, (t, event.clone(), call.clone()));
                 if st.sources.len() > MAX_KEPT {
                     st.sources.pop_front();
                 }
@@ -624,6 +639,7 @@ async fn run(
                 trigger_decision: f.trigger,
                 decided_at_ns: f.time_ns,
                 policy_revision: bundle.revision().to_owned(),
+                decisions: f.decisions.iter().map(|d| evidence_of(d)).collect(),
             };
             match link.report_incident(req).await {
                 Ok(_) => {
@@ -633,6 +649,32 @@ async fn run(
             }
         }
     }
+}
+
+/// A decision as an incident's evidence.
+fn evidence_of(d: &Decision) -> crate::control::pb::EvidenceDecision {
+    crate::control::pb::EvidenceDecision {
+        decision_id: d.decision_id.clone(),
+        time_ns: d.time_ns,
+        tool: d.tool.clone(),
+        action: d.action.clone(),
+        decision: d.decision.clone(),
+        reason: d.reason.clone(),
+        trust_level: d.trust_level.clone(),
+        session: d.session.clone(),
+        run_id: d.run_id.clone(),
+    }
+}
+
+/// Whether a call is state-mutating by the word lists (what autonomy L2 holds for approval).
+pub fn is_mutating(words: &Words, tool: &str, action: &str) -> bool {
+    let list: Vec<Vec<String>> = words
+        .mutating
+        .iter()
+        .map(|e| self::words(e))
+        .filter(|w| !w.is_empty())
+        .collect();
+    matches(&list, &[self::words(tool), self::words(action)])
 }
 
 /// The word lists of a bundle (`data.aegis.correlation`), else the defaults.

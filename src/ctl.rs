@@ -112,6 +112,24 @@ enum IncidentsCommand {
         #[command(flatten)]
         t: TenantArg,
     },
+    /// The evidence graph: incident, decisions, agent, run, tokens, approvals, policy.
+    Graph {
+        id: String,
+        /// json, dot (Graphviz: `| dot -Tsvg`) or mermaid.
+        #[arg(long, default_value = "dot")]
+        format: GraphFormat,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    /// Print incidents as they are raised and change, one line each (JSON lines with
+    /// --json), until interrupted.
+    Watch {
+        /// Only what happens from now on (default: the open incidents first).
+        #[arg(long)]
+        new_only: bool,
+        #[command(flatten)]
+        t: TenantArg,
+    },
     /// What the response engine would do for the incident at a level (default: the tenant's).
     DryRun {
         id: String,
@@ -121,6 +139,13 @@ enum IncidentsCommand {
         #[command(flatten)]
         t: TenantArg,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Json,
+    Dot,
+    Mermaid,
 }
 
 /// The tenant a command applies to (default: the credential's own).
@@ -167,6 +192,16 @@ enum AgentsCommand {
         #[command(flatten)]
         t: TenantArg,
     },
+    /// Hold the agent's state-mutating calls for approval (what autonomy L2 does after an
+    /// incident); `unfreeze` lifts it.
+    Restrict {
+        id: String,
+        #[command(flatten)]
+        r: Reason,
+        #[command(flatten)]
+        t: TenantArg,
+    },
+    /// Back to active, from frozen or restricted.
     Unfreeze {
         id: String,
         #[command(flatten)]
@@ -547,6 +582,7 @@ async fn agents(c: &Client, cmd: AgentsCommand) -> Result<(), CtlError> {
         }
         AgentsCommand::Freeze { id, r, t } => api.freeze_agent(c.req(action(t, id, r))).await?,
         AgentsCommand::Unfreeze { id, r, t } => api.unfreeze_agent(c.req(action(t, id, r))).await?,
+        AgentsCommand::Restrict { id, r, t } => api.restrict_agent(c.req(action(t, id, r))).await?,
         AgentsCommand::Revoke { id, r, t } => api.revoke_agent(c.req(action(t, id, r))).await?,
     };
     c.show(&agent.into_inner(), |a| {
@@ -921,6 +957,64 @@ async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
                 format!("at L{}: {}\n", p.autonomy_level, p.actions.join(", "))
             });
         }
+        IncidentsCommand::Graph { id, format, t } => {
+            let g = api
+                .get_incident_graph(c.req(pb::IncidentRef {
+                    tenant: t.tenant,
+                    id,
+                }))
+                .await?
+                .into_inner();
+            let text = match format {
+                GraphFormat::Json => {
+                    serde_json::to_string_pretty(&g).map_err(|e| CtlError::local(e.to_string()))?
+                        + "\n"
+                }
+                GraphFormat::Dot => crate::control::graph::dot(&g),
+                GraphFormat::Mermaid => crate::control::graph::mermaid(&g),
+            };
+            print!("{text}");
+            return Ok(());
+        }
+        IncidentsCommand::Watch { new_only, t } => {
+            let mut stream = api
+                .watch_incidents(c.req(pb::WatchIncidentsRequest {
+                    tenant: t.tenant,
+                    new_only,
+                }))
+                .await?
+                .into_inner();
+            while let Some(ev) = stream.message().await? {
+                let line = if c.json {
+                    serde_json::to_string(&ev).map_err(|e| CtlError::local(e.to_string()))?
+                } else {
+                    let i = ev.incident.unwrap_or_default();
+                    format!(
+                        "{} {} {} {} ({}) {}/{} status={} actions=[{}] {}",
+                        time(i.updated_at.max(i.created_at_ns / 1_000_000_000)),
+                        ev.event,
+                        i.id,
+                        i.kind,
+                        i.severity,
+                        i.tenant,
+                        i.agent,
+                        i.status,
+                        i.actions.join("; "),
+                        i.summary
+                    )
+                };
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                // A closed pipe (`| head`) ends the watch quietly.
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            return Err(CtlError {
+                code: 6,
+                message: "the control plane ended the watch".into(),
+            });
+        }
         IncidentsCommand::Show { id, t } => {
             api.get_incident(c.req(pb::IncidentRef {
                 tenant: t.tenant,
@@ -950,7 +1044,7 @@ async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
 
 fn incident_text(i: &pb::Incident) -> String {
     format!(
-        "incident:  {}\nkind:      {} ({})\nagent:     {}/{} (session {}, run {})\nsummary:   {}\nevidence:  {}\nstatus:    {}{}{}\nraised:    {} at L{} by {} (policy {})\nactions:   {}\n",
+        "incident:  {}\nkind:      {} ({})\nagent:     {}/{} (session {}, run {})\nsummary:   {}\nevidence:  {}\nstatus:    {}{}{}\nraised:    {} at L{} by {} (policy {})\nactions:   {}\nnotified:  {}\n{}",
         i.id,
         i.kind,
         i.severity,
@@ -975,7 +1069,29 @@ fn incident_text(i: &pb::Incident) -> String {
         i.autonomy_level,
         i.reported_by,
         i.policy_revision,
-        i.actions.join("; ")
+        i.actions.join("; "),
+        if i.notifications.is_empty() {
+            "-".to_owned()
+        } else {
+            i.notifications.join("; ")
+        },
+        i.decisions
+            .iter()
+            .map(|d| format!(
+                "  {} {} {}.{} -> {} ({}{})\n",
+                time(d.time_ns / 1_000_000_000),
+                d.decision_id,
+                d.tool,
+                d.action,
+                d.decision,
+                d.reason,
+                if d.trust_level.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", d.trust_level)
+                }
+            ))
+            .collect::<String>()
     )
 }
 

@@ -252,6 +252,11 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Webhook delivery from the outbox; it ends on shutdown (rows left pending are
+    // delivered by the next start).
+    if let Some(core) = &core {
+        drop(core.start_notifier(config.notify.clone(), shutdown_rx.clone()));
+    }
     let (correlation, correlator_task) =
         if mode == Mode::ControlPlane || !config.correlation.enabled {
             (None, None)
@@ -259,7 +264,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             let (c, task) = crate::correlate::Correlator::start(
                 policy.clone(),
                 link.clone(),
-                crate::correlate::Thresholds::default(),
+                config.correlation.thresholds(),
                 shutdown_rx.clone(),
             );
             (Some(c), Some(task))
@@ -416,6 +421,7 @@ fn control_settings(config: &Config) -> Settings {
         override_ttl_secs: config.control.override_ttl_secs,
         max_pending_approvals: config.control.max_pending_approvals,
         default_autonomy: config.control.soc_autonomy_level,
+        webhooks: config.notify.webhooks.clone(),
     }
 }
 

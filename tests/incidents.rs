@@ -98,7 +98,10 @@ async fn exfiltration_at_l3_freezes_the_agent_everywhere() {
     assert_eq!(incident.policy_revision, "default-2026.11.1");
     assert_eq!(
         incident.actions,
-        vec!["notify: logged", "freeze_agent: frozen"]
+        vec![
+            "notify: logged (no webhook for this tenant)",
+            "freeze_agent: frozen"
+        ]
     );
     // Contained: the agent's next call is denied.
     let r = s.read_invoices(&token).await;
@@ -141,7 +144,10 @@ async fn at_l1_a_deny_storm_is_raised_and_nothing_else() {
         ("high", 1)
     );
     assert_eq!(incident.evidence.len(), 5);
-    assert_eq!(incident.actions, vec!["notify: logged"]);
+    assert_eq!(
+        incident.actions,
+        vec!["notify: logged (no webhook for this tenant)"]
+    );
     // Once per storm: the two denies after the fifth raised nothing more.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(incidents(&root).await.len(), 1);
@@ -269,7 +275,7 @@ async fn at_l4_the_agent_is_frozen_its_tokens_revoked_and_its_session_killed() {
     assert_eq!(
         incident.actions,
         vec![
-            "notify: logged",
+            "notify: logged (no webhook for this tenant)",
             "freeze_agent: frozen",
             "kill_agent_tokens: 1 tokens",
             "kill_session: session sess-9: 0 tokens"

@@ -3,6 +3,8 @@
 //! 1. Before policy (in `decide`): a frozen or revoked agent is denied (`agent_frozen`,
 //!    `agent_revoked`); these are containment, not policy, and shadow mode does not soften
 //!    them.
+//!    A restricted agent (autonomy L2) gets `approval_needed` (`agent_restricted`) for a
+//!    state-mutating call the policy allows, after policy; shadow mode does not soften it.
 //! 2. Shadow mode: in a tenant set to `shadow`, a policy deny or `approval_needed` is
 //!    recorded as `would_deny` and the request goes on.
 //! 3. Approvals: an `approval_needed` call carrying an override token is allowed once if
@@ -35,13 +37,37 @@ pub(super) struct PendingCall {
     pub policy_reason: String,
 }
 
+/// The reason of a call held for approval because its agent is restricted.
+pub(super) const RESTRICTED_REASON: &str = "agent_restricted";
+
+/// Step 1b, after policy: a restricted agent's state-mutating call that the policy allows
+/// needs an approval (`approval_needed`, reason `agent_restricted`); its other calls are
+/// left as the policy decided.
+pub(super) fn restrict(
+    agent: &AgentContext,
+    decision: Decision,
+    bundle: &crate::policy::CompiledBundle,
+    tool: &str,
+    action: &str,
+) -> Decision {
+    use crate::control::state::AgentStatus;
+    if agent.status == AgentStatus::Restricted
+        && decision.verdict.allows()
+        && crate::correlate::is_mutating(&crate::correlate::words_from(bundle), tool, action)
+    {
+        Decision::simple(Verdict::ApprovalNeeded, RESTRICTED_REASON)
+    } else {
+        decision
+    }
+}
+
 /// Step 1: containment by agent status, before policy.
 pub(super) fn contained(agent: &AgentContext) -> Option<Outcome> {
     use crate::control::state::AgentStatus;
     let reason = match agent.status {
         AgentStatus::Frozen => "agent_frozen",
         AgentStatus::Revoked => "agent_revoked",
-        AgentStatus::Active | AgentStatus::Unregistered => return None,
+        AgentStatus::Active | AgentStatus::Restricted | AgentStatus::Unregistered => return None,
     };
     Some(deny(reason, 403))
 }
@@ -126,7 +152,12 @@ pub(super) async fn apply(
         return outcome;
     };
     let outcome = match decision.verdict {
-        Verdict::Deny | Verdict::ApprovalNeeded if agent.shadow => would_deny(decision.reason),
+        // A restriction is containment by the response engine: shadow mode does not soften it.
+        Verdict::Deny | Verdict::ApprovalNeeded
+            if agent.shadow && decision.reason != RESTRICTED_REASON =>
+        {
+            would_deny(decision.reason)
+        }
         verdict => {
             let outcome = Outcome::Decided {
                 decision,

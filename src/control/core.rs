@@ -27,6 +27,8 @@ use crate::policy::{BundleFiles, CompiledBundle, Policy, PolicyOptions};
 
 /// How many events a slow watcher may fall behind before it is resynced from a snapshot.
 const WATCH_BUFFER: usize = 4096;
+/// How many incident events a slow incident watcher may fall behind before it is ended.
+const INCIDENT_BUFFER: usize = 1024;
 
 /// Settings of the control actions.
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct Settings {
     pub max_pending_approvals: u32,
     /// A tenant's SOC autonomy level until one is set (`AEGIS_SOC_AUTONOMY_LEVEL`).
     pub default_autonomy: u32,
+    /// Where incidents are notified (`[[notify.webhooks]]`).
+    pub webhooks: Vec<crate::config::WebhookConfig>,
 }
 
 /// The data plane in the same process (all-in-one): changes apply to it synchronously.
@@ -67,6 +71,10 @@ pub struct ControlCore {
     local: Option<Local>,
     policy_opts: PolicyOptions,
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
+    /// Incidents raised and changed, for `WatchIncidents`.
+    pub(super) incident_events: broadcast::Sender<Arc<pb::IncidentEvent>>,
+    /// The webhook delivery task, woken when an incident queued notifications.
+    notifier: std::sync::OnceLock<Arc<super::notify::Notifier>>,
     publish: tokio::sync::Mutex<()>,
     /// Rows for calls without a valid credential, per second, so that anyone who can reach
     /// the port cannot flood the signed log; the rest are only counted.
@@ -174,6 +182,8 @@ impl ControlCore {
             local,
             policy_opts,
             events: broadcast::channel(WATCH_BUFFER).0,
+            incident_events: broadcast::channel(INCIDENT_BUFFER).0,
+            notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             anonymous: RateWindow::default(),
         }
@@ -219,7 +229,23 @@ impl ControlCore {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Starts the webhook delivery task for this control plane's outbox.
+    pub fn start_notifier(
+        &self,
+        config: crate::config::NotifyConfig,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (notifier, task) = super::notify::Notifier::start(self.store.clone(), config, shutdown);
+        let _ = self.notifier.set(notifier);
+        task
+    }
+
+    /// The delivery task's counters, if it runs.
+    pub fn notifier(&self) -> Option<&Arc<super::notify::Notifier>> {
+        self.notifier.get()
+    }
+
+    pub(super) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn ControlStore) -> Result<T, ControlError> + Send + 'static,
     ) -> Result<T, ControlError> {
@@ -392,6 +418,7 @@ impl ControlCore {
         let action = match status {
             super::FROZEN => "agent.freeze",
             super::REVOKED => "agent.revoke",
+            super::RESTRICTED => "agent.restrict",
             _ => "agent.unfreeze",
         };
         required_reason(&req.reason, action)?;
@@ -565,7 +592,8 @@ impl ControlCore {
                     "no agent {id} in tenant {tenant} (register it first: aegis ctl agents register)"
                 ))
             })?;
-        if agent.status != super::ACTIVE && !(frozen_ok && agent.status == super::FROZEN) {
+        let usable = agent.status == super::ACTIVE || agent.status == super::RESTRICTED;
+        if !(usable || (frozen_ok && agent.status == super::FROZEN)) {
             return Err(ControlError::precondition(format!(
                 "agent {tenant}/{id} is {}: no token can be issued",
                 agent.status
@@ -1365,14 +1393,16 @@ pub const INCIDENT_KINDS: &[&str] = &[
 ];
 
 /// What the response engine does for an incident of `severity` at autonomy `level`:
-/// L1 notify only; L2 notify (requiring approval for the agent's mutating calls is not
-/// built yet, and the plan says so); L3 also freeze the agent on high and critical
-/// incidents; L4 also revoke its tokens and kill its session.
+/// L1 notify only; L2 also require approval for the agent's state-mutating calls
+/// (restrict it); L3 freeze the agent instead on high and critical incidents; L4 also
+/// revoke its tokens and kill its session.
 pub fn plan(level: u32, severity: &str) -> Vec<&'static str> {
     let serious = matches!(severity, "high" | "critical");
     let mut actions = vec!["notify"];
     if level >= 3 && serious {
         actions.push("freeze_agent");
+    } else if level >= 2 {
+        actions.push("require_approval");
     }
     if level >= 4 && serious {
         actions.push("kill_agent_tokens");
@@ -1448,10 +1478,19 @@ impl ControlCore {
             autonomy_level: level,
             reported_by: op.actor(),
             policy_revision: req.policy_revision,
+            decisions: req.decisions,
             ..Default::default()
         };
+        let notes = super::notify::notifications(&incident, &self.settings.webhooks);
+        let queued = notes.len();
         let i = incident.clone();
-        self.blocking(move |s| s.insert_incident(&i)).await?;
+        self.blocking(move |s| s.insert_incident(&i, &notes))
+            .await?;
+        if queued > 0
+            && let Some(n) = self.notifier.get()
+        {
+            n.wake.notify_one();
+        }
         let actor = op.actor();
         let mut act = Act::new(&actor, "incident.raise", &incident.tenant);
         act.agent = &incident.agent;
@@ -1463,7 +1502,7 @@ impl ControlCore {
         act.reason = &incident.summary;
         act.revision = &incident.policy_revision;
         self.record(act, None).await?;
-        let done = self.contain(&incident).await;
+        let done = self.contain(&incident, queued).await;
         let (t, id, d) = (incident.tenant.clone(), incident.id.clone(), done.clone());
         self.blocking(move |s| s.add_incident_actions(&t, &id, &d))
             .await?;
@@ -1478,21 +1517,34 @@ impl ControlCore {
             incident.summary,
             done.join(", ")
         );
-        Ok(pb::Incident {
+        let incident = pb::Incident {
             actions: done,
             ..incident
-        })
+        };
+        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
+            event: "raised".into(),
+            incident: Some(incident.clone()),
+        }));
+        Ok(incident)
     }
 
     /// Carries out the plan for `incident`; returns what was done, one line per action.
-    async fn contain(&self, incident: &pb::Incident) -> Vec<String> {
+    async fn contain(&self, incident: &pb::Incident, webhooks: usize) -> Vec<String> {
         let engine = Self::response_engine();
         let reason = format!("incident {} ({})", incident.id, incident.kind);
         let mut done = Vec::new();
         for action in plan(incident.autonomy_level, &incident.severity) {
             let outcome = match action {
-                "notify" => Ok("logged".to_owned()),
-                "freeze_agent" => self.freeze_for(&engine, incident, &reason).await,
+                "notify" if webhooks == 0 => Ok("logged (no webhook for this tenant)".to_owned()),
+                "notify" => Ok(format!("logged, {webhooks} webhook(s) queued")),
+                "freeze_agent" => {
+                    self.contain_agent(&engine, incident, &reason, super::FROZEN)
+                        .await
+                }
+                "require_approval" => {
+                    self.contain_agent(&engine, incident, &reason, super::RESTRICTED)
+                        .await
+                }
                 "kill_agent_tokens" => self
                     .kill(
                         &engine,
@@ -1529,24 +1581,36 @@ impl ControlCore {
         done
     }
 
-    /// Freezes the incident's agent, registering it (frozen) if the control plane did not
-    /// know it (a token minted offline).
-    async fn freeze_for(
+    /// Freezes or restricts the incident's agent, registering it first if the control plane
+    /// did not know it (a token minted offline). A restriction never loosens a freeze.
+    async fn contain_agent(
         &self,
         engine: &Operator,
         incident: &pb::Incident,
         reason: &str,
+        status: &'static str,
     ) -> Result<String, ControlError> {
+        let done = if status == super::FROZEN {
+            "frozen"
+        } else {
+            "restricted"
+        };
+        if status == super::RESTRICTED {
+            let (t, i) = (incident.tenant.clone(), incident.agent.clone());
+            let now = now_secs();
+            if let Some(a) = self.blocking(move |s| s.agent(&t, &i, now)).await?
+                && a.status != super::ACTIVE
+            {
+                return Ok(format!("unchanged (agent is {})", a.status));
+            }
+        }
         let req = pb::AgentActionRequest {
             tenant: incident.tenant.clone(),
             id: incident.agent.clone(),
             reason: reason.to_owned(),
         };
-        match self
-            .set_agent_status(engine, req.clone(), super::FROZEN)
-            .await
-        {
-            Ok(_) => Ok("frozen".into()),
+        match self.set_agent_status(engine, req.clone(), status).await {
+            Ok(_) => Ok(done.into()),
             Err(ControlError::Precondition(m)) => Ok(format!("unchanged ({m})")),
             Err(ControlError::NotFound(_)) => {
                 self.register_agent(
@@ -1558,8 +1622,8 @@ impl ControlCore {
                     },
                 )
                 .await?;
-                self.set_agent_status(engine, req, super::FROZEN).await?;
-                Ok("registered and frozen".into())
+                self.set_agent_status(engine, req, status).await?;
+                Ok(format!("registered and {done}"))
             }
             Err(e) => Err(e),
         }
@@ -1586,11 +1650,31 @@ impl ControlCore {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Read, &tenant)?;
         let (t, i) = (tenant.clone(), req.id.clone());
-        self.blocking(move |s| s.incident(&t, &i))
-            .await?
-            .ok_or_else(|| {
-                ControlError::not_found(format!("no incident {} in tenant {tenant}", req.id))
+        let (incident, notes) = self
+            .blocking(move |s| {
+                let notes = s.notifications(&i)?;
+                Ok((s.incident(&t, &i)?, notes))
             })
+            .await?;
+        let mut incident = incident.ok_or_else(|| {
+            ControlError::not_found(format!("no incident {} in tenant {tenant}", req.id))
+        })?;
+        incident.notifications = notes
+            .iter()
+            .map(|n| {
+                let mut line = format!(
+                    "{} {} ({} attempts)",
+                    super::notify::host_of(&n.url),
+                    n.state,
+                    n.attempts
+                );
+                if n.state != "delivered" && !n.last_error.is_empty() {
+                    line.push_str(&format!(": {}", n.last_error));
+                }
+                line
+            })
+            .collect();
+        Ok(incident)
     }
 
     /// Acknowledges (`acknowledged`) or closes (`closed`, with a reason) an incident.
@@ -1638,6 +1722,10 @@ impl ControlCore {
         act.target = format!("incident:{}", updated.id);
         act.reason = &req.reason;
         self.record(act, None).await?;
+        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
+            event: status.into(),
+            incident: Some(updated.clone()),
+        }));
         Ok(updated)
     }
 

@@ -163,6 +163,16 @@ impl ControlPlane for ControlService {
         )
     }
 
+    async fn restrict_agent(&self, req: Request<pb::AgentActionRequest>) -> Answer<pb::Agent> {
+        call!(
+            self,
+            req,
+            "agent.restrict",
+            |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.set_agent_status(&op, b, super::RESTRICTED).await }
+        )
+    }
+
     async fn revoke_agent(&self, req: Request<pb::AgentActionRequest>) -> Answer<pb::Agent> {
         call!(
             self,
@@ -485,6 +495,58 @@ impl ControlPlane for ControlService {
         )
     }
 
+    async fn get_incident_graph(&self, req: Request<pb::IncidentRef>) -> Answer<pb::IncidentGraph> {
+        call!(
+            self,
+            req,
+            "incident.graph",
+            |r: &Request<pb::IncidentRef>| r.get_ref().tenant.clone(),
+            |op, b| { self.core.incident_graph(&op, b).await }
+        )
+    }
+
+    type WatchIncidentsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::IncidentEvent, Status>> + Send>>;
+
+    async fn watch_incidents(
+        &self,
+        req: Request<pb::WatchIncidentsRequest>,
+    ) -> Answer<Self::WatchIncidentsStream> {
+        let tenant = req.get_ref().tenant.clone();
+        let op = self.caller(&req, "incident.watch", &tenant).await?;
+        let scope = match op.list_scope(&tenant).and_then(|scope| {
+            op.require(super::auth::Need::Read, scope.as_deref().unwrap_or(""))
+                .map(|()| scope)
+        }) {
+            Ok(scope) => scope,
+            Err(e) => return self.answer(&op, "incident.watch", &tenant, Err(e)).await,
+        };
+        // Subscribed before the list: nothing raised in between is missed (it may come
+        // twice, as existing and as raised; the id tells).
+        let rx = self.core.incident_events.subscribe();
+        let existing = if req.get_ref().new_only {
+            Vec::new()
+        } else {
+            self.core
+                .list_incidents(
+                    &op,
+                    pb::ListIncidentsRequest {
+                        tenant: tenant.clone(),
+                        status: "open".into(),
+                        agent: String::new(),
+                    },
+                )
+                .await
+                .map_err(Status::from)?
+        };
+        Ok(Response::new(Box::pin(incident_stream(
+            scope,
+            existing,
+            rx,
+            self.shutdown.clone(),
+        ))))
+    }
+
     async fn redeem_override(
         &self,
         req: Request<pb::RedeemOverrideRequest>,
@@ -549,6 +611,66 @@ fn watch_stream(
                         }
                         Err(e) => return Some((Err(e.into()), s)),
                     }
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+/// The open incidents, then every incident event of the scope (None: every tenant).
+fn incident_stream(
+    scope: Option<String>,
+    existing: Vec<pb::Incident>,
+    rx: tokio::sync::broadcast::Receiver<Arc<pb::IncidentEvent>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> impl Stream<Item = Result<pb::IncidentEvent, Status>> + Send {
+    use tokio::sync::broadcast::error::RecvError;
+    struct S {
+        scope: Option<String>,
+        existing: std::vec::IntoIter<pb::Incident>,
+        rx: tokio::sync::broadcast::Receiver<Arc<pb::IncidentEvent>>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        ended: bool,
+    }
+    let stop = shutdown.clone();
+    let state = S {
+        scope,
+        existing: existing.into_iter(),
+        rx,
+        shutdown,
+        ended: false,
+    };
+    futures_stream(state, stop, |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        if let Some(i) = s.existing.next() {
+            let ev = pb::IncidentEvent {
+                event: "existing".into(),
+                incident: Some(i),
+            };
+            return Some((Ok(ev), s));
+        }
+        loop {
+            let received = tokio::select! {
+                r = s.rx.recv() => r,
+                _ = s.shutdown.wait_for(|stop| *stop) => return None,
+            };
+            match received {
+                Ok(ev) => {
+                    let tenant = ev.incident.as_ref().map_or("", |i| i.tenant.as_str());
+                    if s.scope.as_deref().is_none_or(|t| t == tenant) {
+                        return Some((Ok((*ev).clone()), s));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    s.ended = true;
+                    let e = Status::resource_exhausted(format!(
+                        "this watcher fell {n} incident events behind and was ended: \
+                         list the incidents, then watch again"
+                    ));
+                    return Some((Err(e), s));
                 }
                 Err(RecvError::Closed) => return None,
             }

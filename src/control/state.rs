@@ -19,6 +19,8 @@ pub enum AgentStatus {
     Active,
     Frozen,
     Revoked,
+    /// State-mutating calls need an approval.
+    Restricted,
     /// Not registered with the control plane (a token minted offline): policy decides.
     Unregistered,
 }
@@ -29,6 +31,7 @@ impl AgentStatus {
             AgentStatus::Active => super::ACTIVE,
             AgentStatus::Frozen => super::FROZEN,
             AgentStatus::Revoked => super::REVOKED,
+            AgentStatus::Restricted => super::RESTRICTED,
             AgentStatus::Unregistered => "unregistered",
         }
     }
@@ -38,6 +41,7 @@ impl AgentStatus {
             super::ACTIVE => AgentStatus::Active,
             super::FROZEN => AgentStatus::Frozen,
             super::REVOKED => AgentStatus::Revoked,
+            super::RESTRICTED => AgentStatus::Restricted,
             _ => return None,
         })
     }

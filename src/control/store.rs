@@ -160,7 +160,13 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
     fn policy_history(&self, limit: u32) -> Result<Vec<pb::PolicyRevision>, ControlError>;
     fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, ControlError>;
 
-    fn insert_incident(&self, incident: &pb::Incident) -> Result<(), ControlError>;
+    /// Stores an incident and, in the same transaction, its webhook notifications
+    /// (url, payload) in the outbox: none is lost if the process stops right after.
+    fn insert_incident(
+        &self,
+        incident: &pb::Incident,
+        notifications: &[(String, String)],
+    ) -> Result<(), ControlError>;
     fn incidents(
         &self,
         tenant: Option<&str>,
@@ -179,6 +185,22 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
         reason: &str,
         now: i64,
     ) -> Result<Option<pb::Incident>, ControlError>;
+    /// Outbox entries due for delivery at `now_ms`, oldest first.
+    fn due_notifications(&self, now_ms: i64, limit: usize) -> Result<Vec<Outbox>, ControlError>;
+    /// The earliest `next_at_ms` of an undelivered entry.
+    fn next_notification_at(&self) -> Result<Option<i64>, ControlError>;
+    /// Records a delivery attempt: delivered, retry at `next_at_ms`, or given up
+    /// (`next_at_ms` = None and not delivered).
+    fn notification_attempted(
+        &self,
+        id: i64,
+        delivered: bool,
+        next_at_ms: Option<i64>,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), ControlError>;
+    /// The notifications of an incident.
+    fn notifications(&self, incident: &str) -> Result<Vec<Outbox>, ControlError>;
     /// Appends what the response engine did.
     fn add_incident_actions(
         &self,
@@ -233,6 +255,12 @@ CREATE TABLE IF NOT EXISTS incidents (
     close_reason TEXT NOT NULL DEFAULT '', actions TEXT NOT NULL DEFAULT '[]',
     autonomy_level INTEGER NOT NULL, reported_by TEXT NOT NULL, policy_revision TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS incidents_by_tenant ON incidents (tenant, status);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, incident TEXT NOT NULL, tenant TEXT NOT NULL,
+    url TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_at_ms INTEGER NOT NULL, last_error TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
+    done_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
 CREATE TABLE IF NOT EXISTS policy_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, revision TEXT NOT NULL, digest TEXT NOT NULL,
     action TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
@@ -279,6 +307,7 @@ impl SqliteStore {
              PRAGMA foreign_keys=ON;",
         )
         .and_then(|()| conn.execute_batch(SCHEMA))
+        .and_then(|()| migrate(&conn))
         .map_err(named)?;
         // Read every table once: a corrupt file is refused at start-up, naming itself.
         conn.query_row(
@@ -306,6 +335,53 @@ impl SqliteStore {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
     }
+}
+
+/// Columns added since the first release of a table, added to older databases on open.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('incidents') WHERE name = 'decisions'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE incidents ADD COLUMN decisions TEXT NOT NULL DEFAULT '[]'",
+        )?;
+    }
+    Ok(())
+}
+
+/// One webhook notification in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbox {
+    pub id: i64,
+    pub incident: String,
+    pub tenant: String,
+    pub url: String,
+    pub payload: String,
+    /// pending, delivered or failed (given up).
+    pub state: String,
+    pub attempts: u32,
+    pub next_at_ms: i64,
+    pub last_error: String,
+}
+
+const OUTBOX_COLUMNS: &str =
+    "id, incident, tenant, url, payload, state, attempts, next_at_ms, last_error";
+
+fn outbox_row(r: &Row<'_>) -> rusqlite::Result<Outbox> {
+    Ok(Outbox {
+        id: r.get(0)?,
+        incident: r.get(1)?,
+        tenant: r.get(2)?,
+        url: r.get(3)?,
+        payload: r.get(4)?,
+        state: r.get(5)?,
+        attempts: r.get(6)?,
+        next_at_ms: r.get(7)?,
+        last_error: r.get(8)?,
+    })
 }
 
 impl SqliteStore {
@@ -1167,14 +1243,20 @@ impl ControlStore for SqliteStore {
         })
     }
 
-    fn insert_incident(&self, i: &pb::Incident) -> Result<(), ControlError> {
+    fn insert_incident(
+        &self,
+        i: &pb::Incident,
+        notifications: &[(String, String)],
+    ) -> Result<(), ControlError> {
         let evidence = serde_json::to_string(&i.evidence).map_err(db_err)?;
         let actions = serde_json::to_string(&i.actions).map_err(db_err)?;
+        let decisions = serde_json::to_string(&i.decisions).map_err(db_err)?;
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction().map_err(db_err)?;
+            tx.execute(
                 &format!(
                     "INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-                     ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                     ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
                 ),
                 params![
                     i.id,
@@ -1197,11 +1279,84 @@ impl ControlStore for SqliteStore {
                     actions,
                     i.autonomy_level,
                     i.reported_by,
-                    i.policy_revision
+                    i.policy_revision,
+                    decisions
                 ],
             )
             .map_err(db_err)?;
+            let now_ms = i.created_at_ns / 1_000_000;
+            for (url, payload) in notifications {
+                tx.execute(
+                    "INSERT INTO outbox (incident, tenant, url, payload, state, attempts, \
+                     next_at_ms, last_error, created_at_ms, done_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, '', ?5, 0)",
+                    params![i.id, i.tenant, url, payload, now_ms],
+                )
+                .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+    }
+
+    fn due_notifications(&self, now_ms: i64, limit: usize) -> Result<Vec<Outbox>, ControlError> {
+        self.with(|c| {
+            let mut s = c
+                .prepare(&format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' \
+                     AND next_at_ms <= ?1 ORDER BY next_at_ms, id LIMIT ?2"
+                ))
+                .map_err(db_err)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            collect(
+                s.query_map(params![now_ms, limit], outbox_row)
+                    .map_err(db_err)?,
+            )
+        })
+    }
+
+    fn next_notification_at(&self) -> Result<Option<i64>, ControlError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT min(next_at_ms) FROM outbox WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)
+        })
+    }
+
+    fn notification_attempted(
+        &self,
+        id: i64,
+        delivered: bool,
+        next_at_ms: Option<i64>,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), ControlError> {
+        let (state, next, done) = match (delivered, next_at_ms) {
+            (true, _) => ("delivered", now_ms, now_ms),
+            (false, Some(at)) => ("pending", at, 0),
+            (false, None) => ("failed", now_ms, now_ms),
+        };
+        self.with(|c| {
+            c.execute(
+                "UPDATE outbox SET state = ?2, attempts = attempts + 1, next_at_ms = ?3, \
+                 last_error = ?4, done_at_ms = ?5 WHERE id = ?1",
+                params![id, state, next, error, done],
+            )
+            .map_err(db_err)?;
             Ok(())
+        })
+    }
+
+    fn notifications(&self, incident: &str) -> Result<Vec<Outbox>, ControlError> {
+        self.with(|c| {
+            let mut s = c
+                .prepare(&format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE incident = ?1 ORDER BY id"
+                ))
+                .map_err(db_err)?;
+            collect(s.query_map(params![incident], outbox_row).map_err(db_err)?)
         })
     }
 
@@ -1304,7 +1459,7 @@ impl ControlStore for SqliteStore {
 
 const INCIDENT_COLUMNS: &str = "id, tenant, agent, session, run_id, kind, severity, summary, evidence, \
      trigger_decision, decided_at_ns, status, created_at_ns, updated_at, acknowledged_by, closed_by, \
-     close_reason, actions, autonomy_level, reported_by, policy_revision";
+     close_reason, actions, autonomy_level, reported_by, policy_revision, decisions";
 
 fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
     let list = |i: usize| -> rusqlite::Result<Vec<String>> {
@@ -1333,6 +1488,11 @@ fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
         autonomy_level: r.get(18)?,
         reported_by: r.get(19)?,
         policy_revision: r.get(20)?,
+        decisions: {
+            let text: String = r.get(21)?;
+            serde_json::from_str(&text).unwrap_or_default()
+        },
+        notifications: Vec::new(),
     })
 }
 

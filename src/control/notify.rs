@@ -1,0 +1,403 @@
+//! Incident notifications: webhooks fed from a durable outbox.
+//!
+//! When the control plane stores an incident it also stores, in the same transaction, one
+//! outbox row per webhook that wants it (by tenant and least severity). A delivery task
+//! posts due rows; a 2xx answer marks a row delivered, anything else (refused connection,
+//! timeout, non-2xx) schedules a retry with exponential backoff and jitter, up to
+//! `max_attempts`, after which the row stays in the outbox as `failed` and is logged. A
+//! control plane stopped with rows pending delivers them when it starts again: nothing is
+//! lost across a restart, and a receiver that is down gets the notification when it is back.
+//!
+//! Delivery is at least once: a receiver that answered after the time limit may see a
+//! notification twice. Each payload carries the incident id to deduplicate on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::pb;
+use super::store::ControlStore;
+use crate::config::{NotifyConfig, WebhookConfig};
+
+/// Rows taken per round.
+const BATCH: usize = 16;
+/// Longest sleep between looks at the outbox (new rows also wake the task at once).
+const IDLE: Duration = Duration::from_secs(1);
+/// Most of a receiver's answer read (the status line is what matters).
+const MAX_ERROR_BODY: usize = 512;
+
+/// low < medium < high < critical.
+pub fn severity_rank(s: &str) -> Option<u8> {
+    Some(match s {
+        "low" => 0,
+        "medium" => 1,
+        "high" => 2,
+        "critical" => 3,
+        _ => return None,
+    })
+}
+
+/// A webhook address: `http://host[:port]/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// host:port to connect to.
+    pub authority: String,
+    /// The Host header.
+    pub host: String,
+    pub path: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = if let Some(rest) = url.strip_prefix("http://") {
+            rest
+        } else if url.starts_with("https://") {
+            return Err(format!(
+                "{url:?}: https webhooks are not supported yet; point it at a local relay \
+                 (http://) that forwards over TLS"
+            ));
+        } else {
+            return Err(format!("{url:?} must start with http://"));
+        };
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if host.is_empty() || host.contains('@') || host.chars().any(char::is_whitespace) {
+            return Err(format!("{url:?} has no valid host"));
+        }
+        let has_port = match host.rfind(':') {
+            Some(i) => !host.ends_with(']') && host[i + 1..].parse::<u16>().is_ok(),
+            None => false,
+        };
+        let authority = if has_port {
+            host.to_owned()
+        } else {
+            format!("{host}:80")
+        };
+        Ok(Self {
+            authority,
+            host: host.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The outbox rows an incident makes: one per matching webhook.
+pub fn notifications(incident: &pb::Incident, hooks: &[WebhookConfig]) -> Vec<(String, String)> {
+    let rank = severity_rank(&incident.severity).unwrap_or(0);
+    hooks
+        .iter()
+        .filter(|h| h.tenant == "*" || h.tenant == incident.tenant)
+        .filter(|h| severity_rank(&h.min_severity).is_some_and(|m| rank >= m))
+        .map(|h| {
+            let body = if h.format == "json" {
+                serde_json::json!({ "event": "incident.raised", "incident": incident })
+            } else {
+                slack(incident)
+            };
+            (h.url.clone(), body.to_string())
+        })
+        .collect()
+}
+
+/// A Slack incoming-webhook message (`text` as the fallback, `blocks` for the layout).
+pub fn slack(i: &pb::Incident) -> serde_json::Value {
+    let icon = match i.severity.as_str() {
+        "critical" => ":rotating_light:",
+        "high" => ":warning:",
+        _ => ":information_source:",
+    };
+    let text = format!(
+        "{icon} [{}] {} {} for {}/{}: {}",
+        i.severity.to_uppercase(),
+        i.id,
+        i.kind,
+        i.tenant,
+        i.agent,
+        i.summary
+    );
+    let field = |name: &str, value: &str| serde_json::json!({ "type": "mrkdwn", "text": format!("*{name}*\n{value}") });
+    let evidence = if i.evidence.is_empty() {
+        "-".to_owned()
+    } else {
+        i.evidence.join(", ")
+    };
+    serde_json::json!({
+        "text": text,
+        "blocks": [
+            {
+                "type": "header",
+                "text": { "type": "plain_text", "text": format!("{} {} ({})", i.id, i.kind, i.severity) }
+            },
+            { "type": "section", "text": { "type": "mrkdwn", "text": i.summary } },
+            {
+                "type": "section",
+                "fields": [
+                    field("Tenant", &i.tenant),
+                    field("Agent", &i.agent),
+                    field("Run", if i.run_id.is_empty() { "-" } else { &i.run_id }),
+                    field("Autonomy", &format!("L{}", i.autonomy_level)),
+                    field("Evidence", &evidence),
+                    field("Policy", &i.policy_revision),
+                ]
+            },
+            {
+                "type": "context",
+                "elements": [
+                    { "type": "mrkdwn", "text": format!("aegis ctl incidents show {} --tenant {}", i.id, i.tenant) }
+                ]
+            }
+        ]
+    })
+}
+
+/// Retry delay after `attempts` failed attempts: `initial * 2^(attempts-1)`, at most
+/// `max`, then scaled by a random factor in [0.5, 1] so receivers coming back are not hit
+/// by every control plane at once.
+pub fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
+    let exp = attempts.saturating_sub(1).min(30);
+    let base = initial_ms.saturating_mul(1u64 << exp).min(max_ms);
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u64::from(u16::from_be_bytes(b))
+    } else {
+        u64::from(u16::MAX)
+    };
+    base / 2 + (base / 2) * r / u64::from(u16::MAX)
+}
+
+/// Counts of the delivery task, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub delivered: std::sync::atomic::AtomicU64,
+    pub retried: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+/// The delivery task's handle: wake it when rows were added.
+#[derive(Debug)]
+pub struct Notifier {
+    pub wake: tokio::sync::Notify,
+    pub counters: Counters,
+}
+
+impl Notifier {
+    /// Starts the delivery task; it ends when `shutdown` turns true.
+    pub fn start(
+        store: Arc<dyn ControlStore>,
+        config: NotifyConfig,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let me = Arc::new(Self {
+            wake: tokio::sync::Notify::new(),
+            counters: Counters::default(),
+        });
+        let task = tokio::spawn(run(me.clone(), store, config, shutdown));
+        (me, task)
+    }
+}
+
+fn now_ms() -> i64 {
+    crate::unix_nanos() / 1_000_000
+}
+
+async fn run(
+    me: Arc<Notifier>,
+    store: Arc<dyn ControlStore>,
+    config: NotifyConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let timeout = Duration::from_millis(config.timeout_ms);
+    loop {
+        let s = store.clone();
+        let due = tokio::task::spawn_blocking(move || s.due_notifications(now_ms(), BATCH)).await;
+        let due = match due {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                crate::log!(error, "notifications: cannot read the outbox: {e}");
+                Vec::new()
+            }
+            Err(e) => {
+                crate::log!(error, "notifications: outbox task failed: {e}");
+                Vec::new()
+            }
+        };
+        for row in &due {
+            let result = tokio::select! {
+                r = tokio::time::timeout(timeout, post(&row.url, &row.payload)) => {
+                    r.unwrap_or_else(|_| Err(format!("no answer within {} ms", config.timeout_ms)))
+                }
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let attempts = row.attempts.saturating_add(1);
+            let (delivered, next, error) = match result {
+                Ok(()) => {
+                    me.counters.delivered.fetch_add(1, Relaxed);
+                    (true, None, String::new())
+                }
+                Err(e) if attempts >= config.max_attempts => {
+                    me.counters.failed.fetch_add(1, Relaxed);
+                    crate::log!(
+                        error,
+                        "notifications: gave up on incident {} to {} after {attempts} attempts: {e}",
+                        row.incident,
+                        host_of(&row.url)
+                    );
+                    (false, None, e)
+                }
+                Err(e) => {
+                    me.counters.retried.fetch_add(1, Relaxed);
+                    let wait = backoff(attempts, config.retry_initial_ms, config.retry_max_ms);
+                    crate::log!(
+                        warn,
+                        "notifications: incident {} to {} failed (attempt {attempts}), retry in {wait} ms: {e}",
+                        row.incident,
+                        host_of(&row.url)
+                    );
+                    let wait = i64::try_from(wait).unwrap_or(i64::MAX);
+                    (false, Some(now_ms().saturating_add(wait)), e)
+                }
+            };
+            let (s, id) = (store.clone(), row.id);
+            let saved = tokio::task::spawn_blocking(move || {
+                s.notification_attempted(id, delivered, next, &error, now_ms())
+            })
+            .await;
+            if !matches!(saved, Ok(Ok(()))) {
+                crate::log!(
+                    error,
+                    "notifications: cannot record the attempt of outbox row {id}"
+                );
+            }
+        }
+        if due.len() == BATCH {
+            continue;
+        }
+        let s = store.clone();
+        let next = tokio::task::spawn_blocking(move || s.next_notification_at())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let sleep = next.map_or(IDLE, |at| {
+            Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(IDLE)
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = me.wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The host part of a URL, for logs (the path of a Slack webhook is its secret).
+pub fn host_of(url: &str) -> String {
+    Endpoint::parse(url).map_or_else(|_| "(bad url)".into(), |e| e.host)
+}
+
+/// One POST; Ok on a 2xx answer.
+async fn post(url: &str, payload: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    let ep = Endpoint::parse(url)?;
+    let stream = tokio::net::TcpStream::connect(&ep.authority)
+        .await
+        .map_err(|e| format!("connect {}: {e}", ep.authority))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post(ep.path.as_str())
+        .header(hyper::header::HOST, ep.host.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::USER_AGENT, "aegis-notify")
+        .body(Full::new(bytes::Bytes::copy_from_slice(payload.as_bytes())))
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = resp.status();
+    let result = if status.is_success() {
+        Ok(())
+    } else {
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]).into_owned();
+        Err(format!("answered {status}: {}", text.trim()))
+    };
+    conn.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("http://127.0.0.1:8080/hooks/x?y=1").unwrap();
+        assert_eq!(e.authority, "127.0.0.1:8080");
+        assert_eq!(e.path, "/hooks/x?y=1");
+        assert_eq!(
+            Endpoint::parse("http://relay").unwrap().authority,
+            "relay:80"
+        );
+        assert!(
+            Endpoint::parse("https://hooks.slack.com/x")
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(Endpoint::parse("ftp://x").is_err());
+        assert!(Endpoint::parse("http:///x").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        for attempts in 1..40 {
+            let b = backoff(attempts, 100, 10_000);
+            let base = (100u64 << (attempts - 1).min(30)).min(10_000);
+            assert!(b >= base / 2 && b <= base, "{attempts}: {b} vs {base}");
+        }
+    }
+
+    #[test]
+    fn webhooks_by_tenant_and_severity() {
+        let hook = |tenant: &str, min: &str| WebhookConfig {
+            tenant: tenant.into(),
+            url: format!("http://h/{tenant}/{min}"),
+            min_severity: min.into(),
+            format: "slack".into(),
+        };
+        let hooks = [
+            hook("acme", "high"),
+            hook("*", "low"),
+            hook("globex", "low"),
+        ];
+        let incident = pb::Incident {
+            id: "INC-1".into(),
+            tenant: "acme".into(),
+            severity: "medium".into(),
+            ..Default::default()
+        };
+        let urls: Vec<_> = notifications(&incident, &hooks)
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect();
+        assert_eq!(urls, vec!["http://h/*/low"]);
+        let critical = pb::Incident {
+            severity: "critical".into(),
+            ..incident
+        };
+        let sent = notifications(&critical, &hooks);
+        assert_eq!(sent.len(), 2);
+        let body: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
+        assert!(body["text"].as_str().unwrap().contains("INC-1"));
+        assert_eq!(body["blocks"][0]["type"], "header");
+    }
+}
