@@ -57,6 +57,13 @@ pub const MUTATING_WORDS: &[&str] = &[
     "insert", "upload", "share", "email",
 ];
 
+/// Denies that are containment already in force (a frozen or revoked agent, a killed or
+/// rotated-out token), not the agent meeting policy: they count towards neither a deny
+/// storm nor the deny half of a trust escalation. Otherwise a frozen agent that keeps
+/// calling raises storm after storm, and its unfreeze raises a `trust_escalation` on its
+/// next allowed call.
+pub const CONTAINMENT_REASONS: &[&str] = &["agent_frozen", "agent_revoked", "token_revoked"];
+
 /// Thresholds and windows.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
@@ -356,8 +363,9 @@ impl Engine {
             });
         };
 
+        let policy_deny = d.decision == "deny" && !CONTAINMENT_REASONS.contains(&d.reason.as_str());
         // deny_storm
-        if d.decision == "deny" {
+        if policy_deny {
             let (n, w) = th.deny_storm;
             if let Some(ev) = st.denies.add(t, &event, n, secs(w)) {
                 finding(
@@ -419,7 +427,7 @@ impl Engine {
         }
         // trust_escalation: a deny, then an allow of the same tool and action.
         let tw = secs(th.trust_escalation_window);
-        if d.decision == "deny" {
+        if policy_deny {
             let list = st.denied.entry(call.clone()).or_default();
             list.retain(|(x, _)| (t - *x).abs() < tw);
             if list.len() >= MAX_KEPT {

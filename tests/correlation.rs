@@ -335,3 +335,29 @@ fn an_event_without_a_valid_time_is_refused() {
     d.time_ns = -5;
     assert!(e.observe(&d).is_err());
 }
+
+#[test]
+fn containment_denies_make_neither_a_storm_nor_an_escalation() {
+    let mut e = engine();
+    let frozen = |t: f64, id: &str| {
+        let mut d = ev(t, "github", "read_issue", "deny", id);
+        d.reason = "agent_frozen".into();
+        d
+    };
+    // A frozen agent calling on: ten containment denies, no storm.
+    let calls: Vec<Decision> = (0..10)
+        .map(|i| frozen(f64::from(i), &format!("f{i}")))
+        .collect();
+    assert!(run(&mut e, &calls).is_empty());
+    // Unfrozen, the same call is allowed: not an escalation.
+    let found = run(&mut e, &[ev(20.0, "github", "read_issue", "allow", "a")]);
+    assert!(kinds(&found, "trust_escalation").is_empty(), "{found:?}");
+    // A rotated-out token's denies neither.
+    let mut revoked = ev(21.0, "github", "read_issue", "deny", "r");
+    revoked.reason = "token_revoked".into();
+    let found = run(
+        &mut e,
+        &[revoked, ev(22.0, "github", "read_issue", "allow", "a2")],
+    );
+    assert!(found.is_empty(), "{found:?}");
+}

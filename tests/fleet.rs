@@ -565,3 +565,53 @@ async fn ctl_exit_codes_and_output() {
     let (code, _, err) = ctl(addr, &root, &["agents", "list"]);
     assert_eq!(code, 6, "unreachable: {err}");
 }
+
+#[tokio::test]
+async fn an_incident_found_at_one_sidecar_contains_the_agent_at_every_sidecar() {
+    let fleet = Fleet::start(2).await;
+    fleet.ok(&[
+        "tenants",
+        "set",
+        "acme",
+        "--autonomy",
+        "L3",
+        "--reason",
+        "SOC runs containment",
+    ]);
+    fleet.ok(&["agents", "register", "triage-bot", "--tenant", "acme"]);
+    let token = fleet
+        .ok(&[
+            "tokens",
+            "issue",
+            "--agent",
+            "triage-bot",
+            "--tenant",
+            "acme",
+            "--scopes",
+            "invoices:read",
+        ])
+        .trim()
+        .to_owned();
+    let read = || Req::read_invoices(&token);
+    assert!(all_see(&fleet, read, "allow").await);
+    // A deny storm at sidecar 0 only.
+    let (_, first) = &fleet.sidecars[0];
+    for _ in 0..5 {
+        let storm = Req::get("/invoices")
+            .token(&token)
+            .tool("invoices", "create")
+            .build();
+        assert_eq!(seen(first, storm).await, "missing_scope");
+    }
+    // Reported to the control plane, which freezes the agent for the whole fleet.
+    assert!(
+        all_see(&fleet, read, "agent_frozen").await,
+        "the agent is frozen at every sidecar"
+    );
+    let out = fleet.ok(&["incidents", "list", "--tenant", "acme", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let incident = &v["incidents"][0];
+    assert_eq!(incident["kind"], "deny_storm");
+    assert_eq!(incident["reported_by"], "sidecar:fleet");
+    assert_eq!(incident["decisions"].as_array().map(Vec::len), Some(5));
+}
