@@ -95,7 +95,7 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         }
         (Some(id), Some(c)) => {
             let rows =
-                query_side(c, Table::Incidents, "id = ?1", &[id.clone()]).map_err(control_read)?;
+                query_side(c, Table::Incidents, "id = ?1", std::slice::from_ref(id)).map_err(control_read)?;
             let found = rows.into_iter().find(|r| tenant_matches(r, &opts.tenant));
             Some(found.ok_or_else(|| {
                 ExportError::Invalid(format!(
