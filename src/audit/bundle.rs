@@ -649,6 +649,14 @@ fn check_side_records(b: &Bundle, p: &mut Vec<String>) {
                     f.tenant
                 ));
             }
+            if let Some(want) = &f.agent
+                && let Some(agent) = rec.fields.get("agent").and_then(Value::as_str)
+                && agent != want
+            {
+                p.push(format!(
+                    "{t} {id}: agent {agent:?} is outside the filter {want:?}"
+                ));
+            }
             if table != Table::Incidents {
                 continue;
             }
@@ -790,4 +798,55 @@ pub fn format_time(ns: i64) -> String {
         seconds: ns.div_euclid(1_000_000_000),
         nanos: i32::try_from(ns.rem_euclid(1_000_000_000)).unwrap_or(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_rfc3339_or_unix_seconds() {
+        assert_eq!(parse_time("0"), Ok(0));
+        assert_eq!(parse_time("1700000000"), Ok(1_700_000_000_000_000_000));
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z"),
+            Ok(1_700_000_000_000_000_000)
+        );
+        assert_eq!(
+            parse_time("2023-11-14T23:13:20.5+01:00"),
+            Ok(1_700_000_000_500_000_000)
+        );
+        assert_eq!(
+            parse_time("2024-02-29T00:00:00Z"),
+            Ok(1_709_164_800_000_000_000)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2023-11-14",
+            "2023-13-01T00:00:00Z",
+            "2023-11-14T22:13:20",
+            "-5",
+        ] {
+            let err = parse_time(bad).expect_err(bad);
+            assert!(err.contains("RFC 3339"), "{err}");
+        }
+    }
+
+    #[test]
+    fn times_round_trip_through_the_filters() {
+        for ns in [0, 1_700_000_000_123_456_789, 1_709_164_800_000_000_000] {
+            assert_eq!(parse_time(&format_time(ns)), Ok(ns), "{}", format_time(ns));
+        }
+    }
+
+    #[test]
+    fn redactable_fields_leave_out_what_a_verifier_needs() {
+        let r = redactable();
+        for needed in PROTECTED_FIELDS.iter().chain(&["time_ns", "http_status"]) {
+            assert!(!r.contains(needed), "{needed}");
+        }
+        assert!(r.contains(&"resource") && r.contains(&"arguments"));
+    }
 }

@@ -94,8 +94,8 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
             )));
         }
         (Some(id), Some(c)) => {
-            let rows =
-                query_side(c, Table::Incidents, "id = ?1", std::slice::from_ref(id)).map_err(control_read)?;
+            let rows = query_side(c, Table::Incidents, "id = ?1", std::slice::from_ref(id))
+                .map_err(control_read)?;
             let found = rows.into_iter().find(|r| tenant_matches(r, &opts.tenant));
             Some(found.ok_or_else(|| {
                 ExportError::Invalid(format!(
@@ -169,6 +169,7 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
             }
         }
     }
+    let secrets = Secrets::new(secrets)?;
     for (table, records) in [
         (Table::Incidents, &mut incidents),
         (Table::Approvals, &mut approvals),
@@ -178,7 +179,7 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
             let leaking: Vec<String> = rec
                 .fields
                 .iter()
-                .filter(|(col, v)| !table.protected(col) && leaks(v, &secrets))
+                .filter(|(col, v)| !table.protected(col) && secrets.found_in_value(v))
                 .map(|(col, _)| col.clone())
                 .collect();
             for col in leaking {
@@ -634,33 +635,52 @@ fn collect_strings(v: &Value, out: &mut BTreeSet<String>) {
     }
 }
 
-/// `text` contains one of the redacted values.
-fn contains_secret(text: &str, secrets: &BTreeSet<String>) -> bool {
-    secrets.iter().any(|s| {
-        if s.chars().count() >= MIN_SUBSTRING {
-            text.contains(s.as_str())
-        } else {
-            text == s
-        }
-    })
+/// The redacted values, searched for in every disclosed text in one pass each.
+struct Secrets {
+    /// Values shorter than [`MIN_SUBSTRING`]: only a field equal to one is removed.
+    short: BTreeSet<String>,
+    /// The others, found anywhere inside a text.
+    long: Option<aho_corasick::AhoCorasick>,
 }
 
-fn leaks(v: &Value, secrets: &BTreeSet<String>) -> bool {
-    match v {
-        Value::String(s) => contains_secret(s, secrets),
-        Value::Array(a) => a.iter().any(|v| leaks(v, secrets)),
-        Value::Object(o) => o.values().any(|v| leaks(v, secrets)),
-        _ => false,
+impl Secrets {
+    fn new(values: BTreeSet<String>) -> Result<Self, ExportError> {
+        let (long, short): (Vec<String>, Vec<String>) = values
+            .into_iter()
+            .partition(|s| s.chars().count() >= MIN_SUBSTRING);
+        let long = if long.is_empty() {
+            None
+        } else {
+            Some(aho_corasick::AhoCorasick::new(&long).map_err(|e| {
+                ExportError::Refused(format!(
+                    "cannot search for the {} redacted values: {e}; export a narrower range",
+                    long.len()
+                ))
+            })?)
+        };
+        Ok(Self {
+            short: short.into_iter().collect(),
+            long,
+        })
+    }
+
+    /// `text` contains one of the redacted values.
+    fn found_in(&self, text: &str) -> bool {
+        self.short.contains(text) || self.long.as_ref().is_some_and(|ac| ac.is_match(text))
+    }
+
+    fn found_in_value(&self, v: &Value) -> bool {
+        match v {
+            Value::String(s) => self.found_in(s),
+            Value::Array(a) => a.iter().any(|v| self.found_in_value(v)),
+            Value::Object(o) => o.values().any(|v| self.found_in_value(v)),
+            _ => false,
+        }
     }
 }
 
 /// One row as the bundle shows it.
-fn bundle_row(
-    r: &Row,
-    selected: bool,
-    redact: &BTreeSet<&str>,
-    secrets: &BTreeSet<String>,
-) -> BundleRow {
+fn bundle_row(r: &Row, selected: bool, redact: &BTreeSet<&str>, secrets: &Secrets) -> BundleRow {
     let json = |v: FieldValue<'_>| match v {
         FieldValue::Int(n) => Value::from(n),
         FieldValue::Text(t) => Value::from(t),
@@ -683,7 +703,7 @@ fn bundle_row(
                 let hidden = !selected
                     || redact.contains(name)
                     || (!PROTECTED_FIELDS.contains(&name)
-                        && matches!(v, FieldValue::Text(t) if contains_secret(t, secrets)));
+                        && matches!(v, FieldValue::Text(t) if secrets.found_in(t)));
                 let field = if hidden {
                     BundleField {
                         commitment: Some(crate::hex(&super::field_commitment(
