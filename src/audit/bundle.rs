@@ -464,24 +464,16 @@ fn recompute(row: &BundleRow) -> Result<Hash, String> {
             if !row.selected {
                 return Err("a format 1 row cannot be included unselected".into());
             }
-            let mut texts: Vec<String> = Vec::with_capacity(FIELD_NAMES.len());
-            let mut ints = [0i64; 2];
-            for (i, name) in FIELD_NAMES.iter().enumerate() {
+            let mut values = Vec::with_capacity(FIELD_NAMES.len());
+            for name in FIELD_NAMES {
                 let f = field(name)?;
                 if f.salt.is_some() || f.commitment.is_some() {
                     return Err(format!(
                         "field {name}: a format 1 row has no salts or commitments"
                     ));
                 }
-                match value_of(name, f.value.as_ref())? {
-                    FieldValue::Int(v) => ints[i.min(1)] = v,
-                    FieldValue::Text(t) => texts.push(t.to_owned()),
-                }
+                values.push(value_of(name, f.value.as_ref())?);
             }
-            let mut values = Vec::with_capacity(FIELD_NAMES.len());
-            values.push(FieldValue::Int(ints[0]));
-            values.push(FieldValue::Int(ints[1]));
-            values.extend(texts.iter().map(|t| FieldValue::Text(t.as_str())));
             let values: [FieldValue<'_>; 19] = values
                 .try_into()
                 .map_err(|_| "wrong number of fields".to_owned())?;
