@@ -485,6 +485,73 @@ async fn an_incident_bundle_holds_its_evidence_and_the_actions_naming_it() {
     assert!(text(&out).contains("cannot be redacted"), "{}", text(&out));
 }
 
+#[tokio::test]
+async fn filters_select_rows_incidents_and_approvals() {
+    let (dir, data, _) = two_tenants().await;
+    let file = dir.path().join("f.json");
+    let selected = |b: &Bundle| -> Vec<u64> {
+        b.rows
+            .iter()
+            .filter(|r| r.selected)
+            .map(|r| r.seq)
+            .collect()
+    };
+
+    let out = export(&data, &file, &["--tenant", "acme", "--kind", "control"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(selected(&load(&file)), vec![6]);
+
+    let out = export(&data, &file, &["--tenant", "acme", "--agent", "report-bot"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let b = load(&file);
+    assert_eq!(selected(&b), vec![7]);
+    // billing-bot's incident and approval are not report-bot's.
+    assert_eq!((b.incidents.len(), b.approvals.len()), (0, 0));
+
+    // A window that ends before anything was written selects nothing: refused, not empty.
+    let out = export(
+        &data,
+        &file,
+        &["--tenant", "acme", "--until", "2001-01-01T00:00:00Z"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no audit rows"), "{}", text(&out));
+    let out = export(
+        &data,
+        &file,
+        &["--tenant", "acme", "--since", "next tuesday"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("RFC 3339"), "{}", text(&out));
+
+    // The acme incident is high: kept at --min-severity high, left out at critical.
+    let out = export(
+        &data,
+        &file,
+        &["--tenant", "acme", "--min-severity", "high"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(load(&file).incidents.len(), 1);
+    let out = export(
+        &data,
+        &file,
+        &["--tenant", "acme", "--min-severity", "critical"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let b = load(&file);
+    assert_eq!((b.incidents.len(), b.counts.incidents), (0, 0));
+    assert_eq!(b.filters.min_severity.as_deref(), Some("critical"));
+    assert_eq!(verify(&file, &[]).status.code(), Some(0));
+
+    // An admin's bundle of every tenant discloses both.
+    let out = export(&data, &file, &["--tenant", "*"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let b = load(&file);
+    assert_eq!(selected(&b), (1..=8).collect::<Vec<u64>>());
+    assert_eq!((b.incidents.len(), b.approvals.len()), (2, 2));
+    assert_eq!(verify(&file, &[]).status.code(), Some(0));
+}
+
 /// The audit_log schema before per-field salts, and rows written the old way.
 fn write_v1_log(data: &Path, signer: &Signer, records: &[Record]) {
     let conn = rusqlite::Connection::open(data.join("audit.db")).expect("open");

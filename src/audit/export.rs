@@ -140,57 +140,16 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         Some(c) => side_records(c, opts, incident, &selected_rows).map_err(control_read)?,
     };
 
-    // Redaction: the policy's fields, then anything else that contains a redacted value.
     let redact: BTreeSet<&str> = opts.redact.iter().map(String::as_str).collect();
-    let mut secrets: BTreeSet<String> = BTreeSet::new();
-    for r in &selected_rows {
-        for (name, v) in r.record.fields() {
-            if let FieldValue::Text(t) = v
-                && redact.contains(name)
-                && !t.is_empty()
-            {
-                secrets.insert(t.to_owned());
-            }
-        }
-    }
-    for (table, records) in [
-        (Table::Incidents, &mut incidents),
-        (Table::Approvals, &mut approvals),
-        (Table::PolicyRevisions, &mut revisions),
-    ] {
-        for rec in records.iter_mut() {
-            for name in &redact {
-                for col in table.columns_for(name) {
-                    if let Some(v) = rec.fields.remove(*col) {
-                        collect_strings(&v, &mut secrets);
-                        rec.redacted.push((*col).to_owned());
-                    }
-                }
-            }
-        }
-    }
-    let secrets = Secrets::new(secrets)?;
-    for (table, records) in [
-        (Table::Incidents, &mut incidents),
-        (Table::Approvals, &mut approvals),
-        (Table::PolicyRevisions, &mut revisions),
-    ] {
-        for rec in records.iter_mut() {
-            let leaking: Vec<String> = rec
-                .fields
-                .iter()
-                .filter(|(col, v)| !table.protected(col) && secrets.found_in_value(v))
-                .map(|(col, _)| col.clone())
-                .collect();
-            for col in leaking {
-                rec.fields.remove(&col);
-                rec.redacted.push(col);
-            }
-            rec.redacted.sort();
-            rec.redacted.dedup();
-        }
-    }
-
+    let secrets = redact_side_records(
+        &selected_rows,
+        &redact,
+        [
+            (Table::Incidents, &mut incidents),
+            (Table::Approvals, &mut approvals),
+            (Table::PolicyRevisions, &mut revisions),
+        ],
+    )?;
     let bundle_rows = rows
         .iter()
         .map(|r| bundle_row(r, selected.contains(&r.seq), &redact, &secrets))
@@ -227,6 +186,57 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         )));
     }
     Ok(bundle)
+}
+
+/// Applies the redaction policy to the side records: first the columns it names (see
+/// [`Table::columns_for`]), then any other column holding one of the redacted values (of
+/// the selected rows, or of a column just removed). Returns those values, for the rows.
+fn redact_side_records(
+    selected: &[&Row],
+    redact: &BTreeSet<&str>,
+    mut tables: [(Table, &mut Vec<SideRecord>); 3],
+) -> Result<Secrets, ExportError> {
+    let mut values: BTreeSet<String> = BTreeSet::new();
+    for r in selected {
+        for (name, v) in r.record.fields() {
+            if let FieldValue::Text(t) = v
+                && redact.contains(name)
+                && !t.is_empty()
+            {
+                values.insert(t.to_owned());
+            }
+        }
+    }
+    for (table, records) in tables.iter_mut() {
+        for rec in records.iter_mut() {
+            for name in redact {
+                for col in table.columns_for(name) {
+                    if let Some(v) = rec.fields.remove(*col) {
+                        collect_strings(&v, &mut values);
+                        rec.redacted.push((*col).to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let secrets = Secrets::new(values)?;
+    for (table, records) in tables.iter_mut() {
+        for rec in records.iter_mut() {
+            let leaking: Vec<String> = rec
+                .fields
+                .iter()
+                .filter(|(col, v)| !table.protected(col) && secrets.found_in_value(v))
+                .map(|(col, _)| col.clone())
+                .collect();
+            for col in leaking {
+                rec.fields.remove(&col);
+                rec.redacted.push(col);
+            }
+            rec.redacted.sort();
+            rec.redacted.dedup();
+        }
+    }
+    Ok(secrets)
 }
 
 fn validate(opts: &ExportOptions) -> Result<(), ExportError> {
@@ -521,7 +531,7 @@ fn columns(table: Table) -> (&'static str, &'static str, &'static [&'static str]
     match table {
         Table::Incidents => (
             "incidents",
-            "created_at_ns",
+            "created_at_ns, id",
             &[
                 "id",
                 "tenant",
@@ -548,7 +558,7 @@ fn columns(table: Table) -> (&'static str, &'static str, &'static [&'static str]
         ),
         Table::Approvals => (
             "approvals",
-            "created_at",
+            "created_at, id",
             &[
                 "id",
                 "tenant",
