@@ -191,6 +191,10 @@ struct ExportArgs {
     /// Public key file(s) of keys that signed older checkpoints, besides signing.pub.
     #[arg(long = "public-key")]
     public_keys: Vec<PathBuf>,
+    /// The control database with incidents, approvals and policy history [default:
+    /// control.db in the data directory, if any; in a fleet, the control plane's].
+    #[arg(long)]
+    control_db: Option<PathBuf>,
     /// The bundle file to write.
     #[arg(short = 'o', long)]
     output: PathBuf,
@@ -518,6 +522,7 @@ fn audit_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         min_severity: args.min_severity,
         redact: args.redact,
         extra_keys,
+        control_db: args.control_db,
     };
     let bundle = export(&args.data_dir, &opts)?;
     let json = serde_json::to_vec_pretty(&bundle)?;

@@ -469,6 +469,37 @@ async fn an_incident_bundle_holds_its_evidence_and_the_actions_naming_it() {
     assert_eq!(b.incidents.len(), 1);
     assert_eq!(b.filters.incident.as_deref(), Some(INCIDENT));
 
+    // In a fleet the incidents are in the control plane's database, not the sidecar's.
+    let elsewhere = dir.path().join("control-plane.db");
+    rusqlite::Connection::open(data.join("control.db"))
+        .expect("open")
+        .execute("VACUUM INTO ?1", [elsewhere.to_str().expect("utf-8")])
+        .expect("copy");
+    std::fs::remove_file(data.join("control.db")).expect("remove");
+    let out = export(&data, &file, &["--tenant", "acme", "--incident", INCIDENT]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--control-db"), "{}", text(&out));
+    let control_db = elsewhere.to_str().expect("utf-8");
+    let args = [
+        "--tenant",
+        "acme",
+        "--incident",
+        INCIDENT,
+        "--control-db",
+        control_db,
+    ];
+    let out = export(&data, &file, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let again = load(&file);
+    let seqs: Vec<u64> = again
+        .rows
+        .iter()
+        .filter(|r| r.selected)
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!((seqs, again.incidents.len()), (vec![3, 5, 6], 1));
+    std::fs::rename(&elsewhere, data.join("control.db")).expect("restore");
+
     // Another tenant's incident is not found for acme.
     let out = export(
         &data,

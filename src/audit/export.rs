@@ -45,6 +45,9 @@ pub struct ExportOptions {
     pub redact: Vec<String>,
     /// Public keys besides the data directory's `signing.pub` (e.g. keys rotated out).
     pub extra_keys: Vec<VerifyingKey>,
+    /// The control database [default: `control.db` in the data directory, if there is
+    /// one]. In a fleet, incidents and approvals live in the control plane's.
+    pub control_db: Option<PathBuf>,
 }
 
 /// Why nothing was exported.
@@ -72,8 +75,12 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         path: audit_path.clone(),
         message: e.to_string(),
     };
-    let control_path = data_dir.join(crate::control::store::CONTROL_DB_FILE);
-    let control = if control_path.exists() {
+    let control_path = opts
+        .control_db
+        .clone()
+        .unwrap_or_else(|| data_dir.join(crate::control::store::CONTROL_DB_FILE));
+    // A control database named explicitly must be there; the default one is optional.
+    let control = if opts.control_db.is_some() || control_path.exists() {
         Some(open_read_only(&control_path)?)
     } else {
         None
@@ -88,9 +95,9 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         (None, _) => None,
         (Some(id), None) => {
             return Err(ExportError::Invalid(format!(
-                "--incident {id}: there is no {} in {}",
-                crate::control::store::CONTROL_DB_FILE,
-                data_dir.display()
+                "--incident {id}: there is no {}; in a fleet, pass the control plane's \
+                 with --control-db",
+                control_path.display()
             )));
         }
         (Some(id), Some(c)) => {
