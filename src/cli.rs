@@ -148,7 +148,7 @@ enum AuditCommand {
     },
     /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
     /// checkpoints that sign them, incidents, approvals and policy revisions.
-    Export(ExportArgs),
+    Export(Box<ExportArgs>),
     /// Check an evidence bundle: hash, chain, signatures, counts, tenant and redaction.
     VerifyBundle {
         /// The bundle (JSON).
@@ -281,7 +281,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             public_keys,
         }) => audit_verify(&data_dir, &public_keys),
-        Command::Audit(AuditCommand::Export(args)) => audit_export(args),
+        Command::Audit(AuditCommand::Export(args)) => audit_export(*args),
         Command::Audit(AuditCommand::VerifyBundle { file, public_keys }) => {
             audit_verify_bundle(&file, &public_keys)
         }
