@@ -10,10 +10,23 @@
 //! granularity: if an attacker rewrites the chain *and* recomputes every hash after the
 //! change, the verifier can name the checkpoint range the change lies in, not the row.
 //!
-//! - [`Record`]: the fields of one row; [`row_hash`]: its canonical encoding and hash.
+//! **Row formats.** A row written with a random 32-byte `salt` (format 2, every row since
+//! evidence bundles) hashes *commitments* to its fields rather than the fields: each field
+//! gets its own salt derived from the row's ([`field_salt`]) and a commitment over that
+//! salt, its name and its value ([`field_commitment`]), and the row hash covers the 19
+//! commitments in canonical order ([`row_hash_v2`]). Disclosing a field's value and salt
+//! lets anyone recompute its commitment; disclosing only the commitment hides the value
+//! (like SD-JWT disclosures), and the chain still re-hashes. The row's own salt is never
+//! disclosed, since it would reveal every field's salt. Rows from before (no salt, format 1)
+//! keep their plain [`row_hash`] and verify as before.
+//!
+//! - [`Record`]: the fields of one row; [`hash_row`]: its canonical encoding and hash.
 //! - [`store`]: schema, the writer thread, [`store::AuditLog`].
 //! - [`verify`]: the verifier behind `aegis audit verify`.
+//! - [`bundle`], [`export`]: evidence bundles (`aegis audit export`, `verify-bundle`).
 
+pub mod bundle;
+pub mod export;
 pub mod store;
 pub mod verify;
 
@@ -36,8 +49,45 @@ pub const GENESIS: Hash = [0u8; 32];
 
 /// Domain tag of the row encoding (bumped if the field set ever changes).
 const ROW_TAG: &[u8] = b"aegis-audit-row/v1\n";
+/// Domain tags of format 2: the row, each field's salt, each field's commitment.
+const ROW_V2_TAG: &[u8] = b"aegis-audit-row/v2\n";
+const FIELD_SALT_TAG: &[u8] = b"aegis-audit-field-salt/v2\n";
+const FIELD_TAG: &[u8] = b"aegis-audit-field/v2\n";
 /// Domain tag of checkpoint signatures; never a valid JWT signing input.
 const CHECKPOINT_TAG: &[u8] = b"aegis-audit-checkpoint/v1\n";
+
+/// A row's random salt (format 2).
+pub type Salt = [u8; 32];
+
+/// The 19 fields of a row in canonical order: the two integers, then the text fields.
+pub const FIELD_NAMES: [&str; 19] = [
+    "time_ns",
+    "http_status",
+    "kind",
+    "decision_id",
+    "tenant",
+    "agent",
+    "session",
+    "run_id",
+    "tool",
+    "action",
+    "resource",
+    "decision",
+    "reason",
+    "policy_revision",
+    "trust_level",
+    "approval_id",
+    "actor",
+    "trace_id",
+    "span_id",
+];
+
+/// One field's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldValue<'a> {
+    Int(i64),
+    Text(&'a str),
+}
 
 /// The fields of one audit row, as the Check (or control action) fills them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,6 +142,27 @@ impl Record {
             ("span_id", &self.span_id),
         ]
     }
+
+    /// Every field in canonical order ([`FIELD_NAMES`]), with its name.
+    pub fn fields(&self) -> [(&'static str, FieldValue<'_>); 19] {
+        let t = self.text_fields();
+        let mut out = [("", FieldValue::Int(0)); 19];
+        out[0] = ("time_ns", FieldValue::Int(self.time_ns));
+        out[1] = ("http_status", FieldValue::Int(self.http_status));
+        for (slot, (name, text)) in out[2..].iter_mut().zip(t) {
+            *slot = (name, FieldValue::Text(text));
+        }
+        out
+    }
+}
+
+/// A row's hash: [`row_hash_v2`] over its commitments if it has a salt (format 2), else
+/// [`row_hash`] (format 1).
+pub fn hash_row(seq: u64, r: &Record, salt: Option<&Salt>, key_id: &str, prev: &Hash) -> Hash {
+    match salt {
+        Some(salt) => row_hash_v2(seq, &commitments(r, salt), key_id, prev),
+        None => row_hash(seq, r, key_id, prev),
+    }
 }
 
 /// SHA-256 of a row's canonical encoding: the tag, then `seq`, `time_ns`, `http_status` as
@@ -99,13 +170,65 @@ impl Record {
 /// bytes, the key id the same way, and the previous row's hash. Length prefixes make the
 /// encoding unambiguous: no two different rows encode alike.
 pub fn row_hash(seq: u64, r: &Record, key_id: &str, prev: &Hash) -> Hash {
+    row_hash_v1(seq, &r.fields().map(|(_, v)| v), key_id, prev)
+}
+
+/// [`row_hash`] over the values in canonical order (integers bare, texts length-prefixed).
+pub fn row_hash_v1(seq: u64, values: &[FieldValue<'_>; 19], key_id: &str, prev: &Hash) -> Hash {
     let mut h = Sha256::new();
     h.update(ROW_TAG);
     h.update(seq.to_be_bytes());
-    h.update(r.time_ns.to_be_bytes());
-    h.update(r.http_status.to_be_bytes());
-    for (_, text) in r.text_fields() {
-        put_str(&mut h, text);
+    for v in values {
+        match v {
+            FieldValue::Int(n) => h.update(n.to_be_bytes()),
+            FieldValue::Text(t) => put_str(&mut h, t),
+        }
+    }
+    put_str(&mut h, key_id);
+    h.update(prev);
+    h.finalize().into()
+}
+
+/// A field's own salt: SHA-256 over the tag, the row's salt and the field's name.
+pub fn field_salt(row_salt: &Salt, name: &str) -> Hash {
+    let mut h = Sha256::new();
+    h.update(FIELD_SALT_TAG);
+    h.update(row_salt);
+    put_str(&mut h, name);
+    h.finalize().into()
+}
+
+/// A field's commitment: SHA-256 over the tag, the field's salt, its name and its value
+/// (length-prefixed; integers as their 8 big-endian bytes).
+pub fn field_commitment(field_salt: &Hash, name: &str, value: FieldValue<'_>) -> Hash {
+    let mut h = Sha256::new();
+    h.update(FIELD_TAG);
+    h.update(field_salt);
+    put_str(&mut h, name);
+    match value {
+        FieldValue::Int(n) => {
+            h.update(8u32.to_be_bytes());
+            h.update(n.to_be_bytes());
+        }
+        FieldValue::Text(t) => put_str(&mut h, t),
+    }
+    h.finalize().into()
+}
+
+/// The commitments to every field of `r` in canonical order.
+pub fn commitments(r: &Record, salt: &Salt) -> [Hash; 19] {
+    r.fields()
+        .map(|(name, v)| field_commitment(&field_salt(salt, name), name, v))
+}
+
+/// A format 2 row's hash: SHA-256 over the tag, `seq` (8 bytes big-endian), the 19 field
+/// commitments in canonical order, the key id (length-prefixed) and the previous hash.
+pub fn row_hash_v2(seq: u64, commitments: &[Hash; 19], key_id: &str, prev: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update(ROW_V2_TAG);
+    h.update(seq.to_be_bytes());
+    for c in commitments {
+        h.update(c);
     }
     put_str(&mut h, key_id);
     h.update(prev);
@@ -127,4 +250,126 @@ pub fn checkpoint_message(last_seq: u64, head: &Hash, time_ns: i64, key_id: &str
 fn put_str(h: &mut Sha256, s: &str) {
     h.update((s.len() as u32).to_be_bytes());
     h.update(s.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        let mut r = Record {
+            time_ns: 1_700_000_000_000_000_000,
+            http_status: 403,
+            ..Default::default()
+        };
+        for (i, name) in FIELD_NAMES.iter().enumerate().skip(2) {
+            r.set_text(name, &format!("{name}-{i}"));
+        }
+        r
+    }
+
+    impl Record {
+        fn set_text(&mut self, name: &str, v: &str) {
+            let slot = match name {
+                "kind" => &mut self.kind,
+                "decision_id" => &mut self.decision_id,
+                "tenant" => &mut self.tenant,
+                "agent" => &mut self.agent,
+                "session" => &mut self.session,
+                "run_id" => &mut self.run_id,
+                "tool" => &mut self.tool,
+                "action" => &mut self.action,
+                "resource" => &mut self.resource,
+                "decision" => &mut self.decision,
+                "reason" => &mut self.reason,
+                "policy_revision" => &mut self.policy_revision,
+                "trust_level" => &mut self.trust_level,
+                "approval_id" => &mut self.approval_id,
+                "actor" => &mut self.actor,
+                "trace_id" => &mut self.trace_id,
+                "span_id" => &mut self.span_id,
+                other => panic!("not a text field: {other}"),
+            };
+            *slot = v.to_owned();
+        }
+    }
+
+    #[test]
+    fn fields_are_in_canonical_order() {
+        let r = record();
+        let names: Vec<&str> = r.fields().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, FIELD_NAMES);
+    }
+
+    #[test]
+    fn a_change_to_any_field_changes_the_v2_hash() {
+        let salt = [7u8; 32];
+        let base = record();
+        let h = hash_row(5, &base, Some(&salt), "ed25519:k", &GENESIS);
+        for name in FIELD_NAMES {
+            let mut r = base.clone();
+            match name {
+                "time_ns" => r.time_ns += 1,
+                "http_status" => r.http_status = 200,
+                _ => r.set_text(name, "changed"),
+            }
+            assert_ne!(
+                hash_row(5, &r, Some(&salt), "ed25519:k", &GENESIS),
+                h,
+                "{name}"
+            );
+        }
+        // And so does the seq, the key id, the link and the salt.
+        assert_ne!(hash_row(6, &base, Some(&salt), "ed25519:k", &GENESIS), h);
+        assert_ne!(hash_row(5, &base, Some(&salt), "ed25519:j", &GENESIS), h);
+        assert_ne!(hash_row(5, &base, Some(&salt), "ed25519:k", &[1; 32]), h);
+        assert_ne!(hash_row(5, &base, Some(&[8; 32]), "ed25519:k", &GENESIS), h);
+        // Format 2 never hashes like format 1.
+        assert_ne!(hash_row(5, &base, None, "ed25519:k", &GENESIS), h);
+    }
+
+    #[test]
+    fn disclosed_values_and_bare_commitments_rebuild_the_same_hash() {
+        let salt = [9u8; 32];
+        let r = record();
+        let all = commitments(&r, &salt);
+        // A verifier holding some values with their field salts and the other commitments.
+        let rebuilt: Vec<Hash> = r
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, (name, v))| {
+                if i % 2 == 0 {
+                    field_commitment(&field_salt(&salt, name), name, *v)
+                } else {
+                    all[i]
+                }
+            })
+            .collect();
+        let rebuilt: [Hash; 19] = rebuilt.try_into().expect("19");
+        assert_eq!(
+            row_hash_v2(1, &rebuilt, "k", &GENESIS),
+            hash_row(1, &r, Some(&salt), "k", &GENESIS)
+        );
+        // Field salts differ per field, so equal values commit differently.
+        assert_ne!(field_salt(&salt, "agent"), field_salt(&salt, "session"));
+    }
+
+    #[test]
+    fn the_v1_hash_is_unchanged() {
+        // Pinned: a row hashed by the format 1 code before format 2 existed.
+        let r = record();
+        let h = row_hash(3, &r, "ed25519:k", &GENESIS);
+        let mut legacy = Sha256::new();
+        legacy.update(ROW_TAG);
+        legacy.update(3u64.to_be_bytes());
+        legacy.update(r.time_ns.to_be_bytes());
+        legacy.update(r.http_status.to_be_bytes());
+        for (_, t) in r.text_fields() {
+            put_str(&mut legacy, t);
+        }
+        put_str(&mut legacy, "ed25519:k");
+        legacy.update(GENESIS);
+        assert_eq!(h, <Hash>::from(legacy.finalize()));
+    }
 }

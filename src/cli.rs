@@ -146,6 +146,62 @@ enum AuditCommand {
         #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
     },
+    /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
+    /// checkpoints that sign them, incidents, approvals and policy revisions.
+    Export(Box<ExportArgs>),
+    /// Check an evidence bundle: hash, chain, signatures, counts, tenant and redaction.
+    VerifyBundle {
+        /// The bundle (JSON).
+        file: PathBuf,
+        /// Trusted public key file(s): every checkpoint must be signed by one of them.
+        /// Without, the bundle is checked against the keys it carries (unpinned).
+        #[arg(long = "public-key")]
+        public_keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// Data directory [default: ./aegis-data, or AEGIS_DATA_DIR].
+    #[arg(long, env = "AEGIS_DATA_DIR", default_value = "./aegis-data")]
+    data_dir: PathBuf,
+    /// The tenant ('*' for every tenant).
+    #[arg(long)]
+    tenant: String,
+    /// An incident (INC-...): its evidence rows and the control actions naming it.
+    #[arg(long)]
+    incident: Option<String>,
+    /// Rows at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Rows before this time (RFC 3339 or Unix seconds).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+    #[arg(long)]
+    agent: Option<String>,
+    /// Row kind.
+    #[arg(long, value_parser = ["check", "control"])]
+    kind: Option<String>,
+    /// Incidents at or above this severity.
+    #[arg(long, value_parser = ["low", "medium", "high", "critical"])]
+    min_severity: Option<String>,
+    /// Fields to redact, comma-separated (e.g. resource,arguments,session).
+    #[arg(long, value_delimiter = ',')]
+    redact: Vec<String>,
+    /// Public key file(s) of keys that signed older checkpoints, besides signing.pub.
+    #[arg(long = "public-key")]
+    public_keys: Vec<PathBuf>,
+    /// The control database with incidents, approvals and policy history [default:
+    /// control.db in the data directory, if any; in a fleet, the control plane's].
+    #[arg(long)]
+    control_db: Option<PathBuf>,
+    /// The bundle file to write.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    crate::audit::bundle::parse_time(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +281,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             public_keys,
         }) => audit_verify(&data_dir, &public_keys),
+        Command::Audit(AuditCommand::Export(args)) => audit_export(*args),
+        Command::Audit(AuditCommand::VerifyBundle { file, public_keys }) => {
+            audit_verify_bundle(&file, &public_keys)
+        }
         Command::Policy(PolicyCommand::Test { bundle, verbose }) => policy_test(bundle, verbose),
         Command::Policy(PolicyCommand::Eval {
             input,
@@ -443,6 +503,136 @@ fn audit_verify(data_dir: &std::path::Path, public_keys: &[PathBuf]) -> anyhow::
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn audit_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    use crate::audit::export::{ExportOptions, export};
+    let extra_keys = args
+        .public_keys
+        .iter()
+        .map(|p| crate::keys::read_public_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = ExportOptions {
+        tenant: args.tenant,
+        incident: args.incident,
+        since: args.since,
+        until: args.until,
+        agent: args.agent,
+        kind: args.kind,
+        min_severity: args.min_severity,
+        redact: args.redact,
+        extra_keys,
+        control_db: args.control_db,
+    };
+    let bundle = export(&args.data_dir, &opts)?;
+    let json = serde_json::to_vec_pretty(&bundle)?;
+    write_new_file(&args.output, &json)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.display()))?;
+    let c = &bundle.counts;
+    println!(
+        "wrote {}: {} rows ({} selected), {} checkpoints, {} incidents, {} approvals, \
+         {} policy revisions; bundle_hash {}",
+        args.output.display(),
+        c.rows_included,
+        c.rows_selected,
+        c.checkpoints,
+        c.incidents,
+        c.approvals,
+        c.policy_revisions,
+        bundle.bundle_hash
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to a temporary file beside `path` (0600), then renames it into place:
+/// a reader never sees half a bundle.
+fn write_new_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn audit_verify_bundle(
+    file: &std::path::Path,
+    public_keys: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    use crate::audit::bundle::{Bundle, SCHEMA, verify};
+    let trusted = public_keys
+        .iter()
+        .map(|p| crate::keys::read_public_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", file.display()))?;
+    let broken = |what: String| {
+        println!("bundle BROKEN: {what}");
+        Ok(ExitCode::from(1))
+    };
+    match value.get("schema").and_then(serde_json::Value::as_str) {
+        Some(SCHEMA) => {}
+        Some(other) => {
+            return broken(format!(
+                "schema: {other:?} is not {SCHEMA:?}, the version this aegis reads"
+            ));
+        }
+        None => return broken(format!("schema: missing; not an {SCHEMA} file")),
+    }
+    let bundle: Bundle = match serde_json::from_value(value) {
+        Ok(b) => b,
+        Err(e) => return broken(format!("not a well-formed {SCHEMA}: {e}")),
+    };
+    let report = verify(&bundle, (!trusted.is_empty()).then_some(trusted.as_slice()));
+    if !report.problems.is_empty() {
+        for p in &report.problems {
+            println!("bundle BROKEN: {p}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    let c = &bundle.counts;
+    println!(
+        "bundle intact: tenant {}, {} rows ({} selected), {} signed checkpoints, {} incidents, \
+         {} approvals, {} policy revisions, redacted: {}",
+        bundle.filters.tenant,
+        c.rows_included,
+        c.rows_selected,
+        c.checkpoints,
+        c.incidents,
+        c.approvals,
+        c.policy_revisions,
+        if bundle.redaction.is_empty() {
+            "nothing".to_owned()
+        } else {
+            bundle.redaction.join(", ")
+        }
+    );
+    let signers = report.signers.join(", ");
+    if report.pinned {
+        println!("signer pinned: every checkpoint is signed by a trusted key ({signers})");
+    } else {
+        println!(
+            "signer not pinned: the bundle is self-consistent and signed by {signers}, but \
+             nothing here says that key is yours; pass --public-key to pin it"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCode> {

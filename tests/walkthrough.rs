@@ -207,6 +207,33 @@ async fn the_readme_incident_walkthrough() {
     assert!(dot.contains("\"run:run-1138\""), "{dot}");
     assert!(dot.contains("\"policy:default-2026.11.1\""), "{dot}");
 
+    // An evidence bundle for the auditors, the resources redacted.
+    let bundle = dir.path().join("evidence.json");
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    ok(&[
+        "audit",
+        "export",
+        "--data-dir",
+        &data_s,
+        "--tenant",
+        "acme",
+        "--incident",
+        &id,
+        "--redact",
+        "resource",
+        "-o",
+        &bundle_s,
+    ]);
+    let pubkey = data.join("signing.pub").to_string_lossy().into_owned();
+    let verified = ok(&["audit", "verify-bundle", &bundle_s, "--public-key", &pubkey]);
+    println!("{verified}");
+    let text = std::fs::read_to_string(&bundle).expect("bundle");
+    assert!(text.contains(&id));
+    assert!(
+        !text.contains("/repos/acme/private"),
+        "a redacted resource leaked"
+    );
+
     // Rotate the token, unfreeze, close with a reason.
     let tokens: serde_json::Value = serde_json::from_str(&ctl(&[
         "tokens",

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::{Hash, Record, checkpoint_message, row_hash};
+use super::{Hash, Record, Salt, checkpoint_message, commitments, row_hash_v2};
 use crate::keys::Signer;
 
 /// File name of the audit database in the data directory.
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS audit_log (
     span_id TEXT NOT NULL,
     key_id TEXT NOT NULL,
     prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL
+    hash BLOB NOT NULL,
+    salt BLOB
 );
 CREATE TABLE IF NOT EXISTS audit_checkpoint (
     id INTEGER PRIMARY KEY,
@@ -66,8 +67,17 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 const INSERT_ROW: &str = concat!(
     "INSERT INTO audit_log (",
     super::audit_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+    ", salt) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
 );
+
+/// Adds the `salt` column (format 2 rows) to a database created before it. Rows already
+/// stored keep `NULL` and their format 1 hash: nothing stored changes.
+fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
+    if !super::verify::has_salt_column(conn)? {
+        conn.execute_batch("ALTER TABLE audit_log ADD COLUMN salt BLOB")?;
+    }
+    Ok(())
+}
 
 /// A failure of the audit log. Every one fails the Check closed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -299,6 +309,7 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
          PRAGMA journal_size_limit={WAL_SIZE_LIMIT};"
     ))
     .and_then(|()| conn.execute_batch(SCHEMA))
+    .and_then(|()| upgrade_schema(&conn))
     .map_err(|e| open_err(path, e))?;
     Ok(conn)
 }
@@ -373,7 +384,11 @@ impl Writer {
     /// Commits the batch to the file it belongs in; returns the first seq.
     fn commit(&mut self, batch: &[Job]) -> Result<u64, String> {
         self.check_file()?;
-        self.insert(batch).map_err(|e| e.to_string())
+        // One read of the OS's randomness for the whole batch.
+        let mut salts = vec![[0u8; 32]; batch.len()];
+        getrandom::fill(salts.as_flattened_mut())
+            .map_err(|e| format!("no randomness for row salts: {e}"))?;
+        self.insert(batch, &salts).map_err(|e| e.to_string())
     }
 
     /// The file at the path must still be the one being written: SQLite writes through
@@ -399,17 +414,17 @@ impl Writer {
     }
 
     /// Inserts the batch and its checkpoint in one transaction; returns the first seq.
-    fn insert(&mut self, batch: &[Job]) -> rusqlite::Result<u64> {
+    fn insert(&mut self, batch: &[Job], salts: &[Salt]) -> rusqlite::Result<u64> {
         let kid = self.signer.kid().to_owned();
         let tx = self.conn.transaction()?;
         let mut seq = self.head_seq;
         let mut prev = self.head_hash;
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
-            for job in batch {
+            for (job, salt) in batch.iter().zip(salts) {
                 seq += 1;
                 let r = &job.record;
-                let hash = row_hash(seq, r, &kid, &prev);
+                let hash = row_hash_v2(seq, &commitments(r, salt), &kid, &prev);
                 insert.execute(params![
                     seq as i64,
                     r.time_ns,
@@ -434,6 +449,7 @@ impl Writer {
                     kid,
                     &prev[..],
                     &hash[..],
+                    &salt[..],
                 ])?;
                 prev = hash;
             }
@@ -447,5 +463,82 @@ impl Writer {
         self.head_seq = seq;
         self.head_hash = prev;
         Ok(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{GENESIS, row_hash};
+
+    /// A database as the writer left it before salts: the old schema, one format 1 row
+    /// and its checkpoint.
+    fn v1_database(path: &Path, signer: &Signer) -> Record {
+        let conn = Connection::open(path).expect("open");
+        conn.execute_batch(&SCHEMA.replace(",\n    salt BLOB\n", "\n"))
+            .expect("old schema");
+        let r = Record {
+            time_ns: 42,
+            kind: "check".into(),
+            tenant: "acme".into(),
+            decision: "allow".into(),
+            ..Default::default()
+        };
+        let kid = signer.kid();
+        let hash = row_hash(1, &r, kid, &GENESIS);
+        conn.execute(
+            concat!(
+                "INSERT INTO audit_log (",
+                crate::audit::audit_columns!(),
+                ") VALUES (1, ?1, 0, 'check', '', 'acme', '', '', '', '', '', '', 'allow', '', '', \
+                 '', '', '', '', '', ?2, ?3, ?4)"
+            ),
+            params![r.time_ns, kid, &GENESIS[..], &hash[..]],
+        )
+        .expect("v1 row");
+        let sig = signer.sign(&checkpoint_message(1, &hash, 43, kid));
+        conn.execute(
+            "INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) \
+             VALUES (1, ?1, 43, ?2, ?3)",
+            params![&hash[..], kid, &sig[..]],
+        )
+        .expect("v1 checkpoint");
+        r
+    }
+
+    #[tokio::test]
+    async fn an_old_database_is_upgraded_and_its_rows_still_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(AUDIT_DB_FILE);
+        let signer = Signer::generate().expect("key");
+        let old = v1_database(&path, &signer);
+        assert!(
+            !crate::audit::verify::has_salt_column(&Connection::open(&path).expect("open"))
+                .expect("pragma")
+        );
+        let opts = StoreOptions {
+            queue_capacity: 4,
+            max_batch: 4,
+            durability: Durability::Normal,
+        };
+        let (log, writer) = AuditLog::open(&path, signer.clone(), &opts).expect("opens an old log");
+        assert_eq!(log.append(old.clone()).await.expect("append"), 2);
+        drop(log);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join");
+
+        let conn = Connection::open(&path).expect("open");
+        let salts: Vec<Option<Vec<u8>>> = conn
+            .prepare("SELECT salt FROM audit_log ORDER BY seq")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("salts");
+        assert_eq!(salts.len(), 2);
+        assert!(salts[0].is_none(), "the old row is left as it was");
+        assert_eq!(salts[1].as_ref().map(Vec::len), Some(32));
+        let summary = crate::audit::verify::verify_file(&path, &[signer.verifying_key()])
+            .expect("readable")
+            .expect("intact");
+        assert_eq!(summary.rows, 2);
     }
 }

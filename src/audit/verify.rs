@@ -19,7 +19,7 @@ use std::path::Path;
 use ed25519_dalek::{Signature, VerifyingKey};
 use rusqlite::Connection;
 
-use super::{GENESIS, Hash, Record, checkpoint_message, row_hash};
+use super::{GENESIS, Hash, Record, Salt, checkpoint_message, hash_row};
 
 /// How the log was tampered with, at the first bad row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,12 +74,28 @@ pub enum VerifyError {
     Read { path: String, message: String },
 }
 
-struct Row {
-    seq: u64,
-    record: Record,
-    key_id: String,
-    prev: Hash,
-    hash: Hash,
+/// A stored row.
+pub(crate) struct Row {
+    pub(crate) seq: u64,
+    pub(crate) record: Record,
+    /// `None` for a format 1 row (written before salts).
+    pub(crate) salt: Option<Salt>,
+    pub(crate) key_id: String,
+    pub(crate) prev: Hash,
+    pub(crate) hash: Hash,
+}
+
+impl Row {
+    /// The hash its contents give.
+    fn content_hash(&self, seq: u64) -> Hash {
+        hash_row(
+            seq,
+            &self.record,
+            self.salt.as_ref(),
+            &self.key_id,
+            &self.prev,
+        )
+    }
 }
 
 struct Checkpoint {
@@ -118,18 +134,40 @@ fn blob32(v: Vec<u8>) -> Hash {
 }
 
 fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
-    read_rows_from(conn, 0)
+    read_rows_between(conn, 0, u64::MAX)
 }
 
-/// Rows with `seq >= from`, in `seq` order.
-fn read_rows_from(conn: &Connection, from: u64) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare(concat!(
-        "SELECT ",
-        super::audit_columns!(),
-        " FROM audit_log WHERE seq >= ?1 ORDER BY seq"
-    ))?;
+/// Whether `audit_log` has the `salt` column (a database no writer has opened since
+/// format 2 does not; `aegis audit verify` opens it read-only, without upgrading it).
+pub(crate) fn has_salt_column(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt =
+        conn.prepare("SELECT 1 FROM pragma_table_info('audit_log') WHERE name = 'salt'")?;
+    stmt.exists([])
+}
+
+/// Rows with `from <= seq <= to`, in `seq` order.
+pub(crate) fn read_rows_between(
+    conn: &Connection,
+    from: u64,
+    to: u64,
+) -> rusqlite::Result<Vec<Row>> {
+    let sql = if has_salt_column(conn)? {
+        concat!(
+            "SELECT ",
+            super::audit_columns!(),
+            ", salt FROM audit_log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
+        )
+    } else {
+        concat!(
+            "SELECT ",
+            super::audit_columns!(),
+            ", NULL FROM audit_log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
+        )
+    };
+    let mut stmt = conn.prepare(sql)?;
     let from = i64::try_from(from).unwrap_or(i64::MAX);
-    let rows = stmt.query_map([from], |r| {
+    let to = i64::try_from(to).unwrap_or(i64::MAX);
+    let rows = stmt.query_map([from, to], |r| {
         Ok(Row {
             seq: r.get::<_, i64>(0)? as u64,
             record: Record {
@@ -156,6 +194,7 @@ fn read_rows_from(conn: &Connection, from: u64) -> rusqlite::Result<Vec<Row>> {
             key_id: r.get(20)?,
             prev: blob32(r.get(21)?),
             hash: blob32(r.get(22)?),
+            salt: r.get::<_, Option<Vec<u8>>>(23)?.map(blob32),
         })
     })?;
     rows.collect()
@@ -209,7 +248,7 @@ pub fn verify_tail(
         [prev, _] => prev.last_seq,
         _ => 0,
     };
-    let mut rows = read_rows_from(conn, start)?;
+    let mut rows = read_rows_between(conn, start, u64::MAX)?;
     let anchor = if start == 0 {
         GENESIS
     } else {
@@ -273,7 +312,7 @@ fn check_tail(
                 detail: format!("row {} follows row {seq}", r.seq),
             });
         }
-        if r.prev != prev || row_hash(r.seq, &r.record, &r.key_id, &r.prev) != r.hash {
+        if r.prev != prev || r.content_hash(r.seq) != r.hash {
             return Err(Finding {
                 seq: r.seq,
                 kind: Tamper::Modified,
@@ -354,7 +393,7 @@ fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
     let mut expected_seq = 1u64;
     let mut expected_prev = GENESIS;
     for (i, r) in rows.iter().enumerate() {
-        let content_ok = row_hash(r.seq, &r.record, &r.key_id, &r.prev) == r.hash;
+        let content_ok = r.content_hash(r.seq) == r.hash;
         let link_ok = r.prev == expected_prev;
         if r.seq == expected_seq && link_ok && content_ok {
             expected_seq += 1;
@@ -469,7 +508,7 @@ fn original_seq(r: &Row) -> Option<u64> {
     (1..=64u64)
         .flat_map(|d| [r.seq.checked_add(d), r.seq.checked_sub(d)])
         .flatten()
-        .find(|&s| s > 0 && row_hash(s, &r.record, &r.key_id, &r.prev) == r.hash)
+        .find(|&s| s > 0 && r.content_hash(s) == r.hash)
 }
 
 fn check_checkpoints(
