@@ -415,15 +415,11 @@ impl Checker {
         self.policy.note_evaluation(result.is_ok());
         let outcome = match result {
             Ok(decision) => {
-                let decision = enforce::restrict(
-                    &agent,
-                    decision,
-                    &bundle,
-                    &decoded.tool.name,
-                    &decoded.tool.action,
-                );
+                let (decision, held) = enforce::restrict(&agent, decision, &bundle, &decoded);
                 if decision.verdict == Verdict::ApprovalNeeded {
-                    call.pending = Some(enforce::pending_call(&decoded, &claims, &decision.reason));
+                    let mut pending = enforce::pending_call(&decoded, &claims, &decision.reason);
+                    pending.held = held;
+                    call.pending = Some(pending);
                 }
                 call.cost = decoded.cost;
                 call.policy_agent = Some(agent);

@@ -596,10 +596,10 @@ impl Config {
         positive("notify.retry_max_ms", self.notify.retry_max_ms)?;
         positive("notify.max_attempts", u64::from(self.notify.max_attempts))?;
         positive("notify.timeout_ms", self.notify.timeout_ms)?;
-        for w in &self.notify.webhooks {
+        for (n, w) in self.notify.webhooks.iter().enumerate() {
             let invalid = |message: String| ConfigError::Invalid {
                 setting: "notify.webhooks",
-                message,
+                message: format!("webhook {} (tenant {:?}): {message}", n + 1, w.tenant),
             };
             if w.tenant != "*" {
                 crate::control::valid_id("tenant", &w.tenant)
@@ -646,6 +646,21 @@ impl Config {
             ),
         ] {
             positive(setting, v)?;
+        }
+        // The engine keeps up to `count` decisions per agent and rule and reports them all
+        // as evidence: a bound keeps both (and the report under gRPC's message limit) small.
+        const MAX_COUNT: u32 = 1000;
+        for (setting, v) in [
+            ("correlation.deny_storm_count", c.deny_storm_count),
+            ("correlation.approval_flood_count", c.approval_flood_count),
+            ("correlation.runaway_count", c.runaway_count),
+        ] {
+            if v > MAX_COUNT {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    message: format!("{v} is more than {MAX_COUNT}"),
+                });
+            }
         }
         // Windows are nanoseconds inside the engine: a century is plenty.
         const MAX_WINDOW_SECS: u64 = 100 * 365 * 86_400;

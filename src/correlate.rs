@@ -62,7 +62,20 @@ pub const MUTATING_WORDS: &[&str] = &[
 /// storm nor the deny half of a trust escalation. Otherwise a frozen agent that keeps
 /// calling raises storm after storm, and its unfreeze raises a `trust_escalation` on its
 /// next allowed call.
-pub const CONTAINMENT_REASONS: &[&str] = &["agent_frozen", "agent_revoked", "token_revoked"];
+pub const CONTAINMENT_REASONS: &[&str] = &[
+    "agent_frozen",
+    "agent_revoked",
+    "token_revoked",
+    // The approval machinery's own refusals: a restricted agent at its cap of pending
+    // approvals, or a control plane that cannot be asked.
+    "approval_cap_reached",
+    "approval_unavailable",
+    "override_unverified",
+];
+
+/// The reason of a call held because its agent is restricted (autonomy L2): containment
+/// at work, so not an approval request that counts towards an `approval_flood`.
+pub const RESTRICTED_REASON: &str = "agent_restricted";
 
 /// Thresholds and windows.
 #[derive(Debug, Clone)]
@@ -383,7 +396,7 @@ impl Engine {
             }
         }
         // approval_flood
-        if d.decision == "approval_needed" {
+        if d.decision == "approval_needed" && d.reason != RESTRICTED_REASON {
             let (n, w) = th.approval_flood;
             if let Some(ev) = st.approvals.add(t, &event, n, secs(w)) {
                 finding(

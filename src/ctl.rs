@@ -1003,6 +1003,7 @@ async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
                         i.summary
                     )
                 };
+                let line = printable(&line).replace('\n', " ");
                 use std::io::Write as _;
                 let mut out = std::io::stdout().lock();
                 // A closed pipe (`| head`) ends the watch quietly.
@@ -1042,8 +1043,15 @@ async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
     c.show(&incident.into_inner(), incident_text)
 }
 
+/// Control characters (terminal escapes in a tool name an agent chose) shown as `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
+}
+
 fn incident_text(i: &pb::Incident) -> String {
-    format!(
+    printable(&format!(
         "incident:  {}\nkind:      {} ({})\nagent:     {}/{} (session {}, run {})\nsummary:   {}\nevidence:  {}\nstatus:    {}{}{}\nraised:    {} at L{} by {} (policy {})\nactions:   {}\nnotified:  {}\n{}",
         i.id,
         i.kind,
@@ -1092,7 +1100,7 @@ fn incident_text(i: &pb::Incident) -> String {
                 }
             ))
             .collect::<String>()
-    )
+    ))
 }
 
 fn incident_table(incidents: &[pb::Incident]) -> String {

@@ -130,7 +130,75 @@ async fn at_l2_a_restricted_agents_mutating_calls_wait_for_an_approval() {
     let r = s.check(payment(&token, 11)).await.expect("decided");
     assert_eq!(reason(&r), Some("agent_restricted"));
 
-    // A restriction never loosens a freeze, and unfreeze lifts either.
+    // A plain HTTP call's tool and action are labels the agent sets: a POST labelled as a
+    // read is held too.
+    let disguised = Req::post("/payments", "application/json", r#"{"amount":10}"#)
+        .token(&token)
+        .tool("invoices", "read")
+        .build();
+    assert_eq!(
+        reason(&s.check(disguised).await.expect("decided")),
+        Some("agent_restricted")
+    );
+
+    // An approved retry keeps what the policy asked for: here, slack is external and the
+    // credential header is stripped (sanitize), approval or not.
+    let (slack_token, _) = root.issue("acme", "bot", &["slack:post"], "").await;
+    let post = |ovr: Option<&str>| {
+        let r = Req::get("/api/chat.postMessage")
+            .token(&slack_token)
+            .tool("slack", "post_message")
+            .header("x-api-key", "sk-live-1");
+        match ovr {
+            Some(o) => r.header("x-aegis-override", o),
+            None => r,
+        }
+        .build()
+    };
+    let r = s.check(post(None)).await.expect("decided");
+    assert_eq!(reason(&r), Some("agent_restricted"));
+    let id = header(&denied(&r).headers, "x-aegis-approval-id")
+        .expect("an approval id")
+        .to_owned();
+    let d = root
+        .api()
+        .approve_approval(root.req(pb::DecideApprovalRequest {
+            tenant: "acme".into(),
+            id,
+            reason: "expected status post".into(),
+            override_ttl_secs: 0,
+        }))
+        .await
+        .expect("approved")
+        .into_inner();
+    let r = s
+        .check(post(Some(&d.override_token)))
+        .await
+        .expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    assert!(
+        ok(&r).headers_to_remove.contains(&"x-api-key".to_owned()),
+        "the policy's sanitizing survives the approval: {r:?}"
+    );
+
+    // A restriction never loosens a freeze (manual or automatic), and unfreeze lifts either.
+    root.freeze("acme", "bot", "investigating")
+        .await
+        .expect("frozen");
+    let e = root
+        .api()
+        .restrict_agent(root.req(pb::AgentActionRequest {
+            tenant: "acme".into(),
+            id: "bot".into(),
+            reason: "downgrade".into(),
+        }))
+        .await
+        .expect_err("frozen stays frozen");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        reason(&s.check(payment(&token, 12)).await.expect("decided")),
+        Some("agent_frozen")
+    );
     root.api()
         .unfreeze_agent(root.req(pb::AgentActionRequest {
             tenant: "acme".into(),

@@ -35,29 +35,45 @@ pub(super) struct PendingCall {
     pub arguments: String,
     pub override_token: Option<String>,
     pub policy_reason: String,
+    /// What the policy decided for a call held only because its agent is restricted: an
+    /// approved retry gets this decision (its sanitizing, headers, metadata), not a bare allow.
+    pub held: Option<Decision>,
 }
 
 /// The reason of a call held for approval because its agent is restricted.
-pub(super) const RESTRICTED_REASON: &str = "agent_restricted";
+pub(super) use crate::correlate::RESTRICTED_REASON;
 
 /// Step 1b, after policy: a restricted agent's state-mutating call that the policy allows
 /// needs an approval (`approval_needed`, reason `agent_restricted`); its other calls are
-/// left as the policy decided.
+/// left as the policy decided. Returns the decision and, for a held call, the policy's own.
+///
+/// A call is state-mutating when its tool or action matches the mutating words, or, for
+/// anything but an MCP call, when its HTTP method is not GET, HEAD or OPTIONS: the tool and
+/// action of a plain HTTP call are labels the agent sets itself, so `POST /payments`
+/// labelled `ledger.read` is held too. An MCP call's tool is the one the server runs.
 pub(super) fn restrict(
     agent: &AgentContext,
     decision: Decision,
     bundle: &crate::policy::CompiledBundle,
-    tool: &str,
-    action: &str,
-) -> Decision {
+    d: &super::input::Decoded<'_>,
+) -> (Decision, Option<Decision>) {
     use crate::control::state::AgentStatus;
-    if agent.status == AgentStatus::Restricted
-        && decision.verdict.allows()
-        && crate::correlate::is_mutating(&crate::correlate::words_from(bundle), tool, action)
-    {
-        Decision::simple(Verdict::ApprovalNeeded, RESTRICTED_REASON)
+    if agent.status != AgentStatus::Restricted || !decision.verdict.allows() {
+        return (decision, None);
+    }
+    let unsafe_method = !is_mcp(&d.parsed_body)
+        && !matches!(
+            d.http.method.to_ascii_uppercase().as_str(),
+            "GET" | "HEAD" | "OPTIONS"
+        );
+    let words = crate::correlate::words_from(bundle);
+    if unsafe_method || crate::correlate::is_mutating(&words, &d.tool.name, &d.tool.action) {
+        (
+            Decision::simple(Verdict::ApprovalNeeded, RESTRICTED_REASON),
+            Some(decision),
+        )
     } else {
-        decision
+        (decision, None)
     }
 }
 
@@ -106,6 +122,7 @@ pub(super) fn pending_call(
             .filter(|t| !t.is_empty())
             .map(str::to_owned),
         policy_reason: policy_reason.to_owned(),
+        held: None,
     }
 }
 
@@ -228,8 +245,15 @@ async fn approvals(
             Ok(r) => {
                 call.approval_id = r.approval_id;
                 if r.accepted {
+                    let decision = match pending.held {
+                        Some(mut d) => {
+                            d.reason = "approved_override".into();
+                            d
+                        }
+                        None => Decision::simple(Verdict::Allow, "approved_override"),
+                    };
                     Outcome::Decided {
-                        decision: Decision::simple(Verdict::Allow, "approved_override"),
+                        decision,
                         code: Code::Ok,
                         default_status: 200,
                     }

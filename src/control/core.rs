@@ -1486,11 +1486,6 @@ impl ControlCore {
         let i = incident.clone();
         self.blocking(move |s| s.insert_incident(&i, &notes))
             .await?;
-        if queued > 0
-            && let Some(n) = self.notifier.get()
-        {
-            n.wake.notify_one();
-        }
         let actor = op.actor();
         let mut act = Act::new(&actor, "incident.raise", &incident.tenant);
         act.agent = &incident.agent;
@@ -1521,6 +1516,25 @@ impl ControlCore {
             actions: done,
             ..incident
         };
+        if queued > 0 {
+            // The notifications were stored with the incident (durable from the start);
+            // now that the response engine has acted, they say what it did.
+            let notes = super::notify::notifications(&incident, &self.settings.webhooks);
+            let id = incident.id.clone();
+            if let Err(e) = self
+                .blocking(move |s| s.refresh_notifications(&id, &notes))
+                .await
+            {
+                crate::log!(
+                    warn,
+                    "incident {}: notifications keep their first payload: {e}",
+                    incident.id
+                );
+            }
+            if let Some(n) = self.notifier.get() {
+                n.wake.notify_one();
+            }
+        }
         let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
             event: "raised".into(),
             incident: Some(incident.clone()),
@@ -1595,15 +1609,6 @@ impl ControlCore {
         } else {
             "restricted"
         };
-        if status == super::RESTRICTED {
-            let (t, i) = (incident.tenant.clone(), incident.agent.clone());
-            let now = now_secs();
-            if let Some(a) = self.blocking(move |s| s.agent(&t, &i, now)).await?
-                && a.status != super::ACTIVE
-            {
-                return Ok(format!("unchanged (agent is {})", a.status));
-            }
-        }
         let req = pb::AgentActionRequest {
             tenant: incident.tenant.clone(),
             id: incident.agent.clone(),

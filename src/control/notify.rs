@@ -22,6 +22,10 @@ use crate::config::{NotifyConfig, WebhookConfig};
 const BATCH: usize = 16;
 /// Longest sleep between looks at the outbox (new rows also wake the task at once).
 const IDLE: Duration = Duration::from_secs(1);
+/// Delivered and failed notifications are kept this long (for `incidents show`), then pruned.
+const KEEP_FINISHED_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How often finished notifications are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most of a receiver's answer read (the status line is what matters).
 const MAX_ERROR_BODY: usize = 512;
 
@@ -48,22 +52,24 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn parse(url: &str) -> Result<Self, String> {
+        // Errors never quote the URL: a webhook's path is its secret (Slack's are).
         let rest = if let Some(rest) = url.strip_prefix("http://") {
             rest
         } else if url.starts_with("https://") {
-            return Err(format!(
-                "{url:?}: https webhooks are not supported yet; point it at a local relay \
+            return Err(
+                "https webhooks are not supported yet; point the URL at a relay \
                  (http://) that forwards over TLS"
-            ));
+                    .into(),
+            );
         } else {
-            return Err(format!("{url:?} must start with http://"));
+            return Err("the URL must start with http://".into());
         };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
         if host.is_empty() || host.contains('@') || host.chars().any(char::is_whitespace) {
-            return Err(format!("{url:?} has no valid host"));
+            return Err("the URL has no valid host".into());
         }
         let has_port = match host.rfind(':') {
             Some(i) => !host.ends_with(']') && host[i + 1..].parse::<u16>().is_ok(),
@@ -100,8 +106,39 @@ pub fn notifications(incident: &pb::Incident, hooks: &[WebhookConfig]) -> Vec<(S
         .collect()
 }
 
+/// Text for Slack's mrkdwn: `&`, `<`, `>` escaped (so a tool name cannot ping
+/// `<!channel>` or plant a link) and control characters dropped.
+fn mrkdwn(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A Slack incoming-webhook message (`text` as the fallback, `blocks` for the layout).
+/// Every value from an incident is escaped: summaries carry tool names the agent chose.
 pub fn slack(i: &pb::Incident) -> serde_json::Value {
+    let i = &pb::Incident {
+        id: mrkdwn(&i.id),
+        tenant: mrkdwn(&i.tenant),
+        agent: mrkdwn(&i.agent),
+        run_id: mrkdwn(&i.run_id),
+        kind: mrkdwn(&i.kind),
+        severity: mrkdwn(&i.severity),
+        summary: mrkdwn(&i.summary),
+        evidence: i.evidence.iter().map(|e| mrkdwn(e)).collect(),
+        policy_revision: mrkdwn(&i.policy_revision),
+        autonomy_level: i.autonomy_level,
+        actions: i.actions.iter().map(|e| mrkdwn(e)).collect(),
+        ..Default::default()
+    };
     let icon = match i.severity.as_str() {
         "critical" => ":rotating_light:",
         "high" => ":warning:",
@@ -139,6 +176,7 @@ pub fn slack(i: &pb::Incident) -> serde_json::Value {
                     field("Autonomy", &format!("L{}", i.autonomy_level)),
                     field("Evidence", &evidence),
                     field("Policy", &i.policy_revision),
+                    field("Response", &if i.actions.is_empty() { "-".to_owned() } else { i.actions.join("; ") }),
                 ]
             },
             {
@@ -209,7 +247,22 @@ async fn run(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let timeout = Duration::from_millis(config.timeout_ms);
+    let mut pruned_at: Option<tokio::time::Instant> = None;
     loop {
+        if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            pruned_at = Some(tokio::time::Instant::now());
+            let s = store.clone();
+            let before = now_ms().saturating_sub(KEEP_FINISHED_MS);
+            match tokio::task::spawn_blocking(move || s.prune_notifications(before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => crate::log!(
+                    info,
+                    "notifications: pruned {n} finished rows older than 7 days"
+                ),
+                Ok(Err(e)) => crate::log!(warn, "notifications: cannot prune the outbox: {e}"),
+                Err(e) => crate::log!(warn, "notifications: prune task failed: {e}"),
+            }
+        }
         let s = store.clone();
         let due = tokio::task::spawn_blocking(move || s.due_notifications(now_ms(), BATCH)).await;
         let due = match due {
@@ -396,6 +449,19 @@ mod tests {
         };
         let sent = notifications(&critical, &hooks);
         assert_eq!(sent.len(), 2);
+        let hostile = pb::Incident {
+            summary: "called <!channel> <https://evil|approve here> & \u{1b}[2J".into(),
+            ..critical.clone()
+        };
+        let text = slack(&hostile).to_string();
+        assert!(
+            !text.contains("<!channel>") && !text.contains("<https"),
+            "{text}"
+        );
+        assert!(
+            text.contains("&lt;!channel&gt;") && !text.contains("\\u001b"),
+            "{text}"
+        );
         let body: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
         assert!(body["text"].as_str().unwrap().contains("INC-1"));
         assert_eq!(body["blocks"][0]["type"], "header");

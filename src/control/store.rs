@@ -201,6 +201,15 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
     ) -> Result<(), ControlError>;
     /// The notifications of an incident.
     fn notifications(&self, incident: &str) -> Result<Vec<Outbox>, ControlError>;
+    /// Replaces the payloads of an incident's notifications not yet attempted (after the
+    /// response engine acted, so they say what it did).
+    fn refresh_notifications(
+        &self,
+        incident: &str,
+        notifications: &[(String, String)],
+    ) -> Result<(), ControlError>;
+    /// Deletes delivered and failed notifications finished before `before_ms`; returns how many.
+    fn prune_notifications(&self, before_ms: i64) -> Result<usize, ControlError>;
     /// Appends what the response engine did.
     fn add_incident_actions(
         &self,
@@ -721,6 +730,12 @@ impl ControlStore for SqliteStore {
             if current == status {
                 return Err(ControlError::precondition(format!(
                     "agent {tenant}/{id} is already {status}"
+                )));
+            }
+            // Checked here, in the transaction: a restriction racing a freeze never wins.
+            if status == super::RESTRICTED && current == super::FROZEN {
+                return Err(ControlError::precondition(format!(
+                    "agent {tenant}/{id} is frozen; a restriction would loosen that (unfreeze it first)"
                 )));
             }
             tx.execute(
@@ -1346,6 +1361,35 @@ impl ControlStore for SqliteStore {
             )
             .map_err(db_err)?;
             Ok(())
+        })
+    }
+
+    fn refresh_notifications(
+        &self,
+        incident: &str,
+        notifications: &[(String, String)],
+    ) -> Result<(), ControlError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            for (url, payload) in notifications {
+                tx.execute(
+                    "UPDATE outbox SET payload = ?3 WHERE incident = ?1 AND url = ?2 \
+                     AND state = 'pending' AND attempts = 0",
+                    params![incident, url, payload],
+                )
+                .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)
+        })
+    }
+
+    fn prune_notifications(&self, before_ms: i64) -> Result<usize, ControlError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM outbox WHERE state != 'pending' AND done_at_ms < ?1",
+                params![before_ms],
+            )
+            .map_err(db_err)
         })
     }
 
