@@ -206,6 +206,36 @@ async fn the_readme_incident_walkthrough() {
     ]);
     assert!(dot.contains("\"run:run-1138\""), "{dot}");
     assert!(dot.contains("\"policy:default-2026.11.1\""), "{dot}");
+    // `| dot -Tsvg`, as the README says: Graphviz itself parses it (scripts/test installs it).
+    let svg = {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("dot")
+            .arg("-Tsvg")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("Graphviz `dot` (scripts/test installs it)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(dot.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("dot runs");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "dot refused the graph: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let nodes = dot
+        .lines()
+        .filter(|l| l.contains(" [label=") && !l.contains(" -> "))
+        .count();
+    assert_eq!(svg.matches("class=\"node\"").count(), nodes, "{svg}");
+    assert!(svg.contains("data_exfil_pattern"), "{svg}");
 
     // An evidence bundle for the auditors, the resources redacted.
     let bundle = dir.path().join("evidence.json");
