@@ -82,6 +82,8 @@ pub struct NotifyConfig {
     pub max_attempts: u32,
     /// Time limit of one delivery.
     pub timeout_ms: u64,
+    /// Extra CA certificates (PEM) trusted for https webhooks, besides the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for NotifyConfig {
@@ -92,6 +94,7 @@ impl Default for NotifyConfig {
             retry_max_ms: 300_000,
             max_attempts: 20,
             timeout_ms: 5_000,
+            ca_file: None,
         }
     }
 }
@@ -102,7 +105,7 @@ impl Default for NotifyConfig {
 pub struct WebhookConfig {
     /// The tenant whose incidents go here, or `*` for every tenant.
     pub tenant: String,
-    /// `http://` URL of the receiver (a Slack incoming webhook, a SOAR or a relay).
+    /// `https://` (or `http://`) URL of the receiver: a Slack incoming webhook, a SOAR, a relay.
     pub url: String,
     /// Least severity sent: low, medium, high or critical [default: low].
     #[serde(default = "default_min_severity")]

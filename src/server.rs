@@ -255,7 +255,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     // Webhook delivery from the outbox; it ends on shutdown (rows left pending are
     // delivered by the next start).
     if let Some(core) = &core {
-        drop(core.start_notifier(config.notify.clone(), shutdown_rx.clone()));
+        drop(
+            core.start_notifier(config.notify.clone(), shutdown_rx.clone())
+                .map_err(StartError::Config)?,
+        );
     }
     let (correlation, correlator_task) =
         if mode == Mode::ControlPlane || !config.correlation.enabled {

@@ -626,3 +626,214 @@ async fn webhook_notifications_survive_a_restart_with_the_receiver_down() {
     );
     drop(server);
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI:
+/// (ca.pem, leaf.pem, leaf.key).
+fn certificates(
+    dir: &Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let (ca_key, ca, key, csr, leaf, ext) = (
+        s(p("ca.key")),
+        s(p("ca.pem")),
+        s(p("leaf.key")),
+        s(p("leaf.csr")),
+        s(p("leaf.pem")),
+        s(p("ext.cnf")),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "1",
+        "-subj",
+        &format!("/CN={name} test CA"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &leaf,
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+    ]);
+    (p("ca.pem"), p("leaf.pem"), p("leaf.key"))
+}
+
+/// [`receiver`] behind TLS with `cert` and `key`; returns its port.
+async fn tls_receiver(cert: &Path, key: &Path) -> (u16, mpsc::Receiver<String>) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .expect("cert")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = plain.local_addr().expect("addr").port();
+    // Terminate TLS, then hand the plain bytes to the HTTP receiver over a loopback pipe.
+    let inner = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let inner_addr = inner.local_addr().expect("addr");
+    let rx = receiver(inner, vec![]);
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = plain.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(conn).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(inner_addr).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_check_the_receivers_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (trusted_ca, cert, key) = certificates(dir.path(), "soc");
+    let (_, rogue_cert, rogue_key) = certificates(dir.path(), "rogue");
+    let (port, mut got) = tls_receiver(&cert, &key).await;
+    let (rogue_port, mut rogue_got) = tls_receiver(&rogue_cert, &rogue_key).await;
+    let s = start_with(|c| {
+        c.notify.ca_file = Some(trusted_ca.clone());
+        c.notify.webhooks = vec![
+            aegis::config::WebhookConfig {
+                tenant: "acme".into(),
+                url: format!("https://127.0.0.1:{port}/services/T0/B0/secret"),
+                min_severity: "low".into(),
+                format: "slack".into(),
+            },
+            aegis::config::WebhookConfig {
+                tenant: "globex".into(),
+                url: format!("https://127.0.0.1:{rogue_port}/hook"),
+                min_severity: "low".into(),
+                format: "json".into(),
+            },
+        ];
+    })
+    .await;
+    let root = s.control(&s.operator("root", Role::Admin, "*")).await;
+    for tenant in ["acme", "globex"] {
+        root.register(tenant, "bot").await;
+        let (token, _) = root.issue(tenant, "bot", &["invoices:read"], "").await;
+        for _ in 0..5 {
+            s.check(denied_call(&token)).await.expect("decided");
+        }
+    }
+    let body = tokio::time::timeout(Duration::from_secs(10), got.recv())
+        .await
+        .expect("delivered over TLS")
+        .expect("a body");
+    assert!(body.contains("deny_storm"), "{body}");
+    // A receiver whose certificate no trusted CA signed gets nothing: the attempt fails.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let note = loop {
+        let globex = root
+            .api()
+            .list_incidents(root.req(pb::ListIncidentsRequest {
+                tenant: "globex".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("list")
+            .into_inner()
+            .incidents;
+        let mut note = String::new();
+        if let Some(i) = globex.first() {
+            let shown = root
+                .api()
+                .get_incident(root.req(pb::IncidentRef {
+                    tenant: "globex".into(),
+                    id: i.id.clone(),
+                }))
+                .await
+                .expect("get")
+                .into_inner();
+            note = shown.notifications.join("; ");
+            if note.contains("pending") && !note.contains("(0 attempts)") {
+                break note;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed attempt: {note}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        note.contains("TLS") && note.contains("certificate"),
+        "{note}"
+    );
+    assert!(
+        rogue_got.try_recv().is_err(),
+        "the rogue receiver got a notification"
+    );
+}

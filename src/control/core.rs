@@ -234,10 +234,11 @@ impl ControlCore {
         &self,
         config: crate::config::NotifyConfig,
         shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
-        let (notifier, task) = super::notify::Notifier::start(self.store.clone(), config, shutdown);
+    ) -> Result<tokio::task::JoinHandle<()>, String> {
+        let (notifier, task) =
+            super::notify::Notifier::start(self.store.clone(), config, shutdown)?;
         let _ = self.notifier.set(notifier);
-        task
+        Ok(task)
     }
 
     /// The delivery task's counters, if it runs.

@@ -40,7 +40,7 @@ pub fn severity_rank(s: &str) -> Option<u8> {
     })
 }
 
-/// A webhook address: `http://host[:port]/path`.
+/// A webhook address: `http[s]://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// host:port to connect to.
@@ -48,21 +48,20 @@ pub struct Endpoint {
     /// The Host header.
     pub host: String,
     pub path: String,
+    /// https: TLS, the server's certificate checked against the Mozilla roots (and
+    /// `notify.ca_file`) for `host`.
+    pub tls: bool,
 }
 
 impl Endpoint {
     pub fn parse(url: &str) -> Result<Self, String> {
         // Errors never quote the URL: a webhook's path is its secret (Slack's are).
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(
-                "https webhooks are not supported yet; point the URL at a relay \
-                 (http://) that forwards over TLS"
-                    .into(),
-            );
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("https://") {
+            (rest, true)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (rest, false)
         } else {
-            return Err("the URL must start with http://".into());
+            return Err("the URL must start with https:// or http://".into());
         };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -75,16 +74,28 @@ impl Endpoint {
             Some(i) => !host.ends_with(']') && host[i + 1..].parse::<u16>().is_ok(),
             None => false,
         };
-        let authority = if has_port {
-            host.to_owned()
-        } else {
-            format!("{host}:80")
+        let authority = match (has_port, tls) {
+            (true, _) => host.to_owned(),
+            (false, true) => format!("{host}:443"),
+            (false, false) => format!("{host}:80"),
         };
         Ok(Self {
             authority,
             host: host.to_owned(),
             path: path.to_owned(),
+            tls,
         })
+    }
+
+    /// The TLS server name: the host without its port or IPv6 brackets.
+    fn server_name(&self) -> Result<rustls_pki_types::ServerName<'static>, String> {
+        let name = match self.host.rfind(':') {
+            Some(i) if !self.host.ends_with(']') => &self.host[..i],
+            _ => self.host.as_str(),
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        rustls_pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("TLS server name {name:?}: {e}"))
     }
 }
 
@@ -212,6 +223,36 @@ pub struct Counters {
     pub failed: std::sync::atomic::AtomicU64,
 }
 
+/// The TLS client settings of https webhooks: the Mozilla roots (webpki-roots), plus the
+/// PEM certificates of `ca_file` (a private CA, a TLS-inspecting egress proxy).
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let named = |e: &dyn std::fmt::Display| format!("notify.ca_file {}: {e}", path.display());
+        let mut added = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| named(&e))? {
+            let cert = cert.map_err(|e| named(&e))?;
+            roots.add(cert).map_err(|e| named(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(named(&"no PEM certificate in it"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The delivery task's handle: wake it when rows were added.
 #[derive(Debug)]
 pub struct Notifier {
@@ -225,13 +266,14 @@ impl Notifier {
         store: Arc<dyn ControlStore>,
         config: NotifyConfig,
         shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), String> {
+        let tls = tls_config(config.ca_file.as_deref())?;
         let me = Arc::new(Self {
             wake: tokio::sync::Notify::new(),
             counters: Counters::default(),
         });
-        let task = tokio::spawn(run(me.clone(), store, config, shutdown));
-        (me, task)
+        let task = tokio::spawn(run(me.clone(), store, config, tls, shutdown));
+        Ok((me, task))
     }
 }
 
@@ -243,6 +285,7 @@ async fn run(
     me: Arc<Notifier>,
     store: Arc<dyn ControlStore>,
     config: NotifyConfig,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -278,7 +321,7 @@ async fn run(
         };
         for row in &due {
             let result = tokio::select! {
-                r = tokio::time::timeout(timeout, post(&row.url, &row.payload)) => {
+                r = tokio::time::timeout(timeout, post(&row.url, &row.payload, &tls)) => {
                     r.unwrap_or_else(|_| Err(format!("no answer within {} ms", config.timeout_ms)))
                 }
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -350,12 +393,33 @@ pub fn host_of(url: &str) -> String {
 }
 
 /// One POST; Ok on a 2xx answer.
-async fn post(url: &str, payload: &str) -> Result<(), String> {
-    use http_body_util::{BodyExt, Full};
+async fn post(
+    url: &str,
+    payload: &str,
+    tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+) -> Result<(), String> {
     let ep = Endpoint::parse(url)?;
     let stream = tokio::net::TcpStream::connect(&ep.authority)
         .await
         .map_err(|e| format!("connect {}: {e}", ep.authority))?;
+    if ep.tls {
+        let connector = tokio_rustls::TlsConnector::from(tls.clone());
+        let stream = connector
+            .connect(ep.server_name()?, stream)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", ep.host))?;
+        exchange(stream, &ep, payload).await
+    } else {
+        exchange(stream, &ep, payload).await
+    }
+}
+
+/// The HTTP/1.1 request and answer over an open connection.
+async fn exchange<S>(stream: S, ep: &Endpoint, payload: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Full};
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -401,11 +465,14 @@ mod tests {
             Endpoint::parse("http://relay").unwrap().authority,
             "relay:80"
         );
-        assert!(
-            Endpoint::parse("https://hooks.slack.com/x")
-                .unwrap_err()
-                .contains("https")
+        let slack = Endpoint::parse("https://hooks.slack.com/services/T/B/secret").unwrap();
+        assert_eq!(
+            (slack.authority.as_str(), slack.tls),
+            ("hooks.slack.com:443", true)
         );
+        assert!(slack.server_name().is_ok());
+        let err = Endpoint::parse("ftp://hooks/secret").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
         assert!(Endpoint::parse("ftp://x").is_err());
         assert!(Endpoint::parse("http:///x").is_err());
     }
