@@ -266,6 +266,8 @@ pub struct Engine {
     words: Split,
     /// tenant → agent → state.
     agents: HashMap<String, HashMap<String, AgentState>>,
+    /// `tool.action` → (source, sink, mutating): names repeat, splitting them need not.
+    classes: HashMap<String, (bool, bool, bool)>,
 }
 
 /// Splits a tool or action name into lower-case words: at any non-alphanumeric character
@@ -308,6 +310,9 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
+/// Most `tool.action` classifications cached before the cache starts over.
+const MAX_CLASSES: usize = 4096;
+
 /// Most source, sink and recent-deny events kept per agent (the newest).
 const MAX_KEPT: usize = 32;
 
@@ -323,12 +328,14 @@ impl Engine {
             thresholds,
             words: Split::of(&words),
             agents: HashMap::new(),
+            classes: HashMap::new(),
         }
     }
 
     /// The word lists in use.
     pub fn set_words(&mut self, words: Words) {
         self.words = Split::of(&words);
+        self.classes.clear();
     }
 
     /// Feeds one decision; returns what it completes.
@@ -340,10 +347,24 @@ impl Engine {
             return Err(EventError::NoAgent(d.decision_id.clone()));
         }
         let th = &self.thresholds;
-        let names = [words(&d.tool), words(&d.action)];
-        let is_source = matches(&self.words.source, &names);
-        let is_sink = matches(&self.words.sink, &names);
-        let is_mutating = matches(&self.words.mutating, &names);
+        let call = format!("{}.{}", d.tool, d.action);
+        let (is_source, is_sink, is_mutating) = match self.classes.get(&call) {
+            Some(c) => *c,
+            None => {
+                let names = [words(&d.tool), words(&d.action)];
+                let c = (
+                    matches(&self.words.source, &names),
+                    matches(&self.words.sink, &names),
+                    matches(&self.words.mutating, &names),
+                );
+                // Bounded: tool names come from agents.
+                if self.classes.len() >= MAX_CLASSES {
+                    self.classes.clear();
+                }
+                self.classes.insert(call.clone(), c);
+                c
+            }
+        };
         let per_tenant = match self.agents.get_mut(&d.tenant) {
             Some(m) => m,
             None => self.agents.entry(d.tenant.clone()).or_default(),
@@ -355,7 +376,6 @@ impl Engine {
         let t = d.time_ns;
         let event = Arc::new(d.clone());
         let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
-        let call = format!("{}.{}", d.tool, d.action);
         let mut found = Vec::new();
         let mut finding = |kind: &'static str,
                            severity: &'static str,
@@ -589,6 +609,8 @@ pub struct Correlator {
 
 /// Events waiting for the correlation task before new ones are dropped.
 pub const QUEUE: usize = 8192;
+/// Most events taken from the queue per wake-up.
+const BATCH: usize = 256;
 
 impl Correlator {
     /// Starts the task; it ends when `shutdown` turns true.
@@ -629,24 +651,42 @@ async fn run(
     use std::sync::atomic::Ordering::Relaxed;
     let mut engine = Engine::new(thresholds, Words::default());
     let mut digest = String::new();
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let d = tokio::select! {
-            d = rx.recv() => match d { Some(d) => d, None => return },
+        // Whatever is queued, up to BATCH, per wake-up: under load one wake-up serves many
+        // decisions.
+        tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return },
             _ = shutdown.wait_for(|s| *s) => return,
-        };
+        }
         let bundle = policy.current();
         if bundle.digest() != digest {
             digest = bundle.digest().to_owned();
             engine.set_words(words_from(&bundle));
         }
-        let findings = match engine.observe(&d) {
-            Ok(f) => f,
-            Err(e) => {
-                me.refused.fetch_add(1, Relaxed);
-                crate::log!(warn, "correlation: {e}");
-                continue;
-            }
-        };
+        for d in batch.drain(..) {
+            let findings = match engine.observe(&d) {
+                Ok(f) => f,
+                Err(e) => {
+                    me.refused.fetch_add(1, Relaxed);
+                    crate::log!(warn, "correlation: {e}");
+                    continue;
+                }
+            };
+            report(&me, &link, &bundle, findings).await;
+        }
+    }
+}
+
+/// Hands findings to the control plane.
+async fn report(
+    me: &Correlator,
+    link: &crate::control::link::ControlLink,
+    bundle: &crate::policy::CompiledBundle,
+    findings: Vec<Finding>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    {
         for f in findings {
             let req = crate::control::pb::ReportIncidentRequest {
                 tenant: f.tenant,
