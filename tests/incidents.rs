@@ -22,38 +22,6 @@ async fn setup(level: Option<u32>) -> (TestServer, Ctl) {
     (s, root)
 }
 
-async fn incidents(c: &Ctl) -> Vec<pb::Incident> {
-    c.api()
-        .list_incidents(c.req(pb::ListIncidentsRequest {
-            tenant: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("list")
-        .into_inner()
-        .incidents
-}
-
-async fn wait_for_incident(c: &Ctl, kind: &str) -> pb::Incident {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        // Raised, and its containment done (the actions are written after it).
-        if let Some(i) = incidents(c)
-            .await
-            .into_iter()
-            .find(|i| i.kind == kind && !i.actions.is_empty())
-        {
-            return i;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {kind} incident: {:?}",
-            incidents(c).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn id_of(r: &CheckResponse) -> String {
     decision_id(r).expect("decision id")
 }
@@ -87,7 +55,7 @@ async fn exfiltration_at_l3_freezes_the_agent_everywhere() {
         .expect("decided");
     assert_eq!(code(&post), 0);
 
-    let incident = wait_for_incident(&root, "data_exfil_pattern").await;
+    let incident = root.contained_incident("acme", "data_exfil_pattern").await;
     assert_eq!(incident.severity, "critical");
     assert_eq!(incident.evidence, vec![id_of(&read), id_of(&post)]);
     assert_eq!(
@@ -138,7 +106,7 @@ async fn at_l1_a_deny_storm_is_raised_and_nothing_else() {
             .expect("decided");
         assert_eq!(reason(&r), Some("missing_scope"));
     }
-    let incident = wait_for_incident(&root, "deny_storm").await;
+    let incident = root.contained_incident("acme", "deny_storm").await;
     assert_eq!(
         (incident.severity.as_str(), incident.autonomy_level),
         ("high", 1)
@@ -150,7 +118,7 @@ async fn at_l1_a_deny_storm_is_raised_and_nothing_else() {
     );
     // Once per storm: the two denies after the fifth raised nothing more.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(incidents(&root).await.len(), 1);
+    assert_eq!(root.incidents("acme").await.len(), 1);
     assert_eq!(
         code(&s.read_invoices(&token).await),
         0,
@@ -271,7 +239,7 @@ async fn at_l4_the_agent_is_frozen_its_tokens_revoked_and_its_session_killed() {
         .await
         .expect("decided");
     }
-    let incident = wait_for_incident(&root, "deny_storm").await;
+    let incident = root.contained_incident("acme", "deny_storm").await;
     assert_eq!(
         incident.actions,
         vec![

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Code;
 
@@ -27,37 +26,6 @@ fn payment(token: &str, amount: u64) -> envoy_types::ext_authz::v3::pb::CheckReq
     Req::mcp("payments.create", json!({"amount": amount, "to": "acct-9"}))
         .token(token)
         .build()
-}
-
-async fn incidents(c: &Ctl) -> Vec<pb::Incident> {
-    c.api()
-        .list_incidents(c.req(pb::ListIncidentsRequest {
-            tenant: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("list")
-        .into_inner()
-        .incidents
-}
-
-async fn contained_incident(c: &Ctl, kind: &str) -> pb::Incident {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(i) = incidents(c)
-            .await
-            .into_iter()
-            .find(|i| i.kind == kind && !i.actions.is_empty())
-        {
-            return i;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {kind} incident: {:?}",
-            incidents(c).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn next(w: &mut tonic::Streaming<pb::IncidentEvent>) -> pb::IncidentEvent {
@@ -84,7 +52,7 @@ async fn at_l2_a_restricted_agents_mutating_calls_wait_for_an_approval() {
         let r = s.check(denied_call(&token)).await.expect("decided");
         assert_eq!(reason(&r), Some("missing_scope"));
     }
-    let incident = contained_incident(&root, "deny_storm").await;
+    let incident = root.contained_incident("acme", "deny_storm").await;
     assert_eq!(
         incident.actions,
         vec![
@@ -227,7 +195,7 @@ async fn thresholds_come_from_the_configuration() {
     for _ in 0..2 {
         s.check(denied_call(&token)).await.expect("decided");
     }
-    let incident = contained_incident(&root, "deny_storm").await;
+    let incident = root.contained_incident("acme", "deny_storm").await;
     assert_eq!(incident.evidence.len(), 2);
     assert!(
         incident.summary.contains("2 denies within 30 s"),
@@ -414,62 +382,6 @@ async fn the_watch_streams_incidents_and_the_graph_links_their_evidence() {
     s.stop().await;
 }
 
-/// A webhook receiver on `listener`: answers each POST with the next of `statuses`
-/// (then 200) and sends every body it got to the channel.
-fn receiver(listener: tokio::net::TcpListener, statuses: Vec<u16>) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let mut statuses = statuses.into_iter();
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let body = loop {
-                let Ok(n) = conn.read(&mut chunk).await else {
-                    break None;
-                };
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse::<usize>().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break Some(
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        );
-                    }
-                }
-            };
-            let status = statuses.next().unwrap_or(200);
-            let _ = conn
-                .write_all(
-                    format!(
-                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .await;
-            if let Some(b) = body
-                && status == 200
-            {
-                let _ = tx.send(b).await;
-            }
-        }
-    });
-    rx
-}
-
 fn spawn_all_in_one(data: &Path, config: &Path, control: &str) -> ChildServer {
     let data = data.to_string_lossy().into_owned();
     let config = config.to_string_lossy().into_owned();
@@ -594,7 +506,7 @@ async fn webhook_notifications_survive_a_restart_with_the_receiver_down() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("the receiver's port");
-    let mut got = receiver(listener, vec![503]);
+    let mut got = webhook_receiver(listener, vec![503]);
     let server = spawn_all_in_one(&data, &config, &cp.to_string());
     let body = tokio::time::timeout(Duration::from_secs(15), got.recv())
         .await
@@ -710,7 +622,7 @@ fn certificates(
     (p("ca.pem"), p("leaf.pem"), p("leaf.key"))
 }
 
-/// [`receiver`] behind TLS with `cert` and `key`; returns its port.
+/// [`webhook_receiver`] behind TLS with `cert` and `key`; returns its port.
 async fn tls_receiver(cert: &Path, key: &Path) -> (u16, mpsc::Receiver<String>) {
     use rustls_pki_types::pem::PemObject;
     use tokio_rustls::rustls;
@@ -737,7 +649,7 @@ async fn tls_receiver(cert: &Path, key: &Path) -> (u16, mpsc::Receiver<String>) 
         .await
         .expect("bind");
     let inner_addr = inner.local_addr().expect("addr");
-    let rx = receiver(inner, vec![]);
+    let rx = webhook_receiver(inner, vec![]);
     tokio::spawn(async move {
         while let Ok((conn, _)) = plain.accept().await {
             let acceptor = acceptor.clone();
@@ -796,16 +708,7 @@ async fn https_webhooks_check_the_receivers_certificate() {
     // A receiver whose certificate no trusted CA signed gets nothing: the attempt fails.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let note = loop {
-        let globex = root
-            .api()
-            .list_incidents(root.req(pb::ListIncidentsRequest {
-                tenant: "globex".into(),
-                ..Default::default()
-            }))
-            .await
-            .expect("list")
-            .into_inner()
-            .incidents;
+        let globex = root.incidents("globex").await;
         let mut note = String::new();
         if let Some(i) = globex.first() {
             let shown = root

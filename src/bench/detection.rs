@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::percentile;
-use super::propagation::{BenchFleet, allowed, poll_until_denied};
+use super::propagation::{BenchFleet, allowed, latency_line, poll_until_denied};
 use crate::control::pb;
 
 /// Runs the benchmark and prints the report.
@@ -103,16 +103,7 @@ pub async fn run(rounds: usize, poll: Duration) -> anyhow::Result<()> {
         };
         detect_us.push(u64::try_from((i.created_at_ns - i.decided_at_ns) / 1000).unwrap_or(0));
     }
-    let line = |name: &str, v: &mut Vec<u64>| {
-        v.sort_unstable();
-        println!(
-            "  {name:<58} n={:<5} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
-            v.len(),
-            percentile(v, 0.50) as f64 / 1000.0,
-            percentile(v, 0.99) as f64 / 1000.0,
-            v.last().copied().unwrap_or(0) as f64 / 1000.0,
-        );
-    };
+    let line = |name: &str, v: &mut Vec<u64>| latency_line(name, 58, v);
     line(
         "decision completing the pattern -> incident stored",
         &mut detect_us,

@@ -118,6 +118,19 @@ async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// Prints one latency line: `name`, padded to `width`, then n, p50, p99 and max of the
+/// samples (microseconds, printed in ms); sorts them.
+pub fn latency_line(name: &str, width: usize, v: &mut [u64]) {
+    v.sort_unstable();
+    println!(
+        "  {name:<width$} n={:<5} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+        v.len(),
+        percentile(v, 0.50) as f64 / 1000.0,
+        percentile(v, 0.99) as f64 / 1000.0,
+        v.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+}
+
 /// Runs the benchmark and prints the report.
 pub async fn run(p: &Propagation) -> anyhow::Result<()> {
     let fleet = BenchFleet::start("aegis-propagation-", p.sidecars).await?;
@@ -143,16 +156,7 @@ pub async fn run(p: &Propagation) -> anyhow::Result<()> {
         per_sidecar_us.extend(lat);
         rtt_us.extend(r.rtt_us);
     }
-    let line = |name: &str, v: &mut Vec<u64>| {
-        v.sort_unstable();
-        println!(
-            "  {name:<52} n={:<5} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
-            v.len(),
-            percentile(v, 0.50) as f64 / 1000.0,
-            percentile(v, 0.99) as f64 / 1000.0,
-            v.last().copied().unwrap_or(0) as f64 / 1000.0,
-        );
-    };
+    let line = |name: &str, v: &mut Vec<u64>| latency_line(name, 52, v);
     line(
         "kill call (request to response, client side)",
         &mut kill_call_us,

@@ -282,6 +282,102 @@ impl Ctl {
             .await
             .map(|r| r.into_inner())
     }
+
+    /// The tenant's incidents.
+    pub async fn incidents(&self, tenant: &str) -> Vec<pb::Incident> {
+        self.api()
+            .list_incidents(self.req(pb::ListIncidentsRequest {
+                tenant: tenant.into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("list incidents")
+            .into_inner()
+            .incidents
+    }
+
+    /// Waits (5 s at most) for an incident of `kind` in `tenant` whose containment is done
+    /// (the response engine writes its actions after raising it).
+    pub async fn contained_incident(&self, tenant: &str, kind: &str) -> pb::Incident {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(i) = self
+                .incidents(tenant)
+                .await
+                .into_iter()
+                .find(|i| i.kind == kind && !i.actions.is_empty())
+            {
+                return i;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {kind} incident: {:?}",
+                self.incidents(tenant).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A webhook receiver on `listener`: reads each HTTP/1.1 request, answers it with the next
+/// of `statuses` (then 200), and sends the body of every request it answered 200 to the
+/// returned channel.
+pub fn webhook_receiver(
+    listener: tokio::net::TcpListener,
+    statuses: Vec<u16>,
+) -> tokio::sync::mpsc::Receiver<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut statuses = statuses.into_iter();
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let Ok(n) = conn.read(&mut chunk).await else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(
+                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
+                        );
+                    }
+                }
+            };
+            let status = statuses.next().unwrap_or(200);
+            let _ = conn
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            if let Some(b) = body
+                && status == 200
+            {
+                let _ = tx.send(b).await;
+            }
+        }
+    });
+    rx
 }
 
 pub fn now() -> i64 {
