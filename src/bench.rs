@@ -911,7 +911,7 @@ impl ChildServer {
             let rest = l.split(marker).nth(1)?;
             rest.split_whitespace()
                 .next()?
-                .trim_end_matches(':')
+                .trim_end_matches([':', ','])
                 .parse()
                 .ok()
         })

@@ -258,7 +258,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             overrides,
         }) => {
             let config = Config::load(&overrides)?;
-            let signer = Signer::load_or_create(&config.data_dir)?;
+            let signer = Signer::for_config(&config)?;
             let now = crate::unix_nanos() / 1_000_000_000;
             let ttl =
                 i64::try_from(ttl_secs.unwrap_or(config.token.lifetime_secs)).unwrap_or(i64::MAX);
@@ -325,7 +325,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             overrides,
         }) => {
             let config = Config::load(&overrides)?;
-            let signer = Signer::load_or_create(&config.data_dir)?;
+            let signer = Signer::for_config(&config)?;
             let token = crate::control::auth::mint_operator(
                 &signer,
                 &config.token.issuer,

@@ -58,6 +58,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Seconds to wait for in-flight Checks on SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// Also serve ext_authz (and health) on this Unix domain socket, for an Envoy in the
+    /// same pod; plaintext, guarded by the socket's mode (0660).
+    pub listen_uds: Option<PathBuf>,
+    /// The Ed25519 seed (64 hex digits) to sign with, read as is (e.g. a mounted Secret);
+    /// unset: `data_dir/signing.key`, created on first use.
+    pub signing_key_file: Option<PathBuf>,
+    /// `[tls]`: TLS, and with `client_ca_file` mTLS, on the ext_authz TCP listener.
+    pub tls: TlsConfig,
+    /// `[control_tls]`: TLS, and with `client_ca_file` mTLS, on the control-plane listener.
+    pub control_tls: TlsConfig,
     pub policy: PolicyConfig,
     pub token: TokenConfig,
     pub audit: AuditConfig,
@@ -66,6 +76,39 @@ pub struct Config {
     pub control: ControlConfig,
     pub correlation: CorrelationConfig,
     pub notify: NotifyConfig,
+}
+
+/// `[tls]` / `[control_tls]`: a listener's certificate and, for mTLS, the CA its clients'
+/// certificates must chain to. PEM files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM bundle): mTLS.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self, setting: &'static str) -> Result<(), ConfigError> {
+        let message = match (&self.cert_file, &self.key_file, &self.client_ca_file) {
+            (Some(_), None, _) => "cert_file is set without key_file",
+            (None, Some(_), _) => "key_file is set without cert_file",
+            (None, None, Some(_)) => "client_ca_file (mTLS) needs cert_file and key_file",
+            _ => return Ok(()),
+        };
+        Err(ConfigError::Invalid {
+            setting,
+            message: message.into(),
+        })
+    }
 }
 
 /// `[notify]`: incident webhooks, delivered by the control plane through a durable outbox.
@@ -219,6 +262,13 @@ pub struct ControlConfig {
     pub max_token_ttl_secs: u64,
     /// Lifetime of operator credentials minted by `aegis operator issue`, in seconds.
     pub operator_ttl_secs: u64,
+    /// Sidecar mode, `https://` URL: the CA bundle (PEM) the control plane's certificate
+    /// must chain to; unset: the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// Sidecar mode: the client certificate (PEM) presented to a control plane that
+    /// requires mTLS, and its key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[policy]`
@@ -308,6 +358,10 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
             data_dir: PathBuf::from("./aegis-data"),
             shutdown_grace_secs: 10,
+            listen_uds: None,
+            signing_key_file: None,
+            tls: TlsConfig::default(),
+            control_tls: TlsConfig::default(),
             policy: PolicyConfig::default(),
             token: TokenConfig::default(),
             audit: AuditConfig::default(),
@@ -333,6 +387,9 @@ impl Default for ControlConfig {
             max_pending_approvals: 5,
             max_token_ttl_secs: 86_400,
             operator_ttl_secs: 8 * 3600,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -415,6 +472,39 @@ pub struct Overrides {
     /// File holding the sidecar credential for --control-plane.
     #[arg(long = "control-plane-token-file", env = "AEGIS_CONTROL_TOKEN_FILE")]
     pub control_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) an https --control-plane's certificate must chain to [default: Mozilla roots].
+    #[arg(long = "control-plane-ca-file", env = "AEGIS_CONTROL_CA_FILE")]
+    pub control_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a control plane that requires mTLS.
+    #[arg(long = "control-plane-cert-file", env = "AEGIS_CONTROL_CERT_FILE")]
+    pub control_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --control-plane-cert-file.
+    #[arg(long = "control-plane-key-file", env = "AEGIS_CONTROL_KEY_FILE")]
+    pub control_key_file: Option<PathBuf>,
+    /// Also serve ext_authz on this Unix domain socket (same-pod Envoy).
+    #[arg(long, env = "AEGIS_LISTEN_UDS")]
+    pub listen_uds: Option<PathBuf>,
+    /// Sign with this Ed25519 seed file (64 hex digits) instead of DATA_DIR/signing.key.
+    #[arg(long, env = "AEGIS_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// TLS certificate (PEM) of the ext_authz listener.
+    #[arg(long, env = "AEGIS_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM) of the ext_authz listener.
+    #[arg(long, env = "AEGIS_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require ext_authz clients' certificates signed by this CA (mTLS).
+    #[arg(long, env = "AEGIS_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// TLS certificate (PEM) of the control-plane listener.
+    #[arg(long, env = "AEGIS_CONTROL_TLS_CERT_FILE")]
+    pub control_tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM) of the control-plane listener.
+    #[arg(long, env = "AEGIS_CONTROL_TLS_KEY_FILE")]
+    pub control_tls_key_file: Option<PathBuf>,
+    /// Require control-plane clients' certificates signed by this CA (mTLS).
+    #[arg(long, env = "AEGIS_CONTROL_TLS_CLIENT_CA_FILE")]
+    pub control_tls_client_ca_file: Option<PathBuf>,
     /// Name this sidecar reports to the control plane [default: the host name].
     #[arg(long, env = "AEGIS_SIDECAR_NAME")]
     pub sidecar_name: Option<String>,
@@ -725,6 +815,29 @@ impl Config {
             }
             _ => {}
         }
+        self.tls.validate("tls")?;
+        self.control_tls.validate("control_tls")?;
+        match (&self.control.cert_file, &self.control.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    setting: "control.cert_file",
+                    message: "the sidecar's client certificate needs both cert_file and key_file"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.control.url
+            && !url.starts_with("https://")
+            && (self.control.ca_file.is_some() || self.control.cert_file.is_some())
+        {
+            return Err(ConfigError::Invalid {
+                setting: "control.url",
+                message: format!(
+                    "{url:?}: control.ca_file / cert_file are set, so the URL must be https://"
+                ),
+            });
+        }
         if self.policy.query.split('.').next() != Some("data") {
             return Err(ConfigError::Invalid {
                 setting: "policy.query",
@@ -771,6 +884,27 @@ impl Overrides {
             c.control.token_file = self.control_token_file.clone();
         }
         set(&mut c.control.sidecar_name, &self.sidecar_name);
+        // Optional paths: a flag or variable sets them, nothing unsets them.
+        for (dst, src) in [
+            (&mut c.control.ca_file, &self.control_ca_file),
+            (&mut c.control.cert_file, &self.control_cert_file),
+            (&mut c.control.key_file, &self.control_key_file),
+            (&mut c.listen_uds, &self.listen_uds),
+            (&mut c.signing_key_file, &self.signing_key_file),
+            (&mut c.tls.cert_file, &self.tls_cert_file),
+            (&mut c.tls.key_file, &self.tls_key_file),
+            (&mut c.tls.client_ca_file, &self.tls_client_ca_file),
+            (&mut c.control_tls.cert_file, &self.control_tls_cert_file),
+            (&mut c.control_tls.key_file, &self.control_tls_key_file),
+            (
+                &mut c.control_tls.client_ca_file,
+                &self.control_tls_client_ca_file,
+            ),
+        ] {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
         set(
             &mut c.control.request_timeout_ms,
             &self.control_request_timeout_ms,

@@ -45,6 +45,25 @@ pub struct CtlArgs {
     /// File holding the operator credential.
     #[arg(long, env = "AEGIS_OPERATOR_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// https --server: CA bundle (PEM) its certificate must chain to [default: Mozilla roots].
+    #[arg(long, env = "AEGIS_CONTROL_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a control plane that requires mTLS.
+    #[arg(
+        long,
+        env = "AEGIS_CONTROL_CERT_FILE",
+        global = true,
+        requires = "key_file"
+    )]
+    cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(
+        long,
+        env = "AEGIS_CONTROL_KEY_FILE",
+        global = true,
+        requires = "cert_file"
+    )]
+    key_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -512,9 +531,19 @@ async fn run(args: CtlArgs) -> Result<(), CtlError> {
     let credential = format!("Bearer {token}")
         .parse()
         .map_err(|_| CtlError::local("the operator credential is not ASCII"))?;
-    let endpoint = tonic::transport::Endpoint::from_shared(args.server.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.server.clone())
         .map_err(|e| CtlError::local(format!("--server {:?}: {e}", args.server)))?
         .connect_timeout(std::time::Duration::from_secs(5));
+    let files = crate::tls::ClientFiles {
+        ca: args.ca_file.as_deref().map(|p| ("--ca-file", p)),
+        cert: args.cert_file.as_deref().map(|p| ("--cert-file", p)),
+        key: args.key_file.as_deref().map(|p| ("--key-file", p)),
+    };
+    if let Some(tls) = crate::tls::client(&args.server, files).map_err(CtlError::local)? {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| CtlError::local(format!("--server {:?}: TLS: {e}", args.server)))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| CtlError {
         code: 6,
         message: format!("cannot reach the control plane at {}: {e}", args.server),

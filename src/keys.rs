@@ -90,9 +90,28 @@ impl Signer {
         }
     }
 
+    /// The key a configuration signs with: `signing_key_file` when set (read as is; the
+    /// data directory is still created, for the databases), else `data_dir/signing.key`,
+    /// created on first use.
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, KeyError> {
+        match &config.signing_key_file {
+            Some(path) => {
+                ensure_data_dir(&config.data_dir)?;
+                Self::load_file(path)
+            }
+            None => Self::load_or_create(&config.data_dir),
+        }
+    }
+
     /// Loads an existing key without creating anything (CLI commands that only read).
     pub fn load(data_dir: &Path) -> Result<Self, KeyError> {
-        let path = data_dir.join(SIGNING_KEY_FILE);
+        Self::load_file(&data_dir.join(SIGNING_KEY_FILE))
+    }
+
+    /// Loads the seed (64 hex digits) from `path`, e.g. a mounted Secret
+    /// (`signing_key_file`).
+    pub fn load_file(path: &Path) -> Result<Self, KeyError> {
+        let path = path.to_path_buf();
         let text = fs::read_to_string(&path).map_err(|source| KeyError::Io {
             path: path.clone(),
             source,

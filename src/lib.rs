@@ -45,6 +45,7 @@ pub mod keys;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 /// The ext_authz file descriptor set, for gRPC reflection (compiled by `build.rs`).
 pub const EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =

@@ -18,6 +18,7 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 
 use crate::audit::store::{AUDIT_DB_FILE, AuditError, AuditLog, StoreOptions};
@@ -158,6 +159,11 @@ struct Parts {
     /// The data-plane listener and the control-plane listener, as the mode has them.
     authz_listener: Option<TcpListener>,
     control_listener: Option<TcpListener>,
+    /// `listen_uds`: ext_authz on a Unix socket too (data planes only).
+    uds_listener: Option<tokio::net::UnixListener>,
+    /// `tls` and `control_tls`, checked at start-up.
+    authz_tls: Option<ServerTlsConfig>,
+    control_tls: Option<ServerTlsConfig>,
     /// Bundles the file watcher installs, for the control plane to record.
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<crate::policy::watch::Reloaded>>,
     watch_files: bool,
@@ -169,7 +175,11 @@ struct Parts {
 pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, StartError> {
     let mode = config.mode;
     let local_addr = bound(&listener, config.listen)?;
-    let signer = Signer::load_or_create(&config.data_dir)?;
+    let signer = Signer::for_config(&config)?;
+    // TLS files are read and checked before anything is opened, so that a wrong path or
+    // a key that does not match its certificate stops the start with the setting named.
+    let authz_tls = server_tls("tls", &config.tls)?;
+    let control_tls = server_tls("control_tls", &config.control_tls)?;
     let revocations = Arc::new(Revocations::default());
     // A sidecar decides nothing until it has the control plane's state.
     let state = Arc::new(State::new(revocations.clone(), mode != Mode::Sidecar));
@@ -236,7 +246,8 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             let url = config.control.url.clone().unwrap_or_default();
             let timeout = Duration::from_millis(config.control.request_timeout_ms);
             let channel =
-                crate::control::follow::channel(&url, timeout).map_err(StartError::Config)?;
+                crate::control::follow::channel(&url, timeout, control_client_tls(&config)?)
+                    .map_err(StartError::Config)?;
             let credential = sidecar_credential(&config)?;
             let link = ControlLink::remote(channel.clone(), &credential, timeout)?;
             let follow = Follow {
@@ -308,6 +319,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         Some(l) => Some(bound(l, config.control_listen)?),
         None => None,
     };
+    let uds_listener = match (&config.listen_uds, mode) {
+        (Some(path), Mode::AllInOne | Mode::Sidecar) => Some(bind_uds(path)?),
+        _ => None,
+    };
 
     let readiness = Arc::new(Readiness {
         audit: audit.clone(),
@@ -316,7 +331,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         revocation_slack: i64::try_from(config.token.leeway_secs)
             .unwrap_or(i64::MAX / 2)
             .saturating_add(60),
-        data_dir: config.data_dir.clone(),
+        key_file: config
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join(crate::keys::SIGNING_KEY_FILE)),
         kid: signer.kid().to_owned(),
     });
     // The admin listener binds last: every start-up error above is reported first.
@@ -369,6 +387,27 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             signer.kid(),
             config.otlp.endpoint.as_deref().unwrap_or("off"),
         );
+        let tls = |t: &Option<ServerTlsConfig>, c: &crate::config::TlsConfig| match t {
+            None => "plaintext",
+            Some(_) if c.client_ca_file.is_some() => "mTLS",
+            Some(_) => "TLS",
+        };
+        crate::log!(
+            info,
+            "listeners: ext_authz {local_addr} {}{}{}",
+            tls(&authz_tls, &config.tls),
+            config
+                .listen_uds
+                .as_ref()
+                .map_or(String::new(), |p| format!(
+                    ", ext_authz unix:{}",
+                    p.display()
+                )),
+            control_addr.map_or(String::new(), |a| format!(
+                ", control {a} {}",
+                tls(&control_tls, &config.control_tls)
+            )),
+        );
     }
     let auth = core.as_ref().map(|_| {
         let mut keys = KeyRing::default();
@@ -392,6 +431,9 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         correlator: correlator_task,
         authz_listener,
         control_listener,
+        uds_listener,
+        authz_tls,
+        control_tls,
         reloads,
         watch_files: mode != Mode::Sidecar,
         watch_interval: Duration::from_millis(config.policy.watch_interval_ms),
@@ -426,6 +468,19 @@ fn control_settings(config: &Config) -> Settings {
         default_autonomy: config.control.soc_autonomy_level,
         webhooks: config.notify.webhooks.clone(),
     }
+}
+
+/// The sidecar's TLS towards an `https://` control plane (mTLS with `control.cert_file`).
+fn control_client_tls(
+    config: &Config,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, StartError> {
+    let c = &config.control;
+    let files = crate::tls::ClientFiles {
+        ca: c.ca_file.as_deref().map(|p| ("control.ca_file", p)),
+        cert: c.cert_file.as_deref().map(|p| ("control.cert_file", p)),
+        key: c.key_file.as_deref().map(|p| ("control.key_file", p)),
+    };
+    crate::tls::client(c.url.as_deref().unwrap_or_default(), files).map_err(StartError::Config)
 }
 
 /// The sidecar's credential: the token file, else `AEGIS_CONTROL_TOKEN`.
@@ -486,6 +541,9 @@ async fn serve(
         correlator,
         authz_listener,
         control_listener,
+        uds_listener,
+        authz_tls,
+        control_tls,
         reloads,
         watch_files,
         watch_interval,
@@ -516,43 +574,69 @@ async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|s| *s).await;
     };
+    let authz_router = |tls: Option<ServerTlsConfig>, checker: &Arc<Checker>| {
+        builder(tls).map(|mut b| {
+            b.add_service(AuthorizationServer::new(AuthorizationService(
+                checker.clone(),
+            )))
+            .add_service(health_service.clone())
+            .add_optional_service(reflection(&[crate::EXT_AUTHZ_DESCRIPTOR_SET]))
+        })
+    };
     let authz = match (authz_listener, &checker) {
-        (Some(listener), Some(checker)) => {
-            let router = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(AuthorizationServer::new(AuthorizationService(
-                    checker.clone(),
-                )))
-                .add_service(health_service.clone())
-                .add_optional_service(reflection(&[crate::EXT_AUTHZ_DESCRIPTOR_SET]));
-            Some(tokio::spawn(router.serve_with_incoming_shutdown(
+        (Some(listener), Some(checker)) => match authz_router(authz_tls, checker) {
+            Ok(router) => Some(tokio::spawn(router.serve_with_incoming_shutdown(
                 incoming(listener),
                 stopped(shutdown.clone()),
-            )))
-        }
+            ))),
+            Err(e) => {
+                crate::log!(error, "ext_authz listener: TLS: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    let uds = match (uds_listener, &checker) {
+        (Some(listener), Some(checker)) => match authz_router(None, checker) {
+            Ok(router) => Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                stopped(shutdown.clone()),
+            ))),
+            Err(e) => {
+                crate::log!(error, "ext_authz unix listener: {e}");
+                None
+            }
+        },
         _ => None,
     };
     let control = match (control_listener, &core, auth) {
-        (Some(listener), Some(core), Some(auth)) => {
-            let service = ControlService::new(core.clone(), auth, shutdown.clone());
-            let router = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(ControlPlaneServer::new(service))
-                .add_service(health_service)
-                .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
-            Some(tokio::spawn(router.serve_with_incoming_shutdown(
-                incoming(listener),
-                stopped(shutdown.clone()),
-            )))
-        }
+        (Some(listener), Some(core), Some(auth)) => match builder(control_tls) {
+            Ok(mut b) => {
+                let service = ControlService::new(core.clone(), auth, shutdown.clone());
+                let router = b
+                    .add_service(ControlPlaneServer::new(service))
+                    .add_service(health_service)
+                    .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
+                Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                    incoming(listener),
+                    stopped(shutdown.clone()),
+                )))
+            }
+            Err(e) => {
+                crate::log!(error, "control-plane listener: TLS: {e}");
+                None
+            }
+        },
         _ => None,
     };
-    let mut servers: Vec<_> = [("ext_authz", authz), ("control plane", control)]
-        .into_iter()
-        .filter_map(|(name, task)| task.map(|t| (name, t)))
-        .collect();
+    let mut servers: Vec<_> = [
+        ("ext_authz", authz),
+        ("ext_authz (unix)", uds),
+        ("control plane", control),
+    ]
+    .into_iter()
+    .filter_map(|(name, task)| task.map(|t| (name, t)))
+    .collect();
     let all_done = async {
         for (name, task) in servers.iter_mut() {
             match task.await {
@@ -639,6 +723,57 @@ fn reflection(
     }
 }
 
+/// A gRPC server builder with the listeners' common settings and, when set, TLS.
+fn builder(
+    tls: Option<ServerTlsConfig>,
+) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let b = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    match tls {
+        Some(tls) => b.tls_config(tls),
+        None => Ok(b),
+    }
+}
+
+/// A listener's TLS settings, with its files read and a server configuration built from
+/// them once, so that every problem is reported at start-up.
+fn server_tls(
+    setting: &str,
+    t: &crate::config::TlsConfig,
+) -> Result<Option<ServerTlsConfig>, StartError> {
+    let tls = crate::tls::server(setting, t).map_err(StartError::Config)?;
+    if let Some(tls) = &tls {
+        builder(Some(tls.clone())).map_err(|e| {
+            StartError::Config(format!(
+                "{setting}: {e} (does key_file belong to cert_file?)"
+            ))
+        })?;
+    }
+    Ok(tls)
+}
+
+/// Binds the Unix socket at `path` (mode 0660: the Envoy in the pod shares its group),
+/// replacing a stale socket a previous run left; anything else at `path` is an error.
+fn bind_uds(path: &std::path::Path) -> Result<tokio::net::UnixListener, StartError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let err = |e: std::io::Error| StartError::Config(format!("listen_uds {}: {e}", path.display()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(StartError::Config(format!(
+                "listen_uds {}: exists and is not a socket",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
 /// Accepted connections with TCP_NODELAY: gRPC answers are small frames, and Nagle's
 /// algorithm against the peer's delayed ACK would hold each one back ~40 ms.
 pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
@@ -654,8 +789,8 @@ struct Readiness {
     /// Seconds a revoked token id is kept past its token's expiry (over the verifier's
     /// clock-skew leeway, which still accepts a token that long after `exp`).
     revocation_slack: i64,
-    /// The data directory and the key id being signed with.
-    data_dir: std::path::PathBuf,
+    /// The signing key's file and the key id being signed with.
+    key_file: std::path::PathBuf,
     kid: String,
 }
 
@@ -674,7 +809,7 @@ impl Readiness {
                 return Err("control plane: no state received yet (a sidecar fails closed until its first snapshot)".into());
             }
         }
-        match Signer::load(&self.data_dir) {
+        match Signer::load_file(&self.key_file) {
             Ok(s) if s.kid() == self.kid => Ok(()),
             Ok(s) => Err(format!(
                 "signing key: the file now holds key {}, not {} in use",

@@ -231,13 +231,22 @@ fn jitter(d: Duration) -> Duration {
 
 /// A channel to the control plane: connects lazily (the sidecar starts without it), and
 /// keeps HTTP/2 pings going so a silent, vanished peer is noticed within seconds.
-pub fn channel(url: &str, connect_timeout: Duration) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+pub fn channel(
+    url: &str,
+    connect_timeout: Duration,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("control plane URL {url:?}: {e}"))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("control plane URL {url:?}: TLS: {e}"))?;
+    }
     Ok(endpoint.connect_lazy())
 }

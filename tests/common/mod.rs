@@ -683,3 +683,112 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A throwaway certificate authority made with the openssl CLI (P-256, valid one day), and
+/// the leaf certificates it signs for 127.0.0.1 / localhost.
+pub struct TestCa {
+    dir: PathBuf,
+    name: String,
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let ca = dir.join(format!("{name}-ca.pem"));
+        let key = dir.join(format!("{name}-ca.key"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &path_str(&key),
+            "-out",
+            &path_str(&ca),
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name} test CA"),
+        ]);
+        Self {
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
+            ca,
+            key,
+        }
+    }
+
+    /// A leaf for IP 127.0.0.1 and DNS localhost with `usage` (`serverAuth` or
+    /// `clientAuth`): (certificate, key).
+    pub fn leaf(&self, leaf: &str, usage: &str) -> (PathBuf, PathBuf) {
+        let p = |f: &str| self.dir.join(format!("{}-{leaf}-{f}", self.name));
+        let (key, csr, cert, ext) = (p("key.pem"), p("csr.pem"), p("cert.pem"), p("ext.cnf"));
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &path_str(&key),
+            "-out",
+            &path_str(&csr),
+            "-subj",
+            &format!("/CN={leaf}"),
+        ]);
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &path_str(&csr),
+            "-CA",
+            &path_str(&self.ca),
+            "-CAkey",
+            &path_str(&self.key),
+            "-CAcreateserial",
+            "-out",
+            &path_str(&cert),
+            "-days",
+            "1",
+            "-extfile",
+            &path_str(&ext),
+        ]);
+        (cert, key)
+    }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, leaf.pem, leaf.key).
+pub fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca = TestCa::new(dir, name);
+    let (leaf, key) = ca.leaf("server", "serverAuth");
+    (ca.ca, leaf, key)
+}
