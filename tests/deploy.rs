@@ -1,0 +1,315 @@
+//! The deployment artifacts (`deploy/envoy.yaml`, `deploy/k8s/`, `Dockerfile`) checked
+//! against real schemas by `scripts/validate_deploy.py`: Envoy's v3 protos from the
+//! `xds-protos` package and Kubernetes' OpenAPI schemas from `kubernetes-validate`,
+//! installed once into a virtualenv beside the build (`<target>/deploy-venv`).
+//!
+//! The negative tests feed the validator broken copies, so a validator that passed
+//! everything would fail them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use aegis::policy::{BundleFiles, BundleSource};
+use serde_json::Value;
+
+/// Every package of the venv, pinned (the direct ones and what they pull in), so the
+/// schemas the test validates against do not move under it.
+const REQUIREMENTS: &[&str] = &[
+    "xds-protos==1.85.0",
+    "protobuf==7.36.2",
+    "grpcio==1.85.3",
+    "kubernetes-validate==1.37.0",
+    "PyYAML==6.0.4",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "packaging==26.4",
+    "typing_extensions==4.16.0",
+];
+
+const MARKER: &str = ".aegis-requirements";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The venv's python, creating the venv first if it is missing or has other pins. Built
+/// in a scratch directory and renamed into place, so a run that dies half-way or a
+/// concurrent test binary never sees a half-installed venv.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        // CARGO_TARGET_TMPDIR is <target>/tmp: the venv goes beside it, in the target dir
+        // in use (CARGO_TARGET_DIR respected).
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        let venv = target.join("deploy-venv");
+        let want = REQUIREMENTS.join("\n");
+        let python = venv.join("bin/python");
+        if std::fs::read_to_string(venv.join(MARKER)).ok().as_deref() == Some(want.as_str())
+            && python.exists()
+        {
+            return python;
+        }
+        let system = std::env::var("PYTHON3").unwrap_or_else(|_| "python3".into());
+        let found = Command::new(&system).arg("--version").output();
+        assert!(
+            found.as_ref().is_ok_and(|o| o.status.success()),
+            "tests/deploy.rs needs {system} (with the venv module) to validate deploy/ \
+             against the Envoy and Kubernetes schemas: install python3 and python3-venv \
+             (apt-get install python3 python3-venv), or point PYTHON3 at one: {found:?}"
+        );
+        let scratch = target.join(format!("deploy-venv.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        run(Command::new(&system).args(["-m", "venv"]).arg(&scratch));
+        run(Command::new(scratch.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(REQUIREMENTS));
+        std::fs::write(scratch.join(MARKER), &want).expect("write marker");
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&scratch, &venv).is_err() {
+            // Another test process won the race; its venv has the same pins.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        python
+    })
+}
+
+/// Runs the validator with `args`; returns whether it passed and its JSON report.
+fn validate(args: &[&str]) -> (bool, Value) {
+    let out = Command::new(python())
+        .arg(root().join("scripts/validate_deploy.py"))
+        .args(["--root", root().to_str().expect("utf-8 path")])
+        .args(args)
+        .output()
+        .expect("run scripts/validate_deploy.py");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "validator printed no JSON ({e}); exit {}:\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let ok = report["ok"].as_bool().expect("ok is a bool");
+    assert_eq!(
+        out.status.success(),
+        ok,
+        "exit status and report disagree: {report:#}"
+    );
+    (ok, report)
+}
+
+fn errors(report: &Value) -> String {
+    report["errors"].to_string()
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().expect("string"))
+        .collect()
+}
+
+#[test]
+fn the_committed_artifacts_pass_the_schemas_and_checks() {
+    let (ok, r) = validate(&[]);
+    assert!(ok, "validator failed: {r:#}");
+
+    // Envoy: the ext_authz cluster is Aegis's default listen address, over HTTP/2.
+    let authz = &r["envoy"]["ext_authz"];
+    let listen = aegis::config::Config::default().listen.to_string();
+    assert_eq!(strs(&authz["cluster_endpoints"]), [listen.as_str()]);
+    assert_eq!(authz["cluster_type"], "STATIC");
+    assert_eq!(authz["cluster_http2"], true);
+    assert_eq!(authz["failure_mode_allow"], false);
+    assert_eq!(authz["transport_api_version"], "V3");
+    assert_eq!(authz["status_on_error"], 503);
+    assert_eq!(authz["with_request_body"]["max_request_bytes"], 65536);
+    assert!(strs(&authz["metadata_context_namespaces"]).contains(&"mcp_proxy"));
+    assert_eq!(r["envoy"]["ext_authz_unpacked_inside_hcm"], true);
+    let any_types: Vec<&str> = r["envoy"]["any_resolved"]
+        .as_array()
+        .expect("any_resolved")
+        .iter()
+        .map(|a| a["type"].as_str().expect("type"))
+        .collect();
+    // Every typed_config of the file: HCM, MCP, ext_authz, router, the tracer, two
+    // HttpProtocolOptions and the upstream TLS context.
+    assert_eq!(any_types.len(), 8, "{any_types:?}");
+    assert_eq!(r["envoy"]["tracing"]["name"], "envoy.tracers.opentelemetry");
+    assert_eq!(
+        strs(&r["envoy"]["listener"]["http_filters"]),
+        [
+            "envoy.filters.http.mcp",
+            "envoy.filters.http.ext_authz",
+            "envoy.filters.http.router"
+        ]
+    );
+
+    // Kubernetes: every rendered object passed the strict schema; every container was
+    // checked; the ConfigMaps carry deploy/envoy.yaml and policies/.
+    let k = &r["k8s"];
+    assert_eq!(
+        k["schema_validated"].as_array().map(Vec::len),
+        k["objects"].as_array().map(Vec::len)
+    );
+    assert_eq!(k["objects"].as_array().map(Vec::len), Some(9), "{k:#}");
+    assert_eq!(k["containers_checked"].as_array().map(Vec::len), Some(4));
+    assert_eq!(k["aegis_sidecars"].as_array().map(Vec::len), Some(1));
+    assert_eq!(k["aegis_control_planes"].as_array().map(Vec::len), Some(1));
+    assert!(
+        k["envoy_configmap_equals"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("deploy/envoy.yaml"))
+    );
+    assert!(k["bundle_configmap_equals"].is_string());
+    assert_eq!(
+        k["network_policy_coverage"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // Dockerfile (a text check, see the script).
+    assert_eq!(r["dockerfile"]["final_user"], "65532:65532");
+}
+
+/// The bundle the sidecars mount loads with Aegis's own loader, and is the default
+/// bundle: the same digest as `policies/` read as a directory.
+#[test]
+fn the_kustomization_bundle_is_the_default_bundle() {
+    let archive = root().join("deploy/k8s/bundle.tar.gz");
+    let from_archive = BundleFiles::read(&BundleSource::from_path(&archive))
+        .expect("read bundle.tar.gz")
+        .parse()
+        .expect("parse bundle.tar.gz");
+    let from_dir = BundleFiles::read(&BundleSource::Dir(root().join("policies")))
+        .expect("read policies/")
+        .parse()
+        .expect("parse policies/");
+    assert_eq!(from_archive.digest, from_dir.digest);
+    assert!(!from_archive.modules.is_empty());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Writes `file` (relative to the repository) with `edit` applied into `dir`; panics if
+/// the edit changed nothing, so a test cannot pass on an unedited copy.
+fn edited(dir: &Path, file: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(root().join(file)).expect("read");
+    let new = edit(&text);
+    assert_ne!(new, text, "the edit of {file} changed nothing");
+    let path = dir.join(Path::new(file).file_name().expect("name"));
+    std::fs::write(&path, new).expect("write");
+    path
+}
+
+#[test]
+fn an_unknown_field_inside_the_ext_authz_config_is_rejected_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = edited(dir.path(), "deploy/envoy.yaml", |t| {
+        t.replacen(
+            "              include_peer_certificate: true\n",
+            "              include_peer_certificate: true\n              failure_mode_alow: true\n",
+            1,
+        )
+    });
+    let (ok, r) = validate(&["--only", "envoy", "--envoy", bad.to_str().expect("utf-8")]);
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(e.contains("failure_mode_alow"), "{e}");
+    assert!(e.contains("ExtAuthz"), "{e}");
+}
+
+#[test]
+fn an_unknown_type_url_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = edited(dir.path(), "deploy/envoy.yaml", |t| {
+        t.replace("router.v3.Router", "router.v3.NoSuchRouter")
+    });
+    let (ok, r) = validate(&["--only", "envoy", "--envoy", bad.to_str().expect("utf-8")]);
+    assert!(!ok, "accepted: {r:#}");
+    assert!(errors(&r).contains("NoSuchRouter"), "{}", errors(&r));
+}
+
+/// A copy of deploy/k8s with one file edited; validated against the real envoy.yaml.
+fn validate_k8s_with(file: &str, edit: impl Fn(&str) -> String) -> (bool, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k8s = dir.path().join("k8s");
+    copy_dir(&root().join("deploy/k8s"), &k8s);
+    edited(&k8s, &format!("deploy/k8s/{file}"), edit);
+    validate(&["--only", "k8s", "--k8s", k8s.to_str().expect("utf-8")])
+}
+
+#[test]
+fn an_unknown_field_in_a_deployment_is_rejected_by_the_kubernetes_schema() {
+    let (ok, r) = validate_k8s_with("agent.yaml", |t| {
+        t.replacen(
+            "spec:\n  replicas: 1\n",
+            "spec:\n  replicas: 1\n  replica: 2\n",
+            1,
+        )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(
+        e.contains("Deployment/aegis/example-agent") && e.contains("'replica'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_container_without_a_read_only_root_filesystem_is_rejected() {
+    // The Envoy container's line (the second of the file) is dropped.
+    let (ok, r) = validate_k8s_with("agent.yaml", |t| {
+        let line = "          readOnlyRootFilesystem: true\n";
+        let first = t.find(line).expect("first") + line.len();
+        let second = first + t[first..].find(line).expect("second");
+        format!("{}{}", &t[..second], &t[second + line.len()..])
+    });
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(
+        e.contains("container envoy: readOnlyRootFilesystem is not true"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_envoy_configmap_that_drifted_from_deploy_envoy_yaml_is_rejected() {
+    let (ok, r) = validate_k8s_with("envoy.yaml", |t| t.replace("timeout: 30s", "timeout: 31s"));
+    assert!(!ok, "accepted: {r:#}");
+    assert!(errors(&r).contains("not byte-identical"), "{}", errors(&r));
+}
