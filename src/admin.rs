@@ -1,9 +1,11 @@
 //! The admin listener: Prometheus metrics and plain HTTP health probes, for platforms
 //! that scrape and probe over HTTP rather than gRPC.
 //!
-//! - `GET /metrics`: Prometheus text format (0.0.4): Checks by decision, Checks in flight
-//!   and the admission limit, Checks shed by cause, the audit queue's depth and
-//!   capacity, the span queue's capacity, and readiness.
+//! - `GET /metrics`: Prometheus text format (0.0.4): Checks by decision and by decision
+//!   and reason, Check latency, Checks in flight and the admission limit, Checks shed by
+//!   cause, audit commit latency, batch size and failures, the audit queue's depth and
+//!   capacity, the policy revision and reload failures, revocations applied, the
+//!   control-plane connection, incidents by kind, the span queue's capacity, readiness.
 //! - `GET /healthz`: 200 while the process serves (liveness).
 //! - `GET /readyz`: 200 while Aegis can decide and record, else 503 with the reason (the
 //!   same verdict as the gRPC health service).
@@ -37,6 +39,8 @@ pub struct AdminState {
     pub follow: Option<Arc<crate::control::follow::FollowStatus>>,
     pub control_core: Option<Arc<crate::control::core::ControlCore>>,
     pub audit: AuditLog,
+    /// The live policy (absent on a control-plane-only server).
+    pub policy: Option<Arc<crate::policy::Policy>>,
     /// `otlp.queue_size`, reported as the span queue's capacity.
     pub span_queue_capacity: usize,
     /// The readiness verdict: `Err` names what is unusable.
@@ -147,31 +151,58 @@ async fn respond(
     stream.shutdown().await
 }
 
+/// One metric: HELP, TYPE, and a sample per (label value, count) under `label`; an
+/// empty `label` is one unlabelled sample.
+fn metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    samples: &[(&str, u64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (value, n) in samples {
+        if label.is_empty() {
+            let _ = writeln!(out, "{name} {n}");
+        } else {
+            let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+        }
+    }
+}
+
 /// The Prometheus text exposition.
 fn metrics(state: &AdminState) -> String {
     let mut out = String::with_capacity(2048);
-    // One sample per (label value, count) under `label`; an empty `label` is one
-    // unlabelled sample.
-    let mut metric = |name: &str, kind: &str, help: &str, label: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (value, n) in samples {
-            if label.is_empty() {
-                let _ = writeln!(out, "{name} {n}");
-            } else {
-                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
-            }
-        }
-    };
     if let Some(c) = &state.checker {
         metric(
+            &mut out,
             "aegis_checks_total",
             "counter",
             "Checks answered with a decision (error: Aegis failed and answered a gRPC error after recording it).",
             "decision",
             &c.counters.decisions(),
         );
+        let _ = writeln!(
+            out,
+            "# HELP aegis_check_decisions_total Checks answered, by decision and reason (at most {} reasons; the rest are counted as other).\n# TYPE aegis_check_decisions_total counter",
+            crate::metrics::MAX_REASONS
+        );
+        for (decision, reason, n) in c.counters.reasons() {
+            let _ = writeln!(
+                out,
+                "aegis_check_decisions_total{{decision=\"{decision}\",reason=\"{}\"}} {n}",
+                crate::metrics::label(&reason)
+            );
+        }
+        c.counters.latency.render(
+            &mut out,
+            "aegis_check_duration_seconds",
+            "Time from a Check's arrival to its answer, audit commit included (Checks shed at the door are not in it).",
+        );
         let (door, queue) = c.admission.shed();
         metric(
+            &mut out,
             "aegis_checks_shed_total",
             "counter",
             "Checks refused with RESOURCE_EXHAUSTED before a decision, by cause.",
@@ -179,6 +210,7 @@ fn metrics(state: &AdminState) -> String {
             &[("max_inflight", door), ("audit_queue_full", queue)],
         );
         metric(
+            &mut out,
             "aegis_checks_inflight",
             "gauge",
             "Checks being decided now.",
@@ -186,6 +218,7 @@ fn metrics(state: &AdminState) -> String {
             &[("", c.admission.inflight() as u64)],
         );
         metric(
+            &mut out,
             "aegis_checks_inflight_limit",
             "gauge",
             "limits.max_inflight: Checks past it are shed.",
@@ -195,13 +228,24 @@ fn metrics(state: &AdminState) -> String {
     }
     if let Some(s) = &state.control_state {
         metric(
+            &mut out,
             "aegis_control_state_version",
             "gauge",
             "Version of the control-plane state this data plane enforces.",
             "",
             &[("", s.version())],
         );
+        let (tokens, kills) = s.revocations.applied();
         metric(
+            &mut out,
+            "aegis_revocations_applied_total",
+            "counter",
+            "Token revocations and kill marks applied one by one since start (a snapshot resync is not counted).",
+            "kind",
+            &[("token", tokens), ("kill", kills)],
+        );
+        metric(
+            &mut out,
             "aegis_control_revoked_tokens",
             "gauge",
             "Revoked token ids held (until the tokens expire).",
@@ -212,6 +256,7 @@ fn metrics(state: &AdminState) -> String {
     if let Some(f) = &state.follow {
         use std::sync::atomic::Ordering::Relaxed;
         metric(
+            &mut out,
             "aegis_control_connected",
             "gauge",
             "1 while this sidecar follows the control plane's watch stream.",
@@ -219,6 +264,7 @@ fn metrics(state: &AdminState) -> String {
             &[("", u64::from(f.connected.load(Relaxed)))],
         );
         metric(
+            &mut out,
             "aegis_control_connects_total",
             "counter",
             "Watch streams opened (the first and every reconnect).",
@@ -226,6 +272,7 @@ fn metrics(state: &AdminState) -> String {
             &[("", f.connects.load(Relaxed))],
         );
         metric(
+            &mut out,
             "aegis_control_events_total",
             "counter",
             "Control-plane snapshots and deltas applied.",
@@ -235,6 +282,7 @@ fn metrics(state: &AdminState) -> String {
     }
     if let Some(core) = &state.control_core {
         metric(
+            &mut out,
             "aegis_control_watchers",
             "gauge",
             "Sidecars following this control plane now.",
@@ -242,6 +290,15 @@ fn metrics(state: &AdminState) -> String {
             &[("", core.watchers() as u64)],
         );
         metric(
+            &mut out,
+            "aegis_incidents_total",
+            "counter",
+            "Incidents raised since start, by kind.",
+            "kind",
+            &core.incidents_raised(),
+        );
+        metric(
+            &mut out,
             "aegis_control_refusals_unrecorded_total",
             "counter",
             "Control calls without a valid credential refused past the audit rate (20/s): counted, not recorded.",
@@ -249,7 +306,22 @@ fn metrics(state: &AdminState) -> String {
             &[("", core.unrecorded_refusals())],
         );
     }
+    let stats = &state.audit.stats;
     metric(
+        &mut out,
+        "aegis_audit_commit_failures_total",
+        "counter",
+        "Audit group commits that failed (their Checks were answered with an error).",
+        "",
+        &[(
+            "",
+            stats
+                .failed_commits
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )],
+    );
+    metric(
+        &mut out,
         "aegis_audit_queue_depth",
         "gauge",
         "Audit rows waiting for the writer.",
@@ -257,6 +329,7 @@ fn metrics(state: &AdminState) -> String {
         &[("", state.audit.queued() as u64)],
     );
     metric(
+        &mut out,
         "aegis_audit_queue_capacity",
         "gauge",
         "audit.queue_capacity: rows past it make Checks fail with RESOURCE_EXHAUSTED.",
@@ -264,18 +337,39 @@ fn metrics(state: &AdminState) -> String {
         &[("", state.audit.capacity() as u64)],
     );
     metric(
+        &mut out,
         "aegis_span_queue_capacity",
         "gauge",
         "otlp.queue_size: spans past it are dropped, never Checks delayed.",
         "",
         &[("", state.span_queue_capacity as u64)],
     );
+    if let Some(policy) = &state.policy {
+        let current = policy.current();
+        let _ = writeln!(
+            out,
+            "# HELP aegis_policy_revision_info The policy bundle being enforced (value 1).\n# TYPE aegis_policy_revision_info gauge\naegis_policy_revision_info{{revision=\"{}\",digest=\"{}\"}} 1",
+            crate::metrics::label(current.revision()),
+            crate::metrics::label(current.digest()),
+        );
+    }
     metric(
+        &mut out,
         "aegis_ready",
         "gauge",
         "1 while the audit log, the policy and the signing key are usable (gRPC health SERVING).",
         "",
         &[("", u64::from((state.ready)().is_ok()))],
+    );
+    stats.commit_seconds.render(
+        &mut out,
+        "aegis_audit_commit_duration_seconds",
+        "Time of one audit group commit (chain, insert, signed checkpoint, COMMIT).",
+    );
+    stats.batch_rows.render(
+        &mut out,
+        "aegis_audit_commit_rows",
+        "Rows per audit group commit.",
     );
     out
 }

@@ -101,9 +101,24 @@ pub struct Admission {
 }
 
 /// Checks recorded, by decision: allow, deny, sanitize, approval_needed, would_deny, error.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     by_decision: [AtomicU64; 6],
+    /// The same answers by (decision, reason), bounded in reasons.
+    by_reason: crate::metrics::ReasonCounts,
+    /// Time from a Check's arrival to its answer (audit commit included), every Check
+    /// admitted, decided or failed.
+    pub latency: crate::metrics::Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            by_decision: Default::default(),
+            by_reason: crate::metrics::ReasonCounts::default(),
+            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
+        }
+    }
 }
 
 const DECISIONS: [&str; 6] = [
@@ -116,12 +131,22 @@ const DECISIONS: [&str; 6] = [
 ];
 
 impl Counters {
-    fn count(&self, decision: &str) {
+    fn count(&self, decision: &str, reason: &str) {
         if let Some(i) = DECISIONS.iter().position(|d| *d == decision)
             && let Some(c) = self.by_decision.get(i)
         {
             c.fetch_add(1, Ordering::Relaxed);
+            self.by_reason.count(i, DECISIONS.len(), reason);
         }
+    }
+
+    /// (decision, reason, Checks) for every pair seen since start.
+    pub fn reasons(&self) -> Vec<(&'static str, String, u64)> {
+        self.by_reason
+            .snapshot()
+            .into_iter()
+            .filter_map(|(i, reason, n)| DECISIONS.get(i).map(|d| (*d, reason, n)))
+            .collect()
     }
 
     /// (decision, Checks recorded with it) since start.
@@ -273,8 +298,16 @@ impl Checker {
         }
     }
 
-    /// Decides one Check, records it durably, and builds the response.
+    /// Decides one Check, records it durably, and builds the response; its latency is
+    /// counted (a Check cancelled by its caller is not).
     pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+        let started = std::time::Instant::now();
+        let answer = self.check_timed(req).await;
+        self.counters.latency.observe_duration(started.elapsed());
+        answer
+    }
+
+    async fn check_timed(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
         let http = req
@@ -312,7 +345,7 @@ impl Checker {
                 return Err(status);
             }
         };
-        self.counters.count(outcome.decision());
+        self.counters.count(outcome.decision(), outcome.reason());
         if let (Some(c), Outcome::Decided { decision, .. }, Some(claims)) =
             (&self.control.correlation, &outcome, call.claims.as_deref())
         {
@@ -553,6 +586,14 @@ impl Outcome {
         match self {
             Outcome::Decided { decision, .. } => decision.verdict.as_str(),
             Outcome::Failed { .. } => "error",
+        }
+    }
+
+    /// The reason as recorded: the decision's, or what failed.
+    fn reason(&self) -> &str {
+        match self {
+            Outcome::Decided { decision, .. } => &decision.reason,
+            Outcome::Failed { reason, .. } => reason,
         }
     }
 }

@@ -42,6 +42,7 @@ pub mod ctl;
 pub mod fuzzing;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod telemetry;

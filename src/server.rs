@@ -347,6 +347,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         follow: follow_status.clone(),
         control_core: core.clone(),
         audit,
+        policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
         span_queue_capacity: config.otlp.queue_size,
         ready: {
             let r = readiness.clone();

@@ -132,6 +132,29 @@ pub struct AuditLog {
     capacity: usize,
     /// Rows handed to the writer and not yet taken by it.
     queued: Arc<AtomicUsize>,
+    /// Commit latency, batch sizes and failed commits, for `/metrics`.
+    pub stats: Arc<AuditStats>,
+}
+
+/// What the writer measures of its commits.
+#[derive(Debug)]
+pub struct AuditStats {
+    /// Seconds per group commit (insert, checkpoint signature, COMMIT), successful or not.
+    pub commit_seconds: crate::metrics::Histogram,
+    /// Rows per group commit.
+    pub batch_rows: crate::metrics::Histogram,
+    /// Commits that failed (their Checks answered with an error).
+    pub failed_commits: std::sync::atomic::AtomicU64,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        Self {
+            commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
+            batch_rows: crate::metrics::Histogram::new(crate::metrics::BATCH_BOUNDS),
+            failed_commits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 /// Joins the writer (and checkpointer) threads after every [`AuditLog`] handle is dropped.
@@ -163,7 +186,9 @@ impl AuditLog {
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let queued = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(AuditStats::default());
         let mut writer = Writer {
+            stats: stats.clone(),
             queued: queued.clone(),
             conn,
             path: path.to_path_buf(),
@@ -191,6 +216,7 @@ impl AuditLog {
                 healthy,
                 capacity: opts.queue_capacity,
                 queued,
+                stats,
             },
             WriterThread(Some(handle), Some(checkpointer)),
         ))
@@ -346,6 +372,7 @@ struct Writer {
     head_hash: Hash,
     max_batch: usize,
     healthy: Arc<AtomicBool>,
+    stats: Arc<AuditStats>,
 }
 
 // === impl Writer ===
@@ -363,7 +390,16 @@ impl Writer {
                 }
             }
             self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
-            match self.commit(&batch) {
+            let started = std::time::Instant::now();
+            let committed = self.commit(&batch);
+            self.stats
+                .commit_seconds
+                .observe_duration(started.elapsed());
+            self.stats.batch_rows.observe(batch.len() as f64);
+            if committed.is_err() {
+                self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            match committed {
                 Ok(first_seq) => {
                     self.healthy.store(true, Ordering::Relaxed);
                     for (i, job) in batch.drain(..).enumerate() {

@@ -79,6 +79,8 @@ pub struct ControlCore {
     /// Rows for calls without a valid credential, per second, so that anyone who can reach
     /// the port cannot flood the signed log; the rest are only counted.
     anonymous: RateWindow,
+    /// Incidents raised since start, per kind (indexed as [`INCIDENT_KINDS`]).
+    incidents_raised: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// Unauthenticated refusals recorded per second; past it they are only counted.
@@ -186,6 +188,10 @@ impl ControlCore {
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             anonymous: RateWindow::default(),
+            incidents_raised: INCIDENT_KINDS
+                .iter()
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -220,6 +226,15 @@ impl ControlCore {
     /// Watchers connected now.
     pub fn watchers(&self) -> usize {
         self.events.receiver_count()
+    }
+
+    /// (kind, incidents raised since start) for every kind.
+    pub fn incidents_raised(&self) -> Vec<(&'static str, u64)> {
+        INCIDENT_KINDS
+            .iter()
+            .zip(&self.incidents_raised)
+            .map(|(k, n)| (*k, n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
     }
 
     /// Unauthenticated calls refused but not recorded (over the per-second rate).
@@ -1487,6 +1502,13 @@ impl ControlCore {
         let i = incident.clone();
         self.blocking(move |s| s.insert_incident(&i, &notes))
             .await?;
+        if let Some(n) = INCIDENT_KINDS
+            .iter()
+            .position(|k| *k == incident.kind)
+            .and_then(|i| self.incidents_raised.get(i))
+        {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let actor = op.actor();
         let mut act = Act::new(&actor, "incident.raise", &incident.tenant);
         act.agent = &incident.agent;

@@ -89,6 +89,10 @@ impl Sets {
 #[derive(Debug, Default)]
 pub struct Revocations {
     sets: RwLock<Sets>,
+    /// Token revocations and kill marks applied one by one since start (pushed deltas
+    /// and local actions; a snapshot that replaces the set is not counted).
+    applied_tokens: std::sync::atomic::AtomicU64,
+    applied_kills: std::sync::atomic::AtomicU64,
 }
 
 impl Revocations {
@@ -99,15 +103,22 @@ impl Revocations {
 
     /// Revokes one token by `jti`, remembered until `exp`.
     pub fn revoke_token_until(&self, jti: &str, exp: i64) {
+        let mut fresh = false;
         self.write(|s| {
-            s.jtis.insert(jti.to_owned(), exp);
+            fresh = s.jtis.insert(jti.to_owned(), exp).is_none();
         });
+        if fresh {
+            self.applied_tokens
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Refuses every token of `target` issued at or before `before` (Unix seconds). A later
     /// mark for the same target only ever moves it forward.
     pub fn kill(&self, target: KillTarget, before: i64) {
         self.write(|s| s.mark(target, before));
+        self.applied_kills
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the whole set (a control-plane snapshot).
@@ -125,6 +136,15 @@ impl Revocations {
     /// Drops revoked token ids whose token expired before `now - leeway`.
     pub fn prune(&self, now: i64, leeway: i64) {
         self.write(|s| s.jtis.retain(|_, exp| exp.saturating_add(leeway) > now));
+    }
+
+    /// (token revocations, kill marks) applied one by one since start.
+    pub fn applied(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.applied_tokens.load(Relaxed),
+            self.applied_kills.load(Relaxed),
+        )
     }
 
     /// Revoked token ids held now.

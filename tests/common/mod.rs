@@ -792,3 +792,97 @@ pub fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let (leaf, key) = ca.leaf("server", "serverAuth");
     (ca.ca, leaf, key)
 }
+
+// === A Python virtualenv for the tests that check against real third-party parsers ===
+// (Envoy's protos, Kubernetes' schemas: tests/deploy.rs; Prometheus' text parser:
+// tests/admin.rs).
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Every package of the venv, pinned (the direct ones and what they pull in), so the
+/// schemas the test validates against do not move under it.
+const REQUIREMENTS: &[&str] = &[
+    "xds-protos==1.85.0",
+    "protobuf==7.36.2",
+    "grpcio==1.85.3",
+    "kubernetes-validate==1.37.0",
+    "PyYAML==6.0.4",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "packaging==26.4",
+    "typing_extensions==4.16.0",
+    "prometheus-client==0.26.0",
+];
+
+const MARKER: &str = ".aegis-requirements";
+
+fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The venv's python, creating the venv first if it is missing or has other pins. Built
+/// in a scratch directory and renamed into place, so a run that dies half-way or a
+/// concurrent test binary never sees a half-installed venv.
+pub fn venv_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        // CARGO_TARGET_TMPDIR is <target>/tmp: the venv goes beside it, in the target dir
+        // in use (CARGO_TARGET_DIR respected).
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        let venv = target.join("deploy-venv");
+        let want = REQUIREMENTS.join("\n");
+        let python = venv.join("bin/python");
+        if std::fs::read_to_string(venv.join(MARKER)).ok().as_deref() == Some(want.as_str())
+            && python.exists()
+        {
+            return python;
+        }
+        let system = std::env::var("PYTHON3").unwrap_or_else(|_| "python3".into());
+        let found = Command::new(&system).arg("--version").output();
+        assert!(
+            found.as_ref().is_ok_and(|o| o.status.success()),
+            "the tests need {system} (with the venv module) to validate deploy/ \
+             against the Envoy and Kubernetes schemas: install python3 and python3-venv \
+             (apt-get install python3 python3-venv), or point PYTHON3 at one: {found:?}"
+        );
+        let scratch = target.join(format!("deploy-venv.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        run_ok(Command::new(&system).args(["-m", "venv"]).arg(&scratch));
+        run_ok(
+            Command::new(scratch.join("bin/python"))
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(REQUIREMENTS),
+        );
+        std::fs::write(scratch.join(MARKER), &want).expect("write marker");
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&scratch, &venv).is_err() {
+            // Another test process won the race; its venv has the same pins.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        python
+    })
+}
