@@ -410,9 +410,15 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             )),
         );
     }
+    // Operator and sidecar credentials: the control plane's own key, and the keys trusted
+    // for tokens (a previous signing key while it is being rotated out).
+    let mut operator_keys = KeyRing::default();
+    operator_keys.insert(signer.verifying_key());
+    for path in &config.token.trusted_keys {
+        operator_keys.insert(crate::keys::read_public_key(path)?);
+    }
     let auth = core.as_ref().map(|_| {
-        let mut keys = KeyRing::default();
-        keys.insert(signer.verifying_key());
+        let keys = operator_keys;
         Authenticator::new(
             keys,
             config.token.issuer.clone(),

@@ -47,7 +47,10 @@ pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
     let running = aegis::server::start(c.clone())
         .await
         .expect("server starts");
-    let signer = Signer::load(&c.data_dir).expect("key created by server");
+    let signer = match &c.signing_key_file {
+        Some(path) => Signer::load_file(path).expect("the configured key"),
+        None => Signer::load(&c.data_dir).expect("key created by server"),
+    };
     let addr = running.local_addr;
     let client = client(addr).await;
     TestServer {

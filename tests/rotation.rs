@@ -1,0 +1,102 @@
+//! Rotating the control plane's signing key, as the README's deployment section does it:
+//! the key comes from a file (a mounted Secret, `signing_key_file`), the previous key's
+//! public half stays trusted (`token.trusted_keys`) for the credentials and agent tokens
+//! it signed until they expire, and a key file replaced under a running server makes it
+//! unready until it is restarted.
+
+mod common;
+
+use std::path::Path;
+
+use aegis::keys::Signer;
+use common::*;
+
+/// Writes a fresh key as `<name>.key` (the seed, 64 hex digits, as `aegis serve` reads it)
+/// and `<name>.pub` under `dir`.
+fn key_files(dir: &Path, name: &str) -> Signer {
+    use sha2::Digest as _;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("{name}-{}", aegis::unix_nanos())).into();
+    let signer = Signer::new(ed25519_dalek::SigningKey::from_bytes(&seed));
+    std::fs::write(dir.join(format!("{name}.key")), aegis::hex(&seed)).expect("write key");
+    std::fs::write(
+        dir.join(format!("{name}.pub")),
+        aegis::hex(signer.verifying_key().as_bytes()),
+    )
+    .expect("write pub");
+    signer
+}
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let old = key_files(keys.path(), "old");
+    let new = key_files(keys.path(), "new");
+    let rogue = Signer::generate().expect("key");
+
+    let mut s = start_with(|c| {
+        c.signing_key_file = Some(keys.path().join("new.key"));
+        c.token.trusted_keys = vec![keys.path().join("old.pub")];
+    })
+    .await;
+    // The server signs with the file's key and created none in its data directory.
+    assert!(!s.data_dir().join(aegis::keys::SIGNING_KEY_FILE).exists());
+    assert_eq!(s.signer.kid(), new.kid());
+
+    // Credentials minted by the previous key still work; by an unknown key, not.
+    for (who, signer, ok) in [
+        ("old", &old, true),
+        ("new", &new, true),
+        ("rogue", &rogue, false),
+    ] {
+        let credential =
+            aegis::control::auth::mint_operator(signer, "aegis", who, Role::Admin, "*", 600)
+                .expect("mint");
+        let ctl = Ctl::connect(s.control_addr(), &credential).await;
+        let answer = ctl.api().who_am_i(ctl.req(pb::WhoAmIRequest {})).await;
+        assert_eq!(answer.is_ok(), ok, "{who}: {answer:?}");
+        let agent_token = mint(signer, claims("acme", "billing-bot", &["invoices:read"]));
+        let r = s.read_invoices(&agent_token).await;
+        assert_eq!(code(&r) == 0, ok, "{who}'s agent token: {:?}", reason(&r));
+    }
+
+    // The audit log verifies against the new public key.
+    let data = s.data_dir().to_string_lossy().into_owned();
+    let new_pub = keys.path().join("new.pub").to_string_lossy().into_owned();
+    let out = aegis_cmd(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        &data,
+        "--public-key",
+        &new_pub,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // The Secret is updated under the running server: it says it is not ready (a restart
+    // would sign with another key) until it is restarted.
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    assert!(
+        admin_get(admin, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    std::fs::copy(keys.path().join("old.key"), keys.path().join("new.key")).expect("swap");
+    let ready = admin_get(admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(
+        ready.contains("signing key") && ready.contains(old.kid()),
+        "{ready}"
+    );
+    s.stop().await;
+}
