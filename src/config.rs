@@ -233,6 +233,25 @@ pub struct PolicyConfig {
     pub eval_timeout_ms: u64,
     /// How often the bundle's files are checked for changes, in milliseconds.
     pub watch_interval_ms: u64,
+    /// Public key file(s) (64 hex digits, like `signing.pub`) bundles must be signed with:
+    /// set, every bundle loaded must carry a `.signatures.json` that verifies with one of
+    /// them. One path or a list (a list lets a signing key be rotated without a flag day).
+    #[serde(deserialize_with = "one_or_many")]
+    pub verification_key: Vec<PathBuf>,
+}
+
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `[token]`
@@ -344,6 +363,7 @@ impl Default for PolicyConfig {
             query: "data.aegis.authz.decision".into(),
             eval_timeout_ms: 50,
             watch_interval_ms: 1000,
+            verification_key: Vec::new(),
         }
     }
 }
@@ -463,6 +483,14 @@ pub struct Overrides {
     /// Bundle change polling interval in ms [default: 1000].
     #[arg(long, env = "AEGIS_WATCH_INTERVAL_MS")]
     pub watch_interval_ms: Option<u64>,
+    /// Public key file bundles must be signed with (repeatable; env: comma-separated)
+    /// [default: none, signatures not checked].
+    #[arg(
+        long = "bundle-verification-key",
+        env = "AEGIS_BUNDLE_VERIFICATION_KEY",
+        value_delimiter = ','
+    )]
+    pub bundle_verification_key: Vec<PathBuf>,
     /// Required token issuer [default: aegis].
     #[arg(long, env = "AEGIS_TOKEN_ISSUER")]
     pub token_issuer: Option<String>,
@@ -794,6 +822,9 @@ impl Overrides {
         set(&mut c.policy.query, &self.policy_query);
         set(&mut c.policy.eval_timeout_ms, &self.eval_timeout_ms);
         set(&mut c.policy.watch_interval_ms, &self.watch_interval_ms);
+        if !self.bundle_verification_key.is_empty() {
+            c.policy.verification_key = self.bundle_verification_key.clone();
+        }
         set(&mut c.token.issuer, &self.token_issuer);
         set(&mut c.token.audience, &self.token_audience);
         set(&mut c.token.header, &self.token_header);
