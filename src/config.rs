@@ -869,6 +869,28 @@ mod tests {
         assert_eq!(c.policy.eval_timeout_ms, 30);
         assert_eq!(c.audit.durability, Durability::Normal);
 
+        // One verification key or a list; the flag replaces the file's.
+        std::fs::write(&path, "[policy]\nverification_key = \"a.pub\"\n").expect("write");
+        let one = Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = Config::load(&one).expect("loads");
+        assert_eq!(c.policy.verification_key, [PathBuf::from("a.pub")]);
+        std::fs::write(
+            &path,
+            "[policy]\nverification_key = [\"a.pub\", \"b.pub\"]\n",
+        )
+        .expect("write");
+        let c = Config::load(&one).expect("loads");
+        assert_eq!(c.policy.verification_key.len(), 2);
+        let flag = Overrides {
+            bundle_verification_key: vec![PathBuf::from("c.pub")],
+            ..one
+        };
+        let c = Config::load(&flag).expect("loads");
+        assert_eq!(c.policy.verification_key, [PathBuf::from("c.pub")]);
+
         std::fs::write(&path, "[policy]\nbundel = \"x\"\n").expect("write");
         let err = Config::load(&o)
             .expect_err("unknown key refused")

@@ -12,6 +12,8 @@ use aegis::policy::{BundleFiles, BundleSource, Policy, PolicyOptions};
 use base64::Engine as _;
 use common::*;
 
+type Files = Vec<(String, Vec<u8>)>;
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -211,6 +213,33 @@ fn build_is_deterministic_and_writes_an_opa_manifest_and_signature() {
         "{revision}"
     );
     assert!(!files.iter().any(|(p, _)| p == SIGNATURES_FILE), "unsigned");
+
+    // --key-id names the key in the header and the payload.
+    let d = f.path("d.tar.gz");
+    build(
+        &f.src(),
+        &d,
+        &["--signing-key", &s(&f.key), "--key-id", "release-2026"],
+    );
+    let sigs: serde_json::Value = serde_json::from_slice(
+        &archive_files(&d)
+            .into_iter()
+            .find(|(p, _)| p == SIGNATURES_FILE)
+            .expect("signed")
+            .1,
+    )
+    .expect("json");
+    let jws = sigs["signatures"][0].as_str().expect("jws");
+    let part = |i: usize| -> serde_json::Value {
+        let b = B64
+            .decode(jws.split('.').nth(i).expect("part"))
+            .expect("b64");
+        serde_json::from_slice(&b).expect("json")
+    };
+    assert_eq!(
+        (part(0)["kid"].clone(), part(1)["keyid"].clone()),
+        ("release-2026".into(), "release-2026".into())
+    );
 }
 
 #[test]
@@ -347,7 +376,7 @@ fn tampered_bundles_are_refused_at_start_each_with_its_message() {
         .cloned()
         .collect();
 
-    let cases: Vec<(&str, Vec<(String, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Files, &str)> = vec![
         ("changed", changed, "file aegis/authz.rego: hash mismatch"),
         (
             "added",
