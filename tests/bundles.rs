@@ -61,6 +61,45 @@ fn write(path: &Path, files: &[(String, Vec<u8>)]) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
+/// `aegis serve <args>` must exit 2 within 30 s (a server that starts instead is
+/// killed and the test fails rather than hangs): what it printed on stderr.
+fn refuses(args: &[&std::ffi::OsStr]) -> String {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    stderr
+}
+
 fn opts(keys: &[&Path]) -> PolicyOptions {
     PolicyOptions {
         query: "data.aegis.authz.decision".into(),
@@ -278,7 +317,7 @@ async fn a_signed_bundle_serves_and_an_unsigned_one_is_refused_at_start() {
     let unsigned = f.path("unsigned.tar.gz");
     build(&f.src(), &unsigned, &[]);
     let data = f.path("data");
-    let err = serve_refuses(&[
+    let err = refuses(&[
         "--data-dir".as_ref(),
         data.as_os_str(),
         "--bundle".as_ref(),
@@ -404,7 +443,7 @@ fn tampered_bundles_are_refused_at_start_each_with_its_message() {
         let path = f.path(&format!("{name}.tar.gz"));
         write(&path, &files);
         let data = f.path(&format!("data-{name}"));
-        let err = serve_refuses(&[
+        let err = refuses(&[
             "--data-dir".as_ref(),
             data.as_os_str(),
             "--bundle".as_ref(),
