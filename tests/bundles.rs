@@ -717,3 +717,108 @@ fn f_public_other(dir: &Path) -> PathBuf {
     aegis::keys::write_keypair(&key).expect("key");
     dir.join("other.pub")
 }
+
+/// A fleet sidecar verifies the bundles it fetches from its control plane by digest: a
+/// signed push is taken, an unsigned one is refused while the sidecar keeps deciding
+/// with the last good revision, and the next signed one is taken again.
+#[tokio::test]
+async fn a_fleet_sidecar_verifies_the_bundles_it_fetches() {
+    let f = Fixture::new();
+    let cp_data = f.path("cp");
+    let cp = ChildServer::spawn_exe(
+        Path::new(env!("CARGO_BIN_EXE_aegis")),
+        &[
+            "serve",
+            "--mode",
+            "control-plane",
+            "--data-dir",
+            &s(&cp_data),
+            "--control-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        aegis::server::CONTROL_ANNOUNCE,
+    )
+    .expect("the control plane starts");
+    let root = operator_cmd(&cp_data, "root", "admin", "*");
+    let sidecar_token = f.path("sidecar.token");
+    std::fs::write(
+        &sidecar_token,
+        operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+    )
+    .expect("write");
+    let local = f.signed("local.tar.gz", "local-r1");
+    let sidecar = spawn_serve(&[
+        "--data-dir",
+        &s(&f.path("sidecar")),
+        "--control-plane",
+        &format!("http://{}", cp.addr),
+        "--control-plane-token-file",
+        &s(&sidecar_token),
+        "--trusted-key",
+        &s(&cp_data.join("signing.pub")),
+        "--bundle",
+        &s(&local),
+        "--bundle-verification-key",
+        &s(&f.public),
+    ]);
+    let ok = |args: &[&str]| {
+        let (code, out, err) = ctl(cp.addr, &root, args);
+        assert_eq!(code, 0, "aegis ctl {args:?}: {err}");
+        out
+    };
+    ok(&["agents", "register", "bot", "--tenant", "acme"]);
+    let token = ok(&[
+        "tokens",
+        "issue",
+        "--agent",
+        "bot",
+        "--tenant",
+        "acme",
+        "--scopes",
+        "invoices:read",
+    ])
+    .trim()
+    .to_owned();
+    let c = client(sidecar.addr).await;
+    let version = || {
+        let (mut c, t) = (c.clone(), token.clone());
+        async move {
+            c.check(Req::read_invoices(&t))
+                .await
+                .ok()
+                .map(|r| policy_version(&r.into_inner()))
+                .unwrap_or_default()
+        }
+    };
+    let serves = |want: &'static str| {
+        let version = &version;
+        async move {
+            eventually_async(Duration::from_secs(10), || async move {
+                version().await == want
+            })
+            .await
+        }
+    };
+
+    let push = |path: &Path| ok(&["policy", "push", &s(path), "--reason", "ship"]);
+    push(&f.signed("r2.tar.gz", "fleet-r2"));
+    assert!(
+        serves("fleet-r2").await,
+        "a signed push reaches the sidecar"
+    );
+
+    let unsigned = f.path("unsigned.tar.gz");
+    build(&f.src(), &unsigned, &["--revision", "fleet-unsigned"]);
+    push(&unsigned);
+    assert!(
+        ok(&["policy", "history"]).contains("fleet-unsigned"),
+        "the control plane (no key) took it"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(version().await, "fleet-r2", "the sidecar refused it");
+
+    push(&f.signed("r3.tar.gz", "fleet-r3"));
+    assert!(serves("fleet-r3").await, "and still follows signed pushes");
+}
