@@ -345,6 +345,14 @@ fn metrics(state: &AdminState) -> String {
         &[("", state.span_queue_capacity as u64)],
     );
     if let Some(policy) = &state.policy {
+        metric(
+            &mut out,
+            "aegis_policy_reload_failures_total",
+            "counter",
+            "Bundle reloads refused (unreadable, not compiling, unsigned or tampered): the last good bundle kept serving.",
+            "",
+            &[("", policy.reload_failures())],
+        );
         let current = policy.current();
         let _ = writeln!(
             out,

@@ -226,6 +226,38 @@ enum PolicyCommand {
         #[arg(long, default_value = "data.aegis.authz.decision")]
         query: String,
     },
+    /// Write an OPA-compatible bundle (.tar.gz) of a directory, optionally signed.
+    Build(BuildArgs),
+    /// Write a new bundle signing key (seed, mode 0600) to FILE and its public key to FILE.pub.
+    Keygen {
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    /// The bundle directory (.rego modules, data.json/data.yaml, optional .manifest).
+    dir: PathBuf,
+    /// The archive to write.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Revision [default: the directory's .manifest revision, else derived from the
+    /// content digest].
+    #[arg(long)]
+    revision: Option<String>,
+    /// Manifest root (repeatable) [default: the directory's .manifest roots, else ""].
+    #[arg(long = "root")]
+    roots: Vec<String>,
+    /// Sign with this key file (64 hex digits, the format of signing.key).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Key id in the signature [default: the key's id, ed25519:<16 hex digits>].
+    #[arg(long, requires = "signing_key")]
+    key_id: Option<String>,
+    /// Decision rule the bundle must define (it is compiled as `aegis serve` would).
+    #[arg(long, default_value = "data.aegis.authz.decision")]
+    query: String,
 }
 
 /// Parses the command line and runs it.
@@ -297,6 +329,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let opts = PolicyOptions {
                 query,
                 eval_timeout: std::time::Duration::from_secs(5),
+                verification_keys: Vec::new(),
             };
             let compiled = CompiledBundle::load(&source, &opts)
                 .map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;
@@ -313,6 +346,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 "result": serde_json::to_value(&raw).unwrap_or(serde_json::Value::Null),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Build(args)) => policy_build(args),
+        Command::Policy(PolicyCommand::Keygen { output }) => {
+            let signer = crate::keys::write_keypair(&output)?;
+            println!(
+                "wrote {} (secret) and {}.pub; key id {}",
+                output.display(),
+                output.display(),
+                signer.kid()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => runtime()?.block_on(check(args)),
@@ -544,9 +588,55 @@ fn audit_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn policy_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    use crate::policy::build::{BuildOptions, build};
+    let signer = match &args.signing_key {
+        Some(path) => {
+            let signer = Signer::load_file(path)?;
+            let kid = args
+                .key_id
+                .clone()
+                .unwrap_or_else(|| signer.kid().to_owned());
+            Some((signer, kid))
+        }
+        None => None,
+    };
+    let opts = BuildOptions {
+        revision: args.revision,
+        roots: args.roots,
+        signer,
+        policy: PolicyOptions {
+            query: args.query,
+            eval_timeout: std::time::Duration::from_secs(5),
+            verification_keys: Vec::new(),
+        },
+    };
+    let built = build(&args.dir, &opts)
+        .map_err(|e| anyhow::anyhow!("policy bundle {}: {e}", args.dir.display()))?;
+    write_file_mode(&args.output, &built.archive, 0o644)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.display()))?;
+    println!(
+        "wrote {}: revision {}, {} files{}",
+        args.output.display(),
+        built.revision,
+        built.files.len(),
+        if opts.signer.is_some() {
+            ", signed"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Writes `bytes` to a temporary file beside `path` (0600), then renames it into place:
 /// a reader never sees half a bundle.
 fn write_new_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_file_mode(path, bytes, 0o600)
+}
+
+/// [`write_new_file`] with the given mode.
+fn write_file_mode(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
@@ -557,7 +647,7 @@ fn write_new_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -643,6 +733,7 @@ fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCod
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: std::time::Duration::from_secs(5),
+        verification_keys: Vec::new(),
     };
     let results =
         testing::run(&source, &opts).map_err(|e| anyhow::anyhow!("policy bundle {source}: {e}"))?;

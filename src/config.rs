@@ -283,6 +283,25 @@ pub struct PolicyConfig {
     pub eval_timeout_ms: u64,
     /// How often the bundle's files are checked for changes, in milliseconds.
     pub watch_interval_ms: u64,
+    /// Public key file(s) (64 hex digits, like `signing.pub`) bundles must be signed with:
+    /// set, every bundle loaded must carry a `.signatures.json` that verifies with one of
+    /// them. One path or a list (a list lets a signing key be rotated without a flag day).
+    #[serde(deserialize_with = "one_or_many")]
+    pub verification_key: Vec<PathBuf>,
+}
+
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `[token]`
@@ -401,6 +420,7 @@ impl Default for PolicyConfig {
             query: "data.aegis.authz.decision".into(),
             eval_timeout_ms: 50,
             watch_interval_ms: 1000,
+            verification_key: Vec::new(),
         }
     }
 }
@@ -553,6 +573,14 @@ pub struct Overrides {
     /// Bundle change polling interval in ms [default: 1000].
     #[arg(long, env = "AEGIS_WATCH_INTERVAL_MS")]
     pub watch_interval_ms: Option<u64>,
+    /// Public key file bundles must be signed with (repeatable; env: comma-separated)
+    /// [default: none, signatures not checked].
+    #[arg(
+        long = "bundle-verification-key",
+        env = "AEGIS_BUNDLE_VERIFICATION_KEY",
+        value_delimiter = ','
+    )]
+    pub bundle_verification_key: Vec<PathBuf>,
     /// Required token issuer [default: aegis].
     #[arg(long, env = "AEGIS_TOKEN_ISSUER")]
     pub token_issuer: Option<String>,
@@ -928,6 +956,9 @@ impl Overrides {
         set(&mut c.policy.query, &self.policy_query);
         set(&mut c.policy.eval_timeout_ms, &self.eval_timeout_ms);
         set(&mut c.policy.watch_interval_ms, &self.watch_interval_ms);
+        if !self.bundle_verification_key.is_empty() {
+            c.policy.verification_key = self.bundle_verification_key.clone();
+        }
         set(&mut c.token.issuer, &self.token_issuer);
         set(&mut c.token.audience, &self.token_audience);
         set(&mut c.token.header, &self.token_header);
@@ -971,6 +1002,28 @@ mod tests {
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.policy.eval_timeout_ms, 30);
         assert_eq!(c.audit.durability, Durability::Normal);
+
+        // One verification key or a list; the flag replaces the file's.
+        std::fs::write(&path, "[policy]\nverification_key = \"a.pub\"\n").expect("write");
+        let one = Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = Config::load(&one).expect("loads");
+        assert_eq!(c.policy.verification_key, [PathBuf::from("a.pub")]);
+        std::fs::write(
+            &path,
+            "[policy]\nverification_key = [\"a.pub\", \"b.pub\"]\n",
+        )
+        .expect("write");
+        let c = Config::load(&one).expect("loads");
+        assert_eq!(c.policy.verification_key.len(), 2);
+        let flag = Overrides {
+            bundle_verification_key: vec![PathBuf::from("c.pub")],
+            ..one
+        };
+        let c = Config::load(&flag).expect("loads");
+        assert_eq!(c.policy.verification_key, [PathBuf::from("c.pub")]);
 
         std::fs::write(&path, "[policy]\nbundel = \"x\"\n").expect("write");
         let err = Config::load(&o)

@@ -123,6 +123,7 @@ pub fn bundle(data: &[u8]) {
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_millis(50),
+        verification_keys: Vec::new(),
     };
     let label = std::path::Path::new("fuzz.tar.gz");
     if let Ok(files) = BundleFiles::from_archive(label, data)

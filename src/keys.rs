@@ -108,8 +108,8 @@ impl Signer {
         Self::load_file(&data_dir.join(SIGNING_KEY_FILE))
     }
 
-    /// Loads the seed (64 hex digits) from `path`, e.g. a mounted Secret
-    /// (`signing_key_file`).
+    /// Loads the seed (64 hex digits, the format of `signing.key`) from `path`, e.g. a
+    /// mounted Secret (`signing_key_file`) or a bundle signing key.
     pub fn load_file(path: &Path) -> Result<Self, KeyError> {
         let path = path.to_path_buf();
         let text = fs::read_to_string(&path).map_err(|source| KeyError::Io {
@@ -137,6 +137,28 @@ impl Signer {
         use ed25519_dalek::Signer as _;
         self.key.sign(msg).to_bytes()
     }
+}
+
+/// Writes a fresh key pair: the seed to `path` (0600, refusing to overwrite) and the
+/// public key to `path` + `.pub`, in the formats of `signing.key` and `signing.pub`.
+pub fn write_keypair(path: &Path) -> Result<Signer, KeyError> {
+    let signer = Signer::generate()?;
+    let mut public = path.as_os_str().to_owned();
+    public.push(".pub");
+    let public = PathBuf::from(public);
+    write_private(path, &crate::hex(signer.key.as_bytes()))?;
+    let io = |source| KeyError::Io {
+        path: public.clone(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&public)
+        .map_err(io)?;
+    writeln!(f, "{}", crate::hex(signer.verifying_key().as_bytes())).map_err(io)?;
+    Ok(signer)
 }
 
 /// The key id of a public key: `ed25519:` and the first 16 hex digits of its SHA-256.

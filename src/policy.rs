@@ -12,8 +12,10 @@
 //! [`Policy`] is the live slot: a reload compiles the new bundle off to the side and swaps
 //! it in atomically; a broken bundle is refused and the last good one keeps serving.
 
+pub mod build;
 mod bundle;
 mod decision;
+pub mod signing;
 pub mod testing;
 pub mod watch;
 
@@ -48,6 +50,20 @@ pub struct PolicyOptions {
     pub query: String,
     /// Wall-clock limit of one evaluation.
     pub eval_timeout: Duration,
+    /// Keys a bundle's `.signatures.json` must verify with (`policy.verification_key`);
+    /// empty: signatures are not checked.
+    pub verification_keys: Vec<ed25519_dalek::VerifyingKey>,
+}
+
+impl PolicyOptions {
+    /// With verification keys configured, refuses a bundle whose signature does not
+    /// verify or does not cover its files exactly; without, accepts every bundle.
+    pub fn verify(&self, files: &BundleFiles) -> Result<(), BundleError> {
+        if self.verification_keys.is_empty() {
+            return Ok(());
+        }
+        signing::verify(files, &self.verification_keys)
+    }
 }
 
 /// A compiled bundle and its evaluator pool.
@@ -328,6 +344,8 @@ pub struct Policy {
     current: RwLock<Arc<CompiledBundle>>,
     /// Evaluations that failed in a row (error or timeout); reset by a success or a swap.
     failures_in_a_row: std::sync::atomic::AtomicU64,
+    /// Reloads refused since start (unreadable, broken or unverifiable bundles).
+    reload_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Failed evaluations in a row after which the policy counts as unusable for readiness:
@@ -348,12 +366,14 @@ impl Policy {
         opts: PolicyOptions,
     ) -> Result<(Self, BundleFiles), BundleError> {
         let files = BundleFiles::read(&source)?;
+        opts.verify(&files)?;
         let compiled = CompiledBundle::compile(files.parse()?, &opts)?;
         let policy = Self {
             source,
             opts,
             current: RwLock::new(Arc::new(compiled)),
             failures_in_a_row: std::sync::atomic::AtomicU64::new(0),
+            reload_failures: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((policy, files))
     }
@@ -399,11 +419,36 @@ impl Policy {
 
     /// Recompiles from the source. On success the new bundle serves from the next Check on
     /// and is returned with its files; on failure the last good bundle keeps serving.
+    /// A refused reload is counted ([`Self::reload_failures`]).
     pub fn reload(&self) -> Result<(Arc<CompiledBundle>, BundleFiles), BundleError> {
-        let files = BundleFiles::read(&self.source)?;
-        let compiled = Arc::new(CompiledBundle::compile(files.parse()?, &self.opts)?);
-        self.install(compiled.clone());
-        Ok((compiled, files))
+        let result = (|| {
+            let files = BundleFiles::read(&self.source)?;
+            self.opts.verify(&files)?;
+            let compiled = Arc::new(CompiledBundle::compile(files.parse()?, &self.opts)?);
+            Ok((compiled, files))
+        })();
+        match result {
+            Ok((compiled, files)) => {
+                self.install(compiled.clone());
+                Ok((compiled, files))
+            }
+            Err(e) => {
+                self.reload_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads refused since start (the last good bundle kept serving each time).
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The revision of the bundle now serving.
+    pub fn revision(&self) -> String {
+        self.current().revision().to_owned()
     }
 
     /// Makes `compiled` the bundle serving from the next Check on (a control-plane

@@ -194,6 +194,13 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let opts = PolicyOptions {
         query: config.policy.query.clone(),
         eval_timeout: config.eval_timeout(),
+        verification_keys: config
+            .policy
+            .verification_key
+            .iter()
+            .map(|p| crate::keys::read_public_key(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StartError::Config(format!("policy.verification_key: {e}")))?,
     };
     let source_name = source.to_string();
     let (policy, files) = Policy::load_with_files(source, opts.clone())

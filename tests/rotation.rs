@@ -26,17 +26,6 @@ fn key_files(dir: &Path, name: &str) -> Signer {
     signer
 }
 
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() {
     let keys = tempfile::tempdir().expect("tempdir");
@@ -86,13 +75,9 @@ async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() 
     // The Secret is updated under the running server: it says it is not ready (a restart
     // would sign with another key) until it is restarted.
     let admin = s.running.as_ref().expect("running").admin_addr;
-    assert!(
-        admin_get(admin, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    assert!(http_get(admin, "/readyz").await.starts_with("HTTP/1.1 200"));
     std::fs::copy(keys.path().join("old.key"), keys.path().join("new.key")).expect("swap");
-    let ready = admin_get(admin, "/readyz").await;
+    let ready = http_get(admin, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     assert!(
         ready.contains("signing key") && ready.contains(old.kid()),

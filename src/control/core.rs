@@ -1265,6 +1265,7 @@ impl ControlCore {
     async fn compile(&self, files: BundleFiles) -> Result<CompiledBundle, ControlError> {
         let opts = self.policy_opts.clone();
         tokio::task::spawn_blocking(move || {
+            opts.verify(&files)?;
             files
                 .parse()
                 .and_then(|parsed| CompiledBundle::compile(parsed, &opts))

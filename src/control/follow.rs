@@ -205,6 +205,7 @@ async fn fetch_and_compile(
     let opts = f.policy.options().clone();
     let digest = target.digest.clone();
     tokio::task::spawn_blocking(move || {
+        opts.verify(&files).map_err(|e| e.to_string())?;
         let parsed = files.parse().map_err(|e| e.to_string())?;
         if parsed.digest != digest {
             return Err(format!(

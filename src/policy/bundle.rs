@@ -76,6 +76,9 @@ pub enum BundleError {
     Compile(String),
     #[error("bundle has no .rego module")]
     Empty,
+    /// A signed-bundle check failed (see [`super::signing::verify`]).
+    #[error("{0}")]
+    Signature(String),
 }
 
 /// The files of a bundle, by normalized relative path, sorted.
@@ -346,13 +349,15 @@ fn check_nesting(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `./a/b` → `a/b`; `None` for absolute paths or `..`.
+/// `./a/b` → `a/b`; `/a/b` → `a/b` (`opa build` writes every entry with a leading `/`,
+/// meaning the bundle root); `None` for `..` or a Windows prefix.
 fn normalize(path: &Path) -> Option<String> {
     let mut parts = Vec::new();
-    for c in path.components() {
+    for (i, c) in path.components().enumerate() {
         match c {
             Component::Normal(s) => parts.push(s.to_str()?.to_owned()),
             Component::CurDir => {}
+            Component::RootDir if i == 0 => {}
             _ => return None,
         }
     }
