@@ -514,10 +514,19 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
                         fail("k8s", f"{where}: no binaryData ConfigMap key behind {bundle}")
                         continue
                     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(b64)), mode="r:gz") as t:
-                        got = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
-                    if got != policies:
+                        got = {m.name.lstrip("/"): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+                    # A bundle signed by `aegis policy build --signing-key` (the README's
+                    # step 2) carries .signatures.json and a re-serialized .manifest: compare
+                    # the manifest as JSON and the rest byte for byte.
+                    facts["bundle_signed"] = got.pop(".signatures.json", None) is not None
+                    want = dict(policies)
+                    same_manifest = (".manifest" in got) == (".manifest" in want) and (
+                        ".manifest" not in got
+                        or json.loads(got.pop(".manifest")) == json.loads(want.pop(".manifest")))
+                    if not same_manifest or got != want:
                         fail("k8s", f"{where}: the bundle ConfigMap differs from {policies_dir} "
-                                    f"(run: validate_deploy.py write-bundle); has {sorted(got)}, want {sorted(policies)}")
+                                    f"(rebuild it: aegis policy build policies -o deploy/k8s/bundle.tar.gz "
+                                    f"[--signing-key KEY]); has {sorted(got)}, want {sorted(want)}")
                     else:
                         facts["bundle_configmap_equals"] = policies_dir
                 elif mode == "control-plane":

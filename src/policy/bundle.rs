@@ -228,6 +228,15 @@ fn read_dir(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();
+            // A Kubernetes ConfigMap or Secret volume is a set of symlinks into `..data`,
+            // itself a symlink to a timestamped `..2026_…` directory, swapped atomically
+            // on update: read the visible names only, or every file would load twice.
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+            {
+                continue;
+            }
             if path.is_dir() {
                 stack.push(path);
                 continue;
@@ -377,6 +386,29 @@ fn is_bundle_file(rel: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layout kubelet gives a ConfigMap volume (`..data` → `..<timestamp>`, and a
+    /// symlink per key): each file is read once, under its own name.
+    #[test]
+    fn a_configmap_volume_reads_each_file_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stamp = dir.path().join("..2026_11_29_21_00_00.000000001");
+        std::fs::create_dir(&stamp).expect("mkdir");
+        std::fs::write(stamp.join("authz.rego"), "package x\nallow := true\n").expect("write");
+        std::fs::write(stamp.join("data.json"), "{}").expect("write");
+        std::os::unix::fs::symlink(&stamp, dir.path().join("..data")).expect("symlink");
+        for name in ["authz.rego", "data.json"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name))
+                .expect("symlink");
+        }
+        let mut files: Vec<String> = read_dir(dir.path())
+            .expect("reads")
+            .into_iter()
+            .map(|(rel, _)| rel)
+            .collect();
+        files.sort();
+        assert_eq!(files, ["authz.rego", "data.json"]);
+    }
 
     #[test]
     fn nesting_past_the_limit_is_refused_with_its_line() {
