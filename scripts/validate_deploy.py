@@ -531,10 +531,17 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
                         facts["bundle_configmap_equals"] = policies_dir
                 elif mode == "control-plane":
                     control_planes.append(where)
+                    # grpc probes on the plaintext health-only listener: kubelet's grpc
+                    # probe cannot speak the mTLS of 9193.
+                    health = env.get("AEGIS_HEALTH_LISTEN", "")
+                    health_port = int(health.rsplit(":", 1)[1]) if ":" in health else None
+                    if health_port is None or health.startswith("127."):
+                        fail("k8s", f"{where}: no AEGIS_HEALTH_LISTEN reachable by kubelet ({health!r})")
                     for name, p in (("readiness", rp), ("liveness", lp)):
-                        ok = p.get("grpc", {}).get("port") == 9193 or "httpGet" in p
-                        if not ok:
-                            fail("k8s", f"{where}: no {name} probe (grpc on 9193 or the admin endpoint)")
+                        if p.get("grpc", {}).get("port") != health_port:
+                            fail("k8s", f"{where}: the {name} probe is not a grpc probe of AEGIS_HEALTH_LISTEN's port")
+                    if rp.get("grpc", {}).get("service") != "aegis.control.v1.ControlPlane":
+                        fail("k8s", f"{where}: readiness does not probe aegis.control.v1.ControlPlane")
                     spec = o["spec"]
                     if spec.get("replicas") != 1 or spec.get("strategy", {}).get("type") != "Recreate":
                         fail("k8s", f"{where}: the control plane must be 1 replica with strategy Recreate")

@@ -54,6 +54,9 @@ pub struct Config {
     pub control_listen: SocketAddr,
     /// Admin HTTP address: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
+    /// A plaintext gRPC listener serving only `grpc.health.v1.Health`, for kubelet's
+    /// `grpc:` probes when the ext_authz or control-plane listener requires (m)TLS.
+    pub health_listen: Option<SocketAddr>,
     /// Directory for the signing key and the audit database (created 0700).
     pub data_dir: PathBuf,
     /// Seconds to wait for in-flight Checks on SIGTERM/SIGINT.
@@ -375,6 +378,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9191)),
             control_listen: SocketAddr::from(([127, 0, 0, 1], 9193)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
+            health_listen: None,
             data_dir: PathBuf::from("./aegis-data"),
             shutdown_grace_secs: 10,
             listen_uds: None,
@@ -501,6 +505,9 @@ pub struct Overrides {
     /// Private key (PEM) of --control-plane-cert-file.
     #[arg(long = "control-plane-key-file", env = "AEGIS_CONTROL_KEY_FILE")]
     pub control_key_file: Option<PathBuf>,
+    /// Plaintext gRPC health-only listener, for kubelet's grpc probes [default: none].
+    #[arg(long, env = "AEGIS_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Also serve ext_authz on this Unix domain socket (same-pod Envoy).
     #[arg(long, env = "AEGIS_LISTEN_UDS")]
     pub listen_uds: Option<PathBuf>,
@@ -948,6 +955,9 @@ impl Overrides {
         set(&mut c.control.operator_ttl_secs, &self.operator_ttl_secs);
         set(&mut c.correlation.enabled, &self.correlation);
         set(&mut c.admin_listen, &self.admin_listen);
+        if self.health_listen.is_some() {
+            c.health_listen = self.health_listen;
+        }
         set(&mut c.data_dir, &self.data_dir);
         set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);
         if self.bundle.is_some() {

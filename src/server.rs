@@ -161,6 +161,8 @@ struct Parts {
     control_listener: Option<TcpListener>,
     /// `listen_uds`: ext_authz on a Unix socket too (data planes only).
     uds_listener: Option<tokio::net::UnixListener>,
+    /// `health_listen`: gRPC health only, plaintext.
+    health_listener: Option<TcpListener>,
     /// `tls` and `control_tls`, checked at start-up.
     authz_tls: Option<ServerTlsConfig>,
     control_tls: Option<ServerTlsConfig>,
@@ -347,6 +349,14 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     // The admin listener binds last: every start-up error above is reported first.
     let admin_listener = bind(config.admin_listen).await?;
     let admin_addr = bound(&admin_listener, config.admin_listen)?;
+    let (health_listener, health_addr) = match config.health_listen {
+        Some(addr) => {
+            let l = bind(addr).await?;
+            let bound_addr = bound(&l, addr)?;
+            (Some(l), Some(bound_addr))
+        }
+        None => (None, None),
+    };
     let follow_status = follow.as_ref().map(|f| f.status.clone());
     let admin_state = Arc::new(crate::admin::AdminState {
         checker: checker.clone(),
@@ -373,10 +383,17 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         }
         None => (None, None),
     };
+    let tls = |t: &Option<ServerTlsConfig>, c: &crate::config::TlsConfig| match t {
+        None => "plaintext",
+        Some(_) if c.client_ca_file.is_some() => "mTLS",
+        Some(_) => "TLS",
+    };
+    let health = health_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     if let Some(addr) = control_addr {
         crate::log!(
             info,
-            "{CONTROL_ANNOUNCE}{addr}: mode {mode:?}, admin {admin_addr}, data dir {}, key {}",
+            "{CONTROL_ANNOUNCE}{addr}: mode {mode:?}, {}, admin {admin_addr}, health {health}, data dir {}, key {}",
+            tls(&control_tls, &config.control_tls),
             config.data_dir.display(),
             signer.kid()
         );
@@ -384,7 +401,12 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     if mode != Mode::ControlPlane {
         crate::log!(
             info,
-            "{ANNOUNCE}{local_addr}: mode {mode:?}, admin {admin_addr}, control {}, policy {} revision {}, data dir {}, key {}, otlp {}",
+            "{ANNOUNCE}{local_addr}: mode {mode:?}, {}{}, admin {admin_addr}, health {health}, control {}, policy {} revision {}, data dir {}, key {}, otlp {}",
+            tls(&authz_tls, &config.tls),
+            config
+                .listen_uds
+                .as_ref()
+                .map_or(String::new(), |p| format!(", unix:{}", p.display())),
             control_addr.map_or_else(
                 || config.control.url.clone().unwrap_or_default(),
                 |a| a.to_string()
@@ -394,27 +416,6 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             config.data_dir.display(),
             signer.kid(),
             config.otlp.endpoint.as_deref().unwrap_or("off"),
-        );
-        let tls = |t: &Option<ServerTlsConfig>, c: &crate::config::TlsConfig| match t {
-            None => "plaintext",
-            Some(_) if c.client_ca_file.is_some() => "mTLS",
-            Some(_) => "TLS",
-        };
-        crate::log!(
-            info,
-            "listeners: ext_authz {local_addr} {}{}{}",
-            tls(&authz_tls, &config.tls),
-            config
-                .listen_uds
-                .as_ref()
-                .map_or(String::new(), |p| format!(
-                    ", ext_authz unix:{}",
-                    p.display()
-                )),
-            control_addr.map_or(String::new(), |a| format!(
-                ", control {a} {}",
-                tls(&control_tls, &config.control_tls)
-            )),
         );
     }
     // Operator and sidecar credentials: the control plane's own key, and the keys trusted
@@ -446,6 +447,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         authz_listener,
         control_listener,
         uds_listener,
+        health_listener,
         authz_tls,
         control_tls,
         reloads,
@@ -556,6 +558,7 @@ async fn serve(
         authz_listener,
         control_listener,
         uds_listener,
+        health_listener,
         authz_tls,
         control_tls,
         reloads,
@@ -629,7 +632,7 @@ async fn serve(
                 let service = ControlService::new(core.clone(), auth, shutdown.clone());
                 let router = b
                     .add_service(ControlPlaneServer::new(service))
-                    .add_service(health_service)
+                    .add_service(health_service.clone())
                     .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
                 Some(tokio::spawn(router.serve_with_incoming_shutdown(
                     incoming(listener),
@@ -643,10 +646,22 @@ async fn serve(
         },
         _ => None,
     };
+    let health_only = match health_listener.map(|l| (l, builder(None))) {
+        Some((listener, Ok(mut b))) => Some(tokio::spawn(
+            b.add_service(health_service)
+                .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown.clone())),
+        )),
+        Some((_, Err(e))) => {
+            crate::log!(error, "health listener: {e}");
+            None
+        }
+        None => None,
+    };
     let mut servers: Vec<_> = [
         ("ext_authz", authz),
         ("ext_authz (unix)", uds),
         ("control plane", control),
+        ("health", health_only),
     ]
     .into_iter()
     .filter_map(|(name, task)| task.map(|t| (name, t)))

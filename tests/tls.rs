@@ -264,11 +264,40 @@ async fn a_fleet_follows_its_control_plane_over_mtls() {
             &s(&cp_key),
             "--control-tls-client-ca-file",
             &s(&ca.ca),
+            "--health-listen",
+            "127.0.0.1:0",
         ],
         aegis::server::CONTROL_ANNOUNCE,
     )
     .expect("the control plane starts with mTLS");
     let url = format!("https://127.0.0.1:{}", cp.addr.port());
+
+    // kubelet's grpc probe speaks plaintext: the health-only listener answers it, and
+    // serves nothing else.
+    let health = cp.announced("health ").expect("health address");
+    let channel = Endpoint::from_shared(format!("http://{health}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("plaintext health connects");
+    let mut probe = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = probe
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "aegis.control.v1.ControlPlane".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let api = pb::control_plane_client::ControlPlaneClient::new(channel)
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .expect_err("no control API on the health port");
+    assert_eq!(api.code(), tonic::Code::Unimplemented, "{api}");
     let root = operator_cmd(&cp_data, "root", "admin", "*");
     let token_file = dir.path().join("sidecar.token");
     std::fs::write(&token_file, operator_cmd(&cp_data, "fleet", "sidecar", "*")).expect("write");
