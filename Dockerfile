@@ -13,6 +13,6 @@ COPY --from=build /src/target/release/aegis /usr/local/bin/aegis
 COPY --from=build /src/policies /etc/aegis/policies
 USER 65532:65532
 WORKDIR /home/nonroot
-EXPOSE 9191 9192 9193
+EXPOSE 9191 9192 9193 9194
 ENTRYPOINT ["/usr/local/bin/aegis"]
 CMD ["serve"]
