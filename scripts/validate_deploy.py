@@ -459,6 +459,10 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
     policies = bundle_files(policies_dir)
 
     referenced_secrets, checked_containers = set(), []
+    # ConfigMaps the pods mount that the kustomization does not generate: the operator
+    # creates them (the README's step 2 names them).
+    generated = {o["metadata"]["name"] for o in objects if o.get("kind") == "ConfigMap"}
+    external_configmaps = set()
     agent_pods, sidecars, control_planes = [], [], []
     for o in objects:
         pod, labels = pod_spec(o)
@@ -468,6 +472,8 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
         for v in pod.get("volumes", []):
             if "secret" in v:
                 referenced_secrets.add(v["secret"]["secretName"])
+            if "configMap" in v and v["configMap"]["name"] not in generated:
+                external_configmaps.add(v["configMap"]["name"])
         for c in pod.get("initContainers", []) + pod.get("containers", []):
             where = f"{key_of(o)} container {c['name']}"
             check_container(where, pod, c)
@@ -549,6 +555,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
     facts["aegis_sidecars"] = sidecars
     facts["aegis_control_planes"] = control_planes
     facts["secrets_referenced"] = sorted(referenced_secrets)
+    facts["configmaps_external"] = sorted(external_configmaps)
     if not sidecars:
         fail("k8s", "no Aegis sidecar container (AEGIS_MODE=sidecar) found")
     if not control_planes:

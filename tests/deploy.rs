@@ -254,3 +254,39 @@ fn an_envoy_configmap_that_drifted_from_deploy_envoy_yaml_is_rejected() {
     assert!(!ok, "accepted: {r:#}");
     assert!(errors(&r).contains("not byte-identical"), "{}", errors(&r));
 }
+
+/// The README's deployment steps create exactly the Secrets and ConfigMaps the manifests
+/// reference and the kustomization does not generate: a newcomer following them gets
+/// pods that start, and a name changed on one side fails here.
+#[test]
+fn the_readme_creates_what_the_manifests_reference() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let start = readme.find("## Deployment").expect("a Deployment section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let created = |kind: &str| -> std::collections::BTreeSet<String> {
+        let marker = format!("create {kind} ");
+        section
+            .lines()
+            .filter(|l| l.contains("kubectl -n aegis create") && !l.contains("--dry-run"))
+            .filter_map(|l| {
+                let rest = &l[l.find(&marker)? + marker.len()..];
+                let rest = rest.strip_prefix("generic ").unwrap_or(rest);
+                rest.split_whitespace().next().map(str::to_owned)
+            })
+            .collect()
+    };
+    let (ok, r) = validate(&[]);
+    assert!(ok, "{}", errors(&r));
+    let names = |key: &str| -> std::collections::BTreeSet<String> {
+        r["k8s"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in the report: {r:#}"))
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(created("secret"), names("secrets_referenced"));
+    assert_eq!(created("configmap"), names("configmaps_external"));
+    assert!(!created("secret").is_empty());
+}
