@@ -7,16 +7,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// (status code, body) of one raw HTTP/1.1 request.
 async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: aegis\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let out = common::http(addr, method, path).await;
     let status = out
         .split_whitespace()
         .nth(1)

@@ -61,45 +61,6 @@ fn write(path: &Path, files: &[(String, Vec<u8>)]) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-/// `aegis serve <args>` must exit 2 within 30 s (a server that starts instead is
-/// killed and the test fails rather than hangs): what it printed on stderr.
-fn refuses(args: &[&std::ffi::OsStr]) -> String {
-    use std::io::Read;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--control-listen",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("runs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
-    stderr
-}
-
 fn opts(keys: &[&Path]) -> PolicyOptions {
     PolicyOptions {
         query: "data.aegis.authz.decision".into(),
@@ -317,7 +278,7 @@ async fn a_signed_bundle_serves_and_an_unsigned_one_is_refused_at_start() {
     let unsigned = f.path("unsigned.tar.gz");
     build(&f.src(), &unsigned, &[]);
     let data = f.path("data");
-    let err = refuses(&[
+    let err = serve_refuses(&[
         "--data-dir".as_ref(),
         data.as_os_str(),
         "--bundle".as_ref(),
@@ -333,25 +294,11 @@ async fn a_signed_bundle_serves_and_an_unsigned_one_is_refused_at_start() {
     // decides with its revision.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"));
     cmd.env("AEGIS_BUNDLE_VERIFICATION_KEY", &f.public);
-    let child = ChildServer::spawn_cmd(
+    let child = spawn_serve_cmd(
         cmd,
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--control-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &s(&data),
-            "--bundle",
-            &s(&signed),
-        ],
-        &[],
+        &["--data-dir", &s(&data), "--bundle", &s(&signed)],
         aegis::server::ANNOUNCE,
-    )
-    .expect("serves the signed bundle");
+    );
     let signer = aegis::keys::Signer::load(&data).expect("server key");
     let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let r = client(child.addr)
@@ -443,7 +390,7 @@ fn tampered_bundles_are_refused_at_start_each_with_its_message() {
         let path = f.path(&format!("{name}.tar.gz"));
         write(&path, &files);
         let data = f.path(&format!("data-{name}"));
-        let err = refuses(&[
+        let err = serve_refuses(&[
             "--data-dir".as_ref(),
             data.as_os_str(),
             "--bundle".as_ref(),
@@ -736,22 +683,7 @@ fn f_public_other(dir: &Path) -> PathBuf {
 async fn a_fleet_sidecar_verifies_the_bundles_it_fetches() {
     let f = Fixture::new();
     let cp_data = f.path("cp");
-    let cp = ChildServer::spawn_exe(
-        Path::new(env!("CARGO_BIN_EXE_aegis")),
-        &[
-            "serve",
-            "--mode",
-            "control-plane",
-            "--data-dir",
-            &s(&cp_data),
-            "--control-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        aegis::server::CONTROL_ANNOUNCE,
-    )
-    .expect("the control plane starts");
+    let cp = spawn_control_plane(&cp_data, "127.0.0.1:0", &[]);
     let root = operator_cmd(&cp_data, "root", "admin", "*");
     let sidecar_token = f.path("sidecar.token");
     std::fs::write(

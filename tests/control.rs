@@ -686,18 +686,6 @@ async fn shadow_mode_records_would_deny_and_lets_the_call_through() {
     );
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.expect("read");
-    out
-}
-
 #[tokio::test]
 async fn budgets_deny_past_their_limit() {
     let (mut s, _root, alice) = setup().await;
@@ -1152,18 +1140,8 @@ async fn the_default_autonomy_level_comes_from_the_environment() {
         // The variable reaches only the child process.
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"));
         cmd.env("AEGIS_SOC_AUTONOMY_LEVEL", "3");
-        let args = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--control-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ];
-        ChildServer::spawn_cmd(cmd, &args, &[data.as_os_str()], aegis::server::ANNOUNCE)
-            .expect("starts")
+        let data = data.to_string_lossy().into_owned();
+        spawn_serve_cmd(cmd, &["--data-dir", &data], aegis::server::ANNOUNCE)
     };
     let addr = server
         .announced(aegis::server::CONTROL_ANNOUNCE)

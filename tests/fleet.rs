@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -23,32 +23,11 @@ struct Fleet {
     sidecars: Vec<(ChildServer, AuthorizationClient<Channel>)>,
 }
 
-fn spawn_cp(data: &Path, control: &str) -> ChildServer {
-    let data = data.to_string_lossy().into_owned();
-    let args = [
-        "serve",
-        "--mode",
-        "control-plane",
-        "--data-dir",
-        &data,
-        "--control-listen",
-        control,
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    ChildServer::spawn_exe(
-        Path::new(env!("CARGO_BIN_EXE_aegis")),
-        &args,
-        aegis::server::CONTROL_ANNOUNCE,
-    )
-    .expect("the control plane starts")
-}
-
 impl Fleet {
     async fn start(sidecars: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cp_data = dir.path().join("cp");
-        let cp = spawn_cp(&cp_data, "127.0.0.1:0");
+        let cp = spawn_control_plane(&cp_data, "127.0.0.1:0", &[]);
         let root = operator_cmd(&cp_data, "root", "admin", "*");
         let sidecar_token = dir.path().join("sidecar.token");
         std::fs::write(
@@ -108,17 +87,7 @@ impl Fleet {
 
 /// What an agent sees: "allow", the deny reason, or the gRPC error.
 async fn seen(client: &AuthorizationClient<Channel>, req: CheckRequest) -> String {
-    match client.clone().check(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            if code(&r) == 0 {
-                "allow".into()
-            } else {
-                reason(&r).unwrap_or("?").to_owned()
-            }
-        }
-        Err(s) => format!("error:{:?}", s.code()),
-    }
+    outcome(client.clone().check(req).await)
 }
 
 async fn all_see(fleet: &Fleet, req: impl Fn() -> CheckRequest, want: &str) -> bool {
@@ -415,7 +384,7 @@ async fn a_sidecar_keeps_deciding_without_its_control_plane_and_resyncs() {
 
     // It comes back on the same address with the same state; the sidecar reconnects and
     // follows what happens next.
-    fleet.cp = spawn_cp(&fleet.cp_data, &control.to_string());
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
     assert!(
         eventually_async(Duration::from_secs(10), || async {
             scrape(admin).await.contains("aegis_control_connected 1")

@@ -6,36 +6,20 @@
 
 mod common;
 
-use std::path::Path;
-
 use aegis::keys::Signer;
 use common::*;
-
-/// Writes a fresh key as `<name>.key` (the seed, 64 hex digits, as `aegis serve` reads it)
-/// and `<name>.pub` under `dir`.
-fn key_files(dir: &Path, name: &str) -> Signer {
-    use sha2::Digest as _;
-    let seed: [u8; 32] = sha2::Sha256::digest(format!("{name}-{}", aegis::unix_nanos())).into();
-    let signer = Signer::new(ed25519_dalek::SigningKey::from_bytes(&seed));
-    std::fs::write(dir.join(format!("{name}.key")), aegis::hex(&seed)).expect("write key");
-    std::fs::write(
-        dir.join(format!("{name}.pub")),
-        aegis::hex(signer.verifying_key().as_bytes()),
-    )
-    .expect("write pub");
-    signer
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() {
     let keys = tempfile::tempdir().expect("tempdir");
-    let old = key_files(keys.path(), "old");
-    let new = key_files(keys.path(), "new");
+    // `<name>.key` (the seed, as `aegis serve` reads it) and `<name>.key.pub`.
+    let old = aegis::keys::write_keypair(&keys.path().join("old.key")).expect("old key");
+    let new = aegis::keys::write_keypair(&keys.path().join("new.key")).expect("new key");
     let rogue = Signer::generate().expect("key");
 
     let mut s = start_with(|c| {
         c.signing_key_file = Some(keys.path().join("new.key"));
-        c.token.trusted_keys = vec![keys.path().join("old.pub")];
+        c.token.trusted_keys = vec![keys.path().join("old.key.pub")];
     })
     .await;
     // The server signs with the file's key and created none in its data directory.
@@ -61,7 +45,11 @@ async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() 
 
     // The audit log verifies against the new public key.
     let data = s.data_dir().to_string_lossy().into_owned();
-    let new_pub = keys.path().join("new.pub").to_string_lossy().into_owned();
+    let new_pub = keys
+        .path()
+        .join("new.key.pub")
+        .to_string_lossy()
+        .into_owned();
     let out = aegis_cmd(&[
         "audit",
         "verify",

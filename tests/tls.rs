@@ -22,7 +22,7 @@ fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientTlsConfig {
     tls
 }
 
-/// What a Check over `tls` to `addr` comes to: "allow", a deny reason, or the error.
+/// What a Check over `tls` to `url` comes to ([`outcome`]), or the connection error.
 async fn check_over(
     url: String,
     tls: Option<ClientTlsConfig>,
@@ -39,17 +39,7 @@ async fn check_over(
         Ok(c) => c,
         Err(e) => return format!("connect error: {e:?}"),
     };
-    match AuthorizationClient::new(channel).check(req).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            if code(&r) == 0 {
-                "allow".into()
-            } else {
-                reason(&r).unwrap_or("?").to_owned()
-            }
-        }
-        Err(s) => format!("error: {s}"),
-    }
+    outcome(AuthorizationClient::new(channel).check(req).await)
 }
 
 #[tokio::test]
@@ -246,18 +236,10 @@ async fn a_fleet_follows_its_control_plane_over_mtls() {
     let s = |p: &Path| p.to_string_lossy().into_owned();
 
     let cp_data = dir.path().join("cp");
-    let cp = ChildServer::spawn_exe(
-        Path::new(env!("CARGO_BIN_EXE_aegis")),
+    let cp = spawn_control_plane(
+        &cp_data,
+        "127.0.0.1:0",
         &[
-            "serve",
-            "--mode",
-            "control-plane",
-            "--data-dir",
-            &s(&cp_data),
-            "--control-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
             "--control-tls-cert-file",
             &s(&cp_cert),
             "--control-tls-key-file",
@@ -267,9 +249,7 @@ async fn a_fleet_follows_its_control_plane_over_mtls() {
             "--health-listen",
             "127.0.0.1:0",
         ],
-        aegis::server::CONTROL_ANNOUNCE,
-    )
-    .expect("the control plane starts with mTLS");
+    );
     let url = format!("https://127.0.0.1:{}", cp.addr.port());
 
     // kubelet's grpc probe speaks plaintext: the health-only listener answers it, and

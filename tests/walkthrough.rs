@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -50,24 +49,7 @@ async fn the_readme_incident_walkthrough() {
     )
     .expect("config");
     let config_s = config.to_string_lossy().into_owned();
-    let mut server = ChildServer::spawn_exe(
-        Path::new(env!("CARGO_BIN_EXE_aegis")),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--control-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data_s,
-            "--config",
-            &config_s,
-        ],
-        aegis::server::ANNOUNCE,
-    )
-    .expect("aegis serve");
+    let mut server = spawn_serve(&["--data-dir", &data_s, "--config", &config_s]);
     let cp = format!(
         "http://{}",
         server

@@ -558,38 +558,85 @@ pub fn spawn_serve(args: &[&str]) -> ChildServer {
 
 /// [`spawn_serve`], waiting for the line with `marker` (e.g. the control plane's).
 pub fn spawn_serve_until(args: &[&str], marker: &str) -> ChildServer {
-    let mut all = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--control-listen",
-        "127.0.0.1:0",
-    ];
+    spawn_serve_cmd(
+        std::process::Command::new(env!("CARGO_BIN_EXE_aegis")),
+        args,
+        marker,
+    )
+}
+
+/// [`spawn_serve_until`] with a prepared command (its environment reaches only the child).
+pub fn spawn_serve_cmd(cmd: std::process::Command, args: &[&str], marker: &str) -> ChildServer {
+    let mut all = LOOPBACK_SERVE.to_vec();
     all.extend_from_slice(args);
-    ChildServer::spawn_exe(Path::new(env!("CARGO_BIN_EXE_aegis")), &all, marker)
+    ChildServer::spawn_cmd(cmd, &all, &[], marker)
         .expect("aegis serve starts and announces its address")
 }
 
+/// `aegis serve` with every listener on a loopback port 0.
+const LOOPBACK_SERVE: [&str; 7] = [
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+    "--control-listen",
+    "127.0.0.1:0",
+];
+
+/// `aegis serve --mode control-plane` on `data` and `control` (admin on port 0), with
+/// `extra` arguments; waits for its announcement.
+pub fn spawn_control_plane(data: &Path, control: &str, extra: &[&str]) -> ChildServer {
+    let data = data.to_string_lossy().into_owned();
+    let mut args = vec![
+        "serve",
+        "--mode",
+        "control-plane",
+        "--data-dir",
+        &data,
+        "--control-listen",
+        control,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    ChildServer::spawn_exe(
+        Path::new(env!("CARGO_BIN_EXE_aegis")),
+        &args,
+        aegis::server::CONTROL_ANNOUNCE,
+    )
+    .expect("the control plane starts")
+}
+
 /// Runs `aegis serve` on loopback ports 0 with `args`, which must make it refuse to
-/// start: asserts exit code 2 and returns what it printed on stderr.
+/// start: asserts exit code 2 within 30 s (a server that starts instead is killed and the
+/// test fails rather than hangs) and returns what it printed on stderr.
 pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--control-listen",
-            "127.0.0.1:0",
-        ])
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+        .args(LOOPBACK_SERVE)
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     stderr
 }
 
@@ -890,14 +937,35 @@ pub fn venv_python() -> &'static Path {
     })
 }
 
-/// A plain HTTP/1.1 GET on loopback (the admin endpoint): the whole response.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// One plain HTTP/1.1 request on loopback (the admin endpoint): the whole response.
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: aegis\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
+}
+
+/// [`http`] GET.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http(addr, "GET", path).await
+}
+
+/// What an agent sees from a Check: "allow" (or sanitized), the deny reason, or
+/// `error:<gRPC code>`.
+pub fn outcome(r: Result<tonic::Response<CheckResponse>, tonic::Status>) -> String {
+    match r {
+        Ok(r) => {
+            let r = r.into_inner();
+            if code(&r) == 0 {
+                "allow".into()
+            } else {
+                reason(&r).unwrap_or("?").to_owned()
+            }
+        }
+        Err(s) => format!("error:{:?}", s.code()),
+    }
 }
