@@ -894,6 +894,14 @@ impl Config {
         Ok(())
     }
 
+    /// The file the signing key is read from: `signing_key_file`, else
+    /// `data_dir/signing.key`.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::keys::SIGNING_KEY_FILE))
+    }
+
     /// The evaluation time limit.
     pub fn eval_timeout(&self) -> Duration {
         Duration::from_millis(self.policy.eval_timeout_ms)

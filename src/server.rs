@@ -18,7 +18,6 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 
 use crate::audit::store::{AUDIT_DB_FILE, AuditError, AuditLog, StoreOptions};
@@ -163,9 +162,10 @@ struct Parts {
     uds_listener: Option<tokio::net::UnixListener>,
     /// `health_listen`: gRPC health only, plaintext.
     health_listener: Option<TcpListener>,
-    /// `tls` and `control_tls`, checked at start-up.
-    authz_tls: Option<ServerTlsConfig>,
-    control_tls: Option<ServerTlsConfig>,
+    /// The ext_authz and control-plane gRPC servers, with `tls` and `control_tls`
+    /// applied (and checked) at start-up.
+    authz_server: tonic::transport::Server,
+    control_server: tonic::transport::Server,
     /// Bundles the file watcher installs, for the control plane to record.
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<crate::policy::watch::Reloaded>>,
     watch_files: bool,
@@ -180,13 +180,16 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let signer = Signer::for_config(&config)?;
     // TLS files are read and checked before anything is opened, so that a wrong path or
     // a key that does not match its certificate stops the start with the setting named.
-    let authz_tls = server_tls("tls", &config.tls)?;
-    let control_tls = server_tls("control_tls", &config.control_tls)?;
+    let authz_server = grpc_server("tls", &config.tls)?;
+    let control_server = grpc_server("control_tls", &config.control_tls)?;
     let revocations = Arc::new(Revocations::default());
     // A sidecar decides nothing until it has the control plane's state.
     let state = Arc::new(State::new(revocations.clone(), mode != Mode::Sidecar));
     let meter = Arc::new(Meter::default());
-    let identifier = Arc::new(identifier(&config, &signer, revocations.clone())?);
+    // The keys tokens are verified with: agent tokens at the data plane, operator and
+    // sidecar credentials at the control plane (a previous key while it rotates out).
+    let token_keys = token_keys(&config, &signer)?;
+    let identifier = Arc::new(identifier(&config, token_keys.clone(), revocations.clone()));
 
     let source = config
         .policy
@@ -340,10 +343,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         revocation_slack: i64::try_from(config.token.leeway_secs)
             .unwrap_or(i64::MAX / 2)
             .saturating_add(60),
-        key_file: config
-            .signing_key_file
-            .clone()
-            .unwrap_or_else(|| config.data_dir.join(crate::keys::SIGNING_KEY_FILE)),
+        key_file: config.signing_key_path(),
         kid: signer.kid().to_owned(),
     });
     // The admin listener binds last: every start-up error above is reported first.
@@ -383,17 +383,17 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         }
         None => (None, None),
     };
-    let tls = |t: &Option<ServerTlsConfig>, c: &crate::config::TlsConfig| match t {
-        None => "plaintext",
-        Some(_) if c.client_ca_file.is_some() => "mTLS",
-        Some(_) => "TLS",
+    let tls = |c: &crate::config::TlsConfig| match (c.enabled(), c.client_ca_file.is_some()) {
+        (false, _) => "plaintext",
+        (true, true) => "mTLS",
+        (true, false) => "TLS",
     };
     let health = health_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     if let Some(addr) = control_addr {
         crate::log!(
             info,
             "{CONTROL_ANNOUNCE}{addr}: mode {mode:?}, {}, admin {admin_addr}, health {health}, data dir {}, key {}",
-            tls(&control_tls, &config.control_tls),
+            tls(&config.control_tls),
             config.data_dir.display(),
             signer.kid()
         );
@@ -402,7 +402,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         crate::log!(
             info,
             "{ANNOUNCE}{local_addr}: mode {mode:?}, {}{}, admin {admin_addr}, health {health}, control {}, policy {} revision {}, data dir {}, key {}, otlp {}",
-            tls(&authz_tls, &config.tls),
+            tls(&config.tls),
             config
                 .listen_uds
                 .as_ref()
@@ -418,17 +418,9 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             config.otlp.endpoint.as_deref().unwrap_or("off"),
         );
     }
-    // Operator and sidecar credentials: the control plane's own key, and the keys trusted
-    // for tokens (a previous signing key while it is being rotated out).
-    let mut operator_keys = KeyRing::default();
-    operator_keys.insert(signer.verifying_key());
-    for path in &config.token.trusted_keys {
-        operator_keys.insert(crate::keys::read_public_key(path)?);
-    }
     let auth = core.as_ref().map(|_| {
-        let keys = operator_keys;
         Authenticator::new(
-            keys,
+            token_keys,
             config.token.issuer.clone(),
             i64::try_from(config.token.leeway_secs).unwrap_or(0),
         )
@@ -448,8 +440,8 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         control_listener,
         uds_listener,
         health_listener,
-        authz_tls,
-        control_tls,
+        authz_server,
+        control_server,
         reloads,
         watch_files: mode != Mode::Sidecar,
         watch_interval: Duration::from_millis(config.policy.watch_interval_ms),
@@ -516,28 +508,24 @@ fn sidecar_credential(config: &Config) -> Result<String, StartError> {
     Ok(token)
 }
 
-fn identifier(
-    config: &Config,
-    signer: &Signer,
-    revocations: Arc<Revocations>,
-) -> Result<Identifier, KeyError> {
+/// The signer's own public key and `token.trusted_keys`.
+fn token_keys(config: &Config, signer: &Signer) -> Result<KeyRing, KeyError> {
     let mut keys = KeyRing::default();
     keys.insert(signer.verifying_key());
     for path in &config.token.trusted_keys {
         keys.insert(crate::keys::read_public_key(path)?);
     }
+    Ok(keys)
+}
+
+fn identifier(config: &Config, keys: KeyRing, revocations: Arc<Revocations>) -> Identifier {
     let policy = TokenPolicy {
         issuer: config.token.issuer.clone(),
         audience: config.token.audience.clone(),
         leeway_secs: i64::try_from(config.token.leeway_secs).unwrap_or(i64::MAX),
         max_bytes: config.token.max_bytes,
     };
-    Ok(Identifier::new(
-        keys,
-        policy,
-        revocations,
-        config.token.cache_entries,
-    ))
+    Identifier::new(keys, policy, revocations, config.token.cache_entries)
 }
 
 async fn serve(
@@ -559,8 +547,8 @@ async fn serve(
         control_listener,
         uds_listener,
         health_listener,
-        authz_tls,
-        control_tls,
+        authz_server,
+        control_server,
         reloads,
         watch_files,
         watch_interval,
@@ -591,72 +579,52 @@ async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let authz_router = |tls: Option<ServerTlsConfig>, checker: &Arc<Checker>| {
-        builder(tls).map(|mut b| {
-            b.add_service(AuthorizationServer::new(AuthorizationService(
+    let authz_router = |mut server: tonic::transport::Server, checker: &Arc<Checker>| {
+        server
+            .add_service(AuthorizationServer::new(AuthorizationService(
                 checker.clone(),
             )))
             .add_service(health_service.clone())
             .add_optional_service(reflection(&[crate::EXT_AUTHZ_DESCRIPTOR_SET]))
-        })
     };
     let authz = match (authz_listener, &checker) {
-        (Some(listener), Some(checker)) => match authz_router(authz_tls, checker) {
-            Ok(router) => Some(tokio::spawn(router.serve_with_incoming_shutdown(
-                incoming(listener),
-                stopped(shutdown.clone()),
-            ))),
-            Err(e) => {
-                crate::log!(error, "ext_authz listener: TLS: {e}");
-                None
-            }
-        },
+        (Some(listener), Some(checker)) => Some(tokio::spawn(
+            authz_router(authz_server, checker)
+                .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown.clone())),
+        )),
         _ => None,
     };
     let uds = match (uds_listener, &checker) {
-        (Some(listener), Some(checker)) => match authz_router(None, checker) {
-            Ok(router) => Some(tokio::spawn(router.serve_with_incoming_shutdown(
+        (Some(listener), Some(checker)) => Some(tokio::spawn(
+            authz_router(plain_server(), checker).serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 stopped(shutdown.clone()),
-            ))),
-            Err(e) => {
-                crate::log!(error, "ext_authz unix listener: {e}");
-                None
-            }
-        },
+            ),
+        )),
         _ => None,
     };
     let control = match (control_listener, &core, auth) {
-        (Some(listener), Some(core), Some(auth)) => match builder(control_tls) {
-            Ok(mut b) => {
-                let service = ControlService::new(core.clone(), auth, shutdown.clone());
-                let router = b
-                    .add_service(ControlPlaneServer::new(service))
-                    .add_service(health_service.clone())
-                    .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
-                Some(tokio::spawn(router.serve_with_incoming_shutdown(
-                    incoming(listener),
-                    stopped(shutdown.clone()),
-                )))
-            }
-            Err(e) => {
-                crate::log!(error, "control-plane listener: TLS: {e}");
-                None
-            }
-        },
+        (Some(listener), Some(core), Some(auth)) => {
+            let service = ControlService::new(core.clone(), auth, shutdown.clone());
+            let mut server = control_server;
+            let router = server
+                .add_service(ControlPlaneServer::new(service))
+                .add_service(health_service.clone())
+                .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
+            Some(tokio::spawn(router.serve_with_incoming_shutdown(
+                incoming(listener),
+                stopped(shutdown.clone()),
+            )))
+        }
         _ => None,
     };
-    let health_only = match health_listener.map(|l| (l, builder(None))) {
-        Some((listener, Ok(mut b))) => Some(tokio::spawn(
-            b.add_service(health_service)
+    let health_only = health_listener.map(|listener| {
+        tokio::spawn(
+            plain_server()
+                .add_service(health_service)
                 .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown.clone())),
-        )),
-        Some((_, Err(e))) => {
-            crate::log!(error, "health listener: {e}");
-            None
-        }
-        None => None,
-    };
+        )
+    });
     let mut servers: Vec<_> = [
         ("ext_authz", authz),
         ("ext_authz (unix)", uds),
@@ -752,34 +720,29 @@ fn reflection(
     }
 }
 
-/// A gRPC server builder with the listeners' common settings and, when set, TLS.
-fn builder(
-    tls: Option<ServerTlsConfig>,
-) -> Result<tonic::transport::Server, tonic::transport::Error> {
-    let b = tonic::transport::Server::builder()
+/// A gRPC server with the listeners' common settings, plaintext.
+fn plain_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
-    match tls {
-        Some(tls) => b.tls_config(tls),
-        None => Ok(b),
-    }
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
 }
 
-/// A listener's TLS settings, with its files read and a server configuration built from
-/// them once, so that every problem is reported at start-up.
-fn server_tls(
+/// [`plain_server`] with a listener's TLS settings (`setting` is `tls` or `control_tls`)
+/// when they set a certificate: its files read and the rustls configuration built here,
+/// so that every problem is reported at start-up.
+fn grpc_server(
     setting: &str,
     t: &crate::config::TlsConfig,
-) -> Result<Option<ServerTlsConfig>, StartError> {
-    let tls = crate::tls::server(setting, t).map_err(StartError::Config)?;
-    if let Some(tls) = &tls {
-        builder(Some(tls.clone())).map_err(|e| {
+) -> Result<tonic::transport::Server, StartError> {
+    let server = plain_server();
+    match crate::tls::server(setting, t).map_err(StartError::Config)? {
+        Some(tls) => server.tls_config(tls).map_err(|e| {
             StartError::Config(format!(
                 "{setting}: {e} (does key_file belong to cert_file?)"
             ))
-        })?;
+        }),
+        None => Ok(server),
     }
-    Ok(tls)
 }
 
 /// Binds the Unix socket at `path` (mode 0660: the Envoy in the pod shares its group),
