@@ -75,20 +75,7 @@ async fn at_l2_a_restricted_agents_mutating_calls_wait_for_an_approval() {
     assert_eq!(code(&s.read_invoices(&token).await), 0);
     let r = s.check(payment(&token, 10)).await.expect("decided");
     assert_eq!(reason(&r), Some("agent_restricted"));
-    let id = header(&denied(&r).headers, "x-aegis-approval-id")
-        .expect("an approval id")
-        .to_owned();
-    let d = root
-        .api()
-        .approve_approval(root.req(pb::DecideApprovalRequest {
-            tenant: "acme".into(),
-            id,
-            reason: "checked with the payee".into(),
-            override_ttl_secs: 0,
-        }))
-        .await
-        .expect("approved")
-        .into_inner();
+    let d = approve_held(&root, &r, "checked with the payee").await;
     let retry = Req::mcp("payments.create", json!({"amount": 10, "to": "acct-9"}))
         .token(&token)
         .header("x-aegis-override", &d.override_token)
@@ -125,20 +112,7 @@ async fn at_l2_a_restricted_agents_mutating_calls_wait_for_an_approval() {
     };
     let r = s.check(post(None)).await.expect("decided");
     assert_eq!(reason(&r), Some("agent_restricted"));
-    let id = header(&denied(&r).headers, "x-aegis-approval-id")
-        .expect("an approval id")
-        .to_owned();
-    let d = root
-        .api()
-        .approve_approval(root.req(pb::DecideApprovalRequest {
-            tenant: "acme".into(),
-            id,
-            reason: "expected status post".into(),
-            override_ttl_secs: 0,
-        }))
-        .await
-        .expect("approved")
-        .into_inner();
+    let d = approve_held(&root, &r, "expected status post").await;
     let r = s
         .check(post(Some(&d.override_token)))
         .await
@@ -656,4 +630,26 @@ async fn https_webhooks_check_the_receivers_certificate() {
         rogue_got.try_recv().is_err(),
         "the rogue receiver got a notification"
     );
+}
+
+/// Approves, as `root`, the acme approval a held answer `r` names: the decision, with its
+/// override token.
+async fn approve_held(
+    root: &Ctl,
+    r: &envoy_types::ext_authz::v3::pb::CheckResponse,
+    reason: &str,
+) -> pb::ApprovalDecision {
+    let id = header(&denied(r).headers, "x-aegis-approval-id")
+        .expect("an approval id")
+        .to_owned();
+    root.api()
+        .approve_approval(root.req(pb::DecideApprovalRequest {
+            tenant: "acme".into(),
+            id,
+            reason: reason.into(),
+            override_ttl_secs: 0,
+        }))
+        .await
+        .expect("approved")
+        .into_inner()
 }
