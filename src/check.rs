@@ -39,6 +39,24 @@ use crate::policy::{Decision, EvalError, Policy, Verdict};
 use crate::telemetry::Telemetry;
 use input::{Decoded, InputError, Limits};
 
+/// The W3C trace context of the gRPC call carrying a Check (Envoy puts its ext_authz
+/// client span there).
+#[derive(Debug, Clone, Default)]
+pub struct TraceHeaders {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceHeaders {
+    pub fn from_metadata(m: &tonic::metadata::MetadataMap) -> Self {
+        let get = |k: &str| m.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Self {
+            traceparent: get("traceparent"),
+            tracestate: get("tracestate"),
+        }
+    }
+}
+
 /// Where the agent token is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
@@ -196,8 +214,9 @@ struct Call {
     pending: Option<enforce::PendingCall>,
     /// The approval raised or redeemed.
     approval_id: String,
-    /// Remove the override token header from the request that goes on.
-    strip_override: bool,
+    /// Headers to remove from the request that goes on (besides the token): the override
+    /// token and the agent's claim headers it sent.
+    strip_headers: Vec<&'static str>,
 }
 
 /// gRPC service wrapper (a newtype: `impl Authorization for Arc<_>` would break the orphan rule).
@@ -213,7 +232,13 @@ impl Authorization for AuthorizationService {
         let Some(_admitted) = self.0.admission.admit() else {
             return Err(overloaded(&self.0.admission));
         };
-        self.0.check(request.into_inner()).await.map(Response::new)
+        // Envoy's own span (its ext_authz client span) travels in the gRPC metadata; the
+        // HTTP request's `traceparent` is only the fallback.
+        let trace = TraceHeaders::from_metadata(request.metadata());
+        self.0
+            .check_traced(request.into_inner(), trace)
+            .await
+            .map(Response::new)
     }
 }
 
@@ -301,13 +326,26 @@ impl Checker {
     /// Decides one Check, records it durably, and builds the response; its latency is
     /// counted (a Check cancelled by its caller is not).
     pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+        self.check_traced(req, TraceHeaders::default()).await
+    }
+
+    /// [`Self::check`] with the trace context of the gRPC call (Envoy's span).
+    pub async fn check_traced(
+        &self,
+        req: CheckRequest,
+        trace: TraceHeaders,
+    ) -> Result<CheckResponse, Status> {
         let started = std::time::Instant::now();
-        let answer = self.check_timed(req).await;
+        let answer = self.check_timed(req, trace).await;
         self.counters.latency.observe_duration(started.elapsed());
         answer
     }
 
-    async fn check_timed(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+    async fn check_timed(
+        &self,
+        req: CheckRequest,
+        trace: TraceHeaders,
+    ) -> Result<CheckResponse, Status> {
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
         let http = req
@@ -316,9 +354,18 @@ impl Checker {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
         let header = |k: &str| http.and_then(|h| h.headers.get(k)).map(String::as_str);
-        let span = self
-            .telemetry
-            .start_check(header("traceparent"), header("tracestate"));
+        let from_envoy = trace
+            .traceparent
+            .as_deref()
+            .filter(|tp| crate::telemetry::parse_traceparent(tp, None).is_some());
+        let span = match from_envoy {
+            Some(tp) => self
+                .telemetry
+                .start_check(Some(tp), trace.tracestate.as_deref()),
+            None => self
+                .telemetry
+                .start_check(header("traceparent"), header("tracestate")),
+        };
 
         let (outcome, mut call) = self.decide(&req, http, now_ns);
         let outcome = enforce::apply(
@@ -406,7 +453,16 @@ impl Checker {
             .token(&headers)
             .map_err(Refusal::from)
             .and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
-        let decoded = input::decode_with_headers(http, headers, &self.limits);
+        let bundle = self.policy.current();
+        let no_labels = std::collections::HashMap::new();
+        let routes = input::RouteConfig {
+            extensions: req
+                .attributes
+                .as_ref()
+                .map_or(&no_labels, |a| &a.context_extensions),
+            catalogue: bundle.routes(),
+        };
+        let decoded = input::decode_with_headers(http, headers, routes, &self.limits);
         if let Ok(d) = &decoded {
             call.set_tool(d);
         }
@@ -435,9 +491,20 @@ impl Checker {
         }
         let decoded = match decoded {
             Ok(d) => d,
+            Err(InputError::Route(e)) => {
+                // The platform's labels are wrong, not the agent's request: fail the Check
+                // so that Envoy's status_on_error answers and the operator sees the cause.
+                crate::log!(error, "check failed: {e}");
+                return (
+                    Outcome::Failed {
+                        reason: "route_misconfigured",
+                        status: Status::failed_precondition(format!("aegis: {e}")),
+                    },
+                    call,
+                );
+            }
             Err(e) => return (bad_input(e), call),
         };
-        let bundle = self.policy.current();
         call.policy_revision = bundle.revision().to_owned();
         let attributes = req
             .attributes
@@ -456,10 +523,12 @@ impl Checker {
                 }
                 call.cost = decoded.cost;
                 call.policy_agent = Some(agent);
-                // An override token never reaches the tool, whatever becomes of the call.
-                call.strip_override = decoded
-                    .header(crate::control::approvals::OVERRIDE_HEADER)
-                    .is_some();
+                // An override token and the agent's claims about its call never reach the
+                // tool, whatever becomes of the call.
+                call.strip_headers = std::iter::once(crate::control::approvals::OVERRIDE_HEADER)
+                    .chain(input::CLAIM_HEADERS)
+                    .filter(|h| decoded.header(h).is_some())
+                    .collect();
                 Outcome::Decided {
                     decision,
                     code: Code::PermissionDenied,
@@ -560,7 +629,7 @@ impl Checker {
             decision_id,
             policy_version: &call.policy_revision,
             approval_id: &call.approval_id,
-            strip_override: call.strip_override,
+            strip_headers: &call.strip_headers,
         };
         match outcome {
             Outcome::Decided { decision, .. } if decision.verdict.allows() => Ok(respond::allowed(

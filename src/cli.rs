@@ -64,11 +64,15 @@ struct CheckArgs {
     /// Agent token (sent in x-aegis-token).
     #[arg(long, env = "AEGIS_TOKEN")]
     token: Option<String>,
-    /// Tool and action (sent as x-aegis-tool / x-aegis-action).
+    /// Tool and action, sent as the route labels `aegis.tool` / `aegis.action` (Envoy's
+    /// per-route context_extensions); without them the bundle's route catalogue decides.
     #[arg(long)]
     tool: Option<String>,
     #[arg(long)]
     action: Option<String>,
+    /// Another route label `name=value`, e.g. `aegis.protocol=mcp` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// HTTP method and path of the tool call.
     #[arg(long, default_value = "GET")]
     method: String,
@@ -82,6 +86,13 @@ struct CheckArgs {
     /// Extra request header `name=value` (repeatable).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("label {s:?} is not name=value"))
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -403,8 +414,6 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     put("x-aegis-token", args.token);
-    put("x-aegis-tool", args.tool);
-    put("x-aegis-action", args.action);
     put(
         "content-type",
         args.body.as_ref().map(|_| args.content_type.clone()),
@@ -420,10 +429,18 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", args.addr))?
         .connect()
         .await?;
-    let response = match AuthorizationClient::new(channel)
-        .check(crate::bench::check_request(http))
-        .await
-    {
+    let mut request = crate::bench::check_request(http);
+    if let Some(a) = request.attributes.as_mut() {
+        let labels = &mut a.context_extensions;
+        labels.extend(args.labels);
+        if let Some(t) = args.tool {
+            labels.insert("aegis.tool".into(), t);
+        }
+        if let Some(act) = args.action {
+            labels.insert("aegis.action".into(), act);
+        }
+    }
+    let response = match AuthorizationClient::new(channel).check(request).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
             println!(

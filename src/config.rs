@@ -366,6 +366,9 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Most header bytes (names and values); more is denied 431.
     pub max_header_bytes: usize,
+    /// Envoy's `with_request_body.max_request_bytes`: a body of this length is taken as
+    /// whole only with a `content-length` saying so (0: no such check).
+    pub envoy_max_request_bytes: usize,
     /// Most Checks in flight at once; past that a Check is shed at once with
     /// RESOURCE_EXHAUSTED (Envoy's `failure_mode_allow`/`status_on_error` decide).
     pub max_inflight: usize,
@@ -470,6 +473,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 1024 * 1024,
             max_headers: 128,
             max_header_bytes: 64 * 1024,
+            envoy_max_request_bytes: 64 * 1024,
             max_inflight: 1024,
         }
     }
@@ -643,6 +647,9 @@ pub struct Overrides {
     /// Most header bytes [default: 65536].
     #[arg(long, env = "AEGIS_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// Envoy's with_request_body.max_request_bytes [default: 65536].
+    #[arg(long, env = "AEGIS_ENVOY_MAX_REQUEST_BYTES")]
+    pub envoy_max_request_bytes: Option<usize>,
     /// Most Checks in flight before new ones are shed [default: 1024].
     #[arg(long, env = "AEGIS_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
@@ -998,6 +1005,10 @@ impl Overrides {
         set(&mut c.limits.max_body_bytes, &self.max_body_bytes);
         set(&mut c.limits.max_headers, &self.max_headers);
         set(&mut c.limits.max_header_bytes, &self.max_header_bytes);
+        set(
+            &mut c.limits.envoy_max_request_bytes,
+            &self.envoy_max_request_bytes,
+        );
         set(&mut c.limits.max_inflight, &self.max_inflight);
     }
 }

@@ -51,6 +51,7 @@ const LIMITS: Limits = Limits {
     max_body_bytes: 64 * 1024,
     max_headers: 64,
     max_header_bytes: 16 * 1024,
+    envoy_max_request_bytes: 1024,
 };
 
 /// One CheckRequest through the input builder.
@@ -75,8 +76,22 @@ pub fn check_input(data: &[u8]) {
     };
     http.headers.insert("content-type".into(), ctype);
     http.headers.insert("x-aegis-tool".into(), header.clone());
-    http.headers.insert("x-aegis-trust-level".into(), header);
-    build(&crate::bench::check_request(http));
+    http.headers
+        .insert("x-aegis-trust-level".into(), header.clone());
+    // Once on an MCP route whose labels verify the agent's, once with the fuzzed labels.
+    let mut req = crate::bench::check_request(http);
+    if let Some(a) = req.attributes.as_mut() {
+        a.context_extensions
+            .insert("aegis.protocol".into(), "mcp".into());
+        a.context_extensions
+            .insert("aegis.labels".into(), "verify".into());
+    }
+    build(&req);
+    if let Some(a) = req.attributes.as_mut() {
+        a.context_extensions.clear();
+        a.context_extensions.insert("aegis.tool".into(), header);
+    }
+    build(&req);
 }
 
 fn build(req: &CheckRequest) {
@@ -85,7 +100,17 @@ fn build(req: &CheckRequest) {
         .as_ref()
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref());
-    if let Ok(decoded) = input::decode(http, &LIMITS) {
+    static CATALOGUE: OnceLock<crate::policy::routes::Catalogue> = OnceLock::new();
+    let catalogue = CATALOGUE.get_or_init(default_catalogue);
+    let no_labels = std::collections::HashMap::new();
+    let routes = input::RouteConfig {
+        extensions: req
+            .attributes
+            .as_ref()
+            .map_or(&no_labels, |a| &a.context_extensions),
+        catalogue,
+    };
+    if let Ok(decoded) = input::decode(http, routes, &LIMITS) {
         let attributes = req
             .attributes
             .as_ref()
@@ -97,6 +122,21 @@ fn build(req: &CheckRequest) {
             &crate::control::state::AgentContext::unregistered(),
         );
     }
+}
+
+/// The default bundle's route catalogue.
+fn default_catalogue() -> crate::policy::routes::Catalogue {
+    let opts = PolicyOptions {
+        query: "data.aegis.authz.decision".into(),
+        eval_timeout: Duration::from_millis(50),
+        verification_keys: Vec::new(),
+    };
+    BundleFiles::read(&crate::policy::BundleSource::Embedded)
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .and_then(|p| CompiledBundle::compile_interpreter(p, &opts).ok())
+        .map(|b| b.routes().clone())
+        .unwrap_or_default()
 }
 
 /// One agent token through verification.

@@ -15,6 +15,7 @@
 pub mod build;
 mod bundle;
 mod decision;
+pub mod routes;
 pub mod signing;
 pub mod testing;
 pub mod watch;
@@ -77,6 +78,8 @@ pub struct CompiledBundle {
     pool: Mutex<Vec<Engine>>,
     /// The RVM program of the decision rule, when the RVM can compile the bundle.
     vm: Option<VmParts>,
+    /// The route catalogue (`data.aegis.routes`).
+    routes: routes::Catalogue,
 }
 
 /// What a new RVM is made of, and the pool of ready ones.
@@ -163,6 +166,12 @@ impl CompiledBundle {
             check_interval,
         };
         engine.set_execution_timer_config(timer);
+        let routes = routes::Catalogue::from_data(&engine.get_data()).map_err(|message| {
+            BundleError::Invalid {
+                path: "data.aegis.routes".into(),
+                message,
+            }
+        })?;
         // Warm up: the first evaluation prepares the engine (rule indexes, scheduling); the
         // clones made from it then start prepared. It also proves the query names a rule.
         engine.set_input(regorus::Value::new_object());
@@ -188,6 +197,7 @@ impl CompiledBundle {
             template: engine,
             pool: Mutex::new(Vec::new()),
             vm,
+            routes,
         })
     }
 
@@ -208,6 +218,11 @@ impl CompiledBundle {
     /// `sha256:` digest of the bundle's files.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The bundle's route catalogue.
+    pub fn routes(&self) -> &routes::Catalogue {
+        &self.routes
     }
 
     /// The bundle's data document (a copy).

@@ -300,6 +300,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             max_body_bytes: config.limits.max_body_bytes,
             max_headers: config.limits.max_headers,
             max_header_bytes: config.limits.max_header_bytes,
+            envoy_max_request_bytes: config.limits.envoy_max_request_bytes,
         };
         let token_source = match config.token.header.as_str() {
             "authorization" => TokenSource::Bearer,
@@ -720,11 +721,22 @@ fn reflection(
     }
 }
 
+/// HTTP/2 streams the client may reset before Aegis has accepted them, per connection,
+/// before the connection is closed with GOAWAY (h2's rapid-reset guard; its default is 20).
+/// Envoy cancels every Check that passes its ext_authz timeout, and all of a pod's Checks
+/// share one connection: at the default, a slow moment (a burst of Checks queued behind a
+/// busy runtime) tore down that connection and failed unrelated Checks. 1024 is more than
+/// Envoy's cancellations can pile up while the connection task waits, and still a bound: a
+/// rapid-reset flood holds at most 1024 un-accepted streams before the GOAWAY, and every
+/// stream that reaches a Check passes admission control (`limits.max_inflight`).
+pub const MAX_PENDING_RESET_STREAMS: usize = 1024;
+
 /// A gRPC server with the listeners' common settings, plaintext.
 fn plain_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
 }
 
 /// [`plain_server`] with a listener's TLS settings (`setting` is `tls` or `control_tls`)

@@ -33,7 +33,7 @@ async fn allow_removes_the_agent_token_and_carries_metadata() {
         other => panic!("{k}: {other:?}"),
     };
     assert_eq!(field("decision"), "allow");
-    assert_eq!(field("policy_version"), "default-2026.11.1");
+    assert_eq!(field("policy_version"), "default-2026.12.1");
     assert_eq!(field("decision_id").len(), 32);
     s.stop().await;
     assert_eq!(

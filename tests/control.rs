@@ -884,7 +884,7 @@ async fn policy_push_history_and_rollback() {
     let (mut s, root, alice) = setup().await;
     let (token, _) = (s.token("acme", "bot", &["invoices:read"]), ());
     let before = s.read_invoices(&token).await;
-    assert_eq!(policy_version(&before), "default-2026.11.1");
+    assert_eq!(policy_version(&before), "default-2026.12.1");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bundle = variant_bundle(dir.path(), "tightened-1");
@@ -942,12 +942,12 @@ async fn policy_push_history_and_rollback() {
         .into_inner();
     assert_eq!(
         (rolled.revision.as_str(), rolled.action.as_str()),
-        ("default-2026.11.1", "rollback")
+        ("default-2026.12.1", "rollback")
     );
     let r = s.read_invoices(&token).await;
     assert_eq!(
         (policy_version(&r), code(&r)),
-        ("default-2026.11.1".to_owned(), 0)
+        ("default-2026.12.1".to_owned(), 0)
     );
 
     let history = root
@@ -971,9 +971,9 @@ async fn policy_push_history_and_rollback() {
     assert_eq!(
         rows,
         vec![
-            ("default-2026.11.1", "rollback", "admin:root", true),
+            ("default-2026.12.1", "rollback", "admin:root", true),
             ("tightened-1", "push", "admin:root", false),
-            ("default-2026.11.1", "startup", "system:startup", false),
+            ("default-2026.12.1", "startup", "system:startup", false),
         ]
     );
     s.stop().await;

@@ -82,9 +82,37 @@ fn the_committed_artifacts_pass_the_schemas_and_checks() {
         .iter()
         .map(|a| a["type"].as_str().expect("type"))
         .collect();
-    // Every typed_config of the file: HCM, MCP, ext_authz, router, the tracer, two
-    // HttpProtocolOptions and the upstream TLS context.
-    assert_eq!(any_types.len(), 8, "{any_types:?}");
+    // Every typed_config of the file: HCM, the early header mutation, MCP, ext_authz,
+    // router, the tracer, two routes' ExtAuthzPerRoute, two HttpProtocolOptions and the
+    // upstream TLS context.
+    assert_eq!(any_types.len(), 11, "{any_types:?}");
+    assert_eq!(
+        authz["with_request_body"]["allow_partial_message"],
+        serde_json::Value::Null,
+        "false (protobuf JSON omits it): a body over the limit is refused by Envoy"
+    );
+    assert_eq!(authz["with_request_body"]["pack_as_bytes"], true);
+    // The trust model: paths normalized and the agent's labels stripped before ext_authz,
+    // and the example routes labelled.
+    let paths = &r["envoy"]["path_handling"];
+    assert_eq!(paths["normalize_path"], true);
+    assert_eq!(paths["merge_slashes"], true);
+    assert_eq!(paths["path_with_escaped_slashes_action"], "REJECT_REQUEST");
+    assert_eq!(
+        strs(&r["envoy"]["stripped_before_ext_authz"]),
+        ["x-aegis-action", "x-aegis-resource", "x-aegis-tool"]
+    );
+    let routes = r["envoy"]["routes"].as_array().expect("routes");
+    let labels = |name: &str| {
+        routes
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["labels"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(labels("mcp")["aegis.protocol"], "mcp");
+    assert_eq!(labels("invoices-read")["aegis.tool"], "invoices");
+    assert_eq!(labels("catalogue"), serde_json::json!({}));
     assert_eq!(r["envoy"]["tracing"]["name"], "envoy.tracers.opentelemetry");
     assert_eq!(
         strs(&r["envoy"]["listener"]["http_filters"]),

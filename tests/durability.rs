@@ -472,7 +472,7 @@ decision := {"allowed": true} if input.tool.name == "fast"
     assert_eq!(health(s.addr).await, ServingStatus::Serving as i32);
 
     // Policy: one failed evaluation is a bad input; every one failing is a bad policy.
-    let spin = || Req::get("/spin").token(&t).build();
+    let spin = || Req::get("/spin").token(&t).tool("spin", "read").build();
     s.check(spin()).await.expect_err("times out");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
@@ -488,7 +488,7 @@ decision := {"allowed": true} if input.tool.name == "fast"
         "NOT_SERVING after every recent evaluation failed"
     );
     let fast = s
-        .check(Req::get("/fast").token(&t).build())
+        .check(Req::get("/fast").token(&t).tool("fast", "read").build())
         .await
         .expect("decided");
     assert_eq!(code(&fast), 0);

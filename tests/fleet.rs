@@ -282,7 +282,7 @@ async fn sidecars_follow_freezes_rotations_approvals_and_rollbacks() {
                 c.clone(),
                 fresh.clone()
             )
-            .then_eq("default-2026.11.1"))
+            .then_eq("default-2026.12.1"))
             .await
         );
     }

@@ -63,7 +63,7 @@ async fn exfiltration_at_l3_freezes_the_agent_everywhere() {
         ("run-7", "sess-1")
     );
     assert_eq!(incident.autonomy_level, 3);
-    assert_eq!(incident.policy_revision, "default-2026.11.1");
+    assert_eq!(incident.policy_revision, "default-2026.12.1");
     assert_eq!(
         incident.actions,
         vec![

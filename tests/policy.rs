@@ -333,7 +333,7 @@ decision := {"decision": "allow", "allowed": false} if input.tool.name == "contr
     let mut s = start_with(|c| c.policy.bundle = Some(dir)).await;
     let t = s.token("acme", "bot", &[]);
     let r = s
-        .check(Req::get("/ok").token(&t).build())
+        .check(Req::get("/ok").token(&t).tool("ok", "read").build())
         .await
         .expect("decided");
     let okr = ok(&r);
@@ -354,7 +354,7 @@ decision := {"decision": "allow", "allowed": false} if input.tool.name == "contr
     );
 
     let r = s
-        .check(Req::get("/slow").token(&t).build())
+        .check(Req::get("/slow").token(&t).tool("slow", "read").build())
         .await
         .expect("decided");
     let d = denied(&r);
@@ -364,7 +364,12 @@ decision := {"decision": "allow", "allowed": false} if input.tool.name == "contr
 
     // A contradictory decision is a policy bug: Aegis fails closed with a gRPC error.
     let err = s
-        .check(Req::get("/contradiction").token(&t).build())
+        .check(
+            Req::get("/contradiction")
+                .token(&t)
+                .tool("contradiction", "read")
+                .build(),
+        )
         .await
         .expect_err("error");
     assert_eq!(err.code(), tonic::Code::Internal);
@@ -399,7 +404,7 @@ decision := {"allowed": true} if input.tool.name == "fast"
     let t = s.token("acme", "bot", &[]);
     let started = std::time::Instant::now();
     let err = s
-        .check(Req::get("/spin").token(&t).build())
+        .check(Req::get("/spin").token(&t).tool("spin", "read").build())
         .await
         .expect_err("times out");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
@@ -411,7 +416,7 @@ decision := {"allowed": true} if input.tool.name == "fast"
     // The engine that timed out is reusable: the next Check is decided normally.
     assert_eq!(
         code(
-            &s.check(Req::get("/fast").token(&t).build())
+            &s.check(Req::get("/fast").token(&t).tool("fast", "read").build())
                 .await
                 .expect("decided")
         ),
@@ -429,7 +434,7 @@ fn policy_test_and_eval_commands() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("PASS: 18/18"),
+        String::from_utf8_lossy(&out.stdout).contains("PASS: 19/19"),
         "{out:?}"
     );
 
@@ -489,14 +494,24 @@ async fn yaml_data_files_are_loaded_at_their_directory_path() {
     let t = s.token("acme", "bot", &[]);
     assert_eq!(
         code(
-            &s.check(Req::get("/invoices").token(&t).build())
-                .await
-                .expect("decided")
+            &s.check(
+                Req::get("/invoices")
+                    .token(&t)
+                    .tool("invoices", "read")
+                    .build()
+            )
+            .await
+            .expect("decided")
         ),
         0
     );
     let r = s
-        .check(Req::get("/payments").token(&t).build())
+        .check(
+            Req::get("/payments")
+                .token(&t)
+                .tool("payments", "read")
+                .build(),
+        )
         .await
         .expect("decided");
     assert_eq!(code(&r), tonic::Code::PermissionDenied as i32);

@@ -285,7 +285,7 @@ async fn the_watch_streams_incidents_and_the_graph_links_their_evidence() {
         assert!(edge(&inc, &d), "incident -> {d}");
         assert!(edge(&d, "agent:acme/bot"));
         assert!(edge(&d, "run:run-42"));
-        assert!(edge(&d, "policy:default-2026.11.1"));
+        assert!(edge(&d, "policy:default-2026.12.1"));
     }
     assert!(edge("agent:acme/bot", &format!("token:{jti}")));
     assert!(edge(&format!("token:{jti}"), "session:sess-3"));

@@ -156,7 +156,7 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
     );
     assert_eq!(
         attr(allowed, "aegis.policy_version"),
-        Some(AnyValue::StringValue("default-2026.11.1".into()))
+        Some(AnyValue::StringValue("default-2026.12.1".into()))
     );
     assert!(
         matches!(attr(allowed, "aegis.decision_id"), Some(AnyValue::StringValue(id)) if id.len() == 32)
@@ -220,4 +220,70 @@ async fn a_collector_that_is_down_never_fails_a_check() {
     );
     s.stop().await;
     assert_eq!(s.rows().len(), 300);
+}
+
+/// Envoy cancels (RST_STREAM) every Check that passes its ext_authz timeout, and all of a
+/// pod's Checks share one HTTP/2 connection. A burst of cancellations, arriving before the
+/// server has accepted the streams, made h2's rapid-reset guard (20 by default) close that
+/// connection with GOAWAY `too_many_resets`, failing unrelated Checks. Here 500 Checks are
+/// sent and reset in one burst on one connection, then a Check on the same connection must
+/// be answered and the connection must still be open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_cancelled_checks_does_not_close_envoys_connection() {
+    use prost::Message as _;
+    let mut s = start().await;
+    let t = s.token("acme", "billing-bot", &["invoices:read"]);
+    let message = Req::read_invoices(&t).encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&message);
+    let framed = bytes::Bytes::from(framed);
+    let request = || {
+        http::Request::post(format!(
+            "http://{}/envoy.service.auth.v3.Authorization/Check",
+            s.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request")
+    };
+
+    let tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let connection = tokio::spawn(connection);
+    for _ in 0..500 {
+        let mut client = client.clone().ready().await.expect("stream capacity");
+        let (response, mut stream) = client.send_request(request(), false).expect("send");
+        stream.send_data(framed.clone(), false).expect("data");
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+    }
+
+    let mut client = client
+        .ready()
+        .await
+        .expect("the connection takes new streams");
+    let (response, mut stream) = client.send_request(request(), false).expect("send");
+    stream.send_data(framed, true).expect("data");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered within 10 s")
+        .expect("answered, not refused by a GOAWAY");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.expect("trailers").expect("some");
+    assert_eq!(
+        trailers.get("grpc-status").and_then(|v| v.to_str().ok()),
+        Some("0"),
+        "the Check was decided: {trailers:?}"
+    );
+    assert!(!connection.is_finished(), "the connection is still open");
+    s.stop().await;
 }

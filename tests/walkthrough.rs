@@ -153,7 +153,7 @@ async fn the_readme_incident_walkthrough() {
         "dot",
     ]);
     assert!(dot.contains("\"run:run-1138\""), "{dot}");
-    assert!(dot.contains("\"policy:default-2026.11.1\""), "{dot}");
+    assert!(dot.contains("\"policy:default-2026.12.1\""), "{dot}");
     // `| dot -Tsvg`, as the README says: Graphviz itself parses it (scripts/test installs it).
     let svg = {
         use std::io::Write as _;

@@ -2,7 +2,9 @@
 #
 # Entry point: data.aegis.authz.decision, an object with OPA-Envoy's keys plus
 # `decision` (allow | deny | sanitize | approval_needed) and `reason`.
-# Tool catalogue, thresholds and allowlists live in data.aegis (policies/aegis/data.json).
+# Tool catalogue, thresholds and allowlists live in data.aegis (policies/aegis/data.json),
+# with the route catalogue (data.aegis.routes) from which Aegis names the tool of a request
+# that Envoy's route labels do not name. input.tool never comes from what the agent says.
 # The checks run in a fixed order; the first that fails decides.
 package aegis.authz
 
@@ -60,8 +62,12 @@ needs_sanitizing if count(leaked_headers) + count(leaked_query_parameters) > 0
 deny(reason) := {"allowed": false, "decision": "deny", "reason": reason, "http_status": 403}
 
 # A body Envoy cut short may hide the real tool call: refuse to guess.
+# A request on no route the platform configured (Envoy's route labels, data.aegis.routes)
+# calls no known tool.
 decision := deny("body_truncated") if {
 	input.truncated_body == true
+} else := deny("unknown_route") if {
+	input.tool.source == "none"
 } else := deny("unknown_tool") if {
 	not tool
 } else := deny("unknown_action") if {

@@ -27,6 +27,12 @@ test_missing_scope_denied if {
 	d.reason == "missing_scope"
 }
 
+test_unknown_route_denied if {
+	inp := object.union(call("", "", {}, ["invoices:read"]), {"tool": {"source": "none"}})
+	d := authz.decision with input as inp
+	d.reason == "unknown_route"
+}
+
 test_unknown_tool_denied if {
 	d := authz.decision with input as call("shell", "exec", {}, ["invoices:read"])
 	d.reason == "unknown_tool"

@@ -48,9 +48,9 @@ pub(super) use crate::correlate::RESTRICTED_REASON;
 /// left as the policy decided. Returns the decision and, for a held call, the policy's own.
 ///
 /// A call is state-mutating when its tool or action matches the mutating words, or, for
-/// anything but an MCP call, when its HTTP method is not GET, HEAD or OPTIONS: the tool and
-/// action of a plain HTTP call are labels the agent sets itself, so `POST /payments`
-/// labelled `ledger.read` is held too. An MCP call's tool is the one the server runs.
+/// anything but an MCP call, when its HTTP method is not GET, HEAD or OPTIONS: a route
+/// labelled `ledger.read` that takes a POST is held too. An MCP call's tool is the one the
+/// server runs, and every MCP message is a POST.
 pub(super) fn restrict(
     agent: &AgentContext,
     decision: Decision,
@@ -61,7 +61,7 @@ pub(super) fn restrict(
     if agent.status != AgentStatus::Restricted || !decision.verdict.allows() {
         return (decision, None);
     }
-    let unsafe_method = !is_mcp(&d.parsed_body)
+    let unsafe_method = !d.mcp
         && !matches!(
             d.http.method.to_ascii_uppercase().as_str(),
             "GET" | "HEAD" | "OPTIONS"
@@ -95,7 +95,7 @@ pub(super) fn pending_call(
     policy_reason: &str,
 ) -> PendingCall {
     let http = d.http;
-    let body: &[u8] = if is_mcp(&d.parsed_body) {
+    let body: &[u8] = if d.mcp {
         b""
     } else if http.body.is_empty() {
         &http.raw_body
@@ -124,11 +124,6 @@ pub(super) fn pending_call(
         policy_reason: policy_reason.to_owned(),
         held: None,
     }
-}
-
-/// A JSON-RPC (MCP) request body.
-fn is_mcp(body: &serde_json::Value) -> bool {
-    body.get("jsonrpc").and_then(serde_json::Value::as_str) == Some("2.0")
 }
 
 fn deny(reason: &str, status: u32) -> Outcome {

@@ -5,18 +5,28 @@
 //! input.parsed_path       path segments, percent-decoded: "/a/b%20c" → ["a", "b c"]
 //! input.parsed_query      {"k": ["v1", "v2"]}
 //! input.parsed_body       JSON or form body (null when absent, unparsed type or truncated)
-//! input.truncated_body    the body Envoy sent is partial
+//! input.truncated_body    the body Envoy sent may be partial
 //! input.version           {"encoding": "protojson", "ext_authz": "v3"}
 //! input.agent             {id, tenant, scopes, session, status, risk_tier}
-//! input.tool              {name, action, arguments, resource}
+//! input.tool              {name, action, arguments, resource, route, source}
 //! input.context           {trust_level, run_id, parent_agent}
 //! ```
 //!
-//! The tool comes from an MCP JSON-RPC `tools/call` body (`params.name` "tool.action" or
-//! "tool/action", else the whole name with `x-aegis-action` or `call` as action), else the
-//! `x-aegis-tool` / `x-aegis-action` / `x-aegis-resource` headers, else the first path
-//! segment and the HTTP method (GET/HEAD → read, POST → create, PUT/PATCH → update,
-//! DELETE → delete) with the path as resource.
+//! The tool comes from the route (see [`crate::policy::routes`]): Envoy's per-route labels,
+//! else the bundle's route catalogue, else, on a route declared MCP, the JSON-RPC
+//! `tools/call` body. What the agent says of its own call (`x-aegis-tool`,
+//! `x-aegis-action`, `x-aegis-resource`) is ignored, or, on a route set to `verify`,
+//! compared and denied on mismatch. Of the other claims, only those that make the decision
+//! stricter are believed: an `untrusted…` trust level, and an `x-aegis-cost` above the
+//! route's.
+//!
+//! Bodies are read the way a strict tool server would: media types case-insensitively, a
+//! route's declared body type whatever the `content-type` says, JSON with duplicate keys
+//! (compared case-insensitively, as Go's decoder matches fields) refused, a JSON-RPC batch
+//! refused, and a body of exactly Envoy's buffer limit without a `content-length` that
+//! proves it whole taken as truncated. Paths must arrive normalized (Envoy's
+//! `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`): a dot segment,
+//! an encoded slash or backslash, or an empty segment inside the path is denied.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -26,6 +36,9 @@ use serde_json::{Map, Value};
 
 use crate::control::state::AgentContext;
 use crate::identity::Claims;
+use crate::policy::routes::{
+    AgentLabels, BodyKind, Catalogue, Protocol, Route, RouteError, RouteSource,
+};
 
 /// Limits on what a request may carry.
 #[derive(Debug, Clone)]
@@ -33,13 +46,42 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Envoy's `with_request_body.max_request_bytes`: a body this long is whole only if its
+    /// `content-length` says so (0: not known).
+    pub envoy_max_request_bytes: usize,
 }
 
 /// Deepest JSON body parsed: serde_json's own recursion limit, which bounds the stack
 /// used by parsing and by every later walk of the value.
 pub const MAX_JSON_DEPTH: usize = 128;
 
-/// A request Aegis cannot make sense of: answered with a 4xx deny, never an internal error.
+/// The headers an agent may send about its own call; never taken as its tool.
+pub const LABEL_HEADERS: [(&str, Label); 3] = [
+    ("x-aegis-tool", Label::Tool),
+    ("x-aegis-action", Label::Action),
+    ("x-aegis-resource", Label::Resource),
+];
+
+/// Claim headers that never reach the tool (the token and override headers aside).
+pub const CLAIM_HEADERS: [&str; 5] = [
+    "x-aegis-tool",
+    "x-aegis-action",
+    "x-aegis-resource",
+    "x-aegis-trust-level",
+    "x-aegis-cost",
+];
+
+/// One of the agent's labels of its own call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    Tool,
+    Action,
+    Resource,
+}
+
+/// A request Aegis cannot make sense of, or that contradicts its route: answered with a
+/// 4xx deny, never an internal error ([`InputError::Route`] aside, which is the platform's
+/// misconfiguration and fails the Check).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
     #[error("request has no attributes.request.http")]
@@ -52,14 +94,36 @@ pub enum InputError {
     HeadersTooLarge(usize, usize),
     #[error("path is not valid percent-encoded UTF-8")]
     MalformedPath,
+    #[error("path is not normalized: {0}")]
+    PathNotNormalized(&'static str),
     #[error("malformed JSON body: {0}")]
     MalformedJson(String),
     #[error("JSON body nests deeper than {MAX_JSON_DEPTH} levels")]
     BodyTooDeep,
+    #[error("malformed form body: not UTF-8")]
+    MalformedForm,
+    #[error("the body may be cut short (Envoy's buffer limit) and this route's tool reads it")]
+    BodyTruncated,
     #[error("malformed MCP request: {0}")]
     MalformedMcp(&'static str),
+    #[error("a JSON-RPC batch: send one message per request")]
+    JsonRpcBatch,
+    #[error("MCP tools/call names {body:?}, the route serves tool {route:?}")]
+    McpToolMismatch { route: String, body: String },
+    #[error("MCP tools/call names action {body:?}, the route serves {route:?}")]
+    McpActionMismatch { route: String, body: String },
+    #[error("method {0} is not served by this route")]
+    MethodNotAllowed(String),
+    #[error("x-aegis-{label} says {claimed:?}, the route says {actual:?}")]
+    LabelMismatch {
+        label: &'static str,
+        claimed: String,
+        actual: String,
+    },
     #[error("x-aegis-cost {0:?} is not a finite number ≥ 0")]
     MalformedCost(String),
+    #[error(transparent)]
+    Route(#[from] RouteError),
 }
 
 impl InputError {
@@ -72,10 +136,47 @@ impl InputError {
                 (431, "headers_too_large")
             }
             InputError::MalformedPath => (400, "malformed_path"),
-            InputError::MalformedJson(_) => (400, "malformed_body"),
+            InputError::PathNotNormalized(_) => (400, "path_not_normalized"),
+            InputError::MalformedJson(_) | InputError::MalformedForm => (400, "malformed_body"),
             InputError::BodyTooDeep => (400, "body_too_deep"),
+            InputError::BodyTruncated => (413, "body_truncated"),
             InputError::MalformedMcp(_) => (400, "malformed_mcp_request"),
+            InputError::JsonRpcBatch => (400, "jsonrpc_batch_refused"),
+            InputError::McpToolMismatch { .. } => (403, "mcp_tool_mismatch"),
+            InputError::McpActionMismatch { .. } => (403, "mcp_action_mismatch"),
+            InputError::MethodNotAllowed(_) => (405, "method_not_allowed"),
+            InputError::LabelMismatch { label, .. } => match *label {
+                "tool" => (403, "tool_label_mismatch"),
+                "action" => (403, "action_label_mismatch"),
+                _ => (403, "resource_label_mismatch"),
+            },
             InputError::MalformedCost(_) => (400, "malformed_cost"),
+            InputError::Route(_) => (500, "route_misconfigured"),
+        }
+    }
+}
+
+/// Where the tool and action the policy sees came from (`input.tool.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolSource {
+    /// Envoy's per-route labels.
+    RouteLabels,
+    /// The bundle's route catalogue.
+    Catalogue,
+    /// The MCP body, on a route declared MCP.
+    McpBody,
+    /// On no known route: no tool.
+    #[default]
+    None,
+}
+
+impl ToolSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolSource::RouteLabels => "route_labels",
+            ToolSource::Catalogue => "catalogue",
+            ToolSource::McpBody => "mcp_body",
+            ToolSource::None => "none",
         }
     }
 }
@@ -87,6 +188,9 @@ pub struct Tool {
     pub action: String,
     pub arguments: Value,
     pub resource: String,
+    /// The route's name (may be empty).
+    pub route: String,
+    pub source: ToolSource,
 }
 
 /// Where the call came from.
@@ -107,8 +211,10 @@ pub struct Decoded<'a> {
     pub parsed_body: Value,
     pub truncated_body: bool,
     pub tool: Tool,
+    /// The request is one MCP message on a route declared MCP.
+    pub mcp: bool,
     pub context: CallContext,
-    /// The call's cost for budgets (`x-aegis-cost`; 0 without it).
+    /// The call's cost for budgets: the route's, or the agent's `x-aegis-cost` if higher.
     pub cost: f64,
 }
 
@@ -119,20 +225,30 @@ impl Decoded<'_> {
     }
 }
 
-/// Decodes the HTTP request: limits, path, query, body, tool and context.
+/// What the platform configured that a decode needs: Envoy's per-route labels and the
+/// bundle's route catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteConfig<'a> {
+    pub extensions: &'a HashMap<String, String>,
+    pub catalogue: &'a Catalogue,
+}
+
+/// Decodes the HTTP request: limits, path, route, body, tool and context.
 pub fn decode<'a>(
     http: Option<&'a HttpRequest>,
+    routes: RouteConfig<'_>,
     limits: &Limits,
 ) -> Result<Decoded<'a>, InputError> {
     let http = http.ok_or(InputError::NoHttp)?;
     let headers = decode_headers(http, limits)?;
-    decode_with_headers(http, headers, limits)
+    decode_with_headers(http, headers, routes, limits)
 }
 
 /// [`decode`] with the headers already decoded (the token is read from them first).
 pub fn decode_with_headers<'a>(
     http: &'a HttpRequest,
     headers: Cow<'a, HashMap<String, String>>,
+    routes: RouteConfig<'_>,
     limits: &Limits,
 ) -> Result<Decoded<'a>, InputError> {
     let body: &[u8] = if http.body.is_empty() {
@@ -146,18 +262,41 @@ pub fn decode_with_headers<'a>(
     let (path, query) = split_path(&http.path);
     let parsed_path = parse_path(path)?;
     let parsed_query = parse_query(query);
-    let (parsed_body, truncated_body) = parse_body(&headers, body)?;
-    let tool = tool(&headers, &parsed_body, &http.method, path)?;
+    let host = if http.host.is_empty() {
+        headers
+            .get(":authority")
+            .or_else(|| headers.get("host"))
+            .map_or("", String::as_str)
+    } else {
+        http.host.as_str()
+    };
+    let route = crate::policy::routes::resolve(
+        routes.extensions,
+        routes.catalogue,
+        host,
+        &http.method,
+        &parsed_path,
+    )?;
+    if !route.methods.is_empty()
+        && !route
+            .methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&http.method))
+    {
+        return Err(InputError::MethodNotAllowed(http.method.clone()));
+    }
+    let (parsed_body, truncated_body) = parse_body(&headers, body, &route, limits)?;
+    let (tool, mcp) = tool(&route, &parsed_body, body.is_empty(), &http.method, path)?;
+    if route.labels == AgentLabels::Verify {
+        verify_labels(&headers, &tool)?;
+    }
     let get = |k: &str| headers.get(k).cloned().unwrap_or_default();
     let context = CallContext {
-        trust_level: headers
-            .get("x-aegis-trust-level")
-            .cloned()
-            .unwrap_or_else(|| "unspecified".into()),
+        trust_level: trust_level(headers.get("x-aegis-trust-level").map(String::as_str)),
         run_id: get("x-aegis-run-id"),
         parent_agent: get("x-aegis-parent-agent"),
     };
-    let cost = match headers.get("x-aegis-cost").map(|v| v.trim()) {
+    let claimed_cost = match headers.get("x-aegis-cost").map(|v| v.trim()) {
         None | Some("") => 0.0,
         Some(v) => v
             .parse::<f64>()
@@ -173,11 +312,42 @@ pub fn decode_with_headers<'a>(
         parsed_body,
         truncated_body,
         tool,
+        mcp,
         context,
-        cost,
+        cost: route.cost.max(claimed_cost),
     })
 }
 
+/// The trust level the policy sees: `unspecified`, unless the agent claims a level
+/// starting with `untrusted` — a claim that can only make its own calls stricter.
+fn trust_level(claim: Option<&str>) -> String {
+    match claim.map(str::trim) {
+        Some(c) if c.starts_with("untrusted") => c.to_owned(),
+        _ => "unspecified".to_owned(),
+    }
+}
+
+/// On a `verify` route, each label header the agent sent must say what the route says.
+fn verify_labels(headers: &HashMap<String, String>, tool: &Tool) -> Result<(), InputError> {
+    for (header, label) in LABEL_HEADERS {
+        let Some(claimed) = headers.get(header).map(|v| v.trim()) else {
+            continue;
+        };
+        let (name, actual) = match label {
+            Label::Tool => ("tool", &tool.name),
+            Label::Action => ("action", &tool.action),
+            Label::Resource => ("resource", &tool.resource),
+        };
+        if claimed != actual {
+            return Err(InputError::LabelMismatch {
+                label: name,
+                claimed: claimed.to_owned(),
+                actual: actual.clone(),
+            });
+        }
+    }
+    Ok(())
+}
 /// The whole input document for an identified agent, with its status and risk tier as the
 /// control plane has them.
 pub fn build(
@@ -205,7 +375,9 @@ pub fn build(
     tool.put("name", R::from(d.tool.name.as_str()))
         .put("action", R::from(d.tool.action.as_str()))
         .put("arguments", json_to_rego(&d.tool.arguments))
-        .put("resource", R::from(d.tool.resource.as_str()));
+        .put("resource", R::from(d.tool.resource.as_str()))
+        .put("route", R::from(d.tool.route.as_str()))
+        .put("source", R::from(d.tool.source.as_str()));
     let mut context = Obj::default();
     context
         .put("trust_level", R::from(d.context.trust_level.as_str()))
@@ -266,17 +438,6 @@ fn split_path(raw: &str) -> (&str, &str) {
     raw.split_once('?').unwrap_or((raw, ""))
 }
 
-fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
-    let decoded = percent_encoding::percent_decode_str(path)
-        .decode_utf8()
-        .map_err(|_| InputError::MalformedPath)?;
-    Ok(decoded
-        .trim_start_matches('/')
-        .split('/')
-        .map(str::to_owned)
-        .collect())
-}
-
 fn parse_query(query: &str) -> Map<String, Value> {
     let mut out: Map<String, Value> = Map::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
@@ -290,74 +451,6 @@ fn parse_query(query: &str) -> Map<String, Value> {
     out
 }
 
-/// `(parsed_body, truncated_body)` following OPA-Envoy: by content type, and a body shorter
-/// than its `content-length` (or Envoy's partial-body marker) is truncated and not parsed.
-fn parse_body(headers: &HashMap<String, String>, body: &[u8]) -> Result<(Value, bool), InputError> {
-    let ctype = headers
-        .get("content-type")
-        .map(String::as_str)
-        .unwrap_or("");
-    let is_json = ctype.contains("application/json");
-    let is_form = ctype.contains("application/x-www-form-urlencoded");
-    if body.is_empty() || !(is_json || is_form) {
-        return Ok((Value::Null, false));
-    }
-    let declared = headers
-        .get("content-length")
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let partial = headers
-        .get("x-envoy-auth-partial-body")
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    if partial || declared.is_some_and(|n| n > body.len()) {
-        return Ok((Value::Null, true));
-    }
-    if is_json {
-        let v = serde_json::from_slice(body).map_err(|e| {
-            // serde_json stops at its recursion limit; say so rather than "malformed".
-            if e.to_string().starts_with("recursion limit exceeded") {
-                InputError::BodyTooDeep
-            } else {
-                InputError::MalformedJson(e.to_string())
-            }
-        })?;
-        return Ok((v, false));
-    }
-    Ok((
-        Value::Object(parse_query(&String::from_utf8_lossy(body))),
-        false,
-    ))
-}
-
-fn tool(
-    headers: &HashMap<String, String>,
-    body: &Value,
-    method: &str,
-    path: &str,
-) -> Result<Tool, InputError> {
-    let header = |k: &str| headers.get(k).filter(|v| !v.is_empty()).cloned();
-    if let Some(mut t) = mcp_tool(body, header("x-aegis-action"))? {
-        if let Some(r) = header("x-aegis-resource") {
-            t.resource = r;
-        }
-        return Ok(t);
-    }
-    if let Some(name) = header("x-aegis-tool") {
-        return Ok(Tool {
-            name,
-            action: header("x-aegis-action").unwrap_or_else(|| http_verb(method).to_owned()),
-            arguments: Value::Object(Map::new()),
-            resource: header("x-aegis-resource").unwrap_or_else(|| path.to_owned()),
-        });
-    }
-    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    Ok(Tool {
-        name: first.to_owned(),
-        action: http_verb(method).to_owned(),
-        arguments: Value::Object(Map::new()),
-        resource: path.to_owned(),
-    })
-}
-
 fn http_verb(method: &str) -> &'static str {
     match method {
         "GET" | "HEAD" => "read",
@@ -368,13 +461,294 @@ fn http_verb(method: &str) -> &'static str {
     }
 }
 
-/// The tool of an MCP JSON-RPC request, if the body is one.
-fn mcp_tool(body: &Value, action_header: Option<String>) -> Result<Option<Tool>, InputError> {
-    let Some(obj) = body.as_object() else {
-        return Ok(None);
+/// The percent-decoded segments of a normalized path. Each raw segment is decoded on its
+/// own, so an encoded slash cannot make a new segment; a path Envoy would have normalized
+/// (dot segments, `//`, encoded `/` or `\`) means the proxy in front does not normalize,
+/// and the tool might see another path than the policy: refused.
+fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
+    let raw: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let last = raw.len() - 1;
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, seg) in raw.iter().enumerate() {
+        if seg.contains('\\') {
+            return Err(InputError::PathNotNormalized("a backslash"));
+        }
+        let decoded = percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .map_err(|_| InputError::MalformedPath)?;
+        if decoded.contains(['/', '\\']) {
+            return Err(InputError::PathNotNormalized(
+                "an encoded slash or backslash",
+            ));
+        }
+        if decoded == "." || decoded == ".." {
+            return Err(InputError::PathNotNormalized("a dot segment"));
+        }
+        if decoded.is_empty() && i != last && path.starts_with('/') {
+            return Err(InputError::PathNotNormalized("an empty segment (//)"));
+        }
+        out.push(decoded.into_owned());
+    }
+    Ok(out)
+}
+
+/// The body type a request is read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyType {
+    Json,
+    Form,
+    Other,
+}
+
+/// The body type a `content-type` names: its essence compared case-insensitively,
+/// parameters (`; charset=…`) ignored; `application/*+json` is JSON.
+fn media_type(content_type: &str) -> BodyType {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => BodyType::Json,
+        "application/x-www-form-urlencoded" => BodyType::Form,
+        e if e.starts_with("application/") && e.ends_with("+json") => BodyType::Json,
+        _ => BodyType::Other,
+    }
+}
+
+/// `(parsed_body, truncated_body)`. A route declared MCP reads its body as JSON, a route
+/// with a declared body type as that type, whatever the `content-type`; other routes go by
+/// the `content-type` (OPA-Envoy's behaviour). A body that may be cut short is never parsed:
+/// on a route whose tool reads the body (MCP, or a declared type) it is refused, elsewhere
+/// the policy sees `truncated_body` (the default bundle denies it).
+fn parse_body(
+    headers: &HashMap<String, String>,
+    body: &[u8],
+    route: &Route,
+    limits: &Limits,
+) -> Result<(Value, bool), InputError> {
+    let declared = match (route.protocol, route.body) {
+        (Protocol::Mcp, _) | (Protocol::Http, Some(BodyKind::Json)) => Some(BodyType::Json),
+        (Protocol::Http, Some(BodyKind::Form)) => Some(BodyType::Form),
+        (Protocol::Http, None) => None,
+    };
+    let kind = declared.unwrap_or_else(|| {
+        headers
+            .get("content-type")
+            .map_or(BodyType::Other, |c| media_type(c))
+    });
+    if truncated(headers, body.len(), limits) {
+        if declared.is_some() {
+            return Err(InputError::BodyTruncated);
+        }
+        return Ok((Value::Null, true));
+    }
+    if body.is_empty() {
+        return Ok((Value::Null, false));
+    }
+    let parsed = match kind {
+        BodyType::Json => parse_json(body)?,
+        BodyType::Form => {
+            let text = std::str::from_utf8(body).map_err(|_| InputError::MalformedForm)?;
+            Value::Object(parse_query(text))
+        }
+        BodyType::Other => Value::Null,
+    };
+    Ok((parsed, false))
+}
+
+/// Whether the body Envoy sent may be only the start of the request's body: Envoy says so
+/// (`x-envoy-auth-partial-body: true`), `content-length` promises more, or it is exactly as
+/// long as Envoy's buffer and no `content-length` proves it whole (Envoy 1.40 sends a
+/// chunked body's first `max_request_bytes` marked as complete when they arrive first).
+fn truncated(headers: &HashMap<String, String>, len: usize, limits: &Limits) -> bool {
+    let partial = headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let at_limit = limits.envoy_max_request_bytes > 0 && len >= limits.envoy_max_request_bytes;
+    partial || declared.is_some_and(|n| n > len) || (at_limit && declared != Some(len))
+}
+
+/// JSON as a strict server reads it: one value, nesting bounded, and no object with two
+/// keys that are equal ignoring ASCII case (parsers disagree on which one wins, and Go's
+/// matches struct fields case-insensitively).
+pub fn parse_json(body: &[u8]) -> Result<Value, InputError> {
+    use serde::Deserialize as _;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = StrictJson::deserialize(&mut de).and_then(|v| de.end().map(|()| v.0));
+    parsed.map_err(|e| {
+        // serde_json stops at its recursion limit; say so rather than "malformed".
+        if e.to_string().starts_with("recursion limit exceeded") {
+            InputError::BodyTooDeep
+        } else {
+            InputError::MalformedJson(e.to_string())
+        }
+    })
+}
+
+/// A JSON value parsed with duplicate keys refused.
+struct StrictJson(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictJson)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictJson(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.to_ascii_lowercase()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {key:?} (keys are compared ignoring case)"
+                )));
+            }
+            let StrictJson(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// The tool of the call, from its route (and, on an MCP route, its body); and whether the
+/// request is an MCP message.
+fn tool(
+    route: &Route,
+    body: &Value,
+    body_empty: bool,
+    method: &str,
+    path: &str,
+) -> Result<(Tool, bool), InputError> {
+    let source = match route.source {
+        RouteSource::None => ToolSource::None,
+        RouteSource::Envoy => ToolSource::RouteLabels,
+        RouteSource::Catalogue => ToolSource::Catalogue,
+    };
+    if route.protocol == Protocol::Mcp {
+        let mut t = mcp_tool(route, body, body_empty, method)?;
+        if t.source == ToolSource::None {
+            t.source = source;
+        }
+        t.route = route.name.clone();
+        return Ok((t, true));
+    }
+    let Some(name) = &route.tool else {
+        return Ok((
+            Tool {
+                resource: path.to_owned(),
+                arguments: Value::Object(Map::new()),
+                route: route.name.clone(),
+                ..Tool::default()
+            },
+            false,
+        ));
+    };
+    let arguments = match body {
+        Value::Object(_) => body.clone(),
+        _ => Value::Object(Map::new()),
+    };
+    Ok((
+        Tool {
+            name: name.clone(),
+            action: route
+                .action
+                .clone()
+                .unwrap_or_else(|| http_verb(method).to_owned()),
+            arguments,
+            resource: route.resource.clone().unwrap_or_else(|| path.to_owned()),
+            route: route.name.clone(),
+            source,
+        },
+        false,
+    ))
+}
+
+/// The tool of an MCP request on an MCP route. `tools/call` names it (`payments.create` or
+/// `payments/create`; on a route labelled with a tool, a name without that prefix is the
+/// action); other methods are session plumbing, tool `mcp`. A body-less GET or DELETE
+/// (the server's event stream, the end of a session) is tool `mcp`, action `http_get` /
+/// `http_delete`. The returned source is `None` when the route, not the body, named it.
+fn mcp_tool(
+    route: &Route,
+    body: &Value,
+    body_empty: bool,
+    method: &str,
+) -> Result<Tool, InputError> {
+    let plumbing = |action: String| Tool {
+        name: "mcp".into(),
+        action,
+        arguments: Value::Object(Map::new()),
+        resource: String::new(),
+        route: String::new(),
+        source: ToolSource::McpBody,
+    };
+    if body_empty {
+        return match method.to_ascii_uppercase().as_str() {
+            m @ ("GET" | "DELETE") => Ok(plumbing(format!("http_{}", m.to_ascii_lowercase()))),
+            _ => Err(InputError::MalformedMcp("an MCP POST without a body")),
+        };
+    }
+    let obj = match body {
+        Value::Object(o) => o,
+        Value::Array(_) => return Err(InputError::JsonRpcBatch),
+        _ => {
+            return Err(InputError::MalformedMcp(
+                "a JSON-RPC message must be an object",
+            ));
+        }
     };
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Ok(None);
+        return Err(InputError::MalformedMcp("not a JSON-RPC 2.0 message"));
     }
     let method = obj
         .get("method")
@@ -383,13 +757,7 @@ fn mcp_tool(body: &Value, action_header: Option<String>) -> Result<Option<Tool>,
             "JSON-RPC request without a method",
         ))?;
     if method != "tools/call" {
-        // Session plumbing (initialize, tools/list, ping, …): the tool is `mcp`.
-        return Ok(Some(Tool {
-            name: "mcp".into(),
-            action: method.to_owned(),
-            arguments: Value::Object(Map::new()),
-            resource: String::new(),
-        }));
+        return Ok(plumbing(method.to_owned()));
     }
     let params = obj
         .get("params")
@@ -409,24 +777,44 @@ fn mcp_tool(body: &Value, action_header: Option<String>) -> Result<Option<Tool>,
             ));
         }
     };
-    let (name, action) = match full.split_once(['.', '/']) {
-        Some((n, a)) if !n.is_empty() && !a.is_empty() => (n.to_owned(), a.to_owned()),
-        _ => (
-            full.to_owned(),
-            action_header.unwrap_or_else(|| "call".into()),
-        ),
+    let split = full
+        .split_once(['.', '/'])
+        .filter(|(n, a)| !n.is_empty() && !a.is_empty());
+    let (name, action, source) = match (&route.tool, split) {
+        (None, Some((n, a))) => (n.to_owned(), a.to_owned(), ToolSource::McpBody),
+        (None, None) => (full.to_owned(), "call".to_owned(), ToolSource::McpBody),
+        (Some(t), Some((n, a))) if n == t => (t.clone(), a.to_owned(), ToolSource::None),
+        (Some(t), Some(_)) => {
+            return Err(InputError::McpToolMismatch {
+                route: t.clone(),
+                body: full.to_owned(),
+            });
+        }
+        (Some(t), None) => (t.clone(), full.to_owned(), ToolSource::None),
     };
-    let resource = ["resource", "url", "uri", "path"]
-        .iter()
-        .find_map(|k| arguments.get(*k).and_then(Value::as_str))
-        .unwrap_or("")
-        .to_owned();
-    Ok(Some(Tool {
+    if let Some(a) = &route.action
+        && *a != action
+    {
+        return Err(InputError::McpActionMismatch {
+            route: a.clone(),
+            body: action,
+        });
+    }
+    let resource = route.resource.clone().unwrap_or_else(|| {
+        ["resource", "url", "uri", "path"]
+            .iter()
+            .find_map(|k| arguments.get(*k).and_then(Value::as_str))
+            .unwrap_or("")
+            .to_owned()
+    });
+    Ok(Tool {
         name,
         action,
         arguments,
         resource,
-    }))
+        route: String::new(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -439,7 +827,21 @@ mod tests {
             max_body_bytes: 1024,
             max_headers: 16,
             max_header_bytes: 4096,
+            envoy_max_request_bytes: 256,
         }
+    }
+
+    fn catalogue() -> Catalogue {
+        let data = regorus::Value::from_json_str(
+            r#"{"aegis": {"routes": [
+                {"name": "mcp", "methods": ["GET", "POST", "DELETE"], "path": "/mcp", "protocol": "mcp"},
+                {"name": "inv-read", "methods": ["GET"], "path": "/invoices/*", "tool": "invoices", "action": "read"},
+                {"name": "pay", "methods": ["POST"], "path": "/payments/create", "tool": "payments", "action": "create", "body": "json"},
+                {"name": "note", "methods": ["POST"], "path": "/notes", "tool": "notes"}
+            ]}}"#,
+        )
+        .expect("json");
+        Catalogue::from_data(&data).expect("catalogue")
     }
 
     fn req(method: &str, path: &str, ctype: &str, body: &str) -> HttpRequest {
@@ -447,6 +849,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             body: body.into(),
+            host: "tools.internal".into(),
             ..Default::default()
         };
         if !ctype.is_empty() {
@@ -455,10 +858,39 @@ mod tests {
         h
     }
 
+    fn with(mut r: HttpRequest, k: &str, v: &str) -> HttpRequest {
+        r.headers.insert(k.into(), v.into());
+        r
+    }
+
+    /// Decodes `r` on the catalogue with Envoy labels `labels`.
+    fn decode_on<'a>(
+        r: &'a HttpRequest,
+        labels: &[(&str, &str)],
+        limits: &Limits,
+    ) -> Result<Decoded<'a>, InputError> {
+        let ext: HashMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let c = catalogue();
+        let routes = RouteConfig {
+            extensions: &ext,
+            catalogue: &c,
+        };
+        decode(Some(r), routes, limits)
+    }
+
+    fn dec(r: &HttpRequest) -> Result<Decoded<'_>, InputError> {
+        decode_on(r, &[], &limits())
+    }
+
+    const PAY: &str = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5000,"resource":"acct-1"}}}"#;
+
     #[test]
-    fn path_and_query_like_opa_envoy() {
+    fn path_and_query_like_opa_envoy_and_the_tool_from_the_catalogue() {
         let r = req("GET", "/invoices/a%20b?x=1&x=2&y=%2F#frag", "", "");
-        let d = decode(Some(&r), &limits()).expect("decodes");
+        let d = dec(&r).expect("decodes");
         assert_eq!(d.parsed_path, vec!["invoices", "a b"]);
         assert_eq!(
             Value::Object(d.parsed_query),
@@ -470,41 +902,245 @@ mod tests {
                 name: "invoices".into(),
                 action: "read".into(),
                 arguments: json!({}),
-                resource: "/invoices/a%20b".into()
+                resource: "/invoices/a%20b".into(),
+                route: "inv-read".into(),
+                source: ToolSource::Catalogue,
             }
         );
         let root = req("GET", "/", "", "");
+        let d = dec(&root).expect("decodes");
+        assert_eq!(d.parsed_path, vec![""]);
         assert_eq!(
-            decode(Some(&root), &limits()).expect("decodes").parsed_path,
-            vec![""]
+            (d.tool.name.as_str(), d.tool.source),
+            ("", ToolSource::None)
         );
     }
 
     #[test]
-    fn mcp_tools_call() {
-        let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5,"resource":"acct-1"}}}"#;
-        let r = req("POST", "/mcp", "application/json", body);
-        let d = decode(Some(&r), &limits()).expect("decodes");
-        assert_eq!(d.tool.name, "payments");
-        assert_eq!(d.tool.action, "create");
-        assert_eq!(d.tool.resource, "acct-1");
-        assert_eq!(d.tool.arguments, json!({"amount": 5, "resource": "acct-1"}));
-        let bad = req(
-            "POST",
-            "/mcp",
-            "application/json",
-            r#"{"jsonrpc":"2.0","method":"tools/call","params":{}}"#,
+    fn the_agents_labels_are_ignored_or_verified() {
+        // Ignored by default: the route names the tool.
+        let r = with(
+            with(req("GET", "/invoices/1", "", ""), "x-aegis-tool", "mcp"),
+            "x-aegis-action",
+            "ping",
+        );
+        let d = dec(&r).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.action.as_str()),
+            ("invoices", "read")
+        );
+        // On no route, they name nothing.
+        let r = with(
+            req("DELETE", "/invoices/42", "", ""),
+            "x-aegis-tool",
+            "invoices",
+        );
+        assert_eq!(dec(&r).expect("decodes").tool.source, ToolSource::None);
+        // Verified: a disagreeing label is named.
+        let r = with(req("GET", "/invoices/1", "", ""), "x-aegis-action", "list");
+        assert_eq!(
+            decode_on(&r, &[("aegis.labels", "verify")], &limits()).err(),
+            Some(InputError::LabelMismatch {
+                label: "action",
+                claimed: "list".into(),
+                actual: "read".into()
+            })
+        );
+        let r = with(
+            req("GET", "/invoices/1", "", ""),
+            "x-aegis-tool",
+            "invoices",
+        );
+        assert!(decode_on(&r, &[("aegis.labels", "verify")], &limits()).is_ok());
+        // Route labels win over the catalogue, and limit the methods.
+        let r = req("POST", "/invoices/1", "", "");
+        let labels = [
+            ("aegis.tool", "ledger"),
+            ("aegis.action", "read"),
+            ("aegis.methods", "GET,HEAD"),
+        ];
+        assert_eq!(
+            decode_on(&r, &labels, &limits()).err(),
+            Some(InputError::MethodNotAllowed("POST".into()))
+        );
+        let r = req("GET", "/invoices/1", "", "");
+        let d = decode_on(&r, &labels, &limits()).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.source),
+            ("ledger", ToolSource::RouteLabels)
+        );
+    }
+
+    #[test]
+    fn claims_are_believed_only_where_they_make_the_call_stricter() {
+        let r = with(
+            req("GET", "/invoices/1", "", ""),
+            "x-aegis-trust-level",
+            "trusted",
+        );
+        assert_eq!(dec(&r).expect("decodes").context.trust_level, "unspecified");
+        let r = with(
+            req("GET", "/invoices/1", "", ""),
+            "x-aegis-trust-level",
+            "untrusted_external",
         );
         assert_eq!(
-            decode(Some(&bad), &limits()).err(),
-            Some(InputError::MalformedMcp("tools/call without params.name"))
+            dec(&r).expect("decodes").context.trust_level,
+            "untrusted_external"
         );
+        let r = with(req("GET", "/invoices/1", "", ""), "x-aegis-cost", "0.5");
+        assert_eq!(
+            decode_on(&r, &[("aegis.cost", "2")], &limits())
+                .expect("ok")
+                .cost,
+            2.0
+        );
+        let r = with(req("GET", "/invoices/1", "", ""), "x-aegis-cost", "7");
+        assert_eq!(
+            decode_on(&r, &[("aegis.cost", "2")], &limits())
+                .expect("ok")
+                .cost,
+            7.0
+        );
+    }
+
+    #[test]
+    fn mcp_tools_call_only_on_an_mcp_route() {
+        let r = req("POST", "/mcp", "application/json", PAY);
+        let d = dec(&r).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.action.as_str()),
+            ("payments", "create")
+        );
+        assert_eq!(d.tool.resource, "acct-1");
+        assert_eq!(d.tool.source, ToolSource::McpBody);
+        assert!(d.mcp);
+        assert_eq!(
+            d.tool.arguments,
+            json!({"amount": 5000, "resource": "acct-1"})
+        );
+        // A JSON-RPC body elsewhere names nothing: the route does.
+        let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping","amount":5000}"#;
+        let r = req("POST", "/payments/create", "application/json", ping);
+        let d = dec(&r).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.action.as_str()),
+            ("payments", "create")
+        );
+        assert!(!d.mcp);
+        assert_eq!(d.tool.arguments["amount"], json!(5000));
+        // Media types are case-insensitive, and an MCP route reads JSON whatever they say.
+        for ctype in [
+            "Application/JSON",
+            "application/json; charset=UTF-8",
+            "text/plain",
+            "",
+        ] {
+            let r = req("POST", "/mcp", ctype, PAY);
+            let d = dec(&r).expect(ctype);
+            assert_eq!(d.tool.name, "payments", "{ctype}");
+        }
+        // A route labelled with a tool: the body picks an action of that tool only.
+        let labels = [("aegis.protocol", "mcp"), ("aegis.tool", "invoices")];
+        let r = req("POST", "/x", "application/json", PAY);
+        assert_eq!(
+            decode_on(&r, &labels, &limits()).err(),
+            Some(InputError::McpToolMismatch {
+                route: "invoices".into(),
+                body: "payments.create".into()
+            })
+        );
+        let read = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read"}}"#;
+        let r = req("POST", "/x", "application/json", read);
+        let d = decode_on(&r, &labels, &limits()).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.action.as_str()),
+            ("invoices", "read")
+        );
+        assert_eq!(d.tool.source, ToolSource::RouteLabels);
+        // Session plumbing and the event stream.
+        let r = req("GET", "/mcp", "", "");
+        let d = dec(&r).expect("decodes");
+        assert_eq!(
+            (d.tool.name.as_str(), d.tool.action.as_str()),
+            ("mcp", "http_get")
+        );
+    }
+
+    #[test]
+    fn mcp_messages_a_strict_server_would_not_take_are_refused() {
+        let cases: [(&str, InputError); 6] = [
+            (
+                r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"payments.create"}}]"#,
+                InputError::JsonRpcBatch,
+            ),
+            (
+                "\"tools/call\"",
+                InputError::MalformedMcp("a JSON-RPC message must be an object"),
+            ),
+            (
+                r#"{"id":1,"method":"ping"}"#,
+                InputError::MalformedMcp("not a JSON-RPC 2.0 message"),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"tools/call","params":{}}"#,
+                InputError::MalformedMcp("tools/call without params.name"),
+            ),
+            ("", InputError::MalformedMcp("an MCP POST without a body")),
+            ("not json", InputError::MalformedJson(String::new())),
+        ];
+        for (body, want) in cases {
+            let r = req("POST", "/mcp", "application/json", body);
+            let got = dec(&r).err();
+            match (&got, &want) {
+                (Some(InputError::MalformedJson(_)), InputError::MalformedJson(_)) => {}
+                _ => assert_eq!(got.as_ref(), Some(&want), "{body}"),
+            }
+        }
+        // Two "method" keys, or two that differ only in case: which one a server takes
+        // depends on its parser.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"payments.create"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"payments.create"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read","NAME":"payments.create"}}"#,
+        ] {
+            let r = req("POST", "/mcp", "application/json", body);
+            assert!(
+                matches!(dec(&r), Err(InputError::MalformedJson(ref m)) if m.contains("duplicate key")),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_that_were_not_normalized_are_refused() {
+        for path in [
+            "/invoices/../payments/1",
+            "/invoices/%2e%2e/payments/1",
+            "/invoices/%2E%2E/payments/1",
+            "/invoices/..%2Fpayments/1",
+            "/invoices/1%2F..%2F..%2Fpayments",
+            "/invoices/.",
+            "/invoices//1",
+            "/invoices/1%5C..",
+            "/invoices\\..\\payments",
+        ] {
+            let r = req("GET", path, "", "");
+            assert!(
+                matches!(dec(&r), Err(InputError::PathNotNormalized(_))),
+                "{path}: {:?}",
+                dec(&r).err()
+            );
+        }
+        let r = req("GET", "/invoices/", "", "");
+        assert!(dec(&r).is_ok(), "a trailing slash is not a bypass");
     }
 
     #[test]
     fn a_body_past_the_depth_limit_is_refused_as_too_deep() {
         let limits = Limits {
             max_body_bytes: 1 << 20,
+            envoy_max_request_bytes: 0,
             ..limits()
         };
         let deep = format!(
@@ -513,7 +1149,7 @@ mod tests {
             "]".repeat(MAX_JSON_DEPTH + 1)
         );
         let r = req("POST", "/x", "application/json", &deep);
-        let err = decode(Some(&r), &limits).err();
+        let err = decode_on(&r, &[], &limits).err();
         assert_eq!(err, Some(InputError::BodyTooDeep));
         let ok = format!(
             "{}{}",
@@ -521,7 +1157,7 @@ mod tests {
             "]".repeat(MAX_JSON_DEPTH - 1)
         );
         let r = req("POST", "/x", "application/json", &ok);
-        assert!(decode(Some(&r), &limits).is_ok());
+        assert!(decode_on(&r, &[], &limits).is_ok());
     }
 
     #[test]
@@ -529,27 +1165,69 @@ mod tests {
         let form = req(
             "POST",
             "/x",
-            "application/x-www-form-urlencoded",
+            "Application/X-WWW-Form-Urlencoded; charset=utf-8",
             "a=1&b=two+words",
         );
         assert_eq!(
-            decode(Some(&form), &limits()).expect("form").parsed_body,
+            dec(&form).expect("form").parsed_body,
             json!({"a": ["1"], "b": ["two words"]})
         );
         let bad = req("POST", "/x", "application/json", "{\"a\":");
-        assert!(matches!(
-            decode(Some(&bad), &limits()),
-            Err(InputError::MalformedJson(_))
-        ));
-        let mut cut = req("POST", "/x", "application/json", "{\"a\":");
-        cut.headers.insert("content-length".into(), "100".into());
-        let d = decode(Some(&cut), &limits()).expect("truncated is not an error");
+        assert!(matches!(dec(&bad), Err(InputError::MalformedJson(_))));
+        let bad = req("POST", "/x", "application/vnd.api+json", "{\"a\":");
+        assert!(matches!(dec(&bad), Err(InputError::MalformedJson(_))));
+        // A declared JSON route parses whatever the content-type, and refuses non-JSON.
+        let text = req(
+            "POST",
+            "/payments/create",
+            "text/plain",
+            r#"{"amount":5000}"#,
+        );
+        assert_eq!(
+            dec(&text).expect("json").tool.arguments,
+            json!({"amount": 5000})
+        );
+        let junk = req("POST", "/payments/create", "text/plain", "amount=5000");
+        assert!(matches!(dec(&junk), Err(InputError::MalformedJson(_))));
+
+        let cut = with(
+            req("POST", "/x", "application/json", "{\"a\":"),
+            "content-length",
+            "100",
+        );
+        let d = dec(&cut).expect("truncated is not an error here");
         assert!(d.truncated_body);
         assert_eq!(d.parsed_body, Value::Null);
         let big = req("POST", "/x", "application/json", &"1".repeat(2000));
-        assert_eq!(
-            decode(Some(&big), &limits()).err(),
-            Some(InputError::BodyTooLarge(2000, 1024))
+        assert_eq!(dec(&big).err(), Some(InputError::BodyTooLarge(2000, 1024)));
+    }
+
+    #[test]
+    fn a_body_of_exactly_envoys_limit_is_whole_only_with_proof() {
+        let form = format!("a={}", "x".repeat(254));
+        assert_eq!(form.len(), limits().envoy_max_request_bytes);
+        // Envoy marked it complete, but nothing proves it.
+        let r = with(
+            req("POST", "/x", "application/x-www-form-urlencoded", &form),
+            "x-envoy-auth-partial-body",
+            "false",
         );
+        let d = dec(&r).expect("decodes");
+        assert!(d.truncated_body);
+        assert_eq!(d.parsed_body, Value::Null);
+        // A content-length that says exactly this much proves it.
+        let r = with(r, "content-length", &form.len().to_string());
+        assert!(!dec(&r).expect("decodes").truncated_body);
+        // On a route whose tool reads the body, a possibly cut body is refused outright.
+        let pay = format!(r#"{{"amount":1,"memo":"{}"}}"#, "x".repeat(256 - 22));
+        assert_eq!(pay.len(), 256);
+        let r = req("POST", "/payments/create", "application/json", &pay);
+        assert_eq!(dec(&r).err(), Some(InputError::BodyTruncated));
+        let r = with(
+            req("POST", "/mcp", "application/json", PAY),
+            "x-envoy-auth-partial-body",
+            "true",
+        );
+        assert_eq!(dec(&r).err(), Some(InputError::BodyTruncated));
     }
 }

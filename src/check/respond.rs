@@ -1,7 +1,9 @@
 //! Respond: the CheckResponse Envoy acts on.
 //!
 //! - allow / sanitize → `OK` with the policy's header and query mutations, the agent token
-//!   header removed (tools never see agent credentials), and dynamic metadata;
+//!   header removed (tools never see agent credentials), as are an override token and the
+//!   agent's claim headers (`x-aegis-tool`, `-action`, `-resource`, `-trust-level`,
+//!   `-cost`), and dynamic metadata;
 //! - deny → `PERMISSION_DENIED` (`UNAUTHENTICATED` for token refusals) with a denied
 //!   response: status (default 403), `x-aegis-reason`, `x-aegis-decision-id`, and a JSON
 //!   body with decision, reason and decision id;
@@ -29,8 +31,9 @@ pub struct Meta<'a> {
     pub policy_version: &'a str,
     /// The approval raised (approval_needed) or redeemed (an override allowed); may be empty.
     pub approval_id: &'a str,
-    /// The request carried an override token: remove it before the request goes on.
-    pub strip_override: bool,
+    /// Headers to remove before the request goes on (the override token, the agent's claim
+    /// headers), besides the token header.
+    pub strip_headers: &'a [&'static str],
 }
 
 /// An allow (or sanitize): the request goes on, mutated as the policy asks.
@@ -41,8 +44,8 @@ pub fn allowed(d: &Decision, meta: &Meta<'_>, token_header: &str) -> CheckRespon
         ok.add_header(k.clone(), v.clone(), overwrite, false);
     }
     ok.remove_header(token_header);
-    if meta.strip_override {
-        ok.remove_header(crate::control::approvals::OVERRIDE_HEADER);
+    for h in meta.strip_headers {
+        ok.remove_header(*h);
     }
     for h in &d.request_headers_to_remove {
         if !h.eq_ignore_ascii_case(token_header) {

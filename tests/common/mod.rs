@@ -412,6 +412,8 @@ pub struct Req {
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: String,
+    /// The route's labels (Envoy's per-route `context_extensions`).
+    pub labels: HashMap<String, String>,
 }
 
 impl Req {
@@ -429,6 +431,7 @@ impl Req {
             path: path.into(),
             headers: HashMap::new(),
             body: String::new(),
+            labels: HashMap::new(),
         }
     }
 
@@ -444,6 +447,7 @@ impl Req {
             path: path.into(),
             headers: HashMap::new(),
             body: body.into(),
+            labels: HashMap::new(),
         };
         r.headers.insert("content-type".into(), content_type.into());
         r
@@ -458,9 +462,16 @@ impl Req {
         self.header("x-aegis-token", t)
     }
 
+    /// The route's labels name the tool and action, as Envoy's per-route
+    /// `context_extensions` do.
     pub fn tool(self, tool: &str, action: &str) -> Self {
-        self.header("x-aegis-tool", tool)
-            .header("x-aegis-action", action)
+        self.label("aegis.tool", tool).label("aegis.action", action)
+    }
+
+    /// One route label.
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
     }
 
     pub fn build(self) -> CheckRequest {
@@ -476,7 +487,11 @@ impl Req {
             body: self.body,
             ..Default::default()
         };
-        aegis::bench::check_request(http)
+        let mut req = aegis::bench::check_request(http);
+        if let Some(a) = req.attributes.as_mut() {
+            a.context_extensions = self.labels;
+        }
+        req
     }
 }
 
