@@ -447,3 +447,163 @@ async fn mcp_session_plumbing_is_allowed_without_scopes() {
     assert_eq!(s.rows()[0].3, "mcp");
     assert_eq!(s.rows()[0].4, "tools/list");
 }
+
+/// The bypasses an agent found with a real Envoy in front, sent straight over ext_authz as
+/// a proxy that labels nothing and normalizes nothing would: each is refused with a
+/// reason that names it, while the legitimate calls still pass.
+#[tokio::test]
+async fn the_agent_cannot_choose_what_the_policy_sees() {
+    let mut s = start().await;
+    let nobody = s.token("acme", "agent-0", &[]);
+    let reader = s.token("acme", "agent-1", &["invoices:read"]);
+    let outcome = |r: &envoy_types::ext_authz::v3::pb::CheckResponse| -> String {
+        if code(r) == 0 {
+            "allow".into()
+        } else {
+            reason(r).unwrap_or("?").to_owned()
+        }
+    };
+    let check = async |req: Req| outcome(&s.check(req.build()).await.expect("decided"));
+    let labelled = |r: Req| {
+        r.header("x-aegis-tool", "mcp")
+            .header("x-aegis-action", "ping")
+    };
+    let pay = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5000,"to":"acct-9"}}}"#;
+
+    let cases: Vec<(&str, Req, &str)> = vec![
+        (
+            "agent labels on a payment",
+            labelled(Req::post("/payments/create", "application/json", "{}").token(&nobody)),
+            "missing_scope",
+        ),
+        (
+            "agent labels on an unknown route",
+            labelled(Req::get("/invoices/42").token(&nobody)).method("DELETE"),
+            "unknown_route",
+        ),
+        (
+            "invoices labels on a payment",
+            Req::post("/payments/create", "application/json", r#"{"amount":5000}"#)
+                .token(&reader)
+                .header("x-aegis-tool", "invoices")
+                .header("x-aegis-action", "read"),
+            "missing_scope",
+        ),
+        (
+            "a JSON-RPC ping body off the MCP route",
+            Req::post(
+                "/payments/create",
+                "application/json",
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping","amount":5000}"#,
+            )
+            .token(&nobody),
+            "missing_scope",
+        ),
+        (
+            "a JSON-RPC batch",
+            Req::post("/mcp", "application/json", &format!("[{pay}]")).token(&nobody),
+            "jsonrpc_batch_refused",
+        ),
+        (
+            "a mixed-case content type",
+            Req::post("/mcp", "Application/JSON", pay)
+                .token(&reader)
+                .header("x-aegis-tool", "invoices")
+                .header("x-aegis-action", "read"),
+            "missing_scope",
+        ),
+        (
+            "text/plain",
+            Req::post("/mcp", "text/plain", pay).token(&reader),
+            "missing_scope",
+        ),
+        (
+            "duplicate method keys",
+            Req::post(
+                "/mcp",
+                "application/json",
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"payments.create"}}"#,
+            )
+            .token(&reader),
+            "malformed_body",
+        ),
+        (
+            "dot segments",
+            Req::get("/invoices/../payments/1").token(&reader),
+            "path_not_normalized",
+        ),
+        (
+            "encoded dot segments",
+            Req::get("/invoices/%2e%2e/payments/1").token(&reader),
+            "path_not_normalized",
+        ),
+        (
+            "an encoded slash",
+            Req::get("/invoices/..%2Fpayments/1").token(&reader),
+            "path_not_normalized",
+        ),
+        (
+            "a body of exactly Envoy's limit, marked whole, no content-length",
+            Req::post(
+                "/payments/create",
+                "application/json",
+                &format!(r#"{{"amount":5,"memo":"{}"}}"#, "x".repeat(65536 - 22)),
+            )
+            .token(&nobody)
+            .header("x-envoy-auth-partial-body", "false"),
+            "body_truncated",
+        ),
+        (
+            "an MCP call whose tool the route does not serve",
+            Req::post("/tools/invoices", "application/json", pay)
+                .token(&reader)
+                .label("aegis.protocol", "mcp")
+                .label("aegis.tool", "invoices"),
+            "mcp_tool_mismatch",
+        ),
+        (
+            "agent labels that disagree on a verify route",
+            Req::get("/invoices/1")
+                .token(&reader)
+                .label("aegis.labels", "verify")
+                .header("x-aegis-action", "list"),
+            "action_label_mismatch",
+        ),
+    ];
+    let mut got = Vec::new();
+    for (what, req, want) in cases {
+        got.push((what, check(req).await, want));
+    }
+    for (what, got, want) in &got {
+        assert_eq!(got, want, "{what}");
+    }
+    // The legitimate calls still pass.
+    assert_eq!(
+        check(Req::get("/invoices/42").token(&reader)).await,
+        "allow"
+    );
+    let read = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read","arguments":{"id":"42"}}}"#;
+    assert_eq!(
+        check(Req::post("/mcp", "application/json", read).token(&reader)).await,
+        "allow"
+    );
+    s.stop().await;
+}
+
+/// A route label Aegis does not know, or a bad value, is the platform's mistake: the Check
+/// fails (Envoy's status_on_error answers), naming the label, and is audited as an error.
+#[tokio::test]
+async fn a_misconfigured_route_label_fails_the_check_naming_it() {
+    let mut s = start().await;
+    let t = s.token("acme", "agent-1", &["invoices:read"]);
+    for (k, v) in [("aegis.tol", "invoices"), ("aegis.protocol", "grpc")] {
+        let err = s
+            .check(Req::get("/invoices/1").token(&t).label(k, v).build())
+            .await
+            .expect_err("a gRPC error");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.message().contains(k), "{}", err.message());
+    }
+    s.stop().await;
+    assert!(s.rows().iter().all(|r| r.0 == "error"), "{:?}", s.rows());
+}

@@ -662,8 +662,14 @@ async fn one_trace_from_envoy_through_aegis_and_in_the_audit_row() {
             .iter()
             .find(|e| e.span_id == decision.parent_span_id)
             .unwrap_or_else(|| {
+                let names: Vec<_> = envoy_spans
+                    .iter()
+                    .map(|e| (e.name.clone(), aegis::hex(&e.span_id)))
+                    .collect();
                 panic!(
-                    "the Aegis span's parent is not an Envoy span: {decision:?}\n{envoy_spans:?}"
+                    "the Aegis span (trace {}, parent {:?}) is not under an Envoy span: {names:?}",
+                    aegis::hex(&decision.trace_id),
+                    aegis::hex(&decision.parent_span_id)
                 )
             });
         assert_eq!(parent.trace_id, decision.trace_id, "one trace");

@@ -455,6 +455,11 @@ impl Req {
         r
     }
 
+    pub fn method(mut self, m: &str) -> Self {
+        self.method = m.into();
+        self
+    }
+
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.insert(k.into(), v.into());
         self
