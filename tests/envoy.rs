@@ -725,3 +725,76 @@ async fn envoy_fails_closed_when_aegis_is_killed() {
         "only the call decided before the kill"
     );
 }
+
+/// Envoy cancels every Check that passes its ext_authz timeout (RST_STREAM), on the one
+/// HTTP/2 connection all its Checks share. A burst of them while Aegis is busy must not
+/// make Aegis close that connection (h2's rapid-reset guard, GOAWAY `too_many_resets`):
+/// here a policy that takes 30 ms and an Envoy that waits 5 ms, 300 calls at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_cancelled_checks_do_not_tear_down_its_connection() {
+    let bundle = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(bundle.path().join("aegis")).expect("mkdir");
+    std::fs::write(
+        bundle.path().join("aegis/authz.rego"),
+        "package aegis.authz\nimport rego.v1\n\n\
+         spin := count([1 | some i in numbers.range(1, 3000); some j in numbers.range(1, 3000); i == j + 100000])\n\n\
+         decision := {\"allowed\": spin == 0} if input.tool.name == \"slow\"\n\
+         decision := {\"allowed\": true} if input.tool.name == \"fast\"\n",
+    )
+    .expect("policy");
+    std::fs::write(
+        bundle.path().join("aegis/data.json"),
+        r#"{"routes": [{"path": "/slow", "tool": "slow"}, {"path": "/fast", "tool": "fast"}]}"#,
+    )
+    .expect("data");
+    let dir = bundle.path().to_path_buf();
+    let aegis = common::start_with(|c| {
+        c.policy.bundle = Some(dir);
+        c.policy.eval_timeout_ms = 30;
+    })
+    .await;
+    let sink = SpanSink::start().await.expect("sink");
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_with(
+        aegis.addr,
+        upstream.addr,
+        sink.addr,
+        json!({"ext_authz": {"grpc_service": {"timeout": "0.005s"}}}),
+    )
+    .await;
+    let token = aegis.token("acme", "agent-1", &[]);
+    let listener = envoy.listener();
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let token = token.clone();
+        calls.spawn(async move {
+            envoy::request(listener, "GET", "/slow", &[("x-aegis-token", &token)], b"")
+                .await
+                .status
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(status) = calls.join_next().await {
+        *statuses.entry(status.expect("call")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses.get(&503),
+        Some(&300),
+        "every call timed out: {statuses:?}"
+    );
+    let cancelled = envoy.stat("cluster.aegis.upstream_rq_timeout").await;
+    assert!(cancelled >= 300, "Envoy cancelled its Checks: {cancelled}");
+
+    assert_eq!(
+        envoy.stat("cluster.aegis.upstream_cx_close_notify").await,
+        0,
+        "Aegis sent no GOAWAY"
+    );
+    assert_eq!(
+        envoy.stat("cluster.aegis.upstream_cx_destroy_remote").await,
+        0
+    );
+    let fast = envoy::request(listener, "GET", "/fast", &[("x-aegis-token", &token)], b"").await;
+    assert_eq!(fast.status, 200, "{fast:?}");
+}
