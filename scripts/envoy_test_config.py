@@ -21,6 +21,9 @@ removes the key):
                        e.g. {"ext_authz": {"grpc_service": {"timeout": "2s"}}}
   "hcm":               the listener's HttpConnectionManager typed_config
   "clusters": {NAME:}  the cluster NAME
+  "without_ext_authz": true
+                       Envoy alone: the ext_authz filter and its per-route settings
+                       removed (the baseline of the latency benchmark)
 
 Usage: envoy_test_config.py SOURCE DEST --aegis HOST:PORT --tools HOST:PORT
                             --otlp HOST:PORT [--overrides JSON]
@@ -164,13 +167,22 @@ def rewrite(config, aegis, tools, otlp, overrides):
         elif target == "hcm":
             for hcm in hcms:
                 merge(hcm, changes, "hcm")
+        elif target == "without_ext_authz":
+            if changes is True:
+                for hcm in hcms:
+                    hcm["http_filters"] = [
+                        f for f in hcm.get("http_filters") or [] if f.get("name") != EXT_AUTHZ
+                    ]
+                    for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
+                        for route in vh.get("routes") or []:
+                            (route.get("typed_per_filter_config") or {}).pop(EXT_AUTHZ, None)
         elif target == "clusters":
             if not isinstance(changes, dict):
                 fail("override 'clusters' must map cluster names to objects")
             for name, cluster_changes in changes.items():
                 merge(named(clusters, name, "cluster"), cluster_changes, f"clusters.{name}")
         else:
-            fail(f"unknown override target {target!r} (ext_authz, hcm, clusters)")
+            fail(f"unknown override target {target!r} (ext_authz, hcm, clusters, without_ext_authz)")
     return config
 
 
