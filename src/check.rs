@@ -454,14 +454,7 @@ impl Checker {
             .map_err(Refusal::from)
             .and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
         let bundle = self.policy.current();
-        let no_labels = std::collections::HashMap::new();
-        let routes = input::RouteConfig {
-            extensions: req
-                .attributes
-                .as_ref()
-                .map_or(&no_labels, |a| &a.context_extensions),
-            catalogue: bundle.routes(),
-        };
+        let routes = input::RouteConfig::of(req, bundle.routes());
         let decoded = input::decode_with_headers(http, headers, routes, &self.limits);
         if let Ok(d) = &decoded {
             call.set_tool(d);

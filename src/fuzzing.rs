@@ -102,14 +102,7 @@ fn build(req: &CheckRequest) {
         .and_then(|r| r.http.as_ref());
     static CATALOGUE: OnceLock<crate::policy::routes::Catalogue> = OnceLock::new();
     let catalogue = CATALOGUE.get_or_init(default_catalogue);
-    let no_labels = std::collections::HashMap::new();
-    let routes = input::RouteConfig {
-        extensions: req
-            .attributes
-            .as_ref()
-            .map_or(&no_labels, |a| &a.context_extensions),
-        catalogue,
-    };
+    let routes = input::RouteConfig::of(req, catalogue);
     if let Ok(decoded) = input::decode(http, routes, &LIMITS) {
         let attributes = req
             .attributes

@@ -382,6 +382,30 @@ async fn every_decision_as_the_agent_sees_it_and_what_the_tool_receives() {
         before + 1,
         "only the approved payment went on"
     );
+
+    // would_deny: in a tenant in shadow mode, a call the policy denies goes on, recorded.
+    root.set_tenant("beta", Some("shadow"), None)
+        .await
+        .expect("shadow mode");
+    let trial = st.aegis.token("beta", "trial-bot", &[]);
+    let r = st
+        .call("GET", "/invoices/7", &[("x-aegis-token", &trial)], b"")
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // The path as decided: Envoy resolves the dot segments before the Check, and the tool
+    // gets the path the policy saw.
+    let payer = st.aegis.token("acme", "payer", &["payments:read"]);
+    let r = st
+        .call(
+            "GET",
+            "/invoices/../payments/1",
+            &[("x-aegis-token", &payer)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = st.upstream.requests().pop().expect("the read");
+    assert_eq!(rec.path, "/payments/1");
     let decisions: Vec<String> = st
         .decisions()
         .into_iter()
@@ -399,6 +423,8 @@ async fn every_decision_as_the_agent_sees_it_and_what_the_tool_receives() {
             "deny:override_used",
             "deny:agent_frozen",
             "deny:token_missing",
+            "would_deny:missing_scope",
+            "allow:scope_granted",
         ]
     );
     st.reconcile().await;

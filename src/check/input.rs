@@ -233,6 +233,24 @@ pub struct RouteConfig<'a> {
     pub catalogue: &'a Catalogue,
 }
 
+impl<'a> RouteConfig<'a> {
+    /// The labels Envoy sent with `req` (none without attributes), and `catalogue`.
+    pub fn of(
+        req: &'a envoy_types::ext_authz::v3::pb::CheckRequest,
+        catalogue: &'a Catalogue,
+    ) -> Self {
+        static NONE: std::sync::LazyLock<HashMap<String, String>> =
+            std::sync::LazyLock::new(HashMap::new);
+        Self {
+            extensions: req
+                .attributes
+                .as_ref()
+                .map_or(&NONE, |a| &a.context_extensions),
+            catalogue,
+        }
+    }
+}
+
 /// Decodes the HTTP request: limits, path, route, body, tool and context.
 pub fn decode<'a>(
     http: Option<&'a HttpRequest>,
@@ -466,7 +484,7 @@ fn http_verb(method: &str) -> &'static str {
 /// (dot segments, `//`, encoded `/` or `\`) means the proxy in front does not normalize,
 /// and the tool might see another path than the policy: refused.
 fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
-    let raw: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let raw: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let last = raw.len() - 1;
     let mut out = Vec::with_capacity(raw.len());
     for (i, seg) in raw.iter().enumerate() {
@@ -484,7 +502,7 @@ fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
         if decoded == "." || decoded == ".." {
             return Err(InputError::PathNotNormalized("a dot segment"));
         }
-        if decoded.is_empty() && i != last && path.starts_with('/') {
+        if decoded.is_empty() && i != last {
             return Err(InputError::PathNotNormalized("an empty segment (//)"));
         }
         out.push(decoded.into_owned());
@@ -735,7 +753,7 @@ fn mcp_tool(
     if body_empty {
         return match method.to_ascii_uppercase().as_str() {
             m @ ("GET" | "DELETE") => Ok(plumbing(format!("http_{}", m.to_ascii_lowercase()))),
-            _ => Err(InputError::MalformedMcp("an MCP POST without a body")),
+            _ => Err(InputError::MalformedMcp("an MCP request without a body")),
         };
     }
     let obj = match body {
@@ -1086,7 +1104,10 @@ mod tests {
                 r#"{"jsonrpc":"2.0","method":"tools/call","params":{}}"#,
                 InputError::MalformedMcp("tools/call without params.name"),
             ),
-            ("", InputError::MalformedMcp("an MCP POST without a body")),
+            (
+                "",
+                InputError::MalformedMcp("an MCP request without a body"),
+            ),
             ("not json", InputError::MalformedJson(String::new())),
         ];
         for (body, want) in cases {
@@ -1122,6 +1143,7 @@ mod tests {
             "/invoices/1%2F..%2F..%2Fpayments",
             "/invoices/.",
             "/invoices//1",
+            "//invoices/1",
             "/invoices/1%5C..",
             "/invoices\\..\\payments",
         ] {

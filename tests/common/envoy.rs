@@ -88,18 +88,7 @@ pub fn validate(config: &Path) -> (bool, String) {
         .stderr(out)
         .spawn()
         .expect("envoy runs");
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for envoy") {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = super::exit_within(&mut child, TIMEOUT);
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
     match status {
         Some(status) => (status.success(), output),

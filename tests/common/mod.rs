@@ -630,6 +630,25 @@ pub fn spawn_control_plane(data: &Path, control: &str, extra: &[&str]) -> ChildS
     .expect("the control plane starts")
 }
 
+/// The child's exit status if it exits within `timeout`; else it is killed and `None`.
+pub fn exit_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `aegis serve` on loopback ports 0 with `args`, which must make it refuse to
 /// start: asserts exit code 2 within 30 s (a server that starts instead is killed and the
 /// test fails rather than hangs) and returns what it printed on stderr.
@@ -642,18 +661,7 @@ pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("runs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(30));
     let mut stderr = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
