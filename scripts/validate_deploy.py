@@ -252,8 +252,10 @@ def check_envoy(path):
 AEGIS_LABEL_KEYS = {"aegis.route", "aegis.tool", "aegis.action", "aegis.resource",
                     "aegis.protocol", "aegis.methods", "aegis.body", "aegis.labels",
                     "aegis.cost"}
-# Headers the agent must not label its own call with: stripped before ext_authz.
-AGENT_LABEL_HEADERS = {"x-aegis-tool", "x-aegis-action", "x-aegis-resource"}
+# Headers the agent must not label its own call with, and method overrides: stripped
+# before ext_authz.
+AGENT_LABEL_HEADERS = {"x-aegis-tool", "x-aegis-action", "x-aegis-resource",
+                       "x-http-method-override", "x-http-method", "x-method-override"}
 
 
 def check_trust_model(hcm, hcm_pb2, facts):

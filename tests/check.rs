@@ -515,7 +515,54 @@ async fn the_agent_cannot_choose_what_the_policy_sees() {
         (
             "text/plain",
             Req::post("/mcp", "text/plain", pay).token(&reader),
-            "missing_scope",
+            "unsupported_media_type",
+        ),
+        (
+            "a JSON body sent as a form to a JSON route",
+            Req::post(
+                "/payments/create",
+                "application/x-www-form-urlencoded",
+                r#"{"memo":"&amount=5000&x=","amount":5}"#,
+            )
+            .token(&nobody),
+            "unsupported_media_type",
+        ),
+        (
+            "keys equal under Unicode case folding",
+            Req::post(
+                "/mcp",
+                "application/json",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read"},"paramſ":{"name":"payments.create"}}"#,
+            )
+            .token(&reader),
+            "malformed_body",
+        ),
+        (
+            "a path parameter on a dot segment",
+            Req::get("/invoices/..;/payments/1").token(&reader),
+            "path_not_normalized",
+        ),
+        (
+            "a double-encoded dot segment",
+            Req::get("/invoices/%252e%252e/payments/1").token(&reader),
+            "path_not_normalized",
+        ),
+        (
+            "a method override",
+            Req::post("/invoices", "application/json", "{}")
+                .token(&reader)
+                .header("x-http-method-override", "DELETE"),
+            "method_override_refused",
+        ),
+        (
+            "a tools/call of the MCP plumbing",
+            Req::post(
+                "/mcp",
+                "application/json",
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"mcp.ping"}}"#,
+            )
+            .token(&nobody),
+            "malformed_mcp_request",
         ),
         (
             "duplicate method keys",

@@ -83,9 +83,9 @@ fn the_committed_artifacts_pass_the_schemas_and_checks() {
         .map(|a| a["type"].as_str().expect("type"))
         .collect();
     // Every typed_config of the file: HCM, the early header mutation, MCP, ext_authz,
-    // router, the tracer, two routes' ExtAuthzPerRoute, two HttpProtocolOptions and the
-    // upstream TLS context.
-    assert_eq!(any_types.len(), 11, "{any_types:?}");
+    // router, the tracer, two routes' ExtAuthzPerRoute, a URI template matcher, two
+    // HttpProtocolOptions and the upstream TLS context.
+    assert_eq!(any_types.len(), 12, "{any_types:?}");
     assert_eq!(
         authz["with_request_body"]["allow_partial_message"],
         serde_json::Value::Null,
@@ -100,7 +100,14 @@ fn the_committed_artifacts_pass_the_schemas_and_checks() {
     assert_eq!(paths["path_with_escaped_slashes_action"], "REJECT_REQUEST");
     assert_eq!(
         strs(&r["envoy"]["stripped_before_ext_authz"]),
-        ["x-aegis-action", "x-aegis-resource", "x-aegis-tool"]
+        [
+            "x-aegis-action",
+            "x-aegis-resource",
+            "x-aegis-tool",
+            "x-http-method",
+            "x-http-method-override",
+            "x-method-override"
+        ]
     );
     let routes = r["envoy"]["routes"].as_array().expect("routes");
     let labels = |name: &str| {

@@ -448,7 +448,7 @@ async fn every_known_bypass_is_refused_through_envoy() {
         ]
     };
     let r = st
-        .call("POST", "/payments/create", &labelled(&nobody), b"{}")
+        .call("POST", "/payments/create", &labelled(&nobody), b"")
         .await;
     assert_eq!(refused(&r), (403, "missing_scope"));
     let r = st
@@ -497,7 +497,10 @@ async fn every_known_bypass_is_refused_through_envoy() {
     // The README's payment with a content type in other case, or text/plain, labelled as
     // an invoices read: the MCP route reads JSON whatever it says.
     let pay = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5000,"to":"acct-9"}}}"#;
-    for c in ["Application/JSON", "text/plain"] {
+    for (c, want) in [
+        ("Application/JSON", (403, "missing_scope")),
+        ("text/plain", (415, "unsupported_media_type")),
+    ] {
         let r = st
             .call(
                 "POST",
@@ -511,7 +514,7 @@ async fn every_known_bypass_is_refused_through_envoy() {
                 pay,
             )
             .await;
-        assert_eq!(refused(&r), (403, "missing_scope"), "{c}");
+        assert_eq!(refused(&r), want, "{c}");
     }
     // Two "method" keys, read differently by different JSON parsers.
     let dup = br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"payments.create"}}"#;
@@ -524,6 +527,51 @@ async fn every_known_bypass_is_refused_through_envoy() {
         )
         .await;
     assert_eq!(refused(&r), (400, "malformed_body"));
+    // The same under Unicode case folding, as Go's decoder matches fields (ſ is s).
+    let folded = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read"},"paramſ":{"name":"payments.create"}}"#;
+    let r = st
+        .call(
+            "POST",
+            "/mcp",
+            &[("x-aegis-token", &reader), ctype("application/json")],
+            folded.as_bytes(),
+        )
+        .await;
+    assert_eq!(refused(&r), (400, "malformed_body"));
+    // A JSON body labelled a form: a server going by the content-type reads amount=5000.
+    let r = st
+        .call(
+            "POST",
+            "/payments/create",
+            &[
+                ("x-aegis-token", &nobody),
+                ctype("application/x-www-form-urlencoded"),
+            ],
+            br#"{"memo":"&amount=5000&x=","amount":5}"#,
+        )
+        .await;
+    assert_eq!(refused(&r), (415, "unsupported_media_type"));
+    // `..;` is a dot segment to servers that strip path parameters (Tomcat): Envoy 1.40
+    // resolves it too (the policy sees /payments/1); `%2e%2e;x` it leaves, and Aegis
+    // refuses it.
+    let r = st
+        .call(
+            "GET",
+            "/invoices/..;/payments/1",
+            &[("x-aegis-token", &reader)],
+            b"",
+        )
+        .await;
+    assert_eq!(refused(&r), (403, "missing_scope"));
+    let r = st
+        .call(
+            "GET",
+            "/invoices/%2e%2e;x/payments/1",
+            &[("x-aegis-token", &reader)],
+            b"",
+        )
+        .await;
+    assert_eq!(refused(&r), (400, "path_not_normalized"));
 
     // Dot segments: Envoy resolves them before routing, so the policy sees the path the
     // tool would get (here /payments/1, which an invoices reader may not read).

@@ -126,7 +126,10 @@ async fn latency_added_by_aegis_behind_envoy() {
         .admin_get("/stats?filter=^cluster%5C.aegis%5C.upstream_rq_time$")
         .await
         .text();
-    println!("envoy's histogram of aegis's answers (ms): {}", stats.trim());
+    println!(
+        "envoy's histogram of aegis's answers (ms): {}",
+        stats.trim()
+    );
     assert_eq!(errors, [0, 0], "every call answered 200");
 }
 

@@ -44,6 +44,14 @@ payment_needs_approval if {
 	input.tool.arguments.amount > data.aegis.payments.approval_threshold
 }
 
+# An amount the policy cannot read (missing, another key such as "Amount", not a number)
+# may still be one the tool reads: ask.
+payment_needs_approval if {
+	input.tool.name == "payments"
+	input.tool.action in {"create", "refund"}
+	not is_number(input.tool.arguments.amount)
+}
+
 # Credentials the agent would hand to an external tool: header names and query parameters.
 leaked_headers contains name if {
 	tool.external

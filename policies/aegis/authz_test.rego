@@ -54,6 +54,13 @@ test_large_payment_needs_approval if {
 	d.allowed == false
 }
 
+test_payment_without_a_readable_amount_needs_approval if {
+	every args in [{}, {"Amount": 5000}, {"amount": "5000"}] {
+		d := authz.decision with input as call("payments", "create", args, ["payments:create"])
+		d.decision == "approval_needed"
+	}
+}
+
 test_threshold_itself_is_allowed if {
 	d := authz.decision with input as call("payments", "create", {"amount": 1000}, ["payments:create"])
 	d.decision == "allow"

@@ -71,6 +71,14 @@ pub const CLAIM_HEADERS: [&str; 5] = [
     "x-aegis-cost",
 ];
 
+/// Headers with which some frameworks (Express's method-override, Symfony, ASP.NET) run
+/// another method than the request's: refused.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// One of the agent's labels of its own call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Label {
@@ -106,6 +114,10 @@ pub enum InputError {
     BodyTruncated,
     #[error("malformed MCP request: {0}")]
     MalformedMcp(&'static str),
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    #[error("{0} is refused: the tool might run another method than the policy saw")]
+    MethodOverride(&'static str),
     #[error("a JSON-RPC batch: send one message per request")]
     JsonRpcBatch,
     #[error("MCP tools/call names {body:?}, the route serves tool {route:?}")]
@@ -142,6 +154,8 @@ impl InputError {
             InputError::BodyTruncated => (413, "body_truncated"),
             InputError::MalformedMcp(_) => (400, "malformed_mcp_request"),
             InputError::JsonRpcBatch => (400, "jsonrpc_batch_refused"),
+            InputError::UnsupportedMediaType(_) => (415, "unsupported_media_type"),
+            InputError::MethodOverride(_) => (400, "method_override_refused"),
             InputError::McpToolMismatch { .. } => (403, "mcp_tool_mismatch"),
             InputError::McpActionMismatch { .. } => (403, "mcp_action_mismatch"),
             InputError::MethodNotAllowed(_) => (405, "method_not_allowed"),
@@ -303,6 +317,13 @@ pub fn decode_with_headers<'a>(
     {
         return Err(InputError::MethodNotAllowed(http.method.clone()));
     }
+    if let Some(h) = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .find(|h| headers.contains_key(**h))
+    {
+        // Some frameworks run the method these name instead of the request's.
+        return Err(InputError::MethodOverride(h));
+    }
     let (parsed_body, truncated_body) = parse_body(&headers, body, &route, limits)?;
     let (tool, mcp) = tool(&route, &parsed_body, body.is_empty(), &http.method, path)?;
     if route.labels == AgentLabels::Verify {
@@ -339,9 +360,21 @@ pub fn decode_with_headers<'a>(
 /// The trust level the policy sees: `unspecified`, unless the agent claims a level
 /// starting with `untrusted` — a claim that can only make its own calls stricter.
 fn trust_level(claim: Option<&str>) -> String {
-    match claim.map(str::trim) {
-        Some(c) if c.starts_with("untrusted") => c.to_owned(),
-        _ => "unspecified".to_owned(),
+    // Envoy joins a repeated header with ",": the strictest value counts, so a second
+    // header cannot cancel the first.
+    let mut untrusted: Vec<String> = claim
+        .unwrap_or("")
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| c.starts_with("untrusted"))
+        .collect();
+    untrusted.sort();
+    match untrusted.iter().position(|c| c == "untrusted_external") {
+        Some(i) => untrusted.swap_remove(i),
+        None => untrusted
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "unspecified".to_owned()),
     }
 }
 
@@ -470,7 +503,7 @@ fn parse_query(query: &str) -> Map<String, Value> {
 }
 
 fn http_verb(method: &str) -> &'static str {
-    match method {
+    match method.to_ascii_uppercase().as_str() {
         "GET" | "HEAD" => "read",
         "POST" => "create",
         "PUT" | "PATCH" => "update",
@@ -499,8 +532,15 @@ fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
                 "an encoded slash or backslash",
             ));
         }
-        if decoded == "." || decoded == ".." {
+        // `..;x` is `..` to servers that strip path parameters (Tomcat) before resolving
+        // dot segments.
+        let before_params = decoded.split(';').next().unwrap_or("");
+        if before_params == "." || before_params == ".." {
             return Err(InputError::PathNotNormalized("a dot segment"));
+        }
+        if decoded.contains('%') {
+            // `%252e` is `%2e` here and `.` to a gateway that decodes once more.
+            return Err(InputError::PathNotNormalized("a double-encoded character"));
         }
         if decoded.is_empty() && i != last {
             return Err(InputError::PathNotNormalized("an empty segment (//)"));
@@ -551,11 +591,30 @@ fn parse_body(
         (Protocol::Http, Some(BodyKind::Form)) => Some(BodyType::Form),
         (Protocol::Http, None) => None,
     };
-    let kind = declared.unwrap_or_else(|| {
-        headers
-            .get("content-type")
-            .map_or(BodyType::Other, |c| media_type(c))
-    });
+    let content_type = headers.get("content-type").map(String::as_str);
+    if content_type.is_some_and(|c| c.contains(',')) {
+        // Two content-type headers, joined by Envoy: servers disagree on which counts.
+        return Err(InputError::UnsupportedMediaType(
+            "more than one content-type".into(),
+        ));
+    }
+    let named = content_type.map_or(BodyType::Other, media_type);
+    if let Some(d) = declared
+        && !body.is_empty()
+        && named != d
+    {
+        // A body one server reads as JSON and another as a form (going by the header)
+        // would let the policy and the tool see different calls.
+        let want = match d {
+            BodyType::Json => "application/json",
+            _ => "application/x-www-form-urlencoded",
+        };
+        return Err(InputError::UnsupportedMediaType(format!(
+            "this route takes {want}, the request says {:?}",
+            content_type.unwrap_or("")
+        )));
+    }
+    let kind = declared.unwrap_or(named);
     if truncated(headers, body.len(), limits) {
         if declared.is_some() {
             return Err(InputError::BodyTruncated);
@@ -566,7 +625,17 @@ fn parse_body(
         return Ok((Value::Null, false));
     }
     let parsed = match kind {
-        BodyType::Json => parse_json(body)?,
+        BodyType::Json => {
+            let v = parse_json(body)?;
+            // A route whose tool reads its arguments from the body takes an object (an MCP
+            // route's message is checked, and refused by name, with the MCP request).
+            if declared.is_some() && route.protocol == Protocol::Http && !v.is_object() {
+                return Err(InputError::MalformedJson(
+                    "this route takes a JSON object".into(),
+                ));
+            }
+            v
+        }
         BodyType::Form => {
             let text = std::str::from_utf8(body).map_err(|_| InputError::MalformedForm)?;
             Value::Object(parse_query(text))
@@ -666,7 +735,13 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         let mut out = Map::new();
         let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.to_ascii_lowercase()) {
+            if key.chars().any(char::is_control) {
+                return Err(serde::de::Error::custom(format!(
+                    "a control character in key {key:?}"
+                )));
+            }
+            // Folded as Go's decoder matches fields: `argumentſ` (U+017F) is `arguments`.
+            if !seen.insert(key.to_uppercase().to_lowercase()) {
                 return Err(serde::de::Error::custom(format!(
                     "duplicate key {key:?} (keys are compared ignoring case)"
                 )));
@@ -798,6 +873,12 @@ fn mcp_tool(
     let split = full
         .split_once(['.', '/'])
         .filter(|(n, a)| !n.is_empty() && !a.is_empty());
+    if split.is_some_and(|(n, _)| n == "mcp") || full == "mcp" {
+        // Tool `mcp` is the session plumbing, public by default: not a tool to call.
+        return Err(InputError::MalformedMcp(
+            "tools/call names the mcp plumbing",
+        ));
+    }
     let (name, action, source) = match (&route.tool, split) {
         (None, Some((n, a))) => (n.to_owned(), a.to_owned(), ToolSource::McpBody),
         (None, None) => (full.to_owned(), "call".to_owned(), ToolSource::McpBody),
@@ -1006,6 +1087,23 @@ mod tests {
             dec(&r).expect("decodes").context.trust_level,
             "untrusted_external"
         );
+        // A repeated header cannot cancel the claim, nor can case.
+        for claim in [
+            "untrusted_external,trusted",
+            "trusted, untrusted_external",
+            "Untrusted_External",
+        ] {
+            let r = with(
+                req("GET", "/invoices/1", "", ""),
+                "x-aegis-trust-level",
+                claim,
+            );
+            assert_eq!(
+                dec(&r).expect("decodes").context.trust_level,
+                "untrusted_external",
+                "{claim}"
+            );
+        }
         let r = with(req("GET", "/invoices/1", "", ""), "x-aegis-cost", "0.5");
         assert_eq!(
             decode_on(&r, &[("aegis.cost", "2")], &limits())
@@ -1047,16 +1145,18 @@ mod tests {
         );
         assert!(!d.mcp);
         assert_eq!(d.tool.arguments["amount"], json!(5000));
-        // Media types are case-insensitive, and an MCP route reads JSON whatever they say.
-        for ctype in [
-            "Application/JSON",
-            "application/json; charset=UTF-8",
-            "text/plain",
-            "",
-        ] {
+        // Media types are case-insensitive, with parameters; an MCP route takes JSON only.
+        for ctype in ["Application/JSON", "application/json; charset=UTF-8"] {
             let r = req("POST", "/mcp", ctype, PAY);
             let d = dec(&r).expect(ctype);
             assert_eq!(d.tool.name, "payments", "{ctype}");
+        }
+        for ctype in ["text/plain", "", "application/json, text/plain"] {
+            let r = req("POST", "/mcp", ctype, PAY);
+            assert!(
+                matches!(dec(&r), Err(InputError::UnsupportedMediaType(_))),
+                "{ctype}"
+            );
         }
         // A route labelled with a tool: the body picks an action of that tool only.
         let labels = [("aegis.protocol", "mcp"), ("aegis.tool", "invoices")];
@@ -1118,17 +1218,21 @@ mod tests {
                 _ => assert_eq!(got.as_ref(), Some(&want), "{body}"),
             }
         }
-        // Two "method" keys, or two that differ only in case: which one a server takes
+        // Two "method" keys, or two that differ only in case (Unicode case, as Go folds
+        // it: ſ is s), or a key with a control character: which one a server takes
         // depends on its parser.
         for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5},"argumentſ":{"amount":5000}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read","params\u0000":{"name":"payments.create"}}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"payments.create"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"payments.create"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read","NAME":"payments.create"}}"#,
         ] {
             let r = req("POST", "/mcp", "application/json", body);
             assert!(
-                matches!(dec(&r), Err(InputError::MalformedJson(ref m)) if m.contains("duplicate key")),
-                "{body}"
+                matches!(dec(&r), Err(InputError::MalformedJson(ref m)) if m.contains("key")),
+                "{body}: {:?}",
+                dec(&r).err()
             );
         }
     }
@@ -1146,6 +1250,10 @@ mod tests {
             "//invoices/1",
             "/invoices/1%5C..",
             "/invoices\\..\\payments",
+            "/invoices/..;/payments/1",
+            "/invoices/%2e%2e;x/payments/1",
+            "/invoices/.;/1",
+            "/invoices/%252e%252e/payments/1",
         ] {
             let r = req("GET", path, "", "");
             assert!(
@@ -1198,19 +1306,38 @@ mod tests {
         assert!(matches!(dec(&bad), Err(InputError::MalformedJson(_))));
         let bad = req("POST", "/x", "application/vnd.api+json", "{\"a\":");
         assert!(matches!(dec(&bad), Err(InputError::MalformedJson(_))));
-        // A declared JSON route parses whatever the content-type, and refuses non-JSON.
-        let text = req(
+        // A declared JSON route takes JSON said to be JSON: a body a server going by the
+        // content-type would read as a form is refused, as is a JSON body not an object.
+        let pay = req(
             "POST",
             "/payments/create",
-            "text/plain",
+            "application/json",
             r#"{"amount":5000}"#,
         );
         assert_eq!(
-            dec(&text).expect("json").tool.arguments,
+            dec(&pay).expect("json").tool.arguments,
             json!({"amount": 5000})
         );
-        let junk = req("POST", "/payments/create", "text/plain", "amount=5000");
-        assert!(matches!(dec(&junk), Err(InputError::MalformedJson(_))));
+        for (ctype, body) in [
+            (
+                "application/x-www-form-urlencoded",
+                r#"{"memo":"&amount=5000&x=","amount":5}"#,
+            ),
+            ("text/plain", r#"{"amount":5000}"#),
+        ] {
+            let r = req("POST", "/payments/create", ctype, body);
+            assert!(
+                matches!(dec(&r), Err(InputError::UnsupportedMediaType(_))),
+                "{ctype}"
+            );
+        }
+        for body in [r#"[{"amount":5000}]"#, r#""&amount=5000&""#, "5000"] {
+            let r = req("POST", "/payments/create", "application/json", body);
+            assert!(
+                matches!(dec(&r), Err(InputError::MalformedJson(_))),
+                "{body}"
+            );
+        }
 
         let cut = with(
             req("POST", "/x", "application/json", "{\"a\":"),
@@ -1251,5 +1378,26 @@ mod tests {
             "true",
         );
         assert_eq!(dec(&r).err(), Some(InputError::BodyTruncated));
+    }
+
+    #[test]
+    fn method_overrides_and_calls_of_the_mcp_plumbing_are_refused() {
+        for h in METHOD_OVERRIDE_HEADERS {
+            let r = with(req("POST", "/invoices/1", "", ""), h, "DELETE");
+            assert_eq!(dec(&r).err(), Some(InputError::MethodOverride(h)));
+        }
+        for name in ["mcp.ping", "mcp/initialize", "mcp"] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}"}}}}"#
+            );
+            let r = req("POST", "/mcp", "application/json", &body);
+            assert_eq!(
+                dec(&r).err(),
+                Some(InputError::MalformedMcp(
+                    "tools/call names the mcp plumbing"
+                )),
+                "{name}"
+            );
+        }
     }
 }

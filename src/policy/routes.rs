@@ -142,7 +142,7 @@ impl<'a> Labels<'a> {
         let mut l = Labels::default();
         for (key, value) in ext {
             let Some(known) = LABEL_KEYS.iter().find(|k| **k == key.as_str()) else {
-                if key.starts_with("aegis.") {
+                if key.to_ascii_lowercase().starts_with("aegis.") {
                     return Err(RouteError::UnknownLabel(key.clone()));
                 }
                 continue; // another ext_authz user's extension
@@ -197,6 +197,9 @@ impl<'a> Labels<'a> {
         }
         if let Some(v) = self.resource {
             route.resource = Some(v.to_owned());
+        }
+        if let Some(v) = self.protocol {
+            route.protocol = v;
         }
         if let Some(v) = &self.methods {
             route.methods = v.clone();
@@ -453,6 +456,8 @@ fn host_name(authority: &str) -> Cow<'_, str> {
     } else {
         authority.rsplit_once(':').map_or(authority, |(h, _)| h)
     };
+    // `a.example.` is `a.example` to DNS.
+    let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase())
     } else {
@@ -597,6 +602,10 @@ mod tests {
             Some("pay".into())
         );
         assert_eq!(name("pay.example", "POST", "/payments/create"), None);
+        assert_eq!(
+            name("a.pay.example.", "POST", "/payments/create"),
+            Some("pay".into())
+        );
         assert_eq!(name("evil.example", "POST", "/payments/create"), None);
         assert_eq!(name("t", "PUT", "/files"), Some("files".into()));
         assert_eq!(name("t", "PUT", "/files/a/b/c"), Some("files".into()));
@@ -693,6 +702,10 @@ mod tests {
         assert_eq!(
             r(&[("aegis.tol", "x")], "GET", "/").err(),
             Some(RouteError::UnknownLabel("aegis.tol".into()))
+        );
+        assert_eq!(
+            r(&[("Aegis.Tool", "x")], "GET", "/").err(),
+            Some(RouteError::UnknownLabel("Aegis.Tool".into()))
         );
         for bad in [
             [("aegis.protocol", "grpc")],
