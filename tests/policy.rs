@@ -434,7 +434,7 @@ fn policy_test_and_eval_commands() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("PASS: 19/19"),
+        String::from_utf8_lossy(&out.stdout).contains("PASS: 20/20"),
         "{out:?}"
     );
 
