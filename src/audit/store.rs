@@ -177,6 +177,7 @@ impl AuditLog {
         signer: Signer,
         opts: &StoreOptions,
     ) -> Result<(Self, WriterThread), AuditError> {
+        create_private(path).map_err(|e| open_err(path, e))?;
         let conn = open_connection(path, opts.durability)?;
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(|e| open_err(path, e))?;
@@ -312,19 +313,33 @@ fn open_err(path: &Path, e: impl ToString) -> AuditError {
     }
 }
 
-/// Opens the database with the audit schema and pragmas.
-pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, AuditError> {
-    // Create the file 0600 before SQLite does: its WAL and shm files copy the database
-    // file's mode, so they start private too.
+/// Creates the database file 0600 if there is none yet, before SQLite does: its WAL and
+/// shm files copy the database file's mode, so they start private too.
+///
+/// An existing file is never opened here. POSIX advisory locks belong to the process and
+/// any close of any descriptor of the file releases them all: opening and closing the
+/// database outside SQLite while a connection holds it (the checkpointer's connection
+/// used to be opened this way) silently dropped the locks SQLite held for Aegis. Another
+/// process's connection (an operator's `sqlite3`, a log shipper) then believed it was the
+/// last one, deleted the WAL on close with answered rows in it, and could take the write
+/// lock under a running Aegis.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| open_err(path, e))?;
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
+}
+
+/// Opens the database with the audit schema and pragmas, only through SQLite (see
+/// [`create_private`]).
+pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, AuditError> {
     let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
     let sync = match durability {
         Durability::Full => "FULL",

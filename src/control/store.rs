@@ -301,15 +301,10 @@ impl SqliteStore {
     /// Opens (creating if needed) the control database; the error names the file.
     pub fn open(path: &Path) -> Result<Self, ControlError> {
         let named = |e: rusqlite::Error| ControlError::Store(format!("{}: {e}", path.display()));
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| ControlError::Store(format!("{}: {e}", path.display())))?;
-        }
+        // Created 0600 if missing; an existing file is opened only through SQLite (see
+        // `create_private`: a plain open and close would drop SQLite's locks).
+        crate::audit::store::create_private(path)
+            .map_err(|e| ControlError::Store(format!("{}: {e}", path.display())))?;
         let conn = Connection::open(path).map_err(named)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=2000; \

@@ -1,0 +1,201 @@
+//! Aegis next to other processes on its live audit database, as operators and log shippers
+//! use it: the real `sqlite3` CLI (and `aegis audit verify`) reading it while Checks are
+//! answered, and holding its write lock. Neither may cost an answered row, and an outside
+//! writer must stop Checks (fail closed) however many readers came and went before.
+//!
+//! The `sqlite3` CLI comes from Debian's package (scripts/test installs it when missing).
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead as _, Write as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn spawn_serve_at(data_dir: &Path) -> ChildServer {
+    let data = data_dir.to_string_lossy().into_owned();
+    common::spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
+}
+
+/// `sqlite3 <db> <sql>` as an operator runs it: its output.
+fn sqlite3(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 CLI (scripts/test installs it: apt-get install sqlite3)");
+    assert!(out.status.success(), "sqlite3 {sql}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An outside `sqlite3` holding the database's write lock until dropped.
+struct WriteLock(std::process::Child);
+
+impl WriteLock {
+    fn take(db: &Path) -> Self {
+        let mut child = Command::new("sqlite3")
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the sqlite3 CLI");
+        let stdin = child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(b"BEGIN IMMEDIATE;\n.print locked\n")
+            .expect("write");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "locked", "the outside writer holds the lock");
+        Self(child)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn decision_ids(db: &Path) -> HashSet<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let mut stmt = conn
+        .prepare("SELECT decision_id FROM audit_log WHERE kind = 'check'")
+        .expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("ids")
+}
+
+/// 8 concurrent callers until `stop`: the decision ids of every answered Check.
+async fn load(
+    addr: std::net::SocketAddr,
+    token: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<String> {
+    let client = client(addr).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = client.clone();
+        let t = token.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..100_000 {
+                if *stop.borrow() {
+                    break;
+                }
+                match c.check(Req::read_invoices(&t)).await {
+                    Ok(r) => ids.extend(decision_id(r.get_ref())),
+                    Err(_) => break,
+                }
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all
+}
+
+/// Readers come and go while Checks are answered; then SIGKILL: every answered decision
+/// is in the log. Before the fix, the store's second open of the file dropped the POSIX
+/// locks SQLite held for Aegis, and the first reader to close deleted the WAL under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_readers_never_cost_an_answered_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let db = data.join("audit.db");
+    let mut child = spawn_serve_at(&data);
+    let signer = aegis::keys::Signer::load(&data).expect("key");
+    let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let driver = tokio::spawn(load(child.addr, token, stop_rx));
+
+    let mut counts = Vec::new();
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let n: u64 = sqlite3(&db, "SELECT count(*) FROM audit_log")
+            .parse()
+            .expect("a count");
+        counts.push(n);
+        if i == 2 {
+            // `aegis audit verify` while serving is one more reader.
+            let data_arg = data.to_string_lossy().into_owned();
+            let out = aegis_cmd(&["audit", "verify", "--data-dir", &data_arg]);
+            assert!(out.status.code().is_some(), "verify ran: {out:?}");
+        }
+    }
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]) && counts[4] > 0,
+        "the readers saw the log grow: {counts:?}"
+    );
+    assert!(
+        data.join("audit.db-wal").exists(),
+        "no reader deleted the WAL from under Aegis"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.child.kill().expect("SIGKILL");
+    let _ = child.child.wait();
+    let _ = stop_tx.send(true);
+    let ids = driver.await.expect("driver");
+    let stored = decision_ids(&db);
+    let lost: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(ids.len() > 100, "only {} Checks answered", ids.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered Checks have no row, e.g. {:?}",
+        lost.len(),
+        ids.len(),
+        lost.first()
+    );
+    let verdict = aegis::audit::verify::verify_file(&db, &[signer.verifying_key()]).expect("read");
+    assert!(verdict.is_ok(), "{verdict:?}");
+}
+
+/// An outside process holding the write lock makes Checks fail UNAVAILABLE (Envoy's
+/// status_on_error answers), before readers have come and gone and after; once the lock
+/// is gone, Checks are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outside_writer_stops_checks_before_and_after_readers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let db = data.join("audit.db");
+    let child = spawn_serve_at(&data);
+    let signer = aegis::keys::Signer::load(&data).expect("key");
+    let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
+    let mut c = client(child.addr).await;
+    let allowed = c.check(Req::read_invoices(&token)).await.expect("answered");
+    assert_eq!(code(allowed.get_ref()), 0);
+
+    for phase in ["before readers", "after readers"] {
+        if phase == "after readers" {
+            for _ in 0..3 {
+                sqlite3(&db, "SELECT count(*) FROM audit_log");
+            }
+        }
+        let lock = WriteLock::take(&db);
+        let err = c
+            .check(Req::read_invoices(&token))
+            .await
+            .expect_err("fails closed while another process writes");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{phase}: {err:?}");
+        drop(lock);
+        let r = c
+            .check(Req::read_invoices(&token))
+            .await
+            .expect("answered once the lock is gone");
+        assert_eq!(code(r.get_ref()), 0, "{phase}");
+    }
+    drop(child);
+}
