@@ -325,14 +325,24 @@ fn open_err(path: &Path, e: impl ToString) -> AuditError {
 /// lock under a running Aegis.
 pub fn create_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
+    let create = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)
+    };
+    match create(path) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // The database is there: say now if its directory cannot be written (a
+            // read-only file system), which SQLite would only report as "unable to open
+            // database file". Probed with another file, never the database itself.
+            let probe = path.with_extension("write-probe");
+            let _ = std::fs::remove_file(&probe); // left by a crash between these lines
+            create(&probe)?;
+            std::fs::remove_file(&probe)
+        }
         Err(e) => Err(e),
     }
 }
