@@ -119,7 +119,59 @@ pub struct Record {
     pub span_id: String,
 }
 
+/// The most bytes a text field of a row keeps. A longer value (a multi-megabyte path, a
+/// tenant string sent to the control plane) is cut at a character boundary and marked
+/// with its length and SHA-256, so the row says what it was without storing it: a row
+/// holds at most 17 such fields whatever a request or a control call carries.
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// Cuts `v` to [`MAX_FIELD_BYTES`] with the marker `…[truncated: N bytes, sha256:H]`,
+/// where N and H are those of the whole value.
+pub fn bound_field(v: &mut String) {
+    if v.len() <= MAX_FIELD_BYTES {
+        return;
+    }
+    let marker = format!(
+        "…[truncated: {} bytes, sha256:{}]",
+        v.len(),
+        crate::hex(&Sha256::digest(v.as_bytes()))
+    );
+    let mut cut = MAX_FIELD_BYTES.saturating_sub(marker.len());
+    while !v.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    v.truncate(cut);
+    v.push_str(&marker);
+}
+
 impl Record {
+    /// Every text field bounded ([`bound_field`]); the store does this to every row it
+    /// appends.
+    pub fn bounded(mut self) -> Self {
+        for v in [
+            &mut self.kind,
+            &mut self.decision_id,
+            &mut self.tenant,
+            &mut self.agent,
+            &mut self.session,
+            &mut self.run_id,
+            &mut self.tool,
+            &mut self.action,
+            &mut self.resource,
+            &mut self.decision,
+            &mut self.reason,
+            &mut self.policy_revision,
+            &mut self.trust_level,
+            &mut self.approval_id,
+            &mut self.actor,
+            &mut self.trace_id,
+            &mut self.span_id,
+        ] {
+            bound_field(v);
+        }
+        self
+    }
+
     /// The text fields in canonical order, with their column names.
     pub fn text_fields(&self) -> [(&'static str, &str); 17] {
         [
@@ -255,6 +307,36 @@ fn put_str(h: &mut Sha256, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_fields_are_cut_and_marked_with_the_whole_values_length_and_hash() {
+        let mut short = "x".repeat(MAX_FIELD_BYTES);
+        bound_field(&mut short);
+        assert_eq!(short, "x".repeat(MAX_FIELD_BYTES), "at the cap: kept whole");
+        // Multi-byte characters across the cut: it falls on a boundary.
+        let whole = "é".repeat(3_000);
+        let mut v = whole.clone();
+        bound_field(&mut v);
+        assert!(v.len() <= MAX_FIELD_BYTES, "{}", v.len());
+        let marker = format!(
+            "…[truncated: {} bytes, sha256:{}]",
+            whole.len(),
+            crate::hex(&Sha256::digest(whole.as_bytes()))
+        );
+        assert!(v.ends_with(&marker), "{v}");
+        assert!(whole.starts_with(v.trim_end_matches(&marker)));
+        let r = Record {
+            resource: "/".repeat(3 << 20),
+            tenant: "t".repeat(4 << 20),
+            ..Default::default()
+        }
+        .bounded();
+        assert!(
+            r.text_fields()
+                .iter()
+                .all(|(_, v)| v.len() <= MAX_FIELD_BYTES)
+        );
+    }
 
     fn record() -> Record {
         let mut r = Record {

@@ -1,7 +1,8 @@
 //! Aegis next to other processes on its live audit database, as operators and log shippers
 //! use it: the real `sqlite3` CLI (and `aegis audit verify`) reading it while Checks are
 //! answered, and holding its write lock. Neither may cost an answered row, and an outside
-//! writer must stop Checks (fail closed) however many readers came and went before.
+//! writer must stop Checks (fail closed) however many readers came and went before. And
+//! what hostile callers send cannot make a row larger than the stated bound.
 //!
 //! The `sqlite3` CLI comes from Debian's package (scripts/test installs it when missing).
 
@@ -198,4 +199,84 @@ async fn an_outside_writer_stops_checks_before_and_after_readers() {
         assert_eq!(code(r.get_ref()), 0, "{phase}");
     }
     drop(child);
+}
+
+/// What hostile callers send can make rows no larger than the stated bound: a Check with
+/// a 3 MiB path (no `:path` header to catch it), a viewer's control call with a 2 MiB
+/// tenant, a token with a 6 KiB `kid`. Each text field of a row keeps at most
+/// `MAX_FIELD_BYTES`, marked with the whole value's length and SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_make_rows_no_larger_than_the_bound() {
+    use aegis::audit::MAX_FIELD_BYTES;
+    let mut s = start().await;
+    let t = s.token("acme", "bot", &["invoices:read"]);
+    let path = format!("/{}", "a".repeat(3 << 20));
+    let r = s
+        .check(Req::get(&path).token(&t).build())
+        .await
+        .expect("decided");
+    assert_ne!(code(&r), 0);
+    let viewer = s.control(&s.operator("val", Role::Viewer, "acme")).await;
+    let tenant = "t".repeat(2 << 20);
+    let _ = viewer
+        .api()
+        .get_agent(viewer.req(pb::AgentRef {
+            tenant: tenant.clone(),
+            id: "bot".into(),
+        }))
+        .await;
+    let header = format!(
+        r#"{{"alg":"EdDSA","typ":"JWT","kid":"{}"}}"#,
+        "k".repeat(6 << 10)
+    );
+    let forged = format!(
+        "{}.e30.AAAA",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            header.as_bytes()
+        )
+    );
+    let r = s
+        .check(Req::get("/invoices/1").token(&forged).build())
+        .await
+        .expect("decided");
+    assert_ne!(code(&r), 0);
+    s.stop().await;
+
+    let conn = rusqlite::Connection::open(s.db()).expect("open");
+    // The widest text field of any row, in bytes.
+    let widest = aegis::audit::FIELD_NAMES[2..]
+        .iter()
+        .map(|col| {
+            conn.query_row(
+                &format!("SELECT coalesce(max(length(CAST({col} AS BLOB))), 0) FROM audit_log"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .expect("column width")
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        widest <= MAX_FIELD_BYTES as i64,
+        "a field of {widest} bytes"
+    );
+    let resource: String = conn
+        .query_row(
+            "SELECT resource FROM audit_log WHERE kind = 'check' ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the long path's row");
+    assert!(
+        resource.contains(&format!("[truncated: {} bytes, sha256:", path.len())),
+        "{resource}"
+    );
+    let total: i64 = conn
+        .query_row("SELECT sum(length(CAST(resource AS BLOB)) + length(CAST(tenant AS BLOB)) + length(CAST(reason AS BLOB))) FROM audit_log", [], |r| r.get(0))
+        .expect("total");
+    assert!(total < 64 * 1024, "{total} bytes for three hostile calls");
+    let verdict =
+        aegis::audit::verify::verify_file(&s.db(), &[s.signer.verifying_key()]).expect("read");
+    assert!(verdict.is_ok(), "{verdict:?}");
 }

@@ -223,9 +223,11 @@ impl AuditLog {
         ))
     }
 
-    /// Appends `record` and waits until its transaction has committed; returns its sequence
-    /// number. If the caller stops waiting, the row is still written.
+    /// Appends `record`, its text fields bounded ([`Record::bounded`]), and waits until its
+    /// transaction has committed; returns its sequence number. If the caller stops
+    /// waiting, the row is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        let record = record.bounded();
         let (reply, rx) = oneshot::channel();
         // Counted before the send so the writer's decrement can never come first.
         self.queued.fetch_add(1, Ordering::Relaxed);
