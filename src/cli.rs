@@ -160,14 +160,19 @@ enum AuditCommand {
     /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
     /// checkpoints that sign them, incidents, approvals and policy revisions.
     Export(Box<ExportArgs>),
-    /// Check an evidence bundle: hash, chain, signatures, counts, tenant and redaction.
+    /// Check an evidence bundle: its signature, hash, chain, checkpoint signatures,
+    /// counts, tenant and redaction. Exit 0: intact and signed by a trusted key; 1 otherwise.
     VerifyBundle {
         /// The bundle (JSON).
         file: PathBuf,
-        /// Trusted public key file(s): every checkpoint must be signed by one of them.
-        /// Without, the bundle is checked against the keys it carries (unpinned).
+        /// Trusted public key file(s): the bundle and every checkpoint must be signed by
+        /// one of them.
         #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
+        /// Without --public-key, accept a bundle checked only against the keys it carries
+        /// (exit 0, saying so): anyone can make such a bundle with a key of their own.
+        #[arg(long)]
+        allow_unpinned: bool,
     },
 }
 
@@ -325,9 +330,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             public_keys,
         }) => audit_verify(&data_dir, &public_keys),
         Command::Audit(AuditCommand::Export(args)) => audit_export(*args),
-        Command::Audit(AuditCommand::VerifyBundle { file, public_keys }) => {
-            audit_verify_bundle(&file, &public_keys)
-        }
+        Command::Audit(AuditCommand::VerifyBundle {
+            file,
+            public_keys,
+            allow_unpinned,
+        }) => audit_verify_bundle(&file, &public_keys, allow_unpinned),
         Command::Policy(PolicyCommand::Test { bundle, verbose }) => policy_test(bundle, verbose),
         Command::Policy(PolicyCommand::Eval {
             input,
@@ -679,6 +686,7 @@ fn write_file_mode(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::
 fn audit_verify_bundle(
     file: &std::path::Path,
     public_keys: &[PathBuf],
+    allow_unpinned: bool,
 ) -> anyhow::Result<ExitCode> {
     use crate::audit::bundle::{Bundle, SCHEMA, verify};
     let trusted = public_keys
@@ -732,14 +740,26 @@ fn audit_verify_bundle(
     );
     let signers = report.signers.join(", ");
     if report.pinned {
-        println!("signer pinned: every checkpoint is signed by a trusted key ({signers})");
+        println!(
+            "signer pinned: the bundle and every checkpoint are signed by a trusted key \
+             ({signers})"
+        );
+        Ok(ExitCode::SUCCESS)
+    } else if allow_unpinned {
+        println!(
+            "signer not pinned (accepted with --allow-unpinned): the bundle is \
+             self-consistent and signed by {signers}, but nothing here says that key is \
+             yours"
+        );
+        Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "signer not pinned: the bundle is self-consistent and signed by {signers}, but \
-             nothing here says that key is yours; pass --public-key to pin it"
+            "signer NOT pinned: the bundle is self-consistent and signed by {signers}, but \
+             anyone can sign a bundle with a key of their own; pass --public-key with the \
+             key you trust (or --allow-unpinned to accept it anyway)"
         );
+        Ok(ExitCode::from(1))
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCode> {

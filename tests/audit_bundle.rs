@@ -207,6 +207,12 @@ fn verify(file: &Path, extra: &[&str]) -> Output {
     aegis(&args)
 }
 
+/// `verify-bundle` pinned to the data directory's key, as an auditor who holds it runs it.
+fn verify_pinned(file: &Path, data: &Path) -> Output {
+    let key = data.join("signing.pub");
+    verify(file, &["--public-key", key.to_str().expect("utf-8")])
+}
+
 fn load(file: &Path) -> Bundle {
     serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("a bundle")
 }
@@ -226,11 +232,20 @@ async fn one_tenants_bundle_verifies_and_reveals_nothing_else() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
+    // Without a key to pin it to, an intact bundle is still not trusted: anyone could
+    // have made it with a key of their own. Accepting that takes saying so.
     let out = verify(&file, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = text(&out);
     assert!(said.contains("bundle intact"), "{said}");
-    assert!(said.contains("not pinned"), "{said}");
+    assert!(said.contains("signer NOT pinned"), "{said}");
+    let out = verify(&file, &["--allow-unpinned"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("not pinned (accepted with --allow-unpinned)"),
+        "{}",
+        text(&out)
+    );
     let pub_key = data.join("signing.pub");
     let out = verify(&file, &["--public-key", pub_key.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -252,7 +267,9 @@ async fn one_tenants_bundle_verifies_and_reveals_nothing_else() {
     }
 
     let b = load(&file);
-    assert_eq!(b.schema, "aegis-evidence-bundle/1");
+    assert_eq!(b.schema, "aegis-evidence-bundle/2");
+    let signer = Signer::load(&data).expect("the data directory's key");
+    assert_eq!(b.signature.key_id, signer.kid(), "signed by the exporter's key");
     assert_eq!(b.redaction, vec!["arguments", "resource"]);
     // Rows 1..=7 (the last acme row is 7); 2 and 4 are globex's, commitments only.
     let seqs: Vec<(u64, bool)> = b.rows.iter().map(|r| (r.seq, r.selected)).collect();
@@ -335,7 +352,7 @@ async fn tampered_bundles_are_refused_naming_the_problem() {
         ),
         (
             "schema version changed",
-            Box::new(|b| b.schema = "aegis-evidence-bundle/2".into()),
+            Box::new(|b| b.schema = "aegis-evidence-bundle/1".into()),
             true,
             "schema",
         ),
@@ -435,6 +452,79 @@ async fn tampered_bundles_are_refused_naming_the_problem() {
         );
     }
 
+    // What the exporter's signature adds: the records beside the rows (incidents,
+    // approvals, policy revisions) edited and the bundle re-sealed, or re-signed with a
+    // key of the forger's own, are refused; only the checkpoint-signed rows were proven
+    // before.
+    let pinned = data.join("signing.pub");
+    let pinned = ["--public-key", pinned.to_str().expect("utf-8")];
+    let forgeries: Vec<(&str, Tamper)> = vec![
+        (
+            "an incident's severity lowered",
+            Box::new(|b| {
+                b.incidents[0]
+                    .fields
+                    .insert("severity".into(), "low".into());
+            }),
+        ),
+        (
+            "the approver replaced",
+            Box::new(|b| {
+                b.approvals[0]
+                    .fields
+                    .insert("decided_by".into(), "approver:mallory".into());
+            }),
+        ),
+        (
+            "a fake approval added",
+            Box::new(|b| {
+                let mut fake = b.approvals[0].clone();
+                fake.fields.insert("id".into(), "apr-fake".into());
+                b.approvals.push(fake);
+                b.counts.approvals += 1;
+            }),
+        ),
+    ];
+    for (what, forge) in forgeries {
+        let mut b = good.clone();
+        forge(&mut b);
+        b.seal();
+        let bad = dir.path().join("forged.json");
+        save(&bad, &b);
+        let out = verify(&bad, &pinned);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+        assert!(
+            text(&out).contains("signature: the bundle is not signed"),
+            "{what}: {}",
+            text(&out)
+        );
+        // Re-signed by the forger: the signature holds, but not with a trusted key.
+        b.keys.push(aegis::audit::bundle::BundleKey {
+            key_id: foreign.kid().to_owned(),
+            public_key: foreign_hex.clone(),
+        });
+        b.sign(&foreign);
+        save(&bad, &b);
+        let out = verify(&bad, &pinned);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!(
+                "signature: signed by key {}, which is not among the trusted keys",
+                foreign.kid()
+            )),
+            "{what}: {}",
+            text(&out)
+        );
+        // ... and without --public-key it is not accepted either.
+        let out = verify(&bad, &[]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+        assert!(
+            text(&out).contains("signer NOT pinned"),
+            "{what}: {}",
+            text(&out)
+        );
+    }
+
     // Self-consistent, but not signed by the key the auditor trusts.
     let other_pub = dir.path().join("other.pub");
     std::fs::write(&other_pub, &foreign_hex).expect("write");
@@ -461,7 +551,7 @@ async fn an_incident_bundle_holds_its_evidence_and_the_actions_naming_it() {
     let file = dir.path().join("inc.json");
     let out = export(&data, &file, &["--tenant", "acme", "--incident", INCIDENT]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = verify(&file, &[]);
+    let out = verify_pinned(&file, &data);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let b = load(&file);
     let selected: Vec<u64> = b
@@ -578,7 +668,7 @@ async fn filters_select_rows_incidents_and_approvals() {
     let b = load(&file);
     assert_eq!((b.incidents.len(), b.counts.incidents), (0, 0));
     assert_eq!(b.filters.min_severity.as_deref(), Some("critical"));
-    assert_eq!(verify(&file, &[]).status.code(), Some(0));
+    assert_eq!(verify_pinned(&file, &data).status.code(), Some(0));
 
     // An admin's bundle of every tenant discloses both.
     let out = export(&data, &file, &["--tenant", "*"]);
@@ -586,7 +676,7 @@ async fn filters_select_rows_incidents_and_approvals() {
     let b = load(&file);
     assert_eq!(selected(&b), (1..=8).collect::<Vec<u64>>());
     assert_eq!((b.incidents.len(), b.approvals.len()), (2, 2));
-    assert_eq!(verify(&file, &[]).status.code(), Some(0));
+    assert_eq!(verify_pinned(&file, &data).status.code(), Some(0));
 }
 
 /// The audit_log schema before per-field salts, and rows written the old way.
@@ -713,7 +803,7 @@ async fn a_log_from_before_salts_still_verifies_and_is_never_partially_disclosed
     // Old rows, all selected (every tenant), without redaction: exported whole.
     let out = export(&data, &file, &["--tenant", "*"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(verify(&file, &[]).status.code(), Some(0));
+    assert_eq!(verify_pinned(&file, &data).status.code(), Some(0));
     assert_eq!(load(&file).rows[0].format, 1);
     // ... but not redacted.
     let out = export(&data, &file, &["--tenant", "*", "--redact", "resource"]);
@@ -729,7 +819,7 @@ async fn a_log_from_before_salts_still_verifies_and_is_never_partially_disclosed
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = verify(&file, &[]);
+    let out = verify_pinned(&file, &data);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let raw = std::fs::read_to_string(&file).expect("read");
     assert!(!raw.contains(ACME_SECRET) && !raw.contains(GLOBEX_AGENT));

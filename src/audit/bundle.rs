@@ -13,8 +13,13 @@
 //! the compact `serde_json` serialization of the [`Bundle`] struct (fields in declaration
 //! order, maps sorted by key) with `bundle_hash` set to the empty string. The verifier
 //! parses the file into the struct and re-serializes it, so whitespace does not matter,
-//! content does. The hash is unkeyed: it detects corruption and careless edits; the
-//! signatures are what proves the rows.
+//! content does.
+//!
+//! **The bundle signature.** The hash alone is unkeyed: anyone can edit a bundle and
+//! re-seal it. The checkpoint signatures prove the rows, but not the incidents, approvals
+//! and policy revisions beside them. So the exporter signs the `bundle_hash` with the data
+//! directory's key ([`signing_message`]), and the verifier checks that signature over the
+//! whole bundle; pinned with `--public-key`, it also says whose key it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -25,8 +30,14 @@ use sha2::{Digest, Sha256};
 
 use super::{FIELD_NAMES, FieldValue, Hash, checkpoint_message};
 
-/// The `schema` of bundles this version writes and reads.
-pub const SCHEMA: &str = "aegis-evidence-bundle/1";
+/// The `schema` of bundles this version writes and reads. Version 2 adds the bundle
+/// signature; a version 1 bundle (unsigned beyond its rows) is refused: re-export it.
+pub const SCHEMA: &str = "aegis-evidence-bundle/2";
+
+/// What the exporter signs: the schema, a newline, and the `bundle_hash`.
+pub fn signing_message(bundle_hash: &str) -> Vec<u8> {
+    format!("{SCHEMA}\n{bundle_hash}").into_bytes()
+}
 
 /// Row fields that can never be redacted: a verifier needs them to check that every
 /// selected row belongs to the bundle's tenant and to recount the summary.
@@ -61,8 +72,21 @@ pub struct Bundle {
     pub approvals: Vec<SideRecord>,
     pub policy_revisions: Vec<SideRecord>,
     pub counts: Counts,
+    /// The exporter's signature over `bundle_hash` (see the module docs).
+    #[serde(default)]
+    pub signature: BundleSignature,
     /// See the module docs.
     pub bundle_hash: String,
+}
+
+/// An Ed25519 signature over [`signing_message`] of the bundle's hash.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSignature {
+    /// The signer's key id; its public key is among the bundle's `keys`.
+    pub key_id: String,
+    /// 128 hex digits.
+    pub signature: String,
 }
 
 /// What was asked for. `tenant` is `*` for an all-tenant (admin) bundle.
@@ -222,14 +246,26 @@ impl Bundle {
     pub fn canonical_hash(&self) -> String {
         let mut unsealed = self.clone();
         unsealed.bundle_hash = String::new();
+        unsealed.signature = BundleSignature::default();
         // Serializing plain structs, maps with string keys and JSON values cannot fail.
         let bytes = serde_json::to_vec(&unsealed).unwrap_or_default();
         crate::hex(&Sha256::digest(&bytes))
     }
 
-    /// Sets `bundle_hash`.
+    /// Sets `bundle_hash` (and clears a signature, which no longer covers it).
     pub fn seal(&mut self) {
         self.bundle_hash = self.canonical_hash();
+        self.signature = BundleSignature::default();
+    }
+
+    /// Seals the bundle and signs its hash with `signer`, whose public key must be among
+    /// the bundle's `keys`.
+    pub fn sign(&mut self, signer: &crate::keys::Signer) {
+        self.seal();
+        self.signature = BundleSignature {
+            key_id: signer.kid().to_owned(),
+            signature: crate::hex(&signer.sign(&signing_message(&self.bundle_hash))),
+        };
     }
 
     /// The counts the bundle's contents imply.
@@ -267,7 +303,7 @@ impl BundleRow {
 pub struct Report {
     /// Every problem found, each naming where (`row 17: ...`); empty if the bundle holds.
     pub problems: Vec<String>,
-    /// Every checkpoint's key was among the trusted keys given.
+    /// Every checkpoint's key and the bundle's signer were among the trusted keys given.
     pub pinned: bool,
     /// The key ids that signed the checkpoints.
     pub signers: Vec<String>,
@@ -300,13 +336,70 @@ pub fn verify(b: &Bundle, trusted: Option<&[VerifyingKey]>) -> Report {
         }
     }
     let keys = check_keys(b, p);
+    let signer_pinned = check_signature(b, &keys, trusted, p);
     let hashes = check_rows(b, p);
-    let (pinned, signers) = check_checkpoints(b, &keys, &hashes, trusted, p);
-    report.pinned = pinned;
+    let (pinned, mut signers) = check_checkpoints(b, &keys, &hashes, trusted, p);
+    report.pinned = pinned && signer_pinned;
+    if !b.signature.key_id.is_empty() && !signers.contains(&b.signature.key_id) {
+        signers.push(b.signature.key_id.clone());
+    }
     report.signers = signers;
     check_side_records(b, p);
     check_counts(b, p);
     report
+}
+
+/// The exporter's signature over the whole bundle; whether its key is trusted (when
+/// trusted keys are given).
+fn check_signature(
+    b: &Bundle,
+    keys: &HashMap<String, VerifyingKey>,
+    trusted: Option<&[VerifyingKey]>,
+    p: &mut Vec<String>,
+) -> bool {
+    let s = &b.signature;
+    if s.key_id.is_empty() && s.signature.is_empty() {
+        p.push(
+            "signature: the bundle is not signed, so nothing proves its incidents, \
+             approvals and policy revisions"
+                .into(),
+        );
+        return false;
+    }
+    let Some(key) = keys.get(&s.key_id) else {
+        p.push(format!(
+            "signature: signed by key {}, which the bundle does not include",
+            s.key_id
+        ));
+        return false;
+    };
+    let sig = crate::unhex(&s.signature).and_then(|s| <[u8; 64]>::try_from(s).ok());
+    let ok = sig.is_some_and(|sig| {
+        key.verify_strict(
+            &signing_message(&b.bundle_hash),
+            &Signature::from_bytes(&sig),
+        )
+        .is_ok()
+    });
+    if !ok {
+        p.push(format!(
+            "signature: does not verify with key {}: the bundle was changed after it \
+             was signed",
+            s.key_id
+        ));
+        return false;
+    }
+    match trusted {
+        Some(trusted) if !trusted.contains(key) => {
+            p.push(format!(
+                "signature: signed by key {}, which is not among the trusted keys",
+                s.key_id
+            ));
+            false
+        }
+        Some(_) => true,
+        None => false,
+    }
 }
 
 fn parse_hash(s: &str) -> Option<Hash> {

@@ -181,10 +181,23 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         approvals,
         policy_revisions: revisions,
         counts: Default::default(),
+        signature: Default::default(),
         bundle_hash: String::new(),
     };
     bundle.counts = bundle.recount();
-    bundle.seal();
+    // The data directory's key vouches for everything in the bundle.
+    let signer = crate::keys::Signer::load(data_dir).map_err(|e| ExportError::Read {
+        path: data_dir.join(crate::keys::SIGNING_KEY_FILE),
+        message: format!("the key that signs the bundle: {e}"),
+    })?;
+    let vk = signer.verifying_key();
+    if !bundle.keys.iter().any(|k| k.key_id == signer.kid()) {
+        bundle.keys.push(BundleKey {
+            key_id: signer.kid().to_owned(),
+            public_key: crate::hex(vk.as_bytes()),
+        });
+    }
+    bundle.sign(&signer);
     let report = super::bundle::verify(&bundle, None);
     if let Some(problem) = report.problems.first() {
         return Err(ExportError::Refused(format!(
