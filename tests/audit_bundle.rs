@@ -269,7 +269,11 @@ async fn one_tenants_bundle_verifies_and_reveals_nothing_else() {
     let b = load(&file);
     assert_eq!(b.schema, "aegis-evidence-bundle/2");
     let signer = Signer::load(&data).expect("the data directory's key");
-    assert_eq!(b.signature.key_id, signer.kid(), "signed by the exporter's key");
+    assert_eq!(
+        b.signature.key_id,
+        signer.kid(),
+        "signed by the exporter's key"
+    );
     assert_eq!(b.redaction, vec!["arguments", "resource"]);
     // Rows 1..=7 (the last acme row is 7); 2 and 4 are globex's, commitments only.
     let seqs: Vec<(u64, bool)> = b.rows.iter().map(|r| (r.seq, r.selected)).collect();
