@@ -663,12 +663,20 @@ impl Outcome {
 // === impl Call ===
 
 impl Call {
+    /// What the row, the span and the correlation event say of the call, each field
+    /// bounded as the audit row bounds it: a hostile path or MCP tool name is not copied
+    /// whole into every span and correlation event.
     fn set_tool(&mut self, d: &Decoded<'_>) {
-        self.tool = d.tool.name.clone();
-        self.action = d.tool.action.clone();
-        self.resource = d.tool.resource.clone();
-        self.run_id = d.context.run_id.clone();
-        self.trust_level = d.context.trust_level.clone();
+        let bounded = |v: &str| {
+            let mut v = v.to_owned();
+            crate::audit::bound_field(&mut v);
+            v
+        };
+        self.tool = bounded(&d.tool.name);
+        self.action = bounded(&d.tool.action);
+        self.resource = bounded(&d.tool.resource);
+        self.run_id = bounded(&d.context.run_id);
+        self.trust_level = bounded(&d.context.trust_level);
     }
 }
 
@@ -717,10 +725,11 @@ fn span_attributes(
     seq: Option<u64>,
 ) -> Vec<KeyValue> {
     let decision = outcome.decision();
-    let reason = match outcome {
+    let mut reason = match outcome {
         Outcome::Decided { decision, .. } => decision.reason.clone(),
         Outcome::Failed { reason, .. } => (*reason).to_owned(),
     };
+    crate::audit::bound_field(&mut reason);
     let claims = call.claims.as_deref();
     let mut attrs = vec![
         KeyValue::new("aegis.decision", decision),

@@ -287,3 +287,43 @@ async fn a_burst_of_cancelled_checks_does_not_close_envoys_connection() {
     assert!(!connection.is_finished(), "the connection is still open");
     s.stop().await;
 }
+
+/// A hostile call's text reaches the SIEM bounded as the audit row is: a 30 KB MCP tool
+/// name is cut to `audit::MAX_FIELD_BYTES` in the span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_attributes_are_bounded_like_the_row() {
+    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let endpoint = format!("http://{}", sink.addr);
+    let mut s = start_with(|c| c.otlp.endpoint = Some(endpoint)).await;
+    let t = s.token("acme", "billing-bot", &["invoices:read"]);
+    let name = format!("{}.read", "x".repeat(30_000));
+    let req = Req::mcp(&name, serde_json::json!({"resource": "r".repeat(20_000)})).token(&t);
+    let r = s.check(req.build()).await.expect("decided");
+    assert_eq!(reason(&r), Some("unknown_tool"));
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            sink.spans.load(std::sync::atomic::Ordering::Relaxed) >= 1
+        })
+        .await,
+        "the span arrived"
+    );
+    let received = sink.received.lock().expect("lock").clone();
+    let span = received
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .next()
+        .cloned()
+        .expect("one span");
+    let Some(AnyValue::StringValue(tool)) = attr(&span, "aegis.tool") else {
+        panic!("no aegis.tool: {span:?}")
+    };
+    assert!(
+        tool.len() <= aegis::audit::MAX_FIELD_BYTES,
+        "{}",
+        tool.len()
+    );
+    assert!(tool.contains("[truncated: 30000 bytes"), "{tool}");
+    s.stop().await;
+}
