@@ -1027,6 +1027,17 @@ impl SpanSink {
         Self::start_with(true).await
     }
 
+    /// Every span a keeping receiver has received, in arrival order.
+    pub fn received_spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        let received = self.received.lock().map(|r| r.clone()).unwrap_or_default();
+        received
+            .into_iter()
+            .flat_map(|r| r.resource_spans)
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans)
+            .collect()
+    }
+
     async fn start_with(keep: bool) -> anyhow::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;

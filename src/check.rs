@@ -354,18 +354,11 @@ impl Checker {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
         let header = |k: &str| http.and_then(|h| h.headers.get(k)).map(String::as_str);
-        let from_envoy = trace
-            .traceparent
-            .as_deref()
-            .filter(|tp| crate::telemetry::parse_traceparent(tp, None).is_some());
-        let span = match from_envoy {
-            Some(tp) => self
-                .telemetry
-                .start_check(Some(tp), trace.tracestate.as_deref()),
-            None => self
-                .telemetry
-                .start_check(header("traceparent"), header("tracestate")),
-        };
+        // Envoy's span from the gRPC metadata, else the request's own `traceparent`.
+        let span = self.telemetry.start_check(&[
+            (trace.traceparent.as_deref(), trace.tracestate.as_deref()),
+            (header("traceparent"), header("tracestate")),
+        ]);
 
         let (outcome, mut call) = self.decide(&req, http, now_ns);
         let outcome = enforce::apply(

@@ -88,18 +88,20 @@ struct CheckArgs {
     headers: Vec<(String, String)>,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+/// `name=value`, both trimmed; `what` names it in the error.
+fn name_value(s: &str, what: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("label {s:?} is not name=value"))
+        .ok_or_else(|| format!("{what} {s:?} is not name=value"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    name_value(s, "label")
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("header {s:?} is not name=value"))
+    name_value(s, "header").map(|(k, v)| (k.to_ascii_lowercase(), v))
 }
 
 #[derive(Debug, Subcommand)]

@@ -124,10 +124,12 @@ impl Telemetry {
         })
     }
 
-    /// Starts the span of a Check, as a child of `traceparent` when it parses.
-    pub fn start_check(&self, traceparent: Option<&str>, tracestate: Option<&str>) -> CheckSpan {
-        let parent = traceparent
-            .and_then(|tp| parse_traceparent(tp, tracestate))
+    /// Starts the span of a Check, as a child of the first of `candidates`
+    /// (`traceparent`, `tracestate`) whose `traceparent` parses; a root span if none does.
+    pub fn start_check(&self, candidates: &[(Option<&str>, Option<&str>)]) -> CheckSpan {
+        let parent = candidates
+            .iter()
+            .find_map(|(tp, ts)| tp.and_then(|tp| parse_traceparent(tp, *ts)))
             .map_or_else(Context::new, |sc| {
                 Context::new().with_remote_span_context(sc)
             });

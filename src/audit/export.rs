@@ -138,7 +138,12 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
     check_v1(&rows, &selected, &opts.redact)?;
 
     let checkpoints = read_checkpoints(&audit, first, end).map_err(read)?;
-    let keys = keys_for(data_dir, opts, &checkpoints)?;
+    // The data directory's key signs the bundle: it vouches for everything in it.
+    let signer = crate::keys::Signer::load(data_dir).map_err(|e| ExportError::Read {
+        path: data_dir.join(crate::keys::SIGNING_KEY_FILE),
+        message: format!("the key that signs the bundle: {e}"),
+    })?;
+    let keys = keys_for(data_dir, opts, &checkpoints, &signer)?;
 
     // Side records.
     let selected_rows: Vec<&Row> = rows.iter().filter(|r| selected.contains(&r.seq)).collect();
@@ -185,18 +190,6 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         bundle_hash: String::new(),
     };
     bundle.counts = bundle.recount();
-    // The data directory's key vouches for everything in the bundle.
-    let signer = crate::keys::Signer::load(data_dir).map_err(|e| ExportError::Read {
-        path: data_dir.join(crate::keys::SIGNING_KEY_FILE),
-        message: format!("the key that signs the bundle: {e}"),
-    })?;
-    let vk = signer.verifying_key();
-    if !bundle.keys.iter().any(|k| k.key_id == signer.kid()) {
-        bundle.keys.push(BundleKey {
-            key_id: signer.kid().to_owned(),
-            public_key: crate::hex(vk.as_bytes()),
-        });
-    }
     bundle.sign(&signer);
     let report = super::bundle::verify(&bundle, None);
     if let Some(problem) = report.problems.first() {
@@ -437,11 +430,13 @@ fn read_checkpoints(
     cps.collect()
 }
 
-/// The public keys of the checkpoints' signers, from `signing.pub` and `--public-key`.
+/// The public keys of the checkpoints' signers, from `signing.pub` and `--public-key`,
+/// and of the bundle's `signer`.
 fn keys_for(
     data_dir: &Path,
     opts: &ExportOptions,
     checkpoints: &[BundleCheckpoint],
+    signer: &crate::keys::Signer,
 ) -> Result<Vec<BundleKey>, ExportError> {
     let mut known: HashMap<String, VerifyingKey> = opts
         .extra_keys
@@ -472,6 +467,11 @@ fn keys_for(
             public_key: crate::hex(k.as_bytes()),
         });
     }
+    keys.entry(signer.kid().to_owned())
+        .or_insert_with(|| BundleKey {
+            key_id: signer.kid().to_owned(),
+            public_key: crate::hex(signer.verifying_key().as_bytes()),
+        });
     Ok(keys.into_values().collect())
 }
 

@@ -21,9 +21,9 @@
 //! route's.
 //!
 //! Bodies are read the way a strict tool server would: media types case-insensitively, a
-//! route's declared body type whatever the `content-type` says, JSON with duplicate keys
-//! (compared case-insensitively, as Go's decoder matches fields) refused, a JSON-RPC batch
-//! refused, and a body of exactly Envoy's buffer limit without a `content-length` that
+//! route's declared body type only under that `content-type`, JSON with duplicate keys
+//! (compared under Unicode case folding, as Go's decoder matches fields) refused, a
+//! JSON-RPC batch refused, and a body of exactly Envoy's buffer limit without a `content-length` that
 //! proves it whole taken as truncated. Paths must arrive normalized (Envoy's
 //! `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`): a dot segment,
 //! an encoded slash or backslash, or an empty segment inside the path is denied.
@@ -55,13 +55,6 @@ pub struct Limits {
 /// used by parsing and by every later walk of the value.
 pub const MAX_JSON_DEPTH: usize = 128;
 
-/// The headers an agent may send about its own call; never taken as its tool.
-pub const LABEL_HEADERS: [(&str, Label); 3] = [
-    ("x-aegis-tool", Label::Tool),
-    ("x-aegis-action", Label::Action),
-    ("x-aegis-resource", Label::Resource),
-];
-
 /// Claim headers that never reach the tool (the token and override headers aside).
 pub const CLAIM_HEADERS: [&str; 5] = [
     "x-aegis-tool",
@@ -78,14 +71,6 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-http-method",
     "x-method-override",
 ];
-
-/// One of the agent's labels of its own call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Label {
-    Tool,
-    Action,
-    Resource,
-}
 
 /// A request Aegis cannot make sense of, or that contradicts its route: answered with a
 /// 4xx deny, never an internal error ([`InputError::Route`] aside, which is the platform's
@@ -309,12 +294,7 @@ pub fn decode_with_headers<'a>(
         &http.method,
         &parsed_path,
     )?;
-    if !route.methods.is_empty()
-        && !route
-            .methods
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case(&http.method))
-    {
+    if !route.serves(&http.method) {
         return Err(InputError::MethodNotAllowed(http.method.clone()));
     }
     if let Some(h) = METHOD_OVERRIDE_HEADERS
@@ -360,34 +340,28 @@ pub fn decode_with_headers<'a>(
 /// The trust level the policy sees: `unspecified`, unless the agent claims a level
 /// starting with `untrusted` — a claim that can only make its own calls stricter.
 fn trust_level(claim: Option<&str>) -> String {
-    // Envoy joins a repeated header with ",": the strictest value counts, so a second
-    // header cannot cancel the first.
-    let mut untrusted: Vec<String> = claim
+    // Envoy joins a repeated header with ",": the strictest value counts
+    // (`untrusted_external`, else the first in order), so a second header cannot cancel
+    // the first.
+    claim
         .unwrap_or("")
         .split(',')
         .map(|c| c.trim().to_ascii_lowercase())
         .filter(|c| c.starts_with("untrusted"))
-        .collect();
-    untrusted.sort();
-    match untrusted.iter().position(|c| c == "untrusted_external") {
-        Some(i) => untrusted.swap_remove(i),
-        None => untrusted
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| "unspecified".to_owned()),
-    }
+        .min_by(|a, b| (a != "untrusted_external", a).cmp(&(b != "untrusted_external", b)))
+        .unwrap_or_else(|| "unspecified".to_owned())
 }
 
 /// On a `verify` route, each label header the agent sent must say what the route says.
 fn verify_labels(headers: &HashMap<String, String>, tool: &Tool) -> Result<(), InputError> {
-    for (header, label) in LABEL_HEADERS {
+    let labels = [
+        ("x-aegis-tool", "tool", &tool.name),
+        ("x-aegis-action", "action", &tool.action),
+        ("x-aegis-resource", "resource", &tool.resource),
+    ];
+    for (header, name, actual) in labels {
         let Some(claimed) = headers.get(header).map(|v| v.trim()) else {
             continue;
-        };
-        let (name, actual) = match label {
-            Label::Tool => ("tool", &tool.name),
-            Label::Action => ("action", &tool.action),
-            Label::Resource => ("resource", &tool.resource),
         };
         if claimed != actual {
             return Err(InputError::LabelMismatch {
@@ -575,9 +549,9 @@ fn media_type(content_type: &str) -> BodyType {
     }
 }
 
-/// `(parsed_body, truncated_body)`. A route declared MCP reads its body as JSON, a route
-/// with a declared body type as that type, whatever the `content-type`; other routes go by
-/// the `content-type` (OPA-Envoy's behaviour). A body that may be cut short is never parsed:
+/// `(parsed_body, truncated_body)`. A route declared MCP takes JSON, a route with a
+/// declared body type that type, each only under its own `content-type` (415 otherwise);
+/// other routes go by the `content-type` (OPA-Envoy's behaviour). A body that may be cut short is never parsed:
 /// on a route whose tool reads the body (MCP, or a declared type) it is refused, elsewhere
 /// the policy sees `truncated_body` (the default bundle denies it).
 fn parse_body(
@@ -660,9 +634,9 @@ fn truncated(headers: &HashMap<String, String>, len: usize, limits: &Limits) -> 
     partial || declared.is_some_and(|n| n > len) || (at_limit && declared != Some(len))
 }
 
-/// JSON as a strict server reads it: one value, nesting bounded, and no object with two
-/// keys that are equal ignoring ASCII case (parsers disagree on which one wins, and Go's
-/// matches struct fields case-insensitively).
+/// JSON as a strict server reads it: one value, nesting bounded, no key with a control
+/// character, and no object with two keys equal under Unicode case folding (parsers
+/// disagree on which one wins, and Go's matches struct fields that way).
 pub fn parse_json(body: &[u8]) -> Result<Value, InputError> {
     use serde::Deserialize as _;
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -768,12 +742,7 @@ fn tool(
         RouteSource::Catalogue => ToolSource::Catalogue,
     };
     if route.protocol == Protocol::Mcp {
-        let mut t = mcp_tool(route, body, body_empty, method)?;
-        if t.source == ToolSource::None {
-            t.source = source;
-        }
-        t.route = route.name.clone();
-        return Ok((t, true));
+        return Ok((mcp_tool(route, source, body, body_empty, method)?, true));
     }
     let Some(name) = &route.tool else {
         return Ok((
@@ -810,9 +779,10 @@ fn tool(
 /// `payments/create`; on a route labelled with a tool, a name without that prefix is the
 /// action); other methods are session plumbing, tool `mcp`. A body-less GET or DELETE
 /// (the server's event stream, the end of a session) is tool `mcp`, action `http_get` /
-/// `http_delete`. The returned source is `None` when the route, not the body, named it.
+/// `http_delete`. Its source is the body's, or `route_source` where the route named it.
 fn mcp_tool(
     route: &Route,
+    route_source: ToolSource,
     body: &Value,
     body_empty: bool,
     method: &str,
@@ -822,7 +792,7 @@ fn mcp_tool(
         action,
         arguments: Value::Object(Map::new()),
         resource: String::new(),
-        route: String::new(),
+        route: route.name.clone(),
         source: ToolSource::McpBody,
     };
     if body_empty {
@@ -882,14 +852,14 @@ fn mcp_tool(
     let (name, action, source) = match (&route.tool, split) {
         (None, Some((n, a))) => (n.to_owned(), a.to_owned(), ToolSource::McpBody),
         (None, None) => (full.to_owned(), "call".to_owned(), ToolSource::McpBody),
-        (Some(t), Some((n, a))) if n == t => (t.clone(), a.to_owned(), ToolSource::None),
+        (Some(t), Some((n, a))) if n == t => (t.clone(), a.to_owned(), route_source),
         (Some(t), Some(_)) => {
             return Err(InputError::McpToolMismatch {
                 route: t.clone(),
                 body: full.to_owned(),
             });
         }
-        (Some(t), None) => (t.clone(), full.to_owned(), ToolSource::None),
+        (Some(t), None) => (t.clone(), full.to_owned(), route_source),
     };
     if let Some(a) = &route.action
         && *a != action
@@ -911,7 +881,7 @@ fn mcp_tool(
         action,
         arguments,
         resource,
-        route: String::new(),
+        route: route.name.clone(),
         source,
     })
 }

@@ -45,8 +45,8 @@ pub enum Protocol {
     Mcp,
 }
 
-/// A body type the route declares: the body is parsed as that, whatever its
-/// `content-type` says, and a body that does not parse is denied.
+/// A body type the route declares: a body must say it is of that type (`content-type`)
+/// and parse as it, else it is denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
     Json,
@@ -119,12 +119,17 @@ impl Route {
     pub fn is_known(&self) -> bool {
         self.source != RouteSource::None
     }
+
+    /// Whether the route serves `method` (any, when it names none).
+    pub fn serves(&self, method: &str) -> bool {
+        self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+    }
 }
 
 // === Envoy's per-route labels ===
 
 /// The `aegis.*` labels of one request, as Envoy sent them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Labels<'a> {
     route: Option<&'a str>,
     tool: Option<&'a str>,
@@ -355,11 +360,7 @@ impl Catalogue {
             .iter()
             .find(|e| {
                 (e.hosts.is_empty() || e.hosts.iter().any(|h| h.matches(&host)))
-                    && (e.route.methods.is_empty()
-                        || e.route
-                            .methods
-                            .iter()
-                            .any(|m| m.eq_ignore_ascii_case(method)))
+                    && e.route.serves(method)
                     && path_matches(&e.path, segments)
             })
             .map(|e| &e.route)
@@ -526,27 +527,13 @@ pub fn resolve<'c>(
         }
     } else {
         match catalogue.find(host, method, segments) {
-            Some(r) if labels.is_empty() => return Ok(Cow::Borrowed(r)),
+            Some(r) if labels == Labels::default() => return Ok(Cow::Borrowed(r)),
             Some(r) => r.clone(),
             None => Route::default(),
         }
     };
     labels.apply(&mut route);
     Ok(Cow::Owned(route))
-}
-
-impl Labels<'_> {
-    fn is_empty(&self) -> bool {
-        self.route.is_none()
-            && self.tool.is_none()
-            && self.action.is_none()
-            && self.resource.is_none()
-            && self.protocol.is_none()
-            && self.methods.is_none()
-            && self.body.is_none()
-            && self.labels.is_none()
-            && self.cost.is_none()
-    }
 }
 
 #[cfg(test)]
