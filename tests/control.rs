@@ -1104,15 +1104,7 @@ async fn a_would_deny_is_marked_on_its_span() {
         .await,
         "span exported"
     );
-    let received = sink.received.lock().expect("lock").clone();
-    let span = received
-        .iter()
-        .flat_map(|r| &r.resource_spans)
-        .flat_map(|r| &r.scope_spans)
-        .flat_map(|s| &s.spans)
-        .next()
-        .expect("a span")
-        .clone();
+    let span = sink.received_spans().into_iter().next().expect("a span");
     let attr = |k: &str| {
         span.attributes
             .iter()

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
@@ -117,56 +116,6 @@ async fn a_locked_database_fails_closed() {
     assert!(verdict.is_ok(), "chain intact across the gap: {verdict:?}");
 }
 
-fn spawn_serve_at(data_dir: &std::path::Path) -> ChildServer {
-    let data = data_dir.to_string_lossy().into_owned();
-    common::spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
-}
-
-fn decision_ids(db: &std::path::Path) -> HashSet<String> {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    let mut stmt = conn
-        .prepare("SELECT decision_id FROM audit_log WHERE kind = 'check'")
-        .expect("prepare");
-    stmt.query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("ids")
-}
-
-/// Drives `n` concurrent callers until `stop`; returns the decision ids of every response.
-async fn load(
-    addr: std::net::SocketAddr,
-    token: String,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<String> {
-    let client = client(addr).await;
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let mut c = client.clone();
-        let t = token.clone();
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for _ in 0..100_000 {
-                if *stop.borrow() {
-                    break;
-                }
-                let req = Req::read_invoices(&t);
-                match c.check(req).await {
-                    Ok(r) => ids.extend(decision_id(r.get_ref())),
-                    Err(_) => break,
-                }
-            }
-            ids
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("task"));
-    }
-    all
-}
-
 /// SIGKILL at a random moment under load, 20 rounds on one data directory. After each
 /// kill: every Check that got an answer has its row, and the whole log verifies; each
 /// restart also re-verifies the tail before writing (a torn tail would stop it).
@@ -187,7 +136,7 @@ async fn sigkill_at_random_moments_loses_no_answered_row() {
         let signer = aegis::keys::Signer::load(&data).expect("key");
         let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let driver = tokio::spawn(load(child.addr, token, stop_rx));
+        let driver = tokio::spawn(drive_checks(child.addr, token, stop_rx, 16));
         tokio::time::sleep(wait).await;
         child.child.kill().expect("SIGKILL");
         let _ = child.child.wait();
@@ -226,7 +175,7 @@ async fn sigterm_drains_and_exits_zero() {
     let signer = aegis::keys::Signer::load(&data).expect("key");
     let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let driver = tokio::spawn(load(child.addr, token, stop_rx));
+    let driver = tokio::spawn(drive_checks(child.addr, token, stop_rx, 16));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = child.child.id().to_string();
     assert!(

@@ -178,6 +178,18 @@ impl Stack {
         envoy::request(self.envoy.listener(), method, path, headers, body).await
     }
 
+    /// `GET path` with the agent's `token`, through Envoy.
+    async fn get(&self, path: &str, token: &str) -> Response {
+        self.call("GET", path, &[("x-aegis-token", token)], b"")
+            .await
+    }
+
+    /// `POST path` with the agent's `token` and a body of `content_type`, through Envoy.
+    async fn post(&self, path: &str, token: &str, content_type: &str, body: &[u8]) -> Response {
+        let headers = [("x-aegis-token", token), ("content-type", content_type)];
+        self.call("POST", path, &headers, body).await
+    }
+
     /// An MCP `tools/call` of `name` with `arguments`, through Envoy.
     async fn mcp(
         &self,
@@ -368,9 +380,7 @@ async fn every_decision_as_the_agent_sees_it_and_what_the_tool_receives() {
     root.freeze("acme", "billing-bot", "investigating")
         .await
         .expect("frozen");
-    let r = st
-        .call("GET", "/invoices/7", &[("x-aegis-token", &token)], b"")
-        .await;
+    let r = st.get("/invoices/7", &token).await;
     assert_eq!(refused(&r), (403, "agent_frozen"));
 
     // No token.
@@ -388,21 +398,12 @@ async fn every_decision_as_the_agent_sees_it_and_what_the_tool_receives() {
         .await
         .expect("shadow mode");
     let trial = st.aegis.token("beta", "trial-bot", &[]);
-    let r = st
-        .call("GET", "/invoices/7", &[("x-aegis-token", &trial)], b"")
-        .await;
+    let r = st.get("/invoices/7", &trial).await;
     assert_eq!(r.status, 200, "{r:?}");
     // The path as decided: Envoy resolves the dot segments before the Check, and the tool
     // gets the path the policy saw.
     let payer = st.aegis.token("acme", "payer", &["payments:read"]);
-    let r = st
-        .call(
-            "GET",
-            "/invoices/../payments/1",
-            &[("x-aegis-token", &payer)],
-            b"",
-        )
-        .await;
+    let r = st.get("/invoices/../payments/1", &payer).await;
     assert_eq!(r.status, 200, "{r:?}");
     let rec = st.upstream.requests().pop().expect("the read");
     assert_eq!(rec.path, "/payments/1");
@@ -473,25 +474,13 @@ async fn every_known_bypass_is_refused_through_envoy() {
     // A JSON-RPC body on a route that is not MCP names nothing.
     let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping","amount":5000}"#;
     let r = st
-        .call(
-            "POST",
-            "/payments/create",
-            &[("x-aegis-token", &nobody), ctype("application/json")],
-            ping,
-        )
+        .post("/payments/create", &nobody, "application/json", ping)
         .await;
     assert_eq!(refused(&r), (403, "missing_scope"));
 
     // A JSON-RPC batch to the MCP route.
     let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"payments.create","arguments":{"amount":5000}}}]"#;
-    let r = st
-        .call(
-            "POST",
-            "/mcp",
-            &[("x-aegis-token", &nobody), ctype("application/json")],
-            batch,
-        )
-        .await;
+    let r = st.post("/mcp", &nobody, "application/json", batch).await;
     assert_eq!(refused(&r), (400, "jsonrpc_batch_refused"));
 
     // The README's payment with a content type in other case, or text/plain, labelled as
@@ -518,35 +507,20 @@ async fn every_known_bypass_is_refused_through_envoy() {
     }
     // Two "method" keys, read differently by different JSON parsers.
     let dup = br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"payments.create"}}"#;
-    let r = st
-        .call(
-            "POST",
-            "/mcp",
-            &[("x-aegis-token", &reader), ctype("application/json")],
-            dup,
-        )
-        .await;
+    let r = st.post("/mcp", &reader, "application/json", dup).await;
     assert_eq!(refused(&r), (400, "malformed_body"));
     // The same under Unicode case folding, as Go's decoder matches fields (ſ is s).
     let folded = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read"},"paramſ":{"name":"payments.create"}}"#;
     let r = st
-        .call(
-            "POST",
-            "/mcp",
-            &[("x-aegis-token", &reader), ctype("application/json")],
-            folded.as_bytes(),
-        )
+        .post("/mcp", &reader, "application/json", folded.as_bytes())
         .await;
     assert_eq!(refused(&r), (400, "malformed_body"));
     // A JSON body labelled a form: a server going by the content-type reads amount=5000.
     let r = st
-        .call(
-            "POST",
+        .post(
             "/payments/create",
-            &[
-                ("x-aegis-token", &nobody),
-                ctype("application/x-www-form-urlencoded"),
-            ],
+            &nobody,
+            "application/x-www-form-urlencoded",
             br#"{"memo":"&amount=5000&x=","amount":5}"#,
         )
         .await;
@@ -554,23 +528,9 @@ async fn every_known_bypass_is_refused_through_envoy() {
     // `..;` is a dot segment to servers that strip path parameters (Tomcat): Envoy 1.40
     // resolves it too (the policy sees /payments/1); `%2e%2e;x` it leaves, and Aegis
     // refuses it.
-    let r = st
-        .call(
-            "GET",
-            "/invoices/..;/payments/1",
-            &[("x-aegis-token", &reader)],
-            b"",
-        )
-        .await;
+    let r = st.get("/invoices/..;/payments/1", &reader).await;
     assert_eq!(refused(&r), (403, "missing_scope"));
-    let r = st
-        .call(
-            "GET",
-            "/invoices/%2e%2e;x/payments/1",
-            &[("x-aegis-token", &reader)],
-            b"",
-        )
-        .await;
+    let r = st.get("/invoices/%2e%2e;x/payments/1", &reader).await;
     assert_eq!(refused(&r), (400, "path_not_normalized"));
 
     // Dot segments: Envoy resolves them before routing, so the policy sees the path the
@@ -580,9 +540,7 @@ async fn every_known_bypass_is_refused_through_envoy() {
         "/invoices/%2e%2e/payments/1",
         "/invoices/%2E%2E/payments/1",
     ] {
-        let r = st
-            .call("GET", path, &[("x-aegis-token", &reader)], b"")
-            .await;
+        let r = st.get(path, &reader).await;
         assert_eq!(refused(&r), (403, "missing_scope"), "{path}");
     }
     // Encoded slashes: refused by Envoy itself.
@@ -591,9 +549,7 @@ async fn every_known_bypass_is_refused_through_envoy() {
         "/invoices/1%2F..%2F..%2Fpayments%2F1",
         "/invoices/..%5Cpayments",
     ] {
-        let r = st
-            .call("GET", path, &[("x-aegis-token", &reader)], b"")
-            .await;
+        let r = st.get(path, &reader).await;
         assert_eq!(r.status, 400, "{path}: {r:?}");
     }
 
@@ -603,19 +559,10 @@ async fn every_known_bypass_is_refused_through_envoy() {
         st.upstream.requests()
     );
     // The legitimate calls still pass.
-    let r = st
-        .call("GET", "/invoices/42", &[("x-aegis-token", &reader)], b"")
-        .await;
+    let r = st.get("/invoices/42", &reader).await;
     assert_eq!(r.status, 200, "{r:?}");
     let read = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"invoices.read","arguments":{"id":"42"}}}"#;
-    let r = st
-        .call(
-            "POST",
-            "/mcp",
-            &[("x-aegis-token", &reader), ctype("application/json")],
-            read,
-        )
-        .await;
+    let r = st.post("/mcp", &reader, "application/json", read).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(st.upstream.requests().len(), 2);
     st.reconcile().await;
@@ -688,9 +635,7 @@ async fn one_trace_from_envoy_through_aegis_and_in_the_audit_row() {
     let token = st.aegis.token("acme", "agent-1", &["invoices:read"]);
     // Envoy exports once 5 spans are buffered (two per call): three calls.
     for _ in 0..3 {
-        let r = st
-            .call("GET", "/invoices/1", &[("x-aegis-token", &token)], b"")
-            .await;
+        let r = st.get("/invoices/1", &token).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
     let spans = |service: &str| -> Vec<Span> {

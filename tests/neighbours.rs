@@ -8,18 +8,12 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::{BufRead as _, Write as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn spawn_serve_at(data_dir: &Path) -> ChildServer {
-    let data = data_dir.to_string_lossy().into_owned();
-    common::spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
-}
 
 /// `sqlite3 <db> <sql>` as an operator runs it: its output.
 fn sqlite3(db: &Path, sql: &str) -> String {
@@ -65,50 +59,6 @@ impl Drop for WriteLock {
     }
 }
 
-fn decision_ids(db: &Path) -> HashSet<String> {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    let mut stmt = conn
-        .prepare("SELECT decision_id FROM audit_log WHERE kind = 'check'")
-        .expect("prepare");
-    stmt.query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("ids")
-}
-
-/// 8 concurrent callers until `stop`: the decision ids of every answered Check.
-async fn load(
-    addr: std::net::SocketAddr,
-    token: String,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<String> {
-    let client = client(addr).await;
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let mut c = client.clone();
-        let t = token.clone();
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for _ in 0..100_000 {
-                if *stop.borrow() {
-                    break;
-                }
-                match c.check(Req::read_invoices(&t)).await {
-                    Ok(r) => ids.extend(decision_id(r.get_ref())),
-                    Err(_) => break,
-                }
-            }
-            ids
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("task"));
-    }
-    all
-}
-
 /// Readers come and go while Checks are answered; then SIGKILL: every answered decision
 /// is in the log. Before the fix, the store's second open of the file dropped the POSIX
 /// locks SQLite held for Aegis, and the first reader to close deleted the WAL under it.
@@ -121,7 +71,7 @@ async fn outside_readers_never_cost_an_answered_row() {
     let signer = aegis::keys::Signer::load(&data).expect("key");
     let token = mint(&signer, claims("acme", "bot", &["invoices:read"]));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let driver = tokio::spawn(load(child.addr, token, stop_rx));
+    let driver = tokio::spawn(drive_checks(child.addr, token, stop_rx, 8));
 
     let mut counts = Vec::new();
     for i in 0..5 {

@@ -115,13 +115,7 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
         service.and_then(|v| v.value),
         Some(AnyValue::StringValue("aegis".into()))
     );
-    let spans: Vec<_> = received
-        .iter()
-        .flat_map(|r| &r.resource_spans)
-        .flat_map(|r| &r.scope_spans)
-        .flat_map(|s| &s.spans)
-        .cloned()
-        .collect();
+    let spans = sink.received_spans();
     assert_eq!(spans.len(), 2, "one span per Check");
     let allowed = spans
         .iter()
@@ -307,15 +301,7 @@ async fn span_attributes_are_bounded_like_the_row() {
         .await,
         "the span arrived"
     );
-    let received = sink.received.lock().expect("lock").clone();
-    let span = received
-        .iter()
-        .flat_map(|r| &r.resource_spans)
-        .flat_map(|r| &r.scope_spans)
-        .flat_map(|s| &s.spans)
-        .next()
-        .cloned()
-        .expect("one span");
+    let span = sink.received_spans().into_iter().next().expect("one span");
     let Some(AnyValue::StringValue(tool)) = attr(&span, "aegis.tool") else {
         panic!("no aegis.tool: {span:?}")
     };

@@ -1000,3 +1000,59 @@ pub fn outcome(r: Result<tonic::Response<CheckResponse>, tonic::Status>) -> Stri
         Err(s) => format!("error:{:?}", s.code()),
     }
 }
+
+// === Aegis as a child process under load, for the crash and neighbour tests ===
+
+/// `aegis serve` on `data_dir` with `normal` durability (a row is in the WAL before its
+/// Check is answered).
+pub fn spawn_serve_at(data_dir: &Path) -> ChildServer {
+    let data = data_dir.to_string_lossy().into_owned();
+    spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
+}
+
+/// The decision ids of every Check row in the log at `db`.
+pub fn decision_ids(db: &Path) -> std::collections::HashSet<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let mut stmt = conn
+        .prepare("SELECT decision_id FROM audit_log WHERE kind = 'check'")
+        .expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("ids")
+}
+
+/// `callers` concurrent `invoices.read` callers until `stop` (or their first error):
+/// the decision ids of every answered Check.
+pub async fn drive_checks(
+    addr: std::net::SocketAddr,
+    token: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+    callers: usize,
+) -> Vec<String> {
+    let client = client(addr).await;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let mut c = client.clone();
+        let t = token.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..100_000 {
+                if *stop.borrow() {
+                    break;
+                }
+                match c.check(Req::read_invoices(&t)).await {
+                    Ok(r) => ids.extend(decision_id(r.get_ref())),
+                    Err(_) => break,
+                }
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all
+}
