@@ -27,6 +27,8 @@
 
 pub mod bundle;
 pub mod export;
+pub mod merkle;
+pub mod proof;
 pub mod store;
 pub mod verify;
 
