@@ -31,6 +31,7 @@ pub mod merkle;
 pub mod proof;
 pub mod store;
 pub mod verify;
+pub mod witness;
 
 use sha2::{Digest, Sha256};
 
@@ -57,6 +58,8 @@ const FIELD_SALT_TAG: &[u8] = b"aegis-audit-field-salt/v2\n";
 const FIELD_TAG: &[u8] = b"aegis-audit-field/v2\n";
 /// Domain tag of checkpoint signatures; never a valid JWT signing input.
 const CHECKPOINT_TAG: &[u8] = b"aegis-audit-checkpoint/v1\n";
+/// Domain tag of format 2 checkpoints, which also sign the Merkle tree head.
+const CHECKPOINT_V2_TAG: &[u8] = b"aegis-audit-checkpoint/v2\n";
 
 /// A row's random salt (format 2).
 pub type Salt = [u8; 32];
@@ -295,6 +298,27 @@ pub fn checkpoint_message(last_seq: u64, head: &Hash, time_ns: i64, key_id: &str
     m.extend_from_slice(CHECKPOINT_TAG);
     m.extend_from_slice(&last_seq.to_be_bytes());
     m.extend_from_slice(head);
+    m.extend_from_slice(&time_ns.to_be_bytes());
+    m.extend_from_slice(&(key_id.len() as u32).to_be_bytes());
+    m.extend_from_slice(key_id.as_bytes());
+    m
+}
+
+/// The message a format 2 checkpoint signs: the chain head and the RFC 6962 tree head of
+/// rows `1..=last_seq` (see [`proof`]), so one decision can be checked with an inclusion
+/// proof instead of the whole chain.
+pub fn checkpoint_message_v2(
+    last_seq: u64,
+    head: &Hash,
+    root: &Hash,
+    time_ns: i64,
+    key_id: &str,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CHECKPOINT_V2_TAG.len() + 8 + 64 + 8 + 4 + key_id.len());
+    m.extend_from_slice(CHECKPOINT_V2_TAG);
+    m.extend_from_slice(&last_seq.to_be_bytes());
+    m.extend_from_slice(head);
+    m.extend_from_slice(root);
     m.extend_from_slice(&time_ns.to_be_bytes());
     m.extend_from_slice(&(key_id.len() as u32).to_be_bytes());
     m.extend_from_slice(key_id.as_bytes());

@@ -155,9 +155,14 @@ enum AuditCommand {
         /// Data directory [default: ./aegis-data, or AEGIS_DATA_DIR].
         #[arg(long, env = "AEGIS_DATA_DIR", default_value = "./aegis-data")]
         data_dir: PathBuf,
-        /// Trusted public key file(s) [default: the data directory's signing.pub].
+        /// Trusted public key file(s) [default: the data directory's audit.pub, and its
+        /// signing.pub for checkpoints from before the audit key took over].
         #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
+        /// Checkpoints published as they were made (`audit.witness_file`, or the
+        /// `aegis.audit.checkpoint` spans' lines): the log must contain and extend each.
+        #[arg(long)]
+        witness: Option<PathBuf>,
     },
     /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
     /// checkpoints that sign them, incidents, approvals and policy revisions.
@@ -330,7 +335,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Verify {
             data_dir,
             public_keys,
-        }) => audit_verify(&data_dir, &public_keys),
+            witness,
+        }) => audit_verify(&data_dir, &public_keys, witness.as_deref()),
         Command::Audit(AuditCommand::Export(args)) => audit_export(*args),
         Command::Audit(AuditCommand::VerifyBundle {
             file,
@@ -547,25 +553,53 @@ async fn wait_for_signal() {
     }
 }
 
-fn audit_verify(data_dir: &std::path::Path, public_keys: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let keys = if public_keys.is_empty() {
-        let path = data_dir.join(crate::keys::PUBLIC_KEY_FILE);
-        vec![crate::keys::read_public_key(&path)?]
+fn audit_verify(
+    data_dir: &std::path::Path,
+    public_keys: &[PathBuf],
+    witness: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use crate::keys::{AUDIT_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, read_public_key};
+    let (keys, legacy) = if public_keys.is_empty() {
+        let audit = data_dir.join(AUDIT_PUBLIC_KEY_FILE);
+        let token = read_public_key(&data_dir.join(PUBLIC_KEY_FILE))?;
+        if audit.exists() {
+            (vec![read_public_key(&audit)?], vec![token])
+        } else {
+            (vec![token], Vec::new())
+        }
     } else {
-        public_keys
+        let keys = public_keys
             .iter()
-            .map(|p| crate::keys::read_public_key(p))
-            .collect::<Result<Vec<_>, _>>()?
+            .map(|p| read_public_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        (keys, Vec::new())
+    };
+    let trust = crate::audit::verify::Trust {
+        keys: &keys,
+        legacy: &legacy,
     };
     let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
-    match crate::audit::verify::verify_file(&db, &keys)? {
+    match crate::audit::verify::verify_file_with(&db, trust, witness)? {
         Ok(summary) => {
             println!(
-                "audit log intact: {} rows, {} signed checkpoints, head {}",
+                "audit log intact: {} rows, {} signed checkpoints, head {}, tree head {}",
                 summary.rows,
                 summary.checkpoints,
-                crate::hex(&summary.head)
+                crate::hex(&summary.head),
+                crate::hex(&summary.tree_head)
             );
+            match witness {
+                Some(w) => println!(
+                    "witness {}: the log contains and extends all {} witnessed checkpoints",
+                    w.display(),
+                    summary.witnessed
+                ),
+                None => println!(
+                    "no witness given: this proves the rows match what the key signed, not \
+                     that nothing was cut from the end or signed again by the key's holder \
+                     (see --witness)"
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(finding) => {

@@ -341,6 +341,16 @@ pub struct AuditConfig {
     pub queue_capacity: usize,
     /// Most rows in one group commit.
     pub max_batch: usize,
+    /// The key checkpoints are signed with (64 hex digits, like `signing.key`). Unset:
+    /// `data_dir/audit.key`, created on first start. Never the token-signing key: whoever
+    /// can mint tokens cannot also sign the log.
+    pub signing_key_file: Option<PathBuf>,
+    /// Public keys of earlier audit keys (rotation): checkpoints they signed still verify
+    /// at start-up and in `aegis audit verify`.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Append every signed checkpoint to this file as a JSON line, outside the data
+    /// directory (ideally another host's mount). `aegis audit verify --witness` reads it.
+    pub witness_file: Option<PathBuf>,
 }
 
 /// `[otlp]`
@@ -453,6 +463,9 @@ impl Default for AuditConfig {
             durability: Durability::Normal,
             queue_capacity: 8192,
             max_batch: 512,
+            signing_key_file: None,
+            trusted_keys: Vec::new(),
+            witness_file: None,
         }
     }
 }
@@ -629,6 +642,19 @@ pub struct Overrides {
     /// Most rows per audit commit [default: 512].
     #[arg(long, env = "AEGIS_AUDIT_MAX_BATCH")]
     pub audit_max_batch: Option<usize>,
+    /// Audit checkpoint signing key file [default: DATA_DIR/audit.key].
+    #[arg(long, env = "AEGIS_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
+    /// Public key of an earlier audit key (repeatable; env: comma-separated).
+    #[arg(
+        long = "audit-trusted-key",
+        env = "AEGIS_AUDIT_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub audit_trusted_keys: Vec<PathBuf>,
+    /// Append-only file every signed audit checkpoint is published to [default: none].
+    #[arg(long, env = "AEGIS_AUDIT_WITNESS_FILE")]
+    pub audit_witness_file: Option<PathBuf>,
     /// OTLP/gRPC endpoint [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
     #[arg(long, env = "AEGIS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -997,6 +1023,15 @@ impl Overrides {
         set(&mut c.audit.durability, &self.audit_durability);
         set(&mut c.audit.queue_capacity, &self.audit_queue_capacity);
         set(&mut c.audit.max_batch, &self.audit_max_batch);
+        if self.audit_signing_key_file.is_some() {
+            c.audit.signing_key_file = self.audit_signing_key_file.clone();
+        }
+        if !self.audit_trusted_keys.is_empty() {
+            c.audit.trusted_keys = self.audit_trusted_keys.clone();
+        }
+        if self.audit_witness_file.is_some() {
+            c.audit.witness_file = self.audit_witness_file.clone();
+        }
         if self.otlp_endpoint.is_some() {
             c.otlp.endpoint = self.otlp_endpoint.clone();
         }

@@ -1,9 +1,11 @@
 //! The Ed25519 signing key in the data directory.
 //!
 //! `aegis serve` creates `signing.key` (the 32-byte seed, hex, mode 0600) and `signing.pub`
-//! (the public key, hex) on first start, in a data directory created 0700. The same key
-//! signs agent tokens and audit checkpoints; the two message formats carry distinct
-//! prefixes, so a signature made for one can never be replayed as the other.
+//! (the public key, hex) on first start, in a data directory created 0700. It signs agent
+//! tokens and credentials. Audit checkpoints and evidence bundles are signed by a key of
+//! their own, `audit.key` / `audit.pub` (or `audit.signing_key_file`): whoever can mint
+//! tokens cannot also sign the log. Every message format carries its own prefix, so a
+//! signature made for one can never be replayed as another.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -17,6 +19,10 @@ use sha2::{Digest, Sha256};
 pub const SIGNING_KEY_FILE: &str = "signing.key";
 /// File name of the public key inside the data directory.
 pub const PUBLIC_KEY_FILE: &str = "signing.pub";
+/// File name of the audit signing key seed inside the data directory.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// File name of the audit public key inside the data directory.
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit.pub";
 
 /// A failure to load or create the signing key.
 #[derive(Debug, thiserror::Error)]
@@ -72,21 +78,50 @@ impl Signer {
 
     /// Loads `signing.key` from `data_dir`, creating the directory and the key on first use.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, KeyError> {
+        Self::load_or_create_named(data_dir, SIGNING_KEY_FILE, PUBLIC_KEY_FILE)
+    }
+
+    fn load_or_create_named(data_dir: &Path, key: &str, public: &str) -> Result<Self, KeyError> {
         ensure_data_dir(data_dir)?;
-        match Self::load(data_dir) {
+        match Self::load_file(&data_dir.join(key)) {
             Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
+                write_private(&data_dir.join(key), &crate::hex(signer.key.as_bytes()))?;
                 write_private(
-                    &data_dir.join(SIGNING_KEY_FILE),
-                    &crate::hex(signer.key.as_bytes()),
-                )?;
-                write_private(
-                    &data_dir.join(PUBLIC_KEY_FILE),
+                    &data_dir.join(public),
                     &crate::hex(signer.verifying_key().as_bytes()),
                 )?;
                 Ok(signer)
             }
             other => other,
+        }
+    }
+
+    /// The key a configuration signs audit checkpoints with: `audit.signing_key_file` when
+    /// set, else `data_dir/audit.key`, created on first use.
+    pub fn for_audit(config: &crate::config::Config) -> Result<Self, KeyError> {
+        match &config.audit.signing_key_file {
+            Some(path) => {
+                ensure_data_dir(&config.data_dir)?;
+                Self::load_file(path)
+            }
+            None => Self::load_or_create_audit(&config.data_dir),
+        }
+    }
+
+    /// Loads `audit.key` from `data_dir`, creating the directory and the key on first use.
+    pub fn load_or_create_audit(data_dir: &Path) -> Result<Self, KeyError> {
+        Self::load_or_create_named(data_dir, AUDIT_KEY_FILE, AUDIT_PUBLIC_KEY_FILE)
+    }
+
+    /// The audit key of a data directory, for commands that only read (`aegis audit
+    /// export`): `audit.key`, or `signing.key` for a directory from before the split.
+    pub fn load_audit(data_dir: &Path) -> Result<Self, KeyError> {
+        let audit = data_dir.join(AUDIT_KEY_FILE);
+        if audit.exists() {
+            Self::load_file(&audit)
+        } else {
+            Self::load(data_dir)
         }
     }
 

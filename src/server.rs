@@ -212,22 +212,13 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         .map_err(|error| StartError::Policy { source_name, error })?;
     let policy = Arc::new(policy);
 
-    let store_opts = StoreOptions {
-        queue_capacity: config.audit.queue_capacity,
-        max_batch: config.audit.max_batch,
-        durability: config.audit.durability,
-    };
-    let (audit, writer) = AuditLog::open(
-        &config.data_dir.join(AUDIT_DB_FILE),
-        signer.clone(),
-        &store_opts,
-    )?;
     let telemetry = Telemetry::init(&TelemetryOptions {
         endpoint: config.otlp.endpoint.clone(),
         service_name: config.otlp.service_name.clone(),
         queue_size: config.otlp.queue_size,
         export_timeout: Duration::from_secs(5),
     })?;
+    let (audit, writer) = open_audit(&config, &signer, &telemetry)?;
 
     // The control plane (all-in-one, control-plane).
     let core = match mode {
@@ -507,6 +498,63 @@ fn sidecar_credential(config: &Config) -> Result<String, StartError> {
         ));
     }
     Ok(token)
+}
+
+/// Opens the audit log with its own key, trusting earlier audit keys and, for a log begun
+/// before the audit key was split off, the token key up to where the audit key took over;
+/// every checkpoint is published to the witness file and the OTLP collector, if set.
+fn open_audit(
+    config: &Config,
+    token_signer: &Signer,
+    telemetry: &Telemetry,
+) -> Result<(AuditLog, crate::audit::store::WriterThread), StartError> {
+    let signer = Signer::for_audit(config)?;
+    if signer.kid() == token_signer.kid() {
+        return Err(StartError::Config(format!(
+            "audit.signing_key_file: key {} is also the token-signing key; the audit log needs \
+             a key of its own",
+            signer.kid()
+        )));
+    }
+    let mut keys = vec![signer.verifying_key()];
+    for path in &config.audit.trusted_keys {
+        keys.push(crate::keys::read_public_key(path)?);
+    }
+    let legacy = [token_signer.verifying_key()];
+    let trust = crate::audit::verify::Trust {
+        keys: &keys,
+        legacy: &legacy,
+    };
+    let mut sinks: Vec<Box<dyn crate::audit::witness::Sink>> = Vec::new();
+    if let Some(path) = &config.audit.witness_file {
+        let sink = crate::audit::witness::FileSink::open(path).map_err(|e| {
+            StartError::Config(format!("audit.witness_file {}: {e}", path.display()))
+        })?;
+        sinks.push(Box::new(sink));
+    }
+    if config.otlp.endpoint.is_some() {
+        sinks.push(Box::new(telemetry.checkpoint_sink()));
+    }
+    let witness = if sinks.is_empty() {
+        None
+    } else {
+        Some(
+            crate::audit::witness::Publisher::start(sinks)
+                .map_err(|e| StartError::Config(format!("audit witness publisher: {e}")))?,
+        )
+    };
+    let store_opts = StoreOptions {
+        queue_capacity: config.audit.queue_capacity,
+        max_batch: config.audit.max_batch,
+        durability: config.audit.durability,
+    };
+    Ok(AuditLog::open_with(
+        &config.data_dir.join(AUDIT_DB_FILE),
+        signer,
+        &store_opts,
+        trust,
+        witness,
+    )?)
 }
 
 /// The signer's own public key and `token.trusted_keys`.

@@ -141,10 +141,50 @@ impl Telemetry {
         CheckSpan { span }
     }
 
+    /// A witness sink publishing each batch's newest audit checkpoint as a span
+    /// (`aegis.audit.checkpoint`), so that the collector holds what the log signed.
+    pub fn checkpoint_sink(&self) -> CheckpointSpans {
+        CheckpointSpans(self.clone())
+    }
+
     /// Flushes queued spans and stops the exporter (blocking: call off the runtime threads).
     pub fn shutdown(&self) {
         let _ = self.provider.force_flush();
         let _ = self.provider.shutdown();
+    }
+}
+
+/// See [`Telemetry::checkpoint_sink`].
+#[derive(Debug)]
+pub struct CheckpointSpans(Telemetry);
+
+impl crate::audit::witness::Sink for CheckpointSpans {
+    fn name(&self) -> String {
+        "OTLP collector".into()
+    }
+
+    /// Only the newest of the batch: it extends the others, and the span queue is shared
+    /// with the Checks'. Export failures surface in the exporter's own logs, not here.
+    fn publish(&mut self, batch: &[crate::audit::witness::SignedCheckpoint]) -> Result<(), String> {
+        let Some(cp) = batch.last() else {
+            return Ok(());
+        };
+        let tracer = &self.0.tracer;
+        let mut span = tracer
+            .span_builder("aegis.audit.checkpoint")
+            .with_kind(SpanKind::Internal)
+            .start_with_context(tracer, &Context::new());
+        span.set_attributes([
+            KeyValue::new("aegis.audit.checkpoint", cp.to_line()),
+            KeyValue::new(
+                "aegis.audit.tree_size",
+                i64::try_from(cp.tree_size).unwrap_or(i64::MAX),
+            ),
+            KeyValue::new("aegis.audit.tree_head", crate::hex(&cp.root)),
+            KeyValue::new("aegis.audit.key_id", cp.key_id.clone()),
+        ]);
+        span.end();
+        Ok(())
     }
 }
 

@@ -65,7 +65,7 @@ async fn append(data: &Path, signer: &Signer, records: Vec<Record>) {
 async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let signer = Signer::load_or_create(&data).expect("key");
+    let signer = Signer::load_or_create_audit(&data).expect("key");
     let mut deny_with_secret = row("acme", "billing-bot", 3, "deny", ACME_SECRET);
     deny_with_secret.reason = format!("denied: {ACME_SECRET} is restricted");
     let records = vec![
@@ -207,9 +207,12 @@ fn verify(file: &Path, extra: &[&str]) -> Output {
     aegis(&args)
 }
 
-/// `verify-bundle` pinned to the data directory's key, as an auditor who holds it runs it.
+/// `verify-bundle` pinned to the data directory's audit key (its token key for a data
+/// directory from before the audit key), as an auditor who holds it runs it.
 fn verify_pinned(file: &Path, data: &Path) -> Output {
-    let key = data.join("signing.pub");
+    let key = Some(data.join("audit.pub"))
+        .filter(|k| k.exists())
+        .unwrap_or_else(|| data.join("signing.pub"));
     verify(file, &["--public-key", key.to_str().expect("utf-8")])
 }
 
@@ -246,7 +249,7 @@ async fn one_tenants_bundle_verifies_and_reveals_nothing_else() {
         "{}",
         text(&out)
     );
-    let pub_key = data.join("signing.pub");
+    let pub_key = data.join("audit.pub");
     let out = verify(&file, &["--public-key", pub_key.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("signer pinned"), "{}", text(&out));
@@ -268,7 +271,7 @@ async fn one_tenants_bundle_verifies_and_reveals_nothing_else() {
 
     let b = load(&file);
     assert_eq!(b.schema, "aegis-evidence-bundle/2");
-    let signer = Signer::load(&data).expect("the data directory's key");
+    let signer = Signer::load_audit(&data).expect("the data directory's audit key");
     assert_eq!(
         b.signature.key_id,
         signer.kid(),
@@ -460,7 +463,7 @@ async fn tampered_bundles_are_refused_naming_the_problem() {
     // approvals, policy revisions) edited and the bundle re-sealed, or re-signed with a
     // key of the forger's own, are refused; only the checkpoint-signed rows were proven
     // before.
-    let pinned = data.join("signing.pub");
+    let pinned = data.join("audit.pub");
     let pinned = ["--public-key", pinned.to_str().expect("utf-8")];
     let forgeries: Vec<(&str, Tamper)> = vec![
         (

@@ -63,7 +63,7 @@ async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
         2,
         "the failed Check has no row, the others do"
     );
-    let keys = [s.signer.verifying_key()];
+    let keys = [common::audit_key(&s.data_dir())];
     assert!(
         aegis::audit::verify::verify_file(&s.db(), &keys)
             .expect("read")
@@ -111,7 +111,7 @@ async fn a_locked_database_fails_closed() {
         "SERVING once the lock is gone"
     );
     s.stop().await;
-    let keys = [s.signer.verifying_key()];
+    let keys = [common::audit_key(&s.data_dir())];
     let verdict = aegis::audit::verify::verify_file(&s.db(), &keys).expect("read");
     assert!(verdict.is_ok(), "chain intact across the gap: {verdict:?}");
 }
@@ -156,7 +156,7 @@ async fn sigkill_at_random_moments_loses_no_answered_row() {
             lost.len(),
             lost.first()
         );
-        let keys = [signer.verifying_key()];
+        let keys = [common::audit_key(&data)];
         let verdict =
             aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
         assert!(verdict.is_ok(), "round {round}: {verdict:?}");
@@ -255,7 +255,7 @@ async fn a_deleted_or_replaced_database_fails_closed_until_the_original_is_back(
         3,
         "one row per answered Check, none for the refused"
     );
-    let keys = [s.signer.verifying_key()];
+    let keys = [common::audit_key(&s.data_dir())];
     let verdict = aegis::audit::verify::verify_file(&db, &keys).expect("read");
     assert!(verdict.is_ok(), "{verdict:?}");
 }
@@ -369,7 +369,7 @@ async fn a_full_disk_fails_closed_and_service_resumes_when_space_returns() {
         .map(|(id, _)| id)
         .collect();
     assert_eq!(stored, answered, "exactly the answered Checks have rows");
-    let keys = [s.signer.verifying_key()];
+    let keys = [common::audit_key(&data)];
     let verdict = aegis::audit::verify::verify_file(&data.join("audit.db"), &keys).expect("read");
     assert!(verdict.is_ok(), "chain intact across the gap: {verdict:?}");
 }

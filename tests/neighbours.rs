@@ -110,7 +110,8 @@ async fn outside_readers_never_cost_an_answered_row() {
         ids.len(),
         lost.first()
     );
-    let verdict = aegis::audit::verify::verify_file(&db, &[signer.verifying_key()]).expect("read");
+    let verdict =
+        aegis::audit::verify::verify_file(&db, &[common::audit_key(&data)]).expect("read");
     assert!(verdict.is_ok(), "{verdict:?}");
 }
 
@@ -226,7 +227,7 @@ async fn hostile_requests_make_rows_no_larger_than_the_bound() {
         .query_row("SELECT sum(length(CAST(resource AS BLOB)) + length(CAST(tenant AS BLOB)) + length(CAST(reason AS BLOB))) FROM audit_log", [], |r| r.get(0))
         .expect("total");
     assert!(total < 64 * 1024, "{total} bytes for three hostile calls");
-    let verdict =
-        aegis::audit::verify::verify_file(&s.db(), &[s.signer.verifying_key()]).expect("read");
+    let verdict = aegis::audit::verify::verify_file(&s.db(), &[common::audit_key(&s.data_dir())])
+        .expect("read");
     assert!(verdict.is_ok(), "{verdict:?}");
 }

@@ -46,7 +46,7 @@ fn assert_every_answer_recorded(s: &TestServer, seen: &Seen) {
         let row_allows = matches!(found[0], "allow" | "sanitize");
         assert_eq!(row_allows, *allowed, "row of {id} says {}", found[0]);
     }
-    let keys = [s.signer.verifying_key()];
+    let keys = [common::audit_key(&s.data_dir())];
     let verdict = aegis::audit::verify::verify_file(&s.db(), &keys).expect("read");
     assert!(verdict.is_ok(), "{verdict:?}");
 }

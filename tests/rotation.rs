@@ -43,8 +43,23 @@ async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() 
         assert_eq!(code(&r) == 0, ok, "{who}'s agent token: {:?}", reason(&r));
     }
 
-    // The audit log verifies against the new public key.
+    // The audit log is signed by its own key, not the token key: rotating the token key
+    // leaves it alone, and the token key's holder cannot pass for its signer.
     let data = s.data_dir().to_string_lossy().into_owned();
+    let audit_pub = s
+        .data_dir()
+        .join(aegis::keys::AUDIT_PUBLIC_KEY_FILE)
+        .to_string_lossy()
+        .into_owned();
+    let out = aegis_cmd(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        &data,
+        "--public-key",
+        &audit_pub,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let new_pub = keys
         .path()
         .join("new.key.pub")
@@ -58,7 +73,11 @@ async fn the_signing_key_rotates_with_the_old_one_trusted_until_it_is_dropped() 
         "--public-key",
         &new_pub,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("signed by an untrusted key"),
+        "{out:?}"
+    );
 
     // The Secret is updated under the running server: it says it is not ready (a restart
     // would sign with another key) until it is restarted.

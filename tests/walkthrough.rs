@@ -202,7 +202,7 @@ async fn the_readme_incident_walkthrough() {
         "-o",
         &bundle_s,
     ]);
-    let pubkey = data.join("signing.pub").to_string_lossy().into_owned();
+    let pubkey = data.join("audit.pub").to_string_lossy().into_owned();
     let verified = ok(&["audit", "verify-bundle", &bundle_s, "--public-key", &pubkey]);
     println!("{verified}");
     let text = std::fs::read_to_string(&bundle).expect("bundle");

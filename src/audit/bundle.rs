@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{FIELD_NAMES, FieldValue, Hash, checkpoint_message};
+use super::{FIELD_NAMES, FieldValue, Hash, checkpoint_message, checkpoint_message_v2};
 
 /// The `schema` of bundles this version writes and reads. Version 2 adds the bundle
 /// signature; a version 1 bundle (unsigned beyond its rows) is refused: re-export it.
@@ -126,6 +126,11 @@ pub struct BundleRow {
     /// Matched the filters; false for rows only included to keep the chain contiguous.
     pub selected: bool,
     pub fields: BTreeMap<String, BundleField>,
+    /// For a selected row: its RFC 6962 audit path (hex hashes, bottom-up) in the tree the
+    /// bundle's last checkpoint signs, so the row can be checked alone, without the bundle's
+    /// other rows (see [`super::proof`]). Absent when that checkpoint predates tree heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +156,9 @@ pub struct BundleCheckpoint {
     pub key_id: String,
     /// Ed25519 signature, hex.
     pub signature: String,
+    /// The RFC 6962 tree head of rows `1..=last_seq` it signs (format 2 checkpoints), hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// A row of `control.db` (incident, approval, policy revision): its columns, minus those
@@ -339,6 +347,7 @@ pub fn verify(b: &Bundle, trusted: Option<&[VerifyingKey]>) -> Report {
     let signer_pinned = check_signature(b, &keys, trusted, p);
     let hashes = check_rows(b, p);
     let (pinned, mut signers) = check_checkpoints(b, &keys, &hashes, trusted, p);
+    check_inclusion(b, &hashes, p);
     report.pinned = pinned && signer_pinned;
     if !b.signature.key_id.is_empty() && !signers.contains(&b.signature.key_id) {
         signers.push(b.signature.key_id.clone());
@@ -652,12 +661,17 @@ fn check_checkpoints(
         };
         let head = parse_hash(&cp.head_hash);
         let sig = crate::unhex(&cp.signature).and_then(|s| <[u8; 64]>::try_from(s).ok());
-        let ok = match (head, sig) {
-            (Some(head), Some(sig)) => key
-                .verify_strict(
-                    &checkpoint_message(at, &head, cp.time_ns, &cp.key_id),
-                    &Signature::from_bytes(&sig),
-                )
+        let root = cp.root.as_deref().map(parse_hash);
+        let message = match (head, root) {
+            (Some(head), None) => Some(checkpoint_message(at, &head, cp.time_ns, &cp.key_id)),
+            (Some(head), Some(Some(root))) => Some(checkpoint_message_v2(
+                at, &head, &root, cp.time_ns, &cp.key_id,
+            )),
+            _ => None,
+        };
+        let ok = match (message, sig) {
+            (Some(message), Some(sig)) => key
+                .verify_strict(&message, &Signature::from_bytes(&sig))
                 .is_ok(),
             _ => false,
         };
@@ -692,6 +706,62 @@ fn check_checkpoints(
         ));
     }
     (pinned && covered, signers.into_iter().collect())
+}
+
+/// Every selected row's audit path must lead to the tree head of the bundle's last
+/// checkpoint (whose signature [`check_checkpoints`] checked), when that one has a tree
+/// head; a selected row without one is a problem then, since the exporter always adds it.
+fn check_inclusion(b: &Bundle, hashes: &HashMap<u64, Hash>, p: &mut Vec<String>) {
+    let Some(last) = b.checkpoints.iter().max_by_key(|c| c.last_seq) else {
+        return;
+    };
+    let Some(root) = last.root.as_deref() else {
+        if let Some(r) = b.rows.iter().find(|r| r.inclusion.is_some()) {
+            p.push(format!(
+                "row {}: an inclusion proof, but the last checkpoint signs no tree head",
+                r.seq
+            ));
+        }
+        return;
+    };
+    let Some(root) = parse_hash(root) else {
+        p.push(format!(
+            "checkpoint at seq {}: root is not 64 hex digits",
+            last.last_seq
+        ));
+        return;
+    };
+    let size = last.last_seq;
+    for row in b
+        .rows
+        .iter()
+        .filter(|r| r.selected || r.inclusion.is_some())
+    {
+        let seq = row.seq;
+        let Some(path) = &row.inclusion else {
+            p.push(format!("row {seq}: no inclusion proof"));
+            continue;
+        };
+        let path: Option<Vec<Hash>> = path.iter().map(|h| parse_hash(h)).collect();
+        let ok = match (path, hashes.get(&seq)) {
+            (Some(path), Some(hash)) => {
+                seq >= 1
+                    && super::proof::verify_inclusion(
+                        seq - 1,
+                        size,
+                        &super::proof::leaf_hash(hash),
+                        &path,
+                        &root,
+                    )
+            }
+            _ => false,
+        };
+        if !ok {
+            p.push(format!(
+                "row {seq}: its inclusion proof does not lead to the tree head signed at seq {size}"
+            ));
+        }
+    }
 }
 
 fn check_side_records(b: &Bundle, p: &mut Vec<String>) {

@@ -26,7 +26,7 @@ use super::bundle::{
     SideRecord, Table, format_time, redactable, severity_rank,
 };
 use super::verify::{Row, read_rows_between};
-use super::{FIELD_NAMES, FieldValue};
+use super::{FIELD_NAMES, FieldValue, Hash};
 
 /// What to export.
 #[derive(Debug, Clone, Default)]
@@ -43,7 +43,8 @@ pub struct ExportOptions {
     pub min_severity: Option<String>,
     /// Field names to redact (see [`redactable`]).
     pub redact: Vec<String>,
-    /// Public keys besides the data directory's `signing.pub` (e.g. keys rotated out).
+    /// Public keys besides the data directory's `audit.pub` and `signing.pub` (e.g. keys
+    /// rotated out).
     pub extra_keys: Vec<VerifyingKey>,
     /// The control database [default: `control.db` in the data directory, if there is
     /// one]. In a fleet, incidents and approvals live in the control plane's.
@@ -139,8 +140,8 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
 
     let checkpoints = read_checkpoints(&audit, first, end).map_err(read)?;
     // The data directory's key signs the bundle: it vouches for everything in it.
-    let signer = crate::keys::Signer::load(data_dir).map_err(|e| ExportError::Read {
-        path: data_dir.join(crate::keys::SIGNING_KEY_FILE),
+    let signer = crate::keys::Signer::load_audit(data_dir).map_err(|e| ExportError::Read {
+        path: data_dir.join(crate::keys::AUDIT_KEY_FILE),
         message: format!("the key that signs the bundle: {e}"),
     })?;
     let keys = keys_for(data_dir, opts, &checkpoints, &signer)?;
@@ -162,10 +163,16 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
             (Table::PolicyRevisions, &mut revisions),
         ],
     )?;
-    let bundle_rows = rows
+    let mut bundle_rows: Vec<BundleRow> = rows
         .iter()
         .map(|r| bundle_row(r, selected.contains(&r.seq), &redact, &secrets))
         .collect();
+    if checkpoints
+        .iter()
+        .any(|c| c.last_seq == end && c.root.is_some())
+    {
+        add_inclusion_proofs(&audit, &rows, end, &mut bundle_rows).map_err(read)?;
+    }
     let mut bundle = Bundle {
         schema: SCHEMA.into(),
         created_at: format_time(crate::unix_nanos()),
@@ -408,15 +415,64 @@ fn check_v1(rows: &[Row], selected: &BTreeSet<u64>, redact: &[String]) -> Result
     Ok(())
 }
 
+/// Adds each selected row's audit path in the tree of rows `1..=end` (see
+/// [`BundleRow::inclusion`]). The heads of leaf ranges inside the bundle come from its rows;
+/// those before it are streamed from the log once each (memoized: the paths of all rows
+/// share them).
+fn add_inclusion_proofs(
+    conn: &Connection,
+    rows: &[Row],
+    end: u64,
+    out: &mut [BundleRow],
+) -> rusqlite::Result<()> {
+    use super::merkle::{Frontier, inclusion_proof, root_of};
+    use super::proof::leaf_hash;
+    let Some(first) = rows.first().map(|r| r.seq) else {
+        return Ok(());
+    };
+    // Leaf i is row i + 1; the bundle holds leaves first-1..end.
+    let inside: Vec<Hash> = rows.iter().map(|r| leaf_hash(&r.hash)).collect();
+    let mut memo: HashMap<(u64, u64), Hash> = HashMap::new();
+    let mut stmt =
+        conn.prepare("SELECT hash FROM audit_log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq")?;
+    let mut range_root = |lo: u64, hi: u64| -> rusqlite::Result<Hash> {
+        if lo + 1 >= first && hi <= end {
+            let (a, b) = ((lo + 1 - first) as usize, (hi + 1 - first) as usize);
+            return Ok(root_of(&inside[a..b]));
+        }
+        if let Some(h) = memo.get(&(lo, hi)) {
+            return Ok(*h);
+        }
+        let mut f = Frontier::new();
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for h in stmt.query_map([to_i64(lo), to_i64(hi)], |r| r.get::<_, Vec<u8>>(0))? {
+            f.push(leaf_hash(&h?));
+        }
+        let root = f.root();
+        memo.insert((lo, hi), root);
+        Ok(root)
+    };
+    for row in out.iter_mut().filter(|r| r.selected) {
+        let path = inclusion_proof(row.seq - 1, end, &mut range_root)?;
+        row.inclusion = Some(path.iter().map(|h| crate::hex(h)).collect());
+    }
+    Ok(())
+}
+
 fn read_checkpoints(
     conn: &Connection,
     first: u64,
     end: u64,
 ) -> rusqlite::Result<Vec<BundleCheckpoint>> {
-    let mut stmt = conn.prepare(
-        "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint \
-         WHERE last_seq >= ?1 AND last_seq <= ?2 ORDER BY last_seq, id",
-    )?;
+    let root = if super::verify::has_root_column(conn)? {
+        "root"
+    } else {
+        "NULL"
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT last_seq, head_hash, time_ns, key_id, signature, {root} FROM audit_checkpoint \
+         WHERE last_seq >= ?1 AND last_seq <= ?2 ORDER BY last_seq, id"
+    ))?;
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let cps = stmt.query_map([to_i64(first), to_i64(end)], |r| {
         Ok(BundleCheckpoint {
@@ -425,12 +481,14 @@ fn read_checkpoints(
             time_ns: r.get(2)?,
             key_id: r.get(3)?,
             signature: crate::hex(&r.get::<_, Vec<u8>>(4)?),
+            root: r.get::<_, Option<Vec<u8>>>(5)?.map(|h| crate::hex(&h)),
         })
     })?;
     cps.collect()
 }
 
-/// The public keys of the checkpoints' signers, from `signing.pub` and `--public-key`,
+/// The public keys of the checkpoints' signers, from `audit.pub`, `signing.pub` (logs begun
+/// before the audit key was split off) and `--public-key`,
 /// and of the bundle's `signer`.
 fn keys_for(
     data_dir: &Path,
@@ -443,13 +501,19 @@ fn keys_for(
         .iter()
         .map(|k| (crate::keys::key_id(k), *k))
         .collect();
-    let own = data_dir.join(crate::keys::PUBLIC_KEY_FILE);
-    if own.exists() {
-        let k = crate::keys::read_public_key(&own).map_err(|e| ExportError::Read {
-            path: own.clone(),
-            message: e.to_string(),
-        })?;
-        known.insert(crate::keys::key_id(&k), k);
+    let own = data_dir.join(crate::keys::AUDIT_PUBLIC_KEY_FILE);
+    for file in [
+        crate::keys::AUDIT_PUBLIC_KEY_FILE,
+        crate::keys::PUBLIC_KEY_FILE,
+    ] {
+        let path = data_dir.join(file);
+        if path.exists() {
+            let k = crate::keys::read_public_key(&path).map_err(|e| ExportError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            known.insert(crate::keys::key_id(&k), k);
+        }
     }
     let mut keys: BTreeMap<String, BundleKey> = BTreeMap::new();
     for cp in checkpoints {
@@ -756,6 +820,7 @@ fn bundle_row(r: &Row, selected: bool, redact: &BTreeSet<&str>, secrets: &Secret
     }
     debug_assert_eq!(fields.len(), FIELD_NAMES.len());
     BundleRow {
+        inclusion: None,
         seq: r.seq,
         format: if r.salt.is_some() { 2 } else { 1 },
         key_id: r.key_id.clone(),

@@ -18,10 +18,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{Hash, Record, Salt, checkpoint_message, commitments, row_hash_v2};
+use super::merkle::Frontier;
+use super::proof::leaf_hash;
+use super::verify::Trust;
+use super::witness::{Publisher, SignedCheckpoint};
+use super::{Hash, Record, Salt, checkpoint_message_v2, commitments, row_hash_v2};
 use crate::keys::Signer;
 
 /// File name of the audit database in the data directory.
@@ -60,7 +64,9 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
     head_hash BLOB NOT NULL,
     time_ns INTEGER NOT NULL,
     key_id TEXT NOT NULL,
-    signature BLOB NOT NULL
+    signature BLOB NOT NULL,
+    root BLOB,
+    frontier BLOB
 );
 ";
 
@@ -72,9 +78,18 @@ const INSERT_ROW: &str = concat!(
 
 /// Adds the `salt` column (format 2 rows) to a database created before it. Rows already
 /// stored keep `NULL` and their format 1 hash: nothing stored changes.
+///
+/// Adds `root` and `frontier` (format 2 checkpoints: the Merkle tree head they sign, and
+/// the subtree heads the writer continues the tree from) to `audit_checkpoint` likewise.
 fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
     if !super::verify::has_salt_column(conn)? {
         conn.execute_batch("ALTER TABLE audit_log ADD COLUMN salt BLOB")?;
+    }
+    if !super::verify::has_root_column(conn)? {
+        conn.execute_batch(
+            "ALTER TABLE audit_checkpoint ADD COLUMN root BLOB; \
+             ALTER TABLE audit_checkpoint ADD COLUMN frontier BLOB",
+        )?;
     }
     Ok(())
 }
@@ -159,7 +174,11 @@ impl Default for AuditStats {
 
 /// Joins the writer (and checkpointer) threads after every [`AuditLog`] handle is dropped.
 #[derive(Debug)]
-pub struct WriterThread(Option<JoinHandle<()>>, Option<JoinHandle<()>>);
+pub struct WriterThread(
+    Option<JoinHandle<()>>,
+    Option<JoinHandle<()>>,
+    Option<JoinHandle<()>>,
+);
 
 /// How often the checkpointer copies the WAL into the database. Each checkpoint still
 /// briefly delays the writer (its WAL writes contend with the checkpoint's fsync), in
@@ -171,17 +190,34 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 // === impl AuditLog ===
 
 impl AuditLog {
-    /// Opens (creating if needed) the audit database and starts the writer thread.
+    /// Opens (creating if needed) the audit database and starts the writer thread; the
+    /// log must be signed by `signer` alone, and nothing is published.
     pub fn open(
         path: &Path,
         signer: Signer,
         opts: &StoreOptions,
     ) -> Result<(Self, WriterThread), AuditError> {
+        let own = [signer.verifying_key()];
+        Self::open_with(path, signer, opts, Trust::keys(&own), None)
+    }
+
+    /// Opens the audit database, checking its tail against `trust` (which must include
+    /// `signer`'s key), and starts the writer thread, which hands every checkpoint it
+    /// commits to `witness`, if any (its thread is joined with the writer's).
+    pub fn open_with(
+        path: &Path,
+        signer: Signer,
+        opts: &StoreOptions,
+        trust: Trust<'_>,
+        witness: Option<(Publisher, JoinHandle<()>)>,
+    ) -> Result<(Self, WriterThread), AuditError> {
         create_private(path).map_err(|e| open_err(path, e))?;
         let conn = open_connection(path, opts.durability)?;
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(|e| open_err(path, e))?;
-        let (head_seq, head_hash) = read_head(&conn, &signer, path)?;
+        let (head_seq, head_hash) = read_head(&conn, trust, path)?;
+        let frontier = read_frontier(&conn, head_seq).map_err(|e| open_err(path, e))?;
+        let (publisher, witness_thread) = witness.unzip();
         let checkpoint_conn = open_connection(path, opts.durability)?;
         let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = sync_channel(opts.queue_capacity);
@@ -197,6 +233,8 @@ impl AuditLog {
             signer,
             head_seq,
             head_hash,
+            frontier,
+            publisher,
             max_batch: opts.max_batch.max(1),
             healthy: healthy.clone(),
         };
@@ -219,7 +257,7 @@ impl AuditLog {
                 queued,
                 stats,
             },
-            WriterThread(Some(handle), Some(checkpointer)),
+            WriterThread(Some(handle), Some(checkpointer), witness_thread),
         ))
     }
 
@@ -260,7 +298,11 @@ impl AuditLog {
 impl WriterThread {
     /// Waits for the writer to drain its queue and stop (all handles must be dropped).
     pub fn join(mut self) {
-        for h in [self.0.take(), self.1.take()].into_iter().flatten() {
+        // The writer first: the witness publisher stops once the writer has dropped it.
+        for h in [self.0.take(), self.1.take(), self.2.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.join();
         }
     }
@@ -370,9 +412,9 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
 /// The last row's sequence and hash, after [`verify_tail`](super::verify::verify_tail)
 /// has checked the end of the log: a writer never continues a torn, garbled or unsigned
 /// tail.
-fn read_head(conn: &Connection, signer: &Signer, path: &Path) -> Result<(u64, Hash), AuditError> {
+fn read_head(conn: &Connection, trust: Trust<'_>, path: &Path) -> Result<(u64, Hash), AuditError> {
     // A file SQLite cannot read back (a torn page, garbage where rows were) names the file.
-    let tail = super::verify::verify_tail(conn, &[signer.verifying_key()]).map_err(|e| {
+    let tail = super::verify::verify_tail(conn, trust).map_err(|e| {
         open_err(
             path,
             format!(
@@ -387,6 +429,41 @@ fn read_head(conn: &Connection, signer: &Signer, path: &Path) -> Result<(u64, Ha
     }
 }
 
+/// The Merkle frontier at `head_seq` (the tail has been verified): from the last
+/// checkpoint, when it is a format 2 checkpoint whose frontier gives the tree head it
+/// signs; else rebuilt from every row's hash, once (a log written before format 2).
+fn read_frontier(conn: &Connection, head_seq: u64) -> rusqlite::Result<Frontier> {
+    let stored: Option<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> = conn
+        .query_row(
+            "SELECT last_seq, root, frontier FROM audit_checkpoint ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((last, Some(root), Some(bytes))) = stored
+        && last as u64 == head_seq
+        && let Some(f) = Frontier::from_bytes(head_seq, &bytes)
+        && f.root()[..] == root[..]
+    {
+        return Ok(f);
+    }
+    if head_seq > 0 {
+        crate::log!(
+            info,
+            "audit log: building the Merkle tree over {head_seq} rows written before tree heads \
+             were signed (once)"
+        );
+    }
+    let mut f = Frontier::new();
+    let mut stmt = conn.prepare("SELECT hash FROM audit_log WHERE seq <= ?1 ORDER BY seq")?;
+    for h in stmt.query_map([i64::try_from(head_seq).unwrap_or(i64::MAX)], |r| {
+        r.get::<_, Vec<u8>>(0)
+    })? {
+        f.push(leaf_hash(&h?));
+    }
+    Ok(f)
+}
+
 struct Writer {
     conn: Connection,
     /// Shared with [`AuditLog`]: decremented as jobs are taken off the queue.
@@ -397,6 +474,10 @@ struct Writer {
     signer: Signer,
     head_seq: u64,
     head_hash: Hash,
+    /// The Merkle tree of rows `1..=head_seq`.
+    frontier: Frontier,
+    /// Where committed checkpoints are published, if anywhere.
+    publisher: Option<Publisher>,
     max_batch: usize,
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
@@ -477,11 +558,14 @@ impl Writer {
     }
 
     /// Inserts the batch and its checkpoint in one transaction; returns the first seq.
+    /// The head, the tree and the publisher only see the batch once it has committed.
     fn insert(&mut self, batch: &[Job], salts: &[Salt]) -> rusqlite::Result<u64> {
         let kid = self.signer.kid().to_owned();
         let tx = self.conn.transaction()?;
         let mut seq = self.head_seq;
         let mut prev = self.head_hash;
+        let mut tree = self.frontier.clone();
+        let checkpoint;
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
             for (job, salt) in batch.iter().zip(salts) {
@@ -515,16 +599,32 @@ impl Writer {
                     &salt[..],
                 ])?;
                 prev = hash;
+                tree.push(leaf_hash(&hash));
             }
             let now = crate::unix_nanos();
-            let sig = self.signer.sign(&checkpoint_message(seq, &prev, now, &kid));
-            tx.prepare_cached("INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![seq as i64, &prev[..], now, kid, &sig[..]])?;
+            let root = tree.root();
+            let sig = self
+                .signer
+                .sign(&checkpoint_message_v2(seq, &prev, &root, now, &kid));
+            tx.prepare_cached("INSERT INTO audit_checkpoint (last_seq, head_hash, time_ns, key_id, signature, root, frontier) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                .execute(params![seq as i64, &prev[..], now, kid, &sig[..], &root[..], tree.to_bytes()])?;
+            checkpoint = SignedCheckpoint {
+                tree_size: seq,
+                head: prev,
+                root,
+                time_ns: now,
+                key_id: kid,
+                signature: sig,
+            };
         }
         tx.commit()?;
         let first = self.head_seq + 1;
         self.head_seq = seq;
         self.head_hash = prev;
+        self.frontier = tree;
+        if let Some(p) = &self.publisher {
+            p.offer(checkpoint);
+        }
         Ok(first)
     }
 }
@@ -532,7 +632,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{GENESIS, row_hash};
+    use crate::audit::{GENESIS, checkpoint_message, row_hash};
 
     /// A database as the writer left it before salts: the old schema, one format 1 row
     /// and its checkpoint.

@@ -11,15 +11,28 @@
 //! - **inserted**: a row after which the chain continues from the row *before* it, or
 //!   rows past the last signed checkpoint;
 //! - **reordered**: a row whose `prev_hash` is the hash of a row stored *after* it.
+//!
+//! With a witness (`--witness`, the checkpoints Aegis published as it made them), the log
+//! must also contain and extend every witnessed checkpoint: its tree head at each witnessed
+//! size must be the one the witness saw. That finds what the signatures alone cannot, since
+//! whoever holds the audit key can sign anything: a cut tail (rows and checkpoints deleted
+//! together), and a history rewritten and signed again.
+//!
+//! **Streaming.** Rows are read in one pass in `seq` order, checkpoints in a second, each
+//! checked against its row by primary key: memory stays constant whatever the log's size
+//! (a frontier of at most 64 subtree heads). Only naming a break looks further, with a few
+//! indexed or scanning queries.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
 use ed25519_dalek::{Signature, VerifyingKey};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
-use super::{GENESIS, Hash, Record, Salt, checkpoint_message, hash_row};
+use super::merkle::Frontier;
+use super::proof::leaf_hash;
+use super::witness::SignedCheckpoint;
+use super::{GENESIS, Hash, Record, Salt, checkpoint_message, checkpoint_message_v2, hash_row};
 
 /// How the log was tampered with, at the first bad row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +77,43 @@ impl fmt::Display for Finding {
 pub struct Summary {
     pub rows: u64,
     pub checkpoints: u64,
+    /// The chain hash of the last row.
     pub head: Hash,
+    /// The RFC 6962 tree head of every row.
+    pub tree_head: Hash,
+    /// Witnessed checkpoints the log was found to contain.
+    pub witnessed: u64,
 }
 
-/// The verifier could not read the log at all.
+/// The verifier could not read the log or the witness at all.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("cannot read audit database {path}: {message}")]
     Read { path: String, message: String },
+    #[error("{0}")]
+    Witness(String),
+}
+
+/// The keys checkpoints may be signed with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trust<'a> {
+    /// The audit key and earlier audit keys (`audit.trusted_keys`).
+    pub keys: &'a [VerifyingKey],
+    /// Keys trusted only for the checkpoints before the first one a key of `keys` signed:
+    /// the token-signing key, which signed logs begun before the audit key was its own.
+    /// After the audit key took over, a checkpoint signed by one of these is forged.
+    pub legacy: &'a [VerifyingKey],
+}
+
+impl<'a> Trust<'a> {
+    /// Every key equally trusted.
+    pub fn keys(keys: &'a [VerifyingKey]) -> Self {
+        Self { keys, legacy: &[] }
+    }
+
+    fn find(keys: &[VerifyingKey], kid: &str) -> Option<VerifyingKey> {
+        keys.iter().find(|k| crate::keys::key_id(k) == kid).copied()
+    }
 }
 
 /// A stored row.
@@ -101,6 +143,8 @@ impl Row {
 struct Checkpoint {
     last_seq: u64,
     head: Hash,
+    /// The tree head a format 2 checkpoint signs; `None` for format 1.
+    root: Option<Hash>,
     time_ns: i64,
     key_id: String,
     signature: Vec<u8>,
@@ -110,6 +154,16 @@ struct Checkpoint {
 pub fn verify_file(
     path: &Path,
     keys: &[VerifyingKey],
+) -> Result<Result<Summary, Finding>, VerifyError> {
+    verify_file_with(path, Trust::keys(keys), None)
+}
+
+/// Verifies the audit database at `path` against `trust` and, if given, the witness file
+/// `witness` (see the module docs), in constant memory.
+pub fn verify_file_with(
+    path: &Path,
+    trust: Trust<'_>,
+    witness: Option<&Path>,
 ) -> Result<Result<Summary, Finding>, VerifyError> {
     let read_err = |e: rusqlite::Error| VerifyError::Read {
         path: path.display().to_string(),
@@ -123,18 +177,21 @@ pub fn verify_file(
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(read_err)?;
-    let rows = read_rows(&conn).map_err(read_err)?;
-    let checkpoints = read_checkpoints(&conn).map_err(read_err)?;
-    Ok(verify(&rows, &checkpoints, keys))
+    let witnessed = match witness {
+        Some(w) => Some(super::witness::read_file(w).map_err(VerifyError::Witness)?),
+        None => None,
+    };
+    let walk = walk_rows(&conn, trust, witnessed).map_err(|e| match e {
+        WalkError::Db(e) => read_err(e),
+        WalkError::Witness(w) => VerifyError::Witness(w),
+    })?;
+    let signed = check_checkpoints(&conn, trust).map_err(read_err)?;
+    Ok(combine(walk, signed))
 }
 
 fn blob32(v: Vec<u8>) -> Hash {
     // A wrong-sized blob is itself tampering: it can never equal a real hash.
     Hash::try_from(v.as_slice()).unwrap_or([0xff; 32])
-}
-
-fn read_rows(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
-    read_rows_between(conn, 0, u64::MAX)
 }
 
 /// Whether `audit_log` has the `salt` column (a database no writer has opened since
@@ -167,48 +224,62 @@ pub(crate) fn read_rows_between(
     let mut stmt = conn.prepare(sql)?;
     let from = i64::try_from(from).unwrap_or(i64::MAX);
     let to = i64::try_from(to).unwrap_or(i64::MAX);
-    let rows = stmt.query_map([from, to], |r| {
-        Ok(Row {
-            seq: r.get::<_, i64>(0)? as u64,
-            record: Record {
-                time_ns: r.get(1)?,
-                http_status: r.get(2)?,
-                kind: r.get(3)?,
-                decision_id: r.get(4)?,
-                tenant: r.get(5)?,
-                agent: r.get(6)?,
-                session: r.get(7)?,
-                run_id: r.get(8)?,
-                tool: r.get(9)?,
-                action: r.get(10)?,
-                resource: r.get(11)?,
-                decision: r.get(12)?,
-                reason: r.get(13)?,
-                policy_revision: r.get(14)?,
-                trust_level: r.get(15)?,
-                approval_id: r.get(16)?,
-                actor: r.get(17)?,
-                trace_id: r.get(18)?,
-                span_id: r.get(19)?,
-            },
-            key_id: r.get(20)?,
-            prev: blob32(r.get(21)?),
-            hash: blob32(r.get(22)?),
-            salt: r.get::<_, Option<Vec<u8>>>(23)?.map(blob32),
-        })
-    })?;
+    let rows = stmt.query_map([from, to], row_from_sql)?;
     rows.collect()
 }
 
-fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
-    let mut stmt = conn.prepare(
-        "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id",
-    )?;
-    let cps = stmt.query_map([], checkpoint_from_row)?;
-    cps.collect()
+/// The `SELECT` of [`read_rows_between`] for every row, in `seq` order.
+fn all_rows_sql(conn: &Connection) -> rusqlite::Result<&'static str> {
+    Ok(if has_salt_column(conn)? {
+        concat!(
+            "SELECT ",
+            super::audit_columns!(),
+            ", salt FROM audit_log ORDER BY seq"
+        )
+    } else {
+        concat!(
+            "SELECT ",
+            super::audit_columns!(),
+            ", NULL FROM audit_log ORDER BY seq"
+        )
+    })
 }
 
-/// A checkpoint from a row of `SELECT last_seq, head_hash, time_ns, key_id, signature`.
+fn row_from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        seq: r.get::<_, i64>(0)? as u64,
+        record: Record {
+            time_ns: r.get(1)?,
+            http_status: r.get(2)?,
+            kind: r.get(3)?,
+            decision_id: r.get(4)?,
+            tenant: r.get(5)?,
+            agent: r.get(6)?,
+            session: r.get(7)?,
+            run_id: r.get(8)?,
+            tool: r.get(9)?,
+            action: r.get(10)?,
+            resource: r.get(11)?,
+            decision: r.get(12)?,
+            reason: r.get(13)?,
+            policy_revision: r.get(14)?,
+            trust_level: r.get(15)?,
+            approval_id: r.get(16)?,
+            actor: r.get(17)?,
+            trace_id: r.get(18)?,
+            span_id: r.get(19)?,
+        },
+        key_id: r.get(20)?,
+        prev: blob32(r.get(21)?),
+        hash: blob32(r.get(22)?),
+        salt: r.get::<_, Option<Vec<u8>>>(23)?.map(blob32),
+    })
+}
+
+/// The columns [`checkpoint_from_row`] reads.
+const CHECKPOINT_COLUMNS: &str = "last_seq, head_hash, time_ns, key_id, signature, root";
+
+/// A checkpoint from a row of `SELECT` [`CHECKPOINT_COLUMNS`].
 fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     Ok(Checkpoint {
         last_seq: r.get::<_, i64>(0)? as u64,
@@ -216,7 +287,26 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
         time_ns: r.get(2)?,
         key_id: r.get(3)?,
         signature: r.get(4)?,
+        root: r.get::<_, Option<Vec<u8>>>(5)?.map(blob32),
     })
+}
+
+/// Whether `audit_checkpoint` has the `root` column (format 2 checkpoints).
+pub(crate) fn has_root_column(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt =
+        conn.prepare("SELECT 1 FROM pragma_table_info('audit_checkpoint') WHERE name = 'root'")?;
+    stmt.exists([])
+}
+
+/// `SELECT` [`CHECKPOINT_COLUMNS`] `FROM audit_checkpoint` and `tail` (`WHERE`, `ORDER BY`),
+/// on a database whose checkpoints may predate the `root` column.
+fn checkpoints_sql(conn: &Connection, tail: &str) -> rusqlite::Result<String> {
+    let columns = if has_root_column(conn)? {
+        CHECKPOINT_COLUMNS.to_owned()
+    } else {
+        CHECKPOINT_COLUMNS.replace(", root", ", NULL")
+    };
+    Ok(format!("SELECT {columns} FROM audit_checkpoint {tail}"))
 }
 
 /// What [`verify_tail`] found: the head to continue the chain from.
@@ -233,11 +323,9 @@ pub struct Tail {
 /// no checkpoint covers, or a forged checkpoint is a [`Finding`], never continued from.
 pub fn verify_tail(
     conn: &Connection,
-    keys: &[VerifyingKey],
+    trust: Trust<'_>,
 ) -> Result<Result<Tail, Finding>, rusqlite::Error> {
-    let mut stmt = conn.prepare(
-        "SELECT last_seq, head_hash, time_ns, key_id, signature FROM audit_checkpoint ORDER BY id DESC LIMIT 2",
-    )?;
+    let mut stmt = conn.prepare(&checkpoints_sql(conn, "ORDER BY id DESC LIMIT 2")?)?;
     let mut cps: Vec<Checkpoint> = stmt
         .query_map([], checkpoint_from_row)?
         .collect::<rusqlite::Result<_>>()?;
@@ -277,7 +365,7 @@ pub fn verify_tail(
             detail: "rows exist but no signed checkpoint covers them".into(),
         }));
     }
-    Ok(check_tail(&rows, start, anchor, &cps, keys))
+    Ok(check_tail(&rows, start, anchor, &cps, trust))
 }
 
 /// The chain from (`start`, `anchor`) through `rows` must end exactly at the last of
@@ -287,19 +375,15 @@ fn check_tail(
     start: u64,
     anchor: Hash,
     cps: &[Checkpoint],
-    keys: &[VerifyingKey],
+    trust: Trust<'_>,
 ) -> Result<Tail, Finding> {
-    let by_kid: HashMap<String, &VerifyingKey> =
-        keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
+    let mut signers = Signers::new(trust);
     for cp in cps {
-        if !signature_ok(cp, &by_kid) {
+        if let Err(why) = signers.check(cp) {
             return Err(Finding {
                 seq: start + 1,
                 kind: Tamper::BadSignature,
-                detail: format!(
-                    "checkpoint at seq {}: signature does not verify with a trusted key",
-                    cp.last_seq
-                ),
+                detail: format!("checkpoint at seq {}: {why}", cp.last_seq),
             });
         }
     }
@@ -348,135 +432,404 @@ fn check_tail(
     Ok(Tail { seq, hash: prev })
 }
 
-fn signature_ok(cp: &Checkpoint, by_kid: &HashMap<String, &VerifyingKey>) -> bool {
-    by_kid.get(&cp.key_id).is_some_and(|k| {
-        <[u8; 64]>::try_from(cp.signature.as_slice()).is_ok_and(|s| {
-            k.verify_strict(
-                &checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id),
-                &Signature::from_bytes(&s),
-            )
-            .is_ok()
-        })
-    })
+/// Checks checkpoint signatures in log order, remembering whether the audit key has taken
+/// over from a legacy key (see [`Trust::legacy`]).
+struct Signers<'a> {
+    trust: Trust<'a>,
+    audit_key_seen: bool,
 }
 
-fn verify(
-    rows: &[Row],
-    checkpoints: &[Checkpoint],
-    keys: &[VerifyingKey],
-) -> Result<Summary, Finding> {
-    let chain = walk_chain(rows).err();
-    let signed = check_checkpoints(rows, checkpoints, keys).err();
-    // Report whichever finding comes first in the log. On a tie the chain's is more precise,
-    // except for rows past the last checkpoint: Aegis checkpoints every commit, so such
-    // rows were never written by it.
-    match (chain, signed) {
-        (Some(c), Some(s)) => Err(
+impl<'a> Signers<'a> {
+    fn new(trust: Trust<'a>) -> Self {
+        Self {
+            trust,
+            audit_key_seen: false,
+        }
+    }
+
+    /// `Err` says why the checkpoint's signature is not accepted.
+    fn check(&mut self, cp: &Checkpoint) -> Result<(), &'static str> {
+        let (key, current) = match Trust::find(self.trust.keys, &cp.key_id) {
+            Some(k) => (k, true),
+            None => match Trust::find(self.trust.legacy, &cp.key_id) {
+                Some(_) if self.audit_key_seen => {
+                    return Err(
+                        "signed by the token-signing key after the audit key had taken over",
+                    );
+                }
+                Some(k) => (k, false),
+                None => return Err("signed by an untrusted key"),
+            },
+        };
+        let message = match &cp.root {
+            Some(root) => {
+                checkpoint_message_v2(cp.last_seq, &cp.head, root, cp.time_ns, &cp.key_id)
+            }
+            None => checkpoint_message(cp.last_seq, &cp.head, cp.time_ns, &cp.key_id),
+        };
+        let ok = <[u8; 64]>::try_from(cp.signature.as_slice()).is_ok_and(|s| {
+            key.verify_strict(&message, &Signature::from_bytes(&s))
+                .is_ok()
+        });
+        if !ok {
+            return Err("signature does not verify");
+        }
+        self.audit_key_seen |= current;
+        Ok(())
+    }
+}
+
+/// What the pass over the rows found.
+struct Walk {
+    rows: u64,
+    head: Hash,
+    tree_head: Hash,
+    witnessed: u64,
+    /// The first break of the chain.
+    chain: Option<Finding>,
+    /// The first witnessed checkpoint the log does not contain.
+    witness: Option<Finding>,
+    /// The first format 2 checkpoint whose tree head is not the rows'.
+    root: Option<Finding>,
+}
+
+enum WalkError {
+    Db(rusqlite::Error),
+    Witness(String),
+}
+
+impl From<rusqlite::Error> for WalkError {
+    fn from(e: rusqlite::Error) -> Self {
+        WalkError::Db(e)
+    }
+}
+
+/// One pass over the rows in `seq` order: the chain, the tree heads at every format 2
+/// checkpoint's size, and every witnessed checkpoint.
+fn walk_rows(
+    conn: &Connection,
+    trust: Trust<'_>,
+    witness: Option<super::witness::WitnessLines>,
+) -> Result<Walk, WalkError> {
+    let mut row_stmt = conn.prepare(all_rows_sql(conn)?)?;
+    let mut rows = row_stmt.query_map([], row_from_sql)?.peekable();
+    let with_roots = if has_root_column(conn)? {
+        "WHERE root IS NOT NULL ORDER BY last_seq, id"
+    } else {
+        "WHERE 0"
+    };
+    let mut root_stmt = conn.prepare(&checkpoints_sql(conn, with_roots)?)?;
+    let mut signed_roots = root_stmt.query_map([], checkpoint_from_row)?.peekable();
+    let mut witness = WitnessCursor::new(witness, trust);
+
+    let mut frontier = Frontier::new();
+    let (mut expected_seq, mut expected_prev) = (1u64, GENESIS);
+    let mut walk = Walk {
+        rows: 0,
+        head: GENESIS,
+        tree_head: frontier.root(),
+        witnessed: 0,
+        chain: None,
+        witness: None,
+        root: None,
+    };
+    let mut last_signed_size = 0u64;
+    while let Some(r) = rows.next() {
+        let r = r?;
+        let content_ok = r.content_hash(r.seq) == r.hash;
+        if r.seq != expected_seq || r.prev != expected_prev || !content_ok {
+            let next = match rows.peek() {
+                Some(Ok(n)) => Some(n),
+                _ => None,
+            };
+            walk.chain = Some(classify(
+                conn,
+                &r,
+                next,
+                expected_seq,
+                &expected_prev,
+                content_ok,
+            )?);
+            break;
+        }
+        expected_seq += 1;
+        expected_prev = r.hash;
+        frontier.push(leaf_hash(&r.hash));
+        let size = frontier.size();
+        // Format 2 checkpoints at this size: their signed tree head must be the rows'.
+        while let Some(Ok(cp)) = signed_roots.peek() {
+            if cp.last_seq > size {
+                break;
+            }
+            if cp.last_seq == size && walk.root.is_none() && cp.root != Some(frontier.root()) {
+                walk.root = Some(Finding {
+                    seq: last_signed_size + 1,
+                    kind: Tamper::Modified,
+                    detail: format!(
+                        "rows {}..={size} no longer have the tree head the checkpoint at seq \
+                         {size} signs",
+                        last_signed_size + 1
+                    ),
+                });
+            }
+            if cp.last_seq == size {
+                last_signed_size = size;
+            }
+            signed_roots.next();
+        }
+        if let Some(Err(_)) = signed_roots.peek()
+            && let Some(Err(e)) = signed_roots.next()
+        {
+            return Err(e.into());
+        }
+        if walk.witness.is_none() {
+            walk.witness = witness.at(size, &r.hash, &frontier)?;
+        }
+    }
+    walk.rows = frontier.size();
+    walk.head = expected_prev;
+    walk.tree_head = frontier.root();
+    walk.witnessed = witness.matched;
+    if walk.witness.is_none() && walk.chain.is_none() {
+        walk.witness = witness.beyond(frontier.size())?;
+    }
+    Ok(walk)
+}
+
+/// Reads the witness in step with the rows: tree sizes must only grow, and at each
+/// witnessed size the rows' tree head and chain head must be the witnessed ones.
+struct WitnessCursor {
+    lines: Option<std::iter::Peekable<super::witness::WitnessLines>>,
+    keys: Vec<VerifyingKey>,
+    /// The largest size the log was found to contain, and its witness line.
+    matched_size: u64,
+    matched_line: u64,
+    matched: u64,
+}
+
+impl WitnessCursor {
+    fn new(lines: Option<super::witness::WitnessLines>, trust: Trust<'_>) -> Self {
+        Self {
+            lines: lines.map(Iterator::peekable),
+            keys: trust.keys.iter().chain(trust.legacy).copied().collect(),
+            matched_size: 0,
+            matched_line: 0,
+            matched: 0,
+        }
+    }
+
+    /// The next witnessed checkpoint if its tree size is at most `size`, checked for its
+    /// signature and order.
+    fn next_upto(&mut self, size: u64) -> Result<Option<(u64, SignedCheckpoint)>, String> {
+        let Some(lines) = self.lines.as_mut() else {
+            return Ok(None);
+        };
+        match lines.peek() {
+            None => return Ok(None),
+            Some(Ok((_, cp))) if cp.tree_size > size => return Ok(None),
+            Some(_) => {}
+        }
+        let (line, cp) = match lines.next() {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => return Err(e),
+            None => return Ok(None),
+        };
+        if !cp.signed_by(&self.keys) {
+            return Err(format!(
+                "witness line {line}: the checkpoint at tree size {} is not signed by a trusted \
+                 key ({}); the witness itself was altered, or the wrong key was given",
+                cp.tree_size, cp.key_id
+            ));
+        }
+        Ok(Some((line, cp)))
+    }
+
+    /// Checks every witnessed checkpoint of tree size `size` (the rows so far, the last
+    /// one's hash `head`).
+    fn at(
+        &mut self,
+        size: u64,
+        head: &Hash,
+        frontier: &Frontier,
+    ) -> Result<Option<Finding>, WalkError> {
+        while let Some((line, cp)) = self.next_upto(size).map_err(WalkError::Witness)? {
+            if cp.tree_size < self.matched_size {
+                return Ok(Some(Finding {
+                    seq: cp.tree_size + 1,
+                    kind: Tamper::Deleted,
+                    detail: format!(
+                        "the witness saw the log shrink from {} rows (line {}) to {} (line \
+                         {line}): rows were cut and the log written again",
+                        self.matched_size, self.matched_line, cp.tree_size
+                    ),
+                }));
+            }
+            if cp.tree_size < size {
+                // Only reachable for a size the walk already passed: out of order.
+                return Ok(Some(Finding {
+                    seq: cp.tree_size + 1,
+                    kind: Tamper::Modified,
+                    detail: format!("witness line {line} is out of order"),
+                }));
+            }
+            if cp.root != frontier.root() || cp.head != *head {
+                return Ok(Some(Finding {
+                    seq: self.matched_size + 1,
+                    kind: Tamper::Modified,
+                    detail: format!(
+                        "rows {}..={size} are not the rows the witness saw (line {line}, tree \
+                         size {size}, signed at {}): history was rewritten after it was \
+                         published",
+                        self.matched_size + 1,
+                        super::bundle::format_time(cp.time_ns)
+                    ),
+                }));
+            }
+            self.matched_size = size;
+            self.matched_line = line;
+            self.matched += 1;
+        }
+        Ok(None)
+    }
+
+    /// After the last row (`size` rows): any witnessed checkpoint left covers rows the log
+    /// no longer has.
+    fn beyond(&mut self, size: u64) -> Result<Option<Finding>, WalkError> {
+        let mut largest: Option<(u64, SignedCheckpoint)> = None;
+        while let Some(next) = self.next_upto(u64::MAX).map_err(WalkError::Witness)? {
+            largest = Some(next);
+        }
+        Ok(largest.map(|(line, cp)| Finding {
+            seq: size + 1,
+            kind: Tamper::Deleted,
+            detail: format!(
+                "the log ends at seq {size}, but the witness saw a checkpoint of {} rows (line \
+                 {line}, signed at {}): rows {}..={} were cut off with their checkpoints",
+                cp.tree_size,
+                super::bundle::format_time(cp.time_ns),
+                size + 1,
+                cp.tree_size
+            ),
+        }))
+    }
+}
+
+/// Whichever finding comes first in the log. On a tie the chain's is more precise, except
+/// for rows past the last checkpoint: Aegis checkpoints every commit, so such rows were
+/// never written by it. The witness's and the tree heads' findings count only when they
+/// come strictly first: what they see, the chain or the signatures usually name better.
+fn combine(walk: Walk, signed: Result<u64, Finding>) -> Result<Summary, Finding> {
+    let first = match (walk.chain, signed.as_ref().err().cloned()) {
+        (Some(c), Some(s)) => Some(
             if s.seq < c.seq || (s.seq == c.seq && s.kind == Tamper::Inserted) {
                 s
             } else {
                 c
             },
         ),
-        (Some(f), None) | (None, Some(f)) => Err(f),
-        (None, None) => Ok(Summary {
-            rows: rows.len() as u64,
-            checkpoints: checkpoints.len() as u64,
-            head: rows.last().map_or(GENESIS, |r| r.hash),
+        (a, b) => a.or(b),
+    };
+    let first = [walk.witness, walk.root]
+        .into_iter()
+        .flatten()
+        .fold(first, |best, f| match best {
+            Some(b) if b.seq <= f.seq => Some(b),
+            _ => Some(f),
+        });
+    match first {
+        Some(f) => Err(f),
+        None => Ok(Summary {
+            rows: walk.rows,
+            checkpoints: signed.unwrap_or(0),
+            head: walk.head,
+            tree_head: walk.tree_head,
+            witnessed: walk.witnessed,
         }),
     }
 }
 
-fn walk_chain(rows: &[Row]) -> Result<(), Finding> {
-    let position: HashMap<Hash, usize> =
-        rows.iter().enumerate().map(|(i, r)| (r.hash, i)).collect();
-    let mut expected_seq = 1u64;
-    let mut expected_prev = GENESIS;
-    for (i, r) in rows.iter().enumerate() {
-        let content_ok = r.content_hash(r.seq) == r.hash;
-        let link_ok = r.prev == expected_prev;
-        if r.seq == expected_seq && link_ok && content_ok {
-            expected_seq += 1;
-            expected_prev = r.hash;
-            continue;
-        }
-        return Err(classify(
-            rows,
-            i,
-            expected_seq,
-            &expected_prev,
-            content_ok,
-            &position,
-        ));
-    }
-    Ok(())
-}
-
-/// Names what happened at the first row where the chain breaks (see the module docs).
+/// Names what happened at the first row where the chain breaks (see the module docs),
+/// looking up only what it needs: where the row's predecessor is stored, and the row after.
 fn classify(
-    rows: &[Row],
-    i: usize,
+    conn: &Connection,
+    r: &Row,
+    next: Option<&Row>,
     expected_seq: u64,
     expected_prev: &Hash,
     content_ok: bool,
-    position: &HashMap<Hash, usize>,
-) -> Finding {
-    let r = &rows[i];
+) -> rusqlite::Result<Finding> {
     let finding = |seq, kind, detail: String| Finding { seq, kind, detail };
-    let next_skips_this = rows.get(i + 1).is_some_and(|n| n.prev == *expected_prev);
+    let next_skips_this = next.is_some_and(|n| n.prev == *expected_prev);
     if r.seq > expected_seq {
         let n = r.seq - expected_seq;
-        return finding(
+        return Ok(finding(
             expected_seq,
             Tamper::Deleted,
             format!("{n} row(s) missing before seq {}", r.seq),
-        );
+        ));
     }
     if r.prev == *expected_prev {
         // In its place and linked, but its contents do not hash to its stored hash.
         if next_skips_this {
-            return finding(
+            return Ok(finding(
                 r.seq,
                 Tamper::Inserted,
                 "the next row links to the row before this one".into(),
-            );
+            ));
         }
-        return finding(
+        return Ok(finding(
             r.seq,
             Tamper::Modified,
             "contents do not match the stored hash".into(),
-        );
+        ));
     }
-    // The link is broken: where does this row's predecessor live?
-    match position.get(&r.prev) {
-        Some(&j) if j > i => {
-            return finding(
+    // The link is broken: where does this row's predecessor live? (The last row stored
+    // with that hash, as a copied row shares its original's.)
+    let pred: Option<u64> = conn
+        .query_row(
+            "SELECT max(seq) FROM audit_log WHERE hash = ?1",
+            [&r.prev[..]],
+            |row| row.get::<_, Option<i64>>(0),
+        )?
+        .map(|s| s as u64);
+    match pred {
+        Some(p) if p > r.seq => {
+            return Ok(finding(
                 r.seq,
                 Tamper::Reordered,
-                format!("its predecessor is stored later, at seq {}", rows[j].seq),
-            );
+                format!("its predecessor is stored later, at seq {p}"),
+            ));
         }
         _ if next_skips_this => {
-            return finding(
+            return Ok(finding(
                 r.seq,
                 Tamper::Inserted,
                 "the next row links to the row before this one".into(),
-            );
+            ));
         }
-        Some(&j) if j + 1 < i => {
-            let first = rows[j + 1].seq;
-            return finding(
-                first,
-                Tamper::Inserted,
-                format!(
-                    "seq {} links to seq {}; the rows between do not belong",
-                    r.seq, rows[j].seq
-                ),
-            );
+        Some(p) => {
+            let after: Option<i64> = conn
+                .query_row(
+                    "SELECT min(seq) FROM audit_log WHERE seq > ?1",
+                    [p as i64],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .flatten();
+            if let Some(first) = after.map(|s| s as u64).filter(|&s| s < r.seq) {
+                return Ok(finding(
+                    first,
+                    Tamper::Inserted,
+                    format!(
+                        "seq {} links to seq {p}; the rows between do not belong",
+                        r.seq
+                    ),
+                ));
+            }
         }
-        _ => {}
+        None => {}
     }
-    match original_seq(r) {
+    Ok(match original_seq(r) {
         Some(orig) if orig > r.seq => finding(
             r.seq,
             Tamper::Deleted,
@@ -500,7 +853,7 @@ fn classify(
             Tamper::Modified,
             "neither its contents nor its link to the previous row match".into(),
         ),
-    }
+    })
 }
 
 /// The seq a renumbered but otherwise intact row was written with (searched nearby).
@@ -511,71 +864,80 @@ fn original_seq(r: &Row) -> Option<u64> {
         .find(|&s| s > 0 && r.content_hash(s) == r.hash)
 }
 
+/// Every checkpoint in the order written: signed by a trusted key, and naming a stored row
+/// by its seq and hash; every row covered. Returns the number of checkpoints.
 fn check_checkpoints(
-    rows: &[Row],
-    checkpoints: &[Checkpoint],
-    keys: &[VerifyingKey],
-) -> Result<(), Finding> {
-    let by_kid: HashMap<String, &VerifyingKey> =
-        keys.iter().map(|k| (crate::keys::key_id(k), k)).collect();
-    let hash_at: HashMap<u64, Hash> = rows.iter().map(|r| (r.seq, r.hash)).collect();
-    let last_row = rows.last().map_or(0, |r| r.seq);
+    conn: &Connection,
+    trust: Trust<'_>,
+) -> rusqlite::Result<Result<u64, Finding>> {
+    let last_row: u64 = conn
+        .query_row("SELECT max(seq) FROM audit_log", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?
+        .map_or(0, |s| s as u64);
+    let mut hash_at = conn.prepare("SELECT hash FROM audit_log WHERE seq = ?1")?;
+    let mut stmt = conn.prepare(&checkpoints_sql(conn, "ORDER BY id")?)?;
+    let mut signers = Signers::new(trust);
     let mut covered = 0u64;
-    for cp in checkpoints {
+    let mut count = 0u64;
+    for cp in stmt.query_map([], checkpoint_from_row)? {
+        let cp = cp?;
+        count += 1;
         let first = covered + 1;
-        if !signature_ok(cp, &by_kid) {
-            let why = if by_kid.contains_key(&cp.key_id) {
-                "signature does not verify"
-            } else {
-                "signed by an untrusted key"
-            };
-            return Err(Finding {
+        if let Err(why) = signers.check(&cp) {
+            return Ok(Err(Finding {
                 seq: first,
                 kind: Tamper::BadSignature,
                 detail: format!("checkpoint at seq {}: {why}", cp.last_seq),
-            });
+            }));
         }
-        match hash_at.get(&cp.last_seq) {
-            Some(h) if *h == cp.head => {}
+        let stored: Option<Hash> = hash_at
+            .query_row([i64::try_from(cp.last_seq).unwrap_or(i64::MAX)], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(blob32);
+        match stored {
+            Some(h) if h == cp.head => {}
             Some(_) => {
-                return Err(Finding {
+                return Ok(Err(Finding {
                     seq: first,
                     kind: Tamper::Modified,
                     detail: format!(
                         "rows {first}..={} were rewritten: the checkpoint signed at seq {} does not match",
                         cp.last_seq, cp.last_seq
                     ),
-                });
+                }));
             }
             None if cp.last_seq > last_row => {
-                return Err(Finding {
+                return Ok(Err(Finding {
                     seq: last_row + 1,
                     kind: Tamper::Deleted,
                     detail: format!(
                         "log ends at seq {last_row} but a checkpoint covers up to seq {}",
                         cp.last_seq
                     ),
-                });
+                }));
             }
             None => {
-                return Err(Finding {
+                return Ok(Err(Finding {
                     seq: cp.last_seq,
                     kind: Tamper::Deleted,
                     detail: "the row a checkpoint signs is gone".into(),
-                });
+                }));
             }
         }
         covered = covered.max(cp.last_seq);
     }
     if last_row > covered {
-        return Err(Finding {
+        return Ok(Err(Finding {
             seq: covered + 1,
             kind: Tamper::Inserted,
             detail: format!(
                 "rows {}..={last_row} are not covered by any signed checkpoint",
                 covered + 1
             ),
-        });
+        }));
     }
-    Ok(())
+    Ok(Ok(count))
 }

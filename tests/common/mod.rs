@@ -64,6 +64,13 @@ pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
     }
 }
 
+/// The public key the audit log of the data directory `data` is signed with (`audit.pub`,
+/// written by the server on first start; not the token-signing key).
+pub fn audit_key(data: &Path) -> ed25519_dalek::VerifyingKey {
+    aegis::keys::read_public_key(&data.join(aegis::keys::AUDIT_PUBLIC_KEY_FILE))
+        .expect("audit.pub written by the server")
+}
+
 pub async fn client(addr: std::net::SocketAddr) -> AuthorizationClient<Channel> {
     let ch = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")

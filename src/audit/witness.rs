@@ -1,0 +1,295 @@
+//! Publishing signed checkpoints outside the host, as they are made.
+//!
+//! A hash chain signed by a key on the same disk proves nothing against whoever holds the
+//! disk and the key: they can cut the tail (rows and checkpoints together) or rewrite the
+//! whole history and sign it again. What they cannot do is recall what already left the
+//! host. So the writer hands every checkpoint it commits to a [`Publisher`], whose thread
+//! appends it to each configured [`Sink`]: a witness file (a JSON line per checkpoint,
+//! `audit.witness_file`, meant to be on another host's mount or a log shipper's input)
+//! and the OTLP collector (a span per batch, see `telemetry`). `aegis audit verify
+//! --witness FILE` then requires the log to contain and extend every witnessed checkpoint.
+//!
+//! Publishing never delays or fails a Check: the publisher runs behind the writer. If it
+//! falls behind by more than its queue, the checkpoints in between are skipped (counted),
+//! which loses nothing, since each checkpoint's tree extends the ones before it. A sink
+//! that fails is counted and retried with the next batch. What is committed but not yet
+//! published (normally milliseconds) is the window an attacker on the host can still cut.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use super::{Hash, checkpoint_message_v2};
+
+/// The `schema` of a witnessed checkpoint line.
+pub const SCHEMA: &str = "aegis-audit-checkpoint/v2";
+
+/// A checkpoint as the writer signed it: rows `1..=tree_size`, their chain head and their
+/// RFC 6962 tree head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCheckpoint {
+    pub tree_size: u64,
+    pub head: Hash,
+    pub root: Hash,
+    pub time_ns: i64,
+    pub key_id: String,
+    pub signature: [u8; 64],
+}
+
+/// One line of a witness file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    schema: String,
+    tree_size: u64,
+    head: String,
+    root: String,
+    time_ns: i64,
+    key_id: String,
+    signature: String,
+}
+
+impl SignedCheckpoint {
+    /// The JSON line written to a witness file (no newline).
+    pub fn to_line(&self) -> String {
+        let line = Line {
+            schema: SCHEMA.into(),
+            tree_size: self.tree_size,
+            head: crate::hex(&self.head),
+            root: crate::hex(&self.root),
+            time_ns: self.time_ns,
+            key_id: self.key_id.clone(),
+            signature: crate::hex(&self.signature),
+        };
+        serde_json::to_string(&line).unwrap_or_default()
+    }
+
+    /// Parses a line of a witness file, naming what is wrong with it.
+    pub fn parse_line(text: &str) -> Result<Self, String> {
+        let l: Line = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if l.schema != SCHEMA {
+            return Err(format!("schema {:?}, expected {SCHEMA:?}", l.schema));
+        }
+        let hash = |name: &str, v: &str| {
+            crate::unhex(v)
+                .and_then(|b| Hash::try_from(b.as_slice()).ok())
+                .ok_or_else(|| format!("{name} is not 64 hex digits"))
+        };
+        let signature = crate::unhex(&l.signature)
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .ok_or("signature is not 128 hex digits")?;
+        Ok(Self {
+            tree_size: l.tree_size,
+            head: hash("head", &l.head)?,
+            root: hash("root", &l.root)?,
+            time_ns: l.time_ns,
+            key_id: l.key_id,
+            signature,
+        })
+    }
+
+    /// The message its signature covers.
+    pub fn message(&self) -> Vec<u8> {
+        checkpoint_message_v2(
+            self.tree_size,
+            &self.head,
+            &self.root,
+            self.time_ns,
+            &self.key_id,
+        )
+    }
+
+    /// Whether one of `keys` signed it (under its key id).
+    pub fn signed_by(&self, keys: &[VerifyingKey]) -> bool {
+        keys.iter().any(|k| {
+            crate::keys::key_id(k) == self.key_id
+                && k.verify_strict(&self.message(), &Signature::from_bytes(&self.signature))
+                    .is_ok()
+        })
+    }
+}
+
+/// Somewhere checkpoints are published.
+pub trait Sink: Send + 'static {
+    /// For logs and metrics.
+    fn name(&self) -> String;
+    /// Publishes `batch` (in commit order, never empty).
+    fn publish(&mut self, batch: &[SignedCheckpoint]) -> Result<(), String>;
+}
+
+/// Appends each checkpoint as a JSON line to a file, synced before the next batch.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    file: File,
+}
+
+impl FileSink {
+    /// Opens (creating, 0600) `path` for appending.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+}
+
+impl Sink for FileSink {
+    fn name(&self) -> String {
+        format!("witness file {}", self.path.display())
+    }
+
+    fn publish(&mut self, batch: &[SignedCheckpoint]) -> Result<(), String> {
+        let mut text = String::with_capacity(batch.len() * 320);
+        for cp in batch {
+            text.push_str(&cp.to_line());
+            text.push('\n');
+        }
+        // One write of whole lines, in append mode: a reader never sees two interleaved.
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// What the publisher did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct WitnessStats {
+    /// Checkpoints handed to every sink.
+    pub published: AtomicU64,
+    /// Checkpoints not published because the publisher was behind (later ones extend them).
+    pub skipped: AtomicU64,
+    /// Batches a sink refused.
+    pub failures: AtomicU64,
+    /// The tree size of the newest checkpoint published.
+    pub published_size: AtomicU64,
+}
+
+/// The writer's handle to the publisher thread.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    tx: SyncSender<SignedCheckpoint>,
+    pub stats: Arc<WitnessStats>,
+}
+
+/// Checkpoints waiting for the publisher before newer ones are skipped.
+const QUEUE: usize = 4096;
+
+impl Publisher {
+    /// Starts the publisher thread over `sinks`; it stops once every [`Publisher`] handle
+    /// is dropped and its queue is drained.
+    pub fn start(sinks: Vec<Box<dyn Sink>>) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (tx, rx) = sync_channel(QUEUE);
+        let stats = Arc::new(WitnessStats::default());
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("aegis-audit-witness".into())
+            .spawn(move || run(&rx, sinks, &thread_stats))?;
+        Ok((Self { tx, stats }, handle))
+    }
+
+    /// Queues a committed checkpoint; never blocks.
+    pub fn offer(&self, cp: SignedCheckpoint) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(cp) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn run(rx: &Receiver<SignedCheckpoint>, mut sinks: Vec<Box<dyn Sink>>, stats: &WitnessStats) {
+    let mut failing = vec![false; sinks.len()];
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < QUEUE {
+            match rx.try_recv() {
+                Ok(cp) => batch.push(cp),
+                Err(_) => break,
+            }
+        }
+        for (sink, failing) in sinks.iter_mut().zip(&mut failing) {
+            match sink.publish(&batch) {
+                Ok(()) => {
+                    if *failing {
+                        crate::log!(info, "{}: publishing checkpoints again", sink.name());
+                    }
+                    *failing = false;
+                }
+                Err(e) => {
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    if !*failing {
+                        crate::log!(
+                            error,
+                            "{}: cannot publish audit checkpoints (will retry with the next): {e}",
+                            sink.name()
+                        );
+                    }
+                    *failing = true;
+                }
+            }
+        }
+        stats
+            .published
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(last) = batch.last() {
+            stats
+                .published_size
+                .store(last.tree_size, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads a witness file: its checkpoints in order, or the first bad line (1-based) and why.
+pub fn read_file(path: &Path) -> Result<WitnessLines, String> {
+    let file = File::open(path).map_err(|e| format!("witness file {}: {e}", path.display()))?;
+    Ok(WitnessLines {
+        lines: std::io::BufRead::lines(std::io::BufReader::new(file)),
+        number: 0,
+        path: path.to_path_buf(),
+    })
+}
+
+/// The checkpoints of a witness file, read one line at a time (constant memory).
+pub struct WitnessLines {
+    lines: std::io::Lines<std::io::BufReader<File>>,
+    number: u64,
+    path: PathBuf,
+}
+
+impl Iterator for WitnessLines {
+    /// (line number, checkpoint) or an error naming the file and line.
+    type Item = Result<(u64, SignedCheckpoint), String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let line = self.lines.next()?;
+            self.number += 1;
+            let where_ = format!("witness file {} line {}", self.path.display(), self.number);
+            let text = match line {
+                Ok(t) => t,
+                Err(e) => return Some(Err(format!("{where_}: {e}"))),
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Some(
+                SignedCheckpoint::parse_line(&text)
+                    .map(|cp| (self.number, cp))
+                    .map_err(|e| format!("{where_}: {e}")),
+            );
+        }
+    }
+}
