@@ -980,13 +980,22 @@ pub async fn noop_server_main(listen: SocketAddr) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct SpanSink {
     pub addr: SocketAddr,
+    /// Check spans (`ext_authz.check`) received.
     pub spans: Arc<AtomicU64>,
+    /// Audit checkpoint spans (`aegis.audit.checkpoint`) received.
+    pub checkpoints: Arc<AtomicU64>,
     pub received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
 }
+
+/// The name of a Check's span.
+pub const CHECK_SPAN: &str = "ext_authz.check";
+/// The name of an audit checkpoint's span.
+pub const CHECKPOINT_SPAN: &str = "aegis.audit.checkpoint";
 
 #[derive(Debug, Clone)]
 struct SinkService {
     spans: Arc<AtomicU64>,
+    checkpoints: Arc<AtomicU64>,
     received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
     keep: bool,
 }
@@ -998,13 +1007,17 @@ impl TraceService for SinkService {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let req = request.into_inner();
-        let n: usize = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        let named = |name: &str| {
+            req.resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .filter(|s| s.name == name)
+                .count() as u64
+        };
+        self.spans.fetch_add(named(CHECK_SPAN), Ordering::Relaxed);
+        self.checkpoints
+            .fetch_add(named(CHECKPOINT_SPAN), Ordering::Relaxed);
         if self.keep
             && let Ok(mut v) = self.received.lock()
         {
@@ -1027,14 +1040,24 @@ impl SpanSink {
         Self::start_with(true).await
     }
 
-    /// Every span a keeping receiver has received, in arrival order.
+    /// Every Check span a keeping receiver has received, in arrival order.
     pub fn received_spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.received_named(CHECK_SPAN)
+    }
+
+    /// Every audit checkpoint span a keeping receiver has received, in arrival order.
+    pub fn received_checkpoint_spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.received_named(CHECKPOINT_SPAN)
+    }
+
+    fn received_named(&self, name: &str) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
         let received = self.received.lock().map(|r| r.clone()).unwrap_or_default();
         received
             .into_iter()
             .flat_map(|r| r.resource_spans)
             .flat_map(|r| r.scope_spans)
             .flat_map(|s| s.spans)
+            .filter(|s| s.name == name)
             .collect()
     }
 
@@ -1043,9 +1066,11 @@ impl SpanSink {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let spans = Arc::new(AtomicU64::new(0));
+        let checkpoints = Arc::new(AtomicU64::new(0));
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
         let svc = SinkService {
             spans: spans.clone(),
+            checkpoints: checkpoints.clone(),
             received: received.clone(),
             keep,
         };
@@ -1070,6 +1095,7 @@ impl SpanSink {
         Ok(Self {
             addr,
             spans,
+            checkpoints,
             received,
         })
     }

@@ -1,6 +1,11 @@
 //! Audit log tampering: every mutation under `tests/vectors/audit/` (an SQL script named
 //! for what it does, with its expected finding in an `-- expect:` line) is applied to a
 //! copy of a real six-row log, and the verifier must name the row and the kind.
+//!
+//! Two more directives: `-- resign: yes` makes the attacker one who holds the audit key
+//! (after the SQL, every row hash and checkpoint is recomputed and signed again, as a
+//! thief of `audit.key` would), and `-- witness: yes` gives the verifier the checkpoints
+//! the writer published as it made them.
 
 mod common;
 
@@ -8,10 +13,12 @@ use std::path::{Path, PathBuf};
 
 use aegis::audit::Record;
 use aegis::audit::store::{AuditLog, Durability, StoreOptions};
-use aegis::audit::verify::{Tamper, verify_file};
+use aegis::audit::verify::{Tamper, Trust, verify_file, verify_file_with};
+use aegis::audit::witness::{FileSink, Publisher};
 use aegis::keys::Signer;
 
-/// Writes six rows, each in its own commit, with the data dir's key.
+/// Writes six rows, each in its own commit, with the data dir's key, publishing every
+/// checkpoint to `witness.jsonl` beside the database.
 async fn base_log(dir: &Path) -> Signer {
     let signer = Signer::load_or_create(dir).expect("key");
     let opts = StoreOptions {
@@ -19,7 +26,17 @@ async fn base_log(dir: &Path) -> Signer {
         max_batch: 16,
         durability: Durability::Normal,
     };
-    let (log, writer) = AuditLog::open(&dir.join("audit.db"), signer.clone(), &opts).expect("open");
+    let sink = FileSink::open(&dir.join("witness.jsonl")).expect("witness file");
+    let publisher = Publisher::start(vec![Box::new(sink)]).expect("publisher");
+    let key = [signer.verifying_key()];
+    let (log, writer) = AuditLog::open_with(
+        &dir.join("audit.db"),
+        signer.clone(),
+        &opts,
+        Trust::keys(&key),
+        Some(publisher),
+    )
+    .expect("open");
     for (i, decision) in [
         "allow",
         "deny",
@@ -93,15 +110,34 @@ async fn every_tamper_vector_is_named() {
             .expect("open copy")
             .execute_batch(&sql)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if directive(&sql, "resign") == Some("yes") {
+            resign(&db, &signer);
+        }
         let key = if directive(&sql, "key") == Some("foreign") {
             foreign.verifying_key()
         } else {
             signer.verifying_key()
         };
-        let result = verify_file(&db, &[key]).expect("readable");
-        match (expect, result) {
-            ("intact", Ok(summary)) => assert_eq!(summary.rows, 6, "{name}"),
-            ("intact", Err(f)) => panic!("{name}: expected intact, got {f}"),
+        let witness = base.path().join("witness.jsonl");
+        let witness = (directive(&sql, "witness") == Some("yes")).then_some(witness.as_path());
+        let result = verify_file_with(&db, Trust::keys(&[key]), witness).expect("readable");
+        // `intact` is six rows; `intact N` a log cut to N rows that still verifies alone.
+        let intact_rows = match expect.strip_prefix("intact") {
+            Some(n) if n.trim().is_empty() => Some(6),
+            Some(n) => Some(n.trim().parse::<u64>().expect("rows")),
+            None => None,
+        };
+        match (intact_rows, result) {
+            (Some(rows), Ok(summary)) => {
+                assert_eq!(summary.rows, rows, "{name}");
+                if witness.is_some() {
+                    assert_eq!(
+                        summary.witnessed, 6,
+                        "{name}: every witnessed checkpoint found"
+                    );
+                }
+            }
+            (Some(_), Err(f)) => panic!("{name}: expected intact, got {f}"),
             (_, Ok(_)) => panic!("{name}: expected {expect}, verifier found nothing"),
             (_, Err(f)) => {
                 let (kind, seq) = expect
@@ -122,6 +158,96 @@ async fn every_tamper_vector_is_named() {
                 );
             }
         }
+    }
+}
+
+/// What a thief of the audit key does after editing rows: recomputes every row's hash and
+/// link from its (edited) fields, and signs every checkpoint again over the new chain and
+/// tree. Nothing in the database alone can tell.
+fn resign(db: &Path, signer: &Signer) {
+    use aegis::audit::merkle::root_of;
+    use aegis::audit::proof::leaf_hash;
+    use aegis::audit::{GENESIS, checkpoint_message_v2, commitments, row_hash_v2};
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let mut stmt = conn
+        .prepare(
+            "SELECT seq, time_ns, http_status, kind, decision_id, tenant, agent, session, run_id, \
+             tool, action, resource, decision, reason, policy_revision, trust_level, approval_id, \
+             actor, trace_id, span_id, salt FROM audit_log ORDER BY seq",
+        )
+        .expect("select");
+    let rows: Vec<(i64, Record, Vec<u8>)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                Record {
+                    time_ns: r.get(1)?,
+                    http_status: r.get(2)?,
+                    kind: r.get(3)?,
+                    decision_id: r.get(4)?,
+                    tenant: r.get(5)?,
+                    agent: r.get(6)?,
+                    session: r.get(7)?,
+                    run_id: r.get(8)?,
+                    tool: r.get(9)?,
+                    action: r.get(10)?,
+                    resource: r.get(11)?,
+                    decision: r.get(12)?,
+                    reason: r.get(13)?,
+                    policy_revision: r.get(14)?,
+                    trust_level: r.get(15)?,
+                    approval_id: r.get(16)?,
+                    actor: r.get(17)?,
+                    trace_id: r.get(18)?,
+                    span_id: r.get(19)?,
+                },
+                r.get(20)?,
+            ))
+        })
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    drop(stmt);
+    let kid = signer.kid();
+    let mut prev = GENESIS;
+    let mut leaves = Vec::new();
+    for (seq, record, salt) in &rows {
+        let salt: [u8; 32] = salt.as_slice().try_into().expect("format 2 row");
+        let hash = row_hash_v2(*seq as u64, &commitments(record, &salt), kid, &prev);
+        conn.execute(
+            "UPDATE audit_log SET prev_hash = ?1, hash = ?2, key_id = ?3 WHERE seq = ?4",
+            rusqlite::params![&prev[..], &hash[..], kid, seq],
+        )
+        .expect("rehash");
+        prev = hash;
+        leaves.push((*seq, hash, leaf_hash(&hash)));
+    }
+    let cps: Vec<(i64, i64, i64)> = conn
+        .prepare("SELECT id, last_seq, time_ns FROM audit_checkpoint")
+        .expect("select")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("checkpoints")
+        .collect::<Result<_, _>>()
+        .expect("checkpoints");
+    for (id, last_seq, time_ns) in cps {
+        let upto: Vec<_> = leaves.iter().filter(|l| l.0 <= last_seq).collect();
+        let Some(head) = upto.last().map(|l| l.1) else {
+            continue;
+        };
+        let root = root_of(&upto.iter().map(|l| l.2).collect::<Vec<_>>());
+        let sig = signer.sign(&checkpoint_message_v2(
+            last_seq as u64,
+            &head,
+            &root,
+            time_ns,
+            kid,
+        ));
+        conn.execute(
+            "UPDATE audit_checkpoint SET head_hash = ?1, root = ?2, signature = ?3, key_id = ?4 \
+             WHERE id = ?5",
+            rusqlite::params![&head[..], &root[..], &sig[..], kid, id],
+        )
+        .expect("resign");
     }
 }
 

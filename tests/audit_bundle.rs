@@ -216,6 +216,12 @@ fn verify_pinned(file: &Path, data: &Path) -> Output {
     verify(file, &["--public-key", key.to_str().expect("utf-8")])
 }
 
+fn unhex32(h: &str) -> [u8; 32] {
+    aegis::unhex(h)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .expect("64 hex digits")
+}
+
 fn load(file: &Path) -> Bundle {
     serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("a bundle")
 }
@@ -531,6 +537,55 @@ async fn tampered_bundles_are_refused_naming_the_problem() {
             text(&out)
         );
     }
+
+    // One decision checked alone, as a SIEM would: its row's hash, its audit path and the
+    // tree head the last checkpoint signs; none of the bundle's other rows.
+    let last = good
+        .checkpoints
+        .iter()
+        .max_by_key(|c| c.last_seq)
+        .expect("a checkpoint");
+    let root = unhex32(last.root.as_deref().expect("a signed tree head"));
+    let selected: Vec<_> = good.rows.iter().filter(|r| r.selected).collect();
+    assert!(!selected.is_empty());
+    for row in &selected {
+        let path: Vec<[u8; 32]> = row
+            .inclusion
+            .as_ref()
+            .expect("every selected row has its inclusion proof")
+            .iter()
+            .map(|h| unhex32(h))
+            .collect();
+        let leaf = aegis::audit::proof::leaf_hash(&unhex32(&row.hash));
+        assert!(
+            aegis::audit::proof::verify_inclusion(row.seq - 1, last.last_seq, &leaf, &path, &root),
+            "row {}",
+            row.seq
+        );
+    }
+    // A proof edited, the bundle re-sealed and re-signed with the exporter's own key:
+    // the signature holds, the proof does not.
+    let signer = Signer::load_audit(&data).expect("the exporter's key");
+    let mut b = good.clone();
+    let row = b
+        .rows
+        .iter_mut()
+        .find(|r| r.inclusion.as_ref().is_some_and(|p| !p.is_empty()))
+        .expect("a row with a non-empty proof");
+    let seq = row.seq;
+    if let Some(path) = row.inclusion.as_mut() {
+        path[0] = "00".repeat(32);
+    }
+    b.sign(&signer);
+    let bad = dir.path().join("forged-proof.json");
+    save(&bad, &b);
+    let out = verify(&bad, &pinned);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("row {seq}: its inclusion proof does not lead")),
+        "{}",
+        text(&out)
+    );
 
     // Self-consistent, but not signed by the key the auditor trusts.
     let other_pub = dir.path().join("other.pub");

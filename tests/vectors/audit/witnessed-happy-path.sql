@@ -1,0 +1,4 @@
+-- The untouched log, checked against its witness.
+-- witness: yes
+-- expect: intact
+SELECT 1;
