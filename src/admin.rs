@@ -336,6 +336,37 @@ fn metrics(state: &AdminState) -> String {
         "",
         &[("", state.audit.capacity() as u64)],
     );
+    if let Some(w) = &state.audit.witness {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, kind, help, value) in [
+            (
+                "aegis_audit_witness_published_total",
+                "counter",
+                "Signed audit checkpoints handed to the witness sinks (file, OTLP).",
+                w.published.load(Relaxed),
+            ),
+            (
+                "aegis_audit_witness_skipped_total",
+                "counter",
+                "Checkpoints not published because the publisher was behind (later ones extend them).",
+                w.skipped.load(Relaxed),
+            ),
+            (
+                "aegis_audit_witness_failures_total",
+                "counter",
+                "Batches of checkpoints a witness sink failed to take (retried with the next).",
+                w.failures.load(Relaxed),
+            ),
+            (
+                "aegis_audit_witness_tree_size",
+                "gauge",
+                "Rows covered by the newest published checkpoint: the log up to here has left the host.",
+                w.published_size.load(Relaxed),
+            ),
+        ] {
+            metric(&mut out, name, kind, help, "", &[("", value)]);
+        }
+    }
     metric(
         &mut out,
         "aegis_span_queue_capacity",

@@ -44,6 +44,7 @@ use crate::keys::Signer;
 
 mod detection;
 mod propagation;
+mod verify;
 
 /// The `p` quantile (0..=1) of sorted values (nearest rank); 0 when empty.
 pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -111,6 +112,10 @@ pub struct BenchArgs {
     /// Run Aegis with its correlation engine off (to compare Check latency with it on).
     #[arg(long)]
     pub no_correlation: bool,
+    /// Measure `aegis audit verify` instead: write this many rows through the audit writer,
+    /// then verify them (alone and against the witness), reporting rows/s and peak memory.
+    #[arg(long)]
+    pub verify_rows: Option<u64>,
 }
 
 /// Results of one phase against one server.
@@ -134,6 +139,9 @@ impl PhaseResult {
 
 /// Runs the whole benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(rows) = args.verify_rows {
+        return verify::run(rows).await;
+    }
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aegis::audit::Record;
 use aegis::audit::store::{AuditLog, Durability, StoreOptions};
-use aegis::audit::verify::{Tamper, Trust, verify_file, verify_file_with};
+use aegis::audit::verify::{Tamper, Trust, verify_file_with};
 use aegis::audit::witness::{FileSink, Publisher};
 use aegis::keys::Signer;
 

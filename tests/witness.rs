@@ -82,6 +82,16 @@ async fn every_checkpoint_leaves_the_host_signed_by_the_audit_key() {
         .await,
         "a checkpoint span reached the collector"
     );
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_audit_witness_failures_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("aegis_audit_witness_published_total 0\n"),
+        "{metrics}"
+    );
     let data = s.data_dir();
     s.stop().await;
 

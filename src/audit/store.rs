@@ -149,6 +149,8 @@ pub struct AuditLog {
     queued: Arc<AtomicUsize>,
     /// Commit latency, batch sizes and failed commits, for `/metrics`.
     pub stats: Arc<AuditStats>,
+    /// What the witness publisher did, if checkpoints are published.
+    pub witness: Option<Arc<super::witness::WitnessStats>>,
 }
 
 /// What the writer measures of its commits.
@@ -218,6 +220,7 @@ impl AuditLog {
         let (head_seq, head_hash) = read_head(&conn, trust, path)?;
         let frontier = read_frontier(&conn, head_seq).map_err(|e| open_err(path, e))?;
         let (publisher, witness_thread) = witness.unzip();
+        let witness_stats = publisher.as_ref().map(|p| p.stats.clone());
         let checkpoint_conn = open_connection(path, opts.durability)?;
         let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = sync_channel(opts.queue_capacity);
@@ -256,6 +259,7 @@ impl AuditLog {
                 capacity: opts.queue_capacity,
                 queued,
                 stats,
+                witness: witness_stats,
             },
             WriterThread(Some(handle), Some(checkpointer), witness_thread),
         ))
@@ -433,7 +437,9 @@ fn read_head(conn: &Connection, trust: Trust<'_>, path: &Path) -> Result<(u64, H
 /// checkpoint, when it is a format 2 checkpoint whose frontier gives the tree head it
 /// signs; else rebuilt from every row's hash, once (a log written before format 2).
 fn read_frontier(conn: &Connection, head_seq: u64) -> rusqlite::Result<Frontier> {
-    let stored: Option<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> = conn
+    /// (last_seq, root, frontier) of the last checkpoint.
+    type Stored = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+    let stored: Option<Stored> = conn
         .query_row(
             "SELECT last_seq, root, frontier FROM audit_checkpoint ORDER BY id DESC LIMIT 1",
             [],
