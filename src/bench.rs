@@ -116,6 +116,10 @@ pub struct BenchArgs {
     /// then verify them (alone and against the witness), reporting rows/s and peak memory.
     #[arg(long)]
     pub verify_rows: Option<u64>,
+    /// With --verify-rows: write the log into this new directory and keep it (default: a
+    /// temporary directory, removed).
+    #[arg(long)]
+    pub verify_dir: Option<std::path::PathBuf>,
 }
 
 /// Results of one phase against one server.
@@ -140,7 +144,7 @@ impl PhaseResult {
 /// Runs the whole benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(rows) = args.verify_rows {
-        return verify::run(rows).await;
+        return verify::run(rows, args.verify_dir.as_deref()).await;
     }
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
@@ -161,7 +165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await;
     }
     let setup = Setup::new("aegis-bench-", args.agents).await?;
-    let (signer, workload, sink) = (&setup.signer, &setup.workload, &setup.sink);
+    let (workload, sink) = (&setup.workload, &setup.sink);
     let mut noop = ChildServer::spawn(
         &["noop-server", "--listen", "127.0.0.1:0"],
         "noop ext_authz listening on ",
@@ -200,7 +204,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await;
     drop(aegis_clients);
-    let rate_log = aegis.stop_and_verify(signer)?;
+    let rate_log = aegis.stop_and_verify()?;
     // Phase 2, saturated, against another fresh Aegis. One-second warm-ups (connections,
     // caches, pools).
     let sat = Duration::from_secs(args.duration_secs);
@@ -218,7 +222,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let aegis_sat = saturate(&aegis_clients, workload, args.concurrency, sat).await;
     let aegis_cpu = aegis_cpu.since();
     drop(aegis_clients);
-    let sat_log = aegis.stop_and_verify(signer)?;
+    let sat_log = aegis.stop_and_verify()?;
 
     drop(noop_clients);
     noop.stop()?;
@@ -298,7 +302,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// (least-squares slope over the run above 1 MiB per 10 minutes, or 5% of the start).
 async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
     let setup = Setup::new("aegis-soak-", args.agents).await?;
-    let (signer, workload) = (&setup.signer, &setup.workload);
+    let workload = &setup.workload;
     let mut aegis = setup.aegis("soak", args)?;
     let clients = clients(aegis.child.addr, args.connections).await?;
     let probe = saturate(&clients, workload, args.concurrency, Duration::from_secs(5)).await;
@@ -340,7 +344,7 @@ async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
         );
     }
     drop(clients);
-    let log = aegis.stop_and_verify(signer)?;
+    let log = aegis.stop_and_verify()?;
     println!("audit log: {log}");
     // Memory trend after warm-up (the first interval): least-squares slope.
     let after: Vec<(f64, f64)> = points.iter().skip(1).copied().collect();
@@ -386,7 +390,6 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 struct Setup {
     dir: tempfile::TempDir,
     key_dir: std::path::PathBuf,
-    signer: Signer,
     workload: Arc<Vec<CheckRequest>>,
     sink: SpanSink,
 }
@@ -401,7 +404,6 @@ impl Setup {
         Ok(Self {
             dir,
             key_dir,
-            signer,
             workload,
             sink,
         })
@@ -417,6 +419,7 @@ impl Setup {
 struct AegisServer {
     child: ChildServer,
     data_dir: std::path::PathBuf,
+    witness: std::path::PathBuf,
 }
 
 impl AegisServer {
@@ -434,6 +437,9 @@ impl AegisServer {
         }
         let data = data_dir.to_string_lossy().into_owned();
         let endpoint = format!("http://{sink}");
+        // Every checkpoint published to a witness file, checked at the end.
+        let witness = root.join(format!("{name}-witness.jsonl"));
+        let witness_arg = witness.to_string_lossy().into_owned();
         let mut serve_args = vec![
             "serve",
             "--listen",
@@ -446,6 +452,8 @@ impl AegisServer {
             &data,
             "--audit-durability",
             &args.durability,
+            "--audit-witness-file",
+            &witness_arg,
         ];
         if !args.no_otlp {
             serve_args.extend(["--otlp-endpoint", &endpoint]);
@@ -454,20 +462,29 @@ impl AegisServer {
             serve_args.extend(["--correlation", "false"]);
         }
         let child = ChildServer::spawn(&serve_args, crate::server::ANNOUNCE)?;
-        Ok(Self { child, data_dir })
+        Ok(Self {
+            child,
+            data_dir,
+            witness,
+        })
     }
 
-    /// SIGTERM, wait, then verify its audit log.
-    fn stop_and_verify(&mut self, signer: &Signer) -> anyhow::Result<String> {
+    /// SIGTERM, wait, then verify its audit log (with its audit key, against its witness).
+    fn stop_and_verify(&mut self) -> anyhow::Result<String> {
         self.child.stop()?;
         let db = self.data_dir.join(crate::audit::store::AUDIT_DB_FILE);
+        let key =
+            crate::keys::read_public_key(&self.data_dir.join(crate::keys::AUDIT_PUBLIC_KEY_FILE))?;
+        let trust = crate::audit::verify::Trust::keys(std::slice::from_ref(&key));
         Ok(
-            match crate::audit::verify::verify_file(&db, &[signer.verifying_key()])? {
+            match crate::audit::verify::verify_file_with(&db, trust, Some(&self.witness))? {
                 Ok(s) => format!(
-                    "intact, {} rows, {} signed checkpoints ({:.1} rows per commit)",
+                    "intact, {} rows, {} signed checkpoints ({:.1} rows per commit), all {} \
+                     witnessed",
                     s.rows,
                     s.checkpoints,
-                    s.rows as f64 / s.checkpoints.max(1) as f64
+                    s.rows as f64 / s.checkpoints.max(1) as f64,
+                    s.witnessed
                 ),
                 Err(f) => format!("BROKEN at {f}"),
             },

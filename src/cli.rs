@@ -561,11 +561,15 @@ fn audit_verify(
     use crate::keys::{AUDIT_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, read_public_key};
     let (keys, legacy) = if public_keys.is_empty() {
         let audit = data_dir.join(AUDIT_PUBLIC_KEY_FILE);
-        let token = read_public_key(&data_dir.join(PUBLIC_KEY_FILE))?;
-        if audit.exists() {
-            (vec![read_public_key(&audit)?], vec![token])
-        } else {
-            (vec![token], Vec::new())
+        let token = data_dir.join(PUBLIC_KEY_FILE);
+        match (audit.exists(), token.exists()) {
+            (true, true) => (
+                vec![read_public_key(&audit)?],
+                vec![read_public_key(&token)?],
+            ),
+            (true, false) => (vec![read_public_key(&audit)?], Vec::new()),
+            // A data directory from before the audit key.
+            (false, _) => (vec![read_public_key(&token)?], Vec::new()),
         }
     } else {
         let keys = public_keys

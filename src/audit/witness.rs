@@ -9,11 +9,13 @@
 //! and the OTLP collector (a span per batch, see `telemetry`). `aegis audit verify
 //! --witness FILE` then requires the log to contain and extend every witnessed checkpoint.
 //!
-//! Publishing never delays or fails a Check: the publisher runs behind the writer. If it
-//! falls behind by more than its queue, the checkpoints in between are skipped (counted),
-//! which loses nothing, since each checkpoint's tree extends the ones before it. A sink
-//! that fails is counted and retried with the next batch. What is committed but not yet
-//! published (normally milliseconds) is the window an attacker on the host can still cut.
+//! Publishing never delays or fails a Check: the publisher runs behind the writer and
+//! writes at most once per [`CADENCE`] (20 ms), everything committed since. If it falls
+//! behind by more than its queue, the checkpoints in between are skipped (counted), which
+//! loses nothing, since each checkpoint's tree extends the ones before it. A sink that
+//! fails is counted and retried with the next batch. What is committed but not yet
+//! published (at most the cadence plus a write, normally) is the window an attacker on
+//! the host can still cut.
 
 use std::fs::File;
 use std::io::Write;
@@ -210,9 +212,20 @@ impl Publisher {
     }
 }
 
+/// The publisher writes at most once per cadence: a saturated writer commits thousands of
+/// times a second, and each checkpoint extends the ones before it, so one write (and one
+/// sync, one span) per cadence carries them all. It bounds the window between a commit
+/// and its publication by this much plus the write itself.
+pub const CADENCE: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn run(rx: &Receiver<SignedCheckpoint>, mut sinks: Vec<Box<dyn Sink>>, stats: &WitnessStats) {
     let mut failing = vec![false; sinks.len()];
+    let mut last = std::time::Instant::now() - CADENCE;
     while let Ok(first) = rx.recv() {
+        if let Some(wait) = CADENCE.checked_sub(last.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        last = std::time::Instant::now();
         let mut batch = vec![first];
         while batch.len() < QUEUE {
             match rx.try_recv() {

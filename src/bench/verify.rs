@@ -27,13 +27,21 @@ fn memory_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-pub async fn run(rows: u64) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
+pub async fn run(rows: u64, keep: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let temp = tempfile::Builder::new()
         .prefix("aegis-verify-bench-")
         .tempdir()?;
-    let db = dir.path().join("audit.db");
-    let witness = dir.path().join("witness.jsonl");
-    let signer = Signer::generate()?;
+    let dir = match keep {
+        Some(d) => {
+            std::fs::create_dir(d)?;
+            d.to_path_buf()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let db = dir.join("audit.db");
+    let witness = dir.join("witness.jsonl");
+    // Kept as the data directory's audit key, so `aegis audit verify --data-dir` can run.
+    let signer = Signer::load_or_create_audit(&dir)?;
     let key = [signer.verifying_key()];
     let publisher = Publisher::start(vec![Box::new(FileSink::open(&witness)?)])?;
     let opts = StoreOptions {
