@@ -923,6 +923,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_largest_check_request_has_room_for_envoys_body_and_the_headers_twice() {
+        let l = limits();
+        assert_eq!(
+            l.max_check_request_bytes(),
+            256 + 2 * 4096 + CHECK_OVERHEAD_BYTES
+        );
+        let unknown = Limits {
+            envoy_max_request_bytes: 0,
+            ..l
+        };
+        assert_eq!(
+            unknown.max_check_request_bytes(),
+            1024 + 2 * 4096 + CHECK_OVERHEAD_BYTES,
+            "max_body_bytes stands in for Envoy's"
+        );
+    }
+
     fn catalogue() -> Catalogue {
         let data = regorus::Value::from_json_str(
             r#"{"aegis": {"routes": [
