@@ -299,11 +299,15 @@ fn metrics(state: &AdminState) -> String {
         );
         metric(
             &mut out,
-            "aegis_control_refusals_unrecorded_total",
+            "aegis_audit_refusals_unrecorded_total",
             "counter",
-            "Control calls without a valid credential refused past the audit rate (20/s): counted, not recorded.",
-            "",
-            &[("", core.unrecorded_refusals())],
+            &format!(
+                "Refused control calls counted but not recorded in the audit log, by the rate they were past: one actor's or one peer's ({}/s each), or every refuser's together ({}/s).",
+                crate::control::refusals::ROWS_PER_REFUSER_PER_SEC,
+                crate::control::refusals::ROWS_PER_SEC
+            ),
+            "reason",
+            &core.unrecorded_refusals(),
         );
     }
     let stats = &state.audit.stats;

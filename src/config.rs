@@ -377,7 +377,8 @@ pub struct LimitsConfig {
     /// Most header bytes (names and values); more is denied 431.
     pub max_header_bytes: usize,
     /// Envoy's `with_request_body.max_request_bytes`: a body of this length is taken as
-    /// whole only with a `content-length` saying so (0: no such check).
+    /// whole only with a `content-length` saying so (0: no such check). It also sizes the
+    /// largest CheckRequest decoded (`check::input::Limits::max_check_request_bytes`).
     pub envoy_max_request_bytes: usize,
     /// Most Checks in flight at once; past that a Check is shed at once with
     /// RESOURCE_EXHAUSTED (Envoy's `failure_mode_allow`/`status_on_error` decide).

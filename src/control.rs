@@ -14,6 +14,9 @@
 //!   SQLite backend; every change that data planes must see bumps a version.
 //! - [`core`]: [`core::ControlCore`], the actions: validate, store, publish, audit.
 //! - [`service`]: the gRPC service, a thin layer over the core.
+//! - [`validate`]: the ids and texts of every request, checked before a call runs or is
+//!   recorded.
+//! - [`refusals`]: how many refused calls are recorded (per actor, per peer, overall).
 //! - [`state`]: a data plane's view of the control state (agent status, revocations and
 //!   kills, tenant modes, budgets, policy revision), read on every Check.
 //! - [`budget`]: per-agent call and cost budgets, counted by the data plane.
@@ -36,9 +39,11 @@ pub mod follow;
 pub mod graph;
 pub mod link;
 pub mod notify;
+pub mod refusals;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod validate;
 
 /// The `aegis.control.v1` protocol.
 #[allow(clippy::all, missing_docs)]
@@ -54,6 +59,11 @@ pub const CONTROL_DESCRIPTOR_SET: &[u8] =
 
 /// The gRPC service name, as health reports it.
 pub const CONTROL_SERVICE: &str = "aegis.control.v1.ControlPlane";
+
+/// The largest control request decoded (the gRPC default, stated): room for a policy
+/// bundle pushed by `aegis ctl policy push`. Larger is refused `OUT_OF_RANGE` before it is
+/// read. Every string in a request is then checked by [`validate`].
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
 /// Agent statuses.
 pub const ACTIVE: &str = "active";
@@ -190,9 +200,25 @@ pub fn valid_id(what: &str, id: &str) -> Result<(), ControlError> {
         Ok(())
     } else {
         Err(ControlError::invalid(format!(
-            "{what} {id:?} must be 1-128 characters of letters, digits and . - _ : @"
+            "{what} {} must be 1-128 characters of letters, digits and . - _ : @",
+            shown(id)
         )))
     }
+}
+
+/// A caller's value as an answer quotes it: whole if short, else its first characters and
+/// its length, so an error never carries a hostile value back (or into a log) whole.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.len() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let cut = (0..=SHOWN)
+        .rev()
+        .find(|&i| value.is_char_boundary(i))
+        .unwrap_or(0);
+    let head = value.get(..cut).unwrap_or("");
+    format!("{head:?}… ({} bytes)", value.len())
 }
 
 /// A random id with a prefix: `apr-` + 16 hex digits, say.

@@ -629,10 +629,12 @@ async fn serve(
         let _ = stop.wait_for(|s| *s).await;
     };
     let authz_router = |mut server: tonic::transport::Server, checker: &Arc<Checker>| {
+        let max_request = checker.limits.max_check_request_bytes();
         server
-            .add_service(AuthorizationServer::new(AuthorizationService(
-                checker.clone(),
-            )))
+            .add_service(
+                AuthorizationServer::new(AuthorizationService(checker.clone()))
+                    .max_decoding_message_size(max_request),
+            )
             .add_service(health_service.clone())
             .add_optional_service(reflection(&[crate::EXT_AUTHZ_DESCRIPTOR_SET]))
     };
@@ -657,7 +659,10 @@ async fn serve(
             let service = ControlService::new(core.clone(), auth, shutdown.clone());
             let mut server = control_server;
             let router = server
-                .add_service(ControlPlaneServer::new(service))
+                .add_service(
+                    ControlPlaneServer::new(service)
+                        .max_decoding_message_size(crate::control::MAX_REQUEST_BYTES),
+                )
                 .add_service(health_service.clone())
                 .add_optional_service(reflection(&[crate::control::CONTROL_DESCRIPTOR_SET]));
             Some(tokio::spawn(router.serve_with_incoming_shutdown(

@@ -51,6 +51,29 @@ pub struct Limits {
     pub envoy_max_request_bytes: usize,
 }
 
+/// Room in a CheckRequest for what it carries besides the body and the headers: the
+/// peers' addresses and certificates, the route's context extensions, metadata.
+pub const CHECK_OVERHEAD_BYTES: usize = 64 * 1024;
+
+impl Limits {
+    /// The largest CheckRequest decoded; a larger one is refused by the gRPC layer with
+    /// `OUT_OF_RANGE` before it is read (no decision, no row: Envoy's
+    /// `failure_mode_allow`/`status_on_error` decide). Room for the body Envoy sends
+    /// (`envoy_max_request_bytes`, or `max_body_bytes` when that is 0), the headers twice
+    /// (Envoy repeats `:path`, host and query in `http.path`, `http.host`, `http.query`),
+    /// and [`CHECK_OVERHEAD_BYTES`]. With the defaults: 64 KiB + 2 × 64 KiB + 64 KiB =
+    /// 256 KiB, against the 4 MiB gRPC default.
+    pub fn max_check_request_bytes(&self) -> usize {
+        let body = if self.envoy_max_request_bytes > 0 {
+            self.envoy_max_request_bytes
+        } else {
+            self.max_body_bytes
+        };
+        body.saturating_add(self.max_header_bytes.saturating_mul(2))
+            .saturating_add(CHECK_OVERHEAD_BYTES)
+    }
+}
+
 /// Deepest JSON body parsed: serde_json's own recursion limit, which bounds the stack
 /// used by parsing and by every later walk of the value.
 pub const MAX_JSON_DEPTH: usize = 128;
@@ -898,6 +921,24 @@ mod tests {
             max_header_bytes: 4096,
             envoy_max_request_bytes: 256,
         }
+    }
+
+    #[test]
+    fn the_largest_check_request_has_room_for_envoys_body_and_the_headers_twice() {
+        let l = limits();
+        assert_eq!(
+            l.max_check_request_bytes(),
+            256 + 2 * 4096 + CHECK_OVERHEAD_BYTES
+        );
+        let unknown = Limits {
+            envoy_max_request_bytes: 0,
+            ..l
+        };
+        assert_eq!(
+            unknown.max_check_request_bytes(),
+            1024 + 2 * 4096 + CHECK_OVERHEAD_BYTES,
+            "max_body_bytes stands in for Envoy's"
+        );
     }
 
     fn catalogue() -> Catalogue {

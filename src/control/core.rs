@@ -16,6 +16,7 @@ use super::approvals::{OVERRIDE_AUDIENCE, OverrideClaims};
 use super::auth::{Need, Operator, Role};
 use super::budget::{Limit, Meter};
 use super::pb;
+use super::refusals::{RefusalLimiter, Refuser};
 use super::state::State;
 use super::store::{Change, ControlStore};
 use super::{ControlError, now_secs, random_id, valid_id};
@@ -76,37 +77,11 @@ pub struct ControlCore {
     /// The webhook delivery task, woken when an incident queued notifications.
     notifier: std::sync::OnceLock<Arc<super::notify::Notifier>>,
     publish: tokio::sync::Mutex<()>,
-    /// Rows for calls without a valid credential, per second, so that anyone who can reach
-    /// the port cannot flood the signed log; the rest are only counted.
-    anonymous: RateWindow,
+    /// Rations refusal rows per actor, per peer and overall, so that a caller who may not
+    /// act cannot flood the signed log; the rest are only counted.
+    refusals: RefusalLimiter,
     /// Incidents raised since start, per kind (indexed as [`INCIDENT_KINDS`]).
     incidents_raised: Vec<std::sync::atomic::AtomicU64>,
-}
-
-/// Unauthenticated refusals recorded per second; past it they are only counted.
-const ANONYMOUS_ROWS_PER_SEC: u64 = 20;
-
-#[derive(Debug, Default)]
-struct RateWindow {
-    second: std::sync::atomic::AtomicI64,
-    used: std::sync::atomic::AtomicU64,
-    dropped: std::sync::atomic::AtomicU64,
-}
-
-impl RateWindow {
-    /// Whether one more row fits in the current second.
-    fn admit(&self, now: i64, per_sec: u64) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.second.swap(now, Relaxed) != now {
-            self.used.store(0, Relaxed);
-        }
-        if self.used.fetch_add(1, Relaxed) < per_sec {
-            true
-        } else {
-            self.dropped.fetch_add(1, Relaxed);
-            false
-        }
-    }
 }
 
 /// One audited control action.
@@ -187,7 +162,7 @@ impl ControlCore {
             incident_events: broadcast::channel(INCIDENT_BUFFER).0,
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
-            anonymous: RateWindow::default(),
+            refusals: RefusalLimiter::default(),
             incidents_raised: INCIDENT_KINDS
                 .iter()
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -237,11 +212,10 @@ impl ControlCore {
             .collect()
     }
 
-    /// Unauthenticated calls refused but not recorded (over the per-second rate).
-    pub fn unrecorded_refusals(&self) -> u64 {
-        self.anonymous
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// (reason, refused calls counted but not recorded) for every reason: a refuser or
+    /// every refuser together past its rate.
+    pub fn unrecorded_refusals(&self) -> Vec<(&'static str, u64)> {
+        self.refusals.unrecorded()
     }
 
     /// Starts the webhook delivery task for this control plane's outbox.
@@ -323,18 +297,18 @@ impl ControlCore {
         })
     }
 
-    /// Audits a refused call (authentication or permission): who tried what. Calls without
-    /// a valid credential are recorded up to a rate, and the tenant they name only if it
-    /// is a valid id.
+    /// Audits a refused call (authentication or permission): who tried what, within the
+    /// refusal rates (see [`super::refusals`]); past them the refusal is only counted. The
+    /// tenant is recorded only if it is a valid id; a caller without a valid credential is
+    /// recorded as `unauthenticated` with its address.
     pub async fn record_refusal(
         &self,
-        actor: &str,
+        who: &Refuser,
         action: &'static str,
         tenant: &str,
         error: &ControlError,
     ) {
-        let anonymous = matches!(error, ControlError::Unauthenticated(_));
-        if anonymous && !self.anonymous.admit(now_secs(), ANONYMOUS_ROWS_PER_SEC) {
+        if self.refusals.admit(who, now_secs()).is_err() {
             return;
         }
         let tenant = if valid_id("tenant", tenant).is_ok() {
@@ -342,7 +316,13 @@ impl ControlCore {
         } else {
             ""
         };
-        let act = Act::new(actor, action, tenant);
+        let (actor, target) = match who {
+            Refuser::Actor(actor) => (actor.as_str(), String::new()),
+            Refuser::Peer(Some(ip)) => ("unauthenticated", format!("peer:{ip}")),
+            Refuser::Peer(None) => ("unauthenticated", "peer:unknown".to_owned()),
+        };
+        let mut act = Act::new(actor, action, tenant);
+        act.target = target;
         if let Err(e) = self.record(act, Some(&error.to_string())).await {
             crate::log!(error, "{e}");
         }

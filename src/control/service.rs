@@ -1,6 +1,8 @@
-//! The `aegis.control.v1.ControlPlane` gRPC service: authenticate the caller, hand the
-//! call to the core, map its error. Refused calls (no or bad credential, a role or tenant
-//! that does not allow the call) are audited too: who tried what.
+//! The `aegis.control.v1.ControlPlane` gRPC service: authenticate the caller, check the
+//! request's ids and texts ([`super::validate`]), hand the call to the core, map its
+//! error. Refused calls (no or bad credential, a role or tenant that does not allow the
+//! call) are audited too, who tried what, within the refusal rates of
+//! [`super::refusals`]: per actor, per peer address, overall.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use super::ControlError;
 use super::auth::{Authenticator, Operator};
 use super::core::ControlCore;
 use super::pb::{self, control_plane_server::ControlPlane};
+use super::refusals::Refuser;
+use super::validate::Validate;
 
 /// The service: the core plus the credential check.
 #[derive(Debug, Clone)]
@@ -38,22 +42,24 @@ impl ControlService {
         }
     }
 
-    /// The caller, or UNAUTHENTICATED (audited).
-    async fn caller<T>(
+    /// The caller, or UNAUTHENTICATED (audited, as its peer address); then the request's
+    /// ids and texts, or INVALID_ARGUMENT naming the field (not audited: nothing ran).
+    async fn caller<T: Validate>(
         &self,
         req: &Request<T>,
         action: &'static str,
         tenant: &str,
     ) -> Result<Operator, Status> {
-        match self.auth.authenticate(req.metadata()) {
-            Ok(op) => Ok(op),
+        let op = match self.auth.authenticate(req.metadata()) {
+            Ok(op) => op,
             Err(e) => {
-                self.core
-                    .record_refusal("unauthenticated", action, tenant, &e)
-                    .await;
-                Err(e.into())
+                let peer = Refuser::Peer(req.remote_addr().map(|a| a.ip()));
+                self.core.record_refusal(&peer, action, tenant, &e).await;
+                return Err(e.into());
             }
-        }
+        };
+        req.get_ref().validate()?;
+        Ok(op)
     }
 
     /// Maps the core's answer; a permission refusal is audited with the caller's identity.
@@ -68,9 +74,8 @@ impl ControlService {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
                 if matches!(e, ControlError::PermissionDenied(_)) {
-                    self.core
-                        .record_refusal(&op.actor(), action, tenant, &e)
-                        .await;
+                    let actor = Refuser::Actor(op.actor());
+                    self.core.record_refusal(&actor, action, tenant, &e).await;
                 }
                 Err(e.into())
             }
