@@ -29,6 +29,7 @@ pub mod bundle;
 pub mod export;
 pub mod merkle;
 pub mod proof;
+pub mod prove;
 pub mod store;
 pub mod verify;
 pub mod witness;

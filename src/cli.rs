@@ -164,6 +164,30 @@ enum AuditCommand {
         #[arg(long)]
         witness: Option<PathBuf>,
     },
+    /// Prove one decision without the log: its row, its audit path to the newest signed
+    /// tree head, and (--from-size) that the log extends an earlier signed tree head.
+    Prove {
+        /// Data directory [default: ./aegis-data, or AEGIS_DATA_DIR].
+        #[arg(long, env = "AEGIS_DATA_DIR", default_value = "./aegis-data")]
+        data_dir: PathBuf,
+        /// The decision id (`x-aegis-decision-id`).
+        #[arg(long)]
+        decision: String,
+        /// The tree size of a checkpoint the reader already holds (e.g. from the witness).
+        #[arg(long)]
+        from_size: Option<u64>,
+        /// Write the proof here [default: stdout].
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Check a proof from `aegis audit prove` against the pinned audit key(s). Exit 0:
+    /// proven; 1: not; 2: unreadable.
+    VerifyProof {
+        file: PathBuf,
+        /// The audit public key(s) (audit.pub) the checkpoints must be signed by.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+    },
     /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
     /// checkpoints that sign them, incidents, approvals and policy revisions.
     Export(Box<ExportArgs>),
@@ -337,6 +361,45 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             public_keys,
             witness,
         }) => audit_verify(&data_dir, &public_keys, witness.as_deref()),
+        Command::Audit(AuditCommand::Prove {
+            data_dir,
+            decision,
+            from_size,
+            output,
+        }) => {
+            let db = data_dir.join(crate::audit::store::AUDIT_DB_FILE);
+            let proof = crate::audit::prove::prove(&db, &decision, from_size)
+                .map_err(|e| anyhow::anyhow!("cannot prove {decision}: {e}"))?;
+            let text = serde_json::to_string_pretty(&proof)?;
+            match output {
+                Some(path) => std::fs::write(&path, text + "\n")?,
+                None => println!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::VerifyProof { file, public_keys }) => {
+            let keys = public_keys
+                .iter()
+                .map(|p| crate::keys::read_public_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let proof: crate::audit::prove::Proof = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a proof: {e}", file.display()))?;
+            match crate::audit::prove::check(&proof, &keys) {
+                Ok(what) => {
+                    println!("proven: {what}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    println!("NOT proven:");
+                    for p in problems {
+                        println!("  {p}");
+                    }
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Audit(AuditCommand::Export(args)) => audit_export(*args),
         Command::Audit(AuditCommand::VerifyBundle {
             file,

@@ -251,6 +251,78 @@ fn resign(db: &Path, signer: &Signer) {
     }
 }
 
+/// The witness file is an input too: an edited line is refused naming it, never taken as
+/// evidence against (or for) the log; lines out of order mean the log went back.
+#[tokio::test]
+async fn an_edited_witness_is_named_not_believed() {
+    use aegis::audit::verify::VerifyError;
+    let base = tempfile::tempdir().expect("tempdir");
+    let signer = base_log(base.path()).await;
+    let key = [signer.verifying_key()];
+    let db = base.path().join("audit.db");
+    let lines: Vec<String> = std::fs::read_to_string(base.path().join("witness.jsonl"))
+        .expect("witness")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 6, "one checkpoint per commit");
+    let edit = |f: &dyn Fn(&mut Vec<String>)| {
+        let mut l = lines.clone();
+        f(&mut l);
+        let path = base.path().join("edited.jsonl");
+        std::fs::write(&path, l.join("\n") + "\n").expect("write");
+        verify_file_with(&db, Trust::keys(&key), Some(&path))
+    };
+    // (what, the edit, what the verifier must say)
+    type Edit = Box<dyn Fn(&mut Vec<String>)>;
+    let refused: Vec<(&str, Edit, &str)> = vec![
+        (
+            "a line's tree head replaced",
+            Box::new(|l| {
+                let mut cp =
+                    aegis::audit::witness::SignedCheckpoint::parse_line(&l[2]).expect("parses");
+                cp.root = [7; 32];
+                l[2] = cp.to_line();
+            }),
+            "line 3: the checkpoint at tree size 3 is not signed by a trusted key",
+        ),
+        (
+            "a line that is not a checkpoint",
+            Box::new(|l| l[1] = "{\"hello\": 1}".into()),
+            "line 2: unknown field",
+        ),
+    ];
+    for (what, f, expected) in refused {
+        match edit(&*f) {
+            Err(VerifyError::Witness(msg)) => assert!(msg.contains(expected), "{what}: {msg}"),
+            other => panic!("{what}: expected a witness error, got {other:?}"),
+        }
+    }
+    let foreign = Signer::generate().expect("key");
+    let foreign_key = [foreign.verifying_key()];
+    match verify_file_with(
+        &db,
+        Trust::keys(&foreign_key),
+        Some(&base.path().join("witness.jsonl")),
+    ) {
+        Err(VerifyError::Witness(msg)) => assert!(msg.contains("line 1"), "{msg}"),
+        other => panic!("a witness of another key: {other:?}"),
+    }
+    // Sizes 1, 2, 4, 3, 5, 6: the witness saw the log at 4 rows, then at 3.
+    let finding = edit(&|l| l.swap(2, 3))
+        .expect("readable")
+        .expect_err("the log went back");
+    assert_eq!(
+        (finding.kind, finding.seq),
+        (Tamper::Deleted, 4),
+        "{finding}"
+    );
+    assert!(finding.detail.contains("shrink from 4 rows"), "{finding}");
+    // A witness that saw less (its last lines lost) still checks what it saw.
+    let summary = edit(&|l| l.truncate(3)).expect("readable").expect("intact");
+    assert_eq!(summary.witnessed, 3);
+}
+
 #[tokio::test]
 async fn aegis_audit_verify_exit_codes_and_message() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -355,4 +427,157 @@ fn a_truncated_database_file_stops_start_up_with_a_message_naming_it() {
             && (stderr.contains("torn or corrupt") || stderr.contains("does not verify")),
         "{stderr}"
     );
+}
+
+/// One decision proven to someone without the log (a SIEM): its row, its audit path to the
+/// newest signed tree head, and that the log extends a tree head they saw earlier. Every
+/// edit of the proof is refused naming what broke; and after a thief of the audit key
+/// rewrote history, a fresh proof checked against the tree head the SIEM kept fails.
+#[tokio::test]
+async fn one_decision_is_proven_without_the_log() {
+    use aegis::audit::prove::Proof;
+    let base = tempfile::tempdir().expect("tempdir");
+    let signer = base_log(base.path()).await;
+    let data = base.path().to_string_lossy().into_owned();
+    let key = base
+        .path()
+        .join("signing.pub")
+        .to_string_lossy()
+        .into_owned();
+    let file = base.path().join("d2.json");
+    let file_s = file.to_string_lossy().into_owned();
+    let aegis = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"))
+            .args(args)
+            .output()
+            .expect("runs");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let prove = |from: &str| {
+        aegis(&[
+            "audit",
+            "prove",
+            "--data-dir",
+            &data,
+            "--decision",
+            "d2",
+            "--from-size",
+            from,
+            "-o",
+            &file_s,
+        ])
+    };
+    let (code, out) = prove("3");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = aegis(&["audit", "verify-proof", &file_s, "--public-key", &key]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("decision d2 is row 3 of the log of 6 rows")
+            && out.contains("it extends the log of 3 rows"),
+        "{out}"
+    );
+    let good: Proof =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("a proof");
+
+    type Edit = Box<dyn Fn(&mut Proof)>;
+    let flip = |h: &mut String| {
+        let c = if h.starts_with('0') { "1" } else { "0" };
+        h.replace_range(0..1, c);
+    };
+    let edits: Vec<(&str, Edit, &str)> = vec![
+        (
+            "the decision turned into an allow",
+            Box::new(|p| {
+                p.row.fields.get_mut("decision").expect("field").value = Some("allow".into());
+            }),
+            "row 3: its fields do not give its hash",
+        ),
+        (
+            "a sibling of the audit path changed",
+            Box::new(move |p| flip(&mut p.inclusion[0])),
+            "row 3: its inclusion proof does not lead to the tree head of 6 rows",
+        ),
+        (
+            "the signed tree head changed",
+            Box::new(|p| {
+                let mut cp = aegis::audit::witness::SignedCheckpoint::parse_line(&p.checkpoint)
+                    .expect("parses");
+                cp.root[0] ^= 1;
+                p.checkpoint = cp.to_line();
+            }),
+            "checkpoint: not signed by a pinned key",
+        ),
+        (
+            "the consistency proof changed",
+            Box::new(move |p| {
+                if let Some(c) = p.consistency.as_mut() {
+                    flip(&mut c.proof[0]);
+                }
+            }),
+            "consistency: the log of 6 rows is not shown to extend the log of 3 rows",
+        ),
+    ];
+    let edited = base.path().join("edited.json");
+    let edited_s = edited.to_string_lossy().into_owned();
+    for (what, edit, expected) in edits {
+        let mut p = good.clone();
+        edit(&mut p);
+        std::fs::write(&edited, serde_json::to_string(&p).expect("json")).expect("write");
+        let (code, out) = aegis(&["audit", "verify-proof", &edited_s, "--public-key", &key]);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains(expected), "{what}: {out}");
+    }
+    // Pinned to another key: nothing is proven.
+    let other = base.path().join("other.pub");
+    let foreign = Signer::generate().expect("key");
+    std::fs::write(&other, aegis::hex(foreign.verifying_key().as_bytes())).expect("write");
+    let (code, out) = aegis(&[
+        "audit",
+        "verify-proof",
+        &file_s,
+        "--public-key",
+        &other.to_string_lossy(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+
+    // The SIEM kept the tree head of 3 rows. A thief of the audit key rewrites row 2 and
+    // signs everything again; a fresh proof is self-consistent, but not with what the SIEM
+    // holds.
+    let held = good.consistency.as_ref().expect("consistency").from.clone();
+    rusqlite::Connection::open(base.path().join("audit.db"))
+        .expect("open")
+        .execute("UPDATE audit_log SET decision = 'allow' WHERE seq = 2", [])
+        .expect("tamper");
+    resign(&base.path().join("audit.db"), &signer);
+    let (code, out) = prove("3");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = aegis(&["audit", "verify-proof", &file_s, "--public-key", &key]);
+    assert_eq!(
+        code, 0,
+        "the rewritten log is consistent with itself: {out}"
+    );
+    let mut fresh: Proof =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("a proof");
+    if let Some(c) = fresh.consistency.as_mut() {
+        c.from = held;
+    }
+    std::fs::write(&edited, serde_json::to_string(&fresh).expect("json")).expect("write");
+    let (code, out) = aegis(&["audit", "verify-proof", &edited_s, "--public-key", &key]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is not shown to extend the log of 3 rows"),
+        "{out}"
+    );
+
+    // Asked for what does not exist: a clear error, exit 2.
+    let (code, out) = aegis(&["audit", "prove", "--data-dir", &data, "--decision", "nope"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no row with decision id \"nope\""), "{out}");
 }

@@ -550,7 +550,7 @@ fn check_rows(b: &Bundle, p: &mut Vec<String>) -> HashMap<u64, Hash> {
 }
 
 /// The row's hash from its disclosed values, salts and commitments.
-fn recompute(row: &BundleRow) -> Result<Hash, String> {
+pub(super) fn recompute(row: &BundleRow) -> Result<Hash, String> {
     for name in row.fields.keys() {
         if !FIELD_NAMES.contains(&name.as_str()) {
             return Err(format!("unknown field {name}"));

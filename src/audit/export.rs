@@ -425,38 +425,64 @@ fn add_inclusion_proofs(
     end: u64,
     out: &mut [BundleRow],
 ) -> rusqlite::Result<()> {
-    use super::merkle::{Frontier, inclusion_proof, root_of};
+    use super::merkle::{inclusion_proof, root_of};
     use super::proof::leaf_hash;
     let Some(first) = rows.first().map(|r| r.seq) else {
         return Ok(());
     };
     // Leaf i is row i + 1; the bundle holds leaves first-1..end.
     let inside: Vec<Hash> = rows.iter().map(|r| leaf_hash(&r.hash)).collect();
-    let mut memo: HashMap<(u64, u64), Hash> = HashMap::new();
-    let mut stmt =
-        conn.prepare("SELECT hash FROM audit_log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq")?;
+    let mut log = LogRanges::new(conn)?;
     let mut range_root = |lo: u64, hi: u64| -> rusqlite::Result<Hash> {
         if lo + 1 >= first && hi <= end {
             let (a, b) = ((lo + 1 - first) as usize, (hi + 1 - first) as usize);
             return Ok(root_of(&inside[a..b]));
         }
-        if let Some(h) = memo.get(&(lo, hi)) {
-            return Ok(*h);
-        }
-        let mut f = Frontier::new();
-        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        for h in stmt.query_map([to_i64(lo), to_i64(hi)], |r| r.get::<_, Vec<u8>>(0))? {
-            f.push(leaf_hash(&h?));
-        }
-        let root = f.root();
-        memo.insert((lo, hi), root);
-        Ok(root)
+        log.root(lo, hi)
     };
     for row in out.iter_mut().filter(|r| r.selected) {
         let path = inclusion_proof(row.seq - 1, end, &mut range_root)?;
         row.inclusion = Some(path.iter().map(|h| crate::hex(h)).collect());
     }
     Ok(())
+}
+
+/// Tree heads of leaf ranges of the log, streamed from its rows and memoized (the proofs
+/// of many rows, and the two halves of a consistency proof, share them).
+pub(super) struct LogRanges<'c> {
+    stmt: rusqlite::Statement<'c>,
+    memo: HashMap<(u64, u64), Hash>,
+}
+
+impl<'c> LogRanges<'c> {
+    pub(super) fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            stmt: conn
+                .prepare("SELECT hash FROM audit_log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq")?,
+            memo: HashMap::new(),
+        })
+    }
+
+    /// The tree head of leaves `lo..hi` (rows `lo + 1..=hi`).
+    pub(super) fn root(&mut self, lo: u64, hi: u64) -> rusqlite::Result<Hash> {
+        if let Some(h) = self.memo.get(&(lo, hi)) {
+            return Ok(*h);
+        }
+        let mut f = super::merkle::Frontier::new();
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for h in self
+            .stmt
+            .query_map([to_i64(lo), to_i64(hi)], |r| r.get::<_, Vec<u8>>(0))?
+        {
+            f.push(super::proof::leaf_hash(&h?));
+        }
+        if f.size() != hi - lo {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+        let root = f.root();
+        self.memo.insert((lo, hi), root);
+        Ok(root)
+    }
 }
 
 fn read_checkpoints(
@@ -730,7 +756,7 @@ fn collect_strings(v: &Value, out: &mut BTreeSet<String>) {
 }
 
 /// The redacted values, searched for in every disclosed text in one pass each.
-struct Secrets {
+pub(super) struct Secrets {
     /// Values shorter than [`MIN_SUBSTRING`]: only a field equal to one is removed.
     short: BTreeSet<String>,
     /// The others, found anywhere inside a text.
@@ -738,7 +764,7 @@ struct Secrets {
 }
 
 impl Secrets {
-    fn new(values: BTreeSet<String>) -> Result<Self, ExportError> {
+    pub(super) fn new(values: BTreeSet<String>) -> Result<Self, ExportError> {
         let (long, short): (Vec<String>, Vec<String>) = values
             .into_iter()
             .partition(|s| s.chars().count() >= MIN_SUBSTRING);
@@ -774,7 +800,12 @@ impl Secrets {
 }
 
 /// One row as the bundle shows it.
-fn bundle_row(r: &Row, selected: bool, redact: &BTreeSet<&str>, secrets: &Secrets) -> BundleRow {
+pub(super) fn bundle_row(
+    r: &Row,
+    selected: bool,
+    redact: &BTreeSet<&str>,
+    secrets: &Secrets,
+) -> BundleRow {
     let json = |v: FieldValue<'_>| match v {
         FieldValue::Int(n) => Value::from(n),
         FieldValue::Text(t) => Value::from(t),
