@@ -352,7 +352,7 @@ fn metrics(state: &AdminState) -> String {
             (
                 "aegis_audit_witness_skipped_total",
                 "counter",
-                "Checkpoints not published because the publisher was behind (later ones extend them).",
+                "Checkpoints not published: a newer one came within audit.witness_interval_ms (it extends them).",
                 w.skipped.load(Relaxed),
             ),
             (

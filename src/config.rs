@@ -351,6 +351,9 @@ pub struct AuditConfig {
     /// Append every signed checkpoint to this file as a JSON line, outside the data
     /// directory (ideally another host's mount). `aegis audit verify --witness` reads it.
     pub witness_file: Option<PathBuf>,
+    /// Publish the newest checkpoint at most this often (ms): the window between a commit
+    /// and its publication, against the witness's volume. 0 publishes every checkpoint.
+    pub witness_interval_ms: u64,
 }
 
 /// `[otlp]`
@@ -467,6 +470,7 @@ impl Default for AuditConfig {
             signing_key_file: None,
             trusted_keys: Vec::new(),
             witness_file: None,
+            witness_interval_ms: 1000,
         }
     }
 }
@@ -656,6 +660,10 @@ pub struct Overrides {
     /// Append-only file every signed audit checkpoint is published to [default: none].
     #[arg(long, env = "AEGIS_AUDIT_WITNESS_FILE")]
     pub audit_witness_file: Option<PathBuf>,
+    /// Publish the newest audit checkpoint at most every this many ms; 0: every one
+    /// [default: 1000].
+    #[arg(long, env = "AEGIS_AUDIT_WITNESS_INTERVAL_MS")]
+    pub audit_witness_interval_ms: Option<u64>,
     /// OTLP/gRPC endpoint [default: OTEL_EXPORTER_OTLP_ENDPOINT, else none].
     #[arg(long, env = "AEGIS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -1033,6 +1041,10 @@ impl Overrides {
         if self.audit_witness_file.is_some() {
             c.audit.witness_file = self.audit_witness_file.clone();
         }
+        set(
+            &mut c.audit.witness_interval_ms,
+            &self.audit_witness_interval_ms,
+        );
         if self.otlp_endpoint.is_some() {
             c.otlp.endpoint = self.otlp_endpoint.clone();
         }

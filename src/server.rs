@@ -538,8 +538,9 @@ fn open_audit(
     let witness = if sinks.is_empty() {
         None
     } else {
+        let interval = Duration::from_millis(config.audit.witness_interval_ms);
         Some(
-            crate::audit::witness::Publisher::start(sinks)
+            crate::audit::witness::Publisher::start(sinks, interval)
                 .map_err(|e| StartError::Config(format!("audit witness publisher: {e}")))?,
         )
     };
@@ -554,6 +555,7 @@ fn open_audit(
         &store_opts,
         trust,
         witness,
+        config.audit.witness_file.as_deref(),
     )?)
 }
 

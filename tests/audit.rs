@@ -27,7 +27,9 @@ async fn base_log(dir: &Path) -> Signer {
         durability: Durability::Normal,
     };
     let sink = FileSink::open(&dir.join("witness.jsonl")).expect("witness file");
-    let publisher = Publisher::start(vec![Box::new(sink)]).expect("publisher");
+    // Every checkpoint, so that the vectors can name each commit's range.
+    let publisher =
+        Publisher::start(vec![Box::new(sink)], std::time::Duration::ZERO).expect("publisher");
     let key = [signer.verifying_key()];
     let (log, writer) = AuditLog::open_with(
         &dir.join("audit.db"),
@@ -35,6 +37,7 @@ async fn base_log(dir: &Path) -> Signer {
         &opts,
         Trust::keys(&key),
         Some(publisher),
+        None,
     )
     .expect("open");
     for (i, decision) in [
@@ -580,4 +583,69 @@ async fn one_decision_is_proven_without_the_log() {
     let (code, out) = aegis(&["audit", "prove", "--data-dir", &data, "--decision", "nope"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no row with decision id \"nope\""), "{out}");
+}
+
+/// A writer does not continue a log that contradicts its witness: cut (rows and their
+/// checkpoints deleted together) or rewritten and signed again with the audit key.
+#[tokio::test]
+async fn the_writer_refuses_a_log_its_witness_contradicts() {
+    let cases: [(&str, &str, bool, &str); 3] = [
+        ("untouched", "SELECT 1", false, ""),
+        (
+            "tail cut with its checkpoints",
+            "DELETE FROM audit_log WHERE seq > 4; DELETE FROM audit_checkpoint WHERE last_seq > 4",
+            false,
+            "the log ends at seq 4, but",
+        ),
+        (
+            "row 3 rewritten and re-signed",
+            "UPDATE audit_log SET decision = 'allow' WHERE seq = 3",
+            true,
+            "the log's first 6 rows are not the ones",
+        ),
+    ];
+    for (what, sql, resign_all, expected) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = base_log(dir.path()).await;
+        let db = dir.path().join("audit.db");
+        rusqlite::Connection::open(&db)
+            .expect("open")
+            .execute_batch(sql)
+            .expect("tamper");
+        if resign_all {
+            resign(&db, &signer);
+        }
+        let opts = StoreOptions {
+            queue_capacity: 4,
+            max_batch: 4,
+            durability: Durability::Normal,
+        };
+        let key = [signer.verifying_key()];
+        let witness = dir.path().join("witness.jsonl");
+        let opened = AuditLog::open_with(
+            &db,
+            signer.clone(),
+            &opts,
+            Trust::keys(&key),
+            None,
+            Some(&witness),
+        );
+        match (expected.is_empty(), opened) {
+            (true, Ok((log, writer))) => {
+                drop(log);
+                tokio::task::spawn_blocking(move || writer.join())
+                    .await
+                    .expect("join");
+            }
+            (false, Err(e)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("contradicts its witness") && e.contains(expected),
+                    "{what}: {e}"
+                );
+            }
+            (_, Err(e)) => panic!("{what}: {e}"),
+            (_, Ok(_)) => panic!("{what}: opened a log its witness contradicts"),
+        }
+    }
 }

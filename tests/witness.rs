@@ -173,10 +173,28 @@ async fn a_restored_backup_written_on_is_found_only_with_the_witness() {
     copy_dir(&data, &backup);
     serve(10).await; // witnessed
     let lost = rows(&db);
-    // The backup is restored (the rows after it are gone) and Aegis runs on from it.
+    // The backup is restored (the rows after it are gone): Aegis refuses to continue a
+    // log its witness saw longer, naming both.
     std::fs::remove_dir_all(&data).expect("remove");
     copy_dir(&backup, &data);
+    let mut c = config(dir.path());
+    c.data_dir = data.clone();
+    c.audit.witness_file = Some(witness.clone());
+    let Err(err) = aegis::server::start(c).await else {
+        panic!("a log behind its witness must not be continued");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("audit log contradicts its witness")
+            && err.contains(&format!("the log ends at seq {backed_up}"))
+            && err.contains(&format!("saw {lost} rows")),
+        "{err}"
+    );
+    // The operator moves the witness aside (keeping it) and runs on from the backup.
+    let kept = dir.path().join("witness-before-restore.jsonl");
+    std::fs::rename(&witness, &kept).expect("move aside");
     serve(3).await;
+    let witness = kept;
     assert!(rows(&db) > backed_up && rows(&db) < lost);
 
     // The log alone is consistent: nothing in it says the lost rows ever existed.

@@ -105,6 +105,12 @@ pub enum AuditError {
     UncoveredTail(String),
     #[error("audit write failed: {0}")]
     Write(String),
+    #[error(
+        "audit log contradicts its witness, refusing to continue it: {0}. Investigate with \
+         `aegis audit verify --witness`; to go on from this log anyway, move the witness file \
+         aside (keep it: it is the record of what was there)"
+    )]
+    BehindWitness(String),
     #[error("audit queue is full ({0} rows waiting)")]
     Overloaded(usize),
     #[error("audit writer has stopped")]
@@ -200,18 +206,21 @@ impl AuditLog {
         opts: &StoreOptions,
     ) -> Result<(Self, WriterThread), AuditError> {
         let own = [signer.verifying_key()];
-        Self::open_with(path, signer, opts, Trust::keys(&own), None)
+        Self::open_with(path, signer, opts, Trust::keys(&own), None, None)
     }
 
     /// Opens the audit database, checking its tail against `trust` (which must include
-    /// `signer`'s key), and starts the writer thread, which hands every checkpoint it
-    /// commits to `witness`, if any (its thread is joined with the writer's).
+    /// `signer`'s key) and against the last checkpoint of `witness_file`, if given (the log
+    /// must contain it: a log cut or restored from a backup is refused), and starts the
+    /// writer thread, which hands every checkpoint it commits to `witness`, if any (its
+    /// thread is joined with the writer's).
     pub fn open_with(
         path: &Path,
         signer: Signer,
         opts: &StoreOptions,
         trust: Trust<'_>,
         witness: Option<(Publisher, JoinHandle<()>)>,
+        witness_file: Option<&Path>,
     ) -> Result<(Self, WriterThread), AuditError> {
         create_private(path).map_err(|e| open_err(path, e))?;
         let conn = open_connection(path, opts.durability)?;
@@ -219,6 +228,9 @@ impl AuditLog {
             .map_err(|e| open_err(path, e))?;
         let (head_seq, head_hash) = read_head(&conn, trust, path)?;
         let frontier = read_frontier(&conn, head_seq).map_err(|e| open_err(path, e))?;
+        if let Some(w) = witness_file {
+            check_witness(&conn, w, trust, (head_seq, &head_hash), &frontier)?;
+        }
         let (publisher, witness_thread) = witness.unzip();
         let witness_stats = publisher.as_ref().map(|p| p.stats.clone());
         let checkpoint_conn = open_connection(path, opts.durability)?;
@@ -468,6 +480,62 @@ fn read_frontier(conn: &Connection, head_seq: u64) -> rusqlite::Result<Frontier>
         f.push(leaf_hash(&h?));
     }
     Ok(f)
+}
+
+/// The log at start-up (its head and tree) must contain the last checkpoint its witness
+/// file holds.
+fn check_witness(
+    conn: &Connection,
+    witness: &Path,
+    trust: Trust<'_>,
+    (head_seq, head_hash): (u64, &Hash),
+    frontier: &Frontier,
+) -> Result<(), AuditError> {
+    let Some(seen) = super::witness::last_in_file(witness).map_err(AuditError::BehindWitness)?
+    else {
+        return Ok(());
+    };
+    let keys: Vec<_> = trust.keys.iter().chain(trust.legacy).copied().collect();
+    let shown = witness.display();
+    let when = super::bundle::format_time(seen.time_ns);
+    if !seen.signed_by(&keys) {
+        return Err(AuditError::BehindWitness(format!(
+            "the last line of {shown} is not signed by a trusted key ({})",
+            seen.key_id
+        )));
+    }
+    if seen.tree_size > head_seq {
+        return Err(AuditError::BehindWitness(format!(
+            "the log ends at seq {head_seq}, but {shown} saw {} rows (signed at {when}): rows \
+             {}..={} are gone, cut or lost to a restored backup",
+            seen.tree_size,
+            head_seq + 1,
+            seen.tree_size
+        )));
+    }
+    let contains = if seen.tree_size == head_seq {
+        seen.root == frontier.root() && seen.head == *head_hash
+    } else {
+        conn.prepare(
+            "SELECT 1 FROM audit_checkpoint WHERE last_seq = ?1 AND root = ?2 AND head_hash = ?3",
+        )
+        .and_then(|mut s| {
+            s.exists(rusqlite::params![
+                i64::try_from(seen.tree_size).unwrap_or(i64::MAX),
+                &seen.root[..],
+                &seen.head[..]
+            ])
+        })
+        .map_err(|e| open_err(witness, e))?
+    };
+    if !contains {
+        return Err(AuditError::BehindWitness(format!(
+            "the log's first {} rows are not the ones {shown} saw (signed at {when}): the \
+             history was rewritten or replaced by a backup",
+            seen.tree_size
+        )));
+    }
+    Ok(())
 }
 
 struct Writer {

@@ -10,20 +10,21 @@
 //! --witness FILE` then requires the log to contain and extend every witnessed checkpoint.
 //!
 //! Publishing never delays or fails a Check: the publisher runs behind the writer and
-//! writes at most once per [`CADENCE`] (20 ms), everything committed since. If it falls
-//! behind by more than its queue, the checkpoints in between are skipped (counted), which
-//! loses nothing, since each checkpoint's tree extends the ones before it. A sink that
-//! fails is counted and retried with the next batch. What is committed but not yet
-//! published (at most the cadence plus a write, normally) is the window an attacker on
-//! the host can still cut.
+//! publishes at most once per `audit.witness_interval_ms` (1 s by default) the newest
+//! checkpoint committed (see [`Publisher::start`]). The ones in between are skipped
+//! (counted), which loses nothing, since each checkpoint's tree extends the ones before
+//! it. A sink that fails is counted and retried with the next. What is committed but not
+//! yet published (at most the interval plus a write, normally) is the window an attacker
+//! on the host can still cut.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -173,7 +174,8 @@ impl Sink for FileSink {
 pub struct WitnessStats {
     /// Checkpoints handed to every sink.
     pub published: AtomicU64,
-    /// Checkpoints not published because the publisher was behind (later ones extend them).
+    /// Checkpoints not published: a newer one came within the interval, or the publisher's
+    /// queue was full (the newer ones extend them).
     pub skipped: AtomicU64,
     /// Batches a sink refused.
     pub failures: AtomicU64,
@@ -191,16 +193,29 @@ pub struct Publisher {
 /// Checkpoints waiting for the publisher before newer ones are skipped.
 const QUEUE: usize = 4096;
 
+/// The default of `audit.witness_interval_ms`.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(1000);
+
 impl Publisher {
     /// Starts the publisher thread over `sinks`; it stops once every [`Publisher`] handle
-    /// is dropped and its queue is drained.
-    pub fn start(sinks: Vec<Box<dyn Sink>>) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// is dropped and its queue is drained (publishing the newest checkpoint first).
+    ///
+    /// With a non-zero `interval` the sinks get at most one checkpoint per interval, the
+    /// newest committed: a saturated writer commits thousands of times a second, and each
+    /// checkpoint's tree extends the ones before it, so the newest carries them all (a
+    /// witness line for every commit would be megabytes a second). The interval is the
+    /// window between a commit and its publication. With a zero interval every checkpoint
+    /// is published (tests, and witnesses that want each commit).
+    pub fn start(
+        sinks: Vec<Box<dyn Sink>>,
+        interval: Duration,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = sync_channel(QUEUE);
         let stats = Arc::new(WitnessStats::default());
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("aegis-audit-witness".into())
-            .spawn(move || run(&rx, sinks, &thread_stats))?;
+            .spawn(move || run(&rx, sinks, interval, &thread_stats))?;
         Ok((Self { tx, stats }, handle))
     }
 
@@ -212,27 +227,54 @@ impl Publisher {
     }
 }
 
-/// The publisher writes at most once per cadence: a saturated writer commits thousands of
-/// times a second, and each checkpoint extends the ones before it, so one write (and one
-/// sync, one span) per cadence carries them all. It bounds the window between a commit
-/// and its publication by this much plus the write itself.
-pub const CADENCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// The checkpoints to publish next: the first waiting and, until `deadline` (or until the
+/// writer stops), what follows; with `every`, all of them, else only the newest (the
+/// others are counted as skipped).
+fn gather(
+    rx: &Receiver<SignedCheckpoint>,
+    first: SignedCheckpoint,
+    deadline: Instant,
+    every: bool,
+    stats: &WitnessStats,
+) -> Vec<SignedCheckpoint> {
+    let mut batch = vec![first];
+    let mut add = |cp| {
+        if every {
+            batch.push(cp);
+        } else {
+            batch[0] = cp;
+            stats.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    loop {
+        let now = Instant::now();
+        let next = if now < deadline {
+            rx.recv_timeout(deadline - now)
+        } else {
+            rx.try_recv().map_err(|e| match e {
+                std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                std::sync::mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        };
+        match next {
+            Ok(cp) => add(cp),
+            Err(_) => return batch,
+        }
+    }
+}
 
-fn run(rx: &Receiver<SignedCheckpoint>, mut sinks: Vec<Box<dyn Sink>>, stats: &WitnessStats) {
+fn run(
+    rx: &Receiver<SignedCheckpoint>,
+    mut sinks: Vec<Box<dyn Sink>>,
+    interval: Duration,
+    stats: &WitnessStats,
+) {
     let mut failing = vec![false; sinks.len()];
-    let mut last = std::time::Instant::now() - CADENCE;
+    // The first checkpoint goes out at once; later ones at most once per interval.
+    let mut next_at = Instant::now();
     while let Ok(first) = rx.recv() {
-        if let Some(wait) = CADENCE.checked_sub(last.elapsed()) {
-            std::thread::sleep(wait);
-        }
-        last = std::time::Instant::now();
-        let mut batch = vec![first];
-        while batch.len() < QUEUE {
-            match rx.try_recv() {
-                Ok(cp) => batch.push(cp),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(rx, first, next_at, interval.is_zero(), stats);
+        next_at = Instant::now() + interval;
         for (sink, failing) in sinks.iter_mut().zip(&mut failing) {
             match sink.publish(&batch) {
                 Ok(()) => {
@@ -263,6 +305,35 @@ fn run(rx: &Receiver<SignedCheckpoint>, mut sinks: Vec<Box<dyn Sink>>, stats: &W
                 .store(last.tree_size, Ordering::Relaxed);
         }
     }
+}
+
+/// The last checkpoint of a witness file (`None` for a missing or empty file), read from
+/// its end: what a restarting writer checks its log against.
+pub fn last_in_file(path: &Path) -> Result<Option<SignedCheckpoint>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let shown = path.display();
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("witness file {shown}: {e}")),
+    };
+    let len = f
+        .metadata()
+        .map_err(|e| format!("witness file {shown}: {e}"))?
+        .len();
+    // A line is ~330 bytes; the tail holds the last whole one.
+    let from = len.saturating_sub(4096);
+    let mut tail = String::new();
+    f.seek(SeekFrom::Start(from))
+        .and_then(|_| f.read_to_string(&mut tail))
+        .map_err(|e| format!("witness file {shown}: {e}"))?;
+    let mut lines = tail.lines().filter(|l| !l.trim().is_empty());
+    let Some(last) = lines.next_back() else {
+        return Ok(None);
+    };
+    SignedCheckpoint::parse_line(last)
+        .map(Some)
+        .map_err(|e| format!("witness file {shown}, last line: {e}"))
 }
 
 /// Reads a witness file: its checkpoints in order, or the first bad line (1-based) and why.

@@ -43,14 +43,17 @@ pub async fn run(rows: u64, keep: Option<&std::path::Path>) -> anyhow::Result<()
     // Kept as the data directory's audit key, so `aegis audit verify --data-dir` can run.
     let signer = Signer::load_or_create_audit(&dir)?;
     let key = [signer.verifying_key()];
-    let publisher = Publisher::start(vec![Box::new(FileSink::open(&witness)?)])?;
+    let publisher = Publisher::start(
+        vec![Box::new(FileSink::open(&witness)?)],
+        crate::audit::witness::DEFAULT_INTERVAL,
+    )?;
     let opts = StoreOptions {
         queue_capacity: 65_536,
         max_batch: 512,
         durability: Durability::Normal,
     };
     let (log, writer) =
-        AuditLog::open_with(&db, signer, &opts, Trust::keys(&key), Some(publisher))?;
+        AuditLog::open_with(&db, signer, &opts, Trust::keys(&key), Some(publisher), None)?;
     let started = Instant::now();
     let workers = 256u64;
     let mut tasks = Vec::new();
