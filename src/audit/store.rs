@@ -538,6 +538,15 @@ fn check_witness(
     Ok(())
 }
 
+/// However the writer ends, its publisher publishes what is left and stops.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(p) = &self.publisher {
+            p.close();
+        }
+    }
+}
+
 struct Writer {
     conn: Connection,
     /// Shared with [`AuditLog`]: decremented as jobs are taken off the queue.

@@ -22,9 +22,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -186,124 +186,170 @@ pub struct WitnessStats {
 /// The writer's handle to the publisher thread.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    tx: SyncSender<SignedCheckpoint>,
+    shared: Arc<Shared>,
+    /// A zero interval: every checkpoint is published.
+    every: bool,
     pub stats: Arc<WitnessStats>,
 }
 
-/// Checkpoints waiting for the publisher before newer ones are skipped.
+/// What the writer hands over and the publisher takes.
+#[derive(Debug)]
+struct Shared {
+    slot: Mutex<Slot>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Committed and not yet published, oldest first: at most one (the newest) with a
+    /// non-zero interval, up to [`QUEUE`] with a zero interval.
+    waiting: Vec<SignedCheckpoint>,
+    /// The publisher waits for a checkpoint (only then is it worth a wake-up).
+    idle: bool,
+    /// Every writer handle is gone: publish what is left and stop.
+    closed: bool,
+}
+
+/// Checkpoints waiting for a zero-interval publisher before newer ones are skipped.
 const QUEUE: usize = 4096;
 
 /// The default of `audit.witness_interval_ms`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(1000);
 
 impl Publisher {
-    /// Starts the publisher thread over `sinks`; it stops once every [`Publisher`] handle
-    /// is dropped and its queue is drained (publishing the newest checkpoint first).
+    /// Starts the publisher thread over `sinks`; it stops once the writer is done with it
+    /// ([`Publisher::close`]), publishing the newest checkpoint first.
     ///
     /// With a non-zero `interval` the sinks get at most one checkpoint per interval, the
     /// newest committed: a saturated writer commits thousands of times a second, and each
     /// checkpoint's tree extends the ones before it, so the newest carries them all (a
     /// witness line for every commit would be megabytes a second). The interval is the
-    /// window between a commit and its publication. With a zero interval every checkpoint
-    /// is published (tests, and witnesses that want each commit).
+    /// window between a commit and its publication. The writer only swaps the newest into
+    /// a slot; the publisher wakes once per interval, or when a checkpoint comes after a
+    /// quiet spell. With a zero interval every checkpoint is published (tests, and
+    /// witnesses that want each commit).
     pub fn start(
         sinks: Vec<Box<dyn Sink>>,
         interval: Duration,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
-        let (tx, rx) = sync_channel(QUEUE);
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot::default()),
+            wake: Condvar::new(),
+        });
         let stats = Arc::new(WitnessStats::default());
-        let thread_stats = stats.clone();
+        let (thread_shared, thread_stats) = (shared.clone(), stats.clone());
         let handle = std::thread::Builder::new()
             .name("aegis-audit-witness".into())
-            .spawn(move || run(&rx, sinks, interval, &thread_stats))?;
-        Ok((Self { tx, stats }, handle))
+            .spawn(move || run(&thread_shared, sinks, interval, &thread_stats))?;
+        Ok((
+            Self {
+                shared,
+                every: interval.is_zero(),
+                stats,
+            },
+            handle,
+        ))
     }
 
-    /// Queues a committed checkpoint; never blocks.
+    /// Hands over a committed checkpoint; never blocks on the sinks.
     pub fn offer(&self, cp: SignedCheckpoint) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(cp) {
+        let Ok(mut slot) = self.shared.slot.lock() else {
+            return;
+        };
+        if !self.every
+            && let Some(old) = slot.waiting.pop()
+        {
+            drop(old);
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         }
+        if slot.waiting.len() >= QUEUE {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            slot.waiting.remove(0);
+        }
+        slot.waiting.push(cp);
+        if slot.idle {
+            slot.idle = false;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// The writer is done: the publisher publishes what is left and stops.
+    pub fn close(&self) {
+        if let Ok(mut slot) = self.shared.slot.lock() {
+            slot.closed = true;
+            self.shared.wake.notify_one();
+        }
     }
 }
 
-/// The checkpoints to publish next: the first waiting and, until `deadline` (or until the
-/// writer stops), what follows; with `every`, all of them, else only the newest (the
-/// others are counted as skipped).
-fn gather(
-    rx: &Receiver<SignedCheckpoint>,
-    first: SignedCheckpoint,
-    deadline: Instant,
-    every: bool,
-    stats: &WitnessStats,
-) -> Vec<SignedCheckpoint> {
-    let mut batch = vec![first];
-    let mut add = |cp| {
-        if every {
-            batch.push(cp);
-        } else {
-            batch[0] = cp;
-            stats.skipped.fetch_add(1, Ordering::Relaxed);
-        }
-    };
+fn run(shared: &Shared, mut sinks: Vec<Box<dyn Sink>>, interval: Duration, stats: &WitnessStats) {
+    let mut failing = vec![false; sinks.len()];
     loop {
-        let now = Instant::now();
-        let next = if now < deadline {
-            rx.recv_timeout(deadline - now)
-        } else {
-            rx.try_recv().map_err(|e| match e {
-                std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
-                std::sync::mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-            })
+        let (batch, closed) = {
+            let Ok(mut slot) = shared.slot.lock() else {
+                return;
+            };
+            while slot.waiting.is_empty() && !slot.closed {
+                slot.idle = true;
+                slot = match shared.wake.wait(slot) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
+            slot.idle = false;
+            (std::mem::take(&mut slot.waiting), slot.closed)
         };
-        match next {
-            Ok(cp) => add(cp),
-            Err(_) => return batch,
+        if !batch.is_empty() {
+            publish(&mut sinks, &mut failing, &batch, stats);
+        }
+        if closed {
+            return;
+        }
+        // The next one waits out the interval, unless the writer stops meanwhile.
+        if !interval.is_zero()
+            && let Ok(slot) = shared.slot.lock()
+        {
+            let _ = shared
+                .wake
+                .wait_timeout_while(slot, interval, |s| !s.closed);
         }
     }
 }
 
-fn run(
-    rx: &Receiver<SignedCheckpoint>,
-    mut sinks: Vec<Box<dyn Sink>>,
-    interval: Duration,
+fn publish(
+    sinks: &mut [Box<dyn Sink>],
+    failing: &mut [bool],
+    batch: &[SignedCheckpoint],
     stats: &WitnessStats,
 ) {
-    let mut failing = vec![false; sinks.len()];
-    // The first checkpoint goes out at once; later ones at most once per interval.
-    let mut next_at = Instant::now();
-    while let Ok(first) = rx.recv() {
-        let batch = gather(rx, first, next_at, interval.is_zero(), stats);
-        next_at = Instant::now() + interval;
-        for (sink, failing) in sinks.iter_mut().zip(&mut failing) {
-            match sink.publish(&batch) {
-                Ok(()) => {
-                    if *failing {
-                        crate::log!(info, "{}: publishing checkpoints again", sink.name());
-                    }
-                    *failing = false;
+    for (sink, failing) in sinks.iter_mut().zip(failing) {
+        match sink.publish(batch) {
+            Ok(()) => {
+                if *failing {
+                    crate::log!(info, "{}: publishing checkpoints again", sink.name());
                 }
-                Err(e) => {
-                    stats.failures.fetch_add(1, Ordering::Relaxed);
-                    if !*failing {
-                        crate::log!(
-                            error,
-                            "{}: cannot publish audit checkpoints (will retry with the next): {e}",
-                            sink.name()
-                        );
-                    }
-                    *failing = true;
+                *failing = false;
+            }
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                if !*failing {
+                    crate::log!(
+                        error,
+                        "{}: cannot publish audit checkpoints (will retry with the next): {e}",
+                        sink.name()
+                    );
                 }
+                *failing = true;
             }
         }
+    }
+    stats
+        .published
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    if let Some(last) = batch.last() {
         stats
-            .published
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if let Some(last) = batch.last() {
-            stats
-                .published_size
-                .store(last.tree_size, Ordering::Relaxed);
-        }
+            .published_size
+            .store(last.tree_size, Ordering::Relaxed);
     }
 }
 
