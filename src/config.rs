@@ -944,6 +944,15 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join(crate::keys::SIGNING_KEY_FILE))
     }
 
+    /// The file the audit key is read from: `audit.signing_key_file`, else
+    /// `data_dir/audit.key`.
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.audit
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::keys::AUDIT_KEY_FILE))
+    }
+
     /// The evaluation time limit.
     pub fn eval_timeout(&self) -> Duration {
         Duration::from_millis(self.policy.eval_timeout_ms)

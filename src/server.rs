@@ -218,7 +218,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         queue_size: config.otlp.queue_size,
         export_timeout: Duration::from_secs(5),
     })?;
-    let (audit, writer) = open_audit(&config, &signer, &telemetry)?;
+    let (audit, writer, audit_kid) = open_audit(&config, &signer, &telemetry)?;
 
     // The control plane (all-in-one, control-plane).
     let core = match mode {
@@ -335,8 +335,14 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         revocation_slack: i64::try_from(config.token.leeway_secs)
             .unwrap_or(i64::MAX / 2)
             .saturating_add(60),
-        key_file: config.signing_key_path(),
-        kid: signer.kid().to_owned(),
+        keys: [
+            (
+                "signing key",
+                config.signing_key_path(),
+                signer.kid().to_owned(),
+            ),
+            ("audit key", config.audit_key_path(), audit_kid),
+        ],
     });
     // The admin listener binds last: every start-up error above is reported first.
     let admin_listener = bind(config.admin_listen).await?;
@@ -507,8 +513,9 @@ fn open_audit(
     config: &Config,
     token_signer: &Signer,
     telemetry: &Telemetry,
-) -> Result<(AuditLog, crate::audit::store::WriterThread), StartError> {
+) -> Result<(AuditLog, crate::audit::store::WriterThread, String), StartError> {
     let signer = Signer::for_audit(config)?;
+    let kid = signer.kid().to_owned();
     if signer.kid() == token_signer.kid() {
         return Err(StartError::Config(format!(
             "audit.signing_key_file: key {} is also the token-signing key; the audit log needs \
@@ -549,14 +556,15 @@ fn open_audit(
         max_batch: config.audit.max_batch,
         durability: config.audit.durability,
     };
-    Ok(AuditLog::open_with(
+    let (audit, writer) = AuditLog::open_with(
         &config.data_dir.join(AUDIT_DB_FILE),
         signer,
         &store_opts,
         trust,
         witness,
         config.audit.witness_file.as_deref(),
-    )?)
+    )?;
+    Ok((audit, writer, kid))
 }
 
 /// The signer's own public key and `token.trusted_keys`.
@@ -848,16 +856,15 @@ struct Readiness {
     /// Seconds a revoked token id is kept past its token's expiry (over the verifier's
     /// clock-skew leeway, which still accepts a token that long after `exp`).
     revocation_slack: i64,
-    /// The signing key's file and the key id being signed with.
-    key_file: std::path::PathBuf,
-    kid: String,
+    /// (what, file, key id in use) of the token-signing key and the audit key.
+    keys: [(&'static str, std::path::PathBuf, String); 2],
 }
 
 impl Readiness {
     /// `Err` naming the first unusable part: the audit log (its last commit failed), the
-    /// policy (every recent evaluation failed), or the signing key (its file in the data
-    /// directory is missing, unreadable or another key: a restart would sign with
-    /// something else, or not start).
+    /// policy (every recent evaluation failed), or the signing key or the audit key (its
+    /// file is missing, unreadable or another key: a restart would sign with something
+    /// else, or not start).
     fn check(&self) -> Result<(), String> {
         if !self.audit.is_healthy() {
             return Err("audit log: the last commit failed".into());
@@ -868,15 +875,19 @@ impl Readiness {
                 return Err("control plane: no state received yet (a sidecar fails closed until its first snapshot)".into());
             }
         }
-        match Signer::load_file(&self.key_file) {
-            Ok(s) if s.kid() == self.kid => Ok(()),
-            Ok(s) => Err(format!(
-                "signing key: the file now holds key {}, not {} in use",
-                s.kid(),
-                self.kid
-            )),
-            Err(e) => Err(format!("signing key: {e}")),
+        for (what, file, kid) in &self.keys {
+            match Signer::load_file(file) {
+                Ok(s) if s.kid() == kid => {}
+                Ok(s) => {
+                    return Err(format!(
+                        "{what}: the file now holds key {}, not {kid} in use",
+                        s.kid()
+                    ));
+                }
+                Err(e) => return Err(format!("{what}: {e}")),
+            }
         }
+        Ok(())
     }
 }
 

@@ -466,5 +466,25 @@ decision := {"allowed": true} if input.tool.name == "fast"
         health_becomes(s.addr, ServingStatus::Serving).await,
         "SERVING once the key file is back"
     );
+
+    // The audit key likewise: another key in its file would sign the log after a restart.
+    let audit_key = s.data_dir().join(aegis::keys::AUDIT_KEY_FILE);
+    let kept = std::fs::read(&audit_key).expect("audit key");
+    std::fs::write(&audit_key, "11".repeat(32)).expect("another audit key");
+    assert!(
+        health_becomes(s.addr, ServingStatus::NotServing).await,
+        "NOT_SERVING with another audit key in its file"
+    );
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    let ready = http_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("audit key: the file now holds key"),
+        "{ready}"
+    );
+    std::fs::write(&audit_key, kept).expect("restore audit key");
+    assert!(
+        health_becomes(s.addr, ServingStatus::Serving).await,
+        "SERVING once the audit key file is back"
+    );
     s.stop().await;
 }
