@@ -155,10 +155,14 @@ enum AuditCommand {
         /// Data directory [default: ./aegis-data, or AEGIS_DATA_DIR].
         #[arg(long, env = "AEGIS_DATA_DIR", default_value = "./aegis-data")]
         data_dir: PathBuf,
-        /// Trusted public key file(s) [default: the data directory's audit.pub, and its
-        /// signing.pub for checkpoints from before the audit key took over].
+        /// Trusted public key file(s) [default: the data directory's audit.pub, or its
+        /// signing.pub in a directory from before the audit key].
         #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
+        /// The token key's public key (signing.pub), trusted only for format 1
+        /// checkpoints before the audit key took over: a log begun before the audit key.
+        #[arg(long = "legacy-key")]
+        legacy_keys: Vec<PathBuf>,
         /// Checkpoints published as they were made (`audit.witness_file`, or the
         /// `aegis.audit.checkpoint` spans' lines): the log must contain and extend each.
         #[arg(long)]
@@ -187,6 +191,11 @@ enum AuditCommand {
         /// The audit public key(s) (audit.pub) the checkpoints must be signed by.
         #[arg(long = "public-key", required = true)]
         public_keys: Vec<PathBuf>,
+        /// Checkpoints you hold (a witness file): the proof's earlier tree head must be one
+        /// of them, else its consistency proof shows nothing a thief of the key could not
+        /// make.
+        #[arg(long)]
+        witness: Option<PathBuf>,
     },
     /// Write an evidence bundle: one tenant's rows (others' as commitments only), the
     /// checkpoints that sign them, incidents, approvals and policy revisions.
@@ -359,8 +368,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Verify {
             data_dir,
             public_keys,
+            legacy_keys,
             witness,
-        }) => audit_verify(&data_dir, &public_keys, witness.as_deref()),
+        }) => audit_verify(&data_dir, &public_keys, &legacy_keys, witness.as_deref()),
         Command::Audit(AuditCommand::Prove {
             data_dir,
             decision,
@@ -377,7 +387,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::VerifyProof { file, public_keys }) => {
+        Command::Audit(AuditCommand::VerifyProof {
+            file,
+            public_keys,
+            witness,
+        }) => {
             let keys = public_keys
                 .iter()
                 .map(|p| crate::keys::read_public_key(p))
@@ -386,7 +400,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let proof: crate::audit::prove::Proof = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: not a proof: {e}", file.display()))?;
-            match crate::audit::prove::check(&proof, &keys) {
+            match crate::audit::prove::check(&proof, &keys, witness.as_deref()) {
                 Ok(what) => {
                     println!("proven: {what}");
                     Ok(ExitCode::SUCCESS)
@@ -619,28 +633,28 @@ async fn wait_for_signal() {
 fn audit_verify(
     data_dir: &std::path::Path,
     public_keys: &[PathBuf],
+    legacy_keys: &[PathBuf],
     witness: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     use crate::keys::{AUDIT_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, read_public_key};
-    let (keys, legacy) = if public_keys.is_empty() {
-        let audit = data_dir.join(AUDIT_PUBLIC_KEY_FILE);
-        let token = data_dir.join(PUBLIC_KEY_FILE);
-        match (audit.exists(), token.exists()) {
-            (true, true) => (
-                vec![read_public_key(&audit)?],
-                vec![read_public_key(&token)?],
-            ),
-            (true, false) => (vec![read_public_key(&audit)?], Vec::new()),
-            // A data directory from before the audit key.
-            (false, _) => (vec![read_public_key(&token)?], Vec::new()),
-        }
-    } else {
-        let keys = public_keys
+    let read = |paths: &[PathBuf]| {
+        paths
             .iter()
             .map(|p| read_public_key(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        (keys, Vec::new())
+            .collect::<Result<Vec<_>, _>>()
     };
+    let keys = if public_keys.is_empty() {
+        let audit = data_dir.join(AUDIT_PUBLIC_KEY_FILE);
+        if audit.exists() {
+            vec![read_public_key(&audit)?]
+        } else {
+            // A data directory from before the audit key.
+            vec![read_public_key(&data_dir.join(PUBLIC_KEY_FILE))?]
+        }
+    } else {
+        read(public_keys)?
+    };
+    let legacy = read(legacy_keys)?;
     let trust = crate::audit::verify::Trust {
         keys: &keys,
         legacy: &legacy,
@@ -671,6 +685,12 @@ fn audit_verify(
         }
         Err(finding) => {
             println!("audit log BROKEN at {finding}");
+            if legacy_keys.is_empty() && finding.detail.contains("untrusted key") {
+                println!(
+                    "(a log begun before the audit key has checkpoints signed by the token key: \
+                     if so, add --legacy-key signing.pub)"
+                );
+            }
             Ok(ExitCode::from(1))
         }
     }

@@ -514,6 +514,11 @@ fn open_audit(
     token_signer: &Signer,
     telemetry: &Telemetry,
 ) -> Result<(AuditLog, crate::audit::store::WriterThread, String), StartError> {
+    // A log begun before the audit key (its checkpoints signed by the token key) is
+    // continued only by the start that creates the audit key: after that, the token key
+    // is never trusted for the log again, whatever the log's tail says.
+    let migrating = config.audit.signing_key_file.is_none()
+        && !config.data_dir.join(crate::keys::AUDIT_KEY_FILE).exists();
     let signer = Signer::for_audit(config)?;
     let kid = signer.kid().to_owned();
     if signer.kid() == token_signer.kid() {
@@ -527,7 +532,11 @@ fn open_audit(
     for path in &config.audit.trusted_keys {
         keys.push(crate::keys::read_public_key(path)?);
     }
-    let legacy = [token_signer.verifying_key()];
+    let legacy = if migrating {
+        vec![token_signer.verifying_key()]
+    } else {
+        Vec::new()
+    };
     let trust = crate::audit::verify::Trust {
         keys: &keys,
         legacy: &legacy,

@@ -479,11 +479,32 @@ async fn one_decision_is_proven_without_the_log() {
     };
     let (code, out) = prove("3");
     assert_eq!(code, 0, "{out}");
+    // The SIEM holds the checkpoints the writer published (its witness file).
+    let held = base
+        .path()
+        .join("witness.jsonl")
+        .to_string_lossy()
+        .into_owned();
     let (code, out) = aegis(&["audit", "verify-proof", &file_s, "--public-key", &key]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("decision d2 is row 3 of the log of 6 rows")
-            && out.contains("it extends the log of 3 rows"),
+            && out.contains("unchecked without --witness"),
+        "{out}"
+    );
+    let (code, out) = aegis(&[
+        "audit",
+        "verify-proof",
+        &file_s,
+        "--public-key",
+        &key,
+        "--witness",
+        &held,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("it extends the log of 3 rows")
+            && out.contains("one of the checkpoints you hold"),
         "{out}"
     );
     let good: Proof =
@@ -553,7 +574,7 @@ async fn one_decision_is_proven_without_the_log() {
     // The SIEM kept the tree head of 3 rows. A thief of the audit key rewrites row 2 and
     // signs everything again; a fresh proof is self-consistent, but not with what the SIEM
     // holds.
-    let held = good.consistency.as_ref().expect("consistency").from.clone();
+    let held_line = good.consistency.as_ref().expect("consistency").from.clone();
     rusqlite::Connection::open(base.path().join("audit.db"))
         .expect("open")
         .execute("UPDATE audit_log SET decision = 'allow' WHERE seq = 2", [])
@@ -566,10 +587,24 @@ async fn one_decision_is_proven_without_the_log() {
         code, 0,
         "the rewritten log is consistent with itself: {out}"
     );
+    let (code, out) = aegis(&[
+        "audit",
+        "verify-proof",
+        &file_s,
+        "--public-key",
+        &key,
+        "--witness",
+        &held,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is not one of the checkpoints you hold"),
+        "{out}"
+    );
     let mut fresh: Proof =
         serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("a proof");
     if let Some(c) = fresh.consistency.as_mut() {
-        c.from = held;
+        c.from = held_line;
     }
     std::fs::write(&edited, serde_json::to_string(&fresh).expect("json")).expect("write");
     let (code, out) = aegis(&["audit", "verify-proof", &edited_s, "--public-key", &key]);
@@ -648,4 +683,52 @@ async fn the_writer_refuses_a_log_its_witness_contradicts() {
             (_, Ok(_)) => panic!("{what}: opened a log its witness contradicts"),
         }
     }
+}
+
+/// A thief of the token key alone cannot pass for the audit key: checkpoints it signs are
+/// refused, even when the verifier is told the log began under the token key.
+#[tokio::test]
+async fn the_token_key_cannot_sign_the_log() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let audit = base_log(base.path()).await;
+    let token = Signer::generate().expect("the token key");
+    let db = base.path().join("audit.db");
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute("UPDATE audit_log SET decision = 'allow' WHERE seq = 3", [])
+        .expect("tamper");
+    resign(&db, &token);
+    let keys = [audit.verifying_key()];
+    let legacy = [token.verifying_key()];
+    for (what, trust) in [
+        ("audit key only", Trust::keys(&keys)),
+        (
+            "the token key as legacy",
+            Trust {
+                keys: &keys,
+                legacy: &legacy,
+            },
+        ),
+    ] {
+        let finding = verify_file_with(&db, trust, None)
+            .expect("readable")
+            .expect_err(what);
+        assert_eq!(finding.kind, Tamper::BadSignature, "{what}: {finding}");
+    }
+    let finding = verify_file_with(
+        &db,
+        Trust {
+            keys: &keys,
+            legacy: &legacy,
+        },
+        None,
+    )
+    .expect("readable")
+    .expect_err("forged");
+    assert!(
+        finding
+            .detail
+            .contains("format 2 checkpoint signed by the token-signing key"),
+        "{finding}"
+    );
 }

@@ -156,8 +156,23 @@ fn hashes(v: &[String]) -> Option<Vec<[u8; 32]>> {
         .collect()
 }
 
-/// Checks a proof against the pinned `keys`: `Ok` says what it proves, `Err` every problem.
-pub fn check(p: &Proof, keys: &[VerifyingKey]) -> Result<String, Vec<String>> {
+/// Whether the witness file `held` has a checkpoint of `cp`'s size, tree head and chain
+/// head.
+fn held_by(held: &Path, cp: &SignedCheckpoint) -> Result<bool, String> {
+    for line in super::witness::read_file(held)? {
+        let (_, seen) = line?;
+        if seen.tree_size == cp.tree_size && seen.root == cp.root && seen.head == cp.head {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Checks a proof against the pinned `keys` and, for its consistency proof, against the
+/// checkpoints the reader holds (`held`, a witness file): `Ok` says what it proves, `Err`
+/// every problem. Without `held`, the earlier tree head is the one the proof supplies, so
+/// the consistency proof is reported as unchecked: a thief of the key can make one.
+pub fn check(p: &Proof, keys: &[VerifyingKey], held: Option<&Path>) -> Result<String, Vec<String>> {
     let mut problems = Vec::new();
     if p.schema != SCHEMA {
         problems.push(format!("schema {:?} is not {SCHEMA:?}", p.schema));
@@ -205,11 +220,31 @@ pub fn check(p: &Proof, keys: &[VerifyingKey]) -> Result<String, Vec<String>> {
                 let ok = hashes(&c.proof).is_some_and(|proof| {
                     verify_consistency(from.tree_size, cp.tree_size, &from.root, &cp.root, &proof)
                 });
-                if ok {
+                let held = match held.map(|h| (h, held_by(h, &from))) {
+                    None => None,
+                    Some((_, Ok(found))) => Some(found),
+                    Some((h, Err(e))) => {
+                        problems.push(format!("{}: {e}", h.display()));
+                        Some(false)
+                    }
+                };
+                if ok && held == Some(false) {
+                    problems.push(format!(
+                        "consistency.from: the tree head of {} rows is not one of the checkpoints \
+                         you hold: the log may have been rewritten and signed again",
+                        from.tree_size
+                    ));
+                } else if ok {
                     extends = format!(
-                        "; it extends the log of {} rows signed at {}",
+                        "; it extends the log of {} rows (tree head {}) signed at {}{}",
                         from.tree_size,
-                        super::bundle::format_time(from.time_ns)
+                        crate::hex(&from.root),
+                        super::bundle::format_time(from.time_ns),
+                        if held.is_some() {
+                            ", one of the checkpoints you hold"
+                        } else {
+                            ", as the proof names it: unchecked without --witness"
+                        }
                     );
                 } else {
                     problems.push(format!(

@@ -99,9 +99,11 @@ pub enum VerifyError {
 pub struct Trust<'a> {
     /// The audit key and earlier audit keys (`audit.trusted_keys`).
     pub keys: &'a [VerifyingKey],
-    /// Keys trusted only for the checkpoints before the first one a key of `keys` signed:
-    /// the token-signing key, which signed logs begun before the audit key was its own.
-    /// After the audit key took over, a checkpoint signed by one of these is forged.
+    /// Keys trusted only for format 1 checkpoints (no tree head) before the first one a key
+    /// of `keys` signed: the token-signing key, which signed logs begun before the audit
+    /// key was its own. It never signed a format 2 checkpoint, and after the audit key took
+    /// over, a checkpoint signed by one of these is forged. Given only when the operator
+    /// says so (`--legacy-key`) or by the start that creates the audit key.
     pub legacy: &'a [VerifyingKey],
 }
 
@@ -457,6 +459,11 @@ impl<'a> Signers<'a> {
                         "signed by the token-signing key after the audit key had taken over",
                     );
                 }
+                Some(_) if cp.root.is_some() => {
+                    return Err(
+                        "a format 2 checkpoint signed by the token-signing key, which never signs them",
+                    );
+                }
                 Some(k) => (k, false),
                 None => return Err("signed by an untrusted key"),
             },
@@ -611,7 +618,8 @@ impl WitnessCursor {
     fn new(lines: Option<super::witness::WitnessLines>, trust: Trust<'_>) -> Self {
         Self {
             lines: lines.map(Iterator::peekable),
-            keys: trust.keys.iter().chain(trust.legacy).copied().collect(),
+            // Witness lines are format 2 checkpoints: never the legacy key's.
+            keys: trust.keys.to_vec(),
             matched_size: 0,
             matched_line: 0,
             matched: 0,
