@@ -247,6 +247,10 @@ struct ExportArgs {
     /// Public key file(s) of keys that signed older checkpoints, besides signing.pub.
     #[arg(long = "public-key")]
     public_keys: Vec<PathBuf>,
+    /// The audit key to sign the bundle with, when it is not the data directory's
+    /// audit.key (`audit.signing_key_file`).
+    #[arg(long)]
+    audit_key: Option<PathBuf>,
     /// The control database with incidents, approvals and policy history [default:
     /// control.db in the data directory, if any; in a fleet, the control plane's].
     #[arg(long)]
@@ -714,6 +718,7 @@ fn audit_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         redact: args.redact,
         extra_keys,
         control_db: args.control_db,
+        audit_key: args.audit_key,
     };
     let bundle = export(&args.data_dir, &opts)?;
     let json = serde_json::to_vec_pretty(&bundle)?;

@@ -732,3 +732,71 @@ async fn the_token_key_cannot_sign_the_log() {
         "{finding}"
     );
 }
+
+/// The start-up check reads the rows, not a checkpoint row anyone can insert: a log cut,
+/// run on past the witnessed size without the witness, with the witnessed values planted
+/// in the checkpoint table, is still refused.
+#[tokio::test]
+async fn the_writer_checks_the_witnessed_rows_not_a_planted_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let signer = base_log(dir.path()).await;
+    let db = dir.path().join("audit.db");
+    let witness = dir.path().join("witness.jsonl");
+    let seen = aegis::audit::witness::last_in_file(&witness)
+        .expect("readable")
+        .expect("a witnessed checkpoint");
+    assert_eq!(seen.tree_size, 6);
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute_batch(
+            "DELETE FROM audit_log WHERE seq > 4; DELETE FROM audit_checkpoint WHERE last_seq > 4",
+        )
+        .expect("cut");
+    let opts = StoreOptions {
+        queue_capacity: 4,
+        max_batch: 4,
+        durability: Durability::Normal,
+    };
+    // Run on without the witness, past the witnessed size.
+    let (log, writer) = AuditLog::open(&db, signer.clone(), &opts).expect("opens without it");
+    for i in 0..3 {
+        let record = Record {
+            time_ns: aegis::unix_nanos(),
+            kind: "check".into(),
+            decision_id: format!("new-{i}"),
+            tenant: "acme".into(),
+            decision: "allow".into(),
+            ..Default::default()
+        };
+        log.append(record).await.expect("append");
+    }
+    drop(log);
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .expect("join");
+    // The witnessed values planted in the checkpoint table, first by id.
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute(
+            "INSERT INTO audit_checkpoint (id, last_seq, head_hash, time_ns, key_id, signature, root) \
+             VALUES (-1, ?1, ?2, ?3, ?4, zeroblob(64), ?5)",
+            rusqlite::params![
+                seen.tree_size as i64,
+                &seen.head[..],
+                seen.time_ns,
+                seen.key_id,
+                &seen.root[..]
+            ],
+        )
+        .expect("plant");
+    let key = [signer.verifying_key()];
+    let err = match AuditLog::open_with(&db, signer, &opts, Trust::keys(&key), None, Some(&witness))
+    {
+        Ok(_) => panic!("continued a log its witness contradicts"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("contradicts its witness") && err.contains("first 6 rows are not the ones"),
+        "{err}"
+    );
+}

@@ -853,9 +853,13 @@ async fn a_log_from_before_salts_still_verifies_and_is_never_partially_disclosed
     };
     assert_eq!(salts, vec![false, false, false, true, true, true]);
 
+    // This log's one key is the data directory's token key (it wrote the format 2 rows
+    // above through the writer directly): the export is told to sign with it.
+    let key = data.join("signing.key");
+    let key = key.to_str().expect("utf-8");
     // Old rows of another tenant in the range: refused, naming the rows.
     let file = dir.path().join("acme.json");
-    let out = export(&data, &file, &["--tenant", "acme"]);
+    let out = export(&data, &file, &["--audit-key", key, "--tenant", "acme"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("rows 1..=3") && text(&out).contains("format 1"),
@@ -863,12 +867,16 @@ async fn a_log_from_before_salts_still_verifies_and_is_never_partially_disclosed
         text(&out)
     );
     // Old rows, all selected (every tenant), without redaction: exported whole.
-    let out = export(&data, &file, &["--tenant", "*"]);
+    let out = export(&data, &file, &["--audit-key", key, "--tenant", "*"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(verify_pinned(&file, &data).status.code(), Some(0));
     assert_eq!(load(&file).rows[0].format, 1);
     // ... but not redacted.
-    let out = export(&data, &file, &["--tenant", "*", "--redact", "resource"]);
+    let out = export(
+        &data,
+        &file,
+        &["--audit-key", key, "--tenant", "*", "--redact", "resource"],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("cannot be redacted"), "{}", text(&out));
     // From the salted rows on, a redacted single-tenant bundle is fine.
@@ -877,7 +885,14 @@ async fn a_log_from_before_salts_still_verifies_and_is_never_partially_disclosed
         &data,
         &file,
         &[
-            "--tenant", "acme", "--since", &since, "--redact", "resource",
+            "--audit-key",
+            key,
+            "--tenant",
+            "acme",
+            "--since",
+            &since,
+            "--redact",
+            "resource",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

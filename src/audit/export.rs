@@ -49,6 +49,9 @@ pub struct ExportOptions {
     /// The control database [default: `control.db` in the data directory, if there is
     /// one]. In a fleet, incidents and approvals live in the control plane's.
     pub control_db: Option<PathBuf>,
+    /// The audit key the bundle is signed with [default: `audit.key` in the data
+    /// directory; `signing.key` only for a log that never had format 2 checkpoints].
+    pub audit_key: Option<PathBuf>,
 }
 
 /// Why nothing was exported.
@@ -139,11 +142,22 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
     check_v1(&rows, &selected, &opts.redact)?;
 
     let checkpoints = read_checkpoints(&audit, first, end).map_err(read)?;
-    // The data directory's key signs the bundle: it vouches for everything in it.
-    let signer = crate::keys::Signer::load_audit(data_dir).map_err(|e| ExportError::Read {
-        path: data_dir.join(crate::keys::AUDIT_KEY_FILE),
+    // The audit key signs the bundle: it vouches for everything in it. The token key
+    // stands in only for a log it signed alone (before the audit key).
+    let key_err = |path: PathBuf, e: crate::keys::KeyError| ExportError::Read {
+        path,
         message: format!("the key that signs the bundle: {e}"),
-    })?;
+    };
+    let default_key = data_dir.join(crate::keys::AUDIT_KEY_FILE);
+    let signer = match &opts.audit_key {
+        Some(path) => crate::keys::Signer::load_file(path).map_err(|e| key_err(path.clone(), e))?,
+        None if default_key.exists() || checkpoints.iter().any(|c| c.root.is_some()) => {
+            crate::keys::Signer::load_file(&default_key)
+                .map_err(|e| key_err(default_key.clone(), e))?
+        }
+        None => crate::keys::Signer::load(data_dir)
+            .map_err(|e| key_err(data_dir.join(crate::keys::SIGNING_KEY_FILE), e))?,
+    };
     let keys = keys_for(data_dir, opts, &checkpoints, &signer)?;
 
     // Side records.
@@ -433,15 +447,25 @@ fn add_inclusion_proofs(
     // Leaf i is row i + 1; the bundle holds leaves first-1..end.
     let inside: Vec<Hash> = rows.iter().map(|r| leaf_hash(&r.hash)).collect();
     let mut log = LogRanges::new(conn)?;
+    // Heads of ranges inside the bundle, memoized: the paths of all rows share them.
+    let mut memo: HashMap<(u64, u64), Hash> = HashMap::new();
     let mut range_root = |lo: u64, hi: u64| -> rusqlite::Result<Hash> {
         if lo + 1 >= first && hi <= end {
+            if let Some(h) = memo.get(&(lo, hi)) {
+                return Ok(*h);
+            }
             let (a, b) = ((lo + 1 - first) as usize, (hi + 1 - first) as usize);
-            return Ok(root_of(&inside[a..b]));
+            let h = root_of(inside.get(a..b).ok_or(rusqlite::Error::InvalidQuery)?);
+            memo.insert((lo, hi), h);
+            return Ok(h);
         }
         log.root(lo, hi)
     };
     for row in out.iter_mut().filter(|r| r.selected) {
-        let path = inclusion_proof(row.seq - 1, end, &mut range_root)?;
+        let Some(index) = row.seq.checked_sub(1) else {
+            continue; // not a log position: the bundle's own check refuses it
+        };
+        let path = inclusion_proof(index, end, &mut range_root)?;
         row.inclusion = Some(path.iter().map(|h| crate::hex(h)).collect());
     }
     Ok(())

@@ -104,9 +104,11 @@ pub fn prove(db: &Path, decision_id: &str, from_size: Option<u64>) -> Result<Pro
             |r| r.get(0),
         )
         .map_err(|e| e.to_string())?;
-    let seq = seq
-        .map(|s| s as u64)
-        .ok_or_else(|| format!("no row with decision id {decision_id:?}"))?;
+    let seq = seq.ok_or_else(|| format!("no row with decision id {decision_id:?}"))?;
+    let seq = u64::try_from(seq)
+        .ok()
+        .filter(|&s| s > 0)
+        .ok_or_else(|| format!("row seq {seq} is not a log position; run `aegis audit verify`"))?;
     let newest = checkpoint(
         &conn,
         "AND last_seq >= ?1 ORDER BY last_seq DESC, id DESC",

@@ -226,11 +226,23 @@ impl AuditLog {
         let conn = open_connection(path, opts.durability)?;
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
             .map_err(|e| open_err(path, e))?;
-        let (head_seq, head_hash) = read_head(&conn, trust, path)?;
-        let frontier = read_frontier(&conn, head_seq).map_err(|e| open_err(path, e))?;
-        if let Some(w) = witness_file {
-            check_witness(&conn, w, trust, (head_seq, &head_hash), &frontier)?;
-        }
+        let checked = read_head(&conn, trust, path).and_then(|(seq, hash)| {
+            let frontier = read_frontier(&conn, seq).map_err(|e| open_err(path, e))?;
+            if let Some(w) = witness_file {
+                check_witness(&conn, w, trust, (seq, &hash), &frontier)?;
+            }
+            Ok((seq, hash, frontier))
+        });
+        let (head_seq, head_hash, frontier) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                // No writer will close the publisher: stop its thread.
+                if let Some((p, _)) = &witness {
+                    p.close();
+                }
+                return Err(e);
+            }
+        };
         let (publisher, witness_thread) = witness.unzip();
         let witness_stats = publisher.as_ref().map(|p| p.stats.clone());
         let checkpoint_conn = open_connection(path, opts.durability)?;
@@ -517,17 +529,7 @@ fn check_witness(
     let contains = if seen.tree_size == head_seq {
         seen.root == frontier.root() && seen.head == *head_hash
     } else {
-        conn.prepare(
-            "SELECT 1 FROM audit_checkpoint WHERE last_seq = ?1 AND root = ?2 AND head_hash = ?3",
-        )
-        .and_then(|mut s| {
-            s.exists(rusqlite::params![
-                i64::try_from(seen.tree_size).unwrap_or(i64::MAX),
-                &seen.root[..],
-                &seen.head[..]
-            ])
-        })
-        .map_err(|e| open_err(witness, e))?
+        rows_extend(conn, seen.tree_size, &seen.head, head_seq).map_err(|e| open_err(witness, e))?
     };
     if !contains {
         return Err(AuditError::BehindWitness(format!(
@@ -546,6 +548,36 @@ impl Drop for Writer {
             p.close();
         }
     }
+}
+
+/// Whether row `from` still has the witnessed chain hash `head`, and every row after it,
+/// up to the verified tail at `to`, hashes to its stored hash and links to the one before:
+/// the log contains what the witness saw and continues it. Read in chunks; the rows
+/// between a witnessed checkpoint and the tail are normally one publication interval's.
+fn rows_extend(conn: &Connection, from: u64, head: &Hash, to: u64) -> rusqlite::Result<bool> {
+    const CHUNK: u64 = 10_000;
+    let mut prev: Option<Hash> = None;
+    let mut next = from;
+    while next <= to {
+        let rows = super::verify::read_rows_between(conn, next, to.min(next + CHUNK - 1))?;
+        for r in &rows {
+            let ok = r.seq == next
+                && r.content_hash(r.seq) == r.hash
+                && match prev {
+                    None => r.hash == *head,
+                    Some(p) => r.prev == p,
+                };
+            if !ok {
+                return Ok(false);
+            }
+            prev = Some(r.hash);
+            next += 1;
+        }
+        if rows.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 struct Writer {

@@ -131,7 +131,7 @@ pub(crate) struct Row {
 
 impl Row {
     /// The hash its contents give.
-    fn content_hash(&self, seq: u64) -> Hash {
+    pub(crate) fn content_hash(&self, seq: u64) -> Hash {
         hash_row(
             seq,
             &self.record,

@@ -162,17 +162,27 @@ impl Sink for FileSink {
             text.push('\n');
         }
         // One write of whole lines, in append mode: a reader never sees two interleaved.
-        self.file
+        // A failed write (a full disk) is cut back off, so that no torn line is left for
+        // the next one to be appended to.
+        let before = self.file.metadata().map(|m| m.len());
+        let written = self
+            .file
             .write_all(text.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| e.to_string())
+            .and_then(|()| self.file.sync_data());
+        if written.is_err()
+            && let Ok(len) = before
+        {
+            let _ = self.file.set_len(len);
+        }
+        written.map_err(|e| e.to_string())
     }
 }
 
 /// What the publisher did, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct WitnessStats {
-    /// Checkpoints handed to every sink.
+    /// Checkpoints every sink took (the OTLP sink takes a span into the exporter's queue,
+    /// not to the collector: the exporter's own failures are in its logs).
     pub published: AtomicU64,
     /// Checkpoints not published: a newer one came within the interval, or the publisher's
     /// queue was full (the newer ones extend them).
@@ -299,29 +309,41 @@ fn run(shared: &Shared, mut sinks: Vec<Box<dyn Sink>>, interval: Duration, stats
             slot.idle = false;
             (std::mem::take(&mut slot.waiting), slot.closed)
         };
-        if !batch.is_empty() {
-            publish(&mut sinks, &mut failing, &batch, stats);
+        let mut wait = interval;
+        if !batch.is_empty() && !publish(&mut sinks, &mut failing, &batch, stats) {
+            // Retried after a pause even if nothing new is committed: on a quiet server
+            // the last checkpoint must still leave. Newer ones replace it meanwhile.
+            wait = interval.max(RETRY);
+            if let (Ok(mut slot), Some(newest)) = (shared.slot.lock(), batch.last())
+                && slot.waiting.is_empty()
+            {
+                slot.waiting.push(newest.clone());
+            }
         }
         if closed {
             return;
         }
         // The next one waits out the interval, unless the writer stops meanwhile.
-        if !interval.is_zero()
+        if !wait.is_zero()
             && let Ok(slot) = shared.slot.lock()
         {
-            let _ = shared
-                .wake
-                .wait_timeout_while(slot, interval, |s| !s.closed);
+            let _ = shared.wake.wait_timeout_while(slot, wait, |s| !s.closed);
         }
     }
 }
 
+/// A failed publication is retried after at least this long.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Hands `batch` to every sink; true when every one took it. Only then does it count as
+/// published (`aegis_audit_witness_tree_size` is what has left the host).
 fn publish(
     sinks: &mut [Box<dyn Sink>],
     failing: &mut [bool],
     batch: &[SignedCheckpoint],
     stats: &WitnessStats,
-) {
+) -> bool {
+    let mut all = true;
     for (sink, failing) in sinks.iter_mut().zip(failing) {
         match sink.publish(batch) {
             Ok(()) => {
@@ -331,6 +353,7 @@ fn publish(
                 *failing = false;
             }
             Err(e) => {
+                all = false;
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 if !*failing {
                     crate::log!(
@@ -343,14 +366,17 @@ fn publish(
             }
         }
     }
-    stats
-        .published
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    if let Some(last) = batch.last() {
+    if all {
         stats
-            .published_size
-            .store(last.tree_size, Ordering::Relaxed);
+            .published
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(last) = batch.last() {
+            stats
+                .published_size
+                .store(last.tree_size, Ordering::Relaxed);
+        }
     }
+    all
 }
 
 /// The last checkpoint of a witness file (`None` for a missing or empty file), read from
@@ -373,7 +399,13 @@ pub fn last_in_file(path: &Path) -> Result<Option<SignedCheckpoint>, String> {
     f.seek(SeekFrom::Start(from))
         .and_then(|_| f.read_to_string(&mut tail))
         .map_err(|e| format!("witness file {shown}: {e}"))?;
-    let mut lines = tail.lines().filter(|l| !l.trim().is_empty());
+    // A last line without its newline was torn by a crash mid-write: the one before it
+    // is the last whole checkpoint.
+    let whole = match tail.rfind('\n') {
+        Some(i) => &tail[..i],
+        None => "",
+    };
+    let mut lines = whole.lines().filter(|l| !l.trim().is_empty());
     let Some(last) = lines.next_back() else {
         return Ok(None);
     };
