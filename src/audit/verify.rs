@@ -210,7 +210,16 @@ pub(crate) fn read_rows_between(
     from: u64,
     to: u64,
 ) -> rusqlite::Result<Vec<Row>> {
-    let sql = if has_salt_column(conn)? {
+    let mut stmt = conn.prepare(rows_between_sql(conn)?)?;
+    let from = i64::try_from(from).unwrap_or(i64::MAX);
+    let to = i64::try_from(to).unwrap_or(i64::MAX);
+    let rows = stmt.query_map([from, to], row_from_sql)?;
+    rows.collect()
+}
+
+/// The `SELECT` of [`read_rows_between`]: rows with `?1 <= seq <= ?2`, in `seq` order.
+fn rows_between_sql(conn: &Connection) -> rusqlite::Result<&'static str> {
+    Ok(if has_salt_column(conn)? {
         concat!(
             "SELECT ",
             super::audit_columns!(),
@@ -222,12 +231,7 @@ pub(crate) fn read_rows_between(
             super::audit_columns!(),
             ", NULL FROM audit_log WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
         )
-    };
-    let mut stmt = conn.prepare(sql)?;
-    let from = i64::try_from(from).unwrap_or(i64::MAX);
-    let to = i64::try_from(to).unwrap_or(i64::MAX);
-    let rows = stmt.query_map([from, to], row_from_sql)?;
-    rows.collect()
+    })
 }
 
 /// The `SELECT` of [`read_rows_between`] for every row, in `seq` order.
@@ -338,12 +342,16 @@ pub fn verify_tail(
         [prev, _] => prev.last_seq,
         _ => 0,
     };
-    let mut rows = read_rows_between(conn, start, u64::MAX)?;
+    // Streamed: however many rows a damaged or crafted file holds after the anchor,
+    // memory stays one row.
+    let mut stmt = conn.prepare(rows_between_sql(conn)?)?;
+    let from = i64::try_from(start).unwrap_or(i64::MAX);
+    let mut rows = stmt.query_map([from, i64::MAX], row_from_sql)?;
     let anchor = if start == 0 {
         GENESIS
     } else {
-        match rows.first() {
-            Some(r) if r.seq == start && r.hash == cps[0].head => rows.remove(0).hash,
+        match rows.next().transpose()? {
+            Some(r) if r.seq == start && r.hash == cps[0].head => r.hash,
             Some(r) if r.seq == start => {
                 return Ok(Err(Finding {
                     seq: start,
@@ -360,78 +368,82 @@ pub fn verify_tail(
             }
         }
     };
-    if cps.is_empty() && !rows.is_empty() {
+    if cps.is_empty()
+        && let Some(r) = rows.next().transpose()?
+    {
         return Ok(Err(Finding {
-            seq: rows[0].seq,
+            seq: r.seq,
             kind: Tamper::Inserted,
             detail: "rows exist but no signed checkpoint covers them".into(),
         }));
     }
-    Ok(check_tail(&rows, start, anchor, &cps, trust))
+    check_tail(rows, start, anchor, &cps, trust)
 }
 
 /// The chain from (`start`, `anchor`) through `rows` must end exactly at the last of
 /// `cps`, and every one of `cps` must be signed by a trusted key.
 fn check_tail(
-    rows: &[Row],
+    rows: impl Iterator<Item = rusqlite::Result<Row>>,
     start: u64,
     anchor: Hash,
     cps: &[Checkpoint],
     trust: Trust<'_>,
-) -> Result<Tail, Finding> {
+) -> rusqlite::Result<Result<Tail, Finding>> {
+    let finding = |seq, kind, detail: String| Ok(Err(Finding { seq, kind, detail }));
     let mut signers = Signers::new(trust);
     for cp in cps {
         if let Err(why) = signers.check(cp) {
-            return Err(Finding {
-                seq: start + 1,
-                kind: Tamper::BadSignature,
-                detail: format!("checkpoint at seq {}: {why}", cp.last_seq),
-            });
+            return finding(
+                start + 1,
+                Tamper::BadSignature,
+                format!("checkpoint at seq {}: {why}", cp.last_seq),
+            );
         }
     }
     let (mut seq, mut prev) = (start, anchor);
     for r in rows {
+        let r = r?;
         if r.seq != seq + 1 {
-            return Err(Finding {
-                seq: seq + 1,
-                kind: Tamper::Deleted,
-                detail: format!("row {} follows row {seq}", r.seq),
-            });
+            return finding(
+                seq + 1,
+                Tamper::Deleted,
+                format!("row {} follows row {seq}", r.seq),
+            );
         }
         if r.prev != prev || r.content_hash(r.seq) != r.hash {
-            return Err(Finding {
-                seq: r.seq,
-                kind: Tamper::Modified,
-                detail: "a torn or altered row: its contents or link do not match its hash".into(),
-            });
+            return finding(
+                r.seq,
+                Tamper::Modified,
+                "a torn or altered row: its contents or link do not match its hash".into(),
+            );
         }
         seq = r.seq;
         prev = r.hash;
     }
     let Some(last) = cps.last() else {
-        return Ok(Tail { seq, hash: prev });
+        return Ok(Ok(Tail { seq, hash: prev }));
     };
     if seq > last.last_seq {
-        return Err(Finding {
-            seq: last.last_seq + 1,
-            kind: Tamper::Inserted,
-            detail: format!(
+        return finding(
+            last.last_seq + 1,
+            Tamper::Inserted,
+            format!(
                 "rows {}..={seq} are not covered by any signed checkpoint",
                 last.last_seq + 1
             ),
-        });
+        );
     }
     if seq < last.last_seq || prev != last.head {
-        return Err(Finding {
-            seq: seq + 1,
-            kind: Tamper::Deleted,
-            detail: format!(
+        return finding(
+            seq + 1,
+            Tamper::Deleted,
+            format!(
                 "log ends at seq {seq} but the last checkpoint signs seq {}",
                 last.last_seq
             ),
-        });
+        );
     }
-    Ok(Tail { seq, hash: prev })
+    Ok(Ok(Tail { seq, hash: prev }))
 }
 
 /// Checks checkpoint signatures in log order, remembering whether the audit key has taken
