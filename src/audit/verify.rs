@@ -234,23 +234,6 @@ fn rows_between_sql(conn: &Connection) -> rusqlite::Result<&'static str> {
     })
 }
 
-/// The `SELECT` of [`read_rows_between`] for every row, in `seq` order.
-fn all_rows_sql(conn: &Connection) -> rusqlite::Result<&'static str> {
-    Ok(if has_salt_column(conn)? {
-        concat!(
-            "SELECT ",
-            super::audit_columns!(),
-            ", salt FROM audit_log ORDER BY seq"
-        )
-    } else {
-        concat!(
-            "SELECT ",
-            super::audit_columns!(),
-            ", NULL FROM audit_log ORDER BY seq"
-        )
-    })
-}
-
 fn row_from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
         seq: r.get::<_, i64>(0)? as u64,
@@ -530,8 +513,8 @@ fn walk_rows(
     trust: Trust<'_>,
     witness: Option<super::witness::WitnessLines>,
 ) -> Result<Walk, WalkError> {
-    let mut row_stmt = conn.prepare(all_rows_sql(conn)?)?;
-    let mut rows = row_stmt.query_map([], row_from_sql)?.peekable();
+    let mut row_stmt = conn.prepare(rows_between_sql(conn)?)?;
+    let mut rows = row_stmt.query_map([0, i64::MAX], row_from_sql)?.peekable();
     let with_roots = if has_root_column(conn)? {
         "WHERE root IS NOT NULL ORDER BY last_seq, id"
     } else {
