@@ -816,6 +816,29 @@ async fn envoys_cancelled_checks_do_not_tear_down_its_connection() {
         envoy.stat("cluster.aegis.upstream_cx_destroy_remote").await,
         0
     );
-    let fast = envoy::request(listener, "GET", "/fast", &[("x-aegis-token", &token)], b"").await;
-    assert_eq!(fast.status, 200, "{fast:?}");
+    // The connection still serves. A fast Check can itself miss the 5 ms limit on a loaded
+    // two-core runner while the last slow evaluations finish, so it is retried for a
+    // bounded time; what is asserted is that one of them passes on the same connection.
+    let mut fast = None;
+    for _ in 0..100 {
+        let r = envoy::request(listener, "GET", "/fast", &[("x-aegis-token", &token)], b"").await;
+        if r.status == 200 {
+            fast = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        fast.is_some(),
+        "a fast call passes after the cancelled ones"
+    );
+    assert_eq!(
+        envoy.stat("cluster.aegis.upstream_cx_total").await,
+        1,
+        "the one connection to Aegis served it"
+    );
+    assert_eq!(
+        envoy.stat("cluster.aegis.upstream_cx_destroy_remote").await,
+        0
+    );
 }
