@@ -352,8 +352,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = Config::load(&overrides)?;
             let signer = Signer::for_config(&config)?;
             let now = crate::unix_nanos() / 1_000_000_000;
-            let ttl =
-                i64::try_from(ttl_secs.unwrap_or(config.token.lifetime_secs)).unwrap_or(i64::MAX);
+            let ttl_secs = ttl_secs.unwrap_or(config.token.lifetime_secs);
+            if ttl_secs > config.control.max_token_ttl_secs {
+                anyhow::bail!(
+                    "--ttl-secs {ttl_secs} is over control.max_token_ttl_secs ({}): Aegis refuses such a token",
+                    config.control.max_token_ttl_secs
+                );
+            }
+            let ttl = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
+            let given = [("--tenant", &tenant), ("--agent", &agent)]
+                .into_iter()
+                .chain(session.iter().map(|s| ("--session", s)))
+                .chain(scopes.iter().map(|s| ("--scopes", s)));
+            for (flag, value) in given {
+                if let Some(why) = crate::identity::id_claim_problem(value) {
+                    anyhow::bail!("{flag} {value:?} is not an id: {why}");
+                }
+            }
             let claims = Claims {
                 iss: config.token.issuer.clone(),
                 aud: Audience::One(config.token.audience.clone()),

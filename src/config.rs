@@ -261,7 +261,9 @@ pub struct ControlConfig {
     pub override_ttl_secs: u64,
     /// Most pending approvals per agent.
     pub max_pending_approvals: u32,
-    /// Longest lifetime of an agent token the control plane mints, in seconds.
+    /// Longest lifetime of an agent token, in seconds: the control plane and `aegis token
+    /// issue` mint none longer, and every data plane refuses a token whose `exp - iat` is
+    /// longer (`token_lifetime_too_long`), whoever signed it.
     pub max_token_ttl_secs: u64,
     /// Lifetime of operator credentials minted by `aegis operator issue`, in seconds.
     pub operator_ttl_secs: u64,

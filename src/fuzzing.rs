@@ -143,6 +143,7 @@ pub fn token(data: &[u8]) {
             audience: "aegis-sidecar".into(),
             leeway_secs: 30,
             max_bytes: 8192,
+            max_lifetime_secs: 86_400,
         };
         Identifier::new(keys, policy, Arc::new(Revocations::default()), 64)
     });

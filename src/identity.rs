@@ -84,6 +84,16 @@ pub enum TokenError {
     WrongIssuer(String, String),
     #[error("agent token revoked ({0})")]
     Revoked(RevokedBy),
+    #[error("agent token issued at {0}, in the future (past the clock-skew leeway)")]
+    IssuedInFuture(i64),
+    #[error("agent token lifetime of {lifetime} s is over the {max} s limit")]
+    LifetimeTooLong { lifetime: i64, max: i64 },
+    #[error("agent token claim {claim} {value} is not an id: {why}")]
+    BadClaim {
+        claim: &'static str,
+        value: String,
+        why: &'static str,
+    },
 }
 
 impl TokenError {
@@ -101,6 +111,9 @@ impl TokenError {
             TokenError::WrongAudience(_) => "token_wrong_audience",
             TokenError::WrongIssuer(..) => "token_wrong_issuer",
             TokenError::Revoked(_) => "token_revoked",
+            TokenError::IssuedInFuture(_) => "token_issued_in_future",
+            TokenError::LifetimeTooLong { .. } => "token_lifetime_too_long",
+            TokenError::BadClaim { .. } => "token_bad_claim",
         }
     }
 }
@@ -133,6 +146,30 @@ pub struct TokenPolicy {
     pub leeway_secs: i64,
     /// Largest token accepted, in bytes.
     pub max_bytes: usize,
+    /// Longest lifetime (`exp - iat`) accepted, in seconds (`control.max_token_ttl_secs`).
+    pub max_lifetime_secs: i64,
+}
+
+/// The longest id claim accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why `value` cannot be an id claim (`sub`, `tenant`, `sid`, `jti`, a scope), if it
+/// cannot: ids are compared byte for byte, so `"acme "` would be another tenant than
+/// `"acme"`, and a control character would reach logs and audit rows. Tokens may come from
+/// issuers other than Aegis (`token.trusted_keys`), so the rule is only what no id needs:
+/// empty, over [`MAX_ID_BYTES`], whitespace or control characters.
+pub fn id_claim_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        Some("it is empty")
+    } else if value.len() > MAX_ID_BYTES {
+        Some("it is over 256 bytes")
+    } else if value.chars().any(char::is_control) {
+        Some("it contains a control character")
+    } else if value.chars().any(char::is_whitespace) {
+        Some("it contains whitespace")
+    } else {
+        None
+    }
 }
 
 /// Trusted verification keys by key id.
@@ -217,6 +254,34 @@ impl Identifier {
         }
         if now.saturating_add(p.leeway_secs) < c.nbf {
             return Err(TokenError::NotYetValid(c.nbf));
+        }
+        // A token "issued" later than now would outlive every kill mark set before its
+        // iat (kill marks cover tokens issued before them).
+        if now.saturating_add(p.leeway_secs) < c.iat {
+            return Err(TokenError::IssuedInFuture(c.iat));
+        }
+        let lifetime = c.exp.saturating_sub(c.iat);
+        if lifetime > p.max_lifetime_secs {
+            return Err(TokenError::LifetimeTooLong {
+                lifetime,
+                max: p.max_lifetime_secs,
+            });
+        }
+        let ids = [
+            ("sub", &c.sub),
+            ("tenant", &c.tenant),
+            ("sid", &c.sid),
+            ("jti", &c.jti),
+        ];
+        let scopes = c.scopes.iter().map(|s| ("scope", s));
+        for (claim, value) in ids.into_iter().chain(scopes) {
+            if let Some(why) = id_claim_problem(value) {
+                return Err(TokenError::BadClaim {
+                    claim,
+                    value: crate::control::shown(value),
+                    why,
+                });
+            }
         }
         Ok(())
     }

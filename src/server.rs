@@ -592,6 +592,7 @@ fn identifier(config: &Config, keys: KeyRing, revocations: Arc<Revocations>) -> 
         audience: config.token.audience.clone(),
         leeway_secs: i64::try_from(config.token.leeway_secs).unwrap_or(i64::MAX),
         max_bytes: config.token.max_bytes,
+        max_lifetime_secs: i64::try_from(config.control.max_token_ttl_secs).unwrap_or(i64::MAX),
     };
     Identifier::new(keys, policy, revocations, config.token.cache_entries)
 }

@@ -1226,3 +1226,54 @@ fn a_corrupt_control_database_stops_start_up_naming_it() {
         vec![0x5a; 8192]
     );
 }
+
+/// Tokens a key holder forged with sane signatures but insane claims: each would outlive
+/// or dodge a kill. Through the real server, as the agent sees it: refused, with the reason.
+#[tokio::test]
+async fn claims_that_dodge_a_kill_are_refused() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "bot").await;
+    // iat a day ahead: kill marks cover tokens issued before the kill, so this one would
+    // survive `kill agent` (the reported attack).
+    let future = mint(
+        &s.signer,
+        aegis::identity::Claims {
+            iat: now() + 86_400,
+            exp: now() + 86_400 + 900,
+            ..claims("acme", "bot", &["invoices:read"])
+        },
+    );
+    // exp = i64::MAX: never expires.
+    let forever = mint(
+        &s.signer,
+        aegis::identity::Claims {
+            exp: i64::MAX,
+            ..claims("acme", "bot", &["invoices:read"])
+        },
+    );
+    // "acme " is another tenant byte for byte: out of reach of acme's kills and budgets.
+    let spaced = mint(&s.signer, claims("acme ", "bot", &["invoices:read"]));
+    alice
+        .kill(pb::KillScope::Agent, "acme", "bot", false)
+        .await
+        .expect("killed");
+    for (token, want) in [
+        (&future, "token_issued_in_future"),
+        (&forever, "token_lifetime_too_long"),
+        (&spaced, "token_bad_claim"),
+    ] {
+        let r = s.read_invoices(token).await;
+        assert_eq!(denied(&r).status.as_ref().map(|st| st.code), Some(401));
+        assert_eq!(reason(&r), Some(want));
+    }
+    s.stop().await;
+    let reasons: Vec<String> = s.rows().into_iter().map(|r| r.1).collect();
+    assert_eq!(
+        reasons,
+        [
+            "token_issued_in_future",
+            "token_lifetime_too_long",
+            "token_bad_claim"
+        ]
+    );
+}

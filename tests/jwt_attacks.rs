@@ -25,6 +25,7 @@ fn identifier(signer: &Signer) -> Identifier {
         audience: "aegis-sidecar".into(),
         leeway_secs: 0,
         max_bytes: 8192,
+        max_lifetime_secs: 3600,
     };
     Identifier::new(keys, policy, Arc::new(Revocations::default()), 1024)
 }
@@ -370,6 +371,104 @@ fn the_attack_corpus_is_refused_in_full() {
                 ..claims()
             }),
             "token_wrong_issuer",
+        ),
+        // Claim sanity (defence in depth: these need the signing key).
+        (
+            "iat a day in the future (outlives kill marks set before it)",
+            with_claims(Claims {
+                iat: NOW + 86_400,
+                exp: NOW + 86_400 + 60,
+                ..claims()
+            }),
+            "token_issued_in_future",
+        ),
+        (
+            "exp = i64::MAX",
+            with_claims(Claims {
+                exp: i64::MAX,
+                ..claims()
+            }),
+            "token_lifetime_too_long",
+        ),
+        (
+            "lifetime one second over the limit",
+            with_claims(Claims {
+                exp: claims().iat + 3601,
+                ..claims()
+            }),
+            "token_lifetime_too_long",
+        ),
+        (
+            "iat = i64::MIN (a lifetime that overflows)",
+            with_claims(Claims {
+                iat: i64::MIN,
+                ..claims()
+            }),
+            "token_lifetime_too_long",
+        ),
+        (
+            "tenant with a trailing space (another tenant byte for byte)",
+            with_claims(Claims {
+                tenant: "acme ".into(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "agent id with a newline (log injection)",
+            with_claims(Claims {
+                sub: "billing-bot\nallow".into(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "session with a control character",
+            with_claims(Claims {
+                sid: "s1\u{7}".into(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "token id with a tab",
+            with_claims(Claims {
+                jti: "j\t1".into(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "empty agent id",
+            with_claims(Claims {
+                sub: String::new(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "a no-break space in the tenant",
+            with_claims(Claims {
+                tenant: "ac\u{a0}me".into(),
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "a scope with a space (two scopes in one)",
+            with_claims(Claims {
+                scopes: vec!["invoices:read payments:create".into()],
+                ..claims()
+            }),
+            "token_bad_claim",
+        ),
+        (
+            "a 300-byte agent id",
+            with_claims(Claims {
+                sub: "a".repeat(300),
+                ..claims()
+            }),
+            "token_bad_claim",
         ),
     ];
     let mut failures = Vec::new();
