@@ -42,6 +42,18 @@ pub enum Mode {
     Sidecar,
 }
 
+/// What an approval's override token is bound to, beyond the exact call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverrideBinding {
+    /// Redeemable only by a token of the session that raised the approval (the default):
+    /// an approver approved *this* run's call, not the agent's calls in other sessions.
+    #[default]
+    Session,
+    /// Redeemable by any token of the agent (the agent retries from another session).
+    Agent,
+}
+
 /// All of Aegis's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -259,6 +271,9 @@ pub struct ControlConfig {
     pub approval_ttl_secs: u64,
     /// Lifetime of an override token minted by an approval, in seconds.
     pub override_ttl_secs: u64,
+    /// `session` (default): an override token is redeemed only by a token of the session
+    /// that raised the approval; `agent`: by any token of the agent.
+    pub override_binding: OverrideBinding,
     /// Most pending approvals per agent.
     pub max_pending_approvals: u32,
     /// Longest lifetime of an agent token, in seconds: the control plane and `aegis token
@@ -426,6 +441,7 @@ impl Default for ControlConfig {
             soc_autonomy_level: 1,
             approval_ttl_secs: 900,
             override_ttl_secs: 300,
+            override_binding: OverrideBinding::Session,
             max_pending_approvals: 5,
             max_token_ttl_secs: 86_400,
             operator_ttl_secs: 8 * 3600,
@@ -571,6 +587,9 @@ pub struct Overrides {
     /// Lifetime of override tokens in seconds [default: 300].
     #[arg(long, env = "AEGIS_OVERRIDE_TTL_SECS")]
     pub override_ttl_secs: Option<u64>,
+    /// What an override token is bound to besides the call: session or agent [default: session].
+    #[arg(long, env = "AEGIS_OVERRIDE_BINDING", value_enum)]
+    pub override_binding: Option<OverrideBinding>,
     /// Most pending approvals per agent [default: 5].
     #[arg(long, env = "AEGIS_MAX_PENDING_APPROVALS")]
     pub max_pending_approvals: Option<u32>,
@@ -1008,6 +1027,7 @@ impl Overrides {
         set(&mut c.control.soc_autonomy_level, &self.soc_autonomy_level);
         set(&mut c.control.approval_ttl_secs, &self.approval_ttl_secs);
         set(&mut c.control.override_ttl_secs, &self.override_ttl_secs);
+        set(&mut c.control.override_binding, &self.override_binding);
         set(
             &mut c.control.max_pending_approvals,
             &self.max_pending_approvals,

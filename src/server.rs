@@ -470,6 +470,7 @@ fn control_settings(config: &Config) -> Settings {
         max_token_ttl_secs: config.control.max_token_ttl_secs,
         approval_ttl_secs: config.control.approval_ttl_secs,
         override_ttl_secs: config.control.override_ttl_secs,
+        override_binding: config.control.override_binding,
         max_pending_approvals: config.control.max_pending_approvals,
         default_autonomy: config.control.soc_autonomy_level,
         webhooks: config.notify.webhooks.clone(),

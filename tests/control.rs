@@ -1277,3 +1277,59 @@ async fn claims_that_dodge_a_kill_are_refused() {
         ]
     );
 }
+
+/// Approves the payment `token` asks for and returns the override token.
+async fn approved_override(s: &TestServer, approver: &Ctl, token: &str) -> String {
+    let r = s.check(payment(token, 5000)).await.expect("decided");
+    assert_eq!(reason(&r), Some("payment_above_threshold"));
+    approver
+        .api()
+        .approve_approval(approver.req(pb::DecideApprovalRequest {
+            tenant: "acme".into(),
+            id: approval_id(&r),
+            reason: "confirmed".into(),
+            override_ttl_secs: 0,
+        }))
+        .await
+        .expect("approved")
+        .into_inner()
+        .override_token
+}
+
+fn with_override(token: &str, ovr: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    Req::mcp("payments.create", json!({"amount": 5000, "to": "acct-9"}))
+        .token(token)
+        .header("x-aegis-override", ovr)
+        .build()
+}
+
+/// An approver approved the call one session asked for: the same agent's token of another
+/// session (another run, another user's conversation) cannot redeem it, unless the operator
+/// chose `control.override_binding = "agent"`.
+#[tokio::test]
+async fn an_override_is_redeemed_only_in_the_session_that_asked() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "payments-bot").await;
+    let scopes = ["payments:create"];
+    let (s1, _) = alice.issue("acme", "payments-bot", &scopes, "s1").await;
+    let (s2, _) = alice.issue("acme", "payments-bot", &scopes, "s2").await;
+    let ovr = approved_override(&s, &alice, &s1).await;
+
+    let r = s.check(with_override(&s2, &ovr)).await.expect("decided");
+    assert_eq!(reason(&r), Some("override_wrong_session"));
+    assert_eq!(denied(&r).status.as_ref().map(|st| st.code), Some(403));
+    // Refused without being used up: the session that asked still gets its call.
+    let r = s.check(with_override(&s1, &ovr)).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    s.stop().await;
+
+    let (mut s, _root, alice) =
+        setup_with(|c| c.control.override_binding = aegis::config::OverrideBinding::Agent).await;
+    alice.register("acme", "payments-bot").await;
+    let (s1, _) = alice.issue("acme", "payments-bot", &scopes, "s1").await;
+    let (s2, _) = alice.issue("acme", "payments-bot", &scopes, "s2").await;
+    let ovr = approved_override(&s, &alice, &s1).await;
+    let r = s.check(with_override(&s2, &ovr)).await.expect("decided");
+    assert_eq!(code(&r), 0, "agent-wide binding: {r:?}");
+    s.stop().await;
+}

@@ -235,6 +235,7 @@ async fn approvals(
             agent: claims.sub.clone(),
             call_hash: pending.hash,
             decision_id: decision_id.to_owned(),
+            session: claims.sid.clone(),
         };
         return match link.redeem_override(req).await {
             Ok(r) => {

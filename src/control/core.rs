@@ -44,6 +44,8 @@ pub struct Settings {
     pub approval_ttl_secs: u64,
     /// Default lifetime of an override token.
     pub override_ttl_secs: u64,
+    /// What an override token is bound to besides the call (`control.override_binding`).
+    pub override_binding: crate::config::OverrideBinding,
     /// Most pending approvals per agent; past that, `approval_cap_reached`.
     pub max_pending_approvals: u32,
     /// A tenant's SOC autonomy level until one is set (`AEGIS_SOC_AUTONOMY_LEVEL`).
@@ -969,6 +971,14 @@ impl ControlCore {
         }
         if claims.tenant != req.tenant || claims.sub != req.agent || claims.call != req.call_hash {
             return Ok(refuse("override_mismatch", &claims.apr));
+        }
+        if self.settings.override_binding == crate::config::OverrideBinding::Session {
+            // The approver approved the call of the session that asked, not the same call
+            // from the agent's other sessions (another run, another user's conversation).
+            let approval = self.approval_in(&claims.tenant, &claims.apr).await?;
+            if approval.session != req.session {
+                return Ok(refuse("override_wrong_session", &claims.apr));
+            }
         }
         let (t, i, d) = (
             claims.tenant.clone(),

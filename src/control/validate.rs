@@ -107,7 +107,7 @@ fields! {
     }
     pb::RedeemOverrideRequest {
         token override_token "override token", text tenant "tenant", text agent "agent id",
-        text call_hash "call hash", text decision_id "decision id",
+        text call_hash "call hash", text decision_id "decision id", text session "session",
     }
     pb::ReportIncidentRequest {
         id tenant "tenant", id agent "agent id", text session "session", text run_id "run id",
