@@ -71,6 +71,10 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     /// Directory for the signing key and the audit database (created 0700).
     pub data_dir: PathBuf,
+    /// Start even when the data directory or a key file is writable (or a private key
+    /// readable) by someone else, with a warning (src/files.rs); for volumes that cannot
+    /// have narrower modes. Default false: such a start is refused, naming the path.
+    pub allow_insecure_files: bool,
     /// Seconds to wait for in-flight Checks on SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
     /// Also serve ext_authz (and health) on this Unix domain socket, for an Envoy in the
@@ -414,6 +418,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
             health_listen: None,
             data_dir: PathBuf::from("./aegis-data"),
+            allow_insecure_files: false,
             shutdown_grace_secs: 10,
             listen_uds: None,
             signing_key_file: None,
@@ -608,6 +613,10 @@ pub struct Overrides {
     /// Data directory [default: ./aegis-data].
     #[arg(long, env = "AEGIS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Start even with a group/other-writable data directory or key file, warning instead
+    /// of refusing [default: false].
+    #[arg(long, env = "AEGIS_ALLOW_INSECURE_FILES")]
+    pub allow_insecure_files: Option<bool>,
     /// Seconds to wait for in-flight Checks at shutdown [default: 10].
     #[arg(long, env = "AEGIS_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -1040,6 +1049,7 @@ impl Overrides {
             c.health_listen = self.health_listen;
         }
         set(&mut c.data_dir, &self.data_dir);
+        set(&mut c.allow_insecure_files, &self.allow_insecure_files);
         set(&mut c.shutdown_grace_secs, &self.shutdown_grace_secs);
         if self.bundle.is_some() {
             c.policy.bundle = self.bundle.clone();

@@ -83,7 +83,7 @@ impl Signer {
 
     fn load_or_create_named(data_dir: &Path, key: &str, public: &str) -> Result<Self, KeyError> {
         ensure_data_dir(data_dir)?;
-        match Self::load_file(&data_dir.join(key)) {
+        match Self::load_in_dir(&data_dir.join(key)) {
             Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
                 write_private(&data_dir.join(key), &crate::hex(signer.key.as_bytes()))?;
@@ -119,7 +119,7 @@ impl Signer {
     pub fn load_audit(data_dir: &Path) -> Result<Self, KeyError> {
         let audit = data_dir.join(AUDIT_KEY_FILE);
         if audit.exists() {
-            Self::load_file(&audit)
+            Self::load_in_dir(&audit)
         } else {
             Self::load(data_dir)
         }
@@ -140,7 +140,17 @@ impl Signer {
 
     /// Loads an existing key without creating anything (CLI commands that only read).
     pub fn load(data_dir: &Path) -> Result<Self, KeyError> {
-        Self::load_file(&data_dir.join(SIGNING_KEY_FILE))
+        Self::load_in_dir(&data_dir.join(SIGNING_KEY_FILE))
+    }
+
+    /// Loads a key Aegis keeps in its data directory, without following a symbolic link:
+    /// a link planted in place of the key is refused, not read.
+    fn load_in_dir(path: &Path) -> Result<Self, KeyError> {
+        let text = crate::files::read_private_in_dir(path).map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_seed_text(&text, path)
     }
 
     /// Loads the seed (64 hex digits, the format of `signing.key`) from `path`, e.g. a
@@ -151,9 +161,15 @@ impl Signer {
             path: path.clone(),
             source,
         })?;
+        Self::from_seed_text(&text, &path)
+    }
+
+    fn from_seed_text(text: &str, path: &Path) -> Result<Self, KeyError> {
         let seed = crate::unhex(text.trim())
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or(KeyError::Malformed { path })?;
+            .ok_or_else(|| KeyError::Malformed {
+                path: path.to_path_buf(),
+            })?;
         Ok(Self::new(SigningKey::from_bytes(&seed)))
     }
 

@@ -39,6 +39,7 @@ pub mod control;
 pub mod correlate;
 pub mod ctl;
 #[doc(hidden)]
+pub mod files;
 pub mod fuzzing;
 pub mod identity;
 pub mod keys;

@@ -51,6 +51,8 @@ pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    InsecureFile(#[from] crate::files::InsecureFile),
     #[error("policy bundle {source_name}: {error}")]
     Policy {
         source_name: String,
@@ -177,6 +179,7 @@ struct Parts {
 pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, StartError> {
     let mode = config.mode;
     let local_addr = bound(&listener, config.listen)?;
+    crate::files::check(&config)?;
     let signer = Signer::for_config(&config)?;
     // TLS files are read and checked before anything is opened, so that a wrong path or
     // a key that does not match its certificate stops the start with the setting named.

@@ -686,9 +686,9 @@ async fn a_fleet_sidecar_verifies_the_bundles_it_fetches() {
     let cp = spawn_control_plane(&cp_data, "127.0.0.1:0", &[]);
     let root = operator_cmd(&cp_data, "root", "admin", "*");
     let sidecar_token = f.path("sidecar.token");
-    std::fs::write(
+    aegis::files::write_secret(
         &sidecar_token,
-        operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+        &operator_cmd(&cp_data, "fleet", "sidecar", "*"),
     )
     .expect("write");
     let local = f.signed("local.tar.gz", "local-r1");

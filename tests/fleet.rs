@@ -30,9 +30,9 @@ impl Fleet {
         let cp = spawn_control_plane(&cp_data, "127.0.0.1:0", &[]);
         let root = operator_cmd(&cp_data, "root", "admin", "*");
         let sidecar_token = dir.path().join("sidecar.token");
-        std::fs::write(
+        aegis::files::write_secret(
             &sidecar_token,
-            operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+            &operator_cmd(&cp_data, "fleet", "sidecar", "*"),
         )
         .expect("write");
         let mut fleet = Self {
@@ -423,7 +423,7 @@ async fn a_sidecar_that_never_reached_its_control_plane_fails_closed() {
         .expect("addr")
         .port();
     let token = dir.path().join("t");
-    std::fs::write(&token, "not-even-a-credential").expect("write");
+    aegis::files::write_secret(&token, "not-even-a-credential").expect("write");
     let data = dir.path().join("data");
     let sidecar = spawn_serve(&[
         "--data-dir",

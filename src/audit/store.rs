@@ -407,6 +407,13 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     match create(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A link planted in place of the database is refused, not followed (SQLite
+            // is told so too: `open_nofollow`).
+            if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+                return Err(std::io::Error::other(
+                    "is a symbolic link; Aegis does not follow links in its data directory",
+                ));
+            }
             // The database is there: say now if its directory cannot be written (a
             // read-only file system), which SQLite would only report as "unable to open
             // database file". Probed with another file, never the database itself.
@@ -419,10 +426,18 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Opens a database read-write (created if missing) without following a symbolic link.
+pub fn open_nofollow(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )
+}
+
 /// Opens the database with the audit schema and pragmas, only through SQLite (see
 /// [`create_private`]).
 pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, AuditError> {
-    let conn = Connection::open(path).map_err(|e| open_err(path, e))?;
+    let conn = open_nofollow(path).map_err(|e| open_err(path, e))?;
     let sync = match durability {
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",

@@ -86,9 +86,9 @@ impl BenchFleet {
         )?;
         let signer = Signer::load(&cp_data)?;
         let sidecar_credential = dir.path().join("sidecar.token");
-        std::fs::write(
+        crate::files::write_secret(
             &sidecar_credential,
-            mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
+            &mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
         )?;
         let mut children = Vec::new();
         let mut clients = Vec::new();

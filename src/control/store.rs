@@ -305,7 +305,7 @@ impl SqliteStore {
         // `create_private`: a plain open and close would drop SQLite's locks).
         crate::audit::store::create_private(path)
             .map_err(|e| ControlError::Store(format!("{}: {e}", path.display())))?;
-        let conn = Connection::open(path).map_err(named)?;
+        let conn = crate::audit::store::open_nofollow(path).map_err(named)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=2000; \
              PRAGMA foreign_keys=ON;",

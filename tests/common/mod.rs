@@ -845,6 +845,12 @@ impl TestCa {
             "-subj",
             &format!("/CN={leaf}"),
         ]);
+        // A private key as `aegis serve` requires it, whatever the umask and openssl did.
+        std::fs::set_permissions(
+            &key,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .expect("chmod key");
         std::fs::write(
             &ext,
             format!(
