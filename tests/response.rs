@@ -653,3 +653,64 @@ async fn approve_held(
         .expect("approved")
         .into_inner()
 }
+
+/// The run id is the agent's to choose (`x-aegis-run-id`): a 20,006-character one reaches
+/// the SOC's Slack cut to 128 characters and marked, inside Slack's block limits, while the
+/// incident keeps what the audit keeps of it (reported: the whole run id went out).
+#[tokio::test]
+async fn an_agent_chosen_run_id_reaches_slack_cut_and_marked() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut got = webhook_receiver(listener, vec![]);
+    let s = start_with(|c| {
+        c.correlation.deny_storm_count = 2;
+        c.notify.webhooks = vec![aegis::config::WebhookConfig {
+            tenant: "acme".into(),
+            url: format!("http://127.0.0.1:{port}/slack"),
+            min_severity: "low".into(),
+            format: "slack".into(),
+        }];
+    })
+    .await;
+    let root = s.control(&s.operator("root", Role::Admin, "*")).await;
+    root.register("acme", "bot").await;
+    let (token, _) = root.issue("acme", "bot", &["invoices:read"], "").await;
+    let run_id = "r".repeat(20_006);
+    for _ in 0..2 {
+        let call = Req::get("/invoices")
+            .token(&token)
+            .tool("invoices", "create")
+            .header("x-aegis-run-id", &run_id)
+            .build();
+        s.check(call).await.expect("decided");
+    }
+    // The incident keeps what the audit row keeps of a field (1024 bytes).
+    let incident = root.contained_incident("acme", "deny_storm").await;
+    let stored = incident.run_id.chars().count();
+    assert!(
+        stored > 128 && incident.run_id.starts_with("rrrr"),
+        "{stored}"
+    );
+
+    let body = tokio::time::timeout(Duration::from_secs(15), got.recv())
+        .await
+        .expect("notified within 15 s")
+        .expect("a body");
+    assert!(body.len() < 16 * 1024, "{} bytes", body.len());
+    let v: serde_json::Value = serde_json::from_str(&body).expect("Slack JSON");
+    let fields = v["blocks"][2]["fields"].as_array().expect("fields");
+    let run = fields
+        .iter()
+        .filter_map(|f| f["text"].as_str())
+        .find(|t| t.starts_with("*Run*"))
+        .expect("a Run field");
+    assert_eq!(
+        run,
+        format!("*Run*\n{}… [cut: {stored} characters]", "r".repeat(128))
+    );
+    for f in fields {
+        assert!(f["text"].as_str().unwrap_or_default().chars().count() <= 2000);
+    }
+}

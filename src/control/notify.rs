@@ -99,6 +99,83 @@ impl Endpoint {
     }
 }
 
+/// Most characters a notification keeps of an id-like field (tenant, agent, run id,
+/// policy revision, an evidence item, a response action).
+pub const MAX_ID_CHARS: usize = 128;
+/// Most characters a notification keeps of an incident's summary.
+pub const MAX_SUMMARY_CHARS: usize = 1000;
+/// Most evidence items or response actions a notification lists.
+pub const MAX_ITEMS: usize = 10;
+/// Slack's limits on a header block's text, a section's text and a section field's.
+const SLACK_HEADER_CHARS: usize = 150;
+const SLACK_SECTION_CHARS: usize = 3000;
+const SLACK_FIELD_CHARS: usize = 2000;
+
+/// `s` whole if it has at most `max` characters, else its first `max` and a mark saying
+/// it was cut and how long it was: an agent chooses run ids and tool names, and a 20,000
+/// character one must neither flood a channel nor make Slack refuse the message.
+fn cut(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max {
+        return s.to_owned();
+    }
+    let kept: String = s.chars().take(max).collect();
+    format!("{kept}… [cut: {n} characters]")
+}
+
+/// Escaped mrkdwn cut to Slack's `limit` for a block (escaping may have made it up to five
+/// times longer than [`capped`] left it), never inside an `&…;` entity, marked when cut.
+fn fit(text: String, limit: usize) -> String {
+    const MARK: &str = "… [cut]";
+    if text.chars().count() <= limit {
+        return text;
+    }
+    let mut kept: String = text.chars().take(limit - MARK.chars().count()).collect();
+    if let Some(amp) = kept.rfind('&')
+        && !kept[amp..].contains(';')
+    {
+        kept.truncate(amp);
+    }
+    kept + MARK
+}
+
+/// At most [`MAX_ITEMS`] items, each [`cut`]; the rest counted.
+fn cut_list(items: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = items
+        .iter()
+        .take(MAX_ITEMS)
+        .map(|e| cut(e, MAX_ID_CHARS))
+        .collect();
+    if items.len() > MAX_ITEMS {
+        out.push(format!("… and {} more", items.len() - MAX_ITEMS));
+    }
+    out
+}
+
+/// The incident as notifications carry it: every text field capped and marked when cut
+/// (the stored incident keeps them whole).
+pub fn capped(i: &pb::Incident) -> pb::Incident {
+    pb::Incident {
+        id: cut(&i.id, MAX_ID_CHARS),
+        tenant: cut(&i.tenant, MAX_ID_CHARS),
+        agent: cut(&i.agent, MAX_ID_CHARS),
+        session: cut(&i.session, MAX_ID_CHARS),
+        run_id: cut(&i.run_id, MAX_ID_CHARS),
+        kind: cut(&i.kind, MAX_ID_CHARS),
+        severity: cut(&i.severity, MAX_ID_CHARS),
+        summary: cut(&i.summary, MAX_SUMMARY_CHARS),
+        evidence: cut_list(&i.evidence),
+        policy_revision: cut(&i.policy_revision, MAX_ID_CHARS),
+        actions: cut_list(&i.actions),
+        trigger_decision: cut(&i.trigger_decision, MAX_ID_CHARS),
+        acknowledged_by: cut(&i.acknowledged_by, MAX_ID_CHARS),
+        closed_by: cut(&i.closed_by, MAX_ID_CHARS),
+        close_reason: cut(&i.close_reason, MAX_SUMMARY_CHARS),
+        reported_by: cut(&i.reported_by, MAX_ID_CHARS),
+        ..i.clone()
+    }
+}
+
 /// The outbox rows an incident makes: one per matching webhook.
 pub fn notifications(incident: &pb::Incident, hooks: &[WebhookConfig]) -> Vec<(String, String)> {
     let rank = severity_rank(&incident.severity).unwrap_or(0);
@@ -108,7 +185,7 @@ pub fn notifications(incident: &pb::Incident, hooks: &[WebhookConfig]) -> Vec<(S
         .filter(|h| severity_rank(&h.min_severity).is_some_and(|m| rank >= m))
         .map(|h| {
             let body = if h.format == "json" {
-                serde_json::json!({ "event": "incident.raised", "incident": incident })
+                serde_json::json!({ "event": "incident.raised", "incident": capped(incident) })
             } else {
                 slack(incident)
             };
@@ -134,8 +211,10 @@ fn mrkdwn(s: &str) -> String {
 }
 
 /// A Slack incoming-webhook message (`text` as the fallback, `blocks` for the layout).
-/// Every value from an incident is escaped: summaries carry tool names the agent chose.
+/// Every value from an incident is capped ([`capped`]) and escaped: summaries carry tool
+/// names the agent chose.
 pub fn slack(i: &pb::Incident) -> serde_json::Value {
+    let i = &capped(i);
     let i = &pb::Incident {
         id: mrkdwn(&i.id),
         tenant: mrkdwn(&i.tenant),
@@ -155,16 +234,19 @@ pub fn slack(i: &pb::Incident) -> serde_json::Value {
         "high" => ":warning:",
         _ => ":information_source:",
     };
-    let text = format!(
-        "{icon} [{}] {} {} for {}/{}: {}",
-        i.severity.to_uppercase(),
-        i.id,
-        i.kind,
-        i.tenant,
-        i.agent,
-        i.summary
+    let text = fit(
+        format!(
+            "{icon} [{}] {} {} for {}/{}: {}",
+            i.severity.to_uppercase(),
+            i.id,
+            i.kind,
+            i.tenant,
+            i.agent,
+            i.summary
+        ),
+        SLACK_SECTION_CHARS,
     );
-    let field = |name: &str, value: &str| serde_json::json!({ "type": "mrkdwn", "text": format!("*{name}*\n{value}") });
+    let field = |name: &str, value: &str| serde_json::json!({ "type": "mrkdwn", "text": fit(format!("*{name}*\n{value}"), SLACK_FIELD_CHARS) });
     let evidence = if i.evidence.is_empty() {
         "-".to_owned()
     } else {
@@ -175,9 +257,9 @@ pub fn slack(i: &pb::Incident) -> serde_json::Value {
         "blocks": [
             {
                 "type": "header",
-                "text": { "type": "plain_text", "text": format!("{} {} ({})", i.id, i.kind, i.severity) }
+                "text": { "type": "plain_text", "text": fit(format!("{} {} ({})", i.id, i.kind, i.severity), SLACK_HEADER_CHARS) }
             },
-            { "type": "section", "text": { "type": "mrkdwn", "text": i.summary } },
+            { "type": "section", "text": { "type": "mrkdwn", "text": fit(i.summary.clone(), SLACK_SECTION_CHARS) } },
             {
                 "type": "section",
                 "fields": [
@@ -532,5 +614,64 @@ mod tests {
         let body: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
         assert!(body["text"].as_str().unwrap().contains("INC-1"));
         assert_eq!(body["blocks"][0]["type"], "header");
+    }
+
+    #[test]
+    fn every_field_is_capped_and_marked_when_cut() {
+        let flood = pb::Incident {
+            id: "INC-1".into(),
+            tenant: "acme".into(),
+            agent: "bot".into(),
+            kind: "deny_storm".into(),
+            severity: "high".into(),
+            run_id: "r".repeat(20_006),
+            summary: "<".repeat(50_000),
+            evidence: (0..500).map(|i| format!("d-{i}")).collect(),
+            actions: vec!["x".repeat(5_000)],
+            ..Default::default()
+        };
+        let c = capped(&flood);
+        assert_eq!(
+            c.run_id,
+            format!("{}… [cut: 20006 characters]", "r".repeat(MAX_ID_CHARS))
+        );
+        assert!(c.summary.ends_with("… [cut: 50000 characters]"));
+        assert_eq!(c.evidence.len(), MAX_ITEMS + 1);
+        assert_eq!(c.evidence[MAX_ITEMS], "… and 490 more");
+        assert!(c.actions[0].ends_with("… [cut: 5000 characters]"));
+        // Short fields are untouched, unmarked.
+        assert_eq!((c.agent.as_str(), c.evidence[0].as_str()), ("bot", "d-0"));
+
+        // Slack: within Slack's block limits (header 150, section 3000, field 2000), and
+        // the whole message bounded.
+        let v = slack(&flood);
+        let header = v["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(header.chars().count() <= 150, "{header}");
+        let section = v["blocks"][1]["text"]["text"].as_str().unwrap();
+        assert!(section.chars().count() <= 3000, "{}", section.len());
+        assert!(
+            section.ends_with("&lt;… [cut]"),
+            "no half entity: {section}"
+        );
+        for f in v["blocks"][2]["fields"].as_array().unwrap() {
+            let t = f["text"].as_str().unwrap();
+            assert!(t.chars().count() <= 2000, "{t}");
+        }
+        let run = &v["blocks"][2]["fields"][2]["text"];
+        assert!(
+            run.as_str().unwrap().contains("[cut: 20006 characters]"),
+            "{run}"
+        );
+        assert!(v.to_string().len() < 16 * 1024, "{}", v.to_string().len());
+        // The JSON format carries the capped incident too.
+        let hooks = [WebhookConfig {
+            tenant: "*".into(),
+            url: "http://h/".into(),
+            min_severity: "low".into(),
+            format: "json".into(),
+        }];
+        let (_, body) = &notifications(&flood, &hooks)[0];
+        assert!(body.len() < 16 * 1024, "{}", body.len());
+        assert!(body.contains("[cut: 20006 characters]"));
     }
 }
