@@ -504,6 +504,12 @@ async fn a_sidecar_credential_is_rate_limited() {
         .await
         .expect_err("rationed");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    let metrics = http(admin, "GET", "/metrics").await;
+    assert!(
+        metrics.contains("\naegis_control_sidecar_calls_refused_total 2\n"),
+        "{metrics}"
+    );
     // Another credential has its own bucket; the data plane in this process is not
     // rationed (its payment still raises its approval).
     let other = s.control(&sidecar_credential(&s, "sc-2", "acme")).await;

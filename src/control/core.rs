@@ -215,6 +215,13 @@ impl ControlCore {
         self.sidecar_rate.admit(op, what)
     }
 
+    /// Sidecar calls refused over their credential's rate since start.
+    pub fn sidecar_calls_refused(&self) -> u64 {
+        self.sidecar_rate
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Watchers connected now.
     pub fn watchers(&self) -> usize {
         self.events.receiver_count()

@@ -28,6 +28,8 @@ pub struct SidecarRate {
     per_sec: f64,
     burst: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Calls refused since start (`aegis_control_sidecar_calls_refused_total`).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,12 +46,18 @@ impl SidecarRate {
             per_sec: f64::from(per_sec.max(1)),
             burst: f64::from(burst.max(1)),
             buckets: Mutex::new(HashMap::new()),
+            refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Takes one call from `op`'s bucket, or refuses naming the rate.
     pub fn admit(&self, op: &Operator, what: &str) -> Result<(), ControlError> {
-        self.admit_at(op, what, Instant::now())
+        let admitted = self.admit_at(op, what, Instant::now());
+        if admitted.is_err() {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admitted
     }
 
     fn admit_at(&self, op: &Operator, what: &str, now: Instant) -> Result<(), ControlError> {
