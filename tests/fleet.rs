@@ -455,12 +455,29 @@ async fn a_sidecar_that_never_reached_its_control_plane_fails_closed() {
     assert!(e.message().contains("no control-plane state"), "{e:?}");
 
     // A credential that is not a sidecar's naming its tenants: it does not even start.
+    // One for every tenant, minted before the rule (its claims written directly).
+    let now = now();
+    let everyone = aegis::identity::mint(
+        &other,
+        &aegis::control::auth::OperatorClaims {
+            iss: "aegis".into(),
+            aud: aegis::control::auth::OPERATOR_AUDIENCE.into(),
+            sub: "old".into(),
+            role: "sidecar".into(),
+            tenant: "*".into(),
+            jti: "op-old".into(),
+            iat: now,
+            exp: now + 3600,
+        },
+    )
+    .expect("mint");
     for (bad, why) in [
         ("not-even-a-credential", "not a JWT"),
         (
             operator_cmd(&data, "root", "admin", "*").trim(),
             "not sidecar",
         ),
+        (everyone.as_str(), "no longer accepted"),
     ] {
         std::fs::write(&token, bad).expect("write");
         let err = serve_refuses(&[

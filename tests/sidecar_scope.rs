@@ -462,6 +462,61 @@ async fn a_sidecar_cannot_fill_another_tenants_approval_cap() {
 }
 
 #[tokio::test]
+async fn a_sidecar_cannot_burn_another_tenants_override() {
+    let mut s = start().await;
+    let root = s.control(&s.operator("root", Role::Admin, "*")).await;
+    root.register("globex", "pay-bot").await;
+    let (token, _) = root
+        .issue("globex", "pay-bot", &["payments:create"], "")
+        .await;
+    let r = s.check(payment(&token)).await.expect("decided");
+    let id = header(&denied(&r).headers, "x-aegis-approval-id")
+        .expect("approval id")
+        .to_owned();
+    let approved = root
+        .api()
+        .approve_approval(root.req(pb::DecideApprovalRequest {
+            tenant: "globex".into(),
+            id: id.clone(),
+            reason: "ok".into(),
+            override_ttl_secs: 0,
+        }))
+        .await
+        .expect("approved")
+        .into_inner();
+    let call_hash = approved.approval.expect("approval").call_hash;
+
+    // A hostile acme pod that got hold of the override token tries to use it up first.
+    let sc = s.control(&sidecar_credential(&s, "sc-acme", "acme")).await;
+    let e = sc
+        .api()
+        .redeem_override(sc.req(pb::RedeemOverrideRequest {
+            override_token: approved.override_token.clone(),
+            tenant: "globex".into(),
+            agent: "pay-bot".into(),
+            call_hash,
+            decision_id: "d-hostile".into(),
+        }))
+        .await
+        .expect_err("another tenant's override");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("globex"), "{e:?}");
+
+    // globex's agent still gets its approved call through, once.
+    let with_override = || {
+        Req::mcp("payments.create", json!({"amount": 5000, "to": "acct-9"}))
+            .token(&token)
+            .header("x-aegis-override", &approved.override_token)
+            .build()
+    };
+    let r = s.check(with_override()).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    let r = s.check(with_override()).await.expect("decided");
+    assert_eq!(reason(&r), Some("override_used"));
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_sidecar_credential_is_rate_limited() {
     // The defaults: 10 a second after a burst of 50.
     let mut s = start().await;

@@ -977,7 +977,9 @@ impl ControlCore {
         op: &Operator,
         req: pb::RedeemOverrideRequest,
     ) -> Result<pb::RedeemOverrideResponse, ControlError> {
-        op.require(Need::Fleet, "")?;
+        // Only for the sidecar's tenants (the token must be of the tenant asked for): a
+        // sidecar cannot burn another tenant's override before its agent uses it.
+        op.require(Need::Fleet, &req.tenant)?;
         let refuse = |reason: &str, approval_id: &str| pb::RedeemOverrideResponse {
             accepted: false,
             reason: reason.into(),
@@ -997,7 +999,6 @@ impl ControlCore {
         if claims.tenant != req.tenant || claims.sub != req.agent || claims.call != req.call_hash {
             return Ok(refuse("override_mismatch", &claims.apr));
         }
-        op.require(Need::Fleet, &claims.tenant)?;
         let (t, i, d) = (
             claims.tenant.clone(),
             claims.apr.clone(),
