@@ -907,7 +907,7 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     setting: "control.token_file",
                     message: "a sidecar needs its credential: --control-plane-token-file FILE \
-                              or AEGIS_CONTROL_TOKEN (aegis operator issue --role sidecar --tenant '*')"
+                              or AEGIS_CONTROL_TOKEN (aegis operator issue --role sidecar --tenant <tenant>)"
                         .into(),
                 });
             }

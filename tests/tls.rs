@@ -280,7 +280,11 @@ async fn a_fleet_follows_its_control_plane_over_mtls() {
     assert_eq!(api.code(), tonic::Code::Unimplemented, "{api}");
     let root = operator_cmd(&cp_data, "root", "admin", "*");
     let token_file = dir.path().join("sidecar.token");
-    std::fs::write(&token_file, operator_cmd(&cp_data, "fleet", "sidecar", "*")).expect("write");
+    std::fs::write(
+        &token_file,
+        operator_cmd(&cp_data, "fleet", "sidecar", "acme"),
+    )
+    .expect("write");
 
     // aegis ctl over mTLS; refused without a client certificate or over plaintext.
     let op = [ca.ca.as_path(), op_cert.as_path(), op_key.as_path()];
