@@ -309,6 +309,14 @@ fn metrics(state: &AdminState) -> String {
             "reason",
             &core.unrecorded_refusals(),
         );
+        metric(
+            &mut out,
+            "aegis_control_sidecar_calls_refused_total",
+            "counter",
+            "RequestApproval and ReportIncident calls refused RESOURCE_EXHAUSTED: their sidecar credential was over control.sidecar_calls_per_sec.",
+            "",
+            &[("", core.sidecar_calls_refused())],
+        );
     }
     let stats = &state.audit.stats;
     metric(

@@ -26,6 +26,7 @@
 //! - [`bundle`], [`export`]: evidence bundles (`aegis audit export`, `verify-bundle`).
 
 pub mod bundle;
+pub mod evidence;
 pub mod export;
 pub mod merkle;
 pub mod proof;

@@ -371,8 +371,8 @@ impl Checker {
         .await;
 
         let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
-        let seq = match self.audit.append(record).await {
-            Ok(seq) => seq,
+        let row = match self.audit.append_row(record).await {
+            Ok(row) => row,
             Err(e) => {
                 if matches!(e, AuditError::Overloaded(_)) {
                     self.admission.queue_full.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +401,8 @@ impl Checker {
                 reason: decision.reason.clone(),
                 decision_id: decision_id.clone(),
                 trust_level: call.trust_level.clone(),
+                audit_seq: row.seq,
+                row_hash: row.hash,
             });
         }
         let error = match &outcome {
@@ -408,7 +410,7 @@ impl Checker {
             Outcome::Decided { .. } => None,
         };
         span.finish(
-            span_attributes(&outcome, &call, &decision_id, Some(seq)),
+            span_attributes(&outcome, &call, &decision_id, Some(row.seq)),
             error,
         );
         self.respond(outcome, &call, &decision_id)

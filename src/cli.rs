@@ -137,9 +137,11 @@ enum OperatorCommand {
         /// admin, operator, approver, viewer, or sidecar (a fleet sidecar's credential).
         #[arg(long, value_enum)]
         role: crate::control::auth::Role,
-        /// The tenant, or '*' for every tenant.
-        #[arg(long)]
-        tenant: String,
+        /// The tenant, or '*' for every tenant. A sidecar credential names the tenant(s)
+        /// its sidecar serves, never '*': repeat the flag or give a comma list
+        /// (--tenant acme --tenant globex).
+        #[arg(long, required = true, value_delimiter = ',')]
+        tenant: Vec<String>,
         /// Lifetime in seconds [default: control.operator_ttl_secs, 8 h].
         #[arg(long)]
         ttl_secs: Option<u64>,
@@ -211,6 +213,25 @@ enum AuditCommand {
         public_keys: Vec<PathBuf>,
         /// Without --public-key, accept a bundle checked only against the keys it carries
         /// (exit 0, saying so): anyone can make such a bundle with a key of their own.
+        #[arg(long)]
+        allow_unpinned: bool,
+    },
+    /// Check an incident's evidence against the reporting data plane's exported log: each
+    /// decision's audit row (sequence number and hash, as the sidecar reported them) must
+    /// be in the bundle, with that hash, that decision id and the incident's tenant.
+    CheckEvidence {
+        /// The incident as `aegis ctl --json incidents show ID` prints it.
+        #[arg(long)]
+        incident: PathBuf,
+        /// The bundle `aegis audit export` wrote from the reporting sidecar's data
+        /// directory (covering the evidence rows).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The sidecar's audit public key file(s) (its audit.pub) the bundle must be
+        /// signed with.
+        #[arg(long = "public-key")]
+        public_keys: Vec<PathBuf>,
+        /// Without --public-key, accept a bundle checked only against the keys it carries.
         #[arg(long)]
         allow_unpinned: bool,
     },
@@ -439,6 +460,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             public_keys,
             allow_unpinned,
         }) => audit_verify_bundle(&file, &public_keys, allow_unpinned),
+        Command::Audit(AuditCommand::CheckEvidence {
+            incident,
+            bundle,
+            public_keys,
+            allow_unpinned,
+        }) => audit_check_evidence(&incident, &bundle, &public_keys, allow_unpinned),
         Command::Policy(PolicyCommand::Test { bundle, verbose }) => policy_test(bundle, verbose),
         Command::Policy(PolicyCommand::Eval {
             input,
@@ -490,6 +517,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             ttl_secs,
             overrides,
         }) => {
+            if tenant.len() > 1 && role != crate::control::auth::Role::Sidecar {
+                anyhow::bail!(
+                    "--tenant given {} times: only a sidecar credential names several tenants",
+                    tenant.len()
+                );
+            }
+            let tenant = tenant.join(",");
             let config = Config::load(&overrides)?;
             let signer = Signer::for_config(&config)?;
             let token = crate::control::auth::mint_operator(
@@ -824,6 +858,60 @@ fn write_file_mode(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+fn audit_check_evidence(
+    incident: &std::path::Path,
+    file: &std::path::Path,
+    public_keys: &[PathBuf],
+    allow_unpinned: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::audit::bundle::{Bundle, verify};
+    use crate::audit::evidence::{Incident, check};
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    let incident: Incident = serde_json::from_str(&read(incident)?)
+        .map_err(|e| anyhow::anyhow!("{}: not an incident: {e}", incident.display()))?;
+    let bundle: Bundle = serde_json::from_str(&read(file)?)
+        .map_err(|e| anyhow::anyhow!("{}: not an evidence bundle: {e}", file.display()))?;
+    let trusted = public_keys
+        .iter()
+        .map(|p| crate::keys::read_public_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let report = verify(&bundle, (!trusted.is_empty()).then_some(trusted.as_slice()));
+    let mut problems: Vec<String> = report
+        .problems
+        .iter()
+        .map(|p| format!("bundle: {p}"))
+        .collect();
+    if !report.pinned && !allow_unpinned {
+        problems.push(
+            "bundle: not pinned to the reporting sidecar's audit key (--public-key its \
+             audit.pub): anyone can make a bundle that agrees with any evidence"
+                .into(),
+        );
+    }
+    problems.extend(check(&bundle, &incident));
+    if !problems.is_empty() {
+        for p in &problems {
+            println!("evidence BROKEN: {p}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "evidence holds: incident {} (reported by {}): each of its {} decisions is the row \
+         the data plane signed{}",
+        incident.id,
+        incident.reported_by,
+        incident.decisions.len(),
+        if report.pinned {
+            ", in a bundle signed by a trusted key"
+        } else {
+            " (UNPINNED: checked only against the bundle's own keys)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit_verify_bundle(

@@ -280,6 +280,11 @@ pub struct ControlConfig {
     pub override_binding: OverrideBinding,
     /// Most pending approvals per agent.
     pub max_pending_approvals: u32,
+    /// Control plane: RequestApproval and ReportIncident calls a second one sidecar
+    /// credential may make, after a burst of `sidecar_call_burst`; past that,
+    /// RESOURCE_EXHAUSTED.
+    pub sidecar_calls_per_sec: u32,
+    pub sidecar_call_burst: u32,
     /// Longest lifetime of an agent token, in seconds: the control plane and `aegis token
     /// issue` mint none longer, and every data plane refuses a token whose `exp - iat` is
     /// longer (`token_lifetime_too_long`), whoever signed it.
@@ -448,6 +453,8 @@ impl Default for ControlConfig {
             override_ttl_secs: 300,
             override_binding: OverrideBinding::Session,
             max_pending_approvals: 5,
+            sidecar_calls_per_sec: 10,
+            sidecar_call_burst: 50,
             max_token_ttl_secs: 86_400,
             operator_ttl_secs: 8 * 3600,
             ca_file: None,
@@ -598,6 +605,12 @@ pub struct Overrides {
     /// Most pending approvals per agent [default: 5].
     #[arg(long, env = "AEGIS_MAX_PENDING_APPROVALS")]
     pub max_pending_approvals: Option<u32>,
+    /// Approvals raised and incidents reported a second per sidecar credential [default: 10].
+    #[arg(long, env = "AEGIS_SIDECAR_CALLS_PER_SEC")]
+    pub sidecar_calls_per_sec: Option<u32>,
+    /// Burst of approvals and incidents per sidecar credential [default: 50].
+    #[arg(long, env = "AEGIS_SIDECAR_CALL_BURST")]
+    pub sidecar_call_burst: Option<u32>,
     /// Longest agent token lifetime the control plane mints, in seconds [default: 86400].
     #[arg(long, env = "AEGIS_MAX_TOKEN_TTL_SECS")]
     pub max_token_ttl_secs: Option<u64>,
@@ -788,6 +801,14 @@ impl Config {
             u64::from(self.control.max_pending_approvals),
         )?;
         positive(
+            "control.sidecar_calls_per_sec",
+            u64::from(self.control.sidecar_calls_per_sec),
+        )?;
+        positive(
+            "control.sidecar_call_burst",
+            u64::from(self.control.sidecar_call_burst),
+        )?;
+        positive(
             "control.max_token_ttl_secs",
             self.control.max_token_ttl_secs,
         )?;
@@ -916,7 +937,7 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     setting: "control.token_file",
                     message: "a sidecar needs its credential: --control-plane-token-file FILE \
-                              or AEGIS_CONTROL_TOKEN (aegis operator issue --role sidecar --tenant '*')"
+                              or AEGIS_CONTROL_TOKEN (aegis operator issue --role sidecar --tenant <tenant>)"
                         .into(),
                 });
             }
@@ -1041,6 +1062,11 @@ impl Overrides {
             &mut c.control.max_pending_approvals,
             &self.max_pending_approvals,
         );
+        set(
+            &mut c.control.sidecar_calls_per_sec,
+            &self.sidecar_calls_per_sec,
+        );
+        set(&mut c.control.sidecar_call_burst, &self.sidecar_call_burst);
         set(&mut c.control.max_token_ttl_secs, &self.max_token_ttl_secs);
         set(&mut c.control.operator_ttl_secs, &self.operator_ttl_secs);
         set(&mut c.correlation.enabled, &self.correlation);

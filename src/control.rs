@@ -39,6 +39,7 @@ pub mod follow;
 pub mod graph;
 pub mod link;
 pub mod notify;
+pub mod rate;
 pub mod refusals;
 pub mod service;
 pub mod state;
@@ -92,6 +93,9 @@ pub enum ControlError {
     Precondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller is over its rate (a sidecar credential's fleet calls).
+    #[error("{0}")]
+    Exhausted(String),
     /// The control store failed; nothing was changed.
     #[error("control store: {0}")]
     Store(String),
@@ -133,6 +137,7 @@ impl ControlError {
             ControlError::Invalid(_) => Code::InvalidArgument,
             ControlError::Precondition(_) => Code::FailedPrecondition,
             ControlError::AlreadyExists(_) => Code::AlreadyExists,
+            ControlError::Exhausted(_) => Code::ResourceExhausted,
             ControlError::Store(_) | ControlError::Unavailable(_) => Code::Unavailable,
             ControlError::Audit(_) => Code::Internal,
         }
@@ -155,6 +160,7 @@ impl From<Status> for ControlError {
             Code::InvalidArgument => Self::Invalid(msg),
             Code::FailedPrecondition => Self::Precondition(msg),
             Code::AlreadyExists => Self::AlreadyExists(msg),
+            Code::ResourceExhausted => Self::Exhausted(msg),
             code => Self::Unavailable(format!("{code:?}: {msg}")),
         }
     }

@@ -71,6 +71,9 @@ pub const CONTAINMENT_REASONS: &[&str] = &[
     "approval_cap_reached",
     "approval_unavailable",
     "override_unverified",
+    // A token of a tenant this fleet sidecar does not serve: its own tenant's sidecar and
+    // control plane deal with that agent, and would refuse this one's report anyway.
+    "tenant_not_served",
 ];
 
 /// The reason of a call held because its agent is restricted (autonomy L2): containment
@@ -163,6 +166,10 @@ pub struct Decision {
     pub reason: String,
     pub decision_id: String,
     pub trust_level: String,
+    /// The audit row this data plane wrote for the decision: its sequence number and hash
+    /// (sent with an incident's evidence, checkable against an exported log).
+    pub audit_seq: u64,
+    pub row_hash: crate::audit::Hash,
 }
 
 /// A pattern the engine found.
@@ -724,6 +731,8 @@ fn evidence_of(d: &Decision) -> crate::control::pb::EvidenceDecision {
         trust_level: d.trust_level.clone(),
         session: d.session.clone(),
         run_id: d.run_id.clone(),
+        row_hash: crate::hex(&d.row_hash),
+        audit_seq: d.audit_seq,
     }
 }
 

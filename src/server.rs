@@ -255,6 +255,11 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                 crate::control::follow::channel(&url, timeout, control_client_tls(&config)?)
                     .map_err(StartError::Config)?;
             let credential = sidecar_credential(&config)?;
+            // The sidecar decides only for the tenants its credential serves: it is sent
+            // no other tenant's freezes and kills, so it must not let their tokens through.
+            let served = crate::control::auth::own_sidecar_tenants(&credential)
+                .map_err(|e| StartError::Config(format!("control.token_file: {e}")))?;
+            state.serve_only(served);
             let link = ControlLink::remote(channel.clone(), &credential, timeout)?;
             let follow = Follow {
                 channel,
@@ -477,6 +482,8 @@ fn control_settings(config: &Config) -> Settings {
         max_pending_approvals: config.control.max_pending_approvals,
         default_autonomy: config.control.soc_autonomy_level,
         webhooks: config.notify.webhooks.clone(),
+        sidecar_calls_per_sec: config.control.sidecar_calls_per_sec,
+        sidecar_call_burst: config.control.sidecar_call_burst,
     }
 }
 

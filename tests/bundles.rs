@@ -688,7 +688,7 @@ async fn a_fleet_sidecar_verifies_the_bundles_it_fetches() {
     let sidecar_token = f.path("sidecar.token");
     aegis::files::write_secret(
         &sidecar_token,
-        &operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+        &operator_cmd(&cp_data, "fleet", "sidecar", "acme"),
     )
     .expect("write");
     let local = f.signed("local.tar.gz", "local-r1");

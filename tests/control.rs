@@ -826,7 +826,7 @@ async fn tenants_are_isolated_and_roles_enforced() {
         .expect_err("forged");
     assert_eq!(e.code(), Code::Unauthenticated);
     // A sidecar credential does the fleet calls only.
-    let sidecar = s.control(&s.operator("sc", Role::Sidecar, "*")).await;
+    let sidecar = s.control(&s.operator("sc", Role::Sidecar, "acme")).await;
     let e = sidecar
         .api()
         .list_agents(sidecar.req(pb::ListAgentsRequest::default()))

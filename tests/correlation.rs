@@ -27,6 +27,8 @@ fn ev(at_s: f64, tool: &str, action: &str, decision: &str, id: &str) -> Decision
         },
         decision_id: id.into(),
         trust_level: "internal".into(),
+        audit_seq: 1,
+        row_hash: [0; 32],
     }
 }
 

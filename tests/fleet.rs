@@ -32,7 +32,7 @@ impl Fleet {
         let sidecar_token = dir.path().join("sidecar.token");
         aegis::files::write_secret(
             &sidecar_token,
-            &operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+            &operator_cmd(&cp_data, "fleet", "sidecar", "acme"),
         )
         .expect("write");
         let mut fleet = Self {
@@ -422,8 +422,19 @@ async fn a_sidecar_that_never_reached_its_control_plane_fails_closed() {
         .local_addr()
         .expect("addr")
         .port();
+    // A sidecar credential for acme (minted with a key of its own: nothing checks it here).
     let token = dir.path().join("t");
-    aegis::files::write_secret(&token, "not-even-a-credential").expect("write");
+    let other = aegis::keys::Signer::generate().expect("rng");
+    let credential = aegis::control::auth::mint_operator(
+        &other,
+        "aegis",
+        "fleet",
+        aegis::control::auth::Role::Sidecar,
+        "acme",
+        3600,
+    )
+    .expect("mint");
+    aegis::files::write_secret(&token, &credential).expect("write");
     let data = dir.path().join("data");
     let sidecar = spawn_serve(&[
         "--data-dir",
@@ -442,6 +453,43 @@ async fn a_sidecar_that_never_reached_its_control_plane_fails_closed() {
         .expect_err("no state, no decision");
     assert_eq!(e.code(), tonic::Code::Unavailable);
     assert!(e.message().contains("no control-plane state"), "{e:?}");
+
+    // A credential that is not a sidecar's naming its tenants: it does not even start.
+    // One for every tenant, minted before the rule (its claims written directly).
+    let now = now();
+    let everyone = aegis::identity::mint(
+        &other,
+        &aegis::control::auth::OperatorClaims {
+            iss: "aegis".into(),
+            aud: aegis::control::auth::OPERATOR_AUDIENCE.into(),
+            sub: "old".into(),
+            role: "sidecar".into(),
+            tenant: "*".into(),
+            jti: "op-old".into(),
+            iat: now,
+            exp: now + 3600,
+        },
+    )
+    .expect("mint");
+    for (bad, why) in [
+        ("not-even-a-credential", "not a JWT"),
+        (
+            operator_cmd(&data, "root", "admin", "*").trim(),
+            "not sidecar",
+        ),
+        (everyone.as_str(), "no longer accepted"),
+    ] {
+        aegis::files::write_secret(&token, bad).expect("write");
+        let err = serve_refuses(&[
+            std::ffi::OsStr::new("--data-dir"),
+            data.as_os_str(),
+            std::ffi::OsStr::new("--control-plane"),
+            std::ffi::OsStr::new("http://127.0.0.1:1"),
+            std::ffi::OsStr::new("--control-plane-token-file"),
+            token.as_os_str(),
+        ]);
+        assert!(err.contains(why), "{err}");
+    }
 
     // Without a credential it does not even start.
     let err = serve_refuses(&[
@@ -583,4 +631,121 @@ async fn an_incident_found_at_one_sidecar_contains_the_agent_at_every_sidecar() 
     assert_eq!(incident["kind"], "deny_storm");
     assert_eq!(incident["reported_by"], "sidecar:fleet");
     assert_eq!(incident["decisions"].as_array().map(Vec::len), Some(5));
+}
+
+/// A sidecar serves only its credential's tenants: another tenant's token is denied there
+/// (it is sent none of that tenant's freezes and kills, so it must not decide blind).
+/// Its incident evidence carries the rows it signed, and `aegis audit check-evidence`
+/// holds them to the sidecar's exported log and catches a forged row hash.
+#[tokio::test]
+async fn a_sidecar_serves_its_tenants_and_its_evidence_checks_against_its_log() {
+    let fleet = Fleet::start(1).await;
+    for tenant in ["acme", "globex"] {
+        fleet.ok(&["agents", "register", "bot", "--tenant", tenant]);
+    }
+    let issue = |tenant: &str| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                "bot",
+                "--tenant",
+                tenant,
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let (acme, globex) = (issue("acme"), issue("globex"));
+    assert!(all_see(&fleet, || Req::read_invoices(&acme), "allow").await);
+    // globex's agent is frozen at the control plane; this sidecar never hears of it, and
+    // denies globex's token whatever its state.
+    fleet.ok(&[
+        "agents", "freeze", "bot", "--tenant", "globex", "--reason", "contain",
+    ]);
+    let (_, c) = &fleet.sidecars[0];
+    assert_eq!(
+        seen(c, Req::read_invoices(&globex)).await,
+        "tenant_not_served"
+    );
+
+    // A deny storm at the sidecar: reported over gRPC with each decision's row.
+    for _ in 0..5 {
+        let delete = Req::get("/invoices")
+            .token(&acme)
+            .tool("invoices", "create")
+            .build();
+        assert_eq!(seen(c, delete).await, "missing_scope");
+    }
+    let mut id = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let out = fleet.ok(&["incidents", "list", "--tenant", "acme", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+            if let Some(i) = v["incidents"].as_array().and_then(|l| l.first()) {
+                id = i["id"].as_str().unwrap_or_default().to_owned();
+            }
+            !id.is_empty()
+        })
+        .await,
+        "the sidecar's incident reached the control plane"
+    );
+    let shown = fleet.ok(&["incidents", "show", &id, "--tenant", "acme", "--json"]);
+    let incident: serde_json::Value = serde_json::from_str(&shown).expect("json");
+    assert_eq!(incident["reported_by"], "sidecar:fleet");
+    assert_eq!(incident["decisions"].as_array().map(Vec::len), Some(5));
+
+    let dir = fleet.cp_data.with_file_name("evidence");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sidecar_data = fleet.cp_data.with_file_name("sidecar-0");
+    let bundle = dir.join("bundle.json");
+    let out = aegis_cmd(&[
+        "audit",
+        "export",
+        "--data-dir",
+        &sidecar_data.to_string_lossy(),
+        "--tenant",
+        "acme",
+        "-o",
+        &bundle.to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let key = sidecar_data.join("audit.pub");
+    let check = |incident: &serde_json::Value| {
+        let file = dir.join("incident.json");
+        std::fs::write(&file, incident.to_string()).expect("write");
+        aegis_cmd(&[
+            "audit",
+            "check-evidence",
+            "--incident",
+            &file.to_string_lossy(),
+            "--bundle",
+            &bundle.to_string_lossy(),
+            "--public-key",
+            &key.to_string_lossy(),
+        ])
+    };
+    let out = check(&incident);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("evidence holds"), "{stdout}");
+
+    // A row hash the sidecar never signed (what a fabricated report would carry).
+    let mut forged = incident.clone();
+    forged["decisions"][0]["row_hash"] = format!("{:064x}", 7).into();
+    let out = check(&forged);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.contains("not the row the data plane signed"),
+        "{stdout}"
+    );
+    // A decision id the log does not have at that row.
+    let mut renamed = incident.clone();
+    renamed["decisions"][1]["decision_id"] = "d-fake".into();
+    let out = check(&renamed);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("d-fake"));
 }

@@ -282,7 +282,7 @@ async fn a_fleet_follows_its_control_plane_over_mtls() {
     let token_file = dir.path().join("sidecar.token");
     aegis::files::write_secret(
         &token_file,
-        &operator_cmd(&cp_data, "fleet", "sidecar", "*"),
+        &operator_cmd(&cp_data, "fleet", "sidecar", "acme"),
     )
     .expect("write");
 

@@ -142,7 +142,15 @@ pub struct StoreOptions {
 
 struct Job {
     record: Record,
-    reply: oneshot::Sender<Result<u64, AuditError>>,
+    reply: oneshot::Sender<Result<Appended, AuditError>>,
+}
+
+/// Where a row went: its sequence number and its hash in the chain (what an incident's
+/// evidence names, so it can be checked against an exported log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub hash: Hash,
 }
 
 /// Handle to the audit log: append rows; cloneable.
@@ -293,6 +301,11 @@ impl AuditLog {
     /// transaction has committed; returns its sequence number. If the caller stops
     /// waiting, the row is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        self.append_row(record).await.map(|a| a.seq)
+    }
+
+    /// [`Self::append`], returning the row's hash too.
+    pub async fn append_row(&self, record: Record) -> Result<Appended, AuditError> {
         let record = record.bounded();
         let (reply, rx) = oneshot::channel();
         // Counted before the send so the writer's decrement can never come first.
@@ -639,10 +652,11 @@ impl Writer {
                 self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
             }
             match committed {
-                Ok(first_seq) => {
+                Ok((first_seq, hashes)) => {
                     self.healthy.store(true, Ordering::Relaxed);
-                    for (i, job) in batch.drain(..).enumerate() {
-                        let _ = job.reply.send(Ok(first_seq + i as u64));
+                    for ((i, job), hash) in batch.drain(..).enumerate().zip(hashes) {
+                        let seq = first_seq + i as u64;
+                        let _ = job.reply.send(Ok(Appended { seq, hash }));
                     }
                 }
                 Err(e) => {
@@ -656,8 +670,9 @@ impl Writer {
         }
     }
 
-    /// Commits the batch to the file it belongs in; returns the first seq.
-    fn commit(&mut self, batch: &[Job]) -> Result<u64, String> {
+    /// Commits the batch to the file it belongs in; returns the first seq and every row's
+    /// hash.
+    fn commit(&mut self, batch: &[Job]) -> Result<(u64, Vec<Hash>), String> {
         self.check_file()?;
         // One read of the OS's randomness for the whole batch.
         let mut salts = vec![[0u8; 32]; batch.len()];
@@ -688,14 +703,16 @@ impl Writer {
         }
     }
 
-    /// Inserts the batch and its checkpoint in one transaction; returns the first seq.
-    /// The head, the tree and the publisher only see the batch once it has committed.
-    fn insert(&mut self, batch: &[Job], salts: &[Salt]) -> rusqlite::Result<u64> {
+    /// Inserts the batch and its checkpoint in one transaction; returns the first seq and
+    /// the rows' hashes. The head, the tree and the publisher only see the batch once it
+    /// has committed.
+    fn insert(&mut self, batch: &[Job], salts: &[Salt]) -> rusqlite::Result<(u64, Vec<Hash>)> {
         let kid = self.signer.kid().to_owned();
         let tx = self.conn.transaction()?;
         let mut seq = self.head_seq;
         let mut prev = self.head_hash;
         let mut tree = self.frontier.clone();
+        let mut hashes = Vec::with_capacity(batch.len());
         let checkpoint;
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
@@ -730,6 +747,7 @@ impl Writer {
                     &salt[..],
                 ])?;
                 prev = hash;
+                hashes.push(hash);
                 tree.push(leaf_hash(&hash));
             }
             let now = crate::unix_nanos();
@@ -756,7 +774,7 @@ impl Writer {
         if let Some(p) = &self.publisher {
             p.offer(checkpoint);
         }
-        Ok(first)
+        Ok((first, hashes))
     }
 }
 

@@ -88,7 +88,7 @@ impl BenchFleet {
         let sidecar_credential = dir.path().join("sidecar.token");
         crate::files::write_secret(
             &sidecar_credential,
-            &mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "*", 3600)?,
+            &mint_operator(&signer, "aegis", "fleet", Role::Sidecar, "bench", 3600)?,
         )?;
         let mut children = Vec::new();
         let mut clients = Vec::new();

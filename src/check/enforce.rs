@@ -2,7 +2,8 @@
 //!
 //! 1. Before policy (in `decide`): a frozen or revoked agent is denied (`agent_frozen`,
 //!    `agent_revoked`); these are containment, not policy, and shadow mode does not soften
-//!    them.
+//!    them. So is an agent of a tenant this fleet sidecar does not serve
+//!    (`tenant_not_served`): it has none of that tenant's freezes and kills.
 //!    A restricted agent (autonomy L2) gets `approval_needed` (`agent_restricted`) for a
 //!    state-mutating call the policy allows, after policy; shadow mode does not soften it.
 //! 2. Shadow mode: in a tenant set to `shadow`, a policy deny or `approval_needed` is
@@ -83,6 +84,7 @@ pub(super) fn contained(agent: &AgentContext) -> Option<Outcome> {
     let reason = match agent.status {
         AgentStatus::Frozen => "agent_frozen",
         AgentStatus::Revoked => "agent_revoked",
+        AgentStatus::NotServed => "tenant_not_served",
         AgentStatus::Active | AgentStatus::Restricted | AgentStatus::Unregistered => return None,
     };
     Some(deny(reason, 403))

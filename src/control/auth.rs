@@ -5,13 +5,22 @@
 //! never pass for one and the other way round. It names the operator, a role and a tenant
 //! (`*`: all tenants).
 //!
+//! A sidecar credential names the tenants its data plane serves (`--tenant acme --tenant
+//! globex`, carried as `acme,globex`), never `*`: every agent pod holds its sidecar's
+//! credential, so a credential for every tenant would let any compromised pod watch every
+//! tenant's state and raise approvals and incidents (freezes, kills) against any of them.
+//! A `*` sidecar credential minted before this rule is refused with the way out (issue one
+//! per tenant). The only all-tenant data plane is the all-in-one server's own, in process,
+//! which holds no credential. There is deliberately no opt-in for a fleet-wide sidecar: a
+//! gateway shared by several tenants lists them, so serving one more is a deliberate re-issue.
+//!
 //! | role | may |
 //! |---|---|
 //! | viewer | read everything of its tenant |
 //! | approver | + approve and deny approvals |
 //! | operator | + agents, tokens, kills, budgets |
 //! | admin | + tenant settings; with `*`: policy activation and rollback, kill of everything |
-//! | sidecar | only the fleet calls (watch, bundles, approvals raised, overrides redeemed); `*` |
+//! | sidecar | only the fleet calls (watch, bundles, approvals raised, overrides redeemed, incidents reported), for its own tenants |
 
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
@@ -25,6 +34,10 @@ pub const OPERATOR_AUDIENCE: &str = "aegis-control";
 
 /// The tenant value that means every tenant.
 pub const ALL_TENANTS: &str = "*";
+
+/// What separates the tenants of a sidecar credential's `tenant` claim (never part of a
+/// tenant id, see [`super::valid_id`]).
+pub const TENANT_SEPARATOR: char = ',';
 
 /// An operator's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -63,7 +76,7 @@ pub struct OperatorClaims {
     /// The operator's name.
     pub sub: String,
     pub role: String,
-    /// A tenant, or `*`.
+    /// A tenant, or `*`; a sidecar's tenants, comma-separated.
     pub tenant: String,
     pub jti: String,
     pub iat: i64,
@@ -75,6 +88,7 @@ pub struct OperatorClaims {
 pub struct Operator {
     pub name: String,
     pub role: Role,
+    /// A tenant or `*`; for a sidecar, its tenants comma-separated (see [`Self::tenants`]).
     pub tenant: String,
     pub expires_at: i64,
 }
@@ -133,7 +147,17 @@ impl Operator {
 
     /// Whether this operator may see `tenant` at all.
     pub fn sees(&self, tenant: &str) -> bool {
-        self.tenant == ALL_TENANTS || self.tenant == tenant
+        self.tenant == ALL_TENANTS || self.tenants().any(|t| t == tenant)
+    }
+
+    /// The tenants the credential names (one, except for a sidecar serving several).
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.tenant.split(TENANT_SEPARATOR)
+    }
+
+    /// The tenants whose state this caller may follow (`None`: every tenant).
+    pub fn scope(&self) -> Option<Vec<String>> {
+        (self.tenant != ALL_TENANTS).then(|| self.tenants().map(str::to_owned).collect())
     }
 
     /// The tenant a list call covers: the one asked for, else the operator's own (`None`:
@@ -182,8 +206,13 @@ impl Operator {
             )));
         }
         if !tenant.is_empty() && !self.sees(tenant) {
+            let whose = if self.role == Role::Sidecar {
+                "sidecar credential serves tenant(s)"
+            } else {
+                "is scoped to tenant"
+            };
             return Err(ControlError::permission_denied(format!(
-                "{} is scoped to tenant {}, not {tenant}",
+                "{} {whose} {}, not {tenant}",
                 self.name, self.tenant
             )));
         }
@@ -264,6 +293,14 @@ impl Authenticator {
                 c.role
             ))
         })?;
+        if role == Role::Sidecar {
+            sidecar_tenants(&c.tenant).map_err(|e| {
+                ControlError::unauthenticated(format!(
+                    "operator credential refused: sidecar credential {:?}: {e}",
+                    c.sub
+                ))
+            })?;
+        }
         Ok(Operator {
             name: c.sub,
             role,
@@ -283,26 +320,72 @@ pub fn mint_operator(
     ttl_secs: u64,
 ) -> Result<String, ControlError> {
     super::valid_id("operator name", name)?;
-    if tenant != ALL_TENANTS {
-        super::valid_id("tenant", tenant)?;
-    }
-    if role == Role::Sidecar && tenant != ALL_TENANTS {
-        return Err(ControlError::invalid(
-            "a sidecar credential covers every tenant: use --tenant '*'",
-        ));
-    }
+    let tenant = if role == Role::Sidecar {
+        sidecar_tenants(tenant)?.join(",")
+    } else {
+        if tenant != ALL_TENANTS {
+            super::valid_id("tenant", tenant)?;
+        }
+        tenant.to_owned()
+    };
     let now = super::now_secs();
     let claims = OperatorClaims {
         iss: issuer.to_owned(),
         aud: OPERATOR_AUDIENCE.to_owned(),
         sub: name.to_owned(),
         role: role.as_str().to_owned(),
-        tenant: tenant.to_owned(),
+        tenant,
         jti: super::random_id("op-"),
         iat: now,
         exp: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX)),
     };
     mint(signer, &claims).map_err(|e| ControlError::invalid(format!("mint: {e}")))
+}
+
+/// The tenants a sidecar's own credential names, read (not verified: the sidecar holds no
+/// control-plane key) so that the sidecar decides only for them; the control plane
+/// verifies it on every call. Refuses anything but a sidecar credential naming tenants.
+pub fn own_sidecar_tenants(credential: &str) -> Result<Vec<String>, String> {
+    use base64::Engine as _;
+    let payload = credential
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+        .ok_or("the sidecar credential is not a JWT (aegis operator issue --role sidecar)")?;
+    let role = payload["role"].as_str().unwrap_or_default();
+    if role != Role::Sidecar.as_str() {
+        return Err(format!(
+            "the sidecar credential has role {role:?}, not sidecar \
+             (aegis operator issue --role sidecar --tenant <tenant>)"
+        ));
+    }
+    sidecar_tenants(payload["tenant"].as_str().unwrap_or_default()).map_err(|e| e.to_string())
+}
+
+/// The tenants of a sidecar credential (`acme` or `acme,globex`): each a valid tenant id,
+/// none repeated, never `*` (see the module docs).
+pub fn sidecar_tenants(list: &str) -> Result<Vec<String>, ControlError> {
+    let mut tenants: Vec<String> = Vec::new();
+    for t in list.split(TENANT_SEPARATOR).map(str::trim) {
+        if t == ALL_TENANTS {
+            return Err(ControlError::invalid(
+                "a sidecar credential for every tenant ('*') is no longer accepted: every \
+                 agent pod holds its sidecar's credential. Issue one per tenant the sidecar \
+                 serves: aegis operator issue --role sidecar --tenant <tenant> \
+                 [--tenant <tenant> ...]",
+            ));
+        }
+        super::valid_id("tenant", t)?;
+        if !tenants.iter().any(|seen| seen == t) {
+            tenants.push(t.to_owned());
+        }
+    }
+    Ok(tenants)
 }
 
 #[cfg(test)]
@@ -337,9 +420,14 @@ mod tests {
         let root = op(Role::Admin, ALL_TENANTS);
         assert!(root.require(Need::Global, "").is_ok());
         assert!(root.require(Need::Operate, "globex").is_ok());
-        let sidecar = op(Role::Sidecar, ALL_TENANTS);
+        let sidecar = op(Role::Sidecar, "acme,globex");
         assert!(sidecar.require(Need::Fleet, "").is_ok());
+        assert!(sidecar.require(Need::Fleet, "acme").is_ok());
+        assert!(sidecar.require(Need::Fleet, "globex").is_ok());
+        assert!(sidecar.require(Need::Fleet, "initech").is_err());
+        assert!(sidecar.require(Need::Fleet, "acme,globex").is_err());
         assert!(sidecar.require(Need::Read, "acme").is_err());
+        assert_eq!(sidecar.scope(), Some(vec!["acme".into(), "globex".into()]));
     }
 
     #[test]
@@ -361,5 +449,46 @@ mod tests {
             auth.verify(&forged, 0),
             Err(ControlError::Unauthenticated(_))
         ));
+    }
+
+    #[test]
+    fn sidecar_credentials_name_their_tenants() {
+        let signer = Signer::generate().expect("rng");
+        let mut keys = KeyRing::default();
+        keys.insert(signer.verifying_key());
+        let auth = Authenticator::new(keys, "aegis".into(), 0);
+        let now = super::super::now_secs();
+        let t = mint_operator(
+            &signer,
+            "aegis",
+            "sc",
+            Role::Sidecar,
+            "acme,globex,acme",
+            60,
+        )
+        .expect("mint");
+        let o = auth.verify(&t, now).expect("valid");
+        assert_eq!(o.tenant, "acme,globex");
+        for bad in ["*", "acme,*", "", "acme,", "ac me"] {
+            let e = mint_operator(&signer, "aegis", "sc", Role::Sidecar, bad, 60).expect_err(bad);
+            assert!(matches!(e, ControlError::Invalid(_)), "{bad}: {e}");
+        }
+        // One minted before the rule (claims written by hand) is refused, naming the way out.
+        let claims = OperatorClaims {
+            iss: "aegis".into(),
+            aud: OPERATOR_AUDIENCE.into(),
+            sub: "old".into(),
+            role: "sidecar".into(),
+            tenant: ALL_TENANTS.into(),
+            jti: "op-1".into(),
+            iat: now,
+            exp: now + 60,
+        };
+        let old = mint(&signer, &claims).expect("mint");
+        let e = auth.verify(&old, now).expect_err("all-tenant sidecar");
+        assert!(
+            matches!(&e, ControlError::Unauthenticated(m) if m.contains("--role sidecar --tenant")),
+            "{e}"
+        );
     }
 }

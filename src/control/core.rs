@@ -52,6 +52,10 @@ pub struct Settings {
     pub default_autonomy: u32,
     /// Where incidents are notified (`[[notify.webhooks]]`).
     pub webhooks: Vec<crate::config::WebhookConfig>,
+    /// RequestApproval and ReportIncident calls a second per sidecar credential, and the
+    /// burst allowed (`control.sidecar_calls_per_sec`, `control.sidecar_call_burst`).
+    pub sidecar_calls_per_sec: u32,
+    pub sidecar_call_burst: u32,
 }
 
 /// The data plane in the same process (all-in-one): changes apply to it synchronously.
@@ -84,6 +88,8 @@ pub struct ControlCore {
     refusals: RefusalLimiter,
     /// Incidents raised since start, per kind (indexed as [`INCIDENT_KINDS`]).
     incidents_raised: Vec<std::sync::atomic::AtomicU64>,
+    /// The fleet calls that make the control plane act, per sidecar credential.
+    sidecar_rate: super::rate::SidecarRate,
 }
 
 /// One audited control action.
@@ -152,6 +158,10 @@ impl ControlCore {
     ) -> Self {
         let mut own_key = KeyRing::default();
         own_key.insert(signer.verifying_key());
+        let sidecar_rate = super::rate::SidecarRate::new(
+            settings.sidecar_calls_per_sec,
+            settings.sidecar_call_burst,
+        );
         Self {
             store,
             audit,
@@ -165,6 +175,7 @@ impl ControlCore {
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             refusals: RefusalLimiter::default(),
+            sidecar_rate,
             incidents_raised: INCIDENT_KINDS
                 .iter()
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -198,6 +209,19 @@ impl ControlCore {
             },
             rx,
         ))
+    }
+
+    /// Takes one call from a sidecar credential's rate (RequestApproval, ReportIncident
+    /// over gRPC), or RESOURCE_EXHAUSTED.
+    pub fn admit_sidecar(&self, op: &Operator, what: &str) -> Result<(), ControlError> {
+        self.sidecar_rate.admit(op, what)
+    }
+
+    /// Sidecar calls refused over their credential's rate since start.
+    pub fn sidecar_calls_refused(&self) -> u64 {
+        self.sidecar_rate
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Watchers connected now.
@@ -899,12 +923,15 @@ impl ControlCore {
         op: &Operator,
         req: pb::RequestApprovalRequest,
     ) -> Result<pb::RequestApprovalResponse, ControlError> {
-        op.require(Need::Fleet, "")?;
         if req.tenant.is_empty() || req.agent.is_empty() || req.call_hash.len() != 64 {
+            op.require(Need::Fleet, "")?;
             return Err(ControlError::invalid(
                 "an approval needs a tenant, an agent and a 64-digit call hash",
             ));
         }
+        // Only for the tenants the sidecar serves: another tenant's agents' caps of pending
+        // approvals are not its to fill.
+        op.require(Need::Fleet, &req.tenant)?;
         let now = now_secs();
         let approval = pb::Approval {
             id: random_id("apr-"),
@@ -952,7 +979,9 @@ impl ControlCore {
         op: &Operator,
         req: pb::RedeemOverrideRequest,
     ) -> Result<pb::RedeemOverrideResponse, ControlError> {
-        op.require(Need::Fleet, "")?;
+        // Only for the sidecar's tenants (the token must be of the tenant asked for): a
+        // sidecar cannot burn another tenant's override before its agent uses it.
+        op.require(Need::Fleet, &req.tenant)?;
         let refuse = |reason: &str, approval_id: &str| pb::RedeemOverrideResponse {
             accepted: false,
             reason: reason.into(),
@@ -1418,6 +1447,67 @@ pub fn plan(level: u32, severity: &str) -> Vec<&'static str> {
     actions
 }
 
+/// Most decisions behind one incident.
+pub const MAX_EVIDENCE: usize = 1024;
+
+/// An incident's evidence must name decisions the reporting data plane recorded: each
+/// evidence id once, with its decision (same order) carrying the sequence number and the
+/// hash of the audit row the data plane signed for it, and the trigger among them. The
+/// control plane cannot read that log; it stores the hashes (with the reporter) so the
+/// evidence can be checked later against the data plane's exported log
+/// (`aegis audit check-evidence`). Refused before anything is stored or contained.
+fn check_evidence(req: &pb::ReportIncidentRequest) -> Result<(), ControlError> {
+    let bad = |m: String| Err(ControlError::invalid(format!("incident evidence: {m}")));
+    if req.evidence.is_empty() {
+        return bad("names no decision".into());
+    }
+    if req.evidence.len() > MAX_EVIDENCE {
+        return bad(format!("over {MAX_EVIDENCE} decisions"));
+    }
+    if req.decisions.len() != req.evidence.len() {
+        return bad(format!(
+            "{} decision id(s) but {} decision(s) with their audit rows: each evidence id \
+             needs its decision, row hash and sequence number",
+            req.evidence.len(),
+            req.decisions.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (id, d) in req.evidence.iter().zip(&req.decisions) {
+        valid_id("evidence decision id", id)?;
+        if d.decision_id != *id {
+            return bad(format!(
+                "decision {} is listed where evidence names {}",
+                super::shown(&d.decision_id),
+                super::shown(id)
+            ));
+        }
+        if !seen.insert(id.as_str()) {
+            return bad(format!("decision {id} is named twice"));
+        }
+        let hex = d.row_hash.len() == 64
+            && d.row_hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex {
+            return bad(format!(
+                "decision {id} has no row hash (64 lower-case hex digits of the audit row \
+                 the data plane signed for it)"
+            ));
+        }
+        if d.audit_seq == 0 {
+            return bad(format!("decision {id} has no audit row sequence number"));
+        }
+    }
+    if !seen.contains(req.trigger_decision.as_str()) {
+        return bad(format!(
+            "the trigger decision {} is not among the evidence",
+            super::shown(&req.trigger_decision)
+        ));
+    }
+    Ok(())
+}
+
 impl ControlCore {
     /// The identity the response engine acts under.
     fn response_engine() -> Operator {
@@ -1437,9 +1527,12 @@ impl ControlCore {
         op: &Operator,
         req: pb::ReportIncidentRequest,
     ) -> Result<pb::Incident, ControlError> {
-        op.require(Need::Fleet, "")?;
         valid_id("tenant", &req.tenant)?;
+        // Only for the tenants the sidecar serves: what the response engine does next
+        // (restrict, freeze, kill tokens) stays inside them.
+        op.require(Need::Fleet, &req.tenant)?;
         valid_id("agent id", &req.agent)?;
+        check_evidence(&req)?;
         if !INCIDENT_KINDS.contains(&req.kind.as_str()) {
             return Err(ControlError::invalid(format!(
                 "unknown incident kind {:?}",

@@ -3,6 +3,10 @@
 //! error. Refused calls (no or bad credential, a role or tenant that does not allow the
 //! call) are audited too, who tried what, within the refusal rates of
 //! [`super::refusals`]: per actor, per peer address, overall.
+//!
+//! A sidecar's `Watch` carries only its credential's tenants' state (see [`visible`]), and
+//! its RequestApproval and ReportIncident calls are rationed per credential
+//! ([`super::rate`]) before the core checks their tenant.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -386,15 +390,19 @@ impl ControlPlane for ControlService {
             return self.answer(&op, "watch", "", Err(e)).await;
         }
         let sidecar = req.into_inner().sidecar;
+        let scope = op.scope();
         let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
+        let snapshot = scoped(scope.as_deref(), &snapshot);
         crate::log!(
             info,
-            "control plane: sidecar {sidecar:?} ({}) watching from version {}",
+            "control plane: sidecar {sidecar:?} ({} for tenant(s) {}) watching from version {}",
             op.name,
+            op.tenant,
             snapshot.version
         );
         Ok(Response::new(Box::pin(watch_stream(
             Arc::downgrade(&self.core),
+            scope,
             snapshot,
             rx,
             self.shutdown.clone(),
@@ -416,7 +424,12 @@ impl ControlPlane for ControlService {
             req,
             "approval.request",
             |r: &Request<pb::RequestApprovalRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.request_approval(&op, b).await }
+            |op, b| {
+                match self.core.admit_sidecar(&op, "approval request") {
+                    Ok(()) => self.core.request_approval(&op, b).await,
+                    Err(e) => Err(e),
+                }
+            }
         )
     }
 
@@ -429,7 +442,12 @@ impl ControlPlane for ControlService {
             req,
             "incident.raise",
             |r: &Request<pb::ReportIncidentRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.report_incident(&op, b).await }
+            |op, b| {
+                match self.core.admit_sidecar(&op, "incident report") {
+                    Ok(()) => self.core.report_incident(&op, b).await,
+                    Err(e) => Err(e),
+                }
+            }
         )
     }
 
@@ -566,11 +584,49 @@ impl ControlPlane for ControlService {
     }
 }
 
-/// The snapshot, then every delta after its version. A watcher that falls more than the
+/// Whether a watcher of `scope` (`None`: every tenant) is sent `item`: every kind of item
+/// names its tenant, and only what every tenant shares (the policy revision, a kill of
+/// everything) goes to every watcher. A new kind of item is sent to no scoped watcher
+/// until it is listed here (the match is exhaustive).
+pub fn visible(scope: Option<&[String]>, item: &pb::StateItem) -> bool {
+    use pb::state_item::Item;
+    let Some(scope) = scope else {
+        return true;
+    };
+    let tenant = match &item.item {
+        Some(Item::Agent(a)) => &a.tenant,
+        Some(Item::RevokedToken(t)) => &t.tenant,
+        Some(Item::Kill(k)) if k.scope == pb::KillScope::All as i32 => return true,
+        Some(Item::Kill(k)) => &k.tenant,
+        Some(Item::Tenant(t)) => &t.name,
+        Some(Item::Budget(b)) => &b.tenant,
+        Some(Item::Policy(_)) => return true,
+        None => return false,
+    };
+    scope.iter().any(|t| t == tenant)
+}
+
+/// `event` with only the items a watcher of `scope` is sent.
+fn scoped(scope: Option<&[String]>, event: &pb::WatchEvent) -> pb::WatchEvent {
+    pb::WatchEvent {
+        version: event.version,
+        snapshot: event.snapshot,
+        items: event
+            .items
+            .iter()
+            .filter(|i| visible(scope, i))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The snapshot, then every delta after its version, each cut to the watcher's scope (a
+/// delta with nothing left for it is not sent). A watcher that falls more than the
 /// buffer behind gets a fresh snapshot instead of the deltas it missed. The stream holds
 /// the core weakly and ends when the server stops.
 fn watch_stream(
     core: std::sync::Weak<ControlCore>,
+    scope: Option<Vec<String>>,
     snapshot: pb::WatchEvent,
     rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -578,6 +634,7 @@ fn watch_stream(
     use tokio::sync::broadcast::error::RecvError;
     struct S {
         core: std::sync::Weak<ControlCore>,
+        scope: Option<Vec<String>>,
         rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
         first: Option<pb::WatchEvent>,
         version: u64,
@@ -587,6 +644,7 @@ fn watch_stream(
     let state = S {
         version: snapshot.version,
         core,
+        scope,
         rx,
         first: Some(snapshot),
         shutdown,
@@ -604,7 +662,11 @@ fn watch_stream(
                 Ok(ev) if ev.version <= s.version => continue,
                 Ok(ev) => {
                     s.version = ev.version;
-                    return Some((Ok((*ev).clone()), s));
+                    let ev = scoped(s.scope.as_deref(), &ev);
+                    if ev.items.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(ev), s));
                 }
                 Err(RecvError::Lagged(_)) => {
                     let core = s.core.upgrade()?;
@@ -612,6 +674,7 @@ fn watch_stream(
                         Ok((snap, rx)) => {
                             s.rx = rx;
                             s.version = snap.version;
+                            let snap = scoped(s.scope.as_deref(), &snap);
                             return Some((Ok(snap), s));
                         }
                         Err(e) => return Some((Err(e.into()), s)),

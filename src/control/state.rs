@@ -23,6 +23,9 @@ pub enum AgentStatus {
     Restricted,
     /// Not registered with the control plane (a token minted offline): policy decides.
     Unregistered,
+    /// Of a tenant this sidecar does not serve: it is sent none of that tenant's state
+    /// (freezes, kills), so it denies rather than decide blind.
+    NotServed,
 }
 
 impl AgentStatus {
@@ -33,6 +36,7 @@ impl AgentStatus {
             AgentStatus::Revoked => super::REVOKED,
             AgentStatus::Restricted => super::RESTRICTED,
             AgentStatus::Unregistered => "unregistered",
+            AgentStatus::NotServed => "tenant_not_served",
         }
     }
 
@@ -100,6 +104,8 @@ pub struct State {
     /// Whether a snapshot has been applied: a fleet sidecar without one fails closed.
     synced: AtomicBool,
     unregistered_tier: Arc<str>,
+    /// A fleet sidecar's tenants (its credential's); unset: every tenant (all-in-one).
+    served: std::sync::OnceLock<Vec<String>>,
 }
 
 // === impl State ===
@@ -114,7 +120,13 @@ impl State {
             version: AtomicU64::new(0),
             synced: AtomicBool::new(synced),
             unregistered_tier: Arc::from("unspecified"),
+            served: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Decide only for `tenants` (a fleet sidecar's, set once at start).
+    pub fn serve_only(&self, tenants: Vec<String>) {
+        let _ = self.served.set(tenants);
     }
 
     /// Whether a snapshot has been applied.
@@ -134,6 +146,14 @@ impl State {
 
     /// The agent's status, risk tier, tenant mode and budget.
     pub fn agent(&self, claims: &Claims) -> AgentContext {
+        if let Some(served) = self.served.get()
+            && !served.contains(&claims.tenant)
+        {
+            return AgentContext {
+                status: AgentStatus::NotServed,
+                ..AgentContext::unregistered()
+            };
+        }
         let v = self.read();
         let agent = v
             .agents

@@ -585,13 +585,14 @@ impl ControlStore for SqliteStore {
                     items.push(agent_item(&a));
                 }
                 let mut s = tx
-                    .prepare("SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?1")
+                    .prepare("SELECT jti, expires_at, tenant FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?1")
                     .map_err(db_err)?;
                 let revoked = s
                     .query_map([now - EXPIRED_SLACK_SECS], |r| {
                         Ok(item(Item::RevokedToken(pb::RevokedToken {
                             jti: r.get(0)?,
                             expires_at: r.get(1)?,
+                            tenant: r.get(2)?,
                         })))
                     })
                     .map_err(db_err)?;
@@ -898,13 +899,14 @@ impl ControlStore for SqliteStore {
             let mut items = vec![item(Item::Kill(mark.clone()))];
             {
                 let mut s = tx
-                    .prepare(&format!("SELECT jti, expires_at FROM tokens WHERE {live}"))
+                    .prepare(&format!("SELECT jti, expires_at, tenant FROM tokens WHERE {live}"))
                     .map_err(db_err)?;
                 let revoked = s
                     .query_map(params![mark.tenant, mark.target, now - EXPIRED_SLACK_SECS], |r| {
                         Ok(item(Item::RevokedToken(pb::RevokedToken {
                             jti: r.get(0)?,
                             expires_at: r.get(1)?,
+                            tenant: r.get(2)?,
                         })))
                     })
                     .map_err(db_err)?;
@@ -1567,6 +1569,7 @@ fn revoked_item(t: &pb::TokenInfo) -> pb::StateItem {
     item(Item::RevokedToken(pb::RevokedToken {
         jti: t.jti.clone(),
         expires_at: t.expires_at,
+        tenant: t.tenant.clone(),
     }))
 }
 
