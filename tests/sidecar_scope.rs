@@ -496,6 +496,7 @@ async fn a_sidecar_cannot_burn_another_tenants_override() {
             agent: "pay-bot".into(),
             call_hash,
             decision_id: "d-hostile".into(),
+            ..Default::default()
         }))
         .await
         .expect_err("another tenant's override");

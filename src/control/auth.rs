@@ -287,6 +287,20 @@ impl Authenticator {
                 c.exp
             )));
         }
+        if now.saturating_add(self.leeway_secs) < c.iat {
+            return Err(ControlError::unauthenticated(format!(
+                "operator credential refused: issued at {}, in the future",
+                c.iat
+            )));
+        }
+        for (claim, value) in [("sub", &c.sub), ("jti", &c.jti), ("tenant", &c.tenant)] {
+            if let Some(why) = crate::identity::id_claim_problem(value) {
+                return Err(ControlError::unauthenticated(format!(
+                    "operator credential refused: claim {claim} {} is not an id: {why}",
+                    super::shown(value)
+                )));
+            }
+        }
         let role = Role::parse(&c.role).ok_or_else(|| {
             ControlError::unauthenticated(format!(
                 "operator credential refused: unknown role {:?}",
@@ -449,6 +463,50 @@ mod tests {
             auth.verify(&forged, 0),
             Err(ControlError::Unauthenticated(_))
         ));
+        // Claims only a key holder could write, refused all the same (defence in depth):
+        // an iat in the future, an operator name with a newline, a tenant with a space.
+        let now = super::super::now_secs();
+        let base = OperatorClaims {
+            iss: "aegis".into(),
+            aud: OPERATOR_AUDIENCE.into(),
+            sub: "alice".into(),
+            role: "operator".into(),
+            tenant: "acme".into(),
+            jti: "op-1".into(),
+            iat: now,
+            exp: now + 60,
+        };
+        let cases = [
+            (
+                OperatorClaims {
+                    iat: now + 3600,
+                    exp: now + 7200,
+                    ..base.clone()
+                },
+                "in the future",
+            ),
+            (
+                OperatorClaims {
+                    sub: "alice\nadmin".into(),
+                    ..base.clone()
+                },
+                "claim sub",
+            ),
+            (
+                OperatorClaims {
+                    tenant: "acme ".into(),
+                    ..base.clone()
+                },
+                "claim tenant",
+            ),
+        ];
+        for (claims, want) in cases {
+            let t = crate::identity::mint(&signer, &claims).expect("mint");
+            let e = auth.verify(&t, now).expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let t = crate::identity::mint(&signer, &base).expect("mint");
+        assert!(auth.verify(&t, now).is_ok());
     }
 
     #[test]
