@@ -584,3 +584,206 @@ async fn an_incident_found_at_one_sidecar_contains_the_agent_at_every_sidecar() 
     assert_eq!(incident["reported_by"], "sidecar:fleet");
     assert_eq!(incident["decisions"].as_array().map(Vec::len), Some(5));
 }
+
+/// `GET <path>` on an admin listener: the whole response (status line, headers, body).
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+/// The admin address a server announced.
+fn admin_of(server: &ChildServer) -> SocketAddr {
+    server
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.split("admin ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<SocketAddr>()
+                .ok()
+        })
+        .expect("admin address")
+}
+
+/// A copy of a directory tree (a backup, as `cp -a` would take it).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// The reported attack: a restored copy of the control plane's data dir must not undo a
+/// revocation and a freeze. The sidecar refuses the older state (and says so), follows only
+/// once an operator confirms the restore, and even then keeps denying the token it knew
+/// was revoked.
+#[tokio::test]
+async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
+    let mut fleet = Fleet::start(1).await;
+    for a in ["alpha", "beta"] {
+        fleet.ok(&["agents", "register", a, "--tenant", "acme"]);
+    }
+    let issue = |fleet: &Fleet, a: &str| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                a,
+                "--tenant",
+                "acme",
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let (alpha, beta) = (issue(&fleet, "alpha"), issue(&fleet, "beta"));
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "allow").await);
+    let admin = admin_of(&fleet.sidecars[0].0);
+    let control = fleet.cp.addr;
+
+    // A backup: the control plane stopped, its data dir copied, started again.
+    let backup = fleet.cp_data.with_file_name("cp-backup");
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    copy_dir(&fleet.cp_data, &backup);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+
+    // Containment after the backup: alpha's token revoked, beta frozen.
+    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
+    ]))
+    .expect("json");
+    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+    fleet.ok(&[
+        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
+    ]);
+    fleet.ok(&[
+        "agents", "freeze", "beta", "--tenant", "acme", "--reason", "contain",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "agent_frozen").await);
+    let connects = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("aegis_control_connects_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = connects(&admin_get(admin, "/metrics").await);
+
+    // The restore: the control plane stopped, the copy put back, started again.
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
+    copy_dir(&backup, &fleet.cp_data);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            connects(&admin_get(admin, "/metrics").await) > before
+        })
+        .await,
+        "the sidecar reaches the restored control plane"
+    );
+    // It keeps denying both, for as long as we look (3 s, polled).
+    let (_, sc) = &fleet.sidecars[0];
+    for _ in 0..30 {
+        assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+        assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and says why: metrics, readiness (still serving, with the reason).
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_control_rollback_refused 1")
+            && metrics.contains("aegis_control_revoked_tokens 1")
+            && metrics.contains("aegis_control_state_epoch 0"),
+        "{metrics}"
+    );
+    let ready = admin_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200")
+            && ready.contains("rollback refused")
+            && ready.contains("confirm-restore"),
+        "{ready}"
+    );
+    // The control plane learns it is behind a sidecar, and `aegis ctl` says so.
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(
+        shown.contains("epoch:   0") && shown.contains("ahead of this control plane"),
+        "{shown}"
+    );
+    let cp_metrics = admin_get(admin_of(&fleet.cp), "/metrics").await;
+    assert!(
+        !cp_metrics.contains("aegis_control_sidecars_ahead_total 0")
+            && cp_metrics.contains("aegis_control_sidecars_ahead_total"),
+        "{cp_metrics}"
+    );
+
+    // The operator issues alpha a new token on the restored control plane, re-applies the
+    // freeze the backup lacks (a restrictive change reaches the refusing sidecar at once),
+    // and confirms the restore; a confirmation without a reason is refused.
+    let fresh = issue(&fleet, "alpha");
+    fleet.ok(&[
+        "agents",
+        "freeze",
+        "beta",
+        "--tenant",
+        "acme",
+        "--reason",
+        "re-applied",
+    ]);
+    let (code, _, err) = fleet.ctl(&["state", "confirm-restore", "--reason", ""]);
+    assert_ne!(code, 0, "a confirmation needs a reason");
+    assert!(err.contains("reason"), "{err}");
+    let confirmed = fleet.ok(&[
+        "state",
+        "confirm-restore",
+        "--reason",
+        "restored last night's backup",
+    ]);
+    assert!(confirmed.contains("epoch:   1"), "{confirmed}");
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            let m = admin_get(admin, "/metrics").await;
+            m.contains("aegis_control_state_epoch 1")
+                && m.contains("aegis_control_rollback_refused 0")
+        })
+        .await,
+        "the sidecar follows the confirmed epoch"
+    );
+    assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
+    // The revocation the backup lacks is kept (a union) until the token expires.
+    assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+    assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
+    let ready = admin_get(admin, "/readyz").await;
+    assert!(ready.ends_with("ready\n"), "{ready}");
+    // The confirmation is in the control plane's audit of operator actions.
+    let audit = rusqlite::Connection::open(fleet.cp_data.join(aegis::audit::store::AUDIT_DB_FILE))
+        .expect("audit db");
+    let (actor, reason): (String, String) = audit
+        .query_row(
+            "SELECT actor, reason FROM audit_log WHERE action = 'state.confirm_restore'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("an audit row for the confirmation");
+    assert!(actor.contains("root"), "{actor}");
+    assert_eq!(reason, "restored last night's backup");
+}

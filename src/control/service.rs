@@ -378,6 +378,24 @@ impl ControlPlane for ControlService {
         })
     }
 
+    async fn get_state_version(
+        &self,
+        req: Request<pb::GetStateVersionRequest>,
+    ) -> Answer<pb::StateVersion> {
+        call!(self, req, "state.version", none, |op, b| {
+            self.core.state_version(&op, b).await
+        })
+    }
+
+    async fn confirm_restore(
+        &self,
+        req: Request<pb::ConfirmRestoreRequest>,
+    ) -> Answer<pb::StateVersion> {
+        call!(self, req, "state.confirm_restore", none, |op, b| {
+            self.core.confirm_restore(&op, b).await
+        })
+    }
+
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Answer<Self::WatchStream> {
@@ -385,12 +403,19 @@ impl ControlPlane for ControlService {
         if let Err(e) = op.require(super::auth::Need::Fleet, "") {
             return self.answer(&op, "watch", "", Err(e)).await;
         }
-        let sidecar = req.into_inner().sidecar;
+        let req = req.into_inner();
+        let sidecar = req.sidecar;
         let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
+        self.core.note_sidecar_state(
+            &sidecar,
+            (req.seen_epoch, req.seen_version),
+            (snapshot.epoch, snapshot.version),
+        );
         crate::log!(
             info,
-            "control plane: sidecar {sidecar:?} ({}) watching from version {}",
+            "control plane: sidecar {sidecar:?} ({}) watching from epoch {} version {}",
             op.name,
+            snapshot.epoch,
             snapshot.version
         );
         Ok(Response::new(Box::pin(watch_stream(
