@@ -787,3 +787,95 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     assert!(actor.contains("root"), "{actor}");
     assert_eq!(reason, "restored last night's backup");
 }
+
+/// The restore again, but the sidecar restarts while the restored control plane runs: it
+/// remembers (its data dir) what it held, so it refuses the older state (failing closed,
+/// having none of its own to decide from) instead of following it silently, and after the
+/// operator's confirmation still denies the token it knew was revoked.
+#[tokio::test]
+async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
+    let mut fleet = Fleet::start(1).await;
+    fleet.ok(&["agents", "register", "alpha", "--tenant", "acme"]);
+    let issue = |fleet: &Fleet| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                "alpha",
+                "--tenant",
+                "acme",
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let alpha = issue(&fleet);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
+    let control = fleet.cp.addr;
+    let backup = fleet.cp_data.with_file_name("cp-backup");
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    copy_dir(&fleet.cp_data, &backup);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
+    ]))
+    .expect("json");
+    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+    fleet.ok(&[
+        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
+
+    // The sidecar stops; the control plane is restored; the sidecar starts again.
+    let (mut sidecar, _) = fleet.sidecars.remove(0);
+    sidecar.child.kill().expect("SIGKILL");
+    let _ = sidecar.child.wait();
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
+    copy_dir(&backup, &fleet.cp_data);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    fleet.add_sidecar(0).await;
+    let admin = admin_of(&fleet.sidecars[0].0);
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            admin_get(admin, "/metrics")
+                .await
+                .contains("aegis_control_connects_total 1")
+        })
+        .await,
+        "the restarted sidecar reaches the restored control plane"
+    );
+    // It never lets the revoked token in (3 s, polled): no state of its own, it fails closed.
+    let (_, sc) = &fleet.sidecars[0];
+    for _ in 0..30 {
+        assert_eq!(
+            seen(sc, Req::read_invoices(&alpha)).await,
+            "error:Unavailable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_control_rollback_refused 1"),
+        "{metrics}"
+    );
+    let ready = admin_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("rollback refused"),
+        "{ready}"
+    );
+
+    fleet.ok(&[
+        "state",
+        "confirm-restore",
+        "--reason",
+        "restored last night's backup",
+    ]);
+    let fresh = issue(&fleet);
+    assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
+    assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+}

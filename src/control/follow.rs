@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use super::held::Held;
 use super::pb::{self, control_plane_client::ControlPlaneClient};
 use super::state::{Admission, State};
 use crate::policy::{BundleFiles, CompiledBundle, Policy};
@@ -61,6 +62,8 @@ pub struct Follow {
     /// The longest token lifetime (`control.max_token_ttl_secs`): how long a kill mark
     /// kept across a confirmed restore can still cover a live token.
     pub max_token_ttl_secs: i64,
+    /// Where the sidecar remembers its position and revocations ([`super::held`]).
+    pub held_file: std::path::PathBuf,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -164,6 +167,7 @@ async fn follow_once(
         let policy = if !event.snapshot {
             if refusing {
                 f.state.apply_restrictive(&event.items, true);
+                remember(f);
                 continue;
             }
             f.state.apply(&event)
@@ -177,10 +181,12 @@ async fn follow_once(
                     let rollback = f.state.refuse(&event);
                     crate::log!(error, "{rollback}");
                     refusing = true;
+                    remember(f);
                     continue;
                 }
             }
         };
+        remember(f);
         f.status.events.fetch_add(1, Ordering::Relaxed);
         if event.snapshot && !f.status.connected.swap(true, Ordering::AcqRel) {
             crate::log!(
@@ -194,6 +200,20 @@ async fn follow_once(
         if let Some(p) = policy {
             want.send_replace(Some(p));
         }
+    }
+}
+
+/// Saves what the sidecar holds for its next start; a failure is logged, not fatal (the
+/// sidecar goes on deciding; only a restart would forget).
+fn remember(f: &Follow) {
+    let Some(held) = Held::of(&f.state) else {
+        return;
+    };
+    if let Err(e) = held.save(&f.held_file) {
+        crate::log!(
+            error,
+            "control plane: cannot remember the state held for the next start: {e}"
+        );
     }
 }
 

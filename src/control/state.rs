@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use super::budget::Limit;
 use super::pb::{self, KillScope, state_item::Item};
-use crate::identity::{Claims, KillTarget, Revocations};
+use crate::identity::{Claims, KillTarget, RevocationEntries, Revocations};
 
 /// An agent's status as the data plane enforces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,11 +144,18 @@ impl std::fmt::Display for Rollback {
             f,
             "control plane rollback refused: it offers state epoch {} version {}, behind \
              epoch {} version {} held here (restored from a backup? a stale replica?); \
-             deciding from the state held until an operator runs \
-             `aegis ctl state confirm-restore`",
+             deciding from the state held (with none since a restart: failing closed) until \
+             an operator runs `aegis ctl state confirm-restore`",
             self.offered.0, self.offered.1, self.held.0, self.held.1
         )
     }
+}
+
+/// What a sidecar remembered from before its restart ([`super::held`]).
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    held: (u64, u64),
+    refused_epoch: Option<u64>,
 }
 
 /// The control state a data plane enforces.
@@ -165,6 +172,9 @@ pub struct State {
     unregistered_tier: Arc<str>,
     /// The rollback being refused now, if any.
     rollback: RwLock<Option<Rollback>>,
+    /// Remembered from before this process started ([`super::held`]), until a snapshot
+    /// is applied: the (epoch, version) held then and the epoch of a refused rollback.
+    remembered: RwLock<Option<Remembered>>,
     /// Rollback snapshots refused since start.
     rollbacks_refused: AtomicU64,
 }
@@ -183,6 +193,7 @@ impl State {
             synced: AtomicBool::new(synced),
             unregistered_tier: Arc::from("unspecified"),
             rollback: RwLock::new(None),
+            remembered: RwLock::new(None),
             rollbacks_refused: AtomicU64::new(0),
         }
     }
@@ -212,18 +223,49 @@ impl State {
         self.rollbacks_refused.load(Ordering::Relaxed)
     }
 
+    /// The (epoch, version) held: the last applied, or before the first snapshot, the
+    /// one remembered from before a restart (None: neither).
+    pub fn held(&self) -> Option<(u64, u64)> {
+        if self.synced() {
+            return Some((self.epoch(), self.version()));
+        }
+        self.remembered().map(|r| r.held)
+    }
+
+    fn remembered(&self) -> Option<Remembered> {
+        *self.remembered.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes what a sidecar remembered across its restart: the position its first
+    /// snapshot is judged against, and the revocations a confirmed restore keeps. The
+    /// state stays unsynced (Checks fail closed) until a snapshot is applied.
+    pub fn remember(&self, held: &super::held::Held) {
+        let (jtis, kills) = held.revocations();
+        self.revocations.replace(jtis, kills);
+        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = Some(Remembered {
+            held: (held.epoch, held.version),
+            refused_epoch: held.refused_epoch,
+        });
+    }
+
     /// What to do with a snapshot ([`admission`]).
     pub fn admit(&self, snapshot: &pb::WatchEvent) -> Admission {
-        let held = self.synced().then(|| (self.epoch(), self.version()));
-        let refused_epoch = self.rollback().map(|r| r.held.0);
-        admission(held, refused_epoch, (snapshot.epoch, snapshot.version))
+        let refused_epoch = self
+            .rollback()
+            .map(|r| r.held.0)
+            .or_else(|| self.remembered().and_then(|r| r.refused_epoch));
+        admission(
+            self.held(),
+            refused_epoch,
+            (snapshot.epoch, snapshot.version),
+        )
     }
 
     /// Refuses a rollback snapshot: the state held stays, but its revocations and kill
     /// marks are added (a union: they only ever deny more). Returns the rollback.
     pub fn refuse(&self, snapshot: &pb::WatchEvent) -> Rollback {
         let rollback = Rollback {
-            held: (self.epoch(), self.version()),
+            held: self.held().unwrap_or_default(),
             offered: (snapshot.epoch, snapshot.version),
         };
         *self.rollback.write().unwrap_or_else(|p| p.into_inner()) = Some(rollback);
@@ -259,7 +301,7 @@ impl State {
         slack: i64,
         max_token_ttl: i64,
     ) -> (Option<pb::PolicyRef>, (usize, usize)) {
-        let (view, jtis, kills) = build(&snapshot.items);
+        let (view, (jtis, kills)) = build(&snapshot.items);
         let kept = self
             .revocations
             .replace_keeping(jtis, kills, now, slack, max_token_ttl);
@@ -274,6 +316,7 @@ impl State {
         self.epoch.store(event.epoch, Ordering::Release);
         if event.snapshot {
             self.synced.store(true, Ordering::Release);
+            *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 
@@ -324,7 +367,7 @@ impl State {
     }
 
     fn replace(&self, items: &[pb::StateItem]) {
-        let (view, jtis, kills) = build(items);
+        let (view, (jtis, kills)) = build(items);
         self.revocations.replace(jtis, kills);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
     }
@@ -350,8 +393,7 @@ impl State {
 }
 
 /// A snapshot's items as a view, revoked token ids and kill marks.
-#[allow(clippy::type_complexity)]
-fn build(items: &[pb::StateItem]) -> (View, HashMap<String, i64>, Vec<(KillTarget, i64)>) {
+fn build(items: &[pb::StateItem]) -> (View, RevocationEntries) {
     let mut view = View::default();
     let mut jtis = HashMap::new();
     let mut kills = Vec::new();
@@ -364,7 +406,7 @@ fn build(items: &[pb::StateItem]) -> (View, HashMap<String, i64>, Vec<(KillTarge
             other => view.upsert(other),
         }
     }
-    (view, jtis, kills)
+    (view, (jtis, kills))
 }
 
 // === impl View ===

@@ -12,6 +12,9 @@ use std::sync::RwLock;
 
 use super::Claims;
 
+/// Revoked token ids (with their tokens' expiry) and kill marks (target, `before`).
+pub type RevocationEntries = (HashMap<String, i64>, Vec<(KillTarget, i64)>);
+
 /// Which entry of the revocation set matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokedBy {
@@ -220,6 +223,12 @@ impl Revocations {
             *held = fresh;
         });
         kept
+    }
+
+    /// Every revoked token id (with its expiry) and kill mark held.
+    pub fn entries(&self) -> RevocationEntries {
+        let s = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        (s.jtis.clone(), s.marks())
     }
 
     /// Drops revoked token ids whose token expired before `now - leeway`.
