@@ -752,6 +752,15 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     let (code, _, err) = fleet.ctl(&["state", "confirm-restore", "--reason", ""]);
     assert_ne!(code, 0, "a confirmation needs a reason");
     assert!(err.contains("reason"), "{err}");
+    // One tenant's admin cannot confirm for the whole fleet (exit 3: refused).
+    let tenant_admin = operator_cmd(&fleet.cp_data, "acme-admin", "admin", "acme");
+    let (code, _, err) = ctl(
+        fleet.cp.addr,
+        &tenant_admin,
+        &["state", "confirm-restore", "--reason", "undo the kill"],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("needs an admin of every tenant"), "{err}");
     let confirmed = fleet.ok(&[
         "state",
         "confirm-restore",
@@ -774,18 +783,32 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
     let ready = admin_get(admin, "/readyz").await;
     assert!(ready.ends_with("ready\n"), "{ready}");
-    // The confirmation is in the control plane's audit of operator actions.
+    // The confirmation, and the refused attempt, are in the control plane's audit of
+    // operator actions.
     let audit = rusqlite::Connection::open(fleet.cp_data.join(aegis::audit::store::AUDIT_DB_FILE))
         .expect("audit db");
-    let (actor, reason): (String, String) = audit
-        .query_row(
-            "SELECT actor, reason FROM audit_log WHERE action = 'state.confirm_restore'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+    let mut stmt = audit
+        .prepare(
+            "SELECT actor, decision, reason FROM audit_log \
+             WHERE action = 'state.confirm_restore' ORDER BY seq",
         )
-        .expect("an audit row for the confirmation");
-    assert!(actor.contains("root"), "{actor}");
-    assert_eq!(reason, "restored last night's backup");
+        .expect("prepare");
+    let rows: Vec<(String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].0.contains("acme-admin") && rows[0].1 == "refused",
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].0.contains("root")
+            && rows[1].1 == "ok"
+            && rows[1].2 == "restored last night's backup",
+        "{rows:?}"
+    );
 }
 
 /// The restore again, but the sidecar restarts while the restored control plane runs: it
