@@ -585,19 +585,6 @@ async fn an_incident_found_at_one_sidecar_contains_the_agent_at_every_sidecar() 
     assert_eq!(incident["decisions"].as_array().map(Vec::len), Some(5));
 }
 
-/// `GET <path>` on an admin listener: the whole response (status line, headers, body).
-async fn admin_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    let _ = s.write_all(head.as_bytes()).await;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out
-}
-
 /// The admin address a server announced.
 fn admin_of(server: &ChildServer) -> SocketAddr {
     server
@@ -686,7 +673,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
             .and_then(|n| n.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let before = connects(&admin_get(admin, "/metrics").await);
+    let before = connects(&http_get(admin, "/metrics").await);
 
     // The restore: the control plane stopped, the copy put back, started again.
     fleet.cp.child.kill().expect("SIGKILL");
@@ -696,7 +683,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
     assert!(
         eventually_async(Duration::from_secs(15), || async {
-            connects(&admin_get(admin, "/metrics").await) > before
+            connects(&http_get(admin, "/metrics").await) > before
         })
         .await,
         "the sidecar reaches the restored control plane"
@@ -709,14 +696,14 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ... and says why: metrics, readiness (still serving, with the reason).
-    let metrics = admin_get(admin, "/metrics").await;
+    let metrics = http_get(admin, "/metrics").await;
     assert!(
         metrics.contains("aegis_control_rollback_refused 1")
             && metrics.contains("aegis_control_revoked_tokens 1")
             && metrics.contains("aegis_control_state_epoch 0"),
         "{metrics}"
     );
-    let ready = admin_get(admin, "/readyz").await;
+    let ready = http_get(admin, "/readyz").await;
     assert!(
         ready.starts_with("HTTP/1.1 200")
             && ready.contains("rollback refused")
@@ -729,7 +716,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
         shown.contains("epoch:   0") && shown.contains("ahead of this control plane"),
         "{shown}"
     );
-    let cp_metrics = admin_get(admin_of(&fleet.cp), "/metrics").await;
+    let cp_metrics = http_get(admin_of(&fleet.cp), "/metrics").await;
     assert!(
         !cp_metrics.contains("aegis_control_sidecars_ahead_total 0")
             && cp_metrics.contains("aegis_control_sidecars_ahead_total"),
@@ -770,7 +757,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     assert!(confirmed.contains("epoch:   1"), "{confirmed}");
     assert!(
         eventually_async(Duration::from_secs(15), || async {
-            let m = admin_get(admin, "/metrics").await;
+            let m = http_get(admin, "/metrics").await;
             m.contains("aegis_control_state_epoch 1")
                 && m.contains("aegis_control_rollback_refused 0")
         })
@@ -781,7 +768,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     // The revocation the backup lacks is kept (a union) until the token expires.
     assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
     assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
-    let ready = admin_get(admin, "/readyz").await;
+    let ready = http_get(admin, "/readyz").await;
     assert!(ready.ends_with("ready\n"), "{ready}");
     // The confirmation, and the refused attempt, are in the control plane's audit of
     // operator actions.
@@ -809,6 +796,13 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
             && rows[1].2 == "restored last night's backup",
         "{rows:?}"
     );
+
+    // The epoch is stored with the state: a restart keeps it.
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(shown.contains("epoch:   1"), "{shown}");
 }
 
 /// The restore again, but the sidecar restarts while the restored control plane runs: it
@@ -865,7 +859,7 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
     let admin = admin_of(&fleet.sidecars[0].0);
     assert!(
         eventually_async(Duration::from_secs(15), || async {
-            admin_get(admin, "/metrics")
+            http_get(admin, "/metrics")
                 .await
                 .contains("aegis_control_connects_total 1")
         })
@@ -881,12 +875,12 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = admin_get(admin, "/metrics").await;
+    let metrics = http_get(admin, "/metrics").await;
     assert!(
         metrics.contains("aegis_control_rollback_refused 1"),
         "{metrics}"
     );
-    let ready = admin_get(admin, "/readyz").await;
+    let ready = http_get(admin, "/readyz").await;
     assert!(
         ready.starts_with("HTTP/1.1 503") && ready.contains("rollback refused"),
         "{ready}"
