@@ -95,11 +95,20 @@ impl Held {
         Ok(Some(held))
     }
 
-    /// Writes the file: a temporary file beside it, then renamed over it.
+    /// Writes the file (0600, like the rest of the data directory): a temporary file
+    /// beside it, synced, then renamed over it, so a crash leaves the old or the new one.
     pub fn save(&self, path: &Path) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, bytes)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| format!("{}: {e}", path.display()))
     }
@@ -165,6 +174,9 @@ mod tests {
         };
         held.save(&path).expect("save");
         assert_eq!(Held::load(&path), Ok(Some(held.clone())));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let (jtis, kills) = held.revocations();
         assert_eq!(jtis.get("jti-1"), Some(&1_900_000_000));
         assert_eq!(kills.len(), 1);
