@@ -885,6 +885,9 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
         ready.starts_with("HTTP/1.1 503") && ready.contains("rollback refused"),
         "{ready}"
     );
+    // The restarted sidecar told the control plane what it held before.
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(shown.contains("ahead of this control plane"), "{shown}");
 
     fleet.ok(&[
         "state",

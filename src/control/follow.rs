@@ -130,11 +130,9 @@ async fn follow_once(
     want: &watch::Sender<Option<pb::PolicyRef>>,
 ) -> Result<(), String> {
     let mut client = ControlPlaneClient::new(f.channel.clone());
-    let held = f
-        .state
-        .synced()
-        .then(|| (f.state.epoch(), f.state.version()));
-    let (seen_epoch, seen_version) = held.unwrap_or_default();
+    // What it holds (or remembered from before a restart), so that a control plane
+    // behind it can tell it was restored.
+    let (seen_epoch, seen_version) = f.state.held().unwrap_or_default();
     let mut req = tonic::Request::new(pb::WatchRequest {
         sidecar: f.name.clone(),
         seen_epoch,
@@ -219,7 +217,7 @@ fn remember(f: &Follow) {
 
 /// Follows the snapshot of a raised epoch, keeping what the restored state lacks.
 fn restore(f: &Follow, event: &pb::WatchEvent) -> Option<pb::PolicyRef> {
-    let held = (f.state.epoch(), f.state.version());
+    let held = f.state.held().unwrap_or_default();
     let (policy, (tokens, kills)) = f.state.restore(
         event,
         super::now_secs(),
