@@ -30,7 +30,7 @@ pub const HELD_FILE: &str = "control-state.json";
 pub struct Held {
     pub epoch: u64,
     pub version: u64,
-    /// The epoch at which a rollback was refused and not yet confirmed.
+    /// The epoch of a refused rollback snapshot, not yet confirmed.
     pub refused_epoch: Option<u64>,
     /// Revoked token ids and their tokens' expiry.
     pub revoked: Vec<(String, i64)>,
@@ -57,7 +57,7 @@ impl Held {
         Some(Self {
             epoch,
             version,
-            refused_epoch: state.rollback().map(|r| r.held.0),
+            refused_epoch: state.rollback().map(|r| r.offered.0),
             revoked: jtis.into_iter().collect(),
             kills: marks.into_iter().map(|(t, b)| Kill::of(t, b)).collect(),
         })

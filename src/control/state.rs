@@ -110,10 +110,12 @@ pub enum Admission {
 }
 
 /// The rule: `held` is the (epoch, version) held (None: no snapshot yet), `offered` the
-/// snapshot's. Once a rollback has been refused at an epoch (`refused_epoch`), every later
-/// snapshot of that epoch is refused too, even at a higher version: the rolled-back
-/// control plane counts up again from its old version, and reaching the held number does
-/// not bring back what it lost. Only a higher epoch is followed.
+/// snapshot's. Once a rollback of the held epoch has been refused (`refused_epoch`, the
+/// epoch the refused snapshot had), every later snapshot of that epoch is refused too, even
+/// at a higher version: the rolled-back control plane counts up again from its old
+/// version, and reaching the held number does not bring back what it lost. Only a higher
+/// epoch is followed then. (A refused snapshot of an older epoch, a stale replica, does
+/// not stop the sidecar from following the held epoch forward when the primary is back.)
 pub fn admission(
     held: Option<(u64, u64)>,
     refused_epoch: Option<u64>,
@@ -142,10 +144,11 @@ impl std::fmt::Display for Rollback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "control plane rollback refused: it offers state epoch {} version {}, behind \
-             epoch {} version {} held here (restored from a backup? a stale replica?); \
-             deciding from the state held (with none since a restart: failing closed) until \
-             an operator runs `aegis ctl state confirm-restore`",
+            "control plane rollback refused: it offers state epoch {} version {}, which does \
+             not follow epoch {} version {} held here (an older epoch or version, or the same \
+             epoch counting again after a refused rollback: restored from a backup? a stale \
+             replica?); deciding from the state held (with none since a restart: failing \
+             closed) until an operator runs `aegis ctl state confirm-restore`",
             self.offered.0, self.offered.1, self.held.0, self.held.1
         )
     }
@@ -252,7 +255,7 @@ impl State {
     pub fn admit(&self, snapshot: &pb::WatchEvent) -> Admission {
         let refused_epoch = self
             .rollback()
-            .map(|r| r.held.0)
+            .map(|r| r.offered.0)
             .or_else(|| self.remembered().and_then(|r| r.refused_epoch));
         admission(
             self.held(),
@@ -540,6 +543,9 @@ mod tests {
             // history: once refused at an epoch, only a higher epoch is followed.
             (Some((0, 5)), Some(0), (0, 6), Refuse),
             (Some((0, 5)), Some(0), (1, 7), Restore),
+            // A stale replica of an older epoch was refused; the primary is back.
+            (Some((1, 5)), Some(0), (1, 7), Follow),
+            (Some((1, 5)), Some(0), (0, 9), Refuse),
         ];
         for (held, refused, offered, want) in cases {
             assert_eq!(
@@ -655,6 +661,25 @@ mod tests {
                 .check(&claims("ancient-bot", "x", now - ttl - slack - 20)),
             None
         );
+    }
+
+    #[test]
+    fn a_refused_stale_replica_does_not_stop_following_the_primary() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.apply(&snapshot(1, 5, vec![]));
+        // A replica left at the epoch before the last confirmation is refused ...
+        let stale = snapshot(0, 9, vec![]);
+        assert_eq!(state.admit(&stale), Admission::Refuse);
+        state.refuse(&stale);
+        // ... and the primary, back, is followed forward; the replica still is not.
+        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Follow);
+        assert_eq!(state.admit(&snapshot(0, 12, vec![])), Admission::Refuse);
+        // Whereas after a refused rollback of the held epoch, its later versions are too.
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.apply(&snapshot(1, 5, vec![]));
+        state.refuse(&snapshot(1, 3, vec![]));
+        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Refuse);
+        assert_eq!(state.admit(&snapshot(2, 8, vec![])), Admission::Restore);
     }
 
     fn now() -> i64 {
