@@ -845,6 +845,18 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
         "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
     ]);
     assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
+    // The sidecar has written what it holds (after the event, off its Check path).
+    let held = fleet
+        .cp_data
+        .with_file_name("sidecar-0")
+        .join("control-state.json");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&held).is_ok_and(|t| t.contains(&jti))
+        })
+        .await,
+        "the sidecar remembers the revocation"
+    );
 
     // The sidecar stops; the control plane is restored; the sidecar starts again.
     let (mut sidecar, _) = fleet.sidecars.remove(0);

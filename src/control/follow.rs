@@ -83,6 +83,8 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
             }
         };
     let (want_tx, want_rx) = watch::channel::<Option<pb::PolicyRef>>(None);
+    let (dirty_tx, dirty_rx) = watch::channel(());
+    let saver = tokio::spawn(save_held(f.clone(), dirty_rx, shutdown.clone()));
     let installer = tokio::spawn(install_policies(
         f.clone(),
         credential.clone(),
@@ -93,7 +95,7 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
     let mut last_error = String::new();
     loop {
         let outcome = tokio::select! {
-            r = follow_once(&f, &credential, &want_tx) => r,
+            r = follow_once(&f, &credential, &want_tx, &dirty_tx) => r,
             _ = shutdown.changed() => break,
         };
         let was_connected = f.status.connected.swap(false, Ordering::AcqRel);
@@ -121,6 +123,8 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
     }
     f.status.connected.store(false, Ordering::Release);
     let _ = installer.await;
+    drop(dirty_tx);
+    let _ = saver.await;
 }
 
 /// One watch stream, until it ends.
@@ -128,6 +132,7 @@ async fn follow_once(
     f: &Follow,
     credential: &MetadataValue<tonic::metadata::Ascii>,
     want: &watch::Sender<Option<pb::PolicyRef>>,
+    dirty: &watch::Sender<()>,
 ) -> Result<(), String> {
     let mut client = ControlPlaneClient::new(f.channel.clone());
     // What it holds (or remembered from before a restart), so that a control plane
@@ -165,7 +170,7 @@ async fn follow_once(
         let policy = if !event.snapshot {
             if refusing {
                 f.state.apply_restrictive(&event.items, true);
-                remember(f);
+                dirty.send_replace(());
                 continue;
             }
             f.state.apply(&event)
@@ -179,12 +184,12 @@ async fn follow_once(
                     let rollback = f.state.refuse(&event);
                     crate::log!(error, "{rollback}");
                     refusing = true;
-                    remember(f);
+                    dirty.send_replace(());
                     continue;
                 }
             }
         };
-        remember(f);
+        dirty.send_replace(());
         f.status.events.fetch_add(1, Ordering::Relaxed);
         if event.snapshot && !f.status.connected.swap(true, Ordering::AcqRel) {
             crate::log!(
@@ -201,17 +206,32 @@ async fn follow_once(
     }
 }
 
-/// Saves what the sidecar holds for its next start; a failure is logged, not fatal (the
-/// sidecar goes on deciding; only a restart would forget).
-fn remember(f: &Follow) {
-    let Some(held) = Held::of(&f.state) else {
-        return;
-    };
-    if let Err(e) = held.save(&f.held_file) {
-        crate::log!(
-            error,
-            "control plane: cannot remember the state held for the next start: {e}"
-        );
+/// Saves what the sidecar holds for its next start ([`Held`]) whenever it changed, and
+/// once more on shutdown: on the blocking pool (the file is synced), a burst of events
+/// coalesced into one write of the latest state. A failure is logged, not fatal: the
+/// sidecar goes on deciding, only a restart would forget.
+async fn save_held(f: Follow, mut dirty: watch::Receiver<()>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let last = tokio::select! {
+            r = dirty.changed() => r.is_err(),
+            _ = shutdown.changed() => true,
+        };
+        if let Some(held) = Held::of(&f.state) {
+            let path = f.held_file.clone();
+            let saved = tokio::task::spawn_blocking(move || held.save(&path))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = saved {
+                crate::log!(
+                    error,
+                    "control plane: cannot remember the state held for the next start: {e}"
+                );
+            }
+        }
+        if last {
+            return;
+        }
     }
 }
 

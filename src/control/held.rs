@@ -11,9 +11,10 @@
 //! budgets are not kept: a sidecar never decides from a remembered state, only from a
 //! snapshot.
 //!
-//! The file (`control-state.json` in the data directory) is rewritten (a temporary file
-//! renamed over it) after every event applied; control events are rare. An unreadable
-//! file stops the start: ignoring it would silently forget what it guards.
+//! The file (`control-state.json` in the data directory, 0600) is rewritten (a synced
+//! temporary file renamed over it) after the events applied, by a task of the follower on
+//! the blocking pool, a burst coalesced into one write. An unreadable file stops the
+//! start: ignoring it would silently forget what it guards.
 
 use std::path::Path;
 
