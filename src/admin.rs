@@ -95,7 +95,15 @@ async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         }
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
         "/readyz" => match (state.ready)() {
-            Ok(()) => respond(&mut stream, 200, "text/plain", "ready\n").await,
+            // A refused rollback keeps the sidecar serving (it decides from the newest
+            // state it knew) but is said here, where a probe or an operator looks.
+            Ok(()) => match state.control_state.as_ref().and_then(|s| s.rollback()) {
+                Some(rollback) => {
+                    let body = format!("ready; warning: {rollback}\n");
+                    respond(&mut stream, 200, "text/plain", &body).await
+                }
+                None => respond(&mut stream, 200, "text/plain", "ready\n").await,
+            },
             Err(why) => {
                 respond(
                     &mut stream,
@@ -235,6 +243,30 @@ fn metrics(state: &AdminState) -> String {
             "",
             &[("", s.version())],
         );
+        metric(
+            &mut out,
+            "aegis_control_state_epoch",
+            "gauge",
+            "Epoch of the control-plane state this data plane enforces (raised by an operator's confirmation of a restore).",
+            "",
+            &[("", s.epoch())],
+        );
+        metric(
+            &mut out,
+            "aegis_control_rollback_refused",
+            "gauge",
+            "1 while this sidecar refuses a control-plane state behind the one it holds (restored backup, stale replica) and decides from its own.",
+            "",
+            &[("", u64::from(s.rollback().is_some()))],
+        );
+        metric(
+            &mut out,
+            "aegis_control_rollbacks_refused_total",
+            "counter",
+            "Control-plane snapshots refused as rollbacks since start.",
+            "",
+            &[("", s.rollbacks_refused())],
+        );
         let (tokens, kills) = s.revocations.applied();
         metric(
             &mut out,
@@ -288,6 +320,18 @@ fn metrics(state: &AdminState) -> String {
             "Sidecars following this control plane now.",
             "",
             &[("", core.watchers() as u64)],
+        );
+        metric(
+            &mut out,
+            "aegis_control_sidecars_ahead_total",
+            "counter",
+            "Watch calls from sidecars holding a state ahead of this control plane's (it was restored from a backup or failed over to a stale replica).",
+            "",
+            &[(
+                "",
+                core.sidecars_ahead
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )],
         );
         metric(
             &mut out,

@@ -37,6 +37,7 @@ pub mod budget;
 pub mod core;
 pub mod follow;
 pub mod graph;
+pub mod held;
 pub mod link;
 pub mod notify;
 pub mod rate;

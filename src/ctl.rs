@@ -99,6 +99,23 @@ enum CtlCommand {
     /// Incidents raised by the correlation engine.
     #[command(subcommand)]
     Incidents(IncidentsCommand),
+    /// The control state's epoch and version; confirm a restored backup.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Show the epoch and version, and any sidecar that reported a newer state.
+    Show,
+    /// Raise the epoch: the state this control plane holds now (restored from a backup,
+    /// failed over to a replica) is intended. Sidecars that refused it as a rollback follow
+    /// it again, keeping the revocations and kill marks they knew until their tokens expire.
+    /// Re-apply first what the backup lacks (freezes, tenant settings, policy).
+    ConfirmRestore {
+        #[command(flatten)]
+        r: Reason,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -578,7 +595,34 @@ async fn run(args: CtlArgs) -> Result<(), CtlError> {
         CtlCommand::Budgets(cmd) => budgets(&c, cmd).await,
         CtlCommand::Policy(cmd) => policy(&c, cmd).await,
         CtlCommand::Incidents(cmd) => incidents(&c, cmd).await,
+        CtlCommand::State(cmd) => state(&c, cmd).await,
     }
+}
+
+async fn state(c: &Client, cmd: StateCommand) -> Result<(), CtlError> {
+    let mut api = c.inner.clone();
+    let v = match cmd {
+        StateCommand::Show => api
+            .get_state_version(c.req(pb::GetStateVersionRequest {}))
+            .await?
+            .into_inner(),
+        StateCommand::ConfirmRestore { r } => api
+            .confirm_restore(c.req(pb::ConfirmRestoreRequest { reason: r.reason }))
+            .await?
+            .into_inner(),
+    };
+    c.show(&v, |v| {
+        let mut out = format!("epoch:   {}\nversion: {}\n", v.epoch, v.version);
+        if (v.highest_seen_epoch, v.highest_seen_version) > (v.epoch, v.version) {
+            out.push_str(&format!(
+                "warning: sidecar {:?} reported epoch {} version {}, ahead of this control \
+                 plane: restored from a backup? Sidecars refuse this state until \
+                 `aegis ctl state confirm-restore`\n",
+                v.highest_seen_by, v.highest_seen_epoch, v.highest_seen_version
+            ));
+        }
+        out
+    })
 }
 
 async fn agents(c: &Client, cmd: AgentsCommand) -> Result<(), CtlError> {

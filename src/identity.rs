@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 pub use jwt::{mint, parse_and_verify};
-pub use revocation::{KillTarget, Revocations, RevokedBy};
+pub use revocation::{KillTarget, RevocationEntries, Revocations, RevokedBy};
 
 /// The claims of an agent token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

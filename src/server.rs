@@ -268,7 +268,26 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                 state: state.clone(),
                 policy: policy.clone(),
                 status: Arc::new(FollowStatus::default()),
+                token_slack_secs: i64::try_from(config.token.leeway_secs)
+                    .unwrap_or(i64::MAX / 2)
+                    .saturating_add(60),
+                max_token_ttl_secs: i64::try_from(config.control.max_token_ttl_secs)
+                    .unwrap_or(i64::MAX / 2),
+                held_file: config.data_dir.join(crate::control::held::HELD_FILE),
             };
+            if let Some(held) =
+                crate::control::held::Held::load(&follow.held_file).map_err(StartError::Config)?
+            {
+                crate::log!(
+                    info,
+                    "control plane: last held state epoch {} version {} ({} revoked tokens, {} kill marks); the first snapshot must not be older",
+                    held.epoch,
+                    held.version,
+                    held.revoked.len(),
+                    held.kills.len()
+                );
+                state.remember(&held);
+            }
             (link, Some(follow))
         }
     };
@@ -893,6 +912,9 @@ impl Readiness {
         if let Some(policy) = &self.policy {
             policy.health()?;
             if !self.state.synced() {
+                if let Some(rollback) = self.state.rollback() {
+                    return Err(rollback.to_string());
+                }
                 return Err("control plane: no state received yet (a sidecar fails closed until its first snapshot)".into());
             }
         }

@@ -1333,3 +1333,64 @@ async fn an_override_is_redeemed_only_in_the_session_that_asked() {
     assert_eq!(code(&r), 0, "agent-wide binding: {r:?}");
     s.stop().await;
 }
+
+/// All-in-one: the epoch is raised only by an admin of every tenant, with a reason; each
+/// confirmation moves the epoch and the version up, and the in-process data plane follows.
+#[tokio::test]
+async fn only_a_global_admin_raises_the_state_epoch_and_it_only_goes_up() {
+    let (s, root, alice) = setup().await;
+    let version = |v: &pb::StateVersion| (v.epoch, v.version);
+    let before = root
+        .api()
+        .get_state_version(root.req(pb::GetStateVersionRequest {}))
+        .await
+        .expect("state version")
+        .into_inner();
+    assert_eq!(before.epoch, 0);
+
+    let refused = alice
+        .api()
+        .confirm_restore(alice.req(pb::ConfirmRestoreRequest {
+            reason: "undo a kill".into(),
+        }))
+        .await
+        .expect_err("an operator of one tenant cannot");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let no_reason = root
+        .api()
+        .confirm_restore(root.req(pb::ConfirmRestoreRequest { reason: " ".into() }))
+        .await
+        .expect_err("a reason is required");
+    assert_eq!(no_reason.code(), Code::InvalidArgument, "{no_reason:?}");
+
+    let after = root
+        .api()
+        .confirm_restore(root.req(pb::ConfirmRestoreRequest {
+            reason: "restored a backup".into(),
+        }))
+        .await
+        .expect("confirmed")
+        .into_inner();
+    assert_eq!(after.epoch, 1);
+    assert!(after.version > before.version, "{before:?} → {after:?}");
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_control_state_epoch 1")
+            && metrics.contains(&format!("aegis_control_state_version {}", after.version)),
+        "{metrics}"
+    );
+    let again = root
+        .api()
+        .get_state_version(root.req(pb::GetStateVersionRequest {}))
+        .await
+        .expect("state version")
+        .into_inner();
+    assert_eq!(version(&again), version(&after));
+    let rows = s.control_rows();
+    assert!(
+        rows.iter()
+            .any(|r| r.0 == "state.confirm_restore" && r.4 == "ok" && r.5 == "restored a backup"),
+        "{rows:?}"
+    );
+}

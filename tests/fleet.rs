@@ -749,3 +749,330 @@ async fn a_sidecar_serves_its_tenants_and_its_evidence_checks_against_its_log() 
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("d-fake"));
 }
+
+/// The admin address a server announced.
+fn admin_of(server: &ChildServer) -> SocketAddr {
+    server
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.split("admin ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<SocketAddr>()
+                .ok()
+        })
+        .expect("admin address")
+}
+
+/// A copy of a directory tree (a backup, as `cp -a` would take it).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// The reported attack: a restored copy of the control plane's data dir must not undo a
+/// revocation and a freeze. The sidecar refuses the older state (and says so), follows only
+/// once an operator confirms the restore, and even then keeps denying the token it knew
+/// was revoked.
+#[tokio::test]
+async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
+    let mut fleet = Fleet::start(1).await;
+    for a in ["alpha", "beta"] {
+        fleet.ok(&["agents", "register", a, "--tenant", "acme"]);
+    }
+    let issue = |fleet: &Fleet, a: &str| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                a,
+                "--tenant",
+                "acme",
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let (alpha, beta) = (issue(&fleet, "alpha"), issue(&fleet, "beta"));
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "allow").await);
+    let admin = admin_of(&fleet.sidecars[0].0);
+    let control = fleet.cp.addr;
+
+    // A backup: the control plane stopped, its data dir copied, started again.
+    let backup = fleet.cp_data.with_file_name("cp-backup");
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    copy_dir(&fleet.cp_data, &backup);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+
+    // Containment after the backup: alpha's token revoked, beta frozen.
+    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
+    ]))
+    .expect("json");
+    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+    fleet.ok(&[
+        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
+    ]);
+    fleet.ok(&[
+        "agents", "freeze", "beta", "--tenant", "acme", "--reason", "contain",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
+    assert!(all_see(&fleet, || Req::read_invoices(&beta), "agent_frozen").await);
+    let connects = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("aegis_control_connects_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = connects(&http_get(admin, "/metrics").await);
+
+    // The restore: the control plane stopped, the copy put back, started again.
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
+    copy_dir(&backup, &fleet.cp_data);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            connects(&http_get(admin, "/metrics").await) > before
+        })
+        .await,
+        "the sidecar reaches the restored control plane"
+    );
+    // It keeps denying both, for as long as we look (3 s, polled).
+    let (_, sc) = &fleet.sidecars[0];
+    for _ in 0..30 {
+        assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+        assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and says why: metrics, readiness (still serving, with the reason).
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_control_rollback_refused 1")
+            && metrics.contains("aegis_control_revoked_tokens 1")
+            && metrics.contains("aegis_control_state_epoch 0"),
+        "{metrics}"
+    );
+    let ready = http_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200")
+            && ready.contains("rollback refused")
+            && ready.contains("confirm-restore"),
+        "{ready}"
+    );
+    // The control plane learns it is behind a sidecar, and `aegis ctl` says so.
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(
+        shown.contains("epoch:   0") && shown.contains("ahead of this control plane"),
+        "{shown}"
+    );
+    let cp_metrics = http_get(admin_of(&fleet.cp), "/metrics").await;
+    assert!(
+        !cp_metrics.contains("aegis_control_sidecars_ahead_total 0")
+            && cp_metrics.contains("aegis_control_sidecars_ahead_total"),
+        "{cp_metrics}"
+    );
+
+    // The operator issues alpha a new token on the restored control plane, re-applies the
+    // freeze the backup lacks (a restrictive change reaches the refusing sidecar at once),
+    // and confirms the restore; a confirmation without a reason is refused.
+    let fresh = issue(&fleet, "alpha");
+    fleet.ok(&[
+        "agents",
+        "freeze",
+        "beta",
+        "--tenant",
+        "acme",
+        "--reason",
+        "re-applied",
+    ]);
+    let (code, _, err) = fleet.ctl(&["state", "confirm-restore", "--reason", ""]);
+    assert_ne!(code, 0, "a confirmation needs a reason");
+    assert!(err.contains("reason"), "{err}");
+    // One tenant's admin cannot confirm for the whole fleet (exit 3: refused).
+    let tenant_admin = operator_cmd(&fleet.cp_data, "acme-admin", "admin", "acme");
+    let (code, _, err) = ctl(
+        fleet.cp.addr,
+        &tenant_admin,
+        &["state", "confirm-restore", "--reason", "undo the kill"],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("needs an admin of every tenant"), "{err}");
+    let confirmed = fleet.ok(&[
+        "state",
+        "confirm-restore",
+        "--reason",
+        "restored last night's backup",
+    ]);
+    assert!(confirmed.contains("epoch:   1"), "{confirmed}");
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            let m = http_get(admin, "/metrics").await;
+            m.contains("aegis_control_state_epoch 1")
+                && m.contains("aegis_control_rollback_refused 0")
+        })
+        .await,
+        "the sidecar follows the confirmed epoch"
+    );
+    assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
+    // The revocation the backup lacks is kept (a union) until the token expires.
+    assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+    assert_eq!(seen(sc, Req::read_invoices(&beta)).await, "agent_frozen");
+    let ready = http_get(admin, "/readyz").await;
+    assert!(ready.ends_with("ready\n"), "{ready}");
+    // The confirmation, and the refused attempt, are in the control plane's audit of
+    // operator actions.
+    let audit = rusqlite::Connection::open(fleet.cp_data.join(aegis::audit::store::AUDIT_DB_FILE))
+        .expect("audit db");
+    let mut stmt = audit
+        .prepare(
+            "SELECT actor, decision, reason FROM audit_log \
+             WHERE action = 'state.confirm_restore' ORDER BY seq",
+        )
+        .expect("prepare");
+    let rows: Vec<(String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].0.contains("acme-admin") && rows[0].1 == "refused",
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].0.contains("root")
+            && rows[1].1 == "ok"
+            && rows[1].2 == "restored last night's backup",
+        "{rows:?}"
+    );
+
+    // The epoch is stored with the state: a restart keeps it.
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(shown.contains("epoch:   1"), "{shown}");
+}
+
+/// The restore again, but the sidecar restarts while the restored control plane runs: it
+/// remembers (its data dir) what it held, so it refuses the older state (failing closed,
+/// having none of its own to decide from) instead of following it silently, and after the
+/// operator's confirmation still denies the token it knew was revoked.
+#[tokio::test]
+async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
+    let mut fleet = Fleet::start(1).await;
+    fleet.ok(&["agents", "register", "alpha", "--tenant", "acme"]);
+    let issue = |fleet: &Fleet| {
+        fleet
+            .ok(&[
+                "tokens",
+                "issue",
+                "--agent",
+                "alpha",
+                "--tenant",
+                "acme",
+                "--scopes",
+                "invoices:read",
+            ])
+            .trim()
+            .to_owned()
+    };
+    let alpha = issue(&fleet);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
+    let control = fleet.cp.addr;
+    let backup = fleet.cp_data.with_file_name("cp-backup");
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    copy_dir(&fleet.cp_data, &backup);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
+        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
+    ]))
+    .expect("json");
+    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+    fleet.ok(&[
+        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
+    ]);
+    assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
+    // The sidecar has written what it holds (after the event, off its Check path).
+    let held = fleet
+        .cp_data
+        .with_file_name("sidecar-0")
+        .join("control-state.json");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&held).is_ok_and(|t| t.contains(&jti))
+        })
+        .await,
+        "the sidecar remembers the revocation"
+    );
+
+    // The sidecar stops; the control plane is restored; the sidecar starts again.
+    let (mut sidecar, _) = fleet.sidecars.remove(0);
+    sidecar.child.kill().expect("SIGKILL");
+    let _ = sidecar.child.wait();
+    fleet.cp.child.kill().expect("SIGKILL");
+    let _ = fleet.cp.child.wait();
+    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
+    copy_dir(&backup, &fleet.cp_data);
+    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    fleet.add_sidecar(0).await;
+    let admin = admin_of(&fleet.sidecars[0].0);
+    assert!(
+        eventually_async(Duration::from_secs(15), || async {
+            http_get(admin, "/metrics")
+                .await
+                .contains("aegis_control_connects_total 1")
+        })
+        .await,
+        "the restarted sidecar reaches the restored control plane"
+    );
+    // It never lets the revoked token in (3 s, polled): no state of its own, it fails closed.
+    let (_, sc) = &fleet.sidecars[0];
+    for _ in 0..30 {
+        assert_eq!(
+            seen(sc, Req::read_invoices(&alpha)).await,
+            "error:Unavailable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("aegis_control_rollback_refused 1"),
+        "{metrics}"
+    );
+    let ready = http_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("rollback refused"),
+        "{ready}"
+    );
+    // The restarted sidecar told the control plane what it held before.
+    let shown = fleet.ok(&["state", "show"]);
+    assert!(shown.contains("ahead of this control plane"), "{shown}");
+
+    fleet.ok(&[
+        "state",
+        "confirm-restore",
+        "--reason",
+        "restored last night's backup",
+    ]);
+    let fresh = issue(&fleet);
+    assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
+    assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
+}

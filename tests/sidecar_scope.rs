@@ -184,6 +184,7 @@ async fn a_sidecar_watches_only_its_own_tenants_state() {
         .api()
         .watch(sc.req(pb::WatchRequest {
             sidecar: "pod-1".into(),
+            ..Default::default()
         }))
         .await
         .expect("watch")

@@ -90,6 +90,11 @@ pub struct ControlCore {
     incidents_raised: Vec<std::sync::atomic::AtomicU64>,
     /// The fleet calls that make the control plane act, per sidecar credential.
     sidecar_rate: super::rate::SidecarRate,
+    /// The highest (epoch, version, sidecar) a sidecar reported holding above this
+    /// control plane's own since start: it was restored or failed over to a stale copy.
+    seen_ahead: std::sync::Mutex<Option<(u64, u64, String)>>,
+    /// Watch calls from sidecars holding a state ahead of this control plane's.
+    pub sidecars_ahead: std::sync::atomic::AtomicU64,
 }
 
 /// One audited control action.
@@ -180,6 +185,8 @@ impl ControlCore {
                 .iter()
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
+            seen_ahead: std::sync::Mutex::new(None),
+            sidecars_ahead: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -200,9 +207,16 @@ impl ControlCore {
         let _guard = self.publish.lock().await;
         let rx = self.events.subscribe();
         let now = now_secs();
-        let (version, items) = self.blocking(move |s| s.snapshot(now)).await?;
+        let (epoch, version, items) = self
+            .blocking(move |s| {
+                let (version, items) = s.snapshot(now)?;
+                let (epoch, _) = s.state_version()?;
+                Ok((epoch, version, items))
+            })
+            .await?;
         Ok((
             pb::WatchEvent {
+                epoch,
                 version,
                 snapshot: true,
                 items,
@@ -222,6 +236,104 @@ impl ControlCore {
         self.sidecar_rate
             .refused
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    // --- state epoch ---
+
+    /// Notes the (epoch, version) a watching sidecar says it holds. One ahead of this
+    /// control plane's own means this one lost changes (restored from a backup, failed
+    /// over to a stale replica): logged as an error and counted, never silently followed
+    /// (the sidecar refuses this state until an operator confirms the restore).
+    pub fn note_sidecar_state(&self, sidecar: &str, seen: (u64, u64), own: (u64, u64)) {
+        if seen <= own {
+            return;
+        }
+        self.sidecars_ahead
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::log!(
+            error,
+            "control plane: sidecar {sidecar:?} holds state epoch {} version {}, ahead of this \
+             control plane's epoch {} version {}: restored from a backup or failed over to a \
+             stale replica? Changes made since are lost here (revocations, kills, freezes); \
+             sidecars refuse this state until an operator re-applies what is missing and runs \
+             `aegis ctl state confirm-restore`",
+            seen.0,
+            seen.1,
+            own.0,
+            own.1
+        );
+        let mut highest = self.seen_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        if highest.as_ref().is_none_or(|h| (h.0, h.1) < seen) {
+            *highest = Some((seen.0, seen.1, sidecar.to_owned()));
+        }
+    }
+
+    /// The state's (epoch, version) and the highest a sidecar reported above it.
+    pub async fn state_version(
+        &self,
+        op: &Operator,
+        _req: pb::GetStateVersionRequest,
+    ) -> Result<pb::StateVersion, ControlError> {
+        op.require(Need::Read, "")?;
+        let own = self.blocking(|s| s.state_version()).await?;
+        Ok(self.state_version_of(own))
+    }
+
+    fn state_version_of(&self, (epoch, version): (u64, u64)) -> pb::StateVersion {
+        let seen = self
+            .seen_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        pb::StateVersion {
+            epoch,
+            version,
+            highest_seen_epoch: seen.0,
+            highest_seen_version: seen.1,
+            highest_seen_by: seen.2,
+        }
+    }
+
+    /// Raises the epoch: the operator says the state held now (restored from a backup)
+    /// is intended. Sidecars that refused it as a rollback follow it again; they keep the
+    /// revocations and kill marks they knew until the tokens those cover expire. Audited
+    /// as `state.confirm_restore`.
+    pub async fn confirm_restore(
+        &self,
+        op: &Operator,
+        req: pb::ConfirmRestoreRequest,
+    ) -> Result<pb::StateVersion, ControlError> {
+        op.require(Need::Global, "")?;
+        required_reason(&req.reason, "state.confirm-restore")?;
+        let (epoch, version) = {
+            let _guard = self.publish.lock().await;
+            let (epoch, version) = self.blocking(|s| s.raise_epoch()).await?;
+            // An event with no items: it carries the new epoch to every watcher (a
+            // sidecar resyncs from a fresh snapshot on seeing it) and the local data plane.
+            let event = pb::WatchEvent {
+                epoch,
+                version,
+                snapshot: false,
+                items: Vec::new(),
+            };
+            if let Some(local) = &self.local {
+                local.state.apply(&event);
+            }
+            let _ = self.events.send(Arc::new(event));
+            (epoch, version)
+        };
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "state.confirm_restore", "");
+        act.target = format!("state:epoch={epoch} version={version}");
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        crate::log!(
+            warn,
+            "control plane: {actor} confirmed the restored state: epoch {epoch} version {version} ({})",
+            req.reason
+        );
+        Ok(self.state_version_of((epoch, version)))
     }
 
     /// Watchers connected now.
@@ -278,15 +390,16 @@ impl ControlCore {
     ) -> Result<T, ControlError> {
         let _guard = self.publish.lock().await;
         let change = self.blocking(f).await?;
-        self.deliver(change.version, change.items);
+        self.deliver(change.epoch, change.version, change.items);
         Ok(change.value)
     }
 
-    fn deliver(&self, version: u64, items: Vec<pb::StateItem>) {
+    fn deliver(&self, epoch: u64, version: u64, items: Vec<pb::StateItem>) {
         if items.is_empty() {
             return;
         }
         let event = pb::WatchEvent {
+            epoch,
             version,
             snapshot: false,
             items,
@@ -1325,7 +1438,7 @@ impl ControlCore {
             {
                 local.policy.install(Arc::new(compiled));
             }
-            self.deliver(change.version, change.items);
+            self.deliver(change.epoch, change.version, change.items);
             change.value
         };
         let mut act = Act::new(actor, "policy.activate", "");

@@ -7,6 +7,18 @@
 //! with exponential backoff and jitter (100 ms doubling to 5 s), and on reconnecting
 //! applies a fresh snapshot, so whatever it missed is included.
 //!
+//! A snapshot behind the state held (a lower epoch, or a lower version of the same epoch:
+//! the control plane was restored from a backup, failed over to a stale replica, or had
+//! its database replaced) is refused ([`super::state::admission`]): the sidecar keeps
+//! deciding from what it holds, adds only the revocations and kill marks it is sent (they
+//! can only deny more), logs an error naming both (epoch, version) pairs, counts it, and
+//! says so in `/readyz` and the metrics. It stays SERVING: the state it decides from is
+//! the newest it knew, stricter than the offered one, and taking every agent pod out of
+//! service because a backup was restored would turn a recovery into an outage. When an
+//! operator confirms the restore (`aegis ctl state confirm-restore`, which raises the
+//! epoch) the sidecar resyncs and follows, keeping the revocations and kill marks it knew
+//! until the tokens they cover expire.
+//!
 //! Policy revisions are installed by a separate task (fetch the bundle by digest, compile,
 //! swap), so a slow compile never holds back a kill behind it; the newest revision wins.
 
@@ -18,8 +30,9 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use super::held::Held;
 use super::pb::{self, control_plane_client::ControlPlaneClient};
-use super::state::State;
+use super::state::{Admission, State};
 use crate::policy::{BundleFiles, CompiledBundle, Policy};
 
 /// The follower's connection, for health and metrics.
@@ -44,6 +57,13 @@ pub struct Follow {
     pub state: Arc<State>,
     pub policy: Arc<Policy>,
     pub status: Arc<FollowStatus>,
+    /// Seconds past `exp` a token is still accepted (clock skew), plus a margin.
+    pub token_slack_secs: i64,
+    /// The longest token lifetime (`control.max_token_ttl_secs`): how long a kill mark
+    /// kept across a confirmed restore can still cover a live token.
+    pub max_token_ttl_secs: i64,
+    /// Where the sidecar remembers its position and revocations ([`super::held`]).
+    pub held_file: std::path::PathBuf,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -63,6 +83,8 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
             }
         };
     let (want_tx, want_rx) = watch::channel::<Option<pb::PolicyRef>>(None);
+    let (dirty_tx, dirty_rx) = watch::channel(());
+    let saver = tokio::spawn(save_held(f.clone(), dirty_rx, shutdown.clone()));
     let installer = tokio::spawn(install_policies(
         f.clone(),
         credential.clone(),
@@ -73,7 +95,7 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
     let mut last_error = String::new();
     loop {
         let outcome = tokio::select! {
-            r = follow_once(&f, &credential, &want_tx) => r,
+            r = follow_once(&f, &credential, &want_tx, &dirty_tx) => r,
             _ = shutdown.changed() => break,
         };
         let was_connected = f.status.connected.swap(false, Ordering::AcqRel);
@@ -101,6 +123,8 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
     }
     f.status.connected.store(false, Ordering::Release);
     let _ = installer.await;
+    drop(dirty_tx);
+    let _ = saver.await;
 }
 
 /// One watch stream, until it ends.
@@ -108,10 +132,16 @@ async fn follow_once(
     f: &Follow,
     credential: &MetadataValue<tonic::metadata::Ascii>,
     want: &watch::Sender<Option<pb::PolicyRef>>,
+    dirty: &watch::Sender<()>,
 ) -> Result<(), String> {
     let mut client = ControlPlaneClient::new(f.channel.clone());
+    // What it holds (or remembered from before a restart), so that a control plane
+    // behind it can tell it was restored.
+    let (seen_epoch, seen_version) = f.state.held().unwrap_or_default();
     let mut req = tonic::Request::new(pb::WatchRequest {
         sidecar: f.name.clone(),
+        seen_epoch,
+        seen_version,
     });
     req.metadata_mut()
         .insert("authorization", credential.clone());
@@ -121,18 +151,51 @@ async fn follow_once(
         .map_err(|s| format!("watch refused: {:?}: {}", s.code(), s.message()))?
         .into_inner();
     f.status.connects.fetch_add(1, Ordering::Relaxed);
+    // The epoch of this stream's snapshot, and whether that snapshot was refused.
+    let mut stream_epoch = 0;
+    let mut refusing = false;
     loop {
         let event = stream
             .message()
             .await
             .map_err(|s| format!("watch broke: {:?}: {}", s.code(), s.message()))?;
         let Some(event) = event else { return Ok(()) };
-        let policy = f.state.apply(&event);
+        if !event.snapshot && event.epoch != stream_epoch {
+            // An operator raised the epoch: judge a fresh snapshot of it.
+            return Err(format!(
+                "the control plane moved to state epoch {}; resyncing",
+                event.epoch
+            ));
+        }
+        let policy = if !event.snapshot {
+            if refusing {
+                f.state.apply_restrictive(&event.items, true);
+                dirty.send_replace(());
+                continue;
+            }
+            f.state.apply(&event)
+        } else {
+            stream_epoch = event.epoch;
+            refusing = false;
+            match f.state.admit(&event) {
+                Admission::Follow => f.state.apply(&event),
+                Admission::Restore => restore(f, &event),
+                Admission::Refuse => {
+                    let rollback = f.state.refuse(&event);
+                    crate::log!(error, "{rollback}");
+                    refusing = true;
+                    dirty.send_replace(());
+                    continue;
+                }
+            }
+        };
+        dirty.send_replace(());
         f.status.events.fetch_add(1, Ordering::Relaxed);
         if event.snapshot && !f.status.connected.swap(true, Ordering::AcqRel) {
             crate::log!(
                 info,
-                "control plane: following at version {} ({} items)",
+                "control plane: following at epoch {} version {} ({} items)",
+                event.epoch,
                 event.version,
                 event.items.len()
             );
@@ -141,6 +204,57 @@ async fn follow_once(
             want.send_replace(Some(p));
         }
     }
+}
+
+/// Saves what the sidecar holds for its next start ([`Held`]) whenever it changed, and
+/// once more on shutdown: on the blocking pool (the file is synced), a burst of events
+/// coalesced into one write of the latest state. A failure is logged, not fatal: the
+/// sidecar goes on deciding, only a restart would forget.
+async fn save_held(f: Follow, mut dirty: watch::Receiver<()>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let last = tokio::select! {
+            r = dirty.changed() => r.is_err(),
+            _ = shutdown.changed() => true,
+        };
+        if let Some(held) = Held::of(&f.state) {
+            let path = f.held_file.clone();
+            let saved = tokio::task::spawn_blocking(move || held.save(&path))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = saved {
+                crate::log!(
+                    error,
+                    "control plane: cannot remember the state held for the next start: {e}"
+                );
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Follows the snapshot of a raised epoch, keeping what the restored state lacks.
+fn restore(f: &Follow, event: &pb::WatchEvent) -> Option<pb::PolicyRef> {
+    let held = f.state.held().unwrap_or_default();
+    let (policy, (tokens, kills)) = f.state.restore(
+        event,
+        super::now_secs(),
+        f.token_slack_secs,
+        f.max_token_ttl_secs,
+    );
+    crate::log!(
+        warn,
+        "control plane: an operator confirmed a restored state: following epoch {} version {} \
+         (held epoch {} version {}), keeping {tokens} revoked tokens and {kills} kill marks \
+         it lacks until their tokens expire",
+        event.epoch,
+        event.version,
+        held.0,
+        held.1
+    );
+    policy
 }
 
 /// Installs the newest policy revision the control plane names.

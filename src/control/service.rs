@@ -382,6 +382,24 @@ impl ControlPlane for ControlService {
         })
     }
 
+    async fn get_state_version(
+        &self,
+        req: Request<pb::GetStateVersionRequest>,
+    ) -> Answer<pb::StateVersion> {
+        call!(self, req, "state.version", none, |op, b| {
+            self.core.state_version(&op, b).await
+        })
+    }
+
+    async fn confirm_restore(
+        &self,
+        req: Request<pb::ConfirmRestoreRequest>,
+    ) -> Answer<pb::StateVersion> {
+        call!(self, req, "state.confirm_restore", none, |op, b| {
+            self.core.confirm_restore(&op, b).await
+        })
+    }
+
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Answer<Self::WatchStream> {
@@ -389,15 +407,22 @@ impl ControlPlane for ControlService {
         if let Err(e) = op.require(super::auth::Need::Fleet, "") {
             return self.answer(&op, "watch", "", Err(e)).await;
         }
-        let sidecar = req.into_inner().sidecar;
+        let req = req.into_inner();
+        let sidecar = req.sidecar;
         let scope = op.scope();
         let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
+        self.core.note_sidecar_state(
+            &sidecar,
+            (req.seen_epoch, req.seen_version),
+            (snapshot.epoch, snapshot.version),
+        );
         let snapshot = scoped(scope.as_deref(), &snapshot);
         crate::log!(
             info,
-            "control plane: sidecar {sidecar:?} ({} for tenant(s) {}) watching from version {}",
+            "control plane: sidecar {sidecar:?} ({} for tenant(s) {}) watching from epoch {} version {}",
             op.name,
             op.tenant,
+            snapshot.epoch,
             snapshot.version
         );
         Ok(Response::new(Box::pin(watch_stream(
@@ -610,6 +635,7 @@ pub fn visible(scope: Option<&[String]>, item: &pb::StateItem) -> bool {
 fn scoped(scope: Option<&[String]>, event: &pb::WatchEvent) -> pb::WatchEvent {
     pb::WatchEvent {
         version: event.version,
+        epoch: event.epoch,
         snapshot: event.snapshot,
         items: event
             .items
@@ -662,8 +688,12 @@ fn watch_stream(
                 Ok(ev) if ev.version <= s.version => continue,
                 Ok(ev) => {
                     s.version = ev.version;
+                    // An event that had no items carries a new epoch (a confirmed
+                    // restore): every watcher gets it. Otherwise a delta with nothing
+                    // left for this watcher's tenants is not sent.
+                    let epoch_only = ev.items.is_empty();
                     let ev = scoped(s.scope.as_deref(), &ev);
-                    if ev.items.is_empty() {
+                    if ev.items.is_empty() && !epoch_only {
                         continue;
                     }
                     return Some((Ok(ev), s));

@@ -4,6 +4,13 @@
 //! upserts the items it carries. The all-in-one server applies every change before the
 //! control call that made it returns; a fleet sidecar applies them as they arrive. Reads
 //! take one short read lock and never await.
+//!
+//! The state carries the control plane's (epoch, version). A fleet sidecar follows a
+//! snapshot only forward ([`admission`]): a lower one is a rollback (a restored backup, a
+//! stale replica, someone with the control plane's disk) that would silently undo
+//! revocations, kills and freezes, so the sidecar keeps deciding from what it holds until
+//! an operator raises the epoch; then it keeps the revocations and kill marks it knew
+//! until the tokens they cover expire.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use super::budget::Limit;
 use super::pb::{self, KillScope, state_item::Item};
-use crate::identity::{Claims, KillTarget, Revocations};
+use crate::identity::{Claims, KillTarget, RevocationEntries, Revocations};
 
 /// An agent's status as the data plane enforces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +101,70 @@ struct View {
     policy: Option<pb::PolicyRef>,
 }
 
+/// What a follower does with a snapshot, by its (epoch, version) against the held one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Nothing held yet, or the same epoch at the same or a later version: replace.
+    Follow,
+    /// A higher epoch (an operator confirmed a restore): replace, keeping the revocations
+    /// and kill marks held until the tokens they cover expire.
+    Restore,
+    /// A lower epoch, or a lower version of the held epoch: a rollback. Keep the state.
+    Refuse,
+}
+
+/// The rule: `held` is the (epoch, version) held (None: no snapshot yet), `offered` the
+/// snapshot's. Once a rollback of the held epoch has been refused (`refused_epoch`, the
+/// epoch the refused snapshot had), every later snapshot of that epoch is refused too, even
+/// at a higher version: the rolled-back control plane counts up again from its old
+/// version, and reaching the held number does not bring back what it lost. Only a higher
+/// epoch is followed then. (A refused snapshot of an older epoch, a stale replica, does
+/// not stop the sidecar from following the held epoch forward when the primary is back.)
+pub fn admission(
+    held: Option<(u64, u64)>,
+    refused_epoch: Option<u64>,
+    offered: (u64, u64),
+) -> Admission {
+    let Some(held) = held else {
+        return Admission::Follow;
+    };
+    if offered.0 > held.0 {
+        Admission::Restore
+    } else if offered.0 == held.0 && refused_epoch != Some(held.0) && offered.1 >= held.1 {
+        Admission::Follow
+    } else {
+        Admission::Refuse
+    }
+}
+
+/// A refused rollback: the (epoch, version) held and the lower one offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollback {
+    pub held: (u64, u64),
+    pub offered: (u64, u64),
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "control plane rollback refused: it offers state epoch {} version {}, which does \
+             not follow epoch {} version {} held here (an older epoch or version, or the same \
+             epoch counting again after a refused rollback: restored from a backup? a stale \
+             replica?); deciding from the state held (with none since a restart: failing \
+             closed) until an operator runs `aegis ctl state confirm-restore`",
+            self.offered.0, self.offered.1, self.held.0, self.held.1
+        )
+    }
+}
+
+/// What a sidecar remembered from before its restart ([`super::held`]).
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    held: (u64, u64),
+    refused_epoch: Option<u64>,
+}
+
 /// The control state a data plane enforces.
 #[derive(Debug)]
 pub struct State {
@@ -101,11 +172,20 @@ pub struct State {
     pub revocations: Arc<Revocations>,
     view: RwLock<View>,
     version: AtomicU64,
+    /// Raised only by an operator's confirmation of a restore.
+    epoch: AtomicU64,
     /// Whether a snapshot has been applied: a fleet sidecar without one fails closed.
     synced: AtomicBool,
     unregistered_tier: Arc<str>,
     /// A fleet sidecar's tenants (its credential's); unset: every tenant (all-in-one).
     served: std::sync::OnceLock<Vec<String>>,
+    /// The rollback being refused now, if any.
+    rollback: RwLock<Option<Rollback>>,
+    /// Remembered from before this process started ([`super::held`]), until a snapshot
+    /// is applied: the (epoch, version) held then and the epoch of a refused rollback.
+    remembered: RwLock<Option<Remembered>>,
+    /// Rollback snapshots refused since start.
+    rollbacks_refused: AtomicU64,
 }
 
 // === impl State ===
@@ -118,9 +198,13 @@ impl State {
             revocations,
             view: RwLock::new(View::default()),
             version: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             synced: AtomicBool::new(synced),
             unregistered_tier: Arc::from("unspecified"),
             served: std::sync::OnceLock::new(),
+            rollback: RwLock::new(None),
+            remembered: RwLock::new(None),
+            rollbacks_refused: AtomicU64::new(0),
         }
     }
 
@@ -137,6 +221,118 @@ impl State {
     /// The version of the last event applied.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
+    }
+
+    /// The epoch of the last event applied.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The rollback refused now, if any (for readiness and metrics).
+    pub fn rollback(&self) -> Option<Rollback> {
+        *self.rollback.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rollback snapshots refused since start.
+    pub fn rollbacks_refused(&self) -> u64 {
+        self.rollbacks_refused.load(Ordering::Relaxed)
+    }
+
+    /// The (epoch, version) held: the last applied, or before the first snapshot, the
+    /// one remembered from before a restart (None: neither).
+    pub fn held(&self) -> Option<(u64, u64)> {
+        if self.synced() {
+            return Some((self.epoch(), self.version()));
+        }
+        self.remembered().map(|r| r.held)
+    }
+
+    fn remembered(&self) -> Option<Remembered> {
+        *self.remembered.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes what a sidecar remembered across its restart: the position its first
+    /// snapshot is judged against, and the revocations a confirmed restore keeps. The
+    /// state stays unsynced (Checks fail closed) until a snapshot is applied.
+    pub fn remember(&self, held: &super::held::Held) {
+        let (jtis, kills) = held.revocations();
+        self.revocations.replace(jtis, kills);
+        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = Some(Remembered {
+            held: (held.epoch, held.version),
+            refused_epoch: held.refused_epoch,
+        });
+    }
+
+    /// What to do with a snapshot ([`admission`]).
+    pub fn admit(&self, snapshot: &pb::WatchEvent) -> Admission {
+        let refused_epoch = self
+            .rollback()
+            .map(|r| r.offered.0)
+            .or_else(|| self.remembered().and_then(|r| r.refused_epoch));
+        admission(
+            self.held(),
+            refused_epoch,
+            (snapshot.epoch, snapshot.version),
+        )
+    }
+
+    /// Refuses a rollback snapshot: the state held stays, but its revocations and kill
+    /// marks are added (a union: they only ever deny more). Returns the rollback.
+    pub fn refuse(&self, snapshot: &pb::WatchEvent) -> Rollback {
+        let rollback = Rollback {
+            held: self.held().unwrap_or_default(),
+            offered: (snapshot.epoch, snapshot.version),
+        };
+        *self.rollback.write().unwrap_or_else(|p| p.into_inner()) = Some(rollback);
+        self.rollbacks_refused.fetch_add(1, Ordering::Relaxed);
+        self.apply_restrictive(&snapshot.items, false);
+        rollback
+    }
+
+    /// Applies, from a refused control plane's events, only what denies more: revoked
+    /// tokens and kill marks, and (`statuses`: from its deltas, new operator actions, not
+    /// from its snapshot, which holds the old statuses) agent statuses other than active.
+    pub fn apply_restrictive(&self, items: &[pb::StateItem], statuses: bool) {
+        let restrictive: Vec<pb::StateItem> = items
+            .iter()
+            .filter(|i| match &i.item {
+                Some(Item::RevokedToken(_) | Item::Kill(_)) => true,
+                Some(Item::Agent(a)) => statuses && a.status != super::ACTIVE,
+                _ => false,
+            })
+            .cloned()
+            .collect();
+        self.upsert(&restrictive);
+    }
+
+    /// Follows the snapshot of a higher epoch (an operator confirmed a restore): replaces
+    /// the state, keeping the revocations and kill marks held that can still cover an
+    /// unexpired token ([`Revocations::replace_keeping`]). Returns the policy reference
+    /// and (token ids, kill marks) kept.
+    pub fn restore(
+        &self,
+        snapshot: &pb::WatchEvent,
+        now: i64,
+        slack: i64,
+        max_token_ttl: i64,
+    ) -> (Option<pb::PolicyRef>, (usize, usize)) {
+        let (view, (jtis, kills)) = build(&snapshot.items);
+        let kept = self
+            .revocations
+            .replace_keeping(jtis, kills, now, slack, max_token_ttl);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        self.set_position(snapshot);
+        *self.rollback.write().unwrap_or_else(|p| p.into_inner()) = None;
+        (self.policy(), kept)
+    }
+
+    fn set_position(&self, event: &pb::WatchEvent) {
+        self.version.store(event.version, Ordering::Release);
+        self.epoch.store(event.epoch, Ordering::Release);
+        if event.snapshot {
+            self.synced.store(true, Ordering::Release);
+            *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// The active policy revision, as the control plane last said.
@@ -186,10 +382,7 @@ impl State {
         } else {
             self.upsert(&event.items);
         }
-        self.version.store(event.version, Ordering::Release);
-        if event.snapshot {
-            self.synced.store(true, Ordering::Release);
-        }
+        self.set_position(event);
         let after = self.policy();
         (after != policy_before || event.snapshot)
             .then_some(after)
@@ -197,18 +390,7 @@ impl State {
     }
 
     fn replace(&self, items: &[pb::StateItem]) {
-        let mut view = View::default();
-        let mut jtis = HashMap::new();
-        let mut kills = Vec::new();
-        for item in items.iter().filter_map(|i| i.item.as_ref()) {
-            match item {
-                Item::RevokedToken(t) => {
-                    jtis.insert(t.jti.clone(), t.expires_at);
-                }
-                Item::Kill(k) => kills.extend(kill_target(k).map(|t| (t, k.before))),
-                other => view.upsert(other),
-            }
-        }
+        let (view, (jtis, kills)) = build(items);
         self.revocations.replace(jtis, kills);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
     }
@@ -231,6 +413,23 @@ impl State {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, View> {
         self.view.read().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A snapshot's items as a view, revoked token ids and kill marks.
+fn build(items: &[pb::StateItem]) -> (View, RevocationEntries) {
+    let mut view = View::default();
+    let mut jtis = HashMap::new();
+    let mut kills = Vec::new();
+    for item in items.iter().filter_map(|i| i.item.as_ref()) {
+        match item {
+            Item::RevokedToken(t) => {
+                jtis.insert(t.jti.clone(), t.expires_at);
+            }
+            Item::Kill(k) => kills.extend(kill_target(k).map(|t| (t, k.before))),
+            other => view.upsert(other),
+        }
+    }
+    (view, (jtis, kills))
 }
 
 // === impl View ===
@@ -294,5 +493,217 @@ pub fn kill_target(k: &pb::KillMark) -> Option<KillTarget> {
         KillScope::Tenant => Some(KillTarget::Tenant(k.tenant.clone())),
         KillScope::All => Some(KillTarget::All),
         KillScope::Token | KillScope::Unspecified => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(agent: &str, jti: &str, iat: i64) -> Claims {
+        serde_json::from_value(serde_json::json!({
+            "iss": "aegis", "aud": "aegis", "sub": agent, "tenant": "acme",
+            "scopes": [], "sid": "s1", "jti": jti, "iat": iat, "nbf": iat, "exp": iat + 3600,
+        }))
+        .expect("claims")
+    }
+
+    fn agent(id: &str, status: &str) -> pb::StateItem {
+        pb::StateItem {
+            item: Some(Item::Agent(pb::AgentState {
+                tenant: "acme".into(),
+                id: id.into(),
+                status: status.into(),
+                risk_tier: "low".into(),
+            })),
+        }
+    }
+
+    fn revoked(jti: &str, expires_at: i64) -> pb::StateItem {
+        pb::StateItem {
+            item: Some(Item::RevokedToken(pb::RevokedToken {
+                jti: jti.into(),
+                expires_at,
+                tenant: "acme".into(),
+            })),
+        }
+    }
+
+    fn agent_kill(id: &str, before: i64) -> pb::StateItem {
+        pb::StateItem {
+            item: Some(Item::Kill(pb::KillMark {
+                scope: KillScope::Agent as i32,
+                tenant: "acme".into(),
+                target: id.into(),
+                before,
+            })),
+        }
+    }
+
+    fn snapshot(epoch: u64, version: u64, items: Vec<pb::StateItem>) -> pb::WatchEvent {
+        pb::WatchEvent {
+            epoch,
+            version,
+            snapshot: true,
+            items,
+        }
+    }
+
+    #[test]
+    fn only_a_forward_snapshot_is_followed() {
+        use Admission::*;
+        // (held, refused epoch, offered) → what the follower does.
+        let cases = [
+            (None, None, (0, 3), Follow),
+            (Some((0, 5)), None, (0, 5), Follow),
+            (Some((0, 5)), None, (0, 9), Follow),
+            (Some((0, 5)), None, (0, 3), Refuse),
+            (Some((2, 5)), None, (1, 90), Refuse),
+            (Some((0, 5)), None, (1, 1), Restore),
+            // A restored control plane counting past the held version is still the lost
+            // history: once refused at an epoch, only a higher epoch is followed.
+            (Some((0, 5)), Some(0), (0, 6), Refuse),
+            (Some((0, 5)), Some(0), (1, 7), Restore),
+            // A stale replica of an older epoch was refused; the primary is back.
+            (Some((1, 5)), Some(0), (1, 7), Follow),
+            (Some((1, 5)), Some(0), (0, 9), Refuse),
+        ];
+        for (held, refused, offered, want) in cases {
+            assert_eq!(
+                admission(held, refused, offered),
+                want,
+                "held {held:?} refused {refused:?} offered {offered:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_rollback_keeps_the_state_and_adds_only_what_denies_more() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        let now = now();
+        state.apply(&snapshot(
+            0,
+            5,
+            vec![
+                agent("frozen-bot", super::super::FROZEN),
+                agent("bot", super::super::ACTIVE),
+                revoked("jti-late", now + 3600),
+            ],
+        ));
+        // The restored copy: taken before the freeze and the revocation, with one
+        // revocation of its own made since the restore.
+        let old = snapshot(
+            0,
+            3,
+            vec![
+                agent("frozen-bot", super::super::ACTIVE),
+                agent("bot", super::super::ACTIVE),
+                revoked("jti-new", now + 3600),
+            ],
+        );
+        assert_eq!(state.admit(&old), Admission::Refuse);
+        let rollback = state.refuse(&old);
+        assert_eq!(rollback.held, (0, 5));
+        assert_eq!(rollback.offered, (0, 3));
+        assert_eq!(state.version(), 5);
+        let frozen = state.agent(&claims("frozen-bot", "a", now));
+        assert_eq!(frozen.status, AgentStatus::Frozen);
+        for jti in ["jti-late", "jti-new"] {
+            assert!(
+                state.revocations.check(&claims("bot", jti, now)).is_some(),
+                "{jti} is denied"
+            );
+        }
+        let text = rollback.to_string();
+        assert!(
+            text.contains("epoch 0 version 3") && text.contains("epoch 0 version 5"),
+            "{text}"
+        );
+        // A delta from the refused control plane: a new freeze applies, an unfreeze not.
+        state.apply_restrictive(
+            &[
+                agent("bot", super::super::FROZEN),
+                agent("frozen-bot", super::super::ACTIVE),
+            ],
+            true,
+        );
+        assert_eq!(
+            state.agent(&claims("bot", "b", now)).status,
+            AgentStatus::Frozen
+        );
+        assert_eq!(
+            state.agent(&claims("frozen-bot", "b", now)).status,
+            AgentStatus::Frozen
+        );
+    }
+
+    #[test]
+    fn a_confirmed_restore_keeps_revocations_and_kills_until_their_tokens_expire() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        let now = now();
+        let (slack, ttl) = (65, 86_400);
+        state.apply(&snapshot(
+            0,
+            5,
+            vec![
+                revoked("live", now + 600),
+                // Expired longer ago than the leeway: nothing can present it any more.
+                revoked("expired", now - 600),
+                agent_kill("killed-bot", now - 60),
+                // A kill so old that every token it covers has expired.
+                agent_kill("ancient-bot", now - ttl - slack - 10),
+            ],
+        ));
+        let restored = snapshot(1, 4, vec![agent("bot", super::super::ACTIVE)]);
+        assert_eq!(state.admit(&restored), Admission::Restore);
+        let (_, kept) = state.restore(&restored, now, slack, ttl);
+        assert_eq!(kept, (1, 1));
+        assert_eq!((state.epoch(), state.version()), (1, 4));
+        assert!(state.rollback().is_none());
+        assert_eq!(
+            state.revocations.check(&claims("bot", "live", now)),
+            Some(crate::identity::RevokedBy::Token)
+        );
+        assert_eq!(
+            state
+                .revocations
+                .check(&claims("killed-bot", "old", now - 120)),
+            Some(crate::identity::RevokedBy::Agent)
+        );
+        // A token issued after the kill is not covered.
+        assert_eq!(
+            state.revocations.check(&claims("killed-bot", "new", now)),
+            None
+        );
+        assert_eq!(state.revocations.revoked_tokens(), 1);
+        assert_eq!(
+            state
+                .revocations
+                .check(&claims("ancient-bot", "x", now - ttl - slack - 20)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_refused_stale_replica_does_not_stop_following_the_primary() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.apply(&snapshot(1, 5, vec![]));
+        // A replica left at the epoch before the last confirmation is refused ...
+        let stale = snapshot(0, 9, vec![]);
+        assert_eq!(state.admit(&stale), Admission::Refuse);
+        state.refuse(&stale);
+        // ... and the primary, back, is followed forward; the replica still is not.
+        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Follow);
+        assert_eq!(state.admit(&snapshot(0, 12, vec![])), Admission::Refuse);
+        // Whereas after a refused rollback of the held epoch, its later versions are too.
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.apply(&snapshot(1, 5, vec![]));
+        state.refuse(&snapshot(1, 3, vec![]));
+        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Refuse);
+        assert_eq!(state.admit(&snapshot(2, 8, vec![])), Admission::Restore);
+    }
+
+    fn now() -> i64 {
+        super::super::now_secs()
     }
 }

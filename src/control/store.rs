@@ -33,6 +33,9 @@ pub const EXPIRED_SLACK_SECS: i64 = 3600;
 #[derive(Debug, Clone)]
 pub struct Change<T> {
     pub value: T,
+    /// The epoch the change was stored in (raised only by an operator's confirmation of
+    /// a restore) and its version.
+    pub epoch: u64,
     pub version: u64,
     pub items: Vec<pb::StateItem>,
 }
@@ -42,6 +45,11 @@ pub struct Change<T> {
 pub trait ControlStore: Send + Sync + std::fmt::Debug {
     /// The whole watched state and its version.
     fn snapshot(&self, now: i64) -> Result<(u64, Vec<pb::StateItem>), ControlError>;
+    /// The watched state's (epoch, version).
+    fn state_version(&self) -> Result<(u64, u64), ControlError>;
+    /// Raises the epoch by one, and the version with it (an operator confirmed that the
+    /// state held now, restored from a backup, is intended); returns the new pair.
+    fn raise_epoch(&self) -> Result<(u64, u64), ControlError>;
 
     fn register_agent(&self, agent: &pb::Agent) -> Result<Change<pb::Agent>, ControlError>;
     fn agent(&self, tenant: &str, id: &str, now: i64) -> Result<Option<pb::Agent>, ControlError>;
@@ -222,6 +230,7 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0);
 CREATE TABLE IF NOT EXISTS agents (
     tenant TEXT NOT NULL, id TEXT NOT NULL, status TEXT NOT NULL, risk_tier TEXT NOT NULL,
     reason TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
@@ -399,9 +408,11 @@ impl SqliteStore {
             let tx = c.transaction().map_err(db_err)?;
             let (value, items) = f(&tx)?;
             let version = bump(&tx)?;
+            let epoch = meta(&tx, "epoch")?;
             tx.commit().map_err(db_err)?;
             Ok(Change {
                 value,
+                epoch,
                 version,
                 items,
             })
@@ -417,6 +428,14 @@ fn bump(tx: &Connection) -> Result<u64, ControlError> {
             [],
             |r| r.get(0),
         )
+        .map_err(db_err)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+/// A counter of the `meta` table (`version`, `epoch`).
+fn meta(tx: &Connection, key: &str) -> Result<u64, ControlError> {
+    let v: i64 = tx
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .map_err(db_err)?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
@@ -570,6 +589,22 @@ fn filters<'a>(first: usize, pairs: &[(&str, Option<&'a str>)]) -> (String, Vec<
 }
 
 impl ControlStore for SqliteStore {
+    fn state_version(&self) -> Result<(u64, u64), ControlError> {
+        self.with(|c| Ok((meta(c, "epoch")?, meta(c, "version")?)))
+    }
+
+    fn raise_epoch(&self) -> Result<(u64, u64), ControlError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'", [])
+                .map_err(db_err)?;
+            let version = bump(&tx)?;
+            let epoch = meta(&tx, "epoch")?;
+            tx.commit().map_err(db_err)?;
+            Ok((epoch, version))
+        })
+    }
+
     fn snapshot(&self, now: i64) -> Result<(u64, Vec<pb::StateItem>), ControlError> {
         self.with(|c| {
             let tx = c.transaction().map_err(db_err)?;

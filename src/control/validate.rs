@@ -101,6 +101,8 @@ fields! {
     pb::RollbackPolicyRequest { text to "revision", text reason "reason" }
     pb::GetBundleRequest { text digest "digest" }
     pb::WatchRequest { text sidecar "sidecar name" }
+    pb::GetStateVersionRequest {}
+    pb::ConfirmRestoreRequest { text reason "reason" }
     pb::RequestApprovalRequest {
         text tenant "tenant", text agent "agent id", text session "session",
         text run_id "run id", text call_hash "call hash", text decision_id "decision id",

@@ -12,6 +12,9 @@ use std::sync::RwLock;
 
 use super::Claims;
 
+/// Revoked token ids (with their tokens' expiry) and kill marks (target, `before`).
+pub type RevocationEntries = (HashMap<String, i64>, Vec<(KillTarget, i64)>);
+
 /// Which entry of the revocation set matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokedBy {
@@ -77,6 +80,52 @@ impl Sets {
         *slot = (*slot).max(before);
     }
 
+    /// The mark held for `target`, if any.
+    fn get(&self, target: &KillTarget) -> Option<i64> {
+        match target {
+            KillTarget::All => self.all,
+            KillTarget::Tenant(t) => self.tenants.get(t).copied(),
+            KillTarget::Agent { tenant, agent } => {
+                self.agents.get(tenant).and_then(|m| m.get(agent)).copied()
+            }
+            KillTarget::Session { tenant, session } => self
+                .sessions
+                .get(tenant)
+                .and_then(|m| m.get(session))
+                .copied(),
+        }
+    }
+
+    /// Every kill mark held.
+    fn marks(&self) -> Vec<(KillTarget, i64)> {
+        let mut out: Vec<(KillTarget, i64)> =
+            self.all.map(|b| (KillTarget::All, b)).into_iter().collect();
+        out.extend(
+            self.tenants
+                .iter()
+                .map(|(t, b)| (KillTarget::Tenant(t.clone()), *b)),
+        );
+        for (tenant, m) in &self.agents {
+            out.extend(m.iter().map(|(agent, b)| {
+                let target = KillTarget::Agent {
+                    tenant: tenant.clone(),
+                    agent: agent.clone(),
+                };
+                (target, *b)
+            }));
+        }
+        for (tenant, m) in &self.sessions {
+            out.extend(m.iter().map(|(session, b)| {
+                let target = KillTarget::Session {
+                    tenant: tenant.clone(),
+                    session: session.clone(),
+                };
+                (target, *b)
+            }));
+        }
+        out
+    }
+
     fn has_kills(&self) -> bool {
         self.all.is_some()
             || !self.tenants.is_empty()
@@ -131,6 +180,55 @@ impl Revocations {
             fresh.mark(target, before);
         }
         self.write(|s| *s = fresh);
+    }
+
+    /// Replaces the whole set with the snapshot of a new control-state epoch (an operator
+    /// confirmed a restored control plane), keeping what is held now and can still matter:
+    /// a restored backup lacks the revocations and kills made after it was taken, and
+    /// forgetting them would let those tokens in again. Kept: revoked token ids whose
+    /// token has not expired (`exp + slack > now`), and kill marks that may still cover an
+    /// unexpired token (`before + max_token_ttl + slack > now`: every token such a mark
+    /// covers was issued at or before `before`). Returns (token ids, kill marks) kept that
+    /// the snapshot lacked.
+    pub fn replace_keeping(
+        &self,
+        jtis: HashMap<String, i64>,
+        kills: Vec<(KillTarget, i64)>,
+        now: i64,
+        slack: i64,
+        max_token_ttl: i64,
+    ) -> (usize, usize) {
+        let mut fresh = Sets {
+            jtis,
+            ..Sets::default()
+        };
+        for (target, before) in kills {
+            fresh.mark(target, before);
+        }
+        let mut kept = (0, 0);
+        self.write(|held| {
+            for (jti, exp) in &held.jtis {
+                if exp.saturating_add(slack) > now && !fresh.jtis.contains_key(jti) {
+                    fresh.jtis.insert(jti.clone(), *exp);
+                    kept.0 += 1;
+                }
+            }
+            for (target, before) in held.marks() {
+                let live = before.saturating_add(max_token_ttl).saturating_add(slack) > now;
+                if live && fresh.get(&target).is_none_or(|b| b < before) {
+                    fresh.mark(target, before);
+                    kept.1 += 1;
+                }
+            }
+            *held = fresh;
+        });
+        kept
+    }
+
+    /// Every revoked token id (with its expiry) and kill mark held.
+    pub fn entries(&self) -> RevocationEntries {
+        let s = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        (s.jtis.clone(), s.marks())
     }
 
     /// Drops revoked token ids whose token expired before `now - leeway`.
