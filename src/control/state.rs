@@ -35,6 +35,16 @@ pub enum AgentStatus {
     NotServed,
 }
 
+/// How much an agent status denies, for [`State::apply_restrictive`].
+fn strictness(s: AgentStatus) -> u8 {
+    match s {
+        AgentStatus::Active | AgentStatus::Unregistered | AgentStatus::NotServed => 0,
+        AgentStatus::Restricted => 1,
+        AgentStatus::Frozen => 2,
+        AgentStatus::Revoked => 3,
+    }
+}
+
 impl AgentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -292,12 +302,26 @@ impl State {
     /// Applies, from a refused control plane's events, only what denies more: revoked
     /// tokens and kill marks, and (`statuses`: from its deltas, new operator actions, not
     /// from its snapshot, which holds the old statuses) agent statuses other than active.
+    /// An agent status is taken only when it is stricter than the one held (active <
+    /// restricted < frozen < revoked): a refused control plane restricting an agent the
+    /// sidecar holds frozen must not thaw it to restricted.
     pub fn apply_restrictive(&self, items: &[pb::StateItem], statuses: bool) {
+        let held = |a: &pb::AgentState| {
+            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            view.agents
+                .get(&a.tenant)
+                .and_then(|m| m.get(&a.id))
+                .map_or(AgentStatus::Active, |e| e.status)
+        };
         let restrictive: Vec<pb::StateItem> = items
             .iter()
             .filter(|i| match &i.item {
                 Some(Item::RevokedToken(_) | Item::Kill(_)) => true,
-                Some(Item::Agent(a)) => statuses && a.status != super::ACTIVE,
+                Some(Item::Agent(a)) => {
+                    statuses
+                        && AgentStatus::parse(&a.status)
+                            .is_some_and(|s| strictness(s) > strictness(held(a)))
+                }
                 _ => false,
             })
             .cloned()
@@ -634,6 +658,18 @@ mod tests {
         assert_eq!(
             state.agent(&claims("frozen-bot", "b", now)).status,
             AgentStatus::Frozen
+        );
+        // Nor does a restriction thaw a held freeze (restricted is weaker than frozen);
+        // a revocation, stricter, applies.
+        state.apply_restrictive(&[agent("frozen-bot", super::super::RESTRICTED)], true);
+        assert_eq!(
+            state.agent(&claims("frozen-bot", "b", now)).status,
+            AgentStatus::Frozen
+        );
+        state.apply_restrictive(&[agent("frozen-bot", super::super::REVOKED)], true);
+        assert_eq!(
+            state.agent(&claims("frozen-bot", "b", now)).status,
+            AgentStatus::Revoked
         );
     }
 
