@@ -554,17 +554,29 @@ async fn a_sidecar_credential_is_rate_limited() {
         "{accepted} accepted in {:?}",
         started.elapsed()
     );
-    // Incidents share the bucket.
-    let e = sc
-        .api()
+    // The bucket is the agent's approvals only: the same credential still reports an
+    // incident about that agent (an agent flooding approvals must not silence the report
+    // of its own exfiltration), and raises another agent's approvals; another tenant is
+    // PERMISSION_DENIED (and audited), never an unaudited RESOURCE_EXHAUSTED.
+    root.register("acme", "other-bot").await;
+    sc.api()
         .report_incident(sc.req(incident("acme", "bot", &["d-1"])))
         .await
-        .expect_err("rationed");
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        .expect("incidents have their own bucket");
+    sc.api()
+        .request_approval(sc.req(approval("acme", "other-bot", 1)))
+        .await
+        .expect("another agent's approvals have their own bucket");
+    let e = sc
+        .api()
+        .request_approval(sc.req(approval("globex", "bot", 1)))
+        .await
+        .expect_err("another tenant");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let admin = s.running.as_ref().expect("running").admin_addr;
     let metrics = http(admin, "GET", "/metrics").await;
     assert!(
-        metrics.contains("\naegis_control_sidecar_calls_refused_total 2\n"),
+        metrics.contains("\naegis_control_sidecar_calls_refused_total 1\n"),
         "{metrics}"
     );
     // Another credential has its own bucket; the data plane in this process is not

@@ -227,8 +227,17 @@ impl ControlCore {
 
     /// Takes one call from a sidecar credential's rate (RequestApproval, ReportIncident
     /// over gRPC), or RESOURCE_EXHAUSTED.
-    pub fn admit_sidecar(&self, op: &Operator, what: &str) -> Result<(), ControlError> {
-        self.sidecar_rate.admit(op, what)
+    /// The tenant is checked first: a call for a tenant the credential does not name is
+    /// PERMISSION_DENIED (and audited) whatever the rate, and costs the bucket nothing.
+    pub fn admit_sidecar(
+        &self,
+        op: &Operator,
+        what: &str,
+        tenant: &str,
+        agent: &str,
+    ) -> Result<(), ControlError> {
+        op.require(Need::Fleet, tenant)?;
+        self.sidecar_rate.admit(op, what, agent)
     }
 
     /// Sidecar calls refused over their credential's rate since start.

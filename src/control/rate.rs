@@ -3,9 +3,12 @@
 //! Both calls make the control plane act for a tenant (a pending approval counts against
 //! the agent's cap; an incident may restrict, freeze or kill it), so a compromised agent
 //! pod holding its sidecar's credential must not be able to make them as fast as it can
-//! send. Each credential (its actor and tenants) gets a token bucket: `burst` calls at
-//! once, refilled at `per_sec`; a call past it is RESOURCE_EXHAUSTED, and nothing is
-//! stored or audited for it. The in-process data plane of the all-in-one server does not
+//! send. Each credential (its actor and tenants), call kind and agent gets a token bucket:
+//! `burst` calls at once, refilled at `per_sec`; a call past it is RESOURCE_EXHAUSTED, and
+//! nothing is stored or audited for it. Kinds and agents have buckets of their own so that
+//! an agent raising approvals as fast as it can drains neither the incident reports of
+//! its sidecar (its own exfiltration would go unreported) nor the approvals of the other
+//! agents sharing the credential. The in-process data plane of the all-in-one server does not
 //! go through the gRPC service and is not rationed.
 //!
 //! The buckets sit in a map of at most [`MAX_CREDENTIALS`]: when it is full, buckets that
@@ -19,8 +22,8 @@ use std::time::Instant;
 use super::ControlError;
 use super::auth::Operator;
 
-/// Credentials with a bucket at once.
-pub const MAX_CREDENTIALS: usize = 4096;
+/// Buckets (credential, kind, agent) at once.
+pub const MAX_CREDENTIALS: usize = 65_536;
 
 /// The buckets of every sidecar credential.
 #[derive(Debug)]
@@ -50,9 +53,9 @@ impl SidecarRate {
         }
     }
 
-    /// Takes one call from `op`'s bucket, or refuses naming the rate.
-    pub fn admit(&self, op: &Operator, what: &str) -> Result<(), ControlError> {
-        let admitted = self.admit_at(op, what, Instant::now());
+    /// Takes one `what` call for `agent` from `op`'s bucket, or refuses naming the rate.
+    pub fn admit(&self, op: &Operator, what: &str, agent: &str) -> Result<(), ControlError> {
+        let admitted = self.admit_at(op, what, agent, Instant::now());
         if admitted.is_err() {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -60,8 +63,14 @@ impl SidecarRate {
         admitted
     }
 
-    fn admit_at(&self, op: &Operator, what: &str, now: Instant) -> Result<(), ControlError> {
-        let key = format!("{}/{}", op.actor(), op.tenant);
+    fn admit_at(
+        &self,
+        op: &Operator,
+        what: &str,
+        agent: &str,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        let key = format!("{}/{}/{what}/{agent}", op.actor(), op.tenant);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !buckets.contains_key(&key) && buckets.len() >= MAX_CREDENTIALS {
             buckets.retain(|_, b| self.refilled(b, now) < self.burst);
@@ -80,8 +89,9 @@ impl SidecarRate {
         bucket.at = now;
         if bucket.tokens < 1.0 {
             return Err(ControlError::Exhausted(format!(
-                "sidecar credential {} ({}) is over its rate of {} calls a second (burst {}): \
-                 {what} refused (control.sidecar_calls_per_sec, control.sidecar_call_burst)",
+                "sidecar credential {} ({}) is over its rate of {} calls a second (burst {}) \
+                 for agent {agent}: {what} refused (control.sidecar_calls_per_sec, \
+                 control.sidecar_call_burst)",
                 op.name, op.tenant, self.per_sec, self.burst
             )));
         }
@@ -116,19 +126,41 @@ mod tests {
         let (a, b) = (sidecar("a", "acme"), sidecar("b", "globex"));
         let t0 = Instant::now();
         for _ in 0..3 {
-            rate.admit_at(&a, "x", t0).expect("within the burst");
+            rate.admit_at(&a, "x", "bot", t0).expect("within the burst");
         }
-        let e = rate.admit_at(&a, "x", t0).expect_err("over");
+        let e = rate.admit_at(&a, "x", "bot", t0).expect_err("over");
         assert!(matches!(e, ControlError::Exhausted(_)), "{e}");
         // Another credential has its own bucket.
-        rate.admit_at(&b, "x", t0).expect("own bucket");
+        rate.admit_at(&b, "x", "bot", t0).expect("own bucket");
         // Half a second refills one call at 2 a second.
-        rate.admit_at(&a, "x", t0 + Duration::from_millis(500))
+        rate.admit_at(&a, "x", "bot", t0 + Duration::from_millis(500))
             .expect("refilled");
         assert!(
-            rate.admit_at(&a, "x", t0 + Duration::from_millis(500))
+            rate.admit_at(&a, "x", "bot", t0 + Duration::from_millis(500))
                 .is_err()
         );
+    }
+
+    /// An agent draining its approvals leaves its sidecar's incident reports and the
+    /// other agents' approvals alone (review finding: one shared bucket let an agent
+    /// silence the report of its own exfiltration).
+    #[test]
+    fn kinds_and_agents_have_buckets_of_their_own() {
+        let rate = SidecarRate::new(1, 2);
+        let a = sidecar("a", "acme");
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            rate.admit_at(&a, "approval request", "mallory", t0)
+                .expect("burst");
+        }
+        assert!(
+            rate.admit_at(&a, "approval request", "mallory", t0)
+                .is_err()
+        );
+        rate.admit_at(&a, "incident report", "mallory", t0)
+            .expect("incidents are not drained by approvals");
+        rate.admit_at(&a, "approval request", "alice", t0)
+            .expect("another agent's approvals are not drained");
     }
 
     #[test]
@@ -136,16 +168,16 @@ mod tests {
         let rate = SidecarRate::new(1, 1);
         let t0 = Instant::now();
         for i in 0..MAX_CREDENTIALS {
-            rate.admit_at(&sidecar(&format!("s{i}"), "acme"), "x", t0)
+            rate.admit_at(&sidecar(&format!("s{i}"), "acme"), "x", "bot", t0)
                 .expect("room");
         }
         let newcomer = sidecar("new", "acme");
         assert!(
-            rate.admit_at(&newcomer, "x", t0).is_err(),
+            rate.admit_at(&newcomer, "x", "bot", t0).is_err(),
             "full, none idle"
         );
         let later = t0 + Duration::from_secs(2);
-        rate.admit_at(&newcomer, "x", later)
+        rate.admit_at(&newcomer, "x", "bot", later)
             .expect("idle buckets swept");
     }
 }

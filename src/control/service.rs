@@ -450,7 +450,10 @@ impl ControlPlane for ControlService {
             "approval.request",
             |r: &Request<pb::RequestApprovalRequest>| r.get_ref().tenant.clone(),
             |op, b| {
-                match self.core.admit_sidecar(&op, "approval request") {
+                match self
+                    .core
+                    .admit_sidecar(&op, "approval request", &b.tenant, &b.agent)
+                {
                     Ok(()) => self.core.request_approval(&op, b).await,
                     Err(e) => Err(e),
                 }
@@ -468,7 +471,10 @@ impl ControlPlane for ControlService {
             "incident.raise",
             |r: &Request<pb::ReportIncidentRequest>| r.get_ref().tenant.clone(),
             |op, b| {
-                match self.core.admit_sidecar(&op, "incident report") {
+                match self
+                    .core
+                    .admit_sidecar(&op, "incident report", &b.tenant, &b.agent)
+                {
                     Ok(()) => self.core.report_incident(&op, b).await,
                     Err(e) => Err(e),
                 }
