@@ -1321,6 +1321,14 @@ async fn an_override_is_redeemed_only_in_the_session_that_asked() {
     // Refused without being used up: the session that asked still gets its call.
     let r = s.check(with_override(&s1, &ovr)).await.expect("decided");
     assert_eq!(code(&r), 0, "{r:?}");
+    // The same call from two sessions raises two approvals (one session's pending
+    // approval is of no use to the other), and each session redeems its own.
+    let first = approval_id(&s.check(payment(&s1, 5000)).await.expect("decided"));
+    let second = approval_id(&s.check(payment(&s2, 5000)).await.expect("decided"));
+    assert_ne!(first, second);
+    let ovr2 = approved_override(&s, &alice, &s2).await;
+    let r = s.check(with_override(&s2, &ovr2)).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
     s.stop().await;
 
     let (mut s, _root, alice) =

@@ -1075,9 +1075,11 @@ impl ControlCore {
             ..Default::default()
         };
         let cap = self.settings.max_pending_approvals;
+        let same_session =
+            self.settings.override_binding == crate::config::OverrideBinding::Session;
         let a = approval.clone();
         let response = self
-            .blocking(move |s| s.request_approval(&a, cap, now))
+            .blocking(move |s| s.request_approval(&a, cap, same_session, now))
             .await?;
         if response.created {
             let actor = op.actor();

@@ -116,12 +116,15 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
         agent: Option<&str>,
     ) -> Result<Vec<pb::Budget>, ControlError>;
 
-    /// Raises a pending approval, or returns the pending one for the same call, or refuses
-    /// when the agent already has `max_pending` pending.
+    /// Raises a pending approval, or returns the pending one for the same call (and, with
+    /// `same_session`, the same session: an override is redeemed only in the session that
+    /// raised it, so another session's pending approval is of no use), or refuses when the
+    /// agent already has `max_pending` pending.
     fn request_approval(
         &self,
         approval: &pb::Approval,
         max_pending: u32,
+        same_session: bool,
         now: i64,
     ) -> Result<pb::RequestApprovalResponse, ControlError>;
     fn approvals(
@@ -1072,6 +1075,7 @@ impl ControlStore for SqliteStore {
         &self,
         a: &pb::Approval,
         max_pending: u32,
+        same_session: bool,
         now: i64,
     ) -> Result<pb::RequestApprovalResponse, ControlError> {
         self.with(|c| {
@@ -1079,8 +1083,9 @@ impl ControlStore for SqliteStore {
             let same: Option<String> = tx
                 .query_row(
                     "SELECT id FROM approvals WHERE tenant = ?1 AND agent = ?2 AND call_hash = ?3 \
-                     AND status = 'pending' AND expires_at > ?4 LIMIT 1",
-                    params![a.tenant, a.agent, a.call_hash, now],
+                     AND status = 'pending' AND expires_at > ?4 AND (?5 = 0 OR session = ?6) \
+                     LIMIT 1",
+                    params![a.tenant, a.agent, a.call_hash, now, same_session, a.session],
                     |r| r.get(0),
                 )
                 .optional()
