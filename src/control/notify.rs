@@ -172,6 +172,25 @@ pub fn capped(i: &pb::Incident) -> pb::Incident {
         closed_by: cut(&i.closed_by, MAX_ID_CHARS),
         close_reason: cut(&i.close_reason, MAX_SUMMARY_CHARS),
         reported_by: cut(&i.reported_by, MAX_ID_CHARS),
+        // The decisions behind it carry agent-chosen tools, reasons and run ids: the
+        // first MAX_ITEMS, each field cut (the evidence ids list says how many there are).
+        decisions: i
+            .decisions
+            .iter()
+            .take(MAX_ITEMS)
+            .map(|d| pb::EvidenceDecision {
+                decision_id: cut(&d.decision_id, MAX_ID_CHARS),
+                tool: cut(&d.tool, MAX_ID_CHARS),
+                action: cut(&d.action, MAX_ID_CHARS),
+                decision: cut(&d.decision, MAX_ID_CHARS),
+                reason: cut(&d.reason, MAX_ID_CHARS),
+                trust_level: cut(&d.trust_level, MAX_ID_CHARS),
+                session: cut(&d.session, MAX_ID_CHARS),
+                run_id: cut(&d.run_id, MAX_ID_CHARS),
+                row_hash: cut(&d.row_hash, MAX_ID_CHARS),
+                ..d.clone()
+            })
+            .collect(),
         ..i.clone()
     }
 }
@@ -628,6 +647,15 @@ mod tests {
             summary: "<".repeat(50_000),
             evidence: (0..500).map(|i| format!("d-{i}")).collect(),
             actions: vec!["x".repeat(5_000)],
+            decisions: (0..1024)
+                .map(|i| pb::EvidenceDecision {
+                    decision_id: format!("d-{i}"),
+                    tool: "t".repeat(1024),
+                    reason: "why".repeat(300),
+                    run_id: "r".repeat(1024),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         let c = capped(&flood);
@@ -639,6 +667,8 @@ mod tests {
         assert_eq!(c.evidence.len(), MAX_ITEMS + 1);
         assert_eq!(c.evidence[MAX_ITEMS], "… and 490 more");
         assert!(c.actions[0].ends_with("… [cut: 5000 characters]"));
+        assert_eq!(c.decisions.len(), MAX_ITEMS);
+        assert!(c.decisions[0].run_id.ends_with("… [cut: 1024 characters]"));
         // Short fields are untouched, unmarked.
         assert_eq!((c.agent.as_str(), c.evidence[0].as_str()), ("bot", "d-0"));
 
