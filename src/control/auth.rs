@@ -293,7 +293,7 @@ impl Authenticator {
                 c.iat
             )));
         }
-        for (claim, value) in [("sub", &c.sub), ("jti", &c.jti), ("tenant", &c.tenant)] {
+        for (claim, value) in [("sub", &c.sub), ("jti", &c.jti)] {
             if let Some(why) = crate::identity::id_claim_problem(value) {
                 return Err(ControlError::unauthenticated(format!(
                     "operator credential refused: claim {claim} {} is not an id: {why}",
@@ -313,6 +313,12 @@ impl Authenticator {
                     "operator credential refused: sidecar credential {:?}: {e}",
                     c.sub
                 ))
+            })?;
+        } else if c.tenant != ALL_TENANTS {
+            // One tenant (a list is a sidecar's only: `sees` would read "acme,globex" as
+            // both), as `mint_operator` writes it.
+            super::valid_id("tenant", &c.tenant).map_err(|e| {
+                ControlError::unauthenticated(format!("operator credential refused: {e}"))
             })?;
         }
         Ok(Operator {
@@ -497,7 +503,14 @@ mod tests {
                     tenant: "acme ".into(),
                     ..base.clone()
                 },
-                "claim tenant",
+                "tenant \"acme \"",
+            ),
+            (
+                OperatorClaims {
+                    tenant: "acme,globex".into(),
+                    ..base.clone()
+                },
+                "tenant \"acme,globex\"",
             ),
         ];
         for (claims, want) in cases {

@@ -285,7 +285,13 @@ impl ControlCore {
     ) -> Result<pb::StateVersion, ControlError> {
         op.require(Need::Read, "")?;
         let own = self.blocking(|s| s.state_version()).await?;
-        Ok(self.state_version_of(own))
+        let mut v = self.state_version_of(own);
+        if op.tenant != super::auth::ALL_TENANTS {
+            // The sidecar that reported being ahead may serve another tenant: its name is
+            // for the operators of every tenant only.
+            v.highest_seen_by.clear();
+        }
+        Ok(v)
     }
 
     fn state_version_of(&self, (epoch, version): (u64, u64)) -> pb::StateVersion {
