@@ -7,7 +7,9 @@
 //! bundle and the same input, the RVM took ~18 µs where the interpreter took ~64 µs. A bundle the RVM cannot
 //! compile (it has no `walk`, for one) is served by the interpreter instead, with a log
 //! line saying so; the interpreter also runs `aegis policy test`, and a differential test
-//! holds the two to the same decisions. Both run under regorus's execution timer.
+//! holds the two to the same decisions. Both run under regorus's execution timer, with
+//! the builtins that build by a size from the input replaced by bounded versions
+//! ([`bounded`]); Checks evaluate on the evaluation pool ([`pool`]), off the async workers.
 //!
 //! [`Policy`] is the live slot: a reload compiles the new bundle off to the side and swaps
 //! it in atomically; a broken bundle is refused and the last good one keeps serving.

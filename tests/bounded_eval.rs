@@ -259,3 +259,51 @@ fn hostile_checks_in_flight_do_not_starve_unrelated_checks() {
     );
     server_rt.block_on(s.stop());
 }
+
+/// A bundle the RVM cannot compile (`walk`) is evaluated by the interpreter: the same
+/// bounds hold there (extensions shadow the builtins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interpreter_fallback_is_bounded_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = tmp.path().join("bundle");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    let policy = format!(
+        "{POLICY}\nwalked := count([1 | walk(input, _)])\n\
+         decision := {{\"allowed\": walked > 0}} if input.tool.name == \"walked\"\n"
+    );
+    std::fs::write(b.join("policy.rego"), policy).expect("write");
+    let mut s = start_with(|c| {
+        c.policy.bundle = Some(b);
+        c.policy.eval_timeout_ms = EVAL_TIMEOUT.as_millis() as u64;
+    })
+    .await;
+    let t = s.token("acme", "mallory", &[]);
+    assert_eq!(
+        code(&s.check(hostile(&t, "walked", "1")).await.expect("decided")),
+        0,
+        "the interpreter serves this bundle"
+    );
+    let started = Instant::now();
+    let err = s
+        .check(hostile(&t, "range", "20000000"))
+        .await
+        .expect_err("a hostile n is not decided");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("numbers.range would build 20000000"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < EVAL_TIMEOUT + MARGIN + SLACK);
+    // The interpreter raises extension errors: an Aegis gRPC error naming the problem.
+    let err = s
+        .check(hostile(&t, "step", "0"))
+        .await
+        .expect_err("not decided");
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert!(
+        err.message()
+            .contains("numbers.range_step: step must be a positive integer, not 0"),
+        "{err:?}"
+    );
+    s.stop().await;
+}

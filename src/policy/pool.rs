@@ -2,13 +2,18 @@
 //! workers that serve other Checks, audit, health and the control plane.
 //!
 //! A slow evaluation (a hostile input, a careless policy) then only holds one pool thread,
-//! which the OS preempts like any other: unrelated evaluations on the other threads keep
-//! their latency. The pool is bounded ([`PoolOptions::threads`], a queue of
+//! which the OS preempts like any other; past [`SLOW_AFTER`] the watchdog lowers that
+//! thread's priority and puts a fresh thread in its place, so slow evaluations neither
+//! take the CPU unrelated Checks need nor the pool's places. The pool is bounded
+//! ([`PoolOptions::threads`] serving, as many again finishing slow evaluations, a queue of
 //! [`QUEUE_BOUND`]); every evaluation is bounded by its deadline (`eval_timeout` from the
 //! moment it was asked for, queue wait included): regorus's timer between evaluation
 //! steps, the bounded builtins inside the ones that build by size ([`super::bounded`]).
 //! The Check waits at most its deadline plus [`ANSWER_MARGIN`]: past it, it answers
 //! DEADLINE_EXCEEDED even if the thread is still busy.
+//!
+//! The hop costs a channel send and a wake-up each way; see the README's benchmark
+//! figures for what it costs per Check.
 //!
 //! A Check that gave up (its caller cancelled it, or its deadline passed) before a thread
 //! took its evaluation is skipped, not evaluated. A panic inside an evaluation is caught
