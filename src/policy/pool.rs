@@ -201,7 +201,12 @@ fn spawn_worker(shared: &Arc<Shared>, i: usize) -> std::io::Result<Arc<Worker>> 
     Ok(worker)
 }
 
-/// Every millisecond: lowers the priority of the threads whose evaluation has run past
+/// How often the watchdog looks while an evaluation runs, and while none does (an idle
+/// sidecar wakes it 50 times a second, not 1,000).
+const WATCH_BUSY: Duration = Duration::from_millis(1);
+const WATCH_IDLE: Duration = Duration::from_millis(20);
+
+/// Every millisecond while evaluations run: lowers the priority of the threads whose evaluation has run past
 /// [`SLOW_AFTER`] and puts a fresh thread in their place.
 ///
 /// A slow evaluation (a hostile input, a careless policy) then takes only the CPU that
@@ -214,14 +219,19 @@ fn spawn_worker(shared: &Arc<Shared>, i: usize) -> std::io::Result<Arc<Worker>> 
 /// default priority (a thread inherits its creator's).
 fn watchdog(shared: &Arc<Shared>, stopped: &AtomicBool) {
     let slow_us = SLOW_AFTER.as_micros() as u64;
+    let mut period = WATCH_BUSY;
     while !stopped.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(period);
         let now = shared.now_us();
         let Ok(mut workers) = shared.workers.lock() else {
             return;
         };
+        period = WATCH_IDLE;
         for (i, worker) in workers.iter_mut().enumerate() {
             let since = worker.busy_since_us.load(Ordering::Acquire);
+            if since != 0 {
+                period = WATCH_BUSY;
+            }
             if since != 0
                 && now.saturating_sub(since) > slow_us
                 && !worker.demoted.swap(true, Ordering::AcqRel)
