@@ -307,3 +307,95 @@ async fn the_interpreter_fallback_is_bounded_too() {
     );
     s.stop().await;
 }
+
+/// The other builtins that build by a product of sizes: each refuses before building,
+/// with a gRPC error naming it; none allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_size_building_builtin_refuses_past_its_bound() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = tmp.path().join("bundle");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    std::fs::write(
+        b.join("policy.rego"),
+        r#"package aegis.authz
+import rego.v1
+
+h := input.attributes.request.http.headers
+
+decision := {"allowed": count(net.cidr_expand(h["x-a"])) > 0} if input.tool.name == "cidr"
+decision := {"allowed": count(replace(h["x-a"], "", h["x-b"])) > 0} if input.tool.name == "replace"
+decision := {"allowed": count(strings.replace_n({"": h["x-b"]}, h["x-a"])) > 0} if input.tool.name == "replace_n"
+decision := {"allowed": count(concat(h["x-b"], [s | some i in numbers.range(1, 5000); s := "x"])) > 0} if input.tool.name == "concat"
+decision := {"allowed": count(sprintf(h["x-a"], [1])) > 0} if input.tool.name == "sprintf"
+"#,
+    )
+    .expect("write");
+    let mut s = start_with(|c| {
+        c.policy.bundle = Some(b);
+        c.policy.eval_timeout_ms = EVAL_TIMEOUT.as_millis() as u64;
+    })
+    .await;
+    let t = s.token("acme", "mallory", &[]);
+    let (a, b) = ("a".repeat(8 * 1024), "b".repeat(4 * 1024));
+    let call = |tool: &str, x_a: &str, x_b: &str| {
+        Req::get(&format!("/{tool}"))
+            .token(&t)
+            .tool(tool, "read")
+            .header("x-a", x_a)
+            .header("x-b", x_b)
+            .build()
+    };
+    // Small inputs are decided as regorus decides them.
+    for (tool, x_a, x_b) in [
+        ("cidr", "10.0.0.0/30", ""),
+        ("replace", "abc", "-"),
+        ("replace_n", "abc", "-"),
+        ("concat", "", ","),
+        ("sprintf", "%5d", ""),
+    ] {
+        let r = s.check(call(tool, x_a, x_b)).await.expect("decided");
+        assert_eq!(code(&r), 0, "{tool} on small inputs");
+    }
+    for (tool, x_a, x_b, says) in [
+        (
+            "cidr",
+            "10.0.0.0/8",
+            "",
+            "net.cidr_expand would build 16777216 elements",
+        ),
+        ("cidr", "::/0", "", "net.cidr_expand would build"),
+        (
+            "replace",
+            a.as_str(),
+            b.as_str(),
+            "replace could build a string of",
+        ),
+        (
+            "replace_n",
+            a.as_str(),
+            b.as_str(),
+            "strings.replace_n could build a string of",
+        ),
+        ("concat", "", b.as_str(), "concat could build a string of"),
+        (
+            "sprintf",
+            "%999999999d",
+            "",
+            "sprintf could build a string of 999999999 bytes",
+        ),
+    ] {
+        let started = Instant::now();
+        let err = s
+            .check(call(tool, x_a, x_b))
+            .await
+            .expect_err("refused, never allowed");
+        assert_eq!(
+            err.code(),
+            tonic::Code::ResourceExhausted,
+            "{tool}: {err:?}"
+        );
+        assert!(err.message().contains(says), "{tool}: {}", err.message());
+        assert!(started.elapsed() < EVAL_TIMEOUT + MARGIN + SLACK, "{tool}");
+    }
+    s.stop().await;
+}
