@@ -4,8 +4,9 @@
 //! regorus checks its execution timer between evaluation steps, not inside builtins, and
 //! its memory guard is a no-op without its `allocator-memory-limits` feature (a global
 //! allocator change). So `numbers.range(1, n)` with `n` from a header ran for as long as
-//! `n` said, with one allocation of `n` elements up front: a large `n` aborted the process
-//! (allocation failure), `i64::MAX` panicked (capacity overflow). OPA bounds these by
+//! `n` said, with one allocation of `n` elements up front: `i64::MAX` panicked (capacity
+//! overflow), and an `n` too large to allocate aborts the process (a failed allocation
+//! does in Rust). OPA bounds these by
 //! checking its query's cancellation inside the builtin loops; Aegis does the same here:
 //! - builtins that build arrays by count (`numbers.range`, `numbers.range_step`,
 //!   `net.cidr_expand`) refuse more than [`MAX_ELEMENTS`] elements before allocating,
