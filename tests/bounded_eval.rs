@@ -327,6 +327,7 @@ decision := {"allowed": count(replace(h["x-a"], "", h["x-b"])) > 0} if input.too
 decision := {"allowed": count(strings.replace_n({"": h["x-b"]}, h["x-a"])) > 0} if input.tool.name == "replace_n"
 decision := {"allowed": count(concat(h["x-b"], [s | some i in numbers.range(1, 5000); s := "x"])) > 0} if input.tool.name == "concat"
 decision := {"allowed": count(sprintf(h["x-a"], [1])) > 0} if input.tool.name == "sprintf"
+decision := {"allowed": count(regex.replace(h["x-a"], "a*?", h["x-b"])) > 0} if input.tool.name == "regex"
 "#,
     )
     .expect("write");
@@ -352,6 +353,7 @@ decision := {"allowed": count(sprintf(h["x-a"], [1])) > 0} if input.tool.name ==
         ("replace_n", "abc", "-"),
         ("concat", "", ","),
         ("sprintf", "%5d", ""),
+        ("regex", "abc", "-"),
     ] {
         let r = s.check(call(tool, x_a, x_b)).await.expect("decided");
         assert_eq!(code(&r), 0, "{tool} on small inputs");
@@ -382,6 +384,12 @@ decision := {"allowed": count(sprintf(h["x-a"], [1])) > 0} if input.tool.name ==
             "%999999999d",
             "",
             "sprintf could build a string of 999999999 bytes",
+        ),
+        (
+            "regex",
+            a.as_str(),
+            b.as_str(),
+            "regex.replace could build a string of",
         ),
     ] {
         let started = Instant::now();

@@ -12,7 +12,8 @@
 //!   `net.cidr_expand`) refuse more than [`MAX_ELEMENTS`] elements before allocating,
 //!   and the ranges check the evaluation's deadline as they fill;
 //! - builtins whose output string is a product of input sizes (`replace`,
-//!   `strings.replace_n`, `concat`, `sprintf` widths) refuse an output that could exceed
+//!   `regex.replace`, `strings.replace_n`, `concat`, `sprintf` widths) refuse an output
+//!   that could exceed
 //!   [`MAX_STRING_BYTES`] before building it.
 //!
 //! Every other builtin's output is bounded by its inputs, and the decoded Check is capped
@@ -49,6 +50,7 @@ const BOUNDED: &[(&str, u8, Builtin)] = &[
     ("numbers.range_step", 3, range_step),
     ("net.cidr_expand", 1, cidr_expand),
     ("replace", 3, replace),
+    ("regex.replace", 3, regex_replace),
     ("strings.replace_n", 2, replace_n),
     ("concat", 2, concat),
     ("sprintf", 2, sprintf),
@@ -284,6 +286,50 @@ fn replace(
         bounded_len("replace", replaced_len(s, old, new))?;
     }
     original("replace")?(span, params, args, strict)
+}
+
+thread_local! {
+    /// Patterns `regex.replace` was called with, compiled (cleared past 64).
+    static PATTERNS: RefCell<std::collections::HashMap<String, regex::Regex>> =
+        RefCell::new(std::collections::HashMap::new());
+}
+
+/// The longest result `regex.replace(s, pattern, value)` can give: every match replaced by
+/// `value`, each `$` in it expanding to at most the whole match.
+fn regex_replaced_len(s: &str, pattern: &str, value: &str) -> Option<u64> {
+    PATTERNS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.contains_key(pattern) {
+            if cache.len() >= 64 {
+                cache.clear();
+            }
+            cache.insert(pattern.to_owned(), regex::Regex::new(pattern).ok()?);
+        }
+        let re = cache.get(pattern)?;
+        let dollars = value.matches('$').count() as u64;
+        let value_len = value.len() as u64;
+        let grown = re
+            .find_iter(s)
+            .map(|m| value_len.saturating_add(dollars.saturating_mul(m.len() as u64)))
+            .fold(0u64, u64::saturating_add);
+        Some((s.len() as u64).saturating_add(grown))
+    })
+}
+
+fn regex_replace(
+    span: &Span,
+    params: &[Ref<Expr>],
+    args: &[Value],
+    strict: bool,
+) -> anyhow::Result<Value> {
+    let text = |i: usize| args.get(i).and_then(|v| v.as_string().ok());
+    if let (Some(s), Some(pattern), Some(value)) = (text(0), text(1), text(2))
+        && let Some(len) = regex_replaced_len(s, pattern, value)
+    {
+        bounded_len("regex.replace", len)?;
+    }
+    // A pattern that does not compile: regorus's own answer.
+    original("regex.replace")?(span, params, args, strict)
 }
 
 fn replace_n(
