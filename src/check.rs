@@ -360,7 +360,7 @@ impl Checker {
             (header("traceparent"), header("tracestate")),
         ]);
 
-        let (outcome, mut call) = self.decide(&req, http, now_ns);
+        let (outcome, mut call) = self.decide(&req, http, now_ns).await;
         let outcome = enforce::apply(
             self,
             outcome,
@@ -416,8 +416,9 @@ impl Checker {
         self.respond(outcome, &call, &decision_id)
     }
 
-    /// decode → identify → build input → evaluate. Pure computation, no I/O.
-    fn decide(
+    /// decode → identify → build input → evaluate. Pure computation, no I/O; the
+    /// evaluation runs on the policy's evaluation threads (see [`crate::policy::pool`]).
+    async fn decide(
         &self,
         req: &CheckRequest,
         http: Option<&HttpRequest>,
@@ -499,7 +500,7 @@ impl Checker {
             .as_ref()
             .map_or_else(regorus::Value::new_object, protojson::attributes);
         let doc = input::build(attributes, &decoded, &claims, &agent);
-        let result = bundle.evaluate(doc);
+        let result = self.policy.evaluate(bundle.clone(), doc).await;
         self.policy.note_evaluation(result.is_ok());
         let outcome = match result {
             Ok(decision) => {
@@ -527,6 +528,9 @@ impl Checker {
                 crate::log!(error, "policy evaluation failed: {e}");
                 let status = match e {
                     EvalError::Timeout(_) => Status::deadline_exceeded(format!("aegis: {e}")),
+                    EvalError::Bounded(_) | EvalError::Overloaded(_) => {
+                        Status::resource_exhausted(format!("aegis: {e}"))
+                    }
                     _ => Status::internal(format!("aegis: {e}")),
                 };
                 Outcome::Failed {

@@ -478,6 +478,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let opts = PolicyOptions {
                 query,
                 eval_timeout: std::time::Duration::from_secs(5),
+                eval_threads: 0,
                 verification_keys: Vec::new(),
             };
             let compiled = CompiledBundle::load(&source, &opts)
@@ -809,6 +810,7 @@ fn policy_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         policy: PolicyOptions {
             query: args.query,
             eval_timeout: std::time::Duration::from_secs(5),
+            eval_threads: 0,
             verification_keys: Vec::new(),
         },
     };
@@ -1001,6 +1003,7 @@ fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCod
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: std::time::Duration::from_secs(5),
+        eval_threads: 0,
         verification_keys: Vec::new(),
     };
     let results =

@@ -308,8 +308,12 @@ pub struct PolicyConfig {
     pub bundle: Option<PathBuf>,
     /// The rule whose value is the decision.
     pub query: String,
-    /// Time limit of one evaluation, in milliseconds.
+    /// Time limit of one evaluation, in milliseconds, from the moment the Check asks for
+    /// it (waiting for an evaluation thread included).
     pub eval_timeout_ms: u64,
+    /// Threads that evaluate policies, off the async workers; 0: four per core, at
+    /// least 8, at most 64.
+    pub eval_threads: usize,
     /// How often the bundle's files are checked for changes, in milliseconds.
     pub watch_interval_ms: u64,
     /// Public key file(s) (64 hex digits, like `signing.pub`) bundles must be signed with:
@@ -470,6 +474,7 @@ impl Default for PolicyConfig {
             bundle: None,
             query: "data.aegis.authz.decision".into(),
             eval_timeout_ms: 50,
+            eval_threads: 0,
             watch_interval_ms: 1000,
             verification_key: Vec::new(),
         }
@@ -642,6 +647,9 @@ pub struct Overrides {
     /// Evaluation time limit in ms [default: 50].
     #[arg(long, env = "AEGIS_EVAL_TIMEOUT_MS")]
     pub eval_timeout_ms: Option<u64>,
+    /// Policy evaluation threads [default: 0, four per core, 8 to 64].
+    #[arg(long, env = "AEGIS_EVAL_THREADS")]
+    pub eval_threads: Option<usize>,
     /// Bundle change polling interval in ms [default: 1000].
     #[arg(long, env = "AEGIS_WATCH_INTERVAL_MS")]
     pub watch_interval_ms: Option<u64>,
@@ -1082,6 +1090,7 @@ impl Overrides {
         }
         set(&mut c.policy.query, &self.policy_query);
         set(&mut c.policy.eval_timeout_ms, &self.eval_timeout_ms);
+        set(&mut c.policy.eval_threads, &self.eval_threads);
         set(&mut c.policy.watch_interval_ms, &self.watch_interval_ms);
         if !self.bundle_verification_key.is_empty() {
             c.policy.verification_key = self.bundle_verification_key.clone();

@@ -122,6 +122,7 @@ fn default_catalogue() -> crate::policy::routes::Catalogue {
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_millis(50),
+        eval_threads: 0,
         verification_keys: Vec::new(),
     };
     BundleFiles::read(&crate::policy::BundleSource::Embedded)
@@ -157,6 +158,7 @@ pub fn bundle(data: &[u8]) {
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_millis(50),
+        eval_threads: 0,
         verification_keys: Vec::new(),
     };
     let label = std::path::Path::new("fuzz.tar.gz");

@@ -7,21 +7,25 @@
 //! bundle and the same input, the RVM took ~18 µs where the interpreter took ~64 µs. A bundle the RVM cannot
 //! compile (it has no `walk`, for one) is served by the interpreter instead, with a log
 //! line saying so; the interpreter also runs `aegis policy test`, and a differential test
-//! holds the two to the same decisions. Both run under regorus's execution timer.
+//! holds the two to the same decisions. Both run under regorus's execution timer, with
+//! the builtins that build by a size from the input replaced by bounded versions
+//! ([`bounded`]); Checks evaluate on the evaluation pool ([`pool`]), off the async workers.
 //!
 //! [`Policy`] is the live slot: a reload compiles the new bundle off to the side and swaps
 //! it in atomically; a broken bundle is refused and the last good one keeps serving.
 
+mod bounded;
 pub mod build;
 mod bundle;
 mod decision;
+pub mod pool;
 pub mod routes;
 pub mod signing;
 pub mod testing;
 pub mod watch;
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use regorus::Engine;
@@ -29,6 +33,7 @@ use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
 use regorus::utils::limits::ExecutionTimerConfig;
 
+pub use bounded::{MAX_ELEMENTS, MAX_STRING_BYTES};
 pub use bundle::{BundleError, BundleFiles, BundleSource, ParsedBundle};
 pub use decision::{Decision, DecisionError, Verdict};
 
@@ -40,6 +45,13 @@ pub enum EvalError {
     Failed { query: String, message: String },
     #[error("policy evaluation exceeded its {0:?} time limit")]
     Timeout(Duration),
+    /// A bounded builtin refused to build an output past its bound.
+    #[error("policy evaluation refused: {0}")]
+    Bounded(String),
+    #[error("policy evaluation panicked: {0}")]
+    Panicked(String),
+    #[error("policy evaluation queue full ({0} waiting)")]
+    Overloaded(usize),
     #[error(transparent)]
     Decision(#[from] DecisionError),
 }
@@ -54,6 +66,9 @@ pub struct PolicyOptions {
     /// Keys a bundle's `.signatures.json` must verify with (`policy.verification_key`);
     /// empty: signatures are not checked.
     pub verification_keys: Vec<ed25519_dalek::VerifyingKey>,
+    /// Threads of the evaluation pool (`policy.eval_threads`); 0: the default
+    /// ([`pool::PoolOptions::default_threads`]).
+    pub eval_threads: usize,
 }
 
 impl PolicyOptions {
@@ -138,6 +153,7 @@ impl CompiledBundle {
         let mut engine = Engine::new();
         engine.set_rego_v0(parsed.rego_v0);
         engine.set_strict_builtin_errors(false);
+        bounded::register(&mut engine).map_err(|e| BundleError::Compile(e.to_string()))?;
         for (path, text) in parsed.modules {
             engine
                 .add_policy(path, text)
@@ -160,10 +176,9 @@ impl CompiledBundle {
                 message: e.to_string(),
             })?;
         }
-        let check_interval = NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN);
         let timer = ExecutionTimerConfig {
             limit: opts.eval_timeout,
-            check_interval,
+            check_interval: CHECK_INTERVAL,
         };
         engine.set_execution_timer_config(timer);
         let routes = routes::Catalogue::from_data(&engine.get_data()).map_err(|message| {
@@ -230,22 +245,45 @@ impl CompiledBundle {
         self.template.get_data()
     }
 
-    /// Evaluates the decision rule for `input`.
+    /// Evaluates the decision rule for `input` on the calling thread (Checks go through
+    /// [`Policy::evaluate`], which runs it on the evaluation pool).
     pub fn evaluate(&self, input: regorus::Value) -> Result<Decision, EvalError> {
-        let value = self.evaluate_raw(input)?;
+        self.evaluate_within(input, self.eval_timeout)
+    }
+
+    /// [`Self::evaluate`] with `limit` as its time limit (what is left of a Check's
+    /// `eval_timeout` once a pool thread takes it).
+    pub fn evaluate_within(
+        &self,
+        input: regorus::Value,
+        limit: Duration,
+    ) -> Result<Decision, EvalError> {
+        let value = self.evaluate_raw_within(input, limit)?;
         Ok(Decision::from_value(&value)?)
     }
 
     /// Evaluates the decision rule and returns its raw value.
     pub fn evaluate_raw(&self, input: regorus::Value) -> Result<regorus::Value, EvalError> {
+        self.evaluate_raw_within(input, self.eval_timeout)
+    }
+
+    fn evaluate_raw_within(
+        &self,
+        input: regorus::Value,
+        limit: Duration,
+    ) -> Result<regorus::Value, EvalError> {
         let started = std::time::Instant::now();
+        let timer = ExecutionTimerConfig {
+            limit,
+            check_interval: CHECK_INTERVAL,
+        };
         let result = match &self.vm {
-            Some(vm) => vm.evaluate(&self.query, input),
-            None => self.interpret(input),
+            Some(vm) => vm.evaluate(&self.query, input, timer),
+            None => self.interpret_with(input, timer),
         };
         result.map_err(|e| {
             let message = e.to_string();
-            if started.elapsed() >= self.eval_timeout || message.contains("time limit") {
+            if started.elapsed() >= limit || message.contains("time limit") {
                 EvalError::Timeout(self.eval_timeout)
             } else {
                 EvalError::Failed {
@@ -258,7 +296,20 @@ impl CompiledBundle {
 
     /// Evaluates the decision rule with the interpreter (the reference semantics).
     pub fn interpret(&self, input: regorus::Value) -> anyhow::Result<regorus::Value> {
+        let timer = ExecutionTimerConfig {
+            limit: self.eval_timeout,
+            check_interval: CHECK_INTERVAL,
+        };
+        self.interpret_with(input, timer)
+    }
+
+    fn interpret_with(
+        &self,
+        input: regorus::Value,
+        timer: ExecutionTimerConfig,
+    ) -> anyhow::Result<regorus::Value> {
         let mut engine = self.checkout();
+        engine.set_execution_timer_config(timer);
         engine.set_input(input);
         let result = engine.eval_rule(self.query.clone());
         self.checkin(engine);
@@ -289,6 +340,12 @@ impl CompiledBundle {
     }
 }
 
+/// Evaluation steps between two looks at regorus's execution timer.
+const CHECK_INTERVAL: NonZeroU32 = match NonZeroU32::new(64) {
+    Some(n) => n,
+    None => NonZeroU32::MIN,
+};
+
 fn compile_vm(
     engine: &Engine,
     query: &str,
@@ -297,6 +354,10 @@ fn compile_vm(
     let compiled = engine.clone().compile_with_entrypoint(&Arc::from(query))?;
     let program =
         regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[query])?;
+    // The RVM calls builtins through the program's table: the bounded ones go in there.
+    let mut program = Arc::unwrap_or_clone(program);
+    bounded::patch_program(&mut program);
+    let program = Arc::new(program);
     let parts = VmParts {
         compiled,
         program,
@@ -327,12 +388,18 @@ impl VmParts {
         Ok(vm)
     }
 
-    fn evaluate(&self, query: &str, input: regorus::Value) -> anyhow::Result<regorus::Value> {
+    fn evaluate(
+        &self,
+        query: &str,
+        input: regorus::Value,
+        timer: ExecutionTimerConfig,
+    ) -> anyhow::Result<regorus::Value> {
         let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
         let mut vm = match pooled {
             Some(vm) => vm,
             None => self.new_vm()?,
         };
+        vm.set_execution_timer_config(Some(timer));
         vm.set_input(input);
         let result = vm.execute_entry_point_by_name(query);
         // A VM whose run failed is dropped, not reused: no state of a failed run lingers.
@@ -361,6 +428,8 @@ pub struct Policy {
     failures_in_a_row: std::sync::atomic::AtomicU64,
     /// Reloads refused since start (unreadable, broken or unverifiable bundles).
     reload_failures: std::sync::atomic::AtomicU64,
+    /// The evaluation threads, started by the first Check.
+    pool: OnceLock<Result<pool::EvalPool, String>>,
 }
 
 /// Failed evaluations in a row after which the policy counts as unusable for readiness:
@@ -389,6 +458,7 @@ impl Policy {
             current: RwLock::new(Arc::new(compiled)),
             failures_in_a_row: std::sync::atomic::AtomicU64::new(0),
             reload_failures: std::sync::atomic::AtomicU64::new(0),
+            pool: OnceLock::new(),
         };
         Ok((policy, files))
     }
@@ -398,6 +468,31 @@ impl Policy {
         match self.current.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Evaluates the decision rule of `bundle` (the one [`Self::current`] gave the Check)
+    /// on the evaluation pool: off the async workers, answered DEADLINE_EXCEEDED at the
+    /// latest `eval_timeout` + [`pool::ANSWER_MARGIN`] from now.
+    pub async fn evaluate(
+        &self,
+        bundle: Arc<CompiledBundle>,
+        input: regorus::Value,
+    ) -> Result<Decision, EvalError> {
+        let pool = self.pool.get_or_init(|| {
+            let threads = match self.opts.eval_threads {
+                0 => pool::PoolOptions::default_threads(),
+                n => n,
+            };
+            pool::EvalPool::start(pool::PoolOptions { threads })
+                .map_err(|e| format!("cannot start the evaluation threads: {e}"))
+        });
+        match pool {
+            Ok(pool) => pool.evaluate(bundle, input).await,
+            Err(message) => Err(EvalError::Failed {
+                query: self.opts.query.clone(),
+                message: message.clone(),
+            }),
         }
     }
 

@@ -202,6 +202,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let opts = PolicyOptions {
         query: config.policy.query.clone(),
         eval_timeout: config.eval_timeout(),
+        eval_threads: config.policy.eval_threads,
         verification_keys: config
             .policy
             .verification_key

@@ -65,6 +65,7 @@ fn opts(keys: &[&Path]) -> PolicyOptions {
     PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_secs(2),
+        eval_threads: 0,
         verification_keys: keys
             .iter()
             .map(|k| aegis::keys::read_public_key(k).expect("public key"))

@@ -11,6 +11,7 @@ fn opts() -> PolicyOptions {
     PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_secs(2),
+        eval_threads: 0,
         verification_keys: Vec::new(),
     }
 }

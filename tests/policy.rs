@@ -83,6 +83,7 @@ async fn file_change_reloads_and_a_broken_bundle_keeps_the_last_good_one() {
         &aegis::policy::PolicyOptions {
             query: "data.aegis.authz.decision".into(),
             eval_timeout: Duration::from_secs(1),
+            eval_threads: 0,
             verification_keys: Vec::new(),
         },
     )
@@ -242,6 +243,7 @@ async fn opa_bundle_archives_load_and_hostile_paths_are_refused() {
         &aegis::policy::PolicyOptions {
             query: "data.aegis.authz.decision".into(),
             eval_timeout: Duration::from_secs(1),
+            eval_threads: 0,
             verification_keys: Vec::new(),
         },
     )
