@@ -159,6 +159,7 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
                 &format!(r#"{{"iban":"{ACME_IBAN}"}}"#),
             ),
             10,
+            true,
             now / 1_000_000_000,
         )
         .expect("approval");
@@ -166,6 +167,7 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
         .request_approval(
             &approval("apr-globex", "globex", GLOBEX_AGENT, GLOBEX_RESOURCE, "{}"),
             10,
+            true,
             now / 1_000_000_000,
         )
         .expect("approval");
