@@ -250,10 +250,10 @@ mod tests {
         assert_eq!(state.admit(&counted_up), Admission::Refuse);
     }
 
-    /// Finding C: someone who can write the data directory (not the file) plants links:
-    /// the state is not read through one, and a save never writes through one.
+    /// Finding C: someone who can write the data directory (not the file) plants a link
+    /// in the file's place: the state is not read through it.
     #[test]
-    fn links_planted_in_the_data_directory_are_neither_read_nor_written_through() {
+    fn a_link_planted_in_place_of_the_file_is_not_read_through() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(HELD_FILE);
@@ -269,8 +269,15 @@ mod tests {
             err.contains(HELD_FILE) && err.contains("symbolic link"),
             "{err}"
         );
-        std::fs::remove_file(&path).expect("rm");
+    }
 
+    /// Finding C: a link planted in place of the temporary file is not written through
+    /// (it would truncate and overwrite whatever it points at).
+    #[test]
+    fn a_link_planted_in_place_of_the_temporary_file_is_not_written_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HELD_FILE);
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"do not touch").expect("write");
         symlink(&victim, path.with_extension("json.tmp")).expect("symlink");
