@@ -186,6 +186,13 @@ pub fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
 /// at its last component: a link planted there (to a file the attacker controls) fails
 /// with `ELOOP` instead of being read.
 pub fn read_private_in_dir(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bytes_in_dir(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// [`read_private_in_dir`] for a file that is not necessarily text: refuses a symbolic
+/// link rather than follow it.
+pub fn read_bytes_in_dir(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -197,9 +204,9 @@ pub fn read_private_in_dir(path: &Path) -> std::io::Result<String> {
             ),
             _ => e,
         })?;
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    Ok(text)
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

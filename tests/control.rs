@@ -1402,3 +1402,53 @@ async fn only_a_global_admin_raises_the_state_epoch_and_it_only_goes_up() {
         "{rows:?}"
     );
 }
+
+/// A restored database can be behind the epoch its fleet holds (the backup was taken before
+/// an earlier confirmation). The confirmation must move past the highest epoch a sidecar
+/// reported, or sidecars would take the confirmed state for the history they already
+/// followed at that epoch. A sidecar credential can forge its report: an absurd one moves
+/// the epoch by a bounded step, not to the end of the range.
+#[tokio::test]
+async fn a_confirmed_restore_moves_past_the_epoch_the_fleet_reported() {
+    let (s, root, _) = setup().await;
+    let pod = s.control(&s.operator("pod", Role::Sidecar, "acme")).await;
+    let confirm = || async {
+        root.api()
+            .confirm_restore(root.req(pb::ConfirmRestoreRequest {
+                reason: "restored a backup".into(),
+            }))
+            .await
+            .expect("confirmed")
+            .into_inner()
+    };
+    // A sidecar that followed epoch 1 before this database (at epoch 0) was restored.
+    pod.api()
+        .watch(pod.req(pb::WatchRequest {
+            sidecar: "pod-1".into(),
+            seen_epoch: 1,
+            seen_version: 300,
+        }))
+        .await
+        .expect("watch");
+    let confirmed = confirm().await;
+    assert_eq!(confirmed.epoch, 2, "{confirmed:?}");
+
+    // A forged report: believed at most a million epochs above the control plane's own.
+    pod.api()
+        .watch(pod.req(pb::WatchRequest {
+            sidecar: "pod-1".into(),
+            seen_epoch: u64::MAX,
+            seen_version: u64::MAX,
+        }))
+        .await
+        .expect("watch");
+    let confirmed = confirm().await;
+    assert_eq!(confirmed.epoch, 2 + 1_000_000 + 1, "{confirmed:?}");
+    let shown = root
+        .api()
+        .get_state_version(root.req(pb::GetStateVersionRequest {}))
+        .await
+        .expect("state version")
+        .into_inner();
+    assert_eq!(shown.epoch, confirmed.epoch);
+}

@@ -312,8 +312,10 @@ impl ControlCore {
 
     /// Raises the epoch: the operator says the state held now (restored from a backup)
     /// is intended. Sidecars that refused it as a rollback follow it again; they keep the
-    /// revocations and kill marks they knew until the tokens those cover expire. Audited
-    /// as `state.confirm_restore`.
+    /// revocations and kill marks they knew until the tokens those cover expire. The new
+    /// epoch is past the highest a sidecar reported holding too ([`super::store::next_epoch`]),
+    /// so no sidecar can take it for a state it already followed. Audited as
+    /// `state.confirm_restore`.
     pub async fn confirm_restore(
         &self,
         op: &Operator,
@@ -321,9 +323,25 @@ impl ControlCore {
     ) -> Result<pb::StateVersion, ControlError> {
         op.require(Need::Global, "")?;
         required_reason(&req.reason, "state.confirm-restore")?;
+        // The highest epoch a sidecar reported: the new one must be past it too.
+        let reported = self
+            .seen_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |h| h.0);
         let (epoch, version) = {
             let _guard = self.publish.lock().await;
-            let (epoch, version) = self.blocking(|s| s.raise_epoch()).await?;
+            let (epoch, version) = self.blocking(move |s| s.raise_epoch(reported)).await?;
+            if reported >= epoch {
+                crate::log!(
+                    error,
+                    "control plane: a sidecar reported state epoch {reported}, more than {} \
+                     above this control plane's: not believed (a forged report?); the epoch \
+                     is raised to {epoch} only",
+                    super::store::MAX_EPOCH_REPORT_AHEAD
+                );
+            }
             // An event with no items: it carries the new epoch to every watcher (a
             // sidecar resyncs from a fresh snapshot on seeing it) and the local data plane.
             let event = pb::WatchEvent {

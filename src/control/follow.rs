@@ -235,7 +235,8 @@ async fn save_held(f: Follow, mut dirty: watch::Receiver<()>, mut shutdown: watc
     }
 }
 
-/// Follows the snapshot of a raised epoch, keeping what the restored state lacks.
+/// Follows the snapshot of a raised epoch, or the first forward one after a refused
+/// rollback, keeping what the state it replaces lacks.
 fn restore(f: &Follow, event: &pb::WatchEvent) -> Option<pb::PolicyRef> {
     let held = f.state.held().unwrap_or_default();
     let (policy, (tokens, kills)) = f.state.restore(
@@ -244,11 +245,16 @@ fn restore(f: &Follow, event: &pb::WatchEvent) -> Option<pb::PolicyRef> {
         f.token_slack_secs,
         f.max_token_ttl_secs,
     );
+    let why = if event.epoch > held.0 {
+        "an operator confirmed a restored state"
+    } else {
+        "the control plane moved forward after a refused rollback"
+    };
     crate::log!(
         warn,
-        "control plane: an operator confirmed a restored state: following epoch {} version {} \
-         (held epoch {} version {}), keeping {tokens} revoked tokens and {kills} kill marks \
-         it lacks until their tokens expire",
+        "control plane: {why}: following epoch {} version {} (held epoch {} version {}), \
+         keeping {tokens} revoked tokens and {kills} kill marks it lacks until their tokens \
+         expire",
         event.epoch,
         event.version,
         held.0,

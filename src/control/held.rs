@@ -31,8 +31,13 @@ pub const HELD_FILE: &str = "control-state.json";
 pub struct Held {
     pub epoch: u64,
     pub version: u64,
-    /// The epoch of a refused rollback snapshot, not yet confirmed.
+    /// The held epoch at which a rollback was refused: its later snapshots are refused
+    /// too, until an operator confirms a higher one ([`super::state::Refused`]).
     pub refused_epoch: Option<u64>,
+    /// A rollback was refused since the last snapshot followed: the next one followed
+    /// keeps the revocations and kill marks held. (Absent in files of older versions.)
+    #[serde(default)]
+    pub refused_since_followed: bool,
     /// Revoked token ids and their tokens' expiry.
     pub revoked: Vec<(String, i64)>,
     pub kills: Vec<Kill>,
@@ -55,10 +60,14 @@ impl Held {
     pub fn of(state: &State) -> Option<Self> {
         let (epoch, version) = state.held()?;
         let (jtis, marks) = state.revocations.entries();
+        // Before the first snapshot after a restart this is what was remembered, so a
+        // save then keeps the refusal instead of forgetting it.
+        let refused = state.refused();
         Some(Self {
             epoch,
             version,
-            refused_epoch: state.rollback().map(|r| r.offered.0),
+            refused_epoch: refused.epoch,
+            refused_since_followed: refused.since_followed,
             revoked: jtis.into_iter().collect(),
             kills: marks.into_iter().map(|(t, b)| Kill::of(t, b)).collect(),
         })
@@ -75,9 +84,11 @@ impl Held {
         (jtis, kills)
     }
 
-    /// Reads the file; None when there is none (a first start).
+    /// Reads the file; None when there is none (a first start). A symbolic link is
+    /// refused, not followed: someone who can write the data directory but not the file
+    /// must not point it at another state.
     pub fn load(path: &Path) -> Result<Option<Self>, String> {
-        let bytes = match std::fs::read(path) {
+        let bytes = match crate::files::read_bytes_in_dir(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", path.display())),
@@ -97,21 +108,36 @@ impl Held {
     }
 
     /// Writes the file (0600, like the rest of the data directory): a temporary file
-    /// beside it, synced, then renamed over it, so a crash leaves the old or the new one.
+    /// beside it, synced, renamed over it, then the directory synced, so a crash leaves
+    /// the old or the new one. The temporary file is created afresh (any old one removed
+    /// first, then `O_EXCL`): a link planted in its place is removed, never written
+    /// through.
     pub fn save(&self, path: &Path) -> Result<(), String> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let at = |e: std::io::Error| format!("{}: {e}", path.display());
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", tmp.display())),
+        }
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(at)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("{}: {e}", dir.display()))
     }
 }
 
@@ -164,6 +190,7 @@ mod tests {
             epoch: 2,
             version: 9,
             refused_epoch: Some(2),
+            refused_since_followed: true,
             revoked: vec![("jti-1".into(), 1_900_000_000)],
             kills: vec![Kill::of(
                 KillTarget::Agent {
@@ -186,6 +213,87 @@ mod tests {
         assert!(
             err.contains(HELD_FILE) && err.contains("remove it"),
             "{err}"
+        );
+    }
+
+    /// Finding B(a): a sidecar that refused a rollback of its epoch and restarts must keep
+    /// refusing: what it saves before its first snapshot (its shutdown save, or one after a
+    /// refused stale replica) still names the refused epoch.
+    #[test]
+    fn a_restart_before_the_first_snapshot_keeps_the_refused_epoch() {
+        use crate::control::state::Admission;
+        use crate::identity::Revocations;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HELD_FILE);
+        // Written by the sidecar before its restart: it held (1, 5) and refused (1, 3).
+        std::fs::write(
+            &path,
+            br#"{"epoch":1,"version":5,"refused_epoch":1,"revoked":[],"kills":[]}"#,
+        )
+        .expect("write");
+        let held = Held::load(&path).expect("load").expect("a file");
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.remember(&held);
+        let saved = Held::of(&state).expect("a position to save");
+        assert_eq!(saved.refused_epoch, Some(1), "{saved:?}");
+        saved.save(&path).expect("save");
+        // Started again: the restored control plane counting past 5 is still refused.
+        let state = State::new(Arc::new(Revocations::default()), false);
+        state.remember(&Held::load(&path).expect("load").expect("a file"));
+        let counted_up = crate::control::pb::WatchEvent {
+            epoch: 1,
+            version: 7,
+            snapshot: true,
+            items: Vec::new(),
+        };
+        assert_eq!(state.admit(&counted_up), Admission::Refuse);
+    }
+
+    /// Finding C: someone who can write the data directory (not the file) plants a link
+    /// in the file's place: the state is not read through it.
+    #[test]
+    fn a_link_planted_in_place_of_the_file_is_not_read_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HELD_FILE);
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::write(
+            &elsewhere,
+            br#"{"epoch":0,"version":0,"refused_epoch":null,"revoked":[],"kills":[]}"#,
+        )
+        .expect("write");
+        symlink(&elsewhere, &path).expect("symlink");
+        let err = Held::load(&path).expect_err("a link is refused");
+        assert!(
+            err.contains(HELD_FILE) && err.contains("symbolic link"),
+            "{err}"
+        );
+    }
+
+    /// Finding C: a link planted in place of the temporary file is not written through
+    /// (it would truncate and overwrite whatever it points at).
+    #[test]
+    fn a_link_planted_in_place_of_the_temporary_file_is_not_written_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HELD_FILE);
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"do not touch").expect("write");
+        symlink(&victim, path.with_extension("json.tmp")).expect("symlink");
+        let held = Held {
+            epoch: 3,
+            version: 4,
+            ..Held::default()
+        };
+        held.save(&path).expect("save");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"do not touch");
+        assert_eq!(Held::load(&path), Ok(Some(held)));
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .expect("stat")
+                .file_type()
+                .is_file()
         );
     }
 }

@@ -116,32 +116,50 @@ struct View {
 pub enum Admission {
     /// Nothing held yet, or the same epoch at the same or a later version: replace.
     Follow,
-    /// A higher epoch (an operator confirmed a restore): replace, keeping the revocations
-    /// and kill marks held until the tokens they cover expire.
+    /// A higher epoch (an operator confirmed a restore), or a forward snapshot after a
+    /// rollback was refused: replace, keeping the revocations and kill marks held until
+    /// the tokens they cover expire.
     Restore,
     /// A lower epoch, or a lower version of the held epoch: a rollback. Keep the state.
     Refuse,
 }
 
+/// What a follower remembers of the rollbacks it refused, for [`admission`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The held epoch at which a rollback was refused (a snapshot of that very epoch, at a
+    /// lower version): every later snapshot of it is refused too. Set only by a refusal at
+    /// the held epoch, so refusing a stale replica of an older one never replaces it.
+    pub epoch: Option<u64>,
+    /// A rollback (of any epoch) was refused since the last snapshot followed.
+    pub since_followed: bool,
+}
+
 /// The rule: `held` is the (epoch, version) held (None: no snapshot yet), `offered` the
-/// snapshot's. Once a rollback of the held epoch has been refused (`refused_epoch`, the
-/// epoch the refused snapshot had), every later snapshot of that epoch is refused too, even
-/// at a higher version: the rolled-back control plane counts up again from its old
-/// version, and reaching the held number does not bring back what it lost. Only a higher
-/// epoch is followed then. (A refused snapshot of an older epoch, a stale replica, does
-/// not stop the sidecar from following the held epoch forward when the primary is back.)
-pub fn admission(
-    held: Option<(u64, u64)>,
-    refused_epoch: Option<u64>,
-    offered: (u64, u64),
-) -> Admission {
+/// snapshot's. Once a rollback of the held epoch has been refused (`refused.epoch`), every
+/// later snapshot of that epoch is refused too, even at a higher version: the
+/// rolled-back control plane counts up again from its old version, and reaching the held
+/// number does not bring back what it lost. Only a higher epoch is followed then. (A
+/// refused snapshot of an older epoch, a stale replica, does not stop the sidecar from
+/// following the held epoch forward when the primary is back.)
+///
+/// After any refusal (`refused.since_followed`) the next snapshot followed is taken as a
+/// restore, keeping the revocations and kill marks held: a control plane restored from an
+/// older epoch and then confirmed can land on an epoch this sidecar already held (one the
+/// control plane never saw), and its snapshot would otherwise silently replace the lost
+/// history's revocations and kills.
+pub fn admission(held: Option<(u64, u64)>, refused: Refused, offered: (u64, u64)) -> Admission {
     let Some(held) = held else {
         return Admission::Follow;
     };
     if offered.0 > held.0 {
         Admission::Restore
-    } else if offered.0 == held.0 && refused_epoch != Some(held.0) && offered.1 >= held.1 {
-        Admission::Follow
+    } else if offered.0 == held.0 && refused.epoch != Some(held.0) && offered.1 >= held.1 {
+        if refused.since_followed {
+            Admission::Restore
+        } else {
+            Admission::Follow
+        }
     } else {
         Admission::Refuse
     }
@@ -168,11 +186,14 @@ impl std::fmt::Display for Rollback {
     }
 }
 
-/// What a sidecar remembered from before its restart ([`super::held`]).
-#[derive(Debug, Clone, Copy)]
-struct Remembered {
-    held: (u64, u64),
-    refused_epoch: Option<u64>,
+/// The rollbacks refused, kept together under one lock.
+#[derive(Debug, Default)]
+struct Refusal {
+    /// The rollback being refused now, if any (for readiness and metrics): cleared when a
+    /// snapshot is followed.
+    now: Option<Rollback>,
+    /// For [`admission`]; also remembered across a restart ([`super::held`]).
+    refused: Refused,
 }
 
 /// The control state a data plane enforces.
@@ -189,11 +210,11 @@ pub struct State {
     unregistered_tier: Arc<str>,
     /// A fleet sidecar's tenants (its credential's); unset: every tenant (all-in-one).
     served: std::sync::OnceLock<Vec<String>>,
-    /// The rollback being refused now, if any.
-    rollback: RwLock<Option<Rollback>>,
-    /// Remembered from before this process started ([`super::held`]), until a snapshot
-    /// is applied: the (epoch, version) held then and the epoch of a refused rollback.
-    remembered: RwLock<Option<Remembered>>,
+    /// The rollback refused now and what [`admission`] must remember of refusals.
+    refusal: RwLock<Refusal>,
+    /// The (epoch, version) held before this process started ([`super::held`]), until
+    /// a snapshot is applied.
+    remembered: RwLock<Option<(u64, u64)>>,
     /// Rollback snapshots refused since start.
     rollbacks_refused: AtomicU64,
 }
@@ -212,7 +233,7 @@ impl State {
             synced: AtomicBool::new(synced),
             unregistered_tier: Arc::from("unspecified"),
             served: std::sync::OnceLock::new(),
-            rollback: RwLock::new(None),
+            refusal: RwLock::new(Refusal::default()),
             remembered: RwLock::new(None),
             rollbacks_refused: AtomicU64::new(0),
         }
@@ -240,7 +261,15 @@ impl State {
 
     /// The rollback refused now, if any (for readiness and metrics).
     pub fn rollback(&self) -> Option<Rollback> {
-        *self.rollback.read().unwrap_or_else(|p| p.into_inner())
+        self.refusal.read().unwrap_or_else(|p| p.into_inner()).now
+    }
+
+    /// What is remembered of the rollbacks refused (also across a restart).
+    pub fn refused(&self) -> Refused {
+        self.refusal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
     }
 
     /// Rollback snapshots refused since start.
@@ -254,10 +283,6 @@ impl State {
         if self.synced() {
             return Some((self.epoch(), self.version()));
         }
-        self.remembered().map(|r| r.held)
-    }
-
-    fn remembered(&self) -> Option<Remembered> {
         *self.remembered.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -267,21 +292,23 @@ impl State {
     pub fn remember(&self, held: &super::held::Held) {
         let (jtis, kills) = held.revocations();
         self.revocations.replace(jtis, kills);
-        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = Some(Remembered {
-            held: (held.epoch, held.version),
-            refused_epoch: held.refused_epoch,
-        });
+        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((held.epoch, held.version));
+        self.refusal
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused = Refused {
+            epoch: held.refused_epoch,
+            // A file written before this flag existed: a remembered refusal implies it.
+            since_followed: held.refused_since_followed || held.refused_epoch.is_some(),
+        };
     }
 
     /// What to do with a snapshot ([`admission`]).
     pub fn admit(&self, snapshot: &pb::WatchEvent) -> Admission {
-        let refused_epoch = self
-            .rollback()
-            .map(|r| r.offered.0)
-            .or_else(|| self.remembered().and_then(|r| r.refused_epoch));
         admission(
             self.held(),
-            refused_epoch,
+            self.refused(),
             (snapshot.epoch, snapshot.version),
         )
     }
@@ -289,11 +316,19 @@ impl State {
     /// Refuses a rollback snapshot: the state held stays, but its revocations and kill
     /// marks are added (a union: they only ever deny more). Returns the rollback.
     pub fn refuse(&self, snapshot: &pb::WatchEvent) -> Rollback {
+        let held = self.held().unwrap_or_default();
         let rollback = Rollback {
-            held: self.held().unwrap_or_default(),
+            held,
             offered: (snapshot.epoch, snapshot.version),
         };
-        *self.rollback.write().unwrap_or_else(|p| p.into_inner()) = Some(rollback);
+        {
+            let mut refusal = self.refusal.write().unwrap_or_else(|p| p.into_inner());
+            refusal.now = Some(rollback);
+            refusal.refused.since_followed = true;
+            if snapshot.epoch == held.0 {
+                refusal.refused.epoch = Some(held.0);
+            }
+        }
         self.rollbacks_refused.fetch_add(1, Ordering::Relaxed);
         self.apply_restrictive(&snapshot.items, false);
         rollback
@@ -329,8 +364,8 @@ impl State {
         self.upsert(&restrictive);
     }
 
-    /// Follows the snapshot of a higher epoch (an operator confirmed a restore): replaces
-    /// the state, keeping the revocations and kill marks held that can still cover an
+    /// Follows the snapshot of a higher epoch (an operator confirmed a restore), or the
+    /// first one followed after a refused rollback: replaces the state, keeping the revocations and kill marks held that can still cover an
     /// unexpired token ([`Revocations::replace_keeping`]). Returns the policy reference
     /// and (token ids, kill marks) kept.
     pub fn restore(
@@ -346,16 +381,19 @@ impl State {
             .replace_keeping(jtis, kills, now, slack, max_token_ttl);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         self.set_position(snapshot);
-        *self.rollback.write().unwrap_or_else(|p| p.into_inner()) = None;
         (self.policy(), kept)
     }
 
+    /// Moves to the event's (epoch, version). A snapshot is only applied once admitted
+    /// (followed forward or restored), so it ends any refusal: the warning and gauge go,
+    /// and the refused epoch, now below the one held, can never be offered again.
     fn set_position(&self, event: &pb::WatchEvent) {
         self.version.store(event.version, Ordering::Release);
         self.epoch.store(event.epoch, Ordering::Release);
         if event.snapshot {
             self.synced.store(true, Ordering::Release);
             *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.refusal.write().unwrap_or_else(|p| p.into_inner()) = Refusal::default();
         }
     }
 
@@ -576,21 +614,31 @@ mod tests {
     #[test]
     fn only_a_forward_snapshot_is_followed() {
         use Admission::*;
-        // (held, refused epoch, offered) → what the follower does.
+        let none = Refused::default();
+        let at = |epoch| Refused {
+            epoch: Some(epoch),
+            since_followed: true,
+        };
+        let older = Refused {
+            epoch: None,
+            since_followed: true,
+        };
+        // (held, refused, offered) → what the follower does.
         let cases = [
-            (None, None, (0, 3), Follow),
-            (Some((0, 5)), None, (0, 5), Follow),
-            (Some((0, 5)), None, (0, 9), Follow),
-            (Some((0, 5)), None, (0, 3), Refuse),
-            (Some((2, 5)), None, (1, 90), Refuse),
-            (Some((0, 5)), None, (1, 1), Restore),
+            (None, none, (0, 3), Follow),
+            (Some((0, 5)), none, (0, 5), Follow),
+            (Some((0, 5)), none, (0, 9), Follow),
+            (Some((0, 5)), none, (0, 3), Refuse),
+            (Some((2, 5)), none, (1, 90), Refuse),
+            (Some((0, 5)), none, (1, 1), Restore),
             // A restored control plane counting past the held version is still the lost
             // history: once refused at an epoch, only a higher epoch is followed.
-            (Some((0, 5)), Some(0), (0, 6), Refuse),
-            (Some((0, 5)), Some(0), (1, 7), Restore),
-            // A stale replica of an older epoch was refused; the primary is back.
-            (Some((1, 5)), Some(0), (1, 7), Follow),
-            (Some((1, 5)), Some(0), (0, 9), Refuse),
+            (Some((0, 5)), at(0), (0, 6), Refuse),
+            (Some((0, 5)), at(0), (1, 7), Restore),
+            // A stale replica of an older epoch was refused; the primary is back: followed,
+            // keeping the revocations held (a restore).
+            (Some((1, 5)), older, (1, 7), Restore),
+            (Some((1, 5)), older, (0, 9), Refuse),
         ];
         for (held, refused, offered, want) in cases {
             assert_eq!(
@@ -728,8 +776,9 @@ mod tests {
         let stale = snapshot(0, 9, vec![]);
         assert_eq!(state.admit(&stale), Admission::Refuse);
         state.refuse(&stale);
-        // ... and the primary, back, is followed forward; the replica still is not.
-        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Follow);
+        // ... and the primary, back, is followed forward (keeping the revocations held,
+        // as after any refusal); the replica still is not.
+        assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Restore);
         assert_eq!(state.admit(&snapshot(0, 12, vec![])), Admission::Refuse);
         // Whereas after a refused rollback of the held epoch, its later versions are too.
         let state = State::new(Arc::new(Revocations::default()), false);
@@ -737,6 +786,94 @@ mod tests {
         state.refuse(&snapshot(1, 3, vec![]));
         assert_eq!(state.admit(&snapshot(1, 7, vec![])), Admission::Refuse);
         assert_eq!(state.admit(&snapshot(2, 8, vec![])), Admission::Restore);
+    }
+
+    /// What the follower does with a snapshot ([`super::super::follow`]).
+    fn offer(state: &State, snapshot: &pb::WatchEvent) -> Admission {
+        let admission = state.admit(snapshot);
+        match admission {
+            Admission::Follow => {
+                state.apply(snapshot);
+            }
+            Admission::Restore => {
+                state.restore(snapshot, now(), 65, 86_400);
+            }
+            Admission::Refuse => {
+                state.refuse(snapshot);
+            }
+        }
+        admission
+    }
+
+    /// Finding A: the fleet held (1, 300) after an earlier confirmation; the control plane
+    /// is restored from a backup of epoch 0, changes are re-applied and the restore is
+    /// confirmed, landing on epoch 1 again at a version past 300. The sidecar that refused
+    /// (0, x) must not take (1, 351) for the epoch-1 history it followed and replace away
+    /// the revocation and kill of the lost (1, 201..300).
+    #[test]
+    fn a_forward_snapshot_after_a_refused_rollback_keeps_the_lost_revocations_and_kills() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        let now = now();
+        offer(
+            &state,
+            &snapshot(
+                1,
+                300,
+                vec![
+                    agent("bot", super::super::ACTIVE),
+                    revoked("jti-lost", now + 3600),
+                    agent_kill("killed-bot", now - 60),
+                ],
+            ),
+        );
+        let restored = snapshot(0, 250, vec![agent("bot", super::super::ACTIVE)]);
+        assert_eq!(offer(&state, &restored), Admission::Refuse);
+        assert!(state.rollback().is_some());
+        let confirmed = snapshot(1, 351, vec![agent("bot", super::super::ACTIVE)]);
+        offer(&state, &confirmed);
+        assert_eq!((state.epoch(), state.version()), (1, 351));
+        assert_eq!(
+            state.revocations.check(&claims("bot", "jti-lost", now)),
+            Some(crate::identity::RevokedBy::Token),
+            "the revocation of the lost history still denies"
+        );
+        assert_eq!(
+            state
+                .revocations
+                .check(&claims("killed-bot", "old", now - 120)),
+            Some(crate::identity::RevokedBy::Agent),
+            "the kill of the lost history still denies"
+        );
+        assert!(state.rollback().is_none(), "following ends the warning");
+    }
+
+    /// Finding B(b): refusing a stale replica of an older epoch must not replace the
+    /// refusal of the held epoch: the restored primary counting past the held version is
+    /// still the lost history.
+    #[test]
+    fn a_stale_replica_refused_after_a_rollback_does_not_unstick_the_refused_epoch() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        offer(&state, &snapshot(1, 5, vec![]));
+        assert_eq!(offer(&state, &snapshot(1, 3, vec![])), Admission::Refuse);
+        assert_eq!(offer(&state, &snapshot(0, 9, vec![])), Admission::Refuse);
+        assert_eq!(offer(&state, &snapshot(1, 7, vec![])), Admission::Refuse);
+        assert_eq!((state.epoch(), state.version()), (1, 5));
+        assert_eq!(offer(&state, &snapshot(2, 8, vec![])), Admission::Restore);
+        assert_eq!((state.epoch(), state.version()), (2, 8));
+    }
+
+    /// Finding B(c): once the sidecar follows the primary forward after refusing a stale
+    /// replica, the refusal is over: /readyz and the gauge must not say it forever.
+    #[test]
+    fn following_forward_after_a_stale_replica_clears_the_refusal_warning() {
+        let state = State::new(Arc::new(Revocations::default()), false);
+        offer(&state, &snapshot(1, 5, vec![]));
+        assert_eq!(offer(&state, &snapshot(0, 9, vec![])), Admission::Refuse);
+        assert!(state.rollback().is_some());
+        assert_ne!(offer(&state, &snapshot(1, 7, vec![])), Admission::Refuse);
+        assert_eq!((state.epoch(), state.version()), (1, 7));
+        assert_eq!(state.rollback(), None);
+        assert_eq!(state.admit(&snapshot(1, 8, vec![])), Admission::Follow);
     }
 
     fn now() -> i64 {

@@ -47,9 +47,10 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
     fn snapshot(&self, now: i64) -> Result<(u64, Vec<pb::StateItem>), ControlError>;
     /// The watched state's (epoch, version).
     fn state_version(&self) -> Result<(u64, u64), ControlError>;
-    /// Raises the epoch by one, and the version with it (an operator confirmed that the
-    /// state held now, restored from a backup, is intended); returns the new pair.
-    fn raise_epoch(&self) -> Result<(u64, u64), ControlError>;
+    /// Raises the epoch past both its own and `reported` ([`next_epoch`]), and the
+    /// version with it (an operator confirmed that the state held now, restored from a
+    /// backup, is intended); returns the new pair.
+    fn raise_epoch(&self, reported: u64) -> Result<(u64, u64), ControlError>;
 
     fn register_agent(&self, agent: &pb::Agent) -> Result<Change<pb::Agent>, ControlError>;
     fn agent(&self, tenant: &str, id: &str, now: i64) -> Result<Option<pb::Agent>, ControlError>;
@@ -423,6 +424,28 @@ impl SqliteStore {
     }
 }
 
+/// How far above its own epoch a sidecar's report is believed ([`next_epoch`]).
+pub const MAX_EPOCH_REPORT_AHEAD: u64 = 1_000_000;
+
+/// The epoch a confirmed restore moves to: one past both the control plane's own
+/// (`own`, from the restored database) and `reported`, the highest a sidecar said it held.
+/// The fleet may hold an epoch the restored database never saw (a restore confirmed after
+/// the backup was taken); raising only the database's would hand out an epoch the fleet
+/// already had, with another history. A sidecar's report comes with its credential and
+/// can be forged, so it is believed at most [`MAX_EPOCH_REPORT_AHEAD`] above `own`.
+pub fn next_epoch(own: u64, reported: u64) -> Result<u64, ControlError> {
+    let believed = reported.min(own.saturating_add(MAX_EPOCH_REPORT_AHEAD));
+    own.max(believed)
+        .checked_add(1)
+        .filter(|e| i64::try_from(*e).is_ok())
+        .ok_or_else(|| {
+            ControlError::precondition(format!(
+                "state epoch {} cannot be raised further",
+                own.max(believed)
+            ))
+        })
+}
+
 /// Bumps and returns the watched-state version (inside the caller's transaction).
 fn bump(tx: &Connection) -> Result<u64, ControlError> {
     let v: i64 = tx
@@ -596,13 +619,16 @@ impl ControlStore for SqliteStore {
         self.with(|c| Ok((meta(c, "epoch")?, meta(c, "version")?)))
     }
 
-    fn raise_epoch(&self) -> Result<(u64, u64), ControlError> {
+    fn raise_epoch(&self, reported: u64) -> Result<(u64, u64), ControlError> {
         self.with(|c| {
             let tx = c.transaction().map_err(db_err)?;
-            tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'", [])
+            let epoch = next_epoch(meta(&tx, "epoch")?, reported)?;
+            let stored = i64::try_from(epoch).map_err(|_| {
+                ControlError::precondition(format!("state epoch {epoch} is past what is stored"))
+            })?;
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", [stored])
                 .map_err(db_err)?;
             let version = bump(&tx)?;
-            let epoch = meta(&tx, "epoch")?;
             tx.commit().map_err(db_err)?;
             Ok((epoch, version))
         })
@@ -1674,4 +1700,25 @@ fn revoke_live(
         revoked_reason: reason.to_owned(),
         ..token
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmed_epoch_is_past_the_reported_one_bounded_and_checked() {
+        assert_eq!(next_epoch(0, 0).ok(), Some(1));
+        assert_eq!(next_epoch(0, 1).ok(), Some(2));
+        assert_eq!(next_epoch(5, 2).ok(), Some(6));
+        assert_eq!(
+            next_epoch(3, u64::MAX).ok(),
+            Some(3 + MAX_EPOCH_REPORT_AHEAD + 1)
+        );
+        // Stored as SQLite's i64: the end of that range is an error, not a wrap.
+        let top = u64::try_from(i64::MAX).expect("fits");
+        let err = next_epoch(top, 0).expect_err("no epoch past i64::MAX");
+        assert!(err.to_string().contains("cannot be raised"), "{err}");
+        assert_eq!(next_epoch(top - 1, 0).ok(), Some(top));
+    }
 }
