@@ -816,7 +816,7 @@ fn policy_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     };
     let built = build(&args.dir, &opts)
         .map_err(|e| anyhow::anyhow!("policy bundle {}: {e}", args.dir.display()))?;
-    write_file_mode(&args.output, &built.archive, 0o644)
+    crate::files::write_atomic(&args.output, &built.archive, 0o644)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.display()))?;
     println!(
         "wrote {}: revision {}, {} files{}",
@@ -832,34 +832,10 @@ fn policy_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes `bytes` to a temporary file beside `path` (0600), then renames it into place:
-/// a reader never sees half a bundle.
+/// Writes `bytes` to `path` (0600) through a temporary file renamed into place: a reader
+/// never sees half a bundle ([`crate::files::write_atomic`]).
 fn write_new_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_file_mode(path, bytes, 0o600)
-}
-
-/// [`write_new_file`] with the given mode.
-fn write_file_mode(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::files::write_atomic(path, bytes, 0o600)
 }
 
 fn audit_check_evidence(

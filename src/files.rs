@@ -168,18 +168,39 @@ pub fn check(config: &Config) -> Result<(), InsecureFile> {
 /// Writes a secret (a credential, a key) readable and writable by its owner only, as
 /// `aegis serve` requires of the files it is given.
 pub fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
+    write_atomic(path, contents.as_bytes(), 0o600)
+}
+
+/// Replaces `path` with `bytes` so that a reader (or a crash) sees the old file or the
+/// new one whole: written to `<path>.tmp` (any old one removed first, then created with
+/// `O_EXCL` and `mode`, so a link planted there is neither followed nor written through),
+/// synced, renamed into place, and the directory synced so the rename survives a power
+/// loss. The temporary file is removed if a step fails.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    // An existing file keeps its mode through open: narrow it before writing.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads a key file Aegis keeps in its data directory without following a symbolic link

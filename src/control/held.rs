@@ -113,31 +113,9 @@ impl Held {
     /// first, then `O_EXCL`): a link planted in its place is removed, never written
     /// through.
     pub fn save(&self, path: &Path) -> Result<(), String> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        let at = |e: std::io::Error| format!("{}: {e}", path.display());
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", tmp.display())),
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(at)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("{}: {e}", dir.display()))
+        crate::files::write_atomic(path, &bytes, 0o600)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
