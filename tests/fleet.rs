@@ -83,6 +83,60 @@ impl Fleet {
         assert_eq!(code, 0, "aegis ctl {args:?}: {err}");
         out
     }
+
+    /// A token of acme's `agent` with `invoices:read`.
+    fn read_token(&self, agent: &str) -> String {
+        self.ok(&[
+            "tokens",
+            "issue",
+            "--agent",
+            agent,
+            "--tenant",
+            "acme",
+            "--scopes",
+            "invoices:read",
+        ])
+        .trim()
+        .to_owned()
+    }
+
+    /// Revokes the first token of acme's `agent` listed by the control plane: its jti.
+    fn revoke_first_token(&self, agent: &str) -> String {
+        let tokens: serde_json::Value = serde_json::from_str(&self.ok(&[
+            "tokens", "list", "--agent", agent, "--tenant", "acme", "--json",
+        ]))
+        .expect("json");
+        let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
+        self.ok(&[
+            "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
+        ]);
+        jti
+    }
+
+    /// A backup, as an operator takes one: the control plane stopped (SIGKILL), its data
+    /// dir copied, started again on the same address. Returns the copy.
+    fn back_up_control_plane(&mut self) -> std::path::PathBuf {
+        let backup = self.cp_data.with_file_name("cp-backup");
+        self.restart_control_plane(|data| copy_dir(data, &backup));
+        backup
+    }
+
+    /// The restore of `backup`: the control plane stopped, the copy put back in place of
+    /// its data dir, started again on the same address.
+    fn restore_control_plane(&mut self, backup: &std::path::Path) {
+        self.restart_control_plane(|data| {
+            std::fs::remove_dir_all(data).expect("rm");
+            copy_dir(backup, data);
+        });
+    }
+
+    fn restart_control_plane(&mut self, while_stopped: impl FnOnce(&std::path::Path)) {
+        let control = self.cp.addr;
+        self.cp.child.kill().expect("SIGKILL");
+        let _ = self.cp.child.wait();
+        while_stopped(&self.cp_data);
+        self.cp = spawn_control_plane(&self.cp_data, &control.to_string(), &[]);
+    }
 }
 
 /// What an agent sees: "allow", the deny reason, or the gRPC error.
@@ -790,43 +844,17 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     for a in ["alpha", "beta"] {
         fleet.ok(&["agents", "register", a, "--tenant", "acme"]);
     }
-    let issue = |fleet: &Fleet, a: &str| {
-        fleet
-            .ok(&[
-                "tokens",
-                "issue",
-                "--agent",
-                a,
-                "--tenant",
-                "acme",
-                "--scopes",
-                "invoices:read",
-            ])
-            .trim()
-            .to_owned()
-    };
-    let (alpha, beta) = (issue(&fleet, "alpha"), issue(&fleet, "beta"));
+    let (alpha, beta) = (fleet.read_token("alpha"), fleet.read_token("beta"));
     assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
     assert!(all_see(&fleet, || Req::read_invoices(&beta), "allow").await);
     let admin = admin_of(&fleet.sidecars[0].0);
     let control = fleet.cp.addr;
 
     // A backup: the control plane stopped, its data dir copied, started again.
-    let backup = fleet.cp_data.with_file_name("cp-backup");
-    fleet.cp.child.kill().expect("SIGKILL");
-    let _ = fleet.cp.child.wait();
-    copy_dir(&fleet.cp_data, &backup);
-    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    let backup = fleet.back_up_control_plane();
 
     // Containment after the backup: alpha's token revoked, beta frozen.
-    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
-        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
-    ]))
-    .expect("json");
-    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
-    fleet.ok(&[
-        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
-    ]);
+    let _ = fleet.revoke_first_token("alpha");
     fleet.ok(&[
         "agents", "freeze", "beta", "--tenant", "acme", "--reason", "contain",
     ]);
@@ -841,11 +869,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     let before = connects(&http_get(admin, "/metrics").await);
 
     // The restore: the control plane stopped, the copy put back, started again.
-    fleet.cp.child.kill().expect("SIGKILL");
-    let _ = fleet.cp.child.wait();
-    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
-    copy_dir(&backup, &fleet.cp_data);
-    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    fleet.restore_control_plane(&backup);
     assert!(
         eventually_async(Duration::from_secs(15), || async {
             connects(&http_get(admin, "/metrics").await) > before
@@ -891,7 +915,7 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
     // The operator issues alpha a new token on the restored control plane, re-applies the
     // freeze the backup lacks (a restrictive change reaches the refusing sidecar at once),
     // and confirms the restore; a confirmation without a reason is refused.
-    let fresh = issue(&fleet, "alpha");
+    let fresh = fleet.read_token("alpha");
     fleet.ok(&[
         "agents",
         "freeze",
@@ -978,37 +1002,10 @@ async fn a_restored_control_plane_backup_does_not_unrevoke_the_fleet() {
 async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
     let mut fleet = Fleet::start(1).await;
     fleet.ok(&["agents", "register", "alpha", "--tenant", "acme"]);
-    let issue = |fleet: &Fleet| {
-        fleet
-            .ok(&[
-                "tokens",
-                "issue",
-                "--agent",
-                "alpha",
-                "--tenant",
-                "acme",
-                "--scopes",
-                "invoices:read",
-            ])
-            .trim()
-            .to_owned()
-    };
-    let alpha = issue(&fleet);
+    let alpha = fleet.read_token("alpha");
     assert!(all_see(&fleet, || Req::read_invoices(&alpha), "allow").await);
-    let control = fleet.cp.addr;
-    let backup = fleet.cp_data.with_file_name("cp-backup");
-    fleet.cp.child.kill().expect("SIGKILL");
-    let _ = fleet.cp.child.wait();
-    copy_dir(&fleet.cp_data, &backup);
-    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
-    let tokens: serde_json::Value = serde_json::from_str(&fleet.ok(&[
-        "tokens", "list", "--agent", "alpha", "--tenant", "acme", "--json",
-    ]))
-    .expect("json");
-    let jti = tokens["tokens"][0]["jti"].as_str().expect("jti").to_owned();
-    fleet.ok(&[
-        "tokens", "revoke", &jti, "--tenant", "acme", "--reason", "leaked",
-    ]);
+    let backup = fleet.back_up_control_plane();
+    let jti = fleet.revoke_first_token("alpha");
     assert!(all_see(&fleet, || Req::read_invoices(&alpha), "token_revoked").await);
     // The sidecar has written what it holds (after the event, off its Check path).
     let held = fleet
@@ -1027,11 +1024,7 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
     let (mut sidecar, _) = fleet.sidecars.remove(0);
     sidecar.child.kill().expect("SIGKILL");
     let _ = sidecar.child.wait();
-    fleet.cp.child.kill().expect("SIGKILL");
-    let _ = fleet.cp.child.wait();
-    std::fs::remove_dir_all(&fleet.cp_data).expect("rm");
-    copy_dir(&backup, &fleet.cp_data);
-    fleet.cp = spawn_control_plane(&fleet.cp_data, &control.to_string(), &[]);
+    fleet.restore_control_plane(&backup);
     fleet.add_sidecar(0).await;
     let admin = admin_of(&fleet.sidecars[0].0);
     assert!(
@@ -1072,7 +1065,7 @@ async fn a_sidecar_restarted_after_the_restore_still_refuses_it() {
         "--reason",
         "restored last night's backup",
     ]);
-    let fresh = issue(&fleet);
+    let fresh = fleet.read_token("alpha");
     assert!(all_see(&fleet, || Req::read_invoices(&fresh), "allow").await);
     assert_eq!(seen(sc, Req::read_invoices(&alpha)).await, "token_revoked");
 }
