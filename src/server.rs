@@ -668,11 +668,16 @@ async fn serve(
         _ => None,
     };
     let follower = follow.map(|f| tokio::spawn(crate::control::follow::run(f, shutdown.clone())));
+    // The first verdict is published before any listener serves, so a probe right after
+    // the start announcement never finds the service unregistered.
+    let services = health_services(checker.is_some(), core.is_some());
+    let first = publish_health(&health_reporter, &readiness, &services, None).await;
     let health = tokio::spawn(report_health(
         health_reporter,
         readiness,
         checker.clone(),
-        core.is_some(),
+        services,
+        first,
         shutdown.clone(),
     ));
 
@@ -935,6 +940,46 @@ impl Readiness {
     }
 }
 
+/// The health services this server answers for: the server as a whole, ext_authz and
+/// the control plane as they run here.
+fn health_services(authz: bool, control: bool) -> Vec<&'static str> {
+    let mut services = vec![""];
+    if authz {
+        services.push(AUTHZ_SERVICE);
+    }
+    if control {
+        services.push(crate::control::CONTROL_SERVICE);
+    }
+    services
+}
+
+/// Checks readiness and, when the status differs from `last`, logs why and sets it for
+/// every service. Returns the status now.
+async fn publish_health(
+    reporter: &tonic_health::server::HealthReporter,
+    readiness: &Readiness,
+    services: &[&'static str],
+    last: Option<ServingStatus>,
+) -> ServingStatus {
+    let verdict = readiness.check();
+    let status = if verdict.is_ok() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    if last != Some(status) {
+        match &verdict {
+            Ok(()) if last.is_some() => crate::log!(info, "health: SERVING again"),
+            Ok(()) => {}
+            Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
+        }
+        for service in services {
+            reporter.set_service_status(*service, status).await;
+        }
+    }
+    status
+}
+
 /// Keeps the health service truthful: NOT_SERVING while the audit log, the policy or the
 /// signing key is unusable, SERVING again once it recovers; each change is logged with its
 /// reason. Also summarises shed Checks (overload) since the last tick.
@@ -942,38 +987,16 @@ async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     readiness: Arc<Readiness>,
     checker: Option<Arc<Checker>>,
-    control: bool,
+    services: Vec<&'static str>,
+    first: ServingStatus,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut services = vec![""];
-    if checker.is_some() {
-        services.push(AUTHZ_SERVICE);
-    }
-    if control {
-        services.push(crate::control::CONTROL_SERVICE);
-    }
-    let mut last = None;
+    let mut last = Some(first);
     let mut ticks: u64 = 0;
     let mut shed_before = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let verdict = readiness.check();
-        let status = if verdict.is_ok() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        if last != Some(status) {
-            match &verdict {
-                Ok(()) if last.is_some() => crate::log!(info, "health: SERVING again"),
-                Ok(()) => {}
-                Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
-            }
-            for service in &services {
-                reporter.set_service_status(*service, status).await;
-            }
-            last = Some(status);
-        }
+        last = Some(publish_health(&reporter, &readiness, &services, last).await);
         let Some(checker) = &checker else {
             tokio::select! {
                 _ = tick.tick() => {}
