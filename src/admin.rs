@@ -35,8 +35,8 @@ pub struct AdminState {
     pub checker: Option<Arc<Checker>>,
     /// The control state a data plane enforces, its follower (fleet sidecar), and the
     /// control plane (all-in-one and control-plane modes).
-    pub control_state: Option<Arc<crate::control::state::State>>,
-    pub follow: Option<Arc<crate::control::follow::FollowStatus>>,
+    pub control_state: Option<Arc<crate::dataplane::state::State>>,
+    pub follow: Option<Arc<crate::dataplane::follow::FollowStatus>>,
     pub control_core: Option<Arc<crate::control::core::ControlCore>>,
     pub audit: AuditLog,
     /// The live policy (absent on a control-plane-only server).

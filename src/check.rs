@@ -31,11 +31,11 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::Record;
 use crate::audit::store::{AuditError, AuditLog};
-use crate::control::budget::Meter;
-use crate::control::link::ControlLink;
-use crate::control::state::{AgentContext, State};
+use crate::dataplane::budget::Meter;
+use crate::dataplane::state::{AgentContext, State};
 use crate::identity::{Claims, Identifier, Refusal, TokenError};
 use crate::policy::{Decision, EvalError, Policy, Verdict};
+use crate::seam::ControlPlane;
 use crate::telemetry::Telemetry;
 use input::{Decoded, InputError, Limits};
 
@@ -99,7 +99,7 @@ pub struct Checker {
 pub struct ControlView {
     pub state: Arc<State>,
     pub meter: Arc<Meter>,
-    pub link: ControlLink,
+    pub link: Arc<dyn ControlPlane>,
     /// The correlation engine's queue: every recorded decision is offered to it.
     pub correlation: Option<Arc<crate::correlate::Correlator>>,
 }

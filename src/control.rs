@@ -17,13 +17,10 @@
 //! - [`validate`]: the ids and texts of every request, checked before a call runs or is
 //!   recorded.
 //! - [`refusals`]: how many refused calls are recorded (per actor, per peer, overall).
-//! - [`state`]: a data plane's view of the control state (agent status, revocations and
-//!   kills, tenant modes, budgets, policy revision), read on every Check.
-//! - [`budget`]: per-agent call and cost budgets, counted by the data plane.
 //! - [`approvals`]: the call hash an approval is bound to, and override tokens.
-//! - [`follow`]: a fleet sidecar following the control plane's `Watch` stream.
-//! - [`link`]: how the data plane raises approvals and redeems overrides (in-process in
-//!   the all-in-one server, over gRPC in a fleet).
+//!
+//! The data plane's side (its view of this state, following `Watch`, budgets, the gRPC
+//! client) is [`crate::dataplane`]; the planes meet only at [`crate::seam`].
 //!
 //! # Propagation
 //! An action returns only after it is stored, applied to the local data plane (all-in-one)
@@ -33,17 +30,12 @@
 
 pub mod approvals;
 pub mod auth;
-pub mod budget;
 pub mod core;
-pub mod follow;
 pub mod graph;
-pub mod held;
-pub mod link;
 pub mod notify;
 pub mod rate;
 pub mod refusals;
 pub mod service;
-pub mod state;
 pub mod store;
 pub mod validate;
 

@@ -623,7 +623,7 @@ impl Correlator {
     /// Starts the task; it ends when `shutdown` turns true.
     pub fn start(
         policy: std::sync::Arc<crate::policy::Policy>,
-        link: crate::control::link::ControlLink,
+        link: std::sync::Arc<dyn crate::seam::ControlPlane>,
         thresholds: Thresholds,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (std::sync::Arc<Self>, tokio::task::JoinHandle<()>) {
@@ -651,7 +651,7 @@ async fn run(
     me: std::sync::Arc<Correlator>,
     mut rx: tokio::sync::mpsc::Receiver<Decision>,
     policy: std::sync::Arc<crate::policy::Policy>,
-    link: crate::control::link::ControlLink,
+    link: std::sync::Arc<dyn crate::seam::ControlPlane>,
     thresholds: Thresholds,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -680,7 +680,7 @@ async fn run(
                     continue;
                 }
             };
-            report(&me, &link, &bundle, findings).await;
+            report(&me, link.as_ref(), &bundle, findings).await;
         }
     }
 }
@@ -688,7 +688,7 @@ async fn run(
 /// Hands findings to the control plane.
 async fn report(
     me: &Correlator,
-    link: &crate::control::link::ControlLink,
+    link: &dyn crate::seam::ControlPlane,
     bundle: &crate::policy::CompiledBundle,
     findings: Vec<Finding>,
 ) {

@@ -112,7 +112,7 @@ fn build(req: &CheckRequest) {
             attributes,
             &decoded,
             &corpus_claims(),
-            &crate::control::state::AgentContext::unregistered(),
+            &crate::dataplane::state::AgentContext::unregistered(),
         );
     }
 }

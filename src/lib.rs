@@ -19,7 +19,11 @@
 //! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags).
 //! - [`control`]: the control plane: operator credentials, the control store, the
 //!   actions (freeze, revoke, kill, approvals, shadow mode, budgets, policy rollback),
-//!   the gRPC service, and the data plane's view of its state (snapshot + deltas).
+//!   the gRPC service.
+//! - [`dataplane`]: the data plane's view of the control state (snapshot + deltas), how a
+//!   sidecar follows it, budgets, and the gRPC client of the control plane.
+//! - [`seam`]: the one seam between the planes: [`seam::ControlPlane`] (local or remote,
+//!   same trait) and [`seam::LocalDataPlane`].
 //! - [`correlate`]: the correlation engine: attack patterns in the decision stream,
 //!   reported to the control plane as incidents.
 //! - [`ctl`]: `aegis ctl`, the control-plane client.
@@ -38,6 +42,7 @@ pub mod config;
 pub mod control;
 pub mod correlate;
 pub mod ctl;
+pub mod dataplane;
 #[doc(hidden)]
 pub mod files;
 pub mod fuzzing;
@@ -45,6 +50,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
+pub mod seam;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -26,17 +26,18 @@ use crate::check::{AuthorizationService, Checker, ControlView, TokenSource};
 use crate::config::{Config, Mode};
 use crate::control::ControlError;
 use crate::control::auth::Authenticator;
-use crate::control::budget::Meter;
-use crate::control::core::{ControlCore, Local, Settings};
-use crate::control::follow::{Follow, FollowStatus};
-use crate::control::link::ControlLink;
+use crate::control::core::{ControlCore, InProcessControl, Settings};
 use crate::control::pb::control_plane_server::ControlPlaneServer;
 use crate::control::service::ControlService;
-use crate::control::state::State;
 use crate::control::store::{CONTROL_DB_FILE, SqliteStore};
+use crate::dataplane::budget::Meter;
+use crate::dataplane::follow::{Follow, FollowStatus};
+use crate::dataplane::link::Remote;
+use crate::dataplane::state::State;
 use crate::identity::{Identifier, KeyRing, Revocations, TokenPolicy};
 use crate::keys::{KeyError, Signer};
 use crate::policy::{BundleError, BundleSource, Policy, PolicyOptions};
+use crate::seam::ControlPlane;
 use crate::telemetry::{Telemetry, TelemetryError, TelemetryOptions};
 
 /// How `aegis serve` announces its bound address on stderr (`<ANNOUNCE><addr>: …`); the
@@ -229,10 +230,12 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         Mode::Sidecar => None,
         Mode::AllInOne | Mode::ControlPlane => {
             let store = SqliteStore::open(&config.data_dir.join(CONTROL_DB_FILE))?;
-            let local = (mode == Mode::AllInOne).then(|| Local {
-                state: state.clone(),
-                policy: policy.clone(),
-                meter: meter.clone(),
+            let local = (mode == Mode::AllInOne).then(|| {
+                Arc::new(crate::dataplane::InProcess {
+                    state: state.clone(),
+                    policy: policy.clone(),
+                    meter: meter.clone(),
+                }) as Arc<dyn crate::seam::LocalDataPlane>
             });
             let core = Arc::new(ControlCore::new(
                 Arc::new(store),
@@ -247,13 +250,13 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             Some(core)
         }
     };
-    let (link, follow) = match &core {
-        Some(core) => (ControlLink::local(core.clone()), None),
+    let (link, follow): (Arc<dyn ControlPlane>, _) = match &core {
+        Some(core) => (Arc::new(InProcessControl::new(core.clone())), None),
         None => {
             let url = config.control.url.clone().unwrap_or_default();
             let timeout = Duration::from_millis(config.control.request_timeout_ms);
             let channel =
-                crate::control::follow::channel(&url, timeout, control_client_tls(&config)?)
+                crate::dataplane::follow::channel(&url, timeout, control_client_tls(&config)?)
                     .map_err(StartError::Config)?;
             let credential = sidecar_credential(&config)?;
             // The sidecar decides only for the tenants its credential serves: it is sent
@@ -261,7 +264,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             let served = crate::control::auth::own_sidecar_tenants(&credential)
                 .map_err(|e| StartError::Config(format!("control.token_file: {e}")))?;
             state.serve_only(served);
-            let link = ControlLink::remote(channel.clone(), &credential, timeout)?;
+            let link = Arc::new(Remote::new(channel.clone(), &credential, timeout)?);
             let follow = Follow {
                 channel,
                 credential,
@@ -274,10 +277,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                     .saturating_add(60),
                 max_token_ttl_secs: i64::try_from(config.control.max_token_ttl_secs)
                     .unwrap_or(i64::MAX / 2),
-                held_file: config.data_dir.join(crate::control::held::HELD_FILE),
+                held_file: config.data_dir.join(crate::dataplane::held::HELD_FILE),
             };
             if let Some(held) =
-                crate::control::held::Held::load(&follow.held_file).map_err(StartError::Config)?
+                crate::dataplane::held::Held::load(&follow.held_file).map_err(StartError::Config)?
             {
                 crate::log!(
                     info,
@@ -667,7 +670,7 @@ async fn serve(
         (Some(core), Some(rx)) => Some(tokio::spawn(record_reloads(core.clone(), rx))),
         _ => None,
     };
-    let follower = follow.map(|f| tokio::spawn(crate::control::follow::run(f, shutdown.clone())));
+    let follower = follow.map(|f| tokio::spawn(crate::dataplane::follow::run(f, shutdown.clone())));
     // The first verdict is published before any listener serves, so a probe right after
     // the start announcement never finds the service unregistered.
     let services = health_services(checker.is_some(), core.is_some());

@@ -26,7 +26,7 @@ use tonic::Code;
 use super::{Call, Checker, Outcome};
 use crate::control::approvals::{Call as BoundCall, call_hash};
 use crate::control::pb;
-use crate::control::state::AgentContext;
+use crate::dataplane::state::AgentContext;
 use crate::policy::{Decision, Verdict};
 
 /// What an `approval_needed` call carries into step 3.
@@ -58,7 +58,7 @@ pub(super) fn restrict(
     bundle: &crate::policy::CompiledBundle,
     d: &super::input::Decoded<'_>,
 ) -> (Decision, Option<Decision>) {
-    use crate::control::state::AgentStatus;
+    use crate::dataplane::state::AgentStatus;
     if agent.status != AgentStatus::Restricted || !decision.verdict.allows() {
         return (decision, None);
     }
@@ -80,7 +80,7 @@ pub(super) fn restrict(
 
 /// Step 1: containment by agent status, before policy.
 pub(super) fn contained(agent: &AgentContext) -> Option<Outcome> {
-    use crate::control::state::AgentStatus;
+    use crate::dataplane::state::AgentStatus;
     let reason = match agent.status {
         AgentStatus::Frozen => "agent_frozen",
         AgentStatus::Revoked => "agent_revoked",

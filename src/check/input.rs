@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use serde_json::{Map, Value};
 
-use crate::control::state::AgentContext;
+use crate::dataplane::state::AgentContext;
 use crate::identity::Claims;
 use crate::policy::routes::{
     AgentLabels, BodyKind, Catalogue, Protocol, Route, RouteError, RouteSource,

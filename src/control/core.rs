@@ -14,17 +14,16 @@ use tokio::sync::broadcast;
 
 use super::approvals::{OVERRIDE_AUDIENCE, OverrideClaims};
 use super::auth::{Need, Operator, Role};
-use super::budget::{Limit, Meter};
 use super::pb;
 use super::refusals::{RefusalLimiter, Refuser};
-use super::state::State;
 use super::store::{Change, ControlStore};
 use super::{ControlError, now_secs, random_id, valid_id};
 use crate::audit::Record;
 use crate::audit::store::AuditLog;
 use crate::identity::{Audience, Claims, KeyRing, mint, parse_and_verify};
 use crate::keys::Signer;
-use crate::policy::{BundleFiles, CompiledBundle, Policy, PolicyOptions};
+use crate::policy::{BundleFiles, CompiledBundle, PolicyOptions};
+use crate::seam::{ControlPlane, LocalDataPlane};
 
 /// How many events a slow watcher may fall behind before it is resynced from a snapshot.
 const WATCH_BUFFER: usize = 4096;
@@ -58,14 +57,6 @@ pub struct Settings {
     pub sidecar_call_burst: u32,
 }
 
-/// The data plane in the same process (all-in-one): changes apply to it synchronously.
-#[derive(Debug, Clone)]
-pub struct Local {
-    pub state: Arc<State>,
-    pub policy: Arc<Policy>,
-    pub meter: Arc<Meter>,
-}
-
 /// The control plane's actions.
 #[derive(Debug)]
 pub struct ControlCore {
@@ -75,7 +66,9 @@ pub struct ControlCore {
     /// The control plane's own key, for override tokens it minted.
     own_key: KeyRing,
     settings: Settings,
-    local: Option<Local>,
+    /// The data plane in the same process (all-in-one): changes apply to it before an
+    /// action answers. The core knows it only through the seam's trait.
+    local: Option<Arc<dyn LocalDataPlane>>,
     policy_opts: PolicyOptions,
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
     /// Incidents raised and changed, for `WatchIncidents`.
@@ -136,6 +129,49 @@ pub fn data_plane_operator() -> Operator {
     }
 }
 
+/// The control plane as a data plane in the same process reaches it: the core called
+/// directly, as the data plane's operator. The same trait a fleet sidecar reaches over
+/// gRPC ([`crate::dataplane::link::Remote`]).
+#[derive(Debug, Clone)]
+pub struct InProcessControl {
+    core: Arc<ControlCore>,
+    op: Operator,
+}
+
+impl InProcessControl {
+    /// The data plane's way to `core`.
+    pub fn new(core: Arc<ControlCore>) -> Self {
+        Self {
+            core,
+            op: data_plane_operator(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for InProcessControl {
+    async fn request_approval(
+        &self,
+        req: pb::RequestApprovalRequest,
+    ) -> Result<pb::RequestApprovalResponse, ControlError> {
+        self.core.request_approval(&self.op, req).await
+    }
+
+    async fn report_incident(
+        &self,
+        req: pb::ReportIncidentRequest,
+    ) -> Result<pb::Incident, ControlError> {
+        self.core.report_incident(&self.op, req).await
+    }
+
+    async fn redeem_override(
+        &self,
+        req: pb::RedeemOverrideRequest,
+    ) -> Result<pb::RedeemOverrideResponse, ControlError> {
+        self.core.redeem_override(&self.op, req).await
+    }
+}
+
 fn required_reason(reason: &str, what: &str) -> Result<(), ControlError> {
     if reason.trim().is_empty() {
         Err(ControlError::invalid(format!(
@@ -158,7 +194,7 @@ impl ControlCore {
         audit: AuditLog,
         signer: Signer,
         settings: Settings,
-        local: Option<Local>,
+        local: Option<Arc<dyn LocalDataPlane>>,
         policy_opts: PolicyOptions,
     ) -> Self {
         let mut own_key = KeyRing::default();
@@ -194,7 +230,7 @@ impl ControlCore {
     pub async fn load_local(&self) -> Result<(), ControlError> {
         let (event, _rx) = self.subscribe().await?;
         if let Some(local) = &self.local {
-            local.state.apply(&event);
+            local.apply(&event);
         }
         Ok(())
     }
@@ -351,7 +387,7 @@ impl ControlCore {
                 items: Vec::new(),
             };
             if let Some(local) = &self.local {
-                local.state.apply(&event);
+                local.apply(&event);
             }
             let _ = self.events.send(Arc::new(event));
             (epoch, version)
@@ -438,7 +474,7 @@ impl ControlCore {
             items,
         };
         if let Some(local) = &self.local {
-            local.state.apply(&event);
+            local.apply(&event);
         }
         let _ = self.events.send(Arc::new(event));
     }
@@ -1325,12 +1361,7 @@ impl ControlCore {
 
     fn with_usage(&self, mut b: pb::Budget) -> pb::Budget {
         if let Some(local) = &self.local {
-            let limit = Limit {
-                max_calls: b.max_calls,
-                max_cost: b.max_cost,
-                window_secs: b.window_secs,
-            };
-            let u = local.meter.usage(&b.tenant, &b.agent, &limit, now_secs());
+            let u = local.usage(&b, now_secs());
             b.usage_known = true;
             b.used_calls = u.calls;
             b.used_cost = u.cost;
@@ -1469,9 +1500,9 @@ impl ControlCore {
                 .blocking(move |s| s.activate_policy(&r, &bytes))
                 .await?;
             if let Some(local) = &self.local
-                && local.policy.current().digest() != compiled.digest()
+                && local.policy_digest() != compiled.digest()
             {
-                local.policy.install(Arc::new(compiled));
+                local.install_policy(compiled);
             }
             self.deliver(change.epoch, change.version, change.items);
             change.value
@@ -1520,7 +1551,7 @@ impl ControlCore {
                     a.action
                 );
                 if let Some(local) = &self.local {
-                    local.policy.install(Arc::new(compiled));
+                    local.install_policy(compiled);
                 }
                 Ok(())
             }

@@ -31,8 +31,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::held::Held;
-use super::pb::{self, control_plane_client::ControlPlaneClient};
 use super::state::{Admission, State};
+use crate::control::pb::{self, control_plane_client::ControlPlaneClient};
 use crate::policy::{BundleFiles, CompiledBundle, Policy};
 
 /// The follower's connection, for health and metrics.
@@ -241,7 +241,7 @@ fn restore(f: &Follow, event: &pb::WatchEvent) -> Option<pb::PolicyRef> {
     let held = f.state.held().unwrap_or_default();
     let (policy, (tokens, kills)) = f.state.restore(
         event,
-        super::now_secs(),
+        crate::control::now_secs(),
         f.token_slack_secs,
         f.max_token_ttl_secs,
     );

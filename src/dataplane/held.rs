@@ -199,7 +199,7 @@ mod tests {
     /// refused stale replica) still names the refused epoch.
     #[test]
     fn a_restart_before_the_first_snapshot_keeps_the_refused_epoch() {
-        use crate::control::state::Admission;
+        use crate::dataplane::state::Admission;
         use crate::identity::Revocations;
         use std::sync::Arc;
         let dir = tempfile::tempdir().expect("tempdir");

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::budget::Limit;
-use super::pb::{self, KillScope, state_item::Item};
+use crate::control::pb::{self, KillScope, state_item::Item};
 use crate::identity::{Claims, KillTarget, RevocationEntries, Revocations};
 
 /// An agent's status as the data plane enforces it.
@@ -48,10 +48,10 @@ fn strictness(s: AgentStatus) -> u8 {
 impl AgentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
-            AgentStatus::Active => super::ACTIVE,
-            AgentStatus::Frozen => super::FROZEN,
-            AgentStatus::Revoked => super::REVOKED,
-            AgentStatus::Restricted => super::RESTRICTED,
+            AgentStatus::Active => crate::control::ACTIVE,
+            AgentStatus::Frozen => crate::control::FROZEN,
+            AgentStatus::Revoked => crate::control::REVOKED,
+            AgentStatus::Restricted => crate::control::RESTRICTED,
             AgentStatus::Unregistered => "unregistered",
             AgentStatus::NotServed => "tenant_not_served",
         }
@@ -59,10 +59,10 @@ impl AgentStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
-            super::ACTIVE => AgentStatus::Active,
-            super::FROZEN => AgentStatus::Frozen,
-            super::REVOKED => AgentStatus::Revoked,
-            super::RESTRICTED => AgentStatus::Restricted,
+            crate::control::ACTIVE => AgentStatus::Active,
+            crate::control::FROZEN => AgentStatus::Frozen,
+            crate::control::REVOKED => AgentStatus::Revoked,
+            crate::control::RESTRICTED => AgentStatus::Restricted,
             _ => return None,
         })
     }
@@ -515,7 +515,7 @@ impl View {
                 self.tenants.insert(
                     t.name.clone(),
                     TenantEntry {
-                        shadow: t.mode == super::SHADOW,
+                        shadow: t.mode == crate::control::SHADOW,
                         autonomy_level: t.autonomy_level,
                     },
                 );
@@ -657,8 +657,8 @@ mod tests {
             0,
             5,
             vec![
-                agent("frozen-bot", super::super::FROZEN),
-                agent("bot", super::super::ACTIVE),
+                agent("frozen-bot", crate::control::FROZEN),
+                agent("bot", crate::control::ACTIVE),
                 revoked("jti-late", now + 3600),
             ],
         ));
@@ -668,8 +668,8 @@ mod tests {
             0,
             3,
             vec![
-                agent("frozen-bot", super::super::ACTIVE),
-                agent("bot", super::super::ACTIVE),
+                agent("frozen-bot", crate::control::ACTIVE),
+                agent("bot", crate::control::ACTIVE),
                 revoked("jti-new", now + 3600),
             ],
         );
@@ -694,8 +694,8 @@ mod tests {
         // A delta from the refused control plane: a new freeze applies, an unfreeze not.
         state.apply_restrictive(
             &[
-                agent("bot", super::super::FROZEN),
-                agent("frozen-bot", super::super::ACTIVE),
+                agent("bot", crate::control::FROZEN),
+                agent("frozen-bot", crate::control::ACTIVE),
             ],
             true,
         );
@@ -709,12 +709,12 @@ mod tests {
         );
         // Nor does a restriction thaw a held freeze (restricted is weaker than frozen);
         // a revocation, stricter, applies.
-        state.apply_restrictive(&[agent("frozen-bot", super::super::RESTRICTED)], true);
+        state.apply_restrictive(&[agent("frozen-bot", crate::control::RESTRICTED)], true);
         assert_eq!(
             state.agent(&claims("frozen-bot", "b", now)).status,
             AgentStatus::Frozen
         );
-        state.apply_restrictive(&[agent("frozen-bot", super::super::REVOKED)], true);
+        state.apply_restrictive(&[agent("frozen-bot", crate::control::REVOKED)], true);
         assert_eq!(
             state.agent(&claims("frozen-bot", "b", now)).status,
             AgentStatus::Revoked
@@ -738,7 +738,7 @@ mod tests {
                 agent_kill("ancient-bot", now - ttl - slack - 10),
             ],
         ));
-        let restored = snapshot(1, 4, vec![agent("bot", super::super::ACTIVE)]);
+        let restored = snapshot(1, 4, vec![agent("bot", crate::control::ACTIVE)]);
         assert_eq!(state.admit(&restored), Admission::Restore);
         let (_, kept) = state.restore(&restored, now, slack, ttl);
         assert_eq!(kept, (1, 1));
@@ -820,16 +820,16 @@ mod tests {
                 1,
                 300,
                 vec![
-                    agent("bot", super::super::ACTIVE),
+                    agent("bot", crate::control::ACTIVE),
                     revoked("jti-lost", now + 3600),
                     agent_kill("killed-bot", now - 60),
                 ],
             ),
         );
-        let restored = snapshot(0, 250, vec![agent("bot", super::super::ACTIVE)]);
+        let restored = snapshot(0, 250, vec![agent("bot", crate::control::ACTIVE)]);
         assert_eq!(offer(&state, &restored), Admission::Refuse);
         assert!(state.rollback().is_some());
-        let confirmed = snapshot(1, 351, vec![agent("bot", super::super::ACTIVE)]);
+        let confirmed = snapshot(1, 351, vec![agent("bot", crate::control::ACTIVE)]);
         offer(&state, &confirmed);
         assert_eq!((state.epoch(), state.version()), (1, 351));
         assert_eq!(
@@ -877,6 +877,6 @@ mod tests {
     }
 
     fn now() -> i64 {
-        super::super::now_secs()
+        crate::control::now_secs()
     }
 }
