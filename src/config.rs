@@ -259,6 +259,11 @@ impl CorrelationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlConfig {
+    /// Control plane and all-in-one: where the control store lives. Unset: `control.db`
+    /// in the data directory. `sqlite:PATH`: that SQLite file, which several control-plane
+    /// processes on one host may share (each delivers the others' changes to its
+    /// watchers).
+    pub database_url: Option<String>,
     /// Sidecar mode: the control plane to follow, e.g. `http://aegis-control:9193`.
     pub url: Option<String>,
     /// Sidecar mode: file holding the sidecar credential (`aegis operator issue --role
@@ -298,6 +303,16 @@ pub struct ControlConfig {
     /// requires mTLS, and its key.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+/// File name of the control database in the data directory (the default store).
+pub const CONTROL_DB_FILE: &str = "control.db";
+
+/// Where the control store lives ([`Config::control_database`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlDatabase {
+    /// A SQLite file (the embedded default: `control.db` in the data directory).
+    Sqlite(PathBuf),
 }
 
 /// `[policy]`
@@ -460,6 +475,7 @@ impl Default for ControlConfig {
             sidecar_calls_per_sec: 10,
             sidecar_call_burst: 50,
             max_token_ttl_secs: 86_400,
+            database_url: None,
             operator_ttl_secs: 8 * 3600,
             ca_file: None,
             cert_file: None,
@@ -547,6 +563,9 @@ pub struct Overrides {
     /// Control-plane gRPC address [default: 127.0.0.1:9193].
     #[arg(long, env = "AEGIS_CONTROL_LISTEN")]
     pub control_listen: Option<SocketAddr>,
+    /// Where the control store lives: sqlite:PATH [default: control.db in the data dir].
+    #[arg(long = "control-database-url", env = "AEGIS_CONTROL_DATABASE_URL")]
+    pub control_database_url: Option<String>,
     /// Follow this control plane (sidecar mode), e.g. http://aegis-control:9193.
     #[arg(long = "control-plane", env = "AEGIS_CONTROL_PLANE")]
     pub control_url: Option<String>,
@@ -779,7 +798,29 @@ impl Config {
         toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
+    /// The control store `control.database_url` names.
+    pub fn control_database(&self) -> Result<ControlDatabase, ConfigError> {
+        let Some(url) = &self.control.database_url else {
+            return Ok(ControlDatabase::Sqlite(self.data_dir.join(CONTROL_DB_FILE)));
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            setting: "control.database_url",
+            message,
+        };
+        match url.split_once(':') {
+            Some(("sqlite", path)) if !path.is_empty() => {
+                Ok(ControlDatabase::Sqlite(PathBuf::from(path)))
+            }
+            Some(("sqlite", _)) => Err(invalid(format!("{url:?}: sqlite: needs a file path"))),
+            Some((scheme, _)) => Err(invalid(format!(
+                "{url:?}: this build stores control state in SQLite only (sqlite:PATH), not {scheme:?}"
+            ))),
+            None => Err(invalid(format!("{url:?}: expected sqlite:PATH"))),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        self.control_database()?;
         let positive = |setting: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {
@@ -1032,6 +1073,9 @@ impl Overrides {
         set(&mut c.control_listen, &self.control_listen);
         if self.control_url.is_some() {
             c.control.url = self.control_url.clone();
+        }
+        if self.control_database_url.is_some() {
+            c.control.database_url = self.control_database_url.clone();
         }
         if self.control_token_file.is_some() {
             c.control.token_file = self.control_token_file.clone();

@@ -11,7 +11,8 @@
 //! - [`auth`]: operator credentials (EdDSA tokens with a role and a tenant) and what each
 //!   role may do.
 //! - [`store`]: the control store behind a narrow trait ([`store::ControlStore`]), with the
-//!   SQLite backend; every change that data planes must see bumps a version.
+//!   SQLite backend; every change that data planes must see bumps a version and is kept
+//!   in a change feed ([`store::ControlStore::changes_since`]).
 //! - [`core`]: [`core::ControlCore`], the actions: validate, store, publish, audit.
 //! - [`service`]: the gRPC service, a thin layer over the core.
 //! - [`validate`]: the ids and texts of every request, checked before a call runs or is
@@ -24,7 +25,10 @@
 //!
 //! # Propagation
 //! An action returns only after it is stored, applied to the local data plane (all-in-one)
-//! and handed to every connected watcher; fleet sidecars apply it as it arrives. A sidecar
+//! and handed to every connected watcher; fleet sidecars apply it as it arrives. Both are
+//! fed from the store's change feed in version order ([`core::ControlCore::start_feed`]),
+//! so changes committed by another control-plane process sharing the store reach this
+//! one's data plane and watchers too. A sidecar
 //! that loses the control plane keeps deciding from its last state and resyncs from a fresh
 //! snapshot when it reconnects.
 

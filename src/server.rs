@@ -29,7 +29,7 @@ use crate::control::auth::Authenticator;
 use crate::control::core::{ControlCore, InProcessControl, Settings};
 use crate::control::pb::control_plane_server::ControlPlaneServer;
 use crate::control::service::ControlService;
-use crate::control::store::{CONTROL_DB_FILE, SqliteStore};
+use crate::control::store::SqliteStore;
 use crate::dataplane::budget::Meter;
 use crate::dataplane::follow::{Follow, FollowStatus};
 use crate::dataplane::link::Remote;
@@ -229,7 +229,10 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let core = match mode {
         Mode::Sidecar => None,
         Mode::AllInOne | Mode::ControlPlane => {
-            let store = SqliteStore::open(&config.data_dir.join(CONTROL_DB_FILE))?;
+            let crate::config::ControlDatabase::Sqlite(path) = config
+                .control_database()
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            let store = SqliteStore::open(&path)?;
             let local = (mode == Mode::AllInOne).then(|| {
                 Arc::new(crate::dataplane::InProcess {
                     state: state.clone(),
@@ -304,6 +307,9 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             core.start_notifier(config.notify.clone(), shutdown_rx.clone())
                 .map_err(StartError::Config)?,
         );
+        // Changes committed to the store by another process sharing it reach this one's
+        // data plane and watchers too; it ends on shutdown.
+        drop(core.start_feed(shutdown_rx.clone()));
     }
     let (correlation, correlator_task) =
         if mode == Mode::ControlPlane || !config.correlation.enabled {

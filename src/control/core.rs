@@ -8,6 +8,7 @@
 //! is answered with an error saying exactly that (and readiness reports the audit log).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tokio::sync::broadcast;
@@ -16,7 +17,7 @@ use super::approvals::{OVERRIDE_AUDIENCE, OverrideClaims};
 use super::auth::{Need, Operator, Role};
 use super::pb;
 use super::refusals::{RefusalLimiter, Refuser};
-use super::store::{Change, ControlStore};
+use super::store::{Change, ControlStore, Feed};
 use super::{ControlError, now_secs, random_id, valid_id};
 use crate::audit::Record;
 use crate::audit::store::AuditLog;
@@ -75,7 +76,11 @@ pub struct ControlCore {
     pub(super) incident_events: broadcast::Sender<Arc<pb::IncidentEvent>>,
     /// The webhook delivery task, woken when an incident queued notifications.
     notifier: std::sync::OnceLock<Arc<super::notify::Notifier>>,
+    /// Held while a change is stored and delivered, and while a snapshot is taken.
     publish: tokio::sync::Mutex<()>,
+    /// The newest version handed to the local data plane and the watchers: every change
+    /// reaches them from the store's feed, in version order, once (see [`Self::pump`]).
+    delivered: std::sync::atomic::AtomicU64,
     /// Rations refusal rows per actor, per peer and overall, so that a caller who may not
     /// act cannot flood the signed log; the rest are only counted.
     refusals: RefusalLimiter,
@@ -215,6 +220,7 @@ impl ControlCore {
             incident_events: broadcast::channel(INCIDENT_BUFFER).0,
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
+            delivered: std::sync::atomic::AtomicU64::new(0),
             refusals: RefusalLimiter::default(),
             sidecar_rate,
             incidents_raised: INCIDENT_KINDS
@@ -226,12 +232,15 @@ impl ControlCore {
         }
     }
 
-    /// Loads the stored state into the local data plane (all-in-one start-up).
+    /// Loads the stored state into the local data plane (all-in-one start-up) and starts
+    /// delivering the store's feed after it.
     pub async fn load_local(&self) -> Result<(), ControlError> {
-        let (event, _rx) = self.subscribe().await?;
+        let _guard = self.publish.lock().await;
+        let event = self.snapshot().await?;
         if let Some(local) = &self.local {
             local.apply(&event);
         }
+        self.delivered.store(event.version, Ordering::Release);
         Ok(())
     }
 
@@ -239,9 +248,17 @@ impl ControlCore {
     pub async fn subscribe(
         &self,
     ) -> Result<(pb::WatchEvent, broadcast::Receiver<Arc<pb::WatchEvent>>), ControlError> {
-        // Under the publish lock: no change can slip between the snapshot and the receiver.
+        // Under the publish lock, after delivering what the feed holds: no change can slip
+        // between the snapshot and the receiver (one committed by another replica meanwhile
+        // is in the snapshot and delivered again later, which watchers skip by version).
         let _guard = self.publish.lock().await;
+        self.pump().await?;
         let rx = self.events.subscribe();
+        Ok((self.snapshot().await?, rx))
+    }
+
+    /// The whole watched state as a snapshot event.
+    async fn snapshot(&self) -> Result<pb::WatchEvent, ControlError> {
         let now = now_secs();
         let (epoch, version, items) = self
             .blocking(move |s| {
@@ -250,15 +267,72 @@ impl ControlCore {
                 Ok((epoch, version, items))
             })
             .await?;
-        Ok((
-            pb::WatchEvent {
-                epoch,
-                version,
-                snapshot: true,
-                items,
-            },
-            rx,
-        ))
+        Ok(pb::WatchEvent {
+            epoch,
+            version,
+            snapshot: true,
+            items,
+        })
+    }
+
+    /// Hands every change the store committed after the last one delivered to the local
+    /// data plane and to every watcher, in version order: this replica's own changes and,
+    /// with a shared store, other replicas'. A gap (the feed was pruned past what was
+    /// delivered) is bridged with a snapshot. Called under the publish lock.
+    async fn pump(&self) -> Result<(), ControlError> {
+        const BATCH: usize = 1000;
+        loop {
+            let after = self.delivered.load(Ordering::Acquire);
+            let events = match self
+                .blocking(move |s| s.changes_since(after, BATCH))
+                .await?
+            {
+                Feed::Changes(events) => events,
+                Feed::Gap => vec![self.snapshot().await?],
+            };
+            let full = events.len() >= BATCH;
+            for event in events {
+                if event.version <= self.delivered.load(Ordering::Acquire) {
+                    continue;
+                }
+                self.delivered.store(event.version, Ordering::Release);
+                if let Some(local) = &self.local {
+                    local.apply(&event);
+                }
+                let _ = self.events.send(Arc::new(event));
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Delivers what other replicas committed to a shared store, as it commits: woken by
+    /// the store's subscription, it pumps the feed until `shutdown`. With the embedded
+    /// SQLite store every change is this process's and already delivered by its action;
+    /// the task then only wakes to find nothing new.
+    pub fn start_feed(
+        self: &Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let mut committed = self.store.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = committed.changed() => if changed.is_err() { return },
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                let Some(core) = me.upgrade() else { return };
+                let _guard = core.publish.lock().await;
+                if let Err(e) = core.pump().await {
+                    crate::log!(
+                        error,
+                        "control plane: delivering stored changes failed: {e}"
+                    );
+                }
+            }
+        })
     }
 
     /// Takes one call from a sidecar credential's rate (RequestApproval, ReportIncident
@@ -378,18 +452,10 @@ impl ControlCore {
                     super::store::MAX_EPOCH_REPORT_AHEAD
                 );
             }
-            // An event with no items: it carries the new epoch to every watcher (a
-            // sidecar resyncs from a fresh snapshot on seeing it) and the local data plane.
-            let event = pb::WatchEvent {
-                epoch,
-                version,
-                snapshot: false,
-                items: Vec::new(),
-            };
-            if let Some(local) = &self.local {
-                local.apply(&event);
-            }
-            let _ = self.events.send(Arc::new(event));
+            // The store's feed carries an event with no items: the new epoch, to every
+            // watcher (a sidecar resyncs from a fresh snapshot on seeing it) and the local
+            // data plane.
+            self.pump().await?;
             (epoch, version)
         };
         let actor = op.actor();
@@ -459,24 +525,8 @@ impl ControlCore {
     ) -> Result<T, ControlError> {
         let _guard = self.publish.lock().await;
         let change = self.blocking(f).await?;
-        self.deliver(change.epoch, change.version, change.items);
+        self.pump().await?;
         Ok(change.value)
-    }
-
-    fn deliver(&self, epoch: u64, version: u64, items: Vec<pb::StateItem>) {
-        if items.is_empty() {
-            return;
-        }
-        let event = pb::WatchEvent {
-            epoch,
-            version,
-            snapshot: false,
-            items,
-        };
-        if let Some(local) = &self.local {
-            local.apply(&event);
-        }
-        let _ = self.events.send(Arc::new(event));
     }
 
     /// Writes the audit row of a control action; `refused` carries the refusal, if any.
@@ -1504,7 +1554,7 @@ impl ControlCore {
             {
                 local.install_policy(compiled);
             }
-            self.deliver(change.epoch, change.version, change.items);
+            self.pump().await?;
             change.value
         };
         let mut act = Act::new(actor, "policy.activate", "");

@@ -12,7 +12,7 @@
 //! Calls block; the core runs them on the blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -20,7 +20,7 @@ use super::ControlError;
 use super::pb::{self, KillScope, state_item::Item};
 
 /// File name of the control database in the data directory.
-pub const CONTROL_DB_FILE: &str = "control.db";
+pub use crate::config::CONTROL_DB_FILE;
 
 /// How long past its expiry a token still counts for revocation. Data planes accept a
 /// token up to `token.leeway_secs` after `exp` (clock skew), so a revoked token must stay
@@ -40,6 +40,19 @@ pub struct Change<T> {
     pub items: Vec<pb::StateItem>,
 }
 
+/// What [`ControlStore::changes_since`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feed {
+    /// The changes after the version asked for, oldest first (empty: none yet).
+    Changes(Vec<pb::WatchEvent>),
+    /// Changes after the version asked for were pruned: read a snapshot instead.
+    Gap,
+}
+
+/// How many committed changes the feed keeps: a replica or watcher further behind than
+/// this reads a snapshot. A change is a few hundred bytes (a kill of many tokens, more).
+pub const FEED_KEPT: u64 = 10_000;
+
 /// What the control plane stores. Times are Unix seconds; `now` is passed in so that
 /// expiry is judged by the caller's clock, once per action.
 pub trait ControlStore: Send + Sync + std::fmt::Debug {
@@ -51,6 +64,15 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug {
     /// version with it (an operator confirmed that the state held now, restored from a
     /// backup, is intended); returns the new pair.
     fn raise_epoch(&self, reported: u64) -> Result<(u64, u64), ControlError>;
+
+    /// The committed changes after version `after`, oldest first, at most `limit`, as the
+    /// events data planes apply; [`Feed::Gap`] when some of them were pruned (the reader
+    /// takes a snapshot instead). Every replica sharing a store delivers its changes, its
+    /// own and other replicas', from here, in version order.
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Feed, ControlError>;
+    /// The newest committed version, updated as changes commit (in this process, or in
+    /// another replica's for a shared backend): a wake-up for [`Self::changes_since`].
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 
     fn register_agent(&self, agent: &pb::Agent) -> Result<Change<pb::Agent>, ControlError>;
     fn agent(&self, tenant: &str, id: &str, now: i64) -> Result<Option<pb::Agent>, ControlError>;
@@ -283,6 +305,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_at_ms INTEGER NOT NULL, last_error TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
     done_at_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
+CREATE TABLE IF NOT EXISTS changes (
+    version INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, event BLOB NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('feed_floor', 0);
 CREATE TABLE IF NOT EXISTS policy_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, revision TEXT NOT NULL, digest TEXT NOT NULL,
     action TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
@@ -301,8 +326,18 @@ const APPROVAL_COLUMNS: &str = "id, tenant, agent, session, run_id, tool, action
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
+    /// The newest committed version, for [`ControlStore::subscribe`].
+    committed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Whether the task that notices other processes' commits runs.
+    watching: std::sync::Once,
+    /// How many changes the feed keeps ([`FEED_KEPT`]; fewer in tests).
+    feed_kept: u64,
 }
+
+/// How often a subscribed SQLite store looks for changes committed by another process
+/// sharing the file; its own are announced as they commit.
+const FOREIGN_COMMIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn db_err(e: impl std::fmt::Display) -> ControlError {
     ControlError::Store(e.to_string())
@@ -334,9 +369,13 @@ impl SqliteStore {
             |r| r.get::<_, i64>(0),
         )
         .map_err(named)?;
+        let version = meta(&conn, "version")?;
         Ok(Self {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            conn: Arc::new(Mutex::new(conn)),
+            committed: Arc::new(tokio::sync::watch::Sender::new(version)),
+            watching: std::sync::Once::new(),
+            feed_kept: FEED_KEPT,
         })
     }
 
@@ -351,6 +390,35 @@ impl SqliteStore {
     ) -> Result<T, ControlError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
+    }
+}
+
+/// Announces the version of commits made by other connections to the file, until the
+/// store is dropped: the stored version is read every [`FOREIGN_COMMIT_POLL`] (one row by
+/// primary key) and announced when it is past what was.
+async fn watch_foreign_commits(
+    conn: std::sync::Weak<Mutex<Connection>>,
+    committed: Arc<tokio::sync::watch::Sender<u64>>,
+) {
+    loop {
+        tokio::time::sleep(FOREIGN_COMMIT_POLL).await;
+        let Some(conn) = conn.upgrade() else { return };
+        let polled = tokio::task::spawn_blocking(move || {
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            meta(&c, "version")
+        })
+        .await;
+        match polled {
+            Ok(Ok(version)) => {
+                committed.send_if_modified(|v| {
+                    let newer = version > *v;
+                    *v = (*v).max(version);
+                    newer
+                });
+            }
+            Ok(Err(e)) => crate::log!(warn, "control store: polling for other writers failed: {e}"),
+            Err(_) => return,
+        }
     }
 }
 
@@ -413,7 +481,15 @@ impl SqliteStore {
             let (value, items) = f(&tx)?;
             let version = bump(&tx)?;
             let epoch = meta(&tx, "epoch")?;
+            if !items.is_empty() {
+                append_change(&tx, epoch, version, &items, self.feed_kept)?;
+            }
             tx.commit().map_err(db_err)?;
+            self.committed.send_if_modified(|v| {
+                let newer = version > *v;
+                *v = (*v).max(version);
+                newer
+            });
             Ok(Change {
                 value,
                 epoch,
@@ -464,6 +540,46 @@ fn meta(tx: &Connection, key: &str) -> Result<u64, ControlError> {
         .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .map_err(db_err)?;
     Ok(u64::try_from(v).unwrap_or(0))
+}
+
+/// Appends a committed change to the feed (inside the caller's transaction) and prunes
+/// the feed to its last `kept` versions (every 100 versions), remembering the highest
+/// pruned.
+fn append_change(
+    tx: &Connection,
+    epoch: u64,
+    version: u64,
+    items: &[pb::StateItem],
+    kept: u64,
+) -> Result<(), ControlError> {
+    use prost::Message;
+    let event = pb::WatchEvent {
+        epoch,
+        version,
+        snapshot: false,
+        items: items.to_vec(),
+    }
+    .encode_to_vec();
+    let stored = |v: u64| i64::try_from(v).map_err(|_| db_err(format!("version {v} too large")));
+    tx.execute(
+        "INSERT INTO changes (version, epoch, event) VALUES (?1, ?2, ?3)",
+        params![stored(version)?, stored(epoch)?, event],
+    )
+    .map_err(db_err)?;
+    if let Some(floor) = version.checked_sub(kept).filter(|f| f % 100 == 0) {
+        let floor = stored(floor)?;
+        let pruned = tx
+            .execute("DELETE FROM changes WHERE version <= ?1", [floor])
+            .map_err(db_err)?;
+        if pruned > 0 {
+            tx.execute(
+                "UPDATE meta SET value = max(value, ?1) WHERE key = 'feed_floor'",
+                [floor],
+            )
+            .map_err(db_err)?;
+        }
+    }
+    Ok(())
 }
 
 fn item(i: Item) -> pb::StateItem {
@@ -619,6 +735,44 @@ impl ControlStore for SqliteStore {
         self.with(|c| Ok((meta(c, "epoch")?, meta(c, "version")?)))
     }
 
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Feed, ControlError> {
+        use prost::Message;
+        self.with(|c| {
+            let tx = c.transaction().map_err(db_err)?;
+            if after < meta(&tx, "feed_floor")? {
+                return Ok(Feed::Gap);
+            }
+            let mut s = tx
+                .prepare("SELECT event FROM changes WHERE version > ?1 ORDER BY version LIMIT ?2")
+                .map_err(db_err)?;
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = s
+                .query_map(params![after, limit], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(db_err)?;
+            let mut events = Vec::new();
+            for bytes in collect(rows)? {
+                let event = pb::WatchEvent::decode(bytes.as_slice())
+                    .map_err(|e| db_err(format!("a stored change does not decode: {e}")))?;
+                events.push(event);
+            }
+            Ok(Feed::Changes(events))
+        })
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        // Another process sharing the file commits without telling this one: the stored
+        // version is polled while the store lives and a runtime is there to poll on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.watching.call_once(|| {
+                let conn = Arc::downgrade(&self.conn);
+                let committed = self.committed.clone();
+                runtime.spawn(watch_foreign_commits(conn, committed));
+            });
+        }
+        self.committed.subscribe()
+    }
+
     fn raise_epoch(&self, reported: u64) -> Result<(u64, u64), ControlError> {
         self.with(|c| {
             let tx = c.transaction().map_err(db_err)?;
@@ -629,7 +783,14 @@ impl ControlStore for SqliteStore {
             tx.execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", [stored])
                 .map_err(db_err)?;
             let version = bump(&tx)?;
+            // An event with no items: it carries the new epoch to every data plane.
+            append_change(&tx, epoch, version, &[], self.feed_kept)?;
             tx.commit().map_err(db_err)?;
+            self.committed.send_if_modified(|v| {
+                let newer = version > *v;
+                *v = (*v).max(version);
+                newer
+            });
             Ok((epoch, version))
         })
     }
@@ -1720,5 +1881,94 @@ mod tests {
         let err = next_epoch(top, 0).expect_err("no epoch past i64::MAX");
         assert!(err.to_string().contains("cannot be raised"), "{err}");
         assert_eq!(next_epoch(top - 1, 0).ok(), Some(top));
+    }
+
+    fn tenant(name: &str, mode: &str) -> pb::Tenant {
+        pb::Tenant {
+            name: name.into(),
+            mode: mode.into(),
+            autonomy_level: 1,
+            updated_at: 1,
+            updated_by: "test".into(),
+        }
+    }
+
+    fn changes(store: &SqliteStore, after: u64) -> Vec<pb::WatchEvent> {
+        match store.changes_since(after, 1000).expect("feed") {
+            Feed::Changes(events) => events,
+            Feed::Gap => panic!("a gap after {after}"),
+        }
+    }
+
+    #[test]
+    fn the_feed_holds_every_committed_change_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join(CONTROL_DB_FILE)).expect("open");
+        let first = store.put_tenant(&tenant("acme", "enforce")).expect("put");
+        let second = store.put_tenant(&tenant("acme", "shadow")).expect("put");
+        let (epoch, raised) = store.raise_epoch(0).expect("raise");
+
+        let all = changes(&store, 0);
+        let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
+        assert_eq!(versions, vec![first.version, second.version, raised]);
+        let mode = |e: &pb::WatchEvent| match e.items.first().and_then(|i| i.item.as_ref()) {
+            Some(Item::Tenant(t)) => t.mode.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(mode(&all[0]), "enforce");
+        assert_eq!(mode(&all[1]), "shadow");
+        // The epoch raise is an event with no items, at the new epoch.
+        assert!(all[2].items.is_empty());
+        assert_eq!(all[2].epoch, epoch);
+        assert!(all.iter().all(|e| !e.snapshot));
+
+        // Only what came after the version asked for.
+        let later = changes(&store, first.version);
+        assert_eq!(later.len(), 2);
+        assert!(changes(&store, raised).is_empty());
+    }
+
+    #[test]
+    fn a_reader_behind_the_pruned_feed_is_told_to_take_a_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(&dir.path().join(CONTROL_DB_FILE)).expect("open");
+        store.feed_kept = 5;
+        let mut last = 0;
+        for i in 0..106 {
+            let mode = if i % 2 == 0 { "enforce" } else { "shadow" };
+            last = store
+                .put_tenant(&tenant("acme", mode))
+                .expect("put")
+                .version;
+        }
+        // Pruned at version 105 up to 100: a reader at 99 missed changes, one at 100 did not.
+        assert_eq!(store.changes_since(99, 10).expect("feed"), Feed::Gap);
+        assert_eq!(
+            changes(&store, 100).len(),
+            usize::try_from(last - 100).expect("small")
+        );
+    }
+
+    #[tokio::test]
+    async fn another_processs_commits_are_announced_to_subscribers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(CONTROL_DB_FILE);
+        let here = SqliteStore::open(&path).expect("open");
+        let other = SqliteStore::open(&path).expect("open again");
+        let mut announced = here.subscribe();
+        let change =
+            tokio::task::spawn_blocking(move || other.put_tenant(&tenant("acme", "shadow")))
+                .await
+                .expect("join")
+                .expect("put");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            announced.wait_for(|v| *v >= change.version),
+        )
+        .await
+        .expect("announced within 5 s")
+        .expect("store alive");
+        let seen = changes(&here, 0);
+        assert_eq!(seen.last().map(|e| e.version), Some(change.version));
     }
 }
