@@ -39,7 +39,9 @@ pub mod graph;
 pub mod notify;
 pub mod rate;
 pub mod refusals;
+pub mod rules;
 pub mod service;
+pub mod sqlite;
 pub mod store;
 pub mod validate;
 

@@ -29,7 +29,7 @@ use crate::control::auth::Authenticator;
 use crate::control::core::{ControlCore, InProcessControl, Settings};
 use crate::control::pb::control_plane_server::ControlPlaneServer;
 use crate::control::service::ControlService;
-use crate::control::store::SqliteStore;
+use crate::control::sqlite::SqliteStore;
 use crate::dataplane::budget::Meter;
 use crate::dataplane::follow::{Follow, FollowStatus};
 use crate::dataplane::link::Remote;

@@ -10,7 +10,9 @@ use aegis::audit::Record;
 use aegis::audit::bundle::Bundle;
 use aegis::audit::store::{AuditLog, Durability, StoreOptions};
 use aegis::control::pb;
-use aegis::control::store::{ControlStore, SqliteStore};
+use aegis::control::rules;
+use aegis::control::sqlite::SqliteStore;
+use aegis::control::store::ControlStore;
 use aegis::keys::Signer;
 
 const ACME_SECRET: &str = "/vault/acme/payroll-2026.xlsx";
@@ -91,7 +93,8 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
     ];
     append(&data, &signer, records).await;
 
-    let store = SqliteStore::open(&data.join("control.db")).expect("control.db");
+    let store: std::sync::Arc<dyn ControlStore> =
+        std::sync::Arc::new(SqliteStore::open(&data.join("control.db")).expect("control.db"));
     let now = aegis::unix_nanos();
     let incident =
         |id: &str, tenant: &str, agent: &str, summary: &str, evidence: &[&str]| pb::Incident {
@@ -110,29 +113,27 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
             reported_by: "sidecar:a".into(),
             ..Default::default()
         };
+    let i = incident(
+        INCIDENT,
+        "acme",
+        "billing-bot",
+        &format!("two denials reading {ACME_SECRET}"),
+        &["acme-d2", "acme-d3"],
+    );
     store
-        .insert_incident(
-            &incident(
-                INCIDENT,
-                "acme",
-                "billing-bot",
-                &format!("two denials reading {ACME_SECRET}"),
-                &["acme-d2", "acme-d3"],
-            ),
-            &[],
-        )
+        .run(move |tx| rules::insert_incident(tx, &i, &[]))
+        .await
         .expect("incident");
+    let i = incident(
+        "INC-00000000globex",
+        "globex",
+        GLOBEX_AGENT,
+        &format!("denials reading {GLOBEX_RESOURCE}"),
+        &["globex-d2"],
+    );
     store
-        .insert_incident(
-            &incident(
-                "INC-00000000globex",
-                "globex",
-                GLOBEX_AGENT,
-                &format!("denials reading {GLOBEX_RESOURCE}"),
-                &["globex-d2"],
-            ),
-            &[],
-        )
+        .run(move |tx| rules::insert_incident(tx, &i, &[]))
+        .await
         .expect("incident");
     let approval = |id: &str, tenant: &str, agent: &str, resource: &str, args: &str| pb::Approval {
         id: id.into(),
@@ -149,27 +150,23 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
         expires_at: now / 1_000_000_000 + 600,
         ..Default::default()
     };
+    let a = approval(
+        "apr-acme",
+        "acme",
+        "billing-bot",
+        ACME_SECRET,
+        &format!(r#"{{"iban":"{ACME_IBAN}"}}"#),
+    );
+    let at = now / 1_000_000_000;
     store
-        .request_approval(
-            &approval(
-                "apr-acme",
-                "acme",
-                "billing-bot",
-                ACME_SECRET,
-                &format!(r#"{{"iban":"{ACME_IBAN}"}}"#),
-            ),
-            10,
-            true,
-            now / 1_000_000_000,
-        )
+        .run(move |tx| rules::request_approval(tx, &a, 10, true, at))
+        .await
         .expect("approval");
+    let a = approval("apr-globex", "globex", GLOBEX_AGENT, GLOBEX_RESOURCE, "{}");
+    let at = now / 1_000_000_000;
     store
-        .request_approval(
-            &approval("apr-globex", "globex", GLOBEX_AGENT, GLOBEX_RESOURCE, "{}"),
-            10,
-            true,
-            now / 1_000_000_000,
-        )
+        .run(move |tx| rules::request_approval(tx, &a, 10, true, at))
+        .await
         .expect("approval");
     drop(store);
     (dir, data, signer)

@@ -17,7 +17,8 @@ use super::approvals::{OVERRIDE_AUDIENCE, OverrideClaims};
 use super::auth::{Need, Operator, Role};
 use super::pb;
 use super::refusals::{RefusalLimiter, Refuser};
-use super::store::{Change, ControlStore, Feed};
+use super::rules;
+use super::store::{Change, ControlStore, Feed, Txn};
 use super::{ControlError, now_secs, random_id, valid_id};
 use crate::audit::Record;
 use crate::audit::store::AuditLog;
@@ -260,13 +261,7 @@ impl ControlCore {
     /// The whole watched state as a snapshot event.
     async fn snapshot(&self) -> Result<pb::WatchEvent, ControlError> {
         let now = now_secs();
-        let (epoch, version, items) = self
-            .blocking(move |s| {
-                let (version, items) = s.snapshot(now)?;
-                let (epoch, _) = s.state_version()?;
-                Ok((epoch, version, items))
-            })
-            .await?;
+        let (epoch, version, items) = self.run(move |tx| rules::snapshot(tx, now)).await?;
         Ok(pb::WatchEvent {
             epoch,
             version,
@@ -283,10 +278,7 @@ impl ControlCore {
         const BATCH: usize = 1000;
         loop {
             let after = self.delivered.load(Ordering::Acquire);
-            let events = match self
-                .blocking(move |s| s.changes_since(after, BATCH))
-                .await?
-            {
+            let events = match self.store.changes_since(after, BATCH).await? {
                 Feed::Changes(events) => events,
                 Feed::Gap => vec![self.snapshot().await?],
             };
@@ -394,7 +386,7 @@ impl ControlCore {
         _req: pb::GetStateVersionRequest,
     ) -> Result<pb::StateVersion, ControlError> {
         op.require(Need::Read, "")?;
-        let own = self.blocking(|s| s.state_version()).await?;
+        let own = self.run(move |tx| rules::state_version(tx)).await?;
         let mut v = self.state_version_of(own);
         if op.tenant != super::auth::ALL_TENANTS {
             // The sidecar that reported being ahead may serve another tenant: its name is
@@ -442,7 +434,7 @@ impl ControlCore {
             .map_or(0, |h| h.0);
         let (epoch, version) = {
             let _guard = self.publish.lock().await;
-            let (epoch, version) = self.blocking(move |s| s.raise_epoch(reported)).await?;
+            let (epoch, version) = self.run(move |tx| rules::raise_epoch(tx, reported)).await?;
             if reported >= epoch {
                 crate::log!(
                     error,
@@ -508,23 +500,21 @@ impl ControlCore {
         self.notifier.get()
     }
 
-    pub(super) async fn blocking<T: Send + 'static>(
+    /// Runs a unit of work in one store transaction.
+    pub(super) async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn ControlStore) -> Result<T, ControlError> + Send + 'static,
+        work: impl Fn(&mut dyn Txn) -> Result<T, ControlError> + Send + Sync + 'static,
     ) -> Result<T, ControlError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(join_err)?
+        self.store.run(work).await
     }
 
     /// Stores a change and publishes it (local data plane, then watchers).
     async fn publish<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn ControlStore) -> Result<Change<T>, ControlError> + Send + 'static,
+        work: impl Fn(&mut dyn Txn) -> Result<Change<T>, ControlError> + Send + Sync + 'static,
     ) -> Result<T, ControlError> {
         let _guard = self.publish.lock().await;
-        let change = self.blocking(f).await?;
+        let change = self.run(work).await?;
         self.pump().await?;
         Ok(change.value)
     }
@@ -621,7 +611,9 @@ impl ControlCore {
             live_tokens: 0,
         };
         let a = agent.clone();
-        let agent = self.publish(move |s| s.register_agent(&a)).await?;
+        let agent = self
+            .publish(move |tx| rules::register_agent(tx, &a))
+            .await?;
         let mut act = Act::new(&actor, "agent.register", &tenant);
         act.agent = &agent.id;
         act.target = format!("agent:{tenant}/{}", agent.id);
@@ -640,7 +632,7 @@ impl ControlCore {
         let now = now_secs();
         let id = req.id.clone();
         let t = tenant.clone();
-        self.blocking(move |s| s.agent(&t, &id, now))
+        self.run(move |tx| tx.agent(&t, &id, now))
             .await?
             .ok_or_else(|| {
                 ControlError::not_found(format!("no agent {} in tenant {tenant}", req.id))
@@ -656,7 +648,7 @@ impl ControlCore {
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
         let status = (!req.status.is_empty()).then_some(req.status);
         let now = now_secs();
-        self.blocking(move |s| s.agents(scope.as_deref(), status.as_deref(), now))
+        self.run(move |tx| tx.agents(scope.as_deref(), status.as_deref(), now))
             .await
     }
 
@@ -685,7 +677,7 @@ impl ControlCore {
             actor.clone(),
         );
         let agent = self
-            .publish(move |s| s.set_agent_status(&t, &id, status, &reason, &who, now))
+            .publish(move |tx| rules::set_agent_status(tx, &t, &id, status, &reason, &who, now))
             .await?;
         let mut act = Act::new(&actor, action, &tenant);
         act.agent = &agent.id;
@@ -730,7 +722,7 @@ impl ControlCore {
             .mint_agent_token(&agent, &session, req.scopes, req.ttl_secs)
             .await?;
         let i = info.clone();
-        self.blocking(move |s| s.insert_token(&i)).await?;
+        self.run(move |tx| tx.insert_token(&i)).await?;
         let actor = op.actor();
         let mut act = Act::new(&actor, "token.issue", &tenant);
         act.agent = &info.agent;
@@ -764,7 +756,7 @@ impl ControlCore {
             format!("rotated: {}", req.reason),
         );
         let now = now_secs();
-        self.publish(move |s| s.rotate_token(&jti, &new, &reason, now))
+        self.publish(move |tx| rules::rotate_token(tx, &jti, &new, &reason, now))
             .await?;
         let actor = op.actor();
         let mut act = Act::new(&actor, "token.rotate", &tenant);
@@ -791,7 +783,7 @@ impl ControlCore {
         let (jti, reason) = (req.jti.clone(), req.reason.clone());
         let now = now_secs();
         let info = self
-            .publish(move |s| s.revoke_token(&jti, &reason, now))
+            .publish(move |tx| rules::revoke_token(tx, &jti, &reason, now))
             .await?;
         let actor = op.actor();
         let mut act = Act::new(&actor, "token.revoke", &tenant);
@@ -812,7 +804,7 @@ impl ControlCore {
         op.require(Need::Read, &tenant)?;
         let agent = (!req.agent.is_empty()).then_some(req.agent);
         let now = now_secs();
-        self.blocking(move |s| s.tokens(&tenant, agent.as_deref(), req.all, now))
+        self.run(move |tx| rules::tokens(tx, &tenant, agent.as_deref(), req.all, now))
             .await
     }
 
@@ -820,7 +812,7 @@ impl ControlCore {
     async fn token_in(&self, tenant: &str, jti: &str) -> Result<pb::TokenInfo, ControlError> {
         let now = now_secs();
         let j = jti.to_owned();
-        match self.blocking(move |s| s.token(&j, now)).await? {
+        match self.run(move |tx| rules::token(tx, &j, now)).await? {
             Some(t) if t.tenant == tenant => Ok(t),
             _ => Err(ControlError::not_found(format!(
                 "no token {jti} in tenant {tenant} was issued by this control plane"
@@ -838,8 +830,7 @@ impl ControlCore {
     ) -> Result<pb::Agent, ControlError> {
         let now = now_secs();
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        let agent = self
-            .blocking(move |s| s.agent(&t, &i, now))
+        let agent = self.run(move |tx| tx.agent(&t, &i, now))
             .await?
             .ok_or_else(|| {
                 ControlError::not_found(format!(
@@ -884,7 +875,9 @@ impl ControlCore {
             }
         }
         let (t, a, sid) = (agent.tenant.clone(), agent.id.clone(), session.to_owned());
-        let floor = self.blocking(move |s| s.kill_floor(&t, &a, &sid)).await?;
+        let floor = self
+            .run(move |tx| rules::kill_floor(tx, &t, &a, &sid))
+            .await?;
         let now = now_secs();
         let iat = now.max(floor.saturating_add(1));
         let claims = Claims {
@@ -992,7 +985,7 @@ impl ControlCore {
                 before: now,
             };
             let (reason, who) = (req.reason.clone(), actor.clone());
-            self.publish(move |s| s.kill(&mark, &reason, &who, now))
+            self.publish(move |tx| rules::kill(tx, &mark, &reason, &who, now))
                 .await?
         };
         let action = match scope {
@@ -1043,8 +1036,14 @@ impl ControlCore {
         };
         let agent = (!req.agent.is_empty()).then_some(req.agent);
         let now = now_secs();
-        self.blocking(move |s| {
-            s.approvals(scope.as_deref(), status.as_deref(), agent.as_deref(), now)
+        self.run(move |tx| {
+            rules::approvals(
+                tx,
+                scope.as_deref(),
+                status.as_deref(),
+                agent.as_deref(),
+                now,
+            )
         })
         .await
     }
@@ -1062,7 +1061,7 @@ impl ControlCore {
     async fn approval_in(&self, tenant: &str, id: &str) -> Result<pb::Approval, ControlError> {
         let now = now_secs();
         let (t, i) = (tenant.to_owned(), id.to_owned());
-        self.blocking(move |s| s.approval(&t, &i, now))
+        self.run(move |tx| rules::approval(tx, &t, &i, now))
             .await?
             .ok_or_else(|| ControlError::not_found(format!("no approval {id} in tenant {tenant}")))
     }
@@ -1112,7 +1111,9 @@ impl ControlCore {
             req.reason.clone(),
         );
         let approval = self
-            .blocking(move |s| s.decide_approval(&t, &i, approve, &who, &reason, override_exp, now))
+            .run(move |tx| {
+                rules::decide_approval(tx, &t, &i, approve, &who, &reason, override_exp, now)
+            })
             .await?
             .ok_or_else(|| {
                 ControlError::precondition(format!("approval {} is no longer pending", req.id))
@@ -1189,7 +1190,7 @@ impl ControlCore {
             self.settings.override_binding == crate::config::OverrideBinding::Session;
         let a = approval.clone();
         let response = self
-            .blocking(move |s| s.request_approval(&a, cap, same_session, now))
+            .run(move |tx| rules::request_approval(tx, &a, cap, same_session, now))
             .await?;
         if response.created {
             let actor = op.actor();
@@ -1249,7 +1250,7 @@ impl ControlCore {
             req.decision_id.clone(),
         );
         let used = self
-            .blocking(move |s| s.use_approval(&t, &i, &d, now))
+            .run(move |tx| rules::use_approval(tx, &t, &i, &d, now))
             .await?;
         if !used {
             let current = self.approval_in(&claims.tenant, &claims.apr).await?;
@@ -1283,7 +1284,7 @@ impl ControlCore {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Read, &tenant)?;
         let t = tenant.clone();
-        let stored = self.blocking(move |s| s.tenant(&t)).await?;
+        let stored = self.run(move |tx| tx.tenant(&t)).await?;
         Ok(stored.unwrap_or(pb::Tenant {
             name: tenant,
             mode: super::ENFORCE.into(),
@@ -1329,7 +1330,9 @@ impl ControlCore {
         t.updated_at = now_secs();
         t.updated_by = op.actor();
         let stored = t.clone();
-        let t = self.publish(move |s| s.put_tenant(&stored)).await?;
+        let t = self
+            .publish(move |tx| rules::put_tenant(tx, &stored))
+            .await?;
         let actor = op.actor();
         let mut act = Act::new(&actor, "tenant.update", &tenant);
         act.target = format!(
@@ -1374,7 +1377,7 @@ impl ControlCore {
             ..Default::default()
         };
         let b = budget.clone();
-        let budget = self.publish(move |s| s.put_budget(&b)).await?;
+        let budget = self.publish(move |tx| rules::put_budget(tx, &b)).await?;
         let actor = op.actor();
         let mut act = Act::new(
             &actor,
@@ -1404,7 +1407,7 @@ impl ControlCore {
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
         let agent = (!req.agent.is_empty()).then_some(req.agent);
         let budgets = self
-            .blocking(move |s| s.budgets(scope.as_deref(), agent.as_deref()))
+            .run(move |tx| tx.budgets(scope.as_deref(), agent.as_deref()))
             .await?;
         Ok(budgets.into_iter().map(|b| self.with_usage(b)).collect())
     }
@@ -1445,7 +1448,7 @@ impl ControlCore {
     ) -> Result<Vec<pb::PolicyRevision>, ControlError> {
         op.require(Need::Read, "")?;
         let limit = if req.limit == 0 { 50 } else { req.limit };
-        self.blocking(move |s| s.policy_history(limit)).await
+        self.run(move |tx| rules::policy_history(tx, limit)).await
     }
 
     /// Reactivates an earlier revision.
@@ -1456,7 +1459,9 @@ impl ControlCore {
     ) -> Result<pb::PolicyRevision, ControlError> {
         op.require(Need::Global, "")?;
         required_reason(&req.reason, "policy.rollback")?;
-        let history = self.blocking(|s| s.policy_history(10_000)).await?;
+        let history = self
+            .run(move |tx| rules::policy_history(tx, 10_000))
+            .await?;
         let current = history
             .first()
             .ok_or_else(|| ControlError::precondition("no policy revision has been activated"))?;
@@ -1501,7 +1506,7 @@ impl ControlCore {
     async fn stored_bundle(&self, digest: &str) -> Result<BundleFiles, ControlError> {
         let d = digest.to_owned();
         let bytes = self
-            .blocking(move |s| s.bundle(&d))
+            .run(move |tx| tx.bundle(&d))
             .await?
             .ok_or_else(|| ControlError::not_found(format!("no stored bundle {digest}")))?;
         let bundle = pb::Bundle::decode(bytes.as_slice()).map_err(|e| {
@@ -1547,7 +1552,7 @@ impl ControlCore {
             let _guard = self.publish.lock().await;
             let r = rev.clone();
             let change = self
-                .blocking(move |s| s.activate_policy(&r, &bytes))
+                .run(move |tx| rules::activate_policy(tx, &r, &bytes))
                 .await?;
             if let Some(local) = &self.local
                 && local.policy_digest() != compiled.digest()
@@ -1582,7 +1587,9 @@ impl ControlCore {
         configured: Arc<CompiledBundle>,
         files: &BundleFiles,
     ) -> Result<(), ControlError> {
-        let history = self.blocking(|s| s.policy_history(10_000)).await?;
+        let history = self
+            .run(move |tx| rules::policy_history(tx, 10_000))
+            .await?;
         let active = history.first();
         let last_from_config = history
             .iter()
@@ -1632,7 +1639,7 @@ impl ControlCore {
             active: true,
         };
         let revision = self
-            .publish(move |s| s.activate_policy(&rev, &bytes))
+            .publish(move |tx| rules::activate_policy(tx, &rev, &bytes))
             .await?;
         let mut act = Act::new(actor, "policy.activate", "");
         act.target = format!(
@@ -1813,7 +1820,7 @@ impl ControlCore {
         let notes = super::notify::notifications(&incident, &self.settings.webhooks);
         let queued = notes.len();
         let i = incident.clone();
-        self.blocking(move |s| s.insert_incident(&i, &notes))
+        self.run(move |tx| rules::insert_incident(tx, &i, &notes))
             .await?;
         if let Some(n) = INCIDENT_KINDS
             .iter()
@@ -1835,7 +1842,7 @@ impl ControlCore {
         self.record(act, None).await?;
         let done = self.contain(&incident, queued).await;
         let (t, id, d) = (incident.tenant.clone(), incident.id.clone(), done.clone());
-        self.blocking(move |s| s.add_incident_actions(&t, &id, &d))
+        self.run(move |tx| rules::add_incident_actions(tx, &t, &id, &d))
             .await?;
         crate::log!(
             warn,
@@ -1858,7 +1865,7 @@ impl ControlCore {
             let notes = super::notify::notifications(&incident, &self.settings.webhooks);
             let id = incident.id.clone();
             if let Err(e) = self
-                .blocking(move |s| s.refresh_notifications(&id, &notes))
+                .run(move |tx| rules::refresh_notifications(tx, &id, &notes))
                 .await
             {
                 crate::log!(
@@ -1979,7 +1986,7 @@ impl ControlCore {
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
         let status = (!req.status.is_empty()).then_some(req.status);
         let agent = (!req.agent.is_empty()).then_some(req.agent);
-        self.blocking(move |s| s.incidents(scope.as_deref(), status.as_deref(), agent.as_deref()))
+        self.run(move |tx| tx.incidents(scope.as_deref(), status.as_deref(), agent.as_deref()))
             .await
     }
 
@@ -1992,9 +1999,9 @@ impl ControlCore {
         op.require(Need::Read, &tenant)?;
         let (t, i) = (tenant.clone(), req.id.clone());
         let (incident, notes) = self
-            .blocking(move |s| {
-                let notes = s.notifications(&i)?;
-                Ok((s.incident(&t, &i)?, notes))
+            .run(move |tx| {
+                let notes = tx.notifications(&i)?;
+                Ok((tx.incident(&t, &i)?, notes))
             })
             .await?;
         let mut incident = incident.ok_or_else(|| {
@@ -2053,7 +2060,7 @@ impl ControlCore {
         );
         let now = now_secs();
         let updated = self
-            .blocking(move |s| s.set_incident_status(&t, &i, status, &who, &why, now))
+            .run(move |tx| rules::set_incident_status(tx, &t, &i, status, &who, &why, now))
             .await?
             .ok_or_else(|| {
                 ControlError::precondition(format!("incident {} is {}", req.id, current.status))

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 
 use super::auth::Operator;
 use super::core::ControlCore;
+use super::rules;
 use super::{ControlError, now_secs, pb};
 
 /// Most tokens and approvals of the agent drawn (the newest).
@@ -71,12 +72,12 @@ impl ControlCore {
         );
         let now = now_secs();
         let (agent, tokens, approvals, revisions) = self
-            .blocking(move |s| {
+            .run(move |tx| {
                 Ok((
-                    s.agent(&t, &a, now)?,
-                    s.tokens(&t, Some(&a), true, now)?,
-                    s.approvals(Some(&t), None, Some(&a), now)?,
-                    s.policy_history(1000)?
+                    tx.agent(&t, &a, now)?,
+                    rules::tokens(tx, &t, Some(&a), true, now)?,
+                    rules::approvals(tx, Some(&t), None, Some(&a), now)?,
+                    rules::policy_history(tx, 1000)?
                         .into_iter()
                         .filter(|r| r.revision == rev)
                         .collect::<Vec<_>>(),

@@ -395,28 +395,24 @@ async fn run(
     loop {
         if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             pruned_at = Some(tokio::time::Instant::now());
-            let s = store.clone();
             let before = now_ms().saturating_sub(KEEP_FINISHED_MS);
-            match tokio::task::spawn_blocking(move || s.prune_notifications(before)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => crate::log!(
+            match store
+                .run(move |tx| tx.delete_finished_notifications(before))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => crate::log!(
                     info,
                     "notifications: pruned {n} finished rows older than 7 days"
                 ),
-                Ok(Err(e)) => crate::log!(warn, "notifications: cannot prune the outbox: {e}"),
-                Err(e) => crate::log!(warn, "notifications: prune task failed: {e}"),
+                Err(e) => crate::log!(warn, "notifications: cannot prune the outbox: {e}"),
             }
         }
-        let s = store.clone();
-        let due = tokio::task::spawn_blocking(move || s.due_notifications(now_ms(), BATCH)).await;
-        let due = match due {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                crate::log!(error, "notifications: cannot read the outbox: {e}");
-                Vec::new()
-            }
+        let now = now_ms();
+        let due = match store.run(move |tx| tx.due_notifications(now, BATCH)).await {
+            Ok(d) => d,
             Err(e) => {
-                crate::log!(error, "notifications: outbox task failed: {e}");
+                crate::log!(error, "notifications: cannot read the outbox: {e}");
                 Vec::new()
             }
         };
@@ -456,12 +452,15 @@ async fn run(
                     (false, Some(now_ms().saturating_add(wait)), e)
                 }
             };
-            let (s, id) = (store.clone(), row.id);
-            let saved = tokio::task::spawn_blocking(move || {
-                s.notification_attempted(id, delivered, next, &error, now_ms())
-            })
-            .await;
-            if !matches!(saved, Ok(Ok(()))) {
+            let (attempted, id, now) = (row.clone(), row.id, now_ms());
+            let saved = store
+                .run(move |tx| {
+                    super::rules::notification_attempted(
+                        tx, &attempted, delivered, next, &error, now,
+                    )
+                })
+                .await;
+            if saved.is_err() {
                 crate::log!(
                     error,
                     "notifications: cannot record the attempt of outbox row {id}"
@@ -471,11 +470,10 @@ async fn run(
         if due.len() == BATCH {
             continue;
         }
-        let s = store.clone();
-        let next = tokio::task::spawn_blocking(move || s.next_notification_at())
+        let next = store
+            .run(|tx| tx.next_notification_at())
             .await
             .ok()
-            .and_then(Result::ok)
             .flatten();
         let sleep = next.map_or(IDLE, |at| {
             Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(IDLE)

@@ -1,0 +1,636 @@
+//! The control plane's rules, once, above any backend: each function is one action's unit
+//! of work over a [`Txn`] (read the records, judge, write, publish), run by
+//! [`super::store::ControlStore::transact`] in one transaction. A backend stores records;
+//! it never decides (revoked is final, no restriction over a freeze, what a kill covers,
+//! approval caps and duplicates, incident transitions, expiry judged at read time).
+//!
+//! A unit of work may be run again after a serialization conflict with another replica,
+//! so it reads everything it judges inside the transaction and acts nowhere else.
+
+use super::ControlError;
+use super::pb::{self, KillScope, state_item::Item};
+use super::store::{Change, EXPIRED_SLACK_SECS, Outbox, Txn, next_epoch};
+
+fn item(i: Item) -> pb::StateItem {
+    pb::StateItem { item: Some(i) }
+}
+
+fn agent_item(a: &pb::Agent) -> pb::StateItem {
+    item(Item::Agent(pb::AgentState {
+        tenant: a.tenant.clone(),
+        id: a.id.clone(),
+        status: a.status.clone(),
+        risk_tier: a.risk_tier.clone(),
+    }))
+}
+
+fn tenant_item(t: &pb::Tenant) -> pb::StateItem {
+    item(Item::Tenant(pb::TenantState {
+        name: t.name.clone(),
+        mode: t.mode.clone(),
+        autonomy_level: t.autonomy_level,
+    }))
+}
+
+fn budget_item(b: &pb::Budget) -> pb::StateItem {
+    item(Item::Budget(pb::BudgetState {
+        tenant: b.tenant.clone(),
+        agent: b.agent.clone(),
+        max_calls: b.max_calls,
+        max_cost: b.max_cost,
+        window_secs: b.window_secs,
+    }))
+}
+
+fn revoked_item(t: &pb::TokenInfo) -> pb::StateItem {
+    item(Item::RevokedToken(pb::RevokedToken {
+        jti: t.jti.clone(),
+        expires_at: t.expires_at,
+        tenant: t.tenant.clone(),
+    }))
+}
+
+/// Commits `items` as the next version; the action's value with its position.
+fn publish<T>(
+    tx: &mut dyn Txn,
+    value: T,
+    items: Vec<pb::StateItem>,
+) -> Result<Change<T>, ControlError> {
+    let (epoch, version) = tx.publish(&items, false)?;
+    Ok(Change {
+        value,
+        epoch,
+        version,
+        items,
+    })
+}
+
+// --- the watched state ---
+
+/// The whole watched state: (epoch, version, items).
+pub fn snapshot(
+    tx: &mut dyn Txn,
+    now: i64,
+) -> Result<(u64, u64, Vec<pb::StateItem>), ControlError> {
+    let epoch = tx.epoch()?;
+    let version = tx.version()?;
+    let mut items: Vec<pb::StateItem> =
+        tx.agents(None, None, now)?.iter().map(agent_item).collect();
+    items.extend(
+        tx.revoked_tokens(now - EXPIRED_SLACK_SECS)?
+            .into_iter()
+            .map(|t| item(Item::RevokedToken(t))),
+    );
+    items.extend(tx.kill_marks()?.into_iter().map(|k| item(Item::Kill(k))));
+    items.extend(tx.tenants()?.iter().map(tenant_item));
+    items.extend(tx.budgets(None, None)?.iter().map(budget_item));
+    if let Some(active) = tx.revisions(1)?.into_iter().next() {
+        items.push(item(Item::Policy(pb::PolicyRef {
+            revision: active.revision,
+            digest: active.digest,
+        })));
+    }
+    Ok((epoch, version, items))
+}
+
+/// The watched state's (epoch, version).
+pub fn state_version(tx: &mut dyn Txn) -> Result<(u64, u64), ControlError> {
+    Ok((tx.epoch()?, tx.version()?))
+}
+
+/// Raises the epoch past both its own and `reported` ([`next_epoch`]), and the version
+/// with it (an operator confirmed that the state held now, restored from a backup, is
+/// intended); the feed carries an event with no items at the new epoch.
+pub fn raise_epoch(tx: &mut dyn Txn, reported: u64) -> Result<(u64, u64), ControlError> {
+    let epoch = next_epoch(tx.epoch()?, reported)?;
+    tx.set_epoch(epoch)?;
+    tx.publish(&[], true)
+}
+
+// --- agents ---
+
+/// Registers a new agent; an existing one is refused, naming its status.
+pub fn register_agent(
+    tx: &mut dyn Txn,
+    agent: &pb::Agent,
+) -> Result<Change<pb::Agent>, ControlError> {
+    if let Some(existing) = tx.agent(&agent.tenant, &agent.id, agent.created_at)? {
+        return Err(ControlError::AlreadyExists(format!(
+            "agent {}/{} is already registered ({})",
+            agent.tenant, agent.id, existing.status
+        )));
+    }
+    tx.insert_agent(agent)?;
+    publish(tx, agent.clone(), vec![agent_item(agent)])
+}
+
+/// Moves an agent to `status`. Refused: an unknown agent, a revoked one (revoked is
+/// final), a move to the status it has, and a restriction of a frozen agent (it would
+/// loosen the freeze; judged in the transaction, so a restriction racing a freeze never
+/// wins).
+pub fn set_agent_status(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    status: &str,
+    reason: &str,
+    actor: &str,
+    now: i64,
+) -> Result<Change<pb::Agent>, ControlError> {
+    let mut agent = tx
+        .agent(tenant, id, now)?
+        .ok_or_else(|| ControlError::not_found(format!("no agent {id} in tenant {tenant}")))?;
+    let current = agent.status.as_str();
+    if current == super::REVOKED {
+        return Err(ControlError::precondition(format!(
+            "agent {tenant}/{id} is revoked, which is final"
+        )));
+    }
+    if current == status {
+        return Err(ControlError::precondition(format!(
+            "agent {tenant}/{id} is already {status}"
+        )));
+    }
+    if status == super::RESTRICTED && current == super::FROZEN {
+        return Err(ControlError::precondition(format!(
+            "agent {tenant}/{id} is frozen; a restriction would loosen that (unfreeze it first)"
+        )));
+    }
+    agent.status = status.to_owned();
+    agent.reason = reason.to_owned();
+    agent.updated_at = now;
+    agent.updated_by = actor.to_owned();
+    tx.update_agent(&agent)?;
+    let items = vec![agent_item(&agent)];
+    publish(tx, agent, items)
+}
+
+// --- tokens ---
+
+/// A token's status at `now`: revoked, expired or live.
+fn judged(mut t: pb::TokenInfo, now: i64) -> pb::TokenInfo {
+    t.status = if t.revoked_at != 0 {
+        "revoked"
+    } else if t.expires_at <= now {
+        "expired"
+    } else {
+        "live"
+    }
+    .into();
+    t
+}
+
+/// One token, its status judged at `now`.
+pub fn token(tx: &mut dyn Txn, jti: &str, now: i64) -> Result<Option<pb::TokenInfo>, ControlError> {
+    Ok(tx.token(jti)?.map(|t| judged(t, now)))
+}
+
+/// A tenant's tokens (of one agent), live ones only unless `all`.
+pub fn tokens(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    agent: Option<&str>,
+    all: bool,
+    now: i64,
+) -> Result<Vec<pb::TokenInfo>, ControlError> {
+    let live = (!all).then_some(now);
+    Ok(tx
+        .tokens(tenant, agent, live)?
+        .into_iter()
+        .map(|t| judged(t, now))
+        .collect())
+}
+
+/// Revokes a live token (or one expired inside the slack: data planes accept it up to
+/// their leeway past `exp`); refuses an unknown, revoked or long-expired one.
+fn revoke_live(
+    tx: &mut dyn Txn,
+    jti: &str,
+    reason: &str,
+    now: i64,
+) -> Result<pb::TokenInfo, ControlError> {
+    let token = token(tx, jti, now)?.ok_or_else(|| {
+        ControlError::not_found(format!(
+            "no token {jti} was issued by this control plane (kill its session or agent instead)"
+        ))
+    })?;
+    let revocable = token.status == "live"
+        || (token.status == "expired" && token.expires_at > now - EXPIRED_SLACK_SECS);
+    if !revocable {
+        return Err(ControlError::precondition(format!(
+            "token {jti} is already {}",
+            token.status
+        )));
+    }
+    tx.revoke_token(jti, now, reason)?;
+    Ok(pb::TokenInfo {
+        status: "revoked".into(),
+        revoked_at: now,
+        revoked_reason: reason.to_owned(),
+        ..token
+    })
+}
+
+/// Revokes a live token; returns it as revoked.
+pub fn revoke_token(
+    tx: &mut dyn Txn,
+    jti: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Change<pb::TokenInfo>, ControlError> {
+    let token = revoke_live(tx, jti, reason, now)?;
+    let items = vec![revoked_item(&token)];
+    publish(tx, token, items)
+}
+
+/// Stores `new` and revokes `old_jti` in one transaction; returns the old token.
+pub fn rotate_token(
+    tx: &mut dyn Txn,
+    old_jti: &str,
+    new: &pb::TokenInfo,
+    reason: &str,
+    now: i64,
+) -> Result<Change<pb::TokenInfo>, ControlError> {
+    let old = revoke_live(tx, old_jti, reason, now)?;
+    tx.insert_token(new)?;
+    let items = vec![revoked_item(&old)];
+    publish(tx, old, items)
+}
+
+/// Records a kill mark (a later `before` than a stored one wins) and revokes, by id, the
+/// tokens it covers that data planes may still accept: a token minted in the kill's own
+/// second after an earlier kill carries a later `iat` than the mark. Counts what it hit.
+/// Refused: a token scope (that is a revocation) and a scope nothing was ever known in.
+pub fn kill(
+    tx: &mut dyn Txn,
+    mark: &pb::KillMark,
+    reason: &str,
+    actor: &str,
+    now: i64,
+) -> Result<Change<pb::KillResponse>, ControlError> {
+    let scope =
+        KillScope::try_from(mark.scope).map_err(|_| ControlError::invalid("unknown kill scope"))?;
+    if matches!(scope, KillScope::Token | KillScope::Unspecified) {
+        return Err(ControlError::invalid(
+            "a token kill is a token revocation; scope must be session, agent, tenant or all",
+        ));
+    }
+    if !tx.scope_known(scope, &mark.tenant, &mark.target)? {
+        let what = match scope {
+            KillScope::Session => format!(
+                "no token was ever issued in session {} of tenant {}",
+                mark.target, mark.tenant
+            ),
+            KillScope::Agent => format!("no agent {} in tenant {}", mark.target, mark.tenant),
+            _ => format!("tenant {} has no agents, tokens or settings", mark.tenant),
+        };
+        return Err(ControlError::not_found(format!("nothing to kill: {what}")));
+    }
+    let covered =
+        tx.tokens_in_scope(scope, &mark.tenant, &mark.target, now - EXPIRED_SLACK_SECS)?;
+    let mut items = vec![item(Item::Kill(mark.clone()))];
+    items.extend(covered.iter().map(revoked_item));
+    // Counted among the live ones only (an expired token inside the slack is revoked too,
+    // but it was not a live session of the agent).
+    let live: Vec<&pb::TokenInfo> = covered.iter().filter(|t| t.expires_at > now).collect();
+    let distinct = |key: &dyn Fn(&pb::TokenInfo) -> String| {
+        let mut keys: Vec<String> = live.iter().map(|t| key(t)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.len()
+    };
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let value = pb::KillResponse {
+        scope: mark.scope,
+        tenant: mark.tenant.clone(),
+        target: mark.target.clone(),
+        before: mark.before,
+        tokens: n(live.len()),
+        sessions: n(distinct(&|t| format!("{}/{}", t.tenant, t.session))),
+        agents: n(distinct(&|t| format!("{}/{}", t.tenant, t.agent))),
+        tenants: n(distinct(&|t| t.tenant.clone())),
+    };
+    let killed = format!("killed: {reason}");
+    for t in &covered {
+        tx.revoke_token(&t.jti, now, &killed)?;
+    }
+    let stored = tx.kill_mark(scope, &mark.tenant, &mark.target)?;
+    let mut kept = mark.clone();
+    kept.before = stored.map_or(mark.before, |s| s.before.max(mark.before));
+    tx.put_kill_mark(&kept, reason, actor, now)?;
+    publish(tx, value, items)
+}
+
+/// The latest kill mark covering a token of (tenant, agent, session), or `i64::MIN`.
+pub fn kill_floor(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    agent: &str,
+    session: &str,
+) -> Result<i64, ControlError> {
+    let covers = |k: &pb::KillMark| match KillScope::try_from(k.scope) {
+        Ok(KillScope::All) => true,
+        Ok(KillScope::Tenant) => k.tenant == tenant,
+        Ok(KillScope::Agent) => k.tenant == tenant && k.target == agent,
+        Ok(KillScope::Session) => k.tenant == tenant && k.target == session,
+        _ => false,
+    };
+    Ok(tx
+        .kill_marks()?
+        .iter()
+        .filter(|k| covers(k))
+        .map(|k| k.before)
+        .max()
+        .unwrap_or(i64::MIN))
+}
+
+// --- tenants and budgets ---
+
+/// Stores a tenant's settings.
+pub fn put_tenant(tx: &mut dyn Txn, t: &pb::Tenant) -> Result<Change<pb::Tenant>, ControlError> {
+    tx.put_tenant(t)?;
+    publish(tx, t.clone(), vec![tenant_item(t)])
+}
+
+/// Sets an agent's budget; both limits 0 removes it.
+pub fn put_budget(tx: &mut dyn Txn, b: &pb::Budget) -> Result<Change<pb::Budget>, ControlError> {
+    if b.max_calls == 0 && b.max_cost <= 0.0 {
+        tx.delete_budget(&b.tenant, &b.agent)?;
+    } else {
+        tx.put_budget(b)?;
+    }
+    publish(tx, b.clone(), vec![budget_item(b)])
+}
+
+// --- approvals ---
+
+/// An approval's status at `now`: a pending one nobody answered in time, or an override
+/// nobody used in time, is expired (and denies).
+fn approval_judged(mut a: pb::Approval, now: i64) -> pb::Approval {
+    let expired = match a.status.as_str() {
+        "pending" => a.expires_at <= now,
+        "approved" => a.override_expires_at <= now,
+        _ => false,
+    };
+    if expired {
+        a.status = "expired".into();
+    }
+    a
+}
+
+/// Approvals, with their status judged at `now` and filtered on it.
+pub fn approvals(
+    tx: &mut dyn Txn,
+    tenant: Option<&str>,
+    status: Option<&str>,
+    agent: Option<&str>,
+    now: i64,
+) -> Result<Vec<pb::Approval>, ControlError> {
+    Ok(tx
+        .approvals(tenant, agent)?
+        .into_iter()
+        .map(|a| approval_judged(a, now))
+        .filter(|a| status.is_none_or(|s| a.status == s))
+        .collect())
+}
+
+/// One approval, its status judged at `now`.
+pub fn approval(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    now: i64,
+) -> Result<Option<pb::Approval>, ControlError> {
+    Ok(tx.approval(tenant, id)?.map(|a| approval_judged(a, now)))
+}
+
+/// Raises a pending approval, or returns the pending one for the same call (and, with
+/// `same_session`, the same session: an override is redeemed only in the session that
+/// raised it, so another session's pending approval is of no use), or refuses when the
+/// agent already has `max_pending` pending.
+pub fn request_approval(
+    tx: &mut dyn Txn,
+    a: &pb::Approval,
+    max_pending: u32,
+    same_session: bool,
+    now: i64,
+) -> Result<pb::RequestApprovalResponse, ControlError> {
+    let pending: Vec<pb::Approval> =
+        approvals(tx, Some(&a.tenant), Some("pending"), Some(&a.agent), now)?;
+    if let Some(same) = pending
+        .iter()
+        .find(|p| p.call_hash == a.call_hash && (!same_session || p.session == a.session))
+    {
+        return Ok(pb::RequestApprovalResponse {
+            approval_id: same.id.clone(),
+            created: false,
+            cap_reached: false,
+        });
+    }
+    if pending.len() >= usize::try_from(max_pending).unwrap_or(usize::MAX) {
+        return Ok(pb::RequestApprovalResponse {
+            approval_id: String::new(),
+            created: false,
+            cap_reached: true,
+        });
+    }
+    let mut stored = a.clone();
+    stored.status = "pending".into();
+    stored.decided_by.clear();
+    stored.decided_at = 0;
+    stored.decision_reason.clear();
+    stored.override_expires_at = 0;
+    stored.used_at = 0;
+    stored.used_by_decision.clear();
+    tx.insert_approval(&stored)?;
+    Ok(pb::RequestApprovalResponse {
+        approval_id: a.id.clone(),
+        created: true,
+        cap_reached: false,
+    })
+}
+
+/// Approves or denies a pending, unexpired approval; `None` if it is not one.
+#[allow(clippy::too_many_arguments)]
+pub fn decide_approval(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    approve: bool,
+    actor: &str,
+    reason: &str,
+    override_expires_at: i64,
+    now: i64,
+) -> Result<Option<pb::Approval>, ControlError> {
+    let Some(mut a) = approval(tx, tenant, id, now)? else {
+        return Ok(None);
+    };
+    if a.status != "pending" {
+        return Ok(None);
+    }
+    a.status = if approve { "approved" } else { "denied" }.into();
+    a.decided_by = actor.to_owned();
+    a.decided_at = now;
+    a.decision_reason = reason.to_owned();
+    a.override_expires_at = override_expires_at;
+    tx.update_approval(&a)?;
+    Ok(Some(approval_judged(a, now)))
+}
+
+/// Marks an approved approval with an unexpired override used; false if it is not one.
+pub fn use_approval(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    decision_id: &str,
+    now: i64,
+) -> Result<bool, ControlError> {
+    let Some(mut a) = approval(tx, tenant, id, now)? else {
+        return Ok(false);
+    };
+    if a.status != "approved" {
+        return Ok(false);
+    }
+    a.status = "used".into();
+    a.used_at = now;
+    a.used_by_decision = decision_id.to_owned();
+    tx.update_approval(&a)?;
+    Ok(true)
+}
+
+// --- policy ---
+
+/// Stores the bundle (if new) and appends an activation to the history.
+pub fn activate_policy(
+    tx: &mut dyn Txn,
+    rev: &pb::PolicyRevision,
+    bundle: &[u8],
+) -> Result<Change<pb::PolicyRevision>, ControlError> {
+    tx.store_bundle(&rev.digest, &rev.revision, bundle, rev.activated_at)?;
+    let mut value = rev.clone();
+    value.id = tx.append_revision(rev)?;
+    value.active = true;
+    let items = vec![item(Item::Policy(pb::PolicyRef {
+        revision: rev.revision.clone(),
+        digest: rev.digest.clone(),
+    }))];
+    publish(tx, value, items)
+}
+
+/// The newest `limit` activations, newest first; the newest is the active one.
+pub fn policy_history(
+    tx: &mut dyn Txn,
+    limit: u32,
+) -> Result<Vec<pb::PolicyRevision>, ControlError> {
+    let mut revisions = tx.revisions(limit)?;
+    if let Some(newest) = revisions.first_mut() {
+        newest.active = true;
+    }
+    Ok(revisions)
+}
+
+// --- incidents ---
+
+/// Stores an incident and, in the same transaction, its webhook notifications (url,
+/// payload) in the outbox: none is lost if the process stops right after.
+pub fn insert_incident(
+    tx: &mut dyn Txn,
+    incident: &pb::Incident,
+    notifications: &[(String, String)],
+) -> Result<(), ControlError> {
+    tx.insert_incident(incident)?;
+    let now_ms = incident.created_at_ns / 1_000_000;
+    for (url, payload) in notifications {
+        tx.insert_notification(incident, url, payload, now_ms)?;
+    }
+    Ok(())
+}
+
+/// Acknowledges (from open) or closes (from open or acknowledged) an incident; `None`
+/// if it is not in a state that allows it.
+pub fn set_incident_status(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    status: &str,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Option<pb::Incident>, ControlError> {
+    let Some(mut i) = tx.incident(tenant, id)? else {
+        return Ok(None);
+    };
+    if status == "acknowledged" {
+        if i.status != "open" {
+            return Ok(None);
+        }
+        i.status = "acknowledged".into();
+        i.acknowledged_by = actor.to_owned();
+    } else {
+        if i.status == "closed" {
+            return Ok(None);
+        }
+        i.status = "closed".into();
+        i.closed_by = actor.to_owned();
+        i.close_reason = reason.to_owned();
+    }
+    i.updated_at = now;
+    tx.update_incident(&i)?;
+    Ok(Some(i))
+}
+
+/// Appends what the response engine did to an incident.
+pub fn add_incident_actions(
+    tx: &mut dyn Txn,
+    tenant: &str,
+    id: &str,
+    actions: &[String],
+) -> Result<(), ControlError> {
+    let mut i = tx
+        .incident(tenant, id)?
+        .ok_or_else(|| ControlError::not_found(format!("no incident {id} in tenant {tenant}")))?;
+    i.actions.extend(actions.iter().cloned());
+    tx.update_incident(&i)
+}
+
+/// Records a delivery attempt: delivered, retry at `next_at_ms`, or given up
+/// (`next_at_ms` None and not delivered).
+pub fn notification_attempted(
+    tx: &mut dyn Txn,
+    n: &Outbox,
+    delivered: bool,
+    next_at_ms: Option<i64>,
+    error: &str,
+    now_ms: i64,
+) -> Result<(), ControlError> {
+    let (state, next, done) = match (delivered, next_at_ms) {
+        (true, _) => ("delivered", now_ms, now_ms),
+        (false, Some(at)) => ("pending", at, 0),
+        (false, None) => ("failed", now_ms, now_ms),
+    };
+    let mut n = n.clone();
+    n.state = state.into();
+    n.attempts = n.attempts.saturating_add(1);
+    n.next_at_ms = next;
+    n.last_error = error.to_owned();
+    tx.update_notification(&n, done)
+}
+
+/// Replaces the payloads of an incident's notifications not yet attempted (after the
+/// response engine acted, so they say what it did).
+pub fn refresh_notifications(
+    tx: &mut dyn Txn,
+    incident: &str,
+    notifications: &[(String, String)],
+) -> Result<(), ControlError> {
+    for mut n in tx.notifications(incident)? {
+        if n.state != "pending" || n.attempts != 0 {
+            continue;
+        }
+        if let Some((_, payload)) = notifications.iter().find(|(url, _)| *url == n.url) {
+            n.payload.clone_from(payload);
+            tx.update_notification(&n, 0)?;
+        }
+    }
+    Ok(())
+}
