@@ -261,8 +261,8 @@ impl CorrelationConfig {
 pub struct ControlConfig {
     /// Control plane and all-in-one: where the control store lives. Unset: `control.db`
     /// in the data directory. `sqlite:PATH`: that SQLite file, which several control-plane
-    /// processes on one host may share (each delivers the others' changes to its
-    /// watchers).
+    /// processes on one host may share. `postgres://user:password@host:port/db`: a
+    /// PostgreSQL database shared by control-plane replicas on any machines.
     pub database_url: Option<String>,
     /// Sidecar mode: the control plane to follow, e.g. `http://aegis-control:9193`.
     pub url: Option<String>,
@@ -313,6 +313,23 @@ pub const CONTROL_DB_FILE: &str = "control.db";
 pub enum ControlDatabase {
     /// A SQLite file (the embedded default: `control.db` in the data directory).
     Sqlite(PathBuf),
+    /// A PostgreSQL database (a libpq URL, `postgres://user:password@host:port/db`),
+    /// shared by several control-plane replicas.
+    Postgres(String),
+}
+
+/// A database URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 /// `[policy]`
@@ -563,7 +580,7 @@ pub struct Overrides {
     /// Control-plane gRPC address [default: 127.0.0.1:9193].
     #[arg(long, env = "AEGIS_CONTROL_LISTEN")]
     pub control_listen: Option<SocketAddr>,
-    /// Where the control store lives: sqlite:PATH [default: control.db in the data dir].
+    /// Where the control store lives: sqlite:PATH or postgres://... [default: control.db in the data dir].
     #[arg(long = "control-database-url", env = "AEGIS_CONTROL_DATABASE_URL")]
     pub control_database_url: Option<String>,
     /// Follow this control plane (sidecar mode), e.g. http://aegis-control:9193.
@@ -812,10 +829,17 @@ impl Config {
                 Ok(ControlDatabase::Sqlite(PathBuf::from(path)))
             }
             Some(("sqlite", _)) => Err(invalid(format!("{url:?}: sqlite: needs a file path"))),
+            Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
+                Ok(ControlDatabase::Postgres(url.clone()))
+            }
             Some((scheme, _)) => Err(invalid(format!(
-                "{url:?}: this build stores control state in SQLite only (sqlite:PATH), not {scheme:?}"
+                "{}: the control store is sqlite:PATH or postgres://..., not {scheme:?}",
+                redact_url(url)
             ))),
-            None => Err(invalid(format!("{url:?}: expected sqlite:PATH"))),
+            None => Err(invalid(format!(
+                "{}: expected sqlite:PATH or postgres://...",
+                redact_url(url)
+            ))),
         }
     }
 

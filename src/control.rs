@@ -37,6 +37,7 @@ pub mod auth;
 pub mod core;
 pub mod graph;
 pub mod notify;
+pub mod postgres;
 pub mod rate;
 pub mod refusals;
 pub mod rules;

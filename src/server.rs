@@ -23,13 +23,16 @@ use tonic_health::ServingStatus;
 use crate::audit::store::{AUDIT_DB_FILE, AuditError, AuditLog, StoreOptions};
 use crate::check::input::Limits;
 use crate::check::{AuthorizationService, Checker, ControlView, TokenSource};
+use crate::config::ControlDatabase;
 use crate::config::{Config, Mode};
 use crate::control::ControlError;
 use crate::control::auth::Authenticator;
 use crate::control::core::{ControlCore, InProcessControl, Settings};
 use crate::control::pb::control_plane_server::ControlPlaneServer;
+use crate::control::postgres::PostgresStore;
 use crate::control::service::ControlService;
 use crate::control::sqlite::SqliteStore;
+use crate::control::store::ControlStore;
 use crate::dataplane::budget::Meter;
 use crate::dataplane::follow::{Follow, FollowStatus};
 use crate::dataplane::link::Remote;
@@ -229,10 +232,13 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     let core = match mode {
         Mode::Sidecar => None,
         Mode::AllInOne | Mode::ControlPlane => {
-            let crate::config::ControlDatabase::Sqlite(path) = config
+            let database = config
                 .control_database()
                 .map_err(|e| StartError::Config(e.to_string()))?;
-            let store = SqliteStore::open(&path)?;
+            let store: Arc<dyn ControlStore> = match database {
+                ControlDatabase::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
+                ControlDatabase::Postgres(url) => Arc::new(PostgresStore::open(&url).await?),
+            };
             let local = (mode == Mode::AllInOne).then(|| {
                 Arc::new(crate::dataplane::InProcess {
                     state: state.clone(),
@@ -241,7 +247,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                 }) as Arc<dyn crate::seam::LocalDataPlane>
             });
             let core = Arc::new(ControlCore::new(
-                Arc::new(store),
+                store,
                 audit.clone(),
                 signer.clone(),
                 control_settings(&config),
