@@ -282,7 +282,7 @@ struct ExportArgs {
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
-    crate::audit::bundle::parse_time(s)
+    crate::time::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -1012,14 +1012,7 @@ fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCod
     })
 }
 
+/// 32 random hex digits (a token id, a session).
 fn random_id() -> String {
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        b = crate::unix_nanos()
-            .to_be_bytes()
-            .repeat(2)
-            .try_into()
-            .unwrap_or([0; 16]);
-    }
-    crate::hex(&b)
+    crate::ids::random_id::<16>("")
 }
