@@ -13,6 +13,7 @@ use crate::config::{Config, Overrides};
 use crate::identity::{Audience, Claims};
 use crate::keys::Signer;
 use crate::policy::{BundleSource, CompiledBundle, PolicyOptions};
+use crate::types::Severity;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -260,7 +261,7 @@ struct ExportArgs {
     #[arg(long, value_parser = ["check", "control"])]
     kind: Option<String>,
     /// Incidents at or above this severity.
-    #[arg(long, value_parser = ["low", "medium", "high", "critical"])]
+    #[arg(long, value_parser = Severity::ALL.map(Severity::as_str))]
     min_severity: Option<String>,
     /// Fields to redact, comma-separated (e.g. resource,arguments,session).
     #[arg(long, value_delimiter = ',')]

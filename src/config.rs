@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::Severity;
+
 /// A configuration problem, naming the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,7 +179,7 @@ pub struct WebhookConfig {
 }
 
 fn default_min_severity() -> String {
-    "low".into()
+    Severity::Low.as_str().into()
 }
 
 fn default_webhook_format() -> String {
@@ -828,7 +830,7 @@ impl Config {
                 crate::ids::check_id("tenant", &w.tenant).map_err(invalid)?;
             }
             crate::endpoint::Endpoint::parse(&w.url).map_err(invalid)?;
-            if w.min_severity.parse::<crate::types::Severity>().is_err() {
+            if w.min_severity.parse::<Severity>().is_err() {
                 return Err(invalid(format!(
                     "min_severity {:?} is not low, medium, high or critical",
                     w.min_severity

@@ -197,6 +197,7 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
     pub kind: &'static str,
+    /// A [`Severity`]'s word (`Severity::as_str`), as the incident report carries it.
     pub severity: &'static str,
     pub tenant: String,
     pub agent: String,
