@@ -3,8 +3,9 @@
 //!
 //! An edge `a.rs -> b.rs` is a path in `a.rs` that starts with `crate::` or `super::`
 //! (in a `use` declaration, `{..}` groups expanded, or inline in the code) and names an
-//! item of `b.rs`. Items under `#[cfg(test)]` are not edges (tests may reach anywhere),
-//! nor is a `mod x;` declaration (a parent declaring its children is not a dependency).
+//! item of `b.rs`. Items under exactly `#[cfg(test)]` are not edges (tests may reach
+//! anywhere), nor is a `mod x;` declaration (a parent declaring its children is not a
+//! dependency).
 //! Comments, strings and `$crate` in macros are skipped.
 //!
 //! Why a hand-written scanner rather than `syn`: the check must keep working while the
