@@ -771,14 +771,8 @@ struct DecisionIds {
 
 impl DecisionIds {
     fn new() -> Self {
-        let mut b = [0u8; 8];
-        // Without OS randomness, fall back to the clock: ids stay unique per process.
-        let prefix = match getrandom::fill(&mut b) {
-            Ok(()) => u64::from_be_bytes(b),
-            Err(_) => crate::unix_nanos() as u64,
-        };
         Self {
-            prefix,
+            prefix: u64::from_be_bytes(crate::ids::random_bytes()),
             next: AtomicU64::new(1),
         }
     }

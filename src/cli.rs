@@ -13,6 +13,7 @@ use crate::config::{Config, Overrides};
 use crate::identity::{Audience, Claims};
 use crate::keys::Signer;
 use crate::policy::{BundleSource, CompiledBundle, PolicyOptions};
+use crate::types::Severity;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -260,7 +261,7 @@ struct ExportArgs {
     #[arg(long, value_parser = ["check", "control"])]
     kind: Option<String>,
     /// Incidents at or above this severity.
-    #[arg(long, value_parser = ["low", "medium", "high", "critical"])]
+    #[arg(long, value_parser = Severity::ALL.map(Severity::as_str))]
     min_severity: Option<String>,
     /// Fields to redact, comma-separated (e.g. resource,arguments,session).
     #[arg(long, value_delimiter = ',')]
@@ -282,7 +283,7 @@ struct ExportArgs {
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
-    crate::audit::bundle::parse_time(s)
+    crate::time::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -1012,14 +1013,7 @@ fn policy_test(bundle: Option<PathBuf>, verbose: bool) -> anyhow::Result<ExitCod
     })
 }
 
+/// 32 random hex digits (a token id, a session).
 fn random_id() -> String {
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        b = crate::unix_nanos()
-            .to_be_bytes()
-            .repeat(2)
-            .try_into()
-            .unwrap_or([0; 16]);
-    }
-    crate::hex(&b)
+    crate::ids::random_id::<16>("")
 }

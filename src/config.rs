@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::store::Durability;
+use crate::types::Severity;
 
 /// A configuration problem, naming the setting.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,7 @@ pub struct WebhookConfig {
 }
 
 fn default_min_severity() -> String {
-    "low".into()
+    Severity::Low.as_str().into()
 }
 
 fn default_webhook_format() -> String {
@@ -213,46 +213,42 @@ pub struct CorrelationConfig {
 
 impl Default for CorrelationConfig {
     fn default() -> Self {
-        let t = crate::correlate::Thresholds::default();
-        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
             enabled: true,
-            deny_storm_count: count(t.deny_storm.0),
-            deny_storm_window_secs: t.deny_storm.1.as_secs(),
-            exfil_window_secs: t.exfil_window.as_secs(),
-            approval_flood_count: count(t.approval_flood.0),
-            approval_flood_window_secs: t.approval_flood.1.as_secs(),
-            runaway_count: count(t.runaway.0),
-            runaway_window_secs: t.runaway.1.as_secs(),
-            trust_escalation_window_secs: t.trust_escalation_window.as_secs(),
-            quiet_secs: t.quiet.as_secs(),
+            deny_storm_count: 5,
+            deny_storm_window_secs: 60,
+            exfil_window_secs: 120,
+            approval_flood_count: 10,
+            approval_flood_window_secs: 300,
+            runaway_count: 20,
+            runaway_window_secs: 10,
+            trust_escalation_window_secs: 120,
+            quiet_secs: 300,
         }
     }
 }
 
-impl CorrelationConfig {
-    /// The engine's thresholds.
-    pub fn thresholds(&self) -> crate::correlate::Thresholds {
-        use std::time::Duration;
-        let n = |c: u32| usize::try_from(c).unwrap_or(usize::MAX);
-        crate::correlate::Thresholds {
-            deny_storm: (
-                n(self.deny_storm_count),
-                Duration::from_secs(self.deny_storm_window_secs),
-            ),
-            exfil_window: Duration::from_secs(self.exfil_window_secs),
-            approval_flood: (
-                n(self.approval_flood_count),
-                Duration::from_secs(self.approval_flood_window_secs),
-            ),
-            runaway: (
-                n(self.runaway_count),
-                Duration::from_secs(self.runaway_window_secs),
-            ),
-            trust_escalation_window: Duration::from_secs(self.trust_escalation_window_secs),
-            quiet: Duration::from_secs(self.quiet_secs),
-        }
-    }
+/// File name of the signing key seed inside the data directory.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+/// File name of the public key inside the data directory.
+pub const PUBLIC_KEY_FILE: &str = "signing.pub";
+/// File name of the audit signing key seed inside the data directory.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// File name of the audit public key inside the data directory.
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit.pub";
+
+/// SQLite's `synchronous` setting for the audit database (plain data here; the audit
+/// writer gives it its meaning).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit: a row whose Check was answered survives power loss.
+    Full,
+    /// WAL without fsync per commit: a committed row is in the OS's hands before its Check
+    /// is answered, so it survives a crash or SIGKILL of the process, not a power loss.
+    Normal,
 }
 
 /// `[control]`
@@ -896,11 +892,10 @@ impl Config {
                 message: format!("webhook {} (tenant {:?}): {message}", n + 1, w.tenant),
             };
             if w.tenant != "*" {
-                crate::control::valid_id("tenant", &w.tenant)
-                    .map_err(|e| invalid(e.to_string()))?;
+                crate::ids::check_id("tenant", &w.tenant).map_err(invalid)?;
             }
-            crate::control::notify::Endpoint::parse(&w.url).map_err(invalid)?;
-            if crate::control::notify::severity_rank(&w.min_severity).is_none() {
+            crate::endpoint::Endpoint::parse(&w.url).map_err(invalid)?;
+            if w.min_severity.parse::<Severity>().is_err() {
                 return Err(invalid(format!(
                     "min_severity {:?} is not low, medium, high or critical",
                     w.min_severity
@@ -1065,7 +1060,7 @@ impl Config {
     pub fn signing_key_path(&self) -> PathBuf {
         self.signing_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join(crate::keys::SIGNING_KEY_FILE))
+            .unwrap_or_else(|| self.data_dir.join(SIGNING_KEY_FILE))
     }
 
     /// The file the audit key is read from: `audit.signing_key_file`, else
@@ -1074,7 +1069,7 @@ impl Config {
         self.audit
             .signing_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join(crate::keys::AUDIT_KEY_FILE))
+            .unwrap_or_else(|| self.data_dir.join(AUDIT_KEY_FILE))
     }
 
     /// The evaluation time limit.

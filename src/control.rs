@@ -54,6 +54,8 @@ pub mod pb {
 
 use tonic::{Code, Status};
 
+use crate::types::AgentStatus;
+
 /// The control-plane file descriptor set, for gRPC reflection (compiled by `build.rs`).
 pub const CONTROL_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
@@ -66,12 +68,12 @@ pub const CONTROL_SERVICE: &str = "aegis.control.v1.ControlPlane";
 /// read. Every string in a request is then checked by [`validate`].
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
-/// Agent statuses.
-pub const ACTIVE: &str = "active";
-pub const FROZEN: &str = "frozen";
-pub const REVOKED: &str = "revoked";
+/// Agent statuses as the store and the protobuf messages spell them ([`AgentStatus`]).
+pub const ACTIVE: &str = AgentStatus::Active.as_str();
+pub const FROZEN: &str = AgentStatus::Frozen.as_str();
+pub const REVOKED: &str = AgentStatus::Revoked.as_str();
 /// State-mutating calls need an approval (autonomy L2's containment).
-pub const RESTRICTED: &str = "restricted";
+pub const RESTRICTED: &str = AgentStatus::Restricted.as_str();
 
 /// Tenant enforcement modes.
 pub const ENFORCE: &str = "enforce";
@@ -194,46 +196,16 @@ impl From<pb::Bundle> for crate::policy::BundleFiles {
     }
 }
 
-/// Checks an id (tenant, agent, session): 1-128 characters of `[A-Za-z0-9._:@-]`, so it
-/// shows in tables, logs and audit rows as itself.
+/// Checks an id (tenant, agent, session): see [`crate::ids::check_id`].
 pub fn valid_id(what: &str, id: &str) -> Result<(), ControlError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-_:@".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(ControlError::invalid(format!(
-            "{what} {} must be 1-128 characters of letters, digits and . - _ : @",
-            shown(id)
-        )))
-    }
+    crate::ids::check_id(what, id).map_err(ControlError::invalid)
 }
 
-/// A caller's value as an answer quotes it: whole if short, else its first characters and
-/// its length, so an error never carries a hostile value back (or into a log) whole.
-pub fn shown(value: &str) -> String {
-    const SHOWN: usize = 64;
-    if value.len() <= SHOWN {
-        return format!("{value:?}");
-    }
-    let cut = (0..=SHOWN)
-        .rev()
-        .find(|&i| value.is_char_boundary(i))
-        .unwrap_or(0);
-    let head = value.get(..cut).unwrap_or("");
-    format!("{head:?}… ({} bytes)", value.len())
-}
+pub use crate::ids::shown;
 
 /// A random id with a prefix: `apr-` + 16 hex digits, say.
 pub fn random_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        b = crate::unix_nanos().to_be_bytes();
-    }
-    format!("{prefix}{}", crate::hex(&b))
+    crate::ids::random_id::<8>(prefix)
 }
 
 /// Now, in Unix seconds.

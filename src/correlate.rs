@@ -32,6 +32,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::CorrelationConfig;
+use crate::types::Severity;
+
 /// Default source words (reading data).
 pub const SOURCE_WORDS: &[&str] = &[
     "read", "get", "fetch", "list", "download", "query", "select", "export", "dump", "cat",
@@ -95,14 +98,32 @@ pub struct Thresholds {
 }
 
 impl Default for Thresholds {
+    /// The defaults of `[correlation]`.
     fn default() -> Self {
+        Self::from_config(&CorrelationConfig::default())
+    }
+}
+
+impl Thresholds {
+    /// The thresholds `[correlation]` sets.
+    pub fn from_config(c: &CorrelationConfig) -> Self {
+        let n = |c: u32| usize::try_from(c).unwrap_or(usize::MAX);
         Self {
-            deny_storm: (5, Duration::from_secs(60)),
-            exfil_window: Duration::from_secs(120),
-            approval_flood: (10, Duration::from_secs(300)),
-            runaway: (20, Duration::from_secs(10)),
-            trust_escalation_window: Duration::from_secs(120),
-            quiet: Duration::from_secs(300),
+            deny_storm: (
+                n(c.deny_storm_count),
+                Duration::from_secs(c.deny_storm_window_secs),
+            ),
+            exfil_window: Duration::from_secs(c.exfil_window_secs),
+            approval_flood: (
+                n(c.approval_flood_count),
+                Duration::from_secs(c.approval_flood_window_secs),
+            ),
+            runaway: (
+                n(c.runaway_count),
+                Duration::from_secs(c.runaway_window_secs),
+            ),
+            trust_escalation_window: Duration::from_secs(c.trust_escalation_window_secs),
+            quiet: Duration::from_secs(c.quiet_secs),
         }
     }
 }
@@ -176,6 +197,7 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
     pub kind: &'static str,
+    /// A [`Severity`]'s word (`Severity::as_str`), as the incident report carries it.
     pub severity: &'static str,
     pub tenant: String,
     pub agent: String,
@@ -385,14 +407,14 @@ impl Engine {
         let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
         let mut found = Vec::new();
         let mut finding = |kind: &'static str,
-                           severity: &'static str,
+                           severity: Severity,
                            summary: String,
                            decisions: Vec<Arc<Decision>>| {
             found.push(Finding {
                 evidence: decisions.iter().map(|e| e.decision_id.clone()).collect(),
                 decisions,
                 kind,
-                severity,
+                severity: severity.as_str(),
                 tenant: d.tenant.clone(),
                 agent: d.agent.clone(),
                 session: d.session.clone(),
@@ -410,7 +432,7 @@ impl Engine {
             if let Some(ev) = st.denies.add(t, &event, n, secs(w)) {
                 finding(
                     "deny_storm",
-                    "high",
+                    Severity::High,
                     format!(
                         "{} reached {} denies within {} s (last: {call}, {})",
                         d.agent,
@@ -428,7 +450,7 @@ impl Engine {
             if let Some(ev) = st.approvals.add(t, &event, n, secs(w)) {
                 finding(
                     "approval_flood",
-                    "medium",
+                    Severity::Medium,
                     format!(
                         "{} raised {} approval requests within {} s",
                         d.agent,
@@ -445,7 +467,7 @@ impl Engine {
             if let Some(ev) = st.calls.add(t, &event, n, secs(w)) {
                 finding(
                     "runaway",
-                    "high",
+                    Severity::High,
                     format!(
                         "{} made {} calls within {} s",
                         d.agent,
@@ -460,7 +482,7 @@ impl Engine {
         if d.reason == "budget_exhausted" && quiet_ok(&mut st.quiet, "budget", t, secs(th.quiet)) {
             finding(
                 "budget_exhausted",
-                "medium",
+                Severity::Medium,
                 format!("{} exhausted its budget ({call})", d.agent),
                 vec![event.clone()],
             );
@@ -483,7 +505,7 @@ impl Engine {
                 let (_, denied) = list.remove(pos);
                 finding(
                     "trust_escalation",
-                    "high",
+                    Severity::High,
                     format!(
                         "{call} was denied, then allowed for {} within {} s",
                         d.agent,
@@ -505,7 +527,11 @@ impl Engine {
         {
             finding(
                 "untrusted_mutation",
-                if allowed { "critical" } else { "high" },
+                if allowed {
+                    Severity::Critical
+                } else {
+                    Severity::High
+                },
                 format!(
                     "{} attempted {call} triggered by untrusted external content ({})",
                     d.agent, d.decision
@@ -538,7 +564,11 @@ impl Engine {
                 };
                 finding(
                     "data_exfil_pattern",
-                    if allowed { "critical" } else { "high" },
+                    if allowed {
+                        Severity::Critical
+                    } else {
+                        Severity::High
+                    },
                     format!(
                         "{} read with {src_call}, then sent with {call} ({}) within {} s",
                         d.agent,
@@ -572,7 +602,11 @@ impl Engine {
                 };
                 finding(
                     "data_exfil_pattern",
-                    if sink_allowed { "critical" } else { "high" },
+                    if sink_allowed {
+                        Severity::Critical
+                    } else {
+                        Severity::High
+                    },
                     format!(
                         "{} read with {call}, then sent with {sink_call} within {} s",
                         d.agent,

@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::control::pb::{self, control_plane_client::ControlPlaneClient};
+use crate::time::secs_or_dash;
 
 /// `aegis ctl` and its connection settings.
 #[derive(Debug, Args)]
@@ -583,7 +584,7 @@ async fn run(args: CtlArgs) -> Result<(), CtlError> {
                     o.name,
                     o.role,
                     o.tenant,
-                    time(o.expires_at)
+                    secs_or_dash(o.expires_at)
                 )
             })
         }
@@ -667,9 +668,9 @@ async fn agents(c: &Client, cmd: AgentsCommand) -> Result<(), CtlError> {
             a.risk_tier,
             a.live_tokens,
             a.reason,
-            time(a.updated_at),
+            secs_or_dash(a.updated_at),
             a.updated_by,
-            time(a.created_at)
+            secs_or_dash(a.created_at)
         )
     })
 }
@@ -747,7 +748,7 @@ async fn tokens(c: &Client, cmd: TokensCommand) -> Result<(), CtlError> {
             info.tenant,
             info.agent,
             info.session,
-            time(info.expires_at)
+            secs_or_dash(info.expires_at)
         );
     }
     c.show(&issued, |i| format!("{}\n", i.token))
@@ -797,7 +798,7 @@ async fn kill(c: &Client, cmd: KillCommand) -> Result<(), CtlError> {
             k.sessions,
             k.agents,
             k.tenants,
-            time(k.before)
+            secs_or_dash(k.before)
         )
     })
 }
@@ -849,7 +850,7 @@ async fn approvals(c: &Client, cmd: ApprovalsCommand) -> Result<(), CtlError> {
                     a.action,
                     a.tenant,
                     a.agent,
-                    time(a.override_expires_at)
+                    secs_or_dash(a.override_expires_at)
                 );
             }
             c.show(&d, |d| format!("{}\n", d.override_token))
@@ -909,7 +910,7 @@ async fn tenants(c: &Client, cmd: TenantsCommand) -> Result<(), CtlError> {
             if t.updated_at == 0 {
                 "never (defaults)".into()
             } else {
-                time(t.updated_at)
+                secs_or_dash(t.updated_at)
             },
             if t.updated_by.is_empty() {
                 String::new()
@@ -1064,7 +1065,7 @@ async fn incidents(c: &Client, cmd: IncidentsCommand) -> Result<(), CtlError> {
                     let i = ev.incident.unwrap_or_default();
                     format!(
                         "{} {} {} {} ({}) {}/{} status={} actions=[{}] {}",
-                        time(i.updated_at.max(i.created_at_ns / 1_000_000_000)),
+                        secs_or_dash(i.updated_at.max(i.created_at_ns / 1_000_000_000)),
                         ev.event,
                         i.id,
                         i.kind,
@@ -1146,7 +1147,7 @@ fn incident_text(i: &pb::Incident) -> String {
         } else {
             format!(", closed by {}: {}", i.closed_by, i.close_reason)
         },
-        time(i.created_at_ns / 1_000_000_000),
+        secs_or_dash(i.created_at_ns / 1_000_000_000),
         i.autonomy_level,
         i.reported_by,
         i.policy_revision,
@@ -1160,7 +1161,7 @@ fn incident_text(i: &pb::Incident) -> String {
             .iter()
             .map(|d| format!(
                 "  {} {} {}.{} -> {} ({}{})\n",
-                time(d.time_ns / 1_000_000_000),
+                secs_or_dash(d.time_ns / 1_000_000_000),
                 d.decision_id,
                 d.tool,
                 d.action,
@@ -1190,7 +1191,7 @@ fn incident_table(incidents: &[pb::Incident]) -> String {
                     i.severity.clone(),
                     format!("{}/{}", i.tenant, i.agent),
                     i.status.clone(),
-                    time(i.created_at_ns / 1_000_000_000),
+                    secs_or_dash(i.created_at_ns / 1_000_000_000),
                     i.actions.join("; "),
                     i.summary.clone(),
                 ]
@@ -1215,7 +1216,7 @@ fn agent_table(agents: &[pb::Agent]) -> String {
                     a.status.clone(),
                     a.risk_tier.clone(),
                     a.live_tokens.to_string(),
-                    time(a.updated_at),
+                    secs_or_dash(a.updated_at),
                     a.updated_by.clone(),
                     a.reason.clone(),
                 ]
@@ -1238,12 +1239,12 @@ fn token_table(tokens: &[pb::TokenInfo]) -> String {
                     t.session.clone(),
                     t.status.clone(),
                     t.scopes.join(","),
-                    time(t.issued_at),
-                    time(t.expires_at),
+                    secs_or_dash(t.issued_at),
+                    secs_or_dash(t.expires_at),
                     if t.revoked_at == 0 {
                         String::new()
                     } else {
-                        format!("{} ({})", time(t.revoked_at), t.revoked_reason)
+                        format!("{} ({})", secs_or_dash(t.revoked_at), t.revoked_reason)
                     },
                 ]
             })
@@ -1272,8 +1273,8 @@ fn approval_table(approvals: &[pb::Approval]) -> String {
                     format!("{}.{} {}", a.tool, a.action, a.resource),
                     a.status.clone(),
                     a.policy_reason.clone(),
-                    time(a.created_at),
-                    time(a.expires_at),
+                    secs_or_dash(a.created_at),
+                    secs_or_dash(a.expires_at),
                     a.decided_by.clone(),
                 ]
             })
@@ -1296,15 +1297,15 @@ fn approval_text(a: &pb::Approval) -> String {
         a.call_hash,
         a.policy_reason,
         a.status,
-        time(a.created_at),
+        secs_or_dash(a.created_at),
         a.decision_id,
-        time(a.expires_at),
+        secs_or_dash(a.expires_at),
         if a.decided_by.is_empty() {
             "-".to_owned()
         } else {
             format!(
                 "{} by {}: {}",
-                time(a.decided_at),
+                secs_or_dash(a.decided_at),
                 a.decided_by,
                 a.decision_reason
             )
@@ -1314,7 +1315,7 @@ fn approval_text(a: &pb::Approval) -> String {
         } else {
             format!(
                 "used:      {} by decision {}\n",
-                time(a.used_at),
+                secs_or_dash(a.used_at),
                 a.used_by_decision
             )
         }
@@ -1373,7 +1374,7 @@ fn revision_table(revisions: &[pb::PolicyRevision]) -> String {
                     r.digest.chars().take(19).collect(),
                     r.action.clone(),
                     r.actor.clone(),
-                    time(r.activated_at),
+                    secs_or_dash(r.activated_at),
                     r.reason.clone(),
                 ]
             })
@@ -1409,38 +1410,15 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC); 0 as `-`.
-pub fn time(secs: i64) -> String {
-    if secs == 0 {
-        return "-".into();
-    }
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use crate::time::secs_or_dash as time;
+
     #[test]
     fn times_print_as_utc() {
-        assert_eq!(super::time(0), "-");
-        assert_eq!(super::time(1), "1970-01-01T00:00:01Z");
-        assert_eq!(super::time(1_795_965_739), "2026-11-29T15:22:19Z");
-        assert_eq!(super::time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(time(0), "-");
+        assert_eq!(time(1), "1970-01-01T00:00:01Z");
+        assert_eq!(time(1_795_965_739), "2026-11-29T15:22:19Z");
+        assert_eq!(time(951_782_400), "2000-02-29T00:00:00Z");
     }
 }

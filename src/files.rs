@@ -25,8 +25,7 @@
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::keys::{AUDIT_KEY_FILE, SIGNING_KEY_FILE};
+use crate::config::{AUDIT_KEY_FILE, Config, SIGNING_KEY_FILE};
 
 /// A file or directory whose permissions let someone else change (or read) a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,6 +227,57 @@ pub fn read_bytes_in_dir(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+// === SQLite database files (the audit log's and the control store's) ===
+
+/// Creates the database file 0600 if there is none yet, before SQLite does: its WAL and
+/// shm files copy the database file's mode, so they start private too.
+///
+/// An existing file is never opened here. POSIX advisory locks belong to the process and
+/// any close of any descriptor of the file releases them all: opening and closing the
+/// database outside SQLite while a connection holds it (the checkpointer's connection
+/// used to be opened this way) silently dropped the locks SQLite held for Aegis. Another
+/// process's connection (an operator's `sqlite3`, a log shipper) then believed it was the
+/// last one, deleted the WAL on close with answered rows in it, and could take the write
+/// lock under a running Aegis.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)
+    };
+    match create(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A link planted in place of the database is refused, not followed (SQLite
+            // is told so too: `open_nofollow`).
+            if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+                return Err(std::io::Error::other(
+                    "is a symbolic link; Aegis does not follow links in its data directory",
+                ));
+            }
+            // The database is there: say now if its directory cannot be written (a
+            // read-only file system), which SQLite would only report as "unable to open
+            // database file". Probed with another file, never the database itself.
+            let probe = path.with_extension("write-probe");
+            let _ = std::fs::remove_file(&probe); // left by a crash between these lines
+            create(&probe)?;
+            std::fs::remove_file(&probe)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a database read-write (created if missing) without following a symbolic link.
+pub fn open_nofollow(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )
 }
 
 #[cfg(test)]

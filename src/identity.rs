@@ -278,7 +278,7 @@ impl Identifier {
             if let Some(why) = id_claim_problem(value) {
                 return Err(TokenError::BadClaim {
                     claim,
-                    value: crate::control::shown(value),
+                    value: crate::ids::shown(value),
                     why,
                 });
             }

@@ -15,14 +15,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-/// File name of the signing key seed inside the data directory.
-pub const SIGNING_KEY_FILE: &str = "signing.key";
-/// File name of the public key inside the data directory.
-pub const PUBLIC_KEY_FILE: &str = "signing.pub";
-/// File name of the audit signing key seed inside the data directory.
-pub const AUDIT_KEY_FILE: &str = "audit.key";
-/// File name of the audit public key inside the data directory.
-pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit.pub";
+/// The key files' names inside the data directory (plain settings, kept by the config).
+pub use crate::config::{AUDIT_KEY_FILE, AUDIT_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE};
 
 /// A failure to load or create the signing key.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,11 @@
 //!   checkpoints and the verifier.
 //! - [`telemetry`]: the OTLP exporter and the per-Check span.
 //! - [`keys`]: the Ed25519 signing key kept in the data directory.
-//! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags).
+//! - [`config`]: the one configuration struct (file, `AEGIS_*` env, flags): plain data,
+//!   at the bottom of the module graph.
+//! - [`types`], [`time`], [`ids`], [`endpoint`]: the bottom of the module graph, importing
+//!   nothing from the crate: the domain's words as enums (agent status, severity, response
+//!   action), the one date algorithm, the one id maker and id check, a webhook URL.
 //! - [`control`]: the control plane: operator credentials, the control store, the
 //!   actions (freeze, revoke, kill, approvals, shadow mode, budgets, policy rollback),
 //!   the gRPC service.
@@ -43,50 +47,28 @@ pub mod control;
 pub mod correlate;
 pub mod ctl;
 pub mod dataplane;
+pub mod endpoint;
 #[doc(hidden)]
 pub mod files;
 pub mod fuzzing;
 pub mod identity;
+pub mod ids;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod seam;
 pub mod server;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
+pub mod types;
 
 /// The ext_authz file descriptor set, for gRPC reflection (compiled by `build.rs`).
 pub const EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ext_authz_descriptor.bin"));
 
-/// Current time as Unix nanoseconds (saturating; the clock never runs before 1970 here).
-pub fn unix_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-/// Decodes lower- or upper-case hex; `None` on odd length or a non-hex digit.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()))
-        .collect()
-}
+pub use ids::{hex, unhex};
+pub use time::unix_nanos;
 
 /// Writes one log line to stderr: `<unix-ms> <level> <message>`.
 #[macro_export]

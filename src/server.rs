@@ -299,7 +299,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                     held.revoked.len(),
                     held.kills.len()
                 );
-                state.remember(&held);
+                held.remember_in(&state);
             }
             (link, Some(follow))
         }
@@ -324,7 +324,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             let (c, task) = crate::correlate::Correlator::start(
                 policy.clone(),
                 link.clone(),
-                config.correlation.thresholds(),
+                crate::correlate::Thresholds::from_config(&config.correlation),
                 shutdown_rx.clone(),
             );
             (Some(c), Some(task))

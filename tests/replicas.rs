@@ -209,9 +209,9 @@ async fn an_unknown_control_store_is_refused_naming_the_setting() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_string_lossy().into_owned();
     for (url, says) in [
-        ("mysql://db/aegis", "SQLite only"),
+        ("mysql://aegis:hunter2@db/aegis", "sqlite:PATH or postgres://"),
         ("sqlite:", "needs a file path"),
-        ("control.db", "expected sqlite:PATH"),
+        ("control.db", "expected sqlite:PATH or postgres://"),
     ] {
         let out = aegis_cmd(&[
             "serve",
@@ -228,5 +228,6 @@ async fn an_unknown_control_store_is_refused_naming_the_setting() {
             err.contains("control.database_url") && err.contains(says),
             "{url}: {err}"
         );
+        assert!(!err.contains("hunter2"), "the password is never shown: {err}");
     }
 }

@@ -29,6 +29,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{FIELD_NAMES, FieldValue, Hash, checkpoint_message, checkpoint_message_v2};
+use crate::types::Severity;
 
 /// The `schema` of bundles this version writes and reads. Version 2 adds the bundle
 /// signature; a version 1 bundle (unsigned beyond its rows) is refused: re-export it.
@@ -239,14 +240,6 @@ impl Table {
     }
 }
 
-/// Severity rank (`low` 0 … `critical` 3).
-pub fn severity_rank(s: &str) -> Option<u8> {
-    ["low", "medium", "high", "critical"]
-        .iter()
-        .position(|x| *x == s)
-        .and_then(|p| u8::try_from(p).ok())
-}
-
 // === impl Bundle ===
 
 impl Bundle {
@@ -445,8 +438,8 @@ fn check_rows(b: &Bundle, p: &mut Vec<String>) -> HashMap<u64, Hash> {
         p.push("rows: the bundle holds no audit rows".into());
     }
     let redacted: BTreeSet<&str> = b.redaction.iter().map(String::as_str).collect();
-    let since = b.filters.since.as_deref().map(parse_time);
-    let until = b.filters.until.as_deref().map(parse_time);
+    let since = b.filters.since.as_deref().map(crate::time::parse);
+    let until = b.filters.until.as_deref().map(crate::time::parse);
     let mut prev: Option<(u64, Hash)> = None;
     for row in &b.rows {
         let seq = row.seq;
@@ -766,7 +759,10 @@ fn check_inclusion(b: &Bundle, hashes: &HashMap<u64, Hash>, p: &mut Vec<String>)
 
 fn check_side_records(b: &Bundle, p: &mut Vec<String>) {
     let f = &b.filters;
-    let min = f.min_severity.as_deref().and_then(severity_rank);
+    let min = f
+        .min_severity
+        .as_deref()
+        .and_then(|s| s.parse::<Severity>().ok());
     let sets = [
         (Table::Incidents, &b.incidents),
         (Table::Approvals, &b.approvals),
@@ -824,7 +820,7 @@ fn check_side_records(b: &Bundle, p: &mut Vec<String>) {
                 .fields
                 .get("severity")
                 .and_then(Value::as_str)
-                .and_then(severity_rank);
+                .and_then(|s| s.parse::<Severity>().ok());
             if let Some(min) = min
                 && rank.is_none_or(|r| r < min)
             {
@@ -870,94 +866,10 @@ fn check_counts(b: &Bundle, p: &mut Vec<String>) {
     }
 }
 
-/// Parses a time given as Unix seconds or RFC 3339 (`2026-01-31T12:00:00Z`,
-/// `...T12:00:00.5+01:00`); returns Unix nanoseconds.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    let bad =
-        || format!("{s:?} is not a time: give RFC 3339 (2026-01-31T12:00:00Z) or Unix seconds");
-    let s = s.trim();
-    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) {
-        let secs: i64 = s.parse().map_err(|_| bad())?;
-        return secs.checked_mul(1_000_000_000).ok_or_else(bad);
-    }
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        let part = s.get(r).ok_or_else(bad)?;
-        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(bad());
-        }
-        part.parse().map_err(|_| bad())
-    };
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return Err(bad());
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return Err(bad());
-    }
-    let mut i = 19;
-    let mut nanos = 0i64;
-    if b.get(i) == Some(&b'.') {
-        let start = i + 1;
-        i = start;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        let digits = s.get(start..i).ok_or_else(bad)?;
-        if digits.is_empty() {
-            return Err(bad());
-        }
-        let padded: String = digits.chars().chain("000000000".chars()).take(9).collect();
-        nanos = padded.parse().map_err(|_| bad())?;
-    }
-    let offset = match s.get(i..).ok_or_else(bad)? {
-        "Z" | "z" => 0,
-        tz if tz.len() == 6 && tz.as_bytes()[3] == b':' => {
-            let sign = match tz.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return Err(bad()),
-            };
-            sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)
-        }
-        _ => return Err(bad()),
-    };
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    secs.checked_mul(1_000_000_000)
-        .and_then(|n| n.checked_add(nanos))
-        .ok_or_else(bad)
-}
-
-/// (year, month, day) → days since 1970-01-01; Howard Hinnant's algorithm.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Unix nanoseconds as RFC 3339 UTC.
-pub fn format_time(ns: i64) -> String {
-    crate::check::protojson::rfc3339(&envoy_types::pb::google::protobuf::Timestamp {
-        seconds: ns.div_euclid(1_000_000_000),
-        nanos: i32::try_from(ns.rem_euclid(1_000_000_000)).unwrap_or(0),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::{parse as parse_time, rfc3339_nanos as format_time};
 
     #[test]
     fn times_parse_as_rfc3339_or_unix_seconds() {

@@ -23,10 +23,12 @@ use serde_json::Value;
 
 use super::bundle::{
     Bundle, BundleCheckpoint, BundleField, BundleKey, BundleRow, Filters, PROTECTED_FIELDS, SCHEMA,
-    SideRecord, Table, format_time, redactable, severity_rank,
+    SideRecord, Table, redactable,
 };
 use super::verify::{Row, read_rows_between};
 use super::{FIELD_NAMES, FieldValue, Hash};
+use crate::time::rfc3339_nanos as format_time;
+use crate::types::Severity;
 
 /// What to export.
 #[derive(Debug, Clone, Default)]
@@ -303,7 +305,7 @@ fn validate(opts: &ExportOptions) -> Result<(), ExportError> {
         return invalid(format!("--kind {k}: check or control"));
     }
     if let Some(s) = &opts.min_severity
-        && severity_rank(s).is_none()
+        && s.parse::<Severity>().is_err()
     {
         return invalid(format!("--min-severity {s}: low, medium, high or critical"));
     }
@@ -607,7 +609,10 @@ fn side_records(
     let int = |rec: &SideRecord, col: &str| rec.fields.get(col).and_then(Value::as_i64);
     let secs_to_ns = |s: Option<i64>| s.map(|s| s.saturating_mul(1_000_000_000));
 
-    let min = opts.min_severity.as_deref().and_then(severity_rank);
+    let min = opts
+        .min_severity
+        .as_deref()
+        .and_then(|s| s.parse::<Severity>().ok());
     let incidents: Vec<SideRecord> = match incident {
         Some(i) => vec![i],
         None => query_side(c, Table::Incidents, "1 = 1", &[])?
@@ -623,7 +628,7 @@ fn side_records(
                 .fields
                 .get("severity")
                 .and_then(Value::as_str)
-                .and_then(severity_rank);
+                .and_then(|s| s.parse::<Severity>().ok());
             min.is_none_or(|m| rank.is_some_and(|r| r >= m))
         })
         .collect();

@@ -241,7 +241,7 @@ pub fn check(p: &Proof, keys: &[VerifyingKey], held: Option<&Path>) -> Result<St
                         "; it extends the log of {} rows (tree head {}) signed at {}{}",
                         from.tree_size,
                         crate::hex(&from.root),
-                        super::bundle::format_time(from.time_ns),
+                        crate::time::rfc3339_nanos(from.time_ns),
                         if held.is_some() {
                             ", one of the checkpoints you hold"
                         } else {
@@ -271,6 +271,6 @@ pub fn check(p: &Proof, keys: &[VerifyingKey], held: Option<&Path>) -> Result<St
         "decision {decision_id} is row {seq} of the log of {} rows signed by {} at {}{extends}",
         cp.tree_size,
         cp.key_id,
-        super::bundle::format_time(cp.time_ns)
+        crate::time::rfc3339_nanos(cp.time_ns)
     ))
 }

@@ -26,6 +26,7 @@ use super::proof::leaf_hash;
 use super::verify::Trust;
 use super::witness::{Publisher, SignedCheckpoint};
 use super::{Hash, Record, Salt, checkpoint_message_v2, commitments, row_hash_v2};
+use crate::files::{create_private, open_nofollow};
 use crate::keys::Signer;
 
 /// File name of the audit database in the data directory.
@@ -117,18 +118,8 @@ pub enum AuditError {
     Closed,
 }
 
-/// SQLite's `synchronous` setting for the audit database.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync on every commit: a row whose Check was answered survives power loss.
-    Full,
-    /// WAL without fsync per commit: a committed row is in the OS's hands before its Check
-    /// is answered, so it survives a crash or SIGKILL of the process, not a power loss.
-    Normal,
-}
+/// SQLite's `synchronous` setting, a plain setting of the configuration.
+pub use crate::config::Durability;
 
 /// Writer settings.
 #[derive(Debug, Clone)]
@@ -398,55 +389,6 @@ fn open_err(path: &Path, e: impl ToString) -> AuditError {
     }
 }
 
-/// Creates the database file 0600 if there is none yet, before SQLite does: its WAL and
-/// shm files copy the database file's mode, so they start private too.
-///
-/// An existing file is never opened here. POSIX advisory locks belong to the process and
-/// any close of any descriptor of the file releases them all: opening and closing the
-/// database outside SQLite while a connection holds it (the checkpointer's connection
-/// used to be opened this way) silently dropped the locks SQLite held for Aegis. Another
-/// process's connection (an operator's `sqlite3`, a log shipper) then believed it was the
-/// last one, deleted the WAL on close with answered rows in it, and could take the write
-/// lock under a running Aegis.
-pub fn create_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let create = |p: &Path| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(p)
-    };
-    match create(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // A link planted in place of the database is refused, not followed (SQLite
-            // is told so too: `open_nofollow`).
-            if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
-                return Err(std::io::Error::other(
-                    "is a symbolic link; Aegis does not follow links in its data directory",
-                ));
-            }
-            // The database is there: say now if its directory cannot be written (a
-            // read-only file system), which SQLite would only report as "unable to open
-            // database file". Probed with another file, never the database itself.
-            let probe = path.with_extension("write-probe");
-            let _ = std::fs::remove_file(&probe); // left by a crash between these lines
-            create(&probe)?;
-            std::fs::remove_file(&probe)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Opens a database read-write (created if missing) without following a symbolic link.
-pub fn open_nofollow(path: &Path) -> rusqlite::Result<Connection> {
-    Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
-    )
-}
-
 /// Opens the database with the audit schema and pragmas, only through SQLite (see
 /// [`create_private`]).
 pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, AuditError> {
@@ -538,7 +480,7 @@ fn check_witness(
     // Witness lines are format 2 checkpoints: never the legacy key's.
     let keys = trust.keys;
     let shown = witness.display();
-    let when = super::bundle::format_time(seen.time_ns);
+    let when = crate::time::rfc3339_nanos(seen.time_ns);
     if !seen.signed_by(keys) {
         return Err(AuditError::BehindWitness(format!(
             "the last line of {shown} is not signed by a trusted key ({})",

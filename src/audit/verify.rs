@@ -684,7 +684,7 @@ impl WitnessCursor {
                          size {size}, signed at {}): history was rewritten after it was \
                          published",
                         self.matched_size + 1,
-                        super::bundle::format_time(cp.time_ns)
+                        crate::time::rfc3339_nanos(cp.time_ns)
                     ),
                 }));
             }
@@ -709,7 +709,7 @@ impl WitnessCursor {
                 "the log ends at seq {size}, but the witness saw a checkpoint of {} rows (line \
                  {line}, signed at {}): rows {}..={} were cut off with their checkpoints",
                 cp.tree_size,
-                super::bundle::format_time(cp.time_ns),
+                crate::time::rfc3339_nanos(cp.time_ns),
                 size + 1,
                 cp.tree_size
             ),

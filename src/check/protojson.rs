@@ -256,37 +256,9 @@ fn json_to_pb_value(v: &Value) -> PbValue {
     PbValue { kind: Some(kind) }
 }
 
-/// RFC 3339 in UTC with protojson's fraction rule (0, 3, 6 or 9 digits).
+/// A protobuf Timestamp as RFC 3339 in UTC, protojson's way (see [`crate::time::rfc3339`]).
 pub fn rfc3339(t: &Timestamp) -> String {
-    let days = t.seconds.div_euclid(86_400);
-    let secs = t.seconds.rem_euclid(86_400);
-    let (y, mo, d) = civil_from_days(days);
-    let (h, mi, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    let nanos = t.nanos.clamp(0, 999_999_999);
-    let frac = if nanos == 0 {
-        String::new()
-    } else if nanos % 1_000_000 == 0 {
-        format!(".{:03}", nanos / 1_000_000)
-    } else if nanos % 1_000 == 0 {
-        format!(".{:06}", nanos / 1_000)
-    } else {
-        format!(".{nanos:09}")
-    };
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{frac}Z")
-}
-
-/// Days since 1970-01-01 → (year, month, day); Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    crate::time::rfc3339(t.seconds, t.nanos)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use super::auth::Operator;
 use super::core::ControlCore;
 use super::rules;
 use super::{ControlError, now_secs, pb};
+use crate::types::Action;
 
 /// Most tokens and approvals of the agent drawn (the newest).
 const MAX_RELATED: usize = 20;
@@ -52,7 +53,7 @@ fn time(secs: i64) -> String {
     if secs == 0 {
         String::new()
     } else {
-        crate::ctl::time(secs)
+        crate::time::rfc3339(secs, 0)
     }
 }
 
@@ -246,7 +247,12 @@ pub fn build(
         let node = format!("action:{}:{n}", i.id);
         g.node(node.clone(), "action", action.clone(), &[]);
         g.edge(&inc, &node, "response");
-        if !action.starts_with("notify") {
+        // An incident's action line is `word: outcome`; all but `notify` act on the agent.
+        let word = action.split(':').next().unwrap_or_default();
+        if word
+            .parse::<Action>()
+            .map_or(true, Action::applies_to_agent)
+        {
             g.edge(&node, &agent_id, "applied to");
         }
     }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use super::pb;
 use super::store::ControlStore;
 use crate::config::{NotifyConfig, WebhookConfig};
+use crate::endpoint::Endpoint;
+use crate::types::Severity;
 
 /// Rows taken per round.
 const BATCH: usize = 16;
@@ -28,76 +30,6 @@ const KEEP_FINISHED_MS: i64 = 7 * 24 * 3600 * 1000;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most of a receiver's answer read (the status line is what matters).
 const MAX_ERROR_BODY: usize = 512;
-
-/// low < medium < high < critical.
-pub fn severity_rank(s: &str) -> Option<u8> {
-    Some(match s {
-        "low" => 0,
-        "medium" => 1,
-        "high" => 2,
-        "critical" => 3,
-        _ => return None,
-    })
-}
-
-/// A webhook address: `http[s]://host[:port]/path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// host:port to connect to.
-    pub authority: String,
-    /// The Host header.
-    pub host: String,
-    pub path: String,
-    /// https: TLS, the server's certificate checked against the Mozilla roots (and
-    /// `notify.ca_file`) for `host`.
-    pub tls: bool,
-}
-
-impl Endpoint {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        // Errors never quote the URL: a webhook's path is its secret (Slack's are).
-        let (rest, tls) = if let Some(rest) = url.strip_prefix("https://") {
-            (rest, true)
-        } else if let Some(rest) = url.strip_prefix("http://") {
-            (rest, false)
-        } else {
-            return Err("the URL must start with https:// or http://".into());
-        };
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if host.is_empty() || host.contains('@') || host.chars().any(char::is_whitespace) {
-            return Err("the URL has no valid host".into());
-        }
-        let has_port = match host.rfind(':') {
-            Some(i) => !host.ends_with(']') && host[i + 1..].parse::<u16>().is_ok(),
-            None => false,
-        };
-        let authority = match (has_port, tls) {
-            (true, _) => host.to_owned(),
-            (false, true) => format!("{host}:443"),
-            (false, false) => format!("{host}:80"),
-        };
-        Ok(Self {
-            authority,
-            host: host.to_owned(),
-            path: path.to_owned(),
-            tls,
-        })
-    }
-
-    /// The TLS server name: the host without its port or IPv6 brackets.
-    fn server_name(&self) -> Result<rustls_pki_types::ServerName<'static>, String> {
-        let name = match self.host.rfind(':') {
-            Some(i) if !self.host.ends_with(']') => &self.host[..i],
-            _ => self.host.as_str(),
-        };
-        let name = name.trim_start_matches('[').trim_end_matches(']');
-        rustls_pki_types::ServerName::try_from(name.to_owned())
-            .map_err(|e| format!("TLS server name {name:?}: {e}"))
-    }
-}
 
 /// Most characters a notification keeps of an id-like field (tenant, agent, run id,
 /// policy revision, an evidence item, a response action).
@@ -197,11 +129,16 @@ pub fn capped(i: &pb::Incident) -> pb::Incident {
 
 /// The outbox rows an incident makes: one per matching webhook.
 pub fn notifications(incident: &pb::Incident, hooks: &[WebhookConfig]) -> Vec<(String, String)> {
-    let rank = severity_rank(&incident.severity).unwrap_or(0);
+    // An unknown severity counts as the lowest: only `min_severity = "low"` hooks get it.
+    let severity = incident.severity.parse().unwrap_or(Severity::Low);
     hooks
         .iter()
         .filter(|h| h.tenant == "*" || h.tenant == incident.tenant)
-        .filter(|h| severity_rank(&h.min_severity).is_some_and(|m| rank >= m))
+        .filter(|h| {
+            h.min_severity
+                .parse::<Severity>()
+                .is_ok_and(|m| severity >= m)
+        })
         .map(|h| {
             let body = if h.format == "json" {
                 serde_json::json!({ "event": "incident.raised", "incident": capped(incident) })
@@ -248,9 +185,9 @@ pub fn slack(i: &pb::Incident) -> serde_json::Value {
         actions: i.actions.iter().map(|e| mrkdwn(e)).collect(),
         ..Default::default()
     };
-    let icon = match i.severity.as_str() {
-        "critical" => ":rotating_light:",
-        "high" => ":warning:",
+    let icon = match i.severity.parse() {
+        Ok(Severity::Critical) => ":rotating_light:",
+        Ok(Severity::High) => ":warning:",
         _ => ":information_source:",
     };
     let text = fit(

@@ -112,9 +112,9 @@ impl SqliteStore {
         let named = |e: rusqlite::Error| ControlError::Store(format!("{}: {e}", path.display()));
         // Created 0600 if missing; an existing file is opened only through SQLite (see
         // `create_private`: a plain open and close would drop SQLite's locks).
-        crate::audit::store::create_private(path)
+        crate::files::create_private(path)
             .map_err(|e| ControlError::Store(format!("{}: {e}", path.display())))?;
-        let conn = crate::audit::store::open_nofollow(path).map_err(named)?;
+        let conn = crate::files::open_nofollow(path).map_err(named)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=2000; \
              PRAGMA foreign_keys=ON;",

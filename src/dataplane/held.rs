@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::state::State;
+use super::state::{Refused, State};
 use crate::identity::{KillTarget, RevocationEntries};
 
 /// File name in the sidecar's data directory.
@@ -82,6 +82,16 @@ impl Held {
             .filter_map(|k| Some((k.target()?, k.before)))
             .collect();
         (jtis, kills)
+    }
+
+    /// Hands what was remembered to `state` (before its first snapshot).
+    pub fn remember_in(&self, state: &State) {
+        let refused = Refused {
+            epoch: self.refused_epoch,
+            // A file written before this flag existed: a remembered refusal implies it.
+            since_followed: self.refused_since_followed || self.refused_epoch.is_some(),
+        };
+        state.remember((self.epoch, self.version), refused, self.revocations());
     }
 
     /// Reads the file; None when there is none (a first start). A symbolic link is
@@ -212,13 +222,16 @@ mod tests {
         .expect("write");
         let held = Held::load(&path).expect("load").expect("a file");
         let state = State::new(Arc::new(Revocations::default()), false);
-        state.remember(&held);
+        held.remember_in(&state);
         let saved = Held::of(&state).expect("a position to save");
         assert_eq!(saved.refused_epoch, Some(1), "{saved:?}");
         saved.save(&path).expect("save");
         // Started again: the restored control plane counting past 5 is still refused.
         let state = State::new(Arc::new(Revocations::default()), false);
-        state.remember(&Held::load(&path).expect("load").expect("a file"));
+        Held::load(&path)
+            .expect("load")
+            .expect("a file")
+            .remember_in(&state);
         let counted_up = crate::control::pb::WatchEvent {
             epoch: 1,
             version: 7,

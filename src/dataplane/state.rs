@@ -19,8 +19,11 @@ use std::sync::{Arc, RwLock};
 use super::budget::Limit;
 use crate::control::pb::{self, KillScope, state_item::Item};
 use crate::identity::{Claims, KillTarget, RevocationEntries, Revocations};
+use crate::types::AgentStatus as Status;
 
-/// An agent's status as the data plane enforces it.
+/// An agent's status as the data plane enforces it: the control plane's
+/// [`crate::types::AgentStatus`] and two only a sidecar knows (unregistered, tenant not
+/// served).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentStatus {
     Active,
@@ -48,23 +51,29 @@ fn strictness(s: AgentStatus) -> u8 {
 impl AgentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
-            AgentStatus::Active => crate::control::ACTIVE,
-            AgentStatus::Frozen => crate::control::FROZEN,
-            AgentStatus::Revoked => crate::control::REVOKED,
-            AgentStatus::Restricted => crate::control::RESTRICTED,
+            AgentStatus::Active => Status::Active.as_str(),
+            AgentStatus::Frozen => Status::Frozen.as_str(),
+            AgentStatus::Revoked => Status::Revoked.as_str(),
+            AgentStatus::Restricted => Status::Restricted.as_str(),
             AgentStatus::Unregistered => "unregistered",
             AgentStatus::NotServed => "tenant_not_served",
         }
     }
 
+    /// The control plane's status word (None: not one).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            crate::control::ACTIVE => AgentStatus::Active,
-            crate::control::FROZEN => AgentStatus::Frozen,
-            crate::control::REVOKED => AgentStatus::Revoked,
-            crate::control::RESTRICTED => AgentStatus::Restricted,
-            _ => return None,
-        })
+        s.parse::<Status>().ok().map(Self::from)
+    }
+}
+
+impl From<Status> for AgentStatus {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Active => AgentStatus::Active,
+            Status::Restricted => AgentStatus::Restricted,
+            Status::Frozen => AgentStatus::Frozen,
+            Status::Revoked => AgentStatus::Revoked,
+        }
     }
 }
 
@@ -286,22 +295,18 @@ impl State {
         *self.remembered.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes what a sidecar remembered across its restart: the position its first
-    /// snapshot is judged against, and the revocations a confirmed restore keeps. The
-    /// state stays unsynced (Checks fail closed) until a snapshot is applied.
-    pub fn remember(&self, held: &super::held::Held) {
-        let (jtis, kills) = held.revocations();
+    /// Takes what a sidecar remembered across its restart (see `held.rs`): the position
+    /// its first snapshot is judged against, the refusal it had made, and the revocations
+    /// a confirmed restore keeps. The state stays unsynced (Checks fail closed) until a
+    /// snapshot is applied.
+    pub fn remember(&self, position: (u64, u64), refused: Refused, revocations: RevocationEntries) {
+        let (jtis, kills) = revocations;
         self.revocations.replace(jtis, kills);
-        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) =
-            Some((held.epoch, held.version));
+        *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = Some(position);
         self.refusal
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .refused = Refused {
-            epoch: held.refused_epoch,
-            // A file written before this flag existed: a remembered refusal implies it.
-            since_followed: held.refused_since_followed || held.refused_epoch.is_some(),
-        };
+            .refused = refused;
     }
 
     /// What to do with a snapshot ([`admission`]).
