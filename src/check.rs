@@ -8,12 +8,11 @@
 //! commit), besides `enforce` reaching the control plane for `approval_needed` decisions
 //! (see [`enforce`]). No lock is held across an await.
 //!
-//! - decode (here): the CheckRequest's headers and body, as the route says to read them;
-//!   the token is verified here too, while the headers are at hand.
-//! - identify (here): who calls, and the agent's control state; a contained agent goes no
-//!   further than enforce's first step (the policy is not asked).
-//! - build (here, `input.rs`): the OPA-Envoy input document.
-//! - evaluate (here): the policy's decision, on the policy's evaluation threads.
+//! - decode, identify, build, evaluate (`judge.rs`): the request's headers and body (the
+//!   token is verified while the headers are at hand); who calls and the agent's control
+//!   state (a contained agent goes no further than enforce's first step: the policy is not
+//!   asked); the OPA-Envoy input document (`input.rs`); the policy's decision, on the
+//!   policy's evaluation threads.
 //! - enforce (`enforce.rs`): containment, restriction, shadow, approvals, budget, in that
 //!   order; its [`Enforced`](enforce::Enforced) outcome is all `record` and `respond` take.
 //! - record (`record.rs`): one decision record, from which the audit row, the span, the
@@ -32,6 +31,7 @@
 mod enforce;
 pub mod error;
 pub mod input;
+mod judge;
 pub mod protojson;
 mod record;
 pub mod respond;
@@ -49,12 +49,11 @@ use tonic::{Code, Request, Response, Status};
 use crate::audit::store::AuditLog;
 use crate::control::budget::Meter;
 use crate::control::link::ControlLink;
-use crate::control::state::{AgentContext, State};
-use crate::identity::{Claims, Identifier, Refusal, TokenError};
-use crate::policy::{CompiledBundle, Decision, Policy};
+use crate::control::state::State;
+use crate::identity::{Claims, Identifier};
+use crate::policy::{Decision, Policy};
 use crate::telemetry::Telemetry;
-use enforce::{Evaluated, Judged};
-use input::{Decoded, InputError, Limits};
+use input::{Decoded, Limits};
 use record::DecisionRecord;
 
 /// The W3C trace context of the gRPC call carrying a Check (Envoy puts its ext_authz
@@ -172,29 +171,6 @@ struct Call {
     /// Headers to remove from the request that goes on (besides the token): the override
     /// token and the agent's claim headers it sent.
     strip_headers: Vec<&'static str>,
-}
-
-/// What decode hands on: the token's verdict and the decoded request, each acted on later
-/// (a refused token or a request that cannot be parsed is answered after identify).
-struct Received<'r> {
-    identity: Result<Arc<Claims>, Refusal>,
-    decoded: Result<Decoded<'r>, InputError>,
-    /// The bundle the request was decoded against (its route catalogue) and is decided by.
-    bundle: Arc<CompiledBundle>,
-}
-
-/// A verified agent that is not contained, and its control state.
-struct Subject {
-    claims: Arc<Claims>,
-    agent: AgentContext,
-}
-
-/// The policy's input document, with what the stages after evaluate need.
-struct Input<'r> {
-    doc: regorus::Value,
-    decoded: Decoded<'r>,
-    bundle: Arc<CompiledBundle>,
-    subject: Subject,
 }
 
 /// gRPC service wrapper (a newtype: `impl Authorization for Arc<_>` would break the orphan rule).
@@ -340,21 +316,6 @@ impl Checker {
         )
     }
 
-    /// decode → identify → build → evaluate: the policy's decision, or why the Check ended
-    /// before the policy decided. Pure computation, no I/O; the evaluation runs on the
-    /// policy's evaluation threads (see [`crate::policy::pool`]).
-    async fn judge<'r>(
-        &self,
-        req: &'r CheckRequest,
-        call: &mut Call,
-        now_ns: i64,
-    ) -> Result<Evaluated<'r>, Judged> {
-        let received = self.decode(req, call, now_ns)?;
-        let subject = self.identify(received.identity, call)?;
-        let input = self.build(req, received.decoded, received.bundle, subject, call)?;
-        self.evaluate(input).await
-    }
-
     /// The Check's span: a child of Envoy's span from the gRPC metadata, else of the
     /// request's own `traceparent`.
     fn start_span(&self, req: &CheckRequest, trace: &TraceHeaders) -> crate::telemetry::CheckSpan {
@@ -364,147 +325,6 @@ impl Checker {
             (trace.traceparent.as_deref(), trace.tracestate.as_deref()),
             (header("traceparent"), header("tracestate")),
         ])
-    }
-
-    /// Decode: the request's headers and body as its route says to read them. The token is
-    /// read and verified here, while the headers are at hand (the body decode takes them);
-    /// what a refusal means is identify's business, and a body that cannot be decoded is
-    /// refused only after identify (a contained agent gets its containment reason).
-    fn decode<'r>(
-        &self,
-        req: &'r CheckRequest,
-        call: &mut Call,
-        now_ns: i64,
-    ) -> Result<Received<'r>, Judged> {
-        if !self.control.state.synced() {
-            // A fleet sidecar that has never had the control plane's state cannot know
-            // which tokens are revoked or agents frozen: it fails closed.
-            return Err(Judged::Refused(CheckError::ControlUnsynced));
-        }
-        let http = http_of(req).ok_or(Judged::Refused(CheckError::Input(InputError::NoHttp)))?;
-        let headers = input::decode_headers(http, &self.limits)
-            .map_err(|e| Judged::Refused(CheckError::from(e)))?;
-        let identity = self
-            .token(&headers)
-            .map_err(Refusal::from)
-            .and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
-        let bundle = self.policy.current();
-        let routes = input::RouteConfig::of(req, bundle.routes());
-        let decoded = input::decode_with_headers(http, headers, routes, &self.limits);
-        if let Ok(d) = &decoded {
-            call.set_tool(d);
-        }
-        Ok(Received {
-            identity,
-            decoded,
-            bundle,
-        })
-    }
-
-    /// Identify: who calls, and the agent's control state. A refused token is denied (401),
-    /// but a revoked token of a frozen or revoked agent gets the agent's status as its
-    /// reason, the more telling one (an agent's revocation also kills its tokens). A
-    /// contained agent goes no further: enforce's first step answers it.
-    fn identify(
-        &self,
-        identity: Result<Arc<Claims>, Refusal>,
-        call: &mut Call,
-    ) -> Result<Subject, Judged> {
-        let claims = match identity {
-            Ok(c) => c,
-            Err(refusal) => {
-                let contained = match (&refusal.error, &refusal.verified) {
-                    (TokenError::Revoked(_), Some(c)) => {
-                        enforce::containment(self.control.state.agent(c).status)
-                    }
-                    _ => None,
-                };
-                call.claims = refusal.verified;
-                return Err(match contained {
-                    Some(reason) => Judged::Contained(reason),
-                    None => Judged::Refused(CheckError::Token(refusal.error)),
-                });
-            }
-        };
-        call.claims = Some(claims.clone());
-        let agent = self.control.state.agent(&claims);
-        if let Some(reason) = enforce::containment(agent.status) {
-            return Err(Judged::Contained(reason));
-        }
-        Ok(Subject { claims, agent })
-    }
-
-    /// Build: the policy's input document, for a request that decoded. A route whose
-    /// labels are wrong fails the Check (the platform's fault: Envoy's `status_on_error`
-    /// answers and the operator sees the cause); any other decode error is a denial.
-    fn build<'r>(
-        &self,
-        req: &CheckRequest,
-        decoded: Result<Decoded<'r>, InputError>,
-        bundle: Arc<CompiledBundle>,
-        subject: Subject,
-        call: &mut Call,
-    ) -> Result<Input<'r>, Judged> {
-        let decoded = decoded.map_err(|e| Judged::Refused(CheckError::from(e)))?;
-        call.policy_revision = bundle.revision().to_owned();
-        // An override token and the agent's claims about its call never reach the tool,
-        // whatever becomes of the call.
-        call.strip_headers = std::iter::once(crate::control::approvals::OVERRIDE_HEADER)
-            .chain(input::CLAIM_HEADERS)
-            .filter(|h| decoded.header(h).is_some())
-            .collect();
-        let attributes = req
-            .attributes
-            .as_ref()
-            .map_or_else(regorus::Value::new_object, protojson::attributes);
-        let doc = input::build(attributes, &decoded, &subject.claims, &subject.agent);
-        Ok(Input {
-            doc,
-            decoded,
-            bundle,
-            subject,
-        })
-    }
-
-    /// Evaluate: the policy's decision, on the policy's evaluation threads.
-    async fn evaluate<'r>(&self, input: Input<'r>) -> Result<Evaluated<'r>, Judged> {
-        let Input {
-            doc,
-            decoded,
-            bundle,
-            subject,
-        } = input;
-        let result = self.policy.evaluate(bundle.clone(), doc).await;
-        self.policy.note_evaluation(result.is_ok());
-        let decision = result.map_err(|e| Judged::Refused(CheckError::Policy(e)))?;
-        Ok(Evaluated {
-            decision,
-            claims: subject.claims,
-            agent: subject.agent,
-            decoded,
-            bundle,
-        })
-    }
-
-    /// The agent token from the configured header.
-    fn token<'h>(
-        &self,
-        headers: &'h std::collections::HashMap<String, String>,
-    ) -> Result<&'h str, TokenError> {
-        let value = headers
-            .get(self.token_source.header())
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty());
-        let value = value.ok_or(TokenError::Missing)?;
-        match self.token_source {
-            TokenSource::Header(_) => Ok(value),
-            TokenSource::Bearer => match value.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-                _ => Err(TokenError::Malformed(
-                    "authorization header is not a Bearer token".into(),
-                )),
-            },
-        }
     }
 }
 

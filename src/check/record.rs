@@ -29,6 +29,36 @@ pub(super) struct DecisionRecord<'a> {
     pub call: &'a Call,
 }
 
+/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, would_deny, error.
+#[derive(Debug)]
+pub struct Counters {
+    by_decision: [AtomicU64; 6],
+    /// The same answers by (decision, reason), bounded in reasons.
+    by_reason: crate::metrics::ReasonCounts,
+    /// Time from a Check's arrival to its answer (audit commit included), every Check
+    /// admitted, decided or failed.
+    pub latency: crate::metrics::Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            by_decision: Default::default(),
+            by_reason: crate::metrics::ReasonCounts::default(),
+            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
+        }
+    }
+}
+
+const DECISIONS: [&str; 6] = [
+    "allow",
+    "deny",
+    "sanitize",
+    "approval_needed",
+    "would_deny",
+    "error",
+];
+
 /// Writes the row and, once it is durable, counts the decision, offers it to the
 /// correlation engine and ends the span. An audit failure is the Check's failure (the
 /// span ends with it).
@@ -63,35 +93,7 @@ pub(super) async fn record(
     Ok(())
 }
 
-/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, would_deny, error.
-#[derive(Debug)]
-pub struct Counters {
-    by_decision: [AtomicU64; 6],
-    /// The same answers by (decision, reason), bounded in reasons.
-    by_reason: crate::metrics::ReasonCounts,
-    /// Time from a Check's arrival to its answer (audit commit included), every Check
-    /// admitted, decided or failed.
-    pub latency: crate::metrics::Histogram,
-}
-
-impl Default for Counters {
-    fn default() -> Self {
-        Self {
-            by_decision: Default::default(),
-            by_reason: crate::metrics::ReasonCounts::default(),
-            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
-        }
-    }
-}
-
-const DECISIONS: [&str; 6] = [
-    "allow",
-    "deny",
-    "sanitize",
-    "approval_needed",
-    "would_deny",
-    "error",
-];
+// === impl Counters ===
 
 impl Counters {
     /// Counts a recorded decision.
