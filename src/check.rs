@@ -1,12 +1,23 @@
 //! The hot path: one Check.
 //!
 //! ```text
-//! decode → identify → build input → evaluate → enforce → record → respond
+//! decode → identify → build → evaluate → enforce → record → respond
 //! ```
-//! Each step is its own function (and file); only `record` does I/O (the audit commit,
-//! shared with concurrent Checks by group commit), besides `enforce` reaching the control
-//! plane for `approval_needed` decisions (see [`enforce`]). No lock is held across an
-//! await.
+//! [`Checker::check`] calls each step in that order; each has a typed input and output.
+//! Only `record` does I/O (the audit commit, shared with concurrent Checks by group
+//! commit), besides `enforce` reaching the control plane for `approval_needed` decisions
+//! (see [`enforce`]). No lock is held across an await.
+//!
+//! - decode, identify, build, evaluate (`judge.rs`): the request's headers and body (the
+//!   token is verified while the headers are at hand); who calls and the agent's control
+//!   state (a contained agent goes no further than enforce's first step: the policy is not
+//!   asked); the OPA-Envoy input document (`input.rs`); the policy's decision, on the
+//!   policy's evaluation threads.
+//! - enforce (`enforce.rs`): containment, restriction, shadow, approvals, budget, in that
+//!   order; its [`Enforced`](enforce::Enforced) outcome is all `record` and `respond` take.
+//! - record (`record.rs`): one decision record, from which the audit row, the span, the
+//!   correlation event and the metrics are made.
+//! - respond (`respond.rs`): the CheckResponse, or the gRPC error.
 //!
 //! Outcomes:
 //! - a decision the agent sees: the policy's, or Aegis's own deny for a refused token
@@ -15,29 +26,35 @@
 //!   recorded as `error` when the log can still be written, and answered with a gRPC
 //!   error, never a non-OK CheckResponse, so Envoy's `failure_mode_allow` /
 //!   `status_on_error` decide. Nothing is answered before its audit row is durable.
+//!   Every one is a [`CheckError`], mapped to its gRPC status (or denial) in one place.
 
 mod enforce;
+pub mod error;
 pub mod input;
+mod judge;
 pub mod protojson;
+mod record;
 pub mod respond;
+
+pub use error::CheckError;
+pub use record::Counters;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
-use opentelemetry::KeyValue;
 use tonic::{Code, Request, Response, Status};
 
-use crate::audit::Record;
-use crate::audit::store::{AuditError, AuditLog};
+use crate::audit::store::AuditLog;
 use crate::dataplane::budget::Meter;
-use crate::dataplane::state::{AgentContext, State};
-use crate::identity::{Claims, Identifier, Refusal, TokenError};
-use crate::policy::{Decision, EvalError, Policy, Verdict};
 use crate::seam::ControlPlane;
+use crate::dataplane::state::State;
+use crate::identity::{Claims, Identifier};
+use crate::policy::{Decision, Policy};
 use crate::telemetry::Telemetry;
-use input::{Decoded, InputError, Limits};
+use input::{Decoded, Limits};
+use record::DecisionRecord;
 
 /// The W3C trace context of the gRPC call carrying a Check (Envoy puts its ext_authz
 /// client span there).
@@ -118,69 +135,10 @@ pub struct Admission {
     queue_full: AtomicU64,
 }
 
-/// Checks recorded, by decision: allow, deny, sanitize, approval_needed, would_deny, error.
-#[derive(Debug)]
-pub struct Counters {
-    by_decision: [AtomicU64; 6],
-    /// The same answers by (decision, reason), bounded in reasons.
-    by_reason: crate::metrics::ReasonCounts,
-    /// Time from a Check's arrival to its answer (audit commit included), every Check
-    /// admitted, decided or failed.
-    pub latency: crate::metrics::Histogram,
-}
-
-impl Default for Counters {
-    fn default() -> Self {
-        Self {
-            by_decision: Default::default(),
-            by_reason: crate::metrics::ReasonCounts::default(),
-            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
-        }
-    }
-}
-
-const DECISIONS: [&str; 6] = [
-    "allow",
-    "deny",
-    "sanitize",
-    "approval_needed",
-    "would_deny",
-    "error",
-];
-
-impl Counters {
-    fn count(&self, decision: &str, reason: &str) {
-        if let Some(i) = DECISIONS.iter().position(|d| *d == decision)
-            && let Some(c) = self.by_decision.get(i)
-        {
-            c.fetch_add(1, Ordering::Relaxed);
-            self.by_reason.count(i, DECISIONS.len(), reason);
-        }
-    }
-
-    /// (decision, reason, Checks) for every pair seen since start.
-    pub fn reasons(&self) -> Vec<(&'static str, String, u64)> {
-        self.by_reason
-            .snapshot()
-            .into_iter()
-            .filter_map(|(i, reason, n)| DECISIONS.get(i).map(|d| (*d, reason, n)))
-            .collect()
-    }
-
-    /// (decision, Checks recorded with it) since start.
-    pub fn decisions(&self) -> Vec<(&'static str, u64)> {
-        DECISIONS
-            .iter()
-            .zip(&self.by_decision)
-            .map(|(d, n)| (*d, n.load(Ordering::Relaxed)))
-            .collect()
-    }
-}
-
 /// One admitted Check; leaving (answered, failed or cancelled) frees its place.
 struct Admitted<'a>(&'a Admission);
 
-/// How a Check ended, before it is recorded.
+/// How a Check ended: what `enforce` works on and hands to `record` and `respond`.
 #[derive(Debug)]
 enum Outcome {
     /// A decision the agent sees: gRPC code of the response and default HTTP status.
@@ -189,14 +147,16 @@ enum Outcome {
         code: Code,
         default_status: u32,
     },
-    /// Aegis could not decide.
+    /// Aegis could not decide: the reason recorded and the gRPC error answered (made by
+    /// [`CheckError::into_outcome`]).
     Failed {
         reason: &'static str,
         status: Status,
     },
 }
 
-/// Who called which tool, as far as the Check got.
+/// Who called which tool, as far as the Check got: filled by the stages, read by
+/// `record` and `respond`.
 #[derive(Debug, Default)]
 struct Call {
     claims: Option<Arc<Claims>>,
@@ -206,12 +166,6 @@ struct Call {
     run_id: String,
     trust_level: String,
     policy_revision: String,
-    /// The agent's control state, while the policy's decision awaits `enforce`.
-    policy_agent: Option<AgentContext>,
-    /// The call's cost (budgets).
-    cost: f64,
-    /// An `approval_needed` call, for `enforce`.
-    pending: Option<enforce::PendingCall>,
     /// The approval raised or redeemed.
     approval_id: String,
     /// Headers to remove from the request that goes on (besides the token): the override
@@ -230,7 +184,7 @@ impl Authorization for AuthorizationService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let Some(_admitted) = self.0.admission.admit() else {
-            return Err(overloaded(&self.0.admission));
+            return Err(CheckError::Overloaded(self.0.admission.max).status());
         };
         // Envoy's own span (its ext_authz client span) travels in the gRPC metadata; the
         // HTTP request's `traceparent` is only the fallback.
@@ -288,13 +242,6 @@ impl Drop for Admitted<'_> {
     }
 }
 
-fn overloaded(a: &Admission) -> Status {
-    Status::resource_exhausted(format!(
-        "aegis: overloaded: {} Checks in flight (limits.max_inflight); shed without a decision",
-        a.max
-    ))
-}
-
 // === impl Checker ===
 
 impl Checker {
@@ -341,6 +288,8 @@ impl Checker {
         answer
     }
 
+    /// The pipeline: decode → identify → build → evaluate (in [`Self::judge`]) → enforce →
+    /// record → respond.
     async fn check_timed(
         &self,
         req: CheckRequest,
@@ -348,314 +297,34 @@ impl Checker {
     ) -> Result<CheckResponse, Status> {
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
-        let http = req
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
+        let span = self.start_span(&req, &trace);
+        let mut call = Call::default();
+        let judged = self.judge(&req, &mut call, now_ns).await;
+        let now = now_ns / 1_000_000_000;
+        let enforced = enforce::enforce(self, judged, &mut call, &decision_id, now).await;
+        let decision = DecisionRecord {
+            time_ns: now_ns,
+            decision_id: &decision_id,
+            enforced: &enforced,
+            call: &call,
+        };
+        record::record(self, &decision, span).await?;
+        respond::respond(
+            enforced,
+            &call.meta(&decision_id),
+            self.token_source.header(),
+        )
+    }
+
+    /// The Check's span: a child of Envoy's span from the gRPC metadata, else of the
+    /// request's own `traceparent`.
+    fn start_span(&self, req: &CheckRequest, trace: &TraceHeaders) -> crate::telemetry::CheckSpan {
+        let http = http_of(req);
         let header = |k: &str| http.and_then(|h| h.headers.get(k)).map(String::as_str);
-        // Envoy's span from the gRPC metadata, else the request's own `traceparent`.
-        let span = self.telemetry.start_check(&[
+        self.telemetry.start_check(&[
             (trace.traceparent.as_deref(), trace.tracestate.as_deref()),
             (header("traceparent"), header("tracestate")),
-        ]);
-
-        let (outcome, mut call) = self.decide(&req, http, now_ns).await;
-        let outcome = enforce::apply(
-            self,
-            outcome,
-            &mut call,
-            &decision_id,
-            now_ns / 1_000_000_000,
-        )
-        .await;
-
-        let record = self.record(&outcome, &call, &decision_id, now_ns, &span);
-        let row = match self.audit.append_row(record).await {
-            Ok(row) => row,
-            Err(e) => {
-                if matches!(e, AuditError::Overloaded(_)) {
-                    self.admission.queue_full.fetch_add(1, Ordering::Relaxed);
-                }
-                let status = audit_failure(&e);
-                span.finish(
-                    span_attributes(&outcome, &call, &decision_id, None),
-                    Some(status.message().to_owned()),
-                );
-                return Err(status);
-            }
-        };
-        self.counters.count(outcome.decision(), outcome.reason());
-        if let (Some(c), Outcome::Decided { decision, .. }, Some(claims)) =
-            (&self.control.correlation, &outcome, call.claims.as_deref())
-        {
-            c.offer(crate::correlate::Decision {
-                time_ns: now_ns,
-                tenant: claims.tenant.clone(),
-                agent: claims.sub.clone(),
-                session: claims.sid.clone(),
-                run_id: call.run_id.clone(),
-                tool: call.tool.clone(),
-                action: call.action.clone(),
-                decision: decision.verdict.as_str().to_owned(),
-                reason: decision.reason.clone(),
-                decision_id: decision_id.clone(),
-                trust_level: call.trust_level.clone(),
-                audit_seq: row.seq,
-                row_hash: row.hash,
-            });
-        }
-        let error = match &outcome {
-            Outcome::Failed { status, .. } => Some(status.message().to_owned()),
-            Outcome::Decided { .. } => None,
-        };
-        span.finish(
-            span_attributes(&outcome, &call, &decision_id, Some(row.seq)),
-            error,
-        );
-        self.respond(outcome, &call, &decision_id)
-    }
-
-    /// decode → identify → build input → evaluate. Pure computation, no I/O; the
-    /// evaluation runs on the policy's evaluation threads (see [`crate::policy::pool`]).
-    async fn decide(
-        &self,
-        req: &CheckRequest,
-        http: Option<&HttpRequest>,
-        now_ns: i64,
-    ) -> (Outcome, Call) {
-        let mut call = Call::default();
-        if !self.control.state.synced() {
-            // A fleet sidecar that has never had the control plane's state cannot know
-            // which tokens are revoked or agents frozen: it fails closed.
-            return (
-                Outcome::Failed {
-                    reason: "control_unsynced",
-                    status: Status::unavailable(
-                        "aegis: no control-plane state yet (waiting for the first snapshot)",
-                    ),
-                },
-                call,
-            );
-        }
-        let Some(http) = http else {
-            return (bad_input(InputError::NoHttp), call);
-        };
-        let headers = match input::decode_headers(http, &self.limits) {
-            Ok(h) => h,
-            Err(e) => return (bad_input(e), call),
-        };
-        let identity = self
-            .token(&headers)
-            .map_err(Refusal::from)
-            .and_then(|t| self.identifier.identify(t, now_ns / 1_000_000_000));
-        let bundle = self.policy.current();
-        let routes = input::RouteConfig::of(req, bundle.routes());
-        let decoded = input::decode_with_headers(http, headers, routes, &self.limits);
-        if let Ok(d) = &decoded {
-            call.set_tool(d);
-        }
-        let claims = match identity {
-            Ok(c) => c,
-            Err(refusal) => {
-                // A revoked token of a frozen or revoked agent: the agent's status is the
-                // more telling reason (an agent's revocation also kills its tokens).
-                let contained = match (&refusal.error, &refusal.verified) {
-                    (TokenError::Revoked(_), Some(c)) => {
-                        enforce::contained(&self.control.state.agent(c))
-                    }
-                    _ => None,
-                };
-                call.claims = refusal.verified;
-                return (
-                    contained.unwrap_or_else(|| unauthenticated(&refusal.error)),
-                    call,
-                );
-            }
-        };
-        call.claims = Some(claims.clone());
-        let agent = self.control.state.agent(&claims);
-        if let Some(outcome) = enforce::contained(&agent) {
-            return (outcome, call);
-        }
-        let decoded = match decoded {
-            Ok(d) => d,
-            Err(InputError::Route(e)) => {
-                // The platform's labels are wrong, not the agent's request: fail the Check
-                // so that Envoy's status_on_error answers and the operator sees the cause.
-                crate::log!(error, "check failed: {e}");
-                return (
-                    Outcome::Failed {
-                        reason: "route_misconfigured",
-                        status: Status::failed_precondition(format!("aegis: {e}")),
-                    },
-                    call,
-                );
-            }
-            Err(e) => return (bad_input(e), call),
-        };
-        call.policy_revision = bundle.revision().to_owned();
-        let attributes = req
-            .attributes
-            .as_ref()
-            .map_or_else(regorus::Value::new_object, protojson::attributes);
-        let doc = input::build(attributes, &decoded, &claims, &agent);
-        let result = self.policy.evaluate(bundle.clone(), doc).await;
-        self.policy.note_evaluation(result.is_ok());
-        let outcome = match result {
-            Ok(decision) => {
-                let (decision, held) = enforce::restrict(&agent, decision, &bundle, &decoded);
-                if decision.verdict == Verdict::ApprovalNeeded {
-                    let mut pending = enforce::pending_call(&decoded, &claims, &decision.reason);
-                    pending.held = held;
-                    call.pending = Some(pending);
-                }
-                call.cost = decoded.cost;
-                call.policy_agent = Some(agent);
-                // An override token and the agent's claims about its call never reach the
-                // tool, whatever becomes of the call.
-                call.strip_headers = std::iter::once(crate::control::approvals::OVERRIDE_HEADER)
-                    .chain(input::CLAIM_HEADERS)
-                    .filter(|h| decoded.header(h).is_some())
-                    .collect();
-                Outcome::Decided {
-                    decision,
-                    code: Code::PermissionDenied,
-                    default_status: 403,
-                }
-            }
-            Err(e) => {
-                crate::log!(error, "policy evaluation failed: {e}");
-                let status = match e {
-                    EvalError::Timeout(_) => Status::deadline_exceeded(format!("aegis: {e}")),
-                    EvalError::Bounded(_) | EvalError::Overloaded(_) => {
-                        Status::resource_exhausted(format!("aegis: {e}"))
-                    }
-                    _ => Status::internal(format!("aegis: {e}")),
-                };
-                Outcome::Failed {
-                    reason: "policy_error",
-                    status,
-                }
-            }
-        };
-        (outcome, call)
-    }
-
-    /// The agent token from the configured header.
-    fn token<'h>(
-        &self,
-        headers: &'h std::collections::HashMap<String, String>,
-    ) -> Result<&'h str, TokenError> {
-        let value = headers
-            .get(self.token_source.header())
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty());
-        let value = value.ok_or(TokenError::Missing)?;
-        match self.token_source {
-            TokenSource::Header(_) => Ok(value),
-            TokenSource::Bearer => match value.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-                _ => Err(TokenError::Malformed(
-                    "authorization header is not a Bearer token".into(),
-                )),
-            },
-        }
-    }
-
-    /// The audit row of this Check.
-    fn record(
-        &self,
-        outcome: &Outcome,
-        call: &Call,
-        decision_id: &str,
-        now_ns: i64,
-        span: &crate::telemetry::CheckSpan,
-    ) -> Record {
-        let (reason, http_status) = match outcome {
-            Outcome::Decided {
-                decision,
-                default_status,
-                ..
-            } => {
-                let status = if decision.verdict.allows() {
-                    200
-                } else {
-                    decision.http_status.unwrap_or(*default_status)
-                };
-                (decision.reason.clone(), i64::from(status))
-            }
-            Outcome::Failed { reason, status } => (format!("{reason}: {}", status.message()), 0),
-        };
-        let claims = call.claims.as_deref();
-        Record {
-            time_ns: now_ns,
-            kind: "check".into(),
-            decision_id: decision_id.to_owned(),
-            tenant: claims.map(|c| c.tenant.clone()).unwrap_or_default(),
-            agent: claims.map(|c| c.sub.clone()).unwrap_or_default(),
-            session: claims.map(|c| c.sid.clone()).unwrap_or_default(),
-            run_id: call.run_id.clone(),
-            tool: call.tool.clone(),
-            action: call.action.clone(),
-            resource: call.resource.clone(),
-            decision: outcome.decision().to_owned(),
-            reason,
-            http_status,
-            policy_revision: call.policy_revision.clone(),
-            trust_level: call.trust_level.clone(),
-            approval_id: call.approval_id.clone(),
-            actor: String::new(),
-            trace_id: span.trace_id(),
-            span_id: span.span_id(),
-        }
-    }
-
-    fn respond(
-        &self,
-        outcome: Outcome,
-        call: &Call,
-        decision_id: &str,
-    ) -> Result<CheckResponse, Status> {
-        let meta = respond::Meta {
-            decision_id,
-            policy_version: &call.policy_revision,
-            approval_id: &call.approval_id,
-            strip_headers: &call.strip_headers,
-        };
-        match outcome {
-            Outcome::Decided { decision, .. } if decision.verdict.allows() => Ok(respond::allowed(
-                &decision,
-                &meta,
-                self.token_source.header(),
-            )),
-            Outcome::Decided {
-                decision,
-                code,
-                default_status,
-            } => Ok(respond::denied(&decision, &meta, code, default_status)),
-            Outcome::Failed { status, .. } => Err(status),
-        }
-    }
-}
-
-// === impl Outcome ===
-
-impl Outcome {
-    /// The decision as recorded, traced and counted: the verdict, or `error`.
-    fn decision(&self) -> &'static str {
-        match self {
-            Outcome::Decided { decision, .. } => decision.verdict.as_str(),
-            Outcome::Failed { .. } => "error",
-        }
-    }
-
-    /// The reason as recorded: the decision's, or what failed.
-    fn reason(&self) -> &str {
-        match self {
-            Outcome::Decided { decision, .. } => &decision.reason,
-            Outcome::Failed { reason, .. } => reason,
-        }
+        ])
     }
 }
 
@@ -677,88 +346,24 @@ impl Call {
         self.run_id = bounded(&d.context.run_id);
         self.trust_level = bounded(&d.context.trust_level);
     }
-}
 
-fn bad_input(e: InputError) -> Outcome {
-    let (status, reason) = e.status_and_reason();
-    let mut decision = Decision::simple(Verdict::Deny, reason);
-    decision.http_status = Some(status);
-    Outcome::Decided {
-        decision,
-        code: Code::InvalidArgument,
-        default_status: status,
-    }
-}
-
-fn unauthenticated(e: &TokenError) -> Outcome {
-    let mut decision = Decision::simple(Verdict::Deny, e.reason());
-    decision.http_status = Some(401);
-    decision.headers.push((
-        "www-authenticate".into(),
-        format!("Bearer error=\"invalid_token\", error_description=\"{e}\""),
-    ));
-    Outcome::Decided {
-        decision,
-        code: Code::Unauthenticated,
-        default_status: 401,
-    }
-}
-
-/// An audit failure, as the gRPC error Envoy sees.
-/// Overload is counted and summarised by the server's health loop rather than logged per
-/// Check: a line per shed Check would add to the overload it reports.
-fn audit_failure(e: &AuditError) -> Status {
-    match e {
-        AuditError::Overloaded(_) => Status::resource_exhausted(format!("aegis: {e}")),
-        _ => {
-            crate::log!(error, "check failed closed: {e}");
-            Status::unavailable(format!("aegis: {e}"))
+    /// What the response says of the decision besides the decision itself.
+    fn meta<'a>(&'a self, decision_id: &'a str) -> respond::Meta<'a> {
+        respond::Meta {
+            decision_id,
+            policy_version: &self.policy_revision,
+            approval_id: &self.approval_id,
+            strip_headers: &self.strip_headers,
         }
     }
 }
 
-fn span_attributes(
-    outcome: &Outcome,
-    call: &Call,
-    decision_id: &str,
-    seq: Option<u64>,
-) -> Vec<KeyValue> {
-    let decision = outcome.decision();
-    let mut reason = match outcome {
-        Outcome::Decided { decision, .. } => decision.reason.clone(),
-        Outcome::Failed { reason, .. } => (*reason).to_owned(),
-    };
-    crate::audit::bound_field(&mut reason);
-    let claims = call.claims.as_deref();
-    let mut attrs = vec![
-        KeyValue::new("aegis.decision", decision),
-        KeyValue::new("aegis.reason", reason),
-        KeyValue::new("aegis.policy_version", call.policy_revision.clone()),
-        KeyValue::new(
-            "aegis.agent",
-            claims.map(|c| c.sub.clone()).unwrap_or_default(),
-        ),
-        KeyValue::new(
-            "aegis.tenant",
-            claims.map(|c| c.tenant.clone()).unwrap_or_default(),
-        ),
-        KeyValue::new("aegis.tool", call.tool.clone()),
-        KeyValue::new("aegis.action", call.action.clone()),
-        KeyValue::new("aegis.decision_id", decision_id.to_owned()),
-    ];
-    if !call.approval_id.is_empty() {
-        attrs.push(KeyValue::new("aegis.approval_id", call.approval_id.clone()));
-    }
-    if decision == "would_deny" {
-        attrs.push(KeyValue::new("aegis.shadow", true));
-    }
-    if let Some(seq) = seq {
-        attrs.push(KeyValue::new(
-            "aegis.audit_seq",
-            i64::try_from(seq).unwrap_or(i64::MAX),
-        ));
-    }
-    attrs
+/// The HTTP request of a CheckRequest, if it has one.
+fn http_of(req: &CheckRequest) -> Option<&HttpRequest> {
+    req.attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
 }
 
 /// Decision ids: a random 64-bit prefix per process and a counter; unique, cheap, and

@@ -1342,6 +1342,113 @@ async fn an_override_is_redeemed_only_in_the_session_that_asked() {
     s.stop().await;
 }
 
+/// Enforcement runs in one order: containment before an approved override and before the
+/// budget; the budget before the override is used up (a call its budget refuses keeps the
+/// approval for later).
+#[tokio::test]
+async fn a_frozen_agent_gets_its_containment_reason_before_its_override_and_budget() {
+    let (mut s, _root, alice) = setup().await;
+    alice.register("acme", "payments-bot").await;
+    let (token, _) = alice
+        .issue("acme", "payments-bot", &["payments:create"], "")
+        .await;
+    let ovr = approved_override(&s, &alice, &token).await;
+    let budget = |calls: u64| {
+        alice.req(pb::SetBudgetRequest {
+            tenant: "acme".into(),
+            agent: "payments-bot".into(),
+            max_calls: calls,
+            max_cost: 0.0,
+            window_secs: 3600,
+            reason: "test".into(),
+        })
+    };
+    // A budget of one call, used up by a payment the policy allows.
+    alice.api().set_budget(budget(1)).await.expect("set");
+    assert_eq!(
+        code(&s.check(payment(&token, 10)).await.expect("decided")),
+        0
+    );
+    alice
+        .freeze("acme", "payments-bot", "investigating")
+        .await
+        .expect("frozen");
+
+    let r = s.check(with_override(&token, &ovr)).await.expect("decided");
+    assert_eq!(reason(&r), Some("agent_frozen"));
+    assert_eq!(denied(&r).status.as_ref().map(|st| st.code), Some(403));
+
+    alice
+        .api()
+        .unfreeze_agent(alice.req(agent_req("acme", "payments-bot", "cleared")))
+        .await
+        .expect("unfrozen");
+    let r = s.check(with_override(&token, &ovr)).await.expect("decided");
+    assert_eq!(reason(&r), Some("budget_exhausted"));
+    assert_eq!(denied(&r).status.as_ref().map(|st| st.code), Some(429));
+
+    alice.api().set_budget(budget(10)).await.expect("raised");
+    let r = s.check(with_override(&token, &ovr)).await.expect("decided");
+    assert_eq!(code(&r), 0, "{r:?}");
+    s.stop().await;
+}
+
+/// Shadow mode softens the policy's deny and the budget's (`would_deny`, the call goes
+/// on), never a restriction: the restricted agent's mutating call still waits for an
+/// approval.
+#[tokio::test]
+async fn shadow_mode_softens_the_budget_but_not_a_restriction() {
+    let (mut s, root, alice) = setup().await;
+    alice.register("acme", "payments-bot").await;
+    let (token, _) = alice
+        .issue("acme", "payments-bot", &["payments:create"], "")
+        .await;
+    root.set_tenant("acme", Some("shadow"), None)
+        .await
+        .expect("shadow");
+    alice
+        .api()
+        .set_budget(alice.req(pb::SetBudgetRequest {
+            tenant: "acme".into(),
+            agent: "payments-bot".into(),
+            max_calls: 1,
+            max_cost: 0.0,
+            window_secs: 3600,
+            reason: "test".into(),
+        }))
+        .await
+        .expect("set");
+    assert_eq!(
+        code(&s.check(payment(&token, 10)).await.expect("decided")),
+        0
+    );
+    let over = s.check(payment(&token, 10)).await.expect("decided");
+    assert_eq!(code(&over), 0, "over budget in shadow mode: {over:?}");
+
+    root.api()
+        .restrict_agent(root.req(agent_req("acme", "payments-bot", "downgrade")))
+        .await
+        .expect("restricted");
+    let r = s.check(payment(&token, 10)).await.expect("decided");
+    assert_eq!(reason(&r), Some("agent_restricted"));
+    s.stop().await;
+    let decisions: Vec<(String, String)> = s
+        .rows()
+        .into_iter()
+        .filter(|r| r.4 == "create")
+        .map(|r| (r.0, r.1))
+        .collect();
+    let expect = |d: &str, r: &str| (d.to_owned(), r.to_owned());
+    assert_eq!(
+        decisions,
+        vec![
+            expect("allow", "scope_granted"),
+            expect("would_deny", "budget_exhausted"),
+            expect("approval_needed", "agent_restricted"),
+        ]
+    );
+}
+
 /// All-in-one: the epoch is raised only by an admin of every tenant, with a reason; each
 /// confirmation moves the epoch and the version up, and the in-process data plane follows.
 #[tokio::test]

@@ -12,7 +12,8 @@
 //! - would_deny (shadow mode) → `OK`, like an allow, with `decision: would_deny` in the
 //!   dynamic metadata.
 //!
-//! Aegis's own failures never come here: they are gRPC errors (see `check`).
+//! Aegis's own failures are answered here as gRPC errors (see [`super::error`]), never as
+//! a CheckResponse.
 
 use envoy_types::ext_authz::v3::pb::{CheckResponse, HeaderAppendAction, HttpStatus};
 use envoy_types::ext_authz::v3::{
@@ -21,6 +22,8 @@ use envoy_types::ext_authz::v3::{
 use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
 
+use super::Outcome;
+use super::enforce::Enforced;
 use super::protojson::json_to_struct;
 use crate::policy::{Decision, Verdict};
 
@@ -34,6 +37,26 @@ pub struct Meta<'a> {
     /// Headers to remove before the request goes on (the override token, the agent's claim
     /// headers), besides the token header.
     pub strip_headers: &'a [&'static str],
+}
+
+/// The answer to an enforced Check: its CheckResponse, or the gRPC error of a Check that
+/// failed. Takes an [`Enforced`] outcome, so that nothing unenforced can be answered.
+pub(super) fn respond(
+    enforced: Enforced,
+    meta: &Meta<'_>,
+    token_header: &str,
+) -> Result<CheckResponse, Status> {
+    match enforced.into_outcome() {
+        Outcome::Decided { decision, .. } if decision.verdict.allows() => {
+            Ok(allowed(&decision, meta, token_header))
+        }
+        Outcome::Decided {
+            decision,
+            code,
+            default_status,
+        } => Ok(denied(&decision, meta, code, default_status)),
+        Outcome::Failed { status, .. } => Err(status),
+    }
 }
 
 /// An allow (or sanitize): the request goes on, mutated as the policy asks.
