@@ -48,10 +48,10 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::store::AuditLog;
 use crate::dataplane::budget::Meter;
-use crate::seam::ControlPlane;
 use crate::dataplane::state::State;
 use crate::identity::{Claims, Identifier};
 use crate::policy::{Decision, Policy};
+use crate::seam::ControlPlane;
 use crate::telemetry::Telemetry;
 use input::{Decoded, Limits};
 use record::DecisionRecord;

@@ -277,6 +277,10 @@ struct ExportArgs {
     /// control.db in the data directory, if any; in a fleet, the control plane's].
     #[arg(long)]
     control_db: Option<PathBuf>,
+    /// The control store as a URL instead of --control-db: postgres://... (the store
+    /// control-plane replicas share) or sqlite:PATH.
+    #[arg(long, env = "AEGIS_CONTROL_DATABASE_URL")]
+    control_database_url: Option<String>,
     /// The bundle file to write.
     #[arg(short = 'o', long)]
     output: PathBuf,
@@ -769,6 +773,7 @@ fn audit_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         redact: args.redact,
         extra_keys,
         control_db: args.control_db,
+        control_database_url: args.control_database_url,
         audit_key: args.audit_key,
     };
     let bundle = export(&args.data_dir, &opts)?;

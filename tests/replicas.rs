@@ -209,7 +209,10 @@ async fn an_unknown_control_store_is_refused_naming_the_setting() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_string_lossy().into_owned();
     for (url, says) in [
-        ("mysql://aegis:hunter2@db/aegis", "sqlite:PATH or postgres://"),
+        (
+            "mysql://aegis:hunter2@db/aegis",
+            "sqlite:PATH or postgres://",
+        ),
         ("sqlite:", "needs a file path"),
         ("control.db", "expected sqlite:PATH or postgres://"),
     ] {
@@ -228,6 +231,9 @@ async fn an_unknown_control_store_is_refused_naming_the_setting() {
             err.contains("control.database_url") && err.contains(says),
             "{url}: {err}"
         );
-        assert!(!err.contains("hunter2"), "the password is never shown: {err}");
+        assert!(
+            !err.contains("hunter2"),
+            "the password is never shown: {err}"
+        );
     }
 }

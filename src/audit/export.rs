@@ -27,6 +27,11 @@ use super::bundle::{
 };
 use super::verify::{Row, read_rows_between};
 use super::{FIELD_NAMES, FieldValue, Hash};
+use std::sync::Arc;
+
+use crate::config::CONTROL_DB_FILE;
+use crate::control::store::{ControlStore, Txn};
+use crate::control::{ControlError, pb};
 use crate::time::rfc3339_nanos as format_time;
 use crate::types::Severity;
 
@@ -51,6 +56,9 @@ pub struct ExportOptions {
     /// The control database [default: `control.db` in the data directory, if there is
     /// one]. In a fleet, incidents and approvals live in the control plane's.
     pub control_db: Option<PathBuf>,
+    /// The control store as a URL (`postgres://...` or `sqlite:PATH`), instead of
+    /// `control_db`: the one the control-plane replicas share.
+    pub control_database_url: Option<String>,
     /// The audit key the bundle is signed with [default: `audit.key` in the data
     /// directory; `signing.key` only for a log that never had format 2 checkpoints].
     pub audit_key: Option<PathBuf>,
@@ -81,17 +89,11 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         path: audit_path.clone(),
         message: e.to_string(),
     };
-    let control_path = opts
-        .control_db
-        .clone()
-        .unwrap_or_else(|| data_dir.join(crate::control::store::CONTROL_DB_FILE));
-    // A control database named explicitly must be there; the default one is optional.
-    let control = if opts.control_db.is_some() || control_path.exists() {
-        Some(open_read_only(&control_path)?)
-    } else {
-        None
-    };
-    let control_read = |e: rusqlite::Error| ExportError::Read {
+    let control = ControlSide::open(data_dir, opts)?;
+    let control_path = control
+        .as_ref()
+        .map_or_else(|| PathBuf::from(CONTROL_DB_FILE), |c| c.shown.clone());
+    let control_read = |e: ControlError| ExportError::Read {
         path: control_path.clone(),
         message: e.to_string(),
     };
@@ -102,14 +104,16 @@ pub fn export(data_dir: &Path, opts: &ExportOptions) -> Result<Bundle, ExportErr
         (Some(id), None) => {
             return Err(ExportError::Invalid(format!(
                 "--incident {id}: there is no {}; in a fleet, pass the control plane's \
-                 with --control-db",
-                control_path.display()
+                 with --control-db or --control-database-url",
+                data_dir.join(CONTROL_DB_FILE).display()
             )));
         }
         (Some(id), Some(c)) => {
-            let rows = query_side(c, Table::Incidents, "id = ?1", std::slice::from_ref(id))
-                .map_err(control_read)?;
-            let found = rows.into_iter().find(|r| tenant_matches(r, &opts.tenant));
+            let rows = c.incidents().map_err(control_read)?;
+            let found = rows
+                .into_iter()
+                .filter(|r| r.fields.get("id").and_then(Value::as_str) == Some(id.as_str()))
+                .find(|r| tenant_matches(r, &opts.tenant));
             Some(found.ok_or_else(|| {
                 ExportError::Invalid(format!(
                     "--incident {id}: no such incident for tenant {}",
@@ -592,12 +596,15 @@ fn keys_for(
 }
 
 /// Incidents, approvals and policy revisions for the filters.
+/// Incidents, approvals and policy revisions, in that order.
+type SideRecords = (Vec<SideRecord>, Vec<SideRecord>, Vec<SideRecord>);
+
 fn side_records(
-    c: &Connection,
+    c: &ControlSide,
     opts: &ExportOptions,
     incident: Option<SideRecord>,
     selected: &[&Row],
-) -> rusqlite::Result<(Vec<SideRecord>, Vec<SideRecord>, Vec<SideRecord>)> {
+) -> Result<SideRecords, ControlError> {
     let tenant = |rec: &SideRecord| tenant_matches(rec, &opts.tenant);
     let text_is = |rec: &SideRecord, col: &str, want: &Option<String>| {
         want.as_ref()
@@ -615,7 +622,8 @@ fn side_records(
         .and_then(|s| s.parse::<Severity>().ok());
     let incidents: Vec<SideRecord> = match incident {
         Some(i) => vec![i],
-        None => query_side(c, Table::Incidents, "1 = 1", &[])?
+        None => c
+            .incidents()?
             .into_iter()
             .filter(|r| tenant(r) && text_is(r, "agent", &opts.agent))
             .filter(|r| in_range(int(r, "decided_at_ns")))
@@ -641,7 +649,8 @@ fn side_records(
         .iter()
         .map(|r| r.record.approval_id.as_str())
         .collect();
-    let approvals = query_side(c, Table::Approvals, "1 = 1", &[])?
+    let approvals = c
+        .approvals()?
         .into_iter()
         .filter(|r| tenant(r) && text_is(r, "agent", &opts.agent))
         .filter(|r| {
@@ -658,119 +667,180 @@ fn side_records(
             }
         })
         .collect();
-    let revisions = query_side(c, Table::PolicyRevisions, "1 = 1", &[])?
+    let revisions = c
+        .revisions()?
         .into_iter()
         .filter(|r| in_range(secs_to_ns(int(r, "at"))))
         .collect();
     Ok((incidents, approvals, revisions))
 }
 
-/// The columns a bundle carries from each table (existing columns only).
-fn columns(table: Table) -> (&'static str, &'static str, &'static [&'static str]) {
-    match table {
-        Table::Incidents => (
-            "incidents",
-            "created_at_ns, id",
-            &[
-                "id",
-                "tenant",
-                "agent",
-                "session",
-                "run_id",
-                "kind",
-                "severity",
-                "summary",
-                "evidence",
-                "trigger_decision",
-                "decided_at_ns",
-                "status",
-                "created_at_ns",
-                "updated_at",
-                "acknowledged_by",
-                "closed_by",
-                "close_reason",
-                "actions",
-                "autonomy_level",
-                "reported_by",
-                "policy_revision",
-            ],
-        ),
-        Table::Approvals => (
-            "approvals",
-            "created_at, id",
-            &[
-                "id",
-                "tenant",
-                "agent",
-                "session",
-                "run_id",
-                "tool",
-                "action",
-                "resource",
-                "arguments",
-                "call_hash",
-                "policy_reason",
-                "decision_id",
-                "status",
-                "created_at",
-                "expires_at",
-                "decided_by",
-                "decided_at",
-                "decision_reason",
-                "override_expires_at",
-                "used_at",
-                "used_by_decision",
-            ],
-        ),
-        Table::PolicyRevisions => (
-            "policy_history",
-            "id",
-            &[
-                "id", "revision", "digest", "action", "actor", "reason", "at",
-            ],
-        ),
+/// The control store an export reads its side records from, through the store's trait
+/// (the embedded SQLite file, read-only, or the PostgreSQL the replicas share).
+struct ControlSide {
+    store: Arc<dyn ControlStore>,
+    /// The file or the URL (its password hidden), for messages.
+    shown: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ControlSide {
+    /// The store `opts` names; `None` when none was named and the data directory has
+    /// no `control.db` (a sidecar's).
+    fn open(data_dir: &Path, opts: &ExportOptions) -> Result<Option<Self>, ExportError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ExportError::Invalid(format!("cannot start a runtime: {e}")))?;
+        let (store, shown): (Arc<dyn ControlStore>, PathBuf) = match &opts.control_database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let shown = PathBuf::from(crate::config::redact_url(url));
+                let store = runtime
+                    .block_on(crate::control::postgres::PostgresStore::open(url))
+                    .map_err(|e| ExportError::Read {
+                        path: shown.clone(),
+                        message: e.to_string(),
+                    })?;
+                (Arc::new(store), shown)
+            }
+            Some(url) => {
+                let path = url
+                    .strip_prefix("sqlite:")
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| {
+                        ExportError::Invalid(format!(
+                            "--control-database-url {}: expected sqlite:PATH or postgres://...",
+                            crate::config::redact_url(url)
+                        ))
+                    })?;
+                let path = PathBuf::from(path);
+                (Arc::new(read_only_sqlite(&path)?), path)
+            }
+            None => {
+                let path = opts
+                    .control_db
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join(CONTROL_DB_FILE));
+                // A control database named explicitly must be there; the default one
+                // is optional.
+                if opts.control_db.is_none() && !path.exists() {
+                    return Ok(None);
+                }
+                (Arc::new(read_only_sqlite(&path)?), path)
+            }
+        };
+        Ok(Some(Self {
+            store,
+            shown,
+            runtime,
+        }))
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        work: impl Fn(&mut dyn Txn) -> Result<T, ControlError> + Send + Sync + 'static,
+    ) -> Result<T, ControlError> {
+        self.runtime.block_on(self.store.run(work))
+    }
+
+    /// Every incident, oldest first.
+    fn incidents(&self) -> Result<Vec<SideRecord>, ControlError> {
+        let all = self.read(|tx| tx.incidents(None, None, None))?;
+        Ok(all.iter().map(incident_record).collect())
+    }
+
+    /// Every approval as stored, oldest first.
+    fn approvals(&self) -> Result<Vec<SideRecord>, ControlError> {
+        let all = self.read(|tx| tx.approvals(None, None))?;
+        Ok(all.iter().map(approval_record).collect())
+    }
+
+    /// Every policy activation, oldest first.
+    fn revisions(&self) -> Result<Vec<SideRecord>, ControlError> {
+        let mut all = self.read(|tx| tx.revisions(u32::MAX))?;
+        all.reverse();
+        Ok(all.iter().map(revision_record).collect())
     }
 }
 
-/// Rows of `table` matching `filter` (SQL with `?1`...), as JSON columns. The incidents'
-/// `evidence` and `actions` (JSON lists in text) become lists.
-fn query_side(
-    c: &Connection,
-    table: Table,
-    filter: &str,
-    args: &[String],
-) -> rusqlite::Result<Vec<SideRecord>> {
-    let (sql_table, order, cols) = columns(table);
-    let sql = format!(
-        "SELECT {} FROM {sql_table} WHERE {filter} ORDER BY {order}",
-        cols.join(", ")
-    );
-    let mut stmt = c.prepare(&sql)?;
-    let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
-        let mut fields = BTreeMap::new();
-        for (i, col) in cols.iter().enumerate() {
-            use rusqlite::types::ValueRef;
-            let v = match r.get_ref(i)? {
-                ValueRef::Null => Value::Null,
-                ValueRef::Integer(n) => n.into(),
-                ValueRef::Real(f) => f.into(),
-                ValueRef::Text(t) => {
-                    let s = String::from_utf8_lossy(t).into_owned();
-                    match (*col, serde_json::from_str::<Value>(&s)) {
-                        ("evidence" | "actions", Ok(list @ Value::Array(_))) => list,
-                        _ => Value::String(s),
-                    }
-                }
-                ValueRef::Blob(b) => Value::String(crate::hex(b)),
-            };
-            fields.insert((*col).to_owned(), v);
-        }
-        Ok(SideRecord {
-            fields,
-            redacted: Vec::new(),
-        })
-    })?;
-    rows.collect()
+fn read_only_sqlite(path: &Path) -> Result<crate::control::sqlite::SqliteStore, ExportError> {
+    crate::control::sqlite::SqliteStore::open_read_only(path).map_err(|e| ExportError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A record's fields as a bundle carries them (the columns of [`Table::columns_for`]'s
+/// tables, under their stored names).
+fn side(fields: Vec<(&str, Value)>) -> SideRecord {
+    SideRecord {
+        fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        redacted: Vec::new(),
+    }
+}
+
+fn incident_record(i: &pb::Incident) -> SideRecord {
+    side(vec![
+        ("id", i.id.clone().into()),
+        ("tenant", i.tenant.clone().into()),
+        ("agent", i.agent.clone().into()),
+        ("session", i.session.clone().into()),
+        ("run_id", i.run_id.clone().into()),
+        ("kind", i.kind.clone().into()),
+        ("severity", i.severity.clone().into()),
+        ("summary", i.summary.clone().into()),
+        ("evidence", i.evidence.clone().into()),
+        ("trigger_decision", i.trigger_decision.clone().into()),
+        ("decided_at_ns", i.decided_at_ns.into()),
+        ("status", i.status.clone().into()),
+        ("created_at_ns", i.created_at_ns.into()),
+        ("updated_at", i.updated_at.into()),
+        ("acknowledged_by", i.acknowledged_by.clone().into()),
+        ("closed_by", i.closed_by.clone().into()),
+        ("close_reason", i.close_reason.clone().into()),
+        ("actions", i.actions.clone().into()),
+        ("autonomy_level", i.autonomy_level.into()),
+        ("reported_by", i.reported_by.clone().into()),
+        ("policy_revision", i.policy_revision.clone().into()),
+    ])
+}
+
+fn approval_record(a: &pb::Approval) -> SideRecord {
+    side(vec![
+        ("id", a.id.clone().into()),
+        ("tenant", a.tenant.clone().into()),
+        ("agent", a.agent.clone().into()),
+        ("session", a.session.clone().into()),
+        ("run_id", a.run_id.clone().into()),
+        ("tool", a.tool.clone().into()),
+        ("action", a.action.clone().into()),
+        ("resource", a.resource.clone().into()),
+        ("arguments", a.arguments.clone().into()),
+        ("call_hash", a.call_hash.clone().into()),
+        ("policy_reason", a.policy_reason.clone().into()),
+        ("decision_id", a.decision_id.clone().into()),
+        ("status", a.status.clone().into()),
+        ("created_at", a.created_at.into()),
+        ("expires_at", a.expires_at.into()),
+        ("decided_by", a.decided_by.clone().into()),
+        ("decided_at", a.decided_at.into()),
+        ("decision_reason", a.decision_reason.clone().into()),
+        ("override_expires_at", a.override_expires_at.into()),
+        ("used_at", a.used_at.into()),
+        ("used_by_decision", a.used_by_decision.clone().into()),
+    ])
+}
+
+fn revision_record(r: &pb::PolicyRevision) -> SideRecord {
+    side(vec![
+        ("id", r.id.into()),
+        ("revision", r.revision.clone().into()),
+        ("digest", r.digest.clone().into()),
+        ("action", r.action.clone().into()),
+        ("actor", r.actor.clone().into()),
+        ("reason", r.reason.clone().into()),
+        ("at", r.activated_at.into()),
+    ])
 }
 
 fn collect_strings(v: &Value, out: &mut BTreeSet<String>) {

@@ -94,6 +94,9 @@ pub struct SqliteStore {
     watching: std::sync::Once,
     /// How many changes the feed keeps ([`FEED_KEPT`]; fewer in tests).
     feed_kept: u64,
+    /// Opened read-only (an export from a copy or a live file): units of work take no
+    /// write lock, and a write fails.
+    read_only: bool,
 }
 
 /// How often a subscribed SQLite store looks for changes committed by another process
@@ -137,6 +140,33 @@ impl SqliteStore {
             committed: Arc::new(tokio::sync::watch::Sender::new(version)),
             watching: std::sync::Once::new(),
             feed_kept: FEED_KEPT,
+            read_only: false,
+        })
+    }
+
+    /// Opens an existing control database read-only (nothing created, no schema run, no
+    /// write lock taken); the error names the file.
+    pub fn open_read_only(path: &Path) -> Result<Self, ControlError> {
+        let named =
+            |e: &dyn std::fmt::Display| ControlError::Store(format!("{}: {e}", path.display()));
+        if !path.exists() {
+            return Err(named(&"no such file"));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )
+        .map_err(|e| named(&e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| named(&e))?;
+        let version = meta(&conn, "version").map_err(|e| named(&e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+            committed: Arc::new(tokio::sync::watch::Sender::new(version)),
+            watching: std::sync::Once::new(),
+            feed_kept: FEED_KEPT,
+            read_only: true,
         })
     }
 
@@ -196,6 +226,7 @@ impl SqliteStore {
             conn: self.conn.clone(),
             committed: self.committed.clone(),
             feed_kept: self.feed_kept,
+            read_only: self.read_only,
         }
     }
 }
@@ -205,14 +236,18 @@ struct Handle {
     conn: Arc<Mutex<Connection>>,
     committed: Arc<tokio::sync::watch::Sender<u64>>,
     feed_kept: u64,
+    read_only: bool,
 }
 
 impl Handle {
     fn transact_here(&self, work: &Work<'_>) -> Result<(), ControlError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let behavior = if self.read_only {
+            rusqlite::TransactionBehavior::Deferred
+        } else {
+            rusqlite::TransactionBehavior::Immediate
+        };
+        let tx = conn.transaction_with_behavior(behavior).map_err(db_err)?;
         let mut t = SqliteTxn {
             tx: &tx,
             feed_kept: self.feed_kept,
