@@ -1,0 +1,471 @@
+//! Incidents: reported by the correlation engine, stored with their notifications,
+//! contained according to the tenant's autonomy level, acknowledged and closed.
+
+use super::*;
+
+/// The kinds of incident the correlation engine raises.
+pub const INCIDENT_KINDS: &[&str] = &[
+    "deny_storm",
+    "data_exfil_pattern",
+    "approval_flood",
+    "runaway",
+    "budget_exhausted",
+    "trust_escalation",
+    "untrusted_mutation",
+];
+
+/// What the response engine does for an incident of `severity` at autonomy `level`:
+/// L1 notify only; L2 also require approval for the agent's state-mutating calls
+/// (restrict it); L3 freeze the agent instead on high and critical incidents; L4 also
+/// revoke its tokens and kill its session.
+pub fn plan(level: u32, severity: &str) -> Vec<&'static str> {
+    let serious = matches!(severity, "high" | "critical");
+    let mut actions = vec!["notify"];
+    if level >= 3 && serious {
+        actions.push("freeze_agent");
+    } else if level >= 2 {
+        actions.push("require_approval");
+    }
+    if level >= 4 && serious {
+        actions.push("kill_agent_tokens");
+        actions.push("kill_session");
+    }
+    actions
+}
+
+/// Most decisions behind one incident.
+pub const MAX_EVIDENCE: usize = 1024;
+
+/// An incident's evidence must name decisions the reporting data plane recorded: each
+/// evidence id once, with its decision (same order) carrying the sequence number and the
+/// hash of the audit row the data plane signed for it, and the trigger among them. The
+/// control plane cannot read that log; it stores the hashes (with the reporter) so the
+/// evidence can be checked later against the data plane's exported log
+/// (`aegis audit check-evidence`). Refused before anything is stored or contained.
+fn check_evidence(req: &pb::ReportIncidentRequest) -> Result<(), ControlError> {
+    let bad = |m: String| Err(ControlError::invalid(format!("incident evidence: {m}")));
+    if req.evidence.is_empty() {
+        return bad("names no decision".into());
+    }
+    if req.evidence.len() > MAX_EVIDENCE {
+        return bad(format!("over {MAX_EVIDENCE} decisions"));
+    }
+    if req.decisions.len() != req.evidence.len() {
+        return bad(format!(
+            "{} decision id(s) but {} decision(s) with their audit rows: each evidence id \
+             needs its decision, row hash and sequence number",
+            req.evidence.len(),
+            req.decisions.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (id, d) in req.evidence.iter().zip(&req.decisions) {
+        valid_id("evidence decision id", id)?;
+        if d.decision_id != *id {
+            return bad(format!(
+                "decision {} is listed where evidence names {}",
+                crate::control::shown(&d.decision_id),
+                crate::control::shown(id)
+            ));
+        }
+        if !seen.insert(id.as_str()) {
+            return bad(format!("decision {id} is named twice"));
+        }
+        let hex = d.row_hash.len() == 64
+            && d.row_hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex {
+            return bad(format!(
+                "decision {id} has no row hash (64 lower-case hex digits of the audit row \
+                 the data plane signed for it)"
+            ));
+        }
+        if d.audit_seq == 0 {
+            return bad(format!("decision {id} has no audit row sequence number"));
+        }
+    }
+    if !seen.contains(req.trigger_decision.as_str()) {
+        return bad(format!(
+            "the trigger decision {} is not among the evidence",
+            crate::control::shown(&req.trigger_decision)
+        ));
+    }
+    Ok(())
+}
+
+impl ControlCore {
+    /// The identity the response engine acts under.
+    fn response_engine() -> Operator {
+        Operator {
+            name: "response-engine".into(),
+            role: Role::Admin,
+            tenant: crate::control::auth::ALL_TENANTS.into(),
+            expires_at: i64::MAX,
+        }
+    }
+
+    /// A data plane's finding: stored, audited, and contained as the tenant's autonomy
+    /// level says; every automatic action is audited with the incident id and listed in
+    /// the incident.
+    pub async fn report_incident(
+        &self,
+        op: &Operator,
+        req: pb::ReportIncidentRequest,
+    ) -> Result<pb::Incident, ControlError> {
+        valid_id("tenant", &req.tenant)?;
+        // Only for the tenants the sidecar serves: what the response engine does next
+        // (restrict, freeze, kill tokens) stays inside them.
+        op.require(Need::Fleet, &req.tenant)?;
+        valid_id("agent id", &req.agent)?;
+        check_evidence(&req)?;
+        if !INCIDENT_KINDS.contains(&req.kind.as_str()) {
+            return Err(ControlError::invalid(format!(
+                "unknown incident kind {:?}",
+                req.kind
+            )));
+        }
+        if !["low", "medium", "high", "critical"].contains(&req.severity.as_str()) {
+            return Err(ControlError::invalid(format!(
+                "unknown severity {:?}",
+                req.severity
+            )));
+        }
+        if req.decided_at_ns <= 0 {
+            return Err(ControlError::invalid(
+                "an incident needs the time of its decision",
+            ));
+        }
+        let level = self
+            .get_tenant(
+                &Self::response_engine(),
+                pb::TenantRef {
+                    tenant: req.tenant.clone(),
+                },
+            )
+            .await?
+            .autonomy_level;
+        let now_ns = crate::unix_nanos();
+        let incident = pb::Incident {
+            id: random_id("INC-"),
+            tenant: req.tenant,
+            agent: req.agent,
+            session: req.session,
+            run_id: req.run_id,
+            kind: req.kind,
+            severity: req.severity,
+            summary: req.summary,
+            evidence: req.evidence,
+            trigger_decision: req.trigger_decision,
+            decided_at_ns: req.decided_at_ns,
+            status: "open".into(),
+            created_at_ns: now_ns,
+            updated_at: now_ns / 1_000_000_000,
+            autonomy_level: level,
+            reported_by: op.actor(),
+            policy_revision: req.policy_revision,
+            decisions: req.decisions,
+            ..Default::default()
+        };
+        let notes = crate::control::notify::notifications(&incident, &self.settings.webhooks);
+        let queued = notes.len();
+        let i = incident.clone();
+        self.run(move |tx| rules::insert_incident(tx, &i, &notes))
+            .await?;
+        if let Some(n) = INCIDENT_KINDS
+            .iter()
+            .position(|k| *k == incident.kind)
+            .and_then(|i| self.incidents_raised.get(i))
+        {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let actor = op.actor();
+        let mut act = Act::new(&actor, "incident.raise", &incident.tenant);
+        act.agent = &incident.agent;
+        act.session = &incident.session;
+        act.target = format!(
+            "incident:{} {} {}",
+            incident.id, incident.kind, incident.severity
+        );
+        act.reason = &incident.summary;
+        act.revision = &incident.policy_revision;
+        self.record(act, None).await?;
+        let done = self.contain(&incident, queued).await;
+        let (t, id, d) = (incident.tenant.clone(), incident.id.clone(), done.clone());
+        self.run(move |tx| rules::add_incident_actions(tx, &t, &id, &d))
+            .await?;
+        crate::log!(
+            warn,
+            "incident {} {} ({}) for {}/{} at L{level}: {}; actions: {}",
+            incident.id,
+            incident.kind,
+            incident.severity,
+            incident.tenant,
+            incident.agent,
+            incident.summary,
+            done.join(", ")
+        );
+        let incident = pb::Incident {
+            actions: done,
+            ..incident
+        };
+        if queued > 0 {
+            // The notifications were stored with the incident (durable from the start);
+            // now that the response engine has acted, they say what it did.
+            let notes = crate::control::notify::notifications(&incident, &self.settings.webhooks);
+            let id = incident.id.clone();
+            if let Err(e) = self
+                .run(move |tx| rules::refresh_notifications(tx, &id, &notes))
+                .await
+            {
+                crate::log!(
+                    warn,
+                    "incident {}: notifications keep their first payload: {e}",
+                    incident.id
+                );
+            }
+            if let Some(n) = self.notifier.get() {
+                n.wake.notify_one();
+            }
+        }
+        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
+            event: "raised".into(),
+            incident: Some(incident.clone()),
+        }));
+        Ok(incident)
+    }
+
+    /// Carries out the plan for `incident`; returns what was done, one line per action.
+    async fn contain(&self, incident: &pb::Incident, webhooks: usize) -> Vec<String> {
+        let engine = Self::response_engine();
+        let reason = format!("incident {} ({})", incident.id, incident.kind);
+        let mut done = Vec::new();
+        for action in plan(incident.autonomy_level, &incident.severity) {
+            let outcome = match action {
+                "notify" if webhooks == 0 => Ok("logged (no webhook for this tenant)".to_owned()),
+                "notify" => Ok(format!("logged, {webhooks} webhook(s) queued")),
+                "freeze_agent" => {
+                    self.contain_agent(&engine, incident, &reason, crate::control::FROZEN)
+                        .await
+                }
+                "require_approval" => {
+                    self.contain_agent(&engine, incident, &reason, crate::control::RESTRICTED)
+                        .await
+                }
+                "kill_agent_tokens" => self
+                    .kill(
+                        &engine,
+                        pb::KillRequest {
+                            scope: pb::KillScope::Agent as i32,
+                            tenant: incident.tenant.clone(),
+                            target: incident.agent.clone(),
+                            reason: reason.clone(),
+                            confirm_all: false,
+                        },
+                    )
+                    .await
+                    .map(|k| format!("{} tokens", k.tokens)),
+                "kill_session" if incident.session.is_empty() => Ok("no session".into()),
+                _ => self
+                    .kill(
+                        &engine,
+                        pb::KillRequest {
+                            scope: pb::KillScope::Session as i32,
+                            tenant: incident.tenant.clone(),
+                            target: incident.session.clone(),
+                            reason: reason.clone(),
+                            confirm_all: false,
+                        },
+                    )
+                    .await
+                    .map(|k| format!("session {}: {} tokens", incident.session, k.tokens)),
+            };
+            done.push(match outcome {
+                Ok(detail) => format!("{action}: {detail}"),
+                Err(e) => format!("{action}: failed: {e}"),
+            });
+        }
+        done
+    }
+
+    /// Freezes or restricts the incident's agent, registering it first if the control plane
+    /// did not know it (a token minted offline). A restriction never loosens a freeze.
+    async fn contain_agent(
+        &self,
+        engine: &Operator,
+        incident: &pb::Incident,
+        reason: &str,
+        status: &'static str,
+    ) -> Result<String, ControlError> {
+        let done = if status == crate::control::FROZEN {
+            "frozen"
+        } else {
+            "restricted"
+        };
+        let req = pb::AgentActionRequest {
+            tenant: incident.tenant.clone(),
+            id: incident.agent.clone(),
+            reason: reason.to_owned(),
+        };
+        match self.set_agent_status(engine, req.clone(), status).await {
+            Ok(_) => Ok(done.into()),
+            Err(ControlError::Precondition(m)) => Ok(format!("unchanged ({m})")),
+            Err(ControlError::NotFound(_)) => {
+                self.register_agent(
+                    engine,
+                    pb::RegisterAgentRequest {
+                        tenant: incident.tenant.clone(),
+                        id: incident.agent.clone(),
+                        risk_tier: "high".into(),
+                    },
+                )
+                .await?;
+                self.set_agent_status(engine, req, status).await?;
+                Ok(format!("registered and {done}"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_incidents(
+        &self,
+        op: &Operator,
+        req: pb::ListIncidentsRequest,
+    ) -> Result<Vec<pb::Incident>, ControlError> {
+        let scope = op.list_scope(&req.tenant)?;
+        op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
+        let status = (!req.status.is_empty()).then_some(req.status);
+        let agent = (!req.agent.is_empty()).then_some(req.agent);
+        self.run(move |tx| tx.incidents(scope.as_deref(), status.as_deref(), agent.as_deref()))
+            .await
+    }
+
+    pub async fn get_incident(
+        &self,
+        op: &Operator,
+        req: pb::IncidentRef,
+    ) -> Result<pb::Incident, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Read, &tenant)?;
+        let (t, i) = (tenant.clone(), req.id.clone());
+        let (incident, notes) = self
+            .run(move |tx| {
+                let notes = tx.notifications(&i)?;
+                Ok((tx.incident(&t, &i)?, notes))
+            })
+            .await?;
+        let mut incident = incident.ok_or_else(|| {
+            ControlError::not_found(format!("no incident {} in tenant {tenant}", req.id))
+        })?;
+        incident.notifications = notes
+            .iter()
+            .map(|n| {
+                let mut line = format!(
+                    "{} {} ({} attempts)",
+                    crate::control::notify::host_of(&n.url),
+                    n.state,
+                    n.attempts
+                );
+                if n.state != "delivered" && !n.last_error.is_empty() {
+                    line.push_str(&format!(": {}", n.last_error));
+                }
+                line
+            })
+            .collect();
+        Ok(incident)
+    }
+
+    /// Acknowledges (`acknowledged`) or closes (`closed`, with a reason) an incident.
+    pub async fn set_incident_status(
+        &self,
+        op: &Operator,
+        req: pb::IncidentActionRequest,
+        status: &'static str,
+    ) -> Result<pb::Incident, ControlError> {
+        let tenant = op.tenant_for(&req.tenant)?;
+        op.require(Need::Operate, &tenant)?;
+        let action = if status == "closed" {
+            "incident.close"
+        } else {
+            "incident.acknowledge"
+        };
+        if status == "closed" {
+            required_reason(&req.reason, action)?;
+        }
+        let current = self
+            .get_incident(
+                op,
+                pb::IncidentRef {
+                    tenant: tenant.clone(),
+                    id: req.id.clone(),
+                },
+            )
+            .await?;
+        let actor = op.actor();
+        let (t, i, who, why) = (
+            tenant.clone(),
+            req.id.clone(),
+            actor.clone(),
+            req.reason.clone(),
+        );
+        let now = now_secs();
+        let updated = self
+            .run(move |tx| rules::set_incident_status(tx, &t, &i, status, &who, &why, now))
+            .await?
+            .ok_or_else(|| {
+                ControlError::precondition(format!("incident {} is {}", req.id, current.status))
+            })?;
+        let mut act = Act::new(&actor, action, &tenant);
+        act.agent = &updated.agent;
+        act.target = format!("incident:{}", updated.id);
+        act.reason = &req.reason;
+        self.record(act, None).await?;
+        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
+            event: status.into(),
+            incident: Some(updated.clone()),
+        }));
+        Ok(updated)
+    }
+
+    /// The dry run: what the response engine would do at `level` (0: the tenant's).
+    pub async fn plan_response(
+        &self,
+        op: &Operator,
+        req: pb::PlanResponseRequest,
+    ) -> Result<pb::ResponsePlan, ControlError> {
+        let incident = self
+            .get_incident(
+                op,
+                pb::IncidentRef {
+                    tenant: req.tenant.clone(),
+                    id: req.id.clone(),
+                },
+            )
+            .await?;
+        let level = match req.autonomy_level {
+            0 => {
+                self.get_tenant(
+                    op,
+                    pb::TenantRef {
+                        tenant: incident.tenant.clone(),
+                    },
+                )
+                .await?
+                .autonomy_level
+            }
+            l @ 1..=4 => l,
+            l => {
+                return Err(ControlError::invalid(format!(
+                    "autonomy level {l} is not 1-4"
+                )));
+            }
+        };
+        Ok(pb::ResponsePlan {
+            autonomy_level: level,
+            actions: plan(level, &incident.severity)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
