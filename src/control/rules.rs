@@ -10,6 +10,7 @@
 use super::ControlError;
 use super::pb::{self, KillScope, state_item::Item};
 use super::store::{Change, EXPIRED_SLACK_SECS, Outbox, Txn, next_epoch};
+use crate::types::AgentStatus;
 
 fn item(i: Item) -> pb::StateItem {
     pb::StateItem { item: Some(i) }
@@ -132,7 +133,7 @@ pub fn set_agent_status(
     tx: &mut dyn Txn,
     tenant: &str,
     id: &str,
-    status: &str,
+    status: AgentStatus,
     reason: &str,
     actor: &str,
     now: i64,
@@ -140,8 +141,12 @@ pub fn set_agent_status(
     let mut agent = tx
         .agent(tenant, id, now)?
         .ok_or_else(|| ControlError::not_found(format!("no agent {id} in tenant {tenant}")))?;
-    let current = agent.status.as_str();
-    if current == super::REVOKED {
+    let current: AgentStatus = agent.status.parse().map_err(|e| {
+        ControlError::Store(format!(
+            "agent {tenant}/{id} has a stored status that is not one: {e}"
+        ))
+    })?;
+    if current == AgentStatus::Revoked {
         return Err(ControlError::precondition(format!(
             "agent {tenant}/{id} is revoked, which is final"
         )));
@@ -151,12 +156,12 @@ pub fn set_agent_status(
             "agent {tenant}/{id} is already {status}"
         )));
     }
-    if status == super::RESTRICTED && current == super::FROZEN {
+    if status == AgentStatus::Restricted && current == AgentStatus::Frozen {
         return Err(ControlError::precondition(format!(
             "agent {tenant}/{id} is frozen; a restriction would loosen that (unfreeze it first)"
         )));
     }
-    agent.status = status.to_owned();
+    agent.status = status.as_str().to_owned();
     agent.reason = reason.to_owned();
     agent.updated_at = now;
     agent.updated_by = actor.to_owned();

@@ -20,6 +20,7 @@ use super::core::ControlCore;
 use super::pb::{self, control_plane_server::ControlPlane};
 use super::refusals::Refuser;
 use super::validate::Validate;
+use crate::types::AgentStatus;
 
 /// The service: the core plus the credential check.
 #[derive(Debug, Clone)]
@@ -158,7 +159,11 @@ impl ControlPlane for ControlService {
             req,
             "agent.freeze",
             |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_agent_status(&op, b, super::FROZEN).await }
+            |op, b| {
+                self.core
+                    .set_agent_status(&op, b, AgentStatus::Frozen)
+                    .await
+            }
         )
     }
 
@@ -168,7 +173,11 @@ impl ControlPlane for ControlService {
             req,
             "agent.unfreeze",
             |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_agent_status(&op, b, super::ACTIVE).await }
+            |op, b| {
+                self.core
+                    .set_agent_status(&op, b, AgentStatus::Active)
+                    .await
+            }
         )
     }
 
@@ -178,7 +187,11 @@ impl ControlPlane for ControlService {
             req,
             "agent.restrict",
             |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_agent_status(&op, b, super::RESTRICTED).await }
+            |op, b| {
+                self.core
+                    .set_agent_status(&op, b, AgentStatus::Restricted)
+                    .await
+            }
         )
     }
 
@@ -188,7 +201,11 @@ impl ControlPlane for ControlService {
             req,
             "agent.revoke",
             |r: &Request<pb::AgentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_agent_status(&op, b, super::REVOKED).await }
+            |op, b| {
+                self.core
+                    .set_agent_status(&op, b, AgentStatus::Revoked)
+                    .await
+            }
         )
     }
 

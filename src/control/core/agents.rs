@@ -2,6 +2,7 @@
 //! revoke tokens, kill by session, agent, tenant or everything.
 
 use super::*;
+use crate::types::AgentStatus;
 
 impl ControlCore {
     // --- agents ---
@@ -85,15 +86,15 @@ impl ControlCore {
         &self,
         op: &Operator,
         req: pb::AgentActionRequest,
-        status: &'static str,
+        status: AgentStatus,
     ) -> Result<pb::Agent, ControlError> {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Operate, &tenant)?;
         let action = match status {
-            crate::control::FROZEN => "agent.freeze",
-            crate::control::REVOKED => "agent.revoke",
-            crate::control::RESTRICTED => "agent.restrict",
-            _ => "agent.unfreeze",
+            AgentStatus::Frozen => "agent.freeze",
+            AgentStatus::Revoked => "agent.revoke",
+            AgentStatus::Restricted => "agent.restrict",
+            AgentStatus::Active => "agent.unfreeze",
         };
         required_reason(&req.reason, action)?;
         let now = now_secs();
@@ -112,7 +113,7 @@ impl ControlCore {
         act.target = format!("agent:{tenant}/{}", agent.id);
         act.reason = &req.reason;
         self.record(act, None).await?;
-        if status == crate::control::REVOKED {
+        if status == AgentStatus::Revoked {
             // Revocation is final: its tokens are killed too, so lists show them dead (the
             // status alone already denies every call; the kill is audited as its own row).
             self.kill(

@@ -2,6 +2,7 @@
 //! contained according to the tenant's autonomy level, acknowledged and closed.
 
 use super::*;
+use crate::types::{Action, AgentStatus, Severity};
 
 /// The kinds of incident the correlation engine raises.
 pub const INCIDENT_KINDS: &[&str] = &[
@@ -18,17 +19,17 @@ pub const INCIDENT_KINDS: &[&str] = &[
 /// L1 notify only; L2 also require approval for the agent's state-mutating calls
 /// (restrict it); L3 freeze the agent instead on high and critical incidents; L4 also
 /// revoke its tokens and kill its session.
-pub fn plan(level: u32, severity: &str) -> Vec<&'static str> {
-    let serious = matches!(severity, "high" | "critical");
-    let mut actions = vec!["notify"];
+pub fn plan(level: u32, severity: &str) -> Vec<Action> {
+    let serious = severity.parse::<Severity>().is_ok_and(Severity::is_serious);
+    let mut actions = vec![Action::Notify];
     if level >= 3 && serious {
-        actions.push("freeze_agent");
+        actions.push(Action::FreezeAgent);
     } else if level >= 2 {
-        actions.push("require_approval");
+        actions.push(Action::RequireApproval);
     }
     if level >= 4 && serious {
-        actions.push("kill_agent_tokens");
-        actions.push("kill_session");
+        actions.push(Action::KillAgentTokens);
+        actions.push(Action::KillSession);
     }
     actions
 }
@@ -242,17 +243,19 @@ impl ControlCore {
         let mut done = Vec::new();
         for action in plan(incident.autonomy_level, &incident.severity) {
             let outcome = match action {
-                "notify" if webhooks == 0 => Ok("logged (no webhook for this tenant)".to_owned()),
-                "notify" => Ok(format!("logged, {webhooks} webhook(s) queued")),
-                "freeze_agent" => {
-                    self.contain_agent(&engine, incident, &reason, crate::control::FROZEN)
+                Action::Notify if webhooks == 0 => {
+                    Ok("logged (no webhook for this tenant)".to_owned())
+                }
+                Action::Notify => Ok(format!("logged, {webhooks} webhook(s) queued")),
+                Action::FreezeAgent => {
+                    self.contain_agent(&engine, incident, &reason, AgentStatus::Frozen)
                         .await
                 }
-                "require_approval" => {
-                    self.contain_agent(&engine, incident, &reason, crate::control::RESTRICTED)
+                Action::RequireApproval => {
+                    self.contain_agent(&engine, incident, &reason, AgentStatus::Restricted)
                         .await
                 }
-                "kill_agent_tokens" => self
+                Action::KillAgentTokens => self
                     .kill(
                         &engine,
                         pb::KillRequest {
@@ -265,8 +268,8 @@ impl ControlCore {
                     )
                     .await
                     .map(|k| format!("{} tokens", k.tokens)),
-                "kill_session" if incident.session.is_empty() => Ok("no session".into()),
-                _ => self
+                Action::KillSession if incident.session.is_empty() => Ok("no session".into()),
+                Action::KillSession => self
                     .kill(
                         &engine,
                         pb::KillRequest {
@@ -280,6 +283,7 @@ impl ControlCore {
                     .await
                     .map(|k| format!("session {}: {} tokens", incident.session, k.tokens)),
             };
+            let action = action.as_str();
             done.push(match outcome {
                 Ok(detail) => format!("{action}: {detail}"),
                 Err(e) => format!("{action}: failed: {e}"),
@@ -295,9 +299,9 @@ impl ControlCore {
         engine: &Operator,
         incident: &pb::Incident,
         reason: &str,
-        status: &'static str,
+        status: AgentStatus,
     ) -> Result<String, ControlError> {
-        let done = if status == crate::control::FROZEN {
+        let done = if status == AgentStatus::Frozen {
             "frozen"
         } else {
             "restricted"
@@ -464,7 +468,7 @@ impl ControlCore {
             autonomy_level: level,
             actions: plan(level, &incident.severity)
                 .into_iter()
-                .map(str::to_owned)
+                .map(|a| a.as_str().to_owned())
                 .collect(),
         })
     }
