@@ -36,8 +36,11 @@ pub struct AdminState {
     /// The control state a data plane enforces, its follower (fleet sidecar), and the
     /// control plane (all-in-one and control-plane modes).
     pub control_state: Option<Arc<crate::control::state::State>>,
+    /// The fleet sidecar's follower status (absent unless the server follows a control plane).
     pub follow: Option<Arc<crate::control::follow::FollowStatus>>,
+    /// The control plane (absent on a fleet sidecar).
     pub control_core: Option<Arc<crate::control::core::ControlCore>>,
+    /// The audit log, for its health and counters.
     pub audit: AuditLog,
     /// The live policy (absent on a control-plane-only server).
     pub policy: Option<Arc<crate::policy::Policy>>,

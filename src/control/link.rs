@@ -33,10 +33,13 @@ pub struct Remote {
 }
 
 impl ControlLink {
+    /// The control core in this process; calls are made as the data plane's own operator.
     pub fn local(core: Arc<ControlCore>) -> Self {
         ControlLink::Local(core, Arc::new(data_plane_operator()))
     }
 
+    /// A remote control plane over `channel`, with the sidecar's `credential`, each call bounded by
+    /// `timeout`.
     pub fn remote(
         channel: Channel,
         credential: &str,
@@ -52,6 +55,7 @@ impl ControlLink {
         })))
     }
 
+    /// Raises an approval for a call the policy held (`approval_needed`).
     pub async fn request_approval(
         &self,
         req: pb::RequestApprovalRequest,
@@ -66,6 +70,7 @@ impl ControlLink {
         }
     }
 
+    /// Reports a correlation finding as an incident.
     pub async fn report_incident(
         &self,
         req: pb::ReportIncidentRequest,
@@ -80,6 +85,7 @@ impl ControlLink {
         }
     }
 
+    /// Redeems an override token for the call it was minted for.
     pub async fn redeem_override(
         &self,
         req: pb::RedeemOverrideRequest,

@@ -47,6 +47,7 @@ pub struct Endpoint {
     pub authority: String,
     /// The Host header.
     pub host: String,
+    /// The request path with its query: the webhook's secret, so errors never quote it.
     pub path: String,
     /// https: TLS, the server's certificate checked against the Mozilla roots (and
     /// `notify.ca_file`) for `host`.
@@ -54,6 +55,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Parses `http[s]://host[:port]/path`; errors never quote the URL.
     pub fn parse(url: &str) -> Result<Self, String> {
         // Errors never quote the URL: a webhook's path is its secret (Slack's are).
         let (rest, tls) = if let Some(rest) = url.strip_prefix("https://") {
@@ -319,8 +321,11 @@ pub fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
 /// Counts of the delivery task, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Notifications the webhook accepted (2xx).
     pub delivered: std::sync::atomic::AtomicU64,
+    /// Failed attempts that will be tried again.
     pub retried: std::sync::atomic::AtomicU64,
+    /// Notifications given up after `notify.max_attempts`.
     pub failed: std::sync::atomic::AtomicU64,
 }
 
@@ -357,7 +362,9 @@ pub fn tls_config(
 /// The delivery task's handle: wake it when rows were added.
 #[derive(Debug)]
 pub struct Notifier {
+    /// Wakes the delivery task early (new rows in the outbox).
     pub wake: tokio::sync::Notify,
+    /// What the delivery task has done, for `/metrics`.
     pub counters: Counters,
 }
 
@@ -546,7 +553,8 @@ where
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]).into_owned();
+        let shown = body.get(..MAX_ERROR_BODY).unwrap_or(&body);
+        let text = String::from_utf8_lossy(shown).into_owned();
         Err(format!("answered {status}: {}", text.trim()))
     };
     conn.abort();
