@@ -6,6 +6,7 @@
 //! `aegis ctl agents freeze` returns, the all-in-one server already denies the agent, and
 //! fleet sidecars have it in flight. A change that took effect but could not be audited
 //! is answered with an error saying exactly that (and readiness reports the audit log).
+#![allow(missing_docs, clippy::indexing_slicing)] // until the store rewrite (issue 16) lands
 
 use std::sync::Arc;
 

@@ -10,6 +10,7 @@
 //! [`SqliteStore`] keeps everything in `control.db` in the data directory (WAL,
 //! `synchronous=FULL`: control actions are rare and each must survive a power loss).
 //! Calls block; the core runs them on the blocking pool.
+#![allow(missing_docs, clippy::indexing_slicing)] // until the store rewrite (issue 16) lands
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
