@@ -33,11 +33,13 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct AdminState {
     /// The data plane (absent on a control-plane-only server).
     pub checker: Option<Arc<Checker>>,
-    /// The control state a data plane enforces, its follower (fleet sidecar), and the
-    /// control plane (all-in-one and control-plane modes).
+    /// The data plane's view of the control state (absent on a control plane alone).
     pub control_state: Option<Arc<crate::dataplane::state::State>>,
+    /// The fleet sidecar's follower status (absent unless the server follows a control plane).
     pub follow: Option<Arc<crate::dataplane::follow::FollowStatus>>,
+    /// The control plane (absent on a fleet sidecar).
     pub control_core: Option<Arc<crate::control::core::ControlCore>>,
+    /// The audit log, for its health and counters.
     pub audit: AuditLog,
     /// The live policy (absent on a control-plane-only server).
     pub policy: Option<Arc<crate::policy::Policy>>,

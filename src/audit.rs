@@ -92,7 +92,9 @@ pub const FIELD_NAMES: [&str; 19] = [
 /// One field's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldValue<'a> {
+    /// An integer field (`time_ns`, `http_status`).
     Int(i64),
+    /// A text field.
     Text(&'a str),
 }
 
@@ -105,24 +107,38 @@ pub struct Record {
     pub kind: String,
     /// Unique id of the decision, returned to Envoy and the agent.
     pub decision_id: String,
+    /// The agent's tenant; for control actions, the tenant acted on.
     pub tenant: String,
+    /// The agent (token `sub`); for control actions, the agent acted on (empty if none).
     pub agent: String,
+    /// The agent's session (token `sid`); empty if none.
     pub session: String,
+    /// The agent's run id (`x-aegis-run-id`); empty if not sent.
     pub run_id: String,
+    /// The tool called; empty for control actions.
     pub tool: String,
+    /// What the call did with the tool; for control actions, the action's name.
     pub action: String,
+    /// What the call acted on (the route's resource or the request path); for control
+    /// actions, the target.
     pub resource: String,
     /// `allow`, `deny`, `sanitize`, `approval_needed`, or `error`.
     pub decision: String,
+    /// The reason code (`x-aegis-reason`), or the refusal or error.
     pub reason: String,
     /// HTTP status given to the agent (0 when the Check failed with a gRPC error).
     pub http_status: i64,
+    /// The policy bundle's revision that decided; empty when no policy ran.
     pub policy_revision: String,
+    /// `unspecified` or the `untrusted…` level the agent declared.
     pub trust_level: String,
+    /// The approval this decision raised or redeemed; empty if none.
     pub approval_id: String,
     /// Who acted (control actions); empty for Checks.
     pub actor: String,
+    /// The W3C trace id of the Check's span (hex); empty without one.
     pub trace_id: String,
+    /// The span id of the Check's span (hex); empty without one.
     pub span_id: String,
 }
 

@@ -125,17 +125,26 @@ pub struct BenchArgs {
 /// Results of one phase against one server.
 #[derive(Debug, Clone)]
 pub struct PhaseResult {
+    /// Checks sent.
     pub requests: u64,
+    /// Checks that got no answer: a gRPC error or a timeout.
     pub errors: u64,
+    /// How long the phase ran.
     pub elapsed: Duration,
+    /// Median latency, microseconds.
     pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
     pub p99_us: u64,
+    /// Slowest Check, microseconds.
     pub max_us: u64,
+    /// Checks allowed (no denial status).
     pub allowed: u64,
+    /// Checks answered with a denial.
     pub denied: u64,
 }
 
 impl PhaseResult {
+    /// Checks per second over the phase.
     pub fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -370,6 +379,12 @@ async fn soak(args: &BenchArgs, secs: u64) -> anyhow::Result<()> {
 }
 
 /// Least-squares slope of y over x (0 with fewer than two points).
+/// The `n`th item of `items`, counting round and round: the phases spread their requests
+/// over the connections and the workload this way. `None` only when `items` is empty.
+fn nth_wrapping<T>(items: &[T], n: usize) -> Option<&T> {
+    items.get(n.checked_rem(items.len())?)
+}
+
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
     if points.len() < 2 {
@@ -534,7 +549,9 @@ fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>>
             aud: Audience::One("aegis-sidecar".into()),
             sub: format!("agent-{a}"),
             tenant: format!("tenant-{}", a % 5),
-            scopes: scope_sets[a % scope_sets.len()]
+            scopes: nth_wrapping(&scope_sets, a)
+                .copied()
+                .unwrap_or_default()
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
@@ -697,13 +714,17 @@ async fn saturate(
     let deadline = start + dur;
     let mut tasks = Vec::new();
     for c in 0..concurrency.max(1) {
-        let mut client = clients[c % clients.len()].clone();
+        let Some(mut client) = nth_wrapping(clients, c).cloned() else {
+            break;
+        };
         let work = work.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             let mut i = c * 7919;
             while Instant::now() < deadline {
-                let req = work[i % work.len()].clone();
+                let Some(req) = nth_wrapping(&work, i).cloned() else {
+                    break;
+                };
                 i += 1;
                 let t = Instant::now();
                 let r = client.check(req).await;
@@ -754,8 +775,12 @@ async fn fixed_rate(
             if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let mut client = clients[(n as usize) % clients.len()].clone();
-            let req = work[(n as usize * 31) % work.len()].clone();
+            let (Some(mut client), Some(req)) = (
+                nth_wrapping(&clients, n as usize).cloned(),
+                nth_wrapping(&work, n as usize * 31).cloned(),
+            ) else {
+                break;
+            };
             let tx = tx.clone();
             runtime.spawn(async move {
                 let r = tokio::time::timeout(Duration::from_secs(5), client.check(req)).await;
@@ -875,7 +900,9 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
 /// serve` processes); killed when dropped.
 #[derive(Debug)]
 pub struct ChildServer {
+    /// The process (killed when this is dropped).
     pub child: Child,
+    /// The address the server announced (its ext_authz or control listener).
     pub addr: SocketAddr,
     /// The stderr lines up to and including the announcing one.
     pub lines: Vec<String>,
@@ -1004,11 +1031,13 @@ pub async fn noop_server_main(listen: SocketAddr) -> anyhow::Result<()> {
 /// An OTLP/gRPC trace receiver on loopback that counts (and keeps) what it receives.
 #[derive(Debug)]
 pub struct SpanSink {
+    /// The receiver's loopback address.
     pub addr: SocketAddr,
     /// Check spans (`ext_authz.check`) received.
     pub spans: Arc<AtomicU64>,
     /// Audit checkpoint spans (`aegis.audit.checkpoint`) received.
     pub checkpoints: Arc<AtomicU64>,
+    /// Every export request received, in order.
     pub received: Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
 }
 

@@ -60,11 +60,14 @@ use record::DecisionRecord;
 /// client span there).
 #[derive(Debug, Clone, Default)]
 pub struct TraceHeaders {
+    /// The `traceparent` gRPC metadata, if sent.
     pub traceparent: Option<String>,
+    /// The `tracestate` gRPC metadata, if sent.
     pub tracestate: Option<String>,
 }
 
 impl TraceHeaders {
+    /// The trace headers of a gRPC call's metadata (absent or non-ASCII values are `None`).
     pub fn from_metadata(m: &tonic::metadata::MetadataMap) -> Self {
         let get = |k: &str| m.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         Self {
@@ -96,11 +99,17 @@ impl TokenSource {
 /// Everything one Check needs, shared by all of them.
 #[derive(Debug)]
 pub struct Checker {
+    /// Verifies agent tokens and answers revocation.
     pub identifier: Arc<Identifier>,
+    /// The live policy bundle (swapped on reload).
     pub policy: Arc<Policy>,
+    /// The audit log every decision is recorded in before it is answered.
     pub audit: AuditLog,
+    /// Makes the Check's span.
     pub telemetry: Telemetry,
+    /// What a request may carry.
     pub limits: Limits,
+    /// Where the agent token is read from.
     pub token_source: TokenSource,
     /// Admission control: Checks past `limits.max_inflight` are shed before any work.
     pub admission: Arc<Admission>,
@@ -114,8 +123,11 @@ pub struct Checker {
 /// What the data plane knows of and needs from the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlView {
+    /// The control state enforced on every Check: statuses, revocations, kills, tenant modes.
     pub state: Arc<State>,
+    /// Counts each agent's calls and cost against its budget.
     pub meter: Arc<Meter>,
+    /// How approvals are raised and overrides redeemed (in-process or over gRPC).
     pub link: Arc<dyn ControlPlane>,
     /// The correlation engine's queue: every recorded decision is offered to it.
     pub correlation: Option<Arc<crate::correlate::Correlator>>,
@@ -199,6 +211,7 @@ impl Authorization for AuthorizationService {
 // === impl Admission ===
 
 impl Admission {
+    /// Admits up to `max` Checks at once (at least 1).
     pub fn new(max: usize) -> Self {
         Self {
             max: max.max(1),
@@ -245,6 +258,7 @@ impl Drop for Admitted<'_> {
 // === impl Checker ===
 
 impl Checker {
+    /// The Checker of a data plane; `max_inflight` bounds its Admission.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         identifier: Arc<Identifier>,

@@ -20,11 +20,20 @@ use crate::types::Severity;
 /// A configuration problem, naming the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file cannot be read or parsed.
     #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (the parser's message).
+        message: String,
+    },
+    /// A setting has a value Aegis cannot use.
     #[error("{setting}: {message}")]
     Invalid {
+        /// The setting's name as written in the file (`section.key`).
         setting: &'static str,
+        /// What is wrong with its value.
         message: String,
     },
 }
@@ -87,13 +96,21 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[control_tls]`: TLS, and with `client_ca_file` mTLS, on the control-plane listener.
     pub control_tls: TlsConfig,
+    /// `[policy]`: the bundle, its signing keys and the evaluation limits.
     pub policy: PolicyConfig,
+    /// `[token]`: the agent tokens the data plane accepts.
     pub token: TokenConfig,
+    /// `[audit]`: the audit log's durability, checkpoints and witness.
     pub audit: AuditConfig,
+    /// `[otlp]`: where spans are exported (none when unset).
     pub otlp: OtlpConfig,
+    /// `[limits]`: request sizes and concurrency the data plane accepts.
     pub limits: LimitsConfig,
+    /// `[control]`: the control plane (or, in a sidecar, the one it follows).
     pub control: ControlConfig,
+    /// `[correlation]`: the attack-pattern thresholds.
     pub correlation: CorrelationConfig,
+    /// `[notify]`: incident webhooks.
     pub notify: NotifyConfig,
 }
 
@@ -285,6 +302,7 @@ pub struct ControlConfig {
     /// credential may make, after a burst of `sidecar_call_burst`; past that,
     /// RESOURCE_EXHAUSTED.
     pub sidecar_calls_per_sec: u32,
+    /// The burst of calls allowed above `sidecar_calls_per_sec`.
     pub sidecar_call_burst: u32,
     /// Longest lifetime of an agent token, in seconds: the control plane and `aegis token
     /// issue` mint none longer, and every data plane refuses a token whose `exp - iat` is
@@ -298,6 +316,7 @@ pub struct ControlConfig {
     /// Sidecar mode: the client certificate (PEM) presented to a control plane that
     /// requires mTLS, and its key.
     pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM), with `cert_file`.
     pub key_file: Option<PathBuf>,
 }
 

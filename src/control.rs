@@ -68,31 +68,40 @@ pub const CONTROL_SERVICE: &str = "aegis.control.v1.ControlPlane";
 /// read. Every string in a request is then checked by [`validate`].
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
-/// Agent statuses as the store and the protobuf messages spell them ([`AgentStatus`]).
+/// An active agent: its Checks are decided by the policy.
 pub const ACTIVE: &str = AgentStatus::Active.as_str();
+/// A frozen agent: every Check denied until it is unfrozen.
 pub const FROZEN: &str = AgentStatus::Frozen.as_str();
+/// A revoked agent: every Check denied, for good (revoked is final).
 pub const REVOKED: &str = AgentStatus::Revoked.as_str();
 /// State-mutating calls need an approval (autonomy L2's containment).
 pub const RESTRICTED: &str = AgentStatus::Restricted.as_str();
 
 /// Tenant enforcement modes.
 pub const ENFORCE: &str = "enforce";
+/// Denies are recorded as `would_deny` and the request goes on.
 pub const SHADOW: &str = "shadow";
 
 /// Why a control-plane call failed. One place ([`From<ControlError> for Status`]) maps
 /// each to the gRPC code a client sees.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
+    /// No valid operator credential (answered UNAUTHENTICATED).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The credential's role or tenant does not allow the call (PERMISSION_DENIED).
     #[error("{0}")]
     PermissionDenied(String),
+    /// What the call names does not exist (NOT_FOUND).
     #[error("{0}")]
     NotFound(String),
+    /// The request is malformed: an id, a text or a value is refused (INVALID_ARGUMENT).
     #[error("{0}")]
     Invalid(String),
+    /// The call does not fit the current state of what it names (FAILED_PRECONDITION).
     #[error("{0}")]
     Precondition(String),
+    /// What the call would create exists already (ALREADY_EXISTS).
     #[error("{0}")]
     AlreadyExists(String),
     /// The caller is over its rate (a sidecar credential's fleet calls).
@@ -110,22 +119,27 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// A [`ControlError::Invalid`] with this message.
     pub fn invalid(msg: impl Into<String>) -> Self {
         Self::Invalid(msg.into())
     }
 
+    /// A [`ControlError::NotFound`] with this message.
     pub fn not_found(msg: impl Into<String>) -> Self {
         Self::NotFound(msg.into())
     }
 
+    /// A [`ControlError::Precondition`] with this message.
     pub fn precondition(msg: impl Into<String>) -> Self {
         Self::Precondition(msg.into())
     }
 
+    /// A [`ControlError::PermissionDenied`] with this message.
     pub fn permission_denied(msg: impl Into<String>) -> Self {
         Self::PermissionDenied(msg.into())
     }
 
+    /// An [`ControlError::Unauthenticated`] with this message.
     pub fn unauthenticated(msg: impl Into<String>) -> Self {
         Self::Unauthenticated(msg.into())
     }

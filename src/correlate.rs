@@ -86,10 +86,15 @@ pub const RESTRICTED_REASON: &str = "agent_restricted";
 /// Thresholds and windows.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
+    /// `deny_storm`: this many denies of one agent within this window.
     pub deny_storm: (usize, Duration),
+    /// `data_exfil_pattern`: how long after a source action a sink action completes the pattern.
     pub exfil_window: Duration,
+    /// `approval_flood`: this many approval requests of one agent within this window.
     pub approval_flood: (usize, Duration),
+    /// `runaway`: this many calls of one agent within this window.
     pub runaway: (usize, Duration),
+    /// `trust_escalation`: how long after a deny an allow of the same tool and action counts.
     pub trust_escalation_window: Duration,
     /// How long a non-threshold finding (exfiltration to one sink, trust escalation or an
     /// untrusted mutation of one tool and action, budget exhaustion) stays quiet for the
@@ -131,8 +136,11 @@ impl Thresholds {
 /// Word lists for matching actions.
 #[derive(Debug, Clone)]
 pub struct Words {
+    /// Words of actions that read data (the first half of `data_exfil_pattern`).
     pub source: Vec<String>,
+    /// Words of actions that send data out (its second half).
     pub sink: Vec<String>,
+    /// Words of actions that change state (`untrusted_mutation`).
     pub mutating: Vec<String>,
 }
 
@@ -176,33 +184,49 @@ impl Default for Words {
 pub struct Decision {
     /// Decision time, Unix nanoseconds (from the decision itself).
     pub time_ns: i64,
+    /// The agent's tenant.
     pub tenant: String,
+    /// The agent's id (its token's `sub`).
     pub agent: String,
+    /// The agent's session (its token's `sid`); empty if it has none.
     pub session: String,
+    /// The agent's run id (`x-aegis-run-id`); empty if not sent.
     pub run_id: String,
+    /// The tool the call used (empty on no known route).
     pub tool: String,
+    /// The action the call made on the tool.
     pub action: String,
     /// allow, deny, sanitize, approval_needed, would_deny.
     pub decision: String,
+    /// The decision's reason code (`budget_exhausted`, `agent_restricted`, ...).
     pub reason: String,
+    /// The decision's id, as in its audit row and span.
     pub decision_id: String,
+    /// `unspecified` or an `untrusted…` level the agent declared.
     pub trust_level: String,
     /// The audit row this data plane wrote for the decision: its sequence number and hash
     /// (sent with an incident's evidence, checkable against an exported log).
     pub audit_seq: u64,
+    /// That row's hash.
     pub row_hash: crate::audit::Hash,
 }
 
 /// A pattern the engine found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
+    /// The rule that fired (`deny_storm`, `data_exfil_pattern`, ...; see the module docs).
     pub kind: &'static str,
     /// A [`Severity`]'s word (`Severity::as_str`), as the incident report carries it.
     pub severity: &'static str,
+    /// The tenant of the agent it is about.
     pub tenant: String,
+    /// The agent it is about.
     pub agent: String,
+    /// The session of the decision that completed the pattern.
     pub session: String,
+    /// The run id of the decision that completed the pattern.
     pub run_id: String,
+    /// One sentence for the operator: what happened, with the counts.
     pub summary: String,
     /// The decisions behind it (ids), oldest first.
     pub evidence: Vec<String>,
@@ -210,14 +234,17 @@ pub struct Finding {
     pub decisions: Vec<Arc<Decision>>,
     /// The decision that completed the pattern, and its time.
     pub trigger: String,
+    /// The time of that decision, Unix nanoseconds.
     pub time_ns: i64,
 }
 
 /// Why an event was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
+    /// A decision (its id) with a time outside 2001..2286 (the time, Unix nanoseconds).
     #[error("decision {0} has no valid time ({1}): refused, not treated as epoch 0")]
     BadTime(String, i64),
+    /// A decision (its id) without a tenant or an agent.
     #[error("decision {0} names no tenant or agent")]
     NoAgent(String),
 }
@@ -352,6 +379,7 @@ const MIN_TIME_NS: i64 = 1_000_000_000 * 1_000_000_000;
 // === impl Engine ===
 
 impl Engine {
+    /// An engine with these thresholds and word lists and no state yet.
     pub fn new(thresholds: Thresholds, words: Words) -> Self {
         Self {
             thresholds,
@@ -642,9 +670,11 @@ fn quiet_ok(last: &mut HashMap<String, i64>, key: &str, t: i64, quiet: i64) -> b
 #[derive(Debug)]
 pub struct Correlator {
     tx: tokio::sync::mpsc::Sender<Decision>,
-    /// Events dropped on a full queue, refused (no valid time), and incidents reported.
+    /// Events dropped on a full queue.
     pub dropped: std::sync::atomic::AtomicU64,
+    /// Events refused by the engine ([`EventError`]).
     pub refused: std::sync::atomic::AtomicU64,
+    /// Findings reported to the control plane as incidents.
     pub reported: std::sync::atomic::AtomicU64,
 }
 

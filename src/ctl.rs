@@ -451,7 +451,9 @@ enum PolicyCommand {
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct CtlError {
+    /// The process's exit code.
     pub code: u8,
+    /// What went wrong, printed on stderr.
     pub message: String,
 }
 

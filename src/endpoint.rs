@@ -10,6 +10,7 @@ pub struct Endpoint {
     pub authority: String,
     /// The Host header.
     pub host: String,
+    /// The request path with its query: the webhook's secret, so errors never quote it.
     pub path: String,
     /// https: TLS, the server's certificate checked against the Mozilla roots (and
     /// `notify.ca_file`) for `host`.

@@ -46,7 +46,9 @@ pub struct Claims {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Audience {
+    /// One audience.
     One(String),
+    /// Several audiences; the token is for each of them.
     Many(Vec<String>),
 }
 
@@ -62,36 +64,58 @@ impl Audience {
 /// Why a token was refused. Each maps to a stable, machine-readable reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// The request carries no agent token.
     #[error("no agent token in the request")]
     Missing,
+    /// The token's length and the limit it passed, in bytes.
     #[error("agent token is {0} bytes, over the {1}-byte limit")]
     TooLarge(usize, usize),
+    /// The token is not a well-formed JWT (which part is wrong).
     #[error("agent token is malformed: {0}")]
     Malformed(String),
+    /// The header's `alg`, which is not `EdDSA`.
     #[error("agent token algorithm {0:?} is not accepted (only EdDSA)")]
     Algorithm(String),
+    /// The header's `kid`, which names no trusted key.
     #[error("agent token key id {0:?} is not trusted")]
     UnknownKey(String),
+    /// The signature does not verify under the key `kid` names.
     #[error("agent token signature does not verify")]
     BadSignature,
+    /// The token's `exp`, Unix seconds, past the leeway.
     #[error("agent token expired at {0}")]
     Expired(i64),
+    /// The token's `nbf`, Unix seconds, still ahead past the leeway.
     #[error("agent token not valid before {0}")]
     NotYetValid(i64),
+    /// The audience this data plane expects, which `aud` does not hold.
     #[error("agent token audience does not include {0:?}")]
     WrongAudience(String),
+    /// The token's `iss` and the issuer expected.
     #[error("agent token issuer {0:?} is not {1:?}")]
     WrongIssuer(String, String),
+    /// The token is revoked, or a kill covers it (which).
     #[error("agent token revoked ({0})")]
     Revoked(RevokedBy),
+    /// The token's `iat`, Unix seconds, ahead of the clock past the leeway.
     #[error("agent token issued at {0}, in the future (past the clock-skew leeway)")]
     IssuedInFuture(i64),
+    /// `exp - iat` is over the configured maximum lifetime.
     #[error("agent token lifetime of {lifetime} s is over the {max} s limit")]
-    LifetimeTooLong { lifetime: i64, max: i64 },
+    LifetimeTooLong {
+        /// `exp - iat`, seconds.
+        lifetime: i64,
+        /// The configured maximum lifetime, seconds.
+        max: i64,
+    },
+    /// A claim that must be an id (`sub`, `tenant`, `sid`, `jti`) is not one.
     #[error("agent token claim {claim} {value} is not an id: {why}")]
     BadClaim {
+        /// The claim's name.
         claim: &'static str,
+        /// The claim's value, as sent.
         value: String,
+        /// What makes it not an id.
         why: &'static str,
     },
 }
@@ -122,7 +146,9 @@ impl TokenError {
 /// misaddressed token still names a real agent, and the audit row should say which).
 #[derive(Debug, Clone)]
 pub struct Refusal {
+    /// Why the token was refused.
     pub error: TokenError,
+    /// The token's claims if its signature verified; `None` if it never did.
     pub verified: Option<Arc<Claims>>,
 }
 
@@ -202,6 +228,8 @@ pub struct Identifier {
 // === impl Identifier ===
 
 impl Identifier {
+    /// An identifier over `keys`, checking tokens against `policy` and `revocations`,
+    /// caching up to `cache_capacity` verified tokens.
     pub fn new(
         keys: KeyRing,
         policy: TokenPolicy,

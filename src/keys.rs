@@ -21,20 +21,35 @@ pub use crate::config::{AUDIT_KEY_FILE, AUDIT_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, 
 /// A failure to load or create the signing key.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// The data directory could not be created or checked.
     #[error("data directory {path}: {source}")]
     DataDir {
+        /// The directory.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A key file could not be read or written.
     #[error("signing key {path}: {source}")]
     Io {
+        /// The key file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A private key file does not hold 64 hex digits.
     #[error("signing key {path} is not a 64-digit hex Ed25519 seed")]
-    Malformed { path: PathBuf },
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// A public key file does not hold 64 hex digits.
     #[error("public key {path} is not a 64-digit hex Ed25519 public key")]
-    MalformedPublic { path: PathBuf },
+    MalformedPublic {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// A new key could not be drawn (the OS's error).
     #[error("no randomness from the operating system: {0}")]
     Random(String),
 }
@@ -208,7 +223,7 @@ pub fn write_keypair(path: &Path) -> Result<Signer, KeyError> {
 
 /// The key id of a public key: `ed25519:` and the first 16 hex digits of its SHA-256.
 pub fn key_id(key: &VerifyingKey) -> String {
-    let digest = Sha256::digest(key.as_bytes());
+    let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     format!("ed25519:{}", crate::hex(&digest[..8]))
 }
 

@@ -29,6 +29,7 @@ pub const LATENCY_BOUNDS: &[f64] = &[
 pub const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 impl Histogram {
+    /// An empty histogram with these bucket upper bounds (ascending), plus `+Inf`.
     pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,

@@ -41,17 +41,27 @@ pub use decision::{Decision, DecisionError, Verdict};
 /// gRPC error so Envoy's `failure_mode_allow`/`status_on_error` decide.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// regorus failed to evaluate the query.
     #[error("policy evaluation of {query} failed: {message}")]
-    Failed { query: String, message: String },
+    Failed {
+        /// The rule evaluated.
+        query: String,
+        /// regorus's message.
+        message: String,
+    },
+    /// The evaluation ran past its limit (the limit).
     #[error("policy evaluation exceeded its {0:?} time limit")]
     Timeout(Duration),
     /// A bounded builtin refused to build an output past its bound.
     #[error("policy evaluation refused: {0}")]
     Bounded(String),
+    /// regorus panicked inside the evaluation (the panic's message), caught.
     #[error("policy evaluation panicked: {0}")]
     Panicked(String),
+    /// The evaluation pool's queue is full (the Checks waiting).
     #[error("policy evaluation queue full ({0} waiting)")]
     Overloaded(usize),
+    /// The rule's result is not a decision document.
     #[error(transparent)]
     Decision(#[from] DecisionError),
 }
@@ -109,7 +119,9 @@ struct VmParts {
 /// Which evaluator serves Checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evaluator {
+    /// regorus's RVM: the decision rule compiled to a program (faster).
     Rvm,
+    /// regorus's interpreter: for bundles the RVM cannot compile.
     Interpreter,
 }
 

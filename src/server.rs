@@ -53,26 +53,38 @@ pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The signing key could not be read or created.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A key file or the data directory is open to other local users.
     #[error(transparent)]
     InsecureFile(#[from] crate::files::InsecureFile),
+    /// The policy bundle could not be loaded or compiled.
     #[error("policy bundle {source_name}: {error}")]
     Policy {
+        /// Where the bundle was loaded from.
         source_name: String,
+        /// What is wrong with it.
         error: BundleError,
     },
+    /// The audit log could not be opened or continued.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The OTLP exporter could not be set up.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The control plane could not start (or a sidecar could not reach its state).
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The configuration does not allow this mode (what is missing or contradictory).
     #[error("{0}")]
     Config(String),
+    /// A listener could not bind.
     #[error("listen on {addr}: {error}")]
     Listen {
+        /// The address it was asked for.
         addr: std::net::SocketAddr,
+        /// Why the bind failed.
         error: std::io::Error,
     },
 }

@@ -23,8 +23,14 @@ use opentelemetry_sdk::trace::{
 /// Telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
     #[error("OTLP endpoint {endpoint:?}: {message}")]
-    Exporter { endpoint: String, message: String },
+    Exporter {
+        /// The endpoint configured.
+        endpoint: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// OTLP settings.
@@ -32,9 +38,11 @@ pub enum TelemetryError {
 pub struct TelemetryOptions {
     /// `http://host:4317`; `None` disables export (spans are still made, for trace ids).
     pub endpoint: Option<String>,
+    /// `service.name` on every span.
     pub service_name: String,
     /// Spans waiting for export before new ones are dropped.
     pub queue_size: usize,
+    /// How long one export may take before it is abandoned.
     pub export_timeout: Duration,
 }
 

@@ -63,12 +63,13 @@ pub fn parse(s: &str) -> Result<i64, String> {
         }
         part.parse().map_err(|_| bad())
     };
+    let at = |i: usize| b.get(i).copied();
     if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
+        || at(4) != Some(b'-')
+        || at(7) != Some(b'-')
+        || !matches!(at(10), Some(b'T' | b't' | b' '))
+        || at(13) != Some(b':')
+        || at(16) != Some(b':')
     {
         return Err(bad());
     }
@@ -94,10 +95,10 @@ pub fn parse(s: &str) -> Result<i64, String> {
     }
     let offset = match s.get(i..).ok_or_else(bad)? {
         "Z" | "z" => 0,
-        tz if tz.len() == 6 && tz.as_bytes()[3] == b':' => {
-            let sign = match tz.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
+        tz if tz.len() == 6 && tz.as_bytes().get(3) == Some(&b':') => {
+            let sign = match tz.as_bytes().first() {
+                Some(b'+') => 1,
+                Some(b'-') => -1,
                 _ => return Err(bad()),
             };
             sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)

@@ -36,8 +36,11 @@ pub fn server(setting: &str, t: &TlsConfig) -> Result<Option<ServerTlsConfig>, S
 /// errors).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ClientFiles<'a> {
+    /// The CA bundle the server's certificate must chain to; `None`: the Mozilla roots.
     pub ca: Option<(&'a str, &'a Path)>,
+    /// The client certificate for mTLS; `None`: no client certificate.
     pub cert: Option<(&'a str, &'a Path)>,
+    /// The client certificate's private key.
     pub key: Option<(&'a str, &'a Path)>,
 }
 

@@ -94,9 +94,13 @@ impl fmt::Display for AgentStatus {
 /// An incident's severity, ordered: low < medium < high < critical.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
+    /// Worth a look; no containment.
     Low,
+    /// Worth a response; a restriction at autonomy level 2 and above.
     Medium,
+    /// Serious: contained (frozen) at autonomy level 3 and above.
     High,
+    /// Serious: contained, and its tokens and session killed at level 4.
     Critical,
 }
 

@@ -1,5 +1,12 @@
 //! The admin listener: a Prometheus scrape parses and its counters move with the Checks
 //! and sheds a client sees; the HTTP probes agree with readiness.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -6,6 +6,13 @@
 //! (after the SQL, every row hash and checkpoint is recomputed and signed again, as a
 //! thief of `audit.key` would), and `-- witness: yes` gives the verifier the checkpoints
 //! the writer published as it made them.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! Signed OPA-compatible bundles: `aegis policy build` / `keygen`, verification at start,
 //! on reload and through the control plane, and `opa build`'s archive layout.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! Each decision kind, each token refusal, bodies and MCP, through a real tonic client
 //! against the real server on loopback; each outcome also checked in the audit log.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! The README's walkthrough through the real binary: `aegis serve`, `aegis token issue`,
 //! `aegis check`, `aegis audit verify`.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,6 +1,13 @@
 //! The control plane of the all-in-one server, through a real tonic client against the
 //! real server on loopback, each action checked where an agent sees it (its next Check)
 //! and where an auditor does (the signed log).
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

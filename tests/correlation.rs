@@ -1,5 +1,12 @@
 //! The correlation rules, one at a time, with their near misses: word matching, once per
 //! episode, window edges, out-of-order events, refused times.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use aegis::correlate::{Decision, Engine, EventError, Finding, Thresholds, Words, words};
 

@@ -5,6 +5,13 @@
 //!
 //! The negative tests feed the validator broken copies, so a validator that passed
 //! everything would fail them.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

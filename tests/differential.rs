@@ -1,6 +1,13 @@
 //! The RVM serves Checks; the interpreter is regorus's reference semantics. On the default
 //! bundle they must agree on every decision, over a wide spread of inputs. A bundle the RVM
 //! cannot compile (it has no `with`) is served by the interpreter.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::time::Duration;
 

@@ -19,6 +19,13 @@
 //!   the rest are counted in `aegis_audit_refusals_unrecorded_total`.
 //!
 //! So growth ≤ (answered Checks + `ROWS_PER_SEC` × seconds the run spans) × `MAX_ROW_BYTES`.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -4,6 +4,13 @@
 //! sees (each refused), bodies Envoy cuts, approvals and the override retry, a freeze,
 //! Aegis killed (fail closed), one trace across Envoy and Aegis, every Check Envoy sends
 //! one audit row, and Envoy itself accepting the shipped file.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -15,6 +15,13 @@
 //! `AEGIS_BENCH_ROUNDS` (rounds of each, default 4). Aegis runs as `aegis serve` (the
 //! binary of this build) with its full pipeline: token verification, the default bundle,
 //! a durable audit row per call, spans exported over OTLP.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -2,6 +2,13 @@
 //! directory or key another local user could write, a private key others could read, and
 //! a key planted as a symbolic link, naming the path; `allow_insecure_files` is the
 //! explicit way past it.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

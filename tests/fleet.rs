@@ -1,6 +1,13 @@
 //! A fleet across real processes on loopback: one `aegis serve --mode control-plane`,
 //! sidecars started with `--control-plane URL`, every action taken through `aegis ctl`,
 //! every effect observed as the Checks a sidecar answers.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

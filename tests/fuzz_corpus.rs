@@ -1,6 +1,13 @@
 //! The fuzz corpus (`fuzz/corpus/<target>/`): every file is replayed through its harness
 //! on every test run, so an input that once crashed stays fixed. With
 //! `AEGIS_REGEN_CORPUS=1` this test first writes the seed files (this is their generator).
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,13 @@
 //! The JWT attack corpus: every forged, tampered, confused or out-of-bounds agent token
 //! is refused, with the reason a client would see in `x-aegis-reason`. Tokens are built
 //! here from a fresh key, each case named by the attack it makes.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::Arc;
 

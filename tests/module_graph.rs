@@ -11,6 +11,13 @@
 //! Why a hand-written scanner rather than `syn`: the check must keep working while the
 //! crate is broken, needs no new dependency, and only has to recognise paths, `use`
 //! trees, attributes and braces, which a small tokenizer does reliably.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -5,6 +5,13 @@
 //! what hostile callers send cannot make a row larger than the stated bound.
 //!
 //! The `sqlite3` CLI comes from Debian's package (scripts/test installs it when missing).
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! Policy bundles: hot reload (file watch and SIGHUP), broken bundles, archives,
 //! OPA-Envoy-style policies, the evaluation time limit, and the policy CLI.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -3,6 +3,13 @@
 //! sidecar following one of them, every action taken through `aegis ctl` at the other.
 //! What one replica commits reaches the sidecars of every replica, from the store's
 //! change feed; a replica that dies takes nothing with it.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

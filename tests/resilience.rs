@@ -1,6 +1,13 @@
 //! Overload and cancellation: past saturation Aegis sheds with a gRPC error and never
 //! answers a decision it has not recorded; a client that gives up mid-Check leaves
 //! nothing half-done.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

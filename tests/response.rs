@@ -2,6 +2,13 @@
 //! from configuration, the live incident watch, the evidence graph, and webhook
 //! notifications through the durable outbox, across a SIGKILL and restart with the
 //! receiver down and back up.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

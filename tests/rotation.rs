@@ -3,6 +3,13 @@
 //! public half stays trusted (`token.trusted_keys`) for the credentials and agent tokens
 //! it signed until they expire, and a key file replaced under a running server makes it
 //! unready until it is restarted.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

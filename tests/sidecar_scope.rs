@@ -3,6 +3,13 @@
 //! approvals against, nor report incidents for any other tenant, nor flood the control
 //! plane. Every attack goes through the real control plane of the all-in-one server on
 //! loopback with a real tonic client; the credential rules also through the `aegis` binary.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

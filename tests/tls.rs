@@ -1,6 +1,13 @@
 //! TLS, mTLS and the Unix socket listener, with certificates made in the test by the
 //! openssl CLI: the ext_authz listener (in process), and a fleet over mTLS (real
 //! processes: a control plane, sidecars following it over `https://`, `aegis ctl`).
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -3,6 +3,13 @@
 //! the agent is frozen and the SOC's webhook has the critical notification; the analyst
 //! shows the incident, draws its graph, exports and verifies an evidence bundle, rotates
 //! the token and closes the incident.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

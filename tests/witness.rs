@@ -4,6 +4,13 @@
 //! was then written on, as an operator restoring last night's copy (or an attacker rolling
 //! back the log) would leave it. The store-level cases (a cut tail, a history rewritten and
 //! signed again with the stolen key) are vectors in `tests/vectors/audit/`.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

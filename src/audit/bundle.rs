@@ -59,19 +59,27 @@ pub fn redactable() -> Vec<&'static str> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bundle {
+    /// The bundle format, [`SCHEMA`]; any other is refused.
     pub schema: String,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// The selection the exporter was asked for.
     pub filters: Filters,
     /// The field names redacted (see [`redactable`]).
     pub redaction: Vec<String>,
     /// The public keys the included checkpoints were signed with.
     pub keys: Vec<BundleKey>,
+    /// A contiguous run of rows holding every selected one, in order, with their chain links.
     pub rows: Vec<BundleRow>,
+    /// The signed checkpoints over those rows.
     pub checkpoints: Vec<BundleCheckpoint>,
+    /// The tenant's incidents (rows of `control.db`), redacted as the bundle says.
     pub incidents: Vec<SideRecord>,
+    /// The tenant's approvals, redacted as the bundle says.
     pub approvals: Vec<SideRecord>,
+    /// The tenant's policy revisions, redacted as the bundle says.
     pub policy_revisions: Vec<SideRecord>,
+    /// What the bundle says it holds; verification recounts and compares.
     pub counts: Counts,
     /// The exporter's signature over `bundle_hash` (see the module docs).
     #[serde(default)]
@@ -94,11 +102,15 @@ pub struct BundleSignature {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Filters {
+    /// The tenant whose rows are selected; `*` for every tenant.
     pub tenant: String,
+    /// Only the rows of this incident's agent and window; `None` for no incident filter.
     pub incident: Option<String>,
     /// RFC 3339; rows with `since <= time < until`.
     pub since: Option<String>,
+    /// RFC 3339; rows before it (exclusive); `None` for no upper bound.
     pub until: Option<String>,
+    /// Only this agent's rows; `None` for every agent.
     pub agent: Option<String>,
     /// `check` or `control`.
     pub kind: Option<String>,
@@ -106,9 +118,11 @@ pub struct Filters {
     pub min_severity: Option<String>,
 }
 
+/// A public key a bundle's checkpoints or signature were made with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleKey {
+    /// The key id (`ed25519:` and 16 hex digits of the key's SHA-256).
     pub key_id: String,
     /// Ed25519 public key, 64 hex digits (the format of `signing.pub`).
     pub public_key: String,
@@ -119,13 +133,19 @@ pub struct BundleKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleRow {
+    /// The row's position in the log, from 1.
     pub seq: u64,
+    /// The row's hash format: 1 (values only) or 2 (per-field salts).
     pub format: u8,
+    /// The id of the key that signed the checkpoints over this row.
     pub key_id: String,
+    /// The previous row's hash, hex (the genesis hash for row 1).
     pub prev_hash: String,
+    /// This row's hash, hex: what the next row's `prev_hash` and the checkpoints commit to.
     pub hash: String,
     /// Matched the filters; false for rows only included to keep the chain contiguous.
     pub selected: bool,
+    /// Every field of the row by name, disclosed or redacted.
     pub fields: BTreeMap<String, BundleField>,
     /// For a selected row: its RFC 6962 audit path (hex hashes, bottom-up) in the tree the
     /// bundle's last checkpoint signs, so the row can be checked alone, without the bundle's
@@ -134,6 +154,7 @@ pub struct BundleRow {
     pub inclusion: Option<Vec<String>>,
 }
 
+/// One field of a row: a value with its salt (disclosed) or a commitment (redacted).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleField {
@@ -148,12 +169,17 @@ pub struct BundleField {
     pub commitment: Option<String>,
 }
 
+/// A signed checkpoint as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleCheckpoint {
+    /// The last row the checkpoint covers.
     pub last_seq: u64,
+    /// That row's hash, hex.
     pub head_hash: String,
+    /// When the checkpoint was signed, Unix nanoseconds.
     pub time_ns: i64,
+    /// The id of the key that signed it.
     pub key_id: String,
     /// Ed25519 signature, hex.
     pub signature: String,
@@ -167,33 +193,47 @@ pub struct BundleCheckpoint {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SideRecord {
+    /// The record's columns by name, minus the redacted ones.
     pub fields: BTreeMap<String, Value>,
+    /// The names of the columns the redaction policy removed.
     pub redacted: Vec<String>,
 }
 
+/// The bundle's own tally of what it holds; a verifier recounts every number.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Counts {
+    /// Rows that matched the filters.
     pub rows_selected: u64,
+    /// Rows in the bundle, the selected ones and those that keep the chain contiguous.
     pub rows_included: u64,
     /// Selected rows by decision and by kind.
     pub by_decision: BTreeMap<String, u64>,
+    /// Selected rows by kind (`check`, `control`).
     pub by_kind: BTreeMap<String, u64>,
+    /// Checkpoints in the bundle.
     pub checkpoints: u64,
+    /// Incident records in the bundle.
     pub incidents: u64,
+    /// Approval records in the bundle.
     pub approvals: u64,
+    /// Policy revision records in the bundle.
     pub policy_revisions: u64,
 }
 
 /// The `control.db` tables a bundle carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
+    /// The `incidents` table.
     Incidents,
+    /// The `approvals` table.
     Approvals,
+    /// The `policy_revisions` table.
     PolicyRevisions,
 }
 
 impl Table {
+    /// The table's name in `control.db`.
     pub fn name(self) -> &'static str {
         match self {
             Table::Incidents => "incidents",
@@ -577,9 +617,9 @@ pub(super) fn recompute(row: &BundleRow) -> Result<Hash, String> {
         }
         2 => {
             let mut commitments = [[0u8; 32]; 19];
-            for (i, name) in FIELD_NAMES.iter().enumerate() {
+            for (slot, name) in commitments.iter_mut().zip(FIELD_NAMES) {
                 let f = field(name)?;
-                commitments[i] = match (&f.value, &f.salt, &f.commitment) {
+                *slot = match (&f.value, &f.salt, &f.commitment) {
                     (Some(v), Some(salt), None) => {
                         let salt = parse_hash(salt)
                             .ok_or_else(|| format!("field {name}: salt is not 64 hex digits"))?;

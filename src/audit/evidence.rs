@@ -17,10 +17,15 @@ use super::bundle::Bundle;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct Incident {
+    /// The incident's id.
     pub id: String,
+    /// The tenant it was raised in; every row named must disclose this tenant.
     pub tenant: String,
+    /// The sidecar (or operator) that reported it.
     pub reported_by: String,
+    /// The decision ids of the evidence, oldest first.
     pub evidence: Vec<String>,
+    /// Those decisions with the rows they name.
     pub decisions: Vec<EvidenceRow>,
 }
 
@@ -28,8 +33,11 @@ pub struct Incident {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct EvidenceRow {
+    /// The decision's id, as its row must disclose.
     pub decision_id: String,
+    /// The hash the reporter gave for the row, hex.
     pub row_hash: String,
+    /// The sequence number the reporter gave for the row.
     pub audit_seq: u64,
 }
 

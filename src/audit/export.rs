@@ -40,13 +40,17 @@ use crate::types::Severity;
 pub struct ExportOptions {
     /// A tenant, or `*` for every tenant.
     pub tenant: String,
+    /// Only the rows of this incident's agent and window; `None`: no incident filter.
     pub incident: Option<String>,
     /// Unix nanoseconds; rows with `since <= time < until`.
     pub since: Option<i64>,
+    /// Unix nanoseconds; rows before it (exclusive); `None`: no upper bound.
     pub until: Option<i64>,
+    /// Only this agent's rows; `None`: every agent.
     pub agent: Option<String>,
     /// `check` or `control`.
     pub kind: Option<String>,
+    /// Only incidents at or above this severity (low < medium < high < critical); `None`: all.
     pub min_severity: Option<String>,
     /// Field names to redact (see [`redactable`]).
     pub redact: Vec<String>,
@@ -67,10 +71,19 @@ pub struct ExportOptions {
 /// Why nothing was exported.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The options are contradictory or out of range (which and why).
     #[error("{0}")]
     Invalid(String),
+    /// A file the export needs could not be read.
     #[error("cannot read {path}: {message}")]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// No bundle can be made as asked: no row matches, a row is not covered by a checkpoint
+    /// yet, or the bundle would not verify (why).
     #[error("{0}")]
     Refused(String),
 }

@@ -143,11 +143,17 @@ pub fn consistency_proof<E>(
     Ok(proof)
 }
 
-/// [`inclusion_proof`] and [`consistency_proof`]'s `range_root` over leaves in memory.
-pub fn slice_roots(
-    leaves: &[Hash],
-) -> impl FnMut(u64, u64) -> Result<Hash, std::convert::Infallible> + '_ {
-    |lo, hi| Ok(root_of(&leaves[lo as usize..hi as usize]))
+/// [`inclusion_proof`] and [`consistency_proof`]'s `range_root` over leaves in memory; a
+/// range past the leaves held is an error naming it.
+pub fn slice_roots(leaves: &[Hash]) -> impl FnMut(u64, u64) -> Result<Hash, String> + '_ {
+    |lo, hi| {
+        usize::try_from(lo)
+            .ok()
+            .zip(usize::try_from(hi).ok())
+            .and_then(|(lo, hi)| leaves.get(lo..hi))
+            .map(root_of)
+            .ok_or_else(|| format!("leaves {lo}..{hi}: only {} are held", leaves.len()))
+    }
 }
 
 #[cfg(test)]

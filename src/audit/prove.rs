@@ -24,9 +24,12 @@ use super::witness::SignedCheckpoint;
 /// The `schema` of a proof document.
 pub const SCHEMA: &str = "aegis-audit-proof/1";
 
+/// Everything needed to check that one decision is in the log: its row, a signed checkpoint, and
+/// the row's audit path to it (`aegis audit prove`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Proof {
+    /// The proof format, [`SCHEMA`]; any other is refused.
     pub schema: String,
     /// The decision's row, every field disclosed.
     pub row: BundleRow,
@@ -34,6 +37,7 @@ pub struct Proof {
     pub checkpoint: String,
     /// The row's audit path to `checkpoint`'s tree head (hex, bottom-up).
     pub inclusion: Vec<String>,
+    /// With `--from-size`: proof that the tree `checkpoint` signs extends an earlier one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
 }
@@ -42,7 +46,9 @@ pub struct Proof {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Consistency {
+    /// The earlier checkpoint, as a witness line.
     pub from: String,
+    /// The consistency proof from its tree to `checkpoint`'s (hex hashes).
     pub proof: Vec<String>,
 }
 
@@ -199,10 +205,13 @@ pub fn check(p: &Proof, keys: &[VerifyingKey], held: Option<&Path>) -> Result<St
         hashes(&p.inclusion),
         hashes(std::slice::from_ref(&p.row.hash)),
     ) {
-        (Some(path), Some(leaf)) => {
-            seq >= 1
-                && verify_inclusion(seq - 1, cp.tree_size, &leaf_hash(&leaf[0]), &path, &cp.root)
-        }
+        (Some(path), Some(leaf)) => match leaf.as_slice() {
+            [leaf] => {
+                seq >= 1
+                    && verify_inclusion(seq - 1, cp.tree_size, &leaf_hash(leaf), &path, &cp.root)
+            }
+            _ => false,
+        },
         _ => false,
     };
     if !included {

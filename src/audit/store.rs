@@ -98,22 +98,33 @@ fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
 /// A failure of the audit log. Every one fails the Check closed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
+    /// The audit database could not be opened, created or migrated.
     #[error("audit database {path}: {message}")]
-    Open { path: PathBuf, message: String },
+    Open {
+        /// The database's path.
+        path: PathBuf,
+        /// What failed (SQLite's or the filesystem's message).
+        message: String,
+    },
+    /// The log's tail does not verify (the finding): a writer will not chain onto it.
     #[error(
         "audit log tail does not verify, refusing to continue it: {0}; run `aegis audit verify`"
     )]
     UncoveredTail(String),
+    /// A batch could not be committed (SQLite's message); its Checks fail closed.
     #[error("audit write failed: {0}")]
     Write(String),
+    /// The log is behind its witness file (what was found): it was rolled back or replaced.
     #[error(
         "audit log contradicts its witness, refusing to continue it: {0}. Investigate with \
          `aegis audit verify --witness`; to go on from this log anyway, move the witness file \
          aside (keep it: it is the record of what was there)"
     )]
     BehindWitness(String),
+    /// The queue holds this many rows already: the Check is shed (RESOURCE_EXHAUSTED).
     #[error("audit queue is full ({0} rows waiting)")]
     Overloaded(usize),
+    /// The writer thread has stopped (after a failed commit, or at shutdown).
     #[error("audit writer has stopped")]
     Closed,
 }
@@ -128,6 +139,7 @@ pub struct StoreOptions {
     pub queue_capacity: usize,
     /// Most rows in one transaction.
     pub max_batch: usize,
+    /// How far a commit is made durable before its Checks are answered.
     pub durability: Durability,
 }
 
@@ -140,7 +152,9 @@ struct Job {
 /// evidence names, so it can be checked against an exported log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    /// The row's sequence number, from 1.
     pub seq: u64,
+    /// The row's hash (what the next row links to).
     pub hash: Hash,
 }
 

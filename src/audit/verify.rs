@@ -37,9 +37,13 @@ use super::{GENESIS, Hash, Record, Salt, checkpoint_message, checkpoint_message_
 /// How the log was tampered with, at the first bad row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tamper {
+    /// A row's fields no longer give its hash, or a checkpoint no longer matches its row.
     Modified,
+    /// A row is missing: a gap in the sequence, or a tail cut behind a checkpoint.
     Deleted,
+    /// A row was added that the chain or the checkpoints do not account for.
     Inserted,
+    /// Rows are out of order: a row links to another than its predecessor.
     Reordered,
     /// A checkpoint's signature does not verify (or its key is unknown).
     BadSignature,
@@ -62,7 +66,9 @@ impl fmt::Display for Tamper {
 pub struct Finding {
     /// Sequence number of the first bad row.
     pub seq: u64,
+    /// What was done to it.
     pub kind: Tamper,
+    /// One sentence naming the row and what does not match, for the operator.
     pub detail: String,
 }
 
@@ -75,7 +81,9 @@ impl fmt::Display for Finding {
 /// An intact log's summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
+    /// Rows verified.
     pub rows: u64,
+    /// Checkpoints whose signatures verified.
     pub checkpoints: u64,
     /// The chain hash of the last row.
     pub head: Hash,
@@ -88,8 +96,15 @@ pub struct Summary {
 /// The verifier could not read the log or the witness at all.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// The audit database could not be opened or read.
     #[error("cannot read audit database {path}: {message}")]
-    Read { path: String, message: String },
+    Read {
+        /// The database's path.
+        path: String,
+        /// What failed (SQLite's message).
+        message: String,
+    },
+    /// The witness file could not be read or parsed (what went wrong).
     #[error("{0}")]
     Witness(String),
 }
@@ -301,7 +316,9 @@ fn checkpoints_sql(conn: &Connection, tail: &str) -> rusqlite::Result<String> {
 /// What [`verify_tail`] found: the head to continue the chain from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tail {
+    /// The last row's sequence number (0 for an empty log).
     pub seq: u64,
+    /// The last row's hash (the genesis hash for an empty log).
     pub hash: Hash,
 }
 
@@ -334,7 +351,8 @@ pub fn verify_tail(
         GENESIS
     } else {
         match rows.next().transpose()? {
-            Some(r) if r.seq == start && r.hash == cps[0].head => r.hash,
+            // `start` is not 0 only when there are two checkpoints: the first is `prev`.
+            Some(r) if r.seq == start && cps.first().is_some_and(|c| r.hash == c.head) => r.hash,
             Some(r) if r.seq == start => {
                 return Ok(Err(Finding {
                     seq: start,

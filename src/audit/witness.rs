@@ -38,11 +38,17 @@ pub const SCHEMA: &str = "aegis-audit-checkpoint/v2";
 /// RFC 6962 tree head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedCheckpoint {
+    /// Rows covered: `1..=tree_size`.
     pub tree_size: u64,
+    /// The hash of row `tree_size` (the chain head).
     pub head: Hash,
+    /// The RFC 6962 tree head of those rows.
     pub root: Hash,
+    /// When it was signed, Unix nanoseconds.
     pub time_ns: i64,
+    /// The id of the audit key that signed it.
     pub key_id: String,
+    /// Ed25519 signature over the checkpoint message.
     pub signature: [u8; 64],
 }
 
@@ -199,6 +205,7 @@ pub struct Publisher {
     shared: Arc<Shared>,
     /// A zero interval: every checkpoint is published.
     every: bool,
+    /// What the publisher has done, for `/metrics`.
     pub stats: Arc<WitnessStats>,
 }
 

@@ -57,8 +57,11 @@ pub enum CheckError {
 /// the HTTP status the agent gets.
 #[derive(Debug)]
 pub struct Denial {
+    /// The decision recorded and answered (its reason names the denial).
     pub decision: Decision,
+    /// The CheckResponse's gRPC status code.
     pub code: Code,
+    /// The HTTP status the agent gets.
     pub http_status: u32,
 }
 

@@ -43,8 +43,11 @@ use crate::policy::routes::{
 /// Limits on what a request may carry.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest body read, in bytes; a longer one is denied (`BodyTooLarge`).
     pub max_body_bytes: usize,
+    /// Most request headers accepted; more is denied (`TooManyHeaders`).
     pub max_headers: usize,
+    /// Largest total of header names and values, in bytes; more is denied (`HeadersTooLarge`).
     pub max_header_bytes: usize,
     /// Envoy's `with_request_body.max_request_bytes`: a body this long is whole only if its
     /// `content-length` says so (0: not known).
@@ -100,48 +103,81 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 /// misconfiguration and fails the Check).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
+    /// The CheckRequest carries no HTTP request (not an HTTP ext_authz call).
     #[error("request has no attributes.request.http")]
     NoHttp,
+    /// The body's length and the limit it passed, in bytes.
     #[error("body is {0} bytes, over the {1}-byte limit")]
     BodyTooLarge(usize, usize),
+    /// The header count and the limit it passed.
     #[error("request has {0} headers, over the limit of {1}")]
     TooManyHeaders(usize, usize),
+    /// The headers' total size and the limit it passed, in bytes.
     #[error("request headers are {0} bytes, over the {1}-byte limit")]
     HeadersTooLarge(usize, usize),
+    /// The path does not percent-decode to UTF-8.
     #[error("path is not valid percent-encoded UTF-8")]
     MalformedPath,
+    /// The path has a dot segment, an encoded slash or backslash, or an empty segment (which one).
     #[error("path is not normalized: {0}")]
     PathNotNormalized(&'static str),
+    /// The body claims JSON and does not parse, or repeats a key (the parser's message).
     #[error("malformed JSON body: {0}")]
     MalformedJson(String),
+    /// The JSON body nests deeper than `MAX_JSON_DEPTH`.
     #[error("JSON body nests deeper than {MAX_JSON_DEPTH} levels")]
     BodyTooDeep,
+    /// The form body is not UTF-8.
     #[error("malformed form body: not UTF-8")]
     MalformedForm,
+    /// The body may be cut at Envoy's buffer limit and the route's tool reads it.
     #[error("the body may be cut short (Envoy's buffer limit) and this route's tool reads it")]
     BodyTruncated,
+    /// The body of an MCP route is not one well-formed `tools/call` (what is wrong).
     #[error("malformed MCP request: {0}")]
     MalformedMcp(&'static str),
+    /// The `content-type` this route's body cannot be read as.
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
+    /// A method-override header (named) that could make the tool run another method.
     #[error("{0} is refused: the tool might run another method than the policy saw")]
     MethodOverride(&'static str),
+    /// A JSON-RPC batch (an array) where one message is expected.
     #[error("a JSON-RPC batch: send one message per request")]
     JsonRpcBatch,
+    /// The `tools/call` body names another tool than the route serves.
     #[error("MCP tools/call names {body:?}, the route serves tool {route:?}")]
-    McpToolMismatch { route: String, body: String },
+    McpToolMismatch {
+        /// The tool the route serves.
+        route: String,
+        /// The tool the `tools/call` body names.
+        body: String,
+    },
+    /// The `tools/call` body names another action than the route serves.
     #[error("MCP tools/call names action {body:?}, the route serves {route:?}")]
-    McpActionMismatch { route: String, body: String },
+    McpActionMismatch {
+        /// The action the route serves.
+        route: String,
+        /// The action the `tools/call` body names.
+        body: String,
+    },
+    /// The HTTP method, which the route does not list.
     #[error("method {0} is not served by this route")]
     MethodNotAllowed(String),
+    /// On a `verify` route, an `x-aegis-*` label header disagrees with the route.
     #[error("x-aegis-{label} says {claimed:?}, the route says {actual:?}")]
     LabelMismatch {
+        /// The label (`tool`, `action` or `resource`).
         label: &'static str,
+        /// What the agent's header said.
         claimed: String,
+        /// What the route says.
         actual: String,
     },
+    /// The `x-aegis-cost` header as sent, which is not a finite number ≥ 0.
     #[error("x-aegis-cost {0:?} is not a finite number ≥ 0")]
     MalformedCost(String),
+    /// Envoy's route labels or the catalogue could not give a route.
     #[error(transparent)]
     Route(#[from] RouteError),
 }
@@ -193,6 +229,7 @@ pub enum ToolSource {
 }
 
 impl ToolSource {
+    /// The name the policy and the audit log see (`input.tool.source`).
     pub fn as_str(self) -> &'static str {
         match self {
             ToolSource::RouteLabels => "route_labels",
@@ -206,35 +243,54 @@ impl ToolSource {
 /// The tool call a request makes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tool {
+    /// The tool's name (`input.tool.name`), from the route or the MCP body; empty on no known
+    /// route.
     pub name: String,
+    /// What the call does with the tool (`input.tool.action`): the route's action, else from
+    /// the method or the MCP body.
     pub action: String,
+    /// The call's arguments: the MCP `tools/call` arguments or a JSON object body, else an
+    /// empty object.
     pub arguments: Value,
+    /// What the call acts on: the route's resource, else the request path.
     pub resource: String,
     /// The route's name (may be empty).
     pub route: String,
+    /// Where the tool was found.
     pub source: ToolSource,
 }
 
 /// Where the call came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallContext {
+    /// `untrusted…` if the agent said so in `x-aegis-trust-level`, else `unspecified`.
     pub trust_level: String,
+    /// The agent's run id (`x-aegis-run-id`; empty if not sent).
     pub run_id: String,
+    /// The agent that started this one (`x-aegis-parent-agent`; empty if not sent).
     pub parent_agent: String,
 }
 
 /// The decoded request: everything later steps read, parsed once.
 #[derive(Debug)]
 pub struct Decoded<'a> {
+    /// The HTTP request Envoy sent, as received.
     pub http: &'a HttpRequest,
+    /// The headers by lower-case name (Envoy's `headers`, or built from its `header_map`).
     pub headers: Cow<'a, HashMap<String, String>>,
+    /// The path's segments, percent-decoded (`input.parsed_path`).
     pub parsed_path: Vec<String>,
+    /// The query, each key with its list of values (`input.parsed_query`).
     pub parsed_query: Map<String, Value>,
+    /// The JSON or form body; null when absent, of another type or truncated.
     pub parsed_body: Value,
+    /// The body Envoy sent may be partial (its buffer limit).
     pub truncated_body: bool,
+    /// The tool call, from the route.
     pub tool: Tool,
     /// The request is one MCP message on a route declared MCP.
     pub mcp: bool,
+    /// Where the call came from, as the agent's headers say.
     pub context: CallContext,
     /// The call's cost for budgets: the route's, or the agent's `x-aegis-cost` if higher.
     pub cost: f64,
@@ -251,7 +307,9 @@ impl Decoded<'_> {
 /// bundle's route catalogue.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteConfig<'a> {
+    /// Envoy's per-route labels (`x-aegis-*` metadata on the route).
     pub extensions: &'a HashMap<String, String>,
+    /// The bundle's route catalogue, used when Envoy sends no labels.
     pub catalogue: &'a Catalogue,
 }
 

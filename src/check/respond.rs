@@ -30,7 +30,9 @@ use crate::policy::{Decision, Verdict};
 /// What every response carries about the decision.
 #[derive(Debug)]
 pub struct Meta<'a> {
+    /// The decision's id, sent in `x-aegis-decision-id` and the deny body.
     pub decision_id: &'a str,
+    /// The policy revision that decided, in the deny body.
     pub policy_version: &'a str,
     /// The approval raised (approval_needed) or redeemed (an override allowed); may be empty.
     pub approval_id: &'a str,
@@ -116,8 +118,13 @@ pub fn denied(d: &Decision, meta: &Meta<'_>, code: Code, default_status: u32) ->
                 "decision_id": meta.decision_id,
                 "policy_version": meta.policy_version,
             });
-            if !meta.approval_id.is_empty() {
-                body["approval_id"] = Value::String(meta.approval_id.to_owned());
+            if !meta.approval_id.is_empty()
+                && let Some(fields) = body.as_object_mut()
+            {
+                fields.insert(
+                    "approval_id".to_owned(),
+                    Value::String(meta.approval_id.to_owned()),
+                );
             }
             body.to_string()
         }

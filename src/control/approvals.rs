@@ -21,32 +21,46 @@ pub const OVERRIDE_HEADER: &str = "x-aegis-override";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OverrideClaims {
+    /// The control plane that minted the token (the operator credentials' issuer).
     pub iss: String,
+    /// Always [`OVERRIDE_AUDIENCE`].
     pub aud: String,
     /// The agent the override is for.
     pub sub: String,
+    /// The agent's tenant.
     pub tenant: String,
     /// The approval id.
     pub apr: String,
     /// Hex SHA-256 of the approved call.
     pub call: String,
+    /// The token's id, unique per mint.
     pub jti: String,
+    /// Issued at, Unix seconds.
     pub iat: i64,
+    /// Expiry, Unix seconds (`control.override_ttl_secs` after `iat`).
     pub exp: i64,
 }
 
 /// What an approval is bound to: the tool call, and the HTTP request that carries it.
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
+    /// The agent's tenant.
     pub tenant: &'a str,
+    /// The agent making the call.
     pub agent: &'a str,
+    /// The tool, from the route.
     pub tool: &'a str,
+    /// The action, from the route.
     pub action: &'a str,
+    /// The resource, from the route or the path.
     pub resource: &'a str,
+    /// The tool call's arguments, as the policy saw them (`input.tool.arguments`).
     pub arguments: &'a serde_json::Value,
     /// The HTTP method, host, and path with its query string.
     pub method: &'a str,
+    /// The request's `host` (`:authority`).
     pub host: &'a str,
+    /// The request path with its query string.
     pub path: &'a str,
     /// The request body, except for an MCP `tools/call`, whose arguments are the call (its
     /// JSON-RPC `id` changes from one try to the next).

@@ -42,9 +42,13 @@ pub const TENANT_SEPARATOR: char = ',';
 /// An operator's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Role {
+    /// Reads the tenant's state.
     Viewer,
+    /// A viewer who also answers approvals.
     Approver,
+    /// An approver who also changes agents, tokens, kills and budgets.
     Operator,
+    /// An operator who also changes tenant settings (with `*`: policy and kill of everything).
     Admin,
     /// A fleet sidecar: not an operator rank, only the fleet calls.
     Sidecar,
@@ -71,25 +75,34 @@ pub enum Need {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorClaims {
+    /// The control plane that issued the credential.
     pub iss: String,
+    /// Always [`OPERATOR_AUDIENCE`].
     pub aud: String,
     /// The operator's name.
     pub sub: String,
+    /// The role's name ([`Role::as_str`]).
     pub role: String,
     /// A tenant, or `*`; a sidecar's tenants, comma-separated.
     pub tenant: String,
+    /// The credential's id, unique per issue.
     pub jti: String,
+    /// Issued at, Unix seconds.
     pub iat: i64,
+    /// Expiry, Unix seconds.
     pub exp: i64,
 }
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
+    /// The operator's name (the credential's `sub`), as the audit log records it.
     pub name: String,
+    /// What the operator may do.
     pub role: Role,
     /// A tenant or `*`; for a sidecar, its tenants comma-separated (see [`Self::tenants`]).
     pub tenant: String,
+    /// When the credential expires, Unix seconds.
     pub expires_at: i64,
 }
 
@@ -104,6 +117,7 @@ pub struct Authenticator {
 // === impl Role ===
 
 impl Role {
+    /// The role's name in credentials and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
@@ -114,6 +128,7 @@ impl Role {
         }
     }
 
+    /// The role named `s`; `None` for an unknown name.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "viewer" => Role::Viewer,
@@ -223,6 +238,7 @@ impl Operator {
 // === impl Authenticator ===
 
 impl Authenticator {
+    /// An authenticator trusting `keys`, expecting `issuer`, allowing `leeway_secs` of clock skew.
     pub fn new(keys: KeyRing, issuer: String, leeway_secs: i64) -> Self {
         Self {
             keys,
@@ -377,14 +393,20 @@ pub fn own_sidecar_tenants(credential: &str) -> Result<Vec<String>, String> {
         })
         .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
         .ok_or("the sidecar credential is not a JWT (aegis operator issue --role sidecar)")?;
-    let role = payload["role"].as_str().unwrap_or_default();
+    let text = |name: &str| {
+        payload
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+    };
+    let role = text("role");
     if role != Role::Sidecar.as_str() {
         return Err(format!(
             "the sidecar credential has role {role:?}, not sidecar \
              (aegis operator issue --role sidecar --tenant <tenant>)"
         ));
     }
-    sidecar_tenants(payload["tenant"].as_str().unwrap_or_default()).map_err(|e| e.to_string())
+    sidecar_tenants(text("tenant")).map_err(|e| e.to_string())
 }
 
 /// The tenants of a sidecar credential (`acme` or `acme,globex`): each a valid tenant id,

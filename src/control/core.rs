@@ -45,11 +45,13 @@ const INCIDENT_BUFFER: usize = 1024;
 /// Settings of the control actions.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `iss` and `aud` of agent tokens (as the data planes verify them).
+    /// `iss` of agent tokens (as the data planes verify it).
     pub issuer: String,
+    /// `aud` of agent tokens (as the data planes verify it).
     pub audience: String,
-    /// Default and largest lifetime of agent tokens.
+    /// Default lifetime of agent tokens, in seconds.
     pub token_ttl_secs: u64,
+    /// Largest lifetime of agent tokens, in seconds (`control.max_token_ttl_secs`).
     pub max_token_ttl_secs: u64,
     /// How long a pending approval waits for an answer before it expires (deny).
     pub approval_ttl_secs: u64,
@@ -63,9 +65,10 @@ pub struct Settings {
     pub default_autonomy: u32,
     /// Where incidents are notified (`[[notify.webhooks]]`).
     pub webhooks: Vec<crate::config::WebhookConfig>,
-    /// RequestApproval and ReportIncident calls a second per sidecar credential, and the
-    /// burst allowed (`control.sidecar_calls_per_sec`, `control.sidecar_call_burst`).
+    /// RequestApproval and ReportIncident calls a second per sidecar credential
+    /// (`control.sidecar_calls_per_sec`).
     pub sidecar_calls_per_sec: u32,
+    /// The burst of those calls allowed above the rate (`control.sidecar_call_burst`).
     pub sidecar_call_burst: u32,
 }
 
@@ -205,6 +208,8 @@ fn join_err(e: tokio::task::JoinError) -> ControlError {
 // === impl ControlCore ===
 
 impl ControlCore {
+    /// A core over `store`, auditing to `audit` and minting with `signer`; `local` is the
+    /// data plane in the same process (all-in-one), if any.
     pub fn new(
         store: Arc<dyn ControlStore>,
         audit: AuditLog,

@@ -324,7 +324,10 @@ pub fn mermaid(g: &pb::IncidentGraph) -> String {
     let label = |s: &str| s.replace('"', "#quot;").replace(['\n', '\r'], " ");
     let mut out = String::from("flowchart LR\n");
     for n in &g.nodes {
-        let id = &ids[n.id.as_str()];
+        // Every node's id is in `ids` (built from these nodes just above).
+        let Some(id) = ids.get(n.id.as_str()) else {
+            continue;
+        };
         let text = label(&n.label);
         let _ = match n.kind.as_str() {
             "incident" => writeln!(out, "  {id}{{{{\"{text}\"}}}}"),

@@ -256,8 +256,11 @@ pub fn backoff(attempts: u32, initial_ms: u64, max_ms: u64) -> u64 {
 /// Counts of the delivery task, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Notifications the webhook accepted (2xx).
     pub delivered: std::sync::atomic::AtomicU64,
+    /// Failed attempts that will be tried again.
     pub retried: std::sync::atomic::AtomicU64,
+    /// Notifications given up after `notify.max_attempts`.
     pub failed: std::sync::atomic::AtomicU64,
 }
 
@@ -294,7 +297,9 @@ pub fn tls_config(
 /// The delivery task's handle: wake it when rows were added.
 #[derive(Debug)]
 pub struct Notifier {
+    /// Wakes the delivery task early (new rows in the outbox).
     pub wake: tokio::sync::Notify,
+    /// What the delivery task has done, for `/metrics`.
     pub counters: Counters,
 }
 
@@ -481,7 +486,8 @@ where
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]).into_owned();
+        let shown = body.get(..MAX_ERROR_BODY).unwrap_or(&body);
+        let text = String::from_utf8_lossy(shown).into_owned();
         Err(format!("answered {status}: {}", text.trim()))
     };
     conn.abort();

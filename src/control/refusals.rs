@@ -111,6 +111,7 @@ fn host_of(ip: IpAddr) -> IpAddr {
 // === impl Unrecorded ===
 
 impl Unrecorded {
+    /// Every kind, in the order the refusal counters are kept.
     pub const ALL: [Unrecorded; 3] = [
         Unrecorded::RatePerActor,
         Unrecorded::RatePerPeer,

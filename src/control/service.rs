@@ -35,6 +35,8 @@ pub struct ControlService {
 type Answer<T> = Result<Response<T>, Status>;
 
 impl ControlService {
+    /// The gRPC service over `core`, authenticating callers with `auth`; watch streams end when
+    /// `shutdown` turns true.
     pub fn new(
         core: Arc<ControlCore>,
         auth: Authenticator,

@@ -13,8 +13,11 @@ use std::sync::Mutex;
 /// A budget's limits (0: no limit).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limit {
+    /// Most calls per window.
     pub max_calls: u64,
+    /// Most cost (the sum of the calls' costs) per window.
     pub max_cost: f64,
+    /// Window length, seconds.
     pub window_secs: u64,
 }
 
@@ -22,14 +25,18 @@ pub struct Limit {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
     window: i64,
+    /// Calls counted in the current window.
     pub calls: u64,
+    /// Cost counted in the current window.
     pub cost: f64,
 }
 
 /// Which limit a refused call would have passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exhausted {
+    /// `max_calls` would be passed.
     Calls,
+    /// `max_cost` would be passed.
     Cost,
 }
 

@@ -51,11 +51,17 @@ pub struct FollowStatus {
 /// What the follower needs.
 #[derive(Debug, Clone)]
 pub struct Follow {
+    /// The channel to the control plane.
     pub channel: Channel,
+    /// The sidecar's credential (a `sidecar` operator token).
     pub credential: String,
+    /// This sidecar's name, as the control plane lists its watchers.
     pub name: String,
+    /// The control state this sidecar enforces, updated as events arrive.
     pub state: Arc<State>,
+    /// The live policy, replaced when the control plane activates a revision.
     pub policy: Arc<Policy>,
+    /// How the follower is doing, for readiness and `/metrics`.
     pub status: Arc<FollowStatus>,
     /// Seconds past `exp` a token is still accepted (clock skew), plus a margin.
     pub token_slack_secs: i64,

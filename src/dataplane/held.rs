@@ -29,7 +29,9 @@ pub const HELD_FILE: &str = "control-state.json";
 /// The remembered position and revocations.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
+    /// The control plane's epoch of the state held.
     pub epoch: u64,
+    /// The version last applied within that epoch.
     pub version: u64,
     /// The held epoch at which a rollback was refused: its later snapshots are refused
     /// too, until an operator confirms a higher one ([`super::state::Refused`]).
@@ -40,6 +42,7 @@ pub struct Held {
     pub refused_since_followed: bool,
     /// Revoked token ids and their tokens' expiry.
     pub revoked: Vec<(String, i64)>,
+    /// Kill marks held.
     pub kills: Vec<Kill>,
 }
 
@@ -48,8 +51,11 @@ pub struct Held {
 pub struct Kill {
     /// `all`, `tenant`, `agent` or `session`.
     pub scope: String,
+    /// The tenant of the scope (empty for `all`).
     pub tenant: String,
+    /// The agent or session id (empty for `all` and `tenant`).
     pub target: String,
+    /// Tokens issued at or before this are refused, Unix seconds.
     pub before: i64,
 }
 

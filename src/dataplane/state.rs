@@ -26,8 +26,11 @@ use crate::types::AgentStatus as Status;
 /// served).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentStatus {
+    /// Enforced as the policy decides.
     Active,
+    /// Every Check denied until an operator unfreezes the agent.
     Frozen,
+    /// Every Check denied, for good.
     Revoked,
     /// State-mutating calls need an approval.
     Restricted,
@@ -49,6 +52,7 @@ fn strictness(s: AgentStatus) -> u8 {
 }
 
 impl AgentStatus {
+    /// The status's name in `input.agent.status` and the audit log.
     pub fn as_str(self) -> &'static str {
         match self {
             AgentStatus::Active => Status::Active.as_str(),
@@ -80,10 +84,13 @@ impl From<Status> for AgentStatus {
 /// What a Check needs to know about its agent and tenant.
 #[derive(Debug, Clone)]
 pub struct AgentContext {
+    /// The agent's status as the control plane last said.
     pub status: AgentStatus,
+    /// `low`, `medium`, `high` or `critical`, as registered (`input.agent.risk_tier`).
     pub risk_tier: Arc<str>,
     /// The tenant runs in shadow mode: denies are recorded as `would_deny` and let through.
     pub shadow: bool,
+    /// The agent's budget, if one is set.
     pub budget: Option<Limit>,
 }
 
@@ -177,7 +184,9 @@ pub fn admission(held: Option<(u64, u64)>, refused: Refused, offered: (u64, u64)
 /// A refused rollback: the (epoch, version) held and the lower one offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rollback {
+    /// The (epoch, version) this data plane holds.
     pub held: (u64, u64),
+    /// The lower (epoch, version) it was offered and refused.
     pub offered: (u64, u64),
 }
 

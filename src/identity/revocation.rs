@@ -18,10 +18,15 @@ pub type RevocationEntries = (HashMap<String, i64>, Vec<(KillTarget, i64)>);
 /// Which entry of the revocation set matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokedBy {
+    /// The token's own id (`jti`) is revoked.
     Token,
+    /// A kill of the token's session.
     Session,
+    /// A kill of the token's agent.
     Agent,
+    /// A kill of the token's tenant.
     Tenant,
+    /// A kill of every token.
     All,
 }
 
@@ -41,9 +46,23 @@ impl fmt::Display for RevokedBy {
 /// are only unique within a tenant, and one tenant's kill must never reach another's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KillTarget {
-    Session { tenant: String, session: String },
-    Agent { tenant: String, agent: String },
+    /// Every token of one session of a tenant.
+    Session {
+        /// The session's tenant.
+        tenant: String,
+        /// The session id (token `sid`).
+        session: String,
+    },
+    /// Every token of one agent of a tenant.
+    Agent {
+        /// The agent's tenant.
+        tenant: String,
+        /// The agent id (token `sub`).
+        agent: String,
+    },
+    /// Every token of the tenant named.
     Tenant(String),
+    /// Every token of every tenant.
     All,
 }
 

@@ -29,6 +29,7 @@ pub struct BuildOptions {
 pub struct Built {
     /// The `.tar.gz` bytes.
     pub archive: Vec<u8>,
+    /// The bundle's revision, as its `.manifest` records it.
     pub revision: String,
     /// Every file in the archive, by path.
     pub files: Vec<String>,

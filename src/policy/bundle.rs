@@ -63,17 +63,29 @@ impl std::fmt::Display for BundleSource {
 /// A failure to read or make sense of a bundle. Names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    /// A bundle file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A bundle file is not what it must be (a bad manifest, data file or path).
     #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The bundle is over [`MAX_BUNDLE_BYTES`] once uncompressed.
     #[error("bundle is over {MAX_BUNDLE_BYTES} bytes uncompressed")]
     TooLarge,
+    /// regorus refused the modules or data (its message).
     #[error("{0}")]
     Compile(String),
+    /// The bundle holds no `.rego` module.
     #[error("bundle has no .rego module")]
     Empty,
     /// A signed-bundle check failed (see [`super::signing::verify`]).
@@ -84,6 +96,7 @@ pub enum BundleError {
 /// The files of a bundle, by normalized relative path, sorted.
 #[derive(Debug, Clone)]
 pub struct BundleFiles {
+    /// Each file's path in the bundle (`/`-separated, relative) and its bytes.
     pub files: Vec<(String, Vec<u8>)>,
 }
 

@@ -11,9 +11,13 @@ use regorus::Value;
 /// The four outcomes a policy can give.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// The request goes on to the tool.
     Allow,
+    /// The request is refused (403 unless the policy sets a status).
     Deny,
+    /// The request goes on, changed as the policy says (headers, query).
     Sanitize,
+    /// The request waits for a human: refused with an approval id to retry with.
     ApprovalNeeded,
     /// Shadow mode: the policy (or a budget) denied, the request goes on, and the decision
     /// is recorded as `would_deny`. Never a policy's own answer.
@@ -54,13 +58,23 @@ impl Verdict {
 /// A decision document that does not have the expected shape.
 #[derive(Debug, thiserror::Error)]
 pub enum DecisionError {
+    /// The JSON type the document had instead (`string`, `array`, ...).
     #[error("decision must be a boolean or an object, got {0}")]
     WrongType(&'static str),
+    /// A key of the object has the wrong type or value.
     #[error("decision key {key:?}: {message}")]
-    BadKey { key: &'static str, message: String },
+    BadKey {
+        /// The key.
+        key: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// The `decision` key and the `allowed` key disagree.
     #[error("decision {decision:?} contradicts allowed = {allowed}")]
     Contradiction {
+        /// What `decision` said.
         decision: &'static str,
+        /// What `allowed` said.
         allowed: bool,
     },
 }
@@ -68,15 +82,23 @@ pub enum DecisionError {
 /// A typed decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
+    /// What the policy decided.
     pub verdict: Verdict,
+    /// Why, as the policy says it (`reason`); recorded and sent in `x-aegis-reason`.
     pub reason: String,
     /// On allow: headers added to the upstream request; on deny: to the response.
     pub headers: Vec<(String, String)>,
+    /// On deny: the response body for the agent; `None` for Aegis's JSON body.
     pub body: Option<String>,
+    /// On deny: the HTTP status for the agent; `None` for 403.
     pub http_status: Option<u32>,
+    /// On allow: headers removed from the upstream request.
     pub request_headers_to_remove: Vec<String>,
+    /// On allow: headers added to the tool's response.
     pub response_headers_to_add: Vec<(String, String)>,
+    /// On allow: query parameters set on the upstream request.
     pub query_parameters_to_set: Vec<(String, String)>,
+    /// On allow: query parameters removed from the upstream request.
     pub query_parameters_to_remove: Vec<String>,
     /// As JSON, for Envoy's dynamic metadata.
     pub dynamic_metadata: Option<serde_json::Map<String, serde_json::Value>>,

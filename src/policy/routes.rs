@@ -49,7 +49,9 @@ pub enum Protocol {
 /// and parse as it, else it is denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
+    /// `application/json`: parsed as JSON, duplicate keys refused.
     Json,
+    /// `application/x-www-form-urlencoded`: parsed as a form.
     Form,
 }
 
@@ -82,6 +84,7 @@ pub enum RouteSource {
 pub struct Route {
     /// The route's name, for the audit row and `input.tool.route` (may be empty).
     pub name: String,
+    /// Which configuration the route came from.
     pub source: RouteSource,
     /// The tool; `None` on an MCP route that serves many tools (the body names it).
     pub tool: Option<String>,
@@ -90,11 +93,14 @@ pub struct Route {
     pub action: Option<String>,
     /// The resource; `None`: the request path (or the MCP call's argument).
     pub resource: Option<String>,
+    /// HTTP, or MCP (the tool comes from the `tools/call` body).
     pub protocol: Protocol,
     /// Methods the route serves, upper case; empty: any. Another method is denied
     /// (`method_not_allowed`).
     pub methods: Vec<String>,
+    /// The body type the route declares, if any; `None`: the body is not read.
     pub body: Option<BodyKind>,
+    /// Whether the agent's `x-aegis-*` label headers are ignored or compared.
     pub labels: AgentLabels,
     /// The cost of one call for budgets; an agent's `x-aegis-cost` may only raise it.
     pub cost: f64,
@@ -104,12 +110,17 @@ pub struct Route {
 /// wrong, not the agent's request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// A label key (named) that Aegis does not know: a typo in the platform's configuration.
     #[error("unknown route label {0:?} in context_extensions (known: {known})", known = LABEL_KEYS.join(", "))]
     UnknownLabel(String),
+    /// A label whose value cannot be used.
     #[error("route label {key}={value:?}: {message}")]
     BadLabel {
+        /// The label's key.
         key: &'static str,
+        /// Its value, as configured.
         value: String,
+        /// What is wrong with it.
         message: &'static str,
     },
 }

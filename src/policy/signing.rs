@@ -168,7 +168,8 @@ impl Parser<'_> {
     }
 
     fn literal(&mut self, lit: &'static str) -> Result<Json, String> {
-        if self.s[self.i..].starts_with(lit.as_bytes()) {
+        let rest = self.s.get(self.i..).unwrap_or_default();
+        if rest.starts_with(lit.as_bytes()) {
             self.i += lit.len();
             Ok(Json::Lit(lit))
         } else {

@@ -8,8 +8,11 @@ use super::{BundleError, BundleFiles, BundleSource, CompiledBundle, PolicyOption
 /// The outcome of one test rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The rule evaluated to `true`.
     Pass,
+    /// The rule evaluated to `false` or was undefined.
     Fail,
+    /// The evaluation failed (its message).
     Error(String),
 }
 
@@ -20,6 +23,7 @@ pub struct TestResult {
     pub rule: String,
     /// Module path.
     pub file: String,
+    /// What the rule gave.
     pub outcome: Outcome,
 }
 

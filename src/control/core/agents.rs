@@ -7,6 +7,7 @@ use crate::types::AgentStatus;
 impl ControlCore {
     // --- agents ---
 
+    /// Registers an agent in a tenant (`agent.register`).
     pub async fn register_agent(
         &self,
         op: &Operator,
@@ -51,6 +52,7 @@ impl ControlCore {
         Ok(agent)
     }
 
+    /// One agent of a tenant the caller may read.
     pub async fn get_agent(
         &self,
         op: &Operator,
@@ -68,6 +70,7 @@ impl ControlCore {
             })
     }
 
+    /// The agents of the tenants the caller may read, optionally by status.
     pub async fn list_agents(
         &self,
         op: &Operator,
@@ -133,6 +136,7 @@ impl ControlCore {
 
     // --- tokens ---
 
+    /// Mints an agent token for a registered, active or restricted agent (`token.issue`).
     pub async fn issue_token(
         &self,
         op: &Operator,
@@ -164,6 +168,7 @@ impl ControlCore {
         })
     }
 
+    /// Mints a new token for the same agent and session and revokes the old one (`token.rotate`).
     pub async fn rotate_token(
         &self,
         op: &Operator,
@@ -200,6 +205,7 @@ impl ControlCore {
         })
     }
 
+    /// Revokes one token (`token.revoke`).
     pub async fn revoke_token(
         &self,
         op: &Operator,
@@ -224,6 +230,7 @@ impl ControlCore {
         Ok(info)
     }
 
+    /// The tokens of a tenant (of one agent), live ones unless all are asked for.
     pub async fn list_tokens(
         &self,
         op: &Operator,
@@ -341,6 +348,7 @@ impl ControlCore {
 
     // --- kills ---
 
+    /// Kills by session, agent, tenant or everything: a kill mark, and the tokens it covers revoked (`kill.*`).
     pub async fn kill(
         &self,
         op: &Operator,

@@ -5,6 +5,7 @@ use super::*;
 impl ControlCore {
     // --- approvals ---
 
+    /// The approvals of the tenants the caller may read, by status and agent.
     pub async fn list_approvals(
         &self,
         op: &Operator,
@@ -31,6 +32,7 @@ impl ControlCore {
         .await
     }
 
+    /// One approval of a tenant the caller may read.
     pub async fn get_approval(
         &self,
         op: &Operator,

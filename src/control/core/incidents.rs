@@ -331,6 +331,7 @@ impl ControlCore {
         }
     }
 
+    /// The incidents of the tenants the caller may read, by status and agent.
     pub async fn list_incidents(
         &self,
         op: &Operator,
@@ -344,6 +345,7 @@ impl ControlCore {
             .await
     }
 
+    /// One incident, with the state of its notifications.
     pub async fn get_incident(
         &self,
         op: &Operator,

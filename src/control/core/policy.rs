@@ -22,6 +22,7 @@ impl ControlCore {
             .await
     }
 
+    /// The policy activations, newest first.
     pub async fn list_policy_revisions(
         &self,
         op: &Operator,

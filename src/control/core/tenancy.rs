@@ -5,6 +5,7 @@ use super::*;
 impl ControlCore {
     // --- tenants ---
 
+    /// A tenant's settings (mode, autonomy level), defaults if never set.
     pub async fn get_tenant(
         &self,
         op: &Operator,
@@ -23,6 +24,7 @@ impl ControlCore {
         }))
     }
 
+    /// Sets a tenant's mode and autonomy level (`tenant.update`).
     pub async fn update_tenant(
         &self,
         op: &Operator,
@@ -75,6 +77,7 @@ impl ControlCore {
 
     // --- budgets ---
 
+    /// Sets or removes an agent's budget (`budget.set`).
     pub async fn set_budget(
         &self,
         op: &Operator,
@@ -127,6 +130,7 @@ impl ControlCore {
         Ok(self.with_usage(budget))
     }
 
+    /// Budgets of the tenants the caller may read, with their use where known.
     pub async fn list_budgets(
         &self,
         op: &Operator,
