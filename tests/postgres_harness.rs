@@ -1,6 +1,13 @@
 //! The PostgreSQL test harness (tests/common/pg.rs) itself: a real server starts on
 //! loopback, serves a fresh database, keeps its data across a restart, runs beside
 //! another, and is gone once dropped.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -4,6 +4,7 @@
 
 pub mod envoy;
 pub mod pg;
+pub mod service;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,468 @@
+//! The control store's contract, run against both backends: the embedded SQLite file and a
+//! real PostgreSQL server on loopback (started by `tests/common/pg.rs`; `scripts/test`
+//! installs it). The rules live once, above the stores (`aegis::control::rules`); what each
+//! backend must do is keep records, commit a unit of work whole, hand out the change feed
+//! in version order, announce commits, including another replica's, and never lose a
+//! write when two replicas act at once.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis::control::ControlError;
+use aegis::control::pb::{self, KillScope, state_item::Item};
+use aegis::control::postgres::PostgresStore;
+use aegis::control::rules;
+use aegis::control::sqlite::SqliteStore;
+use aegis::control::store::{ControlStore, Feed};
+use aegis::types::AgentStatus;
+use common::pg::Postgres;
+
+/// One backend under test: two handles on the same store (two replicas), kept alive with
+/// whatever they need.
+struct Backend {
+    name: &'static str,
+    a: Arc<dyn ControlStore>,
+    b: Arc<dyn ControlStore>,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("control.db");
+    Backend {
+        name: "sqlite",
+        a: Arc::new(SqliteStore::open(&path).expect("open")),
+        b: Arc::new(SqliteStore::open(&path).expect("open again")),
+        _keep: Box::new(dir),
+    }
+}
+
+async fn postgres(server: &Postgres, db: &str) -> Backend {
+    let url = server.database(db);
+    Backend {
+        name: "postgres",
+        a: Arc::new(PostgresStore::open(&url).await.expect("open")),
+        b: Arc::new(PostgresStore::open(&url).await.expect("open again")),
+        _keep: Box::new(()),
+    }
+}
+
+/// Runs `check` against SQLite and against PostgreSQL.
+macro_rules! both {
+    ($name:ident, $check:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $check(sqlite().await).await;
+            let server = Postgres::start();
+            $check(postgres(&server, stringify!($name)).await).await;
+        }
+    };
+}
+
+const NOW: i64 = 1_900_000_000;
+
+fn agent(tenant: &str, id: &str) -> pb::Agent {
+    pb::Agent {
+        tenant: tenant.into(),
+        id: id.into(),
+        status: "active".into(),
+        risk_tier: "medium".into(),
+        reason: "registered".into(),
+        created_at: NOW,
+        updated_at: NOW,
+        updated_by: "test".into(),
+        live_tokens: 0,
+    }
+}
+
+fn token(jti: &str, agent: &str, session: &str) -> pb::TokenInfo {
+    pb::TokenInfo {
+        jti: jti.into(),
+        tenant: "acme".into(),
+        agent: agent.into(),
+        session: session.into(),
+        scopes: vec!["invoices:read".into()],
+        issued_at: NOW - 10,
+        expires_at: NOW + 600,
+        ..Default::default()
+    }
+}
+
+async fn register(s: &Arc<dyn ControlStore>, a: pb::Agent) -> Result<u64, ControlError> {
+    s.run(move |tx| rules::register_agent(tx, &a).map(|c| c.version))
+        .await
+}
+
+async fn set_status(
+    s: &Arc<dyn ControlStore>,
+    id: &str,
+    status: AgentStatus,
+) -> Result<pb::Agent, ControlError> {
+    let id = id.to_owned();
+    s.run(move |tx| rules::set_agent_status(tx, "acme", &id, status, "test", "op", NOW))
+        .await
+        .map(|c| c.value)
+}
+
+async fn changes(s: &Arc<dyn ControlStore>, after: u64) -> Vec<pb::WatchEvent> {
+    match s.changes_since(after, 10_000).await.expect("feed") {
+        Feed::Changes(events) => events,
+        Feed::Gap => panic!("a gap after {after}"),
+    }
+}
+
+async fn agent_status_rules(b: Backend) {
+    let s = &b.a;
+    register(s, agent("acme", "bot")).await.expect("registered");
+    let again = register(s, agent("acme", "bot")).await.expect_err("twice");
+    assert!(
+        again.to_string().contains("already registered (active)"),
+        "{}: {again}",
+        b.name
+    );
+
+    assert_eq!(
+        set_status(s, "bot", AgentStatus::Frozen)
+            .await
+            .expect("freeze")
+            .status,
+        "frozen"
+    );
+    let loosen = set_status(s, "bot", AgentStatus::Restricted)
+        .await
+        .expect_err("restrict over freeze");
+    assert!(
+        loosen.to_string().contains("would loosen"),
+        "{}: {loosen}",
+        b.name
+    );
+    let same = set_status(s, "bot", AgentStatus::Frozen)
+        .await
+        .expect_err("no-op");
+    assert!(
+        same.to_string().contains("already frozen"),
+        "{}: {same}",
+        b.name
+    );
+    set_status(s, "bot", AgentStatus::Revoked)
+        .await
+        .expect("revoke");
+    let back = set_status(s, "bot", AgentStatus::Active)
+        .await
+        .expect_err("revoked is final");
+    assert!(
+        back.to_string().contains("which is final"),
+        "{}: {back}",
+        b.name
+    );
+    let missing = set_status(s, "ghost", AgentStatus::Frozen)
+        .await
+        .expect_err("unknown");
+    assert!(
+        missing.to_string().contains("no agent ghost"),
+        "{}: {missing}",
+        b.name
+    );
+
+    // The other replica reads what this one wrote.
+    let seen =
+        b.b.run(|tx| tx.agent("acme", "bot", NOW))
+            .await
+            .expect("read")
+            .expect("there");
+    assert_eq!(seen.status, "revoked", "{}", b.name);
+}
+both!(agent_status_rules_hold_on_both_backends, agent_status_rules);
+
+async fn kills(b: Backend) {
+    let s = &b.a;
+    register(s, agent("acme", "bot")).await.expect("registered");
+    for (jti, agent, session) in [
+        ("t1", "bot", "s1"),
+        ("t2", "bot", "s1"),
+        ("t3", "bot", "s2"),
+        ("t4", "other", "s3"),
+    ] {
+        let t = token(jti, agent, session);
+        s.run(move |tx| tx.insert_token(&t)).await.expect("token");
+    }
+    let mark = |before| pb::KillMark {
+        scope: KillScope::Agent as i32,
+        tenant: "acme".into(),
+        target: "bot".into(),
+        before,
+    };
+    let m = mark(NOW);
+    let killed = s
+        .run(move |tx| rules::kill(tx, &m, "compromised", "op", NOW))
+        .await
+        .expect("kill");
+    let hit = &killed.value;
+    assert_eq!(
+        (hit.tokens, hit.sessions, hit.agents, hit.tenants),
+        (3, 2, 1, 1),
+        "{}",
+        b.name
+    );
+    let revoked: Vec<String> = killed
+        .items
+        .iter()
+        .filter_map(|i| match &i.item {
+            Some(Item::RevokedToken(t)) => Some(t.jti.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(revoked, ["t1", "t2", "t3"], "{}", b.name);
+    let t4 = s
+        .run(|tx| rules::token(tx, "t4", NOW))
+        .await
+        .expect("read")
+        .expect("t4");
+    assert_eq!(
+        t4.status, "live",
+        "{}: another agent's token is untouched",
+        b.name
+    );
+
+    // An earlier mark never lowers a later one; the floor covers the agent's sessions.
+    let older = mark(NOW - 100);
+    s.run(move |tx| rules::kill(tx, &older, "again", "op", NOW))
+        .await
+        .expect("kill again");
+    let floor = s
+        .run(|tx| rules::kill_floor(tx, "acme", "bot", "s9"))
+        .await
+        .expect("floor");
+    assert_eq!(floor, NOW, "{}", b.name);
+    let nothing = pb::KillMark {
+        scope: KillScope::Session as i32,
+        tenant: "acme".into(),
+        target: "never".into(),
+        before: NOW,
+    };
+    let err = s
+        .run(move |tx| rules::kill(tx, &nothing, "x", "op", NOW))
+        .await
+        .expect_err("unknown session");
+    assert!(
+        err.to_string().contains("nothing to kill"),
+        "{}: {err}",
+        b.name
+    );
+}
+both!(
+    kills_cover_count_and_never_lower_a_mark_on_both_backends,
+    kills
+);
+
+async fn approvals(b: Backend) {
+    let s = &b.a;
+    let approval = |id: &str, hash: &str, session: &str| pb::Approval {
+        id: id.into(),
+        tenant: "acme".into(),
+        agent: "bot".into(),
+        session: session.into(),
+        call_hash: hash.into(),
+        created_at: NOW,
+        expires_at: NOW + 300,
+        ..Default::default()
+    };
+    let ask = |a: pb::Approval| async move {
+        s.run(move |tx| rules::request_approval(tx, &a, 2, true, NOW))
+            .await
+            .expect("request")
+    };
+    let first = ask(approval("ap1", "h1", "s1")).await;
+    assert!(first.created, "{}", b.name);
+    let same = ask(approval("ap1b", "h1", "s1")).await;
+    assert_eq!(
+        (same.created, same.approval_id.as_str()),
+        (false, "ap1"),
+        "{}",
+        b.name
+    );
+    let other_session = ask(approval("ap2", "h1", "s2")).await;
+    assert!(
+        other_session.created,
+        "{}: another session asks anew",
+        b.name
+    );
+    let capped = ask(approval("ap3", "h3", "s1")).await;
+    assert!(capped.cap_reached && !capped.created, "{}", b.name);
+
+    let decided = s
+        .run(|tx| rules::decide_approval(tx, "acme", "ap1", true, "op", "ok", NOW + 600, NOW))
+        .await
+        .expect("decide")
+        .expect("pending");
+    assert_eq!(decided.status, "approved", "{}", b.name);
+    let twice = s
+        .run(|tx| rules::decide_approval(tx, "acme", "ap1", false, "op", "no", 0, NOW))
+        .await
+        .expect("decide again");
+    assert!(
+        twice.is_none(),
+        "{}: a decided approval is not decided again",
+        b.name
+    );
+    let used = |d: &'static str| s.run(move |tx| rules::use_approval(tx, "acme", "ap1", d, NOW));
+    assert!(used("d1").await.expect("use"), "{}", b.name);
+    assert!(
+        !used("d2").await.expect("use again"),
+        "{}: an override is used once",
+        b.name
+    );
+    // A pending approval nobody answered in time reads as expired.
+    let late = s
+        .run(|tx| rules::approval(tx, "acme", "ap2", NOW + 301))
+        .await
+        .expect("read")
+        .expect("there");
+    assert_eq!(late.status, "expired", "{}", b.name);
+}
+both!(approvals_dedup_cap_and_use_once_on_both_backends, approvals);
+
+async fn feed(b: Backend) {
+    let (s, other) = (&b.a, &b.b);
+    let mut announced = s.subscribe();
+    let first = register(s, agent("acme", "one")).await.expect("one");
+    // The other replica's commit is announced to this one and is in its feed.
+    let second = register(other, agent("acme", "two")).await.expect("two");
+    tokio::time::timeout(Duration::from_secs(5), announced.wait_for(|v| *v >= second))
+        .await
+        .unwrap_or_else(|_| panic!("{}: another replica's commit announced within 5 s", b.name))
+        .expect("store alive");
+    let (epoch, raised) = s.run(|tx| rules::raise_epoch(tx, 0)).await.expect("raise");
+    let all = changes(s, 0).await;
+    let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![first, second, raised], "{}", b.name);
+    assert!(
+        all[2].items.is_empty() && all[2].epoch == epoch,
+        "{}",
+        b.name
+    );
+    assert_eq!(changes(other, first).await.len(), 2, "{}", b.name);
+    let snapshot = s
+        .run(|tx| rules::snapshot(tx, NOW))
+        .await
+        .expect("snapshot");
+    assert_eq!((snapshot.0, snapshot.1), (epoch, raised), "{}", b.name);
+}
+both!(the_feed_is_ordered_and_shared_on_both_backends, feed);
+
+async fn concurrent(b: Backend) {
+    // Two replicas revoke and freeze at once: every write lands, each at its own version,
+    // and the feed holds every one of them in order.
+    for i in 0..20 {
+        register(&b.a, agent("acme", &format!("bot{i}")))
+            .await
+            .expect("register");
+        let t = token(&format!("jti{i}"), &format!("bot{i}"), "s");
+        b.a.run(move |tx| tx.insert_token(&t)).await.expect("token");
+    }
+    let start = b.a.run(rules::state_version).await.expect("version").1;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 { b.a.clone() } else { b.b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let jti = format!("jti{i}");
+            let id = format!("bot{i}");
+            store
+                .run(move |tx| rules::revoke_token(tx, &jti, "leaked", NOW).map(|c| c.version))
+                .await?;
+            store
+                .run(move |tx| {
+                    rules::set_agent_status(tx, "acme", &id, AgentStatus::Frozen, "x", "op", NOW)
+                        .map(|c| c.version)
+                })
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+    }
+    let feed = changes(&b.a, start).await;
+    let versions: Vec<u64> = feed.iter().map(|e| e.version).collect();
+    let expected: Vec<u64> = (start + 1..=start + 40).collect();
+    assert_eq!(
+        versions, expected,
+        "{}: 40 changes, no version lost or repeated",
+        b.name
+    );
+    let frozen =
+        b.b.run(|tx| tx.agents(Some("acme"), Some("frozen"), NOW))
+            .await
+            .expect("agents");
+    assert_eq!(frozen.len(), 20, "{}", b.name);
+    let live =
+        b.b.run(|tx| rules::tokens(tx, "acme", None, false, NOW))
+            .await
+            .expect("tokens");
+    assert!(
+        live.is_empty(),
+        "{}: every revocation landed: {live:?}",
+        b.name
+    );
+}
+both!(
+    two_replicas_writing_at_once_lose_nothing_on_both_backends,
+    concurrent
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reconnects_after_a_database_restart() {
+    let server = Postgres::start();
+    let url = server.database("restart");
+    let store: Arc<dyn ControlStore> = Arc::new(PostgresStore::open(&url).await.expect("open"));
+    register(&store, agent("acme", "before"))
+        .await
+        .expect("before");
+    server.restart();
+    // The first unit of work after the restart may find its connection gone; the store
+    // opens a new one for the next, and nothing committed is lost.
+    let mut after = Err(ControlError::Store("not tried".into()));
+    for _ in 0..50 {
+        after = register(&store, agent("acme", "after")).await;
+        if after.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    after.expect("a unit of work succeeds after the restart");
+    let agents = store
+        .run(|tx| tx.agents(Some("acme"), None, NOW))
+        .await
+        .expect("agents");
+    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["after", "before"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_is_refused_naming_it_without_its_password() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let url = format!("postgres://aegis:hunter2@127.0.0.1:{port}/aegis");
+    let err = PostgresStore::open(&url)
+        .await
+        .expect_err("nothing listens");
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "the password is never shown: {text}"
+    );
+}
