@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod pg;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
