@@ -28,7 +28,7 @@ What each part proves, and what it does not:
   the control plane must be highly available instead of one replica: at least 2
   replicas of a StatefulSet (a data directory per replica), pod anti-affinity across
   nodes, a PodDisruptionBudget, the PostgreSQL DSN from a Secret, one signing key from
-  a Secret, a Service in front.
+  a Secret, a Service in front that the sidecars follow.
 * dockerfile: a text parse: base images pinned as name:tag, final stage distroless and
   non-root, entrypoint, exposed ports. It does not build the image or check that the
   images exist in a registry.
@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 
 import yaml
 
@@ -623,6 +624,24 @@ def check_ha_control_plane(where, o, pod, labels, c, objects):
     return facts
 
 
+def check_sidecars_follow_a_service(sidecar_urls, ha_facts):
+    """Each sidecar's AEGIS_CONTROL_PLANE (control.url) names a Service in front of the
+    replicas (`https://SERVICE.NAMESPACE.svc:9193`), so that when its replica dies it
+    reconnects to another; one replica's own name (through the headless Service) would pin
+    it there."""
+    services = {s for f in ha_facts for s in f.get("services", [])}
+    follow = []
+    for where, url, ns in sidecar_urls:
+        host = (urllib.parse.urlsplit(url or "").hostname or "").split(".")
+        name, svc_ns = host[0], (host[1] if len(host) > 1 else ns)
+        key = f"v1/Service/{svc_ns}/{name}"
+        if key not in services:
+            fail("k8s", f"{where}: AEGIS_CONTROL_PLANE {url!r} is not a Service in front of the "
+                        f"control-plane replicas ({sorted(services)})")
+        follow.append({"sidecar": where, "url": url, "service": key})
+    return follow
+
+
 def bundle_files(policies_dir):
     out = {}
     for dirpath, _, files in os.walk(policies_dir):
@@ -668,7 +687,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version, ha=Fal
     # creates them (the README's step 2 names them).
     generated = {o["metadata"]["name"] for o in objects if o.get("kind") == "ConfigMap"}
     external_configmaps = set()
-    agent_pods, sidecars, control_planes, ha_facts = [], [], [], []
+    agent_pods, sidecars, control_planes, ha_facts, sidecar_urls = [], [], [], [], []
     for o in objects:
         pod, labels = pod_spec(o)
         if pod is None:
@@ -709,6 +728,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version, ha=Fal
                 rp, lp = c.get("readinessProbe", {}), c.get("livenessProbe", {})
                 if mode == "sidecar":
                     sidecars.append(where)
+                    sidecar_urls.append((where, env.get("AEGIS_CONTROL_PLANE"), ns))
                     agent_pods.append((o, labels))
                     if rp.get("grpc", {}).get("port") != 9191 or \
                             rp["grpc"].get("service") != "envoy.service.auth.v3.Authorization":
@@ -763,6 +783,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version, ha=Fal
                         fail("k8s", f"{where}: the control plane must be 1 replica with strategy Recreate")
     if ha:
         facts["ha_control_planes"] = ha_facts
+        facts["sidecars_follow"] = check_sidecars_follow_a_service(sidecar_urls, ha_facts)
     facts["containers_checked"] = checked_containers
     facts["aegis_sidecars"] = sidecars
     facts["aegis_control_planes"] = control_planes

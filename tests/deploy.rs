@@ -337,13 +337,17 @@ fn the_readme_creates_what_the_manifests_reference() {
 // === The HA variant (deploy/k8s-ha, an overlay of deploy/k8s) ===
 
 /// A copy of deploy/k8s and deploy/k8s-ha side by side (the overlay names its base
-/// `../k8s`), with one file of the overlay edited; the overlay validated.
+/// `../k8s`), with one file of either edited (`file` relative to deploy/, e.g.
+/// `k8s-ha/control-plane.yaml`); the overlay validated.
 fn validate_k8s_ha_with(file: &str, edit: impl Fn(&str) -> String) -> (bool, Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     copy_dir(&root().join("deploy/k8s"), &dir.path().join("k8s"));
     let ha = dir.path().join("k8s-ha");
     copy_dir(&root().join("deploy/k8s-ha"), &ha);
-    edited(&ha, &format!("deploy/k8s-ha/{file}"), edit);
+    let edited_dir = dir
+        .path()
+        .join(Path::new(file).parent().expect("a directory"));
+    edited(&edited_dir, &format!("deploy/{file}"), edit);
     validate(&["--only", "k8s-ha", "--k8s-ha", ha.to_str().expect("utf-8")])
 }
 
@@ -390,11 +394,32 @@ fn the_ha_variant_passes_the_schemas_and_the_ha_checks() {
         ["policy/v1/PodDisruptionBudget/aegis/aegis-control"]
     );
     assert_eq!(strs(&cp["services"]), ["v1/Service/aegis/aegis-control"]);
+    let follow = k["sidecars_follow"].as_array().expect("sidecars_follow");
+    assert_eq!(follow.len(), 1, "{k:#}");
+    assert_eq!(follow[0]["service"], "v1/Service/aegis/aegis-control");
+}
+
+#[test]
+fn a_sidecar_pinned_to_one_replica_is_refused() {
+    // One replica's own name, through the headless Service: its sidecars could not move.
+    let (ok, r) = validate_k8s_ha_with("k8s/agent.yaml", |t| {
+        t.replacen(
+            "https://aegis-control.aegis.svc:9193",
+            "https://aegis-control-0.aegis-control-replicas.aegis.svc:9193",
+            1,
+        )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    assert!(
+        errors(&r).contains("is not a Service in front of the control-plane replicas"),
+        "{}",
+        errors(&r)
+    );
 }
 
 #[test]
 fn an_ha_control_plane_of_one_replica_is_refused() {
-    let (ok, r) = validate_k8s_ha_with("control-plane.yaml", |t| {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
         t.replacen("  replicas: 2\n", "  replicas: 1\n", 1)
     });
     assert!(!ok, "accepted: {r:#}");
@@ -408,7 +433,7 @@ fn an_ha_control_plane_of_one_replica_is_refused() {
 
 #[test]
 fn a_database_url_written_in_the_manifest_is_refused() {
-    let (ok, r) = validate_k8s_ha_with("control-plane.yaml", |t| {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
         t.replacen(
             "          valueFrom:\n            secretKeyRef:\n              name: aegis-control-database\n              key: url\n",
             "          value: postgres://aegis:hunter2@postgres.aegis.svc:5432/aegis\n",
@@ -425,7 +450,7 @@ fn a_database_url_written_in_the_manifest_is_refused() {
 
 #[test]
 fn an_ha_variant_without_a_pod_disruption_budget_is_refused() {
-    let (ok, r) = validate_k8s_ha_with("control-plane.yaml", |t| {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
         let start = t.find("apiVersion: policy/v1\n").expect("the PDB");
         let end = start + t[start..].find("\n---\n").expect("the document's end") + 5;
         let doc_start = t[..start].rfind("\n---\n").expect("the document's start") + 5;
@@ -441,7 +466,7 @@ fn an_ha_variant_without_a_pod_disruption_budget_is_refused() {
 
 #[test]
 fn an_ha_variant_without_anti_affinity_is_refused() {
-    let (ok, r) = validate_k8s_ha_with("control-plane.yaml", |t| {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
         t.replacen(
             "          - topologyKey: kubernetes.io/hostname\n",
             "          - topologyKey: topology.kubernetes.io/zone\n",
@@ -459,7 +484,7 @@ fn an_ha_variant_without_anti_affinity_is_refused() {
 #[test]
 fn replicas_sharing_one_data_volume_are_refused() {
     // A Deployment of the same pods: every replica would mount one claim.
-    let (ok, r) = validate_k8s_ha_with("control-plane.yaml", |t| {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
         let start = t.find("  # One volume per replica").expect("the templates");
         let end = start + t[start..].find("\n---\n").expect("the document's end");
         let t = format!("{}{}", &t[..start], &t[end + 1..]);
