@@ -282,6 +282,9 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
         &operator_cmd(&a_data, "fleet", "sidecar", "acme"),
     )
     .expect("write");
+    // The operator's connection first: the Service hands it to replica A, the one that
+    // dies, so the operator's calls fail over too.
+    let ctl = Ctl::connect(service.addr, &root).await;
     let service_url = format!("http://{}", service.addr);
     let mut sidecars = Vec::new();
     for i in 0..3 {
@@ -312,7 +315,6 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
         "both replicas serve: {handed:?}"
     );
 
-    let ctl = Ctl::connect(service.addr, &root).await;
     const AGENTS: usize = 6;
     let mut tokens = Vec::new();
     for i in 0..AGENTS {
@@ -357,8 +359,10 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
     let mut killed_at: Option<Instant> = None;
     let mut resumed: Option<(Duration, Duration)> = None;
     let mut refused_during_failover = 0;
+    let mut handed_to_b = 0;
     for step in 0..60 {
         if step == 30 {
+            handed_to_b = service.handed[1].load(std::sync::atomic::Ordering::Relaxed);
             a.child.kill().expect("kill replica A");
             let _ = a.child.wait();
             killed_at = Some(Instant::now());
@@ -443,11 +447,14 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
     }
 
     let (first_ack, first_applied) = resumed.expect("an action after the kill");
+    // The sidecars that followed replica A reconnected through the Service, to B.
+    let reconnected = service.handed[1].load(std::sync::atomic::Ordering::Relaxed) - handed_to_b;
+    assert!(reconnected > 0, "a sidecar moved to replica B");
     let p = |s: &[f64], q| percentile(s, q);
     eprintln!(
-        "failover: replica A killed; the first action after it was answered {} ms later \
-         ({refused_during_failover} refused calls meanwhile) and applied at every sidecar {} ms \
-         after the kill",
+        "failover: replica A killed; {reconnected} connection(s) moved to replica B; the first \
+         action after it was answered {} ms later ({refused_during_failover} refused calls \
+         meanwhile) and applied at every sidecar {} ms after the kill",
         first_ack.as_millis(),
         first_applied.as_millis()
     );
