@@ -1,0 +1,268 @@
+//! SQLite rows to records.
+
+use super::*;
+
+pub(super) fn outbox_row(r: &Row<'_>) -> rusqlite::Result<Outbox> {
+    Ok(Outbox {
+        id: r.get(0)?,
+        incident: r.get(1)?,
+        tenant: r.get(2)?,
+        url: r.get(3)?,
+        payload: r.get(4)?,
+        state: r.get(5)?,
+        attempts: r.get(6)?,
+        next_at_ms: r.get(7)?,
+        last_error: r.get(8)?,
+    })
+}
+
+pub(super) fn agent_row(r: &Row<'_>) -> rusqlite::Result<pb::Agent> {
+    Ok(pb::Agent {
+        tenant: r.get(0)?,
+        id: r.get(1)?,
+        status: r.get(2)?,
+        risk_tier: r.get(3)?,
+        reason: r.get(4)?,
+        created_at: r.get(5)?,
+        updated_at: r.get(6)?,
+        updated_by: r.get(7)?,
+        live_tokens: r
+            .get::<_, i64>(8)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))?,
+    })
+}
+
+pub(super) fn token_row(r: &Row<'_>) -> rusqlite::Result<pb::TokenInfo> {
+    let scopes: String = r.get(4)?;
+    let revoked_at: Option<i64> = r.get(7)?;
+    Ok(pb::TokenInfo {
+        jti: r.get(0)?,
+        tenant: r.get(1)?,
+        agent: r.get(2)?,
+        session: r.get(3)?,
+        scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+        issued_at: r.get(5)?,
+        expires_at: r.get(6)?,
+        status: String::new(),
+        revoked_at: revoked_at.unwrap_or(0),
+        revoked_reason: r.get(8)?,
+    })
+}
+
+pub(super) fn approval_row(r: &Row<'_>) -> rusqlite::Result<pb::Approval> {
+    Ok(pb::Approval {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        agent: r.get(2)?,
+        session: r.get(3)?,
+        run_id: r.get(4)?,
+        tool: r.get(5)?,
+        action: r.get(6)?,
+        resource: r.get(7)?,
+        arguments: r.get(8)?,
+        call_hash: r.get(9)?,
+        policy_reason: r.get(10)?,
+        decision_id: r.get(11)?,
+        status: r.get(12)?,
+        created_at: r.get(13)?,
+        expires_at: r.get(14)?,
+        decided_by: r.get(15)?,
+        decided_at: r.get(16)?,
+        decision_reason: r.get(17)?,
+        override_expires_at: r.get(18)?,
+        used_at: r.get(19)?,
+        used_by_decision: r.get(20)?,
+    })
+}
+
+pub(super) fn revision_row(r: &Row<'_>) -> rusqlite::Result<pb::PolicyRevision> {
+    let id: i64 = r.get(0)?;
+    Ok(pb::PolicyRevision {
+        id: u64::try_from(id).unwrap_or(0),
+        revision: r.get(1)?,
+        digest: r.get(2)?,
+        action: r.get(3)?,
+        actor: r.get(4)?,
+        reason: r.get(5)?,
+        activated_at: r.get(6)?,
+        active: false,
+    })
+}
+
+pub(super) fn collect<T>(
+    rows: rusqlite::MappedRows<'_, impl FnMut(&Row<'_>) -> rusqlite::Result<T>>,
+) -> Result<Vec<T>, ControlError> {
+    rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+}
+
+pub(super) fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
+    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
+        let text: String = r.get(i)?;
+        Ok(serde_json::from_str(&text).unwrap_or_default())
+    };
+    Ok(pb::Incident {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        agent: r.get(2)?,
+        session: r.get(3)?,
+        run_id: r.get(4)?,
+        kind: r.get(5)?,
+        severity: r.get(6)?,
+        summary: r.get(7)?,
+        evidence: list(8)?,
+        trigger_decision: r.get(9)?,
+        decided_at_ns: r.get(10)?,
+        status: r.get(11)?,
+        created_at_ns: r.get(12)?,
+        updated_at: r.get(13)?,
+        acknowledged_by: r.get(14)?,
+        closed_by: r.get(15)?,
+        close_reason: r.get(16)?,
+        actions: list(17)?,
+        autonomy_level: r.get(18)?,
+        reported_by: r.get(19)?,
+        policy_revision: r.get(20)?,
+        decisions: {
+            let text: String = r.get(21)?;
+            serde_json::from_str(&text).unwrap_or_default()
+        },
+        notifications: Vec::new(),
+    })
+}
+
+pub(super) fn budget_row(r: &Row<'_>) -> rusqlite::Result<pb::Budget> {
+    let calls: i64 = r.get(2)?;
+    let window: i64 = r.get(4)?;
+    Ok(pb::Budget {
+        tenant: r.get(0)?,
+        agent: r.get(1)?,
+        max_calls: u64::try_from(calls).unwrap_or(0),
+        max_cost: r.get(3)?,
+        window_secs: u64::try_from(window).unwrap_or(0),
+        updated_at: r.get(5)?,
+        updated_by: r.get(6)?,
+        ..Default::default()
+    })
+}
+
+pub(super) fn tenant_row(r: &Row<'_>) -> rusqlite::Result<pb::Tenant> {
+    Ok(pb::Tenant {
+        name: r.get(0)?,
+        mode: r.get(1)?,
+        autonomy_level: r.get(2)?,
+        updated_at: r.get(3)?,
+        updated_by: r.get(4)?,
+    })
+}
+
+pub(super) fn kill_row(r: &Row<'_>) -> rusqlite::Result<pb::KillMark> {
+    Ok(pb::KillMark {
+        scope: r.get(0)?,
+        tenant: r.get(1)?,
+        target: r.get(2)?,
+        before: r.get(3)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::rules;
+
+    fn tenant(name: &str, mode: &str) -> pb::Tenant {
+        pb::Tenant {
+            name: name.into(),
+            mode: mode.into(),
+            autonomy_level: 1,
+            updated_at: 1,
+            updated_by: "test".into(),
+        }
+    }
+
+    fn open(path: &Path) -> Arc<dyn ControlStore> {
+        Arc::new(SqliteStore::open(path).expect("open"))
+    }
+
+    async fn put(store: &Arc<dyn ControlStore>, t: pb::Tenant) -> u64 {
+        store
+            .run(move |tx| rules::put_tenant(tx, &t))
+            .await
+            .expect("put")
+            .version
+    }
+
+    async fn changes(store: &Arc<dyn ControlStore>, after: u64) -> Vec<pb::WatchEvent> {
+        match store.changes_since(after, 1000).await.expect("feed") {
+            Feed::Changes(events) => events,
+            Feed::Gap => panic!("a gap after {after}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_feed_holds_every_committed_change_in_order() {
+        use pb::state_item::Item;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir.path().join(crate::config::CONTROL_DB_FILE));
+        let first = put(&store, tenant("acme", "enforce")).await;
+        let second = put(&store, tenant("acme", "shadow")).await;
+        let (epoch, raised) = store
+            .run(|tx| rules::raise_epoch(tx, 0))
+            .await
+            .expect("raise");
+
+        let all = changes(&store, 0).await;
+        let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
+        assert_eq!(versions, vec![first, second, raised]);
+        let mode = |e: &pb::WatchEvent| match e.items.first().and_then(|i| i.item.as_ref()) {
+            Some(Item::Tenant(t)) => t.mode.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(mode(&all[0]), "enforce");
+        assert_eq!(mode(&all[1]), "shadow");
+        // The epoch raise is an event with no items, at the new epoch.
+        assert!(all[2].items.is_empty());
+        assert_eq!(all[2].epoch, epoch);
+        assert!(all.iter().all(|e| !e.snapshot));
+
+        // Only what came after the version asked for.
+        assert_eq!(changes(&store, first).await.len(), 2);
+        assert!(changes(&store, raised).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_the_pruned_feed_is_told_to_take_a_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sqlite =
+            SqliteStore::open(&dir.path().join(crate::config::CONTROL_DB_FILE)).expect("open");
+        sqlite.feed_kept = 5;
+        let store: Arc<dyn ControlStore> = Arc::new(sqlite);
+        let mut last = 0;
+        for i in 0..106 {
+            let mode = if i % 2 == 0 { "enforce" } else { "shadow" };
+            last = put(&store, tenant("acme", mode)).await;
+        }
+        // Pruned at version 105 up to 100: a reader at 99 missed changes, one at 100 did not.
+        assert_eq!(store.changes_since(99, 10).await.expect("feed"), Feed::Gap);
+        let kept = changes(&store, 100).await.len();
+        assert_eq!(kept, usize::try_from(last - 100).expect("small"));
+    }
+
+    #[tokio::test]
+    async fn another_processs_commits_are_announced_to_subscribers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(crate::config::CONTROL_DB_FILE);
+        let here = open(&path);
+        let other = open(&path);
+        let mut announced = here.subscribe();
+        let version = put(&other, tenant("acme", "shadow")).await;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            announced.wait_for(|v| *v >= version),
+        )
+        .await
+        .expect("announced within 5 s")
+        .expect("store alive");
+        let seen = changes(&here, 0).await;
+        assert_eq!(seen.last().map(|e| e.version), Some(version));
+    }
+}
