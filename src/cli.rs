@@ -548,7 +548,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::NoopServer { listen } => {
-            runtime()?.block_on(crate::bench::noop_server_main(listen))?;
+            runtime()?.block_on(crate::testkit::noop_server_main(listen))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -580,7 +580,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", args.addr))?
         .connect()
         .await?;
-    let mut request = crate::bench::check_request(http);
+    let mut request = crate::testkit::check_request(http);
     if let Some(a) = request.attributes.as_mut() {
         let labels = &mut a.context_extensions;
         labels.extend(args.labels);

@@ -79,7 +79,7 @@ pub fn check_input(data: &[u8]) {
     http.headers
         .insert("x-aegis-trust-level".into(), header.clone());
     // Once on an MCP route whose labels verify the agent's, once with the fuzzed labels.
-    let mut req = crate::bench::check_request(http);
+    let mut req = crate::testkit::check_request(http);
     if let Some(a) = req.attributes.as_mut() {
         a.context_extensions
             .insert("aegis.protocol".into(), "mcp".into());

@@ -59,6 +59,7 @@ pub mod policy;
 pub mod seam;
 pub mod server;
 pub mod telemetry;
+pub mod testkit;
 pub mod time;
 pub mod tls;
 pub mod types;

@@ -1086,7 +1086,9 @@ async fn the_control_plane_has_health_and_reflection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_would_deny_is_marked_on_its_span() {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let sink = aegis::testkit::SpanSink::start_keeping()
+        .await
+        .expect("sink");
     let endpoint = format!("http://{}", sink.addr);
     let (mut s, root, _alice) = setup_with(|c| c.otlp.endpoint = Some(endpoint)).await;
     root.set_tenant("acme", Some("shadow"), None)

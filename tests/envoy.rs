@@ -16,7 +16,7 @@ mod common;
 
 use std::time::Duration;
 
-use aegis::bench::SpanSink;
+use aegis::testkit::SpanSink;
 use common::envoy::{self, Envoy, Response, Upstream};
 use common::{Role, TestServer, pb};
 use opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue;
@@ -662,7 +662,7 @@ async fn one_trace_from_envoy_through_aegis_and_in_the_audit_row() {
             .flat_map(|rs| &rs.scope_spans)
             .flat_map(|ss| ss.spans.clone())
             // Aegis's audit checkpoints have spans of their own, in no request's trace.
-            .filter(|s| s.name != aegis::bench::CHECKPOINT_SPAN)
+            .filter(|s| s.name != aegis::testkit::CHECKPOINT_SPAN)
             .collect()
     };
     assert!(

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aegis::bench::SpanSink;
+use aegis::testkit::SpanSink;
 use bytes::Bytes;
 use common::envoy::{Envoy, Upstream};
 use http_body_util::Empty;

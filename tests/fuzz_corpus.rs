@@ -43,7 +43,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
     ];
     for (i, (tool, action, args, mcp)) in calls.iter().enumerate() {
-        let req = aegis::bench::request(&token, tool, action, args, *mcp, i % 2 == 0);
+        let req = aegis::testkit::request(&token, tool, action, args, *mcp, i % 2 == 0);
         out.push((
             "check_input",
             format!("request-{tool}-{action}"),

@@ -86,7 +86,9 @@ fn attr(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
-    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let sink = aegis::testkit::SpanSink::start_keeping()
+        .await
+        .expect("sink");
     let endpoint = format!("http://{}", sink.addr);
     let mut s = start_with(|c| c.otlp.endpoint = Some(endpoint)).await;
     let t = s.token("acme", "billing-bot", &["invoices:read"]);
@@ -293,7 +295,9 @@ async fn a_burst_of_cancelled_checks_does_not_close_envoys_connection() {
 /// name is cut to `audit::MAX_FIELD_BYTES` in the span.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn span_attributes_are_bounded_like_the_row() {
-    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let sink = aegis::testkit::SpanSink::start_keeping()
+        .await
+        .expect("sink");
     let endpoint = format!("http://{}", sink.addr);
     let mut s = start_with(|c| c.otlp.endpoint = Some(endpoint)).await;
     let t = s.token("acme", "billing-bot", &["invoices:read"]);

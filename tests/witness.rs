@@ -67,7 +67,9 @@ fn verify(data: &Path, witness: Option<&Path>) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_checkpoint_leaves_the_host_signed_by_the_audit_key() {
-    let sink = aegis::bench::SpanSink::start_keeping().await.expect("sink");
+    let sink = aegis::testkit::SpanSink::start_keeping()
+        .await
+        .expect("sink");
     let outside = tempfile::tempdir().expect("the witness's host");
     let witness = outside.path().join("checkpoints.jsonl");
     let endpoint = format!("http://{}", sink.addr);

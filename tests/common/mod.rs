@@ -503,7 +503,7 @@ impl Req {
             body: self.body,
             ..Default::default()
         };
-        let mut req = aegis::bench::check_request(http);
+        let mut req = aegis::testkit::check_request(http);
         if let Some(a) = req.attributes.as_mut() {
             a.context_extensions = self.labels;
         }
@@ -580,7 +580,7 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
-pub use aegis::bench::ChildServer;
+pub use aegis::testkit::ChildServer;
 
 /// Runs `aegis serve --listen 127.0.0.1:0 <args>` and waits for its address.
 pub fn spawn_serve(args: &[&str]) -> ChildServer {
