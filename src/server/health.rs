@@ -1,0 +1,153 @@
+//! Readiness: what makes the server NOT_SERVING, published to gRPC health and /readyz as
+//! it changes.
+
+use super::*;
+
+/// What readiness is judged on.
+pub(super) struct Readiness {
+    pub(super) audit: AuditLog,
+    /// The data plane's policy and control state (absent on a control-plane-only server).
+    pub(super) policy: Option<Arc<Policy>>,
+    pub(super) state: Arc<State>,
+    /// Seconds a revoked token id is kept past its token's expiry (over the verifier's
+    /// clock-skew leeway, which still accepts a token that long after `exp`).
+    pub(super) revocation_slack: i64,
+    /// (what, file, key id in use) of the token-signing key and the audit key.
+    pub(super) keys: [(&'static str, std::path::PathBuf, String); 2],
+}
+
+impl Readiness {
+    /// `Err` naming the first unusable part: the audit log (its last commit failed), the
+    /// policy (every recent evaluation failed), or the signing key or the audit key (its
+    /// file is missing, unreadable or another key: a restart would sign with something
+    /// else, or not start).
+    pub(super) fn check(&self) -> Result<(), String> {
+        if !self.audit.is_healthy() {
+            return Err("audit log: the last commit failed".into());
+        }
+        if let Some(policy) = &self.policy {
+            policy.health()?;
+            if !self.state.synced() {
+                if let Some(rollback) = self.state.rollback() {
+                    return Err(rollback.to_string());
+                }
+                return Err("control plane: no state received yet (a sidecar fails closed until its first snapshot)".into());
+            }
+        }
+        for (what, file, kid) in &self.keys {
+            match Signer::load_file(file) {
+                Ok(s) if s.kid() == kid => {}
+                Ok(s) => {
+                    return Err(format!(
+                        "{what}: the file now holds key {}, not {kid} in use",
+                        s.kid()
+                    ));
+                }
+                Err(e) => return Err(format!("{what}: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The health services this server answers for: the server as a whole, ext_authz and
+/// the control plane as they run here.
+pub(super) fn health_services(authz: bool, control: bool) -> Vec<&'static str> {
+    let mut services = vec![""];
+    if authz {
+        services.push(AUTHZ_SERVICE);
+    }
+    if control {
+        services.push(crate::control::CONTROL_SERVICE);
+    }
+    services
+}
+
+/// Checks readiness and, when the status differs from `last`, logs why and sets it for
+/// every service. Returns the status now.
+pub(super) async fn publish_health(
+    reporter: &tonic_health::server::HealthReporter,
+    readiness: &Readiness,
+    services: &[&'static str],
+    last: Option<ServingStatus>,
+) -> ServingStatus {
+    let verdict = readiness.check();
+    let status = if verdict.is_ok() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    if last != Some(status) {
+        match &verdict {
+            Ok(()) if last.is_some() => crate::log!(info, "health: SERVING again"),
+            Ok(()) => {}
+            Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
+        }
+        for service in services {
+            reporter.set_service_status(*service, status).await;
+        }
+    }
+    status
+}
+
+/// Keeps the health service truthful: NOT_SERVING while the audit log, the policy or the
+/// signing key is unusable, SERVING again once it recovers; each change is logged with its
+/// reason. Also summarises shed Checks (overload) since the last tick.
+pub(super) async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    readiness: Arc<Readiness>,
+    checker: Option<Arc<Checker>>,
+    services: Vec<&'static str>,
+    first: ServingStatus,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last = Some(first);
+    let mut ticks: u64 = 0;
+    let mut shed_before = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        last = Some(publish_health(&reporter, &readiness, &services, last).await);
+        let Some(checker) = &checker else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {
+                    for service in &services {
+                        reporter.set_service_status(*service, ServingStatus::NotServing).await;
+                    }
+                    return;
+                }
+            }
+            continue;
+        };
+        // Revoked token ids are useless once their tokens have expired: drop them now and
+        // then (every minute) so the set holds only what can still be presented.
+        ticks += 1;
+        if ticks.is_multiple_of(240) {
+            readiness
+                .state
+                .revocations
+                .prune(crate::control::now_secs(), readiness.revocation_slack);
+        }
+        let shed = checker.admission.shed();
+        if shed != shed_before {
+            crate::log!(
+                warn,
+                "overloaded: shed {} Checks over limits.max_inflight and {} on a full audit queue \
+                 since the last report ({} in flight)",
+                shed.0 - shed_before.0,
+                shed.1 - shed_before.1,
+                checker.admission.inflight()
+            );
+            shed_before = shed;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {
+                for service in &services {
+                    reporter.set_service_status(*service, ServingStatus::NotServing).await;
+                }
+                return;
+            }
+        }
+    }
+}
