@@ -255,7 +255,8 @@ fn percentile(samples: &[f64], p: f64) -> f64 {
 }
 
 /// Two replicas on one PostgreSQL behind a Service, three sidecars following the Service,
-/// a stream of 204 freezes and unfreezes through the Service; replica A is SIGKILLed halfway.
+/// a stream of 204 freezes and unfreezes and 4 kills (by agent and by session) through the
+/// Service; replica A is SIGKILLed halfway.
 /// Every action the Service acknowledged reaches every sidecar, in order (each sidecar
 /// ends with the last status of every agent and with every revocation), and the time from
 /// an action's answer to the last sidecar applying it stays under 100 ms at p99 outside
@@ -324,6 +325,21 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
                 .await,
         );
     }
+    // Agents killed during the stream, by agent and by session: (token, scope, target).
+    let mut victims = Vec::new();
+    for k in 0..4 {
+        let id = format!("victim{k}");
+        ctl.register("acme", &id).await;
+        let session = format!("vs{k}");
+        let (token, _) = ctl.issue("acme", &id, &["invoices:read"], &session).await;
+        let (scope, target) = if k % 2 == 0 {
+            (pb::KillScope::Agent, id)
+        } else {
+            (pb::KillScope::Session, session)
+        };
+        victims.push((token, scope, target));
+    }
+    let kill_steps = [25, 75, 130, 180];
     let all_see = |token: String, want: &'static str| {
         let sidecars = &sidecars;
         async move {
@@ -350,6 +366,12 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
         assert!(
             all_see(token.clone(), "allow").await,
             "every sidecar knows every agent"
+        );
+    }
+    for (token, _, _) in &victims {
+        assert!(
+            all_see(token.clone(), "allow").await,
+            "every sidecar knows every victim"
         );
     }
 
@@ -415,6 +437,35 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
                 resumed = Some((acked.duration_since(k), k.elapsed()));
             }
             (Some(_), Some(_)) => after.push(took),
+        }
+        // Now and then, a kill in the same stream.
+        if let Some(v) = kill_steps.iter().position(|s| *s == step) {
+            let (token, scope, target) = &victims[v];
+            let started = Instant::now();
+            loop {
+                match ctl.kill(*scope, "acme", target, false).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(30),
+                            "no replica answered: {e}"
+                        );
+                        refused_during_failover += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let acked = Instant::now();
+            assert!(
+                all_see(token.clone(), "token_revoked").await,
+                "step {step}: every sidecar applies the kill of {scope:?} {target}"
+            );
+            let took = acked.elapsed().as_secs_f64() * 1000.0;
+            if killed_at.is_none() {
+                before.push(took);
+            } else {
+                after.push(took);
+            }
         }
     }
     // Every revocation reaches every sidecar through the surviving replica.
