@@ -343,13 +343,28 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
+    // A password in the query too (`?password=...`, which libpq-style URLs accept).
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => {
+            let kept: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            (rest, format!("?{}", kept.join("&")))
+        }
+        None => (rest, String::new()),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => rest.to_owned(),
+    };
+    format!("{scheme}://{rest}{query}")
 }
 
 /// `[policy]`
@@ -676,6 +691,31 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_database_urls_password_is_never_shown() {
+        for (url, shown) in [
+            (
+                "postgres://aegis:hunter2@db:5432/aegis",
+                "postgres://aegis:***@db:5432/aegis",
+            ),
+            (
+                "postgres://aegis@db/aegis?password=hunter2&sslmode=disable",
+                "postgres://aegis@db/aegis?password=***&sslmode=disable",
+            ),
+            (
+                "postgres://db/aegis?user=a&PASSWORD=hunter2",
+                "postgres://db/aegis?user=a&PASSWORD=***",
+            ),
+            ("postgres://db/aegis", "postgres://db/aegis"),
+            (
+                "sqlite:/var/lib/aegis/control.db",
+                "sqlite:/var/lib/aegis/control.db",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
+
     use super::*;
 
     #[test]

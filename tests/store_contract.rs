@@ -466,3 +466,40 @@ async fn an_unreachable_postgres_is_refused_naming_it_without_its_password() {
         "the password is never shown: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reads_postgres_without_writing_to_it() {
+    let server = Postgres::start();
+    // A database that holds no control store: refused, and left without tables.
+    let empty = server.database("empty");
+    let err = PostgresStore::open_read_only(&empty)
+        .await
+        .expect_err("no store there");
+    assert!(err.to_string().contains("no Aegis control store"), "{err}");
+    let tables = common::pg::psql(
+        &empty,
+        "select count(*) from pg_tables where schemaname = 'public'",
+    );
+    assert_eq!(tables.trim(), "0", "nothing created in the wrong database");
+
+    // A store: read, and a write through the read-only handle is refused by the server.
+    let url = server.database("store");
+    let writer: Arc<dyn ControlStore> = Arc::new(PostgresStore::open(&url).await.expect("open"));
+    register(&writer, agent("acme", "bot"))
+        .await
+        .expect("register");
+    let reader: Arc<dyn ControlStore> = Arc::new(
+        PostgresStore::open_read_only(&url)
+            .await
+            .expect("read-only"),
+    );
+    let agents = reader
+        .run(|tx| tx.agents(Some("acme"), None, NOW))
+        .await
+        .expect("read");
+    assert_eq!(agents.len(), 1);
+    let write = register(&reader, agent("acme", "other"))
+        .await
+        .expect_err("read-only");
+    assert!(write.to_string().contains("read-only"), "{write}");
+}

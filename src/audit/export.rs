@@ -709,7 +709,7 @@ impl ControlSide {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 let shown = PathBuf::from(crate::config::redact_url(url));
                 let store = runtime
-                    .block_on(crate::control::postgres::PostgresStore::open(url))
+                    .block_on(crate::control::postgres::PostgresStore::open_read_only(url))
                     .map_err(|e| ExportError::Read {
                         path: shown.clone(),
                         message: e.to_string(),

@@ -39,6 +39,8 @@ use crate::seam::{ControlPlane, LocalDataPlane};
 
 /// How many events a slow watcher may fall behind before it is resynced from a snapshot.
 const WATCH_BUFFER: usize = 4096;
+/// How often a delivery of committed changes that failed is tried again.
+const FEED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How many incident events a slow incident watcher may fall behind before it is ended.
 const INCIDENT_BUFFER: usize = 1024;
 
@@ -325,17 +327,27 @@ impl ControlCore {
         let me = Arc::downgrade(self);
         let mut committed = self.store.subscribe();
         tokio::spawn(async move {
+            // A commit is announced once; a delivery that failed (the store unreachable for
+            // a moment) is tried again every second until it is through, whether or not
+            // anything new is committed meanwhile.
+            let mut retry = tokio::time::interval(FEED_RETRY);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     changed = committed.changed() => if changed.is_err() { return },
+                    _ = retry.tick() => {}
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 let Some(core) = me.upgrade() else { return };
+                if *committed.borrow() <= core.delivered.load(Ordering::Acquire) {
+                    continue;
+                }
                 let _guard = core.publish.lock().await;
                 if let Err(e) = core.pump().await {
                     crate::log!(
                         error,
-                        "control plane: delivering stored changes failed: {e}"
+                        "control plane: delivering stored changes failed (retried every \
+                         second): {e}"
                     );
                 }
             }
@@ -530,7 +542,13 @@ impl ControlCore {
     ) -> Result<T, ControlError> {
         let _guard = self.publish.lock().await;
         let change = self.run(work).await?;
-        self.pump().await?;
+        self.pump().await.map_err(|e| {
+            ControlError::Store(format!(
+                "the change is stored (version {}) but handing it to the data planes failed: \
+                 {e}; it is tried again every second",
+                change.version
+            ))
+        })?;
         Ok(change.value)
     }
 

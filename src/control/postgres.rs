@@ -57,6 +57,9 @@ pub struct PostgresStore {
     watching: std::sync::Once,
     /// How many changes the feed keeps ([`FEED_KEPT`]).
     feed_kept: u64,
+    /// Opened read-only (an export): no tables created, every unit of work a READ ONLY
+    /// transaction.
+    read_only: bool,
 }
 
 fn pg_err(e: tokio_postgres::Error) -> ControlError {
@@ -90,18 +93,7 @@ impl PostgresStore {
     /// Connects, creating the tables if missing; the error names the database (never its
     /// password).
     pub async fn open(url: &str) -> Result<Self, ControlError> {
-        let shown = crate::config::redact_url(url);
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| ControlError::Store(format!("control.database_url {shown}: {e}")))?;
-        let store = Self {
-            config,
-            shown,
-            client: Arc::new(Mutex::new(None)),
-            committed: Arc::new(tokio::sync::watch::Sender::new(0)),
-            watching: std::sync::Once::new(),
-            feed_kept: FEED_KEPT,
-        };
+        let store = Self::unopened(url, false)?;
         let mut client = store.connect().await?;
         let tx = client.transaction().await.map_err(|e| store.named(&e))?;
         tx.execute("SELECT pg_advisory_xact_lock(7369676165)", &[])
@@ -115,6 +107,39 @@ impl PostgresStore {
         announce(&store.committed, version);
         *store.client.lock().await = Some(client);
         Ok(store)
+    }
+
+    /// Connects to an existing store to read it (an evidence export): nothing is created
+    /// or written, and a database without the store's tables is refused, naming it.
+    pub async fn open_read_only(url: &str) -> Result<Self, ControlError> {
+        let store = Self::unopened(url, true)?;
+        let client = store.connect().await?;
+        let version = read_version(&client).await.map_err(|e| {
+            ControlError::Store(format!(
+                "postgres {}: no Aegis control store here ({})",
+                store.shown,
+                describe(&e)
+            ))
+        })?;
+        announce(&store.committed, version);
+        *store.client.lock().await = Some(client);
+        Ok(store)
+    }
+
+    fn unopened(url: &str, read_only: bool) -> Result<Self, ControlError> {
+        let shown = crate::config::redact_url(url);
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| ControlError::Store(format!("control.database_url {shown}: {e}")))?;
+        Ok(Self {
+            config,
+            shown,
+            client: Arc::new(Mutex::new(None)),
+            committed: Arc::new(tokio::sync::watch::Sender::new(0)),
+            watching: std::sync::Once::new(),
+            feed_kept: FEED_KEPT,
+            read_only,
+        })
     }
 
     /// An error naming the database.
@@ -166,10 +191,10 @@ impl ControlStore for PostgresStore {
             *guard = Some(self.connect().await?);
         }
         let runtime = Handle::current();
-        let kept = self.feed_kept;
+        let (kept, read_only) = (self.feed_kept, self.read_only);
         let (result, guard) = tokio::task::spawn_blocking(move || {
             let result = match guard.as_mut() {
-                Some(client) => run_work(&runtime, client, work.as_ref(), kept),
+                Some(client) => run_work(&runtime, client, work.as_ref(), kept, read_only),
                 None => Err(ControlError::Unavailable("postgres: no connection".into())),
             };
             (result, guard)

@@ -98,6 +98,22 @@ impl SqliteStore {
         .map_err(|e| named(&e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| named(&e))?;
+        // A file from before a column was added is not migrated here (read-only): a
+        // temporary view, which shadows the table for this connection only, supplies the
+        // column's default.
+        let has_decisions: bool = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('incidents') WHERE name = 'decisions'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )
+            .map_err(|e| named(&e))?;
+        if !has_decisions {
+            conn.execute_batch(
+                "CREATE TEMP VIEW incidents AS SELECT *, '[]' AS decisions FROM main.incidents",
+            )
+            .map_err(|e| named(&e))?;
+        }
         let version = meta(&conn, "version").map_err(|e| named(&e))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -252,5 +268,143 @@ async fn watch_foreign_commits(
             Ok(Err(e)) => crate::log!(warn, "control store: polling for other writers failed: {e}"),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::rules;
+
+    fn tenant(name: &str, mode: &str) -> pb::Tenant {
+        pb::Tenant {
+            name: name.into(),
+            mode: mode.into(),
+            autonomy_level: 1,
+            updated_at: 1,
+            updated_by: "test".into(),
+        }
+    }
+
+    fn open(path: &Path) -> Arc<dyn ControlStore> {
+        Arc::new(SqliteStore::open(path).expect("open"))
+    }
+
+    async fn put(store: &Arc<dyn ControlStore>, t: pb::Tenant) -> u64 {
+        store
+            .run(move |tx| rules::put_tenant(tx, &t))
+            .await
+            .expect("put")
+            .version
+    }
+
+    async fn changes(store: &Arc<dyn ControlStore>, after: u64) -> Vec<pb::WatchEvent> {
+        match store.changes_since(after, 1000).await.expect("feed") {
+            Feed::Changes(events) => events,
+            Feed::Gap => panic!("a gap after {after}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_feed_holds_every_committed_change_in_order() {
+        use pb::state_item::Item;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir.path().join(crate::config::CONTROL_DB_FILE));
+        let first = put(&store, tenant("acme", "enforce")).await;
+        let second = put(&store, tenant("acme", "shadow")).await;
+        let (epoch, raised) = store
+            .run(|tx| rules::raise_epoch(tx, 0))
+            .await
+            .expect("raise");
+
+        let all = changes(&store, 0).await;
+        let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
+        assert_eq!(versions, vec![first, second, raised]);
+        let mode = |e: &pb::WatchEvent| match e.items.first().and_then(|i| i.item.as_ref()) {
+            Some(Item::Tenant(t)) => t.mode.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(mode(&all[0]), "enforce");
+        assert_eq!(mode(&all[1]), "shadow");
+        // The epoch raise is an event with no items, at the new epoch.
+        assert!(all[2].items.is_empty());
+        assert_eq!(all[2].epoch, epoch);
+        assert!(all.iter().all(|e| !e.snapshot));
+
+        // Only what came after the version asked for.
+        assert_eq!(changes(&store, first).await.len(), 2);
+        assert!(changes(&store, raised).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_the_pruned_feed_is_told_to_take_a_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sqlite =
+            SqliteStore::open(&dir.path().join(crate::config::CONTROL_DB_FILE)).expect("open");
+        sqlite.feed_kept = 5;
+        let store: Arc<dyn ControlStore> = Arc::new(sqlite);
+        let mut last = 0;
+        for i in 0..106 {
+            let mode = if i % 2 == 0 { "enforce" } else { "shadow" };
+            last = put(&store, tenant("acme", mode)).await;
+        }
+        // Pruned at version 105 up to 100: a reader at 99 missed changes, one at 100 did not.
+        assert_eq!(store.changes_since(99, 10).await.expect("feed"), Feed::Gap);
+        let kept = changes(&store, 100).await.len();
+        assert_eq!(kept, usize::try_from(last - 100).expect("small"));
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_the_decisions_column_is_read_without_writing_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(crate::config::CONTROL_DB_FILE);
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            let c = store.conn.lock().expect("lock");
+            c.execute_batch(
+                "ALTER TABLE incidents DROP COLUMN decisions; \
+                 INSERT INTO incidents (id, tenant, agent, session, run_id, kind, severity, \
+                 summary, evidence, trigger_decision, decided_at_ns, status, created_at_ns, \
+                 updated_at, autonomy_level, reported_by, policy_revision) VALUES ('INC-1', \
+                 'acme', 'bot', '', '', 'deny_storm', 'high', 'old', '[\"d1\"]', 'd1', 1, \
+                 'open', 1, 1, 1, 'sidecar', 'r1')",
+            )
+            .expect("an older file");
+        }
+        let before = std::fs::read(&path).expect("read");
+        let store: Arc<dyn ControlStore> =
+            Arc::new(SqliteStore::open_read_only(&path).expect("open read-only"));
+        let found = store
+            .run(|tx| tx.incidents(None, None, None))
+            .await
+            .expect("incidents");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].evidence, ["d1"]);
+        assert!(found[0].decisions.is_empty());
+        drop(store);
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "nothing written"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_processs_commits_are_announced_to_subscribers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(crate::config::CONTROL_DB_FILE);
+        let here = open(&path);
+        let other = open(&path);
+        let mut announced = here.subscribe();
+        let version = put(&other, tenant("acme", "shadow")).await;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            announced.wait_for(|v| *v >= version),
+        )
+        .await
+        .expect("announced within 5 s")
+        .expect("store alive");
+        let seen = changes(&here, 0).await;
+        assert_eq!(seen.last().map(|e| e.version), Some(version));
     }
 }

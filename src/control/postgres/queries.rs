@@ -10,6 +10,7 @@ pub(super) fn run_work(
     client: &mut Client,
     work: &Work<'_>,
     kept: u64,
+    read_only: bool,
 ) -> Result<Option<u64>, ControlError> {
     let mut attempt = 0;
     loop {
@@ -19,6 +20,7 @@ pub(super) fn run_work(
                 client
                     .build_transaction()
                     .isolation_level(IsolationLevel::Serializable)
+                    .read_only(read_only)
                     .start(),
             )
             .map_err(pg_err)?;
