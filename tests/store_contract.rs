@@ -503,3 +503,58 @@ async fn an_export_reads_postgres_without_writing_to_it() {
         .expect_err("read-only");
     assert!(write.to_string().contains("read-only"), "{write}");
 }
+
+async fn notifications(b: Backend) {
+    // Two replicas' notifiers take the due notifications at once: each is taken by one.
+    let incident = pb::Incident {
+        id: "INC-1".into(),
+        tenant: "acme".into(),
+        agent: "bot".into(),
+        kind: "deny_storm".into(),
+        severity: "high".into(),
+        status: "open".into(),
+        created_at_ns: NOW * 1_000_000_000,
+        ..Default::default()
+    };
+    let notes: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("https://hooks.example/{i}"), "{}".to_owned()))
+        .collect();
+    b.a.run(move |tx| rules::insert_incident(tx, &incident, &notes))
+        .await
+        .expect("incident");
+    let now_ms = NOW * 1000 + 1;
+    let claim = |s: Arc<dyn ControlStore>| {
+        tokio::spawn(async move {
+            s.run(move |tx| rules::claim_due_notifications(tx, now_ms, 16, 60_000))
+                .await
+                .expect("claim")
+        })
+    };
+    let (x, y) = (claim(b.a.clone()), claim(b.b.clone()));
+    let (x, y) = (x.await.expect("join"), y.await.expect("join"));
+    let mut ids: Vec<i64> = x.iter().chain(&y).map(|n| n.id).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(
+        (before, ids.len()),
+        (6, 6),
+        "{}: each taken once: {x:?} {y:?}",
+        b.name
+    );
+    // Claimed ones are not due again until the lease ends.
+    let again =
+        b.a.run(move |tx| rules::claim_due_notifications(tx, now_ms + 1000, 16, 60_000))
+            .await
+            .expect("claim again");
+    assert!(again.is_empty(), "{}: {again:?}", b.name);
+    let later =
+        b.b.run(move |tx| rules::claim_due_notifications(tx, now_ms + 61_000, 16, 60_000))
+            .await
+            .expect("after the lease");
+    assert_eq!(later.len(), 6, "{}: a dead replica's claims expire", b.name);
+}
+both!(
+    two_replicas_never_send_one_notification_twice_on_both_backends,
+    notifications
+);

@@ -22,6 +22,9 @@ use crate::types::Severity;
 
 /// Rows taken per round.
 const BATCH: usize = 16;
+/// How long past a delivery's time limit a notification stays claimed by the replica that
+/// took it (another replica sends it after that, if the first never recorded the attempt).
+const CLAIM_MARGIN_MS: i64 = 30_000;
 /// Longest sleep between looks at the outbox (new rows also wake the task at once).
 const IDLE: Duration = Duration::from_secs(1);
 /// Delivered and failed notifications are kept this long (for `incidents show`), then pruned.
@@ -351,7 +354,13 @@ async fn run(
             }
         }
         let now = now_ms();
-        let due = match store.run(move |tx| tx.due_notifications(now, BATCH)).await {
+        let lease = i64::try_from(config.timeout_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_add(CLAIM_MARGIN_MS);
+        let due = match store
+            .run(move |tx| super::rules::claim_due_notifications(tx, now, BATCH, lease))
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 crate::log!(error, "notifications: cannot read the outbox: {e}");

@@ -598,8 +598,28 @@ pub fn add_incident_actions(
     tx.update_incident(&i)
 }
 
+/// Takes the notifications due at `now_ms` (at most `limit`) for delivery by this
+/// replica: each is pushed `lease_ms` into the future in the same transaction, so another
+/// replica's notifier does not send it too; if this one dies before recording the attempt,
+/// another sends it when the lease ends.
+pub fn claim_due_notifications(
+    tx: &mut dyn Txn,
+    now_ms: i64,
+    limit: usize,
+    lease_ms: i64,
+) -> Result<Vec<Outbox>, ControlError> {
+    let due = tx.due_notifications(now_ms, limit)?;
+    for n in &due {
+        let mut claimed = n.clone();
+        claimed.next_at_ms = now_ms.saturating_add(lease_ms);
+        tx.update_notification(&claimed, 0)?;
+    }
+    Ok(due)
+}
+
 /// Records a delivery attempt: delivered, retry at `next_at_ms`, or given up
-/// (`next_at_ms` None and not delivered).
+/// (`next_at_ms` None and not delivered). The stored row is read again, so a payload
+/// refreshed meanwhile is kept.
 pub fn notification_attempted(
     tx: &mut dyn Txn,
     n: &Outbox,
@@ -613,7 +633,11 @@ pub fn notification_attempted(
         (false, Some(at)) => ("pending", at, 0),
         (false, None) => ("failed", now_ms, now_ms),
     };
-    let mut n = n.clone();
+    let mut n = tx
+        .notifications(&n.incident)?
+        .into_iter()
+        .find(|stored| stored.id == n.id)
+        .unwrap_or_else(|| n.clone());
     n.state = state.into();
     n.attempts = n.attempts.saturating_add(1);
     n.next_at_ms = next;
