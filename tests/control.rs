@@ -1568,3 +1568,48 @@ async fn a_confirmed_restore_moves_past_the_epoch_the_fleet_reported() {
         .into_inner();
     assert_eq!(shown.epoch, confirmed.epoch);
 }
+
+/// The store goes back under a running control plane (a restored file, a failover to a
+/// standby that had not caught up): the versions it hands out next were delivered before,
+/// for other changes. A freeze committed then must still reach the data plane; before, it
+/// was skipped as already delivered and the frozen agent's calls were allowed.
+#[tokio::test]
+async fn a_store_that_went_back_in_version_still_delivers_the_next_freeze() {
+    let (s, _root, alice) = setup().await;
+    alice.register("acme", "billing-bot").await;
+    let (token, _) = alice
+        .issue("acme", "billing-bot", &["invoices:read"], "")
+        .await;
+    for reason in ["one", "two", "three"] {
+        alice
+            .freeze("acme", "billing-bot", reason)
+            .await
+            .expect("frozen");
+        alice
+            .api()
+            .unfreeze_agent(alice.req(agent_req("acme", "billing-bot", reason)))
+            .await
+            .expect("unfrozen");
+    }
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+
+    // Back to version 2, as a stale copy of the store would be.
+    let db = rusqlite::Connection::open(s.data_dir().join("control.db")).expect("open");
+    db.busy_timeout(Duration::from_secs(5)).expect("timeout");
+    db.execute_batch(
+        "BEGIN IMMEDIATE; UPDATE meta SET value = 2 WHERE key = 'version'; \
+         DELETE FROM changes WHERE version > 2; COMMIT;",
+    )
+    .expect("rolled back");
+    drop(db);
+
+    alice
+        .freeze("acme", "billing-bot", "after the rollback")
+        .await
+        .expect("frozen");
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("agent_frozen"),
+        "the freeze reached the data plane"
+    );
+}

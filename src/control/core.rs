@@ -293,6 +293,28 @@ impl ControlCore {
     /// delivered) is bridged with a snapshot. Called under the publish lock.
     async fn pump(&self) -> Result<(), ControlError> {
         const BATCH: usize = 1000;
+        // The store went back (a restored file, a failover to a standby that had not
+        // caught up): versions this replica already delivered are being used again for
+        // other changes. Everyone gets a snapshot of what the store holds now (sidecars
+        // refuse it as a rollback, keeping what they hold, until an operator confirms
+        // the restore), and delivery goes on from there.
+        let (_, version) = self.run(rules::state_version).await?;
+        let delivered = self.delivered.load(Ordering::Acquire);
+        if version < delivered {
+            crate::log!(
+                error,
+                "control plane: the store is at version {version}, behind the {delivered} \
+                 this replica delivered (restored, or failed over to a stale copy?): \
+                 resending a snapshot"
+            );
+            let snapshot = self.snapshot().await?;
+            self.delivered.store(snapshot.version, Ordering::Release);
+            if let Some(local) = &self.local {
+                local.apply(&snapshot);
+            }
+            let _ = self.events.send(Arc::new(snapshot));
+            return Ok(());
+        }
         loop {
             let after = self.delivered.load(Ordering::Acquire);
             let events = match self.store.changes_since(after, BATCH).await? {
@@ -327,9 +349,9 @@ impl ControlCore {
         let me = Arc::downgrade(self);
         let mut committed = self.store.subscribe();
         tokio::spawn(async move {
-            // A commit is announced once; a delivery that failed (the store unreachable for
-            // a moment) is tried again every second until it is through, whether or not
-            // anything new is committed meanwhile.
+            // A commit is announced once; besides, the feed is read every second: a delivery
+            // that failed (the store unreachable for a moment) is tried again until it is
+            // through, and a store that went back in version is noticed.
             let mut retry = tokio::time::interval(FEED_RETRY);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -339,9 +361,6 @@ impl ControlCore {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 let Some(core) = me.upgrade() else { return };
-                if *committed.borrow() <= core.delivered.load(Ordering::Acquire) {
-                    continue;
-                }
                 let _guard = core.publish.lock().await;
                 if let Err(e) = core.pump().await {
                     crate::log!(

@@ -710,7 +710,9 @@ fn watch_stream(
                 _ = s.shutdown.wait_for(|stop| *stop) => return None,
             };
             match received {
-                Ok(ev) if ev.version <= s.version => continue,
+                // A snapshot is always sent, whatever its version: the replica resends
+                // one when its store went back (the sidecar judges it a rollback).
+                Ok(ev) if !ev.snapshot && ev.version <= s.version => continue,
                 Ok(ev) => {
                     s.version = ev.version;
                     // An event that had no items carries a new epoch (a confirmed
@@ -718,7 +720,7 @@ fn watch_stream(
                     // left for this watcher's tenants is not sent.
                     let epoch_only = ev.items.is_empty();
                     let ev = scoped(s.scope.as_deref(), &ev);
-                    if ev.items.is_empty() && !epoch_only {
+                    if ev.items.is_empty() && !epoch_only && !ev.snapshot {
                         continue;
                     }
                     return Some((Ok(ev), s));
