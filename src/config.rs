@@ -338,6 +338,28 @@ pub enum ControlDatabase {
     Postgres(String),
 }
 
+impl ControlDatabase {
+    /// The store a URL names: `sqlite:PATH` or `postgres://...` (`postgresql://`); the
+    /// error quotes the URL without its password.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        match url.split_once(':') {
+            Some(("sqlite", path)) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path))),
+            Some(("sqlite", _)) => Err(format!("{url:?}: sqlite: needs a file path")),
+            Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
+                Ok(Self::Postgres(url.to_owned()))
+            }
+            Some((scheme, _)) => Err(format!(
+                "{}: the control store is sqlite:PATH or postgres://..., not {scheme:?}",
+                redact_url(url)
+            )),
+            None => Err(format!(
+                "{}: expected sqlite:PATH or postgres://...",
+                redact_url(url)
+            )),
+        }
+    }
+}
+
 /// A database URL with its password replaced, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -643,27 +665,10 @@ impl Config {
         let Some(url) = &self.control.database_url else {
             return Ok(ControlDatabase::Sqlite(self.data_dir.join(CONTROL_DB_FILE)));
         };
-        let invalid = |message: String| ConfigError::Invalid {
+        ControlDatabase::parse(url).map_err(|message| ConfigError::Invalid {
             setting: "control.database_url",
             message,
-        };
-        match url.split_once(':') {
-            Some(("sqlite", path)) if !path.is_empty() => {
-                Ok(ControlDatabase::Sqlite(PathBuf::from(path)))
-            }
-            Some(("sqlite", _)) => Err(invalid(format!("{url:?}: sqlite: needs a file path"))),
-            Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
-                Ok(ControlDatabase::Postgres(url.clone()))
-            }
-            Some((scheme, _)) => Err(invalid(format!(
-                "{}: the control store is sqlite:PATH or postgres://..., not {scheme:?}",
-                redact_url(url)
-            ))),
-            None => Err(invalid(format!(
-                "{}: expected sqlite:PATH or postgres://...",
-                redact_url(url)
-            ))),
-        }
+        })
     }
 
     /// The file the signing key is read from: `signing_key_file`, else

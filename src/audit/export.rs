@@ -29,7 +29,7 @@ use super::verify::{Row, read_rows_between};
 use super::{FIELD_NAMES, FieldValue, Hash};
 use std::sync::Arc;
 
-use crate::config::CONTROL_DB_FILE;
+use crate::config::{CONTROL_DB_FILE, ControlDatabase};
 use crate::control::store::{ControlStore, Txn};
 use crate::control::{ControlError, pb};
 use crate::time::rfc3339_nanos as format_time;
@@ -706,29 +706,23 @@ impl ControlSide {
             .build()
             .map_err(|e| ExportError::Invalid(format!("cannot start a runtime: {e}")))?;
         let (store, shown): (Arc<dyn ControlStore>, PathBuf) = match &opts.control_database_url {
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                let shown = PathBuf::from(crate::config::redact_url(url));
-                let store = runtime
-                    .block_on(crate::control::postgres::PostgresStore::open_read_only(url))
-                    .map_err(|e| ExportError::Read {
-                        path: shown.clone(),
-                        message: e.to_string(),
-                    })?;
-                (Arc::new(store), shown)
-            }
-            Some(url) => {
-                let path = url
-                    .strip_prefix("sqlite:")
-                    .filter(|p| !p.is_empty())
-                    .ok_or_else(|| {
-                        ExportError::Invalid(format!(
-                            "--control-database-url {}: expected sqlite:PATH or postgres://...",
-                            crate::config::redact_url(url)
+            Some(url) => match ControlDatabase::parse(url)
+                .map_err(|e| ExportError::Invalid(format!("--control-database-url {e}")))?
+            {
+                ControlDatabase::Postgres(url) => {
+                    let shown = PathBuf::from(crate::config::redact_url(&url));
+                    let store = runtime
+                        .block_on(crate::control::postgres::PostgresStore::open_read_only(
+                            &url,
                         ))
-                    })?;
-                let path = PathBuf::from(path);
-                (Arc::new(read_only_sqlite(&path)?), path)
-            }
+                        .map_err(|e| ExportError::Read {
+                            path: shown.clone(),
+                            message: e.to_string(),
+                        })?;
+                    (Arc::new(store), shown)
+                }
+                ControlDatabase::Sqlite(path) => (Arc::new(read_only_sqlite(&path)?), path),
+            },
             None => {
                 let path = opts
                     .control_db

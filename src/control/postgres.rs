@@ -26,7 +26,7 @@ use tokio_postgres::{Client, IsolationLevel, NoTls, Row};
 
 use super::ControlError;
 use super::pb::{self, KillScope};
-use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work};
+use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce};
 
 mod queries;
 mod rows;
@@ -172,15 +172,6 @@ async fn read_version(client: &Client) -> Result<u64, tokio_postgres::Error> {
         .await?;
     let v: i64 = row.try_get(0)?;
     Ok(u64::try_from(v).unwrap_or(0))
-}
-
-/// Announces `version` as committed, if it is past what was.
-fn announce(committed: &tokio::sync::watch::Sender<u64>, version: u64) {
-    committed.send_if_modified(|v| {
-        let newer = version > *v;
-        *v = (*v).max(version);
-        newer
-    });
 }
 
 #[async_trait::async_trait]

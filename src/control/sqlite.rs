@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::ControlError;
 use super::pb::{self, KillScope};
-use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work};
+use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce};
 
 mod queries;
 mod rows;
@@ -129,15 +129,6 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Announces `version` as committed, if it is past what was.
-fn announce(committed: &tokio::sync::watch::Sender<u64>, version: u64) {
-    committed.send_if_modified(|v| {
-        let newer = version > *v;
-        *v = (*v).max(version);
-        newer
-    });
 }
 
 fn join_err(e: tokio::task::JoinError) -> ControlError {
@@ -258,13 +249,7 @@ async fn watch_foreign_commits(
         })
         .await;
         match polled {
-            Ok(Ok(version)) => {
-                committed.send_if_modified(|v| {
-                    let newer = version > *v;
-                    *v = (*v).max(version);
-                    newer
-                });
-            }
+            Ok(Ok(version)) => announce(&committed, version),
             Ok(Err(e)) => crate::log!(warn, "control store: polling for other writers failed: {e}"),
             Err(_) => return,
         }

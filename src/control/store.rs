@@ -309,6 +309,16 @@ pub trait Txn {
     fn delete_finished_notifications(&mut self, before_ms: i64) -> Result<usize, ControlError>;
 }
 
+/// Announces `version` as committed to a backend's subscribers, if it is past what was
+/// (a backend learns of commits in any order: its own, a notification, a poll).
+pub(crate) fn announce(committed: &tokio::sync::watch::Sender<u64>, version: u64) {
+    committed.send_if_modified(|v| {
+        let newer = version > *v;
+        *v = (*v).max(version);
+        newer
+    });
+}
+
 /// The epoch a confirmed restore moves to: one past both the control plane's own
 /// (`own`, from the restored database) and `reported`, the highest a sidecar said it held.
 /// The fleet may hold an epoch the restored database never saw (a restore confirmed after
