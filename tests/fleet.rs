@@ -59,23 +59,13 @@ impl Fleet {
     async fn add_sidecar(&mut self, i: usize) {
         let data = self.cp_data.with_file_name(format!("sidecar-{i}"));
         let url = format!("http://{}", self.cp.addr);
-        let args = [
-            "--data-dir".to_owned(),
-            data.to_string_lossy().into_owned(),
-            "--control-plane".into(),
-            url,
-            "--control-plane-token-file".into(),
-            self.sidecar_token.to_string_lossy().into_owned(),
-            "--trusted-key".into(),
-            self.cp_data
-                .join("signing.pub")
-                .to_string_lossy()
-                .into_owned(),
-            "--sidecar-name".into(),
-            format!("sidecar-{i}"),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = spawn_serve(&args);
+        let child = spawn_sidecar(
+            &data,
+            &url,
+            &self.sidecar_token,
+            &self.cp_data.join("signing.pub"),
+            &format!("sidecar-{i}"),
+        );
         let client = client(child.addr).await;
         self.sidecars.push((child, client));
     }

@@ -69,16 +69,13 @@ async fn what_one_replica_commits_reaches_the_sidecars_of_another() {
     // The sidecar follows replica B only.
     let sidecar_data = dir.path().join("sidecar");
     let b_url = format!("http://{}", b.addr);
-    let sidecar = spawn_serve(&[
-        "--data-dir",
-        &sidecar_data.to_string_lossy(),
-        "--control-plane",
+    let sidecar = spawn_sidecar(
+        &sidecar_data,
         &b_url,
-        "--control-plane-token-file",
-        &sidecar_token.to_string_lossy(),
-        "--trusted-key",
-        &a_data.join("signing.pub").to_string_lossy(),
-    ]);
+        &sidecar_token,
+        &a_data.join("signing.pub"),
+        "sidecar",
+    );
     let client = client(sidecar.addr).await;
 
     // Registered and issued at replica A.
@@ -290,18 +287,13 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
     let mut sidecars = Vec::new();
     for i in 0..3 {
         let data = dir.path().join(format!("sidecar-{i}"));
-        let child = spawn_serve(&[
-            "--data-dir",
-            &data.to_string_lossy(),
-            "--control-plane",
+        let child = spawn_sidecar(
+            &data,
             &service_url,
-            "--control-plane-token-file",
-            &sidecar_token.to_string_lossy(),
-            "--trusted-key",
-            &a_data.join("signing.pub").to_string_lossy(),
-            "--sidecar-name",
+            &sidecar_token,
+            &a_data.join("signing.pub"),
             &format!("sidecar-{i}"),
-        ]);
+        );
         let c = client(child.addr).await;
         sidecars.push((child, c));
     }

@@ -639,6 +639,30 @@ pub fn spawn_control_plane(data: &Path, control: &str, extra: &[&str]) -> ChildS
     .expect("the control plane starts")
 }
 
+/// `aegis serve` as a fleet sidecar in `data`, following the control plane at `url` with
+/// the credential in `token_file`, trusting the agent tokens `signing_pub` verifies; it
+/// names itself `name` to the control plane.
+pub fn spawn_sidecar(
+    data: &Path,
+    url: &str,
+    token_file: &Path,
+    signing_pub: &Path,
+    name: &str,
+) -> ChildServer {
+    spawn_serve(&[
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--control-plane",
+        url,
+        "--control-plane-token-file",
+        &token_file.to_string_lossy(),
+        "--trusted-key",
+        &signing_pub.to_string_lossy(),
+        "--sidecar-name",
+        name,
+    ])
+}
+
 /// The child's exit status if it exits within `timeout`; else it is killed and `None`.
 pub fn exit_within(
     child: &mut std::process::Child,
