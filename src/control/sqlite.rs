@@ -26,11 +26,18 @@ use schema::*;
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
-    /// The newest committed version, for [`ControlStore::subscribe`].
-    committed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// What the blocking tasks and the poller share.
+    shared: Arc<Shared>,
     /// Whether the task that notices other processes' commits runs.
     watching: std::sync::Once,
+}
+
+/// The connection and what goes with it, shared with blocking tasks and the poller.
+#[derive(Debug)]
+struct Shared {
+    conn: Mutex<Connection>,
+    /// The newest committed version, for [`ControlStore::subscribe`].
+    committed: tokio::sync::watch::Sender<u64>,
     /// How many changes the feed keeps ([`FEED_KEPT`]; fewer in tests).
     feed_kept: u64,
     /// Opened read-only (an export from a copy or a live file): units of work take no
@@ -75,11 +82,13 @@ impl SqliteStore {
         let version = meta(&conn, "version")?;
         Ok(Self {
             path: path.to_path_buf(),
-            conn: Arc::new(Mutex::new(conn)),
-            committed: Arc::new(tokio::sync::watch::Sender::new(version)),
+            shared: Arc::new(Shared {
+                conn: Mutex::new(conn),
+                committed: tokio::sync::watch::Sender::new(version),
+                feed_kept: FEED_KEPT,
+                read_only: false,
+            }),
             watching: std::sync::Once::new(),
-            feed_kept: FEED_KEPT,
-            read_only: false,
         })
     }
 
@@ -117,11 +126,13 @@ impl SqliteStore {
         let version = meta(&conn, "version").map_err(|e| named(&e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            conn: Arc::new(Mutex::new(conn)),
-            committed: Arc::new(tokio::sync::watch::Sender::new(version)),
+            shared: Arc::new(Shared {
+                conn: Mutex::new(conn),
+                committed: tokio::sync::watch::Sender::new(version),
+                feed_kept: FEED_KEPT,
+                read_only: true,
+            }),
             watching: std::sync::Once::new(),
-            feed_kept: FEED_KEPT,
-            read_only: true,
         })
     }
 
@@ -138,15 +149,15 @@ fn join_err(e: tokio::task::JoinError) -> ControlError {
 #[async_trait::async_trait]
 impl ControlStore for SqliteStore {
     async fn transact(&self, work: Arc<Work<'static>>) -> Result<(), ControlError> {
-        let me = self.handle();
-        tokio::task::spawn_blocking(move || me.transact_here(work.as_ref()))
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.transact_here(work.as_ref()))
             .await
             .map_err(join_err)?
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Feed, ControlError> {
-        let me = self.handle();
-        tokio::task::spawn_blocking(move || me.changes_here(after, limit))
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.changes_here(after, limit))
             .await
             .map_err(join_err)?
     }
@@ -156,36 +167,14 @@ impl ControlStore for SqliteStore {
         // version is polled while the store lives and a runtime is there to poll on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             self.watching.call_once(|| {
-                let conn = Arc::downgrade(&self.conn);
-                let committed = self.committed.clone();
-                runtime.spawn(watch_foreign_commits(conn, committed));
+                runtime.spawn(watch_foreign_commits(Arc::downgrade(&self.shared)));
             });
         }
-        self.committed.subscribe()
+        self.shared.committed.subscribe()
     }
 }
 
-impl SqliteStore {
-    /// The parts a blocking task needs, without borrowing the store.
-    fn handle(&self) -> Handle {
-        Handle {
-            conn: self.conn.clone(),
-            committed: self.committed.clone(),
-            feed_kept: self.feed_kept,
-            read_only: self.read_only,
-        }
-    }
-}
-
-/// What a blocking task holds of a [`SqliteStore`].
-struct Handle {
-    conn: Arc<Mutex<Connection>>,
-    committed: Arc<tokio::sync::watch::Sender<u64>>,
-    feed_kept: u64,
-    read_only: bool,
-}
-
-impl Handle {
+impl Shared {
     fn transact_here(&self, work: &Work<'_>) -> Result<(), ControlError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let behavior = if self.read_only {
@@ -236,20 +225,22 @@ impl Handle {
 /// Announces the version of commits made by other connections to the file, until the
 /// store is dropped: the stored version is read every [`FOREIGN_COMMIT_POLL`] (one row by
 /// primary key) and announced when it is past what was.
-async fn watch_foreign_commits(
-    conn: std::sync::Weak<Mutex<Connection>>,
-    committed: Arc<tokio::sync::watch::Sender<u64>>,
-) {
+async fn watch_foreign_commits(shared: std::sync::Weak<Shared>) {
     loop {
         tokio::time::sleep(FOREIGN_COMMIT_POLL).await;
-        let Some(conn) = conn.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         let polled = tokio::task::spawn_blocking(move || {
-            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            meta(&c, "version")
+            let version = {
+                let c = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+                meta(&c, "version")
+            };
+            version.map(|v| announce(&shared.committed, v))
         })
         .await;
         match polled {
-            Ok(Ok(version)) => announce(&committed, version),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => crate::log!(warn, "control store: polling for other writers failed: {e}"),
             Err(_) => return,
         }
@@ -326,7 +317,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut sqlite =
             SqliteStore::open(&dir.path().join(crate::config::CONTROL_DB_FILE)).expect("open");
-        sqlite.feed_kept = 5;
+        Arc::get_mut(&mut sqlite.shared)
+            .expect("not shared yet")
+            .feed_kept = 5;
         let store: Arc<dyn ControlStore> = Arc::new(sqlite);
         let mut last = 0;
         for i in 0..106 {
@@ -345,7 +338,7 @@ mod tests {
         let path = dir.path().join(crate::config::CONTROL_DB_FILE);
         {
             let store = SqliteStore::open(&path).expect("open");
-            let c = store.conn.lock().expect("lock");
+            let c = store.shared.conn.lock().expect("lock");
             c.execute_batch(
                 "ALTER TABLE incidents DROP COLUMN decisions; \
                  INSERT INTO incidents (id, tenant, agent, session, run_id, kind, severity, \
