@@ -261,7 +261,7 @@ struct ExportArgs {
     #[arg(long, value_parser = ["check", "control"])]
     kind: Option<String>,
     /// Incidents at or above this severity.
-    #[arg(long, value_parser = Severity::ALL.map(Severity::as_str))]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Severity::ALL.iter().map(|s| s.as_str())))]
     min_severity: Option<String>,
     /// Fields to redact, comma-separated (e.g. resource,arguments,session).
     #[arg(long, value_delimiter = ',')]

@@ -39,12 +39,14 @@ pub mod graph;
 pub mod notify;
 pub mod postgres;
 pub mod rate;
+pub mod records;
 pub mod refusals;
 pub mod rules;
 pub mod service;
 pub mod sqlite;
 pub mod store;
 pub mod validate;
+pub mod wire;
 
 /// The `aegis.control.v1` protocol.
 #[allow(clippy::all, missing_docs)]

@@ -17,6 +17,7 @@ use aegis::audit::Record;
 use aegis::audit::bundle::Bundle;
 use aegis::audit::store::{AuditLog, Durability, StoreOptions};
 use aegis::control::pb;
+use aegis::control::records::Approval;
 use aegis::control::rules;
 use aegis::control::sqlite::SqliteStore;
 use aegis::control::store::ControlStore;
@@ -103,8 +104,8 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
     let store: std::sync::Arc<dyn ControlStore> =
         std::sync::Arc::new(SqliteStore::open(&data.join("control.db")).expect("control.db"));
     let now = aegis::unix_nanos();
-    let incident =
-        |id: &str, tenant: &str, agent: &str, summary: &str, evidence: &[&str]| pb::Incident {
+    let incident = |id: &str, tenant: &str, agent: &str, summary: &str, evidence: &[&str]| {
+        aegis::control::wire::incident_record(pb::Incident {
             id: id.into(),
             tenant: tenant.into(),
             agent: agent.into(),
@@ -119,7 +120,9 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
             updated_at: now / 1_000_000_000,
             reported_by: "sidecar:a".into(),
             ..Default::default()
-        };
+        })
+        .expect("an incident record")
+    };
     let i = incident(
         INCIDENT,
         "acme",
@@ -142,7 +145,7 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
         .run(move |tx| rules::insert_incident(tx, &i, &[]))
         .await
         .expect("incident");
-    let approval = |id: &str, tenant: &str, agent: &str, resource: &str, args: &str| pb::Approval {
+    let approval = |id: &str, tenant: &str, agent: &str, resource: &str, args: &str| Approval {
         id: id.into(),
         tenant: tenant.into(),
         agent: agent.into(),
@@ -152,7 +155,6 @@ async fn two_tenants() -> (tempfile::TempDir, PathBuf, Signer) {
         arguments: args.into(),
         call_hash: format!("hash-of-{id}"),
         decision_id: format!("{tenant}-d9"),
-        status: "pending".into(),
         created_at: now / 1_000_000_000,
         expires_at: now / 1_000_000_000 + 600,
         ..Default::default()

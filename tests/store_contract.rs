@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis::control::ControlError;
-use aegis::control::pb::{self, KillScope, state_item::Item};
+use aegis::control::pb::{self, state_item::Item};
 use aegis::control::postgres::PostgresStore;
+use aegis::control::records::{Agent, Approval, KillMark, Scope, Token};
 use aegis::control::rules;
 use aegis::control::sqlite::SqliteStore;
 use aegis::control::store::{ControlStore, Feed};
-use aegis::types::AgentStatus;
+use aegis::types::{AgentStatus, ApprovalStatus, TokenStatus};
 use common::pg::Postgres;
 
 /// One backend under test: two handles on the same store (two replicas), kept alive with
@@ -32,6 +33,8 @@ struct Backend {
     name: &'static str,
     a: Arc<dyn ControlStore>,
     b: Arc<dyn ControlStore>,
+    /// Runs SQL on the store from outside (a careless operator's hand).
+    sql: Box<dyn Fn(&str) + Send + Sync>,
     _keep: Box<dyn std::any::Any + Send>,
 }
 
@@ -42,6 +45,10 @@ async fn sqlite() -> Backend {
         name: "sqlite",
         a: Arc::new(SqliteStore::open(&path).expect("open")),
         b: Arc::new(SqliteStore::open(&path).expect("open again")),
+        sql: Box::new(move |sql| {
+            let db = rusqlite::Connection::open(&path).expect("open the file");
+            db.execute_batch(sql).expect("sql");
+        }),
         _keep: Box::new(dir),
     }
 }
@@ -52,6 +59,12 @@ async fn postgres(server: &Postgres, db: &str) -> Backend {
         name: "postgres",
         a: Arc::new(PostgresStore::open(&url).await.expect("open")),
         b: Arc::new(PostgresStore::open(&url).await.expect("open again")),
+        sql: {
+            let url = url.clone();
+            Box::new(move |sql| {
+                common::pg::psql(&url, sql);
+            })
+        },
         _keep: Box::new(()),
     }
 }
@@ -70,11 +83,11 @@ macro_rules! both {
 
 const NOW: i64 = 1_900_000_000;
 
-fn agent(tenant: &str, id: &str) -> pb::Agent {
-    pb::Agent {
+fn agent(tenant: &str, id: &str) -> Agent {
+    Agent {
         tenant: tenant.into(),
         id: id.into(),
-        status: "active".into(),
+        status: AgentStatus::Active,
         risk_tier: "medium".into(),
         reason: "registered".into(),
         created_at: NOW,
@@ -84,8 +97,8 @@ fn agent(tenant: &str, id: &str) -> pb::Agent {
     }
 }
 
-fn token(jti: &str, agent: &str, session: &str) -> pb::TokenInfo {
-    pb::TokenInfo {
+fn token(jti: &str, agent: &str, session: &str) -> Token {
+    Token {
         jti: jti.into(),
         tenant: "acme".into(),
         agent: agent.into(),
@@ -93,11 +106,11 @@ fn token(jti: &str, agent: &str, session: &str) -> pb::TokenInfo {
         scopes: vec!["invoices:read".into()],
         issued_at: NOW - 10,
         expires_at: NOW + 600,
-        ..Default::default()
+        revoked: None,
     }
 }
 
-async fn register(s: &Arc<dyn ControlStore>, a: pb::Agent) -> Result<u64, ControlError> {
+async fn register(s: &Arc<dyn ControlStore>, a: Agent) -> Result<u64, ControlError> {
     s.run(move |tx| rules::register_agent(tx, &a).map(|c| c.version))
         .await
 }
@@ -106,7 +119,7 @@ async fn set_status(
     s: &Arc<dyn ControlStore>,
     id: &str,
     status: AgentStatus,
-) -> Result<pb::Agent, ControlError> {
+) -> Result<Agent, ControlError> {
     let id = id.to_owned();
     s.run(move |tx| rules::set_agent_status(tx, "acme", &id, status, "test", "op", NOW))
         .await
@@ -135,7 +148,7 @@ async fn agent_status_rules(b: Backend) {
             .await
             .expect("freeze")
             .status,
-        "frozen"
+        AgentStatus::Frozen
     );
     let loosen = set_status(s, "bot", AgentStatus::Restricted)
         .await
@@ -179,9 +192,52 @@ async fn agent_status_rules(b: Backend) {
             .await
             .expect("read")
             .expect("there");
-    assert_eq!(seen.status, "revoked", "{}", b.name);
+    assert_eq!(seen.status, AgentStatus::Revoked, "{}", b.name);
 }
 both!(agent_status_rules_hold_on_both_backends, agent_status_rules);
+
+async fn stored_words(b: Backend) {
+    // A status someone wrote by hand that is not one of the words: the read fails naming
+    // it, instead of a default that would read as active (and allow).
+    register(&b.a, agent("acme", "bot"))
+        .await
+        .expect("registered");
+    (b.sql)("UPDATE agents SET status = 'Frozen' WHERE id = 'bot'");
+    let err =
+        b.b.run(|tx| tx.agent("acme", "bot", NOW))
+            .await
+            .expect_err("not a status");
+    let text = err.to_string();
+    assert!(
+        text.contains("agent status \"Frozen\" is not one of active, restricted, frozen, revoked"),
+        "{}: {text}",
+        b.name
+    );
+    let refused = set_status(&b.a, "bot", AgentStatus::Active)
+        .await
+        .expect_err("no rule judges an unreadable record");
+    assert!(
+        refused.to_string().contains("\"Frozen\""),
+        "{}: {refused}",
+        b.name
+    );
+    (b.sql)(
+        "INSERT INTO kills (scope, tenant, target, before, reason, actor, at) VALUES (1, 'acme', 'tok', 1, 'r', 'a', 1)",
+    );
+    let err =
+        b.b.run(|tx| tx.kill_marks())
+            .await
+            .expect_err("not a kill scope");
+    assert!(
+        err.to_string().contains("kill scope 1 is not"),
+        "{}: {err}",
+        b.name
+    );
+}
+both!(
+    a_stored_word_that_is_not_one_is_named_on_both_backends,
+    stored_words
+);
 
 async fn kills(b: Backend) {
     let s = &b.a;
@@ -195,8 +251,8 @@ async fn kills(b: Backend) {
         let t = token(jti, agent, session);
         s.run(move |tx| tx.insert_token(&t)).await.expect("token");
     }
-    let mark = |before| pb::KillMark {
-        scope: KillScope::Agent as i32,
+    let mark = |before| KillMark {
+        scope: Scope::Agent,
         tenant: "acme".into(),
         target: "bot".into(),
         before,
@@ -222,13 +278,10 @@ async fn kills(b: Backend) {
         })
         .collect();
     assert_eq!(revoked, ["t1", "t2", "t3"], "{}", b.name);
-    let t4 = s
-        .run(|tx| rules::token(tx, "t4", NOW))
-        .await
-        .expect("read")
-        .expect("t4");
+    let t4 = s.run(|tx| tx.token("t4")).await.expect("read").expect("t4");
     assert_eq!(
-        t4.status, "live",
+        t4.status(NOW),
+        TokenStatus::Live,
         "{}: another agent's token is untouched",
         b.name
     );
@@ -243,8 +296,8 @@ async fn kills(b: Backend) {
         .await
         .expect("floor");
     assert_eq!(floor, NOW, "{}", b.name);
-    let nothing = pb::KillMark {
-        scope: KillScope::Session as i32,
+    let nothing = KillMark {
+        scope: Scope::Session,
         tenant: "acme".into(),
         target: "never".into(),
         before: NOW,
@@ -266,7 +319,7 @@ both!(
 
 async fn approvals(b: Backend) {
     let s = &b.a;
-    let approval = |id: &str, hash: &str, session: &str| pb::Approval {
+    let approval = |id: &str, hash: &str, session: &str| Approval {
         id: id.into(),
         tenant: "acme".into(),
         agent: "bot".into(),
@@ -276,7 +329,7 @@ async fn approvals(b: Backend) {
         expires_at: NOW + 300,
         ..Default::default()
     };
-    let ask = |a: pb::Approval| async move {
+    let ask = |a: Approval| async move {
         s.run(move |tx| rules::request_approval(tx, &a, 2, true, NOW))
             .await
             .expect("request")
@@ -304,7 +357,7 @@ async fn approvals(b: Backend) {
         .await
         .expect("decide")
         .expect("pending");
-    assert_eq!(decided.status, "approved", "{}", b.name);
+    assert_eq!(decided.status, ApprovalStatus::Approved, "{}", b.name);
     let twice = s
         .run(|tx| rules::decide_approval(tx, "acme", "ap1", false, "op", "no", 0, NOW))
         .await
@@ -327,7 +380,7 @@ async fn approvals(b: Backend) {
         .await
         .expect("read")
         .expect("there");
-    assert_eq!(late.status, "expired", "{}", b.name);
+    assert_eq!(late.status, ApprovalStatus::Expired, "{}", b.name);
 }
 both!(approvals_dedup_cap_and_use_once_on_both_backends, approvals);
 
@@ -401,7 +454,7 @@ async fn concurrent(b: Backend) {
         b.name
     );
     let frozen =
-        b.b.run(|tx| tx.agents(Some("acme"), Some("frozen"), NOW))
+        b.b.run(|tx| tx.agents(Some("acme"), Some(AgentStatus::Frozen), NOW))
             .await
             .expect("agents");
     assert_eq!(frozen.len(), 20, "{}", b.name);
@@ -506,7 +559,7 @@ async fn an_export_reads_postgres_without_writing_to_it() {
 
 async fn notifications(b: Backend) {
     // Two replicas' notifiers take the due notifications at once: each is taken by one.
-    let incident = pb::Incident {
+    let incident = aegis::control::wire::incident_record(pb::Incident {
         id: "INC-1".into(),
         tenant: "acme".into(),
         agent: "bot".into(),
@@ -515,7 +568,8 @@ async fn notifications(b: Backend) {
         status: "open".into(),
         created_at_ns: NOW * 1_000_000_000,
         ..Default::default()
-    };
+    })
+    .expect("an incident record");
     let notes: Vec<(String, String)> = (0..6)
         .map(|i| (format!("https://hooks.example/{i}"), "{}".to_owned()))
         .collect();

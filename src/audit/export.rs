@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use crate::config::{CONTROL_DB_FILE, ControlDatabase};
 use crate::control::store::{ControlStore, Txn};
-use crate::control::{ControlError, pb};
+use crate::control::{ControlError, records};
 use crate::time::rfc3339_nanos as format_time;
 use crate::types::Severity;
 
@@ -786,7 +786,7 @@ fn side(fields: Vec<(&str, Value)>) -> SideRecord {
     }
 }
 
-fn incident_record(i: &pb::Incident) -> SideRecord {
+fn incident_record(i: &records::Incident) -> SideRecord {
     side(vec![
         ("id", i.id.clone().into()),
         ("tenant", i.tenant.clone().into()),
@@ -794,12 +794,12 @@ fn incident_record(i: &pb::Incident) -> SideRecord {
         ("session", i.session.clone().into()),
         ("run_id", i.run_id.clone().into()),
         ("kind", i.kind.clone().into()),
-        ("severity", i.severity.clone().into()),
+        ("severity", i.severity.as_str().into()),
         ("summary", i.summary.clone().into()),
         ("evidence", i.evidence.clone().into()),
         ("trigger_decision", i.trigger_decision.clone().into()),
         ("decided_at_ns", i.decided_at_ns.into()),
-        ("status", i.status.clone().into()),
+        ("status", i.status.as_str().into()),
         ("created_at_ns", i.created_at_ns.into()),
         ("updated_at", i.updated_at.into()),
         ("acknowledged_by", i.acknowledged_by.clone().into()),
@@ -812,7 +812,7 @@ fn incident_record(i: &pb::Incident) -> SideRecord {
     ])
 }
 
-fn approval_record(a: &pb::Approval) -> SideRecord {
+fn approval_record(a: &records::Approval) -> SideRecord {
     side(vec![
         ("id", a.id.clone().into()),
         ("tenant", a.tenant.clone().into()),
@@ -826,7 +826,7 @@ fn approval_record(a: &pb::Approval) -> SideRecord {
         ("call_hash", a.call_hash.clone().into()),
         ("policy_reason", a.policy_reason.clone().into()),
         ("decision_id", a.decision_id.clone().into()),
-        ("status", a.status.clone().into()),
+        ("status", a.status.as_str().into()),
         ("created_at", a.created_at.into()),
         ("expires_at", a.expires_at.into()),
         ("decided_by", a.decided_by.clone().into()),
@@ -838,7 +838,7 @@ fn approval_record(a: &pb::Approval) -> SideRecord {
     ])
 }
 
-fn revision_record(r: &pb::PolicyRevision) -> SideRecord {
+fn revision_record(r: &records::Revision) -> SideRecord {
     side(vec![
         ("id", r.id.into()),
         ("revision", r.revision.clone().into()),

@@ -80,11 +80,20 @@ impl ControlCore {
                     rules::approvals(tx, Some(&t), None, Some(&a), now)?,
                     rules::policy_history(tx, 1000)?
                         .into_iter()
-                        .filter(|r| r.revision == rev)
+                        .enumerate()
+                        .filter(|(_, r)| r.revision == rev)
                         .collect::<Vec<_>>(),
                 ))
             })
             .await?;
+        use crate::control::wire;
+        let agent = agent.map(wire::agent);
+        let tokens: Vec<_> = tokens.into_iter().map(|t| wire::token(t, now)).collect();
+        let approvals: Vec<_> = approvals.into_iter().map(wire::approval).collect();
+        let revisions: Vec<_> = revisions
+            .into_iter()
+            .map(|(i, r)| wire::revision(r, i == 0))
+            .collect();
         Ok(build(
             &incident,
             agent.as_ref(),

@@ -25,8 +25,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Row};
 
 use super::ControlError;
-use super::pb::{self, KillScope};
+use super::pb;
+use super::records::{
+    Agent, Approval, Budget, Incident, KillMark, Revision, Revocation, Scope, Tenant, Token,
+};
 use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce};
+use crate::types::{AgentStatus, IncidentStatus};
 
 mod queries;
 mod rows;
@@ -66,11 +70,15 @@ fn pg_err(e: tokio_postgres::Error) -> ControlError {
     ControlError::Store(format!("postgres: {}", describe(&e)))
 }
 
-/// The server's message and SQLSTATE, or the client's error.
+/// The server's message and SQLSTATE, or the client's error with its cause (a column
+/// that would not read says why).
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

@@ -8,48 +8,13 @@
 //! so it reads everything it judges inside the transaction and acts nowhere else.
 
 use super::ControlError;
-use super::pb::{self, KillScope, state_item::Item};
+use super::pb;
+use super::records::{
+    Agent, Approval, Budget, Incident, KillMark, Killed, Revision, Tenant, Token,
+};
 use super::store::{Change, EXPIRED_SLACK_SECS, Outbox, Txn, next_epoch};
-use crate::types::AgentStatus;
-
-fn item(i: Item) -> pb::StateItem {
-    pb::StateItem { item: Some(i) }
-}
-
-fn agent_item(a: &pb::Agent) -> pb::StateItem {
-    item(Item::Agent(pb::AgentState {
-        tenant: a.tenant.clone(),
-        id: a.id.clone(),
-        status: a.status.clone(),
-        risk_tier: a.risk_tier.clone(),
-    }))
-}
-
-fn tenant_item(t: &pb::Tenant) -> pb::StateItem {
-    item(Item::Tenant(pb::TenantState {
-        name: t.name.clone(),
-        mode: t.mode.clone(),
-        autonomy_level: t.autonomy_level,
-    }))
-}
-
-fn budget_item(b: &pb::Budget) -> pb::StateItem {
-    item(Item::Budget(pb::BudgetState {
-        tenant: b.tenant.clone(),
-        agent: b.agent.clone(),
-        max_calls: b.max_calls,
-        max_cost: b.max_cost,
-        window_secs: b.window_secs,
-    }))
-}
-
-fn revoked_item(t: &pb::TokenInfo) -> pb::StateItem {
-    item(Item::RevokedToken(pb::RevokedToken {
-        jti: t.jti.clone(),
-        expires_at: t.expires_at,
-        tenant: t.tenant.clone(),
-    }))
-}
+use super::wire::{agent_item, budget_item, kill_item, policy_item, revoked_item, tenant_item};
+use crate::types::{AgentStatus, ApprovalStatus, IncidentStatus, TokenStatus};
 
 /// Commits `items` as the next version; the action's value with its position.
 fn publish<T>(
@@ -79,17 +44,14 @@ pub fn snapshot(
         tx.agents(None, None, now)?.iter().map(agent_item).collect();
     items.extend(
         tx.revoked_tokens(now - EXPIRED_SLACK_SECS)?
-            .into_iter()
-            .map(|t| item(Item::RevokedToken(t))),
+            .iter()
+            .map(revoked_item),
     );
-    items.extend(tx.kill_marks()?.into_iter().map(|k| item(Item::Kill(k))));
+    items.extend(tx.kill_marks()?.iter().map(kill_item));
     items.extend(tx.tenants()?.iter().map(tenant_item));
     items.extend(tx.budgets(None, None)?.iter().map(budget_item));
     if let Some(active) = tx.revisions(1)?.into_iter().next() {
-        items.push(item(Item::Policy(pb::PolicyRef {
-            revision: active.revision,
-            digest: active.digest,
-        })));
+        items.push(policy_item(&active.revision, &active.digest));
     }
     Ok((epoch, version, items))
 }
@@ -111,10 +73,7 @@ pub fn raise_epoch(tx: &mut dyn Txn, reported: u64) -> Result<(u64, u64), Contro
 // --- agents ---
 
 /// Registers a new agent; an existing one is refused, naming its status.
-pub fn register_agent(
-    tx: &mut dyn Txn,
-    agent: &pb::Agent,
-) -> Result<Change<pb::Agent>, ControlError> {
+pub fn register_agent(tx: &mut dyn Txn, agent: &Agent) -> Result<Change<Agent>, ControlError> {
     if let Some(existing) = tx.agent(&agent.tenant, &agent.id, agent.created_at)? {
         return Err(ControlError::AlreadyExists(format!(
             "agent {}/{} is already registered ({})",
@@ -137,15 +96,11 @@ pub fn set_agent_status(
     reason: &str,
     actor: &str,
     now: i64,
-) -> Result<Change<pb::Agent>, ControlError> {
+) -> Result<Change<Agent>, ControlError> {
     let mut agent = tx
         .agent(tenant, id, now)?
         .ok_or_else(|| ControlError::not_found(format!("no agent {id} in tenant {tenant}")))?;
-    let current: AgentStatus = agent.status.parse().map_err(|e| {
-        ControlError::Store(format!(
-            "agent {tenant}/{id} has a stored status that is not one: {e}"
-        ))
-    })?;
+    let current = agent.status;
     if current == AgentStatus::Revoked {
         return Err(ControlError::precondition(format!(
             "agent {tenant}/{id} is revoked, which is final"
@@ -161,7 +116,7 @@ pub fn set_agent_status(
             "agent {tenant}/{id} is frozen; a restriction would loosen that (unfreeze it first)"
         )));
     }
-    agent.status = status.as_str().to_owned();
+    agent.status = status;
     agent.reason = reason.to_owned();
     agent.updated_at = now;
     agent.updated_by = actor.to_owned();
@@ -172,24 +127,6 @@ pub fn set_agent_status(
 
 // --- tokens ---
 
-/// A token's status at `now`: revoked, expired or live.
-fn judged(mut t: pb::TokenInfo, now: i64) -> pb::TokenInfo {
-    t.status = if t.revoked_at != 0 {
-        "revoked"
-    } else if t.expires_at <= now {
-        "expired"
-    } else {
-        "live"
-    }
-    .into();
-    t
-}
-
-/// One token, its status judged at `now`.
-pub fn token(tx: &mut dyn Txn, jti: &str, now: i64) -> Result<Option<pb::TokenInfo>, ControlError> {
-    Ok(tx.token(jti)?.map(|t| judged(t, now)))
-}
-
 /// A tenant's tokens (of one agent), live ones only unless `all`.
 pub fn tokens(
     tx: &mut dyn Txn,
@@ -197,43 +134,33 @@ pub fn tokens(
     agent: Option<&str>,
     all: bool,
     now: i64,
-) -> Result<Vec<pb::TokenInfo>, ControlError> {
+) -> Result<Vec<Token>, ControlError> {
     let live = (!all).then_some(now);
-    Ok(tx
-        .tokens(tenant, agent, live)?
-        .into_iter()
-        .map(|t| judged(t, now))
-        .collect())
+    tx.tokens(tenant, agent, live)
 }
 
 /// Revokes a live token (or one expired inside the slack: data planes accept it up to
 /// their leeway past `exp`); refuses an unknown, revoked or long-expired one.
-fn revoke_live(
-    tx: &mut dyn Txn,
-    jti: &str,
-    reason: &str,
-    now: i64,
-) -> Result<pb::TokenInfo, ControlError> {
-    let token = token(tx, jti, now)?.ok_or_else(|| {
+fn revoke_live(tx: &mut dyn Txn, jti: &str, reason: &str, now: i64) -> Result<Token, ControlError> {
+    let mut token = tx.token(jti)?.ok_or_else(|| {
         ControlError::not_found(format!(
             "no token {jti} was issued by this control plane (kill its session or agent instead)"
         ))
     })?;
-    let revocable = token.status == "live"
-        || (token.status == "expired" && token.expires_at > now - EXPIRED_SLACK_SECS);
+    let status = token.status(now);
+    let revocable = status == TokenStatus::Live
+        || (status == TokenStatus::Expired && token.expires_at > now - EXPIRED_SLACK_SECS);
     if !revocable {
         return Err(ControlError::precondition(format!(
-            "token {jti} is already {}",
-            token.status
+            "token {jti} is already {status}"
         )));
     }
     tx.revoke_token(jti, now, reason)?;
-    Ok(pb::TokenInfo {
-        status: "revoked".into(),
-        revoked_at: now,
-        revoked_reason: reason.to_owned(),
-        ..token
-    })
+    token.revoked = Some(super::records::Revocation {
+        at: now,
+        reason: reason.to_owned(),
+    });
+    Ok(token)
 }
 
 /// Revokes a live token; returns it as revoked.
@@ -242,7 +169,7 @@ pub fn revoke_token(
     jti: &str,
     reason: &str,
     now: i64,
-) -> Result<Change<pb::TokenInfo>, ControlError> {
+) -> Result<Change<Token>, ControlError> {
     let token = revoke_live(tx, jti, reason, now)?;
     let items = vec![revoked_item(&token)];
     publish(tx, token, items)
@@ -252,10 +179,10 @@ pub fn revoke_token(
 pub fn rotate_token(
     tx: &mut dyn Txn,
     old_jti: &str,
-    new: &pb::TokenInfo,
+    new: &Token,
     reason: &str,
     now: i64,
-) -> Result<Change<pb::TokenInfo>, ControlError> {
+) -> Result<Change<Token>, ControlError> {
     let old = revoke_live(tx, old_jti, reason, now)?;
     tx.insert_token(new)?;
     let items = vec![revoked_item(&old)];
@@ -265,51 +192,45 @@ pub fn rotate_token(
 /// Records a kill mark (a later `before` than a stored one wins) and revokes, by id, the
 /// tokens it covers that data planes may still accept: a token minted in the kill's own
 /// second after an earlier kill carries a later `iat` than the mark. Counts what it hit.
-/// Refused: a token scope (that is a revocation) and a scope nothing was ever known in.
+/// Refused: a scope nothing was ever known in.
 pub fn kill(
     tx: &mut dyn Txn,
-    mark: &pb::KillMark,
+    mark: &KillMark,
     reason: &str,
     actor: &str,
     now: i64,
-) -> Result<Change<pb::KillResponse>, ControlError> {
-    let scope =
-        KillScope::try_from(mark.scope).map_err(|_| ControlError::invalid("unknown kill scope"))?;
-    if matches!(scope, KillScope::Token | KillScope::Unspecified) {
-        return Err(ControlError::invalid(
-            "a token kill is a token revocation; scope must be session, agent, tenant or all",
-        ));
-    }
+) -> Result<Change<Killed>, ControlError> {
+    use super::records::Scope;
+    let scope = mark.scope;
     if !tx.scope_known(scope, &mark.tenant, &mark.target)? {
         let what = match scope {
-            KillScope::Session => format!(
+            Scope::Session => format!(
                 "no token was ever issued in session {} of tenant {}",
                 mark.target, mark.tenant
             ),
-            KillScope::Agent => format!("no agent {} in tenant {}", mark.target, mark.tenant),
-            _ => format!("tenant {} has no agents, tokens or settings", mark.tenant),
+            Scope::Agent => format!("no agent {} in tenant {}", mark.target, mark.tenant),
+            Scope::Tenant | Scope::All => {
+                format!("tenant {} has no agents, tokens or settings", mark.tenant)
+            }
         };
         return Err(ControlError::not_found(format!("nothing to kill: {what}")));
     }
     let covered =
         tx.tokens_in_scope(scope, &mark.tenant, &mark.target, now - EXPIRED_SLACK_SECS)?;
-    let mut items = vec![item(Item::Kill(mark.clone()))];
+    let mut items = vec![kill_item(mark)];
     items.extend(covered.iter().map(revoked_item));
     // Counted among the live ones only (an expired token inside the slack is revoked too,
     // but it was not a live session of the agent).
-    let live: Vec<&pb::TokenInfo> = covered.iter().filter(|t| t.expires_at > now).collect();
-    let distinct = |key: &dyn Fn(&pb::TokenInfo) -> String| {
+    let live: Vec<&Token> = covered.iter().filter(|t| t.expires_at > now).collect();
+    let distinct = |key: &dyn Fn(&Token) -> String| {
         let mut keys: Vec<String> = live.iter().map(|t| key(t)).collect();
         keys.sort_unstable();
         keys.dedup();
         keys.len()
     };
     let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    let value = pb::KillResponse {
-        scope: mark.scope,
-        tenant: mark.tenant.clone(),
-        target: mark.target.clone(),
-        before: mark.before,
+    let value = Killed {
+        mark: mark.clone(),
         tokens: n(live.len()),
         sessions: n(distinct(&|t| format!("{}/{}", t.tenant, t.session))),
         agents: n(distinct(&|t| format!("{}/{}", t.tenant, t.agent))),
@@ -333,17 +254,10 @@ pub fn kill_floor(
     agent: &str,
     session: &str,
 ) -> Result<i64, ControlError> {
-    let covers = |k: &pb::KillMark| match KillScope::try_from(k.scope) {
-        Ok(KillScope::All) => true,
-        Ok(KillScope::Tenant) => k.tenant == tenant,
-        Ok(KillScope::Agent) => k.tenant == tenant && k.target == agent,
-        Ok(KillScope::Session) => k.tenant == tenant && k.target == session,
-        _ => false,
-    };
     Ok(tx
         .kill_marks()?
         .iter()
-        .filter(|k| covers(k))
+        .filter(|k| k.covers(tenant, agent, session))
         .map(|k| k.before)
         .max()
         .unwrap_or(i64::MIN))
@@ -352,14 +266,14 @@ pub fn kill_floor(
 // --- tenants and budgets ---
 
 /// Stores a tenant's settings.
-pub fn put_tenant(tx: &mut dyn Txn, t: &pb::Tenant) -> Result<Change<pb::Tenant>, ControlError> {
+pub fn put_tenant(tx: &mut dyn Txn, t: &Tenant) -> Result<Change<Tenant>, ControlError> {
     tx.put_tenant(t)?;
     publish(tx, t.clone(), vec![tenant_item(t)])
 }
 
 /// Sets an agent's budget; both limits 0 removes it.
-pub fn put_budget(tx: &mut dyn Txn, b: &pb::Budget) -> Result<Change<pb::Budget>, ControlError> {
-    if b.max_calls == 0 && b.max_cost <= 0.0 {
+pub fn put_budget(tx: &mut dyn Txn, b: &Budget) -> Result<Change<Budget>, ControlError> {
+    if b.is_unlimited() {
         tx.delete_budget(&b.tenant, &b.agent)?;
     } else {
         tx.put_budget(b)?;
@@ -369,32 +283,18 @@ pub fn put_budget(tx: &mut dyn Txn, b: &pb::Budget) -> Result<Change<pb::Budget>
 
 // --- approvals ---
 
-/// An approval's status at `now`: a pending one nobody answered in time, or an override
-/// nobody used in time, is expired (and denies).
-fn approval_judged(mut a: pb::Approval, now: i64) -> pb::Approval {
-    let expired = match a.status.as_str() {
-        "pending" => a.expires_at <= now,
-        "approved" => a.override_expires_at <= now,
-        _ => false,
-    };
-    if expired {
-        a.status = "expired".into();
-    }
-    a
-}
-
 /// Approvals, with their status judged at `now` and filtered on it.
 pub fn approvals(
     tx: &mut dyn Txn,
     tenant: Option<&str>,
-    status: Option<&str>,
+    status: Option<ApprovalStatus>,
     agent: Option<&str>,
     now: i64,
-) -> Result<Vec<pb::Approval>, ControlError> {
+) -> Result<Vec<Approval>, ControlError> {
     Ok(tx
         .approvals(tenant, agent)?
         .into_iter()
-        .map(|a| approval_judged(a, now))
+        .map(|a| a.judged(now))
         .filter(|a| status.is_none_or(|s| a.status == s))
         .collect())
 }
@@ -405,8 +305,8 @@ pub fn approval(
     tenant: &str,
     id: &str,
     now: i64,
-) -> Result<Option<pb::Approval>, ControlError> {
-    Ok(tx.approval(tenant, id)?.map(|a| approval_judged(a, now)))
+) -> Result<Option<Approval>, ControlError> {
+    Ok(tx.approval(tenant, id)?.map(|a| a.judged(now)))
 }
 
 /// Raises a pending approval, or returns the pending one for the same call (and, with
@@ -415,13 +315,18 @@ pub fn approval(
 /// agent already has `max_pending` pending.
 pub fn request_approval(
     tx: &mut dyn Txn,
-    a: &pb::Approval,
+    a: &Approval,
     max_pending: u32,
     same_session: bool,
     now: i64,
 ) -> Result<pb::RequestApprovalResponse, ControlError> {
-    let pending: Vec<pb::Approval> =
-        approvals(tx, Some(&a.tenant), Some("pending"), Some(&a.agent), now)?;
+    let pending: Vec<Approval> = approvals(
+        tx,
+        Some(&a.tenant),
+        Some(ApprovalStatus::Pending),
+        Some(&a.agent),
+        now,
+    )?;
     if let Some(same) = pending
         .iter()
         .find(|p| p.call_hash == a.call_hash && (!same_session || p.session == a.session))
@@ -440,7 +345,7 @@ pub fn request_approval(
         });
     }
     let mut stored = a.clone();
-    stored.status = "pending".into();
+    stored.status = ApprovalStatus::Pending;
     stored.decided_by.clear();
     stored.decided_at = 0;
     stored.decision_reason.clear();
@@ -466,20 +371,24 @@ pub fn decide_approval(
     reason: &str,
     override_expires_at: i64,
     now: i64,
-) -> Result<Option<pb::Approval>, ControlError> {
+) -> Result<Option<Approval>, ControlError> {
     let Some(mut a) = approval(tx, tenant, id, now)? else {
         return Ok(None);
     };
-    if a.status != "pending" {
+    if a.status != ApprovalStatus::Pending {
         return Ok(None);
     }
-    a.status = if approve { "approved" } else { "denied" }.into();
+    a.status = if approve {
+        ApprovalStatus::Approved
+    } else {
+        ApprovalStatus::Denied
+    };
     a.decided_by = actor.to_owned();
     a.decided_at = now;
     a.decision_reason = reason.to_owned();
     a.override_expires_at = override_expires_at;
     tx.update_approval(&a)?;
-    Ok(Some(approval_judged(a, now)))
+    Ok(Some(a.judged(now)))
 }
 
 /// Marks an approved approval with an unexpired override used; false if it is not one.
@@ -493,10 +402,10 @@ pub fn use_approval(
     let Some(mut a) = approval(tx, tenant, id, now)? else {
         return Ok(false);
     };
-    if a.status != "approved" {
+    if a.status != ApprovalStatus::Approved {
         return Ok(false);
     }
-    a.status = "used".into();
+    a.status = ApprovalStatus::Used;
     a.used_at = now;
     a.used_by_decision = decision_id.to_owned();
     tx.update_approval(&a)?;
@@ -508,30 +417,19 @@ pub fn use_approval(
 /// Stores the bundle (if new) and appends an activation to the history.
 pub fn activate_policy(
     tx: &mut dyn Txn,
-    rev: &pb::PolicyRevision,
+    rev: &Revision,
     bundle: &[u8],
-) -> Result<Change<pb::PolicyRevision>, ControlError> {
+) -> Result<Change<Revision>, ControlError> {
     tx.store_bundle(&rev.digest, &rev.revision, bundle, rev.activated_at)?;
     let mut value = rev.clone();
     value.id = tx.append_revision(rev)?;
-    value.active = true;
-    let items = vec![item(Item::Policy(pb::PolicyRef {
-        revision: rev.revision.clone(),
-        digest: rev.digest.clone(),
-    }))];
+    let items = vec![policy_item(&rev.revision, &rev.digest)];
     publish(tx, value, items)
 }
 
 /// The newest `limit` activations, newest first; the newest is the active one.
-pub fn policy_history(
-    tx: &mut dyn Txn,
-    limit: u32,
-) -> Result<Vec<pb::PolicyRevision>, ControlError> {
-    let mut revisions = tx.revisions(limit)?;
-    if let Some(newest) = revisions.first_mut() {
-        newest.active = true;
-    }
-    Ok(revisions)
+pub fn policy_history(tx: &mut dyn Txn, limit: u32) -> Result<Vec<Revision>, ControlError> {
+    tx.revisions(limit)
 }
 
 // --- incidents ---
@@ -540,7 +438,7 @@ pub fn policy_history(
 /// payload) in the outbox: none is lost if the process stops right after.
 pub fn insert_incident(
     tx: &mut dyn Txn,
-    incident: &pb::Incident,
+    incident: &Incident,
     notifications: &[(String, String)],
 ) -> Result<(), ControlError> {
     tx.insert_incident(incident)?;
@@ -557,28 +455,25 @@ pub fn set_incident_status(
     tx: &mut dyn Txn,
     tenant: &str,
     id: &str,
-    status: &str,
+    status: IncidentStatus,
     actor: &str,
     reason: &str,
     now: i64,
-) -> Result<Option<pb::Incident>, ControlError> {
+) -> Result<Option<Incident>, ControlError> {
     let Some(mut i) = tx.incident(tenant, id)? else {
         return Ok(None);
     };
-    if status == "acknowledged" {
-        if i.status != "open" {
-            return Ok(None);
+    match (i.status, status) {
+        (IncidentStatus::Open, IncidentStatus::Acknowledged) => {
+            i.acknowledged_by = actor.to_owned();
         }
-        i.status = "acknowledged".into();
-        i.acknowledged_by = actor.to_owned();
-    } else {
-        if i.status == "closed" {
-            return Ok(None);
+        (IncidentStatus::Open | IncidentStatus::Acknowledged, IncidentStatus::Closed) => {
+            i.closed_by = actor.to_owned();
+            i.close_reason = reason.to_owned();
         }
-        i.status = "closed".into();
-        i.closed_by = actor.to_owned();
-        i.close_reason = reason.to_owned();
+        _ => return Ok(None),
     }
+    i.status = status;
     i.updated_at = now;
     tx.update_incident(&i)?;
     Ok(Some(i))

@@ -538,7 +538,11 @@ impl ControlPlane for ControlService {
             req,
             "incident.acknowledge",
             |r: &Request<pb::IncidentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_incident_status(&op, b, "acknowledged").await }
+            |op, b| {
+                self.core
+                    .set_incident_status(&op, b, crate::types::IncidentStatus::Acknowledged)
+                    .await
+            }
         )
     }
 
@@ -551,7 +555,11 @@ impl ControlPlane for ControlService {
             req,
             "incident.close",
             |r: &Request<pb::IncidentActionRequest>| r.get_ref().tenant.clone(),
-            |op, b| { self.core.set_incident_status(&op, b, "closed").await }
+            |op, b| {
+                self.core
+                    .set_incident_status(&op, b, crate::types::IncidentStatus::Closed)
+                    .await
+            }
         )
     }
 

@@ -11,8 +11,12 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::ControlError;
-use super::pb::{self, KillScope};
+use super::pb;
+use super::records::{
+    Agent, Approval, Budget, Incident, KillMark, Revision, Revocation, Scope, Tenant, Token,
+};
 use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce};
+use crate::types::{AgentStatus, IncidentStatus};
 
 mod queries;
 mod rows;
@@ -252,10 +256,10 @@ mod tests {
     use super::*;
     use crate::control::rules;
 
-    fn tenant(name: &str, mode: &str) -> pb::Tenant {
-        pb::Tenant {
+    fn tenant(name: &str, mode: &str) -> Tenant {
+        Tenant {
             name: name.into(),
-            mode: mode.into(),
+            mode: mode.parse().expect("mode"),
             autonomy_level: 1,
             updated_at: 1,
             updated_by: "test".into(),
@@ -266,7 +270,7 @@ mod tests {
         Arc::new(SqliteStore::open(path).expect("open"))
     }
 
-    async fn put(store: &Arc<dyn ControlStore>, t: pb::Tenant) -> u64 {
+    async fn put(store: &Arc<dyn ControlStore>, t: Tenant) -> u64 {
         store
             .run(move |tx| rules::put_tenant(tx, &t))
             .await

@@ -6,9 +6,12 @@
 //! - [`ControlStore`] (async): runs a unit of work in one transaction
 //!   ([`ControlStore::transact`]), hands out the change feed ([`ControlStore::changes_since`])
 //!   and announces new commits ([`ControlStore::subscribe`]).
-//! - [`Txn`] (the unit of work's view): plain reads and writes of records, and
-//!   [`Txn::publish`], which commits the items data planes must apply as the next version
-//!   of the watched state, in the same transaction.
+//! - [`Txn`] (the unit of work's view): plain reads and writes of records
+//!   ([`super::records`]: typed statuses, no wire types), and [`Txn::publish`], which
+//!   commits the items data planes must apply as the next version of the watched state, in
+//!   the same transaction. The feed keeps those items as the data planes receive them
+//!   (`WatchEvent`s): it is the one record that is the wire, so a replica hands it out as
+//!   stored. The gRPC messages are made from records at the edge ([`super::wire`]).
 //!
 //! [`super::sqlite::SqliteStore`] is the embedded backend. A unit of work is a plain
 //! function over `&mut dyn Txn`; the backend may run it more than once (a serialization
@@ -17,7 +20,9 @@
 use std::sync::{Arc, Mutex};
 
 use super::ControlError;
-use super::pb::{self, KillScope};
+use super::pb;
+use super::records::{Agent, Approval, Budget, Incident, KillMark, Revision, Scope, Tenant, Token};
+use crate::types::{AgentStatus, IncidentStatus};
 
 /// How long past its expiry a token still counts for revocation. Data planes accept a
 /// token up to `token.leeway_secs` after `exp` (clock skew), so a revoked token must stay
@@ -144,28 +149,23 @@ pub trait Txn {
     // --- agents ---
 
     /// One agent, with its live tokens counted at `now`.
-    fn agent(
-        &mut self,
-        tenant: &str,
-        id: &str,
-        now: i64,
-    ) -> Result<Option<pb::Agent>, ControlError>;
+    fn agent(&mut self, tenant: &str, id: &str, now: i64) -> Result<Option<Agent>, ControlError>;
     /// Agents in (tenant, id) order, optionally of one tenant and one stored status.
     fn agents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<AgentStatus>,
         now: i64,
-    ) -> Result<Vec<pb::Agent>, ControlError>;
+    ) -> Result<Vec<Agent>, ControlError>;
     /// Stores a new agent.
-    fn insert_agent(&mut self, agent: &pb::Agent) -> Result<(), ControlError>;
+    fn insert_agent(&mut self, agent: &Agent) -> Result<(), ControlError>;
     /// Stores an agent's status, reason and who changed it when.
-    fn update_agent(&mut self, agent: &pb::Agent) -> Result<(), ControlError>;
+    fn update_agent(&mut self, agent: &Agent) -> Result<(), ControlError>;
 
     // --- tokens ---
 
-    /// One token as stored (its `status` is left for the rules to judge).
-    fn token(&mut self, jti: &str) -> Result<Option<pb::TokenInfo>, ControlError>;
+    /// One token as stored.
+    fn token(&mut self, jti: &str) -> Result<Option<Token>, ControlError>;
     /// A tenant's tokens in (issued_at, jti) order, optionally of one agent, optionally
     /// only those not revoked and expiring after `expiring_after`.
     fn tokens(
@@ -173,23 +173,20 @@ pub trait Txn {
         tenant: &str,
         agent: Option<&str>,
         unrevoked_expiring_after: Option<i64>,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError>;
+    ) -> Result<Vec<Token>, ControlError>;
     /// Tokens not revoked, expiring after `expiring_after`, in a kill's scope
     /// (session/agent/tenant of `tenant` named `target`, or all).
     fn tokens_in_scope(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
         expiring_after: i64,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError>;
+    ) -> Result<Vec<Token>, ControlError>;
     /// Revoked tokens expiring after `expiring_after` (for snapshots).
-    fn revoked_tokens(
-        &mut self,
-        expiring_after: i64,
-    ) -> Result<Vec<pb::RevokedToken>, ControlError>;
+    fn revoked_tokens(&mut self, expiring_after: i64) -> Result<Vec<Token>, ControlError>;
     /// Stores a newly issued token.
-    fn insert_token(&mut self, token: &pb::TokenInfo) -> Result<(), ControlError>;
+    fn insert_token(&mut self, token: &Token) -> Result<(), ControlError>;
     /// Marks a token revoked at `at` for `reason`.
     fn revoke_token(&mut self, jti: &str, at: i64, reason: &str) -> Result<(), ControlError>;
 
@@ -199,23 +196,23 @@ pub trait Txn {
     /// agent that is registered or had tokens, a tenant with agents, tokens or settings.
     fn scope_known(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
     ) -> Result<bool, ControlError>;
     /// The stored mark of a scope, if any.
     fn kill_mark(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
-    ) -> Result<Option<pb::KillMark>, ControlError>;
+    ) -> Result<Option<KillMark>, ControlError>;
     /// Every stored kill mark.
-    fn kill_marks(&mut self) -> Result<Vec<pb::KillMark>, ControlError>;
+    fn kill_marks(&mut self) -> Result<Vec<KillMark>, ControlError>;
     /// Stores (replaces) a scope's kill mark.
     fn put_kill_mark(
         &mut self,
-        mark: &pb::KillMark,
+        mark: &KillMark,
         reason: &str,
         actor: &str,
         at: i64,
@@ -224,19 +221,19 @@ pub trait Txn {
     // --- tenants and budgets ---
 
     /// One tenant's settings.
-    fn tenant(&mut self, name: &str) -> Result<Option<pb::Tenant>, ControlError>;
+    fn tenant(&mut self, name: &str) -> Result<Option<Tenant>, ControlError>;
     /// Every tenant's settings.
-    fn tenants(&mut self) -> Result<Vec<pb::Tenant>, ControlError>;
+    fn tenants(&mut self) -> Result<Vec<Tenant>, ControlError>;
     /// Stores (replaces) a tenant's settings.
-    fn put_tenant(&mut self, tenant: &pb::Tenant) -> Result<(), ControlError>;
+    fn put_tenant(&mut self, tenant: &Tenant) -> Result<(), ControlError>;
     /// Budgets in (tenant, agent) order, optionally of one tenant and one agent.
     fn budgets(
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Budget>, ControlError>;
+    ) -> Result<Vec<Budget>, ControlError>;
     /// Stores (replaces) an agent's budget.
-    fn put_budget(&mut self, budget: &pb::Budget) -> Result<(), ControlError>;
+    fn put_budget(&mut self, budget: &Budget) -> Result<(), ControlError>;
     /// Removes an agent's budget.
     fn delete_budget(&mut self, tenant: &str, agent: &str) -> Result<(), ControlError>;
 
@@ -247,13 +244,13 @@ pub trait Txn {
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Approval>, ControlError>;
+    ) -> Result<Vec<Approval>, ControlError>;
     /// One approval as stored.
-    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Approval>, ControlError>;
+    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<Approval>, ControlError>;
     /// Stores a new approval.
-    fn insert_approval(&mut self, approval: &pb::Approval) -> Result<(), ControlError>;
+    fn insert_approval(&mut self, approval: &Approval) -> Result<(), ControlError>;
     /// Stores an approval's status and its decision and use fields.
-    fn update_approval(&mut self, approval: &pb::Approval) -> Result<(), ControlError>;
+    fn update_approval(&mut self, approval: &Approval) -> Result<(), ControlError>;
 
     // --- policy ---
 
@@ -268,29 +265,29 @@ pub trait Txn {
     /// A stored bundle's bytes.
     fn bundle(&mut self, digest: &str) -> Result<Option<Vec<u8>>, ControlError>;
     /// Appends an activation to the history; returns its id.
-    fn append_revision(&mut self, revision: &pb::PolicyRevision) -> Result<u64, ControlError>;
-    /// The newest `limit` activations, newest first (`active` left false).
-    fn revisions(&mut self, limit: u32) -> Result<Vec<pb::PolicyRevision>, ControlError>;
+    fn append_revision(&mut self, revision: &Revision) -> Result<u64, ControlError>;
+    /// The newest `limit` activations, newest first.
+    fn revisions(&mut self, limit: u32) -> Result<Vec<Revision>, ControlError>;
 
     // --- incidents and their notifications ---
 
     /// Stores a new incident.
-    fn insert_incident(&mut self, incident: &pb::Incident) -> Result<(), ControlError>;
+    fn insert_incident(&mut self, incident: &Incident) -> Result<(), ControlError>;
     /// One incident.
-    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Incident>, ControlError>;
+    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<Incident>, ControlError>;
     /// Incidents in (created_at_ns, id) order, optionally of one tenant, status and agent.
     fn incidents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<IncidentStatus>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Incident>, ControlError>;
+    ) -> Result<Vec<Incident>, ControlError>;
     /// Stores an incident's status, who acknowledged or closed it, and its actions.
-    fn update_incident(&mut self, incident: &pb::Incident) -> Result<(), ControlError>;
+    fn update_incident(&mut self, incident: &Incident) -> Result<(), ControlError>;
     /// Queues a notification (state pending, no attempt yet, due at `at_ms`).
     fn insert_notification(
         &mut self,
-        incident: &pb::Incident,
+        incident: &Incident,
         url: &str,
         payload: &str,
         at_ms: i64,

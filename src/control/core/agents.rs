@@ -2,6 +2,8 @@
 //! revoke tokens, kill by session, agent, tenant or everything.
 
 use super::*;
+use crate::control::records::{self, Agent, Token};
+use crate::control::wire;
 use crate::types::AgentStatus;
 
 impl ControlCore {
@@ -29,10 +31,10 @@ impl ControlCore {
         }
         let now = now_secs();
         let actor = op.actor();
-        let agent = pb::Agent {
+        let agent = Agent {
             tenant: tenant.clone(),
             id: req.id.clone(),
-            status: crate::control::ACTIVE.into(),
+            status: AgentStatus::Active,
             risk_tier,
             reason: "registered".into(),
             created_at: now,
@@ -49,7 +51,7 @@ impl ControlCore {
         act.target = format!("agent:{tenant}/{}", agent.id);
         act.reason = &agent.risk_tier;
         self.record(act, None).await?;
-        Ok(agent)
+        Ok(wire::agent(agent))
     }
 
     /// One agent of a tenant the caller may read.
@@ -65,6 +67,7 @@ impl ControlCore {
         let t = tenant.clone();
         self.run(move |tx| tx.agent(&t, &id, now))
             .await?
+            .map(wire::agent)
             .ok_or_else(|| {
                 ControlError::not_found(format!("no agent {} in tenant {tenant}", req.id))
             })
@@ -78,10 +81,12 @@ impl ControlCore {
     ) -> Result<Vec<pb::Agent>, ControlError> {
         let scope = op.list_scope(&req.tenant)?;
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
-        let status = (!req.status.is_empty()).then_some(req.status);
+        let status: Option<AgentStatus> = wire::filter(&req.status)?;
         let now = now_secs();
-        self.run(move |tx| tx.agents(scope.as_deref(), status.as_deref(), now))
-            .await
+        let agents = self
+            .run(move |tx| tx.agents(scope.as_deref(), status, now))
+            .await?;
+        Ok(agents.into_iter().map(wire::agent).collect())
     }
 
     /// Freeze (`frozen`), unfreeze (`active`) or revoke (`revoked`) an agent.
@@ -131,7 +136,7 @@ impl ControlCore {
             )
             .await?;
         }
-        Ok(agent)
+        Ok(wire::agent(agent))
     }
 
     // --- tokens ---
@@ -164,7 +169,7 @@ impl ControlCore {
         self.record(act, None).await?;
         Ok(pb::IssuedToken {
             token,
-            info: Some(info),
+            info: Some(wire::token(info, now_secs())),
         })
     }
 
@@ -201,7 +206,7 @@ impl ControlCore {
         self.record(act, None).await?;
         Ok(pb::IssuedToken {
             token,
-            info: Some(info),
+            info: Some(wire::token(info, now)),
         })
     }
 
@@ -227,7 +232,7 @@ impl ControlCore {
         act.target = format!("token:{}", info.jti);
         act.reason = &req.reason;
         self.record(act, None).await?;
-        Ok(info)
+        Ok(wire::token(info, now))
     }
 
     /// The tokens of a tenant (of one agent), live ones unless all are asked for.
@@ -240,15 +245,16 @@ impl ControlCore {
         op.require(Need::Read, &tenant)?;
         let agent = (!req.agent.is_empty()).then_some(req.agent);
         let now = now_secs();
-        self.run(move |tx| rules::tokens(tx, &tenant, agent.as_deref(), req.all, now))
-            .await
+        let tokens = self
+            .run(move |tx| rules::tokens(tx, &tenant, agent.as_deref(), req.all, now))
+            .await?;
+        Ok(tokens.into_iter().map(|t| wire::token(t, now)).collect())
     }
 
     /// A token of `tenant` by jti; NOT_FOUND for another tenant's, as for none.
-    async fn token_in(&self, tenant: &str, jti: &str) -> Result<pb::TokenInfo, ControlError> {
-        let now = now_secs();
+    async fn token_in(&self, tenant: &str, jti: &str) -> Result<Token, ControlError> {
         let j = jti.to_owned();
-        match self.run(move |tx| rules::token(tx, &j, now)).await? {
+        match self.run(move |tx| tx.token(&j)).await? {
             Some(t) if t.tenant == tenant => Ok(t),
             _ => Err(ControlError::not_found(format!(
                 "no token {jti} in tenant {tenant} was issued by this control plane"
@@ -263,7 +269,7 @@ impl ControlCore {
         tenant: &str,
         id: &str,
         frozen_ok: bool,
-    ) -> Result<pb::Agent, ControlError> {
+    ) -> Result<Agent, ControlError> {
         let now = now_secs();
         let (t, i) = (tenant.to_owned(), id.to_owned());
         let agent = self.run(move |tx| tx.agent(&t, &i, now))
@@ -273,9 +279,8 @@ impl ControlCore {
                     "no agent {id} in tenant {tenant} (register it first: aegis ctl agents register)"
                 ))
             })?;
-        let usable =
-            agent.status == crate::control::ACTIVE || agent.status == crate::control::RESTRICTED;
-        if !(usable || (frozen_ok && agent.status == crate::control::FROZEN)) {
+        let usable = matches!(agent.status, AgentStatus::Active | AgentStatus::Restricted);
+        if !(usable || (frozen_ok && agent.status == AgentStatus::Frozen)) {
             return Err(ControlError::precondition(format!(
                 "agent {tenant}/{id} is {}: no token can be issued",
                 agent.status
@@ -288,11 +293,11 @@ impl ControlCore {
     /// this same second does not catch a token minted after it.
     async fn mint_agent_token(
         &self,
-        agent: &pb::Agent,
+        agent: &Agent,
         session: &str,
         scopes: Vec<String>,
         ttl_secs: u64,
-    ) -> Result<(String, pb::TokenInfo), ControlError> {
+    ) -> Result<(String, Token), ControlError> {
         let ttl = if ttl_secs == 0 {
             self.settings.token_ttl_secs
         } else {
@@ -331,7 +336,7 @@ impl ControlCore {
         };
         let token =
             mint(&self.signer, &claims).map_err(|e| ControlError::invalid(format!("mint: {e}")))?;
-        let info = pb::TokenInfo {
+        let info = Token {
             jti: claims.jti,
             tenant: claims.tenant,
             agent: claims.sub,
@@ -339,9 +344,7 @@ impl ControlCore {
             scopes,
             issued_at: claims.iat,
             expires_at: claims.exp,
-            status: "live".into(),
-            revoked_at: 0,
-            revoked_reason: String::new(),
+            revoked: None,
         };
         Ok((token, info))
     }
@@ -416,15 +419,17 @@ impl ControlCore {
                 KillScope::Session | KillScope::Agent => req.target.clone(),
                 _ => String::new(),
             };
-            let mark = pb::KillMark {
-                scope: req.scope,
+            let mark = records::KillMark {
+                scope: wire::scope(req.scope)?,
                 tenant: tenant.clone(),
                 target,
                 before: now,
             };
             let (reason, who) = (req.reason.clone(), actor.clone());
-            self.publish(move |tx| rules::kill(tx, &mark, &reason, &who, now))
-                .await?
+            let killed = self
+                .publish(move |tx| rules::kill(tx, &mark, &reason, &who, now))
+                .await?;
+            wire::killed(&killed)
         };
         let action = match scope {
             KillScope::Token => "kill.token",

@@ -1,6 +1,9 @@
 //! Approvals: list, decide, raise from a Check, redeem an override.
 
 use super::*;
+use crate::control::records::Approval;
+use crate::control::wire;
+use crate::types::ApprovalStatus;
 
 impl ControlCore {
     // --- approvals ---
@@ -14,22 +17,19 @@ impl ControlCore {
         let scope = op.list_scope(&req.tenant)?;
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
         let status = match req.status.as_str() {
-            "" => Some("pending".to_owned()),
+            "" => Some(ApprovalStatus::Pending),
             "all" => None,
-            s => Some(s.to_owned()),
+            s => Some(
+                s.parse::<ApprovalStatus>()
+                    .map_err(|e| ControlError::invalid(format!("{e} (or all)")))?,
+            ),
         };
         let agent = (!req.agent.is_empty()).then_some(req.agent);
         let now = now_secs();
-        self.run(move |tx| {
-            rules::approvals(
-                tx,
-                scope.as_deref(),
-                status.as_deref(),
-                agent.as_deref(),
-                now,
-            )
-        })
-        .await
+        let approvals = self
+            .run(move |tx| rules::approvals(tx, scope.as_deref(), status, agent.as_deref(), now))
+            .await?;
+        Ok(approvals.into_iter().map(wire::approval).collect())
     }
 
     /// One approval of a tenant the caller may read.
@@ -40,10 +40,10 @@ impl ControlCore {
     ) -> Result<pb::Approval, ControlError> {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Read, &tenant)?;
-        self.approval_in(&tenant, &req.id).await
+        Ok(wire::approval(self.approval_in(&tenant, &req.id).await?))
     }
 
-    async fn approval_in(&self, tenant: &str, id: &str) -> Result<pb::Approval, ControlError> {
+    async fn approval_in(&self, tenant: &str, id: &str) -> Result<Approval, ControlError> {
         let now = now_secs();
         let (t, i) = (tenant.to_owned(), id.to_owned());
         self.run(move |tx| rules::approval(tx, &t, &i, now))
@@ -67,7 +67,7 @@ impl ControlCore {
         };
         required_reason(&req.reason, action)?;
         let before = self.approval_in(&tenant, &req.id).await?;
-        if before.status != "pending" {
+        if before.status != ApprovalStatus::Pending {
             return Err(ControlError::precondition(format!(
                 "approval {} is {}, not pending",
                 req.id, before.status
@@ -130,7 +130,7 @@ impl ControlCore {
         act.approval_id = &approval.id;
         self.record(act, None).await?;
         Ok(pb::ApprovalDecision {
-            approval: Some(approval),
+            approval: Some(wire::approval(approval)),
             override_token,
         })
     }
@@ -151,7 +151,7 @@ impl ControlCore {
         // approvals are not its to fill.
         op.require(Need::Fleet, &req.tenant)?;
         let now = now_secs();
-        let approval = pb::Approval {
+        let approval = Approval {
             id: random_id("apr-"),
             tenant: req.tenant.clone(),
             agent: req.agent.clone(),
@@ -164,11 +164,16 @@ impl ControlCore {
             call_hash: req.call_hash,
             policy_reason: req.policy_reason,
             decision_id: req.decision_id,
-            status: "pending".into(),
+            status: ApprovalStatus::Pending,
             created_at: now,
             expires_at: now
                 .saturating_add(i64::try_from(self.settings.approval_ttl_secs).unwrap_or(i64::MAX)),
-            ..Default::default()
+            decided_by: String::new(),
+            decided_at: 0,
+            decision_reason: String::new(),
+            override_expires_at: 0,
+            used_at: 0,
+            used_by_decision: String::new(),
         };
         let cap = self.settings.max_pending_approvals;
         let same_session =
@@ -239,9 +244,9 @@ impl ControlCore {
             .await?;
         if !used {
             let current = self.approval_in(&claims.tenant, &claims.apr).await?;
-            let reason = match current.status.as_str() {
-                "expired" => "override_expired",
-                "used" => "override_used",
+            let reason = match current.status {
+                ApprovalStatus::Expired => "override_expired",
+                ApprovalStatus::Used => "override_used",
                 _ => "override_invalid",
             };
             return Ok(refuse(reason, &claims.apr));

@@ -2,7 +2,9 @@
 //! contained according to the tenant's autonomy level, acknowledged and closed.
 
 use super::*;
-use crate::types::{Action, AgentStatus, Severity};
+use crate::control::records::Incident;
+use crate::control::wire;
+use crate::types::{Action, AgentStatus, IncidentStatus, Severity};
 
 /// The kinds of incident the correlation engine raises.
 pub const INCIDENT_KINDS: &[&str] = &[
@@ -19,8 +21,8 @@ pub const INCIDENT_KINDS: &[&str] = &[
 /// L1 notify only; L2 also require approval for the agent's state-mutating calls
 /// (restrict it); L3 freeze the agent instead on high and critical incidents; L4 also
 /// revoke its tokens and kill its session.
-pub fn plan(level: u32, severity: &str) -> Vec<Action> {
-    let serious = severity.parse::<Severity>().is_ok_and(Severity::is_serious);
+pub fn plan(level: u32, severity: Severity) -> Vec<Action> {
+    let serious = severity.is_serious();
     let mut actions = vec![Action::Notify];
     if level >= 3 && serious {
         actions.push(Action::FreezeAgent);
@@ -126,12 +128,10 @@ impl ControlCore {
                 req.kind
             )));
         }
-        if !["low", "medium", "high", "critical"].contains(&req.severity.as_str()) {
-            return Err(ControlError::invalid(format!(
-                "unknown severity {:?}",
-                req.severity
-            )));
-        }
+        let severity: Severity = req
+            .severity
+            .parse()
+            .map_err(|_| ControlError::invalid(format!("unknown severity {:?}", req.severity)))?;
         if req.decided_at_ns <= 0 {
             return Err(ControlError::invalid(
                 "an incident needs the time of its decision",
@@ -147,28 +147,38 @@ impl ControlCore {
             .await?
             .autonomy_level;
         let now_ns = crate::unix_nanos();
-        let incident = pb::Incident {
+        let incident = Incident {
             id: random_id("INC-"),
             tenant: req.tenant,
             agent: req.agent,
             session: req.session,
             run_id: req.run_id,
             kind: req.kind,
-            severity: req.severity,
+            severity,
             summary: req.summary,
             evidence: req.evidence,
             trigger_decision: req.trigger_decision,
             decided_at_ns: req.decided_at_ns,
-            status: "open".into(),
+            status: IncidentStatus::Open,
             created_at_ns: now_ns,
             updated_at: now_ns / 1_000_000_000,
+            acknowledged_by: String::new(),
+            closed_by: String::new(),
+            close_reason: String::new(),
+            actions: Vec::new(),
             autonomy_level: level,
             reported_by: op.actor(),
             policy_revision: req.policy_revision,
-            decisions: req.decisions,
-            ..Default::default()
+            decisions: req
+                .decisions
+                .into_iter()
+                .map(wire::evidence_record)
+                .collect(),
         };
-        let notes = crate::control::notify::notifications(&incident, &self.settings.webhooks);
+        let notes = crate::control::notify::notifications(
+            &wire::incident(incident.clone()),
+            &self.settings.webhooks,
+        );
         let queued = notes.len();
         let i = incident.clone();
         self.run(move |tx| rules::insert_incident(tx, &i, &notes))
@@ -206,10 +216,10 @@ impl ControlCore {
             incident.summary,
             done.join(", ")
         );
-        let incident = pb::Incident {
+        let incident = wire::incident(Incident {
             actions: done,
             ..incident
-        };
+        });
         if queued > 0 {
             // The notifications were stored with the incident (durable from the start);
             // now that the response engine has acted, they say what it did.
@@ -237,11 +247,11 @@ impl ControlCore {
     }
 
     /// Carries out the plan for `incident`; returns what was done, one line per action.
-    async fn contain(&self, incident: &pb::Incident, webhooks: usize) -> Vec<String> {
+    async fn contain(&self, incident: &Incident, webhooks: usize) -> Vec<String> {
         let engine = Self::response_engine();
         let reason = format!("incident {} ({})", incident.id, incident.kind);
         let mut done = Vec::new();
-        for action in plan(incident.autonomy_level, &incident.severity) {
+        for action in plan(incident.autonomy_level, incident.severity) {
             let outcome = match action {
                 Action::Notify if webhooks == 0 => {
                     Ok("logged (no webhook for this tenant)".to_owned())
@@ -297,7 +307,7 @@ impl ControlCore {
     async fn contain_agent(
         &self,
         engine: &Operator,
-        incident: &pb::Incident,
+        incident: &Incident,
         reason: &str,
         status: AgentStatus,
     ) -> Result<String, ControlError> {
@@ -339,10 +349,12 @@ impl ControlCore {
     ) -> Result<Vec<pb::Incident>, ControlError> {
         let scope = op.list_scope(&req.tenant)?;
         op.require(Need::Read, scope.as_deref().unwrap_or(""))?;
-        let status = (!req.status.is_empty()).then_some(req.status);
+        let status: Option<IncidentStatus> = wire::filter(&req.status)?;
         let agent = (!req.agent.is_empty()).then_some(req.agent);
-        self.run(move |tx| tx.incidents(scope.as_deref(), status.as_deref(), agent.as_deref()))
-            .await
+        let incidents = self
+            .run(move |tx| tx.incidents(scope.as_deref(), status, agent.as_deref()))
+            .await?;
+        Ok(incidents.into_iter().map(wire::incident).collect())
     }
 
     /// One incident, with the state of its notifications.
@@ -360,9 +372,10 @@ impl ControlCore {
                 Ok((tx.incident(&t, &i)?, notes))
             })
             .await?;
-        let mut incident = incident.ok_or_else(|| {
+        let incident = incident.ok_or_else(|| {
             ControlError::not_found(format!("no incident {} in tenant {tenant}", req.id))
         })?;
+        let mut incident = wire::incident(incident);
         incident.notifications = notes
             .iter()
             .map(|n| {
@@ -386,16 +399,18 @@ impl ControlCore {
         &self,
         op: &Operator,
         req: pb::IncidentActionRequest,
-        status: &'static str,
+        status: IncidentStatus,
     ) -> Result<pb::Incident, ControlError> {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Operate, &tenant)?;
-        let action = if status == "closed" {
-            "incident.close"
-        } else {
-            "incident.acknowledge"
+        let action = match status {
+            IncidentStatus::Closed => "incident.close",
+            IncidentStatus::Acknowledged => "incident.acknowledge",
+            IncidentStatus::Open => {
+                return Err(ControlError::invalid("an incident is never reopened"));
+            }
         };
-        if status == "closed" {
+        if status == IncidentStatus::Closed {
             required_reason(&req.reason, action)?;
         }
         let current = self
@@ -426,8 +441,9 @@ impl ControlCore {
         act.target = format!("incident:{}", updated.id);
         act.reason = &req.reason;
         self.record(act, None).await?;
+        let updated = wire::incident(updated);
         let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
-            event: status.into(),
+            event: status.as_str().into(),
             incident: Some(updated.clone()),
         }));
         Ok(updated)
@@ -466,9 +482,13 @@ impl ControlCore {
                 )));
             }
         };
+        let severity: Severity = incident
+            .severity
+            .parse()
+            .map_err(|e| ControlError::Store(format!("incident {}: {e}", incident.id)))?;
         Ok(pb::ResponsePlan {
             autonomy_level: level,
-            actions: plan(level, &incident.severity)
+            actions: plan(level, severity)
                 .into_iter()
                 .map(|a| a.as_str().to_owned())
                 .collect(),

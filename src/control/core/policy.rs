@@ -1,6 +1,8 @@
 //! Policy revisions: activate, list, roll back, fetch a bundle, reconcile at start-up.
 
 use super::*;
+use crate::control::records::Revision;
+use crate::control::wire;
 
 impl ControlCore {
     // --- policy ---
@@ -30,7 +32,12 @@ impl ControlCore {
     ) -> Result<Vec<pb::PolicyRevision>, ControlError> {
         op.require(Need::Read, "")?;
         let limit = if req.limit == 0 { 50 } else { req.limit };
-        self.run(move |tx| rules::policy_history(tx, limit)).await
+        let history = self.run(move |tx| rules::policy_history(tx, limit)).await?;
+        Ok(history
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| wire::revision(r, i == 0))
+            .collect())
     }
 
     /// Reactivates an earlier revision.
@@ -119,7 +126,7 @@ impl ControlCore {
         actor: &str,
         reason: &str,
     ) -> Result<pb::PolicyRevision, ControlError> {
-        let rev = pb::PolicyRevision {
+        let rev = Revision {
             id: 0,
             revision: compiled.revision().to_owned(),
             digest: compiled.digest().to_owned(),
@@ -127,7 +134,6 @@ impl ControlCore {
             actor: actor.to_owned(),
             reason: reason.to_owned(),
             activated_at: now_secs(),
-            active: true,
         };
         let bytes = pb::Bundle::from(files).encode_to_vec();
         let revision = {
@@ -158,7 +164,7 @@ impl ControlCore {
             revision.revision,
             revision.digest
         );
-        Ok(revision)
+        Ok(wire::revision(revision, true))
     }
 
     /// Start-up: reconciles the configured bundle with the stored history. A bundle that
@@ -210,7 +216,7 @@ impl ControlCore {
         actor: &str,
     ) -> Result<pb::PolicyRevision, ControlError> {
         let bytes = pb::Bundle::from(files).encode_to_vec();
-        let rev = pb::PolicyRevision {
+        let rev = Revision {
             id: 0,
             revision: compiled.revision().to_owned(),
             digest: compiled.digest().to_owned(),
@@ -218,7 +224,6 @@ impl ControlCore {
             actor: actor.to_owned(),
             reason: format!("{action}: configured bundle"),
             activated_at: now_secs(),
-            active: true,
         };
         let revision = self
             .publish(move |tx| rules::activate_policy(tx, &rev, &bytes))
@@ -231,6 +236,6 @@ impl ControlCore {
         act.reason = &revision.reason;
         act.revision = &revision.revision;
         self.record(act, None).await?;
-        Ok(revision)
+        Ok(wire::revision(revision, true))
     }
 }

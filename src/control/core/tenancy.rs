@@ -1,6 +1,9 @@
 //! Tenant settings (shadow mode, autonomy level) and agent budgets.
 
 use super::*;
+use crate::control::records::{Budget, Tenant};
+use crate::control::wire;
+use crate::types::TenantMode;
 
 impl ControlCore {
     // --- tenants ---
@@ -13,11 +16,16 @@ impl ControlCore {
     ) -> Result<pb::Tenant, ControlError> {
         let tenant = op.tenant_for(&req.tenant)?;
         op.require(Need::Read, &tenant)?;
+        Ok(wire::tenant(self.tenant_settings(tenant).await?))
+    }
+
+    /// A tenant's stored settings, or the defaults.
+    async fn tenant_settings(&self, tenant: String) -> Result<Tenant, ControlError> {
         let t = tenant.clone();
         let stored = self.run(move |tx| tx.tenant(&t)).await?;
-        Ok(stored.unwrap_or(pb::Tenant {
+        Ok(stored.unwrap_or(Tenant {
             name: tenant,
-            mode: crate::control::ENFORCE.into(),
+            mode: TenantMode::Enforce,
             autonomy_level: self.settings.default_autonomy,
             updated_at: 0,
             updated_by: String::new(),
@@ -34,21 +42,11 @@ impl ControlCore {
         op.require(Need::Administer, &tenant)?;
         valid_id("tenant", &tenant)?;
         required_reason(&req.reason, "tenant.update")?;
-        let mut t = self
-            .get_tenant(
-                op,
-                pb::TenantRef {
-                    tenant: tenant.clone(),
-                },
-            )
-            .await?;
+        let mut t = self.tenant_settings(tenant.clone()).await?;
         if let Some(mode) = req.mode {
-            if mode != crate::control::ENFORCE && mode != crate::control::SHADOW {
-                return Err(ControlError::invalid(format!(
-                    "mode {mode:?} is not enforce or shadow"
-                )));
-            }
-            t.mode = mode;
+            t.mode = mode.parse().map_err(|_| {
+                ControlError::invalid(format!("mode {mode:?} is not enforce or shadow"))
+            })?;
         }
         if let Some(level) = req.autonomy_level {
             if !(1..=4).contains(&level) {
@@ -72,7 +70,7 @@ impl ControlCore {
         );
         act.reason = &req.reason;
         self.record(act, None).await?;
-        Ok(t)
+        Ok(wire::tenant(t))
     }
 
     // --- budgets ---
@@ -98,7 +96,7 @@ impl ControlCore {
                 "a budget needs a window (window_secs > 0)",
             ));
         }
-        let budget = pb::Budget {
+        let budget = Budget {
             tenant: tenant.clone(),
             agent: req.agent.clone(),
             max_calls: req.max_calls,
@@ -106,7 +104,6 @@ impl ControlCore {
             window_secs: req.window_secs,
             updated_at: now_secs(),
             updated_by: op.actor(),
-            ..Default::default()
         };
         let b = budget.clone();
         let budget = self.publish(move |tx| rules::put_budget(tx, &b)).await?;
@@ -145,7 +142,8 @@ impl ControlCore {
         Ok(budgets.into_iter().map(|b| self.with_usage(b)).collect())
     }
 
-    fn with_usage(&self, mut b: pb::Budget) -> pb::Budget {
+    fn with_usage(&self, b: Budget) -> pb::Budget {
+        let mut b = wire::budget(b);
         if let Some(local) = &self.local {
             let u = local.usage(&b, now_secs());
             b.usage_known = true;

@@ -147,12 +147,12 @@ pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ControlError
 }
 
 /// The condition selecting a kill scope's tokens (`$1` tenant, `$2` target when used).
-pub(super) fn scope_condition(scope: KillScope) -> (&'static str, bool, bool) {
+pub(super) fn scope_condition(scope: Scope) -> (&'static str, bool, bool) {
     match scope {
-        KillScope::Session => ("tenant = $1 AND session = $2", true, true),
-        KillScope::Agent => ("tenant = $1 AND agent = $2", true, true),
-        KillScope::Tenant => ("tenant = $1", true, false),
-        KillScope::All | KillScope::Token | KillScope::Unspecified => ("TRUE", false, false),
+        Scope::Session => ("tenant = $1 AND session = $2", true, true),
+        Scope::Agent => ("tenant = $1 AND agent = $2", true, true),
+        Scope::Tenant => ("tenant = $1", true, false),
+        Scope::All => ("TRUE", false, false),
     }
 }
 
@@ -216,12 +216,7 @@ impl Txn for PgTxn<'_> {
             .map(|_| ())
     }
 
-    fn agent(
-        &mut self,
-        tenant: &str,
-        id: &str,
-        now: i64,
-    ) -> Result<Option<pb::Agent>, ControlError> {
+    fn agent(&mut self, tenant: &str, id: &str, now: i64) -> Result<Option<Agent>, ControlError> {
         self.one(
             &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE tenant = $2 AND id = $3"),
             &[&now, &tenant, &id],
@@ -232,9 +227,10 @@ impl Txn for PgTxn<'_> {
     fn agents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<AgentStatus>,
         now: i64,
-    ) -> Result<Vec<pb::Agent>, ControlError> {
+    ) -> Result<Vec<Agent>, ControlError> {
+        let status = status.map(AgentStatus::as_str);
         let (cond, values) = filters(2, &[("tenant", tenant), ("status", status)]);
         let params = bound(vec![&now], &values);
         self.all(
@@ -244,14 +240,14 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn insert_agent(&mut self, a: &pb::Agent) -> Result<(), ControlError> {
+    fn insert_agent(&mut self, a: &Agent) -> Result<(), ControlError> {
         self.exec(
             "INSERT INTO agents (tenant, id, status, risk_tier, reason, created_at, updated_at, \
              updated_by) VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
             &[
                 &a.tenant,
                 &a.id,
-                &a.status,
+                &a.status.as_str(),
                 &a.risk_tier,
                 &a.reason,
                 &a.created_at,
@@ -261,14 +257,14 @@ impl Txn for PgTxn<'_> {
         .map(|_| ())
     }
 
-    fn update_agent(&mut self, a: &pb::Agent) -> Result<(), ControlError> {
+    fn update_agent(&mut self, a: &Agent) -> Result<(), ControlError> {
         self.exec(
             "UPDATE agents SET status = $3, reason = $4, updated_at = $5, updated_by = $6 \
              WHERE tenant = $1 AND id = $2",
             &[
                 &a.tenant,
                 &a.id,
-                &a.status,
+                &a.status.as_str(),
                 &a.reason,
                 &a.updated_at,
                 &a.updated_by,
@@ -277,7 +273,7 @@ impl Txn for PgTxn<'_> {
         .map(|_| ())
     }
 
-    fn token(&mut self, jti: &str) -> Result<Option<pb::TokenInfo>, ControlError> {
+    fn token(&mut self, jti: &str) -> Result<Option<Token>, ControlError> {
         self.one(
             &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE jti = $1"),
             &[&jti],
@@ -290,7 +286,7 @@ impl Txn for PgTxn<'_> {
         tenant: &str,
         agent: Option<&str>,
         unrevoked_expiring_after: Option<i64>,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError> {
+    ) -> Result<Vec<Token>, ControlError> {
         let after = unrevoked_expiring_after.unwrap_or(i64::MIN);
         let live = if unrevoked_expiring_after.is_some() {
             " AND revoked_at IS NULL AND expires_at > $2"
@@ -311,11 +307,11 @@ impl Txn for PgTxn<'_> {
 
     fn tokens_in_scope(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
         expiring_after: i64,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError> {
+    ) -> Result<Vec<Token>, ControlError> {
         let (cond, with_tenant, with_target) = scope_condition(scope);
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
         if with_tenant {
@@ -336,25 +332,18 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn revoked_tokens(
-        &mut self,
-        expiring_after: i64,
-    ) -> Result<Vec<pb::RevokedToken>, ControlError> {
+    fn revoked_tokens(&mut self, expiring_after: i64) -> Result<Vec<Token>, ControlError> {
         self.all(
-            "SELECT jti, expires_at, tenant FROM tokens WHERE revoked_at IS NOT NULL \
-             AND expires_at > $1 ORDER BY jti",
+            &format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE revoked_at IS NOT NULL \
+                 AND expires_at > $1 ORDER BY jti"
+            ),
             &[&expiring_after],
-            |r| {
-                Ok(pb::RevokedToken {
-                    jti: r.try_get(0)?,
-                    expires_at: r.try_get(1)?,
-                    tenant: r.try_get(2)?,
-                })
-            },
+            token_row,
         )
     }
 
-    fn insert_token(&mut self, t: &pb::TokenInfo) -> Result<(), ControlError> {
+    fn insert_token(&mut self, t: &Token) -> Result<(), ControlError> {
         let scopes = to_json(&t.scopes)?;
         self.exec(
             "INSERT INTO tokens (jti, tenant, agent, session, scopes, issued_at, expires_at) \
@@ -382,50 +371,50 @@ impl Txn for PgTxn<'_> {
 
     fn scope_known(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
     ) -> Result<bool, ControlError> {
         let count = |r: &Row| r.try_get::<_, i64>(0);
         let n = match scope {
-            KillScope::Session => self.one(
+            Scope::Session => self.one(
                 "SELECT count(*) FROM tokens WHERE tenant = $1 AND session = $2",
                 &[&tenant, &target],
                 count,
             )?,
-            KillScope::Agent => self.one(
+            Scope::Agent => self.one(
                 "SELECT (SELECT count(*) FROM tokens WHERE tenant = $1 AND agent = $2) + \
                  (SELECT count(*) FROM agents WHERE tenant = $1 AND id = $2)",
                 &[&tenant, &target],
                 count,
             )?,
-            KillScope::Tenant => self.one(
+            Scope::Tenant => self.one(
                 "SELECT (SELECT count(*) FROM tokens WHERE tenant = $1) + \
                  (SELECT count(*) FROM agents WHERE tenant = $1) + \
                  (SELECT count(*) FROM tenants WHERE name = $1)",
                 &[&tenant],
                 count,
             )?,
-            KillScope::All | KillScope::Token | KillScope::Unspecified => Some(1),
+            Scope::All => Some(1),
         };
         Ok(n.unwrap_or(0) > 0)
     }
 
     fn kill_mark(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
-    ) -> Result<Option<pb::KillMark>, ControlError> {
+    ) -> Result<Option<KillMark>, ControlError> {
         self.one(
             "SELECT scope, tenant, target, before FROM kills \
              WHERE scope = $1 AND tenant = $2 AND target = $3",
-            &[&(scope as i32), &tenant, &target],
+            &[&scope.code(), &tenant, &target],
             kill_row,
         )
     }
 
-    fn kill_marks(&mut self) -> Result<Vec<pb::KillMark>, ControlError> {
+    fn kill_marks(&mut self) -> Result<Vec<KillMark>, ControlError> {
         self.all(
             "SELECT scope, tenant, target, before FROM kills ORDER BY scope, tenant, target",
             &[],
@@ -435,7 +424,7 @@ impl Txn for PgTxn<'_> {
 
     fn put_kill_mark(
         &mut self,
-        mark: &pb::KillMark,
+        mark: &KillMark,
         reason: &str,
         actor: &str,
         at: i64,
@@ -446,7 +435,7 @@ impl Txn for PgTxn<'_> {
              ON CONFLICT (scope, tenant, target) DO UPDATE SET before = excluded.before, \
              reason = excluded.reason, actor = excluded.actor, at = excluded.at",
             &[
-                &mark.scope,
+                &mark.scope.code(),
                 &mark.tenant,
                 &mark.target,
                 &mark.before,
@@ -458,7 +447,7 @@ impl Txn for PgTxn<'_> {
         .map(|_| ())
     }
 
-    fn tenant(&mut self, name: &str) -> Result<Option<pb::Tenant>, ControlError> {
+    fn tenant(&mut self, name: &str) -> Result<Option<Tenant>, ControlError> {
         self.one(
             "SELECT name, mode, autonomy_level, updated_at, updated_by FROM tenants WHERE name = $1",
             &[&name],
@@ -466,7 +455,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn tenants(&mut self) -> Result<Vec<pb::Tenant>, ControlError> {
+    fn tenants(&mut self) -> Result<Vec<Tenant>, ControlError> {
         self.all(
             "SELECT name, mode, autonomy_level, updated_at, updated_by FROM tenants ORDER BY name",
             &[],
@@ -474,14 +463,20 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn put_tenant(&mut self, t: &pb::Tenant) -> Result<(), ControlError> {
+    fn put_tenant(&mut self, t: &Tenant) -> Result<(), ControlError> {
         let level = i64::from(t.autonomy_level);
         self.exec(
             "INSERT INTO tenants (name, mode, autonomy_level, updated_at, updated_by) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, \
              autonomy_level = excluded.autonomy_level, updated_at = excluded.updated_at, \
              updated_by = excluded.updated_by",
-            &[&t.name, &t.mode, &level, &t.updated_at, &t.updated_by],
+            &[
+                &t.name,
+                &t.mode.as_str(),
+                &level,
+                &t.updated_at,
+                &t.updated_by,
+            ],
         )
         .map(|_| ())
     }
@@ -490,7 +485,7 @@ impl Txn for PgTxn<'_> {
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Budget>, ControlError> {
+    ) -> Result<Vec<Budget>, ControlError> {
         let (cond, values) = filters(1, &[("tenant", tenant), ("agent", agent)]);
         let params = bound(Vec::new(), &values);
         self.all(
@@ -502,7 +497,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn put_budget(&mut self, b: &pb::Budget) -> Result<(), ControlError> {
+    fn put_budget(&mut self, b: &Budget) -> Result<(), ControlError> {
         let calls = i64::try_from(b.max_calls).unwrap_or(i64::MAX);
         let window = i64::try_from(b.window_secs).unwrap_or(i64::MAX);
         self.exec(
@@ -536,7 +531,7 @@ impl Txn for PgTxn<'_> {
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Approval>, ControlError> {
+    ) -> Result<Vec<Approval>, ControlError> {
         let (cond, values) = filters(1, &[("tenant", tenant), ("agent", agent)]);
         let params = bound(Vec::new(), &values);
         self.all(
@@ -548,7 +543,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Approval>, ControlError> {
+    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<Approval>, ControlError> {
         self.one(
             &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = $1 AND id = $2"),
             &[&tenant, &id],
@@ -556,7 +551,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn insert_approval(&mut self, a: &pb::Approval) -> Result<(), ControlError> {
+    fn insert_approval(&mut self, a: &Approval) -> Result<(), ControlError> {
         self.exec(
             &format!(
                 "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, \
@@ -575,7 +570,7 @@ impl Txn for PgTxn<'_> {
                 &a.call_hash,
                 &a.policy_reason,
                 &a.decision_id,
-                &a.status,
+                &a.status.as_str(),
                 &a.created_at,
                 &a.expires_at,
                 &a.decided_by,
@@ -589,7 +584,7 @@ impl Txn for PgTxn<'_> {
         .map(|_| ())
     }
 
-    fn update_approval(&mut self, a: &pb::Approval) -> Result<(), ControlError> {
+    fn update_approval(&mut self, a: &Approval) -> Result<(), ControlError> {
         self.exec(
             "UPDATE approvals SET status = $3, decided_by = $4, decided_at = $5, \
              decision_reason = $6, override_expires_at = $7, used_at = $8, used_by_decision = $9 \
@@ -597,7 +592,7 @@ impl Txn for PgTxn<'_> {
             &[
                 &a.tenant,
                 &a.id,
-                &a.status,
+                &a.status.as_str(),
                 &a.decided_by,
                 &a.decided_at,
                 &a.decision_reason,
@@ -632,7 +627,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn append_revision(&mut self, rev: &pb::PolicyRevision) -> Result<u64, ControlError> {
+    fn append_revision(&mut self, rev: &Revision) -> Result<u64, ControlError> {
         let id = self.one(
             "INSERT INTO policy_history (revision, digest, action, actor, reason, at) \
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -649,7 +644,7 @@ impl Txn for PgTxn<'_> {
         Ok(id.and_then(|id| u64::try_from(id).ok()).unwrap_or(0))
     }
 
-    fn revisions(&mut self, limit: u32) -> Result<Vec<pb::PolicyRevision>, ControlError> {
+    fn revisions(&mut self, limit: u32) -> Result<Vec<Revision>, ControlError> {
         let limit = i64::from(limit);
         self.all(
             "SELECT id, revision, digest, action, actor, reason, at FROM policy_history \
@@ -659,7 +654,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn insert_incident(&mut self, i: &pb::Incident) -> Result<(), ControlError> {
+    fn insert_incident(&mut self, i: &Incident) -> Result<(), ControlError> {
         let evidence = to_json(&i.evidence)?;
         let actions = to_json(&i.actions)?;
         let decisions = to_json(&i.decisions)?;
@@ -676,12 +671,12 @@ impl Txn for PgTxn<'_> {
                 &i.session,
                 &i.run_id,
                 &i.kind,
-                &i.severity,
+                &i.severity.as_str(),
                 &i.summary,
                 &evidence,
                 &i.trigger_decision,
                 &i.decided_at_ns,
-                &i.status,
+                &i.status.as_str(),
                 &i.created_at_ns,
                 &i.updated_at,
                 &i.acknowledged_by,
@@ -697,7 +692,7 @@ impl Txn for PgTxn<'_> {
         .map(|_| ())
     }
 
-    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Incident>, ControlError> {
+    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<Incident>, ControlError> {
         self.one(
             &format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE tenant = $1 AND id = $2"),
             &[&tenant, &id],
@@ -708,9 +703,10 @@ impl Txn for PgTxn<'_> {
     fn incidents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<IncidentStatus>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Incident>, ControlError> {
+    ) -> Result<Vec<Incident>, ControlError> {
+        let status = status.map(IncidentStatus::as_str);
         let (cond, values) = filters(
             1,
             &[("tenant", tenant), ("status", status), ("agent", agent)],
@@ -726,7 +722,7 @@ impl Txn for PgTxn<'_> {
         )
     }
 
-    fn update_incident(&mut self, i: &pb::Incident) -> Result<(), ControlError> {
+    fn update_incident(&mut self, i: &Incident) -> Result<(), ControlError> {
         let actions = to_json(&i.actions)?;
         self.exec(
             "UPDATE incidents SET status = $3, acknowledged_by = $4, closed_by = $5, \
@@ -734,7 +730,7 @@ impl Txn for PgTxn<'_> {
             &[
                 &i.tenant,
                 &i.id,
-                &i.status,
+                &i.status.as_str(),
                 &i.acknowledged_by,
                 &i.closed_by,
                 &i.close_reason,
@@ -747,7 +743,7 @@ impl Txn for PgTxn<'_> {
 
     fn insert_notification(
         &mut self,
-        incident: &pb::Incident,
+        incident: &Incident,
         url: &str,
         payload: &str,
         at_ms: i64,

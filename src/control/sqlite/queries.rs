@@ -121,12 +121,12 @@ impl SqliteTxn<'_> {
 }
 
 /// The condition selecting a kill scope's tokens (bound as ?1 tenant, ?2 target).
-pub(super) fn scope_condition(scope: KillScope) -> &'static str {
+pub(super) fn scope_condition(scope: Scope) -> &'static str {
     match scope {
-        KillScope::Session => "tenant = ?1 AND session = ?2",
-        KillScope::Agent => "tenant = ?1 AND agent = ?2",
-        KillScope::Tenant => "tenant = ?1 AND ?2 = ?2",
-        KillScope::All | KillScope::Token | KillScope::Unspecified => "?1 = ?1 AND ?2 = ?2",
+        Scope::Session => "tenant = ?1 AND session = ?2",
+        Scope::Agent => "tenant = ?1 AND agent = ?2",
+        Scope::Tenant => "tenant = ?1 AND ?2 = ?2",
+        Scope::All => "?1 = ?1 AND ?2 = ?2",
     }
 }
 
@@ -159,12 +159,7 @@ impl Txn for SqliteTxn<'_> {
             .map(|_| ())
     }
 
-    fn agent(
-        &mut self,
-        tenant: &str,
-        id: &str,
-        now: i64,
-    ) -> Result<Option<pb::Agent>, ControlError> {
+    fn agent(&mut self, tenant: &str, id: &str, now: i64) -> Result<Option<Agent>, ControlError> {
         self.one(
             &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE tenant = ?2 AND id = ?3"),
             &[&now, &tenant, &id],
@@ -175,9 +170,10 @@ impl Txn for SqliteTxn<'_> {
     fn agents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<AgentStatus>,
         now: i64,
-    ) -> Result<Vec<pb::Agent>, ControlError> {
+    ) -> Result<Vec<Agent>, ControlError> {
+        let status = status.map(AgentStatus::as_str);
         let (cond, values) = filters(2, &[("tenant", tenant), ("status", status)]);
         let mut bound: Vec<&dyn rusqlite::ToSql> = vec![&now];
         bound.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
@@ -188,14 +184,14 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn insert_agent(&mut self, a: &pb::Agent) -> Result<(), ControlError> {
+    fn insert_agent(&mut self, a: &Agent) -> Result<(), ControlError> {
         self.exec(
             "INSERT INTO agents (tenant, id, status, risk_tier, reason, created_at, updated_at, \
              updated_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
             params![
                 a.tenant,
                 a.id,
-                a.status,
+                a.status.as_str(),
                 a.risk_tier,
                 a.reason,
                 a.created_at,
@@ -205,14 +201,14 @@ impl Txn for SqliteTxn<'_> {
         .map(|_| ())
     }
 
-    fn update_agent(&mut self, a: &pb::Agent) -> Result<(), ControlError> {
+    fn update_agent(&mut self, a: &Agent) -> Result<(), ControlError> {
         self.exec(
             "UPDATE agents SET status = ?3, reason = ?4, updated_at = ?5, updated_by = ?6 \
              WHERE tenant = ?1 AND id = ?2",
             params![
                 a.tenant,
                 a.id,
-                a.status,
+                a.status.as_str(),
                 a.reason,
                 a.updated_at,
                 a.updated_by
@@ -221,7 +217,7 @@ impl Txn for SqliteTxn<'_> {
         .map(|_| ())
     }
 
-    fn token(&mut self, jti: &str) -> Result<Option<pb::TokenInfo>, ControlError> {
+    fn token(&mut self, jti: &str) -> Result<Option<Token>, ControlError> {
         self.one(
             &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE jti = ?1"),
             &[&jti],
@@ -234,7 +230,7 @@ impl Txn for SqliteTxn<'_> {
         tenant: &str,
         agent: Option<&str>,
         unrevoked_expiring_after: Option<i64>,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError> {
+    ) -> Result<Vec<Token>, ControlError> {
         let after = unrevoked_expiring_after.unwrap_or(i64::MIN);
         let live = if unrevoked_expiring_after.is_some() {
             " AND revoked_at IS NULL AND expires_at > ?2"
@@ -256,11 +252,11 @@ impl Txn for SqliteTxn<'_> {
 
     fn tokens_in_scope(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
         expiring_after: i64,
-    ) -> Result<Vec<pb::TokenInfo>, ControlError> {
+    ) -> Result<Vec<Token>, ControlError> {
         let cond = scope_condition(scope);
         self.all(
             &format!(
@@ -272,25 +268,18 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn revoked_tokens(
-        &mut self,
-        expiring_after: i64,
-    ) -> Result<Vec<pb::RevokedToken>, ControlError> {
+    fn revoked_tokens(&mut self, expiring_after: i64) -> Result<Vec<Token>, ControlError> {
         self.all(
-            "SELECT jti, expires_at, tenant FROM tokens WHERE revoked_at IS NOT NULL \
-             AND expires_at > ?1",
+            &format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE revoked_at IS NOT NULL \
+                 AND expires_at > ?1 ORDER BY jti"
+            ),
             &[&expiring_after],
-            |r| {
-                Ok(pb::RevokedToken {
-                    jti: r.get(0)?,
-                    expires_at: r.get(1)?,
-                    tenant: r.get(2)?,
-                })
-            },
+            token_row,
         )
     }
 
-    fn insert_token(&mut self, t: &pb::TokenInfo) -> Result<(), ControlError> {
+    fn insert_token(&mut self, t: &Token) -> Result<(), ControlError> {
         let scopes = serde_json::to_string(&t.scopes).map_err(db_err)?;
         self.exec(
             "INSERT INTO tokens (jti, tenant, agent, session, scopes, issued_at, expires_at) \
@@ -318,24 +307,22 @@ impl Txn for SqliteTxn<'_> {
 
     fn scope_known(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
     ) -> Result<bool, ControlError> {
         let sql = match scope {
-            KillScope::Session => "SELECT count(*) FROM tokens WHERE tenant = ?1 AND session = ?2",
-            KillScope::Agent => {
+            Scope::Session => "SELECT count(*) FROM tokens WHERE tenant = ?1 AND session = ?2",
+            Scope::Agent => {
                 "SELECT (SELECT count(*) FROM tokens WHERE tenant = ?1 AND agent = ?2) + \
                  (SELECT count(*) FROM agents WHERE tenant = ?1 AND id = ?2)"
             }
-            KillScope::Tenant => {
+            Scope::Tenant => {
                 "SELECT (SELECT count(*) FROM tokens WHERE tenant = ?1) + \
                  (SELECT count(*) FROM agents WHERE tenant = ?1) + \
                  (SELECT count(*) FROM tenants WHERE name = ?1) + 0 * length(?2)"
             }
-            KillScope::All | KillScope::Token | KillScope::Unspecified => {
-                "SELECT 1 + 0 * length(?1 || ?2)"
-            }
+            Scope::All => "SELECT 1 + 0 * length(?1 || ?2)",
         };
         let n: i64 = self
             .tx
@@ -346,19 +333,19 @@ impl Txn for SqliteTxn<'_> {
 
     fn kill_mark(
         &mut self,
-        scope: KillScope,
+        scope: Scope,
         tenant: &str,
         target: &str,
-    ) -> Result<Option<pb::KillMark>, ControlError> {
+    ) -> Result<Option<KillMark>, ControlError> {
         self.one(
             "SELECT scope, tenant, target, before FROM kills \
              WHERE scope = ?1 AND tenant = ?2 AND target = ?3",
-            &[&(scope as i32), &tenant, &target],
+            &[&scope.code(), &tenant, &target],
             kill_row,
         )
     }
 
-    fn kill_marks(&mut self) -> Result<Vec<pb::KillMark>, ControlError> {
+    fn kill_marks(&mut self) -> Result<Vec<KillMark>, ControlError> {
         self.all(
             "SELECT scope, tenant, target, before FROM kills ORDER BY scope, tenant, target",
             &[],
@@ -368,7 +355,7 @@ impl Txn for SqliteTxn<'_> {
 
     fn put_kill_mark(
         &mut self,
-        mark: &pb::KillMark,
+        mark: &KillMark,
         reason: &str,
         actor: &str,
         at: i64,
@@ -379,7 +366,7 @@ impl Txn for SqliteTxn<'_> {
              ON CONFLICT (scope, tenant, target) DO UPDATE SET before = excluded.before, \
              reason = excluded.reason, actor = excluded.actor, at = excluded.at",
             params![
-                mark.scope,
+                mark.scope.code(),
                 mark.tenant,
                 mark.target,
                 mark.before,
@@ -391,7 +378,7 @@ impl Txn for SqliteTxn<'_> {
         .map(|_| ())
     }
 
-    fn tenant(&mut self, name: &str) -> Result<Option<pb::Tenant>, ControlError> {
+    fn tenant(&mut self, name: &str) -> Result<Option<Tenant>, ControlError> {
         self.one(
             "SELECT name, mode, autonomy_level, updated_at, updated_by FROM tenants WHERE name = ?1",
             &[&name],
@@ -399,7 +386,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn tenants(&mut self) -> Result<Vec<pb::Tenant>, ControlError> {
+    fn tenants(&mut self) -> Result<Vec<Tenant>, ControlError> {
         self.all(
             "SELECT name, mode, autonomy_level, updated_at, updated_by FROM tenants ORDER BY name",
             &[],
@@ -407,13 +394,19 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn put_tenant(&mut self, t: &pb::Tenant) -> Result<(), ControlError> {
+    fn put_tenant(&mut self, t: &Tenant) -> Result<(), ControlError> {
         self.exec(
             "INSERT INTO tenants (name, mode, autonomy_level, updated_at, updated_by) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, \
              autonomy_level = excluded.autonomy_level, updated_at = excluded.updated_at, \
              updated_by = excluded.updated_by",
-            params![t.name, t.mode, t.autonomy_level, t.updated_at, t.updated_by],
+            params![
+                t.name,
+                t.mode.as_str(),
+                t.autonomy_level,
+                t.updated_at,
+                t.updated_by
+            ],
         )
         .map(|_| ())
     }
@@ -422,7 +415,7 @@ impl Txn for SqliteTxn<'_> {
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Budget>, ControlError> {
+    ) -> Result<Vec<Budget>, ControlError> {
         let (cond, values) = filters(1, &[("tenant", tenant), ("agent", agent)]);
         let bound: Vec<&dyn rusqlite::ToSql> =
             values.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
@@ -435,7 +428,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn put_budget(&mut self, b: &pb::Budget) -> Result<(), ControlError> {
+    fn put_budget(&mut self, b: &Budget) -> Result<(), ControlError> {
         self.exec(
             "INSERT INTO budgets (tenant, agent, max_calls, max_cost, window_secs, updated_at, \
              updated_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant, agent) DO UPDATE \
@@ -467,7 +460,7 @@ impl Txn for SqliteTxn<'_> {
         &mut self,
         tenant: Option<&str>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Approval>, ControlError> {
+    ) -> Result<Vec<Approval>, ControlError> {
         let (cond, values) = filters(1, &[("tenant", tenant), ("agent", agent)]);
         let bound: Vec<&dyn rusqlite::ToSql> =
             values.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
@@ -480,7 +473,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Approval>, ControlError> {
+    fn approval(&mut self, tenant: &str, id: &str) -> Result<Option<Approval>, ControlError> {
         self.one(
             &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = ?1 AND id = ?2"),
             &[&tenant, &id],
@@ -488,7 +481,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn insert_approval(&mut self, a: &pb::Approval) -> Result<(), ControlError> {
+    fn insert_approval(&mut self, a: &Approval) -> Result<(), ControlError> {
         self.exec(
             &format!(
                 "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
@@ -507,7 +500,7 @@ impl Txn for SqliteTxn<'_> {
                 a.call_hash,
                 a.policy_reason,
                 a.decision_id,
-                a.status,
+                a.status.as_str(),
                 a.created_at,
                 a.expires_at,
                 a.decided_by,
@@ -521,7 +514,7 @@ impl Txn for SqliteTxn<'_> {
         .map(|_| ())
     }
 
-    fn update_approval(&mut self, a: &pb::Approval) -> Result<(), ControlError> {
+    fn update_approval(&mut self, a: &Approval) -> Result<(), ControlError> {
         self.exec(
             "UPDATE approvals SET status = ?3, decided_by = ?4, decided_at = ?5, \
              decision_reason = ?6, override_expires_at = ?7, used_at = ?8, used_by_decision = ?9 \
@@ -529,7 +522,7 @@ impl Txn for SqliteTxn<'_> {
             params![
                 a.tenant,
                 a.id,
-                a.status,
+                a.status.as_str(),
                 a.decided_by,
                 a.decided_at,
                 a.decision_reason,
@@ -564,7 +557,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn append_revision(&mut self, rev: &pb::PolicyRevision) -> Result<u64, ControlError> {
+    fn append_revision(&mut self, rev: &Revision) -> Result<u64, ControlError> {
         self.exec(
             "INSERT INTO policy_history (revision, digest, action, actor, reason, at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -580,7 +573,7 @@ impl Txn for SqliteTxn<'_> {
         Ok(u64::try_from(self.tx.last_insert_rowid()).unwrap_or(0))
     }
 
-    fn revisions(&mut self, limit: u32) -> Result<Vec<pb::PolicyRevision>, ControlError> {
+    fn revisions(&mut self, limit: u32) -> Result<Vec<Revision>, ControlError> {
         self.all(
             "SELECT id, revision, digest, action, actor, reason, at FROM policy_history \
              ORDER BY id DESC LIMIT ?1",
@@ -589,7 +582,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn insert_incident(&mut self, i: &pb::Incident) -> Result<(), ControlError> {
+    fn insert_incident(&mut self, i: &Incident) -> Result<(), ControlError> {
         let evidence = serde_json::to_string(&i.evidence).map_err(db_err)?;
         let actions = serde_json::to_string(&i.actions).map_err(db_err)?;
         let decisions = serde_json::to_string(&i.decisions).map_err(db_err)?;
@@ -605,12 +598,12 @@ impl Txn for SqliteTxn<'_> {
                 i.session,
                 i.run_id,
                 i.kind,
-                i.severity,
+                i.severity.as_str(),
                 i.summary,
                 evidence,
                 i.trigger_decision,
                 i.decided_at_ns,
-                i.status,
+                i.status.as_str(),
                 i.created_at_ns,
                 i.updated_at,
                 i.acknowledged_by,
@@ -626,7 +619,7 @@ impl Txn for SqliteTxn<'_> {
         .map(|_| ())
     }
 
-    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<pb::Incident>, ControlError> {
+    fn incident(&mut self, tenant: &str, id: &str) -> Result<Option<Incident>, ControlError> {
         self.one(
             &format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE tenant = ?1 AND id = ?2"),
             &[&tenant, &id],
@@ -637,9 +630,10 @@ impl Txn for SqliteTxn<'_> {
     fn incidents(
         &mut self,
         tenant: Option<&str>,
-        status: Option<&str>,
+        status: Option<IncidentStatus>,
         agent: Option<&str>,
-    ) -> Result<Vec<pb::Incident>, ControlError> {
+    ) -> Result<Vec<Incident>, ControlError> {
+        let status = status.map(IncidentStatus::as_str);
         let (cond, values) = filters(
             1,
             &[("tenant", tenant), ("status", status), ("agent", agent)],
@@ -655,7 +649,7 @@ impl Txn for SqliteTxn<'_> {
         )
     }
 
-    fn update_incident(&mut self, i: &pb::Incident) -> Result<(), ControlError> {
+    fn update_incident(&mut self, i: &Incident) -> Result<(), ControlError> {
         let actions = serde_json::to_string(&i.actions).map_err(db_err)?;
         self.exec(
             "UPDATE incidents SET status = ?3, acknowledged_by = ?4, closed_by = ?5, \
@@ -663,7 +657,7 @@ impl Txn for SqliteTxn<'_> {
             params![
                 i.tenant,
                 i.id,
-                i.status,
+                i.status.as_str(),
                 i.acknowledged_by,
                 i.closed_by,
                 i.close_reason,
@@ -676,7 +670,7 @@ impl Txn for SqliteTxn<'_> {
 
     fn insert_notification(
         &mut self,
-        incident: &pb::Incident,
+        incident: &Incident,
         url: &str,
         payload: &str,
         at_ms: i64,

@@ -1,6 +1,29 @@
-//! SQLite rows to records.
+//! SQLite rows to records. A stored word that is not one of its vocabulary's (a status,
+//! a severity, a mode) or an unknown kill scope is an error naming the column and value,
+//! never a silent default.
 
 use super::*;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
+
+/// A stored word of one of [`crate::types`]'s vocabularies.
+struct Word<T>(T);
+
+impl<T: std::str::FromStr<Err = crate::types::UnknownWord>> FromSql for Word<T> {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let text = value.as_str()?;
+        text.parse()
+            .map(Word)
+            .map_err(|e: crate::types::UnknownWord| FromSqlError::Other(Box::new(e)))
+    }
+}
+
+/// The word in column `i`.
+fn word<T: std::str::FromStr<Err = crate::types::UnknownWord>>(
+    r: &Row<'_>,
+    i: usize,
+) -> rusqlite::Result<T> {
+    r.get::<_, Word<T>>(i).map(|w| w.0)
+}
 
 pub(super) fn outbox_row(r: &Row<'_>) -> rusqlite::Result<Outbox> {
     Ok(Outbox {
@@ -16,11 +39,11 @@ pub(super) fn outbox_row(r: &Row<'_>) -> rusqlite::Result<Outbox> {
     })
 }
 
-pub(super) fn agent_row(r: &Row<'_>) -> rusqlite::Result<pb::Agent> {
-    Ok(pb::Agent {
+pub(super) fn agent_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
+    Ok(Agent {
         tenant: r.get(0)?,
         id: r.get(1)?,
-        status: r.get(2)?,
+        status: word(r, 2)?,
         risk_tier: r.get(3)?,
         reason: r.get(4)?,
         created_at: r.get(5)?,
@@ -32,10 +55,17 @@ pub(super) fn agent_row(r: &Row<'_>) -> rusqlite::Result<pb::Agent> {
     })
 }
 
-pub(super) fn token_row(r: &Row<'_>) -> rusqlite::Result<pb::TokenInfo> {
+pub(super) fn token_row(r: &Row<'_>) -> rusqlite::Result<Token> {
     let scopes: String = r.get(4)?;
     let revoked_at: Option<i64> = r.get(7)?;
-    Ok(pb::TokenInfo {
+    let revoked = match revoked_at {
+        Some(at) => Some(Revocation {
+            at,
+            reason: r.get(8)?,
+        }),
+        None => None,
+    };
+    Ok(Token {
         jti: r.get(0)?,
         tenant: r.get(1)?,
         agent: r.get(2)?,
@@ -43,14 +73,12 @@ pub(super) fn token_row(r: &Row<'_>) -> rusqlite::Result<pb::TokenInfo> {
         scopes: serde_json::from_str(&scopes).unwrap_or_default(),
         issued_at: r.get(5)?,
         expires_at: r.get(6)?,
-        status: String::new(),
-        revoked_at: revoked_at.unwrap_or(0),
-        revoked_reason: r.get(8)?,
+        revoked,
     })
 }
 
-pub(super) fn approval_row(r: &Row<'_>) -> rusqlite::Result<pb::Approval> {
-    Ok(pb::Approval {
+pub(super) fn approval_row(r: &Row<'_>) -> rusqlite::Result<Approval> {
+    Ok(Approval {
         id: r.get(0)?,
         tenant: r.get(1)?,
         agent: r.get(2)?,
@@ -63,7 +91,7 @@ pub(super) fn approval_row(r: &Row<'_>) -> rusqlite::Result<pb::Approval> {
         call_hash: r.get(9)?,
         policy_reason: r.get(10)?,
         decision_id: r.get(11)?,
-        status: r.get(12)?,
+        status: word(r, 12)?,
         created_at: r.get(13)?,
         expires_at: r.get(14)?,
         decided_by: r.get(15)?,
@@ -75,9 +103,9 @@ pub(super) fn approval_row(r: &Row<'_>) -> rusqlite::Result<pb::Approval> {
     })
 }
 
-pub(super) fn revision_row(r: &Row<'_>) -> rusqlite::Result<pb::PolicyRevision> {
+pub(super) fn revision_row(r: &Row<'_>) -> rusqlite::Result<Revision> {
     let id: i64 = r.get(0)?;
-    Ok(pb::PolicyRevision {
+    Ok(Revision {
         id: u64::try_from(id).unwrap_or(0),
         revision: r.get(1)?,
         digest: r.get(2)?,
@@ -85,7 +113,6 @@ pub(super) fn revision_row(r: &Row<'_>) -> rusqlite::Result<pb::PolicyRevision> 
         actor: r.get(4)?,
         reason: r.get(5)?,
         activated_at: r.get(6)?,
-        active: false,
     })
 }
 
@@ -95,24 +122,24 @@ pub(super) fn collect<T>(
     rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
 }
 
-pub(super) fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
+pub(super) fn incident_row(r: &Row<'_>) -> rusqlite::Result<Incident> {
     let list = |i: usize| -> rusqlite::Result<Vec<String>> {
         let text: String = r.get(i)?;
         Ok(serde_json::from_str(&text).unwrap_or_default())
     };
-    Ok(pb::Incident {
+    Ok(Incident {
         id: r.get(0)?,
         tenant: r.get(1)?,
         agent: r.get(2)?,
         session: r.get(3)?,
         run_id: r.get(4)?,
         kind: r.get(5)?,
-        severity: r.get(6)?,
+        severity: word(r, 6)?,
         summary: r.get(7)?,
         evidence: list(8)?,
         trigger_decision: r.get(9)?,
         decided_at_ns: r.get(10)?,
-        status: r.get(11)?,
+        status: word(r, 11)?,
         created_at_ns: r.get(12)?,
         updated_at: r.get(13)?,
         acknowledged_by: r.get(14)?,
@@ -126,14 +153,13 @@ pub(super) fn incident_row(r: &Row<'_>) -> rusqlite::Result<pb::Incident> {
             let text: String = r.get(21)?;
             serde_json::from_str(&text).unwrap_or_default()
         },
-        notifications: Vec::new(),
     })
 }
 
-pub(super) fn budget_row(r: &Row<'_>) -> rusqlite::Result<pb::Budget> {
+pub(super) fn budget_row(r: &Row<'_>) -> rusqlite::Result<Budget> {
     let calls: i64 = r.get(2)?;
     let window: i64 = r.get(4)?;
-    Ok(pb::Budget {
+    Ok(Budget {
         tenant: r.get(0)?,
         agent: r.get(1)?,
         max_calls: u64::try_from(calls).unwrap_or(0),
@@ -141,23 +167,31 @@ pub(super) fn budget_row(r: &Row<'_>) -> rusqlite::Result<pb::Budget> {
         window_secs: u64::try_from(window).unwrap_or(0),
         updated_at: r.get(5)?,
         updated_by: r.get(6)?,
-        ..Default::default()
     })
 }
 
-pub(super) fn tenant_row(r: &Row<'_>) -> rusqlite::Result<pb::Tenant> {
-    Ok(pb::Tenant {
+pub(super) fn tenant_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
+    Ok(Tenant {
         name: r.get(0)?,
-        mode: r.get(1)?,
+        mode: word(r, 1)?,
         autonomy_level: r.get(2)?,
         updated_at: r.get(3)?,
         updated_by: r.get(4)?,
     })
 }
 
-pub(super) fn kill_row(r: &Row<'_>) -> rusqlite::Result<pb::KillMark> {
-    Ok(pb::KillMark {
-        scope: r.get(0)?,
+pub(super) fn kill_row(r: &Row<'_>) -> rusqlite::Result<KillMark> {
+    let code: i32 = r.get(0)?;
+    let scope = Scope::from_code(code).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Integer,
+            format!("kill scope {code} is not session (2), agent (3), tenant (4) or all (5)")
+                .into(),
+        )
+    })?;
+    Ok(KillMark {
+        scope,
         tenant: r.get(1)?,
         target: r.get(2)?,
         before: r.get(3)?,
