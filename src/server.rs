@@ -406,6 +406,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             ),
             ("audit key", config.audit_key_path(), audit_kid),
         ],
+        control: core.clone(),
     });
     // The admin listener binds last: every start-up error above is reported first.
     let admin_listener = bind(config.admin_listen).await?;

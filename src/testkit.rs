@@ -148,8 +148,17 @@ impl ChildServer {
                 bail!("{args:?} did not announce its address");
             }
         };
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        // Keep draining stderr so the child never blocks on a full pipe; with
+        // AEGIS_TEST_CHILD_LOG set, echo it (to see what a child did in a failing test).
+        let echo = std::env::var_os("AEGIS_TEST_CHILD_LOG").is_some();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if echo {
+                    eprintln!("[child {pid}] {line}");
+                }
+            }
+        });
         Ok(Self {
             child,
             addr,

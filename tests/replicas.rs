@@ -519,3 +519,129 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
     assert!(p(&before, 99.0) < 100.0, "p99 before the kill: {before:?}");
     assert!(p(&after, 99.0) < 100.0, "p99 after the failover: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_its_store_hands_its_sidecars_to_another() {
+    // Replica A reaches PostgreSQL through a front that goes silent (a network partition
+    // that resets nothing); B reaches it directly. A's sidecar must not sit on A's open
+    // stream while B commits a freeze: A ends its streams once it has failed to reach the
+    // store for a while, refuses new ones, and the sidecar follows B through the Service.
+    use common::pg::Postgres;
+    use common::service::{Service, silent_front};
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    let pg = Postgres::start();
+    let url = pg.database("handoff");
+    let (front, silent) = silent_front(pg.port()).await;
+    let url_a = url.replace(&format!(":{}/", pg.port()), &format!(":{front}/"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a_data = dir.path().join("a");
+    let b_data = dir.path().join("b");
+    let a = replica(&a_data, &url_a, &a_data);
+    let b = replica(&b_data, &url, &a_data);
+    let service = Service::start(vec![a.addr, b.addr]).await;
+
+    let root = operator_cmd(&a_data, "root", "admin", "*");
+    let sidecar_token = dir.path().join("sidecar.token");
+    aegis::files::write_secret(
+        &sidecar_token,
+        &operator_cmd(&a_data, "fleet", "sidecar", "acme"),
+    )
+    .expect("write");
+    // The sidecar's is the Service's first connection: it follows A.
+    let child = spawn_sidecar(
+        &dir.path().join("sidecar"),
+        &format!("http://{}", service.addr),
+        &sidecar_token,
+        &a_data.join("signing.pub"),
+        "sidecar-0",
+    );
+    let sidecar = client(child.addr).await;
+    let ctl = Ctl::connect(b.addr, &root).await;
+    ctl.register("acme", "bot").await;
+    let (token, _) = ctl.issue("acme", "bot", &["invoices:read"], "").await;
+    let until = |want: &'static str, within: Duration| {
+        let (sidecar, token) = (&sidecar, &token);
+        async move {
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline {
+                if seen(sidecar, Req::read_invoices(token)).await == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert!(
+        until("allow", Duration::from_secs(10)).await,
+        "the sidecar learns the agent from A"
+    );
+    assert_eq!(
+        (
+            service.handed[0].load(Ordering::Relaxed),
+            service.handed[1].load(Ordering::Relaxed)
+        ),
+        (1, 0),
+        "the sidecar follows A"
+    );
+
+    silent.store(true, Ordering::SeqCst);
+    let lost_at = Instant::now();
+    ctl.freeze("acme", "bot", "compromised")
+        .await
+        .expect("B commits the freeze");
+    // A: 10 s for its stuck feed read to be cut, a few more failing to reconnect, then
+    // its streams end; the sidecar reconnects through the Service.
+    assert!(
+        until("agent_frozen", Duration::from_secs(45)).await,
+        "the freeze committed at B reaches the sidecar of a replica that lost its store"
+    );
+    let handed_off = lost_at.elapsed();
+    assert!(
+        service.handed[1].load(Ordering::Relaxed) >= 1,
+        "the sidecar moved to B"
+    );
+    println!(
+        "handoff: the freeze reached the sidecar {} ms after A's store went silent",
+        handed_off.as_millis()
+    );
+    // A says it is not ready (a Service stops sending it new connections) until it
+    // reaches its store again.
+    // (Readiness is published every 250 ms.)
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while control_health(a.addr).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "A is NOT_SERVING while it lacks its store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    silent.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control_health(a.addr).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "A serves again once its store answers"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The gRPC health of the control-plane service at `addr` (1 SERVING, 2 NOT_SERVING).
+async fn control_health(addr: std::net::SocketAddr) -> i32 {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: aegis::control::CONTROL_SERVICE.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}

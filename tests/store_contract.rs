@@ -612,3 +612,52 @@ both!(
     two_replicas_never_send_one_notification_twice_on_both_backends,
     notifications
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_postgres_connection_is_cut_and_the_next_action_reconnects() {
+    use std::sync::atomic::Ordering;
+    let server = Postgres::start();
+    let direct = server.database("silent");
+    let (front, silent) = common::service::silent_front(server.port()).await;
+    let url = direct.replace(&format!(":{}/", server.port()), &format!(":{front}/"));
+    let bound = Duration::from_secs(1);
+    let store: Arc<dyn ControlStore> =
+        Arc::new(PostgresStore::open_with(&url, bound).await.expect("open"));
+    register(&store, agent("acme", "before"))
+        .await
+        .expect("register");
+
+    // The connection goes silent mid-flight: the action fails within the bound, naming
+    // why, instead of holding this replica's every action behind it for good.
+    silent.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        register(&store, agent("acme", "during")),
+    )
+    .await
+    .expect("a silent connection holds the action past 10 s");
+    let err = waited.expect_err("no answer");
+    assert!(
+        err.to_string().contains("no answer in 1000 ms"),
+        "named: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The network comes back: the next action reconnects and lands.
+    silent.store(false, Ordering::SeqCst);
+    register(&store, agent("acme", "after"))
+        .await
+        .expect("a new connection after the silence");
+    let reader: Arc<dyn ControlStore> = Arc::new(PostgresStore::open(&direct).await.expect("open"));
+    let agents = reader
+        .run(|tx| tx.agents(Some("acme"), None, NOW))
+        .await
+        .expect("agents");
+    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+    assert!(ids.contains(&"before") && ids.contains(&"after"), "{ids:?}");
+}

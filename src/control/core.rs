@@ -41,6 +41,10 @@ use crate::seam::{ControlPlane, LocalDataPlane};
 const WATCH_BUFFER: usize = 4096;
 /// How often a delivery of committed changes that failed is tried again.
 const FEED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long this replica may go without reaching its store (deliveries are tried every
+/// second) before it hands its watchers off: their streams end `UNAVAILABLE` and new ones are refused, so sidecars
+/// reconnect through the Service to a replica that reaches the store.
+pub const HANDOFF_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 /// How many incident events a slow incident watcher may fall behind before it is ended.
 const INCIDENT_BUFFER: usize = 1024;
 
@@ -97,6 +101,9 @@ pub struct ControlCore {
     /// The newest version handed to the local data plane and the watchers: every change
     /// reaches them from the store's feed, in version order, once (see [`Self::pump`]).
     delivered: std::sync::atomic::AtomicU64,
+    /// Why this replica cannot deliver what its store commits, once that has lasted
+    /// [`HANDOFF_AFTER`]; `None` while deliveries go through.
+    lost: tokio::sync::watch::Sender<Option<String>>,
     /// Rations refusal rows per actor, per peer and overall, so that a caller who may not
     /// act cannot flood the signed log; the rest are only counted.
     refusals: RefusalLimiter,
@@ -239,6 +246,7 @@ impl ControlCore {
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             delivered: std::sync::atomic::AtomicU64::new(0),
+            lost: tokio::sync::watch::Sender::new(None),
             refusals: RefusalLimiter::default(),
             sidecar_rate,
             incidents_raised: INCIDENT_KINDS
@@ -269,10 +277,24 @@ impl ControlCore {
         // Under the publish lock, after delivering what the feed holds: no change can slip
         // between the snapshot and the receiver (one committed by another replica meanwhile
         // is in the snapshot and delivered again later, which watchers skip by version).
+        if let Some(why) = self.store_lost() {
+            return Err(ControlError::Unavailable(why));
+        }
         let _guard = self.publish.lock().await;
         self.pump().await?;
         let rx = self.events.subscribe();
         Ok((self.snapshot().await?, rx))
+    }
+
+    /// Why this replica cannot deliver its store's changes, when that has lasted
+    /// [`HANDOFF_AFTER`] (readiness reports it; watchers are handed off).
+    pub fn store_lost(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
+    /// Told when deliveries are lost (`Some`) and when they go through again.
+    pub fn store_lost_watch(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.lost.subscribe()
     }
 
     /// The whole watched state as a snapshot event.
@@ -354,6 +376,9 @@ impl ControlCore {
             // through, and a store that went back in version is noticed.
             let mut retry = tokio::time::interval(FEED_RETRY);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Deliveries are tried every second: the last one that went through tells how
+            // long this replica has been without its store.
+            let mut reached = std::time::Instant::now();
             loop {
                 tokio::select! {
                     changed = committed.changed() => if changed.is_err() { return },
@@ -362,12 +387,41 @@ impl ControlCore {
                 }
                 let Some(core) = me.upgrade() else { return };
                 let _guard = core.publish.lock().await;
-                if let Err(e) = core.pump().await {
-                    crate::log!(
-                        error,
-                        "control plane: delivering stored changes failed (retried every \
-                         second): {e}"
-                    );
+                match core.pump().await {
+                    Ok(()) => {
+                        reached = std::time::Instant::now();
+                        if core.lost.send_if_modified(|lost| lost.take().is_some()) {
+                            crate::log!(
+                                info,
+                                "control plane: the store is reached again; watchers are served"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        crate::log!(
+                            error,
+                            "control plane: delivering stored changes failed (retried every \
+                             second): {e}"
+                        );
+                        if reached.elapsed() >= HANDOFF_AFTER {
+                            let why = format!(
+                                "this control-plane replica has not reached its store for {} s \
+                                 ({e}); follow another replica",
+                                reached.elapsed().as_secs()
+                            );
+                            core.lost.send_if_modified(|lost| {
+                                let first = lost.is_none();
+                                if first {
+                                    crate::log!(
+                                        error,
+                                        "control plane: handing watchers off: {why}"
+                                    );
+                                }
+                                *lost = Some(why.clone());
+                                first
+                            });
+                        }
+                    }
                 }
             }
         })

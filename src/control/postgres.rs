@@ -15,6 +15,12 @@
 //!   a blocking thread per action in flight is cheap and keeps the rules plain functions.
 //! - Tables are created at start if missing, under an advisory lock, so replicas starting
 //!   together do not race. A lost connection is reopened on the next unit of work.
+//! - Nothing waits on the server without a bound ([`STORE_TIMEOUT`]): a connection that
+//!   goes silent (a node or network lost without a reset) is cut when a unit of work or a
+//!   feed read outlives it, so the replica's next action reconnects instead of holding
+//!   every action behind it. TCP keepalives and a user timeout find a dead peer sooner,
+//!   and the server cancels a statement or an idle transaction that outlives its own
+//!   bounds. Each bound the URL sets itself is kept.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,15 +52,33 @@ const CHANNEL: &str = "aegis_changes";
 pub const VERSION_POLL: Duration = Duration::from_secs(1);
 /// How often a unit of work is run again after serialization conflicts before giving up.
 const MAX_ATTEMPTS: u32 = 20;
+/// The longest a unit of work, a feed read or a version read may wait on the server
+/// before its connection is cut and the call fails (`UNAVAILABLE`).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection: the client and its driver task (aborted to cut a silent connection).
+#[derive(Debug)]
+struct Conn {
+    client: Client,
+    driver: tokio::task::AbortHandle,
+}
+
+/// The database and the one connection units of work run on (one at a time: control
+/// actions are rare), shared with the tasks that run them.
+#[derive(Debug)]
+struct Link {
+    config: tokio_postgres::Config,
+    /// The URL without its password, for messages.
+    shown: String,
+    client: Arc<Mutex<Option<Conn>>>,
+    /// [`STORE_TIMEOUT`] unless a test shortens it.
+    timeout: Duration,
+}
 
 /// The PostgreSQL control store.
 #[derive(Debug)]
 pub struct PostgresStore {
-    config: tokio_postgres::Config,
-    /// The URL without its password, for messages.
-    shown: String,
-    /// The connection units of work run on (one at a time: control actions are rare).
-    client: Arc<Mutex<Option<Client>>>,
+    link: Arc<Link>,
     /// The newest committed version, for [`ControlStore::subscribe`].
     committed: Arc<tokio::sync::watch::Sender<u64>>,
     /// Whether the listening and polling tasks run.
@@ -101,77 +125,226 @@ impl PostgresStore {
     /// Connects, creating the tables if missing; the error names the database (never its
     /// password).
     pub async fn open(url: &str) -> Result<Self, ControlError> {
-        let store = Self::unopened(url, false)?;
-        let mut client = store.connect().await?;
-        let tx = client.transaction().await.map_err(|e| store.named(&e))?;
-        tx.execute("SELECT pg_advisory_xact_lock(7369676165)", &[])
-            .await
-            .map_err(|e| store.named(&e))?;
-        tx.batch_execute(SCHEMA)
-            .await
-            .map_err(|e| store.named(&e))?;
-        tx.commit().await.map_err(|e| store.named(&e))?;
-        let version = read_version(&client).await.map_err(|e| store.named(&e))?;
+        Self::open_with(url, STORE_TIMEOUT).await
+    }
+
+    /// [`Self::open`] with another bound than [`STORE_TIMEOUT`] on each wait (tests).
+    pub async fn open_with(url: &str, timeout: Duration) -> Result<Self, ControlError> {
+        let store = Self::unopened(url, false, timeout)?;
+        let link = &store.link;
+        let mut conn = link.connect().await?;
+        let created = async {
+            let tx = conn.client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(7369676165)", &[])
+                .await?;
+            tx.batch_execute(SCHEMA).await?;
+            tx.commit().await?;
+            read_version(&conn.client).await
+        };
+        let version = match tokio::time::timeout(link.timeout, created).await {
+            Ok(v) => v.map_err(|e| link.named(&e))?,
+            Err(_) => {
+                conn.driver.abort();
+                return Err(link.silent("creating the tables"));
+            }
+        };
         announce(&store.committed, version);
-        *store.client.lock().await = Some(client);
+        *link.client.lock().await = Some(conn);
         Ok(store)
     }
 
     /// Connects to an existing store to read it (an evidence export): nothing is created
     /// or written, and a database without the store's tables is refused, naming it.
     pub async fn open_read_only(url: &str) -> Result<Self, ControlError> {
-        let store = Self::unopened(url, true)?;
-        let client = store.connect().await?;
-        let version = read_version(&client).await.map_err(|e| {
-            ControlError::Store(format!(
-                "postgres {}: no Aegis control store here ({})",
-                store.shown,
-                describe(&e)
-            ))
-        })?;
+        let store = Self::unopened(url, true, STORE_TIMEOUT)?;
+        let link = &store.link;
+        let conn = link.connect().await?;
+        let read = tokio::time::timeout(link.timeout, read_version(&conn.client)).await;
+        let version = match read {
+            Ok(v) => v.map_err(|e| {
+                ControlError::Store(format!(
+                    "postgres {}: no Aegis control store here ({})",
+                    link.shown,
+                    describe(&e)
+                ))
+            })?,
+            Err(_) => {
+                conn.driver.abort();
+                return Err(link.silent("reading the version"));
+            }
+        };
         announce(&store.committed, version);
-        *store.client.lock().await = Some(client);
+        *link.client.lock().await = Some(conn);
         Ok(store)
     }
 
-    fn unopened(url: &str, read_only: bool) -> Result<Self, ControlError> {
+    fn unopened(url: &str, read_only: bool, timeout: Duration) -> Result<Self, ControlError> {
         let shown = crate::config::redact_url(url);
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| ControlError::Store(format!("control.database_url {shown}: {e}")))?;
+        bounded(&mut config);
         Ok(Self {
-            config,
-            shown,
-            client: Arc::new(Mutex::new(None)),
+            link: Arc::new(Link {
+                config,
+                shown,
+                client: Arc::new(Mutex::new(None)),
+                timeout,
+            }),
             committed: Arc::new(tokio::sync::watch::Sender::new(0)),
             watching: std::sync::Once::new(),
             feed_kept: FEED_KEPT,
             read_only,
         })
     }
+}
 
+impl Link {
     /// An error naming the database.
     fn named(&self, e: &tokio_postgres::Error) -> ControlError {
         ControlError::Store(format!("postgres {}: {}", self.shown, describe(e)))
     }
 
+    /// The error for a connection cut after it stayed silent past the bound.
+    fn silent(&self, doing: &str) -> ControlError {
+        ControlError::Unavailable(format!(
+            "postgres {}: no answer in {} ms while {doing}; the connection was cut and the \
+             next action reconnects",
+            self.shown,
+            self.timeout.as_millis()
+        ))
+    }
+
     /// A new connection, its driver spawned on the runtime.
-    async fn connect(&self) -> Result<Client, ControlError> {
+    async fn connect(&self) -> Result<Conn, ControlError> {
         connect(&self.config, &self.shown).await
+    }
+
+    /// Runs `work` on the connection, all of it within the bound: waiting for the
+    /// connection, reconnecting, and the transaction. A connection that stays silent past
+    /// it is cut (its driver ends, so the statement in flight fails and the blocking
+    /// thread lets go); the next unit of work reconnects.
+    async fn run(
+        self: Arc<Self>,
+        work: Arc<Work<'static>>,
+        kept: u64,
+        read_only: bool,
+    ) -> Result<Option<u64>, ControlError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let waited = tokio::time::timeout_at(deadline, self.client.clone().lock_owned()).await;
+        let Ok(mut guard) = waited else {
+            return Err(self.silent("waiting for the connection another action holds"));
+        };
+        let driver = match tokio::time::timeout_at(deadline, self.connected(&mut guard)).await {
+            Ok(driver) => driver?,
+            Err(_) => return Err(self.silent("connecting")),
+        };
+        let runtime = Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = match guard.as_mut() {
+                Some(conn) => run_work(&runtime, &mut conn.client, work.as_ref(), kept, read_only),
+                None => Err(ControlError::Unavailable("postgres: no connection".into())),
+            };
+            drop(guard);
+            result
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(joined) => {
+                joined.map_err(|e| ControlError::Store(format!("store task failed: {e}")))?
+            }
+            Err(_) => {
+                // A transaction not committed is rolled back by the server.
+                driver.abort();
+                Err(self.silent("running a unit of work"))
+            }
+        }
+    }
+
+    /// The feed after `after` (at most `limit` changes), within the bound.
+    async fn changes(self: Arc<Self>, after: u64, limit: usize) -> Result<Feed, ControlError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let Ok(mut guard) = tokio::time::timeout_at(deadline, self.client.lock()).await else {
+            return Err(self.silent("waiting for the connection another action holds"));
+        };
+        let driver = match tokio::time::timeout_at(deadline, self.connected(&mut guard)).await {
+            Ok(driver) => driver?,
+            Err(_) => return Err(self.silent("connecting")),
+        };
+        let Some(conn) = guard.as_mut() else {
+            return Err(ControlError::Unavailable("postgres: no connection".into()));
+        };
+        match tokio::time::timeout_at(deadline, read_changes(&mut conn.client, after, limit)).await
+        {
+            Ok(feed) => feed,
+            Err(_) => {
+                driver.abort();
+                Err(self.silent("reading the change feed"))
+            }
+        }
+    }
+
+    /// The open connection, or a new one in its place when there is none or it closed.
+    async fn connected(
+        &self,
+        slot: &mut Option<Conn>,
+    ) -> Result<tokio::task::AbortHandle, ControlError> {
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            if let Some(old) = slot.take() {
+                old.driver.abort();
+            }
+            *slot = Some(self.connect().await?);
+        }
+        match slot.as_ref() {
+            Some(c) => Ok(c.driver.clone()),
+            None => Err(ControlError::Unavailable("postgres: no connection".into())),
+        }
     }
 }
 
-async fn connect(config: &tokio_postgres::Config, shown: &str) -> Result<Client, ControlError> {
+/// Bounds a connection's waits where the URL does not: a connect timeout, keepalives that
+/// find a dead peer in about 20 s, a TCP user timeout, and the server's own statement and
+/// idle-transaction timeouts.
+fn bounded(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(3))
+            .keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(STORE_TIMEOUT);
+    }
+    let mut options = config.get_options().unwrap_or_default().to_owned();
+    for (name, value) in [
+        ("statement_timeout", STORE_TIMEOUT.as_millis()),
+        (
+            "idle_in_transaction_session_timeout",
+            3 * STORE_TIMEOUT.as_millis(),
+        ),
+    ] {
+        if !options.contains(name) {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
+    }
+    config.options(options.trim());
+}
+
+async fn connect(config: &tokio_postgres::Config, shown: &str) -> Result<Conn, ControlError> {
     let (client, connection) = config
         .connect(NoTls)
         .await
         .map_err(|e| ControlError::Unavailable(format!("postgres {shown}: {}", describe(&e))))?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             crate::log!(warn, "control store: postgres connection ended: {e}");
         }
-    });
-    Ok(client)
+    })
+    .abort_handle();
+    Ok(Conn { client, driver })
 }
 
 async fn read_version(client: &Client) -> Result<u64, tokio_postgres::Error> {
@@ -185,82 +358,76 @@ async fn read_version(client: &Client) -> Result<u64, tokio_postgres::Error> {
 #[async_trait::async_trait]
 impl ControlStore for PostgresStore {
     async fn transact(&self, work: Arc<Work<'static>>) -> Result<(), ControlError> {
-        let mut guard = self.client.clone().lock_owned().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect().await?);
-        }
-        let runtime = Handle::current();
-        let (kept, read_only) = (self.feed_kept, self.read_only);
-        let (result, guard) = tokio::task::spawn_blocking(move || {
-            let result = match guard.as_mut() {
-                Some(client) => run_work(&runtime, client, work.as_ref(), kept, read_only),
-                None => Err(ControlError::Unavailable("postgres: no connection".into())),
-            };
-            (result, guard)
-        })
-        .await
-        .map_err(|e| ControlError::Store(format!("store task failed: {e}")))?;
-        drop(guard);
-        if let Some(version) = result? {
+        // On its own task: a caller that gives up (a request's deadline) does not stop the
+        // bound, so a silent connection is still cut and the next action gets through.
+        let run = self.link.clone().run(work, self.feed_kept, self.read_only);
+        let published = tokio::spawn(run)
+            .await
+            .map_err(|e| ControlError::Store(format!("store task failed: {e}")))??;
+        if let Some(version) = published {
             announce(&self.committed, version);
         }
         Ok(())
     }
 
     async fn changes_since(&self, after: u64, limit: usize) -> Result<Feed, ControlError> {
-        use prost::Message;
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect().await?);
-        }
-        let Some(client) = guard.as_mut() else {
-            return Err(ControlError::Unavailable("postgres: no connection".into()));
-        };
-        // One snapshot for the floor and the rows.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
+        tokio::spawn(self.link.clone().changes(after, limit))
             .await
-            .map_err(pg_err)?;
-        let floor: i64 = tx
-            .query_one("SELECT value FROM meta WHERE key = 'feed_floor'", &[])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(pg_err)?;
-        if stored("version", after)? < floor {
-            return Ok(Feed::Gap);
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = tx
-            .query(
-                "SELECT event FROM changes WHERE version > $1 ORDER BY version LIMIT $2",
-                &[&stored("version", after)?, &limit],
-            )
-            .await
-            .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            let bytes: Vec<u8> = row.try_get(0).map_err(pg_err)?;
-            let event = pb::WatchEvent::decode(bytes.as_slice()).map_err(|e| {
-                ControlError::Store(format!("a stored change does not decode: {e}"))
-            })?;
-            events.push(event);
-        }
-        Ok(Feed::Changes(events))
+            .map_err(|e| ControlError::Store(format!("store task failed: {e}")))?
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         if let Ok(runtime) = Handle::try_current() {
             self.watching.call_once(|| {
                 let committed = Arc::downgrade(&self.committed);
-                runtime.spawn(listen(self.config.clone(), self.shown.clone(), committed));
+                runtime.spawn(listen(
+                    self.link.config.clone(),
+                    self.link.shown.clone(),
+                    committed,
+                    self.link.timeout,
+                ));
             });
         }
         self.committed.subscribe()
     }
+}
+
+/// The changes after `after` (at most `limit`), or a gap when the feed was pruned past it.
+async fn read_changes(client: &mut Client, after: u64, limit: usize) -> Result<Feed, ControlError> {
+    use prost::Message;
+    // One snapshot for the floor and the rows.
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg_err)?;
+    let floor: i64 = tx
+        .query_one("SELECT value FROM meta WHERE key = 'feed_floor'", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(pg_err)?;
+    if stored("version", after)? < floor {
+        return Ok(Feed::Gap);
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = tx
+        .query(
+            "SELECT event FROM changes WHERE version > $1 ORDER BY version LIMIT $2",
+            &[&stored("version", after)?, &limit],
+        )
+        .await
+        .map_err(pg_err)?;
+    tx.commit().await.map_err(pg_err)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let bytes: Vec<u8> = row.try_get(0).map_err(pg_err)?;
+        let event = pb::WatchEvent::decode(bytes.as_slice())
+            .map_err(|e| ControlError::Store(format!("a stored change does not decode: {e}")))?;
+        events.push(event);
+    }
+    Ok(Feed::Changes(events))
 }
 
 /// LISTENs on its own connection and announces the versions notified; reads the stored
@@ -270,6 +437,7 @@ async fn listen(
     config: tokio_postgres::Config,
     shown: String,
     committed: std::sync::Weak<tokio::sync::watch::Sender<u64>>,
+    timeout: Duration,
 ) {
     use tokio_postgres::AsyncMessage;
     loop {
@@ -323,10 +491,12 @@ async fn listen(
                     Some(v) => announce(&sender, v),
                     None => break,
                 },
-                _ = poll.tick() => match read_version(&client).await {
-                    Ok(v) => announce(&sender, v),
-                    Err(_) if client.is_closed() => break,
-                    Err(e) => crate::log!(warn, "control store: postgres {shown}: {}", describe(&e)),
+                _ = poll.tick() => match tokio::time::timeout(timeout, read_version(&client)).await {
+                    Ok(Ok(v)) => announce(&sender, v),
+                    Ok(Err(_)) if client.is_closed() => break,
+                    Ok(Err(e)) => crate::log!(warn, "control store: postgres {shown}: {}", describe(&e)),
+                    // A silent connection: drop it and listen on a new one.
+                    Err(_) => break,
                 },
             }
         }

@@ -449,6 +449,7 @@ impl ControlPlane for ControlService {
             scope,
             snapshot,
             rx,
+            self.core.store_lost_watch(),
             self.shutdown.clone(),
         ))))
     }
@@ -688,6 +689,7 @@ fn watch_stream(
     scope: Option<Vec<String>>,
     snapshot: pb::WatchEvent,
     rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
+    lost: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
     use tokio::sync::broadcast::error::RecvError;
@@ -697,6 +699,8 @@ fn watch_stream(
         rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
         first: Option<pb::WatchEvent>,
         version: u64,
+        lost: tokio::sync::watch::Receiver<Option<String>>,
+        ended: bool,
         shutdown: tokio::sync::watch::Receiver<bool>,
     }
     let stop = shutdown.clone();
@@ -706,16 +710,33 @@ fn watch_stream(
         scope,
         rx,
         first: Some(snapshot),
+        lost,
+        ended: false,
         shutdown,
     };
     futures_stream(state, stop, |mut s| async move {
+        if s.ended {
+            return None;
+        }
         if let Some(first) = s.first.take() {
             return Some((Ok(first), s));
         }
         loop {
-            let received = tokio::select! {
-                r = s.rx.recv() => r,
+            let next = tokio::select! {
+                r = s.rx.recv() => Ok(r),
+                lost = s.lost.wait_for(Option::is_some) => {
+                    Err(lost.map(|l| l.clone().unwrap_or_default()).unwrap_or_default())
+                }
                 _ = s.shutdown.wait_for(|stop| *stop) => return None,
+            };
+            let received = match next {
+                Ok(received) => received,
+                // This replica lost its store: the stream ends, and the sidecar
+                // reconnects (through the Service, to a replica that reaches it).
+                Err(why) => {
+                    s.ended = true;
+                    return Some((Err(Status::unavailable(why)), s));
+                }
             };
             match received {
                 // A snapshot is always sent, whatever its version: the replica resends

@@ -52,7 +52,7 @@ pub struct FollowStatus {
 #[derive(Debug, Clone)]
 pub struct Follow {
     /// The channel to the control plane.
-    pub channel: Channel,
+    pub channel: ControlChannel,
     /// The sidecar's credential (a `sidecar` operator token).
     pub credential: String,
     /// This sidecar's name, as the control plane lists its watchers.
@@ -105,6 +105,9 @@ pub async fn run(f: Follow, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         };
         let was_connected = f.status.connected.swap(false, Ordering::AcqRel);
+        // The next try on a new connection: behind a Service it may reach another replica
+        // (one that lost its store ends its streams but keeps the connection open).
+        f.channel.renew();
         if was_connected {
             backoff = BACKOFF_START;
         }
@@ -140,7 +143,7 @@ async fn follow_once(
     want: &watch::Sender<Option<pb::PolicyRef>>,
     dirty: &watch::Sender<()>,
 ) -> Result<(), String> {
-    let mut client = ControlPlaneClient::new(f.channel.clone());
+    let mut client = ControlPlaneClient::new(f.channel.get());
     // What it holds (or remembered from before a restart), so that a control plane
     // behind it can tell it was restored.
     let (seen_epoch, seen_version) = f.state.held().unwrap_or_default();
@@ -316,7 +319,7 @@ async fn fetch_and_compile(
     credential: &MetadataValue<tonic::metadata::Ascii>,
     target: &pb::PolicyRef,
 ) -> Result<CompiledBundle, String> {
-    let mut client = ControlPlaneClient::new(f.channel.clone());
+    let mut client = ControlPlaneClient::new(f.channel.get());
     let mut req = tonic::Request::new(pb::GetBundleRequest {
         digest: target.digest.clone(),
     });
@@ -356,13 +359,40 @@ fn jitter(d: Duration) -> Duration {
     d * 3 / 4 + d * u32::from(r) / (2 * u32::from(u16::MAX))
 }
 
+/// The channel to the control plane, and how to make it anew.
+#[derive(Debug, Clone)]
+pub struct ControlChannel {
+    endpoint: tonic::transport::Endpoint,
+    current: Arc<std::sync::Mutex<Channel>>,
+}
+
+impl ControlChannel {
+    /// The channel in use.
+    pub fn get(&self) -> Channel {
+        match self.current.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the channel with one that connects anew (lazily); calls in flight on the
+    /// old one finish on it.
+    pub fn renew(&self) {
+        let fresh = self.endpoint.connect_lazy();
+        match self.current.lock() {
+            Ok(mut c) => *c = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+    }
+}
+
 /// A channel to the control plane: connects lazily (the sidecar starts without it), and
 /// keeps HTTP/2 pings going so a silent, vanished peer is noticed within seconds.
 pub fn channel(
     url: &str,
     connect_timeout: Duration,
     tls: Option<tonic::transport::ClientTlsConfig>,
-) -> Result<Channel, String> {
+) -> Result<ControlChannel, String> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("control plane URL {url:?}: {e}"))?
         .connect_timeout(connect_timeout)
@@ -375,5 +405,8 @@ pub fn channel(
             .tls_config(tls)
             .map_err(|e| format!("control plane URL {url:?}: TLS: {e}"))?;
     }
-    Ok(endpoint.connect_lazy())
+    Ok(ControlChannel {
+        current: Arc::new(std::sync::Mutex::new(endpoint.connect_lazy())),
+        endpoint,
+    })
 }

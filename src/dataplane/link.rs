@@ -8,6 +8,8 @@ use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use super::follow::ControlChannel;
+
 use crate::control::ControlError;
 use crate::control::pb::{self, control_plane_client::ControlPlaneClient};
 use crate::seam::ControlPlane;
@@ -15,15 +17,17 @@ use crate::seam::ControlPlane;
 /// A gRPC client of the control plane with the sidecar's credential.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    client: ControlPlaneClient<Channel>,
+    channel: ControlChannel,
     credential: MetadataValue<tonic::metadata::Ascii>,
     timeout: Duration,
 }
 
 impl Remote {
-    /// A client on `channel` sending `credential` as its bearer token.
+    /// A client on `channel` sending `credential` as its bearer token. A call the control
+    /// plane could not serve (`UNAVAILABLE`, or no answer in time) renews the channel, so
+    /// the next call connects anew: behind a Service, perhaps to another replica.
     pub fn new(
-        channel: Channel,
+        channel: ControlChannel,
         credential: &str,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
@@ -31,10 +35,14 @@ impl Remote {
             .parse()
             .map_err(|_| ControlError::invalid("the control-plane credential is not ASCII"))?;
         Ok(Remote {
-            client: ControlPlaneClient::new(channel),
+            channel,
             credential,
             timeout,
         })
+    }
+
+    fn client(&self) -> ControlPlaneClient<Channel> {
+        ControlPlaneClient::new(self.channel.get())
     }
 
     async fn call<Q, A, F, Fut>(&self, body: Q, f: F) -> Result<A, ControlError>
@@ -48,15 +56,23 @@ impl Remote {
             .insert("authorization", self.credential.clone());
         match tokio::time::timeout(self.timeout, f(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(ControlError::Unavailable(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            ))),
-            Err(_) => Err(ControlError::Unavailable(format!(
-                "no answer within {:?} (control.request_timeout_ms)",
-                self.timeout
-            ))),
+            Ok(Err(status)) => {
+                if status.code() == tonic::Code::Unavailable {
+                    self.channel.renew();
+                }
+                Err(ControlError::Unavailable(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Err(_) => {
+                self.channel.renew();
+                Err(ControlError::Unavailable(format!(
+                    "no answer within {:?} (control.request_timeout_ms)",
+                    self.timeout
+                )))
+            }
         }
     }
 }
@@ -67,7 +83,7 @@ impl ControlPlane for Remote {
         &self,
         req: pb::RequestApprovalRequest,
     ) -> Result<pb::RequestApprovalResponse, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         self.call(req, |req| async move { client.request_approval(req).await })
             .await
     }
@@ -76,7 +92,7 @@ impl ControlPlane for Remote {
         &self,
         req: pb::ReportIncidentRequest,
     ) -> Result<pb::Incident, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         self.call(req, |req| async move { client.report_incident(req).await })
             .await
     }
@@ -85,7 +101,7 @@ impl ControlPlane for Remote {
         &self,
         req: pb::RedeemOverrideRequest,
     ) -> Result<pb::RedeemOverrideResponse, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         self.call(req, |req| async move { client.redeem_override(req).await })
             .await
     }

@@ -14,6 +14,8 @@ pub(super) struct Readiness {
     pub(super) revocation_slack: i64,
     /// (what, file, key id in use) of the token-signing key and the audit key.
     pub(super) keys: [(&'static str, std::path::PathBuf, String); 2],
+    /// The control plane, where it runs here: not ready while it cannot reach its store.
+    pub(super) control: Option<Arc<crate::control::core::ControlCore>>,
 }
 
 impl Readiness {
@@ -24,6 +26,9 @@ impl Readiness {
     pub(super) fn check(&self) -> Result<(), String> {
         if !self.audit.is_healthy() {
             return Err("audit log: the last commit failed".into());
+        }
+        if let Some(why) = self.control.as_ref().and_then(|c| c.store_lost()) {
+            return Err(format!("control store: {why}"));
         }
         if let Some(policy) = &self.policy {
             policy.health()?;
