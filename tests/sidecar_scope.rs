@@ -675,3 +675,58 @@ async fn all_tenant_sidecar_credentials_are_refused_with_the_way_out() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_incident_whose_reporter_gives_up_is_still_contained() {
+    // A sidecar reports under a deadline (control.request_timeout_ms, 1 s by default; under
+    // a deny storm the control plane may take longer). The server drops a handler whose
+    // deadline passed: the incident must not be left stored but its agent never frozen.
+    let s = start().await;
+    let root = s.control(&s.operator("root", Role::Admin, "*")).await;
+    root.set_tenant("acme", None, Some(4))
+        .await
+        .expect("autonomy L4");
+    let sidecar = s.control(&sidecar_credential(&s, "sc-1", "acme")).await;
+    let mut gave_up = 0;
+    for i in 0..16u64 {
+        let id = format!("d{i}");
+        let mut req = sidecar.req(incident("acme", &format!("bot{i}"), &[&id]));
+        // 0.25 ms to 4 ms: every caller gives up mid-way, at a different step.
+        req.set_timeout(Duration::from_micros(250 * (i + 1)));
+        if sidecar.api().report_incident(req).await.is_err() {
+            gave_up += 1;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (stored, uncontained) = loop {
+        let incidents = root.incidents("acme").await;
+        let mut uncontained = Vec::new();
+        for i in &incidents {
+            let agent = root
+                .api()
+                .get_agent(root.req(pb::AgentRef {
+                    tenant: "acme".into(),
+                    id: i.agent.clone(),
+                }))
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or_default();
+            if agent != "frozen" || i.actions.is_empty() {
+                uncontained.push(format!("{} ({agent}, actions {:?})", i.agent, i.actions));
+            }
+        }
+        if uncontained.is_empty() || tokio::time::Instant::now() > deadline {
+            break (incidents.len(), uncontained);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        uncontained.is_empty(),
+        "{stored} incidents stored, {gave_up} reporters gave up; not contained: {uncontained:?}"
+    );
+    assert!(
+        stored > 0,
+        "some incidents were stored ({gave_up} of 16 gave up)"
+    );
+    println!("{stored} incidents stored, {gave_up} of 16 reporters gave up, every one contained");
+}

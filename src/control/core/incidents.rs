@@ -111,7 +111,21 @@ impl ControlCore {
     /// A data plane's finding: stored, audited, and contained as the tenant's autonomy
     /// level says; every automatic action is audited with the incident id and listed in
     /// the incident.
+    ///
+    /// Runs to its end on a task of its own: a caller that gives up (a sidecar's request
+    /// deadline, under load) never leaves an incident stored but not contained.
     pub async fn report_incident(
+        self: &Arc<Self>,
+        op: &Operator,
+        req: pb::ReportIncidentRequest,
+    ) -> Result<pb::Incident, ControlError> {
+        let (core, op) = (self.clone(), op.clone());
+        tokio::spawn(async move { core.raise_incident(&op, req).await })
+            .await
+            .map_err(|e| ControlError::Store(format!("incident task failed: {e}")))?
+    }
+
+    async fn raise_incident(
         &self,
         op: &Operator,
         req: pb::ReportIncidentRequest,
