@@ -20,8 +20,9 @@ use std::time::Duration;
 use aegis::control::ControlError;
 use aegis::control::pb::{self, state_item::Item};
 use aegis::control::postgres::PostgresStore;
-use aegis::control::records::{Agent, Approval, KillMark, Scope, Token};
+use aegis::control::records::{Agent, Approval, KillMark, Revision, Scope, Token};
 use aegis::control::rules;
+use aegis::control::rules::Reconciled;
 use aegis::control::sqlite::SqliteStore;
 use aegis::control::store::{ControlStore, Feed};
 use aegis::types::{AgentStatus, ApprovalStatus, TokenStatus};
@@ -237,6 +238,63 @@ async fn stored_words(b: Backend) {
 both!(
     a_stored_word_that_is_not_one_is_named_on_both_backends,
     stored_words
+);
+
+async fn policy_reconcile(b: Backend) {
+    // Replica A starts with bundle X, then B (a rolling update) with Y; A restarts, still
+    // configured with X: Y stays active. A bundle never seen is activated.
+    let rev = |digest: &str| Revision {
+        id: 0,
+        revision: format!("rev-{digest}"),
+        digest: digest.into(),
+        action: "startup".into(),
+        actor: "system:startup".into(),
+        reason: "startup: configured bundle".into(),
+        activated_at: NOW,
+    };
+    let reconcile = |s: &Arc<dyn ControlStore>, digest: &'static str| {
+        let s = s.clone();
+        async move {
+            let r = rev(digest);
+            s.run(move |tx| rules::reconcile_policy(tx, &r, b"files"))
+                .await
+                .expect("reconcile")
+        }
+    };
+    assert!(
+        matches!(reconcile(&b.a, "x").await, Reconciled::Activated(_)),
+        "{}",
+        b.name
+    );
+    assert!(
+        matches!(reconcile(&b.b, "y").await, Reconciled::Activated(_)),
+        "{}",
+        b.name
+    );
+    match reconcile(&b.a, "x").await {
+        Reconciled::Superseded(active) => assert_eq!(active.digest, "y", "{}", b.name),
+        other => panic!("{}: an older configuration took over: {other:?}", b.name),
+    }
+    assert!(
+        matches!(reconcile(&b.b, "y").await, Reconciled::Active),
+        "{}",
+        b.name
+    );
+    assert!(
+        matches!(reconcile(&b.a, "z").await, Reconciled::Activated(_)),
+        "{}",
+        b.name
+    );
+    let active =
+        b.b.run(|tx| rules::policy_history(tx, 10))
+            .await
+            .expect("history");
+    let digests: Vec<&str> = active.iter().map(|r| r.digest.as_str()).collect();
+    assert_eq!(digests, ["z", "y", "x"], "{}", b.name);
+}
+both!(
+    a_replica_with_an_older_bundle_does_not_take_the_fleet_back_on_both_backends,
+    policy_reconcile
 );
 
 async fn kills(b: Backend) {

@@ -427,6 +427,38 @@ pub fn activate_policy(
     publish(tx, value, items)
 }
 
+/// What a starting replica's configured bundle is, judged against the shared history.
+#[derive(Debug)]
+pub enum Reconciled {
+    /// It is the active revision.
+    Active,
+    /// It was never activated: it is now (the change, to publish).
+    Activated(Change<Revision>),
+    /// It was activated before and something else since (a push, a rollback, another
+    /// replica's newer configuration): the active revision stays, and is the one to run.
+    Superseded(Revision),
+}
+
+/// Reconciles a starting replica's configured bundle with the history, in one
+/// transaction (two replicas starting at once, or one starting while an operator pushes,
+/// judge what is committed). Only a bundle the history never saw is activated: a replica
+/// restarted with an older configuration (a rolling update's old pod) must not take every
+/// replica back to it; going back is an explicit rollback.
+pub fn reconcile_policy(
+    tx: &mut dyn Txn,
+    configured: &Revision,
+    bundle: &[u8],
+) -> Result<Reconciled, ControlError> {
+    let history = tx.revisions(u32::MAX)?;
+    match history.first() {
+        Some(active) if active.digest == configured.digest => Ok(Reconciled::Active),
+        Some(active) if history.iter().any(|r| r.digest == configured.digest) => {
+            Ok(Reconciled::Superseded(active.clone()))
+        }
+        _ => activate_policy(tx, configured, bundle).map(Reconciled::Activated),
+    }
+}
+
 /// The newest `limit` activations, newest first; the newest is the active one.
 pub fn policy_history(tx: &mut dyn Txn, limit: u32) -> Result<Vec<Revision>, ControlError> {
     tx.revisions(limit)

@@ -167,43 +167,68 @@ impl ControlCore {
         Ok(wire::revision(revision, true))
     }
 
-    /// Start-up: reconciles the configured bundle with the stored history. A bundle that
-    /// changed since it was last activated from configuration is activated (`startup`); an
-    /// unchanged one yields to a later push or rollback, which is restored.
+    /// Start-up: reconciles the configured bundle with the stored history
+    /// ([`rules::reconcile_policy`]): a bundle the history never saw is activated
+    /// (`startup`); one activated before and superseded since (a push, a rollback, another
+    /// replica's newer configuration) yields to the active revision, which is installed
+    /// here. Going back to an earlier bundle is `aegis ctl policy rollback`.
     pub async fn reconcile_policy(
         &self,
         configured: Arc<CompiledBundle>,
         files: &BundleFiles,
     ) -> Result<(), ControlError> {
-        let history = self
-            .run(move |tx| rules::policy_history(tx, 10_000))
-            .await?;
-        let active = history.first();
-        let last_from_config = history
-            .iter()
-            .find(|r| r.action == "startup" || r.action == "file");
-        match (active, last_from_config) {
-            (Some(a), _) if a.digest == configured.digest() => Ok(()),
-            (Some(a), Some(c)) if c.digest == configured.digest() => {
-                let stored = self.stored_bundle(&a.digest).await?;
-                let compiled = self.compile(stored).await?;
+        let rev = Revision {
+            id: 0,
+            revision: configured.revision().to_owned(),
+            digest: configured.digest().to_owned(),
+            action: "startup".into(),
+            actor: "system:startup".into(),
+            reason: "startup: configured bundle".into(),
+            activated_at: now_secs(),
+        };
+        let bytes = pb::Bundle::from(files).encode_to_vec();
+        let outcome = {
+            let _guard = self.publish.lock().await;
+            let r = rev.clone();
+            let outcome = self
+                .run(move |tx| rules::reconcile_policy(tx, &r, &bytes))
+                .await?;
+            if let rules::Reconciled::Activated(_) = &outcome {
+                self.pump().await?;
+            }
+            outcome
+        };
+        match outcome {
+            rules::Reconciled::Active => Ok(()),
+            rules::Reconciled::Activated(change) => {
+                let revision = change.value;
+                let mut act = Act::new("system:startup", "policy.activate", "");
+                act.target = format!("policy:{} {} (startup)", revision.revision, revision.digest);
+                act.reason = &revision.reason;
+                act.revision = &revision.revision;
+                self.record(act, None).await
+            }
+            rules::Reconciled::Superseded(active) => {
                 crate::log!(
-                    info,
-                    "policy: restoring revision {} ({}), activated by {} ({}) after the configured bundle",
-                    a.revision,
-                    a.digest,
-                    a.actor,
-                    a.action
+                    warn,
+                    "policy: the configured bundle {} ({}) was activated before and superseded \
+                     by revision {} ({}, {} by {}); running that. To go back to the configured \
+                     one: aegis ctl policy rollback --to {}",
+                    rev.revision,
+                    rev.digest,
+                    active.revision,
+                    active.digest,
+                    active.action,
+                    active.actor,
+                    rev.digest
                 );
+                let stored = self.stored_bundle(&active.digest).await?;
+                let compiled = self.compile(stored).await?;
                 if let Some(local) = &self.local {
                     local.install_policy(compiled);
                 }
                 Ok(())
             }
-            _ => self
-                .record_activation(configured, files, "startup", "system:startup")
-                .await
-                .map(|_| ()),
         }
     }
 
