@@ -30,7 +30,13 @@ use crate::seam::{BudgetUsage, LocalDataPlane};
 
 /// The data plane of the all-in-one server, as the control core in the same process sees
 /// it: changes apply to it synchronously, before the control action answers.
-#[derive(Debug, Clone)]
+///
+/// A snapshot is judged as a sidecar judges one ([`state::admission`]): one behind the
+/// state held (the store went back: a restored file, a failover to a stale copy) is
+/// refused, keeping what is held and adding only what denies more, until an operator
+/// confirms the restore (a higher epoch, followed keeping the revocations and kill marks
+/// held until their tokens expire).
+#[derive(Debug)]
 pub struct InProcess {
     /// The state every Check reads.
     pub state: Arc<state::State>,
@@ -38,11 +44,58 @@ pub struct InProcess {
     pub policy: Arc<Policy>,
     /// The budget counters every Check charges.
     pub meter: Arc<budget::Meter>,
+    /// Seconds past `exp` a token is still accepted (clock skew), plus a margin.
+    pub token_slack_secs: i64,
+    /// The longest token lifetime (`control.max_token_ttl_secs`).
+    pub max_token_ttl_secs: i64,
+    /// A rollback snapshot was refused: deltas apply only where they deny more, until a
+    /// snapshot is followed again.
+    pub refusing: std::sync::atomic::AtomicBool,
 }
 
 impl LocalDataPlane for InProcess {
     fn apply(&self, event: &pb::WatchEvent) {
-        self.state.apply(event);
+        use state::Admission;
+        use std::sync::atomic::Ordering;
+        if !event.snapshot {
+            if self.refusing.load(Ordering::Acquire) {
+                self.state.apply_restrictive(&event.items, true);
+            } else {
+                self.state.apply(event);
+            }
+            return;
+        }
+        match self.state.admit(event) {
+            Admission::Follow => {
+                self.refusing.store(false, Ordering::Release);
+                self.state.apply(event);
+            }
+            Admission::Restore => {
+                self.refusing.store(false, Ordering::Release);
+                let held = self.state.held().unwrap_or_default();
+                let (_, (tokens, kills)) = self.state.restore(
+                    event,
+                    crate::control::now_secs(),
+                    self.token_slack_secs,
+                    self.max_token_ttl_secs,
+                );
+                crate::log!(
+                    warn,
+                    "data plane: following epoch {} version {} (held epoch {} version {}), \
+                     keeping {tokens} revoked tokens and {kills} kill marks it lacks until \
+                     their tokens expire",
+                    event.epoch,
+                    event.version,
+                    held.0,
+                    held.1
+                );
+            }
+            Admission::Refuse => {
+                let rollback = self.state.refuse(event);
+                self.refusing.store(true, Ordering::Release);
+                crate::log!(error, "data plane: {rollback}");
+            }
+        }
     }
 
     fn policy_digest(&self) -> String {

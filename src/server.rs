@@ -264,6 +264,12 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                     state: state.clone(),
                     policy: policy.clone(),
                     meter: meter.clone(),
+                    token_slack_secs: i64::try_from(config.token.leeway_secs)
+                        .unwrap_or(i64::MAX / 2)
+                        .saturating_add(60),
+                    max_token_ttl_secs: i64::try_from(config.control.max_token_ttl_secs)
+                        .unwrap_or(i64::MAX / 2),
+                    refusing: std::sync::atomic::AtomicBool::new(false),
                 }) as Arc<dyn crate::seam::LocalDataPlane>
             });
             let core = Arc::new(ControlCore::new(

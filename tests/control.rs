@@ -1613,3 +1613,75 @@ async fn a_store_that_went_back_in_version_still_delivers_the_next_freeze() {
         "the freeze reached the data plane"
     );
 }
+
+/// All-in-one: the control database goes back under the running server (a restored file,
+/// a failover to a stale copy): the in-process data plane refuses the older state as a
+/// sidecar does, so a revoked token and a frozen agent stay denied, until an operator
+/// confirms the restore, after which the revocation it held is still kept.
+#[tokio::test]
+async fn the_in_process_data_plane_refuses_a_store_that_went_back() {
+    let (mut s, root, _alice) = setup().await;
+    root.register("acme", "bot").await;
+    let (token, jti) = root.issue("acme", "bot", &["invoices:read"], "").await;
+    root.register("acme", "other").await;
+    let (other, _) = root.issue("acme", "other", &["invoices:read"], "").await;
+    assert_eq!(code(&s.read_invoices(&token).await), 0);
+    root.api()
+        .revoke_token(root.req(pb::RevokeTokenRequest {
+            tenant: "acme".into(),
+            jti: jti.clone(),
+            reason: "leaked".into(),
+        }))
+        .await
+        .expect("revoked");
+    root.freeze("acme", "other", "compromised")
+        .await
+        .expect("frozen");
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked")
+    );
+    assert_eq!(reason(&s.read_invoices(&other).await), Some("agent_frozen"));
+
+    // The store loses both changes and its version goes back, as a restored copy would.
+    let db = rusqlite::Connection::open(s.data_dir().join("control.db")).expect("open");
+    db.execute_batch(
+        "UPDATE tokens SET revoked_at = NULL, revoked_reason = ''; \
+         UPDATE agents SET status = 'active' WHERE id = 'other'; \
+         UPDATE meta SET value = value - 2 WHERE key = 'version'; \
+         DELETE FROM changes WHERE version > (SELECT value FROM meta WHERE key = 'version');",
+    )
+    .expect("roll back");
+    drop(db);
+    // The replica notices within its feed's second and resends a snapshot.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked"),
+        "a rolled-back store must not revive a revoked token"
+    );
+    assert_eq!(
+        reason(&s.read_invoices(&other).await),
+        Some("agent_frozen"),
+        "nor unfreeze an agent"
+    );
+
+    // The operator confirms the restore: the state at the new epoch is followed, and the
+    // revocation held is kept until its token expires.
+    root.api()
+        .confirm_restore(root.req(pb::ConfirmRestoreRequest {
+            reason: "restored a backup".into(),
+        }))
+        .await
+        .expect("confirmed");
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked")
+    );
+    assert_eq!(
+        code(&s.read_invoices(&other).await),
+        0,
+        "the confirmed state is followed (the freeze was lost with it)"
+    );
+    s.stop().await;
+}

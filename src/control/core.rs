@@ -351,6 +351,11 @@ impl ControlCore {
                 self.delivered.store(event.version, Ordering::Release);
                 if let Some(local) = &self.local {
                     local.apply(&event);
+                    if !event.snapshot && event.items.is_empty() {
+                        // A new epoch (an operator confirmed a restore): the local data
+                        // plane judges the state at it, as a sidecar resyncs.
+                        local.apply(&self.snapshot().await?);
+                    }
                 }
                 let _ = self.events.send(Arc::new(event));
             }

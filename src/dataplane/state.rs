@@ -328,7 +328,10 @@ impl State {
     }
 
     /// Refuses a rollback snapshot: the state held stays, but its revocations and kill
-    /// marks are added (a union: they only ever deny more). Returns the rollback.
+    /// marks are added (a union: they only ever deny more), and its agent statuses where
+    /// stricter than held: a freeze committed after the store went back reaches the data
+    /// plane only in this snapshot, and an old status that is stricter errs on denial
+    /// until an operator confirms the restore. Returns the rollback.
     pub fn refuse(&self, snapshot: &pb::WatchEvent) -> Rollback {
         let held = self.held().unwrap_or_default();
         let rollback = Rollback {
@@ -344,13 +347,12 @@ impl State {
             }
         }
         self.rollbacks_refused.fetch_add(1, Ordering::Relaxed);
-        self.apply_restrictive(&snapshot.items, false);
+        self.apply_restrictive(&snapshot.items, true);
         rollback
     }
 
     /// Applies, from a refused control plane's events, only what denies more: revoked
-    /// tokens and kill marks, and (`statuses`: from its deltas, new operator actions, not
-    /// from its snapshot, which holds the old statuses) agent statuses other than active.
+    /// tokens and kill marks, and (`statuses`) agent statuses other than active.
     /// An agent status is taken only when it is stricter than the one held (active <
     /// restricted < frozen < revoked): a refused control plane restricting an agent the
     /// sidecar holds frozen must not thaw it to restricted.
