@@ -24,7 +24,7 @@ use aegis::control::records::{Agent, Approval, KillMark, Revision, Scope, Token}
 use aegis::control::rules;
 use aegis::control::rules::Reconciled;
 use aegis::control::sqlite::SqliteStore;
-use aegis::control::store::{ControlStore, Feed};
+use aegis::control::store::{ControlStore, Feed, Outbox};
 use aegis::types::{AgentStatus, ApprovalStatus, TokenStatus};
 use common::pg::Postgres;
 
@@ -637,7 +637,7 @@ async fn notifications(b: Backend) {
     let now_ms = NOW * 1000 + 1;
     let claim = |s: Arc<dyn ControlStore>| {
         tokio::spawn(async move {
-            s.run(move |tx| rules::claim_due_notifications(tx, now_ms, 16, 60_000))
+            s.run(move |tx| rules::claim_due_notifications(tx, now_ms, 16, 1000, 60_000))
                 .await
                 .expect("claim")
         })
@@ -654,17 +654,75 @@ async fn notifications(b: Backend) {
         "{}: each taken once: {x:?} {y:?}",
         b.name
     );
-    // Claimed ones are not due again until the lease ends.
+    // Claimed ones are not due again until the lease ends: the last one claimed (6th in
+    // its claimer's turn, at most) is leased 6 turns of 1 s past the 60 s margin.
     let again =
-        b.a.run(move |tx| rules::claim_due_notifications(tx, now_ms + 1000, 16, 60_000))
+        b.a.run(move |tx| rules::claim_due_notifications(tx, now_ms + 60_500, 16, 1000, 60_000))
             .await
             .expect("claim again");
     assert!(again.is_empty(), "{}: {again:?}", b.name);
     let later =
-        b.b.run(move |tx| rules::claim_due_notifications(tx, now_ms + 61_000, 16, 60_000))
+        b.b.run(move |tx| rules::claim_due_notifications(tx, now_ms + 66_001, 16, 1000, 60_000))
             .await
             .expect("after the lease");
     assert_eq!(later.len(), 6, "{}: a dead replica's claims expire", b.name);
+
+    // A replica's lease ended and another took the row over: the first one's late
+    // answer ("failed, retry") records nothing, before or after the second records its
+    // delivery, so the row is never sent a third time nor its attempts counted twice.
+    let mine = x.first().or(y.first()).expect("a claimed row").clone();
+    let theirs = later
+        .iter()
+        .find(|n| n.id == mine.id)
+        .expect("taken over")
+        .clone();
+    let at = now_ms + 66_002;
+    let late = |row: Outbox| {
+        let s = if x.iter().any(|n| n.id == row.id) {
+            b.a.clone()
+        } else {
+            b.b.clone()
+        };
+        async move {
+            s.run(move |tx| {
+                rules::notification_attempted(tx, &row, false, Some(at + 5000), "timeout", at)
+            })
+            .await
+            .expect("late")
+        }
+    };
+    assert!(
+        !late(mine.clone()).await,
+        "{}: a lost claim records nothing",
+        b.name
+    );
+    let delivered = theirs.clone();
+    assert!(
+        b.b.run(move |tx| rules::notification_attempted(tx, &delivered, true, None, "", at))
+            .await
+            .expect("recorded"),
+        "{}",
+        b.name
+    );
+    assert!(
+        !late(mine.clone()).await,
+        "{}: nor after the delivery",
+        b.name
+    );
+    let incident = mine.incident.clone();
+    let stored =
+        b.a.run(move |tx| tx.notifications(&incident))
+            .await
+            .expect("rows")
+            .into_iter()
+            .find(|n| n.id == mine.id)
+            .expect("row");
+    assert_eq!(
+        (stored.state.as_str(), stored.attempts),
+        ("delivered", 1),
+        "{}",
+        b.name
+    );
 }
 both!(
     two_replicas_never_send_one_notification_twice_on_both_backends,

@@ -22,8 +22,9 @@ use crate::types::Severity;
 
 /// Rows taken per round.
 const BATCH: usize = 16;
-/// How long past a delivery's time limit a notification stays claimed by the replica that
-/// took it (another replica sends it after that, if the first never recorded the attempt).
+/// How long past its turn's time limit a notification stays claimed by the replica that
+/// took it (another replica sends it after that, if the first never recorded the attempt;
+/// clocks of replicas more than this apart could send one twice).
 const CLAIM_MARGIN_MS: i64 = 30_000;
 /// Longest sleep between looks at the outbox (new rows also wake the task at once).
 const IDLE: Duration = Duration::from_secs(1);
@@ -354,11 +355,11 @@ async fn run(
             }
         }
         let now = now_ms();
-        let lease = i64::try_from(config.timeout_ms)
-            .unwrap_or(i64::MAX)
-            .saturating_add(CLAIM_MARGIN_MS);
+        let per_row = i64::try_from(config.timeout_ms).unwrap_or(i64::MAX);
         let due = match store
-            .run(move |tx| super::rules::claim_due_notifications(tx, now, BATCH, lease))
+            .run(move |tx| {
+                super::rules::claim_due_notifications(tx, now, BATCH, per_row, CLAIM_MARGIN_MS)
+            })
             .await
         {
             Ok(d) => d,
@@ -411,11 +412,17 @@ async fn run(
                     )
                 })
                 .await;
-            if saved.is_err() {
-                crate::log!(
+            match saved {
+                Ok(true) => {}
+                Ok(false) => crate::log!(
+                    warn,
+                    "notifications: outbox row {id} was taken over by another replica before \
+                     this attempt was recorded (its lease ended); the attempt is not recorded"
+                ),
+                Err(e) => crate::log!(
                     error,
-                    "notifications: cannot record the attempt of outbox row {id}"
-                );
+                    "notifications: cannot record the attempt of outbox row {id}: {e}"
+                ),
             }
         }
         if due.len() == BATCH {

@@ -526,27 +526,39 @@ pub fn add_incident_actions(
 }
 
 /// Takes the notifications due at `now_ms` (at most `limit`) for delivery by this
-/// replica: each is pushed `lease_ms` into the future in the same transaction, so another
-/// replica's notifier does not send it too; if this one dies before recording the attempt,
-/// another sends it when the lease ends.
+/// replica: each is pushed into the future in the same transaction, so another replica's
+/// notifier does not send it too; if this one dies before recording the attempt, another
+/// sends it when the lease ends. The claimer posts them one after another, each allowed
+/// `per_row_ms`: the `i`th (from 0) is leased `(i + 1) * per_row_ms + margin_ms`, so the
+/// last is still this replica's when its turn comes. Returns the rows as claimed (their
+/// `next_at_ms` is the lease, which [`notification_attempted`] checks).
 pub fn claim_due_notifications(
     tx: &mut dyn Txn,
     now_ms: i64,
     limit: usize,
-    lease_ms: i64,
+    per_row_ms: i64,
+    margin_ms: i64,
 ) -> Result<Vec<Outbox>, ControlError> {
     let due = tx.due_notifications(now_ms, limit)?;
-    for n in &due {
-        let mut claimed = n.clone();
-        claimed.next_at_ms = now_ms.saturating_add(lease_ms);
-        tx.update_notification(&claimed, 0)?;
+    let mut claimed = Vec::with_capacity(due.len());
+    for (i, n) in due.into_iter().enumerate() {
+        let turn = i64::try_from(i).unwrap_or(i64::MAX).saturating_add(1);
+        let mut row = n;
+        row.next_at_ms = now_ms
+            .saturating_add(turn.saturating_mul(per_row_ms))
+            .saturating_add(margin_ms);
+        tx.update_notification(&row, 0)?;
+        claimed.push(row);
     }
-    Ok(due)
+    Ok(claimed)
 }
 
-/// Records a delivery attempt: delivered, retry at `next_at_ms`, or given up
-/// (`next_at_ms` None and not delivered). The stored row is read again, so a payload
-/// refreshed meanwhile is kept.
+/// Records a delivery attempt of a row this replica claimed (`n` as claimed): delivered,
+/// retry at `next_at_ms`, or given up (`next_at_ms` None and not delivered). Returns false,
+/// recording nothing, when the claim was lost meanwhile (its lease ended and another
+/// replica took the row, or recorded it): a late answer never undoes another's delivery
+/// or counts an attempt twice. The stored row is read again, so a payload refreshed
+/// meanwhile is kept.
 pub fn notification_attempted(
     tx: &mut dyn Txn,
     n: &Outbox,
@@ -554,22 +566,28 @@ pub fn notification_attempted(
     next_at_ms: Option<i64>,
     error: &str,
     now_ms: i64,
-) -> Result<(), ControlError> {
+) -> Result<bool, ControlError> {
     let (state, next, done) = match (delivered, next_at_ms) {
         (true, _) => ("delivered", now_ms, now_ms),
         (false, Some(at)) => ("pending", at, 0),
         (false, None) => ("failed", now_ms, now_ms),
     };
-    let mut n = tx
+    let Some(mut stored) = tx
         .notifications(&n.incident)?
         .into_iter()
         .find(|stored| stored.id == n.id)
-        .unwrap_or_else(|| n.clone());
-    n.state = state.into();
-    n.attempts = n.attempts.saturating_add(1);
-    n.next_at_ms = next;
-    n.last_error = error.to_owned();
-    tx.update_notification(&n, done)
+    else {
+        return Ok(false);
+    };
+    if stored.state != "pending" || stored.next_at_ms != n.next_at_ms {
+        return Ok(false);
+    }
+    stored.state = state.into();
+    stored.attempts = stored.attempts.saturating_add(1);
+    stored.next_at_ms = next;
+    stored.last_error = error.to_owned();
+    tx.update_notification(&stored, done)?;
+    Ok(true)
 }
 
 /// Replaces the payloads of an incident's notifications not yet attempted (after the
