@@ -297,6 +297,31 @@ both!(
     policy_reconcile
 );
 
+async fn reported_ahead(b: Backend) {
+    // A sidecar told replica A it holds epoch 7 (the store went back); the operator
+    // confirms the restore at replica B: the new epoch is past 7 all the same.
+    let own =
+        b.a.run(|tx| rules::note_reported(tx, (7, 40), "sidecar-1"))
+            .await
+            .expect("note");
+    assert_eq!(own, (0, 0), "{}", b.name);
+    // A lower report does not replace it; one at or below the state's own is not kept.
+    b.a.run(|tx| rules::note_reported(tx, (7, 39), "sidecar-2"))
+        .await
+        .expect("note");
+    b.b.run(|tx| rules::note_reported(tx, (0, 0), "sidecar-3"))
+        .await
+        .expect("note");
+    let (epoch, _, reported) = b.b.run(rules::raise_epoch).await.expect("raise");
+    assert_eq!((reported, epoch), (7, 8), "{}", b.name);
+    let kept = b.b.run(|tx| tx.reported_ahead()).await.expect("read");
+    assert_eq!(kept, Some((7, 40, "sidecar-1".to_owned())), "{}", b.name);
+}
+both!(
+    a_sidecars_report_reaches_every_replica_on_both_backends,
+    reported_ahead
+);
+
 async fn kills(b: Backend) {
     let s = &b.a;
     register(s, agent("acme", "bot")).await.expect("registered");
@@ -452,7 +477,7 @@ async fn feed(b: Backend) {
         .await
         .unwrap_or_else(|_| panic!("{}: another replica's commit announced within 5 s", b.name))
         .expect("store alive");
-    let (epoch, raised) = s.run(|tx| rules::raise_epoch(tx, 0)).await.expect("raise");
+    let (epoch, raised, _) = s.run(rules::raise_epoch).await.expect("raise");
     let all = changes(s, 0).await;
     let versions: Vec<u64> = all.iter().map(|e| e.version).collect();
     assert_eq!(versions, vec![first, second, raised], "{}", b.name);

@@ -111,11 +111,23 @@ pub struct ControlCore {
     incidents_raised: Vec<std::sync::atomic::AtomicU64>,
     /// The fleet calls that make the control plane act, per sidecar credential.
     sidecar_rate: super::rate::SidecarRate,
-    /// The highest (epoch, version, sidecar) a sidecar reported holding above this
-    /// control plane's own since start: it was restored or failed over to a stale copy.
-    seen_ahead: std::sync::Mutex<Option<(u64, u64, String)>>,
     /// Watch calls from sidecars holding a state ahead of this control plane's.
     pub sidecars_ahead: std::sync::atomic::AtomicU64,
+}
+
+/// The state's position and the highest a sidecar reported above it.
+fn state_version_of(
+    (epoch, version): (u64, u64),
+    seen: Option<(u64, u64, String)>,
+) -> pb::StateVersion {
+    let seen = seen.unwrap_or_default();
+    pb::StateVersion {
+        epoch,
+        version,
+        highest_seen_epoch: seen.0,
+        highest_seen_version: seen.1,
+        highest_seen_by: seen.2,
+    }
 }
 
 /// One audited control action.
@@ -253,7 +265,6 @@ impl ControlCore {
                 .iter()
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
-            seen_ahead: std::sync::Mutex::new(None),
             sidecars_ahead: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -460,7 +471,9 @@ impl ControlCore {
     /// control plane's own means this one lost changes (restored from a backup, failed
     /// over to a stale replica): logged as an error and counted, never silently followed
     /// (the sidecar refuses this state until an operator confirms the restore).
-    pub fn note_sidecar_state(&self, sidecar: &str, seen: (u64, u64), own: (u64, u64)) {
+    /// The highest such report is kept in the store, for whichever replica the operator
+    /// confirms the restore at.
+    pub async fn note_sidecar_state(&self, sidecar: &str, seen: (u64, u64), own: (u64, u64)) {
         if seen <= own {
             return;
         }
@@ -478,9 +491,15 @@ impl ControlCore {
             own.0,
             own.1
         );
-        let mut highest = self.seen_ahead.lock().unwrap_or_else(|p| p.into_inner());
-        if highest.as_ref().is_none_or(|h| (h.0, h.1) < seen) {
-            *highest = Some((seen.0, seen.1, sidecar.to_owned()));
+        let name = sidecar.to_owned();
+        if let Err(e) = self
+            .run(move |tx| rules::note_reported(tx, seen, &name))
+            .await
+        {
+            crate::log!(
+                error,
+                "control plane: cannot keep sidecar {sidecar:?}'s report in the store: {e}"
+            );
         }
     }
 
@@ -491,30 +510,16 @@ impl ControlCore {
         _req: pb::GetStateVersionRequest,
     ) -> Result<pb::StateVersion, ControlError> {
         op.require(Need::Read, "")?;
-        let own = self.run(move |tx| rules::state_version(tx)).await?;
-        let mut v = self.state_version_of(own);
+        let (own, seen) = self
+            .run(move |tx| Ok((rules::state_version(tx)?, tx.reported_ahead()?)))
+            .await?;
+        let mut v = state_version_of(own, seen);
         if op.tenant != super::auth::ALL_TENANTS {
             // The sidecar that reported being ahead may serve another tenant: its name is
             // for the operators of every tenant only.
             v.highest_seen_by.clear();
         }
         Ok(v)
-    }
-
-    fn state_version_of(&self, (epoch, version): (u64, u64)) -> pb::StateVersion {
-        let seen = self
-            .seen_ahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default();
-        pb::StateVersion {
-            epoch,
-            version,
-            highest_seen_epoch: seen.0,
-            highest_seen_version: seen.1,
-            highest_seen_by: seen.2,
-        }
     }
 
     /// Raises the epoch: the operator says the state held now (restored from a backup)
@@ -530,16 +535,15 @@ impl ControlCore {
     ) -> Result<pb::StateVersion, ControlError> {
         op.require(Need::Global, "")?;
         required_reason(&req.reason, "state.confirm-restore")?;
-        // The highest epoch a sidecar reported: the new one must be past it too.
-        let reported = self
-            .seen_ahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |h| h.0);
-        let (epoch, version) = {
+        // Past the highest epoch a sidecar reported to any replica too.
+        let (epoch, version, seen) = {
             let _guard = self.publish.lock().await;
-            let (epoch, version) = self.run(move |tx| rules::raise_epoch(tx, reported)).await?;
+            let (epoch, version, reported, seen) = self
+                .run(move |tx| {
+                    let (epoch, version, reported) = rules::raise_epoch(tx)?;
+                    Ok((epoch, version, reported, tx.reported_ahead()?))
+                })
+                .await?;
             if reported >= epoch {
                 crate::log!(
                     error,
@@ -553,7 +557,7 @@ impl ControlCore {
             // watcher (a sidecar resyncs from a fresh snapshot on seeing it) and the local
             // data plane.
             self.pump().await?;
-            (epoch, version)
+            (epoch, version, seen)
         };
         let actor = op.actor();
         let mut act = Act::new(&actor, "state.confirm_restore", "");
@@ -565,7 +569,7 @@ impl ControlCore {
             "control plane: {actor} confirmed the restored state: epoch {epoch} version {version} ({})",
             req.reason
         );
-        Ok(self.state_version_of((epoch, version)))
+        Ok(state_version_of((epoch, version), seen))
     }
 
     /// Watchers connected now.

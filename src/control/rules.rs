@@ -61,13 +61,35 @@ pub fn state_version(tx: &mut dyn Txn) -> Result<(u64, u64), ControlError> {
     Ok((tx.epoch()?, tx.version()?))
 }
 
-/// Raises the epoch past both its own and `reported` ([`next_epoch`]), and the version
-/// with it (an operator confirmed that the state held now, restored from a backup, is
-/// intended); the feed carries an event with no items at the new epoch.
-pub fn raise_epoch(tx: &mut dyn Txn, reported: u64) -> Result<(u64, u64), ControlError> {
+/// Raises the epoch past both its own and the highest a sidecar reported holding
+/// ([`next_epoch`]; the report is shared by every replica, so the operator may confirm at
+/// any), and the version with it (an operator confirmed that the state held now, restored
+/// from a backup, is intended); the feed carries an event with no items at the new epoch.
+/// Returns (epoch, version, the reported epoch).
+pub fn raise_epoch(tx: &mut dyn Txn) -> Result<(u64, u64, u64), ControlError> {
+    let reported = tx.reported_ahead()?.map_or(0, |r| r.0);
     let epoch = next_epoch(tx.epoch()?, reported)?;
     tx.set_epoch(epoch)?;
-    tx.publish(&[], true)
+    let (epoch, version) = tx.publish(&[], true)?;
+    Ok((epoch, version, reported))
+}
+
+/// Notes the (epoch, version) a watching sidecar says it holds, when ahead of the state's
+/// own (the store went back: restored, or failed over to a stale copy): the highest such
+/// report is kept for [`raise_epoch`]. Returns the state's own (epoch, version).
+pub fn note_reported(
+    tx: &mut dyn Txn,
+    seen: (u64, u64),
+    sidecar: &str,
+) -> Result<(u64, u64), ControlError> {
+    let own = (tx.epoch()?, tx.version()?);
+    if seen > own {
+        let highest = tx.reported_ahead()?;
+        if highest.is_none_or(|h| (h.0, h.1) < seen) {
+            tx.set_reported_ahead(seen.0, seen.1, sidecar)?;
+        }
+    }
+    Ok(own)
 }
 
 // --- agents ---

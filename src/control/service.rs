@@ -430,11 +430,13 @@ impl ControlPlane for ControlService {
         let sidecar = req.sidecar;
         let scope = op.scope();
         let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
-        self.core.note_sidecar_state(
-            &sidecar,
-            (req.seen_epoch, req.seen_version),
-            (snapshot.epoch, snapshot.version),
-        );
+        self.core
+            .note_sidecar_state(
+                &sidecar,
+                (req.seen_epoch, req.seen_version),
+                (snapshot.epoch, snapshot.version),
+            )
+            .await;
         let snapshot = scoped(scope.as_deref(), &snapshot);
         crate::log!(
             info,

@@ -293,7 +293,7 @@ mod tests {
         let first = put(&store, tenant("acme", "enforce")).await;
         let second = put(&store, tenant("acme", "shadow")).await;
         let (epoch, raised) = store
-            .run(|tx| rules::raise_epoch(tx, 0))
+            .run(|tx| rules::raise_epoch(tx).map(|(e, v, _)| (e, v)))
             .await
             .expect("raise");
 

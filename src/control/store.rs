@@ -145,6 +145,16 @@ pub trait Txn {
     ) -> Result<(u64, u64), ControlError>;
     /// Stores a new epoch (the rules check it only rises).
     fn set_epoch(&mut self, epoch: u64) -> Result<(), ControlError>;
+    /// The highest (epoch, version) a watching sidecar reported holding above the state's
+    /// own, and that sidecar's name: shared by every replica of the store.
+    fn reported_ahead(&mut self) -> Result<Option<(u64, u64, String)>, ControlError>;
+    /// Stores (replaces) the highest report.
+    fn set_reported_ahead(
+        &mut self,
+        epoch: u64,
+        version: u64,
+        sidecar: &str,
+    ) -> Result<(), ControlError>;
 
     // --- agents ---
 

@@ -216,6 +216,46 @@ impl Txn for PgTxn<'_> {
             .map(|_| ())
     }
 
+    fn reported_ahead(&mut self) -> Result<Option<(u64, u64, String)>, ControlError> {
+        let row = self.one(
+            "SELECT epoch, version, sidecar FROM reported WHERE id = 1",
+            &[],
+            |r| {
+                Ok((
+                    r.try_get::<_, i64>(0)?,
+                    r.try_get::<_, i64>(1)?,
+                    r.try_get::<_, String>(2)?,
+                ))
+            },
+        )?;
+        Ok(row.map(|(e, v, s)| {
+            (
+                u64::try_from(e).unwrap_or(0),
+                u64::try_from(v).unwrap_or(0),
+                s,
+            )
+        }))
+    }
+
+    fn set_reported_ahead(
+        &mut self,
+        epoch: u64,
+        version: u64,
+        sidecar: &str,
+    ) -> Result<(), ControlError> {
+        // A report past what the store holds (a forged one) is kept as the largest it
+        // holds: the epoch is raised past it by a bounded step only (`next_epoch`).
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let (e, v) = (clamp(epoch), clamp(version));
+        self.exec(
+            "INSERT INTO reported (id, epoch, version, sidecar) VALUES (1, $1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, \
+             version = excluded.version, sidecar = excluded.sidecar",
+            &[&e, &v, &sidecar],
+        )
+        .map(|_| ())
+    }
+
     fn agent(&mut self, tenant: &str, id: &str, now: i64) -> Result<Option<Agent>, ControlError> {
         self.one(
             &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE tenant = $2 AND id = $3"),

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
 CREATE TABLE IF NOT EXISTS changes (
     version BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, event BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS reported (
+    id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, version BIGINT NOT NULL,
+    sidecar TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policy_history (
     id BIGSERIAL PRIMARY KEY, revision TEXT NOT NULL, digest TEXT NOT NULL,
     action TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, at BIGINT NOT NULL);

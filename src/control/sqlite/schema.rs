@@ -55,6 +55,9 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
 CREATE TABLE IF NOT EXISTS changes (
     version INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, event BLOB NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('feed_floor', 0);
+CREATE TABLE IF NOT EXISTS reported (
+    id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, version INTEGER NOT NULL,
+    sidecar TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policy_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, revision TEXT NOT NULL, digest TEXT NOT NULL,
     action TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
