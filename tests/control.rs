@@ -1543,6 +1543,7 @@ async fn a_confirmed_restore_moves_past_the_epoch_the_fleet_reported() {
             sidecar: "pod-1".into(),
             seen_epoch: 1,
             seen_version: 300,
+            ..Default::default()
         }))
         .await
         .expect("watch");
@@ -1555,6 +1556,7 @@ async fn a_confirmed_restore_moves_past_the_epoch_the_fleet_reported() {
             sidecar: "pod-1".into(),
             seen_epoch: u64::MAX,
             seen_version: u64::MAX,
+            ..Default::default()
         }))
         .await
         .expect("watch");
@@ -1684,4 +1686,105 @@ async fn the_in_process_data_plane_refuses_a_store_that_went_back() {
         "the confirmed state is followed (the freeze was lost with it)"
     );
     s.stop().await;
+}
+
+/// All-in-one: the store is replaced by another history that reached the same version (a
+/// backup restored and moved on, a failover to a copy that lost commits): versions alone
+/// do not tell, the history hash does. The data plane refuses the other history as a
+/// rollback, keeping the revocation the store lost, and still applies the freeze the other
+/// history holds (it denies more).
+#[tokio::test]
+async fn another_history_at_the_same_version_is_refused_as_a_rollback() {
+    let (mut s, root, _alice) = setup().await;
+    root.register("acme", "bot").await;
+    let (token, jti) = root.issue("acme", "bot", &["invoices:read"], "").await;
+    root.register("acme", "other").await;
+    let (other, _) = root.issue("acme", "other", &["invoices:read"], "").await;
+    root.api()
+        .revoke_token(root.req(pb::RevokeTokenRequest {
+            tenant: "acme".into(),
+            jti: jti.clone(),
+            reason: "leaked".into(),
+        }))
+        .await
+        .expect("revoked");
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked")
+    );
+    assert_eq!(code(&s.read_invoices(&other).await), 0);
+
+    // At the same version, the store now holds another history: the revocation never
+    // happened, and `other` was frozen instead.
+    let db = rusqlite::Connection::open(s.data_dir().join("control.db")).expect("open");
+    db.busy_timeout(Duration::from_secs(5)).expect("timeout");
+    db.execute_batch(
+        "BEGIN IMMEDIATE; \
+         UPDATE tokens SET revoked_at = NULL, revoked_reason = ''; \
+         UPDATE agents SET status = 'frozen' WHERE id = 'other'; \
+         UPDATE chains SET chain = zeroblob(32) \
+             WHERE version = (SELECT value FROM meta WHERE key = 'version'); \
+         COMMIT;",
+    )
+    .expect("another history");
+    drop(db);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while code(&s.read_invoices(&other).await) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other history's freeze reached the data plane within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reason(&s.read_invoices(&other).await), Some("agent_frozen"));
+    assert_eq!(
+        reason(&s.read_invoices(&token).await),
+        Some("token_revoked"),
+        "the revocation the store lost stays"
+    );
+    s.stop().await;
+}
+
+/// A sidecar says which history it holds (the hash at its version); a control plane whose
+/// store holds another there marks the snapshot it sends diverged (refused), and one that
+/// holds the same does not.
+#[tokio::test]
+async fn a_watch_from_another_history_gets_a_diverged_snapshot() {
+    let (s, root, _) = setup().await;
+    root.register("acme", "bot").await;
+    let pod = s.control(&s.operator("pod", Role::Sidecar, "acme")).await;
+    let first = |seen: pb::WatchRequest| {
+        let pod = &pod;
+        async move {
+            let mut stream = pod
+                .api()
+                .watch(pod.req(seen))
+                .await
+                .expect("watch")
+                .into_inner();
+            stream.message().await.expect("event").expect("a snapshot")
+        }
+    };
+    let now = first(pb::WatchRequest {
+        sidecar: "pod-1".into(),
+        ..Default::default()
+    })
+    .await;
+    assert!(!now.chain.is_empty() && !now.diverged, "{now:?}");
+    let same = first(pb::WatchRequest {
+        sidecar: "pod-1".into(),
+        seen_epoch: now.epoch,
+        seen_version: now.version,
+        seen_chain: now.chain.clone(),
+    })
+    .await;
+    assert!(!same.diverged, "the same history");
+    let other = first(pb::WatchRequest {
+        sidecar: "pod-1".into(),
+        seen_epoch: now.epoch,
+        seen_version: now.version,
+        seen_chain: vec![7; 32],
+    })
+    .await;
+    assert!(other.diverged, "another history at that version");
 }

@@ -491,7 +491,37 @@ async fn feed(b: Backend) {
         .run(|tx| rules::snapshot(tx, NOW))
         .await
         .expect("snapshot");
-    assert_eq!((snapshot.0, snapshot.1), (epoch, raised), "{}", b.name);
+    assert_eq!(
+        (snapshot.epoch, snapshot.version),
+        (epoch, raised),
+        "{}",
+        b.name
+    );
+
+    // Each change carries the history hash at its version: over the previous one and the
+    // change itself, the same at every replica, and the snapshot's is its version's.
+    use prost::Message;
+    let mut previous = Vec::new();
+    for event in &all {
+        let bare = pb::WatchEvent {
+            chain: Vec::new(),
+            ..event.clone()
+        };
+        let want = aegis::control::store::next_chain(&previous, &bare.encode_to_vec());
+        assert_eq!(event.chain, want, "{}: version {}", b.name, event.version);
+        previous = event.chain.clone();
+    }
+    let at_b = other
+        .run(move |tx| tx.chain_at(raised))
+        .await
+        .expect("chain");
+    assert_eq!(
+        at_b.as_deref(),
+        Some(snapshot.chain.as_slice()),
+        "{}",
+        b.name
+    );
+    assert_eq!(snapshot.chain, all[2].chain, "{}", b.name);
 }
 both!(the_feed_is_ordered_and_shared_on_both_backends, feed);
 

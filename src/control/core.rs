@@ -101,6 +101,10 @@ pub struct ControlCore {
     /// The newest version handed to the local data plane and the watchers: every change
     /// reaches them from the store's feed, in version order, once (see [`Self::pump`]).
     delivered: std::sync::atomic::AtomicU64,
+    /// The history hash at `delivered`: the store holding another one there means its
+    /// history was replaced under this replica (a restored backup that moved on, a
+    /// failover that lost commits).
+    delivered_chain: std::sync::Mutex<Vec<u8>>,
     /// Why this replica cannot deliver what its store commits, once that has lasted
     /// [`HANDOFF_AFTER`]; `None` while deliveries go through.
     lost: tokio::sync::watch::Sender<Option<String>>,
@@ -258,6 +262,7 @@ impl ControlCore {
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             delivered: std::sync::atomic::AtomicU64::new(0),
+            delivered_chain: std::sync::Mutex::new(Vec::new()),
             lost: tokio::sync::watch::Sender::new(None),
             refusals: RefusalLimiter::default(),
             sidecar_rate,
@@ -277,7 +282,7 @@ impl ControlCore {
         if let Some(local) = &self.local {
             local.apply(&event);
         }
-        self.delivered.store(event.version, Ordering::Release);
+        self.set_delivered(&event);
         Ok(())
     }
 
@@ -311,13 +316,52 @@ impl ControlCore {
     /// The whole watched state as a snapshot event.
     async fn snapshot(&self) -> Result<pb::WatchEvent, ControlError> {
         let now = now_secs();
-        let (epoch, version, items) = self.run(move |tx| rules::snapshot(tx, now)).await?;
-        Ok(pb::WatchEvent {
-            epoch,
-            version,
-            snapshot: true,
-            items,
-        })
+        self.run(move |tx| rules::snapshot(tx, now)).await
+    }
+
+    /// Whether the state a watcher says it holds (epoch, version, history hash) is part of
+    /// the history `snapshot` is at: `Some(false)` when the store holds another history at
+    /// that version (a restored backup that moved on, a failover that lost commits),
+    /// logged; `None` when it cannot tell (another epoch, a version past the snapshot's or
+    /// out of the kept window, or no hash on either side).
+    pub async fn descends(
+        &self,
+        sidecar: &str,
+        seen: (u64, u64),
+        seen_chain: &[u8],
+        snapshot: &pb::WatchEvent,
+    ) -> Option<bool> {
+        if seen_chain.is_empty() || seen.0 != snapshot.epoch || seen.1 > snapshot.version {
+            return None;
+        }
+        let version = seen.1;
+        let stored = self.run(move |tx| tx.chain_at(version)).await.ok()??;
+        if stored.is_empty() {
+            return None;
+        }
+        let descends = stored == seen_chain;
+        if !descends {
+            crate::log!(
+                error,
+                "control plane: sidecar {sidecar:?} holds epoch {} version {} of another \
+                 history than this store's (restored from a backup that moved on, or failed \
+                 over to a copy that lost commits?): its snapshot is marked diverged and the \
+                 sidecar refuses it until an operator re-applies what is missing and runs \
+                 `aegis ctl state confirm-restore`",
+                seen.0,
+                seen.1
+            );
+        }
+        Some(descends)
+    }
+
+    /// Notes `event` as the last delivered: its version and history hash.
+    fn set_delivered(&self, event: &pb::WatchEvent) {
+        self.delivered.store(event.version, Ordering::Release);
+        *self
+            .delivered_chain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = event.chain.clone();
     }
 
     /// Hands every change the store committed after the last one delivered to the local
@@ -331,8 +375,10 @@ impl ControlCore {
         // other changes. Everyone gets a snapshot of what the store holds now (sidecars
         // refuse it as a rollback, keeping what they hold, until an operator confirms
         // the restore), and delivery goes on from there.
-        let (_, version) = self.run(rules::state_version).await?;
         let delivered = self.delivered.load(Ordering::Acquire);
+        let ((_, version), at_delivered) = self
+            .run(move |tx| Ok((rules::state_version(tx)?, tx.chain_at(delivered)?)))
+            .await?;
         if version < delivered {
             crate::log!(
                 error,
@@ -341,7 +387,37 @@ impl ControlCore {
                  resending a snapshot"
             );
             let snapshot = self.snapshot().await?;
-            self.delivered.store(snapshot.version, Ordering::Release);
+            self.set_delivered(&snapshot);
+            if let Some(local) = &self.local {
+                local.apply(&snapshot);
+            }
+            let _ = self.events.send(Arc::new(snapshot));
+            return Ok(());
+        }
+        // The store reached (or passed) the version delivered along another history: what
+        // was delivered there is not what it holds. Everyone gets a snapshot marked
+        // diverged, refused like a rollback until an operator confirms the restore.
+        let held = self
+            .delivered_chain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(stored) = at_delivered
+            && !stored.is_empty()
+            && !held.is_empty()
+            && stored != held
+        {
+            crate::log!(
+                error,
+                "control plane: the store holds another history at version {delivered} than \
+                 the one this replica delivered (restored from a backup that moved on, or \
+                 failed over to a copy that lost commits?): resending a snapshot marked \
+                 diverged; data planes keep what they hold until an operator re-applies what \
+                 is missing and runs `aegis ctl state confirm-restore`"
+            );
+            let mut snapshot = self.snapshot().await?;
+            snapshot.diverged = true;
+            self.set_delivered(&snapshot);
             if let Some(local) = &self.local {
                 local.apply(&snapshot);
             }
@@ -359,7 +435,7 @@ impl ControlCore {
                 if event.version <= self.delivered.load(Ordering::Acquire) {
                     continue;
                 }
-                self.delivered.store(event.version, Ordering::Release);
+                self.set_delivered(&event);
                 if let Some(local) = &self.local {
                     local.apply(&event);
                     if !event.snapshot && event.items.is_empty() {

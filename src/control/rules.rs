@@ -33,13 +33,11 @@ fn publish<T>(
 
 // --- the watched state ---
 
-/// The whole watched state: (epoch, version, items).
-pub fn snapshot(
-    tx: &mut dyn Txn,
-    now: i64,
-) -> Result<(u64, u64, Vec<pb::StateItem>), ControlError> {
+/// The whole watched state, as a snapshot event with its history hash.
+pub fn snapshot(tx: &mut dyn Txn, now: i64) -> Result<pb::WatchEvent, ControlError> {
     let epoch = tx.epoch()?;
     let version = tx.version()?;
+    let chain = tx.chain_at(version)?.unwrap_or_default();
     let mut items: Vec<pb::StateItem> =
         tx.agents(None, None, now)?.iter().map(agent_item).collect();
     items.extend(
@@ -53,7 +51,14 @@ pub fn snapshot(
     if let Some(active) = tx.revisions(1)?.into_iter().next() {
         items.push(policy_item(&active.revision, &active.digest));
     }
-    Ok((epoch, version, items))
+    Ok(pb::WatchEvent {
+        epoch,
+        version,
+        snapshot: true,
+        items,
+        chain,
+        diverged: false,
+    })
 }
 
 /// The watched state's (epoch, version).

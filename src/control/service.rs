@@ -429,7 +429,7 @@ impl ControlPlane for ControlService {
         let req = req.into_inner();
         let sidecar = req.sidecar;
         let scope = op.scope();
-        let (snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
+        let (mut snapshot, rx) = self.core.subscribe().await.map_err(Status::from)?;
         self.core
             .note_sidecar_state(
                 &sidecar,
@@ -437,6 +437,19 @@ impl ControlPlane for ControlService {
                 (snapshot.epoch, snapshot.version),
             )
             .await;
+        if self
+            .core
+            .descends(
+                &sidecar,
+                (req.seen_epoch, req.seen_version),
+                &req.seen_chain,
+                &snapshot,
+            )
+            .await
+            .is_some_and(|descends| !descends)
+        {
+            snapshot.diverged = true;
+        }
         let snapshot = scoped(scope.as_deref(), &snapshot);
         crate::log!(
             info,
@@ -673,6 +686,8 @@ fn scoped(scope: Option<&[String]>, event: &pb::WatchEvent) -> pb::WatchEvent {
         version: event.version,
         epoch: event.epoch,
         snapshot: event.snapshot,
+        chain: event.chain.clone(),
+        diverged: event.diverged,
         items: event
             .items
             .iter()

@@ -15,7 +15,7 @@ use super::pb;
 use super::records::{
     Agent, Approval, Budget, Incident, KillMark, Revision, Revocation, Scope, Tenant, Token,
 };
-use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce};
+use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce, next_chain};
 use crate::types::{AgentStatus, IncidentStatus};
 
 mod queries;

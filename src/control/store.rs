@@ -135,9 +135,9 @@ pub trait Txn {
     fn epoch(&mut self) -> Result<u64, ControlError>;
     /// The state's version (the last committed change's).
     fn version(&mut self) -> Result<u64, ControlError>;
-    /// Commits this transaction's change as the next version: bumps the version and, when
-    /// `items` is not empty or `epoch_event` is set, appends it to the feed. Returns
-    /// (epoch, version).
+    /// Commits this transaction's change as the next version: bumps the version, keeps the
+    /// history hash at it ([`next_chain`]) and, when `items` is not empty or `epoch_event`
+    /// is set, appends it to the feed with that hash. Returns (epoch, version).
     fn publish(
         &mut self,
         items: &[pb::StateItem],
@@ -145,6 +145,8 @@ pub trait Txn {
     ) -> Result<(u64, u64), ControlError>;
     /// Stores a new epoch (the rules check it only rises).
     fn set_epoch(&mut self, epoch: u64) -> Result<(), ControlError>;
+    /// The history hash at `version` ([`next_chain`]), if still kept (the feed's window).
+    fn chain_at(&mut self, version: u64) -> Result<Option<Vec<u8>>, ControlError>;
     /// The highest (epoch, version) a watching sidecar reported holding above the state's
     /// own, and that sidecar's name: shared by every replica of the store.
     fn reported_ahead(&mut self) -> Result<Option<(u64, u64, String)>, ControlError>;
@@ -314,6 +316,24 @@ pub trait Txn {
     fn update_notification(&mut self, n: &Outbox, done_at_ms: i64) -> Result<(), ControlError>;
     /// Deletes finished (not pending) notifications finished before `before_ms`.
     fn delete_finished_notifications(&mut self, before_ms: i64) -> Result<usize, ControlError>;
+}
+
+/// The history hash at a version: SHA-256 over a domain tag, the previous version's hash
+/// (empty for the first, or for a store from before hashes were kept) and the version's
+/// change as the feed encodes it (a `WatchEvent` with its epoch, version and items, no
+/// hash). Two stores that reach one version along different histories differ here.
+pub fn next_chain(previous: &[u8], change: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"aegis-control-chain-v1\0");
+    h.update(
+        u64::try_from(previous.len())
+            .unwrap_or(u64::MAX)
+            .to_be_bytes(),
+    );
+    h.update(previous);
+    h.update(change);
+    h.finalize().to_vec()
 }
 
 /// Announces `version` as committed to a backend's subscribers, if it is past what was

@@ -151,6 +151,7 @@ async fn follow_once(
         sidecar: f.name.clone(),
         seen_epoch,
         seen_version,
+        seen_chain: f.state.held_chain(),
     });
     req.metadata_mut()
         .insert("authorization", credential.clone());

@@ -44,6 +44,9 @@ pub struct Held {
     pub revoked: Vec<(String, i64)>,
     /// Kill marks held.
     pub kills: Vec<Kill>,
+    /// The history hash at the version held, hex (absent in files of older versions).
+    #[serde(default)]
+    pub chain: String,
 }
 
 /// A kill mark: every token of the scope issued at or before `before` is refused.
@@ -76,6 +79,7 @@ impl Held {
             refused_since_followed: refused.since_followed,
             revoked: jtis.into_iter().collect(),
             kills: marks.into_iter().map(|(t, b)| Kill::of(t, b)).collect(),
+            chain: crate::ids::hex(&state.held_chain()),
         })
     }
 
@@ -98,6 +102,8 @@ impl Held {
             since_followed: self.refused_since_followed || self.refused_epoch.is_some(),
         };
         state.remember((self.epoch, self.version), refused, self.revocations());
+        // A hash that does not decode is not one: the control plane then cannot tell.
+        state.remember_chain(crate::ids::unhex(&self.chain).unwrap_or_default());
     }
 
     /// Reads the file; None when there is none (a first start). A symbolic link is
@@ -193,6 +199,7 @@ mod tests {
                 },
                 1_800_000_000,
             )],
+            chain: "ab".repeat(32),
         };
         held.save(&path).expect("save");
         assert_eq!(Held::load(&path), Ok(Some(held.clone())));
@@ -242,7 +249,7 @@ mod tests {
             epoch: 1,
             version: 7,
             snapshot: true,
-            items: Vec::new(),
+            ..Default::default()
         };
         assert_eq!(state.admit(&counted_up), Admission::Refuse);
     }

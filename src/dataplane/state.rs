@@ -164,12 +164,24 @@ pub struct Refused {
 /// older epoch and then confirmed can land on an epoch this sidecar already held (one the
 /// control plane never saw), and its snapshot would otherwise silently replace the lost
 /// history's revocations and kills.
-pub fn admission(held: Option<(u64, u64)>, refused: Refused, offered: (u64, u64)) -> Admission {
+///
+/// `diverged`: the control plane says the snapshot is not of the history held (its store
+/// holds another at the held version: a restored backup that moved on past it, a
+/// failover that lost commits). Within the held epoch that is a rollback, whatever the
+/// version; only a higher epoch (a confirmed restore) is followed.
+pub fn admission(
+    held: Option<(u64, u64)>,
+    refused: Refused,
+    offered: (u64, u64),
+    diverged: bool,
+) -> Admission {
     let Some(held) = held else {
         return Admission::Follow;
     };
     if offered.0 > held.0 {
         Admission::Restore
+    } else if diverged {
+        Admission::Refuse
     } else if offered.0 == held.0 && refused.epoch != Some(held.0) && offered.1 >= held.1 {
         if refused.since_followed {
             Admission::Restore
@@ -233,6 +245,9 @@ pub struct State {
     /// The (epoch, version) held before this process started ([`super::held`]), until
     /// a snapshot is applied.
     remembered: RwLock<Option<(u64, u64)>>,
+    /// The history hash at the version held ([`pb::WatchEvent::chain`]); before the first
+    /// snapshot, the one remembered from before a restart.
+    chain: RwLock<Vec<u8>>,
     /// Rollback snapshots refused since start.
     rollbacks_refused: AtomicU64,
 }
@@ -253,6 +268,7 @@ impl State {
             served: std::sync::OnceLock::new(),
             refusal: RwLock::new(Refusal::default()),
             remembered: RwLock::new(None),
+            chain: RwLock::new(Vec::new()),
             rollbacks_refused: AtomicU64::new(0),
         }
     }
@@ -304,6 +320,16 @@ impl State {
         *self.remembered.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The history hash at the version held (empty: none known).
+    pub fn held_chain(&self) -> Vec<u8> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the history hash a sidecar remembered with its position across a restart.
+    pub fn remember_chain(&self, chain: Vec<u8>) {
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
+    }
+
     /// Takes what a sidecar remembered across its restart (see `held.rs`): the position
     /// its first snapshot is judged against, the refusal it had made, and the revocations
     /// a confirmed restore keeps. The state stays unsynced (Checks fail closed) until a
@@ -324,6 +350,7 @@ impl State {
             self.held(),
             self.refused(),
             (snapshot.epoch, snapshot.version),
+            snapshot.diverged,
         )
     }
 
@@ -406,6 +433,7 @@ impl State {
     fn set_position(&self, event: &pb::WatchEvent) {
         self.version.store(event.version, Ordering::Release);
         self.epoch.store(event.epoch, Ordering::Release);
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = event.chain.clone();
         if event.snapshot {
             self.synced.store(true, Ordering::Release);
             *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -624,6 +652,7 @@ mod tests {
             version,
             snapshot: true,
             items,
+            ..Default::default()
         }
     }
 
@@ -658,11 +687,17 @@ mod tests {
         ];
         for (held, refused, offered, want) in cases {
             assert_eq!(
-                admission(held, refused, offered),
+                admission(held, refused, offered, false),
                 want,
                 "held {held:?} refused {refused:?} offered {offered:?}"
             );
         }
+        // Another history at the held version: refused however far it counted, until a
+        // higher epoch.
+        assert_eq!(admission(Some((0, 5)), none, (0, 9), true), Refuse);
+        assert_eq!(admission(Some((0, 5)), none, (0, 5), true), Refuse);
+        assert_eq!(admission(Some((0, 5)), none, (1, 9), true), Restore);
+        assert_eq!(admission(None, none, (0, 9), true), Follow);
     }
 
     #[test]

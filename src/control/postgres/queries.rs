@@ -180,21 +180,32 @@ impl Txn for PgTxn<'_> {
             .and_then(|v| u64::try_from(v).ok())
             .ok_or_else(|| ControlError::Store("the state version row is missing".into()))?;
         let epoch = self.meta("epoch")?;
+        let mut event = pb::WatchEvent {
+            epoch,
+            version,
+            items: items.to_vec(),
+            ..Default::default()
+        };
+        let previous = match version.checked_sub(1) {
+            Some(v) => self.chain_at(v)?.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        event.chain = next_chain(&previous, &event.encode_to_vec());
+        let (v, e) = (stored("version", version)?, stored("epoch", epoch)?);
+        self.exec(
+            "INSERT INTO chains (version, chain) VALUES ($1, $2) \
+             ON CONFLICT (version) DO UPDATE SET chain = excluded.chain",
+            &[&v, &event.chain],
+        )?;
         if !items.is_empty() || epoch_event {
-            let event = pb::WatchEvent {
-                epoch,
-                version,
-                snapshot: false,
-                items: items.to_vec(),
-            }
-            .encode_to_vec();
-            let (v, e) = (stored("version", version)?, stored("epoch", epoch)?);
+            let bytes = event.encode_to_vec();
             self.exec(
                 "INSERT INTO changes (version, epoch, event) VALUES ($1, $2, $3)",
-                &[&v, &e, &event],
+                &[&v, &e, &bytes],
             )?;
             if let Some(floor) = version.checked_sub(self.kept).filter(|f| f % 100 == 0) {
                 let floor = stored("version", floor)?;
+                self.exec("DELETE FROM chains WHERE version <= $1", &[&floor])?;
                 let pruned = self.exec("DELETE FROM changes WHERE version <= $1", &[&floor])?;
                 if pruned > 0 {
                     self.exec(
@@ -214,6 +225,13 @@ impl Txn for PgTxn<'_> {
         let epoch = stored("state epoch", epoch)?;
         self.exec("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&epoch])
             .map(|_| ())
+    }
+
+    fn chain_at(&mut self, version: u64) -> Result<Option<Vec<u8>>, ControlError> {
+        let v = stored("version", version)?;
+        self.one("SELECT chain FROM chains WHERE version = $1", &[&v], |r| {
+            r.try_get::<_, Vec<u8>>(0)
+        })
     }
 
     fn reported_ahead(&mut self) -> Result<Option<(u64, u64, String)>, ControlError> {

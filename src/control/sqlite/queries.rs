@@ -28,34 +28,31 @@ pub(super) fn stored(what: &str, v: u64) -> Result<i64, ControlError> {
     i64::try_from(v).map_err(|_| db_err(format!("{what} {v} is past what SQLite stores")))
 }
 
-/// Appends a committed change to the feed (inside the caller's transaction) and prunes
-/// the feed to its last `kept` versions (every 100 versions), remembering the highest
-/// pruned.
+/// Appends a committed change (its event carries its history hash) to the feed, inside
+/// the caller's transaction, and prunes the feed and the hashes to their last `kept`
+/// versions (every 100 versions), remembering the highest pruned.
 pub(super) fn append_change(
     tx: &Connection,
-    epoch: u64,
-    version: u64,
-    items: &[pb::StateItem],
+    event: &pb::WatchEvent,
     kept: u64,
 ) -> Result<(), ControlError> {
     use prost::Message;
-    let event = pb::WatchEvent {
-        epoch,
-        version,
-        snapshot: false,
-        items: items.to_vec(),
-    }
-    .encode_to_vec();
     let stored = |v: u64| i64::try_from(v).map_err(|_| db_err(format!("version {v} too large")));
     tx.execute(
         "INSERT INTO changes (version, epoch, event) VALUES (?1, ?2, ?3)",
-        params![stored(version)?, stored(epoch)?, event],
+        params![
+            stored(event.version)?,
+            stored(event.epoch)?,
+            event.encode_to_vec()
+        ],
     )
     .map_err(db_err)?;
-    if let Some(floor) = version.checked_sub(kept).filter(|f| f % 100 == 0) {
+    if let Some(floor) = event.version.checked_sub(kept).filter(|f| f % 100 == 0) {
         let floor = stored(floor)?;
         let pruned = tx
             .execute("DELETE FROM changes WHERE version <= ?1", [floor])
+            .map_err(db_err)?;
+        tx.execute("DELETE FROM chains WHERE version <= ?1", [floor])
             .map_err(db_err)?;
         if pruned > 0 {
             tx.execute(
@@ -144,10 +141,27 @@ impl Txn for SqliteTxn<'_> {
         items: &[pb::StateItem],
         epoch_event: bool,
     ) -> Result<(u64, u64), ControlError> {
+        use prost::Message;
         let version = bump(self.tx)?;
         let epoch = meta(self.tx, "epoch")?;
+        let mut event = pb::WatchEvent {
+            epoch,
+            version,
+            items: items.to_vec(),
+            ..Default::default()
+        };
+        let previous = match version.checked_sub(1) {
+            Some(v) => self.chain_at(v)?.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        event.chain = next_chain(&previous, &event.encode_to_vec());
+        self.exec(
+            "INSERT INTO chains (version, chain) VALUES (?1, ?2) \
+             ON CONFLICT (version) DO UPDATE SET chain = excluded.chain",
+            params![stored("version", version)?, event.chain],
+        )?;
         if !items.is_empty() || epoch_event {
-            append_change(self.tx, epoch, version, items, self.feed_kept)?;
+            append_change(self.tx, &event, self.feed_kept)?;
         }
         self.published = Some(version);
         Ok((epoch, version))
@@ -157,6 +171,13 @@ impl Txn for SqliteTxn<'_> {
         let epoch = stored("state epoch", epoch)?;
         self.exec("UPDATE meta SET value = ?1 WHERE key = 'epoch'", &[&epoch])
             .map(|_| ())
+    }
+
+    fn chain_at(&mut self, version: u64) -> Result<Option<Vec<u8>>, ControlError> {
+        let v = stored("version", version)?;
+        self.one("SELECT chain FROM chains WHERE version = ?1", &[&v], |r| {
+            r.get(0)
+        })
     }
 
     fn reported_ahead(&mut self) -> Result<Option<(u64, u64, String)>, ControlError> {

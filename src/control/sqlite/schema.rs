@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
 CREATE TABLE IF NOT EXISTS changes (
     version INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, event BLOB NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('feed_floor', 0);
+CREATE TABLE IF NOT EXISTS chains (version INTEGER PRIMARY KEY, chain BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS reported (
     id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, version INTEGER NOT NULL,
     sidecar TEXT NOT NULL);
