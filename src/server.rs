@@ -282,6 +282,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             ));
             core.reconcile_policy(policy.current(), &files).await?;
             core.load_local().await?;
+            core.init_incident_feed().await?;
             Some(core)
         }
     };

@@ -645,3 +645,90 @@ async fn control_health(addr: std::net::SocketAddr) -> i32 {
         .into_inner()
         .status
 }
+
+#[tokio::test]
+async fn an_incident_watcher_at_one_replica_sees_what_another_replica_does() {
+    // Two replicas on one store; a SIEM bridge watches incidents through replica B while a
+    // sidecar reports to A and an operator acknowledges at A: B's watcher is told both.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    let store = format!("sqlite:{}", shared.join("control.db").display());
+    let a_data = dir.path().join("a");
+    let b_data = dir.path().join("b");
+    let a = replica(&a_data, &store, &a_data);
+    let b = replica(&b_data, &store, &a_data);
+    let root = operator_cmd(&a_data, "root", "admin", "*");
+    let sidecar = operator_cmd(&a_data, "fleet", "sidecar", "acme");
+    let at_b = Ctl::connect(b.addr, &root).await;
+    let mut stream = at_b
+        .api()
+        .watch_incidents(at_b.req(pb::WatchIncidentsRequest {
+            tenant: "acme".into(),
+            new_only: true,
+        }))
+        .await
+        .expect("watch incidents at B")
+        .into_inner();
+
+    let reporter = Ctl::connect(a.addr, &sidecar).await;
+    let raised = reporter
+        .api()
+        .report_incident(reporter.req(pb::ReportIncidentRequest {
+            tenant: "acme".into(),
+            agent: "billing-bot".into(),
+            session: "sess-1".into(),
+            kind: "deny_storm".into(),
+            severity: "low".into(),
+            summary: "three denials".into(),
+            trigger_decision: "d1".into(),
+            evidence: vec!["d1".into()],
+            decisions: vec![pb::EvidenceDecision {
+                decision_id: "d1".into(),
+                time_ns: 1,
+                decision: "deny".into(),
+                row_hash: "ab".repeat(32),
+                audit_seq: 1,
+                ..Default::default()
+            }],
+            decided_at_ns: 1,
+            ..Default::default()
+        }))
+        .await
+        .expect("reported at A")
+        .into_inner();
+    let event = next_incident_event(&mut stream).await;
+    assert_eq!(event.event, "raised");
+    let told = event.incident.expect("incident");
+    assert_eq!(told.id, raised.id);
+    assert!(
+        !told.actions.is_empty(),
+        "told with what was done: {told:?}"
+    );
+
+    let at_a = Ctl::connect(a.addr, &root).await;
+    at_a.api()
+        .acknowledge_incident(at_a.req(pb::IncidentActionRequest {
+            tenant: "acme".into(),
+            id: raised.id.clone(),
+            reason: "looking".into(),
+        }))
+        .await
+        .expect("acknowledged at A");
+    let event = next_incident_event(&mut stream).await;
+    assert_eq!(
+        (event.event.as_str(), event.incident.map(|i| i.id)),
+        ("acknowledged", Some(raised.id))
+    );
+}
+
+/// The next incident event of `stream`, within 5 s.
+async fn next_incident_event(
+    stream: &mut tonic::Streaming<pb::IncidentEvent>,
+) -> pb::IncidentEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an incident event at B within 5 s")
+        .expect("stream")
+        .expect("event")
+}

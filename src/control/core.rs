@@ -94,6 +94,9 @@ pub struct ControlCore {
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
     /// Incidents raised and changed, for `WatchIncidents`.
     pub(super) incident_events: broadcast::Sender<Arc<pb::IncidentEvent>>,
+    /// The last incident event handed to the incident watchers (None until
+    /// [`ControlCore::init_incident_feed`]).
+    incidents_told: tokio::sync::Mutex<Option<u64>>,
     /// The webhook delivery task, woken when an incident queued notifications.
     notifier: std::sync::OnceLock<Arc<super::notify::Notifier>>,
     /// Held while a change is stored and delivered, and while a snapshot is taken.
@@ -259,6 +262,7 @@ impl ControlCore {
             policy_opts,
             events: broadcast::channel(WATCH_BUFFER).0,
             incident_events: broadcast::channel(INCIDENT_BUFFER).0,
+            incidents_told: tokio::sync::Mutex::new(None),
             notifier: std::sync::OnceLock::new(),
             publish: tokio::sync::Mutex::new(()),
             delivered: std::sync::atomic::AtomicU64::new(0),
@@ -478,6 +482,8 @@ impl ControlCore {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 let Some(core) = me.upgrade() else { return };
+                // Other replicas' incidents, raised, acknowledged or closed.
+                core.tell_incident_watchers().await;
                 let _guard = core.publish.lock().await;
                 match core.pump().await {
                     Ok(()) => {

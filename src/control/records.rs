@@ -355,6 +355,20 @@ pub struct Incident {
     pub decisions: Vec<EvidenceDecision>,
 }
 
+/// What happened to an incident, in the order the store committed it: every replica hands
+/// these to its `WatchIncidents` watchers, whichever replica acted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentEvent {
+    /// Its place in the incident feed (commit order).
+    pub seq: u64,
+    /// raised, acknowledged or closed.
+    pub event: String,
+    /// The incident's tenant.
+    pub tenant: String,
+    /// The incident's id.
+    pub incident: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -535,10 +535,12 @@ pub fn set_incident_status(
     i.status = status;
     i.updated_at = now;
     tx.update_incident(&i)?;
+    tx.append_incident_event(status.as_str(), tenant, id)?;
     Ok(Some(i))
 }
 
-/// Appends what the response engine did to an incident.
+/// Appends what the response engine did to an incident, and tells the incident feed it
+/// was raised.
 pub fn add_incident_actions(
     tx: &mut dyn Txn,
     tenant: &str,
@@ -549,7 +551,9 @@ pub fn add_incident_actions(
         .incident(tenant, id)?
         .ok_or_else(|| ControlError::not_found(format!("no incident {id} in tenant {tenant}")))?;
     i.actions.extend(actions.iter().cloned());
-    tx.update_incident(&i)
+    tx.update_incident(&i)?;
+    // Raised, with what was done: now every replica's incident watchers are told.
+    tx.append_incident_event("raised", tenant, id).map(|_| ())
 }
 
 /// Takes the notifications due at `now_ms` (at most `limit`) for delivery by this

@@ -13,7 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::ControlError;
 use super::pb;
 use super::records::{
-    Agent, Approval, Budget, Incident, KillMark, Revision, Revocation, Scope, Tenant, Token,
+    Agent, Approval, Budget, Incident, IncidentEvent, KillMark, Revision, Revocation, Scope,
+    Tenant, Token,
 };
 use super::store::{ControlStore, FEED_KEPT, Feed, Outbox, Txn, Work, announce, next_chain};
 use crate::types::{AgentStatus, IncidentStatus};

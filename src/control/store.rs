@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 
 use super::ControlError;
 use super::pb;
-use super::records::{Agent, Approval, Budget, Incident, KillMark, Revision, Scope, Tenant, Token};
+use super::records::{
+    Agent, Approval, Budget, Incident, IncidentEvent, KillMark, Revision, Scope, Tenant, Token,
+};
 use crate::types::{AgentStatus, IncidentStatus};
 
 /// How long past its expiry a token still counts for revocation. Data planes accept a
@@ -316,6 +318,23 @@ pub trait Txn {
     fn update_notification(&mut self, n: &Outbox, done_at_ms: i64) -> Result<(), ControlError>;
     /// Deletes finished (not pending) notifications finished before `before_ms`.
     fn delete_finished_notifications(&mut self, before_ms: i64) -> Result<usize, ControlError>;
+    /// Appends an event of an incident to the incident feed, numbered in commit order (the
+    /// number is taken from a counter the transaction updates, so two replicas' events are
+    /// numbered as they commit); keeps the last [`FEED_KEPT`]. Returns its number.
+    fn append_incident_event(
+        &mut self,
+        event: &str,
+        tenant: &str,
+        incident: &str,
+    ) -> Result<u64, ControlError>;
+    /// Incident events after `after`, oldest first, at most `limit`.
+    fn incident_events(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<IncidentEvent>, ControlError>;
+    /// The newest incident event's number (0: none).
+    fn last_incident_event(&mut self) -> Result<u64, ControlError>;
 }
 
 /// The history hash at a version: SHA-256 over a domain tag, the previous version's hash

@@ -253,11 +253,53 @@ impl ControlCore {
                 n.wake.notify_one();
             }
         }
-        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
-            event: "raised".into(),
-            incident: Some(incident.clone()),
-        }));
+        self.tell_incident_watchers().await;
         Ok(incident)
+    }
+
+    /// Reads where the incident feed stands, so that watchers are told what happens from
+    /// now on (start-up).
+    pub async fn init_incident_feed(&self) -> Result<(), ControlError> {
+        let last = self.run(|tx| tx.last_incident_event()).await?;
+        *self.incidents_told.lock().await = Some(last);
+        Ok(())
+    }
+
+    /// Hands the incident events committed since the last told, this replica's and other
+    /// replicas', to this replica's incident watchers, in commit order. A failure is
+    /// logged; the next call (after an action, or every second) tries again.
+    pub(crate) async fn tell_incident_watchers(&self) {
+        const BATCH: usize = 256;
+        let mut told = self.incidents_told.lock().await;
+        let Some(after) = *told else {
+            return;
+        };
+        let read = self
+            .run(move |tx| {
+                let mut events = Vec::new();
+                for e in tx.incident_events(after, BATCH)? {
+                    let incident = tx.incident(&e.tenant, &e.incident)?;
+                    events.push((e, incident));
+                }
+                Ok(events)
+            })
+            .await;
+        let events = match read {
+            Ok(events) => events,
+            Err(e) => {
+                crate::log!(warn, "incidents: cannot read the incident feed: {e}");
+                return;
+            }
+        };
+        for (event, incident) in events {
+            *told = Some(event.seq);
+            if let Some(incident) = incident {
+                let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
+                    event: event.event,
+                    incident: Some(wire::incident(incident)),
+                }));
+            }
+        }
     }
 
     /// Carries out the plan for `incident`; returns what was done, one line per action.
@@ -455,12 +497,8 @@ impl ControlCore {
         act.target = format!("incident:{}", updated.id);
         act.reason = &req.reason;
         self.record(act, None).await?;
-        let updated = wire::incident(updated);
-        let _ = self.incident_events.send(Arc::new(pb::IncidentEvent {
-            event: status.as_str().into(),
-            incident: Some(updated.clone()),
-        }));
-        Ok(updated)
+        self.tell_incident_watchers().await;
+        Ok(wire::incident(updated))
     }
 
     /// The dry run: what the response engine would do at `level` (0: the tenant's).

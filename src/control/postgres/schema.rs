@@ -55,6 +55,9 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at_ms);
 CREATE TABLE IF NOT EXISTS changes (
     version BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, event BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS chains (version BIGINT PRIMARY KEY, chain BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS incident_events (
+    seq BIGINT PRIMARY KEY, event TEXT NOT NULL, tenant TEXT NOT NULL, incident TEXT NOT NULL);
+INSERT INTO meta (key, value) VALUES ('incident_seq', 0) ON CONFLICT (key) DO NOTHING;
 CREATE TABLE IF NOT EXISTS reported (
     id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, version BIGINT NOT NULL,
     sidecar TEXT NOT NULL);

@@ -795,4 +795,60 @@ impl Txn for SqliteTxn<'_> {
             &[&before_ms],
         )
     }
+
+    fn append_incident_event(
+        &mut self,
+        event: &str,
+        tenant: &str,
+        incident: &str,
+    ) -> Result<u64, ControlError> {
+        let seq: i64 = self
+            .tx
+            .query_row(
+                "UPDATE meta SET value = value + 1 WHERE key = 'incident_seq' RETURNING value",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        self.exec(
+            "INSERT INTO incident_events (seq, event, tenant, incident) VALUES (?1, ?2, ?3, ?4)",
+            params![seq, event, tenant, incident],
+        )?;
+        let kept = stored("feed size", self.feed_kept)?;
+        if seq % 100 == 0 {
+            self.exec(
+                "DELETE FROM incident_events WHERE seq <= ?1",
+                &[&seq.saturating_sub(kept)],
+            )?;
+        }
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    fn incident_events(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<IncidentEvent>, ControlError> {
+        let (after, limit) = (
+            stored("incident event", after)?,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        );
+        self.all(
+            "SELECT seq, event, tenant, incident FROM incident_events WHERE seq > ?1 \
+             ORDER BY seq LIMIT ?2",
+            &[&after, &limit],
+            |r| {
+                Ok(IncidentEvent {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    event: r.get(1)?,
+                    tenant: r.get(2)?,
+                    incident: r.get(3)?,
+                })
+            },
+        )
+    }
+
+    fn last_incident_event(&mut self) -> Result<u64, ControlError> {
+        meta(self.tx, "incident_seq")
+    }
 }

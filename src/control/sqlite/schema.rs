@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS changes (
     version INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, event BLOB NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('feed_floor', 0);
 CREATE TABLE IF NOT EXISTS chains (version INTEGER PRIMARY KEY, chain BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS incident_events (
+    seq INTEGER PRIMARY KEY, event TEXT NOT NULL, tenant TEXT NOT NULL, incident TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('incident_seq', 0);
 CREATE TABLE IF NOT EXISTS reported (
     id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, version INTEGER NOT NULL,
     sidecar TEXT NOT NULL);
