@@ -832,3 +832,49 @@ async fn a_silent_postgres_connection_is_cut_and_the_next_action_reconnects() {
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     assert!(ids.contains(&"before") && ids.contains(&"after"), "{ids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_speaks_tls_and_checks_whom_it_speaks_to() {
+    // A server that admits TCP connections over TLS only (pg_hba hostssl / hostnossl reject).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = common::TestCa::new(dir.path(), "pg");
+    let (cert, key) = ca.leaf("server", "serverAuth");
+    let server = Postgres::start_tls(&cert, &key);
+    let url = server.database("tls");
+
+    let plain = PostgresStore::open(&url)
+        .await
+        .expect_err("a plain connection");
+    assert!(plain.to_string().contains("pg_hba.conf"), "{plain}");
+
+    let tls = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.ca.display());
+    let store: Arc<dyn ControlStore> = Arc::new(PostgresStore::open(&tls).await.expect("over TLS"));
+    register(&store, agent("acme", "bot"))
+        .await
+        .expect("a unit of work over TLS");
+    // The listening connection is TLS too: another handle's commit is announced.
+    let mut announced = store.subscribe();
+    let other: Arc<dyn ControlStore> = Arc::new(PostgresStore::open(&tls).await.expect("over TLS"));
+    let v = register(&other, agent("acme", "other"))
+        .await
+        .expect("another replica");
+    tokio::time::timeout(Duration::from_secs(5), announced.wait_for(|n| *n >= v))
+        .await
+        .expect("announced over the TLS listening connection")
+        .expect("store alive");
+
+    // A server whose certificate another authority signed is refused, named.
+    let stranger = common::TestCa::new(dir.path(), "stranger");
+    let untrusted = format!(
+        "{url}?sslmode=require&sslrootcert={}",
+        stranger.ca.display()
+    );
+    let err = PostgresStore::open(&untrusted)
+        .await
+        .expect_err("an untrusted certificate");
+    let text = err.to_string();
+    assert!(
+        text.contains("certificate") || text.contains("UnknownIssuer"),
+        "{text}"
+    );
+}

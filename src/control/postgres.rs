@@ -22,6 +22,7 @@
 //!   and the server cancels a statement or an idle transaction that outlives its own
 //!   bounds. Each bound the URL sets itself is kept.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ use crate::types::{AgentStatus, IncidentStatus};
 mod queries;
 mod rows;
 mod schema;
+mod tls;
 
 use queries::*;
 use rows::*;
@@ -74,6 +76,8 @@ struct Link {
     client: Arc<Mutex<Option<Conn>>>,
     /// [`STORE_TIMEOUT`] unless a test shortens it.
     timeout: Duration,
+    /// TLS, when the DSN asks for it ([`tls`]).
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// The PostgreSQL control store.
@@ -181,7 +185,9 @@ impl PostgresStore {
 
     fn unopened(url: &str, read_only: bool, timeout: Duration) -> Result<Self, ControlError> {
         let shown = crate::config::redact_url(url);
-        let mut config: tokio_postgres::Config = url
+        let dsn = tls::dsn(url, &shown)?;
+        let mut config: tokio_postgres::Config = dsn
+            .url
             .parse()
             .map_err(|e| ControlError::Store(format!("control.database_url {shown}: {e}")))?;
         bounded(&mut config);
@@ -191,6 +197,7 @@ impl PostgresStore {
                 shown,
                 client: Arc::new(Mutex::new(None)),
                 timeout,
+                tls: dsn.tls,
             }),
             committed: Arc::new(tokio::sync::watch::Sender::new(0)),
             watching: std::sync::Once::new(),
@@ -218,7 +225,7 @@ impl Link {
 
     /// A new connection, its driver spawned on the runtime.
     async fn connect(&self) -> Result<Conn, ControlError> {
-        connect(&self.config, &self.shown).await
+        connect(&self.config, &self.shown, self.tls.as_ref()).await
     }
 
     /// Runs `work` on the connection, all of it within the bound: waiting for the
@@ -334,18 +341,80 @@ fn bounded(config: &mut tokio_postgres::Config) {
     config.options(options.trim());
 }
 
-async fn connect(config: &tokio_postgres::Config, shown: &str) -> Result<Conn, ControlError> {
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| ControlError::Unavailable(format!("postgres {shown}: {}", describe(&e))))?;
-    let driver = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            crate::log!(warn, "control store: postgres connection ended: {e}");
+async fn connect(
+    config: &tokio_postgres::Config,
+    shown: &str,
+    tls: Option<&Arc<tokio_rustls::rustls::ClientConfig>>,
+) -> Result<Conn, ControlError> {
+    let failed = |e: tokio_postgres::Error| {
+        ControlError::Unavailable(format!("postgres {shown}: {}", describe(&e)))
+    };
+    fn drive<F>(connection: F) -> tokio::task::AbortHandle
+    where
+        F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                crate::log!(warn, "control store: postgres connection ended: {e}");
+            }
+        })
+        .abort_handle()
+    }
+    let (client, driver) = match tls {
+        None => {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            (client, drive(connection))
+        }
+        Some(c) => {
+            let (client, connection) = config
+                .connect(tls::MakeTls(c.clone()))
+                .await
+                .map_err(failed)?;
+            (client, drive(connection))
+        }
+    };
+    Ok(Conn { client, driver })
+}
+
+/// A connection that forwards the versions notified on [`CHANNEL`] to `notified`, its
+/// driver spawned (aborted to drop it).
+async fn connect_listening(
+    config: &tokio_postgres::Config,
+    tls: Option<&Arc<tokio_rustls::rustls::ClientConfig>>,
+    notified: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    use tokio_postgres::AsyncMessage;
+    async fn forward<S, T>(
+        mut connection: tokio_postgres::Connection<S, T>,
+        notified: tokio::sync::mpsc::UnboundedSender<u64>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Ok(v) = n.payload().parse::<u64>()
+                        && notified.send(v).is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+    Ok(match tls {
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            (client, tokio::spawn(forward(connection, notified)))
+        }
+        Some(c) => {
+            let (client, connection) = config.connect(tls::MakeTls(c.clone())).await?;
+            (client, tokio::spawn(forward(connection, notified)))
         }
     })
-    .abort_handle();
-    Ok(Conn { client, driver })
 }
 
 async fn read_version(client: &Client) -> Result<u64, tokio_postgres::Error> {
@@ -384,6 +453,7 @@ impl ControlStore for PostgresStore {
                 runtime.spawn(listen(
                     self.link.config.clone(),
                     self.link.shown.clone(),
+                    self.link.tls.clone(),
                     committed,
                     self.link.timeout,
                 ));
@@ -437,13 +507,14 @@ async fn read_changes(client: &mut Client, after: u64, limit: usize) -> Result<F
 async fn listen(
     config: tokio_postgres::Config,
     shown: String,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     committed: std::sync::Weak<tokio::sync::watch::Sender<u64>>,
     timeout: Duration,
 ) {
-    use tokio_postgres::AsyncMessage;
     loop {
-        let connected = config.connect(NoTls).await;
-        let (client, mut connection) = match connected {
+        let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let connected = connect_listening(&config, tls.as_ref(), notified_tx).await;
+        let (client, driver) = match connected {
             Ok(c) => c,
             Err(e) => {
                 crate::log!(
@@ -458,22 +529,6 @@ async fn listen(
                 continue;
             }
         };
-        let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<u64>();
-        let driver = tokio::spawn(async move {
-            loop {
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => {
-                        if let Ok(v) = n.payload().parse::<u64>()
-                            && notified_tx.send(v).is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return,
-                }
-            }
-        });
         if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
             crate::log!(
                 warn,

@@ -46,6 +46,41 @@ impl Postgres {
     /// what is missing (e.g. "PostgreSQL not found under /usr/lib/postgresql/*/bin:
     /// scripts/test installs it") -- never skips.
     pub fn start() -> Postgres {
+        Self::start_with(|_, _| {})
+    }
+
+    /// [`Self::start`] with TLS only over TCP: `cert` and `key` (PEM) serve TLS, and
+    /// pg_hba.conf admits TCP connections that use it and rejects the others.
+    pub fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Self::start_with(|dir, owner| {
+            let data = dir.join("data");
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).expect("copy the server's TLS files");
+                std::fs::set_permissions(
+                    data.join(to),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .expect("chmod 600");
+                if let Some(o) = owner {
+                    chown(&data.join(to), o);
+                }
+            }
+            let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))
+                .expect("read postgresql.conf");
+            conf.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(data.join("postgresql.conf"), conf).expect("write postgresql.conf");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                 hostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .expect("write pg_hba.conf");
+        })
+    }
+
+    fn start_with(setup: impl Fn(&Path, Option<Owner>)) -> Postgres {
         let bin = bindir();
         let owner = owner();
         let template = template(&bin, owner);
@@ -60,6 +95,7 @@ impl Postgres {
         if let Some(o) = owner {
             chown(dir.path(), o);
         }
+        setup(dir.path(), owner);
         // A free port can be taken by another test between asking for it and the server's
         // bind: a lost race is tried again on another port.
         let mut last = String::new();
