@@ -1788,3 +1788,63 @@ async fn a_watch_from_another_history_gets_a_diverged_snapshot() {
     .await;
     assert!(other.diverged, "another history at that version");
 }
+
+/// When the store turns out to hold another history, each watcher is judged on what it
+/// holds: one scoped to a tenant that was sent nothing since the histories parted keeps
+/// following; one that was sent the lost change is told the snapshot diverged.
+#[tokio::test]
+async fn a_diverged_snapshot_is_judged_for_each_watcher() {
+    let (s, root, _) = setup().await;
+    root.register("globex", "g-bot").await;
+    let watch = |tenant: &'static str, name: &'static str| {
+        let cred = s.operator(name, Role::Sidecar, tenant);
+        let s = &s;
+        async move {
+            let pod = s.control(&cred).await;
+            let mut stream = pod
+                .api()
+                .watch(pod.req(pb::WatchRequest {
+                    sidecar: name.into(),
+                    ..Default::default()
+                }))
+                .await
+                .expect("watch")
+                .into_inner();
+            let first = stream.message().await.expect("event").expect("snapshot");
+            assert!(first.snapshot && !first.diverged);
+            stream
+        }
+    };
+    let mut globex = watch("globex", "pod-globex").await;
+    let mut acme = watch("acme", "pod-acme").await;
+    // acme changes: sent to the acme watcher only.
+    root.register("acme", "bot").await;
+    let delta = acme.message().await.expect("event").expect("delta");
+    assert!(!delta.snapshot);
+
+    // The store's last version now holds another history.
+    let db = rusqlite::Connection::open(s.data_dir().join("control.db")).expect("open");
+    db.busy_timeout(Duration::from_secs(5)).expect("timeout");
+    db.execute_batch(
+        "UPDATE chains SET chain = zeroblob(32) \
+         WHERE version = (SELECT value FROM meta WHERE key = 'version');",
+    )
+    .expect("another history");
+    drop(db);
+    let to_acme = next_watch_event(&mut acme).await;
+    assert!(to_acme.snapshot && to_acme.diverged, "{to_acme:?}");
+    let to_globex = next_watch_event(&mut globex).await;
+    assert!(
+        to_globex.snapshot && !to_globex.diverged,
+        "the globex watcher holds a version both histories share: {to_globex:?}"
+    );
+}
+
+/// The next event of a watch stream, within 5 s.
+async fn next_watch_event(stream: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an event within 5 s")
+        .expect("stream")
+        .expect("event")
+}

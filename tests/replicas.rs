@@ -732,3 +732,61 @@ async fn next_incident_event(
         .expect("stream")
         .expect("event")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_in_one_server_that_loses_its_store_keeps_deciding() {
+    // All-in-one on PostgreSQL whose connection goes silent: the control service reports
+    // NOT_SERVING (its watchers are handed off), while ext_authz stays SERVING and Checks
+    // go on from the state held: Envoy must not lose every agent's calls to a store blip.
+    use common::pg::Postgres;
+    use common::service::silent_front;
+    use std::sync::atomic::Ordering;
+    let pg = Postgres::start();
+    let url = pg.database("allinone");
+    let (front, silent) = silent_front(pg.port()).await;
+    let url = url.replace(&format!(":{}/", pg.port()), &format!(":{front}/"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_string_lossy().into_owned();
+    let server = spawn_serve(&["--data-dir", &data, "--control-database-url", &url]);
+    let health = |service: &'static str| {
+        let addr = server.addr;
+        async move {
+            let ch = Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect");
+            tonic_health::pb::health_client::HealthClient::new(ch)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health answers")
+                .into_inner()
+                .status
+        }
+    };
+    const AUTHZ: &str = "envoy.service.auth.v3.Authorization";
+    assert_eq!(
+        (
+            health(AUTHZ).await,
+            health(aegis::control::CONTROL_SERVICE).await
+        ),
+        (1, 1)
+    );
+    silent.store(true, Ordering::SeqCst);
+    // Within two bounds of 10 s: a unit of work already waiting on the silent
+    // connection, then the reconnect, plus the 3 s hand-off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while health(aegis::control::CONTROL_SERVICE).await != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control service says NOT_SERVING once its store is lost"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(health(AUTHZ).await, 1, "ext_authz stays SERVING");
+    assert_eq!(health("").await, 1, "the server as a whole stays SERVING");
+    silent.store(false, Ordering::SeqCst);
+    drop(server);
+}

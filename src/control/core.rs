@@ -41,8 +41,8 @@ use crate::seam::{ControlPlane, LocalDataPlane};
 const WATCH_BUFFER: usize = 4096;
 /// How often a delivery of committed changes that failed is tried again.
 const FEED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long this replica may go without reaching its store (deliveries are tried every
-/// second) before it hands its watchers off: their streams end `UNAVAILABLE` and new ones are refused, so sidecars
+/// How long this replica's deliveries from its store may keep failing (tried every second,
+/// counted from the start of the first failing attempt) before it hands its watchers off: their streams end `UNAVAILABLE` and new ones are refused, so sidecars
 /// reconnect through the Service to a replica that reaches the store.
 pub const HANDOFF_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 /// How many incident events a slow incident watcher may fall behind before it is ended.
@@ -108,6 +108,8 @@ pub struct ControlCore {
     /// history was replaced under this replica (a restored backup that moved on, a
     /// failover that lost commits).
     delivered_chain: std::sync::Mutex<Vec<u8>>,
+    /// The local data plane is owed a snapshot (after a new epoch).
+    local_resync: std::sync::atomic::AtomicBool,
     /// Why this replica cannot deliver what its store commits, once that has lasted
     /// [`HANDOFF_AFTER`]; `None` while deliveries go through.
     lost: tokio::sync::watch::Sender<Option<String>>,
@@ -267,6 +269,7 @@ impl ControlCore {
             publish: tokio::sync::Mutex::new(()),
             delivered: std::sync::atomic::AtomicU64::new(0),
             delivered_chain: std::sync::Mutex::new(Vec::new()),
+            local_resync: std::sync::atomic::AtomicBool::new(false),
             lost: tokio::sync::watch::Sender::new(None),
             refusals: RefusalLimiter::default(),
             sidecar_rate,
@@ -444,16 +447,24 @@ impl ControlCore {
                     local.apply(&event);
                     if !event.snapshot && event.items.is_empty() {
                         // A new epoch (an operator confirmed a restore): the local data
-                        // plane judges the state at it, as a sidecar resyncs.
-                        local.apply(&self.snapshot().await?);
+                        // plane judges the state at it, as a sidecar resyncs (below, once
+                        // the watchers have the event; tried again until it is through).
+                        self.local_resync.store(true, Ordering::Release);
                     }
                 }
                 let _ = self.events.send(Arc::new(event));
             }
             if !full {
-                return Ok(());
+                break;
             }
         }
+        if let Some(local) = &self.local
+            && self.local_resync.load(Ordering::Acquire)
+        {
+            local.apply(&self.snapshot().await?);
+            self.local_resync.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Delivers what other replicas committed to a shared store, as it commits: woken by
@@ -466,15 +477,34 @@ impl ControlCore {
     ) -> tokio::task::JoinHandle<()> {
         let me = Arc::downgrade(self);
         let mut committed = self.store.subscribe();
+        // Other replicas' incidents (raised, acknowledged, closed), every second, on a task
+        // of their own: a slow read there never delays the state's delivery.
+        let incidents = Arc::downgrade(self);
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FEED_RETRY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                let Some(core) = incidents.upgrade() else {
+                    return;
+                };
+                core.tell_incident_watchers().await;
+            }
+        });
         tokio::spawn(async move {
             // A commit is announced once; besides, the feed is read every second: a delivery
             // that failed (the store unreachable for a moment) is tried again until it is
             // through, and a store that went back in version is noticed.
             let mut retry = tokio::time::interval(FEED_RETRY);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Deliveries are tried every second: the last one that went through tells how
-            // long this replica has been without its store.
-            let mut reached = std::time::Instant::now();
+            // Deliveries are tried every second; the first failing attempt, from its start,
+            // tells how long this replica has been without its store (a wait for the
+            // publish lock is not counted, nor the time before an old success).
+            let mut failing_since: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     changed = committed.changed() => if changed.is_err() { return },
@@ -482,12 +512,13 @@ impl ControlCore {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 let Some(core) = me.upgrade() else { return };
-                // Other replicas' incidents, raised, acknowledged or closed.
-                core.tell_incident_watchers().await;
-                let _guard = core.publish.lock().await;
-                match core.pump().await {
+                let guard = core.publish.lock().await;
+                let attempt = std::time::Instant::now();
+                let pumped = core.pump().await;
+                drop(guard);
+                match pumped {
                     Ok(()) => {
-                        reached = std::time::Instant::now();
+                        failing_since = None;
                         if core.lost.send_if_modified(|lost| lost.take().is_some()) {
                             crate::log!(
                                 info,
@@ -501,11 +532,12 @@ impl ControlCore {
                             "control plane: delivering stored changes failed (retried every \
                              second): {e}"
                         );
-                        if reached.elapsed() >= HANDOFF_AFTER {
+                        let since = *failing_since.get_or_insert(attempt);
+                        if since.elapsed() >= HANDOFF_AFTER {
                             let why = format!(
                                 "this control-plane replica has not reached its store for {} s \
                                  ({e}); follow another replica",
-                                reached.elapsed().as_secs()
+                                since.elapsed().as_secs()
                             );
                             core.lost.send_if_modified(|lost| {
                                 let first = lost.is_none();

@@ -137,7 +137,10 @@ impl PostgresStore {
     pub async fn open_with(url: &str, timeout: Duration) -> Result<Self, ControlError> {
         let store = Self::unopened(url, false, timeout)?;
         let link = &store.link;
-        let mut conn = link.connect().await?;
+        let mut conn = match tokio::time::timeout(link.timeout, link.connect()).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err(link.silent("connecting")),
+        };
         let created = async {
             let tx = conn.client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock(7369676165)", &[])
@@ -163,7 +166,10 @@ impl PostgresStore {
     pub async fn open_read_only(url: &str) -> Result<Self, ControlError> {
         let store = Self::unopened(url, true, STORE_TIMEOUT)?;
         let link = &store.link;
-        let conn = link.connect().await?;
+        let conn = match tokio::time::timeout(link.timeout, link.connect()).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err(link.silent("connecting")),
+        };
         let read = tokio::time::timeout(link.timeout, read_version(&conn.client)).await;
         let version = match read {
             Ok(v) => v.map_err(|e| {
@@ -228,22 +234,22 @@ impl Link {
         connect(&self.config, &self.shown, self.tls.as_ref()).await
     }
 
-    /// Runs `work` on the connection, all of it within the bound: waiting for the
-    /// connection, reconnecting, and the transaction. A connection that stays silent past
-    /// it is cut (its driver ends, so the statement in flight fails and the blocking
-    /// thread lets go); the next unit of work reconnects.
+    /// Runs `work` on the connection. Each wait is bounded by the timeout on its own:
+    /// for the connection another action holds (busy: the call fails, the connection is
+    /// kept), for a new connection, and for the transaction once the connection is held.
+    /// A transaction with no answer past it is cut (its driver ends, so the statement in
+    /// flight fails and the blocking thread lets go); the next unit of work reconnects.
     async fn run(
         self: Arc<Self>,
         work: Arc<Work<'static>>,
         kept: u64,
         read_only: bool,
     ) -> Result<Option<u64>, ControlError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let waited = tokio::time::timeout_at(deadline, self.client.clone().lock_owned()).await;
+        let waited = tokio::time::timeout(self.timeout, self.client.clone().lock_owned()).await;
         let Ok(mut guard) = waited else {
-            return Err(self.silent("waiting for the connection another action holds"));
+            return Err(self.busy());
         };
-        let driver = match tokio::time::timeout_at(deadline, self.connected(&mut guard)).await {
+        let driver = match tokio::time::timeout(self.timeout, self.connected(&mut guard)).await {
             Ok(driver) => driver?,
             Err(_) => return Err(self.silent("connecting")),
         };
@@ -256,32 +262,33 @@ impl Link {
             drop(guard);
             result
         });
-        match tokio::time::timeout_at(deadline, task).await {
+        match tokio::time::timeout(self.timeout, task).await {
             Ok(joined) => {
                 joined.map_err(|e| ControlError::Store(format!("store task failed: {e}")))?
             }
             Err(_) => {
-                // A transaction not committed is rolled back by the server.
+                // A transaction not committed is rolled back by the server (one cut during
+                // its COMMIT may have committed: the caller is told it is unavailable).
                 driver.abort();
                 Err(self.silent("running a unit of work"))
             }
         }
     }
 
-    /// The feed after `after` (at most `limit` changes), within the bound.
+    /// The feed after `after` (at most `limit` changes), each wait bounded as in
+    /// [`Self::run`].
     async fn changes(self: Arc<Self>, after: u64, limit: usize) -> Result<Feed, ControlError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let Ok(mut guard) = tokio::time::timeout_at(deadline, self.client.lock()).await else {
-            return Err(self.silent("waiting for the connection another action holds"));
+        let Ok(mut guard) = tokio::time::timeout(self.timeout, self.client.lock()).await else {
+            return Err(self.busy());
         };
-        let driver = match tokio::time::timeout_at(deadline, self.connected(&mut guard)).await {
+        let driver = match tokio::time::timeout(self.timeout, self.connected(&mut guard)).await {
             Ok(driver) => driver?,
             Err(_) => return Err(self.silent("connecting")),
         };
         let Some(conn) = guard.as_mut() else {
             return Err(ControlError::Unavailable("postgres: no connection".into()));
         };
-        match tokio::time::timeout_at(deadline, read_changes(&mut conn.client, after, limit)).await
+        match tokio::time::timeout(self.timeout, read_changes(&mut conn.client, after, limit)).await
         {
             Ok(feed) => feed,
             Err(_) => {
@@ -289,6 +296,16 @@ impl Link {
                 Err(self.silent("reading the change feed"))
             }
         }
+    }
+
+    /// The error for a call that waited past the bound for the connection another action
+    /// holds (the store is busy, not silent: the connection is kept).
+    fn busy(&self) -> ControlError {
+        ControlError::Unavailable(format!(
+            "postgres {}: busy: no turn on the connection in {} ms",
+            self.shown,
+            self.timeout.as_millis()
+        ))
     }
 
     /// The open connection, or a new one in its place when there is none or it closed.
@@ -513,14 +530,21 @@ async fn listen(
 ) {
     loop {
         let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<u64>();
-        let connected = connect_listening(&config, tls.as_ref(), notified_tx).await;
+        let connected = tokio::time::timeout(
+            timeout,
+            connect_listening(&config, tls.as_ref(), notified_tx),
+        )
+        .await;
         let (client, driver) = match connected {
-            Ok(c) => c,
-            Err(e) => {
+            Ok(Ok(c)) => c,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => describe(&e),
+                    _ => format!("no answer in {} ms", timeout.as_millis()),
+                };
                 crate::log!(
                     warn,
-                    "control store: postgres {shown}: cannot listen: {}",
-                    describe(&e)
+                    "control store: postgres {shown}: cannot listen: {why}"
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if committed.strong_count() == 0 {
@@ -529,7 +553,9 @@ async fn listen(
                 continue;
             }
         };
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+        let listening =
+            tokio::time::timeout(timeout, client.batch_execute(&format!("LISTEN {CHANNEL}"))).await;
+        if let Ok(Err(e)) = listening {
             crate::log!(
                 warn,
                 "control store: postgres {shown}: LISTEN failed: {}",

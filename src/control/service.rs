@@ -461,6 +461,7 @@ impl ControlPlane for ControlService {
         );
         Ok(Response::new(Box::pin(watch_stream(
             Arc::downgrade(&self.core),
+            sidecar,
             scope,
             snapshot,
             rx,
@@ -703,6 +704,7 @@ fn scoped(scope: Option<&[String]>, event: &pb::WatchEvent) -> pb::WatchEvent {
 /// the core weakly and ends when the server stops.
 fn watch_stream(
     core: std::sync::Weak<ControlCore>,
+    sidecar: String,
     scope: Option<Vec<String>>,
     snapshot: pb::WatchEvent,
     rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
@@ -712,6 +714,10 @@ fn watch_stream(
     use tokio::sync::broadcast::error::RecvError;
     struct S {
         core: std::sync::Weak<ControlCore>,
+        sidecar: String,
+        /// What the watcher holds: the (epoch, version, history hash) of the last event
+        /// sent to it.
+        sent: (u64, u64, Vec<u8>),
         scope: Option<Vec<String>>,
         rx: tokio::sync::broadcast::Receiver<Arc<pb::WatchEvent>>,
         first: Option<pb::WatchEvent>,
@@ -720,10 +726,21 @@ fn watch_stream(
         ended: bool,
         shutdown: tokio::sync::watch::Receiver<bool>,
     }
+    /// Whether `snapshot` is of another history than the one the watcher holds
+    /// (`None`: cannot tell).
+    async fn judge(s: &S, snapshot: &pb::WatchEvent) -> Option<bool> {
+        let core = s.core.upgrade()?;
+        let (epoch, version, chain) = &s.sent;
+        core.descends(&s.sidecar, (*epoch, *version), chain, snapshot)
+            .await
+            .map(|descends| !descends)
+    }
     let stop = shutdown.clone();
     let state = S {
         version: snapshot.version,
         core,
+        sidecar,
+        sent: (snapshot.epoch, snapshot.version, snapshot.chain.clone()),
         scope,
         rx,
         first: Some(snapshot),
@@ -765,10 +782,16 @@ fn watch_stream(
                     // restore): every watcher gets it. Otherwise a delta with nothing
                     // left for this watcher's tenants is not sent.
                     let epoch_only = ev.items.is_empty();
-                    let ev = scoped(s.scope.as_deref(), &ev);
+                    let mut ev = scoped(s.scope.as_deref(), &ev);
                     if ev.items.is_empty() && !epoch_only && !ev.snapshot {
                         continue;
                     }
+                    if ev.snapshot {
+                        // Diverged or not is judged for what this watcher holds: one sent
+                        // only some tenants' changes may hold a version both histories share.
+                        ev.diverged = judge(&s, &ev).await.unwrap_or(ev.diverged);
+                    }
+                    s.sent = (ev.epoch, ev.version, ev.chain.clone());
                     return Some((Ok(ev), s));
                 }
                 Err(RecvError::Lagged(_)) => {
@@ -777,7 +800,9 @@ fn watch_stream(
                         Ok((snap, rx)) => {
                             s.rx = rx;
                             s.version = snap.version;
-                            let snap = scoped(s.scope.as_deref(), &snap);
+                            let mut snap = scoped(s.scope.as_deref(), &snap);
+                            snap.diverged = judge(&s, &snap).await.unwrap_or(false);
+                            s.sent = (snap.epoch, snap.version, snap.chain.clone());
                             return Some((Ok(snap), s));
                         }
                         Err(e) => return Some((Err(e.into()), s)),

@@ -146,12 +146,12 @@ async fn follow_once(
     let mut client = ControlPlaneClient::new(f.channel.get());
     // What it holds (or remembered from before a restart), so that a control plane
     // behind it can tell it was restored.
-    let (seen_epoch, seen_version) = f.state.held().unwrap_or_default();
+    let (seen_epoch, seen_version, seen_chain) = f.state.held_with_chain().unwrap_or_default();
     let mut req = tonic::Request::new(pb::WatchRequest {
         sidecar: f.name.clone(),
         seen_epoch,
         seen_version,
-        seen_chain: f.state.held_chain(),
+        seen_chain,
     });
     req.metadata_mut()
         .insert("authorization", credential.clone());
@@ -364,26 +364,40 @@ fn jitter(d: Duration) -> Duration {
 #[derive(Debug, Clone)]
 pub struct ControlChannel {
     endpoint: tonic::transport::Endpoint,
-    current: Arc<std::sync::Mutex<Channel>>,
+    /// The channel in use, and when it was made by a renewal.
+    current: Arc<std::sync::Mutex<(Channel, Option<std::time::Instant>)>>,
 }
+
+/// The least time between two renewals: a slow control plane whose calls time out does
+/// not have every call throw away a warm connection.
+const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
 impl ControlChannel {
     /// The channel in use.
     pub fn get(&self) -> Channel {
         match self.current.lock() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(c) => c.0.clone(),
+            Err(poisoned) => poisoned.into_inner().0.clone(),
         }
     }
 
-    /// Replaces the channel with one that connects anew (lazily); calls in flight on the
-    /// old one finish on it.
+    /// Replaces the channel with one that connects anew (lazily), unless it was renewed
+    /// less than [`RENEW_AT_MOST_EVERY`] ago; calls in flight on the old one finish on it.
     pub fn renew(&self) {
-        let fresh = self.endpoint.connect_lazy();
-        match self.current.lock() {
-            Ok(mut c) => *c = fresh,
-            Err(poisoned) => *poisoned.into_inner() = fresh,
+        let mut current = match self.current.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current
+            .1
+            .is_some_and(|at| at.elapsed() < RENEW_AT_MOST_EVERY)
+        {
+            return;
         }
+        *current = (
+            self.endpoint.connect_lazy(),
+            Some(std::time::Instant::now()),
+        );
     }
 }
 
@@ -407,7 +421,7 @@ pub fn channel(
             .map_err(|e| format!("control plane URL {url:?}: TLS: {e}"))?;
     }
     Ok(ControlChannel {
-        current: Arc::new(std::sync::Mutex::new(endpoint.connect_lazy())),
+        current: Arc::new(std::sync::Mutex::new((endpoint.connect_lazy(), None))),
         endpoint,
     })
 }

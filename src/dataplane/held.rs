@@ -67,7 +67,7 @@ pub struct Kill {
 impl Held {
     /// What `state` holds now (None: no snapshot applied yet, nothing to remember).
     pub fn of(state: &State) -> Option<Self> {
-        let (epoch, version) = state.held()?;
+        let (epoch, version, chain) = state.held_with_chain()?;
         let (jtis, marks) = state.revocations.entries();
         // Before the first snapshot after a restart this is what was remembered, so a
         // save then keeps the refusal instead of forgetting it.
@@ -79,7 +79,7 @@ impl Held {
             refused_since_followed: refused.since_followed,
             revoked: jtis.into_iter().collect(),
             kills: marks.into_iter().map(|(t, b)| Kill::of(t, b)).collect(),
-            chain: crate::ids::hex(&state.held_chain()),
+            chain: crate::ids::hex(&chain),
         })
     }
 

@@ -325,6 +325,14 @@ impl State {
         self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The (epoch, version) held and the history hash at it, read together (a save never
+    /// pairs a new version with an old hash).
+    pub fn held_with_chain(&self) -> Option<(u64, u64, Vec<u8>)> {
+        let chain = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        let (epoch, version) = self.held()?;
+        Some((epoch, version, chain.clone()))
+    }
+
     /// Takes the history hash a sidecar remembered with its position across a restart.
     pub fn remember_chain(&self, chain: Vec<u8>) {
         *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
@@ -431,9 +439,12 @@ impl State {
     /// (followed forward or restored), so it ends any refusal: the warning and gauge go,
     /// and the refused epoch, now below the one held, can never be offered again.
     fn set_position(&self, event: &pb::WatchEvent) {
+        // Under the hash's lock: a reader of the three together sees one position.
+        let mut chain = self.chain.write().unwrap_or_else(|p| p.into_inner());
         self.version.store(event.version, Ordering::Release);
         self.epoch.store(event.epoch, Ordering::Release);
-        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = event.chain.clone();
+        *chain = event.chain.clone();
+        drop(chain);
         if event.snapshot {
             self.synced.store(true, Ordering::Release);
             *self.remembered.write().unwrap_or_else(|p| p.into_inner()) = None;

@@ -19,6 +19,12 @@ pub(super) struct Readiness {
 }
 
 impl Readiness {
+    /// Why the control plane here cannot reach its store, if so (handing watchers off).
+    fn store_lost(&self) -> Option<String> {
+        let why = self.control.as_ref()?.store_lost()?;
+        Some(format!("control store: {why}"))
+    }
+
     /// `Err` naming the first unusable part: the audit log (its last commit failed), the
     /// policy (every recent evaluation failed), or the signing key or the audit key (its
     /// file is missing, unreadable or another key: a restart would sign with something
@@ -27,8 +33,13 @@ impl Readiness {
         if !self.audit.is_healthy() {
             return Err("audit log: the last commit failed".into());
         }
-        if let Some(why) = self.control.as_ref().and_then(|c| c.store_lost()) {
-            return Err(format!("control store: {why}"));
+        // A control plane alone is not ready without its store. With a data plane here
+        // (all-in-one) Checks go on from the state held: only the control service says so
+        // (see `publish_health`).
+        if self.policy.is_none()
+            && let Some(why) = self.store_lost()
+        {
+            return Err(why);
         }
         if let Some(policy) = &self.policy {
             policy.health()?;
@@ -68,31 +79,52 @@ pub(super) fn health_services(authz: bool, control: bool) -> Vec<&'static str> {
     services
 }
 
-/// Checks readiness and, when the status differs from `last`, logs why and sets it for
-/// every service. Returns the status now.
+/// The health published: every service's, and the control service's (which also needs
+/// the control store).
+pub(super) type Published = (ServingStatus, ServingStatus);
+
+/// Checks readiness and, when it differs from `last`, logs why and sets it for every
+/// service (the control service NOT_SERVING as well while the control plane cannot reach
+/// its store). Returns what is published now.
 pub(super) async fn publish_health(
     reporter: &tonic_health::server::HealthReporter,
     readiness: &Readiness,
     services: &[&'static str],
-    last: Option<ServingStatus>,
-) -> ServingStatus {
+    last: Option<Published>,
+) -> Published {
     let verdict = readiness.check();
     let status = if verdict.is_ok() {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
-    if last != Some(status) {
-        match &verdict {
-            Ok(()) if last.is_some() => crate::log!(info, "health: SERVING again"),
-            Ok(()) => {}
-            Err(why) => crate::log!(error, "health: NOT_SERVING: {why}"),
+    let lost = readiness.store_lost();
+    let control = if lost.is_some() {
+        ServingStatus::NotServing
+    } else {
+        status
+    };
+    if last != Some((status, control)) {
+        match (&verdict, &lost) {
+            (Err(why), _) => crate::log!(error, "health: NOT_SERVING: {why}"),
+            (Ok(()), Some(why)) => crate::log!(
+                error,
+                "health: {} NOT_SERVING (Checks go on from the state held): {why}",
+                crate::control::CONTROL_SERVICE
+            ),
+            (Ok(()), None) if last.is_some() => crate::log!(info, "health: SERVING again"),
+            (Ok(()), None) => {}
         }
         for service in services {
-            reporter.set_service_status(*service, status).await;
+            let s = if *service == crate::control::CONTROL_SERVICE {
+                control
+            } else {
+                status
+            };
+            reporter.set_service_status(*service, s).await;
         }
     }
-    status
+    (status, control)
 }
 
 /// Keeps the health service truthful: NOT_SERVING while the audit log, the policy or the
@@ -103,7 +135,7 @@ pub(super) async fn report_health(
     readiness: Arc<Readiness>,
     checker: Option<Arc<Checker>>,
     services: Vec<&'static str>,
-    first: ServingStatus,
+    first: Published,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last = Some(first);

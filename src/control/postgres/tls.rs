@@ -36,8 +36,13 @@ pub(super) struct Dsn {
 /// Reads the TLS words of `url` (`shown`: the URL without its password, for errors).
 pub(super) fn dsn(url: &str, shown: &str) -> Result<Dsn, ControlError> {
     let bad = |m: String| ControlError::Store(format!("control.database_url {shown}: {m}"));
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, query),
+    // The query starts after the userinfo (a password may hold `?` or `&`).
+    let host_at = url.rfind('@').map_or(0, |at| at + 1);
+    let (base, query) = match url.get(host_at..).and_then(|rest| rest.find('?')) {
+        Some(q) => (
+            url.get(..host_at + q).unwrap_or(url),
+            url.get(host_at + q + 1..).unwrap_or(""),
+        ),
         None => (url, ""),
     };
     let mut kept = Vec::new();
@@ -217,6 +222,17 @@ mod tests {
         assert!(err.to_string().contains("sslmode \"allow\""), "{err}");
         let err = dsn("postgres://u@h/db?sslrootcert=/x.pem", "shown").expect_err("no mode");
         assert!(err.to_string().contains("sslrootcert is set"), "{err}");
+        // A password holding `?` and `&` is not read as the query.
+        let odd = dsn(
+            "postgres://u:p?sslmode=disable&x@h/db?sslmode=verify-full",
+            "s",
+        )
+        .expect("odd password");
+        assert!(odd.tls.is_some(), "the real query asks for TLS");
+        assert_eq!(
+            odd.url,
+            "postgres://u:p?sslmode=disable&x@h/db?sslmode=require"
+        );
         let err = dsn(
             "postgres://u@h/db?sslmode=require&sslrootcert=/nowhere.pem",
             "shown",
