@@ -527,14 +527,12 @@ async fn a_replica_that_loses_its_store_hands_its_sidecars_to_another() {
     // stream while B commits a freeze: A ends its streams once it has failed to reach the
     // store for a while, refuses new ones, and the sidecar follows B through the Service.
     use common::pg::Postgres;
-    use common::service::{Service, silent_front};
+    use common::service::Service;
     use std::sync::atomic::Ordering;
     use std::time::Instant;
 
     let pg = Postgres::start();
-    let url = pg.database("handoff");
-    let (front, silent) = silent_front(pg.port()).await;
-    let url_a = url.replace(&format!(":{}/", pg.port()), &format!(":{front}/"));
+    let (url, url_a, silent) = pg.database_behind_silent_front("handoff").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let a_data = dir.path().join("a");
     let b_data = dir.path().join("b");
@@ -629,8 +627,8 @@ async fn a_replica_that_loses_its_store_hands_its_sidecars_to_another() {
     }
 }
 
-/// The gRPC health of the control-plane service at `addr` (1 SERVING, 2 NOT_SERVING).
-async fn control_health(addr: std::net::SocketAddr) -> i32 {
+/// The gRPC health of `service` at `addr` (1 SERVING, 2 NOT_SERVING).
+async fn health_of(addr: std::net::SocketAddr, service: &str) -> i32 {
     let ch = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
@@ -638,12 +636,17 @@ async fn control_health(addr: std::net::SocketAddr) -> i32 {
         .expect("connect");
     tonic_health::pb::health_client::HealthClient::new(ch)
         .check(tonic_health::pb::HealthCheckRequest {
-            service: aegis::control::CONTROL_SERVICE.into(),
+            service: service.into(),
         })
         .await
         .expect("health answers")
         .into_inner()
         .status
+}
+
+/// The gRPC health of the control-plane service at `addr`.
+async fn control_health(addr: std::net::SocketAddr) -> i32 {
+    health_of(addr, aegis::control::CONTROL_SERVICE).await
 }
 
 #[tokio::test]
@@ -739,33 +742,13 @@ async fn an_all_in_one_server_that_loses_its_store_keeps_deciding() {
     // NOT_SERVING (its watchers are handed off), while ext_authz stays SERVING and Checks
     // go on from the state held: Envoy must not lose every agent's calls to a store blip.
     use common::pg::Postgres;
-    use common::service::silent_front;
     use std::sync::atomic::Ordering;
     let pg = Postgres::start();
-    let url = pg.database("allinone");
-    let (front, silent) = silent_front(pg.port()).await;
-    let url = url.replace(&format!(":{}/", pg.port()), &format!(":{front}/"));
+    let (_, url, silent) = pg.database_behind_silent_front("allinone").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_string_lossy().into_owned();
     let server = spawn_serve(&["--data-dir", &data, "--control-database-url", &url]);
-    let health = |service: &'static str| {
-        let addr = server.addr;
-        async move {
-            let ch = Channel::from_shared(format!("http://{addr}"))
-                .expect("uri")
-                .connect()
-                .await
-                .expect("connect");
-            tonic_health::pb::health_client::HealthClient::new(ch)
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .expect("health answers")
-                .into_inner()
-                .status
-        }
-    };
+    let health = |service: &'static str| health_of(server.addr, service);
     const AUTHZ: &str = "envoy.service.auth.v3.Authorization";
     assert_eq!(
         (

@@ -788,9 +788,7 @@ both!(
 async fn a_silent_postgres_connection_is_cut_and_the_next_action_reconnects() {
     use std::sync::atomic::Ordering;
     let server = Postgres::start();
-    let direct = server.database("silent");
-    let (front, silent) = common::service::silent_front(server.port()).await;
-    let url = direct.replace(&format!(":{}/", server.port()), &format!(":{front}/"));
+    let (direct, url, silent) = server.database_behind_silent_front("silent").await;
     let bound = Duration::from_secs(1);
     let store: Arc<dyn ControlStore> =
         Arc::new(PostgresStore::open_with(&url, bound).await.expect("open"));

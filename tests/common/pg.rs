@@ -134,6 +134,22 @@ impl Postgres {
         format!("postgres://aegis@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// A fresh database, also reached through a TCP front that can go silent
+    /// ([`super::service::silent_front`]): (direct URL, URL through the front, the switch).
+    pub async fn database_behind_silent_front(
+        &self,
+        name: &str,
+    ) -> (
+        String,
+        String,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let direct = self.database(name);
+        let (front, silent) = super::service::silent_front(self.port).await;
+        let through = direct.replace(&format!(":{}/", self.port), &format!(":{front}/"));
+        (direct, through, silent)
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
