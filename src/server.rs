@@ -248,6 +248,13 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
     })?;
     let (audit, writer, audit_kid) = open_audit(&config, &signer, &telemetry)?;
 
+    // Seconds past `exp` a token is still accepted (clock skew) plus a margin: how long a
+    // revoked token id must be kept. And the longest token lifetime.
+    let token_slack = i64::try_from(config.token.leeway_secs)
+        .unwrap_or(i64::MAX / 2)
+        .saturating_add(60);
+    let max_token_ttl = i64::try_from(config.control.max_token_ttl_secs).unwrap_or(i64::MAX / 2);
+
     // The control plane (all-in-one, control-plane).
     let core = match mode {
         Mode::Sidecar => None,
@@ -264,11 +271,8 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                     state: state.clone(),
                     policy: policy.clone(),
                     meter: meter.clone(),
-                    token_slack_secs: i64::try_from(config.token.leeway_secs)
-                        .unwrap_or(i64::MAX / 2)
-                        .saturating_add(60),
-                    max_token_ttl_secs: i64::try_from(config.control.max_token_ttl_secs)
-                        .unwrap_or(i64::MAX / 2),
+                    token_slack_secs: token_slack,
+                    max_token_ttl_secs: max_token_ttl,
                     refusing: std::sync::atomic::AtomicBool::new(false),
                 }) as Arc<dyn crate::seam::LocalDataPlane>
             });
@@ -308,11 +312,8 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
                 state: state.clone(),
                 policy: policy.clone(),
                 status: Arc::new(FollowStatus::default()),
-                token_slack_secs: i64::try_from(config.token.leeway_secs)
-                    .unwrap_or(i64::MAX / 2)
-                    .saturating_add(60),
-                max_token_ttl_secs: i64::try_from(config.control.max_token_ttl_secs)
-                    .unwrap_or(i64::MAX / 2),
+                token_slack_secs: token_slack,
+                max_token_ttl_secs: max_token_ttl,
                 held_file: config.data_dir.join(crate::dataplane::held::HELD_FILE),
             };
             if let Some(held) =
@@ -402,9 +403,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         audit: audit.clone(),
         policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
         state: state.clone(),
-        revocation_slack: i64::try_from(config.token.leeway_secs)
-            .unwrap_or(i64::MAX / 2)
-            .saturating_add(60),
+        revocation_slack: token_slack,
         keys: [
             (
                 "signing key",

@@ -320,11 +320,6 @@ impl State {
         *self.remembered.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The history hash at the version held (empty: none known).
-    pub fn held_chain(&self) -> Vec<u8> {
-        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// The (epoch, version) held and the history hash at it, read together (a save never
     /// pairs a new version with an old hash).
     pub fn held_with_chain(&self) -> Option<(u64, u64, Vec<u8>)> {

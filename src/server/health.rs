@@ -144,38 +144,28 @@ pub(super) async fn report_health(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         last = Some(publish_health(&reporter, &readiness, &services, last).await);
-        let Some(checker) = &checker else {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => {
-                    for service in &services {
-                        reporter.set_service_status(*service, ServingStatus::NotServing).await;
-                    }
-                    return;
-                }
+        if let Some(checker) = &checker {
+            // Revoked token ids are useless once their tokens have expired: drop them now
+            // and then (every minute) so the set holds only what can still be presented.
+            ticks += 1;
+            if ticks.is_multiple_of(240) {
+                readiness
+                    .state
+                    .revocations
+                    .prune(crate::control::now_secs(), readiness.revocation_slack);
             }
-            continue;
-        };
-        // Revoked token ids are useless once their tokens have expired: drop them now and
-        // then (every minute) so the set holds only what can still be presented.
-        ticks += 1;
-        if ticks.is_multiple_of(240) {
-            readiness
-                .state
-                .revocations
-                .prune(crate::control::now_secs(), readiness.revocation_slack);
-        }
-        let shed = checker.admission.shed();
-        if shed != shed_before {
-            crate::log!(
-                warn,
-                "overloaded: shed {} Checks over limits.max_inflight and {} on a full audit queue \
-                 since the last report ({} in flight)",
-                shed.0 - shed_before.0,
-                shed.1 - shed_before.1,
-                checker.admission.inflight()
-            );
-            shed_before = shed;
+            let shed = checker.admission.shed();
+            if shed != shed_before {
+                crate::log!(
+                    warn,
+                    "overloaded: shed {} Checks over limits.max_inflight and {} on a full audit \
+                     queue since the last report ({} in flight)",
+                    shed.0 - shed_before.0,
+                    shed.1 - shed_before.1,
+                    checker.admission.inflight()
+                );
+                shed_before = shed;
+            }
         }
         tokio::select! {
             _ = tick.tick() => {}
