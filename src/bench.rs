@@ -32,6 +32,7 @@ use crate::identity::{Audience, Claims};
 use crate::keys::Signer;
 
 mod detection;
+mod mixes;
 mod propagation;
 mod verify;
 
@@ -111,6 +112,16 @@ pub struct BenchArgs {
     /// temporary directory, removed).
     #[arg(long)]
     pub verify_dir: Option<std::path::PathBuf>,
+    /// Measure each kind of request separately instead (allow, a new token, deny, MCP,
+    /// sanitize, approval, varied), `--duration-secs` each against the no-op and Aegis,
+    /// with Aegis's CPU per Check by thread.
+    #[arg(long)]
+    pub mixes: bool,
+    /// The regression guard instead: the varied mix, three rounds of `--duration-secs`
+    /// against the no-op and Aegis; fails when the median ratio of server CPU per Check
+    /// exceeds the one FILE records for this build profile by more than its margin.
+    #[arg(long, value_name = "FILE")]
+    pub guard: Option<std::path::PathBuf>,
 }
 
 /// Results of one phase against one server.
@@ -148,6 +159,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(secs) = args.soak_secs {
         return soak(&args, secs).await;
+    }
+    if let Some(file) = &args.guard {
+        return mixes::guard(&args, file).await;
+    }
+    if args.mixes {
+        return mixes::run(&args).await;
     }
     if args.detection {
         return detection::run(
@@ -498,17 +515,42 @@ impl AegisServer {
     }
 }
 
+/// The scopes of agent `a`'s token: four sets, in turn.
+const SCOPE_SETS: [&[&str]; 4] = [
+    &["invoices:read", "payments:create"],
+    &["invoices:read", "invoices:write", "github:read"],
+    &["web:fetch", "github:read", "slack:post"],
+    &["payments:read"],
+];
+
+/// A token for agent `a` (tenant `a % 5`, scopes [`SCOPE_SETS`]`[a % 4]`) with its own
+/// `jti`, valid for an hour.
+fn agent_token(signer: &Signer, a: usize, jti: &str) -> anyhow::Result<String> {
+    let now = crate::unix_nanos() / 1_000_000_000;
+    let claims = Claims {
+        iss: "aegis".into(),
+        aud: Audience::One("aegis-sidecar".into()),
+        sub: format!("agent-{a}"),
+        tenant: format!("tenant-{}", a % 5),
+        scopes: nth_wrapping(&SCOPE_SETS, a)
+            .copied()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        sid: format!("sess-{a}"),
+        jti: jti.to_owned(),
+        iat: now,
+        nbf: now,
+        exp: now + 3600,
+    };
+    Ok(crate::identity::mint(signer, &claims)?)
+}
+
 /// Varied requests: agents with different scopes calling five tools through MCP bodies
 /// and Envoy route labels; roughly a third are denied (missing scope, unknown tool,
 /// egress, approval needed), some are sanitized.
 fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>> {
-    let now = crate::unix_nanos() / 1_000_000_000;
-    let scope_sets: [&[&str]; 4] = [
-        &["invoices:read", "payments:create"],
-        &["invoices:read", "invoices:write", "github:read"],
-        &["web:fetch", "github:read", "slack:post"],
-        &["payments:read"],
-    ];
     let calls: [(&str, &str, &str); 10] = [
         ("invoices", "read", r#"{"id":"inv-1"}"#),
         ("invoices", "create", r#"{"amount":10}"#),
@@ -535,24 +577,7 @@ fn workload(signer: &Signer, agents: usize) -> anyhow::Result<Vec<CheckRequest>>
     ];
     let mut out = Vec::new();
     for a in 0..agents.max(1) {
-        let claims = Claims {
-            iss: "aegis".into(),
-            aud: Audience::One("aegis-sidecar".into()),
-            sub: format!("agent-{a}"),
-            tenant: format!("tenant-{}", a % 5),
-            scopes: nth_wrapping(&scope_sets, a)
-                .copied()
-                .unwrap_or_default()
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            sid: format!("sess-{a}"),
-            jti: format!("jti-{a}"),
-            iat: now,
-            nbf: now,
-            exp: now + 3600,
-        };
-        let token = crate::identity::mint(signer, &claims)?;
+        let token = agent_token(signer, a, &format!("jti-{a}"))?;
         for (i, (tool, action, args)) in calls.iter().enumerate() {
             let mcp = (a + i) % 2 == 0;
             out.push(request(&token, tool, action, args, mcp, i % 3 == 0));
@@ -625,29 +650,48 @@ impl Tally {
     }
 }
 
-/// `concurrency` callers, each sending its next request when the last is answered.
+/// `concurrency` callers, each sending its next request when the last is answered, taking
+/// the workload's requests in turn, round and round.
 async fn saturate(
     clients: &[AuthorizationClient<Channel>],
     work: &Arc<Vec<CheckRequest>>,
     concurrency: usize,
     dur: Duration,
 ) -> PhaseResult {
+    saturate_feed(clients, work, concurrency, dur, true).await
+}
+
+/// [`saturate`], or with `wrap` false, each request sent once: the phase ends when the
+/// workload is used up or at `dur`, whichever comes first (the token cache-miss mix, where
+/// every token must be new to the server).
+async fn saturate_feed(
+    clients: &[AuthorizationClient<Channel>],
+    work: &Arc<Vec<CheckRequest>>,
+    concurrency: usize,
+    dur: Duration,
+    wrap: bool,
+) -> PhaseResult {
     let start = Instant::now();
     let deadline = start + dur;
+    let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..concurrency.max(1) {
         let Some(mut client) = nth_wrapping(clients, c).cloned() else {
             break;
         };
-        let work = work.clone();
+        let (work, next) = (work.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            let mut i = c * 7919;
             while Instant::now() < deadline {
-                let Some(req) = nth_wrapping(&work, i).cloned() else {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let req = if wrap {
+                    nth_wrapping(&work, i)
+                } else {
+                    work.get(i)
+                };
+                let Some(req) = req.cloned() else {
                     break;
                 };
-                i += 1;
                 let t = Instant::now();
                 let r = client.check(req).await;
                 tally.add(t.elapsed(), r);
