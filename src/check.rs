@@ -309,6 +309,9 @@ impl Checker {
         req: CheckRequest,
         trace: TraceHeaders,
     ) -> Result<CheckResponse, Status> {
+        // Every Check that gets this far records a row: announced now, so the audit writer
+        // can give it a place in the batch it is gathering.
+        let coming = self.audit.expect_row();
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
         let span = self.start_span(&req, &trace);
@@ -322,7 +325,7 @@ impl Checker {
             enforced: &enforced,
             call: &call,
         };
-        record::record(self, &decision, span).await?;
+        record::record(self, &decision, span, coming).await?;
         respond::respond(
             enforced,
             &call.meta(&decision_id),

@@ -32,6 +32,7 @@ async fn base_log(dir: &Path) -> Signer {
         queue_capacity: 16,
         max_batch: 16,
         durability: Durability::Normal,
+        gather: aegis::audit::store::GATHER,
     };
     let sink = FileSink::open(&dir.join("witness.jsonl")).expect("witness file");
     // Every checkpoint, so that the vectors can name each commit's range.
@@ -404,6 +405,7 @@ async fn writer_refuses_to_continue_from_a_bad_tail() {
             queue_capacity: 4,
             max_batch: 4,
             durability: Durability::Normal,
+            gather: aegis::audit::store::GATHER,
         };
         let err = AuditLog::open(&db, signer, &opts).expect_err(what);
         let msg = err.to_string();
@@ -661,6 +663,7 @@ async fn the_writer_refuses_a_log_its_witness_contradicts() {
             queue_capacity: 4,
             max_batch: 4,
             durability: Durability::Normal,
+            gather: aegis::audit::store::GATHER,
         };
         let key = [signer.verifying_key()];
         let witness = dir.path().join("witness.jsonl");
@@ -763,6 +766,7 @@ async fn the_writer_checks_the_witnessed_rows_not_a_planted_checkpoint() {
         queue_capacity: 4,
         max_batch: 4,
         durability: Durability::Normal,
+        gather: aegis::audit::store::GATHER,
     };
     // Run on without the witness, past the witnessed size.
     let (log, writer) = AuditLog::open(&db, signer.clone(), &opts).expect("opens without it");

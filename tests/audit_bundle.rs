@@ -34,6 +34,7 @@ fn opts() -> StoreOptions {
         queue_capacity: 16,
         max_batch: 16,
         durability: Durability::Normal,
+        gather: aegis::audit::store::GATHER,
     }
 }
 

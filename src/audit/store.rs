@@ -1,9 +1,10 @@
 //! The audit store: SQLite (WAL) written by one dedicated thread with group commit.
 //!
 //! Checks hand their [`Record`] to the writer over a bounded channel and wait for the
-//! commit. The writer takes everything queued (up to `max_batch`), chains and inserts it,
-//! appends one signed checkpoint, and commits the lot in one transaction; then it answers
-//! every waiting Check. A failed transaction rolls back whole and every Check in it gets
+//! commit. The writer takes everything queued (up to `max_batch`; while more rows are
+//! announced, after waiting [`GATHER`] for them), chains and inserts it, appends one
+//! signed checkpoint, and commits the lot in one transaction; then it answers every
+//! waiting Check. A failed transaction rolls back whole and every Check in it gets
 //! the error (and fails closed); the chain head only moves on a successful commit, so the
 //! next batch continues from the last row that is really stored.
 //!
@@ -141,6 +142,9 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// How far a commit is made durable before its Checks are answered.
     pub durability: Durability,
+    /// How long the writer holds a batch open while rows are announced ([`GATHER`];
+    /// zero: never).
+    pub gather: std::time::Duration,
 }
 
 struct Job {
@@ -158,6 +162,34 @@ pub struct Appended {
     pub hash: Hash,
 }
 
+/// The outcome of one queued row's commit.
+type Committed = oneshot::Receiver<Result<Appended, AuditError>>;
+
+/// A row on its way to the writer ([`AuditLog::expect_row`]); dropping it ends the
+/// announcement.
+#[derive(Debug)]
+pub struct Coming(Arc<AtomicUsize>);
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The longest the writer holds a batch open for announced rows, from the moment it
+/// takes the batch's first row. It waits only while a row is announced, so a lone Check
+/// waits for nothing; under load one signature and one transaction then cover more rows
+/// (PostgreSQL's `commit_delay` with `commit_siblings`, adaptive).
+pub const GATHER: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// [`GATHER`], or for measuring, `AEGIS_AUDIT_GATHER_US` (0 turns the gathering off).
+pub fn gather_window() -> std::time::Duration {
+    std::env::var("AEGIS_AUDIT_GATHER_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(GATHER, std::time::Duration::from_micros)
+}
+
 /// Handle to the audit log: append rows; cloneable.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
@@ -166,6 +198,8 @@ pub struct AuditLog {
     capacity: usize,
     /// Rows handed to the writer and not yet taken by it.
     queued: Arc<AtomicUsize>,
+    /// Rows on their way: Checks that will append and have not yet ([`Self::expect_row`]).
+    coming: Arc<AtomicUsize>,
     /// Commit latency, batch sizes and failed commits, for `/metrics`.
     pub stats: Arc<AuditStats>,
     /// What the witness publisher did, if checkpoints are published.
@@ -263,10 +297,13 @@ impl AuditLog {
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let queued = Arc::new(AtomicUsize::new(0));
+        let coming = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(AuditStats::default());
         let mut writer = Writer {
             stats: stats.clone(),
             queued: queued.clone(),
+            coming: coming.clone(),
+            gather: opts.gather,
             conn,
             path: path.to_path_buf(),
             file: file_id(path).map_err(|e| open_err(path, e))?,
@@ -295,6 +332,7 @@ impl AuditLog {
                 healthy,
                 capacity: opts.queue_capacity,
                 queued,
+                coming,
                 stats,
                 witness: witness_stats,
             },
@@ -311,6 +349,32 @@ impl AuditLog {
 
     /// [`Self::append`], returning the row's hash too.
     pub async fn append_row(&self, record: Record) -> Result<Appended, AuditError> {
+        let committed = self.send(record)?;
+        committed.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// [`Self::append_row`] for a row announced by [`Self::expect_row`]: the announcement
+    /// ends once the row is queued.
+    pub async fn append_expected(
+        &self,
+        record: Record,
+        coming: Coming,
+    ) -> Result<Appended, AuditError> {
+        let committed = self.send(record);
+        drop(coming);
+        committed?.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Announces a row on its way: while any is announced, the writer holds its batch open
+    /// for it, up to [`GATHER`] (the announcement ends when it is dropped or its row is
+    /// queued by [`Self::append_expected`]).
+    pub fn expect_row(&self) -> Coming {
+        self.coming.fetch_add(1, Ordering::Relaxed);
+        Coming(self.coming.clone())
+    }
+
+    /// Queues `record` for the writer; the receiver gets the commit's outcome.
+    fn send(&self, record: Record) -> Result<Committed, AuditError> {
         let record = record.bounded();
         let (reply, rx) = oneshot::channel();
         // Counted before the send so the writer's decrement can never come first.
@@ -322,7 +386,7 @@ impl AuditLog {
                 TrySendError::Disconnected(_) => AuditError::Closed,
             }
         })?;
-        rx.await.map_err(|_| AuditError::Closed)?
+        Ok(rx)
     }
 
     /// Rows waiting for the writer now.
@@ -568,6 +632,10 @@ struct Writer {
     conn: Connection,
     /// Shared with [`AuditLog`]: decremented as jobs are taken off the queue.
     queued: Arc<AtomicUsize>,
+    /// Shared with [`AuditLog`]: rows announced and not yet queued.
+    coming: Arc<AtomicUsize>,
+    /// How long a batch is held open for announced rows ([`GATHER`]).
+    gather: std::time::Duration,
     /// The database path, and the identity of the file `conn` writes to.
     path: PathBuf,
     file: FileId,
@@ -591,12 +659,7 @@ impl Writer {
         // recv() fails only once every sender is gone and the queue is empty: a drained stop.
         while let Ok(first) = rx.recv() {
             batch.push(first);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            self.gather(&rx, &mut batch);
             self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             let started = std::time::Instant::now();
             let committed = self.commit(&batch);
@@ -623,6 +686,29 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// Adds what is queued to the batch, then, while rows are announced, waits for them
+    /// until the batch is full or [`GATHER`] has passed since it began.
+    fn gather(&self, rx: &Receiver<Job>, batch: &mut Vec<Job>) {
+        let take_queued = |batch: &mut Vec<Job>| {
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        };
+        take_queued(batch);
+        // One sleep, not a wake-up per arriving row: the senders never find the writer
+        // waiting on the channel, so queuing a row costs them no wake-up either.
+        if batch.len() < self.max_batch
+            && !self.gather.is_zero()
+            && self.coming.load(Ordering::Relaxed) > 0
+        {
+            std::thread::sleep(self.gather);
+            take_queued(batch);
         }
     }
 
@@ -788,6 +874,7 @@ mod tests {
             queue_capacity: 4,
             max_batch: 4,
             durability: Durability::Normal,
+            gather: GATHER,
         };
         let (log, writer) = AuditLog::open(&path, signer.clone(), &opts).expect("opens an old log");
         assert_eq!(log.append(old.clone()).await.expect("append"), 2);
@@ -808,5 +895,92 @@ mod tests {
             .expect("readable")
             .expect("intact");
         assert_eq!(summary.rows, 2);
+    }
+
+    /// A log in a temporary directory whose writer gathers for `gather`.
+    fn gathering_log(gather: std::time::Duration) -> (tempfile::TempDir, AuditLog, WriterThread) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(AUDIT_DB_FILE);
+        let opts = StoreOptions {
+            queue_capacity: 16,
+            max_batch: 16,
+            durability: Durability::Normal,
+            gather,
+        };
+        let (log, writer) =
+            AuditLog::open(&path, Signer::generate().expect("key"), &opts).expect("opens");
+        (dir, log, writer)
+    }
+
+    fn row(n: i64) -> Record {
+        Record {
+            time_ns: n,
+            kind: "check".into(),
+            decision: "allow".into(),
+            ..Default::default()
+        }
+    }
+
+    fn checkpoints(dir: &tempfile::TempDir) -> i64 {
+        Connection::open(dir.path().join(AUDIT_DB_FILE))
+            .expect("open")
+            .query_row("SELECT COUNT(*) FROM audit_checkpoint", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_announced_while_a_batch_gathers_shares_its_commit() {
+        // A window far longer than the test's steps, so no timing can split the batch.
+        let (dir, log, writer) = gathering_log(std::time::Duration::from_millis(500));
+        let coming = log.expect_row();
+        let first = tokio::spawn({
+            let log = log.clone();
+            async move { log.append_row(row(1)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let second = log.append_expected(row(2), coming).await.expect("second");
+        let first = first.await.expect("task").expect("first");
+        assert_eq!((first.seq, second.seq), (1, 2));
+        assert_eq!(
+            checkpoints(&dir),
+            1,
+            "one transaction, one signature for both rows"
+        );
+        drop(log);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_row_is_not_held_and_a_row_that_never_comes_holds_one_window() {
+        let window = std::time::Duration::from_millis(300);
+        let (dir, log, writer) = gathering_log(window);
+        let started = std::time::Instant::now();
+        log.append(row(1)).await.expect("lone");
+        assert!(
+            started.elapsed() < window / 2,
+            "nothing announced: committed at once, not after the window ({:?})",
+            started.elapsed()
+        );
+        // Announced and never sent (a Check that stalls, or is cancelled later).
+        let never = log.expect_row();
+        let started = std::time::Instant::now();
+        log.append(row(2)).await.expect("held");
+        let held = started.elapsed();
+        assert!(held >= window, "held for the window: {held:?}");
+        assert!(held < window * 10, "and no longer: {held:?}");
+        drop(never);
+        let started = std::time::Instant::now();
+        log.append(row(3)).await.expect("after");
+        assert!(
+            started.elapsed() < window / 2,
+            "a dropped announcement ends"
+        );
+        assert_eq!(checkpoints(&dir), 3);
+        drop(log);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join");
     }
 }

@@ -51,6 +51,7 @@ pub async fn run(rows: u64, keep: Option<&std::path::Path>) -> anyhow::Result<()
         queue_capacity: 65_536,
         max_batch: 512,
         durability: Durability::Normal,
+        gather: crate::audit::store::GATHER,
     };
     let (log, writer) =
         AuditLog::open_with(&db, signer, &opts, Trust::keys(&key), Some(publisher), None)?;
