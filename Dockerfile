@@ -14,5 +14,7 @@ COPY --from=build /src/policies /etc/aegis/policies
 USER 65532:65532
 WORKDIR /home/nonroot
 EXPOSE 9191 9192 9193 9194
+# mimalloc (Aegis's allocator) takes no transparent huge pages, on any host THP setting.
+ENV MIMALLOC_ALLOW_THP=0
 ENTRYPOINT ["/usr/local/bin/aegis"]
 CMD ["serve"]

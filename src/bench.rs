@@ -18,6 +18,7 @@
 //!
 //! Every loop is bounded in time and count, and only talks to 127.0.0.1.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,12 +116,16 @@ pub struct BenchArgs {
     /// Measure each kind of request separately instead (allow, a new token, deny, MCP,
     /// sanitize, approval, varied), `--duration-secs` each against the no-op and Aegis,
     /// with Aegis's CPU per Check by thread.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["soak_secs", "propagation", "detection", "verify_rows"])]
     pub mixes: bool,
     /// The regression guard instead: the varied mix, three rounds of `--duration-secs`
     /// against the no-op and Aegis; fails when the median ratio of server CPU per Check
     /// exceeds the one FILE records for this build profile by more than its margin.
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["soak_secs", "propagation", "detection", "verify_rows", "mixes"]
+    )]
     pub guard: Option<std::path::PathBuf>,
 }
 
@@ -206,12 +211,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let warm = Duration::from_secs(1);
     let rated = Duration::from_secs(args.rate_secs);
     fixed_rate(&noop_clients, workload, args.rate, warm, None).await;
+    let noop_rate_cpu = CpuSample::take(&[("no-op", noop.child.id())]);
     let noop_rate = fixed_rate(&noop_clients, workload, args.rate, rated, None).await;
+    let noop_rate_cpu = noop_rate_cpu.since();
     let mut aegis = setup.aegis("fixed-rate", &args)?;
     let aegis_clients = clients(aegis.child.addr, args.connections).await?;
     fixed_rate(&aegis_clients, workload, args.rate, warm, None).await;
     let rss = Arc::new(AtomicU64::new(0));
     let pid = aegis.child.child.id();
+    let aegis_rate_cpu = CpuSample::take(&[("aegis", pid)]);
     let aegis_rate = fixed_rate(
         &aegis_clients,
         workload,
@@ -220,6 +228,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some((pid, rss.clone())),
     )
     .await;
+    let aegis_rate_cpu = aegis_rate_cpu.since();
     drop(aegis_clients);
     let rate_log = aegis.stop_and_verify()?;
     // Phase 2, saturated, against another fresh Aegis. One-second warm-ups (connections,
@@ -294,14 +303,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rss.load(Ordering::Relaxed) as f64 / 1024.0 / 1024.0
     );
     println!();
-    println!("CPU per Check in the saturated phase, by process and thread (µs):");
-    for (name, cpu, r) in [
-        ("no-op", &noop_cpu, &noop_sat),
-        ("aegis", &aegis_cpu, &aegis_sat),
-    ] {
-        println!("  {name} phase:");
-        for (thread, us) in cpu.per_check(r.requests) {
-            println!("    {thread:<40} {us:>7.1}");
+    let phases = [
+        (
+            "the saturated phase".to_owned(),
+            [&noop_cpu, &aegis_cpu],
+            [&noop_sat, &aegis_sat],
+        ),
+        (
+            format!("the fixed-rate phase ({}/s)", args.rate),
+            [&noop_rate_cpu, &aegis_rate_cpu],
+            [&noop_rate, &aegis_rate],
+        ),
+    ];
+    for (phase, cpus, results) in phases {
+        println!("CPU per Check in {phase}, by process and thread (µs):");
+        for ((name, cpu), r) in ["no-op", "aegis"].into_iter().zip(cpus).zip(results) {
+            println!("  {name}:");
+            for (thread, us) in cpu.per_check(r.requests) {
+                println!("    {thread:<40} {us:>7.1}");
+            }
         }
     }
     println!("audit log after the saturated phase: {sat_log}");
@@ -772,84 +792,126 @@ async fn fixed_rate(
 /// CPU time of every thread of some processes, to tell where a phase's CPU went.
 struct CpuSample {
     pids: Vec<(&'static str, u32)>,
-    ticks: std::collections::BTreeMap<(String, String), u64>,
+    /// Ticks by (process, thread name, thread id): a thread is compared with itself only.
+    threads: BTreeMap<(String, String, u32), u64>,
+    /// Ticks by process, from `/proc/<pid>/stat`: these include threads that have ended.
+    totals: BTreeMap<String, u64>,
+}
+
+/// CPU spent over an interval: by (process, thread name), and by process.
+struct CpuSpent {
+    threads: BTreeMap<(String, String), u64>,
+    totals: BTreeMap<String, u64>,
 }
 
 impl CpuSample {
     fn take(pids: &[(&'static str, u32)]) -> Self {
-        let mut ticks = std::collections::BTreeMap::new();
+        let mut threads = BTreeMap::new();
+        let mut totals = BTreeMap::new();
         for (name, pid) in pids {
-            for (thread, t) in thread_ticks(*pid) {
-                *ticks.entry(((*name).to_owned(), thread)).or_insert(0) += t;
+            for (thread, tid, t) in thread_ticks(*pid) {
+                threads.insert(((*name).to_owned(), thread, tid), t);
             }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            totals.insert((*name).to_owned(), stat.as_deref().map_or(0, stat_ticks));
         }
         Self {
             pids: pids.to_vec(),
-            ticks,
+            threads,
+            totals,
         }
     }
 
-    /// CPU ticks spent since this sample, by (process, thread name).
-    fn since(self) -> std::collections::BTreeMap<(String, String), u64> {
+    /// CPU ticks spent since this sample. A thread that ended meanwhile is missing from
+    /// the threads (its time is in its process's total); one that began is counted whole.
+    fn since(self) -> CpuSpent {
         let now = Self::take(&self.pids);
-        now.ticks
+        let mut threads = BTreeMap::new();
+        for ((process, thread, tid), t) in now.threads {
+            let before = self
+                .threads
+                .get(&(process.clone(), thread.clone(), tid))
+                .copied()
+                .unwrap_or(0);
+            *threads.entry((process, thread)).or_insert(0) += t.saturating_sub(before);
+        }
+        threads.retain(|_, t| *t > 0);
+        let totals = now
+            .totals
             .into_iter()
-            .map(|(k, t)| {
-                let before = self.ticks.get(&k).copied().unwrap_or(0);
-                (k, t.saturating_sub(before))
+            .map(|(p, t)| {
+                let before = self.totals.get(&p).copied().unwrap_or(0);
+                (p, t.saturating_sub(before))
             })
-            .filter(|(_, t)| *t > 0)
-            .collect()
+            .collect();
+        CpuSpent { threads, totals }
     }
 }
 
-trait PerCheck {
-    fn per_check(&self, checks: u64) -> Vec<(String, f64)>;
-}
-
-impl PerCheck for std::collections::BTreeMap<(String, String), u64> {
-    /// µs of CPU per Check by `process/thread`, with per-process totals.
+impl CpuSpent {
+    /// µs of CPU per Check by `process/thread`, then each process's total (as
+    /// `process total`), which also holds the time of threads that ended.
     fn per_check(&self, checks: u64) -> Vec<(String, f64)> {
-        // /proc reports CPU time in clock ticks of 10 ms (USER_HZ = 100 on Linux).
-        let us = |t: u64| t as f64 * 10_000.0 / checks.max(1) as f64;
-        let mut out = Vec::new();
-        let mut totals = std::collections::BTreeMap::<&str, u64>::new();
-        for ((process, thread), t) in self {
-            out.push((format!("{process}/{thread}"), us(*t)));
-            *totals.entry(process).or_insert(0) += t;
-        }
-        for (process, t) in totals {
-            out.push((format!("{process} total"), us(t)));
+        let mut out: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|((process, thread), t)| (format!("{process}/{thread}"), us_per(*t, checks)))
+            .collect();
+        for (process, t) in &self.totals {
+            out.push((format!("{process} total"), us_per(*t, checks)));
         }
         out
     }
+
+    /// µs of CPU per Check of `process` as a whole; `None` if it was not sampled or spent
+    /// nothing measurable (a sampling failure, not a free server).
+    fn total_per_check(&self, process: &str, checks: u64) -> Option<f64> {
+        let t = *self.totals.get(process)?;
+        (t > 0 && checks > 0).then(|| us_per(t, checks))
+    }
 }
 
-/// (thread name, utime + stime ticks) of every thread of `pid`; threads with the same
-/// name are summed by the caller.
-fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+/// `ticks` of CPU (clock ticks of 10 ms: USER_HZ = 100 on Linux) per Check, in µs.
+fn us_per(ticks: u64, checks: u64) -> f64 {
+    ticks as f64 * 10_000.0 / checks.max(1) as f64
+}
+
+/// utime + stime of a `/proc/.../stat` line. `pid (comm) state ...`: comm may hold
+/// spaces, so the fields are counted after the last ')'; utime and stime are fields 14
+/// and 15 of stat(5), 12 and 13 after the comm.
+fn stat_ticks(stat: &str) -> u64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    t(11) + t(12)
+}
+
+/// (thread name, thread id, utime + stime ticks) of every thread of `pid`.
+fn thread_ticks(pid: u32) -> Vec<(String, u32, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        // `pid (comm) state ...`: comm may hold spaces, so split at the last ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map_or("?", |(_, c)| c).to_owned();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // After the comm: state is field 3 of stat(5); utime and stime are fields 14, 15.
-        let t = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        out.push((comm, t(11) + t(12)));
+        let comm = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("?", |(c, _)| c)
+            .to_owned();
+        out.push((comm, tid, stat_ticks(&stat)));
     }
     out
 }
