@@ -380,6 +380,19 @@ fn metrics(state: &AdminState) -> String {
     );
     metric(
         &mut out,
+        "aegis_audit_gather_sleeps_total",
+        "counter",
+        "Batches the audit writer held open (one short sleep) for rows of Checks still on their way.",
+        "",
+        &[(
+            "",
+            stats
+                .gather_sleeps
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )],
+    );
+    metric(
+        &mut out,
         "aegis_audit_queue_depth",
         "gauge",
         "Audit rows waiting for the writer.",

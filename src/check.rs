@@ -183,6 +183,10 @@ struct Call {
     /// Headers to remove from the request that goes on (besides the token): the override
     /// token and the agent's claim headers it sent.
     strip_headers: Vec<&'static str>,
+    /// The Check's row, announced to the audit writer until it is queued; withdrawn
+    /// while the Check waits on the control plane, whose own rows (an approval raised or
+    /// redeemed) must not wait for it.
+    coming: Option<crate::audit::store::Coming>,
 }
 
 /// gRPC service wrapper (a newtype: `impl Authorization for Arc<_>` would break the orphan rule).
@@ -309,16 +313,19 @@ impl Checker {
         req: CheckRequest,
         trace: TraceHeaders,
     ) -> Result<CheckResponse, Status> {
-        // Every Check that gets this far records a row: announced now, so the audit writer
-        // can give it a place in the batch it is gathering.
-        let coming = self.audit.expect_row();
         let now_ns = crate::unix_nanos();
         let decision_id = self.ids.next();
         let span = self.start_span(&req, &trace);
-        let mut call = Call::default();
+        // Every Check that gets this far records a row: announced now, so the audit writer
+        // can give it a place in the batch it is gathering.
+        let mut call = Call {
+            coming: Some(self.audit.expect_row()),
+            ..Call::default()
+        };
         let judged = self.judge(&req, &mut call, now_ns).await;
         let now = now_ns / 1_000_000_000;
         let enforced = enforce::enforce(self, judged, &mut call, &decision_id, now).await;
+        let coming = call.coming.take();
         let decision = DecisionRecord {
             time_ns: now_ns,
             decision_id: &decision_id,

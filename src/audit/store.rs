@@ -176,18 +176,40 @@ impl Drop for Coming {
     }
 }
 
-/// The longest the writer holds a batch open for announced rows, from the moment it
-/// takes the batch's first row. It waits only while a row is announced, so a lone Check
-/// waits for nothing; under load one signature and one transaction then cover more rows
-/// (PostgreSQL's `commit_delay` with `commit_siblings`, adaptive).
+/// How long the writer sleeps, once per batch, when it takes a batch while other rows are
+/// announced (Checks between their start and their append, not waiting on the control
+/// plane); then it takes what has arrived. With no other Check in flight nothing waits;
+/// under load one signature and one transaction cover more rows (PostgreSQL's
+/// `commit_delay` with `commit_siblings`). A sleep, so at least this long (Linux's timer
+/// slack adds ~50 µs).
 pub const GATHER: std::time::Duration = std::time::Duration::from_micros(100);
 
-/// [`GATHER`], or for measuring, `AEGIS_AUDIT_GATHER_US` (0 turns the gathering off).
-pub fn gather_window() -> std::time::Duration {
-    std::env::var("AEGIS_AUDIT_GATHER_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(GATHER, std::time::Duration::from_micros)
+/// The longest `AEGIS_AUDIT_GATHER_US` may set.
+const GATHER_MAX: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// [`GATHER`], or for measuring, `AEGIS_AUDIT_GATHER_US` (0 turns the gathering off; at
+/// most 10 ms: every batch would wait that long under load).
+pub fn gather_window() -> Result<std::time::Duration, String> {
+    parse_gather(std::env::var("AEGIS_AUDIT_GATHER_US").ok().as_deref())
+}
+
+/// The gathering window an `AEGIS_AUDIT_GATHER_US` value sets ([`GATHER`] when unset).
+fn parse_gather(value: Option<&str>) -> Result<std::time::Duration, String> {
+    let Some(v) = value else {
+        return Ok(GATHER);
+    };
+    let us: u64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("AEGIS_AUDIT_GATHER_US={v:?}: not a number of microseconds"))?;
+    let window = std::time::Duration::from_micros(us);
+    if window > GATHER_MAX {
+        return Err(format!(
+            "AEGIS_AUDIT_GATHER_US={us}: above the most, {} µs",
+            GATHER_MAX.as_micros()
+        ));
+    }
+    Ok(window)
 }
 
 /// Handle to the audit log: append rows; cloneable.
@@ -215,6 +237,8 @@ pub struct AuditStats {
     pub batch_rows: crate::metrics::Histogram,
     /// Commits that failed (their Checks answered with an error).
     pub failed_commits: std::sync::atomic::AtomicU64,
+    /// Batches the writer held open for announced rows ([`GATHER`]).
+    pub gather_sleeps: std::sync::atomic::AtomicU64,
 }
 
 impl Default for AuditStats {
@@ -223,6 +247,7 @@ impl Default for AuditStats {
             commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BOUNDS),
             batch_rows: crate::metrics::Histogram::new(crate::metrics::BATCH_BOUNDS),
             failed_commits: std::sync::atomic::AtomicU64::new(0),
+            gather_sleeps: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -353,21 +378,21 @@ impl AuditLog {
         committed.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// [`Self::append_row`] for a row announced by [`Self::expect_row`]: the announcement
-    /// ends once the row is queued.
+    /// [`Self::append_row`] for a row announced by [`Self::expect_row`] (if it still is):
+    /// the announcement ends just before the row is queued, so a writer never sleeps for
+    /// a row it has already taken.
     pub async fn append_expected(
         &self,
         record: Record,
-        coming: Coming,
+        coming: Option<Coming>,
     ) -> Result<Appended, AuditError> {
-        let committed = self.send(record);
         drop(coming);
-        committed?.await.map_err(|_| AuditError::Closed)?
+        self.append_row(record).await
     }
 
-    /// Announces a row on its way: while any is announced, the writer holds its batch open
-    /// for it, up to [`GATHER`] (the announcement ends when it is dropped or its row is
-    /// queued by [`Self::append_expected`]).
+    /// Announces a row on its way: a writer that takes a batch while rows are announced
+    /// sleeps [`GATHER`] once for them (the announcement ends when it is dropped or its row
+    /// is queued by [`Self::append_expected`]).
     pub fn expect_row(&self) -> Coming {
         self.coming.fetch_add(1, Ordering::Relaxed);
         Coming(self.coming.clone())
@@ -689,8 +714,8 @@ impl Writer {
         }
     }
 
-    /// Adds what is queued to the batch, then, while rows are announced, waits for them
-    /// until the batch is full or [`GATHER`] has passed since it began.
+    /// Adds what is queued to the batch; then, if the batch has room and rows are
+    /// announced, sleeps the gathering window once and adds what has arrived.
     fn gather(&self, rx: &Receiver<Job>, batch: &mut Vec<Job>) {
         let take_queued = |batch: &mut Vec<Job>| {
             while batch.len() < self.max_batch {
@@ -707,6 +732,7 @@ impl Writer {
             && !self.gather.is_zero()
             && self.coming.load(Ordering::Relaxed) > 0
         {
+            self.stats.gather_sleeps.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(self.gather);
             take_queued(batch);
         }
@@ -897,6 +923,19 @@ mod tests {
         assert_eq!(summary.rows, 2);
     }
 
+    #[test]
+    fn the_gathering_window_is_read_and_bounded() {
+        use std::time::Duration;
+        assert_eq!(parse_gather(None), Ok(GATHER));
+        assert_eq!(parse_gather(Some("0")), Ok(Duration::ZERO));
+        assert_eq!(parse_gather(Some(" 250 ")), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_gather(Some("10000")), Ok(Duration::from_millis(10)));
+        let too_long = parse_gather(Some("10001")).err().unwrap_or_default();
+        assert!(too_long.contains("above the most, 10000 µs"), "{too_long}");
+        let junk = parse_gather(Some("100us")).err().unwrap_or_default();
+        assert!(junk.contains("not a number of microseconds"), "{junk}");
+    }
+
     /// A log in a temporary directory whose writer gathers for `gather`.
     fn gathering_log(gather: std::time::Duration) -> (tempfile::TempDir, AuditLog, WriterThread) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -937,8 +976,15 @@ mod tests {
             let log = log.clone();
             async move { log.append_row(row(1)).await }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let second = log.append_expected(row(2), coming).await.expect("second");
+        // The first row is queued (and stays counted while the writer gathers).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while log.queued() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let second = log
+            .append_expected(row(2), Some(coming))
+            .await
+            .expect("second");
         let first = first.await.expect("task").expect("first");
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(
@@ -946,6 +992,7 @@ mod tests {
             1,
             "one transaction, one signature for both rows"
         );
+        assert_eq!(log.stats.gather_sleeps.load(Ordering::Relaxed), 1);
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
             .await
@@ -956,28 +1003,26 @@ mod tests {
     async fn a_lone_row_is_not_held_and_a_row_that_never_comes_holds_one_window() {
         let window = std::time::Duration::from_millis(300);
         let (dir, log, writer) = gathering_log(window);
-        let started = std::time::Instant::now();
+        let sleeps = || log.stats.gather_sleeps.load(Ordering::Relaxed);
         log.append(row(1)).await.expect("lone");
-        assert!(
-            started.elapsed() < window / 2,
-            "nothing announced: committed at once, not after the window ({:?})",
-            started.elapsed()
-        );
+        assert_eq!(sleeps(), 0, "nothing announced: committed at once");
         // Announced and never sent (a Check that stalls, or is cancelled later).
         let never = log.expect_row();
         let started = std::time::Instant::now();
         log.append(row(2)).await.expect("held");
         let held = started.elapsed();
+        assert_eq!(sleeps(), 1);
         assert!(held >= window, "held for the window: {held:?}");
         assert!(held < window * 10, "and no longer: {held:?}");
         drop(never);
-        let started = std::time::Instant::now();
         log.append(row(3)).await.expect("after");
-        assert!(
-            started.elapsed() < window / 2,
-            "a dropped announcement ends"
-        );
-        assert_eq!(checkpoints(&dir), 3);
+        assert_eq!(sleeps(), 1, "a dropped announcement ends");
+        // A row queued through append_expected is no longer announced when the writer
+        // takes it: a lone announced Check does not wait for itself.
+        let own = log.expect_row();
+        log.append_expected(row(4), Some(own)).await.expect("own");
+        assert_eq!(sleeps(), 1);
+        assert_eq!(checkpoints(&dir), 4);
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
             .await

@@ -303,7 +303,8 @@ async fn approvals(
             decision_id: ctx.decision_id.to_owned(),
             session: claims.sid.clone(),
         };
-        return match link.redeem_override(req).await {
+        let redeemed = quiet(checker, call, link.redeem_override(req)).await;
+        return match redeemed {
             Ok(r) => {
                 call.approval_id = r.approval_id;
                 if r.accepted {
@@ -335,7 +336,7 @@ async fn approvals(
         policy_reason: pending.policy_reason,
         decision_id: ctx.decision_id.to_owned(),
     };
-    match link.request_approval(req).await {
+    match quiet(checker, call, link.request_approval(req)).await {
         Ok(r) if r.cap_reached => deny("approval_cap_reached", 429),
         Ok(r) => {
             call.approval_id = r.approval_id;
@@ -350,4 +351,17 @@ async fn approvals(
 /// `failure_mode_allow` could turn into an allow.
 fn unavailable(e: CheckError) -> Outcome {
     e.into_outcome()
+}
+
+/// Awaits a control-plane call with the Check's audit row withdrawn: the control plane may
+/// append a row of its own (an approval raised or redeemed) before it answers, and the
+/// audit writer must not hold that row open for this Check's, which cannot come before
+/// the answer. The row is announced again afterwards.
+async fn quiet<T>(checker: &Checker, call: &mut Call, work: impl Future<Output = T>) -> T {
+    let announced = call.coming.take().is_some();
+    let out = work.await;
+    if announced {
+        call.coming = Some(checker.audit.expect_row());
+    }
+    out
 }

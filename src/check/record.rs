@@ -66,7 +66,7 @@ pub(super) async fn record(
     checker: &Checker,
     record: &DecisionRecord<'_>,
     span: CheckSpan,
-    coming: Coming,
+    coming: Option<Coming>,
 ) -> Result<(), Status> {
     let row = match checker
         .audit

@@ -108,7 +108,7 @@ pub(super) fn open_audit(
         queue_capacity: config.audit.queue_capacity,
         max_batch: config.audit.max_batch,
         durability: config.audit.durability,
-        gather: crate::audit::store::gather_window(),
+        gather: crate::audit::store::gather_window().map_err(StartError::Config)?,
     };
     let (audit, writer) = AuditLog::open_with(
         &config.data_dir.join(AUDIT_DB_FILE),
