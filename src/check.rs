@@ -183,9 +183,9 @@ struct Call {
     /// Headers to remove from the request that goes on (besides the token): the override
     /// token and the agent's claim headers it sent.
     strip_headers: Vec<&'static str>,
-    /// The Check's row, announced to the audit writer until it is queued; withdrawn
-    /// while the Check waits on the control plane, whose own rows (an approval raised or
-    /// redeemed) must not wait for it.
+    /// The Check's row, announced to the audit writer until just before it is queued;
+    /// withdrawn while the Check waits on the control plane, whose own rows (an approval
+    /// raised or redeemed) must not wait for it.
     coming: Option<crate::audit::store::Coming>,
 }
 
@@ -325,14 +325,16 @@ impl Checker {
         let judged = self.judge(&req, &mut call, now_ns).await;
         let now = now_ns / 1_000_000_000;
         let enforced = enforce::enforce(self, judged, &mut call, &decision_id, now).await;
-        let coming = call.coming.take();
+        // The row is queued next: the announcement ends first, so the writer never sleeps
+        // for a row it has already taken.
+        call.coming = None;
         let decision = DecisionRecord {
             time_ns: now_ns,
             decision_id: &decision_id,
             enforced: &enforced,
             call: &call,
         };
-        record::record(self, &decision, span, coming).await?;
+        record::record(self, &decision, span).await?;
         respond::respond(
             enforced,
             &call.meta(&decision_id),

@@ -378,21 +378,9 @@ impl AuditLog {
         committed.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// [`Self::append_row`] for a row announced by [`Self::expect_row`] (if it still is):
-    /// the announcement ends just before the row is queued, so a writer never sleeps for
-    /// a row it has already taken.
-    pub async fn append_expected(
-        &self,
-        record: Record,
-        coming: Option<Coming>,
-    ) -> Result<Appended, AuditError> {
-        drop(coming);
-        self.append_row(record).await
-    }
-
     /// Announces a row on its way: a writer that takes a batch while rows are announced
-    /// sleeps [`GATHER`] once for them (the announcement ends when it is dropped or its row
-    /// is queued by [`Self::append_expected`]).
+    /// sleeps [`GATHER`] once for them. The announcement ends when it is dropped, which
+    /// the Check does just before it appends the row.
     pub fn expect_row(&self) -> Coming {
         self.coming.fetch_add(1, Ordering::Relaxed);
         Coming(self.coming.clone())
@@ -981,10 +969,8 @@ mod tests {
         while log.queued() == 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let second = log
-            .append_expected(row(2), Some(coming))
-            .await
-            .expect("second");
+        drop(coming);
+        let second = log.append_row(row(2)).await.expect("second");
         let first = first.await.expect("task").expect("first");
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(
@@ -1017,12 +1003,7 @@ mod tests {
         drop(never);
         log.append(row(3)).await.expect("after");
         assert_eq!(sleeps(), 1, "a dropped announcement ends");
-        // A row queued through append_expected is no longer announced when the writer
-        // takes it: a lone announced Check does not wait for itself.
-        let own = log.expect_row();
-        log.append_expected(row(4), Some(own)).await.expect("own");
-        assert_eq!(sleeps(), 1);
-        assert_eq!(checkpoints(&dir), 4);
+        assert_eq!(checkpoints(&dir), 3);
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
             .await

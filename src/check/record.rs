@@ -14,7 +14,7 @@ use super::enforce::Enforced;
 use super::error::CheckError;
 use super::{Call, Checker, Outcome};
 use crate::audit::Record;
-use crate::audit::store::{Appended, AuditError, Coming};
+use crate::audit::store::{Appended, AuditError};
 use crate::identity::Claims;
 use crate::telemetry::CheckSpan;
 
@@ -66,13 +66,8 @@ pub(super) async fn record(
     checker: &Checker,
     record: &DecisionRecord<'_>,
     span: CheckSpan,
-    coming: Option<Coming>,
 ) -> Result<(), Status> {
-    let row = match checker
-        .audit
-        .append_expected(record.audit_row(&span), coming)
-        .await
-    {
+    let row = match checker.audit.append_row(record.audit_row(&span)).await {
         Ok(row) => row,
         Err(e) => {
             if matches!(e, AuditError::Overloaded(_)) {
