@@ -1831,20 +1831,11 @@ async fn a_diverged_snapshot_is_judged_for_each_watcher() {
     )
     .expect("another history");
     drop(db);
-    let to_acme = next_watch_event(&mut acme).await;
+    let to_acme = next_message(&mut acme).await;
     assert!(to_acme.snapshot && to_acme.diverged, "{to_acme:?}");
-    let to_globex = next_watch_event(&mut globex).await;
+    let to_globex = next_message(&mut globex).await;
     assert!(
         to_globex.snapshot && !to_globex.diverged,
         "the globex watcher holds a version both histories share: {to_globex:?}"
     );
-}
-
-/// The next event of a watch stream, within 5 s.
-async fn next_watch_event(stream: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
-    tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("an event within 5 s")
-        .expect("stream")
-        .expect("event")
 }

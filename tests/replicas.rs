@@ -700,7 +700,7 @@ async fn an_incident_watcher_at_one_replica_sees_what_another_replica_does() {
         .await
         .expect("reported at A")
         .into_inner();
-    let event = next_incident_event(&mut stream).await;
+    let event = next_message(&mut stream).await;
     assert_eq!(event.event, "raised");
     let told = event.incident.expect("incident");
     assert_eq!(told.id, raised.id);
@@ -718,22 +718,11 @@ async fn an_incident_watcher_at_one_replica_sees_what_another_replica_does() {
         }))
         .await
         .expect("acknowledged at A");
-    let event = next_incident_event(&mut stream).await;
+    let event = next_message(&mut stream).await;
     assert_eq!(
         (event.event.as_str(), event.incident.map(|i| i.id)),
         ("acknowledged", Some(raised.id))
     );
-}
-
-/// The next incident event of `stream`, within 5 s.
-async fn next_incident_event(
-    stream: &mut tonic::Streaming<pb::IncidentEvent>,
-) -> pb::IncidentEvent {
-    tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("an incident event at B within 5 s")
-        .expect("stream")
-        .expect("event")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,14 +35,6 @@ fn payment(token: &str, amount: u64) -> envoy_types::ext_authz::v3::pb::CheckReq
         .build()
 }
 
-async fn next(w: &mut tonic::Streaming<pb::IncidentEvent>) -> pb::IncidentEvent {
-    tokio::time::timeout(Duration::from_secs(5), w.message())
-        .await
-        .expect("an event within 5 s")
-        .expect("stream ok")
-        .expect("an event")
-}
-
 #[tokio::test]
 async fn at_l2_a_restricted_agents_mutating_calls_wait_for_an_approval() {
     let mut s = start().await;
@@ -220,7 +212,7 @@ async fn the_watch_streams_incidents_and_the_graph_links_their_evidence() {
     for _ in 0..5 {
         s.check(denied_call(&token)).await.expect("decided");
     }
-    let raised = next(&mut watch).await;
+    let raised = next_message(&mut watch).await;
     let incident = raised.incident.expect("incident");
     assert_eq!(
         (raised.event.as_str(), incident.kind.as_str()),
@@ -241,7 +233,7 @@ async fn the_watch_streams_incidents_and_the_graph_links_their_evidence() {
         }))
         .await
         .expect("ack");
-    let acked = next(&mut watch).await;
+    let acked = next_message(&mut watch).await;
     assert_eq!(acked.event, "acknowledged");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), other.message())

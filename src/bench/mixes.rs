@@ -19,7 +19,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 
 use super::{
     BenchArgs, CpuSample, PhaseResult, SCOPE_SETS, Setup, agent_token, clients, saturate,
-    saturate_feed, workload,
+    saturate_feed,
 };
 use crate::keys::Signer;
 use crate::testkit::{ChildServer, request};
@@ -72,8 +72,13 @@ const FRESH_TOKENS_MAX_SECS: u64 = 30;
 
 /// The mixes: allow (token cache hit), allow with a token the server has never seen (a
 /// cache miss: signature verification), deny, an MCP body, sanitize, approval, and the
-/// varied workload of the main benchmark.
-fn mixes(signer: &Signer, agents: usize, secs: u64) -> anyhow::Result<Vec<Mix>> {
+/// varied workload of the main benchmark (`varied`, the one [`Setup`] made).
+fn mixes(
+    signer: &Signer,
+    agents: usize,
+    secs: u64,
+    varied: &Arc<Vec<CheckRequest>>,
+) -> anyhow::Result<Vec<Mix>> {
     let agents = agents.max(SCOPE_SETS.len());
     let tokens: Vec<String> = (0..agents)
         .map(|a| agent_token(signer, a, &format!("jti-{a}")))
@@ -98,16 +103,8 @@ fn mixes(signer: &Signer, agents: usize, secs: u64) -> anyhow::Result<Vec<Mix>> 
     let miss = (0..fresh_secs * FRESH_TOKENS_PER_SEC)
         .map(|n| Ok(allow(&fresh_token(n, &format!("fresh-{n}"))?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mix = |name, about, work: Vec<CheckRequest>, expect| -> anyhow::Result<Mix> {
-        let probe = work.first().cloned().context("a mix without requests")?;
-        Ok(Mix {
-            name,
-            about,
-            work: Arc::new(work),
-            wrap: true,
-            expect,
-            probe,
-        })
+    let mix = |name, about, work: Vec<CheckRequest>, expect| {
+        Mix::wrapping(name, about, Arc::new(work), expect)
     };
     Ok(vec![
         mix(
@@ -163,13 +160,38 @@ fn mixes(signer: &Signer, agents: usize, secs: u64) -> anyhow::Result<Vec<Mix>> 
                 reason: "payment_above_threshold",
             },
         )?,
-        mix(
+        Mix::varied(varied)?,
+    ])
+}
+
+impl Mix {
+    /// A mix taken round and round; its first request is the probe.
+    fn wrapping(
+        name: &'static str,
+        about: &'static str,
+        work: Arc<Vec<CheckRequest>>,
+        expect: Expect,
+    ) -> anyhow::Result<Self> {
+        let probe = work.first().cloned().context("a mix without requests")?;
+        Ok(Self {
+            name,
+            about,
+            work,
+            wrap: true,
+            expect,
+            probe,
+        })
+    }
+
+    /// The main benchmark's varied workload.
+    fn varied(work: &Arc<Vec<CheckRequest>>) -> anyhow::Result<Self> {
+        Self::wrapping(
             "varied",
             "the main benchmark's workload (all of the above and more)",
-            workload(signer, agents)?,
+            work.clone(),
             Expect::Allowed(VARIED_ALLOWED),
-        )?,
-    ])
+        )
+    }
 }
 
 /// The probe's whole answer is what `mix` is meant to measure: the decision, the reason
@@ -356,7 +378,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let secs = args.duration_secs.max(1);
     let servers = Servers::start(args, "aegis-mixes-", "mixes").await?;
     let signer = Signer::load_or_create(&servers.setup.key_dir)?;
-    let mixes = mixes(&signer, args.agents, secs)?;
+    let mixes = mixes(&signer, args.agents, secs, &servers.setup.workload)?;
     println!(
         "aegis bench --mixes: {secs} s per mix and server, {} callers over {} connections; \
          server CPU per Check from /proc (10 ms ticks)",
@@ -522,17 +544,7 @@ pub(super) async fn guard(args: &BenchArgs, file: &std::path::Path) -> anyhow::R
     let guard = Guard::parse(&text, debug).with_context(|| file.display().to_string())?;
     let secs = args.duration_secs.max(1);
     let servers = Servers::start(args, "aegis-guard-", "guard").await?;
-    let signer = Signer::load_or_create(&servers.setup.key_dir)?;
-    let work = workload(&signer, args.agents)?;
-    let probe = work.first().cloned().context("an empty workload")?;
-    let varied = Mix {
-        name: "varied",
-        about: "",
-        work: Arc::new(work),
-        wrap: true,
-        expect: Expect::Allowed(VARIED_ALLOWED),
-        probe,
-    };
+    let varied = Mix::varied(&servers.setup.workload)?;
     let mut ratios = Vec::new();
     for round in 1..=GUARD_ROUNDS {
         let noop = servers.measure(false, &varied, secs).await?;

@@ -137,10 +137,7 @@ impl PostgresStore {
     pub async fn open_with(url: &str, timeout: Duration) -> Result<Self, ControlError> {
         let store = Self::unopened(url, false, timeout)?;
         let link = &store.link;
-        let mut conn = match tokio::time::timeout(link.timeout, link.connect()).await {
-            Ok(conn) => conn?,
-            Err(_) => return Err(link.silent("connecting")),
-        };
+        let mut conn = link.connect().await?;
         let created = async {
             let tx = conn.client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock(7369676165)", &[])
@@ -166,10 +163,7 @@ impl PostgresStore {
     pub async fn open_read_only(url: &str) -> Result<Self, ControlError> {
         let store = Self::unopened(url, true, STORE_TIMEOUT)?;
         let link = &store.link;
-        let conn = match tokio::time::timeout(link.timeout, link.connect()).await {
-            Ok(conn) => conn?,
-            Err(_) => return Err(link.silent("connecting")),
-        };
+        let conn = link.connect().await?;
         let read = tokio::time::timeout(link.timeout, read_version(&conn.client)).await;
         let version = match read {
             Ok(v) => v.map_err(|e| {
@@ -229,9 +223,13 @@ impl Link {
         ))
     }
 
-    /// A new connection, its driver spawned on the runtime.
+    /// A new connection, its driver spawned on the runtime, within the bound.
     async fn connect(&self) -> Result<Conn, ControlError> {
-        connect(&self.config, &self.shown, self.tls.as_ref()).await
+        let connecting = connect(&self.config, &self.shown, self.tls.as_ref());
+        match tokio::time::timeout(self.timeout, connecting).await {
+            Ok(conn) => conn,
+            Err(_) => Err(self.silent("connecting")),
+        }
     }
 
     /// Runs `work` on the connection. Each wait is bounded by the timeout on its own:
@@ -249,10 +247,7 @@ impl Link {
         let Ok(mut guard) = waited else {
             return Err(self.busy());
         };
-        let driver = match tokio::time::timeout(self.timeout, self.connected(&mut guard)).await {
-            Ok(driver) => driver?,
-            Err(_) => return Err(self.silent("connecting")),
-        };
+        let driver = self.connected(&mut guard).await?;
         let runtime = Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             let result = match guard.as_mut() {
@@ -281,10 +276,7 @@ impl Link {
         let Ok(mut guard) = tokio::time::timeout(self.timeout, self.client.lock()).await else {
             return Err(self.busy());
         };
-        let driver = match tokio::time::timeout(self.timeout, self.connected(&mut guard)).await {
-            Ok(driver) => driver?,
-            Err(_) => return Err(self.silent("connecting")),
-        };
+        let driver = self.connected(&mut guard).await?;
         let Some(conn) = guard.as_mut() else {
             return Err(ControlError::Unavailable("postgres: no connection".into()));
         };
@@ -308,7 +300,8 @@ impl Link {
         ))
     }
 
-    /// The open connection, or a new one in its place when there is none or it closed.
+    /// The open connection, or a new one in its place (within the bound) when there is none
+    /// or it closed.
     async fn connected(
         &self,
         slot: &mut Option<Conn>,

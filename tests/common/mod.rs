@@ -1095,3 +1095,12 @@ pub async fn drive_checks(
     }
     all
 }
+
+/// The next message of a gRPC stream (a Watch or an incident feed), within 5 s.
+pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a message within 5 s")
+        .expect("stream ok")
+        .expect("a message")
+}
