@@ -319,6 +319,7 @@ impl AuditLog {
         let witness_stats = publisher.as_ref().map(|p| p.stats.clone());
         let checkpoint_conn = open_connection(path, opts.durability)?;
         let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
+        let restart_wal = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -339,10 +340,11 @@ impl AuditLog {
             publisher,
             max_batch: opts.max_batch.max(1),
             healthy: healthy.clone(),
+            restart_wal: restart_wal.clone(),
         };
         let checkpointer = std::thread::Builder::new()
             .name("aegis-audit-ckpt".into())
-            .spawn(move || run_checkpoints(&checkpoint_conn, &checkpoint_rx))
+            .spawn(move || run_checkpoints(&checkpoint_conn, &checkpoint_rx, &restart_wal))
             .map_err(|e| open_err(path, e.to_string()))?;
         let handle = std::thread::Builder::new()
             .name("aegis-audit-writer".into())
@@ -431,34 +433,42 @@ impl WriterThread {
     }
 }
 
-/// WAL frames (pages) past which a checkpoint makes the WAL start over (~64 MiB).
+/// WAL frames (pages) past which the WAL is made to start over (~64 MiB; 64 frames in
+/// unit tests, so that they reach it).
 ///
-/// PASSIVE checkpoints copy frames beside the writer but never reset the WAL while a
-/// writer commits continuously: the WAL then only grows. Found by the 10-minute soak at
-/// 7,800 Checks/s: 1.5 GB of WAL after 5 minutes, its index (mapped, so resident) growing,
-/// and every page lookup slower (p50 1.2 → 2.0 ms). Past this bound a RESTART checkpoint
-/// waits out the current commit, copies what PASSIVE has not, and the next commit writes
-/// from the start of the WAL again.
+/// The checkpointer's PASSIVE checkpoints copy frames beside the writer but never reset
+/// the WAL while a writer commits continuously: the WAL then only grows. Found by the
+/// 10-minute soak at 7,800 Checks/s: 1.5 GB of WAL after 5 minutes, its index (mapped, so
+/// resident) growing, and every page lookup slower (p50 1.2 → 2.0 ms). Past this bound the
+/// checkpointer asks the writer, which checkpoints between two batches
+/// ([`Writer::start_wal_over`]); its next commit then writes from the start of the WAL.
+///
+/// Not a RESTART checkpoint from the checkpointer's connection: that takes the write lock
+/// and, holding it, waits for every reader of an older snapshot (up to the busy timeout,
+/// 1 s). Each one stalled every Check for as long as it ran, and the writer's backoff
+/// in SQLite's busy handler (sleeps of 1, 2, 5, 10, 15 ms…) added to it: 33 ms of sleeps
+/// in one such stall, seen with strace at 5,000 Checks/s. An outside reader holding a
+/// snapshot (an operator's `sqlite3` shell) made every commit wait the full second and
+/// fail.
+#[cfg(not(test))]
 const WAL_RESTART_FRAMES: i64 = 16_384;
+#[cfg(test)]
+const WAL_RESTART_FRAMES: i64 = 64;
 
 /// The WAL file is cut back to this size when it starts over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until the writer stops, then once
-/// more, truncating the WAL.
-fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+/// more, truncating the WAL. Never waits for the writer or for readers (PASSIVE); past
+/// [`WAL_RESTART_FRAMES`] it sets `restart`, for the writer to make the WAL start over.
+fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>, restart: &AtomicBool) {
     use std::sync::mpsc::RecvTimeoutError;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
         // (busy, frames in the WAL, frames checkpointed)
-        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-        let result = match passive {
-            Ok(frames) if frames > WAL_RESTART_FRAMES => {
-                conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-            }
-            other => other.map(|_| ()),
-        };
-        if let Err(e) = result {
-            crate::log!(warn, "audit WAL checkpoint failed (will retry): {e}");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) if frames > WAL_RESTART_FRAMES => restart.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => crate::log!(warn, "audit WAL checkpoint failed (will retry): {e}"),
         }
     }
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -662,6 +672,8 @@ struct Writer {
     max_batch: usize,
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
+    /// Set by the checkpointer: the WAL is past [`WAL_RESTART_FRAMES`].
+    restart_wal: Arc<AtomicBool>,
 }
 
 // === impl Writer ===
@@ -699,6 +711,26 @@ impl Writer {
                     }
                 }
             }
+            if self.restart_wal.swap(false, Ordering::Relaxed) {
+                self.start_wal_over();
+            }
+        }
+    }
+
+    /// Makes the WAL start over at the next commit, between two batches (their Checks
+    /// already answered): only this connection writes, so a PASSIVE checkpoint here copies
+    /// every frame that no reader's snapshot still needs, and SQLite's next write
+    /// transaction then writes from the start of the WAL. It waits for no one: while a
+    /// reader holds an older snapshot the WAL grows, and the checkpointer asks again.
+    fn start_wal_over(&self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            crate::log!(
+                warn,
+                "audit WAL checkpoint by the writer failed (will retry): {e}"
+            );
         }
     }
 
@@ -979,6 +1011,66 @@ mod tests {
             "one transaction, one signature for both rows"
         );
         assert_eq!(log.stats.gather_sleeps.load(Ordering::Relaxed), 1);
+        drop(log);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join");
+    }
+
+    /// How many times the WAL has started over: its header's checkpoint sequence number
+    /// (bytes 12..16, big-endian), which SQLite raises at each restart.
+    fn wal_restarts(dir: &tempfile::TempDir) -> u32 {
+        let wal = std::fs::read(dir.path().join(AUDIT_DB_FILE).with_extension("db-wal"))
+            .expect("the WAL");
+        let header: [u8; 4] = wal
+            .get(12..16)
+            .and_then(|b| b.try_into().ok())
+            .expect("a WAL header");
+        u32::from_be_bytes(header)
+    }
+
+    /// Appends rows one at a time for `span`; the slowest append.
+    async fn append_for(log: &AuditLog, span: std::time::Duration) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        let mut slowest = std::time::Duration::ZERO;
+        let mut n = 0;
+        while started.elapsed() < span {
+            let t = std::time::Instant::now();
+            log.append(row(n)).await.expect("appended");
+            slowest = slowest.max(t.elapsed());
+            n += 1;
+        }
+        slowest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_holding_a_snapshot_never_stalls_the_writer_and_the_wal_starts_over_after_it()
+    {
+        let (dir, log, writer) = gathering_log(std::time::Duration::ZERO);
+        log.append(row(0)).await.expect("first row");
+        // An outside reader holding one snapshot: an operator's sqlite3 shell left in a
+        // transaction, a long verification of the live file.
+        let reader = Connection::open(dir.path().join(AUDIT_DB_FILE)).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let seen: i64 = reader
+            .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+            .expect("read");
+        assert_eq!(seen, 1);
+        // The WAL passes the restart bound (64 frames here) within the first commits, and
+        // the checkpointer asks for a restart every 100 ms from then on.
+        let slowest = append_for(&log, std::time::Duration::from_millis(1500)).await;
+        assert!(
+            slowest < std::time::Duration::from_millis(250),
+            "a commit waited {slowest:?} for a reader"
+        );
+        let before = wal_restarts(&dir);
+        reader.execute_batch("COMMIT").expect("commit");
+        drop(reader);
+        append_for(&log, std::time::Duration::from_millis(1000)).await;
+        assert!(
+            wal_restarts(&dir) > before,
+            "the WAL starts over once the reader is gone"
+        );
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
             .await
