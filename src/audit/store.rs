@@ -11,7 +11,10 @@
 //! WAL checkpoints (copying the WAL back into the database file, with an fsync) run on a
 //! second thread with its own connection, never inside a Check's commit: SQLite's
 //! automatic checkpoint would otherwise stall whichever commit crosses the threshold for
-//! milliseconds. A PASSIVE checkpoint runs beside the writer without blocking it.
+//! milliseconds. A PASSIVE checkpoint runs beside the writer without blocking it. Only
+//! when the WAL has grown past [`WAL_RESTART_FRAMES`] does the writer itself checkpoint,
+//! between two batches, so that the WAL starts over: that costs the writer one
+//! checkpoint's syncs, and it never waits for a reader.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -441,15 +444,17 @@ impl WriterThread {
 /// 10-minute soak at 7,800 Checks/s: 1.5 GB of WAL after 5 minutes, its index (mapped, so
 /// resident) growing, and every page lookup slower (p50 1.2 → 2.0 ms). Past this bound the
 /// checkpointer asks the writer, which checkpoints between two batches
-/// ([`Writer::start_wal_over`]); its next commit then writes from the start of the WAL.
+/// ([`Writer::start_wal_over`]); its next commit then writes from the start of the WAL,
+/// unless a reader is still using the WAL at that moment (then the checkpointer asks
+/// again).
 ///
 /// Not a RESTART checkpoint from the checkpointer's connection: that takes the write lock
-/// and, holding it, waits for every reader of an older snapshot (up to the busy timeout,
-/// 1 s). Each one stalled every Check for as long as it ran, and the writer's backoff
-/// in SQLite's busy handler (sleeps of 1, 2, 5, 10, 15 ms…) added to it: 33 ms of sleeps
-/// in one such stall, seen with strace at 5,000 Checks/s. An outside reader holding a
-/// snapshot (an operator's `sqlite3` shell) made every commit wait the full second and
-/// fail.
+/// and, holding it, waits for every reader using the WAL (up to the busy timeout, 1 s).
+/// Each one stalled every Check for as long as it ran, and the writer's backoff in
+/// SQLite's busy handler (sleeps of 1, 2, 5, 10, 15 ms…) added to it: 33 ms of sleeps in
+/// one such stall, seen with strace at 5,000 Checks/s. An outside reader holding a
+/// snapshot (an operator's `sqlite3` shell left in a transaction) made commits wait the
+/// full second, every 100 ms.
 #[cfg(not(test))]
 const WAL_RESTART_FRAMES: i64 = 16_384;
 #[cfg(test)]
@@ -459,15 +464,38 @@ const WAL_RESTART_FRAMES: i64 = 64;
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until the writer stops, then once
-/// more, truncating the WAL. Never waits for the writer or for readers (PASSIVE); past
-/// [`WAL_RESTART_FRAMES`] it sets `restart`, for the writer to make the WAL start over.
+/// more, truncating the WAL. Never waits for the writer or for readers (PASSIVE). Past
+/// [`WAL_RESTART_FRAMES`], if its checkpoint copied every frame it saw (no reader held it
+/// back, so the writer's would not be held back either), it sets `restart`, for the
+/// writer to make the WAL start over.
 fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>, restart: &AtomicBool) {
     use std::sync::mpsc::RecvTimeoutError;
+    let mut warned = false;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
-        // (busy, frames in the WAL, frames checkpointed)
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-            Ok(frames) if frames > WAL_RESTART_FRAMES => restart.store(true, Ordering::Relaxed),
-            Ok(_) => {}
+        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        match passive {
+            // (busy, frames in the WAL, frames copied)
+            Ok((busy, frames, copied)) if frames > WAL_RESTART_FRAMES => {
+                if busy == 0 && copied == frames {
+                    restart.store(true, Ordering::Relaxed);
+                }
+                if frames > 4 * WAL_RESTART_FRAMES && !warned {
+                    warned = true;
+                    crate::log!(
+                        warn,
+                        "audit WAL holds {frames} frames, over 4 times its bound of \
+                         {WAL_RESTART_FRAMES}: a reader of the audit database is keeping \
+                         it from starting over"
+                    );
+                }
+            }
+            Ok(_) => warned = false,
             Err(e) => crate::log!(warn, "audit WAL checkpoint failed (will retry): {e}"),
         }
     }
@@ -720,17 +748,21 @@ impl Writer {
     /// Makes the WAL start over at the next commit, between two batches (their Checks
     /// already answered): only this connection writes, so a PASSIVE checkpoint here copies
     /// every frame that no reader's snapshot still needs, and SQLite's next write
-    /// transaction then writes from the start of the WAL. It waits for no one: while a
-    /// reader holds an older snapshot the WAL grows, and the checkpointer asks again.
+    /// transaction then writes from the start of the WAL if no reader is using it. It
+    /// waits for no one: while a reader uses the WAL, the WAL grows and the checkpointer
+    /// asks again. If the checkpointer's own checkpoint was running (busy), it tries again
+    /// after the next batch.
     fn start_wal_over(&self) {
-        if let Err(e) = self
+        match self
             .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
         {
-            crate::log!(
+            Ok(0) => {}
+            Ok(_) => self.restart_wal.store(true, Ordering::Relaxed),
+            Err(e) => crate::log!(
                 warn,
                 "audit WAL checkpoint by the writer failed (will retry): {e}"
-            );
+            ),
         }
     }
 
@@ -1017,28 +1049,52 @@ mod tests {
             .expect("join");
     }
 
-    /// How many times the WAL has started over: its header's checkpoint sequence number
-    /// (bytes 12..16, big-endian), which SQLite raises at each restart.
-    fn wal_restarts(dir: &tempfile::TempDir) -> u32 {
-        let wal = std::fs::read(dir.path().join(AUDIT_DB_FILE).with_extension("db-wal"))
+    /// The WAL file: how many times it has started over (its header's checkpoint
+    /// sequence number, bytes 12..16, big-endian, which SQLite raises at each start-over),
+    /// and its size.
+    fn wal(dir: &tempfile::TempDir) -> (u32, u64) {
+        use std::io::Read;
+        let mut file = std::fs::File::open(dir.path().join(AUDIT_DB_FILE).with_extension("db-wal"))
             .expect("the WAL");
-        let header: [u8; 4] = wal
-            .get(12..16)
-            .and_then(|b| b.try_into().ok())
-            .expect("a WAL header");
-        u32::from_be_bytes(header)
+        let mut header = [0u8; 16];
+        file.read_exact(&mut header).expect("a WAL header");
+        let size = file.metadata().expect("size").len();
+        (
+            u32::from_be_bytes([header[12], header[13], header[14], header[15]]),
+            size,
+        )
     }
 
-    /// Appends rows one at a time for `span`; the slowest append.
-    async fn append_for(log: &AuditLog, span: std::time::Duration) -> std::time::Duration {
+    /// Appends rows from `callers` tasks at once for `span`, so the writer always has the
+    /// next batch waiting (a writer left idle lets the checkpointer copy the whole WAL on
+    /// its own); the slowest append.
+    async fn append_for(
+        log: &AuditLog,
+        callers: usize,
+        span: std::time::Duration,
+    ) -> std::time::Duration {
         let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|c| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut slowest = std::time::Duration::ZERO;
+                    let mut n = 0;
+                    while started.elapsed() < span {
+                        let t = std::time::Instant::now();
+                        log.append(row((c * 1_000_000 + n) as i64))
+                            .await
+                            .expect("appended");
+                        slowest = slowest.max(t.elapsed());
+                        n += 1;
+                    }
+                    slowest
+                })
+            })
+            .collect();
         let mut slowest = std::time::Duration::ZERO;
-        let mut n = 0;
-        while started.elapsed() < span {
-            let t = std::time::Instant::now();
-            log.append(row(n)).await.expect("appended");
-            slowest = slowest.max(t.elapsed());
-            n += 1;
+        for t in tasks {
+            slowest = slowest.max(t.await.expect("caller"));
         }
         slowest
     }
@@ -1056,20 +1112,33 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
             .expect("read");
         assert_eq!(seen, 1);
-        // The WAL passes the restart bound (64 frames here) within the first commits, and
-        // the checkpointer asks for a restart every 100 ms from then on.
-        let slowest = append_for(&log, std::time::Duration::from_millis(1500)).await;
+        let (restarts, _) = wal(&dir);
+        // The WAL passes its bound (64 frames in unit tests) within the first commits.
+        // The old RESTART checkpoint then held the write lock for the busy timeout (1 s)
+        // waiting for this reader, every 100 ms.
+        let slowest = append_for(&log, 16, std::time::Duration::from_millis(1500)).await;
         assert!(
-            slowest < std::time::Duration::from_millis(250),
+            slowest < std::time::Duration::from_millis(600),
             "a commit waited {slowest:?} for a reader"
         );
-        let before = wal_restarts(&dir);
+        let (pinned, size) = wal(&dir);
+        assert!(
+            size > 4 * 64 * 4096,
+            "the WAL passed its bound: {size} bytes"
+        );
+        assert_eq!(
+            pinned, restarts,
+            "no start-over while the reader uses the WAL"
+        );
         reader.execute_batch("COMMIT").expect("commit");
         drop(reader);
-        append_for(&log, std::time::Duration::from_millis(1000)).await;
+        // Under continuous writes the checkpointer's own checkpoints never catch up with
+        // the writer: the start-overs are the writer's.
+        append_for(&log, 16, std::time::Duration::from_millis(1500)).await;
+        let (after, _) = wal(&dir);
         assert!(
-            wal_restarts(&dir) > before,
-            "the WAL starts over once the reader is gone"
+            after >= pinned + 3,
+            "the WAL starts over again and again once the reader is gone: {pinned} → {after}"
         );
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
