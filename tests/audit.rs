@@ -33,6 +33,7 @@ async fn base_log(dir: &Path) -> Signer {
         max_batch: 16,
         durability: Durability::Normal,
         gather: aegis::audit::store::GATHER,
+        wal_restart_frames: aegis::audit::store::WAL_RESTART_FRAMES,
     };
     let sink = FileSink::open(&dir.join("witness.jsonl")).expect("witness file");
     // Every checkpoint, so that the vectors can name each commit's range.
@@ -406,6 +407,7 @@ async fn writer_refuses_to_continue_from_a_bad_tail() {
             max_batch: 4,
             durability: Durability::Normal,
             gather: aegis::audit::store::GATHER,
+            wal_restart_frames: aegis::audit::store::WAL_RESTART_FRAMES,
         };
         let err = AuditLog::open(&db, signer, &opts).expect_err(what);
         let msg = err.to_string();
@@ -664,6 +666,7 @@ async fn the_writer_refuses_a_log_its_witness_contradicts() {
             max_batch: 4,
             durability: Durability::Normal,
             gather: aegis::audit::store::GATHER,
+            wal_restart_frames: aegis::audit::store::WAL_RESTART_FRAMES,
         };
         let key = [signer.verifying_key()];
         let witness = dir.path().join("witness.jsonl");
@@ -767,6 +770,7 @@ async fn the_writer_checks_the_witnessed_rows_not_a_planted_checkpoint() {
         max_batch: 4,
         durability: Durability::Normal,
         gather: aegis::audit::store::GATHER,
+        wal_restart_frames: aegis::audit::store::WAL_RESTART_FRAMES,
     };
     // Run on without the witness, past the witnessed size.
     let (log, writer) = AuditLog::open(&db, signer.clone(), &opts).expect("opens without it");

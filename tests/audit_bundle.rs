@@ -35,6 +35,7 @@ fn opts() -> StoreOptions {
         max_batch: 16,
         durability: Durability::Normal,
         gather: aegis::audit::store::GATHER,
+        wal_restart_frames: aegis::audit::store::WAL_RESTART_FRAMES,
     }
 }
 

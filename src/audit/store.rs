@@ -148,6 +148,8 @@ pub struct StoreOptions {
     /// How long the writer holds a batch open while rows are announced ([`GATHER`];
     /// zero: never).
     pub gather: std::time::Duration,
+    /// WAL frames past which the writer makes the WAL start over ([`WAL_RESTART_FRAMES`]).
+    pub wal_restart_frames: i64,
 }
 
 struct Job {
@@ -201,18 +203,35 @@ fn parse_gather(value: Option<&str>) -> Result<std::time::Duration, String> {
     let Some(v) = value else {
         return Ok(GATHER);
     };
-    let us: u64 = v
+    let most = GATHER_MAX.as_micros() as u64;
+    parse_env_number("AEGIS_AUDIT_GATHER_US", v, "µs", 0..=most)
+        .map(std::time::Duration::from_micros)
+}
+
+/// Environment variable `name`'s value `value`, a whole number of `unit` within `range`.
+fn parse_env_number(
+    name: &str,
+    value: &str,
+    unit: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, String> {
+    let n: u64 = value
         .trim()
         .parse()
-        .map_err(|_| format!("AEGIS_AUDIT_GATHER_US={v:?}: not a number of microseconds"))?;
-    let window = std::time::Duration::from_micros(us);
-    if window > GATHER_MAX {
+        .map_err(|_| format!("{name}={value:?}: not a whole number of {unit}"))?;
+    if n > *range.end() {
         return Err(format!(
-            "AEGIS_AUDIT_GATHER_US={us}: above the most, {} µs",
-            GATHER_MAX.as_micros()
+            "{name}={n}: above the most, {} {unit}",
+            range.end()
         ));
     }
-    Ok(window)
+    if n < *range.start() {
+        return Err(format!(
+            "{name}={n}: below the least, {} {unit}",
+            range.start()
+        ));
+    }
+    Ok(n)
 }
 
 /// Handle to the audit log: append rows; cloneable.
@@ -323,6 +342,7 @@ impl AuditLog {
         let checkpoint_conn = open_connection(path, opts.durability)?;
         let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel::<()>();
         let restart_wal = Arc::new(AtomicBool::new(false));
+        let wal_bound = opts.wal_restart_frames;
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -347,7 +367,9 @@ impl AuditLog {
         };
         let checkpointer = std::thread::Builder::new()
             .name("aegis-audit-ckpt".into())
-            .spawn(move || run_checkpoints(&checkpoint_conn, &checkpoint_rx, &restart_wal))
+            .spawn(move || {
+                run_checkpoints(&checkpoint_conn, &checkpoint_rx, &restart_wal, wal_bound)
+            })
             .map_err(|e| open_err(path, e.to_string()))?;
         let handle = std::thread::Builder::new()
             .name("aegis-audit-writer".into())
@@ -436,8 +458,8 @@ impl WriterThread {
     }
 }
 
-/// WAL frames (pages) past which the WAL is made to start over (~64 MiB; 64 frames in
-/// unit tests, so that they reach it).
+/// WAL frames (pages) past which the WAL is made to start over by default (~64 MiB;
+/// [`StoreOptions::wal_restart_frames`]).
 ///
 /// The checkpointer's PASSIVE checkpoints copy frames beside the writer but never reset
 /// the WAL while a writer commits continuously: the WAL then only grows. Found by the
@@ -455,20 +477,40 @@ impl WriterThread {
 /// one such stall, seen with strace at 5,000 Checks/s. An outside reader holding a
 /// snapshot (an operator's `sqlite3` shell left in a transaction) made commits wait the
 /// full second, every 100 ms.
-#[cfg(not(test))]
-const WAL_RESTART_FRAMES: i64 = 16_384;
-#[cfg(test)]
-const WAL_RESTART_FRAMES: i64 = 64;
+pub const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// The range `AEGIS_AUDIT_WAL_RESTART_FRAMES` may set: from 64 frames (the tests', a
+/// start-over every few commits) to 1,048,576 (4 GiB of WAL).
+const WAL_RESTART_RANGE: std::ops::RangeInclusive<u64> = 64..=1_048_576;
+
+/// [`WAL_RESTART_FRAMES`], or for tests and measuring, `AEGIS_AUDIT_WAL_RESTART_FRAMES`.
+pub fn wal_restart_frames() -> Result<i64, String> {
+    let Ok(v) = std::env::var("AEGIS_AUDIT_WAL_RESTART_FRAMES") else {
+        return Ok(WAL_RESTART_FRAMES);
+    };
+    let frames = parse_env_number(
+        "AEGIS_AUDIT_WAL_RESTART_FRAMES",
+        &v,
+        "frames",
+        WAL_RESTART_RANGE,
+    )?;
+    i64::try_from(frames).map_err(|e| e.to_string())
+}
 
 /// The WAL file is cut back to this size when it starts over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until the writer stops, then once
 /// more, truncating the WAL. Never waits for the writer or for readers (PASSIVE). Past
-/// [`WAL_RESTART_FRAMES`], if its checkpoint copied every frame it saw (no reader held it
+/// `bound` frames, if its checkpoint copied every frame it saw (no reader held it
 /// back, so the writer's would not be held back either), it sets `restart`, for the
 /// writer to make the WAL start over.
-fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>, restart: &AtomicBool) {
+fn run_checkpoints(
+    conn: &Connection,
+    stop: &std::sync::mpsc::Receiver<()>,
+    restart: &AtomicBool,
+    bound: i64,
+) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut warned = false;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
@@ -481,16 +523,16 @@ fn run_checkpoints(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>, rest
         });
         match passive {
             // (busy, frames in the WAL, frames copied)
-            Ok((busy, frames, copied)) if frames > WAL_RESTART_FRAMES => {
+            Ok((busy, frames, copied)) if frames > bound => {
                 if busy == 0 && copied == frames {
                     restart.store(true, Ordering::Relaxed);
                 }
-                if frames > 4 * WAL_RESTART_FRAMES && !warned {
+                if frames > 4 * bound && !warned {
                     warned = true;
                     crate::log!(
                         warn,
                         "audit WAL holds {frames} frames, over 4 times its bound of \
-                         {WAL_RESTART_FRAMES}: a reader of the audit database is keeping \
+                         {bound}: a reader of the audit database is keeping \
                          it from starting over"
                     );
                 }
@@ -953,6 +995,7 @@ mod tests {
             max_batch: 4,
             durability: Durability::Normal,
             gather: GATHER,
+            wal_restart_frames: WAL_RESTART_FRAMES,
         };
         let (log, writer) = AuditLog::open(&path, signer.clone(), &opts).expect("opens an old log");
         assert_eq!(log.append(old.clone()).await.expect("append"), 2);
@@ -985,7 +1028,16 @@ mod tests {
         let too_long = parse_gather(Some("10001")).err().unwrap_or_default();
         assert!(too_long.contains("above the most, 10000 µs"), "{too_long}");
         let junk = parse_gather(Some("100us")).err().unwrap_or_default();
-        assert!(junk.contains("not a number of microseconds"), "{junk}");
+        assert!(junk.contains("not a whole number of µs"), "{junk}");
+        let few = parse_env_number(
+            "AEGIS_AUDIT_WAL_RESTART_FRAMES",
+            "63",
+            "frames",
+            WAL_RESTART_RANGE,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(few.contains("=63: below the least, 64 frames"), "{few}");
     }
 
     /// A log in a temporary directory whose writer gathers for `gather`.
@@ -997,6 +1049,8 @@ mod tests {
             max_batch: 16,
             durability: Durability::Normal,
             gather,
+            // A start-over every few commits, so that the tests meet it.
+            wal_restart_frames: 64,
         };
         let (log, writer) =
             AuditLog::open(&path, Signer::generate().expect("key"), &opts).expect("opens");

@@ -52,6 +52,7 @@ pub async fn run(rows: u64, keep: Option<&std::path::Path>) -> anyhow::Result<()
         max_batch: 512,
         durability: Durability::Normal,
         gather: crate::audit::store::GATHER,
+        wal_restart_frames: crate::audit::store::WAL_RESTART_FRAMES,
     };
     let (log, writer) =
         AuditLog::open_with(&db, signer, &opts, Trust::keys(&key), Some(publisher), None)?;

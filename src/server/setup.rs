@@ -109,6 +109,8 @@ pub(super) fn open_audit(
         max_batch: config.audit.max_batch,
         durability: config.audit.durability,
         gather: crate::audit::store::gather_window().map_err(StartError::Config)?,
+        wal_restart_frames: crate::audit::store::wal_restart_frames()
+            .map_err(StartError::Config)?,
     };
     let (audit, writer) = AuditLog::open_with(
         &config.data_dir.join(AUDIT_DB_FILE),

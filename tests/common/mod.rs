@@ -1043,10 +1043,18 @@ pub fn outcome(r: Result<tonic::Response<CheckResponse>, tonic::Status>) -> Stri
 // === Aegis as a child process under load, for the crash and neighbour tests ===
 
 /// `aegis serve` on `data_dir` with `normal` durability (a row is in the WAL before its
-/// Check is answered).
+/// Check is answered). The WAL's bound is its least, 64 frames, so that under load the
+/// writer makes the WAL start over every few commits: the kills and the outside readers
+/// meet it.
 pub fn spawn_serve_at(data_dir: &Path) -> ChildServer {
     let data = data_dir.to_string_lossy().into_owned();
-    spawn_serve(&["--audit-durability", "normal", "--data-dir", &data])
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aegis"));
+    cmd.env("AEGIS_AUDIT_WAL_RESTART_FRAMES", "64");
+    spawn_serve_cmd(
+        cmd,
+        &["--audit-durability", "normal", "--data-dir", &data],
+        aegis::server::ANNOUNCE,
+    )
 }
 
 /// The decision ids of every Check row in the log at `db`.
