@@ -742,7 +742,8 @@ struct Writer {
     max_batch: usize,
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
-    /// Set by the checkpointer: the WAL is past [`WAL_RESTART_FRAMES`].
+    /// Set by the checkpointer: the WAL is past its bound (`wal_restart_frames`). Set again
+    /// by the writer when its own checkpoint found the checkpointer's running.
     restart_wal: Arc<AtomicBool>,
 }
 
