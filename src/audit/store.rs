@@ -1083,11 +1083,16 @@ mod tests {
             let log = log.clone();
             async move { log.append_row(row(1)).await }
         });
-        // The first row is queued (and stays counted while the writer gathers).
+        // Wait until the writer has taken the first row and sleeps to gather for the
+        // announced one. Waiting only for the row to be queued let a writer thread that
+        // was not scheduled yet find both rows queued at once (no gathering at all): a
+        // loaded CI machine failed the test that way.
+        let sleeps = || log.stats.gather_sleeps.load(Ordering::Relaxed);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while log.queued() == 0 && std::time::Instant::now() < deadline {
+        while sleeps() == 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+        assert_eq!(sleeps(), 1, "the writer gathers for the announced row");
         drop(coming);
         let second = log.append_row(row(2)).await.expect("second");
         let first = first.await.expect("task").expect("first");
@@ -1097,7 +1102,7 @@ mod tests {
             1,
             "one transaction, one signature for both rows"
         );
-        assert_eq!(log.stats.gather_sleeps.load(Ordering::Relaxed), 1);
+        assert_eq!(sleeps(), 1, "one window for both rows");
         drop(log);
         tokio::task::spawn_blocking(move || writer.join())
             .await
