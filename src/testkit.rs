@@ -273,14 +273,15 @@ impl TraceService for SinkService {
                 .filter(|s| s.name == name)
                 .count() as u64
         };
-        self.spans.fetch_add(named(CHECK_SPAN), Ordering::Relaxed);
-        self.checkpoints
-            .fetch_add(named(CHECKPOINT_SPAN), Ordering::Relaxed);
+        let (spans, checkpoints) = (named(CHECK_SPAN), named(CHECKPOINT_SPAN));
+        // Kept before it is counted: a test that waits for the count then finds it.
         if self.keep
             && let Ok(mut v) = self.received.lock()
         {
             v.push(req);
         }
+        self.spans.fetch_add(spans, Ordering::Release);
+        self.checkpoints.fetch_add(checkpoints, Ordering::Release);
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))

@@ -1647,11 +1647,16 @@ async fn the_in_process_data_plane_refuses_a_store_that_went_back() {
 
     // The store loses both changes and its version goes back, as a restored copy would.
     let db = rusqlite::Connection::open(s.data_dir().join("control.db")).expect("open");
+    // The running server takes the write lock now and then: wait for it, and change all
+    // or nothing.
+    db.busy_timeout(Duration::from_secs(5)).expect("timeout");
     db.execute_batch(
-        "UPDATE tokens SET revoked_at = NULL, revoked_reason = ''; \
+        "BEGIN IMMEDIATE; \
+         UPDATE tokens SET revoked_at = NULL, revoked_reason = ''; \
          UPDATE agents SET status = 'active' WHERE id = 'other'; \
          UPDATE meta SET value = value - 2 WHERE key = 'version'; \
-         DELETE FROM changes WHERE version > (SELECT value FROM meta WHERE key = 'version');",
+         DELETE FROM changes WHERE version > (SELECT value FROM meta WHERE key = 'version'); \
+         COMMIT;",
     )
     .expect("roll back");
     drop(db);

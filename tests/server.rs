@@ -106,7 +106,7 @@ async fn one_span_per_check_child_of_traceparent_received_over_otlp() {
     );
 
     let spans_arrived = eventually(Duration::from_secs(10), || {
-        sink.spans.load(std::sync::atomic::Ordering::Relaxed) >= 2
+        sink.spans.load(std::sync::atomic::Ordering::Acquire) >= 2
     })
     .await;
     assert!(spans_arrived, "two spans exported");
@@ -307,7 +307,7 @@ async fn span_attributes_are_bounded_like_the_row() {
     assert_eq!(reason(&r), Some("unknown_tool"));
     assert!(
         eventually(Duration::from_secs(10), || {
-            sink.spans.load(std::sync::atomic::Ordering::Relaxed) >= 1
+            sink.spans.load(std::sync::atomic::Ordering::Acquire) >= 1
         })
         .await,
         "the span arrived"
