@@ -1,7 +1,9 @@
 //! Benchmark, not a test the suite runs: the latency Aegis adds to a tool call behind a
 //! real Envoy 1.40, at a fixed rate. Envoy + Aegis (the shipped deploy/envoy.yaml, only its
 //! addresses changed) against Envoy alone (the same file without its ext_authz filter: the
-//! no-op baseline), in alternating rounds of one run, over keep-alive connections. The
+//! no-op baseline) and against the same Envoy calling a no-op ext_authz server (the hidden
+//! `aegis noop-server`, which answers OK at once: what the ext_authz hop itself costs), in
+//! rotating rounds of one run, over keep-alive connections. The
 //! calls are open loop (each is sent when due, on its own task, whatever the earlier ones
 //! are doing); a call's latency runs from the moment it is sent to its whole response.
 //! The pacing timer's own lateness (tokio's timer has a 1 ms resolution) is reported
@@ -61,6 +63,12 @@ async fn latency_added_by_aegis_behind_envoy() {
         &signer,
         common::claims("acme", "billing-bot", &["invoices:read"]),
     );
+    let noop = aegis::testkit::ChildServer::spawn_exe(
+        std::path::Path::new(env!("CARGO_BIN_EXE_aegis")),
+        &["noop-server", "--listen", "127.0.0.1:0"],
+        "noop ext_authz listening on ",
+    )
+    .expect("the no-op ext_authz server starts");
     let upstream = Upstream::start().await;
     let with = Envoy::start(aegis_addr, upstream.addr, sink.addr).await;
     let alone = Envoy::start_with(
@@ -70,9 +78,11 @@ async fn latency_added_by_aegis_behind_envoy() {
         serde_json::json!({"without_ext_authz": true}),
     )
     .await;
+    let with_noop = Envoy::start(noop.addr, upstream.addr, sink.addr).await;
     let modes = [
         ("envoy + aegis", with.listener()),
         ("envoy alone", alone.listener()),
+        ("envoy + no-op", with_noop.listener()),
     ];
 
     // Warm-up: connections, caches, the policy's engines.
@@ -82,14 +92,14 @@ async fn latency_added_by_aegis_behind_envoy() {
     }
     upstream.clear();
 
-    let mut all: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-    let mut errors = [0u64; 2];
-    let mut took = [Duration::ZERO; 2];
-    let mut late = [Duration::ZERO; 2];
+    let mut all: [Vec<u32>; 3] = Default::default();
+    let mut errors = [0u64; 3];
+    let mut took = [Duration::ZERO; 3];
+    let mut late = [Duration::ZERO; 3];
     for round in 0..rounds {
-        // Alternate which goes first, so neither always follows the other.
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        // Rotate which goes first, so none always follows another.
+        let first = round as usize % 3;
+        for i in (0..3).map(|k| (first + k) % 3) {
             let r = run(modes[i].1, &token, rate * secs, Duration::from_secs(secs)).await;
             all[i].extend(r.latencies_us);
             errors[i] += r.errors;
@@ -104,8 +114,8 @@ async fn latency_added_by_aegis_behind_envoy() {
         "{:<15} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>14}",
         "", "calls", "errors", "calls/s", "p50 ms", "p99 ms", "p99.9 ms", "timer late ms"
     );
-    let mut p = [[0f64; 3]; 2];
-    for i in 0..2 {
+    let mut p = [[0f64; 3]; 3];
+    for i in 0..3 {
         let l = &mut all[i];
         l.sort_unstable();
         p[i] = [pct(l, 0.50), pct(l, 0.99), pct(l, 0.999)];
@@ -128,6 +138,14 @@ async fn latency_added_by_aegis_behind_envoy() {
         p[0][0] / p[1][0].max(1e-9),
         p[0][1] / p[1][1].max(1e-9)
     );
+    println!(
+        "added by the ext_authz hop with a no-op server: p50 {:+.3} ms, p99 {:+.3} ms; \
+         aegis over that: p50 {:+.3} ms, p99 {:+.3} ms",
+        p[2][0] - p[1][0],
+        p[2][1] - p[1][1],
+        p[0][0] - p[2][0],
+        p[0][1] - p[2][1]
+    );
     // Envoy's own view of the Checks: how long Aegis took to answer, as Envoy measured it.
     let stats = with
         .admin_get("/stats?filter=^cluster%5C.aegis%5C.upstream_rq_time$")
@@ -137,7 +155,7 @@ async fn latency_added_by_aegis_behind_envoy() {
         "envoy's histogram of aegis's answers (ms): {}",
         stats.trim()
     );
-    assert_eq!(errors, [0, 0], "every call answered 200");
+    assert_eq!(errors, [0, 0, 0], "every call answered 200");
 }
 
 /// The `q` quantile of sorted microseconds, in milliseconds.
