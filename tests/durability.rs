@@ -78,7 +78,7 @@ async fn fails_closed_when_the_audit_log_cannot_be_written_and_recovers() {
     );
 }
 
-/// Polls the health service for up to 3 s until it reports `want`.
+/// Polls the health service for up to 15 s until it reports `want`.
 async fn health_becomes(addr: std::net::SocketAddr, want: ServingStatus) -> bool {
     // 15 s: the status is published every 250 ms, and a loaded machine may starve that.
     for _ in 0..300 {

@@ -14,9 +14,10 @@
 //! ```
 //!
 //! `AEGIS_BENCH_RATE` (calls/s, default 1000), `AEGIS_BENCH_SECS` (per round, default 5),
-//! `AEGIS_BENCH_ROUNDS` (rounds of each, default 4). Aegis runs as `aegis serve` (the
-//! binary of this build) with its full pipeline: token verification, the default bundle,
-//! a durable audit row per call, spans exported over OTLP.
+//! `AEGIS_BENCH_ROUNDS` (rounds of each, default 6: each order of the three once). Aegis
+//! runs as `aegis serve` (the binary of this build) with its full pipeline: token
+//! verification, the default bundle, a durable audit row per call, spans exported over
+//! OTLP.
 // Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
 #![allow(
     clippy::unwrap_used,
@@ -49,7 +50,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 async fn latency_added_by_aegis_behind_envoy() {
     let rate = env_or("AEGIS_BENCH_RATE", 1000).max(1);
     let secs = env_or("AEGIS_BENCH_SECS", 5).max(1);
-    let rounds = env_or("AEGIS_BENCH_ROUNDS", 4).max(1);
+    let rounds = env_or("AEGIS_BENCH_ROUNDS", 6).max(1);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -97,9 +98,17 @@ async fn latency_added_by_aegis_behind_envoy() {
     let mut took = [Duration::ZERO; 3];
     let mut late = [Duration::ZERO; 3];
     for round in 0..rounds {
-        // Rotate which goes first, so none always follows another.
-        let first = round as usize % 3;
-        for i in (0..3).map(|k| (first + k) % 3) {
+        // Each of the six orders in turn: over six rounds every mode runs first, second
+        // and last twice, and right after each of the others twice within a round.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [0, 2, 1],
+            [2, 1, 0],
+            [1, 0, 2],
+        ];
+        for i in ORDERS[round as usize % 6] {
             let r = run(modes[i].1, &token, rate * secs, Duration::from_secs(secs)).await;
             all[i].extend(r.latencies_us);
             errors[i] += r.errors;

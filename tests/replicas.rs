@@ -516,12 +516,15 @@ async fn replicas_on_postgres_lose_one_under_a_stream_of_actions_and_lose_nothin
         p(&after, 99.0),
         p(&after, 100.0)
     );
-    // The target is p99 under 100 ms (the README's figures). The test fails at 500 ms:
-    // a replica that missed the store's announcement and delivered only on its 1 s feed
-    // read. One run in
-    // eighteen had a 0.3-0.7 s stall of the whole machine, which is not what this guards.
-    assert!(p(&before, 99.0) < 500.0, "p99 before the kill: {before:?}");
-    assert!(p(&after, 99.0) < 500.0, "p99 after the failover: {after:?}");
+    // The target is p99 under 100 ms (the README's figures). One run in eighteen had a
+    // 0.3-0.7 s stall of the whole machine, so the p99 bound is 500 ms. A replica that
+    // missed the store's announcements and delivered only on its 1 s feed read would put
+    // the median near 500 ms, which no single stall moves: the median's bound is 100 ms
+    // (~9 ms measured).
+    for (when, samples) in [("before the kill", &before), ("after the failover", &after)] {
+        assert!(p(samples, 50.0) < 100.0, "p50 {when}: {samples:?}");
+        assert!(p(samples, 99.0) < 500.0, "p99 {when}: {samples:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

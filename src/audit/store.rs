@@ -1125,24 +1125,27 @@ mod tests {
         )
     }
 
-    /// Appends rows from `callers` tasks at once for `span`, so the writer always has the
-    /// next batch waiting (a writer left idle lets the checkpointer copy the whole WAL on
-    /// its own); the slowest append.
-    async fn append_for(
+    /// Appends rows from `callers` tasks at once, without a pause, so the writer always
+    /// has the next batch waiting (a writer left idle lets the checkpointer copy the whole
+    /// WAL on its own), for at least `at_least` and then until `done` holds (looked at
+    /// every 20 ms) or 30 s have passed; the slowest append.
+    async fn append_until(
         log: &AuditLog,
         callers: usize,
-        span: std::time::Duration,
+        at_least: std::time::Duration,
+        done: impl Fn() -> bool,
     ) -> std::time::Duration {
         let started = std::time::Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
-                let log = log.clone();
+                let (log, stop) = (log.clone(), stop.clone());
                 tokio::spawn(async move {
                     let mut slowest = std::time::Duration::ZERO;
                     let mut n = 0;
-                    while started.elapsed() < span {
+                    while !stop.load(Ordering::Relaxed) {
                         let t = std::time::Instant::now();
-                        log.append(row((c * 1_000_000 + n) as i64))
+                        log.append(row((c * 10_000_000 + n) as i64))
                             .await
                             .expect("appended");
                         slowest = slowest.max(t.elapsed());
@@ -1152,6 +1155,11 @@ mod tests {
                 })
             })
             .collect();
+        let give_up = std::time::Duration::from_secs(30);
+        while started.elapsed() < give_up && (started.elapsed() < at_least || !done()) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
         let mut slowest = std::time::Duration::ZERO;
         for t in tasks {
             slowest = slowest.max(t.await.expect("caller"));
@@ -1178,15 +1186,10 @@ mod tests {
         // waiting for this reader, every 100 ms.
         // At least 1.5 s, and on until the WAL is well past its bound (a loaded machine
         // commits less in that time).
-        let chunk = std::time::Duration::from_millis(300);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut slowest = std::time::Duration::ZERO;
-        for round in 0.. {
-            slowest = slowest.max(append_for(&log, 16, chunk).await);
-            if (round >= 4 && wal(&dir).1 > 4 * 64 * 4096) || std::time::Instant::now() > deadline {
-                break;
-            }
-        }
+        let slowest = append_until(&log, 16, std::time::Duration::from_millis(1500), || {
+            wal(&dir).1 > 4 * 64 * 4096
+        })
+        .await;
         assert!(
             slowest < std::time::Duration::from_millis(600),
             "a commit waited {slowest:?} for a reader"
@@ -1204,12 +1207,11 @@ mod tests {
         drop(reader);
         // Under continuous writes the checkpointer's own checkpoints never catch up with
         // the writer: the start-overs are the writer's.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut after = pinned;
-        while after < pinned + 3 && std::time::Instant::now() < deadline {
-            append_for(&log, 16, chunk).await;
-            after = wal(&dir).0;
-        }
+        append_until(&log, 16, std::time::Duration::ZERO, || {
+            wal(&dir).0 >= pinned + 3
+        })
+        .await;
+        let (after, _) = wal(&dir);
         assert!(
             after >= pinned + 3,
             "the WAL starts over again and again once the reader is gone: {pinned} → {after}"

@@ -450,7 +450,8 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .find(|(m, _, _)| m.name == "allow-new-token")
         .map_or(f64::NAN, |(_, n, _)| n.total);
     println!(
-        "a token in process ({TOKEN_COST_ROUNDS} tokens, one thread): a cache miss {:.1} µs, \
+        "a token in process ({TOKEN_COST_ROUNDS} tokens, one thread, the fastest of \
+         {TOKEN_COST_REPEATS} passes): a cache miss {:.1} µs, \
          of which the EdDSA strict signature check {:.1} µs ({:.2}× the no-op's whole Check \
          in the allow-new-token mix); a cache hit {:.2} µs",
         t.miss_us,
@@ -461,8 +462,11 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tokens [`token_costs`] times.
+/// Tokens [`token_costs`] times in one pass.
 const TOKEN_COST_ROUNDS: usize = 2_000;
+
+/// Passes [`token_costs`] makes of each kind, keeping the fastest.
+const TOKEN_COST_REPEATS: usize = 3;
 
 /// What identifying an agent costs on this machine, outside the server: the floor under
 /// the token-miss mix, which no pipeline change moves.
@@ -473,7 +477,9 @@ struct TokenCosts {
 }
 
 /// Times [`crate::identity::Identifier::identify`] over fresh tokens (each a cache miss),
-/// then over the same tokens again (hits), and the signature check alone.
+/// then over the same tokens again (hits), and the signature check alone; each the
+/// fastest of [`TOKEN_COST_REPEATS`] passes, so that a pass the machine stalled does not
+/// count.
 fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
     use crate::identity::{Identifier, KeyRing, Revocations, TokenPolicy};
     use base64::Engine as _;
@@ -489,17 +495,11 @@ fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
         max_bytes: 8 * 1024,
         max_lifetime_secs: 24 * 3600,
     };
-    let ids = Identifier::new(
-        keys,
-        policy,
-        Arc::new(Revocations::default()),
-        TOKEN_COST_ROUNDS * 2,
-    );
     let now = crate::unix_nanos() / 1_000_000_000;
     let per_token = |started: std::time::Instant| {
         started.elapsed().as_secs_f64() * 1e6 / TOKEN_COST_ROUNDS as f64
     };
-    let pass = || -> anyhow::Result<f64> {
+    let pass = |ids: &Identifier| -> anyhow::Result<f64> {
         let started = std::time::Instant::now();
         for t in &tokens {
             ids.identify(std::hint::black_box(t), now)
@@ -507,8 +507,18 @@ fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
         }
         Ok(per_token(started))
     };
-    let miss_us = pass()?;
-    let hit_us = pass()?;
+    let (mut miss_us, mut hit_us) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..TOKEN_COST_REPEATS {
+        // A fresh cache each time: the first pass misses on every token.
+        let ids = Identifier::new(
+            keys.clone(),
+            policy.clone(),
+            Arc::new(Revocations::default()),
+            TOKEN_COST_ROUNDS * 2,
+        );
+        miss_us = miss_us.min(pass(&ids)?);
+        hit_us = hit_us.min(pass(&ids)?);
+    }
     let first = tokens.first().context("no token")?;
     let (signed, sig) = first
         .rsplit_once('.')
@@ -519,14 +529,18 @@ fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
         .map_err(|_| anyhow::anyhow!("a signature that is not 64 bytes"))?;
     let sig = ed25519_dalek::Signature::from_bytes(&sig);
     let key = signer.verifying_key();
-    let started = std::time::Instant::now();
-    for _ in 0..TOKEN_COST_ROUNDS {
-        key.verify_strict(std::hint::black_box(signed.as_bytes()), &sig)?;
+    let mut signature_us = f64::INFINITY;
+    for _ in 0..TOKEN_COST_REPEATS {
+        let started = std::time::Instant::now();
+        for _ in 0..TOKEN_COST_ROUNDS {
+            key.verify_strict(std::hint::black_box(signed.as_bytes()), &sig)?;
+        }
+        signature_us = signature_us.min(per_token(started));
     }
     Ok(TokenCosts {
         miss_us,
         hit_us,
-        signature_us: per_token(started),
+        signature_us,
     })
 }
 
@@ -670,8 +684,8 @@ mod tests {
         let t = super::token_costs(&signer).expect("every token identified");
         assert!(t.signature_us > 0.0, "{}", t.signature_us);
         // A miss verifies the signature and a hit does not: ~50 µs against under one
-        // in a release build, ~80 against ~6 in a debug build. Each is timed apart, so
-        // only the order is asserted, which a loaded machine does not upset.
+        // in a release build, ~80 against ~6 in a debug build. Each is the fastest of
+        // three passes, and only their order is asserted.
         assert!(
             t.miss_us > t.hit_us && t.signature_us > t.hit_us,
             "miss {} signature {} hit {}",
