@@ -49,6 +49,7 @@ mod setup;
 use health::*;
 use listen::*;
 pub use listen::{MAX_PENDING_RESET_STREAMS, incoming};
+pub(crate) use setup::identifier;
 use setup::*;
 
 /// How `aegis serve` announces its bound address on stderr (`<ANNOUNCE><addr>: …`); the

@@ -479,22 +479,16 @@ struct TokenCosts {
 /// Times [`crate::identity::Identifier::identify`] over fresh tokens (each a cache miss),
 /// then over the same tokens again (hits), and the signature check alone; each the
 /// fastest of [`TOKEN_COST_REPEATS`] passes, so that a pass the machine stalled does not
-/// count.
+/// count. The identifier is the one `aegis serve` builds from its default configuration.
 fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
-    use crate::identity::{Identifier, KeyRing, Revocations, TokenPolicy};
+    use crate::identity::{Identifier, KeyRing, Revocations};
     use base64::Engine as _;
     let tokens = (0..TOKEN_COST_ROUNDS)
         .map(|n| agent_token(signer, n, &format!("cost-{n}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut keys = KeyRing::default();
     keys.insert(signer.verifying_key());
-    let policy = TokenPolicy {
-        issuer: "aegis".into(),
-        audience: "aegis-sidecar".into(),
-        leeway_secs: 60,
-        max_bytes: 8 * 1024,
-        max_lifetime_secs: 24 * 3600,
-    };
+    let config = crate::config::Config::default();
     let now = crate::unix_nanos() / 1_000_000_000;
     let per_token = |started: std::time::Instant| {
         started.elapsed().as_secs_f64() * 1e6 / TOKEN_COST_ROUNDS as f64
@@ -510,12 +504,8 @@ fn token_costs(signer: &Signer) -> anyhow::Result<TokenCosts> {
     let (mut miss_us, mut hit_us) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..TOKEN_COST_REPEATS {
         // A fresh cache each time: the first pass misses on every token.
-        let ids = Identifier::new(
-            keys.clone(),
-            policy.clone(),
-            Arc::new(Revocations::default()),
-            TOKEN_COST_ROUNDS * 2,
-        );
+        let ids =
+            crate::server::identifier(&config, keys.clone(), Arc::new(Revocations::default()));
         miss_us = miss_us.min(pass(&ids)?);
         hit_us = hit_us.min(pass(&ids)?);
     }

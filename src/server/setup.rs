@@ -133,7 +133,9 @@ pub(super) fn token_keys(config: &Config, signer: &Signer) -> Result<KeyRing, Ke
     Ok(keys)
 }
 
-pub(super) fn identifier(
+/// The agent-token identifier `aegis serve` builds from `config` (also what `aegis bench
+/// --mixes` times).
+pub(crate) fn identifier(
     config: &Config,
     keys: KeyRing,
     revocations: Arc<Revocations>,
