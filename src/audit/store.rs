@@ -152,8 +152,12 @@ pub struct StoreOptions {
     pub wal_restart_frames: i64,
 }
 
+/// One queued row. The record is boxed: the queue's ring of `queue_capacity` slots is
+/// allocated whole and, under steady load, every slot gets written, so a slot holding a
+/// ~420-byte `Record` inline kept ~3.4 MiB resident at the default 8,192 (measured at
+/// 5,000 Checks/s); a box keeps a slot at two pointers.
 struct Job {
-    record: Record,
+    record: Box<Record>,
     reply: oneshot::Sender<Result<Appended, AuditError>>,
 }
 
@@ -415,7 +419,7 @@ impl AuditLog {
 
     /// Queues `record` for the writer; the receiver gets the commit's outcome.
     fn send(&self, record: Record) -> Result<Committed, AuditError> {
-        let record = record.bounded();
+        let record = Box::new(record.bounded());
         let (reply, rx) = oneshot::channel();
         // Counted before the send so the writer's decrement can never come first.
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -1220,6 +1224,20 @@ mod tests {
         tokio::task::spawn_blocking(move || writer.join())
             .await
             .expect("join");
+    }
+
+    /// The queue's ring of `queue_capacity` slots is allocated whole, and steady load
+    /// writes every slot: a record held inline kept ~3.4 MiB resident at the default
+    /// capacity (the README's resident-memory figures). Each slot must stay a box and the
+    /// reply's sender.
+    #[test]
+    fn a_queue_slot_holds_a_boxed_record_not_the_record() {
+        let slot = std::mem::size_of::<Job>();
+        assert!(
+            slot <= 2 * std::mem::size_of::<usize>(),
+            "a queue slot is {slot} bytes; a Record is {}",
+            std::mem::size_of::<Record>()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
