@@ -54,6 +54,8 @@ fn scrape(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_checks_and_sheds_and_probes_agree() {
+    // Its burst past saturation takes both cores: the other test waits (see common::CORES).
+    let _cores = common::CORES.write().await;
     let mut s = start_with(|c| {
         c.limits.max_inflight = 4;
         c.audit.queue_capacity = 64;
@@ -205,6 +207,7 @@ async fn metrics_move_with_checks_and_sheds_and_probes_agree() {
 /// and a few values agree with what the Rust reading above sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_parses_with_prometheus_client() {
+    let _cores = common::CORES.read().await;
     let mut s = start().await;
     let admin = s.running.as_ref().expect("running").admin_addr;
     let reader = s.token("acme", "reader", &["invoices:read"]);

@@ -28,9 +28,13 @@ struct Stack {
     sink: SpanSink,
     upstream: Upstream,
     envoy: Envoy,
+    /// Shared: no flood of slow evaluations runs beside this test (see
+    /// `envoys_cancelled_checks_do_not_tear_down_its_connection`). Dropped last.
+    _cores: tokio::sync::RwLockReadGuard<'static, ()>,
 }
 
 async fn stack() -> Stack {
+    let cores = common::CORES.read().await;
     let sink = SpanSink::start_keeping().await.expect("span sink starts");
     let endpoint = format!("http://{}", sink.addr);
     let aegis = common::start_with(|c| c.otlp.endpoint = Some(endpoint)).await;
@@ -41,6 +45,7 @@ async fn stack() -> Stack {
         sink,
         upstream,
         envoy,
+        _cores: cores,
     }
 }
 
@@ -727,6 +732,7 @@ async fn one_trace_from_envoy_through_aegis_and_in_the_audit_row() {
 /// Aegis killed (SIGKILL): Envoy answers 503 (status_on_error) and nothing reaches the tool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_fails_closed_when_aegis_is_killed() {
+    let _cores = common::CORES.read().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let data_arg = data.to_string_lossy().into_owned();
@@ -758,8 +764,11 @@ async fn envoy_fails_closed_when_aegis_is_killed() {
 /// HTTP/2 connection all its Checks share. A burst of them while Aegis is busy must not
 /// make Aegis close that connection (h2's rapid-reset guard, GOAWAY `too_many_resets`):
 /// here a policy that takes 30 ms and an Envoy that waits 5 ms, 300 calls at once.
+/// The burst takes both cores: no other test of this file runs beside it (a Check beside
+/// it once waited past its 50 ms evaluation deadline in CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_cancelled_checks_do_not_tear_down_its_connection() {
+    let _cores = common::CORES.write().await;
     let bundle = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(bundle.path().join("aegis")).expect("mkdir");
     std::fs::write(

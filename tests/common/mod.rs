@@ -19,6 +19,13 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tonic::transport::Channel;
 
+/// The cores of the test process. A test binary runs two tests at a time, in one process. A
+/// test that saturates the cores on purpose (a flood of slow evaluations, a burst past
+/// saturation) takes this exclusively; a test beside it that needs its Checks decided
+/// within the evaluation deadline takes it shared. Each test takes it once, first: the
+/// lock is fair, so a test taking it twice could wait behind a flood waiting for it.
+pub static CORES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 pub struct TestServer {
     pub running: Option<Running>,
     pub addr: std::net::SocketAddr,
