@@ -45,6 +45,8 @@ pub struct AdminState {
     pub policy: Option<Arc<crate::policy::Policy>>,
     /// `otlp.queue_size`, reported as the span queue's capacity.
     pub span_queue_capacity: usize,
+    /// What the span queue counted; `None` when spans are not exported.
+    pub spans: Option<Arc<crate::telemetry::SpanStats>>,
     /// The readiness verdict: `Err` names what is unusable.
     pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
@@ -446,6 +448,29 @@ fn metrics(state: &AdminState) -> String {
         "",
         &[("", state.span_queue_capacity as u64)],
     );
+    if let Some(spans) = &state.spans {
+        use std::sync::atomic::Ordering::Relaxed;
+        metric(
+            &mut out,
+            "aegis_spans_total",
+            "counter",
+            "Decision and checkpoint spans by what became of them: exported (the collector took them), failed (an export failed: collector down, refused or past its timeout), dropped (the queue was full). Each decision is in the audit log either way.",
+            "outcome",
+            &[
+                ("exported", spans.exported.load(Relaxed)),
+                ("failed", spans.failed.load(Relaxed)),
+                ("dropped", spans.dropped.load(Relaxed)),
+            ],
+        );
+        metric(
+            &mut out,
+            "aegis_span_queue_depth",
+            "gauge",
+            "Spans held for export now: waiting, or being exported.",
+            "",
+            &[("", spans.held.load(Relaxed))],
+        );
+    }
     if let Some(policy) = &state.policy {
         metric(
             &mut out,

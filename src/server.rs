@@ -435,6 +435,7 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
         audit,
         policy: (mode != Mode::ControlPlane).then(|| policy.clone()),
         span_queue_capacity: config.otlp.queue_size,
+        spans: telemetry.span_stats(),
         ready: {
             let r = readiness.clone();
             Box::new(move || r.check())

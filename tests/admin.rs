@@ -280,3 +280,66 @@ print(json.dumps(out))
     );
     s.stop().await;
 }
+
+/// A collector that takes the connection and never answers (a SIEM pipeline stuck behind
+/// a full disk): the Checks keep their pace, and what the span queue could not hold is
+/// counted in the scrape, not only lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_stalled_collector_cannot_take_are_counted_and_checks_keep_their_pace() {
+    let _cores = common::CORES.read().await;
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", collector.local_addr().expect("addr"));
+    // Accepts every connection and holds it without a byte in reply.
+    let stalled = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = collector.accept().await {
+            held.push(socket);
+        }
+    });
+    const CAPACITY: u64 = 64;
+    const CHECKS: u64 = 300;
+    let s = start_with(|c| {
+        c.otlp.endpoint = Some(endpoint);
+        c.otlp.queue_size = CAPACITY as usize;
+    })
+    .await;
+    let admin = s.running.as_ref().expect("running").admin_addr;
+    let reader = s.token("acme", "reader", &["invoices:read"]);
+    let started = std::time::Instant::now();
+    for _ in 0..CHECKS {
+        assert_eq!(code(&s.read_invoices(&reader).await), 0);
+    }
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+
+    let m = scrape(&http(admin, "GET", "/metrics").await.1);
+    let spans = |outcome: &str| m[&format!("aegis_spans_total{{outcome=\"{outcome}\"}}")];
+    assert_eq!(
+        spans("exported"),
+        0.0,
+        "nothing reached a collector that never answers"
+    );
+    let held = m["aegis_span_queue_depth"];
+    assert!(
+        held <= CAPACITY as f64,
+        "held {held} past the capacity {CAPACITY}"
+    );
+    // Each export waits out its 5 s timeout: while the first does, at most CAPACITY spans
+    // are held and the rest of the Checks' spans are dropped.
+    let failed_exports = spans("failed") / CAPACITY as f64;
+    let at_least = CHECKS as f64 - CAPACITY as f64 * (1.0 + failed_exports);
+    assert!(
+        spans("dropped") >= at_least && spans("dropped") > 0.0,
+        "dropped {} (failed {}, held {held}) after {took:?}",
+        spans("dropped"),
+        spans("failed")
+    );
+    // Every Check's span is accounted for (checkpoint spans come on top).
+    assert!(
+        spans("dropped") + spans("failed") + held >= CHECKS as f64,
+        "{m:?}"
+    );
+    stalled.abort();
+}

@@ -1,0 +1,455 @@
+//! The span queue: finished spans wait here for the export thread, which sends them to the
+//! collector in batches.
+//!
+//! The SDK's own batch processor does the same with two differences that matter to a
+//! sidecar: its queue is a ring allocated whole at start-up (each slot holds a span inline,
+//! ~2.8 MiB resident for the default 8,192 spans, collector or not), and the spans it drops
+//! when the queue is full are counted only in a log line at shutdown. Here the queue holds
+//! what is waiting, and what was exported, failed and dropped is counted for
+//! `/metrics` ([`SpanStats`]): an operator sees the collector fall behind before the SIEM
+//! misses decisions.
+//!
+//! A Check only ever takes the queue's lock for a push: a full queue drops the span, never
+//! waits. The export thread swaps the waiting spans out under the lock and exports them
+//! outside it, at most `batch` per export, every `delay` or as soon as a batch is waiting.
+//! Spans being exported still count against the capacity, so at most `capacity` spans are
+//! held at any time.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use opentelemetry::Context;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+
+/// What the span queue counted since start-up.
+#[derive(Debug, Default)]
+pub struct SpanStats {
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans in exports that failed (collector down, refused, past the export timeout).
+    pub failed: AtomicU64,
+    /// Spans dropped because the queue was full (or the exporter had stopped).
+    pub dropped: AtomicU64,
+    /// Spans held now: waiting, or being exported.
+    pub held: AtomicU64,
+}
+
+/// How the queue is sized and paced.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueOptions {
+    /// Spans held at most (`otlp.queue_size`); past it new spans are dropped.
+    pub capacity: usize,
+    /// Spans per export at most.
+    pub batch: usize,
+    /// How long a span waits at most before it is exported.
+    pub delay: Duration,
+}
+
+/// A [`SpanProcessor`] feeding `exporter` from a bounded queue, counted in [`SpanStats`].
+#[derive(Debug)]
+pub struct SpanQueue {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the export thread: a batch is waiting, a flush or the shutdown was asked.
+    work: Condvar,
+    /// Wakes the callers of flush and shutdown: an export round ended.
+    rounds: Condvar,
+    opts: QueueOptions,
+    stats: Arc<SpanStats>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    waiting: VecDeque<SpanData>,
+    /// Spans the export thread took and has not exported yet.
+    exporting: usize,
+    /// Export rounds begun and ended; a flush waits for a round begun after it asked.
+    rounds_begun: u64,
+    rounds_ended: u64,
+    /// A flush was asked: the thread exports without waiting for a full batch.
+    flush: bool,
+    /// The resource for the exporter (the provider sets it once it is built).
+    resource: Option<Resource>,
+    shutdown: bool,
+    /// The export thread has left.
+    stopped: bool,
+}
+
+impl SpanQueue {
+    /// Starts the export thread. `export` runs one export to its end (the exporter's
+    /// futures need the runtime its channel was built on).
+    pub fn start<E>(
+        exporter: E,
+        opts: QueueOptions,
+        stats: Arc<SpanStats>,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Self>
+    where
+        E: SpanExporter + 'static,
+    {
+        let opts = QueueOptions {
+            capacity: opts.capacity.max(1),
+            batch: opts.batch.clamp(1, opts.capacity.max(1)),
+            delay: opts.delay,
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            rounds: Condvar::new(),
+            opts,
+            stats,
+        });
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("aegis-otlp-export".into())
+            .spawn(move || export_loop(&for_thread, exporter, &runtime))?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Asks the export thread for a round (`ask`), then waits until `done` holds or the
+    /// thread stopped, at most `timeout`.
+    fn ask_and_wait(
+        &self,
+        ask: impl FnOnce(&mut State),
+        done: impl Fn(&State, u64) -> bool,
+        timeout: Duration,
+    ) -> OTelSdkResult {
+        let until = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        ask(&mut st);
+        // The round that takes what is waiting now begins after the one under way.
+        let round = st.rounds_begun + 1;
+        self.shared.work.notify_one();
+        while !st.stopped && !done(&st, round) {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                return Err(OTelSdkError::Timeout(timeout));
+            };
+            st = match self.shared.rounds.wait_timeout(st, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays whole even if a holder panicked: every change is one field.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl SpanProcessor for SpanQueue {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        let stats = &self.shared.stats;
+        let mut st = self.shared.lock();
+        if st.shutdown || st.waiting.len() + st.exporting >= self.shared.opts.capacity {
+            drop(st);
+            stats.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        st.waiting.push_back(span);
+        let ready = st.waiting.len() == self.shared.opts.batch;
+        drop(st);
+        stats.held.fetch_add(1, Relaxed);
+        if ready {
+            self.shared.work.notify_one();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.ask_and_wait(
+            |st| st.flush = true,
+            |st, round| st.rounds_ended >= round,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Exports what is waiting, shuts the exporter down and stops the thread.
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let result = self.ask_and_wait(|st| st.shutdown = true, |_, _| false, timeout);
+        if self.shared.lock().stopped
+            && let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            let _ = thread.join();
+        }
+        result
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.shared.lock().resource = Some(resource.clone());
+        self.shared.work.notify_one();
+    }
+}
+
+impl Drop for SpanQueue {
+    /// A provider dropped without a shutdown: the thread exports what is waiting and leaves.
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_one();
+    }
+}
+
+/// How often dropped or failed spans are logged at most (each log line gives the counts).
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+fn export_loop<E: SpanExporter>(
+    shared: &Shared,
+    mut exporter: E,
+    runtime: &tokio::runtime::Handle,
+) {
+    let opts = shared.opts;
+    let stats = &shared.stats;
+    let mut taken: VecDeque<SpanData> = VecDeque::new();
+    let mut last_round = Instant::now();
+    let (mut logged_at, mut logged_dropped, mut logged_failed) = (None::<Instant>, 0, 0);
+    loop {
+        // Wait for a batch, the delay, a flush or the shutdown; then take what is waiting.
+        let (round, shutdown) = {
+            let mut st = shared.lock();
+            loop {
+                if let Some(resource) = st.resource.take() {
+                    exporter.set_resource(&resource);
+                }
+                let due = last_round.elapsed() >= opts.delay;
+                if st.shutdown || st.flush || due || st.waiting.len() >= opts.batch {
+                    break;
+                }
+                let left = opts.delay.saturating_sub(last_round.elapsed());
+                st = match shared.work.wait_timeout(st, left) {
+                    Ok((guard, _)) => guard,
+                    Err(poisoned) => poisoned.into_inner().0,
+                };
+            }
+            std::mem::swap(&mut st.waiting, &mut taken);
+            st.exporting = taken.len();
+            st.flush = false;
+            st.rounds_begun += 1;
+            (st.rounds_begun, st.shutdown)
+        };
+        last_round = Instant::now();
+        while !taken.is_empty() {
+            let n = taken.len().min(opts.batch);
+            let batch: Vec<SpanData> = taken.drain(..n).collect();
+            // A runtime shutting down under the export panics inside it: a failed export.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                runtime.block_on(exporter.export(batch))
+            }));
+            match result {
+                Ok(Ok(())) => stats.exported.fetch_add(n as u64, Relaxed),
+                Ok(Err(_)) | Err(_) => stats.failed.fetch_add(n as u64, Relaxed),
+            };
+            stats.held.fetch_sub(n as u64, Relaxed);
+            shared.lock().exporting = taken.len();
+        }
+        let (dropped, failed) = (stats.dropped.load(Relaxed), stats.failed.load(Relaxed));
+        if (dropped, failed) != (logged_dropped, logged_failed)
+            && logged_at.is_none_or(|at| at.elapsed() >= LOG_EVERY)
+        {
+            crate::log!(
+                warn,
+                "span export: {} spans dropped (the queue of otlp.queue_size = {} was full) and {} in failed exports since the last report; each decision is still in the audit log",
+                dropped - logged_dropped,
+                opts.capacity,
+                failed - logged_failed
+            );
+            (logged_at, logged_dropped, logged_failed) = (Some(Instant::now()), dropped, failed);
+        }
+        let mut st = shared.lock();
+        st.rounds_ended = round;
+        if shutdown {
+            drop(st);
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| exporter.shutdown()));
+            let mut st = shared.lock();
+            st.stopped = true;
+            shared.rounds.notify_all();
+            return;
+        }
+        shared.rounds.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    /// An exporter that records what it is given and, while `stall` is set, holds each
+    /// export until it is cleared (a collector that does not answer).
+    #[derive(Debug, Clone, Default)]
+    struct Recorder {
+        got: Arc<Mutex<Vec<String>>>,
+        /// Exports begun.
+        entered: Arc<AtomicU64>,
+        stall: Arc<(Mutex<bool>, Condvar)>,
+        resource_name: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Recorder {
+        fn stall(&self, on: bool) {
+            *self.stall.0.lock().unwrap() = on;
+            self.stall.1.notify_all();
+        }
+        fn names(&self) -> Vec<String> {
+            self.got.lock().unwrap().clone()
+        }
+    }
+
+    impl SpanExporter for Recorder {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.entered.fetch_add(1, Relaxed);
+            let mut stalled = self.stall.0.lock().unwrap();
+            while *stalled {
+                stalled = self.stall.1.wait(stalled).unwrap();
+            }
+            drop(stalled);
+            let mut got = self.got.lock().unwrap();
+            got.extend(batch.into_iter().map(|s| s.name.into_owned()));
+            Ok(())
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            *self.resource_name.lock().unwrap() = resource
+                .get(&opentelemetry::Key::new("service.name"))
+                .map(|v| v.to_string());
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn provider(
+        rec: &Recorder,
+        capacity: usize,
+        rt: &tokio::runtime::Runtime,
+    ) -> (SdkTracerProvider, Arc<SpanStats>) {
+        let stats = Arc::new(SpanStats::default());
+        let queue = SpanQueue::start(
+            rec.clone(),
+            QueueOptions {
+                capacity,
+                batch: 4,
+                delay: Duration::from_millis(50),
+            },
+            stats.clone(),
+            rt.handle().clone(),
+        )
+        .unwrap();
+        let provider = SdkTracerProvider::builder()
+            .with_resource(
+                Resource::builder()
+                    .with_service_name("svc-under-test")
+                    .build(),
+            )
+            .with_span_processor(queue)
+            .build();
+        (provider, stats)
+    }
+
+    fn end_spans(provider: &SdkTracerProvider, n: usize) {
+        let tracer = provider.tracer("t");
+        for i in 0..n {
+            drop(tracer.start(format!("s{i}")));
+        }
+    }
+
+    #[test]
+    fn every_span_is_exported_in_order_and_counted() {
+        let rt = runtime();
+        let rec = Recorder::default();
+        let (provider, stats) = provider(&rec, 100, &rt);
+        end_spans(&provider, 10);
+        provider.force_flush().unwrap();
+        let want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+        assert_eq!(rec.names(), want);
+        assert_eq!(stats.exported.load(Relaxed), 10);
+        assert_eq!(stats.held.load(Relaxed), 0);
+        assert_eq!(stats.dropped.load(Relaxed), 0);
+        // The provider's resource reached the exporter (service.name on every batch).
+        assert_eq!(
+            rec.resource_name.lock().unwrap().as_deref(),
+            Some("svc-under-test")
+        );
+        provider.shutdown().unwrap();
+    }
+
+    #[test]
+    fn spans_past_the_capacity_are_dropped_and_counted_spans_in_export_included() {
+        let rt = runtime();
+        let rec = Recorder::default();
+        rec.stall(true);
+        let (provider, stats) = provider(&rec, 8, &rt);
+        // 4 fill a batch: the thread takes them and stalls in the export.
+        end_spans(&provider, 4);
+        let took = Instant::now();
+        while rec.entered.load(Relaxed) == 0 {
+            assert!(took.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // 4 being exported + 4 waiting reach the capacity of 8: the next 6 are dropped.
+        end_spans(&provider, 10);
+        assert_eq!(stats.dropped.load(Relaxed), 6);
+        assert_eq!(stats.held.load(Relaxed), 8);
+        rec.stall(false);
+        provider.force_flush().unwrap();
+        assert_eq!(rec.names().len(), 8);
+        assert_eq!(stats.exported.load(Relaxed), 8);
+        assert_eq!(stats.held.load(Relaxed), 0);
+        provider.shutdown().unwrap();
+    }
+
+    #[test]
+    fn the_queue_holds_nothing_until_spans_wait() {
+        let rt = runtime();
+        let rec = Recorder::default();
+        let stats = Arc::new(SpanStats::default());
+        let queue = SpanQueue::start(
+            rec,
+            QueueOptions {
+                capacity: 8192,
+                batch: 512,
+                delay: Duration::from_millis(200),
+            },
+            stats,
+            rt.handle().clone(),
+        )
+        .unwrap();
+        // The SDK's ring held 8,192 spans inline from start-up (~2.8 MiB resident).
+        assert_eq!(queue.shared.lock().waiting.capacity(), 0);
+    }
+
+    #[test]
+    fn shutdown_exports_what_waits() {
+        let rt = runtime();
+        let rec = Recorder::default();
+        let (provider, stats) = provider(&rec, 100, &rt);
+        end_spans(&provider, 3);
+        provider.shutdown().unwrap();
+        assert_eq!(rec.names(), ["s0", "s1", "s2"]);
+        assert_eq!(stats.exported.load(Relaxed), 3);
+    }
+}
