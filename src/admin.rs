@@ -450,11 +450,14 @@ fn metrics(state: &AdminState) -> String {
     );
     if let Some(spans) = &state.spans {
         use std::sync::atomic::Ordering::Relaxed;
+        // Held first: a span that leaves the queue between the reads is then counted twice,
+        // never missed (its outcome is read after it left).
+        let held = spans.held.load(Relaxed);
         metric(
             &mut out,
             "aegis_spans_total",
             "counter",
-            "Decision and checkpoint spans by what became of them: exported (the collector took them), failed (an export failed: collector down, refused or past its timeout), dropped (the queue was full). Each decision is in the audit log either way.",
+            "Decision and checkpoint spans by what became of them: exported (the collector took them), failed (an export failed: collector down, refused or past its timeout), dropped (the queue was full, or the span ended after shutdown began). Each decision is in the audit log either way.",
             "outcome",
             &[
                 ("exported", spans.exported.load(Relaxed)),
@@ -468,7 +471,7 @@ fn metrics(state: &AdminState) -> String {
             "gauge",
             "Spans held for export now: waiting, or being exported.",
             "",
-            &[("", spans.held.load(Relaxed))],
+            &[("", held)],
         );
     }
     if let Some(policy) = &state.policy {

@@ -190,7 +190,7 @@ impl crate::audit::witness::Sink for CheckpointSpans {
     }
 
     /// Only the newest of the batch: it extends the others, and the span queue is shared
-    /// with the Checks'. Export failures surface in the exporter's own logs, not here.
+    /// with the Checks'. Export failures are counted in `/metrics` (`aegis_spans_total`), not here.
     fn publish(&mut self, batch: &[crate::audit::witness::SignedCheckpoint]) -> Result<(), String> {
         let Some(cp) = batch.last() else {
             return Ok(());

@@ -4,8 +4,9 @@
 //! The SDK's own batch processor does the same with two differences that matter to a
 //! sidecar: its queue is a ring allocated whole at start-up (each slot holds a span inline,
 //! ~2.8 MiB resident for the default 8,192 spans, collector or not), and the spans it drops
-//! when the queue is full are counted only in a log line at shutdown. Here the queue holds
-//! what is waiting, and what was exported, failed and dropped is counted for
+//! when the queue is full are counted nowhere Aegis can read (its internal log is compiled
+//! out in Aegis's build). Here the queue holds what is waiting (its buffers shrink back
+//! after a backlog), and what was exported, failed and dropped is counted for
 //! `/metrics` ([`SpanStats`]): an operator sees the collector fall behind before the SIEM
 //! misses decisions.
 //!
@@ -33,7 +34,7 @@ pub struct SpanStats {
     pub exported: AtomicU64,
     /// Spans in exports that failed (collector down, refused, past the export timeout).
     pub failed: AtomicU64,
-    /// Spans dropped because the queue was full (or the exporter had stopped).
+    /// Spans dropped because the queue was full, or ended after the shutdown began.
     pub dropped: AtomicU64,
     /// Spans held now: waiting, or being exported.
     pub held: AtomicU64,
@@ -127,15 +128,20 @@ impl SpanQueue {
         done: impl Fn(&State, u64) -> bool,
         timeout: Duration,
     ) -> OTelSdkResult {
-        let until = Instant::now() + timeout;
+        let until = Instant::now().checked_add(timeout);
         let mut st = self.shared.lock();
         ask(&mut st);
         // The round that takes what is waiting now begins after the one under way.
         let round = st.rounds_begun + 1;
         self.shared.work.notify_one();
         while !st.stopped && !done(&st, round) {
-            let Some(left) = until.checked_duration_since(Instant::now()) else {
-                return Err(OTelSdkError::Timeout(timeout));
+            // No `until`: a timeout too long to add to now, waited out a day at a time.
+            let left = match until {
+                Some(until) => match until.checked_duration_since(Instant::now()) {
+                    Some(left) => left,
+                    None => return Err(OTelSdkError::Timeout(timeout)),
+                },
+                None => Duration::from_secs(86_400),
             };
             st = match self.shared.rounds.wait_timeout(st, left) {
                 Ok((guard, _)) => guard,
@@ -165,9 +171,10 @@ impl SpanProcessor for SpanQueue {
             return;
         }
         st.waiting.push_back(span);
+        // Counted before the lock goes: the export thread subtracts only what it took.
+        stats.held.fetch_add(1, Relaxed);
         let ready = st.waiting.len() == self.shared.opts.batch;
         drop(st);
-        stats.held.fetch_add(1, Relaxed);
         if ready {
             self.shared.work.notify_one();
         }
@@ -209,11 +216,23 @@ impl Drop for SpanQueue {
 /// How often dropped or failed spans are logged at most (each log line gives the counts).
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// Marks the export thread stopped when it leaves, by returning or by a panic, so that
+/// flush and shutdown never wait on a thread that is gone.
+struct Stopped<'a>(&'a Shared);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.lock().stopped = true;
+        self.0.rounds.notify_all();
+    }
+}
+
 fn export_loop<E: SpanExporter>(
     shared: &Shared,
     mut exporter: E,
     runtime: &tokio::runtime::Handle,
 ) {
+    let _stopped = Stopped(shared);
     let opts = shared.opts;
     let stats = &shared.stats;
     let mut taken: VecDeque<SpanData> = VecDeque::new();
@@ -225,7 +244,10 @@ fn export_loop<E: SpanExporter>(
             let mut st = shared.lock();
             loop {
                 if let Some(resource) = st.resource.take() {
+                    drop(st);
                     exporter.set_resource(&resource);
+                    st = shared.lock();
+                    continue;
                 }
                 let due = last_round.elapsed() >= opts.delay;
                 if st.shutdown || st.flush || due || st.waiting.len() >= opts.batch {
@@ -258,6 +280,9 @@ fn export_loop<E: SpanExporter>(
             stats.held.fetch_sub(n as u64, Relaxed);
             shared.lock().exporting = taken.len();
         }
+        // A backlog (a collector that was down) grew this buffer; it is not kept for good.
+        // Both buffers pass here in turn, so neither stays larger than two batches.
+        taken.shrink_to(2 * opts.batch);
         let (dropped, failed) = (stats.dropped.load(Relaxed), stats.failed.load(Relaxed));
         if (dropped, failed) != (logged_dropped, logged_failed)
             && logged_at.is_none_or(|at| at.elapsed() >= LOG_EVERY)
@@ -271,15 +296,10 @@ fn export_loop<E: SpanExporter>(
             );
             (logged_at, logged_dropped, logged_failed) = (Some(Instant::now()), dropped, failed);
         }
-        let mut st = shared.lock();
-        st.rounds_ended = round;
+        shared.lock().rounds_ended = round;
         if shutdown {
-            drop(st);
             let _ = std::panic::catch_unwind(AssertUnwindSafe(|| exporter.shutdown()));
-            let mut st = shared.lock();
-            st.stopped = true;
-            shared.rounds.notify_all();
-            return;
+            return; // `_stopped` marks the thread stopped and wakes the waiters.
         }
         shared.rounds.notify_all();
     }
@@ -302,6 +322,10 @@ mod tests {
         entered: Arc<AtomicU64>,
         stall: Arc<(Mutex<bool>, Condvar)>,
         resource_name: Arc<Mutex<Option<String>>>,
+        /// The resource's service.name as each export saw it.
+        exported_under: Arc<Mutex<Vec<Option<String>>>>,
+        /// Exports fail (a collector that refuses).
+        refuse: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Recorder {
@@ -322,6 +346,11 @@ mod tests {
                 stalled = self.stall.1.wait(stalled).unwrap();
             }
             drop(stalled);
+            let name = self.resource_name.lock().unwrap().clone();
+            self.exported_under.lock().unwrap().push(name);
+            if self.refuse.load(Relaxed) {
+                return Err(OTelSdkError::InternalFailure("refused".into()));
+            }
             let mut got = self.got.lock().unwrap();
             got.extend(batch.into_iter().map(|s| s.name.into_owned()));
             Ok(())
@@ -347,6 +376,16 @@ mod tests {
         capacity: usize,
         rt: &tokio::runtime::Runtime,
     ) -> (SdkTracerProvider, Arc<SpanStats>) {
+        let (provider, stats, _) = provider_with_state(rec, capacity, rt);
+        (provider, stats)
+    }
+
+    /// [`provider`], with the queue's shared state to look into.
+    fn provider_with_state(
+        rec: &Recorder,
+        capacity: usize,
+        rt: &tokio::runtime::Runtime,
+    ) -> (SdkTracerProvider, Arc<SpanStats>, Arc<Shared>) {
         let stats = Arc::new(SpanStats::default());
         let queue = SpanQueue::start(
             rec.clone(),
@@ -359,6 +398,7 @@ mod tests {
             rt.handle().clone(),
         )
         .unwrap();
+        let shared = queue.shared.clone();
         let provider = SdkTracerProvider::builder()
             .with_resource(
                 Resource::builder()
@@ -367,7 +407,7 @@ mod tests {
             )
             .with_span_processor(queue)
             .build();
-        (provider, stats)
+        (provider, stats, shared)
     }
 
     fn end_spans(provider: &SdkTracerProvider, n: usize) {
@@ -389,10 +429,12 @@ mod tests {
         assert_eq!(stats.exported.load(Relaxed), 10);
         assert_eq!(stats.held.load(Relaxed), 0);
         assert_eq!(stats.dropped.load(Relaxed), 0);
-        // The provider's resource reached the exporter (service.name on every batch).
-        assert_eq!(
-            rec.resource_name.lock().unwrap().as_deref(),
-            Some("svc-under-test")
+        // The provider's resource reached the exporter before its first export.
+        let under = rec.exported_under.lock().unwrap().clone();
+        assert!(!under.is_empty());
+        assert!(
+            under.iter().all(|n| n.as_deref() == Some("svc-under-test")),
+            "{under:?}"
         );
         provider.shutdown().unwrap();
     }
@@ -423,23 +465,53 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_holds_nothing_until_spans_wait() {
+    fn a_backlog_does_not_keep_its_memory() {
         let rt = runtime();
         let rec = Recorder::default();
-        let stats = Arc::new(SpanStats::default());
-        let queue = SpanQueue::start(
-            rec,
-            QueueOptions {
-                capacity: 8192,
-                batch: 512,
-                delay: Duration::from_millis(200),
-            },
-            stats,
-            rt.handle().clone(),
-        )
-        .unwrap();
-        // The SDK's ring held 8,192 spans inline from start-up (~2.8 MiB resident).
-        assert_eq!(queue.shared.lock().waiting.capacity(), 0);
+        rec.stall(true);
+        // Batches of 4; a collector that stalls while 1,000 spans pile up.
+        let (provider, stats, shared) = provider_with_state(&rec, 1000, &rt);
+        end_spans(&provider, 1004);
+        assert_eq!(stats.held.load(Relaxed), 1000);
+        assert!(shared.lock().waiting.capacity() >= 990);
+        rec.stall(false);
+        // Rounds enough for each of the two buffers to be exported from and shrunk.
+        for _ in 0..3 {
+            provider.force_flush().unwrap();
+        }
+        assert_eq!(stats.exported.load(Relaxed), 1000);
+        assert_eq!(stats.dropped.load(Relaxed), 4);
+        let cap = shared.lock().waiting.capacity();
+        assert!(cap <= 8, "the waiting buffer kept {cap} slots");
+        provider.force_flush().unwrap();
+        let cap = shared.lock().waiting.capacity();
+        assert!(cap <= 8, "the other buffer kept {cap} slots");
+        provider.shutdown().unwrap();
+    }
+
+    #[test]
+    fn failed_exports_are_counted_and_a_stalled_one_bounds_the_shutdown() {
+        let rt = runtime();
+        let rec = Recorder::default();
+        rec.refuse.store(true, Relaxed);
+        let (provider, stats) = provider(&rec, 100, &rt);
+        end_spans(&provider, 6);
+        provider.force_flush().unwrap();
+        assert_eq!(stats.failed.load(Relaxed), 6);
+        assert_eq!(stats.exported.load(Relaxed), 0);
+        assert_eq!(stats.held.load(Relaxed), 0);
+
+        rec.stall(true);
+        end_spans(&provider, 2);
+        let asked = Instant::now();
+        let r = provider.shutdown_with_timeout(Duration::from_millis(200));
+        let took = asked.elapsed();
+        assert!(
+            r.is_err(),
+            "a stalled export cannot finish the shutdown: {r:?}"
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        rec.stall(false);
     }
 
     #[test]
