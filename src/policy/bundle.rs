@@ -20,6 +20,13 @@ pub const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
 /// reaches the parser. Real policies nest a handful of levels; at 12 a parse is ~0.2 s.
 pub const MAX_REGO_NESTING: usize = 12;
 
+/// Most operators one Rego expression may chain (see `check_nesting`). regorus parses
+/// `- - - … x` and `a + b + … + z` without its own depth limit, and its compiler and
+/// evaluator recurse once per operator: 1,000 unary minuses overflowed a 2 MiB thread
+/// stack (the process aborts), 5,000 `+` across lines too (found by the `bundle` fuzz
+/// target). Real policies chain a handful.
+pub const MAX_REGO_OPERATORS: usize = 128;
+
 /// Where a bundle comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BundleSource {
@@ -316,19 +323,43 @@ fn read_archive_from(
     Ok(out)
 }
 
-/// Refuses a module whose `[`/`{` nesting passes [`MAX_REGO_NESTING`], naming the line.
+/// Refuses a module whose `[`/`{` nesting passes [`MAX_REGO_NESTING`], or one of whose
+/// expressions chains more than [`MAX_REGO_OPERATORS`] operators, naming the line.
 /// A lexical scan: comments (`#` to the end of the line), strings (`"…"` with escapes)
 /// and raw strings (`` `…` ``) are skipped; balance is left to the parser.
+///
+/// Operators are counted along each path into an expression: every operator character
+/// (`-` of `- - -` as much as of `a - b`; `==` counts two, `:=` one) and the keywords
+/// `in` and `or`,
+/// from the start of the expression, through parentheses and brackets (whose contents sit
+/// below the operand they form). A `,` or `;`, or a newline with no operator on either
+/// side, starts the next expression at the count the enclosing bracket began with.
 fn check_nesting(text: &str) -> Result<(), String> {
     let (mut depth, mut line) = (0usize, 1usize);
-    let mut chars = text.chars();
+    // The operator count where each open bracket began, and the count now.
+    let mut bases: Vec<usize> = Vec::new();
+    let mut ops = 0usize;
+    // The last significant character was an operator; a newline was passed since it.
+    let (mut after_op, mut newline) = (false, false);
+    let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
+        let base = bases.last().copied().unwrap_or(0);
+        if newline && !c.is_whitespace() && c != '#' {
+            newline = false;
+            if !after_op && !is_operator(c) {
+                ops = base;
+            }
+        }
         match c {
-            '\n' => line += 1,
+            '\n' => {
+                line += 1;
+                newline = true;
+            }
             '#' => {
                 for c in chars.by_ref() {
                     if c == '\n' {
                         line += 1;
+                        newline = true;
                         break;
                     }
                 }
@@ -346,6 +377,7 @@ fn check_nesting(text: &str) -> Result<(), String> {
                         _ => {}
                     }
                 }
+                after_op = false;
             }
             '`' => {
                 for c in chars.by_ref() {
@@ -354,21 +386,67 @@ fn check_nesting(text: &str) -> Result<(), String> {
                         break;
                     }
                 }
+                after_op = false;
             }
-            '[' | '{' => {
-                depth += 1;
-                if depth > MAX_REGO_NESTING {
-                    return Err(format!(
-                        "line {line}: brackets nested more than {MAX_REGO_NESTING} deep \
-                         (the Rego parser's time grows exponentially with nesting)"
-                    ));
+            '[' | '{' | '(' => {
+                if c != '(' {
+                    depth += 1;
+                    if depth > MAX_REGO_NESTING {
+                        return Err(format!(
+                            "line {line}: brackets nested more than {MAX_REGO_NESTING} deep \
+                             (the Rego parser's time grows exponentially with nesting)"
+                        ));
+                    }
                 }
+                bases.push(ops);
+                after_op = false;
             }
-            ']' | '}' => depth = depth.saturating_sub(1),
+            ']' | '}' | ')' => {
+                if c != ')' {
+                    depth = depth.saturating_sub(1);
+                }
+                ops = bases.pop().unwrap_or(0);
+                after_op = false;
+            }
+            ',' | ';' => {
+                ops = base;
+                after_op = false;
+            }
+            c if is_operator(c) => {
+                ops += 1;
+                after_op = true;
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                let mut word = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if !(n.is_alphanumeric() || n == '_') {
+                        break;
+                    }
+                    word.push(n);
+                    chars.next();
+                }
+                after_op = word == "in" || word == "or";
+                ops += usize::from(after_op);
+            }
             _ => {}
+        }
+        if ops > MAX_REGO_OPERATORS {
+            return Err(format!(
+                "line {line}: an expression chains more than {MAX_REGO_OPERATORS} operators \
+                 (the Rego compiler and evaluator recurse once per operator: a longer chain \
+                 could overflow their stack)"
+            ));
         }
     }
     Ok(())
+}
+
+/// A character of a Rego operator (`-` alone is also unary minus).
+fn is_operator(c: char) -> bool {
+    matches!(
+        c,
+        '+' | '-' | '*' | '/' | '%' | '&' | '|' | '=' | '!' | '<' | '>'
+    )
 }
 
 /// `./a/b` → `a/b`; `/a/b` → `a/b` (`opa build` writes every entry with a leading `/`,
@@ -432,6 +510,44 @@ mod tests {
         assert!(check_nesting(&unclosed).is_err(), "unclosed counts too");
         let ok = format!("package p\nx := {}1{}\n", "[".repeat(12), "]".repeat(12));
         assert_eq!(check_nesting(&ok), Ok(()));
+    }
+
+    #[test]
+    fn operator_chains_past_the_limit_are_refused_with_their_line() {
+        let minus = format!("package p\n\nx := {}1\n", "-".repeat(129));
+        let err = check_nesting(&minus).expect_err("a long unary chain");
+        assert!(err.starts_with("line 3: an expression chains"), "{err}");
+        // Across lines: an operator at the end of a line continues the expression.
+        let plus = format!("package p\nx := 1{}\n", " +\n1".repeat(200));
+        assert!(check_nesting(&plus).is_err_and(|e| e.starts_with("line 129: ")));
+        // An operator starting the next line continues it too.
+        let leading = format!("package p\nx := [1{}]\n", "\n+ 1".repeat(200));
+        assert!(check_nesting(&leading).is_err());
+        // A chain inside brackets adds to the chain the brackets are an operand of.
+        let inner = format!(
+            "package p\nx := {} [{}]\n",
+            "1 +".repeat(100),
+            "1 +".repeat(40)
+        );
+        assert!(check_nesting(&inner).is_err());
+        let ok = format!("package p\nx := {}1\n", "-".repeat(127)); // with `:=`, 128
+        assert_eq!(check_nesting(&ok), Ok(()));
+    }
+
+    #[test]
+    fn operators_of_separate_expressions_do_not_add_up() {
+        // 300 literals of a rule body, each with its operators; 300 set elements.
+        let body = "  input.a + 1 == 2 - -1\n  y := input.b != 3\n".repeat(150);
+        let set = (0..300)
+            .map(|i| format!("{i} * 2"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "package p\nr if {{\n{body}}}\ns := {{{set}}}\n# {}\nt := \"{}\"\n",
+            "-".repeat(500),
+            "+".repeat(500)
+        );
+        assert_eq!(check_nesting(&text), Ok(()));
     }
 
     #[test]
