@@ -162,3 +162,34 @@ fn the_corpus_replays_through_every_harness() {
         assert!(n > 0, "{target}: empty corpus");
     }
 }
+
+/// The modules that once overflowed the stack of regorus's compiler or evaluator (a
+/// process abort) are refused by the bundle loader, naming the file and line, before
+/// regorus sees them; replaying them above only shows that nothing crashed.
+#[test]
+fn modules_that_overflowed_the_stack_are_refused_by_name() {
+    let dir = corpus("bundle");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !(name.starts_with("regression-") && name.ends_with("-stack-overflow")) {
+            continue;
+        }
+        let files = aegis::policy::BundleFiles::from_files(vec![(
+            "aegis/authz.rego".into(),
+            std::fs::read(&path).expect("read"),
+        )]);
+        let err = files.parse().map(|_| ()).expect_err(name).to_string();
+        assert!(
+            err.starts_with("aegis/authz.rego: line ")
+                && (err.contains("nested more than") || err.contains("chains more than")),
+            "{name}: {err}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 5, "the five stack-overflow regressions");
+}

@@ -20,12 +20,18 @@ pub const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
 /// reaches the parser. Real policies nest a handful of levels; at 12 a parse is ~0.2 s.
 pub const MAX_REGO_NESTING: usize = 12;
 
-/// Most operators one Rego expression may chain (see `check_nesting`). regorus parses
-/// `- - - … x` and `a + b + … + z` without its own depth limit, and its compiler and
-/// evaluator recurse once per operator: 1,000 unary minuses overflowed a 2 MiB thread
+/// Most operators and reference links one Rego expression may chain (see
+/// `check_nesting`). regorus parses `- - - … x`, `a + b + … + z`, `x in a in b …` and
+/// `a[0][0]…` / `a.b.c…` without its own depth limit, and its compiler and evaluator
+/// recurse once per link: 1,000 unary minuses overflowed a 2 MiB thread
 /// stack (the process aborts), 5,000 `+` across lines too (found by the `bundle` fuzz
 /// target). Real policies chain a handful.
 pub const MAX_REGO_OPERATORS: usize = 128;
+
+/// Deepest nesting of `(` a Rego module may have (calls included). regorus bounds
+/// parenthesised expressions at 32 but not call arguments: `abs(abs(…))` recursed without
+/// a limit in its parser.
+pub const MAX_REGO_PARENS: usize = 32;
 
 /// Where a bundle comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,30 +329,46 @@ fn read_archive_from(
     Ok(out)
 }
 
-/// Refuses a module whose `[`/`{` nesting passes [`MAX_REGO_NESTING`], or one of whose
-/// expressions chains more than [`MAX_REGO_OPERATORS`] operators, naming the line.
-/// A lexical scan: comments (`#` to the end of the line), strings (`"…"` with escapes)
-/// and raw strings (`` `…` ``) are skipped; balance is left to the parser.
+/// Refuses a module whose `[`/`{` nesting passes [`MAX_REGO_NESTING`], whose `(` nesting
+/// passes [`MAX_REGO_PARENS`], or one of whose expressions chains more than
+/// [`MAX_REGO_OPERATORS`] links, naming the line. A lexical scan: comments (`#` to the end
+/// of the line), strings (`"…"` with escapes) and raw strings (`` `…` ``) are skipped;
+/// balance is left to the parser.
 ///
-/// Operators are counted along each path into an expression: every operator character
-/// (`-` of `- - -` as much as of `a - b`; `==` counts two, `:=` one) and the keywords
-/// `in` and `or`,
-/// from the start of the expression, through parentheses and brackets (whose contents sit
-/// below the operand they form). A `,` or `;`, or a newline with no operator on either
-/// side, starts the next expression at the count the enclosing bracket began with.
+/// Links are counted along each path into an expression: every operator character (`-`
+/// of `- - -` as much as of `a - b`; `==` counts two, `:=` one), every `.` and `[` (the
+/// links of a reference, `a.b[0]`), and the keywords `in` and `or`; from the start of the
+/// expression, through parentheses and brackets, whose contents sit below the operand
+/// they form. A `,` or `;`, or a newline with no operator on either side, starts the next
+/// expression at the count the enclosing bracket began with.
 fn check_nesting(text: &str) -> Result<(), String> {
-    let (mut depth, mut line) = (0usize, 1usize);
-    // The operator count where each open bracket began, and the count now.
+    let (mut depth, mut parens, mut line) = (0usize, 0usize, 1usize);
+    // The link count where each open bracket began, and the count now.
     let mut bases: Vec<usize> = Vec::new();
     let mut ops = 0usize;
-    // The last significant character was an operator; a newline was passed since it.
+    // The last significant token was an operator; a newline was passed since it.
     let (mut after_op, mut newline) = (false, false);
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         let base = bases.last().copied().unwrap_or(0);
+        // A word, read whole: whether it is an operator decides the newline before it.
+        let word = if c.is_alphanumeric() || c == '_' {
+            let mut word = String::from(c);
+            while let Some(&n) = chars.peek() {
+                if !(n.is_alphanumeric() || n == '_') {
+                    break;
+                }
+                word.push(n);
+                chars.next();
+            }
+            Some(word)
+        } else {
+            None
+        };
+        let word_op = word.as_deref().is_some_and(|w| w == "in" || w == "or");
         if newline && !c.is_whitespace() && c != '#' {
             newline = false;
-            if !after_op && !is_operator(c) {
+            if !after_op && !is_operator(c) && !word_op {
                 ops = base;
             }
         }
@@ -368,10 +390,11 @@ fn check_nesting(text: &str) -> Result<(), String> {
                 while let Some(c) = chars.next() {
                     match c {
                         '\\' => {
-                            chars.next();
+                            line += usize::from(chars.next() == Some('\n'));
                         }
                         '"' | '\n' => {
                             line += usize::from(c == '\n');
+                            newline |= c == '\n';
                             break;
                         }
                         _ => {}
@@ -389,20 +412,28 @@ fn check_nesting(text: &str) -> Result<(), String> {
                 after_op = false;
             }
             '[' | '{' | '(' => {
-                if c != '(' {
+                let (nested, limit, what) = if c == '(' {
+                    parens += 1;
+                    (parens, MAX_REGO_PARENS, "parentheses (calls included)")
+                } else {
                     depth += 1;
-                    if depth > MAX_REGO_NESTING {
-                        return Err(format!(
-                            "line {line}: brackets nested more than {MAX_REGO_NESTING} deep \
-                             (the Rego parser's time grows exponentially with nesting)"
-                        ));
-                    }
+                    (depth, MAX_REGO_NESTING, "brackets")
+                };
+                if nested > limit {
+                    return Err(format!(
+                        "line {line}: {what} nested more than {limit} deep (the Rego \
+                         parser's time grows exponentially with bracket nesting, and its \
+                         recursion with any)"
+                    ));
                 }
+                ops += usize::from(c == '[');
                 bases.push(ops);
                 after_op = false;
             }
             ']' | '}' | ')' => {
-                if c != ')' {
+                if c == ')' {
+                    parens = parens.saturating_sub(1);
+                } else {
                     depth = depth.saturating_sub(1);
                 }
                 ops = bases.pop().unwrap_or(0);
@@ -416,36 +447,28 @@ fn check_nesting(text: &str) -> Result<(), String> {
                 ops += 1;
                 after_op = true;
             }
-            c if c.is_alphanumeric() || c == '_' => {
-                let mut word = String::from(c);
-                while let Some(&n) = chars.peek() {
-                    if !(n.is_alphanumeric() || n == '_') {
-                        break;
-                    }
-                    word.push(n);
-                    chars.next();
-                }
-                after_op = word == "in" || word == "or";
-                ops += usize::from(after_op);
+            _ if word.is_some() => {
+                after_op = word_op;
+                ops += usize::from(word_op);
             }
             _ => {}
         }
         if ops > MAX_REGO_OPERATORS {
             return Err(format!(
                 "line {line}: an expression chains more than {MAX_REGO_OPERATORS} operators \
-                 (the Rego compiler and evaluator recurse once per operator: a longer chain \
-                 could overflow their stack)"
+                 or reference links (the Rego compiler and evaluator recurse once per link: \
+                 a longer chain could overflow their stack)"
             ));
         }
     }
     Ok(())
 }
 
-/// A character of a Rego operator (`-` alone is also unary minus).
+/// A character of a Rego operator (`-` alone is also unary minus), or a reference's `.`.
 fn is_operator(c: char) -> bool {
     matches!(
         c,
-        '+' | '-' | '*' | '/' | '%' | '&' | '|' | '=' | '!' | '<' | '>'
+        '+' | '-' | '*' | '/' | '%' | '&' | '|' | '=' | '!' | '<' | '>' | '.'
     )
 }
 
@@ -532,6 +555,32 @@ mod tests {
         assert!(check_nesting(&inner).is_err());
         let ok = format!("package p\nx := {}1\n", "-".repeat(127)); // with `:=`, 128
         assert_eq!(check_nesting(&ok), Ok(()));
+    }
+
+    #[test]
+    fn calls_refs_and_in_chains_are_bounded_across_lines() {
+        // Calls nest without regorus's own limit; newlines between the `(`s.
+        let calls = format!(
+            "package p\nx := {}1{}\n",
+            "abs(\n".repeat(40),
+            ")".repeat(40)
+        );
+        let err = check_nesting(&calls).expect_err("deep calls");
+        assert!(err.starts_with("line 34: parentheses"), "{err}");
+        // A reference chain whose links are split by newlines inside the brackets.
+        let refs = format!("package p\nx := input{}\n", "[\n0]".repeat(200));
+        let err = check_nesting(&refs).expect_err("a long reference");
+        assert!(err.contains("chains more than"), "{err}");
+        let dots = format!("package p\nx := input{}\n", ".a".repeat(200));
+        assert!(check_nesting(&dots).is_err());
+        // `in` starting each line continues the expression.
+        let ins = format!("package p\nx := 1{}\n", "\nin []".repeat(200));
+        let err = check_nesting(&ins).expect_err("a long in chain");
+        // Two links a line: `in` and the `[` of its operand.
+        assert!(err.starts_with("line 66: "), "{err}");
+        // What real policies write passes.
+        let ok = "package p\nimport rego.v1\nr if {\n  input.a.b[0].c in {\"x\"}\n  count(split(lower(input.d), \",\")) > 1\n}\n";
+        assert_eq!(check_nesting(ok), Ok(()));
     }
 
     #[test]
