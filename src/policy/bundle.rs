@@ -24,8 +24,8 @@ pub const MAX_REGO_NESTING: usize = 12;
 /// `check_nesting`). regorus parses `- - - … x`, `a + b + … + z`, `x in a in b …` and
 /// `a[0][0]…` / `a.b.c…` without its own depth limit, and its compiler and evaluator
 /// recurse once per link: 1,000 unary minuses overflowed a 2 MiB thread
-/// stack (the process aborts), 5,000 `+` across lines too (found by the `bundle` fuzz
-/// target). Real policies chain a handful.
+/// stack (the process aborts), 5,000 `+` across lines too (tried by hand after the
+/// `bundle` fuzz target died of SIGSEGV in CI). Real policies chain a handful.
 pub const MAX_REGO_OPERATORS: usize = 128;
 
 /// Deepest nesting of `(` a Rego module may have (calls included). regorus bounds

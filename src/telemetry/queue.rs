@@ -87,7 +87,7 @@ struct State {
 }
 
 impl SpanQueue {
-    /// Starts the export thread. `export` runs one export to its end (the exporter's
+    /// Starts the export thread. Each export runs to its end on `runtime` (the exporter's
     /// futures need the runtime its channel was built on).
     pub fn start<E>(
         exporter: E,
