@@ -618,8 +618,9 @@ impl Guard {
     }
 }
 
-/// Rounds of the guard; the median ratio is judged.
-const GUARD_ROUNDS: usize = 3;
+/// Rounds of the guard; the median ratio is judged. Five since 2026-12-06 (three before):
+/// one round's no-op swinging fast can no longer decide the run with a second.
+const GUARD_ROUNDS: usize = 5;
 
 /// `aegis bench --guard FILE`: the varied mix, [`GUARD_ROUNDS`] rounds of no-op then
 /// Aegis for `duration_secs` each; fails when the median ratio of server CPU per Check
