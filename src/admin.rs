@@ -452,7 +452,7 @@ fn metrics(state: &AdminState) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         // Held first: a span that leaves the queue between the reads is then counted twice,
         // never missed (its outcome is read after it left).
-        let held = spans.held.load(Relaxed);
+        let held = spans.held();
         metric(
             &mut out,
             "aegis_spans_total",

@@ -118,7 +118,6 @@ impl Telemetry {
                     .build()
                     .map_err(|e| err(e.to_string()))?
             };
-            let stats = Arc::new(SpanStats::default());
             let queue = SpanQueue::start(
                 exporter,
                 QueueOptions {
@@ -126,12 +125,11 @@ impl Telemetry {
                     batch: 512,
                     delay: Duration::from_millis(200),
                 },
-                stats.clone(),
                 runtime.handle().clone(),
             )
             .map_err(|e| err(format!("cannot start the export thread: {e}")))?;
+            spans = Some(queue.stats());
             builder = builder.with_span_processor(queue);
-            spans = Some(stats);
             export_runtime = Some(Arc::new(ExportRuntime(Some(runtime))));
         }
         let provider = builder.build();

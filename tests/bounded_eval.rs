@@ -40,9 +40,8 @@ const MARGIN: Duration = Duration::from_millis(5);
 /// An unbounded build of what these tests ask for takes seconds.
 const SLACK: Duration = Duration::from_millis(250);
 
-/// One test of this file at a time: one keeps evaluations spinning on purpose, and the
-/// others time their answers.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// Every test of this file holds `common::CORES` exclusively, so they run one at a time:
+// one keeps evaluations spinning on purpose, and the others time their answers.
 
 fn bundle_dir() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -66,7 +65,7 @@ fn fast(token: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_range_from_a_header_fails_closed_near_the_limit_never_allows() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = common::CORES.write().await;
     let (_tmp, b) = bundle_dir();
     let mut s = start_with(|c| {
         c.policy.bundle = Some(b);
@@ -118,7 +117,7 @@ async fn a_huge_range_from_a_header_fails_closed_near_the_limit_never_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_provoking_arguments_do_not_take_the_server_down() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = common::CORES.write().await;
     let (_tmp, b) = bundle_dir();
     let mut s = start_with(|c| {
         c.policy.bundle = Some(b);
@@ -165,7 +164,7 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 /// clients on the test's: what the server's workers do is what is measured.
 #[test]
 fn hostile_checks_in_flight_do_not_starve_unrelated_checks() {
-    let _one = ONE_AT_A_TIME.blocking_lock();
+    let _one = common::CORES.blocking_write();
     const HOSTILE_IN_FLIGHT: usize = 4;
     const UNRELATED: usize = 300;
     /// Far under Envoy's default 200 ms ext_authz timeout (and the 250 ms of the report);
@@ -280,7 +279,7 @@ fn hostile_checks_in_flight_do_not_starve_unrelated_checks() {
 /// bounds hold there (extensions shadow the builtins).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interpreter_fallback_is_bounded_too() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = common::CORES.write().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let b = tmp.path().join("bundle");
     std::fs::create_dir_all(&b).expect("mkdir");
@@ -329,7 +328,7 @@ async fn the_interpreter_fallback_is_bounded_too() {
 /// with a gRPC error naming it; none allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_size_building_builtin_refuses_past_its_bound() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = common::CORES.write().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let b = tmp.path().join("bundle");
     std::fs::create_dir_all(&b).expect("mkdir");

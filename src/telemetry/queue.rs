@@ -27,19 +27,6 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 
-/// What the span queue counted since start-up.
-#[derive(Debug, Default)]
-pub struct SpanStats {
-    /// Spans the collector accepted.
-    pub exported: AtomicU64,
-    /// Spans in exports that failed (collector down, refused, past the export timeout).
-    pub failed: AtomicU64,
-    /// Spans dropped because the queue was full, or ended after the shutdown began.
-    pub dropped: AtomicU64,
-    /// Spans held now: waiting, or being exported.
-    pub held: AtomicU64,
-}
-
 /// How the queue is sized and paced.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueOptions {
@@ -54,19 +41,26 @@ pub struct QueueOptions {
 /// A [`SpanProcessor`] feeding `exporter` from a bounded queue, counted in [`SpanStats`].
 #[derive(Debug)]
 pub struct SpanQueue {
-    shared: Arc<Shared>,
+    shared: Arc<SpanStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// The queue's state, shared by the Checks, the export thread and `/metrics`: what it
+/// counted since start-up, and what it holds now ([`SpanStats::held`]).
 #[derive(Debug)]
-struct Shared {
+pub struct SpanStats {
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans in exports that failed (collector down, refused, past the export timeout).
+    pub failed: AtomicU64,
+    /// Spans dropped because the queue was full, or ended after the shutdown began.
+    pub dropped: AtomicU64,
     state: Mutex<State>,
     /// Wakes the export thread: a batch is waiting, a flush or the shutdown was asked.
     work: Condvar,
     /// Wakes the callers of flush and shutdown: an export round ended.
     rounds: Condvar,
     opts: QueueOptions,
-    stats: Arc<SpanStats>,
 }
 
 #[derive(Debug, Default)]
@@ -92,7 +86,6 @@ impl SpanQueue {
     pub fn start<E>(
         exporter: E,
         opts: QueueOptions,
-        stats: Arc<SpanStats>,
         runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Self>
     where
@@ -103,12 +96,14 @@ impl SpanQueue {
             batch: opts.batch.clamp(1, opts.capacity.max(1)),
             delay: opts.delay,
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SpanStats {
+            exported: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             rounds: Condvar::new(),
             opts,
-            stats,
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -118,6 +113,11 @@ impl SpanQueue {
             shared,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// What the queue counted and holds, for `/metrics`.
+    pub fn stats(&self) -> Arc<SpanStats> {
+        self.shared.clone()
     }
 
     /// Asks the export thread for a round (`ask`), then waits until `done` holds or the
@@ -152,7 +152,13 @@ impl SpanQueue {
     }
 }
 
-impl Shared {
+impl SpanStats {
+    /// Spans held now: waiting, or being exported.
+    pub fn held(&self) -> u64 {
+        let st = self.lock();
+        (st.waiting.len() + st.exporting) as u64
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays whole even if a holder panicked: every change is one field.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -163,16 +169,13 @@ impl SpanProcessor for SpanQueue {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        let stats = &self.shared.stats;
         let mut st = self.shared.lock();
         if st.shutdown || st.waiting.len() + st.exporting >= self.shared.opts.capacity {
             drop(st);
-            stats.dropped.fetch_add(1, Relaxed);
+            self.shared.dropped.fetch_add(1, Relaxed);
             return;
         }
         st.waiting.push_back(span);
-        // Counted before the lock goes: the export thread subtracts only what it took.
-        stats.held.fetch_add(1, Relaxed);
         let ready = st.waiting.len() == self.shared.opts.batch;
         drop(st);
         if ready {
@@ -218,7 +221,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Marks the export thread stopped when it leaves, by returning or by a panic, so that
 /// flush and shutdown never wait on a thread that is gone.
-struct Stopped<'a>(&'a Shared);
+struct Stopped<'a>(&'a SpanStats);
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
@@ -228,13 +231,12 @@ impl Drop for Stopped<'_> {
 }
 
 fn export_loop<E: SpanExporter>(
-    shared: &Shared,
+    shared: &SpanStats,
     mut exporter: E,
     runtime: &tokio::runtime::Handle,
 ) {
     let _stopped = Stopped(shared);
     let opts = shared.opts;
-    let stats = &shared.stats;
     let mut taken: VecDeque<SpanData> = VecDeque::new();
     let mut last_round = Instant::now();
     let (mut logged_at, mut logged_dropped, mut logged_failed) = (None::<Instant>, 0, 0);
@@ -274,16 +276,15 @@ fn export_loop<E: SpanExporter>(
                 runtime.block_on(exporter.export(batch))
             }));
             match result {
-                Ok(Ok(())) => stats.exported.fetch_add(n as u64, Relaxed),
-                Ok(Err(_)) | Err(_) => stats.failed.fetch_add(n as u64, Relaxed),
+                Ok(Ok(())) => shared.exported.fetch_add(n as u64, Relaxed),
+                Ok(Err(_)) | Err(_) => shared.failed.fetch_add(n as u64, Relaxed),
             };
-            stats.held.fetch_sub(n as u64, Relaxed);
             shared.lock().exporting = taken.len();
         }
         // A backlog (a collector that was down) grew this buffer; it is not kept for good.
         // Both buffers pass here in turn, so neither stays larger than two batches.
         taken.shrink_to(2 * opts.batch);
-        let (dropped, failed) = (stats.dropped.load(Relaxed), stats.failed.load(Relaxed));
+        let (dropped, failed) = (shared.dropped.load(Relaxed), shared.failed.load(Relaxed));
         if (dropped, failed) != (logged_dropped, logged_failed)
             && logged_at.is_none_or(|at| at.elapsed() >= LOG_EVERY)
         {
@@ -376,17 +377,6 @@ mod tests {
         capacity: usize,
         rt: &tokio::runtime::Runtime,
     ) -> (SdkTracerProvider, Arc<SpanStats>) {
-        let (provider, stats, _) = provider_with_state(rec, capacity, rt);
-        (provider, stats)
-    }
-
-    /// [`provider`], with the queue's shared state to look into.
-    fn provider_with_state(
-        rec: &Recorder,
-        capacity: usize,
-        rt: &tokio::runtime::Runtime,
-    ) -> (SdkTracerProvider, Arc<SpanStats>, Arc<Shared>) {
-        let stats = Arc::new(SpanStats::default());
         let queue = SpanQueue::start(
             rec.clone(),
             QueueOptions {
@@ -394,11 +384,10 @@ mod tests {
                 batch: 4,
                 delay: Duration::from_millis(50),
             },
-            stats.clone(),
             rt.handle().clone(),
         )
         .unwrap();
-        let shared = queue.shared.clone();
+        let stats = queue.stats();
         let provider = SdkTracerProvider::builder()
             .with_resource(
                 Resource::builder()
@@ -407,7 +396,7 @@ mod tests {
             )
             .with_span_processor(queue)
             .build();
-        (provider, stats, shared)
+        (provider, stats)
     }
 
     fn end_spans(provider: &SdkTracerProvider, n: usize) {
@@ -427,7 +416,7 @@ mod tests {
         let want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
         assert_eq!(rec.names(), want);
         assert_eq!(stats.exported.load(Relaxed), 10);
-        assert_eq!(stats.held.load(Relaxed), 0);
+        assert_eq!(stats.held(), 0);
         assert_eq!(stats.dropped.load(Relaxed), 0);
         // The provider's resource reached the exporter before its first export.
         let under = rec.exported_under.lock().unwrap().clone();
@@ -455,12 +444,12 @@ mod tests {
         // 4 being exported + 4 waiting reach the capacity of 8: the next 6 are dropped.
         end_spans(&provider, 10);
         assert_eq!(stats.dropped.load(Relaxed), 6);
-        assert_eq!(stats.held.load(Relaxed), 8);
+        assert_eq!(stats.held(), 8);
         rec.stall(false);
         provider.force_flush().unwrap();
         assert_eq!(rec.names().len(), 8);
         assert_eq!(stats.exported.load(Relaxed), 8);
-        assert_eq!(stats.held.load(Relaxed), 0);
+        assert_eq!(stats.held(), 0);
         provider.shutdown().unwrap();
     }
 
@@ -470,10 +459,10 @@ mod tests {
         let rec = Recorder::default();
         rec.stall(true);
         // Batches of 4; a collector that stalls while 1,000 spans pile up.
-        let (provider, stats, shared) = provider_with_state(&rec, 1000, &rt);
+        let (provider, stats) = provider(&rec, 1000, &rt);
         end_spans(&provider, 1004);
-        assert_eq!(stats.held.load(Relaxed), 1000);
-        assert!(shared.lock().waiting.capacity() >= 990);
+        assert_eq!(stats.held(), 1000);
+        assert!(stats.lock().waiting.capacity() >= 990);
         rec.stall(false);
         // Rounds enough for each of the two buffers to be exported from and shrunk.
         for _ in 0..3 {
@@ -481,10 +470,10 @@ mod tests {
         }
         assert_eq!(stats.exported.load(Relaxed), 1000);
         assert_eq!(stats.dropped.load(Relaxed), 4);
-        let cap = shared.lock().waiting.capacity();
+        let cap = stats.lock().waiting.capacity();
         assert!(cap <= 8, "the waiting buffer kept {cap} slots");
         provider.force_flush().unwrap();
-        let cap = shared.lock().waiting.capacity();
+        let cap = stats.lock().waiting.capacity();
         assert!(cap <= 8, "the other buffer kept {cap} slots");
         provider.shutdown().unwrap();
     }
@@ -499,7 +488,7 @@ mod tests {
         provider.force_flush().unwrap();
         assert_eq!(stats.failed.load(Relaxed), 6);
         assert_eq!(stats.exported.load(Relaxed), 0);
-        assert_eq!(stats.held.load(Relaxed), 0);
+        assert_eq!(stats.held(), 0);
 
         rec.stall(true);
         end_spans(&provider, 2);
