@@ -18,6 +18,7 @@ mod bounded;
 pub mod build;
 mod bundle;
 mod decision;
+pub mod graph;
 pub mod pool;
 pub mod routes;
 pub mod signing;
@@ -157,7 +158,27 @@ impl CompiledBundle {
         Self::compile_with(parsed, opts, false)
     }
 
+    /// Compiles on a thread of its own with [`graph::REGO_STACK`] of stack: the warm-up
+    /// evaluations run here, and may go as deep as [`graph::check`] allows, whatever thread
+    /// asked (a tokio worker or blocking thread has 2 MiB).
     fn compile_with(
+        parsed: ParsedBundle,
+        opts: &PolicyOptions,
+        with_vm: bool,
+    ) -> Result<Self, BundleError> {
+        std::thread::scope(|scope| {
+            let compiling = std::thread::Builder::new()
+                .name("aegis-compile".into())
+                .stack_size(graph::REGO_STACK)
+                .spawn_scoped(scope, move || Self::compile_here(parsed, opts, with_vm))
+                .map_err(|e| BundleError::Compile(format!("cannot start a compile thread: {e}")))?;
+            compiling.join().unwrap_or_else(|_| {
+                Err(BundleError::Compile("compiling the bundle panicked".into()))
+            })
+        })
+    }
+
+    fn compile_here(
         parsed: ParsedBundle,
         opts: &PolicyOptions,
         with_vm: bool,
@@ -171,6 +192,8 @@ impl CompiledBundle {
                 .add_policy(path, text)
                 .map_err(|e| BundleError::Compile(e.to_string()))?;
         }
+        // Before anything evaluates: regorus would recurse without bound.
+        graph::check(engine.get_modules()).map_err(BundleError::Compile)?;
         for (dir, value) in parsed.data {
             let mut nested = value;
             for key in dir.iter().rev() {

@@ -193,6 +193,7 @@ fn spawn_worker(shared: &Arc<Shared>, i: usize) -> std::io::Result<Arc<Worker>> 
     shared.live.fetch_add(1, Ordering::AcqRel);
     let spawned = std::thread::Builder::new()
         .name(format!("aegis-eval-{i}"))
+        .stack_size(super::graph::REGO_STACK)
         .spawn(move || work(&for_thread, &mine));
     if let Err(e) = spawned {
         shared.live.fetch_sub(1, Ordering::AcqRel);

@@ -1,0 +1,352 @@
+//! Bundles that would overflow regorus's stack: recursion and chains too deep are refused
+//! at load, naming the rule; bundles just inside the bound evaluate, on the threads Aegis
+//! gives regorus, with room to spare. Without these checks each refused bundle here
+//! aborted the process (a stack overflow), at load or when an input drove it deep.
+// Test helpers are not #[test] fns: they may unwrap, panic and index, as the tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use aegis::policy::graph::{MAX_EVAL_DEPTH, REGO_STACK};
+use aegis::policy::{BundleFiles, BundleSource, CompiledBundle, Policy, PolicyOptions};
+use common::*;
+
+const HEAD: &str = "package aegis.authz\nimport rego.v1\n";
+
+fn opts() -> PolicyOptions {
+    PolicyOptions {
+        query: "data.aegis.authz.decision".into(),
+        eval_timeout: Duration::from_secs(10),
+        eval_threads: 1,
+        verification_keys: Vec::new(),
+    }
+}
+
+fn files(modules: &[(&str, &str)]) -> BundleFiles {
+    BundleFiles::from_files(
+        modules
+            .iter()
+            .map(|(path, text)| (path.to_string(), text.as_bytes().to_vec()))
+            .collect(),
+    )
+}
+
+fn compile(modules: &[(&str, &str)]) -> Result<CompiledBundle, String> {
+    let parsed = files(modules).parse().map_err(|e| e.to_string())?;
+    CompiledBundle::compile(parsed, &opts()).map_err(|e| e.to_string())
+}
+
+fn refusal(modules: &[(&str, &str)]) -> String {
+    match compile(modules) {
+        Ok(_) => panic!(
+            "loaded: {}",
+            modules[0].1.lines().take(6).collect::<Vec<_>>().join("\n")
+        ),
+        Err(e) => e,
+    }
+}
+
+/// The cost the graph check gives a single-module bundle.
+fn cost(module: &str) -> usize {
+    let mut engine = regorus::Engine::new();
+    engine
+        .add_policy("aegis/authz.rego".into(), module.into())
+        .expect("parses");
+    aegis::policy::graph::costliest(engine.get_modules())
+        .expect("not recursive")
+        .expect("has rules")
+        .cost
+}
+
+/// `f(count(input.p))` recursing once per character of `p`: regorus loads it.
+const RECURSIVE: &str = r#"package aegis.authz
+import rego.v1
+f(x) := 0 if x <= 0
+f(x) := f(x - 1) + 1 if x > 0
+decision := {"allowed": f(count(input.p)) > 0}
+"#;
+
+#[test]
+fn a_recursive_function_an_input_could_drive_deep_is_refused_naming_the_cycle() {
+    let e = refusal(&[("aegis/authz.rego", RECURSIVE)]);
+    assert!(
+        e.starts_with("aegis/authz.rego:3: rule data.aegis.authz.f is recursive: data.aegis.authz.f -> data.aegis.authz.f"),
+        "{e}"
+    );
+}
+
+#[test]
+fn recursion_through_another_package_and_an_import_alias_is_refused() {
+    let lib = "package lib\nimport rego.v1\nimport data.aegis.authz as a\nhelper(x) := a.g(x - 1) if x > 0\n";
+    let authz = format!(
+        "{HEAD}import data.lib\ng(x) := lib.helper(x)\ndecision := {{\"allowed\": g(count(input.p)) > 0}}\n"
+    );
+    let e = refusal(&[("aegis/authz.rego", &authz), ("lib/lib.rego", lib)]);
+    assert!(e.contains(" is recursive: "), "{e}");
+    assert!(
+        e.contains("data.aegis.authz.g") && e.contains("data.lib.helper"),
+        "names both: {e}"
+    );
+}
+
+#[test]
+fn a_rule_reading_its_own_package_through_a_dynamic_key_is_refused_as_opa_does() {
+    // OPA: `rego_recursion_error: rule allow is recursive: allow -> allow` (open-policy-agent/opa#3876).
+    let module = format!("{HEAD}allow if data[input.pkg].x\ndecision := {{\"allowed\": allow}}\n");
+    let e = refusal(&[("aegis/authz.rego", &module)]);
+    assert!(
+        e.contains("rule data.aegis.authz.allow is recursive: data.aegis.authz.allow -> data.aegis.authz.allow"),
+        "{e}"
+    );
+}
+
+#[test]
+fn chains_too_deep_are_refused_naming_the_top_rule_and_the_chain() {
+    // 3,000 rules aborted the process at load; 1,000 functions and 3,000 `some … in`
+    // statements at the first evaluation (2 MiB threads, before the check).
+    let mut rules = String::from(HEAD);
+    rules.push_str("r0 := count(input.p)\n");
+    for i in 1..=3000 {
+        rules.push_str(&format!("r{i} := r{} + 1\n", i - 1));
+    }
+    rules.push_str("decision := {\"allowed\": r3000 > 0}\n");
+    let e = refusal(&[("aegis/authz.rego", &rules)]);
+    assert!(
+        e.starts_with("aegis/authz.rego:3004: rule data.aegis.authz.decision nests too deep to evaluate safely: its chain of 3002 rules (data.aegis.authz.decision -> data.aegis.authz.r3000 -> data.aegis.authz.r2999 -> … 2997 more … -> data.aegis.authz.r1 -> data.aegis.authz.r0) costs "),
+        "{e}"
+    );
+    assert!(
+        e.ends_with(&format!("the most Aegis accepts is {MAX_EVAL_DEPTH}")),
+        "{e}"
+    );
+
+    let mut funcs = String::from(HEAD);
+    funcs.push_str("f0(x) := x + 1\n");
+    for i in 1..=1000 {
+        funcs.push_str(&format!("f{i}(x) := f{}(x) + 1\n", i - 1));
+    }
+    funcs.push_str("decision := {\"allowed\": f1000(count(input.p)) > 0}\n");
+    let e = refusal(&[("aegis/authz.rego", &funcs)]);
+    assert!(
+        e.contains("data.aegis.authz.f1000 -> data.aegis.authz.f999"),
+        "{e}"
+    );
+
+    let mut body = format!("{HEAD}decision := {{\"allowed\": true}} if {{\n");
+    for i in 0..3000 {
+        body.push_str(&format!("  some x{i} in [1]\n"));
+    }
+    body.push_str("}\n");
+    let e = refusal(&[("aegis/authz.rego", &body)]);
+    assert!(
+        e.starts_with("aegis/authz.rego:3: rule data.aegis.authz.decision nests too deep to evaluate safely: its chain of 1 rules (data.aegis.authz.decision) costs "),
+        "{e}"
+    );
+}
+
+/// Shapes of deep evaluation, each `n` levels of its kind, each reaching the input.
+fn shape(kind: &str, n: usize) -> String {
+    let mut s = String::from(HEAD);
+    s.push_str("r0 := count(input.p)\n");
+    let top = match kind {
+        // A rule per level.
+        "rules" => {
+            for i in 1..=n {
+                s.push_str(&format!("r{i} := r{} + 1\n", i - 1));
+            }
+            format!("r{n} > 0")
+        }
+        // A function per level, each call 30 calls deep (the costliest unit measured).
+        "calls" => {
+            s.push_str("f0(x) := x + 1\n");
+            for i in 1..=n {
+                s.push_str(&format!(
+                    "f{i}(x) := {}f{}(x){}\n",
+                    "abs(".repeat(30),
+                    i - 1,
+                    ")".repeat(30)
+                ));
+            }
+            format!("f{n}(r0) > 0")
+        }
+        // One body of `n` loops, each recursing into the rest.
+        "loops" => {
+            s.push_str("deep if {\n");
+            for i in 0..n {
+                s.push_str(&format!("  some x{i} in [r0]\n"));
+            }
+            s.push_str("}\n");
+            "deep".into()
+        }
+        // A rule per level holding 20 loops.
+        "loop_chain" => {
+            for i in 1..=n {
+                s.push_str(&format!(
+                    "r{i} := y if {{\n{}  y := r{}\n}}\n",
+                    "  some _ in [1]\n".repeat(20),
+                    i - 1
+                ));
+            }
+            format!("r{n} > 0")
+        }
+        // A rule per level, ten comprehensions deep.
+        "comprehensions" => {
+            for i in 1..=n {
+                s.push_str(&format!(
+                    "r{i} := {}r{}{}\n",
+                    "[x | x := ".repeat(10),
+                    i - 1,
+                    "]".repeat(10)
+                ));
+            }
+            format!("count(r{n}) > 0")
+        }
+        // A rule per level reading a reference 100 links long.
+        "references" => {
+            for i in 1..=n {
+                s.push_str(&format!(
+                    "r{i} := r{} + count(input.d{})\n",
+                    i - 1,
+                    ".a".repeat(99)
+                ));
+            }
+            format!("r{n} > 0")
+        }
+        _ => unreachable!(),
+    };
+    s.push_str(&format!("decision := {{\"allowed\": {top}}}\n"));
+    s
+}
+
+/// The deepest `n` of a shape the bound accepts (costs grow linearly with `n`).
+fn deepest_accepted(kind: &str) -> usize {
+    let (one, two) = (cost(&shape(kind, 1)), cost(&shape(kind, 2)));
+    let step = two - one;
+    let n = 1 + (MAX_EVAL_DEPTH - one) / step;
+    assert!(cost(&shape(kind, n)) <= MAX_EVAL_DEPTH);
+    assert!(cost(&shape(kind, n + 1)) > MAX_EVAL_DEPTH);
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one_past_is_refused() {
+    let nested = format!("{}\"xy\"{}", "{\"a\": ".repeat(99), "}".repeat(99));
+    let doc = format!("{{\"p\": \"xy\", \"d\": {nested}}}");
+    let input = || regorus::Value::from_json_str(&doc).expect("json");
+    for kind in [
+        "rules",
+        "calls",
+        "loops",
+        "loop_chain",
+        "comprehensions",
+        "references",
+    ] {
+        let n = deepest_accepted(kind);
+        let e = refusal(&[("aegis/authz.rego", &shape(kind, n + 1))]);
+        assert!(e.contains("nests too deep"), "{kind}: {e}");
+
+        // The real evaluation threads (compiled on Aegis's compile thread).
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("aegis")).expect("mkdir");
+        std::fs::write(dir.path().join("aegis/authz.rego"), shape(kind, n)).expect("write");
+        let policy = Policy::load(BundleSource::Dir(dir.path().to_path_buf()), opts())
+            .unwrap_or_else(|e| panic!("{kind} at {n} loads: {e}"));
+        let decision = policy
+            .evaluate(policy.current(), input())
+            .await
+            .unwrap_or_else(|e| panic!("{kind} at {n}: {e}"));
+        assert_eq!(decision.verdict.as_str(), "allow", "{kind} at {n}");
+
+        // Half the stack: the bound leaves at least that much to spare.
+        let (compiled, doc) = (policy.current(), input());
+        let on_half = std::thread::Builder::new()
+            .stack_size(REGO_STACK / 2)
+            .spawn(move || {
+                compiled
+                    .evaluate(doc)
+                    .map(|d| d.verdict.as_str().to_owned())
+                    .map_err(|e| e.to_string())
+            })
+            .expect("spawn")
+            .join()
+            .expect("joined");
+        assert_eq!(
+            on_half,
+            Ok("allow".to_owned()),
+            "{kind} at {n} on half the stack"
+        );
+    }
+}
+
+/// What a hostile agent would do with a recursive bundle a careless operator ships: a
+/// header long enough to recurse past any stack. The reload is refused, the last good
+/// bundle keeps deciding, and the sidecar stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_bundle_is_not_taken_on_reload_and_a_deep_header_cannot_abort_the_sidecar() {
+    let _shared = common::CORES.read().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("aegis")).expect("mkdir");
+    let good = format!("{HEAD}decision := {{\"allowed\": true}}\n");
+    std::fs::write(bundle.join("aegis/authz.rego"), &good).expect("write");
+    let b = bundle.clone();
+    let mut server = start_with(|c| c.policy.bundle = Some(b)).await;
+    let policy = server.running.as_ref().expect("running").policy.clone();
+    let first = policy.revision();
+    let t = server.token("acme", "mallory", &[]);
+    let deep = |t: &str| {
+        Req::get("/tools/x")
+            .token(t)
+            .tool("x", "read")
+            .header("x-n", &"9".repeat(30_000))
+            .build()
+    };
+    assert_eq!(code(&server.check(deep(&t)).await.expect("decided")), 0);
+
+    let recursive = format!(
+        "{HEAD}f(x) := 0 if x <= 0\nf(x) := f(x - 1) + 1 if x > 0\n\
+         decision := {{\"allowed\": f(count(input.attributes.request.http.headers[\"x-n\"])) > 0}}\n"
+    );
+    std::fs::write(bundle.join("aegis/authz.rego"), recursive).expect("write");
+    assert!(
+        eventually(Duration::from_secs(10), || policy.reload_failures() >= 1).await,
+        "the recursive bundle is seen and refused"
+    );
+    assert_eq!(
+        policy.revision(),
+        first,
+        "the last good bundle still serves"
+    );
+    let r = server.check(deep(&t)).await.expect("still decided");
+    assert_eq!(code(&r), 0);
+    assert_eq!(policy_version(&r), first);
+    let admin = server.running.as_ref().expect("running").admin_addr;
+    let scrape = http_get(admin, "/metrics").await;
+    assert!(
+        scrape.contains("\naegis_policy_reload_failures_total 1\n"),
+        "{scrape}"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn the_default_bundle_is_far_inside_the_bound() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut engine = regorus::Engine::new();
+    for entry in ["aegis/authz.rego", "aegis/authz_test.rego"] {
+        let text = std::fs::read_to_string(root.join(entry)).expect("read");
+        engine.add_policy(entry.into(), text).expect("parses");
+    }
+    let chain = aegis::policy::graph::costliest(engine.get_modules())
+        .expect("not recursive")
+        .expect("has rules");
+    println!("default bundle: {chain:?}");
+    assert!(chain.cost * 8 < MAX_EVAL_DEPTH, "{chain:?}");
+}
