@@ -492,7 +492,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let doc = regorus::Value::from_json_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-            let raw = compiled.evaluate_raw(doc)?;
+            let raw = crate::policy::graph::on_rego_stack(|| compiled.evaluate_raw(doc))??;
             let decision = crate::policy::Decision::from_value(&raw)?;
             let out = serde_json::json!({
                 "decision": decision.verdict.as_str(),

@@ -166,16 +166,13 @@ impl CompiledBundle {
         opts: &PolicyOptions,
         with_vm: bool,
     ) -> Result<Self, BundleError> {
-        std::thread::scope(|scope| {
-            let compiling = std::thread::Builder::new()
-                .name("aegis-compile".into())
-                .stack_size(graph::REGO_STACK)
-                .spawn_scoped(scope, move || Self::compile_here(parsed, opts, with_vm))
-                .map_err(|e| BundleError::Compile(format!("cannot start a compile thread: {e}")))?;
-            compiling.join().unwrap_or_else(|_| {
-                Err(BundleError::Compile("compiling the bundle panicked".into()))
-            })
-        })
+        graph::on_rego_stack(move || Self::compile_here(parsed, opts, with_vm)).unwrap_or_else(
+            |e| {
+                Err(BundleError::Compile(format!(
+                    "compiling the bundle on a thread of its own: {e}"
+                )))
+            },
+        )
     }
 
     fn compile_here(

@@ -151,6 +151,205 @@ fn chains_too_deep_are_refused_naming_the_top_rule_and_the_chain() {
     );
 }
 
+#[test]
+fn imports_cannot_hide_a_cycle_or_a_chain() {
+    // regorus takes the package's own `f` when the import names no function.
+    let behind_input = format!(
+        "{HEAD}import input.f\nf(n) := 0 if n <= 0\nf(n) := f(n - 1) + 1 if n > 0\n\
+         decision := {{\"allowed\": f(count(input.p)) > 0}}\n"
+    );
+    let e = refusal(&[("aegis/authz.rego", &behind_input)]);
+    assert!(e.contains("rule data.aegis.authz.f is recursive"), "{e}");
+
+    // An alias bound in another module of the package.
+    let alias = format!(
+        "{HEAD}import data.aegis.authz.f as g\ndecision := {{\"allowed\": f(count(input.p)) > 0}}\n"
+    );
+    let user = format!("{HEAD}f(n) := 0 if n <= 0\nf(n) := g(n - 1) + 1 if n > 0\n");
+    let e = refusal(&[("aegis/a.rego", &alias), ("aegis/b.rego", &user)]);
+    assert!(e.contains("rule data.aegis.authz.f is recursive"), "{e}");
+
+    // A chain of rules whose root name is also an import of `input`.
+    let mut chain = format!("{HEAD}import input.x\nx.r0 := count(input.p)\n");
+    for i in 1..=3000 {
+        chain.push_str(&format!("x.r{i} := x.r{} + 1\n", i - 1));
+    }
+    chain.push_str("decision := {\"allowed\": x.r3000 > 0}\n");
+    let e = refusal(&[("aegis/authz.rego", &chain)]);
+    assert!(e.contains("nests too deep"), "{e}");
+}
+
+#[test]
+fn keys_in_rule_heads_count_as_references() {
+    let mut chain = format!("{HEAD}r0 := 1\n");
+    for i in 1..=3000 {
+        chain.push_str(&format!("r{i}[count(r{})] := 1\n", i - 1));
+    }
+    chain.push_str("decision := {\"allowed\": count(r3000) > 0}\n");
+    let e = refusal(&[("aegis/authz.rego", &chain)]);
+    assert!(
+        e.contains("data.aegis.authz.r3000 -> data.aegis.authz.r2999"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_loop_in_a_statement_counts() {
+    // regorus evaluates the rest of a body inside each `x[_]` of a statement: 400
+    // statements of 10 loops are 4,000 levels, not 400.
+    let mut body = format!("{HEAD}a := [1]\ndeep if {{\n");
+    for i in 0..400 {
+        body.push_str(&format!("  x{i} := {}\n", ["a[_]"; 10].join(" + ")));
+    }
+    body.push_str("}\ndecision := {\"allowed\": deep}\n");
+    assert!(cost(&body) > 4000, "{}", cost(&body));
+    let e = refusal(&[("aegis/authz.rego", &body)]);
+    assert!(
+        e.contains("rule data.aegis.authz.decision nests too deep"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_function_replaced_with_another_adds_its_whole_cost() {
+    // `c99(x) with f as g` runs g at the bottom of c99's chain; g100 does that 100 times
+    // over: ~10,000 calls deep, though each chain alone is short.
+    let mut m = format!("{HEAD}f(x) := x\nc0(x) := f(x)\n");
+    for i in 1..100 {
+        m.push_str(&format!("c{i}(x) := c{}(x)\n", i - 1));
+    }
+    m.push_str("g0(x) := x\n");
+    for i in 1..=100 {
+        m.push_str(&format!(
+            "g{i}(x) := y if {{ y := c99(x) with f as g{} }}\n",
+            i - 1
+        ));
+    }
+    m.push_str("decision := {\"allowed\": y > 0} if { y := c99(count(input.p)) with f as g100 }\n");
+    let e = refusal(&[("aegis/authz.rego", &m)]);
+    assert!(
+        e.contains("rule data.aegis.authz.decision nests too deep"),
+        "{e}"
+    );
+}
+
+#[test]
+fn data_too_many_directories_deep_is_refused() {
+    let deep = format!("{}data.json", "a/".repeat(65));
+    let ok = format!("{}data.json", "b/".repeat(64));
+    let module = format!("{HEAD}decision := {{\"allowed\": true}}\n");
+    let files = |data: &str| {
+        BundleFiles::from_files(vec![
+            ("aegis/authz.rego".into(), module.clone().into_bytes()),
+            (data.to_owned(), b"{}".to_vec()),
+        ])
+    };
+    let e = files(&deep).parse().expect_err("refused");
+    assert_eq!(
+        e.to_string(),
+        format!("{deep}: data file 65 directories deep; the most is 64")
+    );
+    assert!(files(&ok).parse().is_ok());
+}
+
+/// Builtins that recurse once per segment or node of what they are given refuse past
+/// their bound, with a gRPC error naming them; just inside it they are decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtins_that_recurse_on_their_input_refuse_past_their_bound() {
+    let _shared = common::CORES.read().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = dir.path().join("bundle");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    let policy = format!(
+        r#"{HEAD}
+h := input.attributes.request.http.headers
+n := to_number(h["x-n"])
+chain := {{sprintf("%d", [i]): [sprintf("%d", [i + 1])] | some i in numbers.range(0, n - 1)}}
+decision := {{"allowed": count(json.filter({{}}, [h["x-path"]])) >= 0}} if input.tool.name == "filter"
+decision := {{"allowed": count(json.remove({{}}, [h["x-path"]])) >= 0}} if input.tool.name == "remove"
+decision := {{"allowed": count(graph.reachable_paths(chain, ["0"])) > 0}} if input.tool.name == "paths"
+"#
+    );
+    std::fs::write(b.join("policy.rego"), policy).expect("write");
+    let mut s = start_with(|c| {
+        c.policy.bundle = Some(b);
+        c.policy.eval_timeout_ms = 5_000;
+    })
+    .await;
+    let t = s.token("acme", "mallory", &[]);
+    let call = |tool: &str, path: &str, n: &str| {
+        Req::get(&format!("/{tool}"))
+            .token(&t)
+            .tool(tool, "read")
+            .header("x-path", path)
+            .header("x-n", n)
+            .build()
+    };
+    let inside = vec!["a"; 128].join("/");
+    let past = vec!["a"; 20_000].join("/");
+    for tool in ["filter", "remove"] {
+        let r = s.check(call(tool, &inside, "1")).await.expect("decided");
+        assert_eq!(code(&r), 0, "{tool} at 128 segments");
+        let err = s.check(call(tool, &past, "1")).await.expect_err("refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::ResourceExhausted,
+            "{tool}: {err:?}"
+        );
+        assert!(
+            err.message().contains(&format!(
+                "json.{tool} was given a path of 20000 segments; the most is 128"
+            )),
+            "{}",
+            err.message()
+        );
+    }
+    // A chain of 4,096 nodes is one path 4,096 deep.
+    let r = s.check(call("paths", "", "4096")).await.expect("decided");
+    assert_eq!(code(&r), 0, "reachable_paths at 4,096 nodes");
+    let err = s
+        .check(call("paths", "", "4097"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("graph.reachable_paths was given a graph of 4097 nodes; the most is 4096"),
+        "{}",
+        err.message()
+    );
+    s.stop().await;
+}
+
+#[test]
+fn dynamic_metadata_deeper_than_envoy_needs_fails_closed() {
+    // A policy can nest its output thousands of levels (a rule per level); the response
+    // metadata is converted recursively on 2 MiB async workers.
+    let nested = |n: usize| {
+        let mut m = format!("{HEAD}m0 := {{\"a\": 1}}\n");
+        for i in 1..n {
+            m.push_str(&format!("m{i} := {{\"a\": m{}}}\n", i - 1));
+        }
+        m.push_str(&format!(
+            "decision := {{\"allowed\": true, \"dynamic_metadata\": m{}}}\n",
+            n - 1
+        ));
+        m
+    };
+    let input = || regorus::Value::from_json_str("{}").expect("json");
+    let ok = compile(&[("aegis/authz.rego", &nested(64))]).expect("loads");
+    assert!(ok.evaluate(input()).is_ok());
+    let deep = compile(&[("aegis/authz.rego", &nested(65))]).expect("loads");
+    let e = deep
+        .evaluate(input())
+        .expect_err("fails closed")
+        .to_string();
+    assert!(
+        e.contains("dynamic_metadata") && e.contains("nests 65 levels deep; the most is 64"),
+        "{e}"
+    );
+}
+
 /// Shapes of deep evaluation, each `n` levels of its kind, each reaching the input.
 fn shape(kind: &str, n: usize) -> String {
     let mut s = String::from(HEAD);
@@ -208,6 +407,15 @@ fn shape(kind: &str, n: usize) -> String {
             }
             format!("count(r{n}) > 0")
         }
+        // One body of `n` statements, each with ten loops.
+        "index_loops" => {
+            s.push_str("a := [r0]\ndeep if {\n");
+            for i in 0..n {
+                s.push_str(&format!("  x{i} := {}\n", ["a[_]"; 10].join(" + ")));
+            }
+            s.push_str("}\n");
+            "deep".into()
+        }
         // A rule per level reading a reference 100 links long.
         "references" => {
             for i in 1..=n {
@@ -247,6 +455,7 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
         "loop_chain",
         "comprehensions",
         "references",
+        "index_loops",
     ] {
         let n = deepest_accepted(kind);
         let e = refusal(&[("aegis/authz.rego", &shape(kind, n + 1))]);
@@ -264,22 +473,29 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
             .unwrap_or_else(|e| panic!("{kind} at {n}: {e}"));
         assert_eq!(decision.verdict.as_str(), "allow", "{kind} at {n}");
 
-        // Half the stack: the bound leaves at least that much to spare.
+        // Half the stack, with the evaluator serving Checks and with the interpreter (the
+        // fallback, and what `with` and `aegis policy test` use): the bound leaves at least
+        // that much to spare.
         let (compiled, doc) = (policy.current(), input());
         let on_half = std::thread::Builder::new()
             .stack_size(REGO_STACK / 2)
             .spawn(move || {
-                compiled
-                    .evaluate(doc)
+                let served = compiled
+                    .evaluate(doc.clone())
                     .map(|d| d.verdict.as_str().to_owned())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                let interpreted = compiled
+                    .interpret(doc)
+                    .map(|v| v["allowed"].clone())
+                    .map_err(|e| e.to_string());
+                (served, interpreted)
             })
             .expect("spawn")
             .join()
             .expect("joined");
         assert_eq!(
             on_half,
-            Ok("allow".to_owned()),
+            (Ok("allow".to_owned()), Ok(regorus::Value::from(true))),
             "{kind} at {n} on half the stack"
         );
     }

@@ -16,6 +16,11 @@
 //!   that could exceed
 //!   [`MAX_STRING_BYTES`] before building it.
 //!
+//! - builtins that recurse once per piece of their input, inside one call, refuse input
+//!   that would recurse deeper than the evaluation threads' stack allows:
+//!   `json.filter` and `json.remove` paths of more than [`MAX_JSON_PATH_SEGMENTS`]
+//!   segments, `graph.reachable_paths` graphs of more than [`MAX_GRAPH_NODES`] nodes.
+//!
 //! Every other builtin's output is bounded by its inputs, and the decoded Check is capped
 //! at 256 KiB; loops over them are what regorus's timer does check.
 //!
@@ -39,6 +44,13 @@ use regorus::unstable::{Expr, Ref, Span};
 pub const MAX_ELEMENTS: u64 = 1_000_000;
 /// The longest string one builtin call may build.
 pub const MAX_STRING_BYTES: u64 = 16 * 1024 * 1024;
+/// The most segments one `json.filter` / `json.remove` path may have: regorus builds a
+/// tree one level per segment and frees it recursively, so a 1 MB `"a/a/a/…"` string
+/// would overflow the stack.
+pub const MAX_JSON_PATH_SEGMENTS: usize = 128;
+/// The most nodes a graph given to `graph.reachable_paths` may have: regorus walks each
+/// path by recursing once per node on it.
+pub const MAX_GRAPH_NODES: usize = 4096;
 /// Elements built between two looks at the deadline.
 const DEADLINE_EVERY: usize = 4096;
 
@@ -54,6 +66,9 @@ const BOUNDED: &[(&str, u8, Builtin)] = &[
     ("strings.replace_n", 2, replace_n),
     ("concat", 2, concat),
     ("sprintf", 2, sprintf),
+    ("json.filter", 2, json_filter),
+    ("json.remove", 2, json_remove),
+    ("graph.reachable_paths", 2, reachable_paths),
 ];
 
 thread_local! {
@@ -377,6 +392,67 @@ fn concat(
         )?;
     }
     original("concat")?(span, params, args, strict)
+}
+
+fn json_filter(
+    span: &Span,
+    params: &[Ref<Expr>],
+    args: &[Value],
+    strict: bool,
+) -> anyhow::Result<Value> {
+    bounded_json_paths("json.filter", args.get(1))?;
+    original("json.filter")?(span, params, args, strict)
+}
+
+fn json_remove(
+    span: &Span,
+    params: &[Ref<Expr>],
+    args: &[Value],
+    strict: bool,
+) -> anyhow::Result<Value> {
+    bounded_json_paths("json.remove", args.get(1))?;
+    original("json.remove")?(span, params, args, strict)
+}
+
+/// Refuses a path (`"a/b/c"` or `["a", "b", "c"]`) of more than
+/// [`MAX_JSON_PATH_SEGMENTS`] segments.
+fn bounded_json_paths(name: &str, paths: Option<&Value>) -> anyhow::Result<()> {
+    let paths: Vec<&Value> = match paths {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(Value::Set(s)) => s.iter().collect(),
+        _ => return Ok(()),
+    };
+    for path in paths {
+        let segments = match path {
+            Value::String(s) => s.split('/').count(),
+            Value::Array(a) => a.len(),
+            _ => 0,
+        };
+        if segments > MAX_JSON_PATH_SEGMENTS {
+            return Err(too_large(format!(
+                "{name} was given a path of {segments} segments; the most is \
+                 {MAX_JSON_PATH_SEGMENTS}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn reachable_paths(
+    span: &Span,
+    params: &[Ref<Expr>],
+    args: &[Value],
+    strict: bool,
+) -> anyhow::Result<Value> {
+    if let Some(Value::Object(graph)) = args.first()
+        && graph.len() > MAX_GRAPH_NODES
+    {
+        return Err(too_large(format!(
+            "graph.reachable_paths was given a graph of {} nodes; the most is {MAX_GRAPH_NODES}",
+            graph.len()
+        )));
+    }
+    original("graph.reachable_paths")?(span, params, args, strict)
 }
 
 fn sprintf(

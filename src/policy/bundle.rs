@@ -33,6 +33,11 @@ pub const MAX_REGO_OPERATORS: usize = 128;
 /// a limit in its parser.
 pub const MAX_REGO_PARENS: usize = 32;
 
+/// Deepest directory a data file may sit in: each directory is a level of `data`, and
+/// regorus frees and walks values recursively (an archive's long names could otherwise
+/// make `data` 50,000 levels deep).
+pub const MAX_DATA_DIRS: usize = 64;
+
 /// Where a bundle comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BundleSource {
@@ -207,6 +212,12 @@ impl BundleFiles {
                 }
                 let mut dir: Vec<String> = path.split('/').map(String::from).collect();
                 dir.pop();
+                if dir.len() > MAX_DATA_DIRS {
+                    return Err(invalid(format!(
+                        "data file {} directories deep; the most is {MAX_DATA_DIRS}",
+                        dir.len()
+                    )));
+                }
                 data.push((dir, value));
             }
         }

@@ -267,11 +267,37 @@ fn string_pairs(v: &Value, key: &'static str) -> Result<Vec<(String, String)>, D
     Ok(out)
 }
 
+/// Deepest nesting of `dynamic_metadata` (Envoy's metadata is a handful of levels): it is
+/// converted and freed recursively on the async workers, whose stacks are 2 MiB, while a
+/// policy could build it thousands of levels deep.
+pub const MAX_METADATA_DEPTH: usize = 64;
+
 fn dynamic_metadata(
     v: &Value,
 ) -> Result<serde_json::Map<String, serde_json::Value>, DecisionError> {
+    let depth = nesting(v);
+    if depth > MAX_METADATA_DEPTH {
+        let message = format!("nests {depth} levels deep; the most is {MAX_METADATA_DEPTH}");
+        return Err(bad("dynamic_metadata", &message));
+    }
     match serde_json::to_value(v) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         _ => Err(bad("dynamic_metadata", "must be an object")),
     }
+}
+
+/// How deep a value nests (a scalar is 0), without recursing.
+fn nesting(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|i| (i, depth + 1))),
+            Value::Set(s) => stack.extend(s.iter().map(|i| (i, depth + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|i| (i, depth + 1))),
+            _ => {}
+        }
+    }
+    deepest
 }

@@ -14,22 +14,35 @@
 //! So, over the parsed modules:
 //! - **recursion** (a cycle of rules or functions) is refused, as OPA refuses it
 //!   (`rego_recursion_error`), naming the cycle;
-//! - **depth** is bounded: each rule costs [`RULE_FRAME`] plus, for its deepest body, one
-//!   unit per statement (a loop recurses into the statements after it) and one per level
-//!   of its deepest expression (comprehensions and `every` add their own queries). The
-//!   costliest chain of rules reaching each other may cost at most [`MAX_EVAL_DEPTH`]; a
-//!   rule past it is refused, naming the chain. Aegis runs regorus on threads with a
-//!   [`REGO_STACK`]-byte stack, sized so that a bundle at the bound evaluates with room
-//!   to spare (measured by `tests/bundle_depth.rs`).
+//! - **depth** is bounded. A rule costs [`RULE_FRAME`], plus for its costliest body: one
+//!   unit per statement and one per loop in it (`some … in`, each `x[_]` or `x[i]` index
+//!   that may iterate, `walk`), since regorus evaluates everything after a loop inside
+//!   it; plus the depth of its deepest expression (each link of a reference, each nested
+//!   call, comprehension or `every`), head keys and values included. A chain costs the
+//!   sum of its rules; a `with f as g` adds the whole cost of `g` to the rule holding it
+//!   (the replaced call runs `g` at the bottom of what it calls). The costliest chain may
+//!   cost [`MAX_EVAL_DEPTH`]; past it the bundle is refused, naming the chain. Aegis runs
+//!   regorus on threads with a [`REGO_STACK`]-byte stack, sized so that a bundle at the
+//!   bound evaluates with room to spare (measured by `tests/bundle_depth.rs`).
 //!
 //! What refers to what is read statically. Where that cannot be exact it errs toward more
-//! dependencies, never fewer: a reference with a dynamic key (`data.p[x]`) depends on
-//! every rule under its static part (as in OPA, `data[input.x]` inside a package is a
-//! cycle), and a call always names the function of its name. A name is local from the
-//! statement that declares it (`some`, `:=`, `some … in`, an argument, `every`) to the end
-//! of its scope (the rule body and its head, a comprehension, an `every` body); anywhere
-//! else it names the rule. The walk of each expression recurses, which is safe because
-//! `check_nesting` bounded expression depth before regorus parsed the module.
+//! dependencies, never fewer:
+//! - a reference with a dynamic key (`data.p[x]`) depends on every rule under its static
+//!   part (as in OPA, `data[input.x]` inside a package is a cycle);
+//! - a name that is not local refers both to the package's rule of that name and to what
+//!   any import of the package (in any of its modules) binds it to, as regorus may take
+//!   either (it prefers the package's rules for references, and an import's function for
+//!   calls only when that function exists);
+//! - a call always names the function of its name;
+//! - a name is local from the statement that declares it (`some`, `:=`, `some … in`, an
+//!   argument, `every`) to the end of its scope (the rule body and its head, a
+//!   comprehension, an `every` body).
+//!
+//! Each referenced path is a node of its own pointing at the rules it reads, so the graph
+//! grows with rules plus references, not with their product (a package of 20,000 rules
+//! read by 20,000 rules is 40,000 edges, not 400 million). The walk of each expression
+//! recurses, which is safe because `check_nesting` bounded expression depth before
+//! regorus parsed the module.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -40,25 +53,44 @@ use regorus::unstable::{Expr, Literal, Module, Query, Ref, Rule, RuleBody, RuleH
 /// most ~4.5 KiB of stack per rule, a function 30 calls deep at most ~1.8 KiB per call.
 pub const RULE_FRAME: usize = 4;
 
-/// The most a chain of rules may cost: a reference, a statement or an expression level
-/// are one unit each, a rule [`RULE_FRAME`].
+/// The most a chain of rules may cost: a statement, a loop or an expression level are one
+/// unit each, a rule [`RULE_FRAME`].
 pub const MAX_EVAL_DEPTH: usize = 2_048;
 
-/// Stack of every thread that runs regorus (the evaluation pool, bundle compilation). At
-/// the bound, the deepest shape measured (`tests/bundle_depth.rs`'s, debug build, the
-/// interpreter) needed 4 MiB; this is four times that. Only touched pages are resident.
+/// Stack of every thread that runs regorus (the evaluation pool, bundle compilation, the
+/// `aegis policy` commands). At the bound, the deepest shape measured
+/// (`tests/bundle_depth.rs`'s, debug build, the interpreter) needed 4 MiB; this is four
+/// times that. Only touched pages are resident.
 pub const REGO_STACK: usize = 16 * 1024 * 1024;
 
-/// One rule (all its definitions at one path).
+/// Runs `f` on a thread with a [`REGO_STACK`] stack and waits for it: for regorus work
+/// started from a thread whose stack Aegis does not choose (a command's main thread).
+pub fn on_rego_stack<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("aegis-rego".into())
+            .stack_size(REGO_STACK)
+            .spawn_scoped(scope, f)?;
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("the regorus thread panicked"))
+    })
+}
+
+/// One rule (all its definitions at one path), or one referenced path.
 struct Node {
-    /// `data.pkg.name`.
+    /// `data.pkg.name`; for a reference, the path it reads.
     path: Vec<String>,
+    /// A reference, not a rule: costs nothing and is not named in chains.
+    is_ref: bool,
     /// Where it is first defined: `file:line`.
     at: String,
     /// Its own cost: the costliest of its definitions.
     cost: usize,
-    /// The paths its definitions refer to.
-    refs: Vec<Vec<String>>,
+    /// What it reads (references for a rule; rules for a reference).
+    deps: BTreeSet<usize>,
+    /// References whose whole cost adds to this rule's (`with … as` values).
+    adds: BTreeSet<usize>,
 }
 
 /// The costliest chain of rules in a bundle.
@@ -93,8 +125,8 @@ pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
     };
     Err(format!(
         "{}: rule {} nests too deep to evaluate safely: its chain of {} rules ({}) costs {} \
-         units of stack (one per rule reference, statement and expression level, {RULE_FRAME} \
-         per rule); the most Aegis accepts is {MAX_EVAL_DEPTH}",
+         units of stack ({RULE_FRAME} per rule, one per statement, loop and expression \
+         level); the most Aegis accepts is {MAX_EVAL_DEPTH}",
         chain.at,
         rules.first().map_or("", String::as_str),
         rules.len(),
@@ -103,43 +135,143 @@ pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
     ))
 }
 
-/// The costliest chain of rules (`None` without rules), or the error naming a cycle.
-pub fn costliest(modules: &[Ref<Module>]) -> Result<Option<Chain>, String> {
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut index: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-    for module in modules {
-        let package = static_path(&module.package.refr, &mut Vec::new())
-            .map(|(root, fields)| {
-                let mut path = vec!["data".to_owned(), root];
-                path.extend(fields);
-                path
-            })
-            .unwrap_or_else(|| vec!["data".to_owned()]);
-        let scope = Scope::new(module, package);
-        for rule in &module.policy {
-            let (path, at, cost, refs) = scope.rule(rule);
-            match index.get(&path).and_then(|&i| nodes.get_mut(i)) {
-                Some(node) => {
-                    node.cost = node.cost.max(cost);
-                    node.refs.extend(refs);
+/// The rules of a bundle and what they read.
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<Node>,
+    rules: BTreeMap<Vec<String>, usize>,
+    refs: BTreeMap<Vec<String>, usize>,
+}
+
+impl Graph {
+    fn name(&self, i: usize) -> String {
+        self.nodes
+            .get(i)
+            .map_or_else(String::new, |n| n.path.join("."))
+    }
+
+    fn is_rule(&self, i: usize) -> bool {
+        self.nodes.get(i).is_some_and(|n| !n.is_ref)
+    }
+
+    /// The node of a referenced path, made on first use.
+    fn reference(&mut self, path: Vec<String>) -> usize {
+        if let Some(&i) = self.refs.get(&path) {
+            return i;
+        }
+        let i = self.nodes.len();
+        self.refs.insert(path.clone(), i);
+        self.nodes.push(Node {
+            path,
+            is_ref: true,
+            at: String::new(),
+            cost: 0,
+            deps: BTreeSet::new(),
+            adds: BTreeSet::new(),
+        });
+        i
+    }
+
+    /// Points each reference at the rules it reads: every rule whose path is a prefix of
+    /// it (`data.p.r.x` reads rule `r`) or has it as prefix (`data.p` reads all of `p`).
+    fn link(&mut self) {
+        let refs: Vec<(Vec<String>, usize)> =
+            self.refs.iter().map(|(p, &i)| (p.clone(), i)).collect();
+        for (path, i) in refs {
+            let mut deps = BTreeSet::new();
+            let mut prefix = Vec::with_capacity(path.len());
+            for field in &path {
+                if let Some(&r) = self.rules.get(&prefix) {
+                    deps.insert(r);
                 }
-                None => {
-                    index.insert(path.clone(), nodes.len());
-                    nodes.push(Node {
-                        path,
-                        at,
-                        cost,
-                        refs,
-                    });
+                prefix.push(field.clone());
+            }
+            for (p, &r) in self.rules.range(path.clone()..) {
+                if !p.starts_with(&path) {
+                    break;
                 }
+                deps.insert(r);
+            }
+            if let Some(node) = self.nodes.get_mut(i) {
+                node.deps = deps;
             }
         }
     }
-    let name = |i: usize| nodes.get(i).map_or_else(String::new, |n| n.path.join("."));
-    let deps = link(&nodes, &index);
-    let order = topological(&deps).map_err(|cycle| {
-        let first = cycle.first().and_then(|&i| nodes.get(i));
-        let names: Vec<String> = cycle.iter().map(|&i| name(i)).collect();
+}
+
+/// The costliest chain of rules (`None` without rules), or the error naming a cycle.
+pub fn costliest(modules: &[Ref<Module>]) -> Result<Option<Chain>, String> {
+    Graph::build(modules).costliest()
+}
+
+impl Graph {
+    fn build(modules: &[Ref<Module>]) -> Self {
+        let scopes = Scopes::new(modules);
+        let mut graph = Graph::default();
+        for module in modules {
+            let Some(scope) = scopes.of(module) else {
+                continue;
+            };
+            for rule in &module.policy {
+                let walked = scope.rule(rule);
+                let refs: BTreeSet<usize> = walked
+                    .refs
+                    .into_iter()
+                    .map(|p| graph.reference(p))
+                    .collect();
+                let adds: BTreeSet<usize> = walked
+                    .adds
+                    .into_iter()
+                    .map(|p| graph.reference(p))
+                    .collect();
+                match graph.rules.get(&walked.path).copied() {
+                    Some(i) => {
+                        if let Some(node) = graph.nodes.get_mut(i) {
+                            node.cost = node.cost.max(walked.cost);
+                            node.deps.extend(refs);
+                            node.adds.extend(adds);
+                        }
+                    }
+                    None => {
+                        graph.rules.insert(walked.path.clone(), graph.nodes.len());
+                        graph.nodes.push(Node {
+                            path: walked.path,
+                            is_ref: false,
+                            at: walked.at,
+                            cost: walked.cost,
+                            deps: refs,
+                            adds,
+                        });
+                    }
+                }
+            }
+        }
+        graph.link();
+        graph
+    }
+
+    fn costliest(&self) -> Result<Option<Chain>, String> {
+        let graph = self;
+        let deps: Vec<Vec<usize>> = graph
+            .nodes
+            .iter()
+            .map(|n| n.deps.union(&n.adds).copied().collect())
+            .collect();
+        let order = topological(&deps).map_err(|cycle| {
+        // The cycle's rules round to the first again (references are not named).
+        let mut rules: Vec<usize> = cycle
+            .iter()
+            .take(cycle.len().saturating_sub(1))
+            .copied()
+            .filter(|&i| graph.is_rule(i))
+            .collect();
+        // Named from the rule defined first.
+        if let Some(first) = (0..rules.len()).min_by_key(|&k| rules.get(k).copied()) {
+            rules.rotate_left(first);
+        }
+        rules.extend(rules.first().copied());
+        let first = rules.first().and_then(|&i| graph.nodes.get(i));
+        let names: Vec<String> = rules.iter().map(|&i| graph.name(i)).collect();
         format!(
             "{}: rule {} is recursive: {} (Rego forbids recursion; Aegis refuses it rather than \
              let an input drive it deep enough to abort the process)",
@@ -148,67 +280,54 @@ pub fn costliest(modules: &[Ref<Module>]) -> Result<Option<Chain>, String> {
             names.join(" -> ")
         )
     })?;
-    // The costliest chain from each rule down, dependencies first: (cost, next rule).
-    let mut below: Vec<(usize, Option<usize>)> = vec![(0, None); nodes.len()];
-    for &i in &order {
-        let total = |d: usize| below.get(d).map_or(0, |b| b.0);
-        let deepest = deps
-            .get(i)
-            .and_then(|ds| ds.iter().copied().max_by_key(|&d| total(d)));
-        let own = nodes.get(i).map_or(0, |n| n.cost);
-        let cost = own + deepest.map_or(0, total);
-        if let Some(b) = below.get_mut(i) {
-            *b = (cost, deepest);
-        }
-    }
-    let top = below
-        .iter()
-        .enumerate()
-        .max_by_key(|&(i, b)| (b.0, std::cmp::Reverse(i)));
-    let Some((top, &(cost, mut next))) = top else {
-        return Ok(None);
-    };
-    let mut rules = vec![name(top)];
-    while let Some(d) = next {
-        rules.push(name(d));
-        next = below.get(d).and_then(|b| b.1);
-    }
-    Ok(Some(Chain {
-        cost,
-        rules,
-        at: nodes.get(top).map_or_else(String::new, |n| n.at.clone()),
-    }))
-}
-
-/// The rules each rule depends on: every rule whose path is a prefix of one of its
-/// references (`data.p.r.x` reads rule `r`), or has one as prefix (`data.p` reads all of
-/// package `p`).
-fn link(nodes: &[Node], index: &BTreeMap<Vec<String>, usize>) -> Vec<Vec<usize>> {
-    nodes
-        .iter()
-        .map(|node| {
-            let mut deps = BTreeSet::new();
-            for path in &node.refs {
-                let mut prefix = Vec::with_capacity(path.len());
-                for field in path {
-                    if let Some(&i) = index.get(&prefix) {
-                        deps.insert(i);
-                    }
-                    prefix.push(field.clone());
-                }
-                for (p, &i) in index.range(path.clone()..) {
-                    if !p.starts_with(path) {
-                        break;
-                    }
-                    deps.insert(i);
-                }
+        // The costliest chain from each node down, dependencies first: (cost, next node).
+        // Sums saturate: `with` values can double a cost at each level.
+        let mut below: Vec<(usize, Option<usize>)> = vec![(0, None); graph.nodes.len()];
+        for &i in &order {
+            let total = |d: usize| below.get(d).map_or(0, |b| b.0);
+            let Some(node) = graph.nodes.get(i) else {
+                continue;
+            };
+            let deepest = node.deps.iter().copied().max_by_key(|&d| total(d));
+            let added = node
+                .adds
+                .iter()
+                .fold(0usize, |sum, &a| sum.saturating_add(total(a)));
+            let cost = node
+                .cost
+                .saturating_add(added)
+                .saturating_add(deepest.map_or(0, total));
+            if let Some(b) = below.get_mut(i) {
+                *b = (cost, deepest);
             }
-            deps.into_iter().collect()
-        })
-        .collect()
+        }
+        let top = below
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| graph.is_rule(i))
+            .max_by_key(|&(i, b)| (b.0, std::cmp::Reverse(i)));
+        let Some((top, &(cost, mut next))) = top else {
+            return Ok(None);
+        };
+        let mut rules = vec![graph.name(top)];
+        while let Some(d) = next {
+            if graph.is_rule(d) {
+                rules.push(graph.name(d));
+            }
+            next = below.get(d).and_then(|b| b.1);
+        }
+        Ok(Some(Chain {
+            cost,
+            rules,
+            at: graph
+                .nodes
+                .get(top)
+                .map_or_else(String::new, |n| n.at.clone()),
+        }))
+    }
 }
 
-/// The rules in an order where each comes after all it depends on, or a cycle.
+/// The nodes in an order where each comes after all it depends on, or a cycle.
 fn topological(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
     let n = deps.len();
     let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
@@ -236,8 +355,8 @@ fn topological(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
     if order.len() == n {
         return Ok(order);
     }
-    // Every rule left waits on another one left: walking dependencies among them must
-    // come back to a rule already seen.
+    // Every node left waits on another one left: walking dependencies among them must
+    // come back to a node already seen.
     let left = |i: usize| waiting.get(i).is_some_and(|&w| w > 0);
     let Some(start) = (0..n).find(|&i| left(i)) else {
         return Err(Vec::new());
@@ -263,47 +382,81 @@ fn topological(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
     }
 }
 
-/// A module's package and import aliases: what a name in its rules refers to.
+/// Each package's path and import aliases (over all its modules: regorus keys imports by
+/// package).
+struct Scopes {
+    packages: BTreeMap<Vec<String>, Scope>,
+}
+
+/// A package and its import aliases: what a name in its rules refers to.
 struct Scope {
     package: Vec<String>,
-    /// Alias → the `data` path it stands for (`None`: an alias of `input`).
-    aliases: BTreeMap<String, Option<Vec<String>>>,
+    /// Alias → the `data` paths it is bound to (`input` aliases are left out: they read
+    /// no rule).
+    aliases: BTreeMap<String, Vec<Vec<String>>>,
+}
+
+fn package_of(module: &Module) -> Vec<String> {
+    static_path(&module.package.refr, &mut Vec::new())
+        .map(|(root, fields)| {
+            let mut path = vec!["data".to_owned(), root];
+            path.extend(fields);
+            path
+        })
+        .unwrap_or_else(|| vec!["data".to_owned()])
+}
+
+impl Scopes {
+    fn new(modules: &[Ref<Module>]) -> Self {
+        let mut packages: BTreeMap<Vec<String>, Scope> = BTreeMap::new();
+        for module in modules {
+            let package = package_of(module);
+            let scope = packages.entry(package.clone()).or_insert_with(|| Scope {
+                package,
+                aliases: BTreeMap::new(),
+            });
+            for import in &module.imports {
+                let Some((root, fields)) = static_path(&import.refr, &mut Vec::new()) else {
+                    continue;
+                };
+                if root != "data" {
+                    continue; // input, future.keywords, rego.v1
+                }
+                let alias = match &import.r#as {
+                    Some(span) => span.text().to_owned(),
+                    None => fields.last().cloned().unwrap_or_else(|| root.clone()),
+                };
+                let mut path = vec![root];
+                path.extend(fields);
+                scope.aliases.entry(alias).or_default().push(path);
+            }
+        }
+        Self { packages }
+    }
+
+    fn of(&self, module: &Module) -> Option<&Scope> {
+        self.packages.get(&package_of(module))
+    }
+}
+
+/// What walking one rule found.
+struct Walked {
+    path: Vec<String>,
+    at: String,
+    cost: usize,
+    refs: Vec<Vec<String>>,
+    adds: Vec<Vec<String>>,
 }
 
 impl Scope {
-    fn new(module: &Module, package: Vec<String>) -> Self {
-        let mut aliases = BTreeMap::new();
-        for import in &module.imports {
-            let Some((root, fields)) = static_path(&import.refr, &mut Vec::new()) else {
-                continue;
-            };
-            let alias = match &import.r#as {
-                Some(span) => span.text().to_owned(),
-                None => match fields.last() {
-                    Some(last) => last.clone(),
-                    None => root.clone(),
-                },
-            };
-            let target = match root.as_str() {
-                "data" => {
-                    let mut path = vec![root];
-                    path.extend(fields);
-                    Some(path)
-                }
-                "input" => None,
-                _ => continue, // future.keywords, rego.v1
-            };
-            aliases.insert(alias, target);
-        }
-        Self { package, aliases }
-    }
-
     /// A rule's path, where it is, its own cost and the paths it refers to.
-    fn rule(&self, rule: &Rule) -> (Vec<String>, String, usize, Vec<Vec<String>>) {
+    fn rule(&self, rule: &Rule) -> Walked {
         let mut walk = Walk {
             scope: self,
             locals: Vec::new(),
             refs: Vec::new(),
+            adds: Vec::new(),
+            loops: 0,
         };
         let (span, head_ref, cost) = match rule {
             Rule::Spec { span, head, bodies } => {
@@ -313,7 +466,10 @@ impl Scope {
                 };
                 args.iter().for_each(|a| walk.declare_pattern(a));
                 let args_cost = args.iter().map(|a| walk.expr(a)).max().unwrap_or(0);
-                // A head's key and value are evaluated once a body holds, seeing what the
+                // The keys in a head (`p[k]`, `p[k].x[j]`)
+                let mut keys = Vec::new();
+                static_path(head_ref, &mut keys);
+                // A head's keys and value are evaluated once a body holds, seeing what the
                 // body declared: each is walked in the scope of each body.
                 let mut cost = args_cost;
                 // A rule without a body (`r := 1`) is walked once, with no body.
@@ -325,12 +481,15 @@ impl Scope {
                 for body in bodies {
                     let mark = walk.locals.len();
                     let query = body.map_or(0, |b| walk.query(&b.query));
-                    let value = match head {
+                    let mut value = match head {
                         RuleHead::Compr { assign, .. } | RuleHead::Func { assign, .. } => {
                             assign.as_ref().map_or(0, |a| walk.expr(&a.value))
                         }
                         RuleHead::Set { key, .. } => key.as_ref().map_or(0, |k| walk.expr(k)),
                     };
+                    for key in &keys {
+                        value = value.max(walk.expr(key));
+                    }
                     let own = body
                         .and_then(|b| b.assign.as_ref())
                         .map_or(0, |a| walk.expr(&a.value));
@@ -355,8 +514,13 @@ impl Scope {
             path.push(root);
             path.extend(fields);
         }
-        let at = format!("{}:{}", span.source.file(), span.line);
-        (path, at, RULE_FRAME + cost, walk.refs)
+        Walked {
+            path,
+            at: format!("{}:{}", span.source.file(), span.line),
+            cost: RULE_FRAME + cost,
+            refs: walk.refs,
+            adds: walk.adds,
+        }
     }
 }
 
@@ -367,6 +531,10 @@ struct Walk<'s> {
     /// `some … in`, `every`), innermost last.
     locals: Vec<String>,
     refs: Vec<Vec<String>>,
+    /// References in `with … as` values.
+    adds: Vec<Vec<String>>,
+    /// Loops met in the statement being walked.
+    loops: usize,
 }
 
 impl Walk<'_> {
@@ -388,12 +556,15 @@ impl Walk<'_> {
         }
     }
 
-    /// The cost of a query: one unit per statement, plus its costliest statement. What it
+    /// The cost of a query: one unit per statement and per loop in it (regorus evaluates
+    /// the rest of the query inside each loop), plus its costliest statement. What it
     /// declares stays in scope (a rule's head sees its body's names); nested queries go
     /// through [`Self::nested`].
     fn query(&mut self, query: &Query) -> usize {
         let mut deepest = 0;
+        let mut levels = 0usize;
         for stmt in &query.stmts {
+            self.loops = 0;
             // What a statement declares is local from its pattern on: the collection or
             // the value it is declared from is walked first (`x := x + 1` reads rule x).
             let mut cost = match &stmt.literal {
@@ -407,6 +578,7 @@ impl Walk<'_> {
                     collection,
                     ..
                 } => {
+                    self.loops += 1;
                     let collection = self.expr(collection);
                     if let Some(key) = key {
                         self.declare_pattern(key);
@@ -446,23 +618,29 @@ impl Walk<'_> {
                 }
             };
             for with in &stmt.with_mods {
+                let before = self.refs.len();
                 cost = cost.max(self.expr(&with.r#as));
+                // Counted once, whole, on top of the rest: not also as a dependency.
+                let added = self.refs.split_off(before);
+                self.adds.extend(added);
             }
+            levels = levels.saturating_add(1 + self.loops);
             deepest = deepest.max(cost);
         }
-        query.stmts.len() + deepest
+        levels + deepest
     }
 
     /// A query in a scope of its own (a comprehension, `every`), with what is evaluated in
-    /// that scope after it (a comprehension's term).
+    /// that scope after it (a comprehension's term). Its loops are its own.
     fn nested(&mut self, query: &Query, then: impl FnOnce(&mut Self) -> usize) -> usize {
-        let mark = self.locals.len();
+        let (mark, loops) = (self.locals.len(), self.loops);
         let cost = self.query(query) + then(self);
         self.locals.truncate(mark);
+        self.loops = loops;
         cost
     }
 
-    /// The depth of an expression, noting the rule paths it refers to.
+    /// The depth of an expression, noting the rule paths it refers to and the loops in it.
     fn expr(&mut self, expr: &Expr) -> usize {
         match expr {
             Expr::Var { span, .. } => {
@@ -484,6 +662,8 @@ impl Walk<'_> {
                     // Rooted in something else than a name (a call, a literal).
                     None => dynamic.pop().map_or(0, |root| self.expr(root)),
                 };
+                // Any index that is not a literal may iterate.
+                self.loops += dynamic.len();
                 let indexes = dynamic.iter().map(|e| self.expr(e)).max().unwrap_or(0);
                 // regorus recurses once per link of a reference.
                 links(expr) + deepest.max(indexes)
@@ -491,6 +671,10 @@ impl Walk<'_> {
             Expr::Call { fcn, params, .. } => {
                 // A call names a function whatever the locals are: locals cannot be called.
                 if let Some((root, fields)) = static_path(fcn, &mut Vec::new()) {
+                    // `walk(x, [path, value])` iterates.
+                    if root == "walk" && fields.is_empty() && params.len() > 1 {
+                        self.loops += 1;
+                    }
                     self.refer(&root, fields);
                 }
                 1 + params.iter().map(|p| self.expr(p)).max().unwrap_or(0)
@@ -509,23 +693,28 @@ impl Walk<'_> {
         }
     }
 
-    /// Notes a reference to `root.fields…` when it can name a rule.
+    /// Notes a reference to `root.fields…`: to the package's rule of that name, and to
+    /// what the package's imports bind the name to.
     fn refer(&mut self, root: &str, fields: Vec<String>) {
-        let mut path = match root {
-            "input" => return,
-            "data" => vec!["data".to_owned()],
-            _ => match self.scope.aliases.get(root) {
-                Some(None) => return,
-                Some(Some(target)) => target.clone(),
-                None => {
-                    let mut path = self.scope.package.clone();
-                    path.push(root.to_owned());
-                    path
+        match root {
+            "input" => {}
+            "data" => {
+                let mut path = vec!["data".to_owned()];
+                path.extend(fields);
+                self.refs.push(path);
+            }
+            _ => {
+                for target in self.scope.aliases.get(root).into_iter().flatten() {
+                    let mut path = target.clone();
+                    path.extend(fields.iter().cloned());
+                    self.refs.push(path);
                 }
-            },
-        };
-        path.extend(fields);
-        self.refs.push(path);
+                let mut path = self.scope.package.clone();
+                path.push(root.to_owned());
+                path.extend(fields);
+                self.refs.push(path);
+            }
+        }
     }
 }
 
@@ -758,6 +947,30 @@ mod tests {
     }
 
     #[test]
+    fn the_graph_grows_with_rules_and_references_not_their_product() {
+        // 3,000 rules each reading a package of 3,000 rules: one node for `data.b`.
+        let mut b = String::from("package b\n");
+        let mut a = String::from("package a\nimport rego.v1\n");
+        for i in 0..3000 {
+            b.push_str(&format!("b{i} := 1\n"));
+            a.push_str(&format!("a{i} := count(data.b)\n"));
+        }
+        let mut engine = regorus::Engine::new();
+        engine.add_policy("a.rego".into(), a).expect("parses");
+        engine.add_policy("b.rego".into(), b).expect("parses");
+        let graph = Graph::build(engine.get_modules());
+        let edges: usize = graph
+            .nodes
+            .iter()
+            .map(|n| n.deps.len() + n.adds.len())
+            .sum();
+        // Each a_i reads two paths (`data.a.count`, which is no rule, and `data.b`);
+        // `data.b` reads the 3,000 b_i. Rule to rule, this was 9 million edges.
+        assert_eq!(edges, 3000 * 2 + 3000);
+        assert!(graph.costliest().is_ok());
+    }
+
+    #[test]
     fn costs_add_up_along_the_chain() {
         // decision: a rule, one statement, `r > 0` two deep; r: a rule, `count(input.p)`
         // two deep (the call, one link).
@@ -775,7 +988,7 @@ mod tests {
         ))
         .expect("sound")
         .expect("rules");
-        // Three statements; the costliest, `x == y`, is two deep.
-        assert_eq!(loops.cost, RULE_FRAME + 3 + 2);
+        // Three statements, two of them loops; the costliest, `x == y`, is two deep.
+        assert_eq!(loops.cost, RULE_FRAME + 3 + 2 + 2);
     }
 }

@@ -47,21 +47,28 @@ pub fn run(source: &BundleSource, opts: &PolicyOptions) -> Result<Vec<TestResult
         ..opts.clone()
     };
     let compiled = CompiledBundle::compile_interpreter(parsed, &opts)?;
-    Ok(tests
-        .into_iter()
-        .map(|(file, rule)| {
-            let outcome = match compiled.eval_rule(&rule, regorus::Value::new_object()) {
-                Ok(regorus::Value::Bool(true)) => Outcome::Pass,
-                Ok(_) => Outcome::Fail,
-                Err(e) => Outcome::Error(e),
-            };
-            TestResult {
-                rule,
-                file,
-                outcome,
-            }
-        })
-        .collect())
+    // Test rules evaluate on the calling thread's stack otherwise (a command's main
+    // thread): give them the stack the sidecar gives its evaluations.
+    let evaluate = || -> Vec<TestResult> {
+        tests
+            .into_iter()
+            .map(|(file, rule)| {
+                let outcome = match compiled.eval_rule(&rule, regorus::Value::new_object()) {
+                    Ok(regorus::Value::Bool(true)) => Outcome::Pass,
+                    Ok(_) => Outcome::Fail,
+                    Err(e) => Outcome::Error(e),
+                };
+                TestResult {
+                    rule,
+                    file,
+                    outcome,
+                }
+            })
+            .collect()
+    };
+    super::graph::on_rego_stack(evaluate).map_err(|e| {
+        BundleError::Compile(format!("running the tests on a thread of their own: {e}"))
+    })
 }
 
 /// `data.<package>.test_*` for every top-level test rule of a module, in source order.
