@@ -492,15 +492,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let doc = regorus::Value::from_json_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-            let raw = crate::policy::graph::on_rego_stack(|| compiled.evaluate_raw(doc))??;
-            let decision = crate::policy::Decision::from_value(&raw)?;
-            let out = serde_json::json!({
-                "decision": decision.verdict.as_str(),
-                "reason": decision.reason,
-                "policy_version": compiled.revision(),
-                "result": serde_json::to_value(&raw).unwrap_or(serde_json::Value::Null),
-            });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            // The result is converted, printed and freed (recursively) where it was made:
+            // on a thread with the stack the sidecar gives its evaluations.
+            crate::policy::graph::on_rego_stack(|| -> anyhow::Result<()> {
+                let raw = compiled.evaluate_raw(doc)?;
+                let decision = crate::policy::Decision::from_value(&raw)?;
+                let out = serde_json::json!({
+                    "decision": decision.verdict.as_str(),
+                    "reason": decision.reason,
+                    "policy_version": compiled.revision(),
+                    "result": serde_json::to_value(&raw).unwrap_or(serde_json::Value::Null),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(())
+            })??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(PolicyCommand::Build(args)) => policy_build(args),

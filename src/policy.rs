@@ -126,6 +126,25 @@ pub enum Evaluator {
     Interpreter,
 }
 
+/// The engines hold what their last evaluation computed, which a bundle inside the bounds of
+/// [`graph::check`] can still make a few thousand levels deep, and regorus frees values
+/// recursively. The last reference to a bundle goes wherever a reload or a Check lets go of
+/// it: a tokio thread with 2 MiB of stack. So the engines are freed on a thread with
+/// [`graph::REGO_STACK`].
+impl Drop for CompiledBundle {
+    fn drop(&mut self) {
+        let template = std::mem::replace(&mut self.template, Engine::new());
+        let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let vm = self.vm.take();
+        if let Err(e) = graph::on_rego_stack(move || drop((template, pool, vm))) {
+            crate::log!(
+                error,
+                "cannot free a policy bundle on a thread of its own: {e}"
+            );
+        }
+    }
+}
+
 impl std::fmt::Debug for CompiledBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CompiledBundle")

@@ -252,8 +252,9 @@ fn data_too_many_directories_deep_is_refused() {
     assert!(files(&ok).parse().is_ok());
 }
 
-/// Builtins that recurse once per segment or node of what they are given refuse past
-/// their bound, with a gRPC error naming them; just inside it they are decided.
+/// Builtins that recurse once per segment of what they are given refuse past their bound,
+/// with a gRPC error naming them; just inside it they are decided. `graph.reachable_paths`
+/// is walked without recursing, and refuses an exponential number of paths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtins_that_recurse_on_their_input_refuse_past_their_bound() {
     let _shared = common::CORES.read().await;
@@ -268,6 +269,8 @@ chain := {{sprintf("%d", [i]): [sprintf("%d", [i + 1])] | some i in numbers.rang
 decision := {{"allowed": count(json.filter({{}}, [h["x-path"]])) >= 0}} if input.tool.name == "filter"
 decision := {{"allowed": count(json.remove({{}}, [h["x-path"]])) >= 0}} if input.tool.name == "remove"
 decision := {{"allowed": count(graph.reachable_paths(chain, ["0"])) > 0}} if input.tool.name == "paths"
+ladder := {{sprintf("%d", [i]): [sprintf("%d", [i + 1]), sprintf("%d", [i + 1])] | some i in numbers.range(0, n - 1)}}
+decision := {{"allowed": count(graph.reachable_paths(ladder, ["0"])) > 0}} if input.tool.name == "ladder"
 "#
     );
     std::fs::write(b.join("policy.rego"), policy).expect("write");
@@ -304,17 +307,18 @@ decision := {{"allowed": count(graph.reachable_paths(chain, ["0"])) > 0}} if inp
             err.message()
         );
     }
-    // A chain of 4,096 nodes is one path 4,096 deep.
-    let r = s.check(call("paths", "", "4096")).await.expect("decided");
-    assert_eq!(code(&r), 0, "reachable_paths at 4,096 nodes");
+    // A chain of 20,000 vertices is one path 20,000 long: walked without recursing.
+    let r = s.check(call("paths", "", "20000")).await.expect("decided");
+    assert_eq!(code(&r), 0, "reachable_paths along 20,000 vertices");
+    // Two edges to each next vertex: 2^40 paths to walk.
     let err = s
-        .check(call("paths", "", "4097"))
+        .check(call("ladder", "", "40"))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message()
-            .contains("graph.reachable_paths was given a graph of 4097 nodes; the most is 4096"),
+            .contains("graph.reachable_paths would build more than 1000000 elements"),
         "{}",
         err.message()
     );
@@ -345,9 +349,36 @@ fn dynamic_metadata_deeper_than_envoy_needs_fails_closed() {
         .expect_err("fails closed")
         .to_string();
     assert!(
-        e.contains("dynamic_metadata") && e.contains("nests 65 levels deep; the most is 64"),
+        e.contains("dynamic_metadata") && e.contains("nests more than 64 levels deep"),
         "{e}"
     );
+    // Shared values: cheap for regorus to build, 2^60 values to convert.
+    let mut shared = format!("{HEAD}m0 := {{\"a\": 1}}\n");
+    for i in 1..=60 {
+        shared.push_str(&format!("m{i} := {{\"a\": m{0}, \"b\": m{0}}}\n", i - 1));
+    }
+    shared.push_str("decision := {\"allowed\": true, \"dynamic_metadata\": m60}\n");
+    let wide = compile(&[("aegis/authz.rego", &shared)]).expect("loads");
+    let e = wide
+        .evaluate(input())
+        .expect_err("fails closed")
+        .to_string();
+    assert!(e.contains("holds more than 10000 values"), "{e}");
+}
+
+#[test]
+fn the_paths_of_rule_heads_count_toward_depth() {
+    // Each head nests its value 127 levels into `data`. By a review's reading of regorus
+    // (not run here), 408 of them make its data tree 52,000 levels deep, which it frees
+    // recursively wherever the bundle is let go of. Each head link now costs a unit.
+    let links = ".a".repeat(126);
+    let mut m = format!("{HEAD}p0{links} := 1\n");
+    for i in 1..408 {
+        m.push_str(&format!("p{i}{links} := p{}\n", i - 1));
+    }
+    m.push_str("decision := {\"allowed\": count(p407) >= 0}\n");
+    let e = refusal(&[("aegis/authz.rego", &m)]);
+    assert!(e.contains("nests too deep"), "{e}");
 }
 
 /// Shapes of deep evaluation, each `n` levels of its kind, each reaching the input.
@@ -407,6 +438,29 @@ fn shape(kind: &str, n: usize) -> String {
             }
             format!("count(r{n}) > 0")
         }
+        // A rule per level whose head is 60 links long, reading the one below through
+        // its whole path.
+        "head_paths" => {
+            let links = ".a".repeat(59);
+            s.push_str(&format!("h0{links} := r0\n"));
+            for i in 1..=n {
+                s.push_str(&format!("h{i}{links} := h{}{links} + 1\n", i - 1));
+            }
+            format!("h{n}{links} > 0")
+        }
+        // A rule per level, ten `every` deep.
+        "every" => {
+            for i in 1..=n {
+                let open: String = (0..10).map(|k| format!("every x{k} in [1] {{ ")).collect();
+                s.push_str(&format!(
+                    "r{i} := r{} + 1 if {{ {open}r{} > 0 {} }}\n",
+                    i - 1,
+                    i - 1,
+                    "}".repeat(10)
+                ));
+            }
+            format!("r{n} > 0")
+        }
         // One body of `n` statements, each with ten loops.
         "index_loops" => {
             s.push_str("a := [r0]\ndeep if {\n");
@@ -456,6 +510,8 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
         "comprehensions",
         "references",
         "index_loops",
+        "head_paths",
+        "every",
     ] {
         let n = deepest_accepted(kind);
         let e = refusal(&[("aegis/authz.rego", &shape(kind, n + 1))]);
@@ -498,6 +554,14 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
             (Ok("allow".to_owned()), Ok(regorus::Value::from(true))),
             "{kind} at {n} on half the stack"
         );
+        // What the engines computed is freed safely wherever the last reference goes (here,
+        // a thread with tokio's 2 MiB stack).
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || drop(policy))
+            .expect("spawn")
+            .join()
+            .expect("freed");
     }
 }
 

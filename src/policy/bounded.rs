@@ -19,7 +19,9 @@
 //! - builtins that recurse once per piece of their input, inside one call, refuse input
 //!   that would recurse deeper than the evaluation threads' stack allows:
 //!   `json.filter` and `json.remove` paths of more than [`MAX_JSON_PATH_SEGMENTS`]
-//!   segments, `graph.reachable_paths` graphs of more than [`MAX_GRAPH_NODES`] nodes.
+//!   segments; `graph.reachable_paths` is walked here without recursing, checking the
+//!   deadline, and refuses an output of more than [`MAX_ELEMENTS`] vertices (its paths
+//!   can be exponential in the graph).
 //!
 //! Every other builtin's output is bounded by its inputs, and the decoded Check is capped
 //! at 256 KiB; loops over them are what regorus's timer does check.
@@ -48,9 +50,6 @@ pub const MAX_STRING_BYTES: u64 = 16 * 1024 * 1024;
 /// tree one level per segment and frees it recursively, so a 1 MB `"a/a/a/…"` string
 /// would overflow the stack.
 pub const MAX_JSON_PATH_SEGMENTS: usize = 128;
-/// The most nodes a graph given to `graph.reachable_paths` may have: regorus walks each
-/// path by recursing once per node on it.
-pub const MAX_GRAPH_NODES: usize = 4096;
 /// Elements built between two looks at the deadline.
 const DEADLINE_EVERY: usize = 4096;
 
@@ -438,21 +437,89 @@ fn bounded_json_paths(name: &str, paths: Option<&Value>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `graph.reachable_paths` as regorus computes it (every path from the given vertices,
+/// each ending where it meets a vertex already on it, a missing vertex, `""` or a vertex
+/// without neighbours), walked with a stack of its own instead of recursing once per
+/// vertex along a path, checking the deadline as it goes, and refusing an output of more
+/// than [`MAX_ELEMENTS`] vertices in all (paths can be exponential in the vertices).
 fn reachable_paths(
     span: &Span,
     params: &[Ref<Expr>],
     args: &[Value],
     strict: bool,
 ) -> anyhow::Result<Value> {
-    if let Some(Value::Object(graph)) = args.first()
-        && graph.len() > MAX_GRAPH_NODES
-    {
-        return Err(too_large(format!(
-            "graph.reachable_paths was given a graph of {} nodes; the most is {MAX_GRAPH_NODES}",
-            graph.len()
-        )));
+    let starts: Vec<&Value> = match args.get(1) {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(Value::Set(s)) => s.iter().collect(),
+        _ => return original("graph.reachable_paths")?(span, params, args, strict),
+    };
+    let Some(Value::Object(graph)) = args.first() else {
+        return original("graph.reachable_paths")?(span, params, args, strict);
+    };
+    enum Step<'a> {
+        Enter(&'a Value),
+        /// Leave a vertex, and whether it had neighbours.
+        Leave(&'a Value, bool),
     }
-    original("graph.reachable_paths")?(span, params, args, strict)
+    let mut paths = std::collections::BTreeSet::new();
+    let mut path: Vec<Value> = Vec::new();
+    let mut on_path = std::collections::BTreeSet::new();
+    let mut built = 0u64;
+    let mut steps = 0usize;
+    let mut emit = |path: &[Value], paths: &mut std::collections::BTreeSet<Value>| {
+        built = built.saturating_add(path.len() as u64 + 1);
+        if built > MAX_ELEMENTS {
+            return Err(too_large(format!(
+                "graph.reachable_paths would build more than {MAX_ELEMENTS} elements"
+            )));
+        }
+        paths.insert(Value::from(path.to_vec()));
+        Ok(())
+    };
+    for start in starts {
+        let mut todo = vec![Step::Enter(start)];
+        while let Some(step) = todo.pop() {
+            steps += 1;
+            if steps.is_multiple_of(DEADLINE_EVERY) {
+                check_deadline()?;
+            }
+            match step {
+                Step::Leave(vertex, had_neighbours) => {
+                    if !had_neighbours && !path.is_empty() {
+                        emit(&path, &mut paths)?;
+                    }
+                    on_path.remove(vertex);
+                    path.pop();
+                }
+                Step::Enter(vertex) => {
+                    let end = matches!(vertex, Value::String(s) if s.is_empty());
+                    let neighbours = graph.get(vertex);
+                    if end || neighbours.is_none() {
+                        if !path.is_empty() {
+                            emit(&path, &mut paths)?;
+                        }
+                        continue;
+                    }
+                    if on_path.contains(vertex) {
+                        emit(&path, &mut paths)?;
+                        continue;
+                    }
+                    let next: Vec<&Value> = match neighbours {
+                        Some(Value::Array(a)) => a.iter().collect(),
+                        Some(Value::Set(s)) => s.iter().collect(),
+                        Some(Value::Null) => Vec::new(),
+                        _ => anyhow::bail!("neighbors for node `{vertex}` must be array/set."),
+                    };
+                    path.push(vertex.clone());
+                    on_path.insert(vertex);
+                    todo.push(Step::Leave(vertex, !next.is_empty()));
+                    // Last pushed, first walked: the neighbours in their order.
+                    todo.extend(next.into_iter().rev().map(Step::Enter));
+                }
+            }
+        }
+    }
+    Ok(Value::from(paths))
 }
 
 fn sprintf(
@@ -506,6 +573,42 @@ mod tests {
         assert_eq!(widest_field("%12d %.300f"), 300);
         assert_eq!(widest_field("%99999999999999999999999d"), u64::MAX);
         assert_eq!(widest_field("100%% of %5d"), 5);
+    }
+
+    #[test]
+    fn reachable_paths_without_recursion_agree_with_regoruss() -> anyhow::Result<()> {
+        let span = dummy_span()?;
+        let params: Vec<Ref<Expr>> = (0..2)
+            .map(|_| {
+                Ref::new(Expr::Null {
+                    span: span.clone(),
+                    value: Value::Null,
+                    eidx: 0,
+                })
+            })
+            .collect();
+        let graphs = [
+            // A chain, a cycle, a diamond, a missing vertex, `""`, null and set neighbours.
+            (r#"{"a": ["b"], "b": ["c"], "c": []}"#, r#"["a"]"#),
+            (r#"{"a": ["b"], "b": ["c"], "c": ["a"]}"#, r#"["a", "b"]"#),
+            (
+                r#"{"a": ["b", "c"], "b": ["d"], "c": ["d"], "d": []}"#,
+                r#"["a"]"#,
+            ),
+            (r#"{"a": ["x", "b"], "b": [""]}"#, r#"["a", "x"]"#),
+            (r#"{"a": null, "b": ["a", "b"]}"#, r#"["b"]"#),
+            (
+                r#"{"a": ["b"], "b": ["a", "c"], "c": ["c"]}"#,
+                r#"["c", "a"]"#,
+            ),
+        ];
+        for (graph, starts) in graphs {
+            let args = [Value::from_json_str(graph)?, Value::from_json_str(starts)?];
+            let ours = reachable_paths(&span, &params, &args, false)?;
+            let theirs = original("graph.reachable_paths")?(&span, &params, &args, false)?;
+            assert_eq!(ours, theirs, "{graph} from {starts}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -271,33 +271,42 @@ fn string_pairs(v: &Value, key: &'static str) -> Result<Vec<(String, String)>, D
 /// converted and freed recursively on the async workers, whose stacks are 2 MiB, while a
 /// policy could build it thousands of levels deep.
 pub const MAX_METADATA_DEPTH: usize = 64;
+/// Most values in `dynamic_metadata`, counting a value shared by several keys once per
+/// key: regorus shares values, so a policy could hand over `m60 := {"a": m59, "b": m59}`,
+/// cheap to build and 2^60 values to convert.
+pub const MAX_METADATA_VALUES: usize = 10_000;
 
 fn dynamic_metadata(
     v: &Value,
 ) -> Result<serde_json::Map<String, serde_json::Value>, DecisionError> {
-    let depth = nesting(v);
-    if depth > MAX_METADATA_DEPTH {
-        let message = format!("nests {depth} levels deep; the most is {MAX_METADATA_DEPTH}");
-        return Err(bad("dynamic_metadata", &message));
-    }
+    check_size(v).map_err(|message| bad("dynamic_metadata", &message))?;
     match serde_json::to_value(v) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         _ => Err(bad("dynamic_metadata", "must be an object")),
     }
 }
 
-/// How deep a value nests (a scalar is 0), without recursing.
-fn nesting(v: &Value) -> usize {
-    let mut deepest = 0;
+/// Refuses a value nesting deeper than [`MAX_METADATA_DEPTH`] or holding more than
+/// [`MAX_METADATA_VALUES`] values; stops as soon as it passes either, without recursing.
+fn check_size(v: &Value) -> Result<(), String> {
+    let mut seen = 0usize;
     let mut stack = vec![(v, 0usize)];
     while let Some((v, depth)) = stack.pop() {
-        deepest = deepest.max(depth);
+        seen += 1;
+        if depth > MAX_METADATA_DEPTH {
+            return Err(format!("nests more than {MAX_METADATA_DEPTH} levels deep"));
+        }
+        if seen > MAX_METADATA_VALUES {
+            return Err(format!("holds more than {MAX_METADATA_VALUES} values"));
+        }
         match v {
             Value::Array(a) => stack.extend(a.iter().map(|i| (i, depth + 1))),
             Value::Set(s) => stack.extend(s.iter().map(|i| (i, depth + 1))),
-            Value::Object(o) => stack.extend(o.values().map(|i| (i, depth + 1))),
+            Value::Object(o) => {
+                stack.extend(o.iter().flat_map(|(k, i)| [(k, depth + 1), (i, depth + 1)]))
+            }
             _ => {}
         }
     }
-    deepest
+    Ok(())
 }

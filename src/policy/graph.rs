@@ -18,7 +18,8 @@
 //!   unit per statement and one per loop in it (`some … in`, each `x[_]` or `x[i]` index
 //!   that may iterate, `walk`), since regorus evaluates everything after a loop inside
 //!   it; plus the depth of its deepest expression (each link of a reference, each nested
-//!   call, comprehension or `every`), head keys and values included. A chain costs the
+//!   call, comprehension or `every`), head keys and values included; plus one per link of
+//!   its head (`a.b.c := …` nests its value three levels into `data`). A chain costs the
 //!   sum of its rules; a `with f as g` adds the whole cost of `g` to the rule holding it
 //!   (the replaced call runs `g` at the bottom of what it calls). The costliest chain may
 //!   cost [`MAX_EVAL_DEPTH`]; past it the bundle is refused, naming the chain. Aegis runs
@@ -39,8 +40,9 @@
 //!   comprehension, an `every` body).
 //!
 //! Each referenced path is a node of its own pointing at the rules it reads, so the graph
-//! grows with rules plus references, not with their product (a package of 20,000 rules
-//! read by 20,000 rules is 40,000 edges, not 400 million). The walk of each expression
+//! grows with references plus rules times the prefixes of their paths that are read, not
+//! with rules times references (a package of 20,000 rules read by 20,000 rules is 60,000
+//! edges, not 400 million). The walk of each expression
 //! recurses, which is safe because `check_nesting` bounded expression depth before
 //! regorus parsed the module.
 
@@ -514,10 +516,13 @@ impl Scope {
             path.push(root);
             path.extend(fields);
         }
+        // Each link of the head nests the rule's value one level deeper in `data`: a chain
+        // of rules could otherwise build a value tens of thousands of levels deep, which
+        // regorus frees (and compares, and marshals) recursively.
         Walked {
             path,
             at: format!("{}:{}", span.source.file(), span.line),
-            cost: RULE_FRAME + cost,
+            cost: RULE_FRAME + links(head_ref) + cost,
             refs: walk.refs,
             adds: walk.adds,
         }
@@ -740,6 +745,9 @@ fn static_path<'e>(expr: &'e Expr, dynamic: &mut Vec<&'e Expr>) -> Option<(Strin
                 match index.as_ref() {
                     Expr::String { value, .. } | Expr::RawString { value, .. } => {
                         fields.push(value.as_string().map(|s| s.to_string()).unwrap_or_default());
+                    }
+                    Expr::Number { value, .. } => {
+                        fields.push(value.to_json_str().unwrap_or_default());
                     }
                     other => {
                         // Everything read after a dynamic index is dynamic.
