@@ -111,15 +111,7 @@ pub fn register(engine: &mut regorus::Engine) -> anyhow::Result<()> {
     for (name, nargs, f) in BOUNDED {
         let f = *f;
         let span = dummy_span()?;
-        let params: Vec<Ref<Expr>> = (0..*nargs)
-            .map(|_| {
-                Ref::new(Expr::Null {
-                    span: span.clone(),
-                    value: Value::Null,
-                    eidx: 0,
-                })
-            })
-            .collect();
+        let params = null_params(&span, usize::from(*nargs));
         // Extensions are called only with every argument defined; strict errors are off
         // in Aegis (OPA's default), as in the RVM.
         engine.add_extension(
@@ -129,6 +121,19 @@ pub fn register(engine: &mut regorus::Engine) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `n` placeholder argument expressions (builtins read only their spans, for errors).
+fn null_params(span: &Span, n: usize) -> Vec<Ref<Expr>> {
+    (0..n)
+        .map(|_| {
+            Ref::new(Expr::Null {
+                span: span.clone(),
+                value: Value::Null,
+                eidx: 0,
+            })
+        })
+        .collect()
 }
 
 fn dummy_span() -> anyhow::Result<Span> {
@@ -578,15 +583,7 @@ mod tests {
     #[test]
     fn reachable_paths_without_recursion_agree_with_regoruss() -> anyhow::Result<()> {
         let span = dummy_span()?;
-        let params: Vec<Ref<Expr>> = (0..2)
-            .map(|_| {
-                Ref::new(Expr::Null {
-                    span: span.clone(),
-                    value: Value::Null,
-                    eidx: 0,
-                })
-            })
-            .collect();
+        let params = null_params(&span, 2);
         let graphs = [
             // A chain, a cycle, a diamond, a missing vertex, `""`, null and set neighbours.
             (r#"{"a": ["b"], "b": ["c"], "c": []}"#, r#"["a"]"#),
