@@ -199,14 +199,7 @@ impl Graph {
             }
         }
     }
-}
 
-/// The costliest chain of rules (`None` without rules), or the error naming a cycle.
-pub fn costliest(modules: &[Ref<Module>]) -> Result<Option<Chain>, String> {
-    Graph::build(modules).costliest()
-}
-
-impl Graph {
     fn build(modules: &[Ref<Module>]) -> Self {
         let scopes = Scopes::new(modules);
         let mut graph = Graph::default();
@@ -252,42 +245,43 @@ impl Graph {
         graph
     }
 
-    fn costliest(&self) -> Result<Option<Chain>, String> {
-        let graph = self;
-        let deps: Vec<Vec<usize>> = graph
-            .nodes
-            .iter()
-            .map(|n| n.deps.union(&n.adds).copied().collect())
-            .collect();
-        let order = topological(&deps).map_err(|cycle| {
-        // The cycle's rules round to the first again (references are not named).
+    /// The error naming a cycle: its rules round to the first again, from the rule defined
+    /// first (references are not named).
+    fn recursion(&self, cycle: &[usize]) -> String {
         let mut rules: Vec<usize> = cycle
             .iter()
             .take(cycle.len().saturating_sub(1))
             .copied()
-            .filter(|&i| graph.is_rule(i))
+            .filter(|&i| self.is_rule(i))
             .collect();
-        // Named from the rule defined first.
         if let Some(first) = (0..rules.len()).min_by_key(|&k| rules.get(k).copied()) {
             rules.rotate_left(first);
         }
         rules.extend(rules.first().copied());
-        let first = rules.first().and_then(|&i| graph.nodes.get(i));
-        let names: Vec<String> = rules.iter().map(|&i| graph.name(i)).collect();
+        let first = rules.first().and_then(|&i| self.nodes.get(i));
+        let names: Vec<String> = rules.iter().map(|&i| self.name(i)).collect();
         format!(
-            "{}: rule {} is recursive: {} (Rego forbids recursion; Aegis refuses it rather than \
-             let an input drive it deep enough to abort the process)",
+            "{}: rule {} is recursive: {} (Rego forbids recursion; Aegis refuses it rather \
+             than let an input drive it deep enough to abort the process)",
             first.map_or("", |n| n.at.as_str()),
             first.map_or_else(String::new, |n| n.path.join(".")),
             names.join(" -> ")
         )
-    })?;
+    }
+
+    fn costliest(&self) -> Result<Option<Chain>, String> {
+        let deps: Vec<Vec<usize>> = self
+            .nodes
+            .iter()
+            .map(|n| n.deps.union(&n.adds).copied().collect())
+            .collect();
+        let order = topological(&deps).map_err(|cycle| self.recursion(&cycle))?;
         // The costliest chain from each node down, dependencies first: (cost, next node).
         // Sums saturate: `with` values can double a cost at each level.
-        let mut below: Vec<(usize, Option<usize>)> = vec![(0, None); graph.nodes.len()];
+        let mut below: Vec<(usize, Option<usize>)> = vec![(0, None); self.nodes.len()];
         for &i in &order {
             let total = |d: usize| below.get(d).map_or(0, |b| b.0);
-            let Some(node) = graph.nodes.get(i) else {
+            let Some(node) = self.nodes.get(i) else {
                 continue;
             };
             let deepest = node.deps.iter().copied().max_by_key(|&d| total(d));
@@ -306,27 +300,32 @@ impl Graph {
         let top = below
             .iter()
             .enumerate()
-            .filter(|&(i, _)| graph.is_rule(i))
+            .filter(|&(i, _)| self.is_rule(i))
             .max_by_key(|&(i, b)| (b.0, std::cmp::Reverse(i)));
         let Some((top, &(cost, mut next))) = top else {
             return Ok(None);
         };
-        let mut rules = vec![graph.name(top)];
+        let mut rules = vec![self.name(top)];
         while let Some(d) = next {
-            if graph.is_rule(d) {
-                rules.push(graph.name(d));
+            if self.is_rule(d) {
+                rules.push(self.name(d));
             }
             next = below.get(d).and_then(|b| b.1);
         }
         Ok(Some(Chain {
             cost,
             rules,
-            at: graph
+            at: self
                 .nodes
                 .get(top)
                 .map_or_else(String::new, |n| n.at.clone()),
         }))
     }
+}
+
+/// The costliest chain of rules (`None` without rules), or the error naming a cycle.
+pub fn costliest(modules: &[Ref<Module>]) -> Result<Option<Chain>, String> {
+    Graph::build(modules).costliest()
 }
 
 /// The nodes in an order where each comes after all it depends on, or a cycle.
