@@ -16,12 +16,12 @@
 //!   that could exceed
 //!   [`MAX_STRING_BYTES`] before building it.
 //!
-//! - builtins that recurse once per piece of their input, inside one call, refuse input
-//!   that would recurse deeper than the evaluation threads' stack allows:
-//!   `json.filter` and `json.remove` paths of more than [`MAX_JSON_PATH_SEGMENTS`]
-//!   segments; `graph.reachable_paths` is walked here without recursing, checking the
-//!   deadline, and refuses an output of more than [`MAX_ELEMENTS`] vertices (its paths
-//!   can be exponential in the graph).
+//! - `json.filter` and `json.remove`, which recurse once per segment of a path inside one
+//!   call, refuse paths of more than [`MAX_JSON_PATH_SEGMENTS`] segments;
+//! - `graph.reachable_paths`, which regorus walks by recursing once per vertex along a
+//!   path, is walked here with a stack of its own, checking the deadline, and refuses
+//!   once the paths it finds (duplicates included) pass [`MAX_ELEMENTS`] elements: they
+//!   can be exponential in the graph.
 //!
 //! Every other builtin's output is bounded by its inputs, and the decoded Check is capped
 //! at 256 KiB; loops over them are what regorus's timer does check.
@@ -445,8 +445,9 @@ fn bounded_json_paths(name: &str, paths: Option<&Value>) -> anyhow::Result<()> {
 /// `graph.reachable_paths` as regorus computes it (every path from the given vertices,
 /// each ending where it meets a vertex already on it, a missing vertex, `""` or a vertex
 /// without neighbours), walked with a stack of its own instead of recursing once per
-/// vertex along a path, checking the deadline as it goes, and refusing an output of more
-/// than [`MAX_ELEMENTS`] vertices in all (paths can be exponential in the vertices).
+/// vertex along a path, checking the deadline as it goes, and refusing once the paths it
+/// finds, duplicates included, pass [`MAX_ELEMENTS`] elements (paths can be exponential in
+/// the vertices).
 fn reachable_paths(
     span: &Span,
     params: &[Ref<Expr>],

@@ -17,14 +17,15 @@
 //! - **depth** is bounded. A rule costs [`RULE_FRAME`], plus for its costliest body: one
 //!   unit per statement and one per loop in it (`some … in`, each `x[_]` or `x[i]` index
 //!   that may iterate, `walk`), since regorus evaluates everything after a loop inside
-//!   it; plus the depth of its deepest expression (each link of a reference, each nested
-//!   call, comprehension or `every`), head keys and values included; plus one per link of
-//!   its head (`a.b.c := …` nests its value three levels into `data`). A chain costs the
+//!   it; plus the depth of its deepest statement (each link of a reference, each nested
+//!   call, comprehension or `every` is a level); plus the depth of its deepest head key or
+//!   value; plus one per link of its head (`a.b.c := …` has two). A chain costs the
 //!   sum of its rules; a `with f as g` adds the whole cost of `g` to the rule holding it
 //!   (the replaced call runs `g` at the bottom of what it calls). The costliest chain may
 //!   cost [`MAX_EVAL_DEPTH`]; past it the bundle is refused, naming the chain. Aegis runs
 //!   regorus on threads with a [`REGO_STACK`]-byte stack, sized so that a bundle at the
-//!   bound evaluates with room to spare (measured by `tests/bundle_depth.rs`).
+//!   bound evaluates with room to spare (checked by `tests/bundle_depth.rs` on half that
+//!   stack).
 //!
 //! What refers to what is read statically. Where that cannot be exact it errs toward more
 //! dependencies, never fewer:
@@ -50,8 +51,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use regorus::unstable::{Expr, Literal, Module, Query, Ref, Rule, RuleBody, RuleHead};
 
-/// What one rule costs besides its statements and expressions (in units of
-/// [`MAX_EVAL_DEPTH`]). Measured on 2 MiB threads, debug build: a chain of rules took at
+/// What one rule costs besides its statements and expressions (in the units
+/// [`MAX_EVAL_DEPTH`] bounds). Measured on 2 MiB threads, debug build: a chain of rules took at
 /// most ~4.5 KiB of stack per rule, a function 30 calls deep at most ~1.8 KiB per call.
 pub const RULE_FRAME: usize = 4;
 
@@ -60,9 +61,9 @@ pub const RULE_FRAME: usize = 4;
 pub const MAX_EVAL_DEPTH: usize = 2_048;
 
 /// Stack of every thread that runs regorus (the evaluation pool, bundle compilation, the
-/// `aegis policy` commands). At the bound, the deepest shape measured
-/// (`tests/bundle_depth.rs`'s, debug build, the interpreter) needed 4 MiB; this is four
-/// times that. Only touched pages are resident.
+/// `aegis policy` commands). At the bound, the deepest of `tests/bundle_depth.rs`'s shapes,
+/// measured separately (debug build, the interpreter), needed 4 MiB; this is four times
+/// that. Only touched pages are resident.
 pub const REGO_STACK: usize = 16 * 1024 * 1024;
 
 /// Runs `f` on a thread with a [`REGO_STACK`] stack and waits for it: for regorus work
@@ -98,7 +99,7 @@ struct Node {
 /// The costliest chain of rules in a bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    /// Its cost, in units of [`MAX_EVAL_DEPTH`].
+    /// Its cost, in the units [`MAX_EVAL_DEPTH`] bounds.
     pub cost: usize,
     /// The rules from the top down (`data.pkg.name`).
     pub rules: Vec<String>,
@@ -127,8 +128,8 @@ pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
     };
     Err(format!(
         "{}: rule {} nests too deep to evaluate safely: its chain of {} rules ({}) costs {} \
-         units of stack ({RULE_FRAME} per rule, one per statement, loop and expression \
-         level); the most Aegis accepts is {MAX_EVAL_DEPTH}",
+         units of stack ({RULE_FRAME} per rule, one per statement, loop, expression level \
+         and head link, `with` values whole); the most Aegis accepts is {MAX_EVAL_DEPTH}",
         chain.at,
         rules.first().map_or("", String::as_str),
         rules.len(),
@@ -939,6 +940,11 @@ mod tests {
             (
                 "a if { some b in [b] }\nb := [1] if a\n",
                 "data.p.a -> data.p.b -> data.p.a",
+            ),
+            // Through a key in a rule head.
+            (
+                "r[count(r)] := 1\n",
+                "rule data.p.r is recursive: data.p.r -> data.p.r",
             ),
             // A function called by a name that is also a local elsewhere.
             (
