@@ -44,11 +44,7 @@ const SLACK: Duration = Duration::from_millis(250);
 // one keeps evaluations spinning on purpose, and the others time their answers.
 
 fn bundle_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(b.join("policy.rego"), POLICY).expect("write");
-    (tmp, b)
+    rego_bundle(POLICY)
 }
 
 fn hostile(token: &str, tool: &str, n: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
@@ -280,14 +276,11 @@ fn hostile_checks_in_flight_do_not_starve_unrelated_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interpreter_fallback_is_bounded_too() {
     let _one = common::CORES.write().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
     let policy = format!(
         "{POLICY}\nwalked := count([1 | walk(input, _)])\n\
          decision := {{\"allowed\": walked > 0}} if input.tool.name == \"walked\"\n"
     );
-    std::fs::write(b.join("policy.rego"), policy).expect("write");
+    let (_tmp, b) = rego_bundle(&policy);
     let mut s = start_with(|c| {
         c.policy.bundle = Some(b);
         c.policy.eval_timeout_ms = EVAL_TIMEOUT.as_millis() as u64;
@@ -329,11 +322,7 @@ async fn the_interpreter_fallback_is_bounded_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_size_building_builtin_refuses_past_its_bound() {
     let _one = common::CORES.write().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let b = tmp.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
-    std::fs::write(
-        b.join("policy.rego"),
+    let (_tmp, b) = rego_bundle(
         r#"package aegis.authz
 import rego.v1
 
@@ -346,8 +335,7 @@ decision := {"allowed": count(concat(h["x-b"], [s | some i in numbers.range(1, 5
 decision := {"allowed": count(sprintf(h["x-a"], [1])) > 0} if input.tool.name == "sprintf"
 decision := {"allowed": count(regex.replace(h["x-a"], "a*?", h["x-b"])) > 0} if input.tool.name == "regex"
 "#,
-    )
-    .expect("write");
+    );
     let mut s = start_with(|c| {
         c.policy.bundle = Some(b);
         c.policy.eval_timeout_ms = EVAL_TIMEOUT.as_millis() as u64;

@@ -112,12 +112,7 @@ fn a_rule_reading_its_own_package_through_a_dynamic_key_is_refused_as_opa_does()
 fn chains_too_deep_are_refused_naming_the_top_rule_and_the_chain() {
     // On 2 MiB threads, before the check: 500 chained rules aborted the process at load,
     // 1,000 functions and 2,000 `some … in` statements at the first evaluation.
-    let mut rules = String::from(HEAD);
-    rules.push_str("r0 := count(input.p)\n");
-    for i in 1..=3000 {
-        rules.push_str(&format!("r{i} := r{} + 1\n", i - 1));
-    }
-    rules.push_str("decision := {\"allowed\": r3000 > 0}\n");
+    let rules = shape("rules", 3000);
     let e = refusal(&[("aegis/authz.rego", &rules)]);
     assert!(
         e.starts_with("aegis/authz.rego:3004: rule data.aegis.authz.decision nests too deep to evaluate safely: its chain of 3002 rules (data.aegis.authz.decision -> data.aegis.authz.r3000 -> data.aegis.authz.r2999 -> … 2997 more … -> data.aegis.authz.r1 -> data.aegis.authz.r0) costs "),
@@ -259,9 +254,6 @@ fn data_too_many_directories_deep_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtins_that_recurse_on_their_input_refuse_past_their_bound() {
     let _shared = common::CORES.read().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = dir.path().join("bundle");
-    std::fs::create_dir_all(&b).expect("mkdir");
     let policy = format!(
         r#"{HEAD}
 h := input.attributes.request.http.headers
@@ -274,7 +266,7 @@ ladder := {{sprintf("%d", [i]): [sprintf("%d", [i + 1]), sprintf("%d", [i + 1])]
 decision := {{"allowed": count(graph.reachable_paths(ladder, ["0"])) > 0}} if input.tool.name == "ladder"
 "#
     );
-    std::fs::write(b.join("policy.rego"), policy).expect("write");
+    let (_tmp, b) = rego_bundle(&policy);
     let mut s = start_with(|c| {
         c.policy.bundle = Some(b);
         c.policy.eval_timeout_ms = 5_000;
@@ -519,10 +511,8 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
         assert!(e.contains("nests too deep"), "{kind}: {e}");
 
         // The real evaluation threads (compiled on Aegis's compile thread).
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("aegis")).expect("mkdir");
-        std::fs::write(dir.path().join("aegis/authz.rego"), shape(kind, n)).expect("write");
-        let policy = Policy::load(BundleSource::Dir(dir.path().to_path_buf()), opts())
+        let (_tmp, dir) = rego_bundle(&shape(kind, n));
+        let policy = Policy::load(BundleSource::Dir(dir), opts())
             .unwrap_or_else(|e| panic!("{kind} at {n} loads: {e}"));
         let decision = policy
             .evaluate(policy.current(), input())
@@ -572,11 +562,7 @@ async fn bundles_at_the_bound_evaluate_on_the_pool_and_on_half_its_stack_and_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recursive_bundle_is_not_taken_on_reload_and_a_deep_header_cannot_abort_the_sidecar() {
     let _shared = common::CORES.read().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = dir.path().join("bundle");
-    std::fs::create_dir_all(bundle.join("aegis")).expect("mkdir");
-    let good = format!("{HEAD}decision := {{\"allowed\": true}}\n");
-    std::fs::write(bundle.join("aegis/authz.rego"), &good).expect("write");
+    let (_tmp, bundle) = rego_bundle(&format!("{HEAD}decision := {{\"allowed\": true}}\n"));
     let b = bundle.clone();
     let mut server = start_with(|c| c.policy.bundle = Some(b)).await;
     let policy = server.running.as_ref().expect("running").policy.clone();
@@ -595,7 +581,7 @@ async fn a_recursive_bundle_is_not_taken_on_reload_and_a_deep_header_cannot_abor
         "{HEAD}f(x) := 0 if x <= 0\nf(x) := f(x - 1) + 1 if x > 0\n\
          decision := {{\"allowed\": f(count(input.attributes.request.http.headers[\"x-n\"])) > 0}}\n"
     );
-    std::fs::write(bundle.join("aegis/authz.rego"), recursive).expect("write");
+    std::fs::write(bundle.join("policy.rego"), recursive).expect("write");
     assert!(
         eventually(Duration::from_secs(10), || policy.reload_failures() >= 1).await,
         "the recursive bundle is seen and refused"

@@ -123,6 +123,15 @@ pub fn register(engine: &mut regorus::Engine) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The items of an array or a set, in order; `None` for anything else.
+fn elements(v: Option<&Value>) -> Option<Vec<&Value>> {
+    match v {
+        Some(Value::Array(a)) => Some(a.iter().collect()),
+        Some(Value::Set(s)) => Some(s.iter().collect()),
+        _ => None,
+    }
+}
+
 /// `n` placeholder argument expressions (builtins read only their spans, for errors).
 fn null_params(span: &Span, n: usize) -> Vec<Ref<Expr>> {
     (0..n)
@@ -379,11 +388,7 @@ fn concat(
     args: &[Value],
     strict: bool,
 ) -> anyhow::Result<Value> {
-    let parts: Option<Vec<&Value>> = match args.get(1) {
-        Some(Value::Array(a)) => Some(a.iter().collect()),
-        Some(Value::Set(s)) => Some(s.iter().collect()),
-        _ => None,
-    };
+    let parts = elements(args.get(1));
     if let (Some(delim), Some(parts)) = (str_len(args.first()), parts) {
         let total = parts
             .iter()
@@ -421,12 +426,7 @@ fn json_remove(
 /// Refuses a path (`"a/b/c"` or `["a", "b", "c"]`) of more than
 /// [`MAX_JSON_PATH_SEGMENTS`] segments.
 fn bounded_json_paths(name: &str, paths: Option<&Value>) -> anyhow::Result<()> {
-    let paths: Vec<&Value> = match paths {
-        Some(Value::Array(a)) => a.iter().collect(),
-        Some(Value::Set(s)) => s.iter().collect(),
-        _ => return Ok(()),
-    };
-    for path in paths {
+    for path in elements(paths).unwrap_or_default() {
         let segments = match path {
             Value::String(s) => s.split('/').count(),
             Value::Array(a) => a.len(),
@@ -454,12 +454,7 @@ fn reachable_paths(
     args: &[Value],
     strict: bool,
 ) -> anyhow::Result<Value> {
-    let starts: Vec<&Value> = match args.get(1) {
-        Some(Value::Array(a)) => a.iter().collect(),
-        Some(Value::Set(s)) => s.iter().collect(),
-        _ => return original("graph.reachable_paths")?(span, params, args, strict),
-    };
-    let Some(Value::Object(graph)) = args.first() else {
+    let (Some(starts), Some(Value::Object(graph))) = (elements(args.get(1)), args.first()) else {
         return original("graph.reachable_paths")?(span, params, args, strict);
     };
     enum Step<'a> {
@@ -510,11 +505,11 @@ fn reachable_paths(
                         emit(&path, &mut paths)?;
                         continue;
                     }
-                    let next: Vec<&Value> = match neighbours {
-                        Some(Value::Array(a)) => a.iter().collect(),
-                        Some(Value::Set(s)) => s.iter().collect(),
+                    let next = match neighbours {
                         Some(Value::Null) => Vec::new(),
-                        _ => anyhow::bail!("neighbors for node `{vertex}` must be array/set."),
+                        other => elements(other).ok_or_else(|| {
+                            anyhow::anyhow!("neighbors for node `{vertex}` must be array/set.")
+                        })?,
                     };
                     path.push(vertex.clone());
                     on_path.insert(vertex);

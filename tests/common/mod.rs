@@ -710,6 +710,16 @@ pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
     stderr
 }
 
+/// A bundle directory in a fresh temp dir holding one module, `policy.rego`: (the temp
+/// dir, which removes it on drop, and the bundle directory).
+pub fn rego_bundle(module: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = tmp.path().join("bundle");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    std::fs::write(b.join("policy.rego"), module).expect("write");
+    (tmp, b)
+}
+
 /// Copies the default bundle (`policies/`) to `dest`.
 pub fn copy_default_bundle(dest: &Path) {
     fn copy(src: &Path, dst: &Path) {
