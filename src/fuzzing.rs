@@ -18,7 +18,6 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use prost::Message;
 
 use crate::check::input::{self, Limits};
-use crate::check::protojson;
 use crate::identity::{Audience, Claims, Identifier, KeyRing, Revocations, TokenPolicy};
 use crate::policy::{BundleFiles, CompiledBundle, PolicyOptions};
 
@@ -104,15 +103,12 @@ fn build(req: &CheckRequest) {
     let catalogue = CATALOGUE.get_or_init(default_catalogue);
     let routes = input::RouteConfig::of(req, catalogue);
     if let Ok(decoded) = input::decode(http, routes, &LIMITS) {
-        let attributes = req
-            .attributes
-            .as_ref()
-            .map_or_else(regorus::Value::new_object, protojson::attributes);
         let _ = input::build(
-            attributes,
+            req.attributes.as_ref(),
             &decoded,
             &corpus_claims(),
             &crate::dataplane::state::AgentContext::unregistered(),
+            &crate::policy::reads::ALL,
         );
     }
 }

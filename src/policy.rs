@@ -20,6 +20,7 @@ mod bundle;
 mod decision;
 pub mod graph;
 pub mod pool;
+pub mod reads;
 pub mod routes;
 pub mod signing;
 pub mod testing;
@@ -106,6 +107,8 @@ pub struct CompiledBundle {
     vm: Option<VmParts>,
     /// The route catalogue (`data.aegis.routes`).
     routes: routes::Catalogue,
+    /// The parts of the input document the bundle can read: all a Check builds.
+    reads: reads::Reads,
 }
 
 /// What a new RVM is made of, and the pool of ready ones.
@@ -210,6 +213,7 @@ impl CompiledBundle {
         }
         // Before anything evaluates: regorus would recurse without bound.
         graph::check(engine.get_modules()).map_err(BundleError::Compile)?;
+        let reads = graph::input_reads(engine.get_modules());
         for (dir, value) in parsed.data {
             let mut nested = value;
             for key in dir.iter().rev() {
@@ -264,6 +268,7 @@ impl CompiledBundle {
             pool: Mutex::new(Vec::new()),
             vm,
             routes,
+            reads,
         })
     }
 
@@ -284,6 +289,11 @@ impl CompiledBundle {
     /// `sha256:` digest of the bundle's files.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The parts of the input document the bundle can read (see [`reads`]).
+    pub fn reads(&self) -> &reads::Reads {
+        &self.reads
     }
 
     /// The bundle's route catalogue.

@@ -487,6 +487,12 @@ pub async fn start_on(config: Config, listener: TcpListener) -> Result<Running, 
             signer.kid(),
             config.otlp.endpoint.as_deref().unwrap_or("off"),
         );
+        crate::log!(
+            info,
+            "policy revision {} reads {}",
+            policy.current().revision(),
+            policy.current().reads().describe()
+        );
     }
     let auth = core.as_ref().map(|_| {
         Authenticator::new(

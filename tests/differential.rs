@@ -9,23 +9,16 @@
     clippy::indexing_slicing
 )]
 
-use std::time::Duration;
+mod common;
 
-use aegis::policy::{BundleSource, CompiledBundle, Evaluator, PolicyOptions};
+use aegis::policy::{BundleSource, CompiledBundle, Evaluator};
+use common::policy_options;
 use serde_json::json;
-
-fn opts() -> PolicyOptions {
-    PolicyOptions {
-        query: "data.aegis.authz.decision".into(),
-        eval_timeout: Duration::from_secs(2),
-        eval_threads: 0,
-        verification_keys: Vec::new(),
-    }
-}
 
 #[test]
 fn rvm_and_interpreter_agree_on_the_default_bundle() {
-    let bundle = CompiledBundle::load(&BundleSource::Embedded, &opts()).expect("default bundle");
+    let bundle =
+        CompiledBundle::load(&BundleSource::Embedded, &policy_options()).expect("default bundle");
     assert_eq!(bundle.evaluator(), Evaluator::Rvm);
     let tools = [
         (
@@ -110,8 +103,11 @@ fn a_bundle_the_rvm_cannot_compile_is_served_by_the_interpreter() {
         "package aegis.authz\nimport rego.v1\n\nclean if not input.a.b == \"s3cret\"\n\n# `with` is not supported by the RVM compiler.\nstill_clean if clean with input.extra as 1\n\ndecision := {\"allowed\": true} if still_clean\n\ndecision := {\"allowed\": false} if not still_clean\n",
     )
     .expect("write");
-    let bundle =
-        CompiledBundle::load(&BundleSource::Dir(dir.path().to_path_buf()), &opts()).expect("loads");
+    let bundle = CompiledBundle::load(
+        &BundleSource::Dir(dir.path().to_path_buf()),
+        &policy_options(),
+    )
+    .expect("loads");
     assert_eq!(bundle.evaluator(), Evaluator::Interpreter);
     let leak = bundle
         .evaluate(regorus::Value::from(json!({"a": {"b": "s3cret"}})))

@@ -31,11 +31,13 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use serde_json::{Map, Value};
 
 use crate::dataplane::state::AgentContext;
 use crate::identity::Claims;
+use crate::policy::reads::Reads;
 use crate::policy::routes::{
     AgentLabels, BodyKind, Catalogue, Protocol, Route, RouteError, RouteSource,
 };
@@ -454,51 +456,63 @@ fn verify_labels(headers: &HashMap<String, String>, tool: &Tool) -> Result<(), I
     }
     Ok(())
 }
-/// The whole input document for an identified agent, with its status and risk tier as the
-/// control plane has them.
+/// The input document for an identified agent, with its status and risk tier as the
+/// control plane has them: the parts `reads` names (the bundle's, see
+/// [`crate::policy::reads`]; [`crate::policy::reads::ALL`] for the whole document).
 pub fn build(
-    attributes: regorus::Value,
+    attributes: Option<&AttributeContext>,
     d: &Decoded<'_>,
     claims: &Claims,
     known: &AgentContext,
+    reads: &Reads,
 ) -> regorus::Value {
-    use super::protojson::{Obj, json_to_rego, map_to_rego};
+    use super::protojson::{Obj, json_to_rego_within, map_to_rego};
     use regorus::Value as R;
     let strings = |v: &[String]| R::from(v.iter().map(|s| R::from(s.as_str())).collect::<Vec<_>>());
-    let mut version = Obj::default();
-    version
-        .put_str("encoding", "protojson")
-        .put_str("ext_authz", "v3");
-    let mut agent = Obj::default();
-    agent
-        .put("id", R::from(claims.sub.as_str()))
-        .put("tenant", R::from(claims.tenant.as_str()))
-        .put("scopes", strings(&claims.scopes))
-        .put("session", R::from(claims.sid.as_str()))
-        .put("status", R::from(known.status.as_str()))
-        .put("risk_tier", R::from(&*known.risk_tier));
-    let mut tool = Obj::default();
-    tool.put("name", R::from(d.tool.name.as_str()))
-        .put("action", R::from(d.tool.action.as_str()))
-        .put("arguments", json_to_rego(&d.tool.arguments))
-        .put("resource", R::from(d.tool.resource.as_str()))
-        .put("route", R::from(d.tool.route.as_str()))
-        .put("source", R::from(d.tool.source.as_str()));
-    let mut context = Obj::default();
-    context
-        .put("trust_level", R::from(d.context.trust_level.as_str()))
-        .put("run_id", R::from(d.context.run_id.as_str()))
-        .put("parent_agent", R::from(d.context.parent_agent.as_str()));
-    let mut doc = Obj::default();
-    doc.put("attributes", attributes)
-        .put("parsed_path", strings(&d.parsed_path))
-        .put("parsed_query", map_to_rego(&d.parsed_query))
-        .put("parsed_body", json_to_rego(&d.parsed_body))
-        .put("truncated_body", R::from(d.truncated_body))
-        .put("version", version.build())
-        .put("agent", agent.build())
-        .put("tool", tool.build())
-        .put("context", context.build());
+    let mut doc = Obj::reading(reads);
+    doc.put_with("attributes", |r| {
+        attributes.map_or_else(R::new_object, |a| super::protojson::attributes(a, r))
+    })
+    .put_with("parsed_path", |_| strings(&d.parsed_path))
+    .put_with("parsed_query", |r| map_to_rego(&d.parsed_query, r))
+    .put_with("parsed_body", |r| json_to_rego_within(&d.parsed_body, r))
+    .put_with("truncated_body", |_| R::from(d.truncated_body))
+    .put_with("version", |r| {
+        let mut version = Obj::reading(r);
+        version
+            .put_str("encoding", "protojson")
+            .put_str("ext_authz", "v3");
+        version.build()
+    })
+    .put_with("agent", |r| {
+        let mut agent = Obj::reading(r);
+        agent
+            .put_with("id", |_| R::from(claims.sub.as_str()))
+            .put_with("tenant", |_| R::from(claims.tenant.as_str()))
+            .put_with("scopes", |_| strings(&claims.scopes))
+            .put_with("session", |_| R::from(claims.sid.as_str()))
+            .put_with("status", |_| R::from(known.status.as_str()))
+            .put_with("risk_tier", |_| R::from(&*known.risk_tier));
+        agent.build()
+    })
+    .put_with("tool", |r| {
+        let mut tool = Obj::reading(r);
+        tool.put_with("name", |_| R::from(d.tool.name.as_str()))
+            .put_with("action", |_| R::from(d.tool.action.as_str()))
+            .put_with("arguments", |r| json_to_rego_within(&d.tool.arguments, r))
+            .put_with("resource", |_| R::from(d.tool.resource.as_str()))
+            .put_with("route", |_| R::from(d.tool.route.as_str()))
+            .put_with("source", |_| R::from(d.tool.source.as_str()));
+        tool.build()
+    })
+    .put_with("context", |r| {
+        let mut context = Obj::reading(r);
+        context
+            .put_with("trust_level", |_| R::from(d.context.trust_level.as_str()))
+            .put_with("run_id", |_| R::from(d.context.run_id.as_str()))
+            .put_with("parent_agent", |_| R::from(d.context.parent_agent.as_str()));
+        context.build()
+    });
     doc.build()
 }
 

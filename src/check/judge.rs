@@ -11,7 +11,7 @@ use envoy_types::ext_authz::v3::pb::CheckRequest;
 
 use super::enforce::{self, Evaluated, Judged};
 use super::input::{self, Decoded, InputError};
-use super::{Call, CheckError, Checker, TokenSource, http_of, protojson};
+use super::{Call, CheckError, Checker, TokenSource, http_of};
 use crate::dataplane::state::AgentContext;
 use crate::identity::{Claims, Refusal, TokenError};
 use crate::policy::CompiledBundle;
@@ -144,11 +144,14 @@ impl Checker {
             .chain(input::CLAIM_HEADERS)
             .filter(|h| decoded.header(h).is_some())
             .collect();
-        let attributes = req
-            .attributes
-            .as_ref()
-            .map_or_else(regorus::Value::new_object, protojson::attributes);
-        let doc = input::build(attributes, &decoded, &subject.claims, &subject.agent);
+        // Only what the bundle can read: a policy cannot see a key it never names.
+        let doc = input::build(
+            req.attributes.as_ref(),
+            &decoded,
+            &subject.claims,
+            &subject.agent,
+            bundle.reads(),
+        );
         Ok(Input {
             doc,
             decoded,

@@ -15,141 +15,187 @@ use envoy_types::pb::google::protobuf::{
 use regorus::Value as RValue;
 use serde_json::{Map, Value};
 
-/// A regorus object under construction; empty strings are omitted, as protojson omits
-/// default values.
-#[derive(Default)]
-pub(crate) struct Obj(BTreeMap<RValue, RValue>);
+use crate::policy::reads::{self, Reads};
 
-impl Obj {
-    pub(crate) fn put(&mut self, key: &str, value: RValue) -> &mut Self {
-        self.0.insert(RValue::from(key), value);
+/// A regorus object under construction, holding only the keys its [`Reads`] names;
+/// empty strings are omitted, as protojson omits default values.
+pub(crate) struct Obj<'r> {
+    map: BTreeMap<RValue, RValue>,
+    reads: &'r Reads,
+}
+
+impl Default for Obj<'static> {
+    fn default() -> Self {
+        Self::reading(&reads::ALL)
+    }
+}
+
+impl<'r> Obj<'r> {
+    /// An object of which only what `reads` names is built.
+    pub(crate) fn reading(reads: &'r Reads) -> Self {
+        Self {
+            map: BTreeMap::new(),
+            reads,
+        }
+    }
+
+    /// `key` set to what `value` makes of what is read under it, if anything is.
+    pub(crate) fn put_with(
+        &mut self,
+        key: &str,
+        value: impl FnOnce(&'r Reads) -> RValue,
+    ) -> &mut Self {
+        if let Some(under) = self.reads.get(key) {
+            self.map.insert(RValue::from(key), value(under));
+        }
         self
+    }
+
+    pub(crate) fn put(&mut self, key: &str, value: RValue) -> &mut Self {
+        self.put_with(key, |_| value)
     }
 
     pub(crate) fn put_str(&mut self, key: &str, value: &str) -> &mut Self {
         if !value.is_empty() {
-            self.put(key, RValue::from(value));
+            self.put_with(key, |_| RValue::from(value));
         }
         self
     }
 
     pub(crate) fn build(self) -> RValue {
-        RValue::from(self.0)
+        RValue::from(self.map)
     }
 }
 
-/// A string map as a regorus object.
-pub(crate) fn string_map(m: &HashMap<String, String>) -> RValue {
-    RValue::from(
-        m.iter()
-            .map(|(k, v)| (RValue::from(k.as_str()), RValue::from(v.as_str())))
-            .collect::<BTreeMap<_, _>>(),
-    )
+/// A string map as a regorus object, with only the keys `reads` names.
+pub(crate) fn string_map(m: &HashMap<String, String>, reads: &Reads) -> RValue {
+    let pair = |(k, v): (&String, &String)| (RValue::from(k.as_str()), RValue::from(v.as_str()));
+    RValue::from(match reads {
+        Reads::All => m.iter().map(pair).collect::<BTreeMap<_, _>>(),
+        Reads::Keys(keys) => keys
+            .keys()
+            .filter_map(|k| m.get_key_value(k))
+            .map(pair)
+            .collect(),
+    })
 }
 
-/// `input.attributes`.
-pub fn attributes(a: &AttributeContext) -> RValue {
-    let mut m = Obj::default();
+/// `input.attributes`, with only what `reads` names.
+pub fn attributes(a: &AttributeContext, reads: &Reads) -> RValue {
+    let mut m = Obj::reading(reads);
     if let Some(p) = &a.source {
-        m.put("source", peer(p));
+        m.put_with("source", |r| peer(p, r));
     }
     if let Some(p) = &a.destination {
-        m.put("destination", peer(p));
+        m.put_with("destination", |r| peer(p, r));
     }
     if let Some(r) = &a.request {
-        let mut req = Obj::default();
-        if let Some(t) = &r.time {
-            req.put("time", RValue::from(rfc3339(t)));
-        }
-        if let Some(h) = &r.http {
-            req.put("http", http(h));
-        }
-        m.put("request", req.build());
+        m.put_with("request", |reads| {
+            let mut req = Obj::reading(reads);
+            if let Some(t) = &r.time {
+                req.put_with("time", |_| RValue::from(rfc3339(t)));
+            }
+            if let Some(h) = &r.http {
+                req.put_with("http", |r| http(h, r));
+            }
+            req.build()
+        });
     }
     if !a.context_extensions.is_empty() {
-        m.put("contextExtensions", string_map(&a.context_extensions));
+        m.put_with("contextExtensions", |r| {
+            string_map(&a.context_extensions, r)
+        });
     }
     if let Some(md) = &a.metadata_context {
-        m.put("metadataContext", metadata(md));
+        m.put_with("metadataContext", |r| metadata(md, r));
     }
     if let Some(md) = &a.route_metadata_context {
-        m.put("routeMetadataContext", metadata(md));
+        m.put_with("routeMetadataContext", |r| metadata(md, r));
     }
     if let Some(tls) = a.tls_session.as_ref().filter(|t| !t.sni.is_empty()) {
-        let mut t = Obj::default();
-        t.put_str("sni", &tls.sni);
-        m.put("tlsSession", t.build());
+        m.put_with("tlsSession", |r| {
+            let mut t = Obj::reading(r);
+            t.put_str("sni", &tls.sni);
+            t.build()
+        });
     }
     m.build()
 }
 
-fn peer(p: &Peer) -> RValue {
-    let mut m = Obj::default();
+fn peer(p: &Peer, reads: &Reads) -> RValue {
+    let mut m = Obj::reading(reads);
     if let Some(a) = &p.address {
-        m.put("address", address(a));
+        m.put_with("address", |r| address(a, r));
     }
     m.put_str("service", &p.service);
     if !p.labels.is_empty() {
-        m.put("labels", string_map(&p.labels));
+        m.put_with("labels", |r| string_map(&p.labels, r));
     }
     m.put_str("principal", &p.principal)
         .put_str("certificate", &p.certificate);
     m.build()
 }
 
-fn address(a: &Address) -> RValue {
-    let mut outer = Obj::default();
+fn address(a: &Address, reads: &Reads) -> RValue {
+    let mut outer = Obj::reading(reads);
     match &a.address {
         Some(address::Address::SocketAddress(s)) => {
-            let mut m = Obj::default();
-            m.put_str("address", &s.address);
-            match &s.port_specifier {
-                Some(socket_address::PortSpecifier::PortValue(p)) if *p != 0 => {
-                    m.put("portValue", RValue::from(*p));
+            outer.put_with("socketAddress", |r| {
+                let mut m = Obj::reading(r);
+                m.put_str("address", &s.address);
+                match &s.port_specifier {
+                    Some(socket_address::PortSpecifier::PortValue(p)) if *p != 0 => {
+                        m.put("portValue", RValue::from(*p));
+                    }
+                    Some(socket_address::PortSpecifier::NamedPort(n)) => {
+                        m.put_str("namedPort", n);
+                    }
+                    _ => {}
                 }
-                Some(socket_address::PortSpecifier::NamedPort(n)) => {
-                    m.put_str("namedPort", n);
-                }
-                _ => {}
-            }
-            outer.put("socketAddress", m.build());
+                m.build()
+            });
         }
         Some(address::Address::Pipe(p)) => {
-            let mut m = Obj::default();
-            m.put_str("path", &p.path);
-            outer.put("pipe", m.build());
+            outer.put_with("pipe", |r| {
+                let mut m = Obj::reading(r);
+                m.put_str("path", &p.path);
+                m.build()
+            });
         }
         Some(address::Address::EnvoyInternalAddress(_)) => {
-            outer.put("envoyInternalAddress", Obj::default().build());
+            outer.put_with("envoyInternalAddress", |_| Obj::default().build());
         }
         None => {}
     }
     outer.build()
 }
 
-fn http(h: &HttpRequest) -> RValue {
+fn http(h: &HttpRequest, reads: &Reads) -> RValue {
     let b64 = |bytes: &[u8]| RValue::from(base64::engine::general_purpose::STANDARD.encode(bytes));
-    let mut m = Obj::default();
+    let mut m = Obj::reading(reads);
     m.put_str("id", &h.id).put_str("method", &h.method);
     if !h.headers.is_empty() {
-        m.put("headers", string_map(&h.headers));
+        m.put_with("headers", |r| string_map(&h.headers, r));
     }
     if let Some(map) = &h.header_map {
-        let list: Vec<RValue> = map
-            .headers
-            .iter()
-            .map(|hv| {
-                let mut e = Obj::default();
-                e.put_str("key", &hv.key).put_str("value", &hv.value);
-                if !hv.raw_value.is_empty() {
-                    e.put("rawValue", b64(&hv.raw_value));
-                }
-                e.build()
-            })
-            .collect();
-        let mut hm = Obj::default();
-        hm.put("headers", RValue::from(list));
-        m.put("headerMap", hm.build());
+        // An array under it: built whole.
+        m.put_with("headerMap", |_| {
+            let list: Vec<RValue> = map
+                .headers
+                .iter()
+                .map(|hv| {
+                    let mut e = Obj::default();
+                    e.put_str("key", &hv.key).put_str("value", &hv.value);
+                    if !hv.raw_value.is_empty() {
+                        e.put("rawValue", b64(&hv.raw_value));
+                    }
+                    e.build()
+                })
+                .collect();
+            let mut hm = Obj::default();
+            hm.put("headers", RValue::from(list));
+            hm.build()
+        });
     }
     m.put_str("path", &h.path)
         .put_str("host", &h.host)
@@ -157,24 +203,25 @@ fn http(h: &HttpRequest) -> RValue {
         .put_str("query", &h.query)
         .put_str("fragment", &h.fragment);
     if h.size != 0 {
-        m.put("size", RValue::from(h.size.to_string()));
+        m.put_with("size", |_| RValue::from(h.size.to_string()));
     }
     m.put_str("protocol", &h.protocol).put_str("body", &h.body);
     if !h.raw_body.is_empty() {
-        m.put("rawBody", b64(&h.raw_body));
+        m.put_with("rawBody", |_| b64(&h.raw_body));
     }
     m.build()
 }
 
-fn metadata(md: &Metadata) -> RValue {
-    let mut m = Obj::default();
+fn metadata(md: &Metadata, reads: &Reads) -> RValue {
+    let mut m = Obj::reading(reads);
     if !md.filter_metadata.is_empty() {
-        let fm: BTreeMap<RValue, RValue> = md
-            .filter_metadata
-            .iter()
-            .map(|(k, s)| (RValue::from(k.as_str()), json_to_rego(&struct_to_json(s))))
-            .collect();
-        m.put("filterMetadata", RValue::from(fm));
+        m.put_with("filterMetadata", |reads| {
+            let mut fm = Obj::reading(reads);
+            for (k, s) in &md.filter_metadata {
+                fm.put_with(k, |r| json_to_rego_within(&struct_to_json(s), r));
+            }
+            fm.build()
+        });
     }
     m.build()
 }
@@ -182,6 +229,11 @@ fn metadata(md: &Metadata) -> RValue {
 /// JSON → regorus value by direct recursion (several times cheaper than going through
 /// serde's deserializer). Depth is bounded by serde_json's parser (128 levels).
 pub fn json_to_rego(v: &Value) -> RValue {
+    json_to_rego_within(v, &reads::ALL)
+}
+
+/// [`json_to_rego`] keeping, of each object, only the keys `reads` names (arrays whole).
+pub fn json_to_rego_within(v: &Value, reads: &Reads) -> RValue {
     match v {
         Value::Null => RValue::Null,
         Value::Bool(b) => RValue::from(*b),
@@ -196,17 +248,25 @@ pub fn json_to_rego(v: &Value) -> RValue {
         }
         Value::String(s) => RValue::from(s.as_str()),
         Value::Array(a) => RValue::from(a.iter().map(json_to_rego).collect::<Vec<_>>()),
-        Value::Object(o) => map_to_rego(o),
+        Value::Object(o) => map_to_rego(o, reads),
     }
 }
 
-/// A JSON object → regorus object.
-pub fn map_to_rego(o: &Map<String, Value>) -> RValue {
-    RValue::from(
-        o.iter()
-            .map(|(k, v)| (RValue::from(k.as_str()), json_to_rego(v)))
+/// A JSON object → regorus object, with only the keys `reads` names.
+pub fn map_to_rego(o: &Map<String, Value>, reads: &Reads) -> RValue {
+    let pair = |(k, v): (&String, &Value), r: &Reads| {
+        (RValue::from(k.as_str()), json_to_rego_within(v, r))
+    };
+    RValue::from(match reads {
+        Reads::All => o
+            .iter()
+            .map(|kv| pair(kv, &reads::ALL))
             .collect::<BTreeMap<_, _>>(),
-    )
+        Reads::Keys(keys) => keys
+            .iter()
+            .filter_map(|(k, r)| o.get_key_value(k).map(|kv| pair(kv, r)))
+            .collect(),
+    })
 }
 
 /// `google.protobuf.Struct` → JSON object.

@@ -51,6 +51,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use regorus::unstable::{Expr, Literal, Module, Query, Ref, Rule, RuleBody, RuleHead};
 
+use super::reads::Reads;
+
 /// What one rule costs besides its statements and expressions (in the units
 /// [`MAX_EVAL_DEPTH`] bounds). Measured on 2 MiB threads, debug build: a chain of rules took at
 /// most ~4.5 KiB of stack per rule, a function 30 calls deep at most ~1.8 KiB per call.
@@ -136,6 +138,37 @@ pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
         named.join(" -> "),
         chain.cost,
     ))
+}
+
+/// The parts of `input` the modules can read (see [`super::reads`]): what every rule,
+/// function and default reads, and every import of `input…`.
+pub fn input_reads(modules: &[Ref<Module>]) -> Reads {
+    let scopes = Scopes::new(modules);
+    let mut reads = Reads::default();
+    for module in modules {
+        for import in &module.imports {
+            let mut dynamic = Vec::new();
+            match static_path(&import.refr, &mut dynamic) {
+                Some((root, fields)) if root == "input" && dynamic.is_empty() => {
+                    reads.read(&fields)
+                }
+                Some((root, _)) if root != "input" => {}
+                // `import input[x]` does not parse; were it to, it reads everything.
+                _ => reads.read(&[]),
+            }
+        }
+        let Some(scope) = scopes.of(module) else {
+            // Every module has its package's scope; were one missing, read everything.
+            reads.read(&[]);
+            continue;
+        };
+        for rule in &module.policy {
+            for path in scope.rule(rule).input {
+                reads.read(&path);
+            }
+        }
+    }
+    reads
 }
 
 /// The rules of a bundle and what they read.
@@ -448,6 +481,8 @@ struct Walked {
     cost: usize,
     refs: Vec<Vec<String>>,
     adds: Vec<Vec<String>>,
+    /// The paths of `input` it reads (see [`input_reads`]).
+    input: Vec<Vec<String>>,
 }
 
 impl Scope {
@@ -458,6 +493,7 @@ impl Scope {
             locals: Vec::new(),
             refs: Vec::new(),
             adds: Vec::new(),
+            input: Vec::new(),
             loops: 0,
         };
         let (span, head_ref, cost) = match rule {
@@ -525,6 +561,7 @@ impl Scope {
             cost: RULE_FRAME + links(head_ref) + cost,
             refs: walk.refs,
             adds: walk.adds,
+            input: walk.input,
         }
     }
 }
@@ -538,6 +575,8 @@ struct Walk<'s> {
     refs: Vec<Vec<String>>,
     /// References in `with … as` values.
     adds: Vec<Vec<String>>,
+    /// Paths of `input` read, local or not (a name that might be `input` counts).
+    input: Vec<Vec<String>>,
     /// Loops met in the statement being walked.
     loops: usize,
 }
@@ -650,6 +689,9 @@ impl Walk<'_> {
         match expr {
             Expr::Var { span, .. } => {
                 let name = span.text();
+                if name == "input" {
+                    self.input.push(Vec::new());
+                }
                 if !self.is_local(name) {
                     self.refer(name, Vec::new());
                 }
@@ -659,6 +701,9 @@ impl Walk<'_> {
                 let mut dynamic = Vec::new();
                 let deepest = match static_path(expr, &mut dynamic) {
                     Some((root, fields)) => {
+                        if root == "input" {
+                            self.input.push(fields.clone());
+                        }
                         if !self.is_local(&root) {
                             self.refer(&root, fields);
                         }
@@ -692,7 +737,10 @@ impl Walk<'_> {
             } => 1 + self.nested(query, |w| w.expr(key).max(w.expr(value))),
             _ => {
                 let mut deepest = 0;
-                for_children(expr, |e| deepest = deepest.max(self.expr(e)));
+                if !for_children(expr, |e| deepest = deepest.max(self.expr(e))) {
+                    // An expression this walk does not know may read anything.
+                    self.input.push(Vec::new());
+                }
                 1 + deepest
             }
         }
@@ -780,8 +828,10 @@ fn links(expr: &Expr) -> usize {
     n
 }
 
-/// Calls `f` on each direct sub-expression of `expr` (comprehension queries excluded).
-fn for_children(expr: &Expr, mut f: impl FnMut(&Expr)) {
+/// Calls `f` on each direct sub-expression of `expr` (comprehension queries excluded);
+/// false for a kind of expression it does not know (none, with regorus's features as
+/// Aegis builds it).
+fn for_children(expr: &Expr, mut f: impl FnMut(&Expr)) -> bool {
     match expr {
         Expr::String { .. }
         | Expr::RawString { .. }
@@ -831,8 +881,9 @@ fn for_children(expr: &Expr, mut f: impl FnMut(&Expr)) {
             f(collection);
         }
         #[allow(unreachable_patterns)]
-        _ => {}
+        _ => return false,
     }
+    true
 }
 
 #[cfg(test)]
@@ -1003,5 +1054,84 @@ mod tests {
         .expect("rules");
         // Three statements, two of them loops; the costliest, `x == y`, is two deep.
         assert_eq!(loops.cost, RULE_FRAME + 3 + 2 + 2);
+    }
+
+    /// The `input` paths the modules can read, as `input.a.b`.
+    fn reads(modules: &[(&str, &str)]) -> Vec<String> {
+        let mut engine = regorus::Engine::new();
+        for (path, text) in modules {
+            engine
+                .add_policy(path.to_string(), text.to_string())
+                .expect("parses");
+        }
+        input_reads(engine.get_modules()).paths()
+    }
+
+    #[test]
+    fn every_way_of_reading_input_is_found() {
+        let cases: &[(&str, &[&str])] = &[
+            ("allow if input.tool.name == \"x\"\n", &["input.tool.name"]),
+            // Literal brackets are fields; an array index too (arrays are built whole).
+            (
+                "allow if input[\"tool\"][\"name\"] == \"x\"\nb if input.parsed_path[0] == \"a\"\n",
+                &["input.parsed_path.0", "input.tool.name"],
+            ),
+            // Past a key that is not a literal, the whole of what comes before.
+            (
+                "allow if { some h; input.attributes.request.http.headers[h] }\n",
+                &["input.attributes.request.http.headers"],
+            ),
+            ("allow if { some k; input[k] }\n", &["input"]),
+            // A bare input: a function, walk, object.get, json.marshal, a local.
+            ("allow if count(input) > 0\n", &["input"]),
+            ("allow if { walk(input, [p, v]); v == 1 }\n", &["input"]),
+            ("allow if object.get(input, [\"a\"], 1) == 1\n", &["input"]),
+            ("x := input\nallow if x.a\n", &["input"]),
+            // What is passed to a function, whole.
+            (
+                "f(x) := x.a\nallow if f(input.tool) == 1\n",
+                &["input.tool"],
+            ),
+            // Comprehensions, every, else, head keys, default, dynamic keys' own reads.
+            (
+                "n := [s | some s in input.agent.scopes]\nallow if every s in input.parsed_path { s != \"\" }\n",
+                &["input.agent.scopes", "input.parsed_path"],
+            ),
+            (
+                "v := 1 if input.a\nelse := input.b\n",
+                &["input.a", "input.b"],
+            ),
+            ("p[input.k] := input.v\n", &["input.k", "input.v"]),
+            (
+                "h := input.attributes.request.http.headers[input.tool.name]\n",
+                &["input.attributes.request.http.headers", "input.tool.name"],
+            ),
+            // Imports of input: everything under the imported path.
+            (
+                "import input.attributes.source as src\nallow if src.address\n",
+                &["input.attributes.source"],
+            ),
+            ("import input\nallow if input.a\n", &["input"]),
+            // `with`: the value replacing is read; the path replaced is not.
+            (
+                "r := input.agent.run_id\nallow if r with input.agent as input.context\ntest_r if { r with input as {\"agent\": {}} }\n",
+                &["input.agent.run_id", "input.context"],
+            ),
+            // Reads in a package read through data, and none at all.
+            ("allow := data.q.x\n", &[]),
+        ];
+        for (body, want) in cases {
+            let text = format!("{HEAD}{body}");
+            assert_eq!(reads(&[("p.rego", &text)]), *want, "{text}");
+        }
+        // Every module counts, whatever its package.
+        let q = "package q\nimport rego.v1\nx := input.context.trust_level\n";
+        assert_eq!(
+            reads(&[
+                ("p.rego", &format!("{HEAD}allow := data.q.x\n")),
+                ("q.rego", q)
+            ]),
+            ["input.context.trust_level"]
+        );
     }
 }

@@ -72,9 +72,10 @@ pub async fn run(
             Ok(Ok((compiled, files))) => {
                 crate::log!(
                     info,
-                    "policy bundle reloaded from {}: revision {}",
+                    "policy bundle reloaded from {}: revision {}, reads {}",
                     policy.source(),
-                    compiled.revision()
+                    compiled.revision(),
+                    compiled.reads().describe()
                 );
                 if let Some(tx) = &installed {
                     let _ = tx.send((compiled, files));

@@ -710,6 +710,17 @@ pub fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
     stderr
 }
 
+/// The options `aegis serve` compiles a bundle with by default (the decision rule, no
+/// signature required), with a 2 s evaluation limit for slow test machines.
+pub fn policy_options() -> aegis::policy::PolicyOptions {
+    aegis::policy::PolicyOptions {
+        query: "data.aegis.authz.decision".into(),
+        eval_timeout: Duration::from_secs(2),
+        eval_threads: 0,
+        verification_keys: Vec::new(),
+    }
+}
+
 /// A bundle directory in a fresh temp dir holding one module, `policy.rego`: (the temp
 /// dir, which removes it on drop, and the bundle directory).
 pub fn rego_bundle(module: &str) -> (tempfile::TempDir, PathBuf) {
