@@ -395,8 +395,9 @@ impl Engine {
         self.classes.clear();
     }
 
-    /// Feeds one decision; returns what it completes.
-    pub fn observe(&mut self, d: &Decision) -> Result<Vec<Finding>, EventError> {
+    /// Feeds one decision; returns what it completes. The decision is kept as it is (in
+    /// the windows that hold it), not copied.
+    pub fn observe(&mut self, d: Decision) -> Result<Vec<Finding>, EventError> {
         if d.time_ns < MIN_TIME_NS {
             return Err(EventError::BadTime(d.decision_id.clone(), d.time_ns));
         }
@@ -431,7 +432,8 @@ impl Engine {
             None => per_tenant.entry(d.agent.clone()).or_default(),
         };
         let t = d.time_ns;
-        let event = Arc::new(d.clone());
+        let event = Arc::new(d);
+        let d = &*event;
         let allowed = matches!(d.decision.as_str(), "allow" | "sanitize" | "would_deny");
         let mut found = Vec::new();
         let mut finding = |kind: &'static str,
@@ -736,7 +738,7 @@ async fn run(
             engine.set_words(words_from(&bundle));
         }
         for d in batch.drain(..) {
-            let findings = match engine.observe(&d) {
+            let findings = match engine.observe(d) {
                 Ok(f) => f,
                 Err(e) => {
                     me.refused.fetch_add(1, Relaxed);

@@ -43,7 +43,7 @@ fn ev(at_s: f64, tool: &str, action: &str, decision: &str, id: &str) -> Decision
 fn run(e: &mut Engine, events: &[Decision]) -> Vec<(usize, &'static str)> {
     let mut out = Vec::new();
     for (i, d) in events.iter().enumerate() {
-        for f in e.observe(d).expect("valid event") {
+        for f in e.observe(d.clone()).expect("valid event") {
             out.push((i, f.kind));
         }
     }
@@ -115,7 +115,7 @@ fn exfiltration_is_a_source_then_a_sink_matched_by_word() {
         ev(0.0, "github", "read_repo", "allow", "read"),
         ev(30.0, "webhook", "post", "allow", "post"),
     ]
-    .iter()
+    .into_iter()
     .flat_map(|d| e.observe(d).expect("valid"))
     .collect();
     let exfil: Vec<&Finding> = found
@@ -321,7 +321,7 @@ fn trust_escalation_and_untrusted_mutation() {
         untrusted(1.0, "create_comment", "deny", "c"),
         untrusted(2.0, "create_comment", "deny", "c2"),
     ]
-    .iter()
+    .into_iter()
     .flat_map(|d| e.observe(d).expect("valid"))
     .collect();
     let m: Vec<&Finding> = found
@@ -340,9 +340,12 @@ fn an_event_without_a_valid_time_is_refused() {
     let mut e = engine();
     let mut d = ev(0.0, "x", "y", "deny", "no-time");
     d.time_ns = 0;
-    assert_eq!(e.observe(&d), Err(EventError::BadTime("no-time".into(), 0)));
+    assert_eq!(
+        e.observe(d.clone()),
+        Err(EventError::BadTime("no-time".into(), 0))
+    );
     d.time_ns = -5;
-    assert!(e.observe(&d).is_err());
+    assert!(e.observe(d).is_err());
 }
 
 #[test]
