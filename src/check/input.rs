@@ -12,6 +12,9 @@
 //! input.context           {trust_level, run_id, parent_agent}
 //! ```
 //!
+//! [`build`] makes only the parts the bundle can read ([`crate::policy::reads`]); what
+//! [`decode`] checks of the request does not depend on the bundle.
+//!
 //! The tool comes from the route (see [`crate::policy::routes`]): Envoy's per-route labels,
 //! else the bundle's route catalogue, else, on a route declared MCP, the JSON-RPC
 //! `tools/call` body. What the agent says of its own call (`x-aegis-tool`,
