@@ -19,6 +19,7 @@ use prost::Message;
 
 use crate::check::input::{self, Limits};
 use crate::identity::{Audience, Claims, Identifier, KeyRing, Revocations, TokenPolicy};
+use crate::policy::reads::Reads;
 use crate::policy::{BundleFiles, CompiledBundle, PolicyOptions};
 
 /// Unix time the token harness verifies at (inside the corpus tokens' lifetime).
@@ -99,22 +100,25 @@ fn build(req: &CheckRequest) {
         .as_ref()
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref());
-    static CATALOGUE: OnceLock<crate::policy::routes::Catalogue> = OnceLock::new();
-    let catalogue = CATALOGUE.get_or_init(default_catalogue);
+    static DEFAULT: OnceLock<(crate::policy::routes::Catalogue, Reads)> = OnceLock::new();
+    let (catalogue, reads) = DEFAULT.get_or_init(default_bundle);
     let routes = input::RouteConfig::of(req, catalogue);
     if let Ok(decoded) = input::decode(http, routes, &LIMITS) {
-        let _ = input::build(
-            req.attributes.as_ref(),
-            &decoded,
-            &corpus_claims(),
-            &crate::dataplane::state::AgentContext::unregistered(),
-            &crate::policy::reads::ALL,
-        );
+        // The whole document, and the part the default bundle reads.
+        for reads in [&crate::policy::reads::ALL, reads] {
+            let _ = input::build(
+                req.attributes.as_ref(),
+                &decoded,
+                &corpus_claims(),
+                &crate::dataplane::state::AgentContext::unregistered(),
+                reads,
+            );
+        }
     }
 }
 
-/// The default bundle's route catalogue.
-fn default_catalogue() -> crate::policy::routes::Catalogue {
+/// The default bundle's route catalogue, and what it reads of the input.
+fn default_bundle() -> (crate::policy::routes::Catalogue, Reads) {
     let opts = PolicyOptions {
         query: "data.aegis.authz.decision".into(),
         eval_timeout: Duration::from_millis(50),
@@ -125,7 +129,7 @@ fn default_catalogue() -> crate::policy::routes::Catalogue {
         .ok()
         .and_then(|f| f.parse().ok())
         .and_then(|p| CompiledBundle::compile_interpreter(p, &opts).ok())
-        .map(|b| b.routes().clone())
+        .map(|b| (b.routes().clone(), b.reads().clone()))
         .unwrap_or_default()
 }
 

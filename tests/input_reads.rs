@@ -42,55 +42,87 @@ fn the_default_bundle_reads_ten_parts_of_the_input() {
 
 /// Ways of reading the request: each is served alone in a bundle of its own (a bundle
 /// that reads the whole input somewhere is built whole, which would hide a miss elsewhere).
-/// Each defines `sees` when it saw what [`request`] carries.
-const WAYS: &[(&str, &str)] = &[
+/// Each defines `sees` when it saw what [`request`] carries; the third column is what the
+/// analysis must find the bundle reads (`input` alone: the whole document).
+const WAYS: &[(&str, &str, &[&str])] = &[
     (
         "import_alias",
         "import input.attributes.source as src\nsees if src.address.socketAddress.address == \"10.1.2.3\"\n",
+        &["input.attributes.source"],
     ),
     (
         "bare_input_to_a_builtin",
         "sees if object.get(input, [\"attributes\", \"destination\", \"principal\"], \"\") == \"spiffe://tool\"\n",
+        &["input"],
     ),
     (
         "walk_over_input",
         "sees if {\n\tsome v\n\twalk(input, [_, v])\n\tv == \"walked-value\"\n}\n",
+        &["input"],
     ),
     (
         "dynamic_key_at_the_root",
         "sees if {\n\tsome k\n\tinput[k].run_id == \"run-7\"\n}\n",
+        &["input"],
     ),
     (
         "literal_brackets",
         "sees if input[\"attributes\"][\"request\"][\"http\"][\"method\"] == \"PUT\"\n",
+        &["input.attributes.request.http.method"],
     ),
     (
         "function_argument",
         "header_of(http, name) := http.headers[name]\nsees if header_of(input.attributes.request.http, \"x-fn\") == \"fn-value\"\n",
+        &["input.attributes.request.http"],
     ),
     (
         "comprehension",
         "sees if count([s | some s in input.parsed_path]) == 2\n",
+        &["input.parsed_path"],
     ),
-    ("array_index", "sees if input.parsed_path[1] == \"two\"\n"),
+    (
+        // Spoiled or unread, the headers fail it: a header starting "spoiled" fails the
+        // condition, and a domain missing leaves `every` true for the spoiled request or
+        // undefined for the good one.
+        "every",
+        "sees if every _, v in input.attributes.request.http.headers { not startswith(v, \"spoiled\") }\n",
+        &["input.attributes.request.http.headers"],
+    ),
+    (
+        "array_index",
+        "sees if input.parsed_path[1] == \"two\"\n",
+        &["input.parsed_path.1"],
+    ),
     (
         "head_key",
         "keyed[input.parsed_query.q[0]] := 1\nsees if keyed.qv == 1\n",
+        &["input.parsed_query.q.0"],
     ),
     (
         "with_value",
         "run_of := input.agent.run_id\nsees if run_of == \"run-7\" with input.agent as input.context\n",
+        &["input.agent.run_id", "input.context"],
     ),
     (
         "else_value",
         "host := \"none\" if false\nelse := input.attributes.request.http.host\nsees if host == \"tools.internal\"\n",
+        &["input.attributes.request.http.host"],
     ),
     (
         "marshalled_subtree",
         "sees if contains(json.marshal(input.attributes.contextExtensions), \"labelled\")\n",
+        &["input.attributes.contextExtensions"],
     ),
-    ("deep_body_key", "sees if input.parsed_body.a.b == 1\n"),
-    ("body_sibling", "sees if input.parsed_body.c == [1, 2]\n"),
+    (
+        "deep_body_key",
+        "sees if input.parsed_body.a.b == 1\n",
+        &["input.parsed_body.a.b"],
+    ),
+    (
+        "body_sibling",
+        "sees if input.parsed_body.c == [1, 2]\n",
+        &["input.parsed_body.c"],
+    ),
 ];
 
 /// A bundle allowing when `way` saw the request, denying with `blind` otherwise.
@@ -128,6 +160,7 @@ fn request(token: &str, spoil: &str) -> envoy_types::ext_authz::v3::pb::CheckReq
         )
         .header("x-walk", pick("walk_over_input", "walked-value", "other"))
         .header("x-fn", pick("function_argument", "fn-value", "other"))
+        .header("x-every", pick("every", "fine", "spoiled"))
         .header(
             "x-aegis-run-id",
             if matches!(spoil, "dynamic_key_at_the_root" | "with_value") {
@@ -167,13 +200,20 @@ fn request(token: &str, spoil: &str) -> envoy_types::ext_authz::v3::pb::CheckReq
     r
 }
 
-/// Through the real server: each way of reading the input, alone in its bundle, sees the
-/// request, and the same request with that way's part changed is denied (so each rule can
-/// fail: none passes by reading nothing).
+/// Through the real server: each way of reading the input, alone in its bundle, is found
+/// by the analysis (what the bundle reads, as the server builds it), sees the request, and
+/// the same request with that way's part changed is denied (so each rule can fail: none
+/// passes by reading nothing).
 #[tokio::test]
 async fn a_policy_reading_the_input_any_way_it_can_sees_what_the_request_carried() {
-    for (way, rego) in WAYS {
+    for (way, rego, reads) in WAYS {
         let (_tmp, b) = rego_bundle(&bundle(rego));
+        let compiled = CompiledBundle::load(
+            &aegis::policy::BundleSource::from_path(&b),
+            &policy_options(),
+        )
+        .expect("the bundle compiles");
+        assert_eq!(compiled.reads().paths(), *reads, "{way}");
         let mut s = start_with(|c| c.policy.bundle = Some(b)).await;
         let t = s.token("acme", "reader", &[]);
         let r = s.check(request(&t, "")).await.expect("decided");
@@ -190,8 +230,9 @@ async fn a_policy_reading_the_input_any_way_it_can_sees_what_the_request_carried
 }
 
 /// On the default bundle, the document built for what it reads and the whole document
-/// give the same decision, over every tool, action, argument set, MCP or not, with and
-/// without credentials, scope set and trust level.
+/// give the same decision: 1,584 evaluations over tools and actions, MCP or plain HTTP
+/// (argument sets vary the MCP calls' bodies; a plain call has none), with and without
+/// credentials, trust levels and scope sets.
 #[test]
 fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
     use aegis::check::input::{self, Limits, RouteConfig};
@@ -250,9 +291,7 @@ fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
                                 .and_then(|a| a.request.as_ref())
                                 .and_then(|r| r.http.as_ref());
                             let routes = RouteConfig::of(&req, bundle.routes());
-                            let Ok(decoded) = input::decode(http, routes, &limits) else {
-                                continue;
-                            };
+                            let decoded = input::decode(http, routes, &limits).expect("decodes");
                             for s in scopes {
                                 let claims = common::claims("acme", "agent", s);
                                 let agent = AgentContext::unregistered();
@@ -280,6 +319,7 @@ fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
             }
         }
     }
+    assert_eq!(verdicts.values().sum::<usize>(), 1_584);
     // The spread covers every verdict the bundle gives, and each often.
     assert_eq!(verdicts.len(), 4, "{verdicts:?}");
     assert!(verdicts.values().all(|&n| n >= 20), "{verdicts:?}");

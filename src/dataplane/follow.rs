@@ -293,11 +293,12 @@ async fn install_policies(
         }
         match fetch_and_compile(&f, &credential, &target).await {
             Ok(compiled) => {
+                let reads = compiled.reads().describe();
                 f.policy.install(Arc::new(compiled));
                 f.status.policies_installed.fetch_add(1, Ordering::Relaxed);
                 crate::log!(
                     info,
-                    "policy revision {} ({}) installed from the control plane",
+                    "policy revision {} ({}) installed from the control plane, reads {reads}",
                     target.revision,
                     target.digest
                 );

@@ -1101,6 +1101,10 @@ mod tests {
                 "v := 1 if input.a\nelse := input.b\n",
                 &["input.a", "input.b"],
             ),
+            (
+                "default d := false\nd if input.d\ndefault f(_) := false\nf(x) if x == input.f\n",
+                &["input.d", "input.f"],
+            ),
             ("p[input.k] := input.v\n", &["input.k", "input.v"]),
             (
                 "h := input.attributes.request.http.headers[input.tool.name]\n",

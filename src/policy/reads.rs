@@ -68,7 +68,7 @@ impl Reads {
         matches!(self, Reads::All)
     }
 
-    /// The paths read, each as `input.a.b` (for `aegis policy` and logs); `input` alone
+    /// The paths read, each as `input.a.b` (for logs and tests); `input` alone
     /// when the whole document is.
     pub fn paths(&self) -> Vec<String> {
         fn walk(r: &Reads, at: &mut Vec<String>, out: &mut Vec<String>) {

@@ -135,6 +135,7 @@ impl ControlCore {
             reason: reason.to_owned(),
             activated_at: now_secs(),
         };
+        let reads = compiled.reads().describe();
         let bytes = pb::Bundle::from(files).encode_to_vec();
         let revision = {
             let _guard = self.publish.lock().await;
@@ -160,7 +161,7 @@ impl ControlCore {
         self.record(act, None).await?;
         crate::log!(
             info,
-            "policy revision {} ({}) activated by {actor} ({action})",
+            "policy revision {} ({}) activated by {actor} ({action}), reads {reads}",
             revision.revision,
             revision.digest
         );
