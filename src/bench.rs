@@ -118,7 +118,7 @@ pub struct BenchArgs {
     /// with Aegis's CPU per Check by thread.
     #[arg(long, conflicts_with_all = ["soak_secs", "propagation", "detection", "verify_rows"])]
     pub mixes: bool,
-    /// The regression guard instead: the varied mix, three rounds of `--duration-secs`
+    /// The regression guard instead: the varied mix, five rounds of `--duration-secs`
     /// against the no-op and Aegis; fails when the median ratio of server CPU per Check
     /// exceeds the one FILE records for this build profile by more than its margin.
     #[arg(
