@@ -208,11 +208,8 @@ fn request(token: &str, spoil: &str) -> envoy_types::ext_authz::v3::pb::CheckReq
 async fn a_policy_reading_the_input_any_way_it_can_sees_what_the_request_carried() {
     for (way, rego, reads) in WAYS {
         let (_tmp, b) = rego_bundle(&bundle(rego));
-        let compiled = CompiledBundle::load(
-            &aegis::policy::BundleSource::from_path(&b),
-            &policy_options(),
-        )
-        .expect("the bundle compiles");
+        let compiled = CompiledBundle::load(&BundleSource::from_path(&b), &policy_options())
+            .expect("the bundle compiles");
         assert_eq!(compiled.reads().paths(), *reads, "{way}");
         let mut s = start_with(|c| c.policy.bundle = Some(b)).await;
         let t = s.token("acme", "reader", &[]);
