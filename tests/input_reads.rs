@@ -226,24 +226,38 @@ async fn a_policy_reading_the_input_any_way_it_can_sees_what_the_request_carried
     }
 }
 
-/// On the default bundle, the document built for what it reads and the whole document
-/// give the same decision: 1,584 evaluations over tools and actions, MCP or plain HTTP
-/// (argument sets vary the MCP calls' bodies; a plain call has none), with and without
-/// credentials, trust levels and scope sets.
-#[test]
-fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
+/// `req` decoded as the server decodes it, against `bundle`'s route catalogue.
+fn decode<'r>(
+    req: &'r envoy_types::ext_authz::v3::pb::CheckRequest,
+    bundle: &CompiledBundle,
+) -> aegis::check::input::Decoded<'r> {
     use aegis::check::input::{self, Limits, RouteConfig};
-    use aegis::dataplane::state::AgentContext;
-    use aegis::policy::reads;
-    let bundle =
-        CompiledBundle::load(&BundleSource::Embedded, &policy_options()).expect("default bundle");
-    assert!(!bundle.reads().is_all());
     let limits = Limits {
         max_body_bytes: 65_536,
         max_headers: 100,
         max_header_bytes: 65_536,
         envoy_max_request_bytes: 0,
     };
+    let http = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
+    input::decode(http, RouteConfig::of(req, bundle.routes()), &limits).expect("decodes")
+}
+
+/// On the default bundle, the document built for what it reads and the whole document
+/// give the same decision: 1,584 evaluations over tools and actions, MCP or plain HTTP
+/// (argument sets vary the MCP calls' bodies; a plain call has none), with and without
+/// credentials, trust levels and scope sets.
+#[test]
+fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
+    use aegis::check::input;
+    use aegis::dataplane::state::AgentContext;
+    use aegis::policy::reads;
+    let bundle =
+        CompiledBundle::load(&BundleSource::Embedded, &policy_options()).expect("default bundle");
+    assert!(!bundle.reads().is_all());
     let tools: &[(&str, &[&str])] = &[
         ("invoices", &["read", "create", "delete_all"]),
         ("payments", &["read", "create", "refund"]),
@@ -282,13 +296,7 @@ fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
                             let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap();
                             let headers = &mut http.http.as_mut().unwrap().headers;
                             headers.insert("x-aegis-trust-level".into(), trust.into());
-                            let http = req
-                                .attributes
-                                .as_ref()
-                                .and_then(|a| a.request.as_ref())
-                                .and_then(|r| r.http.as_ref());
-                            let routes = RouteConfig::of(&req, bundle.routes());
-                            let decoded = input::decode(http, routes, &limits).expect("decodes");
+                            let decoded = decode(&req, &bundle);
                             for s in scopes {
                                 let claims = common::claims("acme", "agent", s);
                                 let agent = AgentContext::unregistered();
@@ -320,4 +328,120 @@ fn on_the_default_bundle_the_partial_and_the_whole_document_decide_alike() {
     // The spread covers every verdict the bundle gives, and each often.
     assert_eq!(verdicts.len(), 4, "{verdicts:?}");
     assert!(verdicts.values().all(|&n| n >= 20), "{verdicts:?}");
+}
+
+/// The whole document cut down to `reads`: the builders' specification, written apart
+/// from them (objects keep the keys read; anything else is whole).
+fn project(v: &regorus::Value, reads: &aegis::policy::reads::Reads) -> regorus::Value {
+    use aegis::policy::reads::Reads;
+    match (reads, v) {
+        (Reads::Keys(keys), regorus::Value::Object(o)) => {
+            let mut out = regorus::Value::new_object();
+            let map = out.as_object_mut().expect("an object");
+            for (k, under) in keys {
+                let key = regorus::Value::from(k.as_str());
+                if let Some(value) = o.get(&key) {
+                    map.insert(key, project(value, under));
+                }
+            }
+            out
+        }
+        _ => v.clone(),
+    }
+}
+
+/// Every path through the objects of `v`, to `depth` keys.
+fn paths(v: &regorus::Value, at: &mut Vec<String>, depth: usize, out: &mut Vec<Vec<String>>) {
+    out.push(at.clone());
+    if let (regorus::Value::Object(o), true) = (v, at.len() < depth) {
+        for (k, sub) in o.iter() {
+            at.push(k.as_string().expect("a string key").to_string());
+            paths(sub, at, depth, out);
+            at.pop();
+        }
+    }
+}
+
+/// For every path of the whole document of requests that carry every attribute (peers
+/// with labels, time, metadata, TLS, a JSON and an MCP body), alone and paired with the
+/// next, and for the default bundle's reads: the document built for those reads is the
+/// whole one cut down to them. A builder that dropped or renamed a key it was asked for
+/// fails here, whatever bundle would read it.
+#[test]
+fn the_partial_document_is_the_whole_one_cut_to_what_is_read() {
+    use aegis::check::input;
+    use aegis::dataplane::state::AgentContext;
+    use aegis::policy::reads::{self, Reads};
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::TlsSession;
+    use envoy_types::pb::google::protobuf::{Struct, Timestamp, Value as PbValue, value::Kind};
+    let mut rich = request("t", "");
+    let a = rich.attributes.as_mut().unwrap();
+    a.source.as_mut().unwrap().labels = [("app".to_owned(), "agent".to_owned())].into();
+    a.source.as_mut().unwrap().principal = "spiffe://agent".into();
+    a.request.as_mut().unwrap().time = Some(Timestamp {
+        seconds: 1_765_000_000,
+        nanos: 5,
+    });
+    let http = a.request.as_mut().unwrap().http.as_mut().unwrap();
+    http.query = "q=qv".into();
+    http.fragment = "f".into();
+    let field = |s: &str| PbValue {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    a.metadata_context = Some(Metadata {
+        filter_metadata: [(
+            "envoy.filters.http.jwt_authn".to_owned(),
+            Struct {
+                fields: [
+                    ("sub".to_owned(), field("alice")),
+                    ("iss".to_owned(), field("idp")),
+                ]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    });
+    a.tls_session = Some(TlsSession {
+        sni: "tools.internal".into(),
+    });
+    let mcp = aegis::testkit::request(
+        "t",
+        "payments",
+        "create",
+        r#"{"amount": 5, "url": "https://x.example/", "nested": {"a": [1, {"b": 2}]}}"#,
+        true,
+        true,
+    );
+    let bundle =
+        CompiledBundle::load(&BundleSource::Embedded, &policy_options()).expect("default bundle");
+    let claims = common::claims("acme", "agent", &["invoices:read", "payments:create"]);
+    let agent = AgentContext::unregistered();
+    let mut compared = 0;
+    for req in [rich, mcp] {
+        let decoded = decode(&req, &bundle);
+        let build = |r: &Reads| input::build(req.attributes.as_ref(), &decoded, &claims, &agent, r);
+        let whole = build(&reads::ALL);
+        let mut all = Vec::new();
+        paths(&whole, &mut Vec::new(), 8, &mut all);
+        assert!(all.len() > 50, "{} paths", all.len());
+        let mut cases: Vec<Reads> = vec![bundle.reads().clone()];
+        for (i, p) in all.iter().enumerate() {
+            let mut one = Reads::default();
+            one.read(p);
+            let mut two = one.clone();
+            two.read(&all[(i * 7 + 3) % all.len()]);
+            cases.extend([one, two]);
+        }
+        // A path the document does not have reads nothing, and is not made up.
+        let mut absent = Reads::default();
+        absent.read(&["attributes".into(), "nowhere".into()]);
+        cases.push(absent);
+        for r in &cases {
+            assert_eq!(build(r), project(&whole, r), "reads {:?}", r.paths());
+            compared += 1;
+        }
+    }
+    assert!(compared > 250, "{compared}");
 }
