@@ -212,8 +212,7 @@ impl CompiledBundle {
                 .map_err(|e| BundleError::Compile(e.to_string()))?;
         }
         // Before anything evaluates: regorus would recurse without bound.
-        graph::check(engine.get_modules()).map_err(BundleError::Compile)?;
-        let reads = graph::input_reads(engine.get_modules());
+        let reads = graph::check(engine.get_modules()).map_err(BundleError::Compile)?;
         for (dir, value) in parsed.data {
             let mut nested = value;
             for key in dir.iter().rev() {

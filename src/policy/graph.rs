@@ -111,12 +111,15 @@ pub struct Chain {
 
 /// Checks the modules of a bundle: no recursion, no chain costlier than
 /// [`MAX_EVAL_DEPTH`]. The error names the rule, where it is, and the cycle or the chain.
-pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
-    let Some(chain) = costliest(modules)? else {
-        return Ok(());
+/// A bundle that passes gets the parts of `input` its modules can read (see
+/// [`super::reads`]), found by the same walk.
+pub fn check(modules: &[Ref<Module>]) -> Result<Reads, String> {
+    let graph = Graph::build(modules);
+    let Some(chain) = graph.costliest()? else {
+        return Ok(graph.input);
     };
     if chain.cost <= MAX_EVAL_DEPTH {
-        return Ok(());
+        return Ok(graph.input);
     }
     // Long chains are named by their first three rules and their last two.
     let rules = &chain.rules;
@@ -140,43 +143,15 @@ pub fn check(modules: &[Ref<Module>]) -> Result<(), String> {
     ))
 }
 
-/// The parts of `input` the modules can read (see [`super::reads`]): what every rule,
-/// function and default reads, and every import of `input…`.
-pub fn input_reads(modules: &[Ref<Module>]) -> Reads {
-    let scopes = Scopes::new(modules);
-    let mut reads = Reads::default();
-    for module in modules {
-        for import in &module.imports {
-            let mut dynamic = Vec::new();
-            match static_path(&import.refr, &mut dynamic) {
-                Some((root, fields)) if root == "input" && dynamic.is_empty() => {
-                    reads.read(&fields)
-                }
-                Some((root, _)) if root != "input" => {}
-                // `import input[x]` does not parse; were it to, it reads everything.
-                _ => reads.read(&[]),
-            }
-        }
-        let Some(scope) = scopes.of(module) else {
-            // Every module has its package's scope; were one missing, read everything.
-            reads.read(&[]);
-            continue;
-        };
-        for rule in &module.policy {
-            for path in scope.rule(rule).input {
-                reads.read(&path);
-            }
-        }
-    }
-    reads
-}
-
 /// The rules of a bundle and what they read.
 #[derive(Default)]
 struct Graph {
     nodes: Vec<Node>,
     rules: BTreeMap<Vec<String>, usize>,
     refs: BTreeMap<Vec<String>, usize>,
+    /// What every rule, function and default reads of `input`, and every import of
+    /// `input…`.
+    input: Reads,
 }
 
 impl Graph {
@@ -238,11 +213,27 @@ impl Graph {
         let scopes = Scopes::new(modules);
         let mut graph = Graph::default();
         for module in modules {
+            for import in &module.imports {
+                let mut dynamic = Vec::new();
+                match static_path(&import.refr, &mut dynamic) {
+                    Some((root, fields)) if root == "input" && dynamic.is_empty() => {
+                        graph.input.read(&fields)
+                    }
+                    Some((root, _)) if root != "input" => {}
+                    // `import input[x]` does not parse; were it to, it reads everything.
+                    _ => graph.input.read(&[]),
+                }
+            }
             let Some(scope) = scopes.of(module) else {
+                // Every module has its package's scope; were one missing, read everything.
+                graph.input.read(&[]);
                 continue;
             };
             for rule in &module.policy {
                 let walked = scope.rule(rule);
+                for path in &walked.input {
+                    graph.input.read(path);
+                }
                 let refs: BTreeSet<usize> = walked
                     .refs
                     .into_iter()
@@ -481,7 +472,7 @@ struct Walked {
     cost: usize,
     refs: Vec<Vec<String>>,
     adds: Vec<Vec<String>>,
-    /// The paths of `input` it reads (see [`input_reads`]).
+    /// The paths of `input` it reads.
     input: Vec<Vec<String>>,
 }
 
@@ -1064,7 +1055,9 @@ mod tests {
                 .add_policy(path.to_string(), text.to_string())
                 .expect("parses");
         }
-        input_reads(engine.get_modules()).paths()
+        check(engine.get_modules())
+            .expect("within the bound")
+            .paths()
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Which parts of the input document a bundle can read.
 //!
-//! Found from the bundle's parsed modules ([`super::graph::input_reads`]): every reference
-//! rooted at `input`, up to its first index that is not a literal, in every rule, function,
-//! default, `else`, comprehension, `every`, head key and `with … as` value, and every import
-//! of `input…`. A bare `input` (passed to a function, to `walk`, `json.marshal`,
+//! Found from the bundle's parsed modules by the walk that bounds its depth
+//! ([`super::graph::check`]): every reference rooted at `input`, up to its first index
+//! that is not a literal, in every rule, function, default, `else`, comprehension,
+//! `every`, head key and `with … as` value, and every import of `input…`. A bare `input` (passed to a function, to `walk`, `json.marshal`,
 //! `object.get`…) or an index that is not a literal right at the root reads the whole
 //! document.
 //!
@@ -58,11 +58,6 @@ impl Reads {
         }
     }
 
-    /// Whether anything under `key` is read.
-    pub fn wants(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-
     /// Whether the whole value is read.
     pub fn is_all(&self) -> bool {
         matches!(self, Reads::All)
@@ -87,9 +82,7 @@ impl Reads {
         walk(self, &mut vec!["input".to_owned()], &mut out);
         out
     }
-}
 
-impl Reads {
     /// What a Check builds, for logs: `the whole input`, or the paths read.
     pub fn describe(&self) -> String {
         match self {
@@ -115,7 +108,7 @@ mod tests {
     fn a_read_covers_everything_below_it_and_the_root_reads_all() {
         let mut r = Reads::default();
         assert_eq!(r.paths(), Vec::<String>::new());
-        assert!(!r.wants("tool"));
+        assert!(r.get("tool").is_none());
         r.read(&path("tool.arguments.url"));
         r.read(&path("tool.name"));
         r.read(&path("agent"));
